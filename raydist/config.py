@@ -1,0 +1,285 @@
+"""The typed training config: every knob with its unit and default, its validation, and the CLI built from it.
+
+`TrainConfig` is the single source for `python -m raydist.train`'s flags (grouped: data, model,
+optimization, schedule, scaling, output), for what is checked before any cluster starts, for what is
+saved beside every run and inside every checkpoint, and for the fields a Tune study may search.
+
+    from raydist.config import TrainConfig, parse_cli
+    cfg = parse_cli(["--epochs", "5", "--lr", "0.2"])     # defaults < --config YAML < flags
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+GROUPS = ("data", "model", "optimization", "schedule", "scaling", "output")
+
+
+class ConfigError(ValueError):
+    """Bad user input: printed as one line, exit code 2, before any cluster starts."""
+
+
+def _field(group: str, default: Any, help: str, choices: Optional[tuple] = None):
+    return field(default=default, metadata={"group": group, "help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # ---- data -------------------------------------------------------------------------------
+    dataset: str = _field("data", "digits", "data set name (see --dataset choices); digits is embedded, no download")
+    data_dir: str = _field("data", "./data", "folder holding (or receiving) the downloaded data sets")
+    download: bool = _field("data", False, "download the data set into --data-dir if it is missing")
+    val_fraction: float = _field("data", 0.2, "share of digits held out for validation (fixed, seeded split)")
+    augment: str = _field("data", "crop_flip", "batched on-device augmentation: none, crop_flip (pad-4 crop + flip) "
+                          "or dli (flip, rotation 10 deg, shear 10 deg, scale 0.8-1.2, colour jitter 0.2)",
+                          ("none", "crop_flip", "dli"))
+    fake_image_size: int = _field("data", 224, "fake data: image side in pixels (images are 3 x N x N)")
+    fake_num_classes: int = _field("data", 1000, "fake data: number of classes")
+    fake_train_size: int = _field("data", 12800, "fake data: training images per epoch (generated lazily)")
+    fake_val_size: int = _field("data", 1280, "fake data: validation images (generated lazily)")
+    seed: int = _field("data", 0, "seed for the data split, shuffling, augmentation and weight init")
+
+    # ---- model ------------------------------------------------------------------------------
+    model: str = _field("model", "resnet8", "model name (see --model choices)")
+    pretrained: bool = _field("model", False, "start from published ImageNet weights (resnet18_imagenet only)")
+    sync_batchnorm: bool = _field("model", False, "convert BatchNorm to SyncBatchNorm (statistics over all workers)")
+    compile: bool = _field("model", False, "torch.compile the model (slower start, faster steps on GPU)")
+    channels_last: str = _field("model", "auto", "memory format: auto (channels_last on GPU), on, off",
+                                ("auto", "on", "off"))
+
+    # ---- optimization -----------------------------------------------------------------------
+    optimizer: str = _field("optimization", "sgd", "sgd (momentum, Nesterov) or adamw", ("sgd", "adamw"))
+    lr: float = _field("optimization", 0.4, "peak learning rate per 256 images; scaled linearly by the global batch")
+    momentum: float = _field("optimization", 0.9, "SGD momentum (AdamW: beta1)")
+    nesterov: bool = _field("optimization", True, "Nesterov momentum for SGD")
+    weight_decay: float = _field("optimization", 5e-4, "L2 weight decay (AdamW: decoupled)")
+    label_smoothing: float = _field("optimization", 0.0, "label smoothing in [0, 1)")
+    batch_size: int = _field("optimization", 64, "images per worker per step (global batch = this x workers x grad-accum)")
+    grad_accum: int = _field("optimization", 1, "steps accumulated per optimizer update; the allreduce runs on the last only")
+    precision: str = _field("optimization", "auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16, fp16",
+                            ("auto", "fp32", "bf16", "fp16"))
+    fp16_allreduce: bool = _field("optimization", False, "compress gradients to fp16 for the allreduce")
+
+    # ---- schedule ---------------------------------------------------------------------------
+    epochs: int = _field("schedule", 15, "training epochs (passes over the training set)")
+    warmup_epochs: float = _field("schedule", 1.0, "epochs of linear LR warmup from 0 to the peak")
+    lr_schedule: str = _field("schedule", "cosine", "decay after warmup: cosine (to 0), step, constant",
+                              ("cosine", "step", "constant"))
+    lr_step_epochs: int = _field("schedule", 30, "step schedule: epochs between LR drops")
+    lr_step_gamma: float = _field("schedule", 0.1, "step schedule: LR factor at each drop")
+    target_accuracy: Optional[float] = _field("schedule", None, "stop early once validation accuracy (0-1] reaches this")
+    patience: int = _field("schedule", 1, "consecutive epochs at or above --target-accuracy before stopping")
+
+    # ---- scaling ----------------------------------------------------------------------------
+    num_workers: int = _field("scaling", 2, "DDP workers (processes), one per GPU when training on GPUs")
+    use_gpu: Optional[bool] = _field("scaling", None, "train on GPUs (default: when the cluster has GPUs)")
+    cpus_per_worker: float = _field("scaling", 1.0, "CPU cores reserved per worker (sizes its thread pool)")
+    gpus_per_worker: float = _field("scaling", 1.0, "GPUs per worker when --use-gpu")
+    address: Optional[str] = _field("scaling", None, "Ray cluster to join ('auto' or host:port); default: start one")
+    max_failures: int = _field("scaling", 0, "worker-group restarts after a failure; each resumes from the last checkpoint")
+
+    # ---- output -----------------------------------------------------------------------------
+    storage_path: str = _field("output", "./runs", "where runs, checkpoints, logs and results go (local path or URI)")
+    name: Optional[str] = _field("output", None, "run name (default: <dataset>-<model>-<timestamp>)")
+    log_dir: Optional[str] = _field("output", None, "TensorBoard folder (default: <run dir>/tensorboard)")
+    checkpoint_every: int = _field("output", 1, "epochs between checkpoints (the last epoch is always saved)")
+    keep_checkpoints: int = _field("output", 2, "checkpoints kept, best by validation accuracy")
+    resume: Optional[str] = _field("output", None, "continue an earlier run: its run folder or a checkpoint folder")
+
+    # -------------------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError naming the first bad value and what is accepted."""
+        from raydist.data import DATASETS
+        from raydist.models import MODELS
+
+        for f in dataclasses.fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{_flag(f.name)} {getattr(self, f.name)!r} is not one of: {', '.join(choices)}")
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; known: {', '.join(sorted(DATASETS))}")
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model {self.model!r}; known: {', '.join(sorted(MODELS))}")
+        for name in ("lr", "batch_size", "epochs", "grad_accum", "num_workers", "cpus_per_worker",
+                     "fake_image_size", "fake_num_classes", "fake_train_size", "fake_val_size",
+                     "patience", "keep_checkpoints", "lr_step_epochs"):
+            value = getattr(self, name)
+            if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+                raise ConfigError(f"{_flag(name)} must be positive, got {value!r}")
+        for name in ("momentum", "weight_decay", "warmup_epochs", "checkpoint_every", "max_failures",
+                     "gpus_per_worker", "lr_step_gamma"):
+            value = getattr(self, name)
+            if not value >= 0 or not math.isfinite(value):
+                raise ConfigError(f"{_flag(name)} must be zero or more, got {value!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.target_accuracy is not None and not 0.0 < self.target_accuracy <= 1.0:
+            raise ConfigError(f"--target-accuracy must be in (0, 1], got {self.target_accuracy!r}")
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs} exceeds --epochs {self.epochs}")
+        if self.use_gpu and self.gpus_per_worker <= 0:
+            raise ConfigError(f"--gpus-per-worker must be positive with --use-gpu, got {self.gpus_per_worker!r}")
+        if self.pretrained and not MODELS[self.model].pretrained_weights:
+            with_weights = sorted(n for n, m in MODELS.items() if m.pretrained_weights)
+            raise ConfigError(f"--pretrained: model {self.model!r} has no published weights; models with them: "
+                              f"{', '.join(with_weights)}")
+        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
+            raise ConfigError(f"--name {self.name!r} must be a plain folder name (no '/', not starting with '.')")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, *, source: str = "config") -> "TrainConfig":
+        """Build from a mapping (YAML file, checkpoint, Tune sample), checking keys and value types."""
+        return cls(**_coerce_all(values, source))
+
+
+# ------------------------------------------------------------------------------------------------
+# Types and coercion: YAML and Tune hand us ints for floats, strings for numbers, and so on.
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _base_type(name: str) -> tuple[type, bool]:
+    """(scalar type, optional?) of a config field."""
+    hint = _HINTS[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args:
+        return args[0], True
+    return hint, False
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    kind, optional = _base_type(name)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {name} cannot be empty (expected {kind.__name__})")
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+                return value.lower() in ("true", "yes", "on", "1")
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{source}: {name} = {value!r} is not a valid {kind.__name__}")
+
+
+def _coerce_all(values: dict, source: str) -> dict:
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(_FIELDS)}")
+    return {k: _coerce(k, v, source) for k, v in values.items()}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML mapping of config fields; any problem is a one-line ConfigError naming the file."""
+    try:
+        with open(os.path.expanduser(path)) as fh:
+            data = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of config keys, got {type(data).__name__}")
+    return _coerce_all(data, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI: flags generated from the dataclass, grouped as the dataclass is.
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, like ConfigError
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    from raydist.data import DATASETS
+    from raydist.models import MODELS
+
+    registry_choices = {"dataset": sorted(DATASETS), "model": sorted(MODELS)}
+    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys used as defaults; flags override")
+    groups = {g: parser.add_argument_group(g) for g in GROUPS}
+    for f in dataclasses.fields(TrainConfig):
+        kind, _ = _base_type(f.name)
+        help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
+        choices = f.metadata["choices"] or registry_choices.get(f.name)
+        if choices and f.name in registry_choices:
+            help_text += "; one of: " + ", ".join(choices)
+        group = groups[f.metadata["group"]]
+        if kind is bool:
+            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            # Registry names are checked in validate() so the error lists them in one line.
+            group.add_argument(_flag(f.name), dest=f.name, type=_cli_type(f.name, kind), help=help_text,
+                               metavar=kind.__name__.upper() if not f.metadata["choices"] else None,
+                               choices=f.metadata["choices"])
+    return parser
+
+
+def _cli_type(name: str, kind: type):
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def resolve(explicit: dict, config_file: Optional[str] = None, base: Optional[dict] = None) -> TrainConfig:
+    """Layer the sources: dataclass defaults < base (a resumed run's config) < YAML file < explicit flags."""
+    values: dict = {}
+    if base:
+        values.update(_coerce_all(base, "resumed config"))
+    if config_file:
+        values.update(load_yaml(config_file))
+    values.update(explicit)
+    return TrainConfig(**values).validate()
+
+
+def parse_cli(argv: Optional[list[str]] = None, prog: str = "raydist.train") -> tuple[TrainConfig, dict, Optional[str]]:
+    """Parse flags into a validated TrainConfig; also return the explicitly given values and --config."""
+    parser = build_parser(prog, __doc__.splitlines()[0])
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    config_file = args.pop("config", None)
+    return resolve(args, config_file), args, config_file

@@ -1,0 +1,222 @@
+"""Data sets by name, held as uint8 tensors on the worker's device, and each worker's shard of them.
+
+    from raydist.data import load_split, shard_indices
+    train = load_split("digits", "train", device="cpu")
+    for idx in shard_indices(len(train), batch_size=64, rank=0, world_size=2, epoch=0, seed=0):
+        images, labels = train.batch(idx)        # uint8 N x 3 x H x W, int64 N
+
+Every data set is brought to 3 channels so every model runs on every data set. Images stay uint8
+until raydist.augment turns a batch into normalized floats on the device, so a whole CIFAR-10 training
+set costs 150 MB of device memory and no loader processes. `fake` is generated per index from a hash,
+lazily and deterministically, and never held in memory as a whole.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+SPLITS = ("train", "val")
+DIGITS_SPLIT_SEED = 0  # fixed: the digits validation set is the same whatever --seed says
+
+
+class DatasetNotFound(FileNotFoundError):
+    """The data set is not on disk and was not asked to be downloaded."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    num_classes: int
+    mean: tuple[float, float, float]  # per channel, of images scaled to [0, 1]
+    std: tuple[float, float, float]
+    image_size: int  # side in pixels after loading (fake: set by --fake-image-size)
+    load: Callable[..., "ImageSource"]
+    needs_files: bool  # read from --data-dir (and downloadable)
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(name, num_classes, mean, std, image_size, needs_files=False):
+    def wrap(load):
+        DATASETS[name] = DatasetSpec(name, num_classes, mean, std, image_size, load, needs_files)
+        return load
+    return wrap
+
+
+# ---- sources --------------------------------------------------------------------------------------
+
+
+class TensorSource:
+    """A data set held whole as a uint8 N x 3 x H x W tensor (on the worker's device)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] == 3, images.shape
+        self.images, self.labels = images, labels.long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device) -> "TensorSource":
+        return TensorSource(self.images.to(device), self.labels.to(device))
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = indices.to(self.images.device)
+        return self.images[indices], self.labels[indices]
+
+
+class FakeSource:
+    """Random images and labels computed from their index by an integer hash: lazy, deterministic, on device.
+
+    The DDP workload test needs ImageNet-sized inputs without ImageNet; hashing each pixel's global
+    position costs a few integer ops per byte on the device, so no loader process can bottleneck it.
+    """
+
+    def __init__(self, size: int, image_size: int, num_classes: int, salt: int, device="cpu"):
+        self.size, self.image_size, self.num_classes, self.salt = size, image_size, num_classes, salt
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def to(self, device) -> "FakeSource":
+        return FakeSource(self.size, self.image_size, self.num_classes, self.salt, device)
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = indices.to(self.device, torch.int64)
+        pixels = 3 * self.image_size * self.image_size
+        offsets = torch.arange(pixels, device=self.device, dtype=torch.int64)
+        keys = (indices[:, None] + self.salt * self.size) * pixels + offsets[None, :]
+        images = (_hash32(keys) & 255).to(torch.uint8).view(len(indices), 3, self.image_size, self.image_size)
+        labels = _hash32(indices + (self.salt + 1) * 7919 * self.size) % self.num_classes
+        return images, labels
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finalizer on int64 tensors (masks keep every product inside int64)."""
+    m = 0xFFFFFFFF
+    x = x & m
+    x = ((x ^ (x >> 16)) * 0x85EBCA6B) & m
+    x = ((x ^ (x >> 13)) * 0xC2B2AE35) & m
+    return x ^ (x >> 16)
+
+
+# ---- registry -------------------------------------------------------------------------------------
+
+
+@register_dataset("digits", 10, (0.305, 0.305, 0.305), (0.324, 0.324, 0.324), 32)
+def _load_digits(split: str, *, val_fraction: float = 0.2, **_) -> TensorSource:
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    images = torch.tensor(raw.images, dtype=torch.float32)[:, None] / 16.0  # 1797 x 1 x 8 x 8 in [0, 1]
+    images = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.tensor(raw.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+    n_val = int(round(len(labels) * val_fraction))
+    chosen = order[n_val:] if split == "train" else order[:n_val]
+    return TensorSource(images[chosen], labels[chosen])
+
+
+def _torchvision_source(cls_name: str, split: str, data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    import torchvision
+
+    root = os.path.expanduser(data_dir)
+    try:
+        ds = getattr(torchvision.datasets, cls_name)(root=root, train=(split == "train"), download=download)
+    except RuntimeError as exc:
+        if "not found" not in str(exc).lower():
+            raise
+        raise DatasetNotFound(f"{cls_name} {split} split not found in {os.path.abspath(root)}: pass --download to "
+                              f"fetch it there, or --data-dir to point at the folder that holds it") from None
+    images = torch.as_tensor(ds.data)
+    return images, torch.as_tensor(ds.targets)
+
+
+@register_dataset("cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32, needs_files=True)
+def _load_cifar10(split: str, *, data_dir: str, download: bool = False, **_) -> TensorSource:
+    images, labels = _torchvision_source("CIFAR10", split, data_dir, download)
+    return TensorSource(images.permute(0, 3, 1, 2).contiguous(), labels)  # stored N x H x W x C
+
+
+@register_dataset("cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32, needs_files=True)
+def _load_cifar100(split: str, *, data_dir: str, download: bool = False, **_) -> TensorSource:
+    images, labels = _torchvision_source("CIFAR100", split, data_dir, download)
+    return TensorSource(images.permute(0, 3, 1, 2).contiguous(), labels)
+
+
+@register_dataset("fashion_mnist", 10, (0.2860, 0.2860, 0.2860), (0.3530, 0.3530, 0.3530), 32, needs_files=True)
+def _load_fashion_mnist(split: str, *, data_dir: str, download: bool = False, **_) -> TensorSource:
+    images, labels = _torchvision_source("FashionMNIST", split, data_dir, download)
+    # 28 x 28 grey -> 32 x 32 (zero border, as the background is black) x 3 channels.
+    images = F.pad(images, (2, 2, 2, 2))[:, None].expand(-1, 3, -1, -1).contiguous()
+    return TensorSource(images, labels)
+
+
+@register_dataset("fake", 1000, (0.5, 0.5, 0.5), (0.289, 0.289, 0.289), 224)
+def _load_fake(split: str, *, fake_image_size: int = 224, fake_num_classes: int = 1000,
+               fake_train_size: int = 12800, fake_val_size: int = 1280, **_) -> FakeSource:
+    size = fake_train_size if split == "train" else fake_val_size
+    return FakeSource(size, fake_image_size, fake_num_classes, salt=SPLITS.index(split))
+
+
+def num_classes(name: str, fake_num_classes: int = 1000) -> int:
+    return fake_num_classes if name == "fake" else DATASETS[name].num_classes
+
+
+def load_split(name: str, split: str, *, device="cpu", **options) -> TensorSource | FakeSource:
+    """Load one split of a registered data set onto `device`. Options: data_dir, download, val_fraction, fake_*."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    return DATASETS[name].load(split, **options).to(device)
+
+
+def download_lock(data_dir: str):
+    """A file lock so that workers sharing a node (and a data folder) download once."""
+    from filelock import FileLock
+
+    root = os.path.expanduser(data_dir)
+    os.makedirs(root, exist_ok=True)
+    return FileLock(os.path.join(root, ".raydist-download.lock"))
+
+
+# ---- sharding -------------------------------------------------------------------------------------
+
+
+def shard_indices(num_items: int, *, batch_size: int, rank: int, world_size: int, epoch: int = 0,
+                  seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                  pad: bool = True) -> Iterator[torch.Tensor]:
+    """Yield this rank's batches of indices for one epoch.
+
+    Training (shuffle, pad, drop_last): every rank draws the same permutation for (seed, epoch), pads it by
+    wrapping around so that all ranks hold equally many items, and takes every world_size-th item. Equal
+    step counts keep DDP's allreduces matched; dropping the last short batch keeps BatchNorm away from
+    single-image batches. Evaluation (no shuffle, no pad, keep last): each item is seen exactly once.
+    """
+    if shuffle:
+        order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    else:
+        order = torch.arange(num_items)
+    if pad and num_items % world_size:
+        extra = world_size - num_items % world_size
+        order = torch.cat([order, order[:extra]])
+    mine = order[rank::world_size]
+    stop = len(mine)
+    if drop_last and len(mine) >= batch_size:
+        stop = len(mine) - len(mine) % batch_size
+    for start in range(0, stop, batch_size):
+        yield mine[start:start + batch_size]
+
+
+def steps_per_epoch(num_items: int, *, batch_size: int, world_size: int) -> int:
+    """Training batches each rank runs per epoch (matches shard_indices with its training defaults)."""
+    per_rank = -(-num_items // world_size)
+    return max(per_rank // batch_size, 1) if per_rank >= batch_size else 1

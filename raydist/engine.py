@@ -1,0 +1,379 @@
+"""The per-worker training loop: one code path for `python -m raydist.train`, every Tune trial and benchmarks.
+
+`train_loop_per_worker(config_dict)` is what Ray Train's TorchTrainer runs on each DDP worker; the
+lines marked `# RAY` are its only contact with Ray. Everything else, `run(cfg, ctx)`, is plain PyTorch
+and also runs in a single process with `LocalContext` (tests, the overhead benchmark's baseline).
+
+Per epoch: train on this rank's shard, evaluate on its share of the validation set, sum the metrics
+over all ranks, report once (every rank, as Ray requires), checkpoint from rank 0, check early stopping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from raydist.augment import Augmenter
+from raydist.config import TrainConfig
+from raydist.data import DATASETS, download_lock, load_split, num_classes, shard_indices, steps_per_epoch
+from raydist.models import create_model
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FINAL_MODEL_FILE = "model_final.pt"
+
+
+@dataclass
+class WorkerContext:
+    """What the loop needs from whoever launched it."""
+    rank: int
+    world_size: int
+    device: torch.device
+    report: Callable[[dict, Optional[str]], None]  # (metrics, checkpoint folder or None), called on every rank
+    write_file: Callable[[str, bytes], None]  # writes a file into the run folder (rank 0 calls it)
+    resume_state: Optional[dict] = None  # a loaded checkpoint to continue from
+    log_dir: Optional[str] = None  # TensorBoard folder for rank 0
+
+
+# ---- building blocks ------------------------------------------------------------------------------
+
+
+def lr_factor(update: int, *, warmup: int, total: int, schedule: str, step_every: int, gamma: float) -> float:
+    """LR multiplier at optimizer update `update` (0-based): linear warmup, then cosine, step or constant."""
+    # 1) warmup: ramp linearly from 1/warmup to 1 over the first `warmup` updates
+    if update < warmup:
+        return (update + 1) / warmup
+    # 2) after warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":
+        return gamma ** (update // step_every)
+    progress = min((update - warmup) / max(1, total - warmup), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
+    # No weight decay on BatchNorm and bias parameters: decaying them only hurts (Goyal et al. 2017).
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=peak_lr, betas=(cfg.momentum, 0.999))
+    return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def checkpoint_bytes(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def load_checkpoint_file(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class EarlyStop:
+    """Stop once validation accuracy has met the target for `patience` consecutive epochs."""
+
+    def __init__(self, target: Optional[float], patience: int, hits: int = 0):
+        self.target, self.patience, self.hits = target, patience, hits
+
+    def update(self, val_acc: float) -> bool:
+        if self.target is None:
+            return False
+        self.hits = self.hits + 1 if val_acc >= self.target else 0
+        return self.hits >= self.patience
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochSums:
+    """Per-rank sums, turned into global means by one all-reduce."""
+    loss: torch.Tensor
+    correct: torch.Tensor
+    count: torch.Tensor
+
+
+def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
+    """Train according to `cfg` on this worker; return the metrics reported each epoch."""
+    device, rank, world = ctx.device, ctx.rank, ctx.world_size
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # one thread pool per worker, sized to its share
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+
+    # ---- data
+    options = dict(data_dir=cfg.data_dir, download=cfg.download, val_fraction=cfg.val_fraction,
+                   fake_image_size=cfg.fake_image_size, fake_num_classes=cfg.fake_num_classes,
+                   fake_train_size=cfg.fake_train_size, fake_val_size=cfg.fake_val_size)
+    with download_lock(cfg.data_dir) if (cfg.download and DATASETS[cfg.dataset].needs_files) else contextlib.nullcontext():
+        train_set = load_split(cfg.dataset, "train", device=device, **options)
+        val_set = load_split(cfg.dataset, "val", device=device, **options)
+    spec = DATASETS[cfg.dataset]
+    augment = Augmenter(cfg.augment, mean=spec.mean, std=spec.std, device=device, seed=cfg.seed * 1000 + rank)
+
+    # ---- model
+    net = create_model(cfg.model, num_classes=num_classes(cfg.dataset, cfg.fake_num_classes), pretrained=cfg.pretrained)
+    if cfg.sync_batchnorm and world > 1:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+    net = net.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model: nn.Module = torch.compile(net) if cfg.compile else net
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.fp16_allreduce:
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+            model.register_comm_hook(state=None, hook=default_hooks.fp16_compress_hook)
+
+    # ---- optimizer and schedule (linear scaling rule: LR given per 256 images)
+    steps = steps_per_epoch(len(train_set), batch_size=cfg.batch_size, world_size=world)
+    updates_per_epoch = math.ceil(steps / cfg.grad_accum)
+    global_batch = cfg.batch_size * world * cfg.grad_accum
+    peak_lr = cfg.lr * global_batch / 256
+    optimizer = build_optimizer(cfg, net, peak_lr)
+    warmup, total = round(cfg.warmup_epochs * updates_per_epoch), cfg.epochs * updates_per_epoch
+    step_every = cfg.lr_step_epochs * updates_per_epoch
+
+    def factor(update: int) -> float:
+        return lr_factor(update, warmup=warmup, total=total, schedule=cfg.lr_schedule,
+                         step_every=step_every, gamma=cfg.lr_step_gamma)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    early_stop = EarlyStop(cfg.target_accuracy, cfg.patience)
+
+    start_epoch = 0
+    if ctx.resume_state is not None:
+        state = ctx.resume_state
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, early_stop.hits = state["epoch"], state.get("early_stop_hits", 0)
+
+    writer = _tensorboard(ctx.log_dir) if rank == 0 and ctx.log_dir else None
+    history: list[dict] = []
+    first_step_unix: list[float] = []
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        train = _train_epoch(model, train_set, augment, criterion, optimizer, scheduler, scaler, cfg,
+                             rank=rank, world=world, epoch=epoch, amp_dtype=amp_dtype, device=device,
+                             channels_last=channels_last, first_step_unix=first_step_unix)
+        train_time = time.perf_counter() - t0
+        val = _evaluate(net, val_set, augment, criterion, cfg,
+                        rank=rank, world=world, amp_dtype=amp_dtype, channels_last=channels_last, device=device)
+        totals = torch.stack([train.loss, train.correct, train.count, val.loss, val.correct, val.count,
+                              torch.tensor(train_time, device=device, dtype=torch.float64)]).double()
+        if world > 1:
+            dist.all_reduce(totals)
+        t_loss, t_correct, t_count, v_loss, v_correct, v_count, time_sum = totals.tolist()
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": t_loss / t_count, "train_acc": t_correct / t_count,
+            "val_loss": v_loss / v_count, "val_acc": v_correct / v_count,
+            "lr": scheduler.get_last_lr()[0],
+            "epoch_time_s": time.perf_counter() - t0,
+            "images_per_s": t_count / (time_sum / world),  # global images over the mean rank's training time
+            "first_step_unix": first_step_unix[0] if first_step_unix else float("nan"),
+            "world_size": world,
+            "stop_reason": "",
+        }
+        if not math.isfinite(metrics["train_loss"]):
+            metrics["stop_reason"] = "non_finite_loss"
+        elif early_stop.update(metrics["val_acc"]):
+            metrics["stop_reason"] = "target_accuracy"
+        last = epoch + 1 == cfg.epochs or bool(metrics["stop_reason"])
+        save = last or (cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0)
+
+        if rank == 0:
+            print(_epoch_line(metrics, cfg.epochs), flush=True)
+            if writer:
+                for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"):
+                    writer.add_scalar(key, metrics[key], epoch + 1)
+                writer.flush()
+        if save and metrics["stop_reason"] != "non_finite_loss":
+            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                     "early_stop_hits": early_stop.hits, "config": cfg.to_dict(), "metrics": metrics}
+            _report_with_checkpoint(ctx, metrics, state if rank == 0 else None)
+        else:
+            ctx.report(metrics, None)
+        history.append(metrics)
+        if metrics["stop_reason"]:
+            if rank == 0:
+                print(_stop_message(metrics, cfg), flush=True)
+            break
+
+    if rank == 0 and not (history and history[-1]["stop_reason"] == "non_finite_loss"):
+        final = {"model": net.state_dict(), "config": cfg.to_dict(), "model_name": cfg.model,
+                 "num_classes": num_classes(cfg.dataset, cfg.fake_num_classes),
+                 "metrics": history[-1] if history else None}
+        ctx.write_file(FINAL_MODEL_FILE, checkpoint_bytes(final))
+    if writer:
+        writer.close()
+    return history
+
+
+def _train_epoch(model, data, augment, criterion, optimizer, scheduler, scaler, cfg, *, rank, world, epoch,
+                 amp_dtype, device, channels_last, first_step_unix) -> EpochSums:
+    model.train()
+    sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
+    batches = list(shard_indices(len(data), batch_size=cfg.batch_size, rank=rank, world_size=world,
+                                 epoch=epoch, seed=cfg.seed))
+    for i, indices in enumerate(batches):
+        images, labels = data.batch(indices)
+        x = augment(images, train=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        group_start = i - i % cfg.grad_accum
+        group_size = min(cfg.grad_accum, len(batches) - group_start)
+        update_now = i + 1 == group_start + group_size
+        # Accumulating steps skip DDP's allreduce (Horovod's batches-per-allreduce).
+        no_sync = model.no_sync() if (isinstance(model, DDP) and not update_now) else contextlib.nullcontext()
+        with no_sync:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(x)
+                loss = criterion(logits, labels)
+            scaler.scale(loss / group_size).backward()
+        if update_now:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        # Accumulate on the device: no host sync per step.
+        sums.loss += loss.detach().double() * len(labels)
+        sums.correct += (logits.detach().argmax(1) == labels).sum()
+        sums.count += len(labels)
+        if not first_step_unix:
+            first_step_unix.append(time.time())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return sums
+
+
+@torch.no_grad()
+def _evaluate(model, data, augment, criterion, cfg, *, rank, world, amp_dtype, channels_last, device) -> EpochSums:
+    model.eval()
+    sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
+    for indices in shard_indices(len(data), batch_size=2 * cfg.batch_size, rank=rank, world_size=world,
+                                 shuffle=False, drop_last=False, pad=False):
+        images, labels = data.batch(indices)
+        x = augment(images, train=False)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        sums.loss += criterion(logits.float(), labels).double() * len(labels)
+        sums.correct += (logits.argmax(1) == labels).sum()
+        sums.count += len(labels)
+    return sums
+
+
+def _report_with_checkpoint(ctx: WorkerContext, metrics: dict, state: Optional[dict]) -> None:
+    if state is None:  # ranks other than 0 report metrics only
+        ctx.report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="raydist-ckpt-") as folder:
+        torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+        ctx.report(metrics, folder)
+
+
+def _tensorboard(log_dir: str):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=log_dir)
+
+
+def _epoch_line(m: dict, epochs: int) -> str:
+    return (f"epoch {m['epoch']:>3}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:6.2%}  "
+            f"val loss {m['val_loss']:.4f} acc {m['val_acc']:6.2%}  lr {m['lr']:.4g}  "
+            f"{m['epoch_time_s']:.1f}s  {m['images_per_s']:,.0f} img/s")
+
+
+def _stop_message(m: dict, cfg: TrainConfig) -> str:
+    if m["stop_reason"] == "non_finite_loss":
+        return (f"stopped at epoch {m['epoch']}: the training loss is {m['train_loss']} (not finite); "
+                f"lower --lr (now {cfg.lr}) or use --precision fp32")
+    return (f"stopped early at epoch {m['epoch']}: validation accuracy {m['val_acc']:.2%} met the target "
+            f"{cfg.target_accuracy:.2%} for {cfg.patience} consecutive epoch(s)")
+
+
+# ---- launchers ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LocalContext(WorkerContext):
+    """A single process, no Ray: checkpoints go to <run_dir>/epoch_NNNN/, reports to `reported`."""
+    run_dir: str = ""
+    reported: list = field(default_factory=list)
+
+
+def local_context(run_dir: str, device: str = "cpu", resume_state: Optional[dict] = None,
+                  log_dir: Optional[str] = None) -> LocalContext:
+    import shutil
+
+    os.makedirs(run_dir, exist_ok=True)
+    ctx: LocalContext
+
+    def report(metrics: dict, checkpoint_folder: Optional[str]) -> None:
+        ctx.reported.append(dict(metrics))
+        if checkpoint_folder:
+            shutil.copytree(checkpoint_folder, os.path.join(run_dir, f"epoch_{metrics['epoch']:04d}"),
+                            dirs_exist_ok=True)
+
+    def write_file(name: str, data: bytes) -> None:
+        with open(os.path.join(run_dir, name), "wb") as fh:
+            fh.write(data)
+
+    ctx = LocalContext(rank=0, world_size=1, device=torch.device(device), report=report, write_file=write_file,
+                       resume_state=resume_state, log_dir=log_dir, run_dir=run_dir)
+    return ctx
+
+
+def train_loop_per_worker(config: dict) -> list[dict]:
+    """Entry point of every Ray Train worker (TorchTrainer has already set up the process group)."""
+    import ray.train  # RAY
+    import ray.train.torch  # RAY
+
+    cfg = TrainConfig.from_dict(config)
+    train_ctx = ray.train.get_context()  # RAY
+    checkpoint = ray.train.get_checkpoint()  # RAY: the run's latest, or --resume's on a first start
+    resume_state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume_state = load_checkpoint_file(os.path.join(folder, CHECKPOINT_FILE))
+
+    def report(metrics: dict, checkpoint_folder: Optional[str]) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None  # RAY
+        ray.train.report(metrics, checkpoint=ckpt,  # RAY
+                         checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}" if ckpt else None)
+
+    def write_file(name: str, data: bytes) -> None:
+        storage = train_ctx.get_storage()  # RAY: the run folder, local or remote (S3, NFS)
+        with storage.storage_filesystem.open_output_stream(f"{storage.experiment_fs_path}/{name}") as out:
+            out.write(data)
+
+    ctx = WorkerContext(rank=train_ctx.get_world_rank(), world_size=train_ctx.get_world_size(),  # RAY
+                        device=ray.train.torch.get_device(), report=report, write_file=write_file,  # RAY
+                        resume_state=resume_state, log_dir=cfg.log_dir)
+    return run(cfg, ctx)  # rank 0's history becomes Result.return_value

@@ -1,0 +1,105 @@
+"""Wide ResNets: the DLI assessment's WideResNet (`wrn_dli`) and the standard WRN-d-k for 32x32 inputs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raydist.models import register_model
+
+# ---- wrn_dli: the NVIDIA DLI assessment network -------------------------------------------------
+# Conv-BN-ReLU blocks; a residual block is two of them plus a 1x1 projection shortcut when the channel
+# count changes; channels 16 -> 160 -> 320 -> 640 with a max-pool after the first two stages.
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3):
+        super().__init__(nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),
+                         nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+
+
+class DLIResidualBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, dropout: float):
+        super().__init__()
+        self.body = nn.Sequential(ConvBNReLU(in_ch, out_ch), nn.Dropout(dropout), ConvBNReLU(out_ch, out_ch))
+        self.shortcut = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1, bias=False)
+
+    def forward(self, x):
+        return self.body(x) + self.shortcut(x)
+
+
+class DLIWideResNet(nn.Module):
+    def __init__(self, num_classes: int, dropout: float = 0.01):
+        super().__init__()
+        self.features = nn.Sequential(
+            ConvBNReLU(3, 16),
+            DLIResidualBlock(16, 160, dropout), nn.MaxPool2d(2),
+            DLIResidualBlock(160, 320, dropout), nn.MaxPool2d(2),
+            DLIResidualBlock(320, 640, dropout),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.fc = nn.Linear(640, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+@register_model("wrn_dli", "the DLI assessment WideResNet (16/160/320/640 channels, dropout 0.01, two max-pools)")
+def wrn_dli(num_classes: int) -> nn.Module:
+    return DLIWideResNet(num_classes)
+
+
+# ---- WRN-d-k (Zagoruyko & Komodakis 2016): pre-activation blocks, widths 16k/32k/64k --------------
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.shortcut = None if (in_ch == out_ch and stride == 1) else nn.Conv2d(in_ch, out_ch, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(x))
+        # The projection sees the pre-activated input, as in the reference implementation.
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(self.dropout(torch.relu(self.bn2(out))))
+        return out + shortcut
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth: int, widen: int, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        layers = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)]
+        in_ch = widths[0]
+        for stage, out_ch in enumerate(widths[1:]):
+            for i in range(n):
+                layers.append(PreActBlock(in_ch, out_ch, 2 if (stage > 0 and i == 0) else 1, dropout))
+                in_ch = out_ch
+        layers += [nn.BatchNorm2d(in_ch), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(in_ch, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+@register_model("wrn16_4", "WRN-16-4 for 32x32 inputs (2.7M parameters)")
+def wrn16_4(num_classes: int) -> nn.Module:
+    return WideResNet(16, 4, num_classes)
+
+
+@register_model("wrn28_10", "WRN-28-10 for 32x32 inputs (36M parameters)")
+def wrn28_10(num_classes: int) -> nn.Module:
+    return WideResNet(28, 10, num_classes)

@@ -1,0 +1,193 @@
+"""`python -m raydist.train`: one training run as N DDP workers of a Ray Train TorchTrainer.
+
+    python -m raydist.train                                   # resnet8 on digits, local cluster, 2 CPU workers
+    python -m raydist.train --dataset cifar10 --data-dir ~/data --model wrn16_4 --num-workers 4 --use-gpu
+    python -m raydist.train --address auto                    # join a running cluster (`ray start --head`)
+    python -m raydist.train --resume runs/digits-resnet8-20261123-101500 --epochs 30
+
+Flags come from raydist.config.TrainConfig (`--help` lists them all). Bad input exits with code 2 before
+Ray starts; a failed run exits 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Optional
+
+import yaml
+
+from raydist.config import ConfigError, TrainConfig, parse_cli, resolve
+from raydist.data import DATASETS, DatasetNotFound, load_split
+
+CONFIG_FILE = "config.yaml"
+
+
+# ---- before the cluster: resolve and check everything that can be checked ---------------------------
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _local_abspath(path: Optional[str]) -> Optional[str]:
+    return path if path is None or _is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def find_resume_point(path: str) -> tuple[Optional[str], Optional[str], dict]:
+    """For --resume: (run folder to continue in, checkpoint folder, saved config).
+
+    A run folder is continued in place: Ray Train finds the run's latest checkpoint itself. A checkpoint
+    folder starts a new run from exactly that checkpoint (continuing its old run in place would make Ray
+    pick that run's latest checkpoint instead).
+    """
+    from raydist.engine import CHECKPOINT_FILE, load_checkpoint_file
+
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isfile(os.path.join(path, CHECKPOINT_FILE)):
+        return None, path, load_checkpoint_file(os.path.join(path, CHECKPOINT_FILE))["config"]
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        checkpoints = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, CHECKPOINT_FILE)))
+        with open(os.path.join(path, CONFIG_FILE)) as fh:
+            saved = yaml.safe_load(fh)
+        return path, os.path.join(path, checkpoints[-1]) if checkpoints else None, saved
+    raise ConfigError(f"--resume {path}: neither a run folder (with {CONFIG_FILE}) nor a checkpoint folder "
+                      f"(with {CHECKPOINT_FILE})")
+
+
+def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None) -> tuple[TrainConfig, Optional[str]]:
+    """Apply --resume, make paths absolute, name the run, check the data. Returns (config, checkpoint to resume)."""
+    resume_checkpoint = None
+    if cfg.resume:
+        run_dir, resume_checkpoint, saved = find_resume_point(cfg.resume)
+        # The saved run's settings are the defaults now; --config and flags still override them.
+        saved = {k: v for k, v in saved.items() if k not in ("resume", "address", "log_dir")}
+        if run_dir:
+            saved.update(name=os.path.basename(run_dir), storage_path=os.path.dirname(run_dir))
+        else:
+            saved["name"] = None
+        cfg = resolve(explicit, config_file, base=saved)
+    name = cfg.name or f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = dataclasses.replace(cfg, name=name, storage_path=_local_abspath(cfg.storage_path),
+                              data_dir=_local_abspath(cfg.data_dir), resume=_local_abspath(cfg.resume))
+    if cfg.log_dir is None and not _is_uri(cfg.storage_path):
+        cfg = dataclasses.replace(cfg, log_dir=os.path.join(cfg.storage_path, name, "tensorboard"))
+    cfg = dataclasses.replace(cfg, log_dir=_local_abspath(cfg.log_dir))
+    if DATASETS[cfg.dataset].needs_files and not cfg.download:
+        try:
+            load_split(cfg.dataset, "val", data_dir=cfg.data_dir)
+        except DatasetNotFound as exc:
+            raise ConfigError(str(exc)) from None
+    return cfg, resume_checkpoint
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunSummary:
+    run_dir: str
+    history: list[dict]
+    final_model: str
+    best_checkpoint: Optional[str]
+    best_val_acc: Optional[float]
+    seconds: float
+
+
+def fit(cfg: TrainConfig, *, resume_checkpoint: Optional[str] = None, callbacks: Optional[list] = None) -> RunSummary:
+    """Run `cfg` on the connected (or a new local) cluster; the one code path for the CLI and Tune trials."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raydist import cluster
+    from raydist.engine import FINAL_MODEL_FILE, train_loop_per_worker
+
+    t0 = time.perf_counter()
+    if cfg.address is None:  # local cluster: check the machine before starting anything
+        use_gpu = cluster.check_resources(cluster_cpus=os.cpu_count() or 1, cluster_gpus=cluster.local_gpu_count(),
+                                          use_gpu=cfg.use_gpu, num_workers=cfg.num_workers,
+                                          cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
+                                          where="this machine")
+    cluster.connect(cfg.address)
+    cpus, gpus = cluster.cluster_totals()
+    use_gpu = cluster.check_resources(cluster_cpus=cpus, cluster_gpus=gpus, use_gpu=cfg.use_gpu,
+                                      num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
+                                      gpus_per_worker=cfg.gpus_per_worker, where="the cluster")
+    _write_config(cfg)
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=cfg.storage_path, callbacks=callbacks,
+            # Ray Train logs every report of every rank at INFO; our rank 0 prints one line per epoch.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                                         checkpoint_score_attribute="val_acc",
+                                                         checkpoint_score_order="max")),
+        resume_from_checkpoint=ray.train.Checkpoint(resume_checkpoint) if resume_checkpoint else None,
+    )
+    result = trainer.fit()
+    history = result.return_value or ([result.metrics] if result.metrics else [])
+    best = max(result.best_checkpoints or [], key=lambda pair: pair[1].get("val_acc", -1), default=None)
+    return RunSummary(run_dir=result.path, history=history, final_model=f"{result.path}/{FINAL_MODEL_FILE}",
+                      best_checkpoint=best[0].path if best else None,
+                      best_val_acc=best[1]["val_acc"] if best else None, seconds=time.perf_counter() - t0)
+
+
+def _write_config(cfg: TrainConfig) -> None:
+    """Save the resolved config in the run folder (local path or URI) before training starts."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(cfg.storage_path)
+    run_dir = f"{root}/{cfg.name}"
+    fs.create_dir(run_dir, recursive=True)
+    with fs.open_output_stream(f"{run_dir}/{CONFIG_FILE}") as out:
+        out.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+
+
+def print_summary(summary: RunSummary) -> None:
+    last = summary.history[-1] if summary.history else {}
+    lines = [f"finished {len(summary.history)} epoch(s) in {summary.seconds:.1f}s"]
+    if last:
+        lines[0] += f": val acc {last['val_acc']:.2%}, val loss {last['val_loss']:.4f} at epoch {last['epoch']}"
+        if last.get("stop_reason"):
+            lines[0] += f" (stopped early: {last['stop_reason']})"
+    if summary.best_val_acc is not None:
+        lines.append(f"best checkpoint:  {summary.best_checkpoint}  (val acc {summary.best_val_acc:.2%})")
+    lines += [f"final model:      {summary.final_model}", f"run folder:       {summary.run_dir}"]
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        cfg, explicit, config_file = parse_cli(argv)
+        cfg, resume_checkpoint = prepare(cfg, explicit, config_file)
+    except ConfigError as exc:
+        print(f"raydist.train: error: {exc}", file=sys.stderr)
+        return 2
+    print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()), flush=True)
+    try:
+        summary = fit(cfg, resume_checkpoint=resume_checkpoint)
+    except ConfigError as exc:  # resource checks against a running cluster
+        print(f"raydist.train: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a failed run is reported in one line, with Ray's log above it
+        print(f"raydist.train: training failed: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
+    print_summary(summary)
+    last = summary.history[-1] if summary.history else {}
+    return 1 if last.get("stop_reason") == "non_finite_loss" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

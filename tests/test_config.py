@@ -1,0 +1,138 @@
+"""The typed config: validation of every bad input, YAML layering, and the CLI's exit code 2 before Ray."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from raydist.config import ConfigError, TrainConfig, load_yaml, parse_cli
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"lr": 0.0}, r"--lr must be positive, got 0.0"),
+    ({"lr": -1.0}, r"--lr must be positive, got -1.0"),
+    ({"lr": float("nan")}, r"--lr must be positive"),
+    ({"batch_size": 0}, r"--batch-size must be positive, got 0"),
+    ({"epochs": -2}, r"--epochs must be positive, got -2"),
+    ({"grad_accum": 0}, r"--grad-accum must be positive"),
+    ({"num_workers": 0}, r"--num-workers must be positive"),
+    ({"model": "resnet9000"}, r"unknown model 'resnet9000'; known: resnet18, .*resnet8.*wrn_dli"),
+    ({"dataset": "imagenet22k"}, r"unknown dataset 'imagenet22k'; known: cifar10, cifar100, digits, fake, fashion_mnist"),
+    ({"target_accuracy": 0.0}, r"--target-accuracy must be in \(0, 1\], got 0.0"),
+    ({"target_accuracy": 1.5}, r"--target-accuracy must be in \(0, 1\], got 1.5"),
+    ({"label_smoothing": 1.0}, r"--label-smoothing must be in \[0, 1\)"),
+    ({"val_fraction": 1.0}, r"--val-fraction must be in \(0, 1\)"),
+    ({"optimizer": "lamb"}, r"--optimizer 'lamb' is not one of: sgd, adamw"),
+    ({"warmup_epochs": 20.0, "epochs": 5}, r"--warmup-epochs 20.0 exceeds --epochs 5"),
+    ({"pretrained": True, "model": "resnet8"}, r"model 'resnet8' has no published weights; models with them: resnet18_imagenet"),
+    ({"name": "a/b"}, r"--name 'a/b' must be a plain folder name"),
+    ({"weight_decay": -0.1}, r"--weight-decay must be zero or more"),
+])
+def test_bad_values_are_rejected_with_the_value_and_what_is_accepted(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**overrides).validate()
+
+
+def test_defaults_are_valid_and_train_digits_with_resnet8():
+    cfg = TrainConfig().validate()
+    assert (cfg.dataset, cfg.model) == ("digits", "resnet8")
+
+
+def test_yaml_sets_defaults_and_flags_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 7\nlr: 0.2\nmodel: wrn16_4\n")
+    cfg, explicit, config_file = parse_cli(["--config", str(path), "--lr", "0.05"])
+    assert (cfg.epochs, cfg.lr, cfg.model) == (7, 0.05, "wrn16_4")
+    assert explicit == {"lr": 0.05} and config_file == str(path)
+
+
+def test_yaml_values_are_coerced_to_field_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1\nuse_gpu: 'no'\nweight_decay: '1e-4'\n")
+    values = load_yaml(str(path))
+    assert values == {"lr": 1.0, "use_gpu": False, "weight_decay": 1e-4}
+    assert isinstance(values["lr"], float)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochz: 3\n", r"c.yaml: unknown key 'epochz'; known keys: dataset, "),
+    ("epochs: three\n", r"c.yaml: epochs = 'three' is not a valid int"),
+    ("epochs: 2.5\n", r"c.yaml: epochs = 2.5 is not a valid int"),
+    ("epochs: [1, 2\n", r"config file .*c.yaml is not valid YAML \(line 2\)"),
+    ("- 1\n- 2\n", r"must hold a mapping of config keys, got list"),
+])
+def test_bad_yaml_files_name_the_file_and_key(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_yaml(str(path))
+
+
+def test_unreadable_config_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot read config file .*missing.yaml"):
+        load_yaml(str(tmp_path / "missing.yaml"))
+
+
+def _cli(*args, cwd):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-m", "raydist.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _main(*args, capsys):
+    """The CLI in this process (fast); the subprocess tests below prove the real exit code."""
+    from raydist.train import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "-0.1"], "--lr must be positive, got -0.1"),
+    (["--epochs", "0"], "--epochs must be positive, got 0"),
+    (["--batch-size", "ten"], "argument --batch-size: 'ten' is not a valid int"),
+    (["--model", "vgg"], "unknown model 'vgg'; known:"),
+    (["--dataset", "mnist"], "unknown dataset 'mnist'; known:"),
+    (["--target-accuracy", "95"], "--target-accuracy must be in (0, 1], got 95.0"),
+    (["--use-gpu", "--num-workers", "2"], "asks for 2 GPUs but this machine has 0"),
+    (["--num-workers", "64"], "asks for 64 CPUs but this machine has"),
+    (["--config", "nope.yaml"], "cannot read config file nope.yaml"),
+    (["--dataset", "cifar10", "--data-dir", "empty"], "not found in"),
+    (["--resume", "no-such-run"], "neither a run folder"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, message):
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    code, err = _main(*args, "--storage-path", str(tmp_path / "runs"), capsys=capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+    assert not ray.is_initialized()  # no cluster started or joined
+
+
+def test_cli_process_exits_2_before_importing_ray(tmp_path):
+    result = _cli("--lr", "0", "--storage-path", str(tmp_path / "runs"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "raydist.train: error: --lr must be positive, got 0.0"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_dataset_names_folder_and_flag(tmp_path, capsys):
+    code, err = _main("--dataset", "cifar10", "--data-dir", str(tmp_path / "nodata"), capsys=capsys)
+    assert code == 2
+    assert str(tmp_path / "nodata") in err and "--download" in err
+
+
+def test_help_lists_grouped_flags(tmp_path):
+    result = _cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for group in ("data:", "model:", "optimization:", "schedule:", "scaling:", "output:"):
+        assert group in result.stdout
+    assert "--grad-accum" in result.stdout and "--target-accuracy" in result.stdout
