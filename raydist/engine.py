@@ -357,11 +357,13 @@ def train_loop_per_worker(config: dict) -> list[dict]:
 
     cfg = TrainConfig.from_dict(config)
     train_ctx = ray.train.get_context()  # RAY
-    checkpoint = ray.train.get_checkpoint()  # RAY: the run's latest, or --resume's on a first start
+    checkpoint = ray.train.get_checkpoint()  # RAY: this run's latest, after a restart or --resume RUN_DIR
     resume_state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume_state = load_checkpoint_file(os.path.join(folder, CHECKPOINT_FILE))
+    elif cfg.resume and os.path.isfile(os.path.join(cfg.resume, CHECKPOINT_FILE)):  # --resume CHECKPOINT_DIR
+        resume_state = load_checkpoint_file(os.path.join(cfg.resume, CHECKPOINT_FILE))
 
     def report(metrics: dict, checkpoint_folder: Optional[str]) -> None:
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None  # RAY

@@ -36,39 +36,35 @@ def _local_abspath(path: Optional[str]) -> Optional[str]:
     return path if path is None or _is_uri(path) else os.path.abspath(os.path.expanduser(path))
 
 
-def find_resume_point(path: str) -> tuple[Optional[str], Optional[str], dict]:
-    """For --resume: (run folder to continue in, checkpoint folder, saved config).
+def read_resume_target(path: str) -> tuple[bool, dict]:
+    """For --resume: (is it a run folder?, the config saved with it).
 
-    A run folder is continued in place: Ray Train finds the run's latest checkpoint itself. A checkpoint
+    A run folder is continued in place: Ray Train hands its latest checkpoint to the workers. A checkpoint
     folder starts a new run from exactly that checkpoint (continuing its old run in place would make Ray
     pick that run's latest checkpoint instead).
     """
     from raydist.engine import CHECKPOINT_FILE, load_checkpoint_file
 
-    path = os.path.abspath(os.path.expanduser(path))
     if os.path.isfile(os.path.join(path, CHECKPOINT_FILE)):
-        return None, path, load_checkpoint_file(os.path.join(path, CHECKPOINT_FILE))["config"]
+        return False, load_checkpoint_file(os.path.join(path, CHECKPOINT_FILE))["config"]
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        checkpoints = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, CHECKPOINT_FILE)))
         with open(os.path.join(path, CONFIG_FILE)) as fh:
-            saved = yaml.safe_load(fh)
-        return path, os.path.join(path, checkpoints[-1]) if checkpoints else None, saved
+            return True, yaml.safe_load(fh)
     raise ConfigError(f"--resume {path}: neither a run folder (with {CONFIG_FILE}) nor a checkpoint folder "
                       f"(with {CHECKPOINT_FILE})")
 
 
-def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None) -> tuple[TrainConfig, Optional[str]]:
-    """Apply --resume, make paths absolute, name the run, check the data. Returns (config, checkpoint to resume)."""
-    resume_checkpoint = None
+def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None) -> TrainConfig:
+    """Apply --resume, make paths absolute, name the run, check the data."""
     if cfg.resume:
-        run_dir, resume_checkpoint, saved = find_resume_point(cfg.resume)
+        resume = _local_abspath(cfg.resume)
+        is_run_dir, saved = read_resume_target(resume)
         # The saved run's settings are the defaults now; --config and flags still override them.
-        saved = {k: v for k, v in saved.items() if k not in ("resume", "address", "log_dir")}
-        if run_dir:
-            saved.update(name=os.path.basename(run_dir), storage_path=os.path.dirname(run_dir))
-        else:
-            saved["name"] = None
-        cfg = resolve(explicit, config_file, base=saved)
+        saved = {k: v for k, v in saved.items() if k not in ("address", "log_dir")}
+        saved.update(resume=resume, name=os.path.basename(resume) if is_run_dir else None)
+        if is_run_dir:
+            saved["storage_path"] = os.path.dirname(resume)
+        cfg = resolve({k: v for k, v in explicit.items() if k != "resume"}, config_file, base=saved)
     name = cfg.name or f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = dataclasses.replace(cfg, name=name, storage_path=_local_abspath(cfg.storage_path),
                               data_dir=_local_abspath(cfg.data_dir), resume=_local_abspath(cfg.resume))
@@ -80,7 +76,7 @@ def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None)
             load_split(cfg.dataset, "val", data_dir=cfg.data_dir)
         except DatasetNotFound as exc:
             raise ConfigError(str(exc)) from None
-    return cfg, resume_checkpoint
+    return cfg
 
 
 # ---- the run ------------------------------------------------------------------------------------------
@@ -96,8 +92,12 @@ class RunSummary:
     seconds: float
 
 
-def fit(cfg: TrainConfig, *, resume_checkpoint: Optional[str] = None, callbacks: Optional[list] = None) -> RunSummary:
-    """Run `cfg` on the connected (or a new local) cluster; the one code path for the CLI and Tune trials."""
+def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None) -> RunSummary:
+    """Run `cfg` on the connected (or a new local) cluster; the one code path for the CLI and Tune trials.
+
+    `cfg.resume`, when set, is a checkpoint folder to start from or the run folder being continued (whose
+    latest checkpoint Ray Train hands to the workers itself).
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -134,7 +134,6 @@ def fit(cfg: TrainConfig, *, resume_checkpoint: Optional[str] = None, callbacks:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                          checkpoint_score_attribute="val_acc",
                                                          checkpoint_score_order="max")),
-        resume_from_checkpoint=ray.train.Checkpoint(resume_checkpoint) if resume_checkpoint else None,
     )
     result = trainer.fit()
     history = result.return_value or ([result.metrics] if result.metrics else [])
@@ -171,13 +170,13 @@ def print_summary(summary: RunSummary) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg, explicit, config_file = parse_cli(argv)
-        cfg, resume_checkpoint = prepare(cfg, explicit, config_file)
+        cfg = prepare(cfg, explicit, config_file)
     except ConfigError as exc:
         print(f"raydist.train: error: {exc}", file=sys.stderr)
         return 2
     print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()), flush=True)
     try:
-        summary = fit(cfg, resume_checkpoint=resume_checkpoint)
+        summary = fit(cfg)
     except ConfigError as exc:  # resource checks against a running cluster
         print(f"raydist.train: error: {exc}", file=sys.stderr)
         return 2

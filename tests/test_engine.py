@@ -1,0 +1,83 @@
+"""The worker loop in a plain process (no Ray): LR schedule, early stopping, resume, non-finite loss."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from raydist.config import TrainConfig
+from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE, EarlyStop, load_checkpoint_file, local_context, lr_factor, run
+
+FAST = dict(num_workers=1, cpus_per_worker=2.0, batch_size=128, lr=0.8, warmup_epochs=0.5)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    kw = dict(warmup=10, total=110, step_every=40, gamma=0.1)
+    assert lr_factor(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_factor(9, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_factor(60, schedule="cosine", **kw) == pytest.approx(0.5)
+    assert lr_factor(110, schedule="cosine", **kw) == pytest.approx(0.0)
+    assert lr_factor(50, schedule="constant", **kw) == 1.0
+    assert [lr_factor(u, schedule="step", **kw) for u in (39, 40, 80)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+def test_early_stop_counts_consecutive_epochs():
+    stop = EarlyStop(0.9, patience=2)
+    assert [stop.update(a) for a in (0.95, 0.8, 0.91, 0.92)] == [False, False, False, True]
+    assert not EarlyStop(None, 1).update(1.0)
+
+
+def test_early_stopping_stops_at_the_first_epoch_meeting_the_target_for_patience_epochs(tmp_path):
+    cfg = TrainConfig(epochs=15, target_accuracy=0.6, patience=2, **FAST).validate()
+    history = run(cfg, local_context(str(tmp_path)))
+    accs = [m["val_acc"] for m in history]
+    first = next(i for i in range(1, len(accs)) if accs[i] >= 0.6 and accs[i - 1] >= 0.6)
+    assert len(history) == first + 1 < 15
+    assert history[-1]["stop_reason"] == "target_accuracy"
+    assert all(m["stop_reason"] == "" for m in history[:-1])
+    assert os.path.exists(tmp_path / f"epoch_{first + 1:04d}" / CHECKPOINT_FILE)  # the stopping epoch is saved
+    final = load_checkpoint_file(str(tmp_path / FINAL_MODEL_FILE))
+    assert final["metrics"]["epoch"] == first + 1 and final["config"]["target_accuracy"] == 0.6
+
+
+def test_resume_continues_at_the_next_epoch_and_reproduces_the_uninterrupted_run(tmp_path):
+    # No augmentation: the data order depends on (seed, epoch) alone, so a resumed run must repeat epoch 3 exactly.
+    cfg = TrainConfig(epochs=3, augment="none", checkpoint_every=1, **FAST).validate()
+    full = run(cfg, local_context(str(tmp_path / "full")))
+    state = load_checkpoint_file(str(tmp_path / "full" / "epoch_0002" / CHECKPOINT_FILE))
+    assert state["epoch"] == 2 and state["config"] == cfg.to_dict()
+    resumed = run(cfg, local_context(str(tmp_path / "resumed"), resume_state=state))
+    assert [m["epoch"] for m in resumed] == [3]
+    for key in ("train_loss", "val_loss", "val_acc", "lr"):
+        assert resumed[0][key] == pytest.approx(full[2][key], rel=1e-4, abs=1e-6), key
+
+
+def test_non_finite_loss_stops_with_a_clear_reason_and_no_checkpoint(tmp_path, capsys):
+    cfg = TrainConfig(epochs=4, lr=1e9, warmup_epochs=0.0, **{k: v for k, v in FAST.items()
+                                                              if k not in ("lr", "warmup_epochs")}).validate()
+    history = run(cfg, local_context(str(tmp_path)))
+    assert history[-1]["stop_reason"] == "non_finite_loss" and len(history) < 4
+    assert not math.isfinite(history[-1]["train_loss"])
+    assert "training loss is nan (not finite); lower --lr" in capsys.readouterr().out
+    assert not any(p.startswith("epoch_") for p in os.listdir(tmp_path))
+    assert not (tmp_path / FINAL_MODEL_FILE).exists()
+
+
+def test_grad_accumulation_and_adamw_and_label_smoothing_learn(tmp_path):
+    cfg = TrainConfig(epochs=4, optimizer="adamw", lr=0.02, grad_accum=2, label_smoothing=0.1, batch_size=64,
+                      **{k: v for k, v in FAST.items() if k not in ("lr", "batch_size")}).validate()
+    history = run(cfg, local_context(str(tmp_path)))
+    assert history[-1]["val_acc"] > 0.6
+    # the linear scaling rule's global batch counts accumulated steps: peak = 0.02 x (64 x 2) / 256
+    assert max(m["lr"] for m in history) == pytest.approx(0.01, rel=0.1)
+
+
+def test_tensorboard_events_are_written(tmp_path):
+    cfg = TrainConfig(epochs=1, **FAST).validate()
+    run(cfg, local_context(str(tmp_path), log_dir=str(tmp_path / "tb")))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"val_acc", "train_loss", "lr"} <= set(events.Tags()["scalars"])
