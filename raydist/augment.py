@@ -30,69 +30,88 @@ class Augmenter:
         self.kind, self.pad = kind, crop_padding
         self.rotation, self.shear, self.scale, self.jitter = max_rotation_deg, max_shear_deg, scale, jitter
         self.device = torch.device(device)
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.shift, self.scale_01, self.scale_u8 = -mean / std, 1 / std, 1 / (255 * std)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
 
     def __call__(self, images: torch.Tensor, *, train: bool) -> torch.Tensor:
         if train and self.kind == "crop_flip":
-            images = flip(random_crop(images, self.pad, self.gen), self.gen)
-        x = images.float().div_(255)
+            images = random_crop_flip(images, self.pad, self.gen)
         if train and self.kind == "dli":
-            x = flip(x, self.gen)
-            x = random_affine(x, self.rotation, self.shear, self.scale, self.gen)
-            x = colour_jitter(x, self.jitter, self.gen)
-        return (x - self.mean) / self.std
-
+            images = random_affine_flip(images, self.rotation, self.shear, self.scale, self.gen)
+            x = colour_jitter(images.float().div_(255), self.jitter, self.gen)
+            return torch.addcmul(self.shift, x, self.scale_01)
+        # (x / 255 - mean) / std as one multiply-add
+        return torch.addcmul(self.shift, images.float(), self.scale_u8)
 
 def uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=gen.device) * (high - low) + low
 
 
-def random_crop(images: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Zero-pad by `pad` and cut a random H x W window per image, by gathering rows and columns."""
+def gather_pixels(images: torch.Tensor, src_y: torch.Tensor, src_x: torch.Tensor) -> torch.Tensor:
+    """out[n, :, i, j] = images[n, :, src_y[n, i, j], src_x[n, i, j]], zero where the source is outside.
+
+    Every geometric transform here (crop, flip, rotation, shear, zoom) is nearest-neighbour, so each is one
+    gather on uint8. Coordinates are whole numbers held as float32 (cheaper than int64 on CPU); sources
+    outside the image read an extra zero pixel appended to each image, so no clamp or mask pass is needed.
+    """
+    n, c, h, w = images.shape
+    src_y, src_x = torch.broadcast_tensors(src_y, src_x)
+    inside = (src_y >= 0) & (src_y <= h - 1) & (src_x >= 0) & (src_x <= w - 1)
+    flat = torch.where(inside, src_y * w + src_x, float(h * w)).long()
+    with_zero = F.pad(images.reshape(n, c, h * w), (0, 1))
+    return with_zero.gather(2, flat.reshape(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
+
+
+def random_crop_flip(images: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """A random H x W window of the image zero-padded by `pad`, mirrored left-right for a random half."""
     n, _, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=gen.device).to(images.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=gen.device).to(images.device)
-    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]  # n x h x 1
-    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]  # n x 1 x w
-    batch = torch.arange(n, device=images.device)[:, None, None]
-    # Advanced indices split by a slice put their broadcast shape first: n x h x w x c.
-    return padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
+    device = images.device
+    dy = torch.randint(-pad, pad + 1, (n, 1, 1), generator=gen, device=gen.device).to(device, torch.float32)
+    dx = torch.randint(-pad, pad + 1, (n, 1, 1), generator=gen, device=gen.device).to(device, torch.float32)
+    mirror = (torch.rand(n, 1, 1, generator=gen, device=gen.device) < 0.5).to(device)
+    cols = torch.arange(w, device=device, dtype=torch.float32).view(1, 1, w)
+    cols = torch.where(mirror, w - 1 - cols, cols)
+    rows = torch.arange(h, device=device, dtype=torch.float32).view(1, h, 1)
+    return gather_pixels(images, rows + dy, cols + dx)
 
 
-def flip(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Mirror a random half of the images left-right."""
-    mask = torch.rand(images.shape[0], generator=gen, device=gen.device).to(images.device) < 0.5
-    return torch.where(mask[:, None, None, None], images.flip(3), images)
-
-
-def random_affine(x: torch.Tensor, max_rot_deg: float, max_shear_deg: float, scale, gen) -> torch.Tensor:
-    """Rotate, shear (along x) and scale every image about its centre in one grid_sample."""
-    n = x.shape[0]
-    angle = uniform(n, -max_rot_deg, max_rot_deg, gen).to(x.device) * (math.pi / 180)
-    shear = uniform(n, -max_shear_deg, max_shear_deg, gen).to(x.device) * (math.pi / 180)
-    zoom = uniform(n, scale[0], scale[1], gen).to(x.device)
+def random_affine_flip(images: torch.Tensor, max_rot_deg: float, max_shear_deg: float, scale,
+                       gen: torch.Generator) -> torch.Tensor:
+    """Mirror a random half, then rotate, shear (along x) and zoom every image about its centre: one gather."""
+    n, _, h, w = images.shape
+    device = images.device
+    angle = uniform(n, -max_rot_deg, max_rot_deg, gen).to(device) * (math.pi / 180)
+    shear = uniform(n, -max_shear_deg, max_shear_deg, gen).to(device) * (math.pi / 180)
+    zoom = uniform(n, scale[0], scale[1], gen).to(device)
+    mirror = torch.where(torch.rand(n, generator=gen, device=gen.device).to(device) < 0.5, -1.0, 1.0)
     cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(shear)
-    # forward = zoom * rotation @ shear;  [[c, -s], [s, c]] @ [[1, t], [0, 1]] = [[c, c*t - s], [s, s*t + c]]
-    a, b = cos * zoom, (cos * tan - sin) * zoom
-    c, d = sin * zoom, (sin * tan + cos) * zoom
+    # forward map = zoom * rotation @ shear @ mirror:  [[c, c*t - s], [s, s*t + c]] @ diag(m, 1)
+    a, b = cos * zoom * mirror, (cos * tan - sin) * zoom
+    c, d = sin * zoom * mirror, (sin * tan + cos) * zoom
     det = a * d - b * c
-    # affine_grid maps output positions to input positions: it wants the inverse transform.
-    theta = torch.stack([torch.stack([d, -b, torch.zeros_like(a)], 1),
-                         torch.stack([-c, a, torch.zeros_like(a)], 1)], 1) / det[:, None, None]
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # Each output pixel reads from the inverse map of its position (centred coordinates).
+    ys = torch.arange(h, device=device, dtype=torch.float32) - (h - 1) / 2
+    xs = torch.arange(w, device=device, dtype=torch.float32) - (w - 1) / 2
+    inv = torch.stack([d, -b, -c, a], 1) / det[:, None]  # n x 4
+    yy, xx = ys.view(1, h, 1), xs.view(1, 1, w)
+    src_x = inv[:, 0, None, None] * xx + inv[:, 1, None, None] * yy + (w - 1) / 2
+    src_y = inv[:, 2, None, None] * xx + inv[:, 3, None, None] * yy + (h - 1) / 2
+    return gather_pixels(images, src_y.round_(), src_x.round_())
 
 
 def colour_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast and saturation factors drawn from [1 - strength, 1 + strength] per image."""
+    """Brightness, contrast and saturation factors drawn from [1 - strength, 1 + strength] per image (in place)."""
     n = x.shape[0]
-    factors = uniform(3 * n, 1 - strength, 1 + strength, gen).to(x.device).view(3, n, 1, 1, 1)
-    weights = torch.tensor(GREY, device=x.device).view(1, 3, 1, 1)
-    x = (x * factors[0]).clamp_(0, 1)
-    mean_grey = (x * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-    x = ((x - mean_grey) * factors[1] + mean_grey).clamp_(0, 1)
-    grey = (x * weights).sum(1, keepdim=True)
-    return ((x - grey) * factors[2] + grey).clamp_(0, 1)
+    brightness, contrast, saturation = uniform(3 * n, 1 - strength, 1 + strength, gen).to(x.device).view(3, n, 1, 1, 1)
+    x.mul_(brightness).clamp_(0, 1)
+    # contrast blends with the image's mean grey level, saturation with each pixel's grey level
+    mean_grey = _grey(x.mean((2, 3), keepdim=True))
+    x.mul_(contrast).add_(mean_grey * (1 - contrast)).clamp_(0, 1)
+    return x.mul_(saturation).add_(_grey(x).mul_(1 - saturation)).clamp_(0, 1)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (r * GREY[0]).add_(g, alpha=GREY[1]).add_(b, alpha=GREY[2]).unsqueeze(1)

@@ -208,7 +208,7 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
         if rank == 0:
             print(_epoch_line(metrics, cfg.epochs), flush=True)
             if writer:
-                for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"):
+                for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "epoch_time_s"):
                     writer.add_scalar(key, metrics[key], epoch + 1)
                 writer.flush()
         if save and metrics["stop_reason"] != "non_finite_loss":
