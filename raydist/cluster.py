@@ -61,7 +61,9 @@ def connect(address: Optional[str]) -> None:
     if ray.is_initialized():  # already connected in this process (tests, Tune drivers)
         return
     if address is None:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        if context.dashboard_url:
+            print(f"started a local Ray cluster; dashboard: http://{context.dashboard_url}", flush=True)
     else:
         ray.init(address=address, logging_level=logging.WARNING)
 
@@ -72,11 +74,3 @@ def cluster_totals() -> tuple[float, float]:
 
     resources = ray.cluster_resources()
     return resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-
-
-def dashboard_url() -> Optional[str]:
-    import ray
-
-    context = ray.get_runtime_context()
-    url = getattr(context, "dashboard_url", None) or ray.worker.get_dashboard_url()
-    return f"http://{url}" if url and not url.startswith("http") else url
