@@ -54,6 +54,15 @@ def read_resume_target(path: str) -> tuple[bool, dict]:
                       f"(with {CHECKPOINT_FILE})")
 
 
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    """The run folder's highest-epoch `checkpoint_epoch_NNNN` folder, or None."""
+    from raydist.engine import CHECKPOINT_FILE
+
+    found = sorted(name for name in os.listdir(run_dir) if name.startswith("checkpoint_epoch_")
+                   and os.path.isfile(os.path.join(run_dir, name, CHECKPOINT_FILE)))
+    return os.path.join(run_dir, found[-1]) if found else None
+
+
 def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None) -> TrainConfig:
     """Apply --resume, make paths absolute, name the run, check the data."""
     if cfg.resume:
@@ -65,6 +74,11 @@ def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None)
         if is_run_dir:
             saved["storage_path"] = os.path.dirname(resume)
         cfg = resolve({k: v for k, v in explicit.items() if k != "resume"}, config_file, base=saved)
+        target = os.path.join(_local_abspath(cfg.storage_path), cfg.name) if cfg.name else None
+        if is_run_dir and target != resume:
+            # Continued under another --name/--storage-path: Ray would look for checkpoints in the new
+            # folder and find none, so start from the old run's latest checkpoint explicitly.
+            cfg = dataclasses.replace(cfg, resume=latest_checkpoint(resume) or resume)
     name = cfg.name or f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = dataclasses.replace(cfg, name=name, storage_path=_local_abspath(cfg.storage_path),
                               data_dir=_local_abspath(cfg.data_dir), resume=_local_abspath(cfg.resume))

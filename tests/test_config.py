@@ -136,3 +136,34 @@ def test_help_lists_grouped_flags(tmp_path):
     for group in ("data:", "model:", "optimization:", "schedule:", "scaling:", "output:"):
         assert group in result.stdout
     assert "--grad-accum" in result.stdout and "--target-accuracy" in result.stdout
+
+
+def _fake_run_dir(root, name="old-run", epochs=(1, 2, 3)):
+    import yaml
+
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(TrainConfig(name=name, storage_path=str(root)).to_dict()))
+    for epoch in epochs:
+        (run_dir / f"checkpoint_epoch_{epoch:04d}").mkdir()
+        (run_dir / f"checkpoint_epoch_{epoch:04d}" / "checkpoint.pt").write_bytes(b"")
+    return run_dir
+
+
+def test_resume_a_run_folder_in_place_lets_ray_pick_the_latest_checkpoint(tmp_path):
+    from raydist.train import prepare
+
+    run_dir = _fake_run_dir(tmp_path)
+    explicit = {"resume": str(run_dir)}
+    cfg = prepare(TrainConfig(**explicit), explicit)
+    assert (cfg.storage_path, cfg.name, cfg.resume) == (str(tmp_path), "old-run", str(run_dir))
+
+
+def test_resume_a_run_folder_under_another_name_starts_from_its_latest_checkpoint(tmp_path):
+    from raydist.train import prepare
+
+    run_dir = _fake_run_dir(tmp_path, epochs=(2, 10, 7))
+    explicit = {"resume": str(run_dir), "name": "continued", "storage_path": str(tmp_path / "elsewhere")}
+    cfg = prepare(TrainConfig(**explicit), explicit)
+    assert cfg.name == "continued" and cfg.storage_path == str(tmp_path / "elsewhere")
+    assert cfg.resume == str(run_dir / "checkpoint_epoch_0010")
