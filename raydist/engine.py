@@ -350,12 +350,26 @@ def local_context(run_dir: str, device: str = "cpu", resume_state: Optional[dict
     return ctx
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray 2.60 logs every report of every rank at INFO through a logger named after its file, which
+    LoggingConfig(log_level) does not reach; rank 0's epoch line says the same in one line."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context  # RAY (internal; may move)
+
+        train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):
+        pass
+
+
 def train_loop_per_worker(config: dict) -> list[dict]:
     """Entry point of every Ray Train worker (TorchTrainer has already set up the process group)."""
     import ray.train  # RAY
     import ray.train.torch  # RAY
 
     cfg = TrainConfig.from_dict(config)
+    _quiet_ray_train_reports()
     train_ctx = ray.train.get_context()  # RAY
     checkpoint = ray.train.get_checkpoint()  # RAY: this run's latest, after a restart or --resume RUN_DIR
     resume_state = None

@@ -1,0 +1,486 @@
+"""`python -m raydist.tune`: a hyperparameter study, each trial a multi-worker TorchTrainer run.
+
+    python -m raydist.tune                                              # search_spaces/digits_quick.yaml, local cluster
+    python -m raydist.tune --search-space cifar10_wrn --set data_dir=~/data --address auto
+    python -m raydist.tune --search random --scheduler fifo --num-samples 12
+    python -m raydist.tune --resume runs/digits_quick-20261123-101500   # continue an interrupted study
+
+A study file (search_spaces/*.yaml, see raydist.search_space) fixes some TrainConfig fields and searches
+others. HyperOpt's TPE proposes trials (behind a concurrency limit), ASHA stops the weak ones at its rungs
+on the per-epoch validation metric. Each trial is a small Tune function that builds and fits its own
+TorchTrainer (Ray 2.60: a trainer cannot be handed to Tuner), with a stable Train run folder inside the
+trial's folder so an interrupted trial resumes from its last checkpoint. Bad input exits 2 before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from raydist import report
+from raydist.config import ConfigError, TrainConfig
+from raydist.search_space import Study, load_study
+
+STUDY_FILE = "study.yaml"  # the effective study, saved so --resume needs nothing else
+TRAIN_RUN = "train"  # each trial's Train run folder: <experiment>/<trial>/train
+SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+DEFAULT_STUDY = "digits_quick"
+
+
+# ---- command line -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from raydist.config import _Parser
+
+    p = _Parser(prog="raydist.tune", description=__doc__.splitlines()[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--search-space", default=DEFAULT_STUDY, metavar="FILE.yaml",
+                   help=f"study file, or the name of one in {SEARCH_SPACES.name}/ (see --list)")
+    p.add_argument("--list", action="store_true", help="list the shipped study files and exit")
+    p.add_argument("--search", choices=("hyperopt", "random"), help="search algorithm (default: the study's)")
+    p.add_argument("--scheduler", choices=("asha", "fifo"), help="trial scheduler (default: the study's)")
+    p.add_argument("--num-samples", type=int, metavar="N", help="number of trials (default: the study's)")
+    p.add_argument("--max-concurrent", type=int, metavar="N",
+                   help="trials at once (default: the study's, else as many as the cluster's free resources fit)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a config field for every trial (repeatable); a searched field becomes fixed")
+    p.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: start a local one")
+    p.add_argument("--storage-path", default="./runs", help="where the experiment folder goes (local path or URI)")
+    p.add_argument("--name", help="experiment folder name (default: <study>-<timestamp>)")
+    p.add_argument("--resume", metavar="EXPERIMENT_DIR",
+                   help="continue an interrupted study: finished trials are kept, unfinished ones resume")
+    p.add_argument("--wandb", action="store_true", help="log trials to Weights & Biases (offline without a key)")
+    p.add_argument("--wandb-project", help="W&B project (default: the study's name)")
+    p.add_argument("--mlflow-uri", metavar="URI", help="log trials to this MLflow tracking URI (e.g. file:./mlruns)")
+    return p
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything a study run needs, resolved and checked before Ray starts."""
+    study: Study
+    experiment_path: str  # <storage_path>/<name>, absolute when local
+    storage_path: str
+    name: str
+    address: Optional[str]
+    resume: bool
+    max_concurrent: Optional[int]
+    wandb: bool = False
+    wandb_project: Optional[str] = None
+    mlflow_uri: Optional[str] = None
+
+
+def find_study_file(name: str) -> str:
+    if os.path.isfile(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    for candidate in (SEARCH_SPACES / name, SEARCH_SPACES / f"{name}.yaml"):
+        if candidate.is_file():
+            return str(candidate)
+    shipped = ", ".join(sorted(p.stem for p in SEARCH_SPACES.glob("*.yaml")))
+    raise ConfigError(f"--search-space {name}: no such file; shipped studies: {shipped}")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> Plan:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.list:
+        for path in sorted(SEARCH_SPACES.glob("*.yaml")):
+            print(f"{path.stem:<22} {load_study(str(path)).description}")
+        raise SystemExit(0)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r} must look like KEY=VALUE, e.g. --set data_dir=~/data")
+        overrides[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else None
+
+    if args.resume:
+        experiment = os.path.abspath(os.path.expanduser(args.resume.rstrip("/")))
+        study_file = os.path.join(experiment, STUDY_FILE)
+        if not os.path.isfile(study_file):
+            raise ConfigError(f"--resume {args.resume}: not a raydist.tune experiment folder (no {STUDY_FILE})")
+        for flag in ("search", "scheduler", "num_samples", "name"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--resume continues the study as it was; drop --{flag.replace('_', '-')}")
+        study = load_study(study_file, overrides)
+        storage_path, name = os.path.dirname(experiment), os.path.basename(experiment)
+    else:
+        study = load_study(find_study_file(args.search_space), overrides)
+        if args.search:
+            study.search = args.search
+        if args.scheduler:
+            study.scheduler = args.scheduler
+        if args.num_samples is not None:
+            if args.num_samples < 1:
+                raise ConfigError(f"--num-samples must be a positive integer, got {args.num_samples}")
+            study.num_samples = args.num_samples
+        storage_path = args.storage_path if "://" in args.storage_path else os.path.abspath(
+            os.path.expanduser(args.storage_path))
+        name = args.name or f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if "/" in name or name.startswith("."):
+            raise ConfigError(f"--name {name!r} must be a plain folder name (no '/', not starting with '.')")
+        if "://" not in storage_path and os.path.exists(os.path.join(storage_path, name)):
+            raise ConfigError(f"experiment folder {os.path.join(storage_path, name)} exists; pick another --name "
+                              f"or continue it with --resume")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be a positive integer, got {args.max_concurrent}")
+    # Tune runs each trial in its own working folder: relative data paths must not follow it there.
+    data_dir = study.fixed.get("data_dir", TrainConfig.data_dir)
+    if "://" not in data_dir:
+        study.fixed["data_dir"] = os.path.abspath(os.path.expanduser(data_dir))
+    _check_data(study)
+    if args.wandb:
+        _require("wandb", "--wandb")
+    if args.mlflow_uri:
+        _require("mlflow", "--mlflow-uri")
+    return Plan(study=study, experiment_path=f"{storage_path}/{name}", storage_path=storage_path, name=name,
+                address=args.address, resume=bool(args.resume),
+                max_concurrent=args.max_concurrent or study.max_concurrent,
+                wandb=args.wandb, wandb_project=args.wandb_project, mlflow_uri=args.mlflow_uri)
+
+
+def _check_data(study: Study) -> None:
+    """A study on files that are missing fails here, not in every trial."""
+    from raydist.data import DATASETS, DatasetNotFound, load_split
+
+    cfg = study.base_config()
+    datasets = study.searched["dataset"].extremes() if "dataset" in study.searched else [cfg.dataset]
+    for dataset in datasets:
+        if DATASETS[dataset].needs_files and not cfg.download:
+            try:
+                load_split(dataset, "val", data_dir=os.path.abspath(os.path.expanduser(cfg.data_dir)))
+            except DatasetNotFound as exc:
+                raise ConfigError(f"{exc} (in a study: --set data_dir=... / --set download=true)") from None
+
+
+def _require(module: str, flag: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{flag} needs the {module} package: pip install {module}")
+
+
+# ---- concurrency ---------------------------------------------------------------------------------------
+
+
+def plan_concurrency(study: Study, *, free_cpus: float, free_gpus: float, total_cpus: float, total_gpus: float,
+                     requested: Optional[int], where: str) -> int:
+    """Trials to run at once: as many as the free resources fit, never more than requested or num_samples.
+
+    A trial that the whole cluster cannot fit is an error (it would wait forever); one that fits the cluster
+    but not its free resources runs alone, when the busy resources come back.
+    """
+    cpus, gpus = study.per_trial_resources(cluster_has_gpus=total_gpus > 0)
+    if cpus > total_cpus or gpus > total_gpus:
+        raise ConfigError(f"one trial needs {cpus:g} CPUs and {gpus:g} GPUs (num_workers x cpus/gpus_per_worker) "
+                          f"but {where} has {total_cpus:g} CPUs and {total_gpus:g} GPUs; lower fixed num_workers")
+    fits = math.floor(free_cpus / cpus + 1e-9) if cpus else study.num_samples
+    if gpus:
+        fits = min(fits, math.floor(free_gpus / gpus + 1e-9))
+    return max(1, min(fits, requested or study.num_samples, study.num_samples))
+
+
+# ---- one trial: a Tune function that is a Train driver ------------------------------------------------
+
+
+def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
+    """Tune calls this once per trial (and again when a restored study resumes it)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raydist.train import fit, prepare
+
+    trial_dir = os.path.basename(ray.tune.get_context().get_trial_dir())
+    cfg = dataclasses.replace(study.trial_config(sample), address="auto", name=TRAIN_RUN,
+                              storage_path=f"{experiment_path}/{trial_dir}")
+    cfg = prepare(cfg, explicit={})
+    # The stable Train name and storage make a resumed trial pick its latest checkpoint up again.
+    fit(cfg, callbacks=[TuneReportCallback()])
+
+
+def trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def trial_name(trial) -> str:
+    return trial.trial_id
+
+
+# ---- the study -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StudyResult:
+    experiment_path: str
+    rows: list[dict]  # report.trial_row per trial
+    histories: dict[str, list[dict]]
+    best: Optional[dict]  # the best row
+    best_checkpoint: Optional[str]
+    best_model: Optional[str]  # <experiment>/best_model.pt
+    interrupted: bool
+    seconds: float
+
+
+def run_study(plan: Plan) -> StudyResult:
+    import ray
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    from raydist import cluster
+
+    t0 = time.perf_counter()
+    study = plan.study
+    if plan.address is None:  # a local cluster: check this machine before starting it
+        plan_concurrency(study, free_cpus=os.cpu_count() or 1, free_gpus=cluster.local_gpu_count(),
+                         total_cpus=os.cpu_count() or 1, total_gpus=cluster.local_gpu_count(),
+                         requested=plan.max_concurrent, where="this machine")
+    cluster.connect(plan.address)
+    total, free = ray.cluster_resources(), ray.available_resources()
+    concurrency = plan_concurrency(study, free_cpus=free.get("CPU", 0), free_gpus=free.get("GPU", 0),
+                                   total_cpus=total.get("CPU", 0), total_gpus=total.get("GPU", 0),
+                                   requested=plan.max_concurrent, where="the cluster")
+    if not plan.resume:
+        _save_study(study, plan.experiment_path)
+    print(f"study {study.name}: {study.num_samples} trials of {len(study.searched)} searched field(s) "
+          f"({', '.join(f'{k}~{d.describe()}' for k, d in study.searched.items())}), {study.search} search, "
+          f"{study.scheduler} scheduler, {concurrency} at once; experiment: {plan.experiment_path}", flush=True)
+
+    # The driver holds no CPU: its Train workers reserve the trial's resources, and concurrency is capped
+    # above. (Tune needs some resource in a trial's bundle; 1 MiB of memory is the smallest honest one.)
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(run_trial, study=study, experiment_path=plan.experiment_path),
+        {"CPU": 0, "memory": 2**20})
+    callbacks = _logger_callbacks(plan)
+    if plan.resume:
+        tuner = ray.tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True)
+    else:
+        if study.search == "hyperopt":
+            searcher = ConcurrencyLimiter(
+                HyperOptSearch(points_to_evaluate=study.points_to_evaluate or None,
+                               n_initial_points=study.initial_points, random_state_seed=study.seed),
+                max_concurrent=concurrency)
+        else:
+            searcher = BasicVariantGenerator(points_to_evaluate=study.points_to_evaluate or None,
+                                             random_state=study.seed, max_concurrent=concurrency)
+        if study.scheduler == "asha":
+            # stop_last_trials=False: a trial that reaches its own last epoch finishes normally.
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=study.max_epochs, grace_period=study.grace_period,
+                                      reduction_factor=study.reduction_factor, stop_last_trials=False)
+        else:
+            scheduler = FIFOScheduler()
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=study.tune_space(),
+            tune_config=ray.tune.TuneConfig(metric=study.metric, mode=study.mode, search_alg=searcher,
+                                            scheduler=scheduler, num_samples=study.num_samples,
+                                            trial_name_creator=trial_name,  # the searchers cap concurrency
+                                            trial_dirname_creator=trial_dirname),
+            run_config=ray.tune.RunConfig(name=plan.name, storage_path=plan.storage_path, callbacks=callbacks,
+                                          failure_config=ray.tune.FailureConfig(max_failures=0), verbose=1),
+        )
+    grid = tuner.fit()
+    return summarize(study, grid, plan.experiment_path, seconds=time.perf_counter() - t0)
+
+
+def _save_study(study: Study, experiment_path: str) -> None:
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(experiment_path)
+    fs.create_dir(root, recursive=True)
+    content = {
+        "description": study.description, "metric": study.metric, "mode": study.mode,
+        "num_samples": study.num_samples, "max_concurrent": study.max_concurrent,
+        "search": {"algorithm": study.search, "initial_points": study.initial_points, "seed": study.seed},
+        "scheduler": {"type": study.scheduler, "grace_period": study.grace_period,
+                      "reduction_factor": study.reduction_factor},
+        "fixed": study.fixed,
+        "searched": {k: {d.kind: list(d.args)} for k, d in study.searched.items()},
+        "points_to_evaluate": study.points_to_evaluate,
+    }
+    with fs.open_output_stream(f"{root}/{STUDY_FILE}") as out:
+        out.write(yaml.safe_dump(content, sort_keys=False).encode())
+
+
+def _logger_callbacks(plan: Plan) -> list:
+    callbacks = []
+    if plan.wandb:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        offline = not (os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc")))
+        callbacks.append(WandbLoggerCallback(project=plan.wandb_project or plan.study.name, group=plan.name,
+                                             mode="offline" if offline else "online"))
+    if plan.mlflow_uri:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        callbacks.append(MLflowLoggerCallback(tracking_uri=plan.mlflow_uri, experiment_name=plan.study.name,
+                                              tags={"experiment": plan.name}))
+    return callbacks
+
+
+# ---- after the study: table, CSV, plot, best weights --------------------------------------------------
+
+
+def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> StudyResult:
+    statuses = _saved_statuses(experiment_path)
+    unfinished = {t for t, status in statuses.items() if status not in ("TERMINATED", "ERROR")}
+    interrupted = bool(unfinished) or len(statuses) < study.num_samples
+    rows, histories, checkpoints = [], {}, {}
+    for i in range(len(grid)):
+        result = grid[i]
+        trial_id = os.path.basename(result.path).removeprefix("trial_")
+        frame = result.metrics_dataframe
+        history = frame.to_dict("records") if frame is not None and "epoch" in frame else []
+        history = _dedupe_epochs(history)
+        sample = {k: _plain(result.config.get(k)) for k in study.searched}
+        planned = study.trial_config(sample).epochs if sample and all(v is not None for v in sample.values()) else 0
+        checkpoint = _best_checkpoint(history, study)
+        first = history[0] if history else {}
+        startup = first.get("time_this_iter_s", math.nan) - first.get("epoch_time_s", math.nan) if first else None
+        rows.append(report.trial_row(
+            trial_id, sample, history, planned_epochs=planned, metric=study.metric, mode=study.mode,
+            error=_one_line(result.error) if result.error else None, checkpoint=checkpoint,
+            interrupted=trial_id in unfinished,
+            seconds=history[-1].get("time_total_s") if history else None, startup_s=startup))
+        histories[trial_id] = history
+        checkpoints[trial_id] = checkpoint
+    rows.sort(key=lambda r: r["trial_id"])
+    best = report.best_row(rows, study.metric, study.mode)
+    local = "://" not in experiment_path
+    best_model = None
+    if local:
+        report.write_csv(rows, os.path.join(experiment_path, "results.csv"), searched=list(study.searched))
+        report.write_curves_csv(histories, os.path.join(experiment_path, "learning_curves.csv"))
+        report.plot_learning_curves(histories, os.path.join(experiment_path, "learning_curves.png"),
+                                    metric=study.metric, best=best["trial_id"] if best else None,
+                                    title=f"{study.name}: {study.metric} per epoch (x: last epoch run)")
+        if best and best["checkpoint"]:
+            best_model = _export_best(best, experiment_path)
+    return StudyResult(experiment_path=experiment_path, rows=rows, histories=histories, best=best,
+                       best_checkpoint=best["checkpoint"] if best else None, best_model=best_model,
+                       interrupted=interrupted, seconds=seconds)
+
+
+def _saved_statuses(experiment_path: str) -> dict[str, str]:
+    """Trial id -> status in Tune's last saved experiment state (an interrupted study saves its running
+    trials as RUNNING/PENDING; the in-memory ResultGrid no longer tells them apart)."""
+    import json
+
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(experiment_path)
+    states = sorted(info.path for info in fs.get_file_info(pyarrow.fs.FileSelector(root))
+                    if os.path.basename(info.path).startswith("experiment_state") and info.path.endswith(".json"))
+    if not states:
+        return {}
+    with fs.open_input_stream(states[-1]) as fh:
+        saved = json.loads(fh.read())
+    statuses = {}
+    for trial_json, _ in saved.get("trial_data", []):
+        trial = json.loads(trial_json)
+        statuses[trial["trial_id"]] = trial["status"]
+    return statuses
+
+
+def _dedupe_epochs(history: list[dict]) -> list[dict]:
+    """A resumed trial can report an epoch twice (once before the interruption): keep the last report."""
+    by_epoch: dict[int, dict] = {}
+    for row in history:
+        if isinstance(row.get("epoch"), (int, float)) and math.isfinite(row["epoch"]):
+            by_epoch[int(row["epoch"])] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _best_checkpoint(history: list[dict], study: Study) -> Optional[str]:
+    """The kept checkpoint with the best metric (Train keeps the best few by val_acc, and the latest)."""
+    candidates = [h for h in history if isinstance(h.get("checkpoint_path"), str) and h["checkpoint_path"]
+                  and ("://" in h["checkpoint_path"] or os.path.isdir(h["checkpoint_path"]))]
+    if not candidates:
+        return None
+    pick = max if study.mode == "max" else min
+    return pick(candidates, key=lambda h: h[study.metric])["checkpoint_path"]
+
+
+def _export_best(best: dict, experiment_path: str) -> str:
+    """best_model.pt (same format as a run's model_final.pt) and best_config.yaml for `raydist.train --config`."""
+    import torch
+
+    from raydist.data import num_classes
+    from raydist.engine import CHECKPOINT_FILE, load_checkpoint_file
+
+    state = load_checkpoint_file(os.path.join(best["checkpoint"], CHECKPOINT_FILE))
+    cfg = TrainConfig.from_dict(state["config"])
+    path = os.path.join(experiment_path, "best_model.pt")
+    torch.save({"model": state["model"], "config": state["config"], "model_name": cfg.model,
+                "num_classes": num_classes(cfg.dataset, cfg.fake_num_classes), "metrics": state["metrics"],
+                "trial_id": best["trial_id"], "checkpoint": best["checkpoint"]}, path)
+    per_run = ("address", "name", "storage_path", "log_dir", "resume")
+    with open(os.path.join(experiment_path, "best_config.yaml"), "w") as fh:
+        yaml.safe_dump({k: v for k, v in state["config"].items() if k not in per_run}, fh, sort_keys=False)
+    return path
+
+
+def _plain(value):
+    """numpy scalars (HyperOpt's samples) -> Python numbers, for CSV and YAML."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _one_line(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return next((line.strip() for line in reversed(text.splitlines()) if "Error" in line), text.splitlines()[0])[:300]
+
+
+def print_result(result: StudyResult, study: Study) -> None:
+    print(report.format_table(result.rows, searched=list(study.searched), metric=study.metric, mode=study.mode))
+    where = result.experiment_path
+    if result.best:
+        b = result.best
+        values = ", ".join(f"{k}={_short(b[k])}" for k in study.searched)
+        print(f"\nbest trial {b['trial_id']}: {study.metric} {_short(b[f'best_{study.metric}'], study.metric)} "
+              f"at epoch {b['best_epoch']} ({values})")
+        print(f"  checkpoint:   {result.best_checkpoint}")
+        if result.best_model:
+            print(f"  best weights: {result.best_model}")
+            print(f"  retrain it:   python -m raydist.train --config {where}/best_config.yaml")
+    else:
+        print("\nno trial reported a result")
+    print(f"results: {where}/results.csv  curves: {where}/learning_curves.png  "
+          f"TensorBoard: tensorboard --logdir {where}  ({result.seconds:.0f}s)")
+    if result.interrupted:
+        print(f"interrupted; continue with: python -m raydist.tune --resume {where}")
+
+
+def _short(value, column: str = "") -> str:
+    if isinstance(value, float):
+        return f"{value:.2%}" if "acc" in column else f"{value:.4g}"
+    return str(value)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        plan = parse_args(argv)
+    except ConfigError as exc:
+        print(f"raydist.tune: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = run_study(plan)
+    except ConfigError as exc:  # resources checked against a running cluster
+        print(f"raydist.tune: error: {exc}", file=sys.stderr)
+        return 2
+    print_result(result, plan.study)
+    if result.interrupted:
+        return 130
+    return 0 if any(r["status"] != report.ERROR for r in result.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The study report without Ray: how each trial ended, the best one, results.csv, the curves and the table."""
+
+import csv
+
+import pytest
+
+from raydist import report
+
+
+def _history(accs, *, stop_reason=""):
+    history = [{"epoch": i + 1, "val_acc": a, "val_loss": 1 - a, "train_loss": 1.0, "train_acc": a, "lr": 0.1,
+                "epoch_time_s": 1.0, "images_per_s": 100.0, "stop_reason": ""} for i, a in enumerate(accs)]
+    if history:
+        history[-1]["stop_reason"] = stop_reason
+    return history
+
+
+def _row(trial_id, accs, planned, **kwargs):
+    return report.trial_row(trial_id, {"lr": 0.1}, _history(accs) if accs else [], planned_epochs=planned,
+                            metric="val_acc", mode="max", **kwargs)
+
+
+def test_how_a_trial_ended():
+    assert _row("a", [0.5, 0.7, 0.9], 3)["status"] == report.FINISHED
+    assert _row("b", [0.5, 0.4], 6)["status"] == report.STOPPED
+    assert _row("c", [0.5, 0.4], 6, interrupted=True)["status"] == report.UNFINISHED
+    assert _row("d", [], 6, error="OutOfMemoryError: CUDA out of memory")["status"] == report.ERROR
+    target = report.trial_row("e", {}, _history([0.5, 0.8], stop_reason="target_accuracy"), planned_epochs=9,
+                              metric="val_acc", mode="max")
+    assert target["status"] == report.TARGET
+    diverged = report.trial_row("f", {}, _history([0.1], stop_reason="non_finite_loss"), planned_epochs=9,
+                                metric="val_acc", mode="max")
+    assert diverged["status"] == report.DIVERGED
+
+
+def test_final_and_best_metric_and_the_best_trial():
+    rows = [_row("a", [0.5, 0.9, 0.8], 3), _row("b", [0.6, 0.85], 2), _row("c", [], 4, error="boom")]
+    a = rows[0]
+    assert (a["final_val_acc"], a["best_val_acc"], a["best_epoch"], a["epochs_run"]) == (0.8, 0.9, 2, 3)
+    assert report.best_row(rows, "val_acc", "max")["trial_id"] == "a"
+    loss_rows = [report.trial_row(t, {}, _history(accs), planned_epochs=2, metric="val_loss", mode="min")
+                 for t, accs in (("a", [0.5, 0.6]), ("b", [0.7, 0.65]))]
+    assert report.best_row(loss_rows, "val_loss", "min")["trial_id"] == "b"  # lowest loss: 1 - 0.7
+    assert report.best_row([rows[2]], "val_acc", "max") is None
+
+
+def test_results_csv_one_row_per_trial(tmp_path):
+    rows = [_row("a", [0.5, 0.9], 2), _row("b", [0.3], 4), _row("c", [], 4, error="ValueError: x")]
+    report.write_csv(rows, str(tmp_path / "results.csv"), searched=["lr"])
+    with open(tmp_path / "results.csv", newline="") as fh:
+        read = list(csv.DictReader(fh))
+    assert [r["trial_id"] for r in read] == ["a", "b", "c"]
+    assert read[0]["lr"] == "0.1" and read[0]["best_val_acc"] == "0.9" and read[1]["status"] == report.STOPPED
+    assert read[2]["error"] == "ValueError: x" and read[2]["best_val_acc"] == ""
+
+
+def test_curves_csv_and_png_hold_every_epoch_of_every_trial(tmp_path):
+    histories = {"a": _history([0.5, 0.7, 0.9]), "b": _history([0.2, 0.3]), "c": []}
+    report.write_curves_csv(histories, str(tmp_path / "curves.csv"))
+    with open(tmp_path / "curves.csv", newline="") as fh:
+        read = list(csv.DictReader(fh))
+    assert [(r["trial_id"], r["epoch"]) for r in read] == [("a", "1"), ("a", "2"), ("a", "3"), ("b", "1"), ("b", "2")]
+    plotted = report.plot_learning_curves(histories, str(tmp_path / "curves.png"), metric="val_acc", best="a")
+    assert plotted == {"a": [(1, 0.5), (2, 0.7), (3, 0.9)], "b": [(1, 0.2), (2, 0.3)]}
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_table_lists_the_best_first(tmp_path):
+    rows = [_row("low", [0.2, 0.3], 2), _row("high", [0.8, 0.95], 2), _row("broken", [], 2, error="x")]
+    table = report.format_table(rows, searched=["lr"], metric="val_acc", mode="max").splitlines()
+    assert table[0].split()[:3] == ["trial_id", "status", "lr"]
+    assert [line.split()[0] for line in table[1:]] == ["high", "low", "broken"]
+    assert "95.00%" in table[1]
+
+
+@pytest.mark.parametrize("value, column, text", [(0.9512, "best_val_acc", "95.12%"), (12.7, "seconds", "13"),
+                                                 (None, "lr", "-"), (0.000123456, "lr", "0.0001235")])
+def test_cells(value, column, text):
+    assert report._cell(column, value) == text
