@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ class DatasetSpec:
     mean: tuple[float, float, float]  # per channel, of images scaled to [0, 1]
     std: tuple[float, float, float]
     image_size: int  # side in pixels after loading (fake: set by --fake-image-size)
-    load: Callable[..., "ImageSource"]
+    load: Callable[..., Union["TensorSource", "FakeSource"]]
     needs_files: bool  # read from --data-dir (and downloadable)
 
 

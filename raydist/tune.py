@@ -18,7 +18,9 @@ import argparse
 import dataclasses
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -27,7 +29,7 @@ import yaml
 
 from raydist import report
 from raydist.config import ConfigError, TrainConfig
-from raydist.search_space import Study, load_study
+from raydist.search_space import PER_TRIAL_FIELDS, Study, load_study
 
 STUDY_FILE = "study.yaml"  # the effective study, saved so --resume needs nothing else
 TRAIN_RUN = "train"  # each trial's Train run folder: <experiment>/<trial>/train
@@ -110,6 +112,9 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
         for flag in ("search", "scheduler", "num_samples", "name"):
             if getattr(args, flag) is not None:
                 raise ConfigError(f"--resume continues the study as it was; drop --{flag.replace('_', '-')}")
+        searched = set(load_study(study_file).searched) & set(overrides)
+        if searched:  # the restored searcher keeps proposing it; a fixed value would be silently ignored
+            raise ConfigError(f"--resume: {sorted(searched)[0]} is searched in this study and cannot be fixed now")
         study = load_study(study_file, overrides)
         storage_path, name = os.path.dirname(experiment), os.path.basename(experiment)
     else:
@@ -311,14 +316,26 @@ def _save_study(study: Study, experiment_path: str) -> None:
         out.write(yaml.safe_dump(content, sort_keys=False).encode())
 
 
+def _wandb_key_present() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = os.path.expanduser("~/.netrc")
+    return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
+
+
 def _logger_callbacks(plan: Plan) -> list:
     callbacks = []
     if plan.wandb:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
-        offline = not (os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc")))
+        if not os.environ.get("WANDB_MODE") and not _wandb_key_present():
+            # No key: log offline into the experiment folder; `wandb sync <experiment>/wandb/offline-run-*`
+            # uploads later. Ray's callback reads the mode from the environment.
+            os.environ["WANDB_MODE"] = "offline"
+            print(f"W&B: no API key found, logging offline to {plan.experiment_path}/wandb", flush=True)
         callbacks.append(WandbLoggerCallback(project=plan.wandb_project or plan.study.name, group=plan.name,
-                                             mode="offline" if offline else "online"))
+                                             mode=os.environ.get("WANDB_MODE"),
+                                             dir=plan.experiment_path if "://" not in plan.experiment_path else None))
     if plan.mlflow_uri:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
@@ -334,7 +351,7 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
     statuses = _saved_statuses(experiment_path)
     unfinished = {t for t, status in statuses.items() if status not in ("TERMINATED", "ERROR")}
     interrupted = bool(unfinished) or len(statuses) < study.num_samples
-    rows, histories, checkpoints = [], {}, {}
+    rows, histories = [], {}
     for i in range(len(grid)):
         result = grid[i]
         trial_id = os.path.basename(result.path).removeprefix("trial_")
@@ -343,7 +360,7 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
         history = _dedupe_epochs(history)
         sample = {k: _plain(result.config.get(k)) for k in study.searched}
         planned = study.trial_config(sample).epochs if sample and all(v is not None for v in sample.values()) else 0
-        checkpoint = _best_checkpoint(history, study)
+        checkpoint = _best_checkpoint(history, study, experiment_path)
         first = history[0] if history else {}
         startup = first.get("time_this_iter_s", math.nan) - first.get("epoch_time_s", math.nan) if first else None
         rows.append(report.trial_row(
@@ -352,19 +369,23 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
             interrupted=trial_id in unfinished,
             seconds=history[-1].get("time_total_s") if history else None, startup_s=startup))
         histories[trial_id] = history
-        checkpoints[trial_id] = checkpoint
     rows.sort(key=lambda r: r["trial_id"])
     best = report.best_row(rows, study.metric, study.mode)
-    local = "://" not in experiment_path
-    best_model = None
-    if local:
-        report.write_csv(rows, os.path.join(experiment_path, "results.csv"), searched=list(study.searched))
-        report.write_curves_csv(histories, os.path.join(experiment_path, "learning_curves.csv"))
-        report.plot_learning_curves(histories, os.path.join(experiment_path, "learning_curves.png"),
-                                    metric=study.metric, best=best["trial_id"] if best else None,
-                                    title=f"{study.name}: {study.metric} per epoch (x: last epoch run)")
-        if best and best["checkpoint"]:
-            best_model = _export_best(best, experiment_path)
+    # Written locally, then copied when the experiment lives in remote storage (S3, GCS).
+    remote = "://" in experiment_path
+    out_dir = tempfile.mkdtemp(prefix="raydist-study-") if remote else experiment_path
+    report.write_csv(rows, os.path.join(out_dir, "results.csv"), searched=list(study.searched))
+    report.write_curves_csv(histories, os.path.join(out_dir, "learning_curves.csv"))
+    report.plot_learning_curves(histories, os.path.join(out_dir, "learning_curves.png"),
+                                metric=study.metric, best=best["trial_id"] if best else None,
+                                title=f"{study.name}: {study.metric} per epoch (x: last epoch run)")
+    best_model = _export_best(best, out_dir) if best and best["checkpoint"] else None
+    if remote:
+        import pyarrow.fs
+
+        pyarrow.fs.copy_files(out_dir, experiment_path)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        best_model = f"{experiment_path}/{os.path.basename(best_model)}" if best_model else None
     return StudyResult(experiment_path=experiment_path, rows=rows, histories=histories, best=best,
                        best_checkpoint=best["checkpoint"] if best else None, best_model=best_model,
                        interrupted=interrupted, seconds=seconds)
@@ -400,32 +421,41 @@ def _dedupe_epochs(history: list[dict]) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def _best_checkpoint(history: list[dict], study: Study) -> Optional[str]:
+def _best_checkpoint(history: list[dict], study: Study, experiment_path: str) -> Optional[str]:
     """The kept checkpoint with the best metric (Train keeps the best few by val_acc, and the latest)."""
-    candidates = [h for h in history if isinstance(h.get("checkpoint_path"), str) and h["checkpoint_path"]
-                  and ("://" in h["checkpoint_path"] or os.path.isdir(h["checkpoint_path"]))]
+    remote = "://" in experiment_path
+    candidates = []
+    for h in history:
+        path = h.get("checkpoint_path")
+        if not isinstance(path, str) or not path:
+            continue
+        if remote:  # Ray reports the path inside the bucket; give it its scheme back
+            candidates.append((h, path if "://" in path else f"{experiment_path.split('://')[0]}://{path}"))
+        elif os.path.isdir(path):  # deleted ones (beyond keep_checkpoints) are skipped
+            candidates.append((h, path))
     if not candidates:
         return None
     pick = max if study.mode == "max" else min
-    return pick(candidates, key=lambda h: h[study.metric])["checkpoint_path"]
+    return pick(candidates, key=lambda c: c[0][study.metric])[1]
 
 
-def _export_best(best: dict, experiment_path: str) -> str:
+def _export_best(best: dict, out_dir: str) -> str:
     """best_model.pt (same format as a run's model_final.pt) and best_config.yaml for `raydist.train --config`."""
+    import ray.train
     import torch
 
     from raydist.data import num_classes
     from raydist.engine import CHECKPOINT_FILE, load_checkpoint_file
 
-    state = load_checkpoint_file(os.path.join(best["checkpoint"], CHECKPOINT_FILE))
+    with ray.train.Checkpoint(best["checkpoint"]).as_directory() as folder:  # downloads a remote one
+        state = load_checkpoint_file(os.path.join(folder, CHECKPOINT_FILE))
     cfg = TrainConfig.from_dict(state["config"])
-    path = os.path.join(experiment_path, "best_model.pt")
+    path = os.path.join(out_dir, "best_model.pt")
     torch.save({"model": state["model"], "config": state["config"], "model_name": cfg.model,
                 "num_classes": num_classes(cfg.dataset, cfg.fake_num_classes), "metrics": state["metrics"],
                 "trial_id": best["trial_id"], "checkpoint": best["checkpoint"]}, path)
-    per_run = ("address", "name", "storage_path", "log_dir", "resume")
-    with open(os.path.join(experiment_path, "best_config.yaml"), "w") as fh:
-        yaml.safe_dump({k: v for k, v in state["config"].items() if k not in per_run}, fh, sort_keys=False)
+    with open(os.path.join(out_dir, "best_config.yaml"), "w") as fh:
+        yaml.safe_dump({k: v for k, v in state["config"].items() if k not in PER_TRIAL_FIELDS}, fh, sort_keys=False)
     return path
 
 
@@ -476,6 +506,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:  # resources checked against a running cluster
         print(f"raydist.tune: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - e.g. a logger that cannot reach its server; trace above
+        print(f"raydist.tune: study failed: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
     print_result(result, plan.study)
     if result.interrupted:
         return 130

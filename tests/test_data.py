@@ -1,9 +1,7 @@
 """Data sets by name: digits, the torchvision formats on small files written here, fake data, and sharding."""
 
-import gzip
 import hashlib
 import http.server
-import io
 import os
 import pickle
 import struct

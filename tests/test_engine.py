@@ -4,7 +4,6 @@ import math
 import os
 
 import pytest
-import torch
 
 from raydist.config import TrainConfig
 from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE, EarlyStop, load_checkpoint_file, local_context, lr_factor, run

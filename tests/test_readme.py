@@ -18,3 +18,18 @@ def test_readme_commands_match_ci():
     for command in ('pip install -e ".[dev]"', "python -m pytest", "python -m raydist.train"):
         assert command in README
     assert 'pip install -e ".[dev]"' in ci and "python -m pytest" in ci
+
+
+def test_every_tune_flag_is_documented():
+    from raydist.tune import build_parser
+
+    flags = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and a.dest != "help"]
+    missing = [flag for flag in flags if f"`{flag}" not in README]
+    assert not missing and len(flags) >= 14
+
+
+def test_readme_names_every_shipped_study():
+    from raydist.tune import SEARCH_SPACES
+
+    for path in SEARCH_SPACES.glob("*.yaml"):
+        assert f"`{path.stem}`" in README

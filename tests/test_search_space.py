@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -186,3 +185,16 @@ def test_tune_list_names_every_shipped_study(tmp_path):
     assert result.returncode == 0
     for path in SHIPPED:
         assert path.stem in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "lr=0.1"], "--resume: lr is searched in this study and cannot be fixed now"),
+    (["--num-samples", "9"], "--resume continues the study as it was; drop --num-samples"),
+])
+def test_resume_keeps_the_study_as_it_was(tmp_path, args, message):
+    experiment = tmp_path / "experiment"
+    experiment.mkdir()
+    (experiment / "study.yaml").write_text(VALID)
+    result = _tune_cli("--resume", str(experiment), *args, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == f"raydist.tune: error: {message}", result.stderr
+    assert sorted(p.name for p in experiment.iterdir()) == ["study.yaml"]

@@ -69,17 +69,21 @@ def _progress(trial_dir):
 def study(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
     (root / "e2e.yaml").write_text(STUDY)
+    # Loggers too: W&B offline (no key here) and an MLflow file store (allowed explicitly in MLflow 3).
+    env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}
+    env.pop("WANDB_API_KEY", None)
+    env.pop("WANDB_MODE", None)
     proc = _tune(ray_cluster, "--search-space", str(root / "e2e.yaml"), "--storage-path", str(root / "runs"),
-                 "--name", "e2e")
+                 "--name", "e2e", "--wandb", "--mlflow-uri", f"file:{root / 'mlruns'}", env=env)
     stdout, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 0, stdout[-5000:]
     experiment = root / "runs" / "e2e"
     rows = {row["trial_id"]: row for row in _read_csv(experiment / "results.csv")}
-    return experiment, rows, stdout
+    return experiment, rows, stdout, root / "mlruns"
 
 
 def test_study_runs_every_trial_with_one_and_two_workers(study):
-    experiment, rows, _ = study
+    experiment, rows, _, _ = study
     assert len(rows) == 4
     assert {row["num_workers"] for row in rows.values()} == {"1", "2"}
     for trial_id, row in rows.items():
@@ -89,7 +93,7 @@ def test_study_runs_every_trial_with_one_and_two_workers(study):
 
 
 def test_asha_stops_the_weak_trial_and_lets_the_others_finish(study):
-    _, rows, _ = study
+    _, rows, _, _ = study
     statuses = {row["status"] for row in rows.values()}
     assert statuses <= {"finished", "stopped early"}
     stopped = [row for row in rows.values() if row["status"] == "stopped early"]
@@ -101,7 +105,7 @@ def test_asha_stops_the_weak_trial_and_lets_the_others_finish(study):
 
 
 def test_best_trial_reaches_90_percent_and_is_reported(study):
-    experiment, rows, stdout = study
+    experiment, rows, stdout, _ = study
     best = max(rows.values(), key=lambda r: float(r["best_val_acc"]))
     assert float(best["best_val_acc"]) >= 0.90
     assert f"best trial {best['trial_id']}: val_acc {float(best['best_val_acc']):.2%}" in stdout
@@ -110,7 +114,7 @@ def test_best_trial_reaches_90_percent_and_is_reported(study):
 
 
 def test_results_csv_and_learning_curves_agree_with_what_tune_recorded(study):
-    experiment, rows, _ = study
+    experiment, rows, _, _ = study
     curves = _read_csv(experiment / "learning_curves.csv")
     for trial_id, row in rows.items():
         progress = _progress(experiment / f"trial_{trial_id}")
@@ -125,7 +129,7 @@ def test_results_csv_and_learning_curves_agree_with_what_tune_recorded(study):
 
 
 def test_best_checkpoint_loads_and_reproduces_its_validation_accuracy(study):
-    experiment, rows, _ = study
+    experiment, rows, _, _ = study
     best = max(rows.values(), key=lambda r: float(r["best_val_acc"]))
     saved = torch.load(experiment / "best_model.pt", map_location="cpu", weights_only=False)
     assert saved["trial_id"] == best["trial_id"] and saved["checkpoint"] == best["checkpoint"]
@@ -186,3 +190,24 @@ def test_an_interrupted_study_resumes_without_rerunning_finished_trials(ray_clus
     assert {r["epochs_run"] for r in rows} == {"2"}
     after = (done[0] / "result.json").read_bytes(), (done[0] / "train" / "model_final.pt").stat().st_mtime_ns
     assert after == before  # the finished trial was kept, not run again
+
+
+def test_every_trial_is_logged_to_mlflow_and_wandb_offline(study, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+
+    experiment, rows, stdout, mlruns = study
+    client = MlflowClient(tracking_uri=f"file:{mlruns}")
+    mlflow_experiment = client.get_experiment_by_name("e2e")  # named after the study file
+    runs = client.search_runs([mlflow_experiment.experiment_id])
+    assert len(runs) == len(rows)
+    for run in runs:
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        trial = next(r for r in rows.values() if r["trial_id"] in run.info.run_name)
+        assert len(history) == int(trial["epochs_run"])
+        assert history[-1].value == pytest.approx(float(trial["final_val_acc"]))
+    assert f"W&B: no API key found, logging offline to {experiment}/wandb" in stdout
+    offline = sorted((experiment / "wandb").glob("offline-run-*"))
+    assert len(offline) == len(rows)
+    assert all(list(run.glob("run-*.wandb")) for run in offline)
