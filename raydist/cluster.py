@@ -1,8 +1,10 @@
 """Connect to a Ray cluster, or start a local one with its dashboard; check that a run's resources exist.
 
-    from raydist.cluster import plan_resources, connect
-    gpus = plan_resources(address=None, use_gpu=None, num_workers=2, gpus_per_worker=1, cpus_per_worker=1)
+    from raydist.cluster import check_resources, connect
     connect(None)                                  # starts a local cluster, dashboard on 127.0.0.1
+
+    python -m raydist.cluster status --address auto        # resources, raydist jobs, Train runs, dashboard
+    python -m raydist.cluster validate cluster.yaml        # Ray's own schema check, offline
 
 Resource checks that can be made before Ray starts (a local cluster: this machine's CPUs and GPUs) are
 made before it starts; against a running cluster they are made right after connecting, before any work.
@@ -61,9 +63,11 @@ def connect(address: Optional[str]) -> None:
     if ray.is_initialized():  # already connected in this process (tests, Tune drivers)
         return
     if address is None:
+        # Ray 2.60 turns token authentication on for a new local cluster; the token is in token_path().
         context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
         if context.dashboard_url:
-            print(f"started a local Ray cluster; dashboard: http://{context.dashboard_url}", flush=True)
+            print(f"started a local Ray cluster; dashboard: http://{context.dashboard_url} "
+                  f"(token: {token_path()})", flush=True)
     else:
         ray.init(address=address, logging_level=logging.WARNING)
 
@@ -74,3 +78,125 @@ def cluster_totals() -> tuple[float, float]:
 
     resources = ray.cluster_resources()
     return resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+
+
+# ---- token, dashboard, status: `python -m raydist.cluster status` ----------------------------------------
+
+
+def token_path() -> str:
+    """Where this process reads the cluster token from, in Ray's order (after RAY_AUTH_TOKEN itself)."""
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+
+
+def auth_headers() -> dict:
+    """The Authorization header Ray's dashboard and job API expect, or {} when there is no token."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        try:
+            with open(token_path()) as fh:
+                token = fh.read().strip()
+        except OSError:
+            return {}
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def dashboard_get(url: str, path: str, timeout: float = 10.0):
+    """GET a dashboard REST path with the token; returns the decoded JSON."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"{url.rstrip('/')}{path}", headers=auth_headers())
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def status(address: Optional[str]) -> str:
+    """The connected cluster in a few lines: resources, raydist jobs, Train runs (each trial is one)."""
+    import ray
+    from ray.job_submission import JobSubmissionClient
+
+    if address and address != "auto":  # ray.init retries an unreachable GCS for minutes; say so at once
+        import socket
+
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=3).close()
+        except (OSError, ValueError):
+            raise ConfigError(f"--address {address}: no Ray cluster answers there (expected host:port of the "
+                              f"head node's GCS, e.g. 10.0.0.10:6379, or 'auto')") from None
+    context = ray.init(address=address or "auto", logging_level=logging.ERROR)
+    url = f"http://{context.dashboard_url}" if context.dashboard_url else None
+    total, free = ray.cluster_resources(), ray.available_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    lines = [f"cluster {context.address_info.get('gcs_address', address)}: {len(nodes)} node(s), "
+             f"CPU {free.get('CPU', 0):g} free of {total.get('CPU', 0):g}, "
+             f"GPU {free.get('GPU', 0):g} free of {total.get('GPU', 0):g}",
+             f"dashboard: {url or 'not running'}  (token: {token_path()})"]
+    if url:
+        jobs = [j for j in JobSubmissionClient(url, headers=auth_headers()).list_jobs() if "raydist" in j.entrypoint]
+        lines.append(f"raydist jobs: {len(jobs)}")
+        for job in sorted(jobs, key=lambda j: j.start_time or 0, reverse=True):
+            lines.append(f"  {job.submission_id or job.job_id}  {job.status.value:<9}  {job.entrypoint}")
+        try:
+            runs = dashboard_get(url, "/api/train/v2/runs/v1").get("train_runs", [])
+        except OSError as exc:  # the Train view needs RAY_TRAIN_ENABLE_STATE_TRACKING=1 on the cluster
+            runs = []
+            lines.append(f"Train runs: not available ({exc})")
+        else:
+            lines.append(f"Train runs (one per `raydist.train` run or Tune trial): {len(runs)}")
+        for run in sorted(runs, key=lambda r: r.get("start_time_ns") or 0, reverse=True)[:20]:
+            lines.append(f"  {run.get('name')}  {run.get('status'):<12}  job {run.get('job_id')}")
+    return "\n".join(lines)
+
+
+def validate_cluster_file(path: str) -> dict:
+    """Check a cluster-launcher YAML offline with Ray's own schema; returns the config with defaults."""
+    import copy
+
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    logging.getLogger("ray.autoscaler").setLevel(logging.WARNING)  # it logs each default it fills in at INFO
+    try:
+        with open(path) as fh:
+            config = yaml.safe_load(fh)
+        prepared = prepare_config(copy.deepcopy(config))
+        validate_config(prepared)
+    except OSError as exc:
+        raise ConfigError(f"cannot read cluster file {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - schema errors come as several types; one line each
+        raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
+    return prepared
+
+
+def main(argv: Optional[list] = None) -> int:
+    import sys
+
+    from raydist.config import _Parser
+
+    parser = _Parser(prog="raydist.cluster", description="Look at a Ray cluster, or check a cluster file.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    show = sub.add_parser("status", help="resources, raydist jobs and Train runs, dashboard URL")
+    show.add_argument("--address", default="auto", help="cluster to look at ('auto' or host:port)")
+    check = sub.add_parser("validate", help="check cluster-launcher YAML files offline with Ray's schema")
+    check.add_argument("files", nargs="+", metavar="CLUSTER.yaml")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "validate":
+            for path in args.files:
+                config = validate_cluster_file(path)
+                print(f"{path}: valid ({config['provider']['type']} provider, node types: "
+                      f"{', '.join(config['available_node_types'])})")
+        else:
+            print(status(args.address))
+    except ConfigError as exc:
+        print(f"raydist.cluster: error: {exc}", file=sys.stderr)
+        return 2
+    except ConnectionError as exc:
+        print(f"raydist.cluster: error: no cluster at {args.address}: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

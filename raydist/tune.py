@@ -32,7 +32,6 @@ from raydist.config import ConfigError, TrainConfig
 from raydist.search_space import PER_TRIAL_FIELDS, Study, load_study
 
 STUDY_FILE = "study.yaml"  # the effective study, saved so --resume needs nothing else
-TRAIN_RUN = "train"  # each trial's Train run folder: <experiment>/<trial>/train
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 DEFAULT_STUDY = "digits_quick"
 
@@ -203,12 +202,19 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
 
     from raydist.train import fit, prepare
 
-    trial_dir = os.path.basename(ray.tune.get_context().get_trial_dir())
-    cfg = dataclasses.replace(study.trial_config(sample), address="auto", name=TRAIN_RUN,
+    context = ray.tune.get_context()
+    trial_dir = os.path.basename(context.get_trial_dir())
+    # <experiment>/trial_<id>/<study>.<id>/: the Train run's name is what the dashboard's Train view lists.
+    cfg = dataclasses.replace(study.trial_config(sample), address="auto",
+                              name=train_run_name(study.name, context.get_trial_id()),
                               storage_path=f"{experiment_path}/{trial_dir}")
     cfg = prepare(cfg, explicit={})
     # The stable Train name and storage make a resumed trial pick its latest checkpoint up again.
     fit(cfg, callbacks=[TuneReportCallback()])
+
+
+def train_run_name(study_name: str, trial_id: str) -> str:
+    return f"{study_name}.{trial_id}"
 
 
 def trial_dirname(trial) -> str:

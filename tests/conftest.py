@@ -1,7 +1,16 @@
-"""Shared fixtures. One real Ray cluster per test session (with its dashboard), started and stopped here."""
+"""Shared fixtures. One real Ray cluster per test session, started here with `ray start --head` (token
+authentication on, dashboard on a free loopback port) and stopped here by its own process group."""
 
+import dataclasses
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 
 import pytest
 
@@ -12,21 +21,96 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray cluster (2 CPUs, dashboard on a free loopback port); yields its address."""
+@dataclasses.dataclass
+class Cluster:
+    address: str  # GCS host:port, what --address takes
+    dashboard_url: str  # http://127.0.0.1:PORT
+    token: str
+    token_file: str
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+def _wait_for_dashboard(url: str, token: str, proc: subprocess.Popen, log: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(request, timeout=2):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"`ray start --head` did not come up; its output:\n{open(log).read()[-3000:]}")
+            time.sleep(0.5)
+
+
+_TOKEN_DIR = tempfile.mkdtemp(prefix="raydist-test-token-")
+
+
+def pytest_configure(config):
+    """Token auth for the whole session, set before anything imports Ray (Ray reads the mode at import);
+    every subprocess (the CLIs, submitted jobs) inherits it. The token is this session's own."""
     from raydist.cluster import CLUSTER_ENV
 
-    for key, value in CLUSTER_ENV.items():
-        os.environ.setdefault(key, value)
+    token_file = os.path.join(_TOKEN_DIR, "auth_token")
+    with open(token_file, "w") as fh:
+        fh.write(os.urandom(32).hex())
+    os.environ.update(CLUSTER_ENV)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_file)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_TOKEN_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """A head node with 2 CPUs, as a user starts one."""
+    folder = tmp_path_factory.mktemp("ray-head")
+    token_file = os.environ["RAY_AUTH_TOKEN_PATH"]
+    token = open(token_file).read().strip()
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    log = str(folder / "ray-start.log")
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    proc = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2", "--num-gpus=0",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         "--disable-usage-stats"],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)  # its own process group
+    handle = Cluster(address=f"127.0.0.1:{gcs_port}", dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+                     token=token, token_file=token_file)
+    try:
+        _wait_for_dashboard(handle.dashboard_url, token, proc, log)
+        yield handle
+    finally:
+        import ray
+
+        ray.shutdown()
+        # `ray start --block` and everything it started share one process group: stop exactly that.
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(grace)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # members left behind after the leader exited
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(cluster):
+    """The session cluster, joined by this test process; yields its address for `--address`."""
     import ray
 
-    context = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=_free_port(), logging_level="WARNING")
-    try:
-        yield context.address_info["gcs_address"]
-    finally:
-        ray.shutdown()  # stops the processes this ray.init started, and only those
+    if not ray.is_initialized():
+        ray.init(address=cluster.address, logging_level="WARNING")
+    return cluster.address
 
 
 @pytest.fixture

@@ -108,13 +108,18 @@ def _main(*args, capsys):
 def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, message):
     import ray
 
+    from raydist import cluster
+
+    connects = []  # this process may already be on the session's cluster: watch for a new start or join
+    monkeypatch.setattr(ray, "init", lambda *a, **k: connects.append(("ray.init", a, k)))
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: connects.append(("connect", a, k)))
     monkeypatch.chdir(tmp_path)
     code, err = _main(*args, "--storage-path", str(tmp_path / "runs"), capsys=capsys)
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "runs").exists()  # nothing half-written
-    assert not ray.is_initialized()  # no cluster started or joined
+    assert connects == []  # no cluster started or joined
 
 
 def test_cli_process_exits_2_before_importing_ray(tmp_path):

@@ -33,3 +33,10 @@ def test_readme_names_every_shipped_study():
 
     for path in SEARCH_SPACES.glob("*.yaml"):
         assert f"`{path.stem}`" in README
+
+
+def test_readme_shows_how_to_run_on_a_cluster():
+    for command in ("ray up cluster.yaml", "ray dashboard cluster.yaml", "ray job submit", "ray down cluster.yaml",
+                    "ray attach cluster.yaml", "ray start --head", "ray start --address", "RAY_AUTH_MODE=token",
+                    "~/.ray/auth_token", "python -m raydist.cluster status", "cluster-local.yaml"):
+        assert command in README, command

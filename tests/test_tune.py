@@ -178,9 +178,10 @@ def test_an_interrupted_study_resumes_without_rerunning_finished_trials(ray_clus
     assert proc.returncode == 130, stdout[-3000:]
     assert f"continue with: python -m raydist.tune --resume {experiment}" in stdout
     first = sorted(experiment.glob("trial_*"))
-    done = [t for t in first if (t / "train" / "model_final.pt").exists()]
+    done = [t for t in first if list(t.glob("small.*/model_final.pt"))]  # <trial>/<study>.<trial id>/
     assert len(done) == 1
-    before = (done[0] / "result.json").read_bytes(), (done[0] / "train" / "model_final.pt").stat().st_mtime_ns
+    final_model = next(done[0].glob("small.*/model_final.pt"))
+    before = (done[0] / "result.json").read_bytes(), final_model.stat().st_mtime_ns
 
     proc = _tune(ray_cluster, "--resume", str(experiment))
     stdout, _ = proc.communicate(timeout=900)
@@ -188,7 +189,7 @@ def test_an_interrupted_study_resumes_without_rerunning_finished_trials(ray_clus
     rows = _read_csv(experiment / "results.csv")
     assert len(rows) == 3 and {r["status"] for r in rows} == {"finished"}
     assert {r["epochs_run"] for r in rows} == {"2"}
-    after = (done[0] / "result.json").read_bytes(), (done[0] / "train" / "model_final.pt").stat().st_mtime_ns
+    after = (done[0] / "result.json").read_bytes(), final_model.stat().st_mtime_ns
     assert after == before  # the finished trial was kept, not run again
 
 
@@ -211,3 +212,20 @@ def test_every_trial_is_logged_to_mlflow_and_wandb_offline(study, monkeypatch):
     offline = sorted((experiment / "wandb").glob("offline-run-*"))
     assert len(offline) == len(rows)
     assert all(list(run.glob("run-*.wandb")) for run in offline)
+
+
+def test_every_trial_is_a_train_run_in_the_dashboard_with_its_final_status(study, cluster):
+    from raydist.cluster import dashboard_get
+
+    _, rows, _, _ = study
+    deadline = time.monotonic() + 60  # the state actor records a run's end asynchronously
+    while True:
+        runs = {r["name"]: r["status"] for r in dashboard_get(cluster.dashboard_url, "/api/train/v2/runs/v1")["train_runs"]}
+        mine = {trial_id: runs.get(f"e2e.{trial_id}") for trial_id in rows}
+        if all(status not in (None, "RUNNING", "INITIALIZING", "SCHEDULING") for status in mine.values()):
+            break
+        assert time.monotonic() < deadline, mine
+        time.sleep(1)
+    for trial_id, row in rows.items():
+        # a trial ASHA stopped is aborted by Tune; one that ran its epochs finished
+        assert mine[trial_id] == ("FINISHED" if row["status"] == "finished" else "ABORTED"), (trial_id, mine)

@@ -1,0 +1,153 @@
+"""The cluster side: cluster files checked with Ray's own schema; a job submitted to the session's head
+node (started with `ray start --head`, token auth on) through Ray's job API, its logs read back through
+the dashboard's REST API, its Train run listed; a submission without the token refused."""
+
+import copy
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raydist.cluster import validate_cluster_file
+from raydist.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_FILES = [ROOT / "cluster.yaml", ROOT / "cluster-local.yaml"]
+
+
+# ---- cluster files, offline ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_cluster_files_pass_rays_schema_and_keep_the_cluster_private(path):
+    config = validate_cluster_file(str(path))
+    raw = yaml.safe_load(path.read_text())
+    start = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in start if "ray start" in c)  # token auth on every node
+    assert any("--dashboard-host=127.0.0.1" in c for c in raw["head_start_ray_commands"])  # never public
+    assert any("RAY_TRAIN_ENABLE_STATE_TRACKING=1" in c for c in raw["head_start_ray_commands"])
+    assert raw["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # one token, every node
+    assert any("pip install" in c and "raydist" in c for c in raw["setup_commands"])
+    assert config["head_node_type"] in config["available_node_types"]
+
+
+def test_the_cloud_cluster_is_gpu_autoscaling_on_the_current_ray_image():
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    assert raw["provider"]["type"] == "aws"
+    assert raw["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"  # not the retired ray-ml images
+    workers = {name: t for name, t in raw["available_node_types"].items() if name != raw["head_node_type"]}
+    gpu_types = {t["node_config"]["InstanceType"] for t in workers.values()}
+    assert gpu_types & {"g5.12xlarge", "p5.48xlarge"} and all(t["min_workers"] == 0 for t in workers.values())
+    assert any(t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for t in workers.values())
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda c: c.update(max_wrokers=3), "'max_wrokers' was unexpected"),
+    (lambda c: c.update(head_node_type="gpu_node"), "`head_node_type` must be one of `available_node_types`"),
+    (lambda c: c["available_node_types"]["head"].update(node_confg={}), "'node_confg' was unexpected"),
+    (lambda c: c["provider"].pop("type"), "type"),
+])
+def test_schema_validation_rejects_a_broken_copy(tmp_path, break_it, message):
+    config = copy.deepcopy(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
+    break_it(config)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError) as excinfo:
+        validate_cluster_file(str(broken))
+    assert str(broken) in str(excinfo.value) and message in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_validate_command_exit_codes(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "raydist.cluster", "validate", *map(str, CLUSTER_FILES)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "cluster.yaml: valid (aws provider" in ok.stdout
+    (tmp_path / "bad.yaml").write_text("cluster_name: x\nprovider: {type: aws, region: us-west-2}\nbogus: 1\n")
+    bad = subprocess.run([sys.executable, "-m", "raydist.cluster", "validate", str(tmp_path / "bad.yaml")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("raydist.cluster: error: ") and "bogus" in bad.stderr
+
+
+# ---- a real head node: job submission, dashboard REST, token auth ------------------------------------------
+
+
+def _request(cluster, method, path, body=None, headers=None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{cluster.dashboard_url}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read() or b"null")
+
+
+@pytest.fixture(scope="module")
+def submitted_job(cluster, ray_cluster, tmp_path_factory):
+    """`python -m raydist.train` on digits, submitted like `ray job submit`: 2 workers, 6 epochs."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    runs = tmp_path_factory.mktemp("job-runs")
+    client = JobSubmissionClient(cluster.dashboard_url, headers=cluster.headers())
+    entrypoint = (f"{sys.executable} -m raydist.train --address auto --num-workers 2 --batch-size 32 --lr 3.0 "
+                  f"--epochs 6 --warmup-epochs 0.5 --storage-path {runs} --name job-run")
+    job_id = client.submit_job(entrypoint=entrypoint)
+    deadline = time.monotonic() + 600
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
+        time.sleep(1)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-5000:]
+    return job_id, entrypoint
+
+
+def test_a_submitted_training_job_succeeds_and_its_logs_show_every_epoch(cluster, submitted_job):
+    import re
+
+    job_id, _ = submitted_job
+    logs = _request(cluster, "GET", f"/api/jobs/{job_id}/logs", headers=cluster.headers())["logs"]
+    epochs = [int(e) for e in re.findall(r"epoch +(\d+)/6 ", logs)]
+    assert epochs == [1, 2, 3, 4, 5, 6]  # rank 0's line per epoch, once
+    final = re.search(r"finished 6 epoch\(s\) in [\d.]+s: val acc ([\d.]+)%", logs)
+    assert final and float(final.group(1)) >= 90.0  # it learned
+
+
+def test_the_train_run_is_listed_by_the_dashboard_with_its_final_status(cluster, submitted_job):
+    job_id, _ = submitted_job
+    deadline = time.monotonic() + 60  # the state actor records the end of a run asynchronously
+    while True:
+        runs = _request(cluster, "GET", "/api/train/v2/runs/v1", headers=cluster.headers())["train_runs"]
+        run = next((r for r in runs if r["name"] == "job-run"), None)
+        if (run and run["status"] == "FINISHED") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert run is not None, [r["name"] for r in runs]
+    assert run["status"] == "FINISHED"
+    jobs = _request(cluster, "GET", "/api/jobs/", headers=cluster.headers())
+    assert run["job_id"] in {j["job_id"] for j in jobs if j.get("submission_id") == job_id}
+
+
+@pytest.mark.parametrize("headers, code", [({}, 401), ({"Authorization": "Bearer not-the-token"}, 403)])
+def test_a_submission_without_the_token_is_refused_and_nothing_runs(cluster, ray_cluster, tmp_path, headers, code):
+    marker = tmp_path / "ran"
+    entrypoint = f"{sys.executable} -c \"open('{marker}', 'w')\""
+    with pytest.raises(urllib.error.HTTPError) as excinfo:
+        _request(cluster, "POST", "/api/jobs/", {"entrypoint": entrypoint}, headers=headers)
+    assert excinfo.value.code == code
+    time.sleep(3)
+    jobs = _request(cluster, "GET", "/api/jobs/", headers=cluster.headers())
+    assert entrypoint not in {j["entrypoint"] for j in jobs} and not marker.exists()
+
+
+def test_status_command_shows_resources_jobs_train_runs_and_the_dashboard(cluster, submitted_job):
+    job_id, entrypoint = submitted_job
+    result = subprocess.run([sys.executable, "-m", "raydist.cluster", "status", "--address", cluster.address],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "1 node(s), CPU 2 free of 2, GPU 0 free of 0" in out
+    assert f"dashboard: {cluster.dashboard_url}" in out and f"(token: {cluster.token_file})" in out
+    assert f"{job_id}  SUCCEEDED  {entrypoint}" in out
+    assert any(line.split()[:2] == ["job-run", "FINISHED"] for line in out.splitlines())
