@@ -204,22 +204,27 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def load_yaml(path: str) -> dict:
-    """Read a YAML mapping of config fields; any problem is a one-line ConfigError naming the file."""
+def read_yaml_mapping(path: str, kind: str, holds: str) -> dict:
+    """A YAML file holding a mapping ({} when empty); any problem is a one-line ConfigError naming the file."""
     try:
         with open(os.path.expanduser(path)) as fh:
             data = yaml.safe_load(fh)
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot read {kind} {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+        raise ConfigError(f"{kind} {path} is not valid YAML{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of config keys, got {type(data).__name__}")
-    return _coerce_all(data, path)
+        raise ConfigError(f"{kind} {path} must hold a mapping of {holds}, got {type(data).__name__}")
+    return data
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML mapping of config fields, checked against TrainConfig."""
+    return _coerce_all(read_yaml_mapping(path, "config file", "config keys"), path)
 
 
 # ------------------------------------------------------------------------------------------------

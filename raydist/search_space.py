@@ -34,9 +34,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import yaml
-
-from raydist.config import ConfigError, TrainConfig, _base_type, _coerce, _coerce_all
+from raydist.config import ConfigError, TrainConfig, _base_type, _coerce, _coerce_all, read_yaml_mapping
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "qloguniform", "randint", "qrandint", "choice")
 METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
@@ -137,7 +135,7 @@ class Study:
 
 def load_study(path: str, overrides: Optional[dict] = None) -> Study:
     """Read and check a study file; `overrides` fix config fields (searched ones become fixed)."""
-    raw = _read_yaml(path)
+    raw = read_yaml_mapping(path, "search space", "study keys (metric, fixed, searched, ...)")
     unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r}; known keys: {', '.join(TOP_LEVEL_KEYS)}")
@@ -174,20 +172,6 @@ def load_study(path: str, overrides: Optional[dict] = None) -> Study:
 
 
 # ---- pieces ----------------------------------------------------------------------------------------
-
-
-def _read_yaml(path: str) -> dict:
-    try:
-        with open(os.path.expanduser(path)) as fh:
-            data = yaml.safe_load(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read search space {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"{path} is not valid YAML{f' (line {mark.line + 1})' if mark else ''}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping (metric, fixed, searched, ...), got {type(data).__name__}")
-    return data
 
 
 def _config_fields(path: str, section: str, values: Any) -> dict:

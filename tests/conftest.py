@@ -113,6 +113,25 @@ def ray_cluster(cluster):
     return cluster.address
 
 
+def digits_val_accuracy(saved: dict) -> float:
+    """Accuracy over the whole digits validation split of a saved model (`model_final.pt` or
+    `best_model.pt` contents: weights, model name, class count), evaluated in this process."""
+    import torch
+
+    from raydist.augment import Augmenter
+    from raydist.data import DATASETS, load_split
+    from raydist.models import create_model
+
+    model = create_model(saved["model_name"], num_classes=saved["num_classes"])
+    model.load_state_dict(saved["model"])
+    model.eval()
+    val = load_split("digits", "val")
+    spec = DATASETS["digits"]
+    with torch.no_grad():
+        logits = model(Augmenter("none", mean=spec.mean, std=spec.std)(val.images, train=False))
+    return (logits.argmax(1) == val.labels).float().mean().item()
+
+
 @pytest.fixture
 def run_root(tmp_path):
     return str(tmp_path / "runs")

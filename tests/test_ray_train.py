@@ -1,4 +1,4 @@
-"""Real Ray Train runs on the session's local cluster: 2-worker DDP on digits learns, resume, the CLI."""
+"""Real Ray Train runs on the session's cluster: 2-worker DDP on digits learns, resume, the CLI."""
 
 import os
 import re
@@ -6,12 +6,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
+from conftest import digits_val_accuracy
 
 from raydist.config import TrainConfig
-from raydist.data import load_split
 from raydist.engine import FINAL_MODEL_FILE, load_checkpoint_file
-from raydist.models import create_model
 
 
 def _cli(address, *args):
@@ -40,19 +38,9 @@ def test_two_worker_ddp_learns_digits(digits_run):
 
 
 def test_final_model_reproduces_the_reported_validation_accuracy(digits_run):
-    from raydist.augment import Augmenter
-    from raydist.data import DATASETS
-
     run_dir, _ = digits_run
     final = load_checkpoint_file(str(run_dir / FINAL_MODEL_FILE))
-    model = create_model(final["model_name"], num_classes=final["num_classes"])
-    model.load_state_dict(final["model"])
-    model.eval()
-    val = load_split("digits", "val")
-    spec = DATASETS["digits"]
-    with torch.no_grad():
-        logits = model(Augmenter("none", mean=spec.mean, std=spec.std)(val.images, train=False))
-    accuracy = (logits.argmax(1) == val.labels).float().mean().item()
+    accuracy = digits_val_accuracy(final)
     # The workers' all-reduced accuracy over their shards equals the accuracy over the whole split.
     assert accuracy == pytest.approx(final["metrics"]["val_acc"], abs=1e-6)
 

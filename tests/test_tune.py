@@ -14,10 +14,7 @@ import time
 
 import pytest
 import torch
-
-from raydist.augment import Augmenter
-from raydist.data import DATASETS, load_split
-from raydist.models import create_model
+from conftest import digits_val_accuracy
 
 # Trials run one at a time (the 2-worker ones need both CPUs). The first two are pinned so the checks
 # cannot depend on luck: a known-good 2-worker setting (about 93% in 7 epochs here) and a learning rate
@@ -134,14 +131,7 @@ def test_best_checkpoint_loads_and_reproduces_its_validation_accuracy(study):
     saved = torch.load(experiment / "best_model.pt", map_location="cpu", weights_only=False)
     assert saved["trial_id"] == best["trial_id"] and saved["checkpoint"] == best["checkpoint"]
     assert os.path.isfile(os.path.join(best["checkpoint"], "checkpoint.pt"))
-    model = create_model(saved["model_name"], num_classes=saved["num_classes"])
-    model.load_state_dict(saved["model"])
-    model.eval()
-    val = load_split("digits", "val")
-    spec = DATASETS["digits"]
-    with torch.no_grad():
-        logits = model(Augmenter("none", mean=spec.mean, std=spec.std)(val.images, train=False))
-    accuracy = (logits.argmax(1) == val.labels).float().mean().item()
+    accuracy = digits_val_accuracy(saved)
     assert accuracy == pytest.approx(float(best["best_val_acc"]), abs=1e-6)
     # best_config.yaml retrains the winner with raydist.train
     from raydist.config import load_yaml
