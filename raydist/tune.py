@@ -42,10 +42,9 @@ DEFAULT_STUDY = "digits_quick"
 def build_parser() -> argparse.ArgumentParser:
     from raydist.config import _Parser
 
-    p = _Parser(prog="raydist.tune", description=__doc__.splitlines()[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="raydist.tune", description=__doc__.splitlines()[0])
     p.add_argument("--search-space", default=DEFAULT_STUDY, metavar="FILE.yaml",
-                   help=f"study file, or the name of one in {SEARCH_SPACES.name}/ (see --list)")
+                   help=f"study file, or the name of one in {SEARCH_SPACES.name}/ (see --list; default: {DEFAULT_STUDY})")
     p.add_argument("--list", action="store_true", help="list the shipped study files and exit")
     p.add_argument("--search", choices=("hyperopt", "random"), help="search algorithm (default: the study's)")
     p.add_argument("--scheduler", choices=("asha", "fifo"), help="trial scheduler (default: the study's)")
@@ -55,13 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a config field for every trial (repeatable); a searched field becomes fixed")
     p.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: start a local one")
-    p.add_argument("--storage-path", default="./runs", help="where the experiment folder goes (local path or URI)")
+    p.add_argument("--storage-path", default="./runs",
+                   help="where the experiment folder goes, a local path or URI (default: ./runs)")
     p.add_argument("--name", help="experiment folder name (default: <study>-<timestamp>)")
     p.add_argument("--resume", metavar="EXPERIMENT_DIR",
                    help="continue an interrupted study: finished trials are kept, unfinished ones resume")
     p.add_argument("--wandb", action="store_true", help="log trials to Weights & Biases (offline without a key)")
     p.add_argument("--wandb-project", help="W&B project (default: the study's name)")
-    p.add_argument("--mlflow-uri", metavar="URI", help="log trials to this MLflow tracking URI (e.g. file:./mlruns)")
+    p.add_argument("--mlflow-uri", metavar="URI",
+                   help="log trials to this MLflow tracking URI (e.g. http://mlflow:5000 or sqlite:///mlflow.db)")
     return p
 
 
