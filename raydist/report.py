@@ -128,14 +128,15 @@ def format_table(rows: list[dict], *, searched: list[str], metric: str, mode: st
     columns = ["trial_id", "status", *searched, "epochs_run", f"best_{metric}", f"final_{metric}", "seconds"]
     sign = -1 if mode == "max" else 1
     ordered = sorted(rows, key=lambda r: (not _finite(r[f"best_{metric}"]), sign * (r[f"best_{metric}"] or 0)))
-    cells = [[_cell(c, r.get(c)) for c in columns] for r in ordered]
+    cells = [[cell(c, r.get(c)) for c in columns] for r in ordered]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
 
 
-def _cell(column: str, value) -> str:
+def cell(column: str, value) -> str:
+    """A value as the table prints it: accuracies as percentages, seconds whole, other floats to 4 digits."""
     if value is None or value == "":
         return "-"
     if isinstance(value, float):

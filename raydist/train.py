@@ -85,12 +85,17 @@ def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None)
     if cfg.log_dir is None and not _is_uri(cfg.storage_path):
         cfg = dataclasses.replace(cfg, log_dir=os.path.join(cfg.storage_path, name, "tensorboard"))
     cfg = dataclasses.replace(cfg, log_dir=_local_abspath(cfg.log_dir))
-    if DATASETS[cfg.dataset].needs_files and not cfg.download:
-        try:
-            load_split(cfg.dataset, "val", data_dir=cfg.data_dir)
-        except DatasetNotFound as exc:
-            raise ConfigError(str(exc)) from None
+    check_data(cfg.dataset, cfg.data_dir, cfg.download)
     return cfg
+
+
+def check_data(dataset: str, data_dir: str, download: bool, hint: str = "") -> None:
+    """A data set read from files must be there (or be downloaded): else one ConfigError, before Ray starts."""
+    if DATASETS[dataset].needs_files and not download:
+        try:
+            load_split(dataset, "val", data_dir=data_dir)
+        except DatasetNotFound as exc:
+            raise ConfigError(f"{exc}{hint}") from None
 
 
 # ---- the run ------------------------------------------------------------------------------------------

@@ -154,16 +154,12 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
 
 def _check_data(study: Study) -> None:
     """A study on files that are missing fails here, not in every trial."""
-    from raydist.data import DATASETS, DatasetNotFound, load_split
+    from raydist.train import check_data
 
     cfg = study.base_config()
     datasets = study.searched["dataset"].extremes() if "dataset" in study.searched else [cfg.dataset]
     for dataset in datasets:
-        if DATASETS[dataset].needs_files and not cfg.download:
-            try:
-                load_split(dataset, "val", data_dir=os.path.abspath(os.path.expanduser(cfg.data_dir)))
-            except DatasetNotFound as exc:
-                raise ConfigError(f"{exc} (in a study: --set data_dir=... / --set download=true)") from None
+        check_data(dataset, cfg.data_dir, cfg.download, hint=" (in a study: --set data_dir=... / --set download=true)")
 
 
 def _require(module: str, flag: str) -> None:
@@ -481,8 +477,8 @@ def print_result(result: StudyResult, study: Study) -> None:
     where = result.experiment_path
     if result.best:
         b = result.best
-        values = ", ".join(f"{k}={_short(b[k])}" for k in study.searched)
-        print(f"\nbest trial {b['trial_id']}: {study.metric} {_short(b[f'best_{study.metric}'], study.metric)} "
+        values = ", ".join(f"{k}={report.cell(k, b[k])}" for k in study.searched)
+        print(f"\nbest trial {b['trial_id']}: {study.metric} {report.cell(study.metric, b[f'best_{study.metric}'])} "
               f"at epoch {b['best_epoch']} ({values})")
         print(f"  checkpoint:   {result.best_checkpoint}")
         if result.best_model:
@@ -494,12 +490,6 @@ def print_result(result: StudyResult, study: Study) -> None:
           f"TensorBoard: tensorboard --logdir {where}  ({result.seconds:.0f}s)")
     if result.interrupted:
         print(f"interrupted; continue with: python -m raydist.tune --resume {where}")
-
-
-def _short(value, column: str = "") -> str:
-    if isinstance(value, float):
-        return f"{value:.2%}" if "acc" in column else f"{value:.4g}"
-    return str(value)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -76,4 +76,4 @@ def test_table_lists_the_best_first(tmp_path):
 @pytest.mark.parametrize("value, column, text", [(0.9512, "best_val_acc", "95.12%"), (12.7, "seconds", "13"),
                                                  (None, "lr", "-"), (0.000123456, "lr", "0.0001235")])
 def test_cells(value, column, text):
-    assert report._cell(column, value) == text
+    assert report.cell(column, value) == text
