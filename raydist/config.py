@@ -71,6 +71,9 @@ class TrainConfig:
 
     # ---- schedule ---------------------------------------------------------------------------
     epochs: int = _field("schedule", 15, "training epochs (passes over the training set)")
+    schedule_epochs: Optional[int] = _field("schedule", None, "epochs the LR schedule spans (default: --epochs); "
+                                            "a study under ASHA sets it to the scheduler's budget so trials at a "
+                                            "rung sit at the same point of their schedules")
     warmup_epochs: float = _field("schedule", 1.0, "epochs of linear LR warmup from 0 to the peak")
     lr_schedule: str = _field("schedule", "cosine", "decay after warmup: cosine (to 0), step, constant",
                               ("cosine", "step", "constant"))
@@ -128,6 +131,9 @@ class TrainConfig:
             raise ConfigError(f"--target-accuracy must be in (0, 1], got {self.target_accuracy!r}")
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"--warmup-epochs {self.warmup_epochs} exceeds --epochs {self.epochs}")
+        if self.schedule_epochs is not None and self.schedule_epochs < self.epochs:
+            raise ConfigError(f"--schedule-epochs {self.schedule_epochs} is below --epochs {self.epochs}: the last "
+                              f"epochs would train at LR 0; use at least {self.epochs} (or leave it unset)")
         if self.use_gpu and self.gpus_per_worker <= 0:
             raise ConfigError(f"--gpus-per-worker must be positive with --use-gpu, got {self.gpus_per_worker!r}")
         if self.pretrained and not MODELS[self.model].pretrained_weights:

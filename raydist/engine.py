@@ -149,7 +149,8 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     global_batch = cfg.batch_size * world * cfg.grad_accum
     peak_lr = cfg.lr * global_batch / 256
     optimizer = build_optimizer(cfg, net, peak_lr)
-    warmup, total = round(cfg.warmup_epochs * updates_per_epoch), cfg.epochs * updates_per_epoch
+    warmup = round(cfg.warmup_epochs * updates_per_epoch)
+    total = (cfg.schedule_epochs or cfg.epochs) * updates_per_epoch  # a study under ASHA spans its budget
     step_every = cfg.lr_step_epochs * updates_per_epoch
 
     def factor(update: int) -> float:
