@@ -95,7 +95,10 @@ class TrainConfig:
     name: Optional[str] = _field("output", None, "run name (default: <dataset>-<model>-<timestamp>)")
     log_dir: Optional[str] = _field("output", None, "TensorBoard folder (default: <run dir>/tensorboard)")
     checkpoint_every: int = _field("output", 1, "epochs between checkpoints (the last epoch is always saved)")
-    keep_checkpoints: int = _field("output", 2, "checkpoints kept, best by validation accuracy")
+    keep_checkpoints: int = _field("output", 2, "checkpoints kept, the best by --keep-by (plus the latest)")
+    keep_by: str = _field("output", "val_acc", "metric that ranks checkpoints for keeping: val_acc, val_loss, "
+                          "train_acc, train_loss (accuracies: higher is better; losses: lower)",
+                          ("val_acc", "val_loss", "train_acc", "train_loss"))
     resume: Optional[str] = _field("output", None, "continue an earlier run: its run folder or a checkpoint folder")
 
     # -------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Ray starts; a failed run exits 1.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -151,15 +152,22 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None) -> RunSummary:
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
-                                                         checkpoint_score_attribute="val_acc",
-                                                         checkpoint_score_order="max")),
+                                                         checkpoint_score_attribute=cfg.keep_by,
+                                                         checkpoint_score_order=keep_order(cfg.keep_by))),
     )
     result = trainer.fit()
     history = result.return_value or ([result.metrics] if result.metrics else [])
-    best = max(result.best_checkpoints or [], key=lambda pair: pair[1].get("val_acc", -1), default=None)
+    sign = 1 if keep_order(cfg.keep_by) == "max" else -1
+    best = max(result.best_checkpoints or [], key=lambda pair: sign * pair[1].get(cfg.keep_by, -sign * math.inf),
+               default=None)
     return RunSummary(run_dir=result.path, history=history, final_model=f"{result.path}/{FINAL_MODEL_FILE}",
                       best_checkpoint=best[0].path if best else None,
                       best_val_acc=best[1]["val_acc"] if best else None, seconds=time.perf_counter() - t0)
+
+
+def keep_order(metric: str) -> str:
+    """Accuracies rank checkpoints highest first, losses lowest first."""
+    return "min" if metric.endswith("loss") else "max"
 
 
 def _write_config(cfg: TrainConfig) -> None:
