@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 KINDS = ("none", "crop_flip", "dli")
-GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale
+GREY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, exactly as torchvision's rgb_to_grayscale
 
 
 class Augmenter:
@@ -109,7 +109,8 @@ def colour_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> tor
     # contrast blends with the image's mean grey level, saturation with each pixel's grey level
     mean_grey = _grey(x.mean((2, 3), keepdim=True))
     x.mul_(contrast).add_(mean_grey * (1 - contrast)).clamp_(0, 1)
-    return x.mul_(saturation).add_(_grey(x).mul_(1 - saturation)).clamp_(0, 1)
+    grey = _grey(x)  # taken before the multiply below changes x in place
+    return x.mul_(saturation).add_(grey.mul_(1 - saturation)).clamp_(0, 1)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:

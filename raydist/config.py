@@ -137,6 +137,16 @@ class TrainConfig:
         if self.schedule_epochs is not None and self.schedule_epochs < self.epochs:
             raise ConfigError(f"--schedule-epochs {self.schedule_epochs} is below --epochs {self.epochs}: the last "
                               f"epochs would train at LR 0; use at least {self.epochs} (or leave it unset)")
+        from raydist.data import train_size
+
+        items = train_size(self.dataset, val_fraction=self.val_fraction, fake_train_size=self.fake_train_size)
+        if self.num_workers * self.batch_size > items:
+            # Each rank must hold a full batch: a smaller one would train with a batch (and so an LR scale)
+            # other than the one asked for, and ranks could end up with unequal step counts (DDP hangs).
+            raise ConfigError(f"--batch-size {self.batch_size} x --num-workers {self.num_workers} = "
+                              f"{self.num_workers * self.batch_size} images per step, but {self.dataset} has "
+                              f"{items} training images; at most {items // self.num_workers} per worker with "
+                              f"{self.num_workers} workers")
         if self.use_gpu and self.gpus_per_worker <= 0:
             raise ConfigError(f"--gpus-per-worker must be positive with --use-gpu, got {self.gpus_per_worker!r}")
         if self.pretrained and not MODELS[self.model].pretrained_weights:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 SPLITS = ("train", "val")
 DIGITS_SPLIT_SEED = 0  # fixed: the digits validation set is the same whatever --seed says
+DIGITS_SIZE = 1797  # images in scikit-learn's digits
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -91,9 +92,13 @@ class FakeSource:
         indices = indices.to(self.device, torch.int64)
         pixels = 3 * self.image_size * self.image_size
         offsets = torch.arange(pixels, device=self.device, dtype=torch.int64)
-        keys = (indices[:, None] + self.salt * self.size) * pixels + offsets[None, :]
-        images = (_hash32(keys) & 255).to(torch.uint8).view(len(indices), 3, self.image_size, self.image_size)
-        labels = _hash32(indices + (self.salt + 1) * 7919 * self.size) % self.num_classes
+        # An image's identity is (split, index): two splits never share an image. Its pixels hash the offset
+        # with two independent 32-bit keys of that identity, so no image is a shifted copy of another.
+        image_id = indices * len(SPLITS) + self.salt
+        key_a, key_b = _hash32(image_id * 2 + 0x9E37), _hash32(image_id * 2 + 0x79B9 + 1)
+        pixel_hash = _hash32(_hash32(offsets[None, :] + key_a[:, None]) ^ key_b[:, None])
+        images = (pixel_hash & 255).to(torch.uint8).view(len(indices), 3, self.image_size, self.image_size)
+        labels = _hash32(_hash32(image_id) + 0x85EB) % self.num_classes
         return images, labels
 
 
@@ -166,6 +171,18 @@ def _load_fake(split: str, *, fake_image_size: int = 224, fake_num_classes: int 
     return FakeSource(size, fake_image_size, fake_num_classes, salt=SPLITS.index(split))
 
 
+FILE_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}  # the published splits
+
+
+def train_size(name: str, *, val_fraction: float = 0.2, fake_train_size: int = 12800) -> int:
+    """Training images of a data set, known without loading it (for checks before any cluster starts)."""
+    if name == "digits":
+        return DIGITS_SIZE - int(round(DIGITS_SIZE * val_fraction))
+    if name == "fake":
+        return fake_train_size
+    return FILE_TRAIN_SIZES[name]
+
+
 def num_classes(name: str, fake_num_classes: int = 1000) -> int:
     return fake_num_classes if name == "fake" else DATASETS[name].num_classes
 
@@ -207,7 +224,7 @@ def shard_indices(num_items: int, *, batch_size: int, rank: int, world_size: int
         order = torch.arange(num_items)
     if pad and num_items % world_size:
         extra = world_size - num_items % world_size
-        order = torch.cat([order, order[:extra]])
+        order = torch.cat([order, order.repeat(-(-extra // num_items))[:extra]])  # even when extra > num_items
     mine = order[rank::world_size]
     stop = len(mine)
     if drop_last and len(mine) >= batch_size:

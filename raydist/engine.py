@@ -73,6 +73,46 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, peak_lr: float) -> torch
     return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
+class Schedule:
+    """Sets the LR of optimizer update `update` before it is taken. Unlike LambdaLR it keeps no state of its
+    own worth saving: a resumed run places it by the epochs done, in its own updates per epoch."""
+
+    def __init__(self, lr_at: Callable[[int], float]):
+        self.lr_at, self.update = lr_at, 0
+
+    def apply(self, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr_at(self.update)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.update += 1
+        self.apply(optimizer)
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Put this run's weight decay and momentum into optimizer groups loaded from a checkpoint (whose saved
+    groups carry the old run's values; the LR is set by the Schedule)."""
+    decay, no_decay = optimizer.param_groups
+    decay["weight_decay"], no_decay["weight_decay"] = cfg.weight_decay, 0.0
+    for group in optimizer.param_groups:
+        if cfg.optimizer == "adamw":
+            group["betas"] = (cfg.momentum, group["betas"][1])
+        else:
+            group["momentum"], group["nesterov"] = cfg.momentum, cfg.nesterov and cfg.momentum > 0
+
+
+def seed_epoch(seed: int, epoch: int, rank: int, augment: "Augmenter") -> None:
+    """Seed every random stream of this rank (augmentation, dropout, CPU and CUDA) from (seed, epoch, rank).
+
+    An epoch's randomness then depends on nothing that happened before it, so a run resumed from a
+    checkpoint (always at an epoch end) draws exactly what the uninterrupted run drew, with no generator
+    state to save, and after a restart on another worker count each rank still gets its own stream.
+    """
+    stream = (seed * 1_000_003 + epoch) * 1_009 + rank
+    torch.manual_seed(stream)  # also seeds every CUDA device
+    augment.gen.manual_seed(stream)
+
+
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
@@ -111,6 +151,8 @@ class EpochSums:
     loss: torch.Tensor
     correct: torch.Tensor
     count: torch.Tensor
+    lr_sum: float = 0.0  # training only: the LRs of the epoch's updates (the same on every rank)
+    updates: int = 0
 
 
 def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
@@ -153,11 +195,11 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     total = (cfg.schedule_epochs or cfg.epochs) * updates_per_epoch  # a study under ASHA spans its budget
     step_every = cfg.lr_step_epochs * updates_per_epoch
 
-    def factor(update: int) -> float:
-        return lr_factor(update, warmup=warmup, total=total, schedule=cfg.lr_schedule,
-                         step_every=step_every, gamma=cfg.lr_step_gamma)
+    def lr_at(update: int) -> float:
+        return peak_lr * lr_factor(update, warmup=warmup, total=total, schedule=cfg.lr_schedule,
+                                   step_every=step_every, gamma=cfg.lr_step_gamma)
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    schedule = Schedule(lr_at)
     amp_dtype = autocast_dtype(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -167,20 +209,29 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     if ctx.resume_state is not None:
         state = ctx.resume_state
         net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        optimizer.load_state_dict(state["optimizer"])  # keeps the momentum buffers ...
+        apply_hyperparameters(optimizer, cfg)  # ... but this run's LR, decay and momentum, not the saved ones
         scaler.load_state_dict(state["scaler"])
         start_epoch, early_stop.hits = state["epoch"], state.get("early_stop_hits", 0)
+    # Checkpoints fall on epoch ends, so the point of training reached is `start_epoch` epochs of images:
+    # the schedule continues there in this run's own updates, whatever batch size or worker count it has.
+    schedule.update = start_epoch * updates_per_epoch
 
     writer = _tensorboard(ctx.log_dir) if rank == 0 and ctx.log_dir else None
     history: list[dict] = []
     first_step_unix: list[float] = []
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        train = _train_epoch(model, train_set, augment, criterion, optimizer, scheduler, scaler, cfg,
+        seed_epoch(cfg.seed, epoch, rank, augment)
+        train = _train_epoch(model, train_set, augment, criterion, optimizer, schedule, scaler, cfg,
                              rank=rank, world=world, epoch=epoch, amp_dtype=amp_dtype, device=device,
                              channels_last=channels_last, first_step_unix=first_step_unix)
         train_time = time.perf_counter() - t0
+        if world > 1:
+            # Each rank's last training forward updated its own BatchNorm statistics; evaluate every shard
+            # with rank 0's, which are the ones saved, so the reported metric is the saved model's.
+            for buffer in net.buffers():
+                dist.broadcast(buffer, src=0)
         val = _evaluate(net, val_set, augment, criterion, cfg,
                         rank=rank, world=world, amp_dtype=amp_dtype, channels_last=channels_last, device=device)
         totals = torch.stack([train.loss, train.correct, train.count, val.loss, val.correct, val.count,
@@ -192,7 +243,7 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
             "epoch": epoch + 1,
             "train_loss": t_loss / t_count, "train_acc": t_correct / t_count,
             "val_loss": v_loss / v_count, "val_acc": v_correct / v_count,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": train.lr_sum / max(train.updates, 1),  # the mean LR of this epoch's updates
             "epoch_time_s": time.perf_counter() - t0,
             "images_per_s": t_count / (time_sum / world),  # global images over the mean rank's training time
             "first_step_unix": first_step_unix[0] if first_step_unix else float("nan"),
@@ -214,7 +265,7 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
                 writer.flush()
         if save and metrics["stop_reason"] != "non_finite_loss":
             state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                     "scaler": scaler.state_dict(), "epoch": epoch + 1,
                      "early_stop_hits": early_stop.hits, "config": cfg.to_dict(), "metrics": metrics}
             _report_with_checkpoint(ctx, metrics, state if rank == 0 else None)
         else:
@@ -235,10 +286,11 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     return history
 
 
-def _train_epoch(model, data, augment, criterion, optimizer, scheduler, scaler, cfg, *, rank, world, epoch,
+def _train_epoch(model, data, augment, criterion, optimizer, schedule, scaler, cfg, *, rank, world, epoch,
                  amp_dtype, device, channels_last, first_step_unix) -> EpochSums:
     model.train()
     sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
+    schedule.apply(optimizer)
     batches = list(shard_indices(len(data), batch_size=cfg.batch_size, rank=rank, world_size=world,
                                  epoch=epoch, seed=cfg.seed))
     for i, indices in enumerate(batches):
@@ -260,7 +312,9 @@ def _train_epoch(model, data, augment, criterion, optimizer, scheduler, scaler, 
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            sums.lr_sum += optimizer.param_groups[0]["lr"]
+            sums.updates += 1
+            schedule.step(optimizer)
         # Accumulate on the device: no host sync per step.
         sums.loss += loss.detach().double() * len(labels)
         sums.correct += (logits.detach().argmax(1) == labels).sum()

@@ -75,6 +75,7 @@ def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None)
         if is_run_dir:
             saved["storage_path"] = os.path.dirname(resume)
         cfg = resolve({k: v for k, v in explicit.items() if k != "resume"}, config_file, base=saved)
+        check_resume_compatible(saved, cfg, resume)
         target = os.path.join(_local_abspath(cfg.storage_path), cfg.name) if cfg.name else None
         if is_run_dir and target != resume:
             # Continued under another --name/--storage-path: Ray would look for checkpoints in the new
@@ -88,6 +89,20 @@ def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None)
     cfg = dataclasses.replace(cfg, log_dir=_local_abspath(cfg.log_dir))
     check_data(cfg.dataset, cfg.data_dir, cfg.download)
     return cfg
+
+
+# A checkpoint's weights and optimizer state fit only the same network, classes and optimizer type. Every
+# other setting (LR, decay, momentum, batch, workers, epochs, schedule) applies to the resumed run as given.
+RESUME_FIXED = ("model", "dataset", "fake_num_classes", "optimizer")
+
+
+def check_resume_compatible(saved: dict, cfg: TrainConfig, resume: str) -> None:
+    for name in RESUME_FIXED:
+        old = saved.get(name, getattr(TrainConfig, name))
+        if getattr(cfg, name) != old:
+            raise ConfigError(f"--resume {resume}: --{name.replace('_', '-')} {getattr(cfg, name)} differs from "
+                              f"the run's {old}; a checkpoint continues with the same {name} (start a new run "
+                              f"with --{name.replace('_', '-')} {getattr(cfg, name)} instead)")
 
 
 def check_data(dataset: str, data_dir: str, download: bool, hint: str = "") -> None:

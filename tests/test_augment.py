@@ -83,3 +83,23 @@ def test_same_seed_same_augmentation():
     a = Augmenter("dli", mean=(0.5,) * 3, std=(0.25,) * 3, seed=3)(images, train=True)
     b = Augmenter("dli", mean=(0.5,) * 3, std=(0.25,) * 3, seed=3)(images, train=True)
     assert torch.equal(a, b)
+
+
+def test_colour_jitter_matches_torchvisions_brightness_contrast_and_saturation():
+    import torchvision.transforms.functional as TF
+
+    from raydist.augment import uniform
+
+    x = torch.rand(6, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    x[0] = 0.5  # a uniform grey image: saturation must leave it grey (the old code darkened it)
+    strength = 0.4
+    out = colour_jitter(x.clone(), strength, torch.Generator().manual_seed(5))
+    # the same factors, drawn from the same generator state, applied one by one as torchvision does
+    factors = uniform(3 * len(x), 1 - strength, 1 + strength, torch.Generator().manual_seed(5)).view(3, -1)
+    for i, image in enumerate(x):
+        brightness, contrast, saturation = factors[:, i].tolist()
+        expected = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(image, brightness), contrast),
+                                        saturation)
+        assert torch.allclose(out[i], expected, atol=1e-5), (i, (out[i] - expected).abs().max())
+    # (torchvision's grey weights sum to 0.9999, hence the looser bound)
+    assert torch.allclose(out[0], torch.full_like(out[0], 0.5 * factors[0, 0].item()), atol=2e-4)

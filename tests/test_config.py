@@ -99,7 +99,13 @@ def _main(*args, capsys):
     (["--dataset", "mnist"], "unknown dataset 'mnist'; known:"),
     (["--target-accuracy", "95"], "--target-accuracy must be in (0, 1], got 95.0"),
     (["--use-gpu", "--num-workers", "2"], "asks for 2 GPUs but this machine has 0"),
-    (["--num-workers", "64"], "asks for 64 CPUs but this machine has"),
+    (["--num-workers", "64", "--batch-size", "8"], "asks for 64 CPUs but this machine has"),
+    (["--num-workers", "2", "--batch-size", "720"],
+     r"--batch-size 720 x --num-workers 2 = 1440 images per step, but digits has 1438 training images; "
+     r"at most 719 per worker"),
+    (["--dataset", "fake", "--fake-train-size", "3", "--num-workers", "4", "--batch-size", "1"],
+     "but fake has 3 training images"),
+    (["--epochs", "5", "--schedule-epochs", "4"], "--schedule-epochs 4 is below --epochs 5"),
     (["--config", "nope.yaml"], "cannot read config file nope.yaml"),
     (["--dataset", "cifar10", "--data-dir", "empty"], "not found in"),
     (["--resume", "no-such-run"], "neither a run folder"),
@@ -172,3 +178,23 @@ def test_resume_a_run_folder_under_another_name_starts_from_its_latest_checkpoin
     cfg = prepare(TrainConfig(**explicit), explicit)
     assert cfg.name == "continued" and cfg.storage_path == str(tmp_path / "elsewhere")
     assert cfg.resume == str(run_dir / "checkpoint_epoch_0010")
+
+
+@pytest.mark.parametrize("flag, value", [("--model", "resnet18"), ("--dataset", "fake"), ("--optimizer", "adamw")])
+def test_resume_refuses_settings_a_checkpoint_cannot_continue_with(tmp_path, monkeypatch, capsys, flag, value):
+    import yaml
+
+    from raydist import cluster
+
+    run_dir = tmp_path / "runs" / "old"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(TrainConfig().to_dict()))
+    before = sorted(p.name for p in run_dir.iterdir())
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("a cluster was started"))
+    code, err = _main("--resume", str(run_dir), flag, value, capsys=capsys)
+    assert code == 2
+    name = flag[2:]
+    assert err.strip() == (f"raydist.train: error: --resume {run_dir}: {flag} {value} differs from the run's "
+                           f"{getattr(TrainConfig, name)}; a checkpoint continues with the same {name} (start a "
+                           f"new run with {flag} {value} instead)")
+    assert sorted(p.name for p in run_dir.iterdir()) == before

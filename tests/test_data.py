@@ -144,15 +144,23 @@ def test_fake_is_lazy_deterministic_per_index_and_labelled_in_range():
     assert labels.min() >= 0 and labels.max() <= 9 and len(labels.unique()) == 10
 
 
-def test_fake_train_and_val_differ():
-    train = FakeSource(100, 8, 10, salt=0)
-    val = FakeSource(100, 8, 10, salt=1)
-    assert not torch.equal(train.batch(torch.arange(4))[0], val.batch(torch.arange(4))[0])
+def test_fake_validation_images_are_not_training_images():
+    # Sizes as the defaults relate (val is a tenth of train): the old keys made val image i train image i + 40.
+    train = load_split("fake", "train", fake_image_size=8, fake_train_size=400, fake_val_size=40)
+    val = load_split("fake", "val", fake_image_size=8, fake_train_size=400, fake_val_size=40)
+    train_images = {bytes(image.flatten().tolist()) for image in train.batch(torch.arange(400))[0]}
+    val_images = [bytes(image.flatten().tolist()) for image in val.batch(torch.arange(40))[0]]
+    assert len(train_images) == 400 and len(set(val_images)) == 40
+    assert not train_images & set(val_images)
+    # nor is any image a shifted copy of another (pixel streams of different images share no run of 16 bytes)
+    streams = [image.flatten() for image in train.batch(torch.arange(50))[0]]
+    runs = {bytes(s[i:i + 16].tolist()) for s in streams for i in range(0, len(s) - 16)}
+    assert len(runs) == sum(len(s) - 16 for s in streams)
 
 
 # ---- sharding -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n, world, batch", [(1437, 2, 64), (100, 3, 8), (10, 4, 2)])
+@pytest.mark.parametrize("n, world, batch", [(1437, 2, 64), (100, 3, 8), (10, 4, 2), (1, 4, 1), (5, 8, 2)])
 def test_training_shards_are_disjoint_equal_and_cover_the_data(n, world, batch):
     shards = [torch.cat(list(shard_indices(n, batch_size=batch, rank=r, world_size=world, epoch=0, seed=0,
                                            drop_last=False))) for r in range(world)]

@@ -68,8 +68,14 @@ def test_grad_accumulation_and_adamw_and_label_smoothing_learn(tmp_path):
                       **{k: v for k, v in FAST.items() if k not in ("lr", "batch_size")}).validate()
     history = run(cfg, local_context(str(tmp_path)))
     assert history[-1]["val_acc"] > 0.6
-    # the linear scaling rule's global batch counts accumulated steps: peak = 0.02 x (64 x 2) / 256
-    assert max(m["lr"] for m in history) == pytest.approx(0.01, rel=0.1)
+    # the linear scaling rule's global batch counts accumulated steps: peak = 0.02 x (64 x 2) / 256; each
+    # epoch reports the mean LR of its own updates (1438 digits // 64 = 22 steps = 11 updates per epoch)
+    updates, peak = 11, 0.02 * 64 * 2 / 256
+    expected = [peak * sum(lr_factor(u, warmup=round(0.5 * updates), total=4 * updates, schedule="cosine",
+                                     step_every=30 * updates, gamma=0.1)
+                           for u in range(e * updates, (e + 1) * updates)) / updates for e in range(4)]
+    assert [m["lr"] for m in history] == pytest.approx(expected, rel=1e-6)
+    assert 0 < history[-1]["lr"] < history[0]["lr"] < peak  # warmup's mean is below the peak; the end is not 0
 
 
 def test_tensorboard_events_are_written(tmp_path):

@@ -1,0 +1,84 @@
+"""The numbers a 2-worker run reports are the saved model's, and a resumed run is the uninterrupted one.
+
+Two gloo DDP processes run raydist's real worker loop (tests/local_ddp.py), with what users run:
+augmentation on, dropout where the model has it, 2 workers. Everything here is exact on the CPU.
+"""
+
+import pytest
+import torch
+from conftest import digits_val_accuracy
+from local_ddp import run_ddp
+
+from raydist.config import TrainConfig
+from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file, local_context, run
+
+TWO_WORKERS = dict(num_workers=2, cpus_per_worker=1.0, batch_size=64, lr=0.8, warmup_epochs=0.5)
+
+
+def test_every_epochs_reported_accuracy_is_its_saved_checkpoints_on_the_whole_validation_set(tmp_path):
+    cfg = TrainConfig(epochs=4, checkpoint_every=1, augment="crop_flip", **TWO_WORKERS).validate()
+    history = run_ddp(cfg, tmp_path)
+    assert [m["world_size"] for m in history] == [2] * 4
+    assert history[-1]["val_acc"] > 0.6  # it learned (chance: 0.1)
+    for metrics in history:
+        state = load_checkpoint_file(str(tmp_path / f"epoch_{metrics['epoch']:04d}" / CHECKPOINT_FILE))
+        saved = {"model": state["model"], "model_name": cfg.model, "num_classes": 10}
+        # to the sample: 359 validation images, so one image is 0.0028
+        assert digits_val_accuracy(saved) == pytest.approx(metrics["val_acc"], abs=1e-6), metrics["epoch"]
+    final = load_checkpoint_file(str(tmp_path / FINAL_MODEL_FILE))
+    assert digits_val_accuracy(final) == pytest.approx(history[-1]["val_acc"], abs=1e-6)
+
+
+def _weights(path):
+    return load_checkpoint_file(str(path))["model"]
+
+
+@pytest.mark.parametrize("setting", [
+    dict(model="resnet8", augment="crop_flip"),  # the default augmentation
+    # the DLI network (dropout) with the DLI augmentation (affine + colour jitter), on small fake images
+    dict(model="wrn_dli", augment="dli", dataset="fake", fake_image_size=8, fake_num_classes=4,
+         fake_train_size=256, fake_val_size=64, batch_size=32, lr=0.1),
+], ids=["resnet8-crop_flip", "wrn_dli-dropout-dli"])
+def test_a_run_resumed_from_a_checkpoint_is_bit_identical_to_the_uninterrupted_run(tmp_path, setting):
+    cfg = TrainConfig(**{**TWO_WORKERS, "epochs": 3, "checkpoint_every": 1, **setting}).validate()
+    full = run_ddp(cfg, tmp_path / "full")
+    resumed = run_ddp(cfg, tmp_path / "resumed", resume_from=tmp_path / "full" / "epoch_0001")
+    assert [m["epoch"] for m in resumed] == [2, 3]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+        assert [m[key] for m in resumed] == [m[key] for m in full[1:]], key
+    a, b = _weights(tmp_path / "full" / FINAL_MODEL_FILE), _weights(tmp_path / "resumed" / FINAL_MODEL_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- resume with other settings: they apply, at the same point of training ---------------------------------
+
+ONE_WORKER = dict(num_workers=1, cpus_per_worker=2.0, warmup_epochs=0.5, epochs=2, checkpoint_every=1)
+
+
+def test_resume_with_a_new_batch_size_lr_and_weight_decay_trains_with_them(tmp_path):
+    old = TrainConfig(batch_size=64, lr=0.4, weight_decay=5e-4, **ONE_WORKER).validate()
+    new = TrainConfig(batch_size=32, lr=0.1, weight_decay=0.0, momentum=0.8, **ONE_WORKER).validate()
+    run(old, local_context(str(tmp_path / "old")))
+    state = load_checkpoint_file(str(tmp_path / "old" / "epoch_0001" / CHECKPOINT_FILE))
+    resumed = run(new, local_context(str(tmp_path / "resumed"), resume_state=state))
+    fresh = run(new, local_context(str(tmp_path / "fresh")))
+    # epoch 2 runs at exactly the LRs a fresh run with the new settings uses in its epoch 2
+    assert resumed[0]["epoch"] == 2
+    assert resumed[0]["lr"] == pytest.approx(fresh[1]["lr"], rel=1e-12)
+    assert resumed[0]["lr"] > 0.01 * 0.1 * 32 / 256  # not the zeroed LR of the old LambdaLR state
+    groups = load_checkpoint_file(str(tmp_path / "resumed" / "epoch_0002" / CHECKPOINT_FILE))["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+    assert [g["momentum"] for g in groups] == [0.8, 0.8]
+
+
+def test_resume_across_worker_counts_continues_the_schedule_where_it_stood(tmp_path):
+    # A 2-worker run's epoch-1 checkpoint continued by 1 worker: the global batch halves, the schedule
+    # continues at epoch 1 of 2 counted in the new run's updates, with the new run's peak LR.
+    two = TrainConfig(**{**TWO_WORKERS, "epochs": 2, "checkpoint_every": 1}).validate()
+    one = TrainConfig(**{**TWO_WORKERS, "epochs": 2, "checkpoint_every": 1, "num_workers": 1}).validate()
+    run_ddp(two, tmp_path / "two")
+    state = load_checkpoint_file(str(tmp_path / "two" / "epoch_0001" / CHECKPOINT_FILE))
+    resumed = run(one, local_context(str(tmp_path / "resumed"), resume_state=state))
+    fresh = run(one, local_context(str(tmp_path / "fresh")))
+    assert resumed[0]["lr"] == pytest.approx(fresh[1]["lr"], rel=1e-12)
+    assert resumed[0]["val_acc"] > 0.3  # it learned (chance: 0.1)
