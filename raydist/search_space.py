@@ -3,10 +3,12 @@
     from raydist.search_space import load_study
     study = load_study("search_spaces/digits_quick.yaml", overrides={"epochs": 3})
     study.tune_space()        # {"lr": tune.loguniform(...), ...}
-    study.trial_config({"lr": 0.3, "batch_size": 64, "epochs": 6})   # a validated TrainConfig
+    study.trial_config({"lr": 0.3, "batch_size": 64})   # a validated TrainConfig
+    study.warnings            # sentences to show at the study's start (an unfair ASHA setup)
 
 A study file (every key but `searched` is optional):
 
+    name: digits_quick            # the study's name (default: the file name without .yaml)
     description: a line shown in --help listings and results
     metric: val_acc               # val_acc | val_loss | train_acc | train_loss
     mode: max                     # default: max for accuracies, min for losses
@@ -14,15 +16,28 @@ A study file (every key but `searched` is optional):
     max_concurrent: null          # trials at once (default: as many as the cluster's free resources fit)
     search:    {algorithm: hyperopt, initial_points: 3, seed: 0}    # or algorithm: random
     scheduler: {type: asha, grace_period: 2, reduction_factor: 3}   # or type: fifo
-    fixed:     {dataset: digits, model: resnet8, num_workers: 1}    # any TrainConfig field
+    fixed:     {dataset: digits, model: resnet8, num_workers: 1, epochs: 10}   # any TrainConfig field
     searched:                     # TrainConfig fields -> one distribution each
       lr:         {loguniform: [0.02, 2.0]}
       batch_size: {choice: [32, 64, 128]}
-      epochs:     {randint: [3, 8]}            # integer bounds are inclusive
-    points_to_evaluate: [{lr: 0.4, batch_size: 64, epochs: 8}]   # tried first
+      warmup_epochs: {quniform: [0.0, 2.0, 0.5]}   # both bounds are sampled
+    points_to_evaluate: [{lr: 0.4, batch_size: 64, warmup_epochs: 1.0}]   # tried first
 
-Distributions: uniform [low, high], loguniform [low, high], quniform / qloguniform [low, high, q],
-randint [low, high], qrandint [low, high, q] (integers, both bounds inclusive), choice [values...].
+Distributions, and what each samples under both searchers (HyperOpt and random):
+  uniform [low, high], loguniform [low, high]   a number in [low, high] (log-uniform: uniform in log)
+  randint [low, high]                           the integers low..high, each equally likely
+  qrandint / quniform [low, high, q]            the multiples of q from low to high, each equally likely
+  qloguniform [low, high, q]                    log-uniform in [low, high], rounded to a multiple of q
+  choice [values...]                            one of the values, each equally likely
+The bounds of the q- distributions must be multiples of q, so that both are sampled. Integer ranges and
+q-grids (at most 1000 values, MAX_GRID) go to Tune as a `choice` of their values, the sample being the value
+itself: Ray's HyperOpt conversion of randint and q- distributions gives the ends half the weight of the
+values between, and for a q-grid not anchored at 0 can fall outside [low, high] (`qrandint [10, 100, 32]`
+could give 0 and never 100). HyperOpt models such a choice as categories, as it does its own hp.randint.
+
+Under ASHA every trial's LR schedule spans the scheduler's budget (`max_epochs`, ASHA's max_t), so trials
+meet at a rung at the same point of their schedules; how long a trial runs is ASHA's decision, and a
+study that also searches `epochs` gets a warning (see `Study.warnings`).
 Any problem is one ConfigError naming the file and the key.
 """
 
@@ -37,15 +52,18 @@ from typing import Any, Optional
 from raydist.config import ConfigError, TrainConfig, _base_type, _coerce, _coerce_all, read_yaml_mapping
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "qloguniform", "randint", "qrandint", "choice")
+GRID_KINDS = ("randint", "qrandint", "quniform")  # sampled as a choice of their values
+MAX_GRID = 1000  # values an integer range or q-grid may have (each one is a category for HyperOpt)
 METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
 SEARCH_ALGORITHMS = ("hyperopt", "random")
 SCHEDULERS = ("asha", "fifo")
 # Set per trial by raydist.tune, so a study may not set them.
 PER_TRIAL_FIELDS = ("address", "name", "storage_path", "log_dir", "resume")
-TOP_LEVEL_KEYS = ("description", "metric", "mode", "num_samples", "max_concurrent", "search", "scheduler",
+TOP_LEVEL_KEYS = ("name", "description", "metric", "mode", "num_samples", "max_concurrent", "search", "scheduler",
                   "fixed", "searched", "points_to_evaluate")
 SEARCH_KEYS = ("algorithm", "initial_points", "seed")
 SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor")
+_GRID_TOLERANCE = 1e-9  # relative to q: how far a float may sit from a multiple of q and still be on the grid
 
 
 @dataclass(frozen=True)
@@ -60,11 +78,18 @@ class Distribution:
         a = self.args
         if self.kind == "choice":
             return tune.choice(list(a))
-        if self.kind == "randint":
-            return tune.randint(a[0], a[1] + 1)  # Tune's upper bound is exclusive; ours is inclusive
-        if self.kind == "qrandint":
-            return tune.qrandint(a[0], a[1], a[2])  # inclusive in Tune too
+        if self.kind in GRID_KINDS:
+            return tune.choice(self.grid())  # uniform over every value, both ends, under both searchers
+        if self.kind == "qloguniform":  # bounds on the grid: both searchers stay in [low, high]
+            return tune.qloguniform(*a)
         return getattr(tune, self.kind)(*a)
+
+    def grid(self) -> list:
+        """Every value of a randint / qrandint / quniform, low to high."""
+        if self.kind == "randint":
+            return list(range(self.args[0], self.args[1] + 1))
+        low, high, q = self.args
+        return [self._at(k) for k in range(round(low / q), round(high / q) + 1)]
 
     def extremes(self) -> list:
         """Values that bound what a sample can be: both ends, or every choice."""
@@ -72,6 +97,57 @@ class Distribution:
 
     def describe(self) -> str:
         return f"{self.kind}({', '.join(map(str, self.args))})"
+
+    def accepts(self) -> str:
+        """What a value of this dimension can be, in words."""
+        a = self.args
+        if self.kind == "choice":
+            return f"one of {', '.join(map(repr, a))}"
+        if self.kind == "randint":
+            return f"an integer from {a[0]} to {a[1]}"
+        if self.kind.startswith("q"):
+            return f"a multiple of {a[2]} from {a[0]} to {a[1]}"
+        return f"a number from {a[0]} to {a[1]}"
+
+    def snap(self, value: Any) -> Any:
+        """`value` exactly as this dimension samples it (the choice, the grid value); ValueError if it is none."""
+        if self.kind == "choice":
+            for choice in self.args:
+                if _same(choice, value):
+                    return choice
+            raise ValueError(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(value)
+        low, high = self.args[0], self.args[1]
+        if self.kind in ("uniform", "loguniform"):
+            if not low <= value <= high:
+                raise ValueError(value)
+            return float(value)
+        q = self.args[2] if self.kind.startswith("q") else 1
+        k = round(value / q)
+        if abs(value / q - k) > _GRID_TOLERANCE or not round(low / q) <= k <= round(high / q):
+            raise ValueError(value)
+        return self._at(k)
+
+    def _at(self, k: int):
+        """The k-th multiple of q, written as the bounds are (ints stay ints; floats without noise)."""
+        low, high = self.args[0], self.args[1]
+        q = self.args[2] if self.kind.startswith("q") else 1
+        if self.kind in ("randint", "qrandint"):
+            return k * q
+        return low if k == round(low / q) else high if k == round(high / q) else _clean(k * q)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as config values: 64 and 64.0 are, True and 1 are not."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return a == b if number(a) and number(b) else type(a) is type(b) and a == b
+
+
+def _clean(x: float) -> float:
+    """k * q without the float noise (3 * 0.1 is 0.30000000000000004): what a user would write."""
+    return float(f"{x:.12g}")
 
 
 @dataclass
@@ -91,25 +167,59 @@ class Study:
     grace_period: int = 1
     reduction_factor: float = 3.0
     points_to_evaluate: list = field(default_factory=list)
+    given_name: Optional[str] = None  # the file's `name` key
 
     @property
     def name(self) -> str:
-        return os.path.splitext(os.path.basename(self.path))[0]
+        """The `name` key, else the file name: a study saved as <experiment>/study.yaml keeps its name."""
+        return self.given_name or os.path.splitext(os.path.basename(self.path))[0]
 
     @property
     def max_epochs(self) -> int:
-        """ASHA's max_t: the most epochs any trial can run."""
+        """ASHA's max_t (its budget): the most epochs any trial can run."""
         if "epochs" in self.searched:
             return int(max(self.searched["epochs"].extremes()))
         return self.base_config().epochs
 
+    @property
+    def warnings(self) -> list[str]:
+        """One sentence per unfair or surprising setting, for the study's start (follows --scheduler)."""
+        out = []
+        if self.scheduler == "asha" and "epochs" in self.searched:
+            budget = self.max_epochs
+            out.append(f"{self.name}: epochs is searched under ASHA, which compares trials at its rungs, so raydist "
+                       f"stretches every trial's LR schedule over the budget ({budget} epochs) to keep them at the "
+                       f"same point of it, and a trial with fewer epochs ends before its LR has decayed; fix epochs "
+                       f"at the budget (fixed: {{epochs: {budget}}}) and let ASHA decide how long each trial runs")
+        if self.scheduler == "asha" and "schedule_epochs" in self.fixed:
+            out.append(f"{self.name}: schedule_epochs {self.fixed['schedule_epochs']} is replaced by ASHA's budget "
+                       f"({self.max_epochs} epochs) in every trial")
+        return out
+
     def base_config(self) -> TrainConfig:
         return TrainConfig(**self.fixed)
 
+    def decode(self, sample: dict) -> dict:
+        """A Tune sample as config values: the sample itself, with qloguniform's float noise removed
+        (HyperOpt and Tune round to q in floating point: 3 x 0.1 comes back as 0.30000000000000004)."""
+        out = dict(sample)
+        for name, dist in self.searched.items():
+            if dist.kind == "qloguniform" and name in out:
+                try:
+                    out[name] = dist.snap(out[name])
+                except ValueError:
+                    pass  # not a sample of this study; trial_config validates it as given
+        return out
+
     def trial_config(self, sample: dict) -> TrainConfig:
-        """The validated TrainConfig of one trial: defaults < fixed < the sampled values."""
-        values = {**self.fixed, **_coerce_all(sample, f"{self.path}: trial")}
-        return TrainConfig(**values).validate()
+        """The validated TrainConfig of one trial: defaults < fixed < the sampled values (< ASHA's budget
+        as the span of the LR schedule)."""
+        values = {**self.fixed, **_coerce_all(self.decode(sample), f"{self.path}: trial")}
+        return TrainConfig(**self._scheduled(values)).validate()
+
+    def _scheduled(self, values: dict) -> dict:
+        # Under ASHA every schedule spans the budget, so trials at a rung are at the same LR factor.
+        return {**values, "schedule_epochs": self.max_epochs} if self.scheduler == "asha" else values
 
     def tune_space(self) -> dict:
         return {name: dist.to_tune() for name, dist in self.searched.items()}
@@ -127,10 +237,10 @@ class Study:
         """Every searched field at each of its extremes, the others at their low end: enough to catch a
         bad bound (warmup longer than the shortest epochs, a batch size of 0) before any trial starts."""
         low = {name: dist.extremes()[0] for name, dist in self.searched.items()}
-        yield TrainConfig(**{**self.fixed, **low})
+        yield TrainConfig(**self._scheduled({**self.fixed, **low}))
         for name, dist in self.searched.items():
             for value in dist.extremes():
-                yield TrainConfig(**{**self.fixed, **low, name: value})
+                yield TrainConfig(**self._scheduled({**self.fixed, **low, name: value}))
 
 
 def load_study(path: str, overrides: Optional[dict] = None) -> Study:
@@ -155,10 +265,14 @@ def load_study(path: str, overrides: Optional[dict] = None) -> Study:
         searched.pop(name, None)
         fixed[name] = _coerce(name, value, f"--set {name}")
 
-    study = Study(path=path, fixed=fixed, searched=searched, description=str(raw.get("description") or ""))
+    study = Study(path=path, fixed=fixed, searched=searched, description=str(raw.get("description") or ""),
+                  given_name=_study_name(path, raw.get("name")))
     _read_settings(study, raw)
     if not searched:
         raise ConfigError(f"{path}: --set fixed every searched field; nothing is left to search")
+    if study.scheduler == "asha" and ("schedule_epochs" in fixed or "schedule_epochs" in searched):
+        raise ConfigError(f"{path}: schedule_epochs is set by raydist under ASHA (to the budget, {study.max_epochs} "
+                          f"epochs, so trials at a rung sit at the same point of their LR schedules); remove it")
     try:
         for cfg in study._corner_configs():
             cfg.validate()
@@ -222,7 +336,25 @@ def _distribution(path: str, name: str, spec: Any) -> Distribution:
     if arity == 3 and not args[2] > 0:
         raise ConfigError(f"{where}: the step q must be positive, got {args[2]}")
     cast = int if integer else float
-    return Distribution(kind, tuple(cast(v) for v in args))
+    dist = Distribution(kind, tuple(cast(v) for v in args))
+    if arity == 3:
+        q = dist.args[2]
+        if not all(abs(v / q - round(v / q)) <= _GRID_TOLERANCE for v in (low, high)):
+            inner = (math.ceil(low / q - _GRID_TOLERANCE) * q, math.floor(high / q + _GRID_TOLERANCE) * q)
+            hint = (f"e.g. [{_number(inner[0])}, {_number(inner[1])}, {_number(q)}]" if inner[0] < inner[1]
+                    else f"no two multiples of {_number(q)} lie between them")
+            raise ConfigError(f"{where}: {kind} samples the multiples of q = {_number(q)}, so both bounds must be "
+                              f"multiples of it (then both are sampled); got {args!r}: {hint}")
+    step = dist.args[2] if arity == 3 else 1
+    if kind in GRID_KINDS and round(high / step) - round(low / step) + 1 > MAX_GRID:
+        raise ConfigError(f"{where}: {kind} {args!r} has more than {MAX_GRID} values; use a coarser step "
+                          f"(qrandint / quniform) or a continuous distribution")
+    return dist
+
+
+def _number(x: float):
+    """A bound for a message: 32 rather than 32.0 for integers."""
+    return int(x) if float(x).is_integer() else _clean(x)
 
 
 _EXAMPLES = {"uniform": "[0.0, 0.3]", "loguniform": "[0.01, 1.0]", "quniform": "[0.0, 0.3, 0.05]",
@@ -284,11 +416,30 @@ def _positive_int(path: str, key: str, value: Any) -> int:
 
 
 def _point(path: str, index: int, point: Any, study: Study) -> dict:
+    """A point checked against each distribution (a value it could sample, written exactly as Tune's
+    choice holds it, which HyperOpt requires) and then as a whole trial config."""
     where = f"{path}: points_to_evaluate[{index}]"
     if not isinstance(point, dict) or set(point) != set(study.searched):
         raise ConfigError(f"{where} must set exactly the searched fields: {', '.join(study.searched)}")
+    values = {}
+    for key, dist in study.searched.items():
+        try:
+            values[key] = dist.snap(point[key])
+        except ValueError:
+            raise ConfigError(f"{where}.{key} = {point[key]!r} cannot be sampled from {dist.describe()}: "
+                              f"use {dist.accepts()}") from None
     try:
-        study.trial_config(point)
+        study.trial_config(values)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    return _coerce_all(point, where)
+    return values
+
+
+def _study_name(path: str, value: Any) -> Optional[str]:
+    """The `name` key: it names the trials' Train runs, so it must be a plain folder name."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or "/" in value or "\\" in value or value.startswith(".") \
+            or not value.isprintable():
+        raise ConfigError(f"{path}: name {value!r} must be a plain folder name (text, no '/', not starting with '.')")
+    return value

@@ -1,12 +1,18 @@
-"""Study files: every shipped one loads; every bad file is one line naming the file and key, exit 2, no Ray."""
+"""Study files: every shipped one loads; every bad file is one line naming the file and key, exit 2, no Ray;
+what HyperOpt and random search really sample matches the file; trials under ASHA are compared fairly.
 
+The sampling tests run Ray's HyperOptSearch and BasicVariantGenerator in this process (no cluster).
+"""
+
+import math
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
 from raydist.config import ConfigError
-from raydist.search_space import load_study
+from raydist.search_space import MAX_GRID, load_study
 from raydist.tune import SEARCH_SPACES, plan_concurrency
 
 SHIPPED = sorted(SEARCH_SPACES.glob("*.yaml"))
@@ -61,8 +67,11 @@ def test_a_valid_study_converts_to_tune_and_validates_every_trial(tmp_path):
     assert study.max_epochs == 6  # ASHA's max_t: the top of the epochs range (inclusive)
     space = study.tune_space()
     assert isinstance(space["lr"], tune.search.sample.Float)
-    assert isinstance(space["epochs"], tune.search.sample.Integer)
-    assert {space["epochs"].lower, space["epochs"].upper} == {3, 7}  # Tune's randint excludes its upper bound
+    # Integer ranges and q-grids are a choice of their values (uniform under HyperOpt too), both ends included.
+    assert space["epochs"].categories == [3, 4, 5, 6]
+    assert space["num_workers"].categories == [1, 2]
+    assert space["weight_decay"].categories == [0.0, 0.0001, 0.0002, 0.0003, 0.0004, 0.0005, 0.0006, 0.0007,
+                                                0.0008, 0.0009, 0.001]
     samples = [{k: v.sample() for k, v in space.items()} for _ in range(50)]
     for sample in samples:
         cfg = study.trial_config(sample)
@@ -81,7 +90,7 @@ def test_set_fixes_a_searched_field_and_coerces_it(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (("num_samples: 6", "num_samples: 6\nsampels: 3"), "unknown key 'sampels'; known keys: description"),
+    (("num_samples: 6", "num_samples: 6\nsampels: 3"), "unknown key 'sampels'; known keys: name, description"),
     (("model: resnet8", "model: resnet8, lrr: 3"), "fixed.lrr is not a config field; known: dataset"),
     (("  lr: {loguniform", "  learning_rate: {loguniform"), "searched.learning_rate is not a config field"),
     (("{loguniform: [0.01, 2.0]}", "{lognormal: [0.01, 2.0]}"), "searched.lr: unknown distribution 'lognormal'; known: uniform"),
@@ -108,7 +117,36 @@ def test_set_fixes_a_searched_field_and_coerces_it(tmp_path):
     (("num_samples: 6", "num_samples: 6\nmetric: accuracy"), "metric 'accuracy' is not one of: val_acc"),
     (("num_samples: 6", "num_samples: 6\nmode: maximize"), "mode 'maximize' is not one of: max, min"),
     (("epochs: 6, weight", "epochs: 6, weight_decay: 0.0005, momentum: 0.9, weight"), "points_to_evaluate[0] must set exactly"),
-    (("{lr: 0.5,", "{lr: -0.5,"), "points_to_evaluate[0]: --lr must be positive"),
+    (("{lr: 0.5,", "{lr: -0.5,"), "points_to_evaluate[0].lr = -0.5 cannot be sampled from loguniform(0.01, 2.0): "
+                                  "use a number from 0.01 to 2.0"),
+    (("{randint: [3, 6]}", "{randint: [3, 5]}"), "points_to_evaluate[0].epochs = 6 cannot be sampled from "
+                                                 "randint(3, 5): use an integer from 3 to 5"),
+    (("epochs: 6,", "epochs: 4.5,"), "points_to_evaluate[0].epochs = 4.5 cannot be sampled from randint(3, 6): "
+                                     "use an integer from 3 to 6"),
+    (("batch_size: 32,", "batch_size: 48,"), "points_to_evaluate[0].batch_size = 48 cannot be sampled from "
+                                             "choice(32, 64): use one of 32, 64"),
+    (("batch_size: 32,", "batch_size: '32',"), "points_to_evaluate[0].batch_size = '32' cannot be sampled"),
+    (("weight_decay: 0.0005", "weight_decay: 0.00055"), "points_to_evaluate[0].weight_decay = 0.00055 cannot be "
+                                                        "sampled from quniform(0.0, 0.001, 0.0001): use a multiple "
+                                                        "of 0.0001 from 0.0 to 0.001"),
+    (("weight_decay: 0.0005", "weight_decay: 0.0011"), "points_to_evaluate[0].weight_decay = 0.0011 cannot be"),
+    (("num_workers: 2}", "num_workers: 3}"), "points_to_evaluate[0].num_workers = 3 cannot be sampled from "
+                                             "qrandint(1, 2, 1): use a multiple of 1 from 1 to 2"),
+    (("{qrandint: [1, 2, 1]}", "{qrandint: [10, 100, 32]}"), "searched.num_workers: qrandint samples the multiples "
+                                                            "of q = 32, so both bounds must be multiples of it (then "
+                                                            "both are sampled); got [10, 100, 32]: e.g. [32, 96, 32]"),
+    (("{qrandint: [1, 2, 1]}", "{qrandint: [10, 20, 32]}"), "no two multiples of 32 lie between them"),
+    (("0.001, 0.0001]}", "0.00105, 0.0001]}"), "searched.weight_decay: quniform samples the multiples of q = 0.0001"),
+    (("{loguniform: [0.01, 2.0]}", "{qloguniform: [0.015, 2.0, 0.01]}"), "e.g. [0.02, 2, 0.01]"),
+    (("{randint: [3, 6]}", "{randint: [3, 6000]}"), f"searched.epochs: randint [3, 6000] has more than {MAX_GRID} "
+                                                    f"values; use a coarser step"),
+    (("0.001, 0.0001]}", "0.001, 0.0000001]}"), "quniform [0.0, 0.001, 1e-07] has more than"),
+    (("model: resnet8", "model: resnet8, schedule_epochs: 8"), "schedule_epochs is set by raydist under ASHA (to the "
+                                                               "budget, 6 epochs"),
+    (("num_samples: 6", "num_samples: 6\nname: a/b"), "name 'a/b' must be a plain folder name"),
+    (("num_samples: 6", "num_samples: 6\nname: .hidden"), "name '.hidden' must be a plain folder name"),
+    (("num_samples: 6", "num_samples: 6\nname: ''"), "name '' must be a plain folder name"),
+    (("num_samples: 6", "num_samples: 6\nname: 42"), "name 42 must be a plain folder name"),
     (("searched:", "searched: [lr]\nx:"), "unknown key 'x'"),
     (("fixed: {", "fixed: {batch_size: ten, "), "fixed.batch_size: batch_size = 'ten' is not a valid int"),
 ])
@@ -169,7 +207,7 @@ def _tune_cli(*args, cwd):
     (["--search", "grid"], "argument --search: invalid choice: 'grid'"),
     (["--resume", "not-an-experiment"], "not a raydist.tune experiment folder"),
     (["--search-space", "cifar10_wrn", "--set", "data_dir=nodata"], "not found in"),
-    (["--set", "num_workers=64"], "one trial needs 64 CPUs"),
+    (["--set", "num_workers=20", "--set", "batch_size=32"], "one trial needs 20 CPUs"),
 ])
 def test_tune_cli_bad_input_exits_2_in_one_line_before_ray(tmp_path, args, message):
     result = _tune_cli(*args, "--storage-path", str(tmp_path / "runs"), cwd=tmp_path)
@@ -188,7 +226,7 @@ def test_tune_list_names_every_shipped_study(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--set", "lr=0.1"], "--resume: lr is searched in this study and cannot be fixed now"),
+    (["--set", "lr=0.1"], "--resume: "),  # the wording belongs to raydist.tune's resume checks
     (["--num-samples", "9"], "--resume continues the study as it was; drop --num-samples"),
 ])
 def test_resume_keeps_the_study_as_it_was(tmp_path, args, message):
@@ -196,5 +234,190 @@ def test_resume_keeps_the_study_as_it_was(tmp_path, args, message):
     experiment.mkdir()
     (experiment / "study.yaml").write_text(VALID)
     result = _tune_cli("--resume", str(experiment), *args, cwd=tmp_path)
-    assert result.returncode == 2 and result.stderr.strip() == f"raydist.tune: error: {message}", result.stderr
+    line = result.stderr.strip()
+    assert result.returncode == 2 and line.startswith(f"raydist.tune: error: {message}") and "\n" not in line, line
     assert sorted(p.name for p in experiment.iterdir()) == ["study.yaml"]
+
+
+# ---- what the searchers really sample -------------------------------------------------------------------
+
+# Every grid kind at once; `lr` qloguniform with a coarse grid so that both of its end cells are likely.
+SAMPLED = """
+scheduler: {type: fifo}
+fixed: {dataset: digits, model: resnet8, warmup_epochs: 0.5}
+searched:
+  epochs: {randint: [4, 10]}
+  batch_size: {qrandint: [32, 256, 32]}
+  num_workers: {qrandint: [1, 2, 1]}
+  weight_decay: {quniform: [0.0, 0.001, 0.0001]}
+  lr: {qloguniform: [0.1, 1.0, 0.1]}
+  optimizer: {choice: [sgd, adamw]}
+"""
+DRAWS = 2000
+
+
+def _hyperopt_samples(study, n, seed=0):
+    """n proposals of Ray's HyperOptSearch in its random start-up phase, as Tune would ask for them."""
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    searcher = HyperOptSearch(n_initial_points=n + 1, random_state_seed=seed)
+    searcher.set_search_properties("val_acc", "max", study.tune_space())
+    return [searcher.suggest(f"t{i}") for i in range(n)]
+
+
+def _random_samples(study, n, seed=0):
+    """n trials' configs from Ray's BasicVariantGenerator (algorithm: random)."""
+    from ray.tune.search import BasicVariantGenerator
+
+    generator = BasicVariantGenerator(random_state=seed)
+    generator.add_configurations({"study": {"run": lambda config: None, "config": study.tune_space(),
+                                            "num_samples": n}})
+    configs = []
+    while (trial := generator.next_trial()) is not None:
+        configs.append({k: trial.config[k] for k in study.searched})
+    return configs
+
+
+def _log_cells(low, high, q):
+    """qloguniform: the chance of each multiple k x q, a log-uniform value in [low, high] rounded to q."""
+    cells = {k: (max(low, (k - 0.5) * q), min(high, (k + 0.5) * q)) for k in range(round(low / q), round(high / q) + 1)}
+    return {k: math.log(b / a) / math.log(high / low) for k, (a, b) in cells.items()}
+
+
+# What SAMPLED means, written out independently of raydist: field -> (q, {k: chance of the value k x q}).
+MEANING = {
+    "epochs": (1, {k: 1 / 7 for k in range(4, 11)}),
+    "batch_size": (32, {k: 1 / 8 for k in range(1, 9)}),
+    "num_workers": (1, {1: 1 / 2, 2: 1 / 2}),
+    "weight_decay": (0.0001, {k: 1 / 11 for k in range(0, 11)}),
+    "lr": (0.1, _log_cells(0.1, 1.0, 0.1)),
+}
+
+
+def _grid_index(value, q, name):
+    """k such that value = k x q (up to float rounding noise), else the test fails."""
+    k = round(value / q)
+    assert abs(value / q - k) < 1e-9 and k in MEANING[name][1], (name, value)
+    return k
+
+
+def _assert_sampled_as_the_file_says(samples):
+    n = len(samples)
+    observed = {name: Counter(_grid_index(s[name], q, name) for s in samples) for name, (q, _) in MEANING.items()}
+    observed["optimizer"] = Counter(s["optimizer"] for s in samples)
+    expected = {name: chances for name, (_, chances) in MEANING.items()}
+    expected["optimizer"] = {"sgd": 1 / 2, "adamw": 1 / 2}
+    for name, chances in expected.items():
+        assert set(observed[name]) == set(chances), (name, sorted(set(chances) - set(observed[name])))  # ends too
+        for value, p in chances.items():  # 5 sigma per value, and a fixed seed: cannot flake
+            sigma = math.sqrt(n * p * (1 - p))
+            assert abs(observed[name][value] - n * p) <= 5 * sigma, (name, value, observed[name][value], n * p)
+
+
+@pytest.mark.parametrize("searcher", [_hyperopt_samples, _random_samples], ids=["hyperopt", "random"])
+def test_both_searchers_sample_every_distribution_as_the_file_says(tmp_path, searcher):
+    import ray
+
+    study = load_study(_write(tmp_path, SAMPLED))
+    samples = searcher(study, DRAWS)
+    assert len(samples) == DRAWS
+    _assert_sampled_as_the_file_says(samples)
+    for sample in samples[:100]:  # the sample is the config value, qloguniform's float noise removed
+        cfg = study.trial_config(sample)
+        assert 0.1 <= cfg.lr <= 1.0 and cfg.lr == float(f"{cfg.lr:.12g}")
+        assert (cfg.epochs, cfg.batch_size, cfg.weight_decay) == (sample["epochs"], sample["batch_size"],
+                                                                  sample["weight_decay"])
+    assert not ray.is_initialized()  # in-process: no cluster
+
+
+def test_hyperopt_keeps_to_the_bounds_once_tpe_models_the_results(tmp_path):
+    """After its random start-up, TPE proposes from its own model of the results: still in bounds, on the grid."""
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    study = load_study(_write(tmp_path, SAMPLED))
+    searcher = HyperOptSearch(n_initial_points=5, random_state_seed=1)
+    searcher.set_search_properties("val_acc", "max", study.tune_space())
+    proposals = []
+    for i in range(60):
+        sample = searcher.suggest(f"t{i}")
+        proposals.append(sample)
+        # a made-up result that rewards the ends, so TPE is drawn toward them
+        searcher.on_trial_complete(f"t{i}", {"val_acc": sample["epochs"] / 10 + sample["batch_size"] / 256})
+    for name, (q, _) in MEANING.items():
+        for proposal in proposals:
+            _grid_index(proposal[name], q, name)
+    tpe = proposals[5:]
+    assert max(p["epochs"] for p in tpe) == 10 and max(p["batch_size"] for p in tpe) == 256
+
+
+def test_points_to_evaluate_reach_both_searchers_exactly_as_written(tmp_path):
+    """HyperOpt looks a point's value up among the choice's values by equality: grid values must match exactly
+    (0.0005, not 5 x 0.0001 = 0.0005000000000000001)."""
+    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    point = {"epochs": 10, "batch_size": 224, "num_workers": 1, "weight_decay": 0.0007, "lr": 0.3,
+             "optimizer": "adamw"}
+    study = load_study(_write(tmp_path, SAMPLED + f"points_to_evaluate: [{point}]\n".replace("'", "")))
+    assert study.points_to_evaluate == [point]
+    searcher = HyperOptSearch(points_to_evaluate=study.points_to_evaluate, n_initial_points=2, random_state_seed=0)
+    searcher.set_search_properties("val_acc", "max", study.tune_space())
+    assert searcher.suggest("t0") == point
+    generator = BasicVariantGenerator(points_to_evaluate=study.points_to_evaluate, random_state=0)
+    generator.add_configurations({"study": {"run": lambda config: None, "config": study.tune_space(),
+                                            "num_samples": 1}})
+    trial = generator.next_trial()
+    assert {k: trial.config[k] for k in point} == point
+
+
+# ---- fair ASHA rungs ----------------------------------------------------------------------------------
+
+
+def test_under_asha_every_schedule_spans_the_budget_and_under_fifo_its_own_epochs(tmp_path):
+    study = load_study(_write(tmp_path, VALID))  # asha, epochs randint [3, 6]
+    sample = {"lr": 0.5, "batch_size": 32, "epochs": 3, "weight_decay": 0.0, "num_workers": 1}
+    cfg = study.trial_config(sample)
+    assert (cfg.epochs, cfg.schedule_epochs) == (3, 6) == (3, study.max_epochs)
+    assert {c.schedule_epochs for c in study._corner_configs()} == {6}
+    study.scheduler = "fifo"  # as `raydist.tune --scheduler fifo` sets it after loading
+    assert study.trial_config(sample).schedule_epochs is None
+    assert {c.schedule_epochs for c in study._corner_configs()} == {None}
+
+    fifo = load_study(_write(tmp_path, VALID.replace("type: asha", "type: fifo"), "fifo.yaml"))
+    assert fifo.trial_config(sample).schedule_epochs is None
+    own = load_study(_write(tmp_path, VALID.replace("type: asha", "type: fifo").replace(
+        "warmup_epochs: 0.5", "warmup_epochs: 0.5, schedule_epochs: 9"), "own.yaml"))
+    assert own.trial_config(sample).schedule_epochs == 9  # FIFO keeps what the file says
+
+
+@pytest.mark.parametrize("scheduler, epochs_searched, warned", [
+    ("asha", True, True), ("asha", False, False), ("fifo", True, False), ("fifo", False, False)])
+def test_a_warning_exactly_when_epochs_is_searched_under_asha(tmp_path, scheduler, epochs_searched, warned):
+    text = VALID.replace("type: asha", f"type: {scheduler}").split("points_to_evaluate")[0]
+    study = load_study(_write(tmp_path, text), None if epochs_searched else {"epochs": 6})
+    if not warned:
+        assert study.warnings == []
+        return
+    (warning,) = study.warnings
+    assert "\n" not in warning
+    assert "epochs is searched under ASHA" in warning and "budget (6 epochs)" in warning
+    assert "fix epochs at the budget (fixed: {epochs: 6}) and let ASHA decide how long each trial runs" in warning
+    study.scheduler = "fifo"  # follows --scheduler
+    assert study.warnings == []
+
+
+def test_the_name_key_names_the_study(tmp_path):
+    assert load_study(_write(tmp_path, VALID, "my_file.yaml")).name == "my_file"
+    named = load_study(_write(tmp_path, "name: digits_quick\n" + VALID, "study.yaml"))
+    assert named.name == "digits_quick"  # a study saved as <experiment>/study.yaml keeps its name
+    assert "digits_quick" in " ".join(named.warnings)
+
+
+def test_shipped_asha_studies_let_asha_decide_how_long_a_trial_runs():
+    for path in SHIPPED:
+        study = load_study(str(path))
+        assert study.warnings == [], path
+        if study.scheduler == "asha":
+            assert "epochs" not in study.searched and study.fixed["epochs"] == study.max_epochs, path
+            low = {k: d.extremes()[0] for k, d in study.searched.items()}
+            assert study.trial_config(low).schedule_epochs == study.max_epochs
