@@ -63,13 +63,70 @@ def connect(address: Optional[str]) -> None:
     if ray.is_initialized():  # already connected in this process (tests, Tune drivers)
         return
     if address is None:
+        # "local", not None: a bare ray.init() joins whatever cluster the address file names, and when that
+        # one is dead it retries its GCS for minutes. Without --address raydist always starts its own.
         # Ray 2.60 turns token authentication on for a new local cluster; the token is in token_path().
-        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        # Ray's own actors (Ray Train's placement-group cleaner, the State API behind Tune's trial stops) find
+        # "the" cluster through RAY_API_SERVER_ADDRESS, else that same address file, else any Ray process on
+        # the machine: name this cluster's dashboard for them, so a stale file or a second Ray instance on the
+        # host cannot mislead them. Hence a dashboard port chosen here rather than by Ray.
+        port = _free_port()
+        api_server = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                           runtime_env={"env_vars": api_server}, logging_level=logging.WARNING)
+        os.environ.update(api_server)  # this driver's own State API calls too
         if context.dashboard_url:
             print(f"started a local Ray cluster; dashboard: http://{context.dashboard_url} "
                   f"(token: {token_path()})", flush=True)
     else:
+        check_reachable(address)
         ray.init(address=address, logging_level=logging.WARNING)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def address_file() -> str:
+    """The file in which `ray start` records this machine's latest cluster (what --address auto joins)."""
+    try:
+        from ray._common.utils import get_ray_address_file  # RAY (internal; honours RAY_TMPDIR)
+
+        return get_ray_address_file(None)
+    except ImportError:
+        return os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
+
+
+def check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, in one line, when nothing answers at the cluster `address` names (ray.init would
+    retry an unreachable GCS for minutes). 'auto' means RAY_ADDRESS, else this machine's latest `ray start`."""
+    import socket
+
+    flag, where = f"--address {address}", ""
+    if address == "auto":
+        if os.environ.get("RAY_ADDRESS"):
+            address, where = os.environ["RAY_ADDRESS"], " (from RAY_ADDRESS)"
+        else:
+            try:
+                with open(address_file()) as fh:
+                    address, where = fh.read().strip(), f" (the last `ray start` here, from {address_file()})"
+            except OSError:
+                raise ConfigError(f"{flag}: no Ray cluster was started on this machine (no {address_file()}); "
+                                  f"start one with `ray start --head`, give its host:port, or drop --address "
+                                  f"to start a local one") from None
+    if "://" in address:  # ray://host:port (Ray Client) and the like: ray.init reports those itself
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError):
+        raise ConfigError(f"{flag}: no Ray cluster answers at {address}{where}; expected the head node's "
+                          f"host:port (e.g. 10.0.0.10:6379) of a running cluster, or drop --address to start "
+                          f"a local one") from None
 
 
 def cluster_totals() -> tuple[float, float]:
@@ -115,15 +172,7 @@ def status(address: Optional[str]) -> str:
     import ray
     from ray.job_submission import JobSubmissionClient
 
-    if address and address != "auto":  # ray.init retries an unreachable GCS for minutes; say so at once
-        import socket
-
-        host, _, port = address.rpartition(":")
-        try:
-            socket.create_connection((host, int(port)), timeout=3).close()
-        except (OSError, ValueError):
-            raise ConfigError(f"--address {address}: no Ray cluster answers there (expected host:port of the "
-                              f"head node's GCS, e.g. 10.0.0.10:6379, or 'auto')") from None
+    check_reachable(address or "auto")
     context = ray.init(address=address or "auto", logging_level=logging.ERROR)
     url = f"http://{context.dashboard_url}" if context.dashboard_url else None
     total, free = ray.cluster_resources(), ray.available_resources()

@@ -101,6 +101,15 @@ def cluster(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)  # members left behind after the leader exited
         except ProcessLookupError:
             pass
+        # `ray start` recorded this cluster as the machine's latest; stopped by signals, it leaves that record
+        # behind, and the next `ray.init()` (or --address auto) would try to join a dead cluster for minutes.
+        from raydist.cluster import address_file
+
+        try:
+            if open(address_file()).read().strip().endswith(f":{gcs_port}"):
+                os.remove(address_file())
+        except OSError:
+            pass
 
 
 @pytest.fixture(scope="session")

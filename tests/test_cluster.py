@@ -4,6 +4,8 @@ the dashboard's REST API, its Train run listed; a submission without the token r
 
 import copy
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -151,3 +153,58 @@ def test_status_command_shows_resources_jobs_train_runs_and_the_dashboard(cluste
     assert f"dashboard: {cluster.dashboard_url}" in out and f"(token: {cluster.token_file})" in out
     assert f"{job_id}  SUCCEEDED  {entrypoint}" in out
     assert any(line.split()[:2] == ["job-run", "FINISHED"] for line in out.splitlines())
+
+
+# ---- a stale or wrong address: one line at once, never minutes of GCS retries ----------------------------
+
+
+def _stale_ray_tmpdir():
+    """A Ray temp folder of this test's own whose address file names a cluster that is gone (what a
+    cluster stopped by signals leaves behind). Short path: Ray puts unix sockets under it."""
+    import socket
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="rd-", dir="/tmp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once the socket closes
+    os.makedirs(os.path.join(folder, "ray"))
+    with open(os.path.join(folder, "ray", "ray_current_cluster"), "w") as fh:
+        fh.write(dead)
+    return folder, dead
+
+
+@pytest.mark.parametrize("command", ["raydist.train", "raydist.tune"])
+@pytest.mark.parametrize("address", ["dead", "auto"])
+def test_an_address_nothing_answers_at_is_one_line_and_exit_2(tmp_path, command, address):
+    folder, dead = _stale_ray_tmpdir()
+    try:
+        env = {**os.environ, "RAY_TMPDIR": folder}
+        env.pop("RAY_ADDRESS", None)
+        result = subprocess.run([sys.executable, "-m", command, "--address", dead if address == "dead" else "auto",
+                                 "--storage-path", str(tmp_path / "runs")],
+                                capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-3000:]
+        where = "" if address == "dead" else f" (the last `ray start` here, from {folder}/ray/ray_current_cluster)"
+        flag = f"--address {dead if address == 'dead' else 'auto'}"
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"{command}: error: {flag}: no Ray cluster answers at {dead}{where}; expected the head node's "
+            f"host:port (e.g. 10.0.0.10:6379) of a running cluster, or drop --address to start a local one")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_bare_run_starts_its_own_cluster_whatever_a_stale_address_file_says(tmp_path):
+    folder, dead = _stale_ray_tmpdir()
+    try:
+        env = {**os.environ, "RAY_TMPDIR": folder}
+        env.pop("RAY_ADDRESS", None)
+        result = subprocess.run([sys.executable, "-m", "raydist.train", "--epochs", "2", "--num-workers", "1",
+                                 "--storage-path", str(tmp_path / "runs"), "--name", "bare"],
+                                capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert "started a local Ray cluster; dashboard: http://127.0.0.1:" in result.stdout
+        assert "finished 2 epoch(s)" in result.stdout
+        assert dead not in result.stdout + result.stderr
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
