@@ -25,16 +25,19 @@ UNFINISHED = "unfinished"        # interrupted; `--resume` continues it
 
 
 def trial_row(trial_id: str, sample: dict, history: list[dict], *, planned_epochs: int, metric: str, mode: str,
-              error: Optional[str] = None, checkpoint: Optional[str] = None, interrupted: bool = False,
-              seconds: Optional[float] = None, startup_s: Optional[float] = None) -> dict:
-    """One trial's summary: its sampled values, how it ended, its final and best metric."""
+              error: Optional[str] = None, checkpoint: Optional[str] = None, weights_epoch: Optional[int] = None,
+              interrupted: bool = False, seconds: Optional[float] = None, startup_s: Optional[float] = None) -> dict:
+    """One trial's summary: its sampled values, how it ended, its final and best metric.
+
+    `checkpoint` is the kept checkpoint that stands for the best epoch, from epoch `weights_epoch` (the best
+    epoch itself, or an equally good one, when kept; else the nearest kept one).
+    """
     last = history[-1] if history else {}
     epochs_run = int(last.get("epoch", 0))
-    values = [h[metric] for h in history if _finite(h.get(metric))]
-    best_index = None
-    if values:
-        pick = max if mode == "max" else min
-        best_index = [i for i, h in enumerate(history) if h.get(metric) == pick(values)][0]
+    best = best_record(history, metric, mode)
+    exported = next((h for h in history if h.get("epoch") == weights_epoch), None)
+    if best and exported and exported[metric] == best[metric]:
+        best = exported  # of equally good epochs, the one whose weights are exported
     if error:
         status = ERROR
     elif last.get("stop_reason") == "non_finite_loss":
@@ -48,16 +51,27 @@ def trial_row(trial_id: str, sample: dict, history: list[dict], *, planned_epoch
     return {
         "trial_id": trial_id, "status": status, **sample,
         "epochs_planned": planned_epochs, "epochs_run": epochs_run,
-        f"final_{metric}": last.get(metric), f"best_{metric}": history[best_index][metric] if best_index is not None else None,
-        "best_epoch": history[best_index]["epoch"] if best_index is not None else None,
+        f"final_{metric}": last.get(metric), f"best_{metric}": best[metric] if best else None,
+        "best_epoch": best["epoch"] if best else None, "weights_epoch": weights_epoch,
         "final_val_acc": last.get("val_acc"), "final_val_loss": last.get("val_loss"),
         "final_train_loss": last.get("train_loss"), "images_per_s": last.get("images_per_s"),
         "seconds": seconds, "startup_s": startup_s, "checkpoint": checkpoint or "", "error": error or "",
     }
 
 
+def best_record(history: list[dict], metric: str, mode: str) -> Optional[dict]:
+    """The epoch with the best finite `metric` (the earliest of equals), or None."""
+    scored = [h for h in history if _finite(h.get(metric))]
+    if not scored:
+        return None
+    sign = 1 if mode == "max" else -1
+    return max(scored, key=lambda h: sign * h[metric])  # max() keeps the first of equal keys
+
+
 def best_row(rows: list[dict], metric: str, mode: str) -> Optional[dict]:
-    scored = [r for r in rows if _finite(r[f"best_{metric}"])]
+    """The trial with the best metric. A diverged or failed trial is never it: its weights are not a model
+    to use, whatever an early epoch scored."""
+    scored = [r for r in rows if _finite(r[f"best_{metric}"]) and r["status"] not in (DIVERGED, ERROR)]
     if not scored:
         return None
     return (max if mode == "max" else min)(scored, key=lambda r: r[f"best_{metric}"])

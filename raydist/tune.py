@@ -10,6 +10,10 @@ others. HyperOpt's TPE proposes trials (behind a concurrency limit), ASHA stops 
 on the per-epoch validation metric. Each trial is a small Tune function that builds and fits its own
 TorchTrainer (Ray 2.60: a trainer cannot be handed to Tuner), with a stable Train run folder inside the
 trial's folder so an interrupted trial resumes from its last checkpoint. Bad input exits 2 before Ray starts.
+raydist.study_search holds TPE's proposals until its start-up trials have results; raydist.study_history
+keeps every trial's per-epoch history (results.csv, the curves and the best epoch come from it) and rebuilds
+ASHA's rungs from it on --resume, which continues a study exactly as it was saved (only the cluster, the
+concurrency and where the data is may change).
 """
 
 from __future__ import annotations
@@ -18,9 +22,7 @@ import argparse
 import dataclasses
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,7 +31,8 @@ import yaml
 
 from raydist import report
 from raydist.config import ConfigError, TrainConfig
-from raydist.search_space import PER_TRIAL_FIELDS, Study, load_study
+from raydist.search_space import Study, load_study
+from raydist.study_results import StudyResult, summarize
 
 STUDY_FILE = "study.yaml"  # the effective study, saved so --resume needs nothing else
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     from raydist.config import _Parser
 
     p = _Parser(prog="raydist.tune", description=__doc__.splitlines()[0])
-    p.add_argument("--search-space", default=DEFAULT_STUDY, metavar="FILE.yaml",
+    p.add_argument("--search-space", metavar="FILE.yaml",
                    help=f"study file, or the name of one in {SEARCH_SPACES.name}/ (see --list; default: {DEFAULT_STUDY})")
     p.add_argument("--list", action="store_true", help="list the shipped study files and exit")
     p.add_argument("--search", choices=("hyperopt", "random"), help="search algorithm (default: the study's)")
@@ -54,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a config field for every trial (repeatable); a searched field becomes fixed")
     p.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: start a local one")
-    p.add_argument("--storage-path", default="./runs",
-                   help="where the experiment folder goes, a local path or URI (default: ./runs)")
+    p.add_argument("--storage-path", help="where the experiment folder goes, a local path or URI (default: ./runs)")
     p.add_argument("--name", help="experiment folder name (default: <study>-<timestamp>)")
     p.add_argument("--resume", metavar="EXPERIMENT_DIR",
                    help="continue an interrupted study: finished trials are kept, unfinished ones resume")
@@ -109,16 +111,14 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
         study_file = os.path.join(experiment, STUDY_FILE)
         if not os.path.isfile(study_file):
             raise ConfigError(f"--resume {args.resume}: not a raydist.tune experiment folder (no {STUDY_FILE})")
-        for flag in ("search", "scheduler", "num_samples", "name"):
-            if getattr(args, flag) is not None:
-                raise ConfigError(f"--resume continues the study as it was; drop --{flag.replace('_', '-')}")
+        _check_resume_flags(args, overrides)
         searched = set(load_study(study_file).searched) & set(overrides)
         if searched:  # the restored searcher keeps proposing it; a fixed value would be silently ignored
             raise ConfigError(f"--resume: {sorted(searched)[0]} is searched in this study and cannot be fixed now")
         study = load_study(study_file, overrides)
         storage_path, name = os.path.dirname(experiment), os.path.basename(experiment)
     else:
-        study = load_study(find_study_file(args.search_space), overrides)
+        study = load_study(find_study_file(args.search_space or DEFAULT_STUDY), overrides)
         if args.search:
             study.search = args.search
         if args.scheduler:
@@ -127,16 +127,18 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
             if args.num_samples < 1:
                 raise ConfigError(f"--num-samples must be a positive integer, got {args.num_samples}")
             study.num_samples = args.num_samples
-        storage_path = args.storage_path if "://" in args.storage_path else os.path.abspath(
-            os.path.expanduser(args.storage_path))
+        storage_path = args.storage_path or "./runs"
+        storage_path = storage_path if "://" in storage_path else os.path.abspath(os.path.expanduser(storage_path))
         name = args.name or f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if "/" in name or name.startswith("."):
             raise ConfigError(f"--name {name!r} must be a plain folder name (no '/', not starting with '.')")
         if "://" not in storage_path and os.path.exists(os.path.join(storage_path, name)):
             raise ConfigError(f"experiment folder {os.path.join(storage_path, name)} exists; pick another --name "
                               f"or continue it with --resume")
-    if args.max_concurrent is not None and args.max_concurrent < 1:
-        raise ConfigError(f"--max-concurrent must be a positive integer, got {args.max_concurrent}")
+    if args.max_concurrent is not None:
+        if args.max_concurrent < 1:
+            raise ConfigError(f"--max-concurrent must be a positive integer, got {args.max_concurrent}")
+        study.max_concurrent = args.max_concurrent  # saved with the study: a later --resume keeps it
     # Tune runs each trial in its own working folder: relative data paths must not follow it there.
     data_dir = study.fixed.get("data_dir", TrainConfig.data_dir)
     if "://" not in data_dir:
@@ -148,8 +150,27 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
         _require("mlflow", "--mlflow-uri")
     return Plan(study=study, experiment_path=f"{storage_path}/{name}", storage_path=storage_path, name=name,
                 address=args.address, resume=bool(args.resume),
-                max_concurrent=args.max_concurrent or study.max_concurrent,
+                max_concurrent=study.max_concurrent,
                 wandb=args.wandb, wandb_project=args.wandb_project, mlflow_uri=args.mlflow_uri)
+
+
+# What --resume may change: where the data is. Everything else a trial computes with stays as the study
+# started, or trials would differ mid-run and the next resume would revert them.
+RESUME_SETTABLE = ("data_dir", "download")
+
+
+def _check_resume_flags(args: argparse.Namespace, overrides: dict) -> None:
+    """--resume continues the study as saved; a flag it cannot honour is refused, never ignored."""
+    for flag in ("search_space", "search", "scheduler", "num_samples", "name", "storage_path"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"--resume continues the study as it was; drop --{flag.replace('_', '-')}")
+    for flag in ("wandb", "wandb_project", "mlflow_uri"):
+        if getattr(args, flag):  # Ray restores the study's logger callbacks as they were created
+            raise ConfigError(f"--resume keeps the loggers the study started with; drop --{flag.replace('_', '-')}")
+    fixed = sorted(set(overrides) - set(RESUME_SETTABLE))
+    if fixed:
+        raise ConfigError(f"--resume: --set {fixed[0]} would change the study's trials mid-run; only "
+                          f"{', '.join(RESUME_SETTABLE)} can be set when resuming")
 
 
 def _check_data(study: Study) -> None:
@@ -197,17 +218,20 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from raydist.study_history import HistoryCallback
     from raydist.train import fit, prepare
 
     context = ray.tune.get_context()
     trial_dir = os.path.basename(context.get_trial_dir())
+    trial_path = f"{experiment_path}/{trial_dir}"
     # <experiment>/trial_<id>/<study>.<id>/: the Train run's name is what the dashboard's Train view lists.
-    cfg = dataclasses.replace(study.trial_config(sample), address="auto",
-                              name=train_run_name(study.name, context.get_trial_id()),
-                              storage_path=f"{experiment_path}/{trial_dir}")
+    # Checkpoints are kept by the study's own metric, so the best epoch it reports is one that was kept.
+    cfg = dataclasses.replace(study.trial_config(sample), address="auto", keep_by=study.metric,
+                              name=train_run_name(study.name, context.get_trial_id()), storage_path=trial_path)
     cfg = prepare(cfg, explicit={})
-    # The stable Train name and storage make a resumed trial pick its latest checkpoint up again.
-    fit(cfg, callbacks=[TuneReportCallback()])
+    # The stable Train name and storage make a resumed trial pick its latest checkpoint up again. The
+    # history goes first: whatever Tune then does with the report, the epoch is on record.
+    fit(cfg, callbacks=[HistoryCallback(trial_path), TuneReportCallback()])
 
 
 def train_run_name(study_name: str, trial_id: str) -> str:
@@ -225,26 +249,11 @@ def trial_name(trial) -> str:
 # ---- the study -----------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class StudyResult:
-    experiment_path: str
-    rows: list[dict]  # report.trial_row per trial
-    histories: dict[str, list[dict]]
-    best: Optional[dict]  # the best row
-    best_checkpoint: Optional[str]
-    best_model: Optional[str]  # <experiment>/best_model.pt
-    interrupted: bool
-    seconds: float
-
-
 def run_study(plan: Plan) -> StudyResult:
     import ray
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
-    from ray.tune.search.hyperopt import HyperOptSearch
 
-    from raydist import cluster
+    from raydist import cluster, study_search
 
     t0 = time.perf_counter()
     study = plan.study
@@ -257,47 +266,67 @@ def run_study(plan: Plan) -> StudyResult:
     concurrency = plan_concurrency(study, free_cpus=free.get("CPU", 0), free_gpus=free.get("GPU", 0),
                                    total_cpus=total.get("CPU", 0), total_gpus=total.get("GPU", 0),
                                    requested=plan.max_concurrent, where="the cluster")
-    if not plan.resume:
-        _save_study(study, plan.experiment_path)
+    _save_study(study, plan.experiment_path)  # on --resume: with the concurrency and data_dir given now
     print(f"study {study.name}: {study.num_samples} trials of {len(study.searched)} searched field(s) "
           f"({', '.join(f'{k}~{d.describe()}' for k, d in study.searched.items())}), {study.search} search, "
           f"{study.scheduler} scheduler, {concurrency} at once; experiment: {plan.experiment_path}", flush=True)
+    startup = max(study.initial_points, len(study.points_to_evaluate))  # as raydist.study_search.TPEGate counts
+    if study.search == "hyperopt" and concurrency > startup:
+        print(f"TPE: the first {startup} trials are start-up points; later ones wait for {study.initial_points} "
+              f"results", flush=True)
+    for warning in study.warnings:
+        print(f"warning: {warning}", flush=True)
 
     # The driver holds no CPU: its Train workers reserve the trial's resources, and concurrency is capped
     # above. (Tune needs some resource in a trial's bundle; 1 MiB of memory is the smallest honest one.)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, study=study, experiment_path=plan.experiment_path),
         {"CPU": 0, "memory": 2**20})
-    callbacks = _logger_callbacks(plan)
     if plan.resume:
+        # Tune rebuilds the searcher and scheduler from what it saved; the searcher takes today's concurrency
+        # and the scheduler its rungs from the trials' histories (raydist.study_history).
+        study_search.set_resume_concurrency(concurrency)
         tuner = ray.tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True)
     else:
-        if study.search == "hyperopt":
-            searcher = ConcurrencyLimiter(
-                HyperOptSearch(points_to_evaluate=study.points_to_evaluate or None,
-                               n_initial_points=study.initial_points, random_state_seed=study.seed),
-                max_concurrent=concurrency)
-        else:
-            searcher = BasicVariantGenerator(points_to_evaluate=study.points_to_evaluate or None,
-                                             random_state=study.seed, max_concurrent=concurrency)
-        if study.scheduler == "asha":
-            # stop_last_trials=False: a trial that reaches its own last epoch finishes normally.
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=study.max_epochs, grace_period=study.grace_period,
-                                      reduction_factor=study.reduction_factor, stop_last_trials=False)
-        else:
-            scheduler = FIFOScheduler()
         tuner = ray.tune.Tuner(
             trainable,
             param_space=study.tune_space(),
-            tune_config=ray.tune.TuneConfig(metric=study.metric, mode=study.mode, search_alg=searcher,
-                                            scheduler=scheduler, num_samples=study.num_samples,
+            tune_config=ray.tune.TuneConfig(metric=study.metric, mode=study.mode, num_samples=study.num_samples,
+                                            search_alg=_searcher(study, concurrency), scheduler=_scheduler(study),
                                             trial_name_creator=trial_name,  # the searchers cap concurrency
                                             trial_dirname_creator=trial_dirname),
-            run_config=ray.tune.RunConfig(name=plan.name, storage_path=plan.storage_path, callbacks=callbacks,
+            run_config=ray.tune.RunConfig(name=plan.name, storage_path=plan.storage_path,
+                                          callbacks=_logger_callbacks(plan),
                                           failure_config=ray.tune.FailureConfig(max_failures=0), verbose=1),
         )
     grid = tuner.fit()
     return summarize(study, grid, plan.experiment_path, seconds=time.perf_counter() - t0)
+
+
+def _searcher(study: Study, concurrency: int):
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    from raydist.study_search import RandomSearch, TPEGate
+
+    if study.search == "hyperopt":
+        return TPEGate(HyperOptSearch(points_to_evaluate=study.points_to_evaluate or None,
+                                      n_initial_points=study.initial_points, random_state_seed=study.seed),
+                       initial_points=study.initial_points, points_to_evaluate=len(study.points_to_evaluate),
+                       max_concurrent=concurrency)
+    return RandomSearch(points_to_evaluate=study.points_to_evaluate or None, random_state=study.seed,
+                        max_concurrent=concurrency)
+
+
+def _scheduler(study: Study):
+    from ray.tune.schedulers import FIFOScheduler
+
+    from raydist.study_history import ASHAWithHistory
+
+    if study.scheduler == "asha":
+        # stop_last_trials=False: a trial that reaches its own last epoch finishes normally.
+        return ASHAWithHistory(time_attr="epoch", max_t=study.max_epochs, grace_period=study.grace_period,
+                               reduction_factor=study.reduction_factor, stop_last_trials=False)
+    return FIFOScheduler()
 
 
 def _save_study(study: Study, experiment_path: str) -> None:
@@ -306,6 +335,7 @@ def _save_study(study: Study, experiment_path: str) -> None:
     fs, root = pyarrow.fs.FileSystem.from_uri(experiment_path)
     fs.create_dir(root, recursive=True)
     content = {
+        "name": study.name,  # the saved file is study.yaml: without this, a resumed study is called "study"
         "description": study.description, "metric": study.metric, "mode": study.mode,
         "num_samples": study.num_samples, "max_concurrent": study.max_concurrent,
         "search": {"algorithm": study.search, "initial_points": study.initial_points, "seed": study.seed},
@@ -347,129 +377,7 @@ def _logger_callbacks(plan: Plan) -> list:
     return callbacks
 
 
-# ---- after the study: table, CSV, plot, best weights --------------------------------------------------
-
-
-def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> StudyResult:
-    statuses = _saved_statuses(experiment_path)
-    unfinished = {t for t, status in statuses.items() if status not in ("TERMINATED", "ERROR")}
-    interrupted = bool(unfinished) or len(statuses) < study.num_samples
-    rows, histories = [], {}
-    for i in range(len(grid)):
-        result = grid[i]
-        trial_id = os.path.basename(result.path).removeprefix("trial_")
-        frame = result.metrics_dataframe
-        history = frame.to_dict("records") if frame is not None and "epoch" in frame else []
-        history = _dedupe_epochs(history)
-        sample = {k: _plain(result.config.get(k)) for k in study.searched}
-        planned = study.trial_config(sample).epochs if sample and all(v is not None for v in sample.values()) else 0
-        checkpoint = _best_checkpoint(history, study, experiment_path)
-        first = history[0] if history else {}
-        startup = first.get("time_this_iter_s", math.nan) - first.get("epoch_time_s", math.nan) if first else None
-        rows.append(report.trial_row(
-            trial_id, sample, history, planned_epochs=planned, metric=study.metric, mode=study.mode,
-            error=_one_line(result.error) if result.error else None, checkpoint=checkpoint,
-            interrupted=trial_id in unfinished,
-            seconds=history[-1].get("time_total_s") if history else None, startup_s=startup))
-        histories[trial_id] = history
-    rows.sort(key=lambda r: r["trial_id"])
-    best = report.best_row(rows, study.metric, study.mode)
-    # Written locally, then copied when the experiment lives in remote storage (S3, GCS).
-    remote = "://" in experiment_path
-    out_dir = tempfile.mkdtemp(prefix="raydist-study-") if remote else experiment_path
-    report.write_csv(rows, os.path.join(out_dir, "results.csv"), searched=list(study.searched))
-    report.write_curves_csv(histories, os.path.join(out_dir, "learning_curves.csv"))
-    report.plot_learning_curves(histories, os.path.join(out_dir, "learning_curves.png"),
-                                metric=study.metric, best=best["trial_id"] if best else None,
-                                title=f"{study.name}: {study.metric} per epoch (x: last epoch run)")
-    best_model = _export_best(best, out_dir) if best and best["checkpoint"] else None
-    if remote:
-        import pyarrow.fs
-
-        pyarrow.fs.copy_files(out_dir, experiment_path)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        best_model = f"{experiment_path}/{os.path.basename(best_model)}" if best_model else None
-    return StudyResult(experiment_path=experiment_path, rows=rows, histories=histories, best=best,
-                       best_checkpoint=best["checkpoint"] if best else None, best_model=best_model,
-                       interrupted=interrupted, seconds=seconds)
-
-
-def _saved_statuses(experiment_path: str) -> dict[str, str]:
-    """Trial id -> status in Tune's last saved experiment state (an interrupted study saves its running
-    trials as RUNNING/PENDING; the in-memory ResultGrid no longer tells them apart)."""
-    import json
-
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(experiment_path)
-    states = sorted(info.path for info in fs.get_file_info(pyarrow.fs.FileSelector(root))
-                    if os.path.basename(info.path).startswith("experiment_state") and info.path.endswith(".json"))
-    if not states:
-        return {}
-    with fs.open_input_stream(states[-1]) as fh:
-        saved = json.loads(fh.read())
-    statuses = {}
-    for trial_json, _ in saved.get("trial_data", []):
-        trial = json.loads(trial_json)
-        statuses[trial["trial_id"]] = trial["status"]
-    return statuses
-
-
-def _dedupe_epochs(history: list[dict]) -> list[dict]:
-    """A resumed trial can report an epoch twice (once before the interruption): keep the last report."""
-    by_epoch: dict[int, dict] = {}
-    for row in history:
-        if isinstance(row.get("epoch"), (int, float)) and math.isfinite(row["epoch"]):
-            by_epoch[int(row["epoch"])] = row
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def _best_checkpoint(history: list[dict], study: Study, experiment_path: str) -> Optional[str]:
-    """The kept checkpoint with the best metric (Train keeps the best few by val_acc, and the latest)."""
-    remote = "://" in experiment_path
-    candidates = []
-    for h in history:
-        path = h.get("checkpoint_path")
-        if not isinstance(path, str) or not path:
-            continue
-        if remote:  # Ray reports the path inside the bucket; give it its scheme back
-            candidates.append((h, path if "://" in path else f"{experiment_path.split('://')[0]}://{path}"))
-        elif os.path.isdir(path):  # deleted ones (beyond keep_checkpoints) are skipped
-            candidates.append((h, path))
-    if not candidates:
-        return None
-    pick = max if study.mode == "max" else min
-    return pick(candidates, key=lambda c: c[0][study.metric])[1]
-
-
-def _export_best(best: dict, out_dir: str) -> str:
-    """best_model.pt (same format as a run's model_final.pt) and best_config.yaml for `raydist.train --config`."""
-    import ray.train
-    import torch
-
-    from raydist.data import num_classes
-    from raydist.engine import CHECKPOINT_FILE, load_checkpoint_file
-
-    with ray.train.Checkpoint(best["checkpoint"]).as_directory() as folder:  # downloads a remote one
-        state = load_checkpoint_file(os.path.join(folder, CHECKPOINT_FILE))
-    cfg = TrainConfig.from_dict(state["config"])
-    path = os.path.join(out_dir, "best_model.pt")
-    torch.save({"model": state["model"], "config": state["config"], "model_name": cfg.model,
-                "num_classes": num_classes(cfg.dataset, cfg.fake_num_classes), "metrics": state["metrics"],
-                "trial_id": best["trial_id"], "checkpoint": best["checkpoint"]}, path)
-    with open(os.path.join(out_dir, "best_config.yaml"), "w") as fh:
-        yaml.safe_dump({k: v for k, v in state["config"].items() if k not in PER_TRIAL_FIELDS}, fh, sort_keys=False)
-    return path
-
-
-def _plain(value):
-    """numpy scalars (HyperOpt's samples) -> Python numbers, for CSV and YAML."""
-    return value.item() if hasattr(value, "item") else value
-
-
-def _one_line(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}"
-    return next((line.strip() for line in reversed(text.splitlines()) if "Error" in line), text.splitlines()[0])[:300]
+# ---- after the study: the table and where everything is -----------------------------------------------
 
 
 def print_result(result: StudyResult, study: Study) -> None:
@@ -479,7 +387,7 @@ def print_result(result: StudyResult, study: Study) -> None:
         b = result.best
         values = ", ".join(f"{k}={report.cell(k, b[k])}" for k in study.searched)
         print(f"\nbest trial {b['trial_id']}: {study.metric} {report.cell(study.metric, b[f'best_{study.metric}'])} "
-              f"at epoch {b['best_epoch']} ({values})")
+              f"at epoch {b['best_epoch']}{_weights_note(b)} ({values})")
         print(f"  checkpoint:   {result.best_checkpoint}")
         if result.best_model:
             print(f"  best weights: {result.best_model}")
@@ -490,6 +398,13 @@ def print_result(result: StudyResult, study: Study) -> None:
           f"TensorBoard: tensorboard --logdir {where}  ({result.seconds:.0f}s)")
     if result.interrupted:
         print(f"interrupted; continue with: python -m raydist.tune --resume {where}")
+
+
+def _weights_note(row: dict) -> str:
+    """Said whenever the exported weights are not the best epoch's own (that checkpoint was not kept)."""
+    if row["weights_epoch"] is None or row["weights_epoch"] == row["best_epoch"]:
+        return ""
+    return f"; weights from epoch {row['weights_epoch']}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -77,3 +77,21 @@ def test_table_lists_the_best_first(tmp_path):
                                                  (None, "lr", "-"), (0.000123456, "lr", "0.0001235")])
 def test_cells(value, column, text):
     assert report.cell(column, value) == text
+
+
+def test_a_diverged_or_failed_trial_is_never_the_best():
+    diverged = report.trial_row("nan", {}, _history([0.99, 0.1], stop_reason="non_finite_loss"), planned_epochs=4,
+                                metric="val_acc", mode="max")
+    failed = _row("oom", [0.98], 4, error="OutOfMemoryError: CUDA out of memory")
+    fair = _row("ok", [0.5, 0.8], 2)
+    assert (diverged["best_val_acc"], failed["best_val_acc"]) == (0.99, 0.98)  # they did score higher once
+    assert report.best_row([diverged, failed, fair], "val_acc", "max")["trial_id"] == "ok"
+    assert report.best_row([diverged, failed], "val_acc", "max") is None
+
+
+def test_best_epoch_is_the_first_of_equals_and_the_weights_epoch_is_reported():
+    row = _row("a", [0.5, 0.9, 0.9, 0.7], 4, checkpoint="/ckpt/4", weights_epoch=4)
+    assert (row["best_epoch"], row["weights_epoch"], row["checkpoint"]) == (2, 4, "/ckpt/4")
+    assert report.best_record(_history([0.5, 0.9, 0.9]), "val_acc", "max")["epoch"] == 2
+    assert report.best_record(_history([0.5, 0.2, 0.2]), "val_loss", "min")["epoch"] == 1  # loss = 1 - acc
+    assert report.best_record([{"epoch": 1, "val_acc": float("nan")}], "val_acc", "max") is None

@@ -1,0 +1,142 @@
+"""What a study remembers of each trial across interruptions: its per-epoch history, and ASHA's rungs.
+
+    callback = HistoryCallback(f"{experiment}/trial_{id}")   # in the trial's Train RunConfig(callbacks=...)
+    history = read_history(f"{experiment}/trial_{id}")       # every epoch the trial reported, oldest first
+    scheduler = ASHAWithHistory(time_attr="epoch", max_t=8, ...)  # rebuilds its rungs on --resume
+
+Why raydist keeps its own history: Tune's progress.csv / result.json of a resumed trial are restored only
+for trials that handed Tune a checkpoint (ours hand checkpoints to Train, not Tune), so when a resume runs
+in a new Ray session the earlier epochs of every interrupted trial vanish from them. `history.jsonl`
+(one JSON object per reported epoch, in the trial's folder) is written by the trial's Train controller
+after each report, so it holds every epoch whatever happens to the driver.
+
+Why the scheduler subclass: Ray saves neither ASHA's rung records nor its state with the experiment, so a
+restored study starts with empty rungs and the first trials to reach each rung after a resume are never
+stopped. ASHAWithHistory replays each restored trial's saved history into its bracket as the trial is
+added back, which rebuilds the records exactly as ASHA made them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from ray.train import UserCallback
+from ray.tune.schedulers import ASHAScheduler
+
+HISTORY_FILE = "history.jsonl"
+
+
+# ---- the history file ----------------------------------------------------------------------------------
+
+
+def _fs(trial_path: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(trial_path)
+
+
+def read_history(trial_path: str, *, filesystem=None) -> list[dict]:
+    """Every epoch the trial reported (the latest report of each), oldest first; [] when there is none."""
+    import pyarrow.fs
+
+    fs, path = (filesystem, trial_path) if filesystem is not None else _fs(trial_path)
+    file = f"{path}/{HISTORY_FILE}"
+    if fs.get_file_info(file).type != pyarrow.fs.FileType.File:
+        return []
+    with fs.open_input_stream(file) as fh:
+        lines = fh.read().decode().splitlines()
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a killed writer: the epochs before it stand
+            break
+    return records
+
+
+def _write_history(trial_path: str, records: list[dict]) -> None:
+    """Rewrite the whole file (object stores cannot append); a local file is replaced atomically."""
+    import os
+
+    fs, path = _fs(trial_path)
+    fs.create_dir(path, recursive=True)
+    text = "".join(json.dumps(r, default=str) + "\n" for r in records).encode()  # NaN stays NaN
+    if "://" not in trial_path:
+        tmp = f"{path}/.{HISTORY_FILE}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(text)
+        os.replace(tmp, f"{path}/{HISTORY_FILE}")
+    else:
+        with fs.open_output_stream(f"{path}/{HISTORY_FILE}") as out:
+            out.write(text)
+
+
+class HistoryCallback(UserCallback):
+    """Appends each Train report (rank 0's metrics, the checkpoint's path) to the trial's history.jsonl.
+
+    Created in the trial's driver when (re)starting the trial; runs in the Train controller. A resumed
+    trial replays the epochs after its last checkpoint: a report for epoch e replaces the records of
+    epoch e and later, so the history is always one consistent run. Adds the timings Tune would:
+    `time_this_iter_s` (since the last report or the trial's start) and `time_total_s` (summed over every
+    attempt, so the time lost to an interruption counts as spent).
+    """
+
+    def __init__(self, trial_path: str):
+        self.trial_path = trial_path
+        self.records = read_history(trial_path)
+        self.spent_before = self.records[-1].get("time_total_s", 0.0) if self.records else 0.0
+        self.started = self.last = time.time()
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        now = time.time()
+        record = dict(metrics[0])
+        record.update(checkpoint_path=checkpoint.path if checkpoint else None, reported_unix=now,
+                      time_this_iter_s=now - self.last, time_total_s=self.spent_before + now - self.started)
+        self.last = now
+        self.records = [r for r in self.records if r.get("epoch", math.inf) < record["epoch"]] + [record]
+        _write_history(self.trial_path, self.records)
+
+
+# ---- ASHA that survives a resume -----------------------------------------------------------------------
+
+
+def replay_history(scheduler: ASHAScheduler, trial_id: str, history: list[dict]) -> None:
+    """Feed a trial's saved per-epoch results to its bracket, as ASHA saw them when they were reported.
+
+    Only the records are rebuilt: the decisions those results led to were taken at the time (a stopped
+    trial is stopped, a running one was allowed on).
+    """
+    bracket = scheduler._trial_info.get(trial_id)
+    metric, sign, time_attr = scheduler._metric, scheduler._metric_op, scheduler._time_attr
+    if bracket is None or metric is None or sign is None:
+        return
+    stub = _TrialId(trial_id)
+    for record in history:
+        if isinstance(record.get(time_attr), (int, float)) and isinstance(record.get(metric), (int, float)):
+            bracket.on_result(stub, record[time_attr], sign * record[metric])
+
+
+class _TrialId:
+    """What a bracket reads of a trial."""
+
+    def __init__(self, trial_id: str):
+        self.trial_id = trial_id
+
+
+class ASHAWithHistory(ASHAScheduler):
+    """ASHAScheduler whose rung records come back on --resume, rebuilt from each trial's history.jsonl."""
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        # A new trial has no history yet; a restored one (finished, stopped or interrupted) has its own.
+        storage = getattr(trial, "storage", None)
+        if storage is not None and getattr(storage, "trial_dir_name", None):
+            history = read_history(storage.trial_fs_path, filesystem=storage.storage_filesystem)
+            replay_history(self, trial.trial_id, history)
+
+
+def rung_records(scheduler: ASHAScheduler) -> dict[float, dict[str, float]]:
+    """Milestone -> {trial id: the (sign-adjusted) metric recorded there}, for messages and tests."""
+    return {milestone: dict(recorded) for bracket in scheduler._brackets for milestone, recorded in bracket._rungs}
+

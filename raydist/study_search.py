@@ -1,0 +1,104 @@
+"""The study's search algorithms: TPE that waits for results before it models, and random search; both
+with a trial concurrency that a resumed study can change.
+
+    searcher = TPEGate(HyperOptSearch(n_initial_points=3, ...), initial_points=3, max_concurrent=8)
+    searcher = RandomSearch(points_to_evaluate=..., random_state=0, max_concurrent=8)
+    set_resume_concurrency(4)   # before Tuner.restore(...).fit(): the restored searcher runs 4 at once
+
+Why the gate: hyperopt's TPE draws random points until it holds `n_initial_points` trials, and it counts
+trials still running (no result yet) among them. With 8 trials at once and 3 initial points, the first 8
+proposals are all made before any result exists: TPE is random search, and the trials proposed while
+results are pending are modelled with an infinite loss. TPEGate proposes the start-up points (the study's
+`points_to_evaluate` and random ones, `max(initial_points, len(points_to_evaluate))` in all) at once, then
+holds every further proposal (Tune asks again later) until `initial_points` trials have a result, so TPE's
+first real proposal is modelled on real results. It never holds when none of its trials is running (an
+all-errors start would otherwise wait forever; TPE then proposes from what it has).
+
+Why concurrency lives here and not in Ray's ConcurrencyLimiter: Tune restores a study's searchers from
+the state it saved, the concurrency included, so a concurrency given to `--resume` (or a bigger cluster's)
+would be ignored. TPEGate and RandomSearch take the one set by `set_resume_concurrency` when restored.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from ray.tune.search import BasicVariantGenerator, Searcher
+
+# Set by raydist.tune just before a restored study runs: Tune rebuilds the searcher from its pickled
+# state inside fit(), and this is the one value of the new command line it must take.
+_resume_concurrency: Optional[int] = None
+
+
+def set_resume_concurrency(max_concurrent: Optional[int]) -> None:
+    global _resume_concurrency
+    _resume_concurrency = max_concurrent
+
+
+class TPEGate(Searcher):
+    """Wraps HyperOptSearch: start-up proposals at once, TPE proposals only once results exist."""
+
+    def __init__(self, searcher: Searcher, *, initial_points: int, points_to_evaluate: int = 0,
+                 max_concurrent: int):
+        self.searcher = searcher
+        self.initial_points = initial_points  # results TPE waits for (hyperopt's n_initial_points)
+        self.startup = max(initial_points, points_to_evaluate)  # proposals that need no result
+        self.max_concurrent = max_concurrent
+        self.live: set[str] = set()
+        self.proposed = 0
+        self.results = 0
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    # -- the rule
+    def waiting_for_results(self) -> bool:
+        return self.proposed >= self.startup and self.results < self.initial_points and bool(self.live)
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        if len(self.live) >= self.max_concurrent or self.waiting_for_results():
+            return None  # Tune asks again when a trial ends
+        config = self.searcher.suggest(trial_id)
+        if config not in (None, Searcher.FINISHED):
+            self.live.add(trial_id)
+            self.proposed += 1
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if trial_id in self.live:
+            self.live.discard(trial_id)
+            if not error and result and self.metric in result:
+                self.results += 1
+        # Always passed on: HyperOpt ignores trials it did not propose.
+        self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    # -- plumbing to the wrapped searcher
+    def set_search_properties(self, metric: Optional[str], mode: Optional[str], config: dict, **spec) -> bool:
+        ok = self.searcher.set_search_properties(metric, mode, config, **spec)
+        self._metric, self._mode = self.searcher.metric, self.searcher.mode
+        return ok
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        self.max_concurrent = max_concurrent
+        return True
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.searcher.on_trial_result(trial_id, result)
+
+    # Tune saves a wrapper (an object with `.searcher`) through get_state/set_state, and the wrapped
+    # HyperOptSearch through its own files.
+    def get_state(self) -> dict:
+        return copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "searcher"})
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if _resume_concurrency is not None:
+            self.max_concurrent = _resume_concurrency
+
+
+class RandomSearch(BasicVariantGenerator):
+    """Tune's random search, whose concurrency a resume can change (it is part of the state Tune restores)."""
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        if _resume_concurrency is not None:
+            self.max_concurrent = _resume_concurrency

@@ -1,0 +1,95 @@
+"""Which weights a study exports as its best, without Ray running: the best epoch's own checkpoint when it
+was kept, else the nearest kept one, and the report says which."""
+
+import csv
+import os
+from types import SimpleNamespace
+
+import torch
+
+from raydist import report, study_results, tune
+from raydist.config import TrainConfig
+from raydist.engine import CHECKPOINT_FILE
+from raydist.models import create_model
+from raydist.search_space import load_study
+from raydist.study_history import HistoryCallback
+
+STUDY = """
+metric: val_acc
+scheduler: {type: fifo}
+fixed: {dataset: digits, model: resnet8, num_workers: 1, epochs: 4, checkpoint_every: 2}
+searched:
+  lr: {loguniform: [0.1, 1.0]}
+"""
+
+
+def _checkpoint(folder, epoch, acc):
+    """A checkpoint folder as the engine writes it, with weights of its own."""
+    torch.manual_seed(epoch)
+    cfg = TrainConfig(dataset="digits", model="resnet8", epochs=4, checkpoint_every=2, lr=0.5)
+    os.makedirs(folder)
+    torch.save({"model": create_model("resnet8", num_classes=10).state_dict(), "epoch": epoch,
+                "config": cfg.to_dict(), "metrics": {"epoch": epoch, "val_acc": acc}},
+               os.path.join(folder, CHECKPOINT_FILE))
+    return folder
+
+
+def _history(run_dir, accs, checkpointed, kept):
+    """Per-epoch records; `checkpointed` epochs carry a checkpoint path, of which only `kept` exist."""
+    history = []
+    for epoch, acc in enumerate(accs, 1):
+        path = f"{run_dir}/checkpoint_epoch_{epoch:04d}"
+        if epoch in kept:
+            _checkpoint(path, epoch, acc)
+        history.append({"epoch": epoch, "val_acc": acc, "checkpoint_path": path if epoch in checkpointed else None})
+    return history
+
+
+def _study(tmp_path):
+    (tmp_path / "best.yaml").write_text(STUDY)
+    return load_study(str(tmp_path / "best.yaml"))
+
+
+def test_the_best_epochs_own_checkpoint_when_kept_else_the_nearest_kept_one(tmp_path):
+    study, run = _study(tmp_path), str(tmp_path / "run")
+    # checkpoint_every 2: epoch 3, the best, was never saved; 2 and 4 are as near, 4 scores better
+    history = _history(run, [0.5, 0.7, 0.9, 0.8], checkpointed={2, 4}, kept={2, 4})
+    best = study_results.best_checkpoint
+    assert best(history, history[2], study, str(tmp_path)) == (f"{run}/checkpoint_epoch_0004", 4)
+    assert best(history, history[1], study, str(tmp_path)) == (f"{run}/checkpoint_epoch_0002", 2)
+    # every epoch saved, but the best one's was deleted (beyond keep_checkpoints): 1 and 3 are as near
+    history = _history(str(tmp_path / "run2"), [0.5, 0.9, 0.6, 0.4], checkpointed={1, 2, 3, 4}, kept={1, 3, 4})
+    assert best(history, history[1], study, str(tmp_path))[1] == 3
+    assert best(history, None, study, str(tmp_path)) == (None, None)
+    # an epoch that scored as well as the best one is as good as its own
+    history = _history(str(tmp_path / "run3"), [0.5, 0.9, 0.6, 0.9], checkpointed={1, 2, 3, 4}, kept={1, 3, 4})
+    assert best(history, history[1], study, str(tmp_path))[1] == 4
+    row = report.trial_row("t", {}, history, planned_epochs=4, metric="val_acc", mode="max", weights_epoch=4)
+    assert (row["best_epoch"], row["weights_epoch"]) == (4, 4)  # nothing to explain
+
+
+def test_the_study_exports_the_nearest_kept_weights_and_says_which_epoch_they_are_from(tmp_path, capsys):
+    study = _study(tmp_path)
+    experiment = tmp_path / "exp"
+    trial = experiment / "trial_t1"
+    run = str(trial / "best.t1")
+    history = _history(run, [0.5, 0.7, 0.9, 0.8], checkpointed={2, 4}, kept={2, 4})
+    callback = HistoryCallback(str(trial))  # the trial's history as the Train controller writes it
+    for record in history:
+        path = record.pop("checkpoint_path")
+        callback.after_report(None, [record], SimpleNamespace(path=path) if path else None)
+    grid = [SimpleNamespace(path=str(trial), config={"lr": 0.5}, error=None, metrics_dataframe=None)]
+
+    result = study_results.summarize(study, grid, str(experiment), seconds=1.0)
+    best = result.best
+    assert (best["trial_id"], best["best_epoch"], best["weights_epoch"]) == ("t1", 3, 4)
+    assert best["checkpoint"] == f"{run}/checkpoint_epoch_0004"
+    with open(experiment / "results.csv", newline="") as fh:
+        (row,) = csv.DictReader(fh)
+    assert (row["best_epoch"], row["weights_epoch"]) == ("3", "4")
+    saved = torch.load(experiment / "best_model.pt", map_location="cpu", weights_only=False)
+    assert (saved["epoch"], saved["best_epoch"]) == (4, 3)
+    kept = torch.load(f"{run}/checkpoint_epoch_0004/{CHECKPOINT_FILE}", map_location="cpu", weights_only=False)
+    assert all(torch.equal(saved["model"][k], kept["model"][k]) for k in kept["model"])
+    tune.print_result(result, study)
+    assert "best trial t1: val_acc 90.00% at epoch 3; weights from epoch 4 (lr=0.5)" in capsys.readouterr().out
