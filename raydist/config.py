@@ -147,6 +147,9 @@ class TrainConfig:
                               f"{self.num_workers * self.batch_size} images per step, but {self.dataset} has "
                               f"{items} training images; at most {items // self.num_workers} per worker with "
                               f"{self.num_workers} workers")
+        if self.use_gpu is not False and not float(self.gpus_per_worker).is_integer():
+            raise ConfigError(f"--gpus-per-worker {self.gpus_per_worker:g}: each DDP rank needs a GPU of its own "
+                              f"(NCCL refuses two ranks on one GPU); use a whole number, usually 1")
         if self.use_gpu and self.gpus_per_worker <= 0:
             raise ConfigError(f"--gpus-per-worker must be positive with --use-gpu, got {self.gpus_per_worker!r}")
         if self.pretrained and not MODELS[self.model].pretrained_weights:

@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raydist.augment import Augmenter
 from raydist.config import TrainConfig
-from raydist.data import DATASETS, download_lock, load_split, num_classes, shard_indices, steps_per_epoch
+from raydist.data import (DATASETS, DatasetNotFound, download_lock, load_split, num_classes, shard_indices,
+                          steps_per_epoch)
 from raydist.models import create_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -43,6 +44,16 @@ class WorkerContext:
     write_file: Callable[[str, bytes], None]  # writes a file into the run folder (rank 0 calls it)
     resume_state: Optional[dict] = None  # a loaded checkpoint to continue from
     log_dir: Optional[str] = None  # TensorBoard folder for rank 0
+    node_id: str = "local"  # the machine this rank runs on: the data is checked once per node
+
+
+class WorkerInputError(Exception):
+    """A problem with the user's input that only a worker can see (data or a checkpoint missing on its node).
+    Every rank raises the same message; `raydist.train` prints it as the run's cause, in one line."""
+
+
+class DataUnavailable(WorkerInputError):
+    pass
 
 
 # ---- building blocks ------------------------------------------------------------------------------
@@ -163,12 +174,7 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     # ---- data
-    options = dict(data_dir=cfg.data_dir, download=cfg.download, val_fraction=cfg.val_fraction,
-                   fake_image_size=cfg.fake_image_size, fake_num_classes=cfg.fake_num_classes,
-                   fake_train_size=cfg.fake_train_size, fake_val_size=cfg.fake_val_size)
-    with download_lock(cfg.data_dir) if (cfg.download and DATASETS[cfg.dataset].needs_files) else contextlib.nullcontext():
-        train_set = load_split(cfg.dataset, "train", device=device, **options)
-        val_set = load_split(cfg.dataset, "val", device=device, **options)
+    train_set, val_set = load_data_once_per_node(cfg, device=device, rank=rank, world=world, node_id=ctx.node_id)
     spec = DATASETS[cfg.dataset]
     augment = Augmenter(cfg.augment, mean=spec.mean, std=spec.std, device=device, seed=cfg.seed * 1000 + rank)
 
@@ -284,6 +290,43 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     if writer:
         writer.close()
     return history
+
+
+def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, node_id: str):
+    """Both splits on this rank's device. The first rank of each node loads them first (downloading them
+    once per node with --download), so a data set missing on a node is found there, once, and every rank
+    raises the same one-line error naming each node that lacks it, instead of N tracebacks."""
+    spec = DATASETS[cfg.dataset]
+    options = dict(data_dir=cfg.data_dir, download=cfg.download, val_fraction=cfg.val_fraction,
+                   fake_image_size=cfg.fake_image_size, fake_num_classes=cfg.fake_num_classes,
+                   fake_train_size=cfg.fake_train_size, fake_val_size=cfg.fake_val_size)
+
+    def load():
+        with download_lock(cfg.data_dir) if (cfg.download and spec.needs_files) else contextlib.nullcontext():
+            return (load_split(cfg.dataset, "train", device=device, **options),
+                    load_split(cfg.dataset, "val", device=device, **options))
+
+    if not spec.needs_files:  # embedded or generated: nothing to find on the node
+        return load()
+    nodes = [node_id]
+    if world > 1:
+        nodes = [None] * world
+        dist.all_gather_object(nodes, node_id)
+    splits, problem = None, ""
+    if nodes.index(node_id) == rank:  # this node's first rank
+        try:
+            splits = load()
+            print(f"data: {cfg.dataset} ready in {os.path.expanduser(cfg.data_dir)} on node {node_id}", flush=True)
+        except (DatasetNotFound, OSError, RuntimeError) as exc:  # missing, or a download that failed
+            problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    outcomes = [(node_id, problem)]
+    if world > 1:
+        outcomes = [None] * world
+        dist.all_gather_object(outcomes, (node_id, problem))
+    failed = sorted({(node, why) for node, why in outcomes if why})
+    if failed:
+        raise DataUnavailable("; ".join(f"on node {node}: {why}" for node, why in failed))
+    return splits or load()
 
 
 def _train_epoch(model, data, augment, criterion, optimizer, schedule, scaler, cfg, *, rank, world, epoch,
@@ -418,6 +461,26 @@ def _quiet_ray_train_reports() -> None:
         pass
 
 
+def read_resume_checkpoint(path: str, *, node_id: str) -> Optional[dict]:
+    """The checkpoint `--resume` names, read through Ray's storage layer (a local path or a URI such as
+    s3://...) on this worker's node. A run folder that holds no checkpoint yet starts from scratch; a path
+    this node cannot see is an error naming the node, never a silent fresh start."""
+    import posixpath
+
+    import pyarrow.fs
+    from ray.train import Checkpoint  # RAY
+
+    checkpoint = Checkpoint(path)  # RAY: picks the filesystem for the path
+    fs = checkpoint.filesystem
+    if fs.get_file_info(posixpath.join(checkpoint.path, CHECKPOINT_FILE)).type == pyarrow.fs.FileType.File:
+        with checkpoint.as_directory() as folder:  # a remote one is downloaded once per node
+            return load_checkpoint_file(os.path.join(folder, CHECKPOINT_FILE))
+    if fs.get_file_info(posixpath.join(checkpoint.path, "config.yaml")).type == pyarrow.fs.FileType.File:
+        return None  # a run folder continued in place before its first checkpoint
+    raise WorkerInputError(f"--resume {path}: no {CHECKPOINT_FILE} there as seen from node {node_id}; give a "
+                           f"path every node can read (shared storage such as s3://... or an NFS mount)")
+
+
 def train_loop_per_worker(config: dict) -> list[dict]:
     """Entry point of every Ray Train worker (TorchTrainer has already set up the process group)."""
     import ray.train  # RAY
@@ -426,13 +489,14 @@ def train_loop_per_worker(config: dict) -> list[dict]:
     cfg = TrainConfig.from_dict(config)
     _quiet_ray_train_reports()
     train_ctx = ray.train.get_context()  # RAY
+    node_id = ray.get_runtime_context().get_node_id()  # RAY
     checkpoint = ray.train.get_checkpoint()  # RAY: this run's latest, after a restart or --resume RUN_DIR
     resume_state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume_state = load_checkpoint_file(os.path.join(folder, CHECKPOINT_FILE))
-    elif cfg.resume and os.path.isfile(os.path.join(cfg.resume, CHECKPOINT_FILE)):  # --resume CHECKPOINT_DIR
-        resume_state = load_checkpoint_file(os.path.join(cfg.resume, CHECKPOINT_FILE))
+    elif cfg.resume:  # --resume CHECKPOINT_DIR, or a run folder with no checkpoint yet
+        resume_state = read_resume_checkpoint(cfg.resume, node_id=node_id)
 
     def report(metrics: dict, checkpoint_folder: Optional[str]) -> None:
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None  # RAY
@@ -446,5 +510,5 @@ def train_loop_per_worker(config: dict) -> list[dict]:
 
     ctx = WorkerContext(rank=train_ctx.get_world_rank(), world_size=train_ctx.get_world_size(),  # RAY
                         device=ray.train.torch.get_device(), report=report, write_file=write_file,  # RAY
-                        resume_state=resume_state, log_dir=cfg.log_dir)
+                        resume_state=resume_state, log_dir=cfg.log_dir, node_id=node_id)
     return run(cfg, ctx)  # rank 0's history becomes Result.return_value

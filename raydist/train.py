@@ -44,24 +44,42 @@ def read_resume_target(path: str) -> tuple[bool, dict]:
     folder starts a new run from exactly that checkpoint (continuing its old run in place would make Ray
     pick that run's latest checkpoint instead).
     """
-    from raydist.engine import CHECKPOINT_FILE, load_checkpoint_file
+    import io
 
-    if os.path.isfile(os.path.join(path, CHECKPOINT_FILE)):
-        return False, load_checkpoint_file(os.path.join(path, CHECKPOINT_FILE))["config"]
-    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        with open(os.path.join(path, CONFIG_FILE)) as fh:
-            return True, yaml.safe_load(fh)
+    import pyarrow.fs
+    import torch
+
+    from raydist.engine import CHECKPOINT_FILE
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(path) if _is_uri(path) else (pyarrow.fs.LocalFileSystem(), path)
+
+    def read(name: str) -> Optional[bytes]:
+        if fs.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.File:
+            return None
+        with fs.open_input_stream(f"{root}/{name}") as fh:
+            return fh.read()
+
+    checkpoint = read(CHECKPOINT_FILE)
+    if checkpoint is not None:
+        return False, torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=False)["config"]
+    config = read(CONFIG_FILE)
+    if config is not None:
+        return True, yaml.safe_load(config)
     raise ConfigError(f"--resume {path}: neither a run folder (with {CONFIG_FILE}) nor a checkpoint folder "
                       f"(with {CHECKPOINT_FILE})")
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
     """The run folder's highest-epoch `checkpoint_epoch_NNNN` folder, or None."""
+    import pyarrow.fs
+
     from raydist.engine import CHECKPOINT_FILE
 
-    found = sorted(name for name in os.listdir(run_dir) if name.startswith("checkpoint_epoch_")
-                   and os.path.isfile(os.path.join(run_dir, name, CHECKPOINT_FILE)))
-    return os.path.join(run_dir, found[-1]) if found else None
+    fs, root = pyarrow.fs.FileSystem.from_uri(run_dir) if _is_uri(run_dir) else (pyarrow.fs.LocalFileSystem(), run_dir)
+    found = sorted(os.path.basename(info.path) for info in fs.get_file_info(pyarrow.fs.FileSelector(root))
+                   if os.path.basename(info.path).startswith("checkpoint_epoch_")
+                   and fs.get_file_info(f"{info.path}/{CHECKPOINT_FILE}").type == pyarrow.fs.FileType.File)
+    return f"{run_dir}/{found[-1]}" if found else None
 
 
 def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None) -> TrainConfig:
@@ -82,12 +100,17 @@ def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None)
             # folder and find none, so start from the old run's latest checkpoint explicitly.
             cfg = dataclasses.replace(cfg, resume=latest_checkpoint(resume) or resume)
     name = cfg.name or f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # On a cluster someone else started, `~/data` means each node's own home: expanded on the node.
+    data_dir = cfg.data_dir if cfg.address and cfg.data_dir.startswith("~") else _local_abspath(cfg.data_dir)
     cfg = dataclasses.replace(cfg, name=name, storage_path=_local_abspath(cfg.storage_path),
-                              data_dir=_local_abspath(cfg.data_dir), resume=_local_abspath(cfg.resume))
+                              data_dir=data_dir, resume=_local_abspath(cfg.resume))
     if cfg.log_dir is None and not _is_uri(cfg.storage_path):
         cfg = dataclasses.replace(cfg, log_dir=os.path.join(cfg.storage_path, name, "tensorboard"))
     cfg = dataclasses.replace(cfg, log_dir=_local_abspath(cfg.log_dir))
-    check_data(cfg.dataset, cfg.data_dir, cfg.download)
+    if cfg.address is None:
+        # A local cluster is this machine: check now, before it starts. On a cluster the data lives on the
+        # nodes that run the workers, so each node's first worker checks it there (engine.load_data_once_per_node).
+        check_data(cfg.dataset, cfg.data_dir, cfg.download)
     return cfg
 
 
@@ -209,6 +232,30 @@ def print_summary(summary: RunSummary) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _stop_log_forwarding() -> None:
+    """Ray forwards the workers' output (their tracebacks too) asynchronously; disconnecting first keeps
+    the one line that names the cause the last the user sees. The full tracebacks are above it and in
+    the cluster's logs."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def failure_cause(exc: BaseException) -> str:
+    """One line for a failed run: a worker's own message when it names a user-side cause (data or a
+    checkpoint missing on a node), else the exception's first line."""
+    from raydist.engine import WorkerInputError
+
+    failures = getattr(exc, "worker_failures", None) or {}  # Ray Train's WorkerGroupError: rank -> error
+    for rank in sorted(failures):
+        error = failures[rank]
+        error = getattr(error, "cause", None) or error  # RayTaskError wraps the worker's exception
+        if isinstance(error, WorkerInputError):
+            return str(error).splitlines()[0]
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg, explicit, config_file = parse_cli(argv)
@@ -223,7 +270,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"raydist.train: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - a failed run is reported in one line, with Ray's log above it
-        print(f"raydist.train: training failed: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        cause = failure_cause(exc)
+        _stop_log_forwarding()
+        print(f"raydist.train: training failed: {cause}", file=sys.stderr)
         return 1
     print_summary(summary)
     last = summary.history[-1] if summary.history else {}

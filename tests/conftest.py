@@ -60,6 +60,13 @@ def pytest_configure(config):
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_file)
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Tests marked `own_cluster` start multi-node clusters of their own: run them first, before anything
+    starts the session's cluster, so that the machine never holds two Ray instances at once (Ray's State
+    API, which Train and Tune use to clean up, assumes one)."""
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is None)  # stable: order kept otherwise
+
+
 def pytest_unconfigure(config):
     shutil.rmtree(_TOKEN_DIR, ignore_errors=True)
 

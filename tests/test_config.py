@@ -106,6 +106,8 @@ def _main(*args, capsys):
     (["--dataset", "fake", "--fake-train-size", "3", "--num-workers", "4", "--batch-size", "1"],
      "but fake has 3 training images"),
     (["--epochs", "5", "--schedule-epochs", "4"], "--schedule-epochs 4 is below --epochs 5"),
+    (["--use-gpu", "--gpus-per-worker", "0.5"],
+     "--gpus-per-worker 0.5: each DDP rank needs a GPU of its own (NCCL refuses two ranks on one GPU)"),
     (["--config", "nope.yaml"], "cannot read config file nope.yaml"),
     (["--dataset", "cifar10", "--data-dir", "empty"], "not found in"),
     (["--resume", "no-such-run"], "neither a run folder"),

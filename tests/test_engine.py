@@ -86,3 +86,20 @@ def test_tensorboard_events_are_written(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert {"val_acc", "train_loss", "lr"} <= set(events.Tags()["scalars"])
+
+
+def test_resume_reads_its_checkpoint_through_rays_storage_layer_and_never_starts_over_silently(tmp_path):
+    from raydist.engine import WorkerInputError, checkpoint_bytes, read_resume_checkpoint
+
+    checkpoint = tmp_path / "checkpoint_epoch_0003"
+    checkpoint.mkdir()
+    (checkpoint / CHECKPOINT_FILE).write_bytes(checkpoint_bytes({"epoch": 3}))
+    assert read_resume_checkpoint(str(checkpoint), node_id="n1")["epoch"] == 3
+    assert read_resume_checkpoint(f"file://{checkpoint}", node_id="n1")["epoch"] == 3  # a URI, as s3://...
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("epochs: 3\n")
+    assert read_resume_checkpoint(str(run_dir), node_id="n1") is None  # a run folder before its first checkpoint
+    with pytest.raises(WorkerInputError, match=rf"--resume {tmp_path}/elsewhere: no checkpoint.pt there as seen "
+                                               rf"from node n7; give a path every node can read"):
+        read_resume_checkpoint(str(tmp_path / "elsewhere"), node_id="n7")
