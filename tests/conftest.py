@@ -148,6 +148,22 @@ def digits_val_accuracy(saved: dict) -> float:
     return (logits.argmax(1) == val.labels).float().mean().item()
 
 
+def wait_for_free_cluster(timeout: float = 120, cpus: float = 2) -> None:
+    """Wait until the session cluster holds no placement group and all its CPUs are free again (Ray removes
+    a finished or killed run's group asynchronously); fail naming what is still held."""
+    import ray
+    from ray.util import placement_group_table
+
+    deadline = time.monotonic() + timeout
+    while True:
+        held = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+        free, total = ray.available_resources().get("CPU"), ray.cluster_resources().get("CPU")
+        if not held and free == total == cpus:
+            return
+        assert time.monotonic() < deadline, f"still held: {held} ({free} of {total} CPUs free)"
+        time.sleep(1)
+
+
 @pytest.fixture
 def run_root(tmp_path):
     return str(tmp_path / "runs")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision
 
-from raydist.data import DATASETS, DatasetNotFound, FakeSource, load_split, shard_indices, steps_per_epoch
+from raydist.data import DATASETS, DatasetNotFound, load_split, shard_indices, steps_per_epoch
 
 
 def test_digits_is_a_fixed_disjoint_split_of_all_1797_images():

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import digits_val_accuracy
+from conftest import digits_val_accuracy, wait_for_free_cluster
 
 # Trials run one at a time (the 2-worker ones need both CPUs). The first two are pinned so the checks
 # cannot depend on luck: a known-good 2-worker setting (about 93% in 7 epochs here) and a learning rate
@@ -141,17 +141,7 @@ def test_best_checkpoint_loads_and_reproduces_its_validation_accuracy(study):
 
 
 def test_no_placement_group_of_the_study_is_left_holding_resources(study, ray_cluster):
-    import ray
-    from ray.util import placement_group_table
-
-    deadline = time.monotonic() + 60  # Ray's cleaner removes a finished Train run's group asynchronously
-    while True:
-        held = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
-        if not held or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert held == []
-    assert ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU") == 2
+    wait_for_free_cluster(timeout=60)  # Ray's cleaner removes a finished Train run's group asynchronously
 
 
 def test_an_interrupted_study_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pyarrow.fs
 import pytest
+from conftest import wait_for_free_cluster
 import yaml
 
 from raydist import tune
@@ -52,20 +53,6 @@ def _read_csv(path):
         return list(csv.DictReader(fh))
 
 
-def _wait_for_free_cluster(timeout=120):
-    import ray
-    from ray.util import placement_group_table
-
-    deadline = time.monotonic() + timeout
-    while True:
-        held = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
-        free, total = ray.available_resources().get("CPU"), ray.cluster_resources().get("CPU")
-        if not held and free == total == 2:
-            return
-        assert time.monotonic() < deadline, f"the killed study still holds {held} ({free} of {total} CPUs free)"
-        time.sleep(1)
-
-
 def test_a_killed_study_resumes_every_trial_from_its_checkpoint_with_its_history_and_rungs(ray_cluster, tmp_path):
     import ray
 
@@ -84,7 +71,7 @@ def test_a_killed_study_resumes_every_trial_from_its_checkpoint_with_its_history
     os.kill(proc.pid, signal.SIGKILL)  # the driver only; its trials' processes go with its Ray job
     killed_at = time.time()
     proc.communicate(timeout=60)
-    _wait_for_free_cluster()  # the session cluster gets its CPUs back
+    wait_for_free_cluster()  # the session cluster gets its CPUs back
 
     first, second = trials[0], trials[1]
     first_id, second_id = first.name.removeprefix("trial_"), second.name.removeprefix("trial_")
@@ -134,7 +121,7 @@ def test_a_killed_study_resumes_every_trial_from_its_checkpoint_with_its_history
     assert third[0]["reported_unix"] < after[-1]["reported_unix"]
     saved = yaml.safe_load((experiment / "study.yaml").read_text())
     assert saved["name"] == "resume" and saved["max_concurrent"] == 2  # the next resume keeps both
-    _wait_for_free_cluster()
+    wait_for_free_cluster()
 
 
 # ---- per-trial history and ASHA's rungs, without Ray running ------------------------------------------
