@@ -1,19 +1,30 @@
-"""Connect to a Ray cluster, or start a local one with its dashboard; check that a run's resources exist.
+"""Connect to a Ray cluster, or start a local one with its dashboard; check that a run fits what the
+cluster has or can grow to, and that its storage is one every node sees.
 
-    from raydist.cluster import check_resources, connect
+    from raydist.cluster import check_resources, connect, plan_run
     connect(None)                                  # starts a local cluster, dashboard on 127.0.0.1
 
-    python -m raydist.cluster status --address auto        # resources, raydist jobs, Train runs, dashboard
+    python -m raydist.cluster status --address auto        # resources, what it can grow to, nodes starting,
+                                                           # raydist jobs, Train runs, dashboard
     python -m raydist.cluster validate cluster.yaml        # Ray's own schema check, offline
+    python -m raydist.cluster publish ~/ray_bootstrap_config.yaml   # on the head, after `ray start --head`
 
 Resource checks that can be made before Ray starts (a local cluster: this machine's CPUs and GPUs) are
 made before it starts; against a running cluster they are made right after connecting, before any work.
+
+What an autoscaling cluster can grow to: Ray 2.60's autoscalers keep their node types to themselves (the
+GCS has a slot for them, `ClusterConfig`, that nothing in Ray fills), so a cluster that starts from zero
+worker nodes looks like a CPU-less head. `publish` puts the node types into that slot, where Ray Train's
+own pre-flight check reads them too; without it raydist falls back to ~/ray_bootstrap_config.yaml on the
+driver's node (what `ray up` leaves on the head), else treats the cluster as fixed (what it has now).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import dataclasses
+import math
 from typing import Optional
 
 from raydist.config import ConfigError
@@ -101,9 +112,10 @@ def address_file() -> str:
         return os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
 
 
-def check_reachable(address: str, timeout: float = 3.0) -> None:
+def check_reachable(address: str, timeout: float = 3.0) -> str:
     """Fail in seconds, in one line, when nothing answers at the cluster `address` names (ray.init would
-    retry an unreachable GCS for minutes). 'auto' means RAY_ADDRESS, else this machine's latest `ray start`."""
+    retry an unreachable GCS for minutes). 'auto' means RAY_ADDRESS, else this machine's latest `ray start`.
+    Returns the host:port it resolved to."""
     import socket
 
     flag, where = f"--address {address}", ""
@@ -119,7 +131,7 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
                                   f"start one with `ray start --head`, give its host:port, or drop --address "
                                   f"to start a local one") from None
     if "://" in address:  # ray://host:port (Ray Client) and the like: ray.init reports those itself
-        return
+        return address
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
@@ -127,6 +139,7 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
         raise ConfigError(f"{flag}: no Ray cluster answers at {address}{where}; expected the head node's "
                           f"host:port (e.g. 10.0.0.10:6379) of a running cluster, or drop --address to start "
                           f"a local one") from None
+    return address
 
 
 def cluster_totals() -> tuple[float, float]:
@@ -135,6 +148,265 @@ def cluster_totals() -> tuple[float, float]:
 
     resources = ray.cluster_resources()
     return resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+
+
+# ---- what the cluster can grow to -------------------------------------------------------------------------
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # `ray up` writes the filled-in cluster file here, on the head
+# Ray Train gives up on a worker group whose placement group is not ready after 60 s and retries at once,
+# forever, with a traceback each time; cloud GPU nodes take minutes to boot. Used when the user set none.
+AUTOSCALING_START_TIMEOUT_S = "900"
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeType:
+    name: str
+    resources: dict  # per node; empty when the cluster file leaves them to the provider and nothing filled them
+    min_count: int  # nodes of this type, the head included when it is the head's type
+    max_count: int
+    head: bool
+
+
+def node_types(config: dict) -> list[NodeType]:
+    """The node types of an autoscaler config (a cluster-launcher YAML, as a dict). The head's type may
+    serve workers too (Ray's local provider: one type for every machine)."""
+    head = config.get("head_node_type")
+    default_max = config.get("max_workers", 2)
+    return [NodeType(name=name, resources={k: float(v) for k, v in (t.get("resources") or {}).items()},
+                     min_count=int(t.get("min_workers", 0)) + (name == head),
+                     max_count=int(t.get("max_workers", 0 if name == head else default_max)) + (name == head),
+                     head=name == head)
+            for name, t in config.get("available_node_types", {}).items()]
+
+
+def max_worker_nodes(types: list[NodeType], max_workers: Optional[int] = None) -> int:
+    return min(sum(t.max_count - t.head for t in types), max_workers if max_workers is not None else math.inf)
+
+
+def grow_to(types: list[NodeType], max_workers: Optional[int] = None) -> dict:
+    """Most of each resource the cluster can hold: the head plus the largest worker nodes, up to each
+    type's max_count and `max_workers` worker nodes in all (counted per resource, so an upper bound)."""
+    result = {}
+    for key in {k for t in types for k in t.resources}:
+        head = sum(t.resources.get(key, 0.0) for t in types if t.head)
+        workers = sorted((t.resources.get(key, 0.0) for t in types for _ in range(t.max_count - t.head)),
+                         reverse=True)
+        result[key] = head + sum(workers[:max_worker_nodes(types, max_workers)])
+    return result
+
+
+def publish_cluster_config(config: dict, gcs_address: str) -> dict:
+    """Put an autoscaler config's node types into the cluster's GCS (autoscaler ClusterConfig), where
+    capacity() and Ray Train's pre-flight check read them. Returns what the cluster can grow to."""
+    from ray._raylet import GcsClient  # RAY (internal): the only writer of that GCS slot
+    from ray.core.generated import autoscaler_pb2
+
+    types = node_types(config)
+    unknown = [t.name for t in types if t.max_count > t.head and not t.resources]
+    if unknown:  # Ray Train would read the missing resources as 0 and refuse every run
+        raise ConfigError(f"node type {unknown[0]} lists no resources (Ray fills them in only for cloud "
+                          f"providers): give it resources: {{CPU: ..., GPU: ...}}; nothing published")
+    limit = grow_to(types, config.get("max_workers"))
+    message = autoscaler_pb2.ClusterConfig()
+    for t in types:
+        group = message.node_group_configs.add(name=t.name, min_count=t.min_count, max_count=t.max_count)
+        for key, value in t.resources.items():
+            group.resources[key] = int(value)  # the proto holds whole units
+    for key, value in limit.items():
+        message.max_resources[key] = int(value)
+    GcsClient(address=gcs_address).report_cluster_config(message.SerializeToString())
+    return limit
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacity:
+    """The connected cluster now, and at its largest."""
+    cpus: float  # in alive nodes now
+    gpus: float
+    free_cpus: float
+    free_gpus: float
+    nodes: int  # alive now, head included
+    max_cpus: float  # at its largest (= cpus on a fixed cluster)
+    max_gpus: float
+    max_nodes: float  # head included; math.inf: no limit
+    source: str  # where max_* come from
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_nodes > self.nodes or self.max_cpus > self.cpus or self.max_gpus > self.gpus
+
+    @property
+    def where(self) -> str:
+        """How error messages name it: 'the cluster has 8' / 'the cluster at its largest has 8'."""
+        return "the cluster at its largest" if self.autoscaling else "the cluster"
+
+
+def capacity() -> Capacity:
+    """What the connected cluster has and what it can grow to: the node types published in its GCS (see
+    `publish`), else ~/ray_bootstrap_config.yaml on this node, else what it has now (a fixed cluster)."""
+    import ray
+    import ray._private.state  # RAY (internal): the reader Ray Train's own pre-flight check uses
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    now = dict(cpus=total.get("CPU", 0.0), gpus=total.get("GPU", 0.0), free_cpus=free.get("CPU", 0.0),
+               free_gpus=free.get("GPU", 0.0), nodes=nodes)
+    config = ray._private.state.state.get_cluster_config()
+    bootstrap = os.path.expanduser(BOOTSTRAP_CONFIG)
+    if config is not None and config.node_group_configs:
+        limit = ray._private.state.state.get_max_resources_from_cluster_config() or {}
+        counts = [g.max_count for g in config.node_group_configs]
+        max_nodes = math.inf if -1 in counts else sum(counts)
+        source = "the autoscaler's node types (published)"
+    elif os.path.isfile(bootstrap):
+        import yaml
+
+        with open(bootstrap) as fh:
+            raw = yaml.safe_load(fh) or {}
+        types = node_types(raw)
+        limit = grow_to(types, raw.get("max_workers"))
+        max_nodes = 1 + max_worker_nodes(types, raw.get("max_workers"))
+        source = f"the autoscaler's node types in {BOOTSTRAP_CONFIG}"
+    else:
+        return Capacity(**now, max_cpus=now["cpus"], max_gpus=now["gpus"], max_nodes=nodes,
+                        source="current resources (no autoscaler config published)")
+    # Node types whose resources nobody listed add nothing known: never report less than there is now.
+    return Capacity(**now, max_cpus=max(now["cpus"], float(limit.get("CPU", 0))),
+                    max_gpus=max(now["gpus"], float(limit.get("GPU", 0))), max_nodes=max(nodes, max_nodes),
+                    source=source)
+
+
+def _count(n: float, noun: str) -> str:
+    return f"{n:g} {noun}{'' if n == 1 else 's'}"
+
+
+def waiting_line(cap: Capacity, *, who: str, cpus: float, gpus: float, workers: Optional[int] = None) -> Optional[str]:
+    """The one line said when a run fits the cluster at its largest but not what is free now, e.g.
+    'waiting for the autoscaler: the run needs 2 GPU workers (2 GPUs), the cluster has 0 GPUs free now and
+    can grow to 8'. `who` says who needs it ('the run needs'); `workers`, when given, how many."""
+    if not cap.autoscaling:
+        return None
+    for amount, free, most, noun in ((gpus, cap.free_gpus, cap.max_gpus, "GPU"),
+                                     (cpus, cap.free_cpus, cap.max_cpus, "CPU")):
+        if amount > free + 1e-9:
+            wanted = _count(amount, noun)
+            if workers:
+                wanted = f"{_count(workers, 'GPU worker' if noun == 'GPU' else 'worker')} ({wanted})"
+            return (f"waiting for the autoscaler: {who} {wanted}, the cluster has {_count(free, noun)} free now "
+                    f"and can grow to {most:g}")
+    return None
+
+
+def plan_run(*, use_gpu: Optional[bool], num_workers: int, cpus_per_worker: float, gpus_per_worker: float,
+             storage_path: Optional[str]) -> bool:
+    """Checks on the connected cluster before a run starts; returns use_gpu. ConfigError if the run cannot
+    fit the cluster at its largest, or its storage is a local path not every node can see (storage_path
+    None: checked already, e.g. by the study a trial belongs to). Says when it must wait for new nodes."""
+    cap = capacity()
+    use_gpu = check_resources(cluster_cpus=cap.max_cpus, cluster_gpus=cap.max_gpus, use_gpu=use_gpu,
+                              num_workers=num_workers, cpus_per_worker=cpus_per_worker,
+                              gpus_per_worker=gpus_per_worker, where=cap.where)
+    if storage_path is not None:
+        check_storage(storage_path, cap)
+    if cap.autoscaling:
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", AUTOSCALING_START_TIMEOUT_S)
+    line = waiting_line(cap, who="the run needs", cpus=num_workers * cpus_per_worker,
+                        gpus=num_workers * gpus_per_worker if use_gpu else 0.0, workers=num_workers)
+    if line:
+        print(line, flush=True)
+    return use_gpu
+
+
+# ---- storage every node sees --------------------------------------------------------------------------------
+
+SHARED_STORAGE_ENV = "RAYDIST_SHARED_STORAGE"  # "1": a local --storage-path is a mount every node shares
+PROBE_TIMEOUT_S = 60.0
+
+
+def is_local_path(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def check_storage(storage_path: str, cap: Capacity) -> None:
+    """A local --storage-path on a cluster of several nodes (or one that can add some) must be one every
+    node sees: Ray Train's checkpoints would fail on the first report from another node, and raydist's final
+    model and TensorBoard files would land on rank 0's own disk. Decided by looking: a marker written here,
+    read back by a task on every alive node."""
+    if not is_local_path(storage_path) or (cap.nodes <= 1 and not cap.autoscaling):
+        return
+    seen = probe_shared_path(storage_path.removeprefix("file://"))
+    error, warning = storage_verdict(storage_path, seen=seen, can_grow=cap.max_nodes > 1,
+                                     assume_shared=os.environ.get(SHARED_STORAGE_ENV) == "1")
+    if error:
+        raise ConfigError(error)
+    if warning:
+        print(f"warning: {warning}", flush=True)
+
+
+def storage_verdict(path: str, *, seen: dict, can_grow: bool,
+                    assume_shared: bool) -> tuple[Optional[str], Optional[str]]:
+    """(error, warning) for a local storage path, given which alive nodes saw the marker written on the
+    driver's node ({node id: True / False / None (did not answer)})."""
+    blind = sorted(node for node, ok in seen.items() if ok is False)
+    if blind:
+        return (f"--storage-path {path} is not shared: node {blind[0]} cannot see it ({len(blind)} of {len(seen)} "
+                f"node(s) cannot); checkpoints and results must go where every node writes: use s3://BUCKET/..., "
+                f"gs://BUCKET/... or a folder every node mounts at the same path"), None
+    confirmed = sum(1 for ok in seen.values() if ok)
+    unanswered = sorted(node for node, ok in seen.items() if ok is None)
+    if not unanswered and (confirmed >= 2 or not can_grow):
+        return None, None
+    if assume_shared:
+        return None, (f"--storage-path {path}: seen by {confirmed} node(s) only; assumed shared by every other "
+                      f"node ({SHARED_STORAGE_ENV}=1)")
+    fix = (f"use s3://BUCKET/..., gs://BUCKET/... or a folder every node mounts at the same path (if {path} is "
+           f"one, set {SHARED_STORAGE_ENV}=1)")
+    if unanswered:
+        return (f"--storage-path {path} is a local path and node {unanswered[0]} did not answer the check that it "
+                f"sees it (in {PROBE_TIMEOUT_S:g} s): {fix}"), None
+    return (f"--storage-path {path} is a local path and the cluster adds worker nodes that cannot be checked yet "
+            f"(none is up): {fix}"), None
+
+
+def _read_marker(path: str, token: str) -> tuple[str, bool]:
+    import ray
+
+    try:
+        with open(path) as fh:
+            ok = fh.read() == token
+    except OSError:
+        ok = False
+    return ray.get_runtime_context().get_node_id(), ok
+
+
+def probe_shared_path(path: str) -> dict:
+    """Write a marker under `path` here and read it from a zero-CPU task pinned to each alive node.
+    Returns {node id: True (saw it) / False (did not) / None (did not answer in time)}."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    os.makedirs(path, exist_ok=True)
+    token = uuid.uuid4().hex
+    marker = os.path.join(path, f".raydist-shared-check-{token}")
+    with open(marker, "w") as fh:
+        fh.write(token)
+    try:
+        read = ray.remote(num_cpus=0, max_retries=0)(_read_marker)
+        pending = {read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+                   .remote(marker, token): node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+        seen = dict.fromkeys(pending.values())
+        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=PROBE_TIMEOUT_S)
+        for ref in done:
+            try:
+                node, ok = ray.get(ref)
+                seen[node] = ok
+            except Exception:  # noqa: BLE001 - a node that died meanwhile: not answered
+                pass
+        return seen
+    finally:
+        os.remove(marker)
 
 
 # ---- token, dashboard, status: `python -m raydist.cluster status` ----------------------------------------
@@ -167,20 +439,57 @@ def dashboard_get(url: str, path: str, timeout: float = 10.0):
         return json.loads(response.read())
 
 
+def autoscaler_activity(gcs_address: str) -> list[str]:
+    """Nodes the autoscaler is launching or booting, and launches that failed, one line each: from the v2
+    autoscaler's status (the default under `ray up`), else the v1 autoscaler's report in the GCS."""
+    import json
+
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    lines = []
+    if is_autoscaler_v2(fetch_from_server=True):
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        state = get_cluster_status(gcs_address)
+        lines += [f"launching {r.count} x {r.ray_node_type_name} ({r.instance_type_name}, {r.state})"
+                  for r in state.pending_launches]
+        lines += [f"starting {n.ray_node_type_name} {n.instance_id} ({n.node_status}"
+                  f"{': ' + n.details if n.details else ''})" for n in state.pending_nodes]
+        lines += [f"failed to launch {r.count} x {r.ray_node_type_name}: {r.details}" for r in state.failed_launches]
+        return lines
+    from ray.experimental.internal_kv import _internal_kv_get  # RAY (internal): the v1 monitor's report
+
+    raw = _internal_kv_get("__autoscaling_status")
+    if not raw:
+        return []
+    report = json.loads(raw).get("autoscaler_report", {})
+    lines += [f"launching {count} x {node_type}" for node_type, count in (report.get("pending_launches") or {}).items()]
+    lines += [f"starting {node_type} {ip} ({state})" for ip, node_type, state in report.get("pending_nodes") or []]
+    lines += [f"failed {node_type} {ip}" for ip, node_type in report.get("failed_nodes") or []]
+    return lines
+
+
 def status(address: Optional[str]) -> str:
-    """The connected cluster in a few lines: resources, raydist jobs, Train runs (each trial is one)."""
+    """The connected cluster in a few lines: resources, what it can grow to and the nodes starting, raydist
+    jobs, Train runs (each trial is one)."""
     import ray
     from ray.job_submission import JobSubmissionClient
 
     check_reachable(address or "auto")
     context = ray.init(address=address or "auto", logging_level=logging.ERROR)
     url = f"http://{context.dashboard_url}" if context.dashboard_url else None
-    total, free = ray.cluster_resources(), ray.available_resources()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    lines = [f"cluster {context.address_info.get('gcs_address', address)}: {len(nodes)} node(s), "
-             f"CPU {free.get('CPU', 0):g} free of {total.get('CPU', 0):g}, "
-             f"GPU {free.get('GPU', 0):g} free of {total.get('GPU', 0):g}",
-             f"dashboard: {url or 'not running'}  (token: {token_path()})"]
+    gcs = context.address_info.get("gcs_address", address)
+    cap = capacity()
+    lines = [f"cluster {gcs}: {cap.nodes} node(s), CPU {cap.free_cpus:g} free of {cap.cpus:g}, "
+             f"GPU {cap.free_gpus:g} free of {cap.gpus:g}"]
+    if cap.autoscaling:
+        lines.append(f"can grow to: CPU {cap.max_cpus:g}, GPU {cap.max_gpus:g}  (from {cap.source})")
+    else:
+        lines.append(f"can grow to: no more (from {cap.source})")
+    activity = autoscaler_activity(gcs)
+    lines.append("nodes starting:" + ("" if activity else " none"))  # launching, booting, failed to launch
+    lines += [f"  {a}" for a in activity]
+    lines.append(f"dashboard: {url or 'not running'}  (token: {token_path()})")
     if url:
         jobs = [j for j in JobSubmissionClient(url, headers=auth_headers()).list_jobs() if "raydist" in j.entrypoint]
         lines.append(f"raydist jobs: {len(jobs)}")
@@ -229,9 +538,26 @@ def main(argv: Optional[list] = None) -> int:
     show.add_argument("--address", default="auto", help="cluster to look at ('auto' or host:port)")
     check = sub.add_parser("validate", help="check cluster-launcher YAML files offline with Ray's schema")
     check.add_argument("files", nargs="+", metavar="CLUSTER.yaml")
+    publish = sub.add_parser("publish", help="tell the cluster what it can grow to: put an autoscaler config's "
+                                             "node types into its GCS (run on the head after `ray start --head`)")
+    publish.add_argument("file", nargs="?", default=BOOTSTRAP_CONFIG, metavar="CLUSTER.yaml",
+                         help=f"the autoscaler's config (default: {BOOTSTRAP_CONFIG}, what `ray up` writes)")
+    publish.add_argument("--address", default="auto", help="the cluster's GCS ('auto' or host:port)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "validate":
+        if args.command == "publish":
+            import yaml
+
+            path = os.path.expanduser(args.file)
+            try:
+                with open(path) as fh:
+                    config = yaml.safe_load(fh)
+            except OSError as exc:
+                raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+            limit = publish_cluster_config(config, check_reachable(args.address))
+            print(f"published {len(config['available_node_types'])} node types; the cluster can grow to "
+                  + ", ".join(f"{k} {v:g}" for k, v in sorted(limit.items()) if k in ("CPU", "GPU")))
+        elif args.command == "validate":
             for path in args.files:
                 config = validate_cluster_file(path)
                 print(f"{path}: valid ({config['provider']['type']} provider, node types: "

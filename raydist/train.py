@@ -150,11 +150,12 @@ class RunSummary:
     seconds: float
 
 
-def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None) -> RunSummary:
+def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: bool = False) -> RunSummary:
     """Run `cfg` on the connected (or a new local) cluster; the one code path for the CLI and Tune trials.
 
     `cfg.resume`, when set, is a checkpoint folder to start from or the run folder being continued (whose
-    latest checkpoint Ray Train hands to the workers itself).
+    latest checkpoint Ray Train hands to the workers itself). `storage_checked`: the caller (a study) has
+    checked already that every node sees `cfg.storage_path`.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -169,10 +170,11 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None) -> RunSummary:
                                           cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
                                           where="this machine")
     cluster.connect(cfg.address)
-    cpus, gpus = cluster.cluster_totals()
-    use_gpu = cluster.check_resources(cluster_cpus=cpus, cluster_gpus=gpus, use_gpu=cfg.use_gpu,
-                                      num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
-                                      gpus_per_worker=cfg.gpus_per_worker, where="the cluster")
+    # Against what the cluster can grow to (an autoscaling one may have no worker node yet); says when the
+    # run waits for new nodes, and refuses a local storage path that not every node sees.
+    use_gpu = cluster.plan_run(use_gpu=cfg.use_gpu, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
+                               gpus_per_worker=cfg.gpus_per_worker,
+                               storage_path=None if storage_checked else cfg.storage_path)
     _write_config(cfg)
 
     resources = {"CPU": cfg.cpus_per_worker}

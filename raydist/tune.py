@@ -231,7 +231,8 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
     cfg = prepare(cfg, explicit={})
     # The stable Train name and storage make a resumed trial pick its latest checkpoint up again. The
     # history goes first: whatever Tune then does with the report, the epoch is on record.
-    fit(cfg, callbacks=[HistoryCallback(trial_path), TuneReportCallback()])
+    # The study checked its storage on every node (a trial's own process may lack the user's environment).
+    fit(cfg, callbacks=[HistoryCallback(trial_path), TuneReportCallback()], storage_checked=True)
 
 
 def train_run_name(study_name: str, trial_id: str) -> str:
@@ -262,10 +263,13 @@ def run_study(plan: Plan) -> StudyResult:
                          total_cpus=os.cpu_count() or 1, total_gpus=cluster.local_gpu_count(),
                          requested=plan.max_concurrent, where="this machine")
     cluster.connect(plan.address)
-    total, free = ray.cluster_resources(), ray.available_resources()
-    concurrency = plan_concurrency(study, free_cpus=free.get("CPU", 0), free_gpus=free.get("GPU", 0),
-                                   total_cpus=total.get("CPU", 0), total_gpus=total.get("GPU", 0),
-                                   requested=plan.max_concurrent, where="the cluster")
+    # An autoscaling cluster is planned at its largest: what is free there is what it can grow to, less
+    # what is busy now (on a fixed cluster: what is free now).
+    cap = cluster.capacity()
+    concurrency = plan_concurrency(study, free_cpus=cap.max_cpus - (cap.cpus - cap.free_cpus),
+                                   free_gpus=cap.max_gpus - (cap.gpus - cap.free_gpus), total_cpus=cap.max_cpus,
+                                   total_gpus=cap.max_gpus, requested=plan.max_concurrent, where=cap.where)
+    cluster.check_storage(plan.storage_path, cap)  # once for every trial: each trial's folder is inside it
     _save_study(study, plan.experiment_path)  # on --resume: with the concurrency and data_dir given now
     print(f"study {study.name}: {study.num_samples} trials of {len(study.searched)} searched field(s) "
           f"({', '.join(f'{k}~{d.describe()}' for k, d in study.searched.items())}), {study.search} search, "
@@ -276,6 +280,12 @@ def run_study(plan: Plan) -> StudyResult:
               f"results", flush=True)
     for warning in study.warnings:
         print(f"warning: {warning}", flush=True)
+    cpus, gpus = study.per_trial_resources(cluster_has_gpus=cap.max_gpus > 0)
+    waiting = cluster.waiting_line(cap, who=f"{concurrency} trial{'s' if concurrency > 1 else ''} at once "
+                                            f"need{'' if concurrency > 1 else 's'}",
+                                   cpus=cpus * concurrency, gpus=gpus * concurrency)
+    if waiting:
+        print(waiting, flush=True)
 
     # The driver holds no CPU: its Train workers reserve the trial's resources, and concurrency is capped
     # above. (Tune needs some resource in a trial's bundle; 1 MiB of memory is the smallest honest one.)

@@ -1,4 +1,5 @@
-"""The cluster side: cluster files checked with Ray's own schema; a job submitted to the session's head
+"""The cluster side: cluster files checked with Ray's own schema (and for instance profiles on every node
+type, a pinned image and torch, the node types published at start); a job submitted to the session's head
 node (started with `ray start --head`, token auth on) through Ray's job API, its logs read back through
 the dashboard's REST API, its Train run listed; a submission without the token refused."""
 
@@ -47,6 +48,43 @@ def test_the_cloud_cluster_is_gpu_autoscaling_on_the_current_ray_image():
     gpu_types = {t["node_config"]["InstanceType"] for t in workers.values()}
     assert gpu_types & {"g5.12xlarge", "p5.48xlarge"} and all(t["min_workers"] == 0 for t in workers.values())
     assert any(t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for t in workers.values())
+
+
+def test_every_node_type_has_an_instance_profile_and_the_pinned_image():
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    types = raw["available_node_types"]
+    for name, node_type in types.items():  # Ray gives its default S3 role to the head only
+        assert node_type["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), name
+    workers = [t for n, t in types.items() if n != raw["head_node_type"]]
+    assert {t["node_config"]["IamInstanceProfile"]["Arn"] for t in workers} == {
+        "arn:aws:iam::ACCOUNT_ID:instance-profile/raydist-node"}  # bucket access only, not the head's EC2 rights
+    images = {t["node_config"]["ImageId"] for t in types.values()}
+    assert len(images) == 1 and images.pop().startswith("ami-")  # one pinned id, never Ray's latest_dlami
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04)" in text and "aws ec2 describe-images" in text
+    for action in ("s3:PutObject", "s3:GetObject", "s3:DeleteObject", "s3:ListBucket", "iam:PassRole"):
+        assert action in text
+
+
+def test_torch_is_pinned_and_installed_only_when_the_image_lacks_it_and_the_node_types_are_published():
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    torch_setup = next(c for c in raw["setup_commands"] if "torch" in c)
+    assert "pip install --quiet torch==2.15.0 torchvision==0.29.2" in torch_setup
+    assert torch_setup.index("||") < torch_setup.index("pip install")  # skipped when the image has it
+    start = raw["head_start_ray_commands"][-1]
+    assert start.index("ray start --head") < start.index(
+        "&& python -m raydist.cluster publish ~/ray_bootstrap_config.yaml")
+
+
+def test_publish_refuses_node_types_whose_resources_nobody_filled_in():
+    from raydist.cluster import publish_cluster_config
+
+    config = yaml.safe_load((ROOT / "cluster-local.yaml").read_text())  # the local provider fills in nothing
+    config["available_node_types"] = {"local.cluster.node": {"resources": {}, "node_config": {}, "min_workers": 2,
+                                                             "max_workers": 2}}
+    config["head_node_type"] = "local.cluster.node"
+    with pytest.raises(ConfigError, match=r"^node type local.cluster.node lists no resources .*nothing published$"):
+        publish_cluster_config(config, "127.0.0.1:1")
 
 
 @pytest.mark.parametrize("break_it, message", [
@@ -150,6 +188,8 @@ def test_status_command_shows_resources_jobs_train_runs_and_the_dashboard(cluste
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "1 node(s), CPU 2 free of 2, GPU 0 free of 0" in out
+    assert "can grow to: no more (from current resources (no autoscaler config published))" in out
+    assert "nodes starting: none" in out
     assert f"dashboard: {cluster.dashboard_url}" in out and f"(token: {cluster.token_file})" in out
     assert f"{job_id}  SUCCEEDED  {entrypoint}" in out
     assert any(line.split()[:2] == ["job-run", "FINISHED"] for line in out.splitlines())
