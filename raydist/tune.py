@@ -139,11 +139,14 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
         if args.max_concurrent < 1:
             raise ConfigError(f"--max-concurrent must be a positive integer, got {args.max_concurrent}")
         study.max_concurrent = args.max_concurrent  # saved with the study: a later --resume keeps it
-    # Tune runs each trial in its own working folder: relative data paths must not follow it there.
+    # Tune runs each trial in its own working folder: relative data paths must not follow it there. On a
+    # cluster, `~/data` is each node's own home (expanded there), and each node's first worker checks the
+    # data where it runs; on a local cluster (this machine) it is checked now, before anything starts.
     data_dir = study.fixed.get("data_dir", TrainConfig.data_dir)
-    if "://" not in data_dir:
+    if "://" not in data_dir and not (args.address and data_dir.startswith("~")):
         study.fixed["data_dir"] = os.path.abspath(os.path.expanduser(data_dir))
-    _check_data(study)
+    if args.address is None:
+        _check_data(study)
     if args.wandb:
         _require("wandb", "--wandb")
     if args.mlflow_uri:
