@@ -82,7 +82,9 @@ def connect(address: Optional[str]) -> None:
         # the machine: name this cluster's dashboard for them, so a stale file or a second Ray instance on the
         # host cannot mislead them. Hence a dashboard port chosen here rather than by Ray.
         port = _free_port()
-        api_server = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        # RAYDIST_LOCAL_CLUSTER: this cluster is this machine and never grows, whatever autoscaler files
+        # the machine holds (a `ray up` head has ~/ray_bootstrap_config.yaml); Tune trials inherit it.
+        api_server = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", LOCAL_CLUSTER_ENV: "1"}
         context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                            runtime_env={"env_vars": api_server}, logging_level=logging.WARNING)
         os.environ.update(api_server)  # this driver's own State API calls too
@@ -100,6 +102,9 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+LOCAL_CLUSTER_ENV = "RAYDIST_LOCAL_CLUSTER"
 
 
 def address_file() -> str:
@@ -253,6 +258,9 @@ def capacity() -> Capacity:
                free_gpus=free.get("GPU", 0.0), nodes=nodes)
     config = ray._private.state.state.get_cluster_config()
     bootstrap = os.path.expanduser(BOOTSTRAP_CONFIG)
+    if os.environ.get(LOCAL_CLUSTER_ENV) == "1":  # a cluster raydist started on this machine: fixed
+        return Capacity(**now, max_cpus=now["cpus"], max_gpus=now["gpus"], max_nodes=nodes,
+                        source="current resources (a local cluster)")
     if config is not None and config.node_group_configs:
         limit = ray._private.state.state.get_max_resources_from_cluster_config() or {}
         counts = [g.max_count for g in config.node_group_configs]

@@ -119,7 +119,7 @@ def seed_epoch(seed: int, epoch: int, rank: int, augment: "Augmenter") -> None:
     checkpoint (always at an epoch end) draws exactly what the uninterrupted run drew, with no generator
     state to save, and after a restart on another worker count each rank still gets its own stream.
     """
-    stream = (seed * 1_000_003 + epoch) * 1_009 + rank
+    stream = ((seed * 1_000_003 + epoch) * 1_009 + rank) % 2**63  # torch takes a 64-bit seed
     torch.manual_seed(stream)  # also seeds every CUDA device
     augment.gen.manual_seed(stream)
 
@@ -312,20 +312,25 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
     if world > 1:
         nodes = [None] * world
         dist.all_gather_object(nodes, node_id)
-    splits, problem = None, ""
+    splits, problem, user_side = None, "", True
     if nodes.index(node_id) == rank:  # this node's first rank
         try:
             splits = load()
             print(f"data: {cfg.dataset} ready in {os.path.expanduser(cfg.data_dir)} on node {node_id}", flush=True)
-        except (DatasetNotFound, OSError, RuntimeError) as exc:  # missing, or a download that failed
-            problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    outcomes = [(node_id, problem)]
+        except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below, whatever failed
+            user_side = isinstance(exc, (DatasetNotFound, OSError))  # missing, or a download that failed
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            problem = text if user_side else f"{type(exc).__name__} while loading {cfg.dataset}: {text}"
+    outcomes = [(node_id, problem, user_side)]
     if world > 1:
         outcomes = [None] * world
-        dist.all_gather_object(outcomes, (node_id, problem))
-    failed = sorted({(node, why) for node, why in outcomes if why})
+        dist.all_gather_object(outcomes, (node_id, problem, user_side))
+    failed = sorted({outcome for outcome in outcomes if outcome[1]})
     if failed:
-        raise DataUnavailable("; ".join(f"on node {node}: {why}" for node, why in failed))
+        message = "; ".join(f"on node {node}: {why}" for node, why, _ in failed)
+        # Data missing on a node is the run's one-line cause; anything else (a corrupt file, out of memory)
+        # is raised as an error of the program, still named per node, by every rank alike.
+        raise (DataUnavailable if all(user for _, _, user in failed) else RuntimeError)(message)
     return splits or load()
 
 

@@ -85,7 +85,7 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None) -> TrainConfig:
     """Apply --resume, make paths absolute, name the run, check the data."""
     if cfg.resume:
-        resume = _local_abspath(cfg.resume)
+        resume = _local_abspath(cfg.resume).rstrip("/")  # s3://.../run/ names the run "run", not ""
         is_run_dir, saved = read_resume_target(resume)
         # The saved run's settings are the defaults now; --config and flags still override them.
         saved = {k: v for k, v in saved.items() if k not in ("address", "log_dir")}
@@ -116,7 +116,8 @@ def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None)
 
 # A checkpoint's weights and optimizer state fit only the same network, classes and optimizer type. Every
 # other setting (LR, decay, momentum, batch, workers, epochs, schedule) applies to the resumed run as given.
-RESUME_FIXED = ("model", "dataset", "fake_num_classes", "optimizer")
+RESUME_FIXED = ("model", "dataset", "fake_num_classes", "optimizer",
+                "val_fraction")  # another split would move trained-on images into validation
 
 
 def check_resume_compatible(saved: dict, cfg: TrainConfig, resume: str) -> None:

@@ -248,3 +248,20 @@ def test_a_bare_run_starts_its_own_cluster_whatever_a_stale_address_file_says(tm
         assert dead not in result.stdout + result.stderr
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_local_cluster_never_grows_whatever_autoscaler_files_the_machine_holds(ray_cluster, tmp_path, monkeypatch):
+    """A `ray up` head holds ~/ray_bootstrap_config.yaml; a cluster raydist started there itself is still
+    only this machine (its Tune trials inherit the marker through the runtime environment)."""
+    from raydist import cluster
+
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump({
+        "head_node_type": "head", "max_workers": 4,
+        "available_node_types": {"head": {"resources": {"CPU": 0}, "max_workers": 0},
+                                 "gpu": {"resources": {"CPU": 8, "GPU": 4}, "min_workers": 0, "max_workers": 4}}}))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv(cluster.LOCAL_CLUSTER_ENV, raising=False)
+    assert (cluster.capacity().max_gpus, cluster.capacity().autoscaling) == (16, True)  # the file is read
+    monkeypatch.setenv(cluster.LOCAL_CLUSTER_ENV, "1")
+    cap = cluster.capacity()
+    assert (cap.max_cpus, cap.max_gpus, cap.autoscaling) == (2, 0, False)

@@ -182,7 +182,8 @@ def test_resume_a_run_folder_under_another_name_starts_from_its_latest_checkpoin
     assert cfg.resume == str(run_dir / "checkpoint_epoch_0010")
 
 
-@pytest.mark.parametrize("flag, value", [("--model", "resnet18"), ("--dataset", "fake"), ("--optimizer", "adamw")])
+@pytest.mark.parametrize("flag, value", [("--model", "resnet18"), ("--dataset", "fake"), ("--optimizer", "adamw"),
+                                         ("--val-fraction", "0.3")])
 def test_resume_refuses_settings_a_checkpoint_cannot_continue_with(tmp_path, monkeypatch, capsys, flag, value):
     import yaml
 
@@ -195,8 +196,9 @@ def test_resume_refuses_settings_a_checkpoint_cannot_continue_with(tmp_path, mon
     monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("a cluster was started"))
     code, err = _main("--resume", str(run_dir), flag, value, capsys=capsys)
     assert code == 2
-    name = flag[2:]
-    assert err.strip() == (f"raydist.train: error: --resume {run_dir}: {flag} {value} differs from the run's "
+    name = flag[2:].replace("-", "_")
+    given = TrainConfig.from_dict({name: value}).to_dict()[name]
+    assert err.strip() == (f"raydist.train: error: --resume {run_dir}: {flag} {given} differs from the run's "
                            f"{getattr(TrainConfig, name)}; a checkpoint continues with the same {name} (start a "
-                           f"new run with {flag} {value} instead)")
+                           f"new run with {flag} {given} instead)")
     assert sorted(p.name for p in run_dir.iterdir()) == before

@@ -4,6 +4,7 @@ import math
 import os
 
 import pytest
+import torch
 
 from raydist.config import TrainConfig
 from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE, EarlyStop, load_checkpoint_file, local_context, lr_factor, run
@@ -103,3 +104,33 @@ def test_resume_reads_its_checkpoint_through_rays_storage_layer_and_never_starts
     with pytest.raises(WorkerInputError, match=rf"--resume {tmp_path}/elsewhere: no checkpoint.pt there as seen "
                                                rf"from node n7; give a path every node can read"):
         read_resume_checkpoint(str(tmp_path / "elsewhere"), node_id="n7")
+
+
+def test_a_corrupt_data_file_is_named_per_node_and_not_taken_for_missing_data(tmp_path):
+    from raydist.engine import DataUnavailable, load_data_once_per_node
+
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):  # headers promise 5 images of 28 x 28; the bytes stop short
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3, 0, 0, 0, 5, 0, 0, 0, 28, 0, 0, 0, 28]) + b"x")
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 5]) + bytes(5))
+    cfg = TrainConfig(dataset="fashion_mnist", data_dir=str(tmp_path), num_workers=1)
+    with pytest.raises(RuntimeError, match=r"^on node n3: \w+ while loading fashion_mnist") as caught:
+        load_data_once_per_node(cfg, device="cpu", rank=0, world=1, node_id="n3")
+    assert not isinstance(caught.value, DataUnavailable)
+    with pytest.raises(DataUnavailable, match=rf"^on node n3: FashionMNIST train split not found in {tmp_path}/none"):
+        load_data_once_per_node(TrainConfig(dataset="fashion_mnist", data_dir=str(tmp_path / "none"), num_workers=1),
+                                device="cpu", rank=0, world=1, node_id="n3")
+
+
+def test_any_seed_gives_every_epoch_and_rank_its_own_stream():
+    from raydist.augment import Augmenter
+    from raydist.engine import seed_epoch
+
+    aug = Augmenter("crop_flip", mean=(0.5,) * 3, std=(0.25,) * 3)
+    draws = set()
+    for seed in (0, 10**12):  # a seed far beyond 64 bits once mixed with the epoch and rank
+        for epoch, rank in ((0, 0), (0, 1), (1, 0)):
+            seed_epoch(seed, epoch, rank, aug)
+            draws.add((torch.rand(1).item(), torch.rand(1, generator=aug.gen).item()))
+    assert len(draws) == 6
