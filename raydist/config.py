@@ -51,7 +51,7 @@ class TrainConfig:
     # ---- model ------------------------------------------------------------------------------
     model: str = _field("model", "resnet8", "model name (see --model choices)")
     pretrained: bool = _field("model", False, "start from published ImageNet weights (resnet18_imagenet only)")
-    sync_batchnorm: bool = _field("model", False, "convert BatchNorm to SyncBatchNorm (statistics over all workers)")
+    sync_batchnorm: bool = _field("model", False, "convert BatchNorm to SyncBatchNorm (statistics over all workers; GPU workers only)")
     compile: bool = _field("model", False, "torch.compile the model (slower start, faster steps on GPU)")
     channels_last: str = _field("model", "auto", "memory format: auto (channels_last on GPU), on, off",
                                 ("auto", "on", "off"))
@@ -59,7 +59,7 @@ class TrainConfig:
     # ---- optimization -----------------------------------------------------------------------
     optimizer: str = _field("optimization", "sgd", "sgd (momentum, Nesterov) or adamw", ("sgd", "adamw"))
     lr: float = _field("optimization", 0.4, "peak learning rate per 256 images; scaled linearly by the global batch")
-    momentum: float = _field("optimization", 0.9, "SGD momentum (AdamW: beta1)")
+    momentum: float = _field("optimization", 0.9, "SGD momentum (AdamW: beta1), in [0, 1)")
     nesterov: bool = _field("optimization", True, "Nesterov momentum for SGD")
     weight_decay: float = _field("optimization", 5e-4, "L2 weight decay (AdamW: decoupled)")
     label_smoothing: float = _field("optimization", 0.0, "label smoothing in [0, 1)")
@@ -126,6 +126,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not value >= 0 or not math.isfinite(value):
                 raise ConfigError(f"{_flag(name)} must be zero or more, got {value!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"--momentum must be in [0, 1) (SGD momentum; AdamW's beta1), got {self.momentum!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction!r}")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -170,12 +170,14 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
                                           use_gpu=cfg.use_gpu, num_workers=cfg.num_workers,
                                           cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
                                           where="this machine")
+        check_sync_batchnorm(cfg, use_gpu)  # before a local cluster starts
     cluster.connect(cfg.address)
     # Against what the cluster can grow to (an autoscaling one may have no worker node yet); says when the
     # run waits for new nodes, and refuses a local storage path that not every node sees.
     use_gpu = cluster.plan_run(use_gpu=cfg.use_gpu, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
                                gpus_per_worker=cfg.gpus_per_worker,
                                storage_path=None if storage_checked else cfg.storage_path)
+    check_sync_batchnorm(cfg, use_gpu)
     _write_config(cfg)
 
     resources = {"CPU": cfg.cpus_per_worker}
@@ -204,6 +206,14 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     return RunSummary(run_dir=result.path, history=history, final_model=f"{result.path}/{FINAL_MODEL_FILE}",
                       best_checkpoint=best[0].path if best else None,
                       best_val_acc=best[1]["val_acc"] if best else None, seconds=time.perf_counter() - t0)
+
+
+def check_sync_batchnorm(cfg: TrainConfig, use_gpu: bool) -> None:
+    """PyTorch's SyncBatchNorm runs on GPUs only: on CPU workers every worker would die after the cluster
+    started. (One worker has nothing to synchronise; the loop leaves its BatchNorm as it is.)"""
+    if cfg.sync_batchnorm and cfg.num_workers > 1 and not use_gpu:
+        raise ConfigError(f"--sync-batchnorm needs GPU workers (PyTorch's SyncBatchNorm runs on CUDA only) but "
+                          f"these {cfg.num_workers} workers train on CPUs; drop --sync-batchnorm or add --use-gpu")
 
 
 def keep_order(metric: str) -> str:

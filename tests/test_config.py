@@ -106,6 +106,10 @@ def _main(*args, capsys):
     (["--dataset", "fake", "--fake-train-size", "3", "--num-workers", "4", "--batch-size", "1"],
      "but fake has 3 training images"),
     (["--epochs", "5", "--schedule-epochs", "4"], "--schedule-epochs 4 is below --epochs 5"),
+    (["--momentum", "1.0"], "--momentum must be in [0, 1) (SGD momentum; AdamW's beta1), got 1.0"),
+    (["--sync-batchnorm", "--num-workers", "2"],
+     "--sync-batchnorm needs GPU workers (PyTorch's SyncBatchNorm runs on CUDA only) but these 2 workers train "
+     "on CPUs; drop --sync-batchnorm or add --use-gpu"),
     (["--use-gpu", "--gpus-per-worker", "0.5"],
      "--gpus-per-worker 0.5: each DDP rank needs a GPU of its own (NCCL refuses two ranks on one GPU)"),
     (["--config", "nope.yaml"], "cannot read config file nope.yaml"),
