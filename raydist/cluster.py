@@ -256,12 +256,12 @@ def capacity() -> Capacity:
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     now = dict(cpus=total.get("CPU", 0.0), gpus=total.get("GPU", 0.0), free_cpus=free.get("CPU", 0.0),
                free_gpus=free.get("GPU", 0.0), nodes=nodes)
-    config = ray._private.state.state.get_cluster_config()
     bootstrap = os.path.expanduser(BOOTSTRAP_CONFIG)
-    if os.environ.get(LOCAL_CLUSTER_ENV) == "1":  # a cluster raydist started on this machine: fixed
-        return Capacity(**now, max_cpus=now["cpus"], max_gpus=now["gpus"], max_nodes=nodes,
-                        source="current resources (a local cluster)")
-    if config is not None and config.node_group_configs:
+    local = os.environ.get(LOCAL_CLUSTER_ENV) == "1"  # a cluster raydist started on this machine is fixed
+    config = None if local else ray._private.state.state.get_cluster_config()
+    if local:
+        limit, max_nodes, source = {}, nodes, "current resources (a local cluster)"
+    elif config is not None and config.node_group_configs:
         limit = ray._private.state.state.get_max_resources_from_cluster_config() or {}
         counts = [g.max_count for g in config.node_group_configs]
         max_nodes = math.inf if -1 in counts else sum(counts)
@@ -276,8 +276,7 @@ def capacity() -> Capacity:
         max_nodes = 1 + max_worker_nodes(types, raw.get("max_workers"))
         source = f"the autoscaler's node types in {BOOTSTRAP_CONFIG}"
     else:
-        return Capacity(**now, max_cpus=now["cpus"], max_gpus=now["gpus"], max_nodes=nodes,
-                        source="current resources (no autoscaler config published)")
+        limit, max_nodes, source = {}, nodes, "current resources (no autoscaler config published)"
     # Node types whose resources nobody listed add nothing known: never report less than there is now.
     return Capacity(**now, max_cpus=max(now["cpus"], float(limit.get("CPU", 0))),
                     max_gpus=max(now["gpus"], float(limit.get("GPU", 0))), max_nodes=max(nodes, max_nodes),

@@ -224,6 +224,11 @@ def _coerce_all(values: dict, source: str) -> dict:
     return {k: _coerce(k, v, source) for k, v in values.items()}
 
 
+def metric_mode(metric: str) -> str:
+    """Which way a reported metric is better: losses lower ("min"), accuracies higher ("max")."""
+    return "min" if metric.endswith("loss") else "max"
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

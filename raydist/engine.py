@@ -222,6 +222,7 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     # Checkpoints fall on epoch ends, so the point of training reached is `start_epoch` epochs of images:
     # the schedule continues there in this run's own updates, whatever batch size or worker count it has.
     schedule.update = start_epoch * updates_per_epoch
+    schedule.apply(optimizer)  # then each update's step() sets the next one's LR
 
     writer = _tensorboard(ctx.log_dir) if rank == 0 and ctx.log_dir else None
     history: list[dict] = []
@@ -338,7 +339,6 @@ def _train_epoch(model, data, augment, criterion, optimizer, schedule, scaler, c
                  amp_dtype, device, channels_last, first_step_unix) -> EpochSums:
     model.train()
     sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
-    schedule.apply(optimizer)
     batches = list(shard_indices(len(data), batch_size=cfg.batch_size, rank=rank, world_size=world,
                                  epoch=epoch, seed=cfg.seed))
     for i, indices in enumerate(batches):

@@ -49,7 +49,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from raydist.config import ConfigError, TrainConfig, _base_type, _coerce, _coerce_all, read_yaml_mapping
+from raydist.config import ConfigError, TrainConfig, _base_type, _coerce, _coerce_all, metric_mode, read_yaml_mapping
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "qloguniform", "randint", "qrandint", "choice")
 GRID_KINDS = ("randint", "qrandint", "quniform")  # sampled as a choice of their values
@@ -367,7 +367,7 @@ def _read_settings(study: Study, raw: dict) -> None:
     study.metric = raw.get("metric", study.metric)
     if study.metric not in METRICS:
         raise ConfigError(f"{path}: metric {study.metric!r} is not one of: {', '.join(METRICS)}")
-    study.mode = raw.get("mode", "min" if study.metric.endswith("loss") else "max")
+    study.mode = raw.get("mode", metric_mode(study.metric))
     if study.mode not in ("max", "min"):
         raise ConfigError(f"{path}: mode {study.mode!r} is not one of: max, min")
     study.num_samples = _positive_int(path, "num_samples", raw.get("num_samples", study.num_samples))

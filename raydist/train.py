@@ -20,7 +20,7 @@ from typing import Optional
 
 import yaml
 
-from raydist.config import ConfigError, TrainConfig, parse_cli, resolve
+from raydist.config import ConfigError, TrainConfig, metric_mode, parse_cli, resolve
 from raydist.data import DATASETS, DatasetNotFound, load_split
 
 CONFIG_FILE = "config.yaml"
@@ -51,7 +51,7 @@ def read_resume_target(path: str) -> tuple[bool, dict]:
 
     from raydist.engine import CHECKPOINT_FILE
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(path) if _is_uri(path) else (pyarrow.fs.LocalFileSystem(), path)
+    fs, root = pyarrow.fs.FileSystem.from_uri(path)  # an absolute local path or a URI
 
     def read(name: str) -> Optional[bytes]:
         if fs.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.File:
@@ -75,7 +75,7 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
     from raydist.engine import CHECKPOINT_FILE
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(run_dir) if _is_uri(run_dir) else (pyarrow.fs.LocalFileSystem(), run_dir)
+    fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)  # an absolute local path or a URI
     found = sorted(os.path.basename(info.path) for info in fs.get_file_info(pyarrow.fs.FileSelector(root))
                    if os.path.basename(info.path).startswith("checkpoint_epoch_")
                    and fs.get_file_info(f"{info.path}/{CHECKPOINT_FILE}").type == pyarrow.fs.FileType.File)
@@ -196,11 +196,11 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                          checkpoint_score_attribute=cfg.keep_by,
-                                                         checkpoint_score_order=keep_order(cfg.keep_by))),
+                                                         checkpoint_score_order=metric_mode(cfg.keep_by))),
     )
     result = trainer.fit()
     history = result.return_value or ([result.metrics] if result.metrics else [])
-    sign = 1 if keep_order(cfg.keep_by) == "max" else -1
+    sign = 1 if metric_mode(cfg.keep_by) == "max" else -1
     best = max(result.best_checkpoints or [], key=lambda pair: sign * pair[1].get(cfg.keep_by, -sign * math.inf),
                default=None)
     return RunSummary(run_dir=result.path, history=history, final_model=f"{result.path}/{FINAL_MODEL_FILE}",
@@ -214,11 +214,6 @@ def check_sync_batchnorm(cfg: TrainConfig, use_gpu: bool) -> None:
     if cfg.sync_batchnorm and cfg.num_workers > 1 and not use_gpu:
         raise ConfigError(f"--sync-batchnorm needs GPU workers (PyTorch's SyncBatchNorm runs on CUDA only) but "
                           f"these {cfg.num_workers} workers train on CPUs; drop --sync-batchnorm or add --use-gpu")
-
-
-def keep_order(metric: str) -> str:
-    """Accuracies rank checkpoints highest first, losses lowest first."""
-    return "min" if metric.endswith("loss") else "max"
 
 
 def _write_config(cfg: TrainConfig) -> None:

@@ -148,6 +148,19 @@ def digits_val_accuracy(saved: dict) -> float:
     return (logits.argmax(1) == val.labels).float().mean().item()
 
 
+def start_tune(address: str, *args, **popen_kwargs) -> subprocess.Popen:
+    """`python -m raydist.tune --address ADDRESS ARGS...` in the background, stdout and stderr together."""
+    return subprocess.Popen([sys.executable, "-m", "raydist.tune", "--address", address, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen_kwargs)
+
+
+def read_csv(path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def wait_for_free_cluster(timeout: float = 120, cpus: float = 2) -> None:
     """Wait until the session cluster holds no placement group and all its CPUs are free again (Ray removes
     a finished or killed run's group asynchronously); fail naming what is still held."""

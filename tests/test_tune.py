@@ -4,17 +4,14 @@ One HyperOpt + ASHA study on digits (4 trials, 1 or 2 DDP workers each) is run o
 checked from every side; a second, smaller study is interrupted with SIGINT and resumed.
 """
 
-import csv
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import digits_val_accuracy, wait_for_free_cluster
+from conftest import digits_val_accuracy, read_csv, start_tune, wait_for_free_cluster
 
 # Trials run one at a time (the 2-worker ones need both CPUs). The first two are pinned so the checks
 # cannot depend on luck: a known-good 2-worker setting (about 93% in 7 epochs here) and a learning rate
@@ -46,16 +43,6 @@ searched:
 """
 
 
-def _tune(address, *args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "raydist.tune", "--address", address, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
-def _read_csv(path):
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def _progress(trial_dir):
     """What Tune recorded for a trial: one dict per reported epoch."""
     with open(os.path.join(trial_dir, "result.json")) as fh:
@@ -70,12 +57,12 @@ def study(ray_cluster, tmp_path_factory):
     env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}
     env.pop("WANDB_API_KEY", None)
     env.pop("WANDB_MODE", None)
-    proc = _tune(ray_cluster, "--search-space", str(root / "e2e.yaml"), "--storage-path", str(root / "runs"),
+    proc = start_tune(ray_cluster, "--search-space", str(root / "e2e.yaml"), "--storage-path", str(root / "runs"),
                  "--name", "e2e", "--wandb", "--mlflow-uri", f"file:{root / 'mlruns'}", env=env)
     stdout, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 0, stdout[-5000:]
     experiment = root / "runs" / "e2e"
-    rows = {row["trial_id"]: row for row in _read_csv(experiment / "results.csv")}
+    rows = {row["trial_id"]: row for row in read_csv(experiment / "results.csv")}
     return experiment, rows, stdout, root / "mlruns"
 
 
@@ -112,7 +99,7 @@ def test_best_trial_reaches_90_percent_and_is_reported(study):
 
 def test_results_csv_and_learning_curves_agree_with_what_tune_recorded(study):
     experiment, rows, _, _ = study
-    curves = _read_csv(experiment / "learning_curves.csv")
+    curves = read_csv(experiment / "learning_curves.csv")
     for trial_id, row in rows.items():
         progress = _progress(experiment / f"trial_{trial_id}")
         assert float(row["final_val_acc"]) == pytest.approx(progress[-1]["val_acc"])
@@ -147,7 +134,7 @@ def test_no_placement_group_of_the_study_is_left_holding_resources(study, ray_cl
 def test_an_interrupted_study_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
     (tmp_path / "small.yaml").write_text(SMALL_STUDY)
     experiment = tmp_path / "runs" / "small"
-    proc = _tune(ray_cluster, "--search-space", str(tmp_path / "small.yaml"), "--storage-path",
+    proc = start_tune(ray_cluster, "--search-space", str(tmp_path / "small.yaml"), "--storage-path",
                  str(tmp_path / "runs"), "--name", "small")
     deadline = time.monotonic() + 600
     while len(list(experiment.glob("trial_*"))) < 2:  # one at a time: the second starts after the first ends
@@ -163,10 +150,10 @@ def test_an_interrupted_study_resumes_without_rerunning_finished_trials(ray_clus
     final_model = next(done[0].glob("small.*/model_final.pt"))
     before = (done[0] / "result.json").read_bytes(), final_model.stat().st_mtime_ns
 
-    proc = _tune(ray_cluster, "--resume", str(experiment))
+    proc = start_tune(ray_cluster, "--resume", str(experiment))
     stdout, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, stdout[-5000:]
-    rows = _read_csv(experiment / "results.csv")
+    rows = read_csv(experiment / "results.csv")
     assert len(rows) == 3 and {r["status"] for r in rows} == {"finished"}
     assert {r["epochs_run"] for r in rows} == {"2"}
     after = (done[0] / "result.json").read_bytes(), final_model.stat().st_mtime_ns

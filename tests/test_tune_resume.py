@@ -2,19 +2,17 @@
 resume rests on: per-trial histories, ASHA's rebuilt rungs, and the flags --resume refuses or applies.
 """
 
-import csv
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow.fs
 import pytest
-from conftest import wait_for_free_cluster
+from conftest import read_csv, start_tune, wait_for_free_cluster
 import yaml
 
 from raydist import tune
@@ -44,13 +42,7 @@ points_to_evaluate:
 
 def _tune(address, *args):
     # Its own session, so that killing it kills exactly the driver (Ray then cleans its trials up).
-    return subprocess.Popen([sys.executable, "-m", "raydist.tune", "--address", address, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _read_csv(path):
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+    return start_tune(address, *args, start_new_session=True)
 
 
 def test_a_killed_study_resumes_every_trial_from_its_checkpoint_with_its_history_and_rungs(ray_cluster, tmp_path):
@@ -92,7 +84,7 @@ def test_a_killed_study_resumes_every_trial_from_its_checkpoint_with_its_history
     assert proc.returncode == 0, stdout[-5000:]
     assert "study resume: 3 trials" in stdout and "2 at once" in stdout  # its name, today's concurrency
 
-    rows = {r["trial_id"]: r for r in _read_csv(experiment / "results.csv")}
+    rows = {r["trial_id"]: r for r in read_csv(experiment / "results.csv")}
     assert len(rows) == 3 and first_id in rows and second_id in rows
     (third_id,) = set(rows) - {first_id, second_id}
     # The finished trial was not run again.
@@ -108,7 +100,7 @@ def test_a_killed_study_resumes_every_trial_from_its_checkpoint_with_its_history
     assert sorted(p.name for p in second.iterdir() if p.is_dir()) == [f"resume.{second_id}"]
     assert (second / f"resume.{second_id}" / "checkpoint_epoch_0005").is_dir()
     assert rows[second_id]["status"] == "finished" and rows[second_id]["epochs_run"] == "5"
-    curves = _read_csv(experiment / "learning_curves.csv")
+    curves = read_csv(experiment / "learning_curves.csv")
     assert [int(c["epoch"]) for c in curves if c["trial_id"] == second_id] == [1, 2, 3, 4, 5]
     # ... which Tune's own record of it, written anew in the new session, no longer shows.
     with open(second / "result.json") as fh:
