@@ -9,11 +9,16 @@ Kinds:
 - crop_flip: pad-4 random crop and horizontal flip (the CIFAR standard), done on uint8 by indexing;
 - dli:       the DLI assessment's set: flip, rotation +-10 deg, shear +-10 deg, scale 0.8-1.2
              (one affine grid_sample for all three), colour jitter 0.2 (brightness, contrast, saturation).
+
+`size=N` then resizes the whole normalized batch to N x N (bilinear; antialiased when shrinking), in
+training and evaluation alike: ImageNet models' stride-32 stem and stages need more than 32 pixels.
+Images may have 3 channels or 1 (grey data fed as one channel).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +29,15 @@ GREY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, exactly as torchvision'
 
 class Augmenter:
     def __init__(self, kind: str, *, mean, std, device="cpu", seed: int = 0, crop_padding: int = 4,
-                 max_rotation_deg: float = 10.0, max_shear_deg: float = 10.0, scale=(0.8, 1.2), jitter: float = 0.2):
+                 max_rotation_deg: float = 10.0, max_shear_deg: float = 10.0, scale=(0.8, 1.2), jitter: float = 0.2,
+                 channels: int = 3, size: Optional[int] = None):
         if kind not in KINDS:
             raise ValueError(f"unknown augmentation {kind!r}; known: {', '.join(KINDS)}")
-        self.kind, self.pad = kind, crop_padding
+        self.kind, self.pad, self.size = kind, crop_padding, size
         self.rotation, self.shear, self.scale, self.jitter = max_rotation_deg, max_shear_deg, scale, jitter
         self.device = torch.device(device)
-        mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        mean = torch.tensor(mean[:channels], device=self.device).view(1, channels, 1, 1)
+        std = torch.tensor(std[:channels], device=self.device).view(1, channels, 1, 1)
         self.shift, self.scale_01, self.scale_u8 = -mean / std, 1 / std, 1 / (255 * std)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
 
@@ -41,9 +47,15 @@ class Augmenter:
         if train and self.kind == "dli":
             images = random_affine_flip(images, self.rotation, self.shear, self.scale, self.gen)
             x = colour_jitter(images.float().div_(255), self.jitter, self.gen)
-            return torch.addcmul(self.shift, x, self.scale_01)
+            return self._resize(torch.addcmul(self.shift, x, self.scale_01))
         # (x / 255 - mean) / std as one multiply-add
-        return torch.addcmul(self.shift, images.float(), self.scale_u8)
+        return self._resize(torch.addcmul(self.shift, images.float(), self.scale_u8))
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size is None or x.shape[-2:] == (self.size, self.size):
+            return x
+        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                             antialias=self.size < min(x.shape[-2:]))
 
 def uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=gen.device) * (high - low) + low
@@ -114,5 +126,7 @@ def colour_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> tor
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:  # already grey (a copy: callers modify it in place)
+        return x.clone()
     r, g, b = x.unbind(1)
     return (r * GREY[0]).add_(g, alpha=GREY[1]).add_(b, alpha=GREY[2]).unsqueeze(1)

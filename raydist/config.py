@@ -47,10 +47,34 @@ class TrainConfig:
     fake_train_size: int = _field("data", 12800, "fake data: training images per epoch (generated lazily)")
     fake_val_size: int = _field("data", 1280, "fake data: validation images (generated lazily)")
     seed: int = _field("data", 0, "seed for the data split, shuffling, augmentation and weight init")
+    classes: Optional[str] = _field("data", None, "train and validate on these classes only, e.g. 0-4 or 5,7,9 "
+                                    "(labels renumbered 0..k-1 in this order)")
+    train_fraction: float = _field("data", 1.0, "train on this share of each class's training images (a fixed "
+                                   "choice, the same whatever --seed says); validation keeps them all")
+    train_per_class: Optional[int] = _field("data", None, "train on at most this many images of each class "
+                                            "(a fixed choice, as --train-fraction)")
+    input_size: Optional[int] = _field("data", None, "resize every batch on the device to N x N pixels (e.g. 64, "
+                                       "128, 224 for ImageNet models on 32x32 data); default: the data's own size")
 
     # ---- model ------------------------------------------------------------------------------
     model: str = _field("model", "resnet8", "model name (see --model choices)")
-    pretrained: bool = _field("model", False, "start from published ImageNet weights (resnet18_imagenet only)")
+    pretrained: bool = _field("model", False, "start from published ImageNet weights (resnet18_imagenet only; "
+                              "torchvision's cache under $TORCH_HOME, downloaded once if missing)")
+    weights: Optional[str] = _field("model", None, "start from the weights in this file: a state dict, a "
+                                    "torchvision weights file, or a raydist checkpoint.pt / model_final.pt / "
+                                    "best_model.pt (local path or URI); the head is new")
+    finetune: str = _field("model", "full", "with --pretrained/--weights: full (every layer trains), linear "
+                           "(frozen backbone, only the head trains), gradual (one more stage unfrozen every "
+                           "--unfreeze-every epochs, from the top), lp-ft (linear probe for --freeze-epochs, "
+                           "then everything at the backbone LR)", ("full", "linear", "gradual", "lp-ft"))
+    unfreeze_every: int = _field("model", 1, "gradual: epochs between unfreezing one more stage")
+    freeze_epochs: int = _field("model", 1, "lp-ft: epochs of linear probing before everything trains")
+    backbone_lr_mult: Optional[float] = _field("model", None, "backbone LR = head LR x this at every step of the "
+                                               "schedule (default: 0.1 with lp-ft, else 1)")
+    grey_input: str = _field("model", "replicate", "grey data sets (digits, fashion_mnist): replicate (3 equal "
+                             "channels), sum (1 channel; the first conv's RGB filters summed: the same output, "
+                             "that conv at a third of its cost) or reinit (1 channel; a new first conv)",
+                             ("replicate", "sum", "reinit"))
     sync_batchnorm: bool = _field("model", False, "convert BatchNorm to SyncBatchNorm (statistics over all workers; GPU workers only)")
     compile: bool = _field("model", False, "torch.compile the model (slower start, faster steps on GPU)")
     channels_last: str = _field("model", "auto", "memory format: auto (channels_last on GPU), on, off",
@@ -117,8 +141,11 @@ class TrainConfig:
             raise ConfigError(f"unknown model {self.model!r}; known: {', '.join(sorted(MODELS))}")
         for name in ("lr", "batch_size", "epochs", "grad_accum", "num_workers", "cpus_per_worker",
                      "fake_image_size", "fake_num_classes", "fake_train_size", "fake_val_size",
-                     "patience", "keep_checkpoints", "lr_step_epochs"):
+                     "patience", "keep_checkpoints", "lr_step_epochs", "unfreeze_every", "freeze_epochs",
+                     "train_fraction", "train_per_class", "input_size", "backbone_lr_mult"):
             value = getattr(self, name)
+            if value is None and name in ("train_per_class", "input_size", "backbone_lr_mult"):
+                continue
             if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
                 raise ConfigError(f"{_flag(name)} must be positive, got {value!r}")
         for name in ("momentum", "weight_decay", "warmup_epochs", "checkpoint_every", "max_failures",
@@ -139,9 +166,12 @@ class TrainConfig:
         if self.schedule_epochs is not None and self.schedule_epochs < self.epochs:
             raise ConfigError(f"--schedule-epochs {self.schedule_epochs} is below --epochs {self.epochs}: the last "
                               f"epochs would train at LR 0; use at least {self.epochs} (or leave it unset)")
+        self._validate_transfer()
         from raydist.data import train_size
 
-        items = train_size(self.dataset, val_fraction=self.val_fraction, fake_train_size=self.fake_train_size)
+        items = train_size(self.dataset, val_fraction=self.val_fraction, fake_train_size=self.fake_train_size,
+                           classes=self.class_list(), train_fraction=self.train_fraction,
+                           train_per_class=self.train_per_class)
         if self.num_workers * self.batch_size > items:
             # Each rank must hold a full batch: a smaller one would train with a batch (and so an LR scale)
             # other than the one asked for, and ranks could end up with unequal step counts (DDP hangs).
@@ -161,6 +191,60 @@ class TrainConfig:
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
             raise ConfigError(f"--name {self.name!r} must be a plain folder name (no '/', not starting with '.')")
         return self
+
+    def _validate_transfer(self) -> None:
+        from raydist.data import DATASETS
+
+        if self.pretrained and self.weights:
+            raise ConfigError(f"--pretrained and --weights {self.weights} both name the starting weights; give one")
+        if not (self.pretrained or self.weights):
+            if self.finetune != "full":
+                raise ConfigError(f"--finetune {self.finetune} freezes pretrained layers, but this run starts from "
+                                  f"scratch; add --pretrained or --weights FILE (or use --finetune full)")
+            if self.backbone_lr_mult is not None:
+                raise ConfigError(f"--backbone-lr-mult {self.backbone_lr_mult:g} sets a pretrained backbone's LR, "
+                                  f"but this run starts from scratch; add --pretrained or --weights FILE")
+        if self.finetune == "gradual" and self.unfreeze_every >= self.epochs:
+            raise ConfigError(f"--unfreeze-every {self.unfreeze_every} with --epochs {self.epochs} never unfreezes "
+                              f"a stage (that is --finetune linear); use at most {max(1, self.epochs - 1)}")
+        if self.finetune == "lp-ft" and self.freeze_epochs >= self.epochs:
+            raise ConfigError(f"--freeze-epochs {self.freeze_epochs} with --epochs {self.epochs} leaves no epoch "
+                              f"to fine-tune in (that is --finetune linear); use at most {max(1, self.epochs - 1)}")
+        if self.grey_input != "replicate" and not DATASETS[self.dataset].grey:
+            grey = sorted(n for n, d in DATASETS.items() if d.grey)
+            raise ConfigError(f"--grey-input {self.grey_input} feeds grey images as one channel; {self.dataset} is "
+                              f"in colour (grey data sets: {', '.join(grey)})")
+        if self.input_size is not None and not 8 <= self.input_size <= 1024:
+            raise ConfigError(f"--input-size {self.input_size} must be between 8 and 1024 pixels")
+        if self.dataset == "fake" and (self.classes or self.train_fraction != 1.0 or self.train_per_class):
+            raise ConfigError("--classes, --train-fraction and --train-per-class select real images; fake data "
+                              "has --fake-num-classes and --fake-train-size instead")
+        if self.train_fraction > 1.0:
+            raise ConfigError(f"--train-fraction must be in (0, 1], got {self.train_fraction!r}")
+        if self.train_fraction != 1.0 and self.train_per_class:
+            raise ConfigError("--train-fraction and --train-per-class both shrink the training set; give one")
+        self.class_list()  # raises on a bad --classes
+
+    def class_list(self) -> Optional[list[int]]:
+        """--classes as a list of class indices, or None for all of them."""
+        if self.classes is None:
+            return None
+        from raydist.data import parse_classes
+
+        try:
+            return parse_classes(self.classes, num_classes=self._all_classes())
+        except ValueError as exc:
+            raise ConfigError(f"--classes {self.classes!r}: {exc}") from None
+
+    def _all_classes(self) -> int:
+        from raydist.data import num_classes
+
+        return num_classes(self.dataset, self.fake_num_classes)
+
+    def num_classes(self) -> int:
+        """Classes the model predicts: those of --classes, else the data set's."""
+        selected = self.class_list()
+        return len(selected) if selected else self._all_classes()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,14 +38,15 @@ class DatasetSpec:
     image_size: int  # side in pixels after loading (fake: set by --fake-image-size)
     load: Callable[..., Union["TensorSource", "FakeSource"]]
     needs_files: bool  # read from --data-dir (and downloadable)
+    grey: bool = False  # one grey level replicated to 3 channels (can be fed as 1: --grey-input)
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 
 
-def register_dataset(name, num_classes, mean, std, image_size, needs_files=False):
+def register_dataset(name, num_classes, mean, std, image_size, needs_files=False, grey=False):
     def wrap(load):
-        DATASETS[name] = DatasetSpec(name, num_classes, mean, std, image_size, load, needs_files)
+        DATASETS[name] = DatasetSpec(name, num_classes, mean, std, image_size, load, needs_files, grey)
         return load
     return wrap
 
@@ -54,10 +55,11 @@ def register_dataset(name, num_classes, mean, std, image_size, needs_files=False
 
 
 class TensorSource:
-    """A data set held whole as a uint8 N x 3 x H x W tensor (on the worker's device)."""
+    """A data set held whole as a uint8 N x C x H x W tensor (on the worker's device); C is 3, or 1 for
+    grey images fed as one channel."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] == 3, images.shape
+        assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] in (1, 3), images.shape
         self.images, self.labels = images, labels.long()
 
     def __len__(self) -> int:
@@ -114,7 +116,7 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 # ---- registry -------------------------------------------------------------------------------------
 
 
-@register_dataset("digits", 10, (0.305, 0.305, 0.305), (0.324, 0.324, 0.324), 32)
+@register_dataset("digits", 10, (0.305, 0.305, 0.305), (0.324, 0.324, 0.324), 32, grey=True)
 def _load_digits(split: str, *, val_fraction: float = 0.2, **_) -> TensorSource:
     from sklearn.datasets import load_digits
 
@@ -156,7 +158,8 @@ def _load_cifar100(split: str, *, data_dir: str, download: bool = False, **_) ->
     return TensorSource(images.permute(0, 3, 1, 2).contiguous(), labels)
 
 
-@register_dataset("fashion_mnist", 10, (0.2860, 0.2860, 0.2860), (0.3530, 0.3530, 0.3530), 32, needs_files=True)
+@register_dataset("fashion_mnist", 10, (0.2860, 0.2860, 0.2860), (0.3530, 0.3530, 0.3530), 32, needs_files=True,
+                  grey=True)
 def _load_fashion_mnist(split: str, *, data_dir: str, download: bool = False, **_) -> TensorSource:
     images, labels = _torchvision_source("FashionMNIST", split, data_dir, download)
     # 28 x 28 grey -> 32 x 32 (zero border, as the background is black) x 3 channels.
@@ -171,29 +174,98 @@ def _load_fake(split: str, *, fake_image_size: int = 224, fake_num_classes: int 
     return FakeSource(size, fake_image_size, fake_num_classes, salt=SPLITS.index(split))
 
 
-FILE_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}  # the published splits
+FILE_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}  # the published splits,
+# each with the same number of images per class
+SUBSET_SEED = 0  # --train-fraction / --train-per-class pick the same images whatever --seed says
 
 
-def train_size(name: str, *, val_fraction: float = 0.2, fake_train_size: int = 12800) -> int:
-    """Training images of a data set, known without loading it (for checks before any cluster starts)."""
-    if name == "digits":
-        return DIGITS_SIZE - int(round(DIGITS_SIZE * val_fraction))
+def train_size(name: str, *, val_fraction: float = 0.2, fake_train_size: int = 12800,
+               classes: Optional[list[int]] = None, train_fraction: float = 1.0,
+               train_per_class: Optional[int] = None) -> int:
+    """Training images of a data set after the class and size selection, known without loading the images
+    (for checks before any cluster starts)."""
     if name == "fake":
         return fake_train_size
-    return FILE_TRAIN_SIZES[name]
+    if name == "digits":
+        labels = _load_digits("train", val_fraction=val_fraction).labels
+        per_class = torch.bincount(labels, minlength=10).tolist()
+    else:
+        total = DATASETS[name].num_classes
+        per_class = [FILE_TRAIN_SIZES[name] // total] * total
+    kept = [per_class[c] for c in (classes if classes else range(len(per_class)))]
+    return sum(_subset_size(n, train_fraction, train_per_class) for n in kept)
+
+
+def _subset_size(n: int, fraction: float, per_class: Optional[int]) -> int:
+    if per_class:
+        return min(n, per_class)
+    return n if fraction >= 1.0 else max(1, round(n * fraction))
 
 
 def num_classes(name: str, fake_num_classes: int = 1000) -> int:
+    """Classes of the whole data set (a run's model predicts TrainConfig.num_classes())."""
     return fake_num_classes if name == "fake" else DATASETS[name].num_classes
 
 
-def load_split(name: str, split: str, *, device="cpu", **options) -> TensorSource | FakeSource:
-    """Load one split of a registered data set onto `device`. Options: data_dir, download, val_fraction, fake_*."""
+def parse_classes(spec: str, *, num_classes: int) -> list[int]:
+    """"0-4" -> [0, 1, 2, 3, 4]; "5,7,9" -> [5, 7, 9]; "0-2,8" -> [0, 1, 2, 8]. Order kept (it numbers the labels)."""
+    chosen: list[int] = []
+    for part in str(spec).replace(" ", "").split(","):
+        low, dash, high = part.partition("-")
+        try:
+            numbers = list(range(int(low), int(high) + 1)) if dash else [int(low)]
+        except ValueError:
+            raise ValueError(f"{part!r} is neither a class number nor a range like 0-4") from None
+        if dash and int(high) < int(low):
+            raise ValueError(f"the range {part!r} is empty")
+        chosen += numbers
+    outside = [c for c in chosen if not 0 <= c < num_classes]
+    if outside:
+        raise ValueError(f"class {outside[0]} is outside 0-{num_classes - 1}")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError("a class is named twice")
+    if len(chosen) < 2:
+        raise ValueError("a classifier needs at least 2 classes")
+    return chosen
+
+
+def select(source: TensorSource, *, classes: Optional[list[int]] = None, fraction: float = 1.0,
+           per_class: Optional[int] = None) -> TensorSource:
+    """The images of `classes` (labels renumbered 0..k-1 in that order), at most `per_class` or a `fraction`
+    of each class: a fixed random choice (SUBSET_SEED), stratified so every class keeps its share."""
+    labels = source.labels.cpu()
+    wanted = classes if classes else list(range(int(labels.max()) + 1))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SUBSET_SEED))
+    keep, new_labels = [], []
+    for new, old in enumerate(wanted):
+        members = order[labels[order] == old]  # this class's images in the fixed random order
+        members = members[:_subset_size(len(members), fraction, per_class)]
+        keep.append(members.sort().values)
+        new_labels.append(torch.full((len(members),), new, dtype=torch.long))
+    index = torch.cat(keep)
+    return TensorSource(source.images[index.to(source.images.device)], torch.cat(new_labels).to(source.labels.device))
+
+
+def load_split(name: str, split: str, *, device="cpu", classes: Optional[list[int]] = None,
+               train_fraction: float = 1.0, train_per_class: Optional[int] = None, channels: int = 3,
+               **options) -> TensorSource | FakeSource:
+    """Load one split of a registered data set onto `device`. Options: data_dir, download, val_fraction, fake_*;
+    `classes` keeps those classes (both splits), `train_fraction`/`train_per_class` shrink the training split,
+    `channels=1` keeps one channel of a grey data set."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-    return DATASETS[name].load(split, **options).to(device)
+    if channels == 1 and not DATASETS[name].grey:
+        raise ValueError(f"{name} is in colour: it has no single grey channel")
+    source = DATASETS[name].load(split, **options)
+    training = split == "train"
+    if classes or (training and (train_fraction < 1.0 or train_per_class)):
+        source = select(source, classes=classes, fraction=train_fraction if training else 1.0,
+                        per_class=train_per_class if training else None)
+    if channels == 1:
+        source = TensorSource(source.images[:, :1].contiguous(), source.labels)
+    return source.to(device)
 
 
 def download_lock(data_dir: str):

@@ -11,6 +11,7 @@ over all ranks, report once (every rank, as Ray requires), checkpoint from rank 
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import math
 import os
@@ -26,9 +27,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raydist.augment import Augmenter
 from raydist.config import TrainConfig
-from raydist.data import (DATASETS, DatasetNotFound, download_lock, load_split, num_classes, shard_indices,
-                          steps_per_epoch)
-from raydist.models import create_model
+from raydist.data import DATASETS, DatasetNotFound, download_lock, load_split, shard_indices, steps_per_epoch
+from raydist.models.transfer import (Unit, WeightsError, build_model, freeze_norms, pretrained_source,
+                                     read_weights_file, set_trainable, transfer_units, unfrozen_stages)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FINAL_MODEL_FILE = "model_final.pt"
@@ -73,17 +74,6 @@ def lr_factor(update: int, *, warmup: int, total: int, schedule: str, step_every
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, peak_lr: float) -> torch.optim.Optimizer:
-    # No weight decay on BatchNorm and bias parameters: decaying them only hurts (Goyal et al. 2017).
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=peak_lr, betas=(cfg.momentum, 0.999))
-    return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-
-
 class Schedule:
     """Sets the LR of optimizer update `update` before it is taken. Unlike LambdaLR it keeps no state of its
     own worth saving: a resumed run places it by the epochs done, in its own updates per epoch."""
@@ -93,23 +83,11 @@ class Schedule:
 
     def apply(self, optimizer: torch.optim.Optimizer) -> None:
         for group in optimizer.param_groups:
-            group["lr"] = self.lr_at(self.update)
+            group["lr"] = self.lr_at(self.update) * group.get("lr_mult", 1.0)  # a pretrained backbone's lower LR
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         self.update += 1
         self.apply(optimizer)
-
-
-def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
-    """Put this run's weight decay and momentum into optimizer groups loaded from a checkpoint (whose saved
-    groups carry the old run's values; the LR is set by the Schedule)."""
-    decay, no_decay = optimizer.param_groups
-    decay["weight_decay"], no_decay["weight_decay"] = cfg.weight_decay, 0.0
-    for group in optimizer.param_groups:
-        if cfg.optimizer == "adamw":
-            group["betas"] = (cfg.momentum, group["betas"][1])
-        else:
-            group["momentum"], group["nesterov"] = cfg.momentum, cfg.nesterov and cfg.momentum > 0
 
 
 def seed_epoch(seed: int, epoch: int, rank: int, augment: "Augmenter") -> None:
@@ -137,7 +115,16 @@ def checkpoint_bytes(state: dict) -> bytes:
 
 
 def load_checkpoint_file(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # Tensors, numbers and strings only: a checkpoint that would run code when unpickled is refused.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def final_model_bytes(model_state: dict, config: dict, metrics: Optional[dict], **extra) -> bytes:
+    """The final-model file (model_final.pt, and a study's best_model.pt): the weights, the config that
+    made them, and what the model needs to be rebuilt (raydist.models.transfer.load_trained_model)."""
+    cfg = TrainConfig.from_dict(config)
+    return checkpoint_bytes({"model": model_state, "config": config, "model_name": cfg.model,
+                             "num_classes": cfg.num_classes(), "metrics": metrics, **extra})
 
 
 class EarlyStop:
@@ -162,8 +149,234 @@ class EpochSums:
     loss: torch.Tensor
     correct: torch.Tensor
     count: torch.Tensor
-    lr_sum: float = 0.0  # training only: the LRs of the epoch's updates (the same on every rank)
+    lr_sum: float = 0.0  # training only: the head's LRs of the epoch's updates (the same on every rank)
     updates: int = 0
+    seconds: float = 0.0
+
+
+def backbone_lr_mult(cfg: TrainConfig) -> float:
+    if cfg.backbone_lr_mult is not None:
+        return cfg.backbone_lr_mult
+    return 0.1 if cfg.finetune == "lp-ft" else 1.0
+
+
+class TrainingState:
+    """One worker's training: the model and its DDP/compiled wrapper, optimizer, LR schedule, grad scaler,
+    early stop, epoch and fine-tuning stage, with train_epoch / evaluate / state_dict / load_state_dict.
+
+    Fine-tuning freezes and unfreezes the backbone by units (raydist.models.transfer): a frozen unit has
+    requires_grad off, its BatchNorm layers in eval mode, no gradient (so no optimizer state and no
+    weight decay) and no allreduce, because DDP is built over the trainable parameters only. When a stage
+    unfreezes, the DDP wrapper is built again at that epoch. The optimizer holds every parameter from the
+    start, in groups per unit, so its layout is the same in every stage and a checkpoint from any stage
+    loads into a run at any other.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, device: torch.device, rank: int, world: int, train_set, val_set,
+                 source=None):
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.train_set, self.val_set = train_set, val_set
+        spec = DATASETS[cfg.dataset]
+        self.augment = Augmenter(cfg.augment, mean=spec.mean, std=spec.std, device=device, seed=cfg.seed * 1000 + rank,
+                                 channels=1 if cfg.grey_input != "replicate" else 3, size=cfg.input_size)
+
+        # ---- model (identical initial weights on every rank: the caller seeded torch)
+        net = build_model(cfg.model, num_classes=cfg.num_classes(), grey_input=cfg.grey_input, source=source)
+        if cfg.sync_batchnorm and world > 1:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+        self.net = net.to(device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        self.compiled: nn.Module = torch.compile(self.net) if cfg.compile else self.net
+        self.transfer = cfg.pretrained or cfg.weights is not None
+        if self.transfer:
+            self.units = transfer_units(self.net, new_stem=cfg.grey_input == "reinit")
+        else:  # from scratch: one unit, every parameter at the one LR
+            self.units = [Unit("all", list(self.net.parameters()), new=True)]
+        self.backbone_units = sum(not u.new for u in self.units)
+        self.model: nn.Module = self.compiled  # what trains: the DDP wrapper when world > 1
+        self.stage: Optional[int] = None  # backbone units training now; set by enter_epoch
+
+        # ---- optimizer and schedule (linear scaling rule: LR given per 256 images)
+        steps = steps_per_epoch(len(train_set), batch_size=cfg.batch_size, world_size=world)
+        self.updates_per_epoch = math.ceil(steps / cfg.grad_accum)
+        peak_lr = cfg.lr * cfg.batch_size * world * cfg.grad_accum / 256
+        self.optimizer = self._build_optimizer(peak_lr)
+        warmup = round(cfg.warmup_epochs * self.updates_per_epoch)
+        total = (cfg.schedule_epochs or cfg.epochs) * self.updates_per_epoch  # a study under ASHA spans its budget
+        step_every = cfg.lr_step_epochs * self.updates_per_epoch
+        # lp-ft: the probe and the fine-tuning each get a schedule of their own (warmup, then decay), as
+        # fastai's fine_tune does; else the backbone would start training late in an already decayed one.
+        restart = cfg.freeze_epochs * self.updates_per_epoch if self.transfer and cfg.finetune == "lp-ft" else 0
+
+        def lr_at(update: int) -> float:
+            start, span = (restart, total - restart) if restart and update >= restart else (0, restart or total)
+            return peak_lr * lr_factor(update - start, warmup=min(warmup, span), total=span, schedule=cfg.lr_schedule,
+                                       step_every=step_every, gamma=cfg.lr_step_gamma)
+
+        self.schedule = Schedule(lr_at)
+        self.amp_dtype = autocast_dtype(cfg.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.early_stop = EarlyStop(cfg.target_accuracy, cfg.patience)
+        self.epoch = 0  # epochs done
+        self.first_step_unix: Optional[float] = None
+        self._place_schedule()
+
+    # ---- building blocks
+
+    def _build_optimizer(self, peak_lr: float) -> torch.optim.Optimizer:
+        # No weight decay on BatchNorm and bias parameters: decaying them only hurts (Goyal et al. 2017).
+        # Two groups per unit; a unit's LR multiplier is 1 for the new head, backbone_lr_mult for the rest.
+        groups = []
+        for unit in self.units:
+            for decay in (True, False):
+                params = [p for p in unit.params if (p.ndim > 1) == decay]
+                if params:
+                    groups.append({"params": params, "unit": unit.name, "decay": decay})
+        self._group_mults = [1.0 if self._unit(g["unit"]).new else backbone_lr_mult(self.cfg) for g in groups]
+        cfg = self.cfg
+        if cfg.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(cfg.momentum, 0.999))
+        else:
+            optimizer = torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum,
+                                        nesterov=cfg.nesterov and cfg.momentum > 0)
+        self._apply_hyperparameters(optimizer)
+        return optimizer
+
+    def _unit(self, name: str) -> Unit:
+        return next(u for u in self.units if u.name == name)
+
+    def _apply_hyperparameters(self, optimizer: torch.optim.Optimizer) -> None:
+        """This run's weight decay, momentum and LR multipliers in every group (groups loaded from a
+        checkpoint carry the old run's; the LR itself is set by the Schedule)."""
+        cfg = self.cfg
+        for group, mult in zip(optimizer.param_groups, self._group_mults):
+            group["lr_mult"] = mult
+            group["weight_decay"] = cfg.weight_decay if group["params"][0].ndim > 1 else 0.0
+            if cfg.optimizer == "adamw":
+                group["betas"] = (cfg.momentum, group["betas"][1])
+            else:
+                group["momentum"], group["nesterov"] = cfg.momentum, cfg.nesterov and cfg.momentum > 0
+
+    def _place_schedule(self) -> None:
+        # Checkpoints fall on epoch ends, so the point of training reached is `epoch` epochs of images: the
+        # schedule continues there in this run's own updates, whatever batch size or worker count it has.
+        self.schedule.update = self.epoch * self.updates_per_epoch
+        self.schedule.apply(self.optimizer)  # then each update's step() sets the next one's LR
+
+    def enter_epoch(self, epoch: int) -> Optional[str]:
+        """Freeze or unfreeze for `epoch` (0-based); when the trainable set changes, wrap the model in DDP
+        again over it. Returns a line saying what changed, or None."""
+        cfg = self.cfg
+        stage = unfrozen_stages(cfg.finetune if self.transfer else "full", epoch, stages=self.backbone_units,
+                                unfreeze_every=cfg.unfreeze_every, freeze_epochs=cfg.freeze_epochs)
+        if stage == self.stage:
+            return None
+        first = self.stage is None
+        self.stage = stage
+        set_trainable(self.units, stage)
+        if self.world > 1:
+            # DDP registers its allreduce hooks for the parameters that require grad when it wraps the
+            # model: a new trainable set needs a new wrapper (the old one's hooks go with it).
+            self.model = None
+            gc.collect()
+            self.model = DDP(self.compiled, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if cfg.fp16_allreduce:
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+                self.model.register_comm_hook(state=None, hook=default_hooks.fp16_compress_hook)
+        if not self.transfer or (first and stage == self.backbone_units):
+            return None
+        count = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
+        mult = backbone_lr_mult(cfg)
+        at = f"; the backbone at {mult:g}x the head's LR" if mult != 1 and stage else ""
+        if stage == self.backbone_units:
+            return f"epoch {epoch + 1}: every layer trains ({count:,} parameters{at})"
+        training = [u.name for u in self.units if u.new] + [u.name for u in self.units if not u.new][:stage]
+        return f"epoch {epoch + 1}: training {', '.join(training)} ({count:,} parameters{at}; the rest frozen)"
+
+    # ---- the epoch
+
+    def train_epoch(self) -> EpochSums:
+        """One pass over this rank's shard of the training set, at epoch `self.epoch`."""
+        cfg, device, model = self.cfg, self.device, self.model
+        t0 = time.perf_counter()
+        model.train()
+        freeze_norms(self.units, self.stage)  # frozen units keep their pretrained BatchNorm statistics
+        sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
+        batches = list(shard_indices(len(self.train_set), batch_size=cfg.batch_size, rank=self.rank,
+                                     world_size=self.world, epoch=self.epoch, seed=cfg.seed))
+        for i, indices in enumerate(batches):
+            images, labels = self.train_set.batch(indices)
+            x = self.augment(images, train=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            group_start = i - i % cfg.grad_accum
+            group_size = min(cfg.grad_accum, len(batches) - group_start)
+            update_now = i + 1 == group_start + group_size
+            # Accumulating steps skip DDP's allreduce (Horovod's batches-per-allreduce).
+            no_sync = model.no_sync() if (isinstance(model, DDP) and not update_now) else contextlib.nullcontext()
+            with no_sync:
+                with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    logits = model(x)
+                    loss = self.criterion(logits, labels)
+                self.scaler.scale(loss / group_size).backward()
+            if update_now:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                sums.lr_sum += self.optimizer.param_groups[0]["lr"]
+                sums.updates += 1
+                self.schedule.step(self.optimizer)
+            # Accumulate on the device: no host sync per step.
+            sums.loss += loss.detach().double() * len(labels)
+            sums.correct += (logits.detach().argmax(1) == labels).sum()
+            sums.count += len(labels)
+            if self.first_step_unix is None:
+                self.first_step_unix = time.time()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        sums.seconds = time.perf_counter() - t0
+        return sums
+
+    @torch.no_grad()
+    def evaluate(self) -> EpochSums:
+        """This rank's share of the validation set, evaluated with the weights and statistics that are saved."""
+        if self.world > 1:
+            # Each rank's last training forward updated its own BatchNorm statistics; evaluate every shard
+            # with rank 0's, which are the ones saved, so the reported metric is the saved model's.
+            for buffer in self.net.buffers():
+                dist.broadcast(buffer, src=0)
+        cfg, device = self.cfg, self.device
+        self.net.eval()
+        sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
+        for indices in shard_indices(len(self.val_set), batch_size=2 * cfg.batch_size, rank=self.rank,
+                                     world_size=self.world, shuffle=False, drop_last=False, pad=False):
+            images, labels = self.val_set.batch(indices)
+            x = self.augment(images, train=False)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                logits = self.net(x)
+            sums.loss += self.criterion(logits.float(), labels).double() * len(labels)
+            sums.correct += (logits.argmax(1) == labels).sum()
+            sums.count += len(labels)
+        return sums
+
+    # ---- saving and resuming
+
+    def state_dict(self, metrics: Optional[dict] = None) -> dict:
+        """Everything a resumed run needs (the checkpoint file's content)."""
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "early_stop_hits": self.early_stop.hits,
+                "stage": self.stage, "config": self.cfg.to_dict(), "metrics": metrics}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])  # keeps the momentum buffers ...
+        self._apply_hyperparameters(self.optimizer)  # ... but this run's decay, momentum and LR multipliers
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.early_stop.hits = state["epoch"], state.get("early_stop_hits", 0)
+        self._place_schedule()
 
 
 def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
@@ -171,78 +384,27 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # one thread pool per worker, sized to its share
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-
-    # ---- data
     train_set, val_set = load_data_once_per_node(cfg, device=device, rank=rank, world=world, node_id=ctx.node_id)
-    spec = DATASETS[cfg.dataset]
-    augment = Augmenter(cfg.augment, mean=spec.mean, std=spec.std, device=device, seed=cfg.seed * 1000 + rank)
-
-    # ---- model
-    net = create_model(cfg.model, num_classes=num_classes(cfg.dataset, cfg.fake_num_classes), pretrained=cfg.pretrained)
-    if cfg.sync_batchnorm and world > 1:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
-    net = net.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    model: nn.Module = torch.compile(net) if cfg.compile else net
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if cfg.fp16_allreduce:
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-            model.register_comm_hook(state=None, hook=default_hooks.fp16_compress_hook)
-
-    # ---- optimizer and schedule (linear scaling rule: LR given per 256 images)
-    steps = steps_per_epoch(len(train_set), batch_size=cfg.batch_size, world_size=world)
-    updates_per_epoch = math.ceil(steps / cfg.grad_accum)
-    global_batch = cfg.batch_size * world * cfg.grad_accum
-    peak_lr = cfg.lr * global_batch / 256
-    optimizer = build_optimizer(cfg, net, peak_lr)
-    warmup = round(cfg.warmup_epochs * updates_per_epoch)
-    total = (cfg.schedule_epochs or cfg.epochs) * updates_per_epoch  # a study under ASHA spans its budget
-    step_every = cfg.lr_step_epochs * updates_per_epoch
-
-    def lr_at(update: int) -> float:
-        return peak_lr * lr_factor(update, warmup=warmup, total=total, schedule=cfg.lr_schedule,
-                                   step_every=step_every, gamma=cfg.lr_step_gamma)
-
-    schedule = Schedule(lr_at)
-    amp_dtype = autocast_dtype(cfg.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    early_stop = EarlyStop(cfg.target_accuracy, cfg.patience)
-
-    start_epoch = 0
+    # A resumed run takes every weight from its checkpoint: the pretrained source is not needed again.
+    source = load_source(cfg, node_id=ctx.node_id) if ctx.resume_state is None else None
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    state = TrainingState(cfg, device=device, rank=rank, world=world, train_set=train_set, val_set=val_set,
+                          source=source)
     if ctx.resume_state is not None:
-        state = ctx.resume_state
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])  # keeps the momentum buffers ...
-        apply_hyperparameters(optimizer, cfg)  # ... but this run's LR, decay and momentum, not the saved ones
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, early_stop.hits = state["epoch"], state.get("early_stop_hits", 0)
-    # Checkpoints fall on epoch ends, so the point of training reached is `start_epoch` epochs of images:
-    # the schedule continues there in this run's own updates, whatever batch size or worker count it has.
-    schedule.update = start_epoch * updates_per_epoch
-    schedule.apply(optimizer)  # then each update's step() sets the next one's LR
+        state.load_state_dict(ctx.resume_state)
 
     writer = _tensorboard(ctx.log_dir) if rank == 0 and ctx.log_dir else None
     history: list[dict] = []
-    first_step_unix: list[float] = []
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(state.epoch, cfg.epochs):
         t0 = time.perf_counter()
-        seed_epoch(cfg.seed, epoch, rank, augment)
-        train = _train_epoch(model, train_set, augment, criterion, optimizer, schedule, scaler, cfg,
-                             rank=rank, world=world, epoch=epoch, amp_dtype=amp_dtype, device=device,
-                             channels_last=channels_last, first_step_unix=first_step_unix)
-        train_time = time.perf_counter() - t0
-        if world > 1:
-            # Each rank's last training forward updated its own BatchNorm statistics; evaluate every shard
-            # with rank 0's, which are the ones saved, so the reported metric is the saved model's.
-            for buffer in net.buffers():
-                dist.broadcast(buffer, src=0)
-        val = _evaluate(net, val_set, augment, criterion, cfg,
-                        rank=rank, world=world, amp_dtype=amp_dtype, channels_last=channels_last, device=device)
+        change = state.enter_epoch(epoch)
+        if change and rank == 0:
+            print(change, flush=True)
+        seed_epoch(cfg.seed, epoch, rank, state.augment)
+        train = state.train_epoch()
+        val = state.evaluate()
         totals = torch.stack([train.loss, train.correct, train.count, val.loss, val.correct, val.count,
-                              torch.tensor(train_time, device=device, dtype=torch.float64)]).double()
+                              torch.tensor(train.seconds, device=device, dtype=torch.float64)]).double()
         if world > 1:
             dist.all_reduce(totals)
         t_loss, t_correct, t_count, v_loss, v_correct, v_count, time_sum = totals.tolist()
@@ -250,16 +412,18 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
             "epoch": epoch + 1,
             "train_loss": t_loss / t_count, "train_acc": t_correct / t_count,
             "val_loss": v_loss / v_count, "val_acc": v_correct / v_count,
-            "lr": train.lr_sum / max(train.updates, 1),  # the mean LR of this epoch's updates
+            "lr": train.lr_sum / max(train.updates, 1),  # the mean LR of this epoch's updates (the head's)
             "epoch_time_s": time.perf_counter() - t0,
             "images_per_s": t_count / (time_sum / world),  # global images over the mean rank's training time
-            "first_step_unix": first_step_unix[0] if first_step_unix else float("nan"),
+            "first_step_unix": state.first_step_unix or float("nan"),
             "world_size": world,
+            "trainable_params": sum(p.numel() for p in state.net.parameters() if p.requires_grad),
             "stop_reason": "",
         }
+        state.epoch = epoch + 1
         if not math.isfinite(metrics["train_loss"]):
             metrics["stop_reason"] = "non_finite_loss"
-        elif early_stop.update(metrics["val_acc"]):
+        elif state.early_stop.update(metrics["val_acc"]):
             metrics["stop_reason"] = "target_accuracy"
         last = epoch + 1 == cfg.epochs or bool(metrics["stop_reason"])
         save = last or (cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0)
@@ -271,10 +435,7 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
                     writer.add_scalar(key, metrics[key], epoch + 1)
                 writer.flush()
         if save and metrics["stop_reason"] != "non_finite_loss":
-            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                     "early_stop_hits": early_stop.hits, "config": cfg.to_dict(), "metrics": metrics}
-            _report_with_checkpoint(ctx, metrics, state if rank == 0 else None)
+            _report_with_checkpoint(ctx, metrics, state.state_dict(metrics) if rank == 0 else None)
         else:
             ctx.report(metrics, None)
         history.append(metrics)
@@ -284,13 +445,25 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
             break
 
     if rank == 0 and not (history and history[-1]["stop_reason"] == "non_finite_loss"):
-        final = {"model": net.state_dict(), "config": cfg.to_dict(), "model_name": cfg.model,
-                 "num_classes": num_classes(cfg.dataset, cfg.fake_num_classes),
-                 "metrics": history[-1] if history else None}
-        ctx.write_file(FINAL_MODEL_FILE, checkpoint_bytes(final))
+        ctx.write_file(FINAL_MODEL_FILE, final_model_bytes(state.net.state_dict(), cfg.to_dict(),
+                                                           history[-1] if history else None))
     if writer:
         writer.close()
     return history
+
+
+def load_source(cfg: TrainConfig, *, node_id: str):
+    """The pretrained weights a run starts from (None from scratch), read on this worker's node; missing
+    weights are the run's one-line cause, naming the node."""
+    if not (cfg.pretrained or cfg.weights):
+        return None
+    try:
+        if cfg.weights:
+            return read_weights_file(cfg.weights)
+        with download_lock(torch.hub.get_dir()):  # the node's ranks download once, into one cache
+            return pretrained_source(cfg.model, where=f" of node {node_id}")
+    except WeightsError as exc:
+        raise WorkerInputError(f"{exc} (on node {node_id})" if cfg.weights else str(exc)) from None
 
 
 def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, node_id: str):
@@ -300,7 +473,9 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
     spec = DATASETS[cfg.dataset]
     options = dict(data_dir=cfg.data_dir, download=cfg.download, val_fraction=cfg.val_fraction,
                    fake_image_size=cfg.fake_image_size, fake_num_classes=cfg.fake_num_classes,
-                   fake_train_size=cfg.fake_train_size, fake_val_size=cfg.fake_val_size)
+                   fake_train_size=cfg.fake_train_size, fake_val_size=cfg.fake_val_size,
+                   classes=cfg.class_list(), train_fraction=cfg.train_fraction, train_per_class=cfg.train_per_class,
+                   channels=1 if cfg.grey_input != "replicate" else 3)
 
     def load():
         with download_lock(cfg.data_dir) if (cfg.download and spec.needs_files) else contextlib.nullcontext():
@@ -333,63 +508,6 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
         # is raised as an error of the program, still named per node, by every rank alike.
         raise (DataUnavailable if all(user for _, _, user in failed) else RuntimeError)(message)
     return splits or load()
-
-
-def _train_epoch(model, data, augment, criterion, optimizer, schedule, scaler, cfg, *, rank, world, epoch,
-                 amp_dtype, device, channels_last, first_step_unix) -> EpochSums:
-    model.train()
-    sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
-    batches = list(shard_indices(len(data), batch_size=cfg.batch_size, rank=rank, world_size=world,
-                                 epoch=epoch, seed=cfg.seed))
-    for i, indices in enumerate(batches):
-        images, labels = data.batch(indices)
-        x = augment(images, train=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        group_start = i - i % cfg.grad_accum
-        group_size = min(cfg.grad_accum, len(batches) - group_start)
-        update_now = i + 1 == group_start + group_size
-        # Accumulating steps skip DDP's allreduce (Horovod's batches-per-allreduce).
-        no_sync = model.no_sync() if (isinstance(model, DDP) and not update_now) else contextlib.nullcontext()
-        with no_sync:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(x)
-                loss = criterion(logits, labels)
-            scaler.scale(loss / group_size).backward()
-        if update_now:
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            sums.lr_sum += optimizer.param_groups[0]["lr"]
-            sums.updates += 1
-            schedule.step(optimizer)
-        # Accumulate on the device: no host sync per step.
-        sums.loss += loss.detach().double() * len(labels)
-        sums.correct += (logits.detach().argmax(1) == labels).sum()
-        sums.count += len(labels)
-        if not first_step_unix:
-            first_step_unix.append(time.time())
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return sums
-
-
-@torch.no_grad()
-def _evaluate(model, data, augment, criterion, cfg, *, rank, world, amp_dtype, channels_last, device) -> EpochSums:
-    model.eval()
-    sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
-    for indices in shard_indices(len(data), batch_size=2 * cfg.batch_size, rank=rank, world_size=world,
-                                 shuffle=False, drop_last=False, pad=False):
-        images, labels = data.batch(indices)
-        x = augment(images, train=False)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        sums.loss += criterion(logits.float(), labels).double() * len(labels)
-        sums.correct += (logits.argmax(1) == labels).sum()
-        sums.count += len(labels)
-    return sums
 
 
 def _report_with_checkpoint(ctx: WorkerContext, metrics: dict, state: Optional[dict]) -> None:

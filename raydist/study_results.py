@@ -21,7 +21,6 @@ from typing import Optional
 import yaml
 
 from raydist import report
-from raydist.config import TrainConfig
 from raydist.search_space import PER_TRIAL_FIELDS, Study
 
 
@@ -165,19 +164,16 @@ def best_checkpoint(history: list[dict], best: Optional[dict], study: Study,
 def export_best(best: dict, out_dir: str) -> str:
     """best_model.pt (same format as a run's model_final.pt) and best_config.yaml for `raydist.train --config`."""
     import ray.train
-    import torch
 
-    from raydist.data import num_classes
-    from raydist.engine import CHECKPOINT_FILE, load_checkpoint_file
+    from raydist.engine import CHECKPOINT_FILE, final_model_bytes, load_checkpoint_file
 
     with ray.train.Checkpoint(best["checkpoint"]).as_directory() as folder:  # downloads a remote one
         state = load_checkpoint_file(os.path.join(folder, CHECKPOINT_FILE))
-    cfg = TrainConfig.from_dict(state["config"])
     path = os.path.join(out_dir, "best_model.pt")
-    torch.save({"model": state["model"], "config": state["config"], "model_name": cfg.model,
-                "num_classes": num_classes(cfg.dataset, cfg.fake_num_classes), "metrics": state["metrics"],
-                "trial_id": best["trial_id"], "checkpoint": best["checkpoint"], "epoch": state["epoch"],
-                "best_epoch": best["best_epoch"]}, path)
+    with open(path, "wb") as fh:
+        fh.write(final_model_bytes(state["model"], state["config"], state["metrics"], trial_id=best["trial_id"],
+                                   checkpoint=best["checkpoint"], epoch=state["epoch"],
+                                   best_epoch=best["best_epoch"]))
     with open(os.path.join(out_dir, "best_config.yaml"), "w") as fh:
         yaml.safe_dump({k: v for k, v in state["config"].items() if k not in PER_TRIAL_FIELDS}, fh, sort_keys=False)
     return path

@@ -61,7 +61,7 @@ def read_resume_target(path: str) -> tuple[bool, dict]:
 
     checkpoint = read(CHECKPOINT_FILE)
     if checkpoint is not None:
-        return False, torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=False)["config"]
+        return False, torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=True)["config"]
     config = read(CONFIG_FILE)
     if config is not None:
         return True, yaml.safe_load(config)
@@ -102,8 +102,9 @@ def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None)
     name = cfg.name or f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     # On a cluster someone else started, `~/data` means each node's own home: expanded on the node.
     data_dir = cfg.data_dir if cfg.address and cfg.data_dir.startswith("~") else _local_abspath(cfg.data_dir)
+    weights = cfg.weights if cfg.address and (cfg.weights or "").startswith("~") else _local_abspath(cfg.weights)
     cfg = dataclasses.replace(cfg, name=name, storage_path=_local_abspath(cfg.storage_path),
-                              data_dir=data_dir, resume=_local_abspath(cfg.resume))
+                              data_dir=data_dir, weights=weights, resume=_local_abspath(cfg.resume))
     if cfg.log_dir is None and not _is_uri(cfg.storage_path):
         cfg = dataclasses.replace(cfg, log_dir=os.path.join(cfg.storage_path, name, "tensorboard"))
     cfg = dataclasses.replace(cfg, log_dir=_local_abspath(cfg.log_dir))
@@ -111,19 +112,53 @@ def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None)
         # A local cluster is this machine: check now, before it starts. On a cluster the data lives on the
         # nodes that run the workers, so each node's first worker checks it there (engine.load_data_once_per_node).
         check_data(cfg.dataset, cfg.data_dir, cfg.download)
+    if not cfg.resume:  # a resumed run takes its weights from the checkpoint
+        check_weights(cfg, on_this_machine=cfg.address is None)
     return cfg
+
+
+def check_weights(cfg: TrainConfig, *, on_this_machine: bool = True) -> None:
+    """The starting weights (--pretrained, --weights) exist and fit the model: else one ConfigError, before
+    anything starts. On a cluster someone else started (`on_this_machine` False) the workers' nodes may
+    hold files this machine lacks: what is here is checked, what is not is left to each node's workers."""
+    from raydist.models.transfer import (WeightsError, build_model, pretrained_cache_file, pretrained_source,
+                                         read_weights_file)
+
+    try:
+        if cfg.weights:
+            local = "://" not in cfg.weights
+            if not on_this_machine and local and not os.path.exists(os.path.expanduser(cfg.weights)):
+                return
+            source = read_weights_file(cfg.weights)
+        elif cfg.pretrained:
+            if not on_this_machine and not os.path.exists(pretrained_cache_file(cfg.model)):
+                return
+            source = pretrained_source(cfg.model)  # downloads into this machine's cache once, if it can
+        else:
+            return
+        build_model(cfg.model, num_classes=cfg.num_classes(), grey_input=cfg.grey_input, source=source)
+    except WeightsError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 # A checkpoint's weights and optimizer state fit only the same network, classes and optimizer type. Every
 # other setting (LR, decay, momentum, batch, workers, epochs, schedule) applies to the resumed run as given.
-RESUME_FIXED = ("model", "dataset", "fake_num_classes", "optimizer",
+RESUME_FIXED = ("model", "dataset", "fake_num_classes", "optimizer", "classes", "grey_input",  # the shapes
                 "val_fraction")  # another split would move trained-on images into validation
 
 
 def check_resume_compatible(saved: dict, cfg: TrainConfig, resume: str) -> None:
+    # A transfer run's optimizer holds a group per unit (head, stages), a run from scratch two in all.
+    was_transfer = bool(saved.get("pretrained") or saved.get("weights"))
+    if bool(cfg.pretrained or cfg.weights) != was_transfer:
+        raise ConfigError(f"--resume {resume}: the run started "
+                          f"{'from pretrained weights' if was_transfer else 'from scratch'}; a checkpoint continues "
+                          f"as it started (its weights come from the checkpoint): drop --pretrained/--weights "
+                          f"or start a new run")
     for name in RESUME_FIXED:
         old = saved.get(name, getattr(TrainConfig, name))
         if getattr(cfg, name) != old:
+            old = "unset" if old is None else old
             raise ConfigError(f"--resume {resume}: --{name.replace('_', '-')} {getattr(cfg, name)} differs from "
                               f"the run's {old}; a checkpoint continues with the same {name} (start a new run "
                               f"with --{name.replace('_', '-')} {getattr(cfg, name)} instead)")

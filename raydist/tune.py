@@ -145,8 +145,15 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
     data_dir = study.fixed.get("data_dir", TrainConfig.data_dir)
     if "://" not in data_dir and not (args.address and data_dir.startswith("~")):
         study.fixed["data_dir"] = os.path.abspath(os.path.expanduser(data_dir))
+    weights = study.fixed.get("weights")
+    if weights and "://" not in weights and not (args.address and weights.startswith("~")):
+        study.fixed["weights"] = os.path.abspath(os.path.expanduser(weights))
     if args.address is None:
         _check_data(study)
+    if not args.resume:  # starting weights missing or not fitting fail here, not in every trial
+        from raydist.train import check_weights
+
+        check_weights(study.base_config(), on_this_machine=args.address is None)
     if args.wandb:
         _require("wandb", "--wandb")
     if args.mlflow_uri:

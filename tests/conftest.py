@@ -130,21 +130,23 @@ def ray_cluster(cluster):
 
 
 def digits_val_accuracy(saved: dict) -> float:
-    """Accuracy over the whole digits validation split of a saved model (`model_final.pt` or
-    `best_model.pt` contents: weights, model name, class count), evaluated in this process."""
+    """Accuracy over the whole digits validation split (of the run's classes, fed as the run fed them) of a
+    saved model (`model_final.pt`, `best_model.pt` or `checkpoint.pt` contents), evaluated in this process."""
     import torch
 
     from raydist.augment import Augmenter
+    from raydist.config import TrainConfig
     from raydist.data import DATASETS, load_split
-    from raydist.models import create_model
+    from raydist.models.transfer import load_trained_model
 
-    model = create_model(saved["model_name"], num_classes=saved["num_classes"])
-    model.load_state_dict(saved["model"])
-    model.eval()
-    val = load_split("digits", "val")
+    cfg = TrainConfig.from_dict(saved.get("config") or {})
+    model = load_trained_model({"model_name": cfg.model, "num_classes": cfg.num_classes(), **saved})
+    channels = 1 if cfg.grey_input != "replicate" else 3
+    val = load_split("digits", "val", classes=cfg.class_list(), channels=channels)
     spec = DATASETS["digits"]
+    augment = Augmenter("none", mean=spec.mean, std=spec.std, channels=channels, size=cfg.input_size)
     with torch.no_grad():
-        logits = model(Augmenter("none", mean=spec.mean, std=spec.std)(val.images, train=False))
+        logits = model(augment(val.images, train=False))
     return (logits.argmax(1) == val.labels).float().mean().item()
 
 

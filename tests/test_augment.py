@@ -103,3 +103,18 @@ def test_colour_jitter_matches_torchvisions_brightness_contrast_and_saturation()
         assert torch.allclose(out[i], expected, atol=1e-5), (i, (out[i] - expected).abs().max())
     # (torchvision's grey weights sum to 0.9999, hence the looser bound)
     assert torch.allclose(out[0], torch.full_like(out[0], 0.5 * factors[0, 0].item()), atol=2e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_channel_images_and_a_resize_come_out_normalized_at_the_asked_size(kind):
+    images = torch.randint(0, 256, (6, 1, 32, 32), dtype=torch.uint8)
+    aug = Augmenter(kind, mean=(0.5,) * 3, std=(0.25,) * 3, seed=0, channels=1, size=64)
+    out = aug(images, train=True)
+    assert out.shape == (6, 1, 64, 64) and out.dtype == torch.float32
+    evaluated = aug(images, train=False)
+    # evaluation: the normalized image, resized (bilinear) and nothing else
+    expected = torch.nn.functional.interpolate((images.float() / 255 - 0.5) / 0.25, size=(64, 64), mode="bilinear",
+                                               align_corners=False)
+    assert torch.allclose(evaluated, expected, atol=1e-5)
+    assert Augmenter("none", mean=(0.5,) * 3, std=(0.25,) * 3, size=16)(images.expand(-1, 3, -1, -1),
+                                                                           train=False).shape == (6, 3, 16, 16)

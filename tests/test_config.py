@@ -187,7 +187,7 @@ def test_resume_a_run_folder_under_another_name_starts_from_its_latest_checkpoin
 
 
 @pytest.mark.parametrize("flag, value", [("--model", "resnet18"), ("--dataset", "fake"), ("--optimizer", "adamw"),
-                                         ("--val-fraction", "0.3")])
+                                         ("--val-fraction", "0.3"), ("--classes", "0-4"), ("--grey-input", "sum")])
 def test_resume_refuses_settings_a_checkpoint_cannot_continue_with(tmp_path, monkeypatch, capsys, flag, value):
     import yaml
 
@@ -202,7 +202,22 @@ def test_resume_refuses_settings_a_checkpoint_cannot_continue_with(tmp_path, mon
     assert code == 2
     name = flag[2:].replace("-", "_")
     given = TrainConfig.from_dict({name: value}).to_dict()[name]
+    old = "unset" if getattr(TrainConfig, name) is None else getattr(TrainConfig, name)
     assert err.strip() == (f"raydist.train: error: --resume {run_dir}: {flag} {given} differs from the run's "
-                           f"{getattr(TrainConfig, name)}; a checkpoint continues with the same {name} (start a "
+                           f"{old}; a checkpoint continues with the same {name} (start a "
                            f"new run with {flag} {given} instead)")
     assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_resume_refuses_to_switch_between_scratch_and_pretrained(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from raydist import cluster
+
+    run_dir = tmp_path / "runs" / "old"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(TrainConfig().to_dict()))
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("a cluster was started"))
+    code, err = _main("--resume", str(run_dir), "--weights", str(tmp_path / "w.pt"), capsys=capsys)
+    assert code == 2 and "the run started from scratch; a checkpoint continues as it started" in err
+    assert len(err.strip().splitlines()) == 1

@@ -179,3 +179,47 @@ def test_each_epoch_reshuffles_and_validation_sees_each_item_once():
     val = [torch.cat(list(shard_indices(101, batch_size=10, rank=r, world_size=2, shuffle=False,
                                         drop_last=False, pad=False))) for r in range(2)]
     assert sorted(torch.cat(val).tolist()) == list(range(101))
+
+
+# ---- class subsets and smaller training sets (transfer tasks) -------------------------------------
+
+
+def test_a_class_subset_keeps_those_classes_in_both_splits_renumbered_in_the_order_given():
+    full = load_split("digits", "val")
+    subset = load_split("digits", "val", classes=[7, 5, 9])
+    for new, old in enumerate([7, 5, 9]):
+        assert torch.equal(subset.images[subset.labels == new], full.images[full.labels == old])
+    assert set(subset.labels.tolist()) == {0, 1, 2}
+    assert len(load_split("digits", "train", classes=[7, 5, 9])) + len(subset) == sum(
+        len(load_split("digits", s, classes=[c])) for s in ("train", "val") for c in (7, 5, 9))
+
+
+@pytest.mark.parametrize("options", [dict(train_per_class=20), dict(train_fraction=0.25)])
+def test_a_smaller_training_set_is_stratified_fixed_and_leaves_validation_whole(options):
+    from raydist.data import train_size
+
+    full = load_split("digits", "train", classes=[5, 6, 7, 8, 9])
+    small = load_split("digits", "train", classes=[5, 6, 7, 8, 9], **options)
+    per_class = torch.bincount(small.labels).tolist()
+    full_per_class = torch.bincount(full.labels).tolist()
+    if "train_per_class" in options:
+        assert per_class == [20] * 5
+    else:
+        assert per_class == [round(n * 0.25) for n in full_per_class]
+    # every image kept is one of the class's own training images
+    for c in range(5):
+        pool = {bytes(x.numpy()) for x in full.images[full.labels == c]}
+        assert all(bytes(x.numpy()) in pool for x in small.images[small.labels == c])
+    assert torch.equal(load_split("digits", "train", classes=[5, 6, 7, 8, 9], **options).images, small.images)
+    assert len(load_split("digits", "val", classes=[5, 6, 7, 8, 9], **options)) == len(
+        load_split("digits", "val", classes=[5, 6, 7, 8, 9]))
+    # the size known before loading (checks before a cluster starts) is the size loaded
+    assert train_size("digits", classes=[5, 6, 7, 8, 9], **options) == len(small)
+
+
+def test_grey_data_sets_can_be_fed_as_one_channel_and_colour_ones_cannot(tmp_path):
+    rgb, grey = load_split("digits", "train"), load_split("digits", "train", channels=1)
+    assert grey.images.shape[1] == 1 and torch.equal(grey.images[:, 0], rgb.images[:, 1])
+    assert [n for n, d in DATASETS.items() if d.grey] == ["digits", "fashion_mnist"]
+    with pytest.raises(ValueError, match="cifar10 is in colour"):
+        load_split("cifar10", "train", data_dir=str(tmp_path), channels=1)

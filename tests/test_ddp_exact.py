@@ -22,7 +22,7 @@ def test_every_epochs_reported_accuracy_is_its_saved_checkpoints_on_the_whole_va
     assert history[-1]["val_acc"] > 0.6  # it learned (chance: 0.1)
     for metrics in history:
         state = load_checkpoint_file(str(tmp_path / f"epoch_{metrics['epoch']:04d}" / CHECKPOINT_FILE))
-        saved = {"model": state["model"], "model_name": cfg.model, "num_classes": 10}
+        saved = {"model": state["model"], "config": state["config"]}
         # to the sample: 359 validation images, so one image is 0.0028
         assert digits_val_accuracy(saved) == pytest.approx(metrics["val_acc"], abs=1e-6), metrics["epoch"]
     final = load_checkpoint_file(str(tmp_path / FINAL_MODEL_FILE))

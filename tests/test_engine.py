@@ -134,3 +134,29 @@ def test_any_seed_gives_every_epoch_and_rank_its_own_stream():
             seed_epoch(seed, epoch, rank, aug)
             draws.add((torch.rand(1).item(), torch.rand(1, generator=aug.gen).item()))
     assert len(draws) == 6
+
+
+def test_lp_ft_gives_the_probe_and_the_fine_tuning_a_schedule_each(tmp_path):
+    """The backbone unfreezes at --freeze-epochs into a fresh warmup and decay (fastai's fine_tune), at the
+    backbone multiplier of the head's LR, not late in a schedule that has already decayed."""
+    from raydist.data import load_split
+    from raydist.engine import TrainingState
+    from raydist.models import create_model
+
+    source = tmp_path / "w.pth"
+    torch.save(create_model("resnet8", num_classes=10).state_dict(), source)
+    cfg = TrainConfig(weights=str(source), finetune="lp-ft", freeze_epochs=2, epochs=6, warmup_epochs=1,
+                      **{k: v for k, v in FAST.items() if k != "warmup_epochs"}).validate()
+    train, val = load_split("digits", "train"), load_split("digits", "val")
+    state = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=1, train_set=train, val_set=val)
+    per_epoch = state.updates_per_epoch
+    peak = cfg.lr * cfg.batch_size / 256
+    lrs = [state.schedule.lr_at(u) for u in range(6 * per_epoch)]
+    probe, tune = lrs[:2 * per_epoch], lrs[2 * per_epoch:]
+    assert max(probe) == pytest.approx(peak) and probe[-1] < 0.1 * peak  # warmed up, then decayed
+    assert tune[0] == pytest.approx(peak / per_epoch)  # a new warmup over one epoch ...
+    assert max(tune) == pytest.approx(peak) and tune[-1] < 0.1 * peak  # ... to the peak, then a new decay
+    state.schedule.update = 2 * per_epoch
+    state.schedule.apply(state.optimizer)
+    by_unit = {g["unit"]: g["lr"] for g in state.optimizer.param_groups}
+    assert by_unit["fc"] == pytest.approx(peak / per_epoch) and by_unit["stem"] == pytest.approx(0.1 * by_unit["fc"])

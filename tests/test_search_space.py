@@ -41,7 +41,8 @@ def _write(tmp_path, text, name="study.yaml"):
 
 def test_the_shipped_studies_exist_and_load():
     names = {p.stem for p in SHIPPED}
-    assert {"digits_quick", "cifar10_wrn", "cifar10_resnet18", "cifar100_resnet50", "fashion_mnist_transfer"} <= names
+    assert {"digits_quick", "cifar10_wrn", "cifar10_resnet18", "cifar100_resnet50", "fashion_mnist_transfer",
+            "digits_transfer"} <= names
     for path in SHIPPED:
         study = load_study(str(path))
         assert study.searched and study.description, path
@@ -56,6 +57,8 @@ def test_shipped_studies_search_lr_batch_size_or_epochs_and_carry_their_targets(
     assert studies["cifar10_wrn"].fixed["target_accuracy"] >= 0.75
     assert studies["cifar100_resnet50"].fixed["model"] == "resnet50"
     assert studies["fashion_mnist_transfer"].fixed["pretrained"] is True
+    for name in ("fashion_mnist_transfer", "digits_transfer"):  # how to fine-tune is searched like the rest
+        assert set(studies[name].searched["finetune"].args) == {"full", "linear", "gradual", "lp-ft"}
 
 
 def test_a_valid_study_converts_to_tune_and_validates_every_trial(tmp_path):

@@ -3,8 +3,9 @@
     from raydist.models import create_model, MODELS
     net = create_model("resnet8", num_classes=10)
 
-Models take 3-channel images (digits and Fashion-MNIST are brought to 3 x 32 x 32 by raydist.data)
-and know nothing about DDP or Ray.
+Models take 3-channel images (digits and Fashion-MNIST are brought to 3 x 32 x 32 by raydist.data;
+raydist.models.transfer adapts the first conv for 1-channel input) and know nothing about DDP or Ray.
+Every model's head is `fc`, and each names its backbone's stages (`transfer_stages`) for fine-tuning.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class ModelSpec:
     name: str
     builder: Callable[..., nn.Module]
     description: str
-    pretrained_weights: Optional[str] = None  # torchvision weights enum name, if published weights exist
+    pretrained_weights: Optional[str] = None  # torchvision weights, e.g. "ResNet18_Weights.IMAGENET1K_V1"
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -35,15 +36,11 @@ def register_model(name: str, description: str, pretrained_weights: Optional[str
     return wrap
 
 
-def create_model(name: str, *, num_classes: int, pretrained: bool = False) -> nn.Module:
+def create_model(name: str, *, num_classes: int) -> nn.Module:
+    """A freshly initialised model; raydist.models.transfer starts one from pretrained weights."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-    spec = MODELS[name]
-    if pretrained:
-        if not spec.pretrained_weights:
-            raise ValueError(f"model {name!r} has no pretrained weights")
-        return spec.builder(num_classes=num_classes, pretrained=True)
-    return spec.builder(num_classes=num_classes)
+    return MODELS[name].builder(num_classes=num_classes)
 
 
 # Importing the modules registers their models.

@@ -67,12 +67,21 @@ class CifarResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
+        self.blocks_per_stage = list(blocks_per_stage)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
         return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+
+    def transfer_stages(self) -> list[tuple[str, list[nn.Module]]]:
+        """The backbone from input to output, in the units that transfer learning freezes and unfreezes."""
+        units, start = [("stem", [self.stem])], 0
+        for i, n in enumerate(self.blocks_per_stage):
+            units.append((f"stage{i + 1}", list(self.stages[start:start + n])))
+            start += n
+        return units
 
 
 @register_model("resnet8", "small CIFAR ResNet (3 stages of one basic block, 16/32/64 channels, 78k parameters)")
@@ -90,13 +99,10 @@ def resnet50(num_classes: int) -> nn.Module:
     return CifarResNet(Bottleneck, [3, 4, 6, 3], [64, 128, 256, 512], num_classes)
 
 
-@register_model("resnet18_imagenet", "torchvision's ImageNet ResNet-18 (7x7 stem, max-pool), optionally pretrained",
-                pretrained_weights="IMAGENET1K_V1")
-def resnet18_imagenet(num_classes: int, pretrained: bool = False) -> nn.Module:
+@register_model("resnet18_imagenet", "torchvision's ImageNet ResNet-18 (7x7 stem, max-pool); --pretrained loads "
+                "its published ImageNet weights", pretrained_weights="ResNet18_Weights.IMAGENET1K_V1")
+def resnet18_imagenet(num_classes: int) -> nn.Module:
     import torchvision
 
-    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1 if pretrained else None
-    model = torchvision.models.resnet18(weights=weights)  # downloads into $TORCH_HOME once, if not cached
-    if model.fc.out_features != num_classes:
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
-    return model
+    # Published weights are loaded by raydist.models.transfer (a new head, an adapted stem where asked).
+    return torchvision.models.resnet18(weights=None, num_classes=num_classes)

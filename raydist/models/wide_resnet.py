@@ -43,6 +43,11 @@ class DLIWideResNet(nn.Module):
     def forward(self, x):
         return self.fc(self.features(x))
 
+    def transfer_stages(self) -> list[tuple[str, list[nn.Module]]]:
+        """The backbone from input to output, in the units that transfer learning freezes and unfreezes."""
+        f = self.features
+        return [("stem", [f[0]]), ("stage1", [f[1]]), ("stage2", [f[3]]), ("stage3", [f[5]])]
+
 
 @register_model("wrn_dli", "the DLI assessment WideResNet (16/160/320/640 channels, dropout 0.01, two max-pools)")
 def wrn_dli(num_classes: int) -> nn.Module:
@@ -87,12 +92,20 @@ class WideResNet(nn.Module):
         layers += [nn.BatchNorm2d(in_ch), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(in_ch, num_classes)
+        self.blocks_per_stage = n
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
         return self.fc(self.features(x))
+
+    def transfer_stages(self) -> list[tuple[str, list[nn.Module]]]:
+        """The backbone from input to output, in the units that transfer learning freezes and unfreezes
+        (the final BatchNorm belongs to the last stage)."""
+        n, f = self.blocks_per_stage, self.features
+        return [("stem", [f[0]]), ("stage1", list(f[1:1 + n])), ("stage2", list(f[1 + n:1 + 2 * n])),
+                ("stage3", list(f[1 + 2 * n:]))]
 
 
 @register_model("wrn16_4", "WRN-16-4 for 32x32 inputs (2.7M parameters)")
