@@ -81,7 +81,7 @@ def connect(address: Optional[str]) -> None:
         # "the" cluster through RAY_API_SERVER_ADDRESS, else that same address file, else any Ray process on
         # the machine: name this cluster's dashboard for them, so a stale file or a second Ray instance on the
         # host cannot mislead them. Hence a dashboard port chosen here rather than by Ray.
-        port = _free_port()
+        port = free_port()
         # RAYDIST_LOCAL_CLUSTER: this cluster is this machine and never grows, whatever autoscaler files
         # the machine holds (a `ray up` head has ~/ray_bootstrap_config.yaml); Tune trials inherit it.
         api_server = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", LOCAL_CLUSTER_ENV: "1"}
@@ -96,12 +96,22 @@ def connect(address: Optional[str]) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
 
 
-def _free_port() -> int:
+# Ports a Ray node takes by default whatever else it is told: one of them handed to Ray for something else
+# makes `ray start` / ray.init fail ("... is trying to use a port number 52365 that is used by other
+# components"). 52365, the dashboard agent's, lies inside Linux's range of free ports the kernel hands out.
+RAY_DEFAULT_PORTS = frozenset({6379, 8265, 10001, 52365})
+
+
+def free_port() -> int:
+    """A port free now on 127.0.0.1 that is none of Ray's default ports."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 LOCAL_CLUSTER_ENV = "RAYDIST_LOCAL_CLUSTER"

@@ -371,6 +371,13 @@ class TrainingState:
                 "stage": self.stage, "config": self.cfg.to_dict(), "metrics": metrics}
 
     def load_state_dict(self, state: dict) -> None:
+        saved_groups = len(state["optimizer"]["param_groups"])
+        if saved_groups != len(self.optimizer.param_groups):
+            # A --pretrained checkpoint saved before raydist kept a group pair per unit has one pair in all.
+            raise WorkerInputError(
+                f"the checkpoint's optimizer has {saved_groups} parameter groups, this run's "
+                f"{len(self.optimizer.param_groups)} (units: {', '.join(u.name for u in self.units)}); it was saved "
+                f"by an earlier raydist: start a new run from its weights with --weights <its checkpoint.pt>")
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])  # keeps the momentum buffers ...
         self._apply_hyperparameters(self.optimizer)  # ... but this run's decay, momentum and LR multipliers
@@ -388,8 +395,11 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     # A resumed run takes every weight from its checkpoint: the pretrained source is not needed again.
     source = load_source(cfg, node_id=ctx.node_id) if ctx.resume_state is None else None
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    state = TrainingState(cfg, device=device, rank=rank, world=world, train_set=train_set, val_set=val_set,
-                          source=source)
+    try:
+        state = TrainingState(cfg, device=device, rank=rank, world=world, train_set=train_set, val_set=val_set,
+                              source=source)
+    except WeightsError as exc:  # a file the driver could not see (a cluster joined with --address) that does not fit
+        raise WorkerInputError(f"{exc} (on node {ctx.node_id})") from None
     if ctx.resume_state is not None:
         state.load_state_dict(ctx.resume_state)
 
@@ -460,7 +470,11 @@ def load_source(cfg: TrainConfig, *, node_id: str):
     try:
         if cfg.weights:
             return read_weights_file(cfg.weights)
-        with download_lock(torch.hub.get_dir()):  # the node's ranks download once, into one cache
+        try:
+            lock = download_lock(torch.hub.get_dir())  # the node's ranks download once, into one cache
+        except OSError:  # a read-only cache: nothing will be downloaded into it anyway
+            lock = contextlib.nullcontext()
+        with lock:
             return pretrained_source(cfg.model, where=f" of node {node_id}")
     except WeightsError as exc:
         raise WorkerInputError(f"{exc} (on node {node_id})" if cfg.weights else str(exc)) from None

@@ -91,7 +91,7 @@ def write_csv(rows: list[dict], path: str, *, searched: list[str]) -> None:
 
 
 CURVE_COLUMNS = ("trial_id", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s",
-                 "images_per_s")
+                 "images_per_s", "trainable_params")
 
 
 def write_curves_csv(histories: dict[str, list[dict]], path: str) -> None:

@@ -145,15 +145,20 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
     data_dir = study.fixed.get("data_dir", TrainConfig.data_dir)
     if "://" not in data_dir and not (args.address and data_dir.startswith("~")):
         study.fixed["data_dir"] = os.path.abspath(os.path.expanduser(data_dir))
-    weights = study.fixed.get("weights")
-    if weights and "://" not in weights and not (args.address and weights.startswith("~")):
-        study.fixed["weights"] = os.path.abspath(os.path.expanduser(weights))
+    def local_weights(path):  # the same rule for --weights files, fixed or searched
+        if path and "://" not in path and not (args.address and path.startswith("~")):
+            return os.path.abspath(os.path.expanduser(path))
+        return path
+
+    if study.fixed.get("weights"):
+        study.fixed["weights"] = local_weights(study.fixed["weights"])
+    if "weights" in study.searched:
+        searched = study.searched["weights"]
+        study.searched["weights"] = dataclasses.replace(searched, args=tuple(map(local_weights, searched.args)))
     if args.address is None:
         _check_data(study)
     if not args.resume:  # starting weights missing or not fitting fail here, not in every trial
-        from raydist.train import check_weights
-
-        check_weights(study.base_config(), on_this_machine=args.address is None)
+        _check_weights(study, on_this_machine=args.address is None)
     if args.wandb:
         _require("wandb", "--wandb")
     if args.mlflow_uri:
@@ -181,6 +186,24 @@ def _check_resume_flags(args: argparse.Namespace, overrides: dict) -> None:
     if fixed:
         raise ConfigError(f"--resume: --set {fixed[0]} would change the study's trials mid-run; only "
                           f"{', '.join(RESUME_SETTABLE)} can be set when resuming")
+
+
+def _check_weights(study: Study, *, on_this_machine: bool) -> None:
+    """Every starting point a trial can get (the fixed one, or each searched model and weights file) is
+    there and fits."""
+    import itertools
+
+    from raydist.train import check_weights
+
+    names = [name for name in ("model", "weights", "pretrained") if name in study.searched]
+    base = study.base_config()
+    for values in itertools.product(*(study.searched[name].extremes() for name in names)):
+        cfg = dataclasses.replace(base, **dict(zip(names, values)))
+        try:
+            cfg.validate()
+        except ConfigError:  # a combination no trial gets (e.g. --pretrained on a model without weights)
+            continue
+        check_weights(cfg, on_this_machine=on_this_machine)
 
 
 def _check_data(study: Study) -> None:

@@ -20,13 +20,14 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Optional
+
+from raydist.cluster import free_port
 
 HEAD_TYPE = "ray.head.default"  # the fake provider's name for the head node type
 FAKE_BASE = {
@@ -40,12 +41,6 @@ FAKE_BASE = {
     "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
     "rsync_exclude": [], "rsync_filter": [],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _node_ip() -> str:

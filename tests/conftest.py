@@ -5,7 +5,6 @@ import dataclasses
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,12 +12,6 @@ import time
 import urllib.request
 
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclasses.dataclass
@@ -77,7 +70,9 @@ def cluster(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ray-head")
     token_file = os.environ["RAY_AUTH_TOKEN_PATH"]
     token = open(token_file).read().strip()
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    from raydist.cluster import free_port
+
+    gcs_port, dashboard_port = free_port(), free_port()
     log = str(folder / "ray-start.log")
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     proc = subprocess.Popen(

@@ -265,3 +265,28 @@ def test_a_local_cluster_never_grows_whatever_autoscaler_files_the_machine_holds
     monkeypatch.setenv(cluster.LOCAL_CLUSTER_ENV, "1")
     cap = cluster.capacity()
     assert (cap.max_cpus, cap.max_gpus, cap.autoscaling) == (2, 0, False)
+
+
+def test_a_port_raydist_picks_for_ray_is_never_one_ray_takes_by_default(monkeypatch):
+    """The kernel once handed out 52365, the dashboard agent's default: `ray start` then refused to start."""
+    import socket
+
+    from raydist import cluster
+
+    offered = iter([52365, 8265, 41234])
+
+    class FakeSocket:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            self.port = next(offered)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(socket, "socket", FakeSocket)
+    assert cluster.free_port() == 41234

@@ -52,6 +52,8 @@ def _seed_torchvision_cache(root) -> dict:
 
     torch.manual_seed(1)
     reference = torchvision.models.resnet18(weights=None).state_dict()
+    # as in many published files: no BatchNorm step counters (PyTorch fills them in)
+    reference = {k: v for k, v in reference.items() if not k.endswith("num_batches_tracked")}
     url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
     target = root / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
     target.parent.mkdir(parents=True)
@@ -302,3 +304,48 @@ def test_gradual_unfreezing_works_with_torch_compile(tmp_path, source_run):
     assert len(history) == 3 and max(m["val_acc"] for m in history) > LEARNED
     final = torch.load(tmp_path / FINAL_MODEL_FILE, weights_only=True)
     assert digits_val_accuracy(final) == pytest.approx(history[-1]["val_acc"], abs=1e-6)
+
+
+def test_a_file_the_driver_could_not_check_that_does_not_fit_is_the_workers_one_line_cause(tmp_path, source_run):
+    """On a cluster joined with --address the driver may not see the file: the workers check it."""
+    from raydist.engine import WorkerInputError
+
+    cfg = TrainConfig(model="wrn_dli", weights=str(source_run / FINAL_MODEL_FILE), epochs=1,
+                      **{**TARGET, "num_workers": 1}).validate()
+    with pytest.raises(WorkerInputError, match=r"does not fit --model wrn_dli: .* \(on node local\)$"):
+        run(cfg, local_context(str(tmp_path)))
+
+
+def test_a_checkpoint_whose_optimizer_layout_differs_is_refused_in_one_line(tmp_path, source_run):
+    """A run from scratch keeps one group pair; a transfer run one per unit: loading one into the other
+    (a --pretrained checkpoint saved by an earlier raydist) says so instead of a traceback."""
+    from raydist.engine import WorkerInputError, load_checkpoint_file
+
+    scratch = TrainConfig(epochs=1, **{**TARGET, "num_workers": 1}).validate()
+    run(scratch, local_context(str(tmp_path / "scratch")))
+    state = load_checkpoint_file(str(tmp_path / "scratch" / "epoch_0001" / CHECKPOINT_FILE))
+    transfer = TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), epochs=2, **{**TARGET, "num_workers": 1})
+    with pytest.raises(WorkerInputError, match="optimizer has 2 parameter groups, this run's 10 .* --weights"):
+        run(transfer.validate(), local_context(str(tmp_path / "resumed"), resume_state=state))
+
+
+def test_a_study_checks_every_model_and_weights_file_its_trials_can_get(tmp_path, source_run, monkeypatch):
+    from raydist.tune import parse_args
+
+    study = tmp_path / "s.yaml"
+    study.write_text("num_samples: 2\nsearch: {algorithm: random}\nscheduler: {type: fifo}\n"
+                     "fixed: {dataset: digits, classes: 5-9, epochs: 2, num_workers: 1}\n"
+                     "searched:\n  weights: {choice: [source.pt, copy.pt]}\n")
+    monkeypatch.chdir(source_run)
+    (source_run / "source.pt").write_bytes((source_run / FINAL_MODEL_FILE).read_bytes())
+    with pytest.raises(ConfigError, match="copy.pt: no such file"):  # every choice is checked
+        parse_args(["--search-space", str(study), "--storage-path", str(tmp_path / "runs")])
+    (source_run / "copy.pt").write_bytes((source_run / FINAL_MODEL_FILE).read_bytes())
+    plan = parse_args(["--search-space", str(study), "--storage-path", str(tmp_path / "runs")])
+    # relative choices are made absolute: a trial runs in a working folder of its own
+    assert plan.study.searched["weights"].args == (str(source_run / "source.pt"), str(source_run / "copy.pt"))
+    study.write_text("num_samples: 2\nsearch: {algorithm: random}\nscheduler: {type: fifo}\n"
+                     "fixed: {dataset: digits, classes: 5-9, epochs: 2, num_workers: 1, weights: source.pt}\n"
+                     "searched:\n  model: {choice: [resnet8, wrn_dli]}\n")
+    with pytest.raises(ConfigError, match="does not fit --model wrn_dli"):  # each searched model against the file
+        parse_args(["--search-space", str(study), "--storage-path", str(tmp_path / "runs")])

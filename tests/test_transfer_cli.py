@@ -86,7 +86,16 @@ def test_a_transfer_study_searches_the_fine_tuning_mode_through_raydist_tune(ray
     assert proc.returncode == 0, output[-4000:]
     rows = read_csv(tmp_path / "transfer" / "results.csv")
     assert len(rows) == 3 and all(row["status"] == "finished" for row in rows), rows
-    assert {row["finetune"] for row in rows} <= {"full", "linear", "gradual", "lp-ft"}
+    # the study's first points: one trial per mode, each training what its mode says
+    assert sorted(row["finetune"] for row in rows) == ["gradual", "linear", "lp-ft"]
+    curves = read_csv(tmp_path / "transfer" / "learning_curves.csv")
+    mode = {row["trial_id"]: row["finetune"] for row in rows}
+    trainable = {}
+    for point in curves:
+        trainable.setdefault(mode[point["trial_id"]], []).append(int(float(point["trainable_params"])))
+    assert set(trainable["linear"]) == {64 * 5 + 5}  # the head of resnet8 for 5 classes
+    assert trainable["gradual"] == sorted(trainable["gradual"]) and len(set(trainable["gradual"])) > 1
+    assert trainable["lp-ft"][0] == 64 * 5 + 5 < trainable["lp-ft"][-1]
     best = torch.load(tmp_path / "transfer" / "best_model.pt", weights_only=True)
     assert best["config"]["weights"] == source_weights and best["num_classes"] == 5
     assert best["metrics"]["val_acc"] > 0.35

@@ -156,7 +156,9 @@ def build_model(name: str, *, num_classes: int, grey_input: str = "replicate",
 def check_fits(net: nn.Module, state: dict[str, torch.Tensor], source: Source, model: str) -> None:
     """Every backbone tensor of the model must be in the source with its shape, and nothing else may be."""
     expected = {k: v.shape for k, v in net.state_dict().items() if not _is_head(k)}
-    missing = [k for k in expected if k not in state]
+    # BatchNorm's step counter is absent from many published files (older torchvision ones among them);
+    # PyTorch fills it in itself, and nothing is computed from it unless momentum is None.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k} {tuple(state[k].shape)} vs the model's {tuple(expected[k])}"
                   for k in expected if k in state and state[k].shape != expected[k]]
@@ -262,7 +264,8 @@ def set_trainable(units: list[Unit], unfrozen: int) -> None:
 
 def freeze_norms(units: list[Unit], unfrozen: int) -> None:
     """After model.train(): the BatchNorm layers of frozen units go back to eval mode, so their running
-    statistics stay the pretrained ones."""
+    statistics stay the pretrained ones. (Dropout in a frozen unit stays active, as in a full run: it
+    changes no weight, and regularises what trains on top of it.)"""
     for u in [u for u in units if not u.new][unfrozen:]:
         for norm in u.norms:
             norm.eval()
