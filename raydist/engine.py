@@ -127,6 +127,26 @@ def final_model_bytes(model_state: dict, config: dict, metrics: Optional[dict], 
                              "num_classes": cfg.num_classes(), "metrics": metrics, **extra})
 
 
+DIVERGED = "diverged"
+DIVERGENCE_FACTOR = 1000  # a training loss this many times its first epoch's (or chance level's) has diverged
+
+
+def divergence(metrics: dict, *, first_train_loss: Optional[float], num_classes: int) -> str:
+    """Why an epoch's metrics show a diverged run ("" when they do not): a loss that is not finite, or a
+    training loss grown far beyond where it started (it can explode to 1e17 and stay finite). Validation
+    loss is only checked for being finite: early in training it legitimately jumps far above the
+    training loss while BatchNorm statistics settle."""
+    for key in ("train_loss", "val_loss"):
+        if not math.isfinite(metrics[key]):
+            return f"the {key.replace('_', ' ')} is {metrics[key]}"
+    # Chance level, ln(classes), bounds the reference from below: a first epoch that already exploded counts.
+    reference = max(first_train_loss or 0.0, math.log(num_classes))
+    if metrics["train_loss"] > DIVERGENCE_FACTOR * reference:
+        return (f"the train loss {metrics['train_loss']:.3g} is over {DIVERGENCE_FACTOR}x its start "
+                f"({reference:.3g})")
+    return ""
+
+
 class EarlyStop:
     """Stop once validation accuracy has met the target for `patience` consecutive epochs."""
 
@@ -219,6 +239,7 @@ class TrainingState:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.early_stop = EarlyStop(cfg.target_accuracy, cfg.patience)
         self.epoch = 0  # epochs done
+        self.first_train_loss: Optional[float] = None  # what divergence is measured against
         self.first_step_unix: Optional[float] = None
         self._place_schedule()
 
@@ -368,7 +389,8 @@ class TrainingState:
         """Everything a resumed run needs (the checkpoint file's content)."""
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "early_stop_hits": self.early_stop.hits,
-                "stage": self.stage, "config": self.cfg.to_dict(), "metrics": metrics}
+                "stage": self.stage, "first_train_loss": self.first_train_loss, "config": self.cfg.to_dict(),
+                "metrics": metrics}
 
     def load_state_dict(self, state: dict) -> None:
         saved_groups = len(state["optimizer"]["param_groups"])
@@ -383,6 +405,7 @@ class TrainingState:
         self._apply_hyperparameters(self.optimizer)  # ... but this run's decay, momentum and LR multipliers
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.early_stop.hits = state["epoch"], state.get("early_stop_hits", 0)
+        self.first_train_loss = state.get("first_train_loss")
         self._place_schedule()
 
 
@@ -429,10 +452,15 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
             "world_size": world,
             "trainable_params": sum(p.numel() for p in state.net.parameters() if p.requires_grad),
             "stop_reason": "",
+            "divergence": "",  # why the run diverged, when it did
         }
         state.epoch = epoch + 1
-        if not math.isfinite(metrics["train_loss"]):
-            metrics["stop_reason"] = "non_finite_loss"
+        metrics["divergence"] = divergence(metrics, first_train_loss=state.first_train_loss,
+                                           num_classes=cfg.num_classes())
+        if state.first_train_loss is None and not metrics["divergence"]:
+            state.first_train_loss = metrics["train_loss"]
+        if metrics["divergence"]:
+            metrics["stop_reason"] = DIVERGED
         elif state.early_stop.update(metrics["val_acc"]):
             metrics["stop_reason"] = "target_accuracy"
         last = epoch + 1 == cfg.epochs or bool(metrics["stop_reason"])
@@ -444,7 +472,7 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
                 for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "epoch_time_s"):
                     writer.add_scalar(key, metrics[key], epoch + 1)
                 writer.flush()
-        if save and metrics["stop_reason"] != "non_finite_loss":
+        if save and metrics["stop_reason"] != DIVERGED:  # a diverged model is not worth keeping
             _report_with_checkpoint(ctx, metrics, state.state_dict(metrics) if rank == 0 else None)
         else:
             ctx.report(metrics, None)
@@ -454,7 +482,7 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
                 print(_stop_message(metrics, cfg), flush=True)
             break
 
-    if rank == 0 and not (history and history[-1]["stop_reason"] == "non_finite_loss"):
+    if rank == 0 and not (history and history[-1]["stop_reason"] == DIVERGED):
         ctx.write_file(FINAL_MODEL_FILE, final_model_bytes(state.net.state_dict(), cfg.to_dict(),
                                                            history[-1] if history else None))
     if writer:
@@ -546,9 +574,9 @@ def _epoch_line(m: dict, epochs: int) -> str:
 
 
 def _stop_message(m: dict, cfg: TrainConfig) -> str:
-    if m["stop_reason"] == "non_finite_loss":
-        return (f"stopped at epoch {m['epoch']}: the training loss is {m['train_loss']} (not finite); "
-                f"lower --lr (now {cfg.lr}) or use --precision fp32")
+    if m["stop_reason"] == DIVERGED:
+        return (f"stopped at epoch {m['epoch']}: diverged ({m['divergence']}); lower --lr (now {cfg.lr:g}), "
+                f"add --warmup-epochs or use --precision fp32")
     return (f"stopped early at epoch {m['epoch']}: validation accuracy {m['val_acc']:.2%} met the target "
             f"{cfg.target_accuracy:.2%} for {cfg.patience} consecutive epoch(s)")
 

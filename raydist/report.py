@@ -19,7 +19,7 @@ from typing import Optional
 FINISHED = "finished"            # ran all its epochs
 TARGET = "target reached"        # early stop at --target-accuracy
 STOPPED = "stopped early"         # the scheduler (ASHA) cut it short
-DIVERGED = "diverged"            # the loss went non-finite
+DIVERGED = "diverged"            # a loss went non-finite or exploded (engine.divergence)
 ERROR = "error"                  # raised (e.g. out of memory); see the error column
 UNFINISHED = "unfinished"        # interrupted; `--resume` continues it
 
@@ -40,7 +40,7 @@ def trial_row(trial_id: str, sample: dict, history: list[dict], *, planned_epoch
         best = exported  # of equally good epochs, the one whose weights are exported
     if error:
         status = ERROR
-    elif last.get("stop_reason") == "non_finite_loss":
+    elif last.get("stop_reason") in ("diverged", "non_finite_loss"):  # (the latter: histories before 2026-11-25)
         status = DIVERGED
     elif last.get("stop_reason") == "target_accuracy":
         status = TARGET

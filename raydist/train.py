@@ -268,7 +268,7 @@ def print_summary(summary: RunSummary) -> None:
     if last:
         lines[0] += f": val acc {last['val_acc']:.2%}, val loss {last['val_loss']:.4f} at epoch {last['epoch']}"
         if last.get("stop_reason"):
-            lines[0] += f" (stopped early: {last['stop_reason']})"
+            lines[0] += f" (stopped early: {last['stop_reason']}{': ' + last['divergence'] if last.get('divergence') else ''})"
     if summary.best_val_acc is not None:
         lines.append(f"best checkpoint:  {summary.best_checkpoint}  (val acc {summary.best_val_acc:.2%})")
     lines += [f"final model:      {summary.final_model}", f"run folder:       {summary.run_dir}"]
@@ -319,7 +319,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     print_summary(summary)
     last = summary.history[-1] if summary.history else {}
-    return 1 if last.get("stop_reason") == "non_finite_loss" else 0
+    return 1 if last.get("stop_reason") == "diverged" else 0
 
 
 if __name__ == "__main__":

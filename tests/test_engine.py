@@ -57,9 +57,9 @@ def test_non_finite_loss_stops_with_a_clear_reason_and_no_checkpoint(tmp_path, c
     cfg = TrainConfig(epochs=4, lr=1e9, warmup_epochs=0.0, **{k: v for k, v in FAST.items()
                                                               if k not in ("lr", "warmup_epochs")}).validate()
     history = run(cfg, local_context(str(tmp_path)))
-    assert history[-1]["stop_reason"] == "non_finite_loss" and len(history) < 4
+    assert history[-1]["stop_reason"] == "diverged" and len(history) < 4
     assert not math.isfinite(history[-1]["train_loss"])
-    assert "training loss is nan (not finite); lower --lr" in capsys.readouterr().out
+    assert "stopped at epoch 1: diverged (the train loss is nan); lower --lr (now 1e+09)" in capsys.readouterr().out
     assert not any(p.startswith("epoch_") for p in os.listdir(tmp_path))
     assert not (tmp_path / FINAL_MODEL_FILE).exists()
 
@@ -160,3 +160,31 @@ def test_lp_ft_gives_the_probe_and_the_fine_tuning_a_schedule_each(tmp_path):
     state.schedule.apply(state.optimizer)
     by_unit = {g["unit"]: g["lr"] for g in state.optimizer.param_groups}
     assert by_unit["fc"] == pytest.approx(peak / per_epoch) and by_unit["stem"] == pytest.approx(0.1 * by_unit["fc"])
+
+
+def test_a_loss_that_explodes_but_stays_finite_is_divergence_in_the_epoch_it_happens(tmp_path, capsys):
+    """LR 300 per 256: the training loss reaches about 1e11 in the first epoch and stays finite for two
+    more; it used to be reported as a finished run."""
+    cfg = TrainConfig(epochs=3, lr=300.0, warmup_epochs=0.0, lr_schedule="constant",
+                      **{k: v for k, v in FAST.items() if k not in ("lr", "warmup_epochs")}).validate()
+    history = run(cfg, local_context(str(tmp_path)))
+    assert len(history) == 1 and history[0]["stop_reason"] == "diverged"
+    assert math.isfinite(history[0]["train_loss"]) and history[0]["train_loss"] > 1000 * math.log(10)
+    assert history[0]["divergence"].startswith("the train loss ") and "over 1000x its start" in history[0]["divergence"]
+    assert "stopped at epoch 1: diverged (the train loss" in capsys.readouterr().out
+    assert not (tmp_path / FINAL_MODEL_FILE).exists() and not list(tmp_path.glob("epoch_*"))
+
+
+@pytest.mark.parametrize("train_loss, val_loss, first, expected", [
+    (2.0, float("nan"), 2.3, "the val loss is nan"),
+    (1e17, 3.0, 2.3, "the train loss 1e+17 is over 1000x its start (2.3)"),
+    (float("inf"), 3.0, 2.3, "the train loss is inf"),
+    (5e3, 3.0, None, "the train loss 5e+03 is over 1000x its start (2.3)"),  # the first epoch: chance level
+    (900.0, 1e5, 2.3, ""),  # val loss far above train early on (BatchNorm settling) is not divergence
+    (2.0, 2.5, 0.5, ""),
+])
+def test_divergence_reasons(train_loss, val_loss, first, expected):
+    from raydist.engine import divergence
+
+    assert divergence({"train_loss": train_loss, "val_loss": val_loss}, first_train_loss=first,
+                      num_classes=10) == expected
