@@ -197,7 +197,7 @@ class TrainConfig:
 
         if self.pretrained and self.weights:
             raise ConfigError(f"--pretrained and --weights {self.weights} both name the starting weights; give one")
-        if not (self.pretrained or self.weights):
+        if not self.starts_pretrained():
             if self.finetune != "full":
                 raise ConfigError(f"--finetune {self.finetune} freezes pretrained layers, but this run starts from "
                                   f"scratch; add --pretrained or --weights FILE (or use --finetune full)")
@@ -240,6 +240,14 @@ class TrainConfig:
         from raydist.data import num_classes
 
         return num_classes(self.dataset, self.fake_num_classes)
+
+    def starts_pretrained(self) -> bool:
+        """A transfer run (--pretrained or --weights): its optimizer keeps a group pair per unit."""
+        return bool(self.pretrained or self.weights)
+
+    def input_channels(self) -> int:
+        """Image channels the model reads: 1 when grey data is fed as one channel (--grey-input sum/reinit)."""
+        return 3 if self.grey_input == "replicate" else 1
 
     def num_classes(self) -> int:
         """Classes the model predicts: those of --classes, else the data set's."""

@@ -13,6 +13,7 @@ lazily and deterministically, and never held in memory as a whole.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
@@ -116,15 +117,22 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 # ---- registry -------------------------------------------------------------------------------------
 
 
-@register_dataset("digits", 10, (0.305, 0.305, 0.305), (0.324, 0.324, 0.324), 32, grey=True)
-def _load_digits(split: str, *, val_fraction: float = 0.2, **_) -> TensorSource:
+@functools.lru_cache(maxsize=1)
+def _all_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 digits as uint8 3 x 32 x 32 and their labels, made once per process (config checks need the
+    class counts too). Callers index them, which copies: the cached tensors are never changed."""
     from sklearn.datasets import load_digits
 
     raw = load_digits()
     images = torch.tensor(raw.images, dtype=torch.float32)[:, None] / 16.0  # 1797 x 1 x 8 x 8 in [0, 1]
     images = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    labels = torch.tensor(raw.target)
+    return images, torch.tensor(raw.target)
+
+
+@register_dataset("digits", 10, (0.305, 0.305, 0.305), (0.324, 0.324, 0.324), 32, grey=True)
+def _load_digits(split: str, *, val_fraction: float = 0.2, **_) -> TensorSource:
+    images, labels = _all_digits()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
     n_val = int(round(len(labels) * val_fraction))
     chosen = order[n_val:] if split == "train" else order[:n_val]

@@ -198,7 +198,7 @@ class TrainingState:
         self.train_set, self.val_set = train_set, val_set
         spec = DATASETS[cfg.dataset]
         self.augment = Augmenter(cfg.augment, mean=spec.mean, std=spec.std, device=device, seed=cfg.seed * 1000 + rank,
-                                 channels=1 if cfg.grey_input != "replicate" else 3, size=cfg.input_size)
+                                 channels=cfg.input_channels(), size=cfg.input_size)
 
         # ---- model (identical initial weights on every rank: the caller seeded torch)
         net = build_model(cfg.model, num_classes=cfg.num_classes(), grey_input=cfg.grey_input, source=source)
@@ -207,7 +207,7 @@ class TrainingState:
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
         self.net = net.to(device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         self.compiled: nn.Module = torch.compile(self.net) if cfg.compile else self.net
-        self.transfer = cfg.pretrained or cfg.weights is not None
+        self.transfer = cfg.starts_pretrained()
         if self.transfer:
             self.units = transfer_units(self.net, new_stem=cfg.grey_input == "reinit")
         else:  # from scratch: one unit, every parameter at the one LR
@@ -307,13 +307,16 @@ class TrainingState:
                 self.model.register_comm_hook(state=None, hook=default_hooks.fp16_compress_hook)
         if not self.transfer or (first and stage == self.backbone_units):
             return None
-        count = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
+        count = self.trainable_params()
         mult = backbone_lr_mult(cfg)
         at = f"; the backbone at {mult:g}x the head's LR" if mult != 1 and stage else ""
         if stage == self.backbone_units:
             return f"epoch {epoch + 1}: every layer trains ({count:,} parameters{at})"
         training = [u.name for u in self.units if u.new] + [u.name for u in self.units if not u.new][:stage]
         return f"epoch {epoch + 1}: training {', '.join(training)} ({count:,} parameters{at}; the rest frozen)"
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.net.parameters() if p.requires_grad)
 
     # ---- the epoch
 
@@ -450,7 +453,7 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
             "images_per_s": t_count / (time_sum / world),  # global images over the mean rank's training time
             "first_step_unix": state.first_step_unix or float("nan"),
             "world_size": world,
-            "trainable_params": sum(p.numel() for p in state.net.parameters() if p.requires_grad),
+            "trainable_params": state.trainable_params(),
             "stop_reason": "",
             "divergence": "",  # why the run diverged, when it did
         }
@@ -493,7 +496,7 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
 def load_source(cfg: TrainConfig, *, node_id: str):
     """The pretrained weights a run starts from (None from scratch), read on this worker's node; missing
     weights are the run's one-line cause, naming the node."""
-    if not (cfg.pretrained or cfg.weights):
+    if not cfg.starts_pretrained():
         return None
     try:
         if cfg.weights:
@@ -517,7 +520,7 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
                    fake_image_size=cfg.fake_image_size, fake_num_classes=cfg.fake_num_classes,
                    fake_train_size=cfg.fake_train_size, fake_val_size=cfg.fake_val_size,
                    classes=cfg.class_list(), train_fraction=cfg.train_fraction, train_per_class=cfg.train_per_class,
-                   channels=1 if cfg.grey_input != "replicate" else 3)
+                   channels=cfg.input_channels())
 
     def load():
         with download_lock(cfg.data_dir) if (cfg.download and spec.needs_files) else contextlib.nullcontext():

@@ -37,6 +37,15 @@ def _local_abspath(path: Optional[str]) -> Optional[str]:
     return path if path is None or _is_uri(path) else os.path.abspath(os.path.expanduser(path))
 
 
+def worker_path(path: Optional[str], *, joined_cluster: bool) -> Optional[str]:
+    """A path the workers read (data folder, weights file), made absolute here: workers (and Tune trials)
+    run in folders of their own. On a cluster someone else started, `~/...` stays for each node to expand
+    as its own home; a URI stays as it is."""
+    if joined_cluster and path and path.startswith("~"):
+        return path
+    return _local_abspath(path)
+
+
 def read_resume_target(path: str) -> tuple[bool, dict]:
     """For --resume: (is it a run folder?, the config saved with it).
 
@@ -101,10 +110,10 @@ def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None)
             cfg = dataclasses.replace(cfg, resume=latest_checkpoint(resume) or resume)
     name = cfg.name or f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     # On a cluster someone else started, `~/data` means each node's own home: expanded on the node.
-    data_dir = cfg.data_dir if cfg.address and cfg.data_dir.startswith("~") else _local_abspath(cfg.data_dir)
-    weights = cfg.weights if cfg.address and (cfg.weights or "").startswith("~") else _local_abspath(cfg.weights)
+    joined = cfg.address is not None
     cfg = dataclasses.replace(cfg, name=name, storage_path=_local_abspath(cfg.storage_path),
-                              data_dir=data_dir, weights=weights, resume=_local_abspath(cfg.resume))
+                              data_dir=worker_path(cfg.data_dir, joined_cluster=joined),
+                              weights=worker_path(cfg.weights, joined_cluster=joined), resume=_local_abspath(cfg.resume))
     if cfg.log_dir is None and not _is_uri(cfg.storage_path):
         cfg = dataclasses.replace(cfg, log_dir=os.path.join(cfg.storage_path, name, "tensorboard"))
     cfg = dataclasses.replace(cfg, log_dir=_local_abspath(cfg.log_dir))
@@ -126,8 +135,7 @@ def check_weights(cfg: TrainConfig, *, on_this_machine: bool = True) -> None:
 
     try:
         if cfg.weights:
-            local = "://" not in cfg.weights
-            if not on_this_machine and local and not os.path.exists(os.path.expanduser(cfg.weights)):
+            if not on_this_machine and not _is_uri(cfg.weights) and not os.path.exists(os.path.expanduser(cfg.weights)):
                 return
             source = read_weights_file(cfg.weights)
         elif cfg.pretrained:
@@ -150,7 +158,7 @@ RESUME_FIXED = ("model", "dataset", "fake_num_classes", "optimizer", "classes", 
 def check_resume_compatible(saved: dict, cfg: TrainConfig, resume: str) -> None:
     # A transfer run's optimizer holds a group per unit (head, stages), a run from scratch two in all.
     was_transfer = bool(saved.get("pretrained") or saved.get("weights"))
-    if bool(cfg.pretrained or cfg.weights) != was_transfer:
+    if cfg.starts_pretrained() != was_transfer:
         raise ConfigError(f"--resume {resume}: the run started "
                           f"{'from pretrained weights' if was_transfer else 'from scratch'}; a checkpoint continues "
                           f"as it started (its weights come from the checkpoint): drop --pretrained/--weights "

@@ -142,19 +142,16 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
     # Tune runs each trial in its own working folder: relative data paths must not follow it there. On a
     # cluster, `~/data` is each node's own home (expanded there), and each node's first worker checks the
     # data where it runs; on a local cluster (this machine) it is checked now, before anything starts.
-    data_dir = study.fixed.get("data_dir", TrainConfig.data_dir)
-    if "://" not in data_dir and not (args.address and data_dir.startswith("~")):
-        study.fixed["data_dir"] = os.path.abspath(os.path.expanduser(data_dir))
-    def local_weights(path):  # the same rule for --weights files, fixed or searched
-        if path and "://" not in path and not (args.address and path.startswith("~")):
-            return os.path.abspath(os.path.expanduser(path))
-        return path
+    from raydist.train import worker_path
 
+    joined = args.address is not None
+    study.fixed["data_dir"] = worker_path(study.fixed.get("data_dir", TrainConfig.data_dir), joined_cluster=joined)
     if study.fixed.get("weights"):
-        study.fixed["weights"] = local_weights(study.fixed["weights"])
-    if "weights" in study.searched:
+        study.fixed["weights"] = worker_path(study.fixed["weights"], joined_cluster=joined)
+    if "weights" in study.searched:  # each file a trial can get
         searched = study.searched["weights"]
-        study.searched["weights"] = dataclasses.replace(searched, args=tuple(map(local_weights, searched.args)))
+        study.searched["weights"] = dataclasses.replace(
+            searched, args=tuple(worker_path(path, joined_cluster=joined) for path in searched.args))
     if args.address is None:
         _check_data(study)
     if not args.resume:  # starting weights missing or not fitting fail here, not in every trial

@@ -136,7 +136,7 @@ def digits_val_accuracy(saved: dict) -> float:
 
     cfg = TrainConfig.from_dict(saved.get("config") or {})
     model = load_trained_model({"model_name": cfg.model, "num_classes": cfg.num_classes(), **saved})
-    channels = 1 if cfg.grey_input != "replicate" else 3
+    channels = cfg.input_channels()
     val = load_split("digits", "val", classes=cfg.class_list(), channels=channels)
     spec = DATASETS["digits"]
     augment = Augmenter("none", mean=spec.mean, std=spec.std, channels=channels, size=cfg.input_size)
