@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import math
+import re
 import os
 import sys
 import typing
@@ -188,8 +190,15 @@ class TrainConfig:
             with_weights = sorted(n for n, m in MODELS.items() if m.pretrained_weights)
             raise ConfigError(f"--pretrained: model {self.model!r} has no published weights; models with them: "
                               f"{', '.join(with_weights)}")
-        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
-            raise ConfigError(f"--name {self.name!r} must be a plain folder name (no '/', not starting with '.')")
+        if self.name is not None:
+            check_folder_name(self.name, "--name")
+        if self.address is not None:
+            check_address(self.address)
+        if not 8 <= self.fake_image_size <= 1024:
+            raise ConfigError(f"--fake-image-size {self.fake_image_size} must be between 8 and 1024 pixels")
+        if not 0.0 < self.lr_step_gamma <= 1.0:
+            raise ConfigError(f"--lr-step-gamma must be in (0, 1] (the LR factor at each step drop), "
+                              f"got {self.lr_step_gamma!r}")
         return self
 
     def _validate_transfer(self) -> None:
@@ -284,7 +293,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{source}: {name} cannot be empty (expected {kind.__name__})")
+        raise ConfigError(f"{source}: {name} cannot be empty (expected {kind.__name__}; YAML reads ~ and an "
+                          f"empty value as empty: quote a path, e.g. '~/data')")
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -293,6 +303,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 return value.lower() in ("true", "yes", "on", "1")
             raise ValueError
         if kind is int:
+            if isinstance(value, str):  # PyYAML reads 1e3 as text (YAML 1.1 wants 1.0e+3)
+                value = float(value) if not value.strip().lstrip("+-").isdigit() else int(value)
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
@@ -301,6 +313,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 raise ValueError
             return float(value)
         if kind is str:
+            if isinstance(value, (datetime.date, datetime.datetime)):  # `name: 2024-01-01`
+                return value.isoformat()
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
             return str(value)
@@ -314,6 +328,27 @@ def _coerce_all(values: dict, source: str) -> dict:
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(_FIELDS)}")
     return {k: _coerce(k, v, source) for k, v in values.items()}
+
+
+def check_folder_name(name: Any, what: str) -> str:
+    """One rule for every name that becomes a folder (a run's, a study's): visible text, no path."""
+    if (not isinstance(name, str) or not name.strip() or name != name.strip() or "/" in name or "\\" in name
+            or name.startswith(".") or not name.isprintable()):
+        raise ConfigError(f"{what} {name!r} must be a plain folder name (visible text without spaces around "
+                          f"it, no '/' or '\\', not starting with '.')")
+    return name
+
+
+def check_address(address: str, flag: str = "--address") -> str:
+    """'auto' or the head's host:port. Ray Client (ray://) cannot drive Ray Train's controller from afar."""
+    if "://" in address:
+        raise ConfigError(f"{flag} {address}: Ray Client addresses are not supported; run on the head node "
+                          f"(ray attach, or ray job submit) with {flag} auto, or give the head's host:port")
+    host, sep, port = address.rpartition(":")
+    if address != "auto" and sep and (not port.isdigit() or not 0 < int(port) < 65536 or not host):
+        raise ConfigError(f"{flag} {address}: expected 'auto' or the head node's host:port with a port in "
+                          f"1-65535 (e.g. 10.0.0.10:6379)")
+    return address
 
 
 def metric_mode(metric: str) -> str:
@@ -363,7 +398,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     registry_choices = {"dataset": sorted(DATASETS), "model": sorted(MODELS)}
     parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys used as defaults; flags override")
+    parser.add_argument("--config", metavar="FILE.yaml", action="append",
+                        help="YAML file of config keys used as defaults; flags override (repeatable: later files "
+                             "override earlier ones)")
     groups = {g: parser.add_argument_group(g) for g in GROUPS}
     for f in dataclasses.fields(TrainConfig):
         kind, _ = _base_type(f.name)
@@ -392,20 +429,40 @@ def _cli_type(name: str, kind: type):
     return convert
 
 
-def resolve(explicit: dict, config_file: Optional[str] = None, base: Optional[dict] = None) -> TrainConfig:
-    """Layer the sources: dataclass defaults < base (a resumed run's config) < YAML file < explicit flags."""
+def resolve(explicit: dict, config_files=None, base: Optional[dict] = None) -> TrainConfig:
+    """Layer the sources: dataclass defaults < base (a resumed run's config) < YAML files, in order <
+    explicit flags. A bad value from a file is named by its file and key, not by a flag never typed."""
+    if isinstance(config_files, str):
+        config_files = [config_files]
     values: dict = {}
+    origin: dict = {}  # field -> the file that set it
     if base:
         values.update(_coerce_all(base, "resumed config"))
-    if config_file:
-        values.update(load_yaml(config_file))
+    for path in config_files or []:
+        from_file = load_yaml(path)
+        values.update(from_file)
+        origin.update(dict.fromkeys(from_file, path))
     values.update(explicit)
-    return TrainConfig(**values).validate()
+    for name in explicit:
+        origin.pop(name, None)
+    try:
+        return TrainConfig(**values).validate()
+    except ConfigError as exc:
+        raise ConfigError(_name_the_file(str(exc), origin)) from None
 
 
-def parse_cli(argv: Optional[list[str]] = None, prog: str = "raydist.train") -> tuple[TrainConfig, dict, Optional[str]]:
-    """Parse flags into a validated TrainConfig; also return the explicitly given values and --config."""
+def _name_the_file(message: str, origin: dict) -> str:
+    """'--lr must be positive' -> 'a.yaml: lr must be positive' when a.yaml set lr."""
+    flag = re.match(r"--([a-z0-9-]+)", message)
+    name = flag.group(1).replace("-", "_") if flag else None
+    if name in origin:
+        return f"{origin[name]}: {name}{message[flag.end():]}"
+    return message
+
+
+def parse_cli(argv: Optional[list[str]] = None, prog: str = "raydist.train") -> tuple[TrainConfig, dict, list[str]]:
+    """Parse flags into a validated TrainConfig; also return the explicitly given values and the --config files."""
     parser = build_parser(prog, __doc__.splitlines()[0])
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    config_file = args.pop("config", None)
-    return resolve(args, config_file), args, config_file
+    config_files = args.pop("config", None) or []
+    return resolve(args, config_files), args, config_files

@@ -49,7 +49,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from raydist.config import ConfigError, TrainConfig, _base_type, _coerce, _coerce_all, metric_mode, read_yaml_mapping
+from raydist.config import (ConfigError, TrainConfig, _base_type, _coerce, _coerce_all, check_folder_name, metric_mode,
+                            read_yaml_mapping)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "qloguniform", "randint", "qrandint", "choice")
 GRID_KINDS = ("randint", "qrandint", "quniform")  # sampled as a choice of their values
@@ -234,17 +235,23 @@ class Study:
         return worst
 
     def _corner_configs(self):
+        return (cfg for _, cfg in self._corners())
+
+    def _corners(self):
         """Every searched field at each of its extremes, the others at their low end: enough to catch a
-        bad bound (warmup longer than the shortest epochs, a batch size of 0) before any trial starts."""
+        bad bound (warmup longer than the shortest epochs, a batch size of 0) before any trial starts.
+        Yields (which corner, in words; its config)."""
         low = {name: dist.extremes()[0] for name, dist in self.searched.items()}
-        yield TrainConfig(**self._scheduled({**self.fixed, **low}))
+        yield "", TrainConfig(**self._scheduled({**self.fixed, **low}))
         for name, dist in self.searched.items():
             for value in dist.extremes():
-                yield TrainConfig(**self._scheduled({**self.fixed, **low, name: value}))
+                yield f"searched {name} reaches {value}: ", TrainConfig(**self._scheduled({**self.fixed, **low, name: value}))
 
 
-def load_study(path: str, overrides: Optional[dict] = None) -> Study:
-    """Read and check a study file; `overrides` fix config fields (searched ones become fixed)."""
+def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[dict] = None) -> Study:
+    """Read and check a study file; `overrides` fix config fields (searched ones become fixed) and
+    `settings` replace study settings (search, scheduler, num_samples from the command line) before the
+    study is checked, so that a study changed on the command line gets the same checks as its file."""
     raw = read_yaml_mapping(path, "search space", "study keys (metric, fixed, searched, ...)")
     unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
     if unknown:
@@ -268,16 +275,19 @@ def load_study(path: str, overrides: Optional[dict] = None) -> Study:
     study = Study(path=path, fixed=fixed, searched=searched, description=str(raw.get("description") or ""),
                   given_name=_study_name(path, raw.get("name")))
     _read_settings(study, raw)
+    for key, value in (settings or {}).items():
+        if value is not None:
+            setattr(study, key, value)
     if not searched:
         raise ConfigError(f"{path}: --set fixed every searched field; nothing is left to search")
     if study.scheduler == "asha" and ("schedule_epochs" in fixed or "schedule_epochs" in searched):
         raise ConfigError(f"{path}: schedule_epochs is set by raydist under ASHA (to the budget, {study.max_epochs} "
                           f"epochs, so trials at a rung sit at the same point of their LR schedules); remove it")
-    try:
-        for cfg in study._corner_configs():
+    for corner, cfg in study._corners():
+        try:
             cfg.validate()
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {corner}{exc}") from None
     if study.scheduler == "asha" and study.grace_period > study.max_epochs:
         raise ConfigError(f"{path}: scheduler.grace_period {study.grace_period} exceeds the most epochs a trial "
                           f"can run ({study.max_epochs})")
@@ -439,7 +449,4 @@ def _study_name(path: str, value: Any) -> Optional[str]:
     """The `name` key: it names the trials' Train runs, so it must be a plain folder name."""
     if value is None:
         return None
-    if not isinstance(value, str) or not value.strip() or "/" in value or "\\" in value or value.startswith(".") \
-            or not value.isprintable():
-        raise ConfigError(f"{path}: name {value!r} must be a plain folder name (text, no '/', not starting with '.')")
-    return value
+    return check_folder_name(value, f"{path}: name")

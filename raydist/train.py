@@ -73,9 +73,51 @@ def read_resume_target(path: str) -> tuple[bool, dict]:
         return False, torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=True)["config"]
     config = read(CONFIG_FILE)
     if config is not None:
-        return True, yaml.safe_load(config)
+        return True, _saved_config(config, f"{path}/{CONFIG_FILE}")
     raise ConfigError(f"--resume {path}: neither a run folder (with {CONFIG_FILE}) nor a checkpoint folder "
                       f"(with {CHECKPOINT_FILE})")
+
+
+def _saved_config(text: bytes, where: str) -> dict:
+    """A run folder's config.yaml: a mapping of config keys, else one line naming the file."""
+    try:
+        saved = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"--resume: {where} is not valid YAML; it is the config raydist saved with the run: "
+                          f"restore it, or start a new run from a checkpoint folder in that run") from None
+    if not isinstance(saved, dict) or not saved:
+        raise ConfigError(f"--resume: {where} holds {'nothing' if not saved else type(saved).__name__}, not the "
+                          f"run's config; restore it, or start a new run from a checkpoint folder in that run")
+    return saved
+
+
+def check_epochs_left(resume: str, is_run_dir: bool, epochs: int) -> None:
+    """--epochs is the run's total, counted from its start: at or below the checkpoint's epoch there is
+    nothing left to train (Ray would run no epoch and write a final model without metrics)."""
+    if is_run_dir:
+        latest = latest_checkpoint(resume)
+        done = int(latest.rsplit("_", 1)[1]) if latest else 0
+    else:
+        done = _checkpoint_epoch(resume)
+    if epochs <= done:
+        raise ConfigError(f"--resume {resume}: the run has trained {done} epoch(s) and --epochs {epochs} is the "
+                          f"total from its start, so nothing is left to do; give --epochs above {done} to train "
+                          f"{'more' if epochs == done else 'on'}")
+
+
+def _checkpoint_epoch(folder: str) -> int:
+    import io
+
+    import pyarrow.fs
+    import torch
+
+    from raydist.engine import CHECKPOINT_FILE
+
+    if not _is_uri(folder):  # mapped, not read: only the small "epoch" entry is touched
+        return int(torch.load(f"{folder}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    fs, root = pyarrow.fs.FileSystem.from_uri(folder)
+    with fs.open_input_stream(f"{root}/{CHECKPOINT_FILE}") as fh:
+        return int(torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)["epoch"])
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
@@ -91,7 +133,7 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
     return f"{run_dir}/{found[-1]}" if found else None
 
 
-def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None) -> TrainConfig:
+def prepare(cfg: TrainConfig, explicit: dict, config_files: Optional[list[str]] = None) -> TrainConfig:
     """Apply --resume, make paths absolute, name the run, check the data."""
     if cfg.resume:
         resume = _local_abspath(cfg.resume).rstrip("/")  # s3://.../run/ names the run "run", not ""
@@ -101,8 +143,9 @@ def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None)
         saved.update(resume=resume, name=os.path.basename(resume) if is_run_dir else None)
         if is_run_dir:
             saved["storage_path"] = os.path.dirname(resume)
-        cfg = resolve({k: v for k, v in explicit.items() if k != "resume"}, config_file, base=saved)
+        cfg = resolve({k: v for k, v in explicit.items() if k != "resume"}, config_files, base=saved)
         check_resume_compatible(saved, cfg, resume)
+        check_epochs_left(resume, is_run_dir, cfg.epochs)
         target = os.path.join(_local_abspath(cfg.storage_path), cfg.name) if cfg.name else None
         if is_run_dir and target != resume:
             # Continued under another --name/--storage-path: Ray would look for checkpoints in the new
@@ -114,6 +157,7 @@ def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None)
     cfg = dataclasses.replace(cfg, name=name, storage_path=_local_abspath(cfg.storage_path),
                               data_dir=worker_path(cfg.data_dir, joined_cluster=joined),
                               weights=worker_path(cfg.weights, joined_cluster=joined), resume=_local_abspath(cfg.resume))
+    check_storage(cfg.storage_path)
     if cfg.log_dir is None and not _is_uri(cfg.storage_path):
         cfg = dataclasses.replace(cfg, log_dir=os.path.join(cfg.storage_path, name, "tensorboard"))
     cfg = dataclasses.replace(cfg, log_dir=_local_abspath(cfg.log_dir))
@@ -124,6 +168,25 @@ def prepare(cfg: TrainConfig, explicit: dict, config_file: Optional[str] = None)
     if not cfg.resume:  # a resumed run takes its weights from the checkpoint
         check_weights(cfg, on_this_machine=cfg.address is None)
     return cfg
+
+
+def check_storage(path: str, flag: str = "--storage-path") -> None:
+    """A local storage folder this machine can create and write in: else one line now, not an error
+    after the cluster has started. (A URI is checked by Ray's storage layer when the run starts.)"""
+    import tempfile
+
+    if _is_uri(path):
+        return
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{flag} {path}: {existing} is a file, not a folder; give a folder path")
+    try:  # os.access says yes to root on read-only mounts and /proc: try it, leaving nothing behind
+        os.rmdir(tempfile.mkdtemp(prefix=".raydist-write-check-", dir=existing))
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot create folders in {existing} ({exc.strerror or exc}); give a "
+                          f"folder this user can write") from None
 
 
 def check_weights(cfg: TrainConfig, *, on_this_machine: bool = True) -> None:
@@ -309,8 +372,8 @@ def failure_cause(exc: BaseException) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     try:
-        cfg, explicit, config_file = parse_cli(argv)
-        cfg = prepare(cfg, explicit, config_file)
+        cfg, explicit, config_files = parse_cli(argv)
+        cfg = prepare(cfg, explicit, config_files)
     except ConfigError as exc:
         print(f"raydist.train: error: {exc}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from typing import Optional
 import yaml
 
 from raydist import report
-from raydist.config import ConfigError, TrainConfig
+from raydist.config import ConfigError, TrainConfig, check_address, check_folder_name
 from raydist.search_space import Study, load_study
 from raydist.study_results import StudyResult, summarize
 
@@ -104,7 +104,14 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r} must look like KEY=VALUE, e.g. --set data_dir=~/data")
-        overrides[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else None
+        key = key.strip().replace("-", "_")
+        overrides[key] = _set_value(key, value)
+    if args.name is not None:
+        check_folder_name(args.name, "--name")
+    if args.address is not None:
+        check_address(args.address)
+    if args.num_samples is not None and args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be a positive integer, got {args.num_samples}")
 
     if args.resume:
         experiment = os.path.abspath(os.path.expanduser(args.resume.rstrip("/")))
@@ -112,26 +119,21 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
         if not os.path.isfile(study_file):
             raise ConfigError(f"--resume {args.resume}: not a raydist.tune experiment folder (no {STUDY_FILE})")
         _check_resume_flags(args, overrides)
+        _check_storage(experiment, "--resume")
         searched = set(load_study(study_file).searched) & set(overrides)
         if searched:  # the restored searcher keeps proposing it; a fixed value would be silently ignored
             raise ConfigError(f"--resume: {sorted(searched)[0]} is searched in this study and cannot be fixed now")
         study = load_study(study_file, overrides)
         storage_path, name = os.path.dirname(experiment), os.path.basename(experiment)
     else:
-        study = load_study(find_study_file(args.search_space or DEFAULT_STUDY), overrides)
-        if args.search:
-            study.search = args.search
-        if args.scheduler:
-            study.scheduler = args.scheduler
-        if args.num_samples is not None:
-            if args.num_samples < 1:
-                raise ConfigError(f"--num-samples must be a positive integer, got {args.num_samples}")
-            study.num_samples = args.num_samples
+        # The command line's settings join the study before it is checked: the checks are the file's.
+        study = load_study(find_study_file(args.search_space or DEFAULT_STUDY), overrides,
+                           settings={"search": args.search, "scheduler": args.scheduler,
+                                     "num_samples": args.num_samples})
         storage_path = args.storage_path or "./runs"
         storage_path = storage_path if "://" in storage_path else os.path.abspath(os.path.expanduser(storage_path))
-        name = args.name or f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if "/" in name or name.startswith("."):
-            raise ConfigError(f"--name {name!r} must be a plain folder name (no '/', not starting with '.')")
+        _check_storage(storage_path, "--storage-path")
+        name = args.name if args.name is not None else f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if "://" not in storage_path and os.path.exists(os.path.join(storage_path, name)):
             raise ConfigError(f"experiment folder {os.path.join(storage_path, name)} exists; pick another --name "
                               f"or continue it with --resume")
@@ -169,6 +171,24 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
 # What --resume may change: where the data is. Everything else a trial computes with stays as the study
 # started, or trials would differ mid-run and the next resume would revert them.
 RESUME_SETTABLE = ("data_dir", "download")
+
+
+def _check_storage(path: str, flag: str) -> None:
+    from raydist.train import check_storage
+
+    check_storage(path, flag)
+
+
+def _set_value(key: str, text: str):
+    """--set KEY=VALUE: YAML for numbers, booleans and lists; a text field keeps the text as typed
+    (YAML would make `~` empty and `2024-01-01` a date)."""
+    from raydist.config import _FIELDS, _base_type
+
+    if not text:
+        return None
+    if key in _FIELDS and _base_type(key)[0] is str:
+        return text
+    return yaml.safe_load(text)
 
 
 def _check_resume_flags(args: argparse.Namespace, overrides: dict) -> None:

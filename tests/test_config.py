@@ -28,6 +28,14 @@ from raydist.config import ConfigError, TrainConfig, load_yaml, parse_cli
     ({"pretrained": True, "model": "resnet8"}, r"model 'resnet8' has no published weights; models with them: resnet18_imagenet"),
     ({"name": "a/b"}, r"--name 'a/b' must be a plain folder name"),
     ({"weight_decay": -0.1}, r"--weight-decay must be zero or more"),
+    ({"name": " "}, r"--name ' ' must be a plain folder name"),
+    ({"name": "run "}, r"--name 'run ' must be a plain folder name"),
+    ({"name": ""}, r"--name '' must be a plain folder name"),
+    ({"address": "ray://head:10001"}, r"--address ray://head:10001: Ray Client addresses are not supported"),
+    ({"address": "head:99999"}, r"--address head:99999: expected 'auto' or the head node's host:port with a port in 1-65535"),
+    ({"fake_image_size": 4}, r"--fake-image-size 4 must be between 8 and 1024 pixels"),
+    ({"lr_step_gamma": 0.0}, r"--lr-step-gamma must be in \(0, 1\]"),
+    ({"lr_step_gamma": 1.5}, r"--lr-step-gamma must be in \(0, 1\]"),
 ])
 def test_bad_values_are_rejected_with_the_value_and_what_is_accepted(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -44,7 +52,7 @@ def test_yaml_sets_defaults_and_flags_override(tmp_path):
     path.write_text("epochs: 7\nlr: 0.2\nmodel: wrn16_4\n")
     cfg, explicit, config_file = parse_cli(["--config", str(path), "--lr", "0.05"])
     assert (cfg.epochs, cfg.lr, cfg.model) == (7, 0.05, "wrn16_4")
-    assert explicit == {"lr": 0.05} and config_file == str(path)
+    assert explicit == {"lr": 0.05} and config_file == [str(path)]
 
 
 def test_yaml_values_are_coerced_to_field_types(tmp_path):
@@ -67,6 +75,31 @@ def test_bad_yaml_files_name_the_file_and_key(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_yaml(str(path))
+
+
+def test_yamls_own_types_are_read_as_meant(tmp_path):
+    """PyYAML reads 1e3 as text and 2024-01-01 as a date: what is unambiguous is taken as meant."""
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 1e3\nname: 2024-01-01\nlr: 1e-1\n")
+    assert load_yaml(str(path)) == {"epochs": 1000, "name": "2024-01-01", "lr": 0.1}
+    path.write_text("data_dir: ~\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: data_dir cannot be empty .*quote a path, e.g. '~/data'"):
+        load_yaml(str(path))
+
+
+def test_config_files_merge_in_order_and_a_bad_value_names_its_file_and_key(tmp_path):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("epochs: 7\nlr: 0.2\n")
+    second.write_text("lr: 0.05\nmodel: wrn16_4\n")
+    cfg, explicit, config_files = parse_cli(["--config", str(first), "--config", str(second), "--batch-size", "32"])
+    assert (cfg.epochs, cfg.lr, cfg.model, cfg.batch_size) == (7, 0.05, "wrn16_4", 32)
+    assert config_files == [str(first), str(second)]
+    second.write_text("lr: -1\n")
+    with pytest.raises(ConfigError) as error:
+        parse_cli(["--config", str(first), "--config", str(second)])
+    assert str(error.value) == f"{second}: lr must be positive, got -1.0"
+    with pytest.raises(ConfigError, match=r"^--lr must be positive, got -2.0$"):  # typed on the command line
+        parse_cli(["--config", str(second), "--lr", "-2"])
 
 
 def test_unreadable_config_file(tmp_path):
@@ -132,6 +165,17 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkey
     assert len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "runs").exists()  # nothing half-written
     assert connects == []  # no cluster started or joined
+
+
+@pytest.mark.parametrize("where, says", [("/proc/raydist-runs", "cannot create folders in /proc"),
+                                         ("FILE/runs", "is a file, not a folder")])
+def test_a_storage_path_that_cannot_be_written_is_refused_before_ray(tmp_path, capsys, where, says):
+    """Checked by trying (as root, os.access says yes to /proc and read-only mounts)."""
+    (tmp_path / "FILE").write_text("")
+    where = where.replace("FILE", str(tmp_path / "FILE"))
+    code, err = _main("--storage-path", where, capsys=capsys)
+    assert code == 2 and err.startswith(f"raydist.train: error: --storage-path {where}: ") and says in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
 
 
 def test_cli_process_exits_2_before_importing_ray(tmp_path):
@@ -207,6 +251,32 @@ def test_resume_refuses_settings_a_checkpoint_cannot_continue_with(tmp_path, mon
                            f"{old}; a checkpoint continues with the same {name} (start a "
                            f"new run with {flag} {given} instead)")
     assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+@pytest.mark.parametrize("content, says", [("", "holds nothing, not the run's config"),
+                                           ("- 1\n- 2\n", "holds list, not the run's config"),
+                                           ("epochs: [1\n", "is not valid YAML")])
+def test_resume_from_a_folder_whose_saved_config_is_broken_is_one_line(tmp_path, capsys, content, says):
+    run_dir = _fake_run_dir(tmp_path)
+    (run_dir / "config.yaml").write_text(content)
+    code, err = _main("--resume", str(run_dir), capsys=capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--resume: {run_dir}/config.yaml {says}" in err
+
+
+def test_resume_with_no_epochs_left_says_so_instead_of_writing_an_empty_final_model(tmp_path, capsys):
+    import torch
+
+    run_dir = _fake_run_dir(tmp_path, epochs=(2, 5))
+    code, err = _main("--resume", str(run_dir), "--epochs", "5", capsys=capsys)
+    assert code == 2
+    assert err.strip() == (f"raydist.train: error: --resume {run_dir}: the run has trained 5 epoch(s) and --epochs 5 "
+                           f"is the total from its start, so nothing is left to do; give --epochs above 5 to train more")
+    checkpoint = run_dir / "checkpoint_epoch_0002"
+    torch.save({"epoch": 2, "config": TrainConfig(epochs=2).to_dict()}, checkpoint / "checkpoint.pt")
+    code, err = _main("--resume", str(checkpoint), "--storage-path", str(tmp_path / "new"), capsys=capsys)
+    assert code == 2 and "the run has trained 2 epoch(s) and --epochs 2 is the total" in err  # the saved epochs
+    assert not (tmp_path / "new").exists()
 
 
 def test_resume_refuses_to_switch_between_scratch_and_pretrained(tmp_path, monkeypatch, capsys):

@@ -40,3 +40,46 @@ def test_readme_shows_how_to_run_on_a_cluster():
                     "ray attach cluster.yaml", "ray start --head", "ray start --address", "RAY_AUTH_MODE=token",
                     "~/.ray/auth_token", "python -m raydist.cluster status", "cluster-local.yaml"):
         assert command in README, command
+
+
+def _readme_commands(module: str) -> list[list[str]]:
+    """Every `python -m <module> ...` line of the README's bash blocks, continuations joined, comments cut."""
+    import re
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:3] == ["python", "-m", module]:
+                commands.append(words[3:])
+    return commands
+
+
+def test_every_documented_study_command_is_accepted(tmp_path, monkeypatch):
+    """The README's study commands pass every check a study gets before Ray starts (the data and weights
+    they name are on the user's machine, not here: those two checks have tests of their own)."""
+    from raydist import tune
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tune, "_check_data", lambda study: None)
+    monkeypatch.setattr(tune, "_check_weights", lambda study, on_this_machine: None)
+    commands = [args for args in _readme_commands("raydist.tune") if "--resume" not in args and "--list" not in args]
+    assert len(commands) >= 5 and any("--set" in args for args in commands)
+    for args in commands:
+        plan = tune.parse_args(args)
+        assert plan.study.num_samples >= 1, args
+
+
+def test_every_documented_training_command_is_accepted(tmp_path, monkeypatch):
+    from raydist import train
+    from raydist.config import parse_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "check_data", lambda *a, **k: None)
+    monkeypatch.setattr(train, "check_weights", lambda *a, **k: None)
+    commands = [args for args in _readme_commands("raydist.train") if "--resume" not in args and "--config" not in args]
+    assert len(commands) >= 8
+    for args in commands:
+        cfg, explicit, config_files = parse_cli(args)
+        train.prepare(cfg, explicit, config_files)

@@ -5,6 +5,7 @@ The sampling tests run Ray's HyperOptSearch and BasicVariantGenerator in this pr
 """
 
 import math
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -211,6 +212,10 @@ def _tune_cli(*args, cwd):
     (["--resume", "not-an-experiment"], "not a raydist.tune experiment folder"),
     (["--search-space", "cifar10_wrn", "--set", "data_dir=nodata"], "not found in"),
     (["--set", "num_workers=20", "--set", "batch_size=32"], "one trial needs 20 CPUs"),
+    (["--name", ""], "--name '' must be a plain folder name"),
+    (["--name", " "], "--name ' ' must be a plain folder name"),
+    (["--search-space", "cifar10_resnet18", "--set", "epochs=1"],
+     "cifar10_resnet18.yaml: searched warmup_epochs reaches 2.0: --warmup-epochs 2.0 exceeds --epochs 1"),
 ])
 def test_tune_cli_bad_input_exits_2_in_one_line_before_ray(tmp_path, args, message):
     result = _tune_cli(*args, "--storage-path", str(tmp_path / "runs"), cwd=tmp_path)
@@ -219,6 +224,43 @@ def test_tune_cli_bad_input_exits_2_in_one_line_before_ray(tmp_path, args, messa
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "runs").exists()  # nothing written
     assert "Ray" not in result.stdout and "dashboard" not in result.stdout  # no cluster started
+
+
+def test_a_study_changed_on_the_command_line_gets_the_checks_of_its_file(tmp_path):
+    """--scheduler/--search/--num-samples join the study before it is checked: a FIFO study whose grace
+    period is longer than its trials is fine, the same study under --scheduler asha is not."""
+    study = tmp_path / "s.yaml"
+    study.write_text("scheduler: {type: fifo, grace_period: 5}\nfixed: {epochs: 3}\nsearched: {lr: {loguniform: [0.1, 1.0]}}\n")
+    from raydist.tune import parse_args
+
+    assert parse_args(["--search-space", str(study), "--storage-path", str(tmp_path / "runs")]).study.scheduler == "fifo"
+    result = _tune_cli("--search-space", str(study), "--scheduler", "asha", "--storage-path", str(tmp_path / "runs"),
+                       cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"raydist.tune: error: {study}: scheduler.grace_period 5 exceeds the most "
+                                     f"epochs a trial can run (3)")
+    plan = parse_args(["--search-space", str(study), "--scheduler", "asha", "--set", "epochs=6", "--search", "random",
+                       "--num-samples", "2", "--storage-path", str(tmp_path / "runs")])
+    assert (plan.study.scheduler, plan.study.search, plan.study.num_samples) == ("asha", "random", 2)
+
+
+def test_set_keeps_a_text_field_as_typed(tmp_path):
+    """YAML would read `~` as empty and 2024-01-01 as a date; --set on a text field keeps the text."""
+    from raydist.tune import parse_args
+
+    plan = parse_args(["--set", "data_dir=~", "--set", "model=resnet8", "--storage-path", str(tmp_path / "runs")])
+    assert plan.study.fixed["data_dir"] == os.path.expanduser("~")
+    plan = parse_args(["--set", "epochs=4", "--set", "lr=1e-1", "--storage-path", str(tmp_path / "runs")])
+    assert (plan.study.fixed["epochs"], plan.study.fixed["lr"]) == (4, 0.1)
+
+
+def test_a_storage_path_that_cannot_be_written_is_refused_before_ray(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = _tune_cli("--storage-path", str(blocker / "runs"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"raydist.tune: error: --storage-path {blocker / 'runs'}: {blocker} is a file, "
+                                     f"not a folder; give a folder path")
 
 
 def test_tune_list_names_every_shipped_study(tmp_path):
