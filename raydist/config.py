@@ -48,7 +48,8 @@ class TrainConfig:
     fake_num_classes: int = _field("data", 1000, "fake data: number of classes")
     fake_train_size: int = _field("data", 12800, "fake data: training images per epoch (generated lazily)")
     fake_val_size: int = _field("data", 1280, "fake data: validation images (generated lazily)")
-    seed: int = _field("data", 0, "seed for the data split, shuffling, augmentation and weight init")
+    seed: int = _field("data", 0, "seed for shuffling, augmentation, dropout and weight init (the train/val "
+                       "split is fixed: the same for every seed)")
     classes: Optional[str] = _field("data", None, "train and validate on these classes only, e.g. 0-4 or 5,7,9 "
                                     "(labels renumbered 0..k-1 in this order)")
     train_fraction: float = _field("data", 1.0, "train on this share of each class's training images (a fixed "
