@@ -195,6 +195,9 @@ class TrainConfig:
             check_folder_name(self.name, "--name")
         if self.address is not None:
             check_address(self.address)
+        if self.fake_num_classes < 2:
+            raise ConfigError(f"--fake-num-classes must be at least 2 (a classifier needs 2 classes), "
+                              f"got {self.fake_num_classes}")
         if not 8 <= self.fake_image_size <= 1024:
             raise ConfigError(f"--fake-image-size {self.fake_image_size} must be between 8 and 1024 pixels")
         if not 0.0 < self.lr_step_gamma <= 1.0:

@@ -33,6 +33,7 @@ from raydist.config import ConfigError, TrainConfig, load_yaml, parse_cli
     ({"name": ""}, r"--name '' must be a plain folder name"),
     ({"address": "ray://head:10001"}, r"--address ray://head:10001: Ray Client addresses are not supported"),
     ({"address": "head:99999"}, r"--address head:99999: expected 'auto' or the head node's host:port with a port in 1-65535"),
+    ({"fake_num_classes": 1}, r"--fake-num-classes must be at least 2"),
     ({"fake_image_size": 4}, r"--fake-image-size 4 must be between 8 and 1024 pixels"),
     ({"lr_step_gamma": 0.0}, r"--lr-step-gamma must be in \(0, 1\]"),
     ({"lr_step_gamma": 1.5}, r"--lr-step-gamma must be in \(0, 1\]"),
