@@ -6,7 +6,7 @@ cluster has or can grow to, and that its storage is one every node sees.
 
     python -m raydist.cluster status --address auto        # resources, what it can grow to, nodes starting,
                                                            # raydist jobs, Train runs, dashboard
-    python -m raydist.cluster validate cluster.yaml        # Ray's own schema check, offline
+    python -m raydist.cluster validate cluster.yaml ...    # Ray's own schema check, offline; every file
     python -m raydist.cluster publish ~/ray_bootstrap_config.yaml   # on the head, after `ray start --head`
 
 Resource checks that can be made before Ray starts (a local cluster: this machine's CPUs and GPUs) are
@@ -127,12 +127,17 @@ def address_file() -> str:
         return os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
 
 
-def check_reachable(address: str, timeout: float = 3.0) -> str:
-    """Fail in seconds, in one line, when nothing answers at the cluster `address` names (ray.init would
-    retry an unreachable GCS for minutes). 'auto' means RAY_ADDRESS, else this machine's latest `ray start`.
-    Returns the host:port it resolved to."""
-    import socket
+# What an address error says to do instead: train and tune start a local cluster without --address;
+# `status` and `publish` only look at a running one.
+START_LOCAL = "drop --address to start a local one"
+START_HEAD = "start one with `ray start --head`"
 
+
+def check_reachable(address: str, timeout: float = 3.0, *, otherwise: str = START_LOCAL) -> str:
+    """Fail in seconds, in one line, when no Ray cluster answers at the cluster `address` names (ray.init
+    would retry an unreachable GCS for minutes, and for ever one whose port now holds something else).
+    'auto' means RAY_ADDRESS, else this machine's latest `ray start`. `otherwise` ends the error: what the
+    user can do instead. Returns the host:port it resolved to."""
     flag, where = f"--address {address}", ""
     if address == "auto":
         if os.environ.get("RAY_ADDRESS"):
@@ -143,18 +148,44 @@ def check_reachable(address: str, timeout: float = 3.0) -> str:
                     address, where = fh.read().strip(), f" (the last `ray start` here, from {address_file()})"
             except OSError:
                 raise ConfigError(f"{flag}: no Ray cluster was started on this machine (no {address_file()}); "
-                                  f"start one with `ray start --head`, give its host:port, or drop --address "
-                                  f"to start a local one") from None
+                                  f"give the head node's host:port, or {otherwise}") from None
     if "://" in address:  # ray://host:port (Ray Client) and the like: ray.init reports those itself
         return address
     host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{flag}: {address!r}{where} is not a cluster address; expected 'auto', the head node's "
+                          f"host:port (e.g. 10.0.0.10:6379) or ray://host:port")
+    expected = f"expected the head node's host:port (e.g. 10.0.0.10:6379) of a running cluster, or {otherwise}"
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except (OSError, ValueError):
-        raise ConfigError(f"{flag}: no Ray cluster answers at {address}{where}; expected the head node's "
-                          f"host:port (e.g. 10.0.0.10:6379) of a running cluster, or drop --address to start "
-                          f"a local one") from None
+        grpc = speaks_grpc(host.strip("[]"), int(port), timeout)
+    except OSError:
+        raise ConfigError(f"{flag}: no Ray cluster answers at {address}{where}; {expected}") from None
+    if not grpc:
+        raise ConfigError(f"{flag}: something answers at {address}{where} but it is not a Ray cluster (no gRPC "
+                          f"server, which a head node's GCS port is); {expected}")
     return address
+
+
+def speaks_grpc(host: str, port: int, timeout: float) -> bool:
+    """Whether an HTTP/2 (gRPC) server, as Ray's GCS is, answers at host:port: it replies to the client
+    preface with a SETTINGS frame. Raises OSError when nothing accepts the connection. Under Ray's TLS
+    (RAY_USE_TLS) only the connection is checked: the preface would have to go through TLS."""
+    import socket
+
+    with socket.create_connection((host, port), timeout=timeout) as conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return True
+        conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))  # empty SETTINGS
+        header = b""
+        try:
+            while len(header) < 9:  # a frame header: 3 bytes length, 1 byte type (4: SETTINGS), ...
+                chunk = conn.recv(9 - len(header))
+                if not chunk:
+                    break
+                header += chunk
+        except OSError:  # silent past the timeout, or reset: not a gRPC server
+            return False
+    return len(header) == 9 and header[3] == 4
 
 
 def cluster_totals() -> tuple[float, float]:
@@ -492,8 +523,9 @@ def status(address: Optional[str]) -> str:
     import ray
     from ray.job_submission import JobSubmissionClient
 
-    check_reachable(address or "auto")
-    context = ray.init(address=address or "auto", logging_level=logging.ERROR)
+    address = "auto" if address is None else address
+    check_reachable(address, otherwise=START_HEAD)
+    context = ray.init(address=address, logging_level=logging.ERROR)
     url = f"http://{context.dashboard_url}" if context.dashboard_url else None
     gcs = context.address_info.get("gcs_address", address)
     cap = capacity()
@@ -524,24 +556,113 @@ def status(address: Optional[str]) -> str:
     return "\n".join(lines)
 
 
-def validate_cluster_file(path: str) -> dict:
-    """Check a cluster-launcher YAML offline with Ray's own schema; returns the config with defaults."""
-    import copy
+# What a cluster file needs at least (Ray's schema requires these two; provider needs its type).
+CLUSTER_FILE_NEEDS = "a Ray cluster file is a YAML mapping with at least cluster_name and provider (with its type)"
 
+
+def read_cluster_file(path: str) -> dict:
+    """A cluster-launcher YAML as it is written (a mapping), or ConfigError in one line naming the file."""
     import yaml
-    from ray.autoscaler._private.util import prepare_config, validate_config
 
-    logging.getLogger("ray.autoscaler").setLevel(logging.WARNING)  # it logs each default it fills in at INFO
     try:
         with open(path) as fh:
             config = yaml.safe_load(fh)
-        prepared = prepare_config(copy.deepcopy(config))
-        validate_config(prepared)
     except OSError as exc:
         raise ConfigError(f"cannot read cluster file {path}: {exc.strerror or exc}") from None
-    except Exception as exc:  # noqa: BLE001 - schema errors come as several types; one line each
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); {CLUSTER_FILE_NEEDS}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML: {problem}{at}") from None
+    if config is None:
+        raise ConfigError(f"{path}: the file is empty; {CLUSTER_FILE_NEEDS}")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: the file holds {_yaml_kind(config)}, not a mapping of keys; {CLUSTER_FILE_NEEDS}")
+    return config
+
+
+def validate_cluster_file(path: str) -> dict:
+    """Check a cluster-launcher YAML offline with Ray's own schema (what `ray up` checks before it starts
+    anything); returns the config with Ray's defaults filled in."""
+    return check_cluster_config(read_cluster_file(path), path)
+
+
+def check_cluster_config(config: dict, path: str) -> dict:
+    """Ray's own preparation and schema check of a cluster config read from `path`; each problem is one
+    ConfigError line naming the file and the key path."""
+    import copy
+
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config  # RAY (internal): what `ray up` runs
+
+    logging.getLogger("ray.autoscaler").setLevel(logging.WARNING)  # it logs each default it fills in at INFO
+    try:
+        prepared = prepare_config(copy.deepcopy(config))
+    except Exception as exc:  # noqa: BLE001 - it indexes the raw file and fails on a missing or odd key
+        # Ray's schema names the key behind the failure; prepare_config's error alone is "'provider'".
+        schema_error = _schema_error(config)
+        if schema_error is not None:
+            raise ConfigError(f"{path}: {_describe(schema_error)}") from None
+        problem = f"{exc.args[0]} missing" if isinstance(exc, KeyError) and exc.args else str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: {problem}") from None
+    try:
+        validate_config(prepared)
+    except jsonschema.ValidationError as exc:  # named as the file has it where it can (not a key Ray filled in)
+        raise ConfigError(f"{path}: {_describe(_schema_error(config) or exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - Ray's own checks beyond the schema raise ValueError and others
         raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
     return prepared
+
+
+def _schema_error(config: dict):
+    """The most telling error of Ray's cluster schema for `config` as written, or None."""
+    import copy
+    import json
+
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler._private.util import translate_trivial_legacy_config
+
+    with open(os.path.join(os.path.dirname(ray.autoscaler.__file__), "ray-schema.json")) as fh:  # RAY: its schema
+        schema = json.load(fh)
+    config = copy.deepcopy(config)
+    translate_trivial_legacy_config(config)  # empty legacy keys Ray drops before its own check
+    return jsonschema.exceptions.best_match(jsonschema.validators.validator_for(schema)(schema).iter_errors(config))
+
+
+def _key_path(parts) -> str:
+    """provider.type, available_node_types.head.resources, setup_commands[0]."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+_SCHEMA_KINDS = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
+                 "number": "a number", "boolean": "true or false", "null": "nothing (null)"}
+
+
+def _yaml_kind(value) -> str:
+    kind = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
+            type(None): "null"}.get(type(value))
+    return _SCHEMA_KINDS.get(kind, f"a {type(value).__name__}")
+
+
+def _describe(error) -> str:
+    """One jsonschema error as 'KEY.PATH: problem'."""
+    where = _key_path(error.absolute_path)
+    if error.validator == "required" and isinstance(error.instance, dict):
+        missing = [key for key in error.validator_value if key not in error.instance]
+        return ", ".join(_key_path([*error.absolute_path, key]) for key in missing) + " missing"
+    if error.validator == "type":
+        kinds = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        value = repr(error.instance)
+        value = value if len(value) <= 60 else value[:57] + "..."
+        return (f"{where or 'the file'} must be {' or '.join(_SCHEMA_KINDS.get(k, k) for k in kinds)}, "
+                f"not {_yaml_kind(error.instance)} ({value})")
+    return f"{where + ': ' if where else ''}{error.message.splitlines()[0]}"
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -563,22 +684,26 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "publish":
-            import yaml
-
             path = os.path.expanduser(args.file)
-            try:
-                with open(path) as fh:
-                    config = yaml.safe_load(fh)
-            except OSError as exc:
-                raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-            limit = publish_cluster_config(config, check_reachable(args.address))
+            config = read_cluster_file(path)
+            check_cluster_config(config, path)  # what Ray's autoscaler checks of it too
+            if not config.get("available_node_types"):
+                raise ConfigError(f"{path}: available_node_types missing; publish tells the cluster its node types")
+            limit = publish_cluster_config(config, check_reachable(args.address, otherwise=START_HEAD))
             print(f"published {len(config['available_node_types'])} node types; the cluster can grow to "
                   + ", ".join(f"{k} {v:g}" for k, v in sorted(limit.items()) if k in ("CPU", "GPU")))
-        elif args.command == "validate":
+        elif args.command == "validate":  # every file checked, one line each
+            bad = 0
             for path in args.files:
-                config = validate_cluster_file(path)
+                try:
+                    config = validate_cluster_file(path)
+                except ConfigError as exc:
+                    print(f"raydist.cluster: error: {exc}", file=sys.stderr)
+                    bad += 1
+                    continue
                 print(f"{path}: valid ({config['provider']['type']} provider, node types: "
                       f"{', '.join(config['available_node_types'])})")
+            return 2 if bad else 0
         else:
             print(status(args.address))
     except ConfigError as exc:

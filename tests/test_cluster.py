@@ -114,6 +114,37 @@ def test_validate_command_exit_codes(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("raydist.cluster: error: ") and "bogus" in bad.stderr
 
 
+CLUSTER_FILE_NEEDS = "a Ray cluster file is a YAML mapping with at least cluster_name and provider (with its type)"
+PROBLEM_FILES = {  # what each says, in one line naming the file and the key
+    "empty.yaml": ("", f"the file is empty; {CLUSTER_FILE_NEEDS}"),
+    "braces.yaml": ("{}\n", "cluster_name, provider missing"),
+    "list.yaml": ("- cluster_name: x\n", f"the file holds a list, not a mapping of keys; {CLUSTER_FILE_NEEDS}"),
+    "invalid.yaml": ("cluster_name: [x,\n", "not valid YAML: expected the node content, but found '<stream end>' "
+                                            "at line 2, column 1"),
+    "no-provider.yaml": ("cluster_name: x\n", "provider missing"),
+    "no-type.yaml": ("cluster_name: x\nprovider: {region: us-west-2}\n", "provider.type missing"),
+    "provider-string.yaml": ("cluster_name: x\nprovider: aws\n", "provider must be a mapping, not a string ('aws')"),
+    "node-type.yaml": ("cluster_name: x\nprovider: {type: aws, region: us-west-2}\nhead_node_type: head\n"
+                       "available_node_types: {head: 4}\n",
+                       "available_node_types.head must be a mapping, not an integer (4)"),
+    # Named as written, not as worker_setup_commands (where Ray copies setup_commands before its check).
+    "command.yaml": ("cluster_name: x\nprovider: {type: aws, region: us-west-2}\nsetup_commands: [ls, {a: b}]\n",
+                     "setup_commands[1] must be a string, not a mapping ({'a': 'b'})"),
+}
+
+
+def test_validate_checks_every_file_and_says_each_problem_in_one_line_naming_the_file_and_key(tmp_path):
+    for name, (text, _) in PROBLEM_FILES.items():
+        (tmp_path / name).write_text(text)
+    files = [str(CLUSTER_FILES[0]), *PROBLEM_FILES, str(CLUSTER_FILES[1])]
+    result = subprocess.run([sys.executable, "-m", "raydist.cluster", "validate", *files],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"raydist.cluster: error: {name}: {message}"
+                                          for name, (_, message) in PROBLEM_FILES.items()]
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == list(map(str, CLUSTER_FILES))
+
+
 # ---- a real head node: job submission, dashboard REST, token auth ------------------------------------------
 
 
@@ -214,24 +245,77 @@ def _stale_ray_tmpdir():
     return folder, dead
 
 
-@pytest.mark.parametrize("command", ["raydist.train", "raydist.tune"])
-@pytest.mark.parametrize("address", ["dead", "auto"])
+ADDRESS_HELP = "expected the head node's host:port (e.g. 10.0.0.10:6379) of a running cluster, or "
+
+
+@pytest.mark.parametrize("command", ["raydist.train", "raydist.tune", "raydist.cluster status"])
+@pytest.mark.parametrize("address", ["dead", "auto", "foreign"])
 def test_an_address_nothing_answers_at_is_one_line_and_exit_2(tmp_path, command, address):
+    """'foreign': the address file names a port that something other than Ray now holds (it accepts and
+    says nothing); ray.init waited on it for minutes."""
+    import socket
+
     folder, dead = _stale_ray_tmpdir()
+    foreign = socket.create_server(("127.0.0.1", 0))  # the kernel accepts connections; nobody answers
     try:
+        if address == "foreign":
+            dead = f"127.0.0.1:{foreign.getsockname()[1]}"
+            Path(folder, "ray", "ray_current_cluster").write_text(dead)
         env = {**os.environ, "RAY_TMPDIR": folder}
         env.pop("RAY_ADDRESS", None)
-        result = subprocess.run([sys.executable, "-m", command, "--address", dead if address == "dead" else "auto",
-                                 "--storage-path", str(tmp_path / "runs")],
+        flags = [] if command.endswith("status") else ["--storage-path", str(tmp_path / "runs")]
+        result = subprocess.run([sys.executable, "-m", *command.split(), "--address",
+                                 dead if address == "dead" else "auto", *flags],
                                 capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
         assert result.returncode == 2, result.stderr[-3000:]
         where = "" if address == "dead" else f" (the last `ray start` here, from {folder}/ray/ray_current_cluster)"
         flag = f"--address {dead if address == 'dead' else 'auto'}"
+        otherwise = "start one with `ray start --head`" if command.endswith("status") else \
+            "drop --address to start a local one"
+        problem = (f"something answers at {dead}{where} but it is not a Ray cluster (no gRPC server, which a head "
+                   f"node's GCS port is)" if address == "foreign" else f"no Ray cluster answers at {dead}{where}")
         assert result.stderr.strip().splitlines()[-1] == (
-            f"{command}: error: {flag}: no Ray cluster answers at {dead}{where}; expected the head node's "
-            f"host:port (e.g. 10.0.0.10:6379) of a running cluster, or drop --address to start a local one")
+            f"{command.split()[0]}: error: {flag}: {problem}; {ADDRESS_HELP}{otherwise}")
+        assert not list(tmp_path.iterdir())  # nothing written
     finally:
+        foreign.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "head-node", "", "local", "10.0.0.10:port"])
+def test_status_refuses_an_address_that_is_not_one_in_one_line(capsys, address):
+    from raydist.cluster import main
+
+    assert main(["status", "--address", address]) == 2
+    assert capsys.readouterr().err == (
+        f"raydist.cluster: error: --address {address}: {address!r} is not a cluster address; expected 'auto', the "
+        f"head node's host:port (e.g. 10.0.0.10:6379) or ray://host:port\n")
+
+
+def test_status_without_any_cluster_on_the_machine_says_how_to_start_one(tmp_path, monkeypatch, capsys):
+    from raydist.cluster import main
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no ray/ray_current_cluster under it
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["status"]) == 2
+    assert capsys.readouterr().err == (
+        f"raydist.cluster: error: --address auto: no Ray cluster was started on this machine (no "
+        f"{tmp_path}/ray/ray_current_cluster); give the head node's host:port, or start one with `ray start --head`\n")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", f"the file is empty; {CLUSTER_FILE_NEEDS}"),
+    ("cluster_name: x\nprovider: {type: aws, region: us-west-2}\n",
+     "available_node_types missing; publish tells the cluster its node types"),
+    ("cluster_name: x\nprovider: {type: aws}\nmax_wrokers: 2\n",
+     "Additional properties are not allowed ('max_wrokers' was unexpected)"),
+])
+def test_publish_refuses_a_file_without_node_types_before_it_connects(tmp_path, capsys, text, message):
+    from raydist.cluster import main
+
+    (tmp_path / "bootstrap.yaml").write_text(text)
+    assert main(["publish", str(tmp_path / "bootstrap.yaml"), "--address", "127.0.0.1:1"]) == 2  # nothing there
+    assert capsys.readouterr().err == f"raydist.cluster: error: {tmp_path / 'bootstrap.yaml'}: {message}\n"
 
 
 def test_a_bare_run_starts_its_own_cluster_whatever_a_stale_address_file_says(tmp_path):
