@@ -20,6 +20,7 @@ from typing import Optional
 
 import yaml
 
+from raydist import final_eval
 from raydist.config import ConfigError, TrainConfig, metric_mode, parse_cli, resolve
 from raydist.data import DATASETS, DataFileCorrupt, DatasetNotFound, check_files
 
@@ -326,7 +327,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         _stop_log_forwarding()
         print(f"raydist.train: training failed: {cause}", file=sys.stderr)
         return 1
+    test_line = final_eval.summary_line(final_eval.measure_run(cfg, summary))  # the test split, once, at the end
     print_summary(summary)
+    if test_line:
+        print(test_line, flush=True)
     last = summary.history[-1] if summary.history else {}
     return 1 if last.get("stop_reason") == "diverged" else 0
 
