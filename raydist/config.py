@@ -40,7 +40,9 @@ class TrainConfig:
     dataset: str = _field("data", "digits", "data set name (see --dataset choices); digits is embedded, no download")
     data_dir: str = _field("data", "./data", "folder holding (or receiving) the downloaded data sets")
     download: bool = _field("data", False, "download the data set into --data-dir if it is missing")
-    val_fraction: float = _field("data", 0.2, "share of digits held out for validation (fixed, seeded split)")
+    val_fraction: Optional[float] = _field("data", None, "share of the training images held out for validation "
+                                           "(a fixed, seeded split; per class for CIFAR and Fashion-MNIST); default: "
+                                           "the data set's (digits 0.2, CIFAR-10/100 and Fashion-MNIST 0.1)")
     augment: str = _field("data", "crop_flip", "batched on-device augmentation: none, crop_flip (pad-4 crop + flip) "
                           "or dli (flip, rotation 10 deg, shear 10 deg, scale 0.8-1.2, colour jitter 0.2)",
                           ("none", "crop_flip", "dli"))
@@ -158,7 +160,7 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)} must be zero or more, got {value!r}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"--momentum must be in [0, 1) (SGD momentum; AdamW's beta1), got {self.momentum!r}")
-        if not 0.0 < self.val_fraction < 1.0:
+        if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing!r}")

@@ -5,6 +5,11 @@
     for idx in shard_indices(len(train), batch_size=64, rank=0, world_size=2, epoch=0, seed=0):
         images, labels = train.batch(idx)        # uint8 N x 3 x H x W, int64 N
 
+Splits: "train" trains, "val" is what every epoch reports and what a study selects on, "test" is measured
+once at the end (raydist.final_eval). For the data sets read from files, "val" is a fixed, per-class share
+(`val_fraction`, seeded) held out of the published training set and "train" is the rest; the published test
+set is "test" and is never used to choose anything. digits keeps its own fixed split and fake has no test split.
+
 Every data set is brought to 3 channels so every model runs on every data set. Images stay uint8
 until raydist.augment turns a batch into normalized floats on the device, so a whole CIFAR-10 training
 set costs 150 MB of device memory and no loader processes. `fake` is generated per index from a hash,
@@ -14,6 +19,7 @@ lazily and deterministically, and never held in memory as a whole.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
@@ -21,8 +27,9 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 import torch.nn.functional as F
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 DIGITS_SPLIT_SEED = 0  # fixed: the digits validation set is the same whatever --seed says
+VAL_SPLIT_SEED = 0  # fixed: the images held out of a published training set for validation never change
 DIGITS_SIZE = 1797  # images in scikit-learn's digits
 
 
@@ -30,26 +37,41 @@ class DatasetNotFound(FileNotFoundError):
     """The data set is not on disk and was not asked to be downloaded."""
 
 
+class DataFileCorrupt(OSError):
+    """A data file is there but truncated or damaged (an OSError: the user's side, like a missing one)."""
+
+
+class DownloadFailed(OSError):
+    """--download could not fetch the data set (no network, a proxy, a mirror down)."""
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
     num_classes: int
-    mean: tuple[float, float, float]  # per channel, of images scaled to [0, 1]
+    mean: tuple[float, float, float]  # per channel, of the images the model sees, scaled to [0, 1]
     std: tuple[float, float, float]
     image_size: int  # side in pixels after loading (fake: set by --fake-image-size)
     load: Callable[..., Union["TensorSource", "FakeSource"]]
-    needs_files: bool  # read from --data-dir (and downloadable)
+    title: str  # as people write it, for messages
+    needs_files: bool = False  # read from --data-dir (and downloadable)
     grey: bool = False  # one grey level replicated to 3 channels (can be fed as 1: --grey-input)
+    has_test: bool = False  # a published test split, measured once at the end (raydist.final_eval)
+    val_fraction: float = 0.2  # share held out for validation when --val-fraction is not given
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 
 
-def register_dataset(name, num_classes, mean, std, image_size, needs_files=False, grey=False):
+def register_dataset(name, num_classes, mean, std, image_size, **details):
     def wrap(load):
-        DATASETS[name] = DatasetSpec(name, num_classes, mean, std, image_size, load, needs_files, grey)
+        DATASETS[name] = DatasetSpec(name, num_classes, mean, std, image_size, load, **details)
         return load
     return wrap
+
+
+def has_test_split(name: str) -> bool:
+    return DATASETS[name].has_test
 
 
 # ---- sources --------------------------------------------------------------------------------------
@@ -97,12 +119,15 @@ class FakeSource:
         offsets = torch.arange(pixels, device=self.device, dtype=torch.int64)
         # An image's identity is (split, index): two splits never share an image. Its pixels hash the offset
         # with two independent 32-bit keys of that identity, so no image is a shifted copy of another.
-        image_id = indices * len(SPLITS) + self.salt
+        image_id = indices * len(FAKE_SPLITS) + self.salt
         key_a, key_b = _hash32(image_id * 2 + 0x9E37), _hash32(image_id * 2 + 0x79B9 + 1)
         pixel_hash = _hash32(_hash32(offsets[None, :] + key_a[:, None]) ^ key_b[:, None])
         images = (pixel_hash & 255).to(torch.uint8).view(len(indices), 3, self.image_size, self.image_size)
         labels = _hash32(_hash32(image_id) + 0x85EB) % self.num_classes
         return images, labels
+
+
+FAKE_SPLITS = ("train", "val")  # a fake image's identity is (split, index); fake has no test split
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +155,7 @@ def _all_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor(raw.target)
 
 
-@register_dataset("digits", 10, (0.305, 0.305, 0.305), (0.324, 0.324, 0.324), 32, grey=True)
+@register_dataset("digits", 10, (0.305, 0.305, 0.305), (0.324, 0.324, 0.324), 32, title="digits", grey=True)
 def _load_digits(split: str, *, val_fraction: float = 0.2, **_) -> TensorSource:
     images, labels = _all_digits()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
@@ -139,67 +164,103 @@ def _load_digits(split: str, *, val_fraction: float = 0.2, **_) -> TensorSource:
     return TensorSource(images[chosen], labels[chosen])
 
 
-def _torchvision_source(cls_name: str, split: str, data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    import torchvision
-
-    root = os.path.expanduser(data_dir)
-    try:
-        ds = getattr(torchvision.datasets, cls_name)(root=root, train=(split == "train"), download=download)
-    except RuntimeError as exc:
-        if "not found" not in str(exc).lower():
-            raise
-        raise DatasetNotFound(f"{cls_name} {split} split not found in {os.path.abspath(root)}: pass --download to "
-                              f"fetch it there, or --data-dir to point at the folder that holds it") from None
-    images = torch.as_tensor(ds.data)
-    return images, torch.as_tensor(ds.targets)
+def held_out(labels: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Which images of a published training set are held out for validation (a boolean mask): round(fraction
+    x n) of each class's n images, a fixed random choice (VAL_SPLIT_SEED), so both parts keep every class's
+    share and the split never changes with --seed (or between a run and its resume)."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    for label in labels.unique().tolist():
+        members = order[labels[order] == label]  # this class's images in the fixed random order
+        mask[members[:_held_out_count(len(members), fraction)]] = True
+    return mask
 
 
-@register_dataset("cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32, needs_files=True)
-def _load_cifar10(split: str, *, data_dir: str, download: bool = False, **_) -> TensorSource:
-    images, labels = _torchvision_source("CIFAR10", split, data_dir, download)
+def _held_out_count(n: int, fraction: float) -> int:
+    return round(n * fraction)
+
+
+def _file_split(name: str, split: str, *, data_dir: str, download: bool,
+                val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`split` of a data set published as a training and a test set: test is the published test set, val
+    the held-out share of the published training set and train the rest of it."""
+    from raydist.data_files import read_published
+
+    if split == "test":
+        return read_published(name, "test", data_dir, download)
+    images, labels = read_published(name, "train", data_dir, download)
+    chosen = held_out(labels, val_fraction)
+    if split == "train":
+        chosen = ~chosen
+    return images[chosen], labels[chosen]
+
+
+@register_dataset("cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32, title="CIFAR-10",
+                  needs_files=True, has_test=True, val_fraction=0.1)
+def _load_cifar10(split: str, *, data_dir: str, download: bool = False, val_fraction: float, **_) -> TensorSource:
+    images, labels = _file_split("cifar10", split, data_dir=data_dir, download=download, val_fraction=val_fraction)
     return TensorSource(images.permute(0, 3, 1, 2).contiguous(), labels)  # stored N x H x W x C
 
 
-@register_dataset("cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32, needs_files=True)
-def _load_cifar100(split: str, *, data_dir: str, download: bool = False, **_) -> TensorSource:
-    images, labels = _torchvision_source("CIFAR100", split, data_dir, download)
+@register_dataset("cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32, title="CIFAR-100",
+                  needs_files=True, has_test=True, val_fraction=0.1)
+def _load_cifar100(split: str, *, data_dir: str, download: bool = False, val_fraction: float, **_) -> TensorSource:
+    images, labels = _file_split("cifar100", split, data_dir=data_dir, download=download, val_fraction=val_fraction)
     return TensorSource(images.permute(0, 3, 1, 2).contiguous(), labels)
 
 
-@register_dataset("fashion_mnist", 10, (0.2860, 0.2860, 0.2860), (0.3530, 0.3530, 0.3530), 32, needs_files=True,
-                  grey=True)
-def _load_fashion_mnist(split: str, *, data_dir: str, download: bool = False, **_) -> TensorSource:
-    images, labels = _torchvision_source("FashionMNIST", split, data_dir, download)
+def padded_stats(mean: float, std: float, *, inner: int, outer: int) -> tuple[float, float]:
+    """Mean and std of images zero-padded from inner x inner to outer x outer pixels, from the inner images'
+    own. A share a = inner^2 / outer^2 of the pixels is the image and the rest is 0, so the padded mean is
+    a * mean and the padded mean square a * (std^2 + mean^2); the std follows."""
+    share = inner * inner / (outer * outer)
+    padded_mean = share * mean
+    return padded_mean, math.sqrt(share * (std * std + mean * mean) - padded_mean * padded_mean)
+
+
+# Fashion-MNIST's published statistics are those of its 28 x 28 images; the model sees them zero-padded to
+# 32 x 32, whose statistics these are (normalising with the 28 x 28 ones gave inputs of mean -0.19, std 0.94).
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = padded_stats(0.2860, 0.3530, inner=28, outer=32)  # 0.2190, 0.3318
+
+
+@register_dataset("fashion_mnist", 10, (FASHION_MNIST_MEAN,) * 3, (FASHION_MNIST_STD,) * 3, 32,
+                  title="Fashion-MNIST", needs_files=True, grey=True, has_test=True, val_fraction=0.1)
+def _load_fashion_mnist(split: str, *, data_dir: str, download: bool = False, val_fraction: float,
+                        **_) -> TensorSource:
+    images, labels = _file_split("fashion_mnist", split, data_dir=data_dir, download=download,
+                                 val_fraction=val_fraction)
     # 28 x 28 grey -> 32 x 32 (zero border, as the background is black) x 3 channels.
     images = F.pad(images, (2, 2, 2, 2))[:, None].expand(-1, 3, -1, -1).contiguous()
     return TensorSource(images, labels)
 
 
-@register_dataset("fake", 1000, (0.5, 0.5, 0.5), (0.289, 0.289, 0.289), 224)
+@register_dataset("fake", 1000, (0.5, 0.5, 0.5), (0.289, 0.289, 0.289), 224, title="fake data")
 def _load_fake(split: str, *, fake_image_size: int = 224, fake_num_classes: int = 1000,
                fake_train_size: int = 12800, fake_val_size: int = 1280, **_) -> FakeSource:
     size = fake_train_size if split == "train" else fake_val_size
-    return FakeSource(size, fake_image_size, fake_num_classes, salt=SPLITS.index(split))
+    return FakeSource(size, fake_image_size, fake_num_classes, salt=FAKE_SPLITS.index(split))
 
 
-FILE_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}  # the published splits,
-# each with the same number of images per class
+FILE_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}  # the published training
+# sets, each with the same number of images per class
 SUBSET_SEED = 0  # --train-fraction / --train-per-class pick the same images whatever --seed says
 
 
-def train_size(name: str, *, val_fraction: float = 0.2, fake_train_size: int = 12800,
+def train_size(name: str, *, val_fraction: Optional[float] = None, fake_train_size: int = 12800,
                classes: Optional[list[int]] = None, train_fraction: float = 1.0,
                train_per_class: Optional[int] = None) -> int:
-    """Training images of a data set after the class and size selection, known without loading the images
-    (for checks before any cluster starts)."""
+    """Training images of a data set after the validation hold-out and the class and size selection, known
+    without loading the images (for checks before any cluster starts)."""
+    fraction = DATASETS[name].val_fraction if val_fraction is None else val_fraction
     if name == "fake":
         return fake_train_size
     if name == "digits":
-        labels = _load_digits("train", val_fraction=val_fraction).labels
+        labels = _load_digits("train", val_fraction=fraction).labels
         per_class = torch.bincount(labels, minlength=10).tolist()
     else:
         total = DATASETS[name].num_classes
-        per_class = [FILE_TRAIN_SIZES[name] // total] * total
+        published = FILE_TRAIN_SIZES[name] // total
+        per_class = [published - _held_out_count(published, fraction)] * total
     kept = [per_class[c] for c in (classes if classes else range(len(per_class)))]
     return sum(_subset_size(n, train_fraction, train_per_class) for n in kept)
 
@@ -257,16 +318,22 @@ def select(source: TensorSource, *, classes: Optional[list[int]] = None, fractio
 def load_split(name: str, split: str, *, device="cpu", classes: Optional[list[int]] = None,
                train_fraction: float = 1.0, train_per_class: Optional[int] = None, channels: int = 3,
                **options) -> TensorSource | FakeSource:
-    """Load one split of a registered data set onto `device`. Options: data_dir, download, val_fraction, fake_*;
-    `classes` keeps those classes (both splits), `train_fraction`/`train_per_class` shrink the training split,
-    `channels=1` keeps one channel of a grey data set."""
+    """Load one split (train, val, test) of a registered data set onto `device`. Options: data_dir, download,
+    val_fraction (None: the data set's default), fake_*; `classes` keeps those classes (every split),
+    `train_fraction`/`train_per_class` shrink the training split, `channels=1` keeps one channel of a grey
+    data set."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    spec = DATASETS[name]
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-    if channels == 1 and not DATASETS[name].grey:
+    if split == "test" and not spec.has_test:
+        raise ValueError(f"{name} has no test split (its splits: train, val)")
+    if channels == 1 and not spec.grey:
         raise ValueError(f"{name} is in colour: it has no single grey channel")
-    source = DATASETS[name].load(split, **options)
+    if options.get("val_fraction") is None:
+        options["val_fraction"] = spec.val_fraction
+    source = spec.load(split, **options)
     training = split == "train"
     if classes or (training and (train_fraction < 1.0 or train_per_class)):
         source = select(source, classes=classes, fraction=train_fraction if training else 1.0,
@@ -274,6 +341,23 @@ def load_split(name: str, split: str, *, device="cpu", classes: Optional[list[in
     if channels == 1:
         source = TensorSource(source.images[:, :1].contiguous(), source.labels)
     return source.to(device)
+
+
+def load_splits(name: str, splits: tuple[str, ...], **options) -> tuple:
+    """Several splits of a data set (as load_split), reading each data file once: train and val both come
+    from the published training files."""
+    from raydist.data_files import reading_once
+
+    with reading_once():
+        return tuple(load_split(name, split, **options) for split in splits)
+
+
+def check_files(name: str, data_dir: str) -> None:
+    """Read every file a data set's splits come from, as the workers will: a missing, truncated or damaged
+    file raises DatasetNotFound or DataFileCorrupt naming it (no-op for data sets not read from files)."""
+    spec = DATASETS[name]
+    if spec.needs_files:
+        load_splits(name, ("val", "test") if spec.has_test else ("val",), data_dir=data_dir)
 
 
 def download_lock(data_dir: str):

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raydist.augment import Augmenter
 from raydist.config import TrainConfig
-from raydist.data import DATASETS, DatasetNotFound, download_lock, load_split, shard_indices, steps_per_epoch
+from raydist.data import DATASETS, DatasetNotFound, download_lock, load_splits, shard_indices, steps_per_epoch
 from raydist.models.transfer import (Unit, WeightsError, build_model, freeze_norms, pretrained_source,
                                      read_weights_file, set_trainable, transfer_units, unfrozen_stages)
 
@@ -160,6 +160,43 @@ class EarlyStop:
         return self.hits >= self.patience
 
 
+def input_pipeline(cfg: TrainConfig, device, *, seed: int = 0) -> Augmenter:
+    """What turns a batch of uint8 images into the model's input: augmentation (training only), the data set's
+    normalisation, the channels fed and the --input-size resize."""
+    spec = DATASETS[cfg.dataset]
+    return Augmenter(cfg.augment, mean=spec.mean, std=spec.std, device=device, seed=seed,
+                     channels=cfg.input_channels(), size=cfg.input_size)
+
+
+def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate_model(net: nn.Module, dataset, cfg: TrainConfig, *, device: torch.device, rank: int = 0,
+                   world: int = 1, augment: Optional[Augmenter] = None) -> "EpochSums":
+    """Sums of loss, correct and count over this rank's share of `dataset`: the one evaluation path, for the
+    validation split every epoch and for the test split once at the end (raydist.final_eval)."""
+    augment = augment or input_pipeline(cfg, device)
+    channels_last = uses_channels_last(cfg, device)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    net.eval()
+    sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
+    for indices in shard_indices(len(dataset), batch_size=2 * cfg.batch_size, rank=rank, world_size=world,
+                                 shuffle=False, drop_last=False, pad=False):
+        images, labels = dataset.batch(indices)
+        x = augment(images, train=False)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = net(x)
+        sums.loss += criterion(logits.float(), labels).double() * len(labels)
+        sums.correct += (logits.argmax(1) == labels).sum()
+        sums.count += len(labels)
+    return sums
+
+
 # ---- the loop -------------------------------------------------------------------------------------
 
 
@@ -196,15 +233,13 @@ class TrainingState:
                  source=None):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.train_set, self.val_set = train_set, val_set
-        spec = DATASETS[cfg.dataset]
-        self.augment = Augmenter(cfg.augment, mean=spec.mean, std=spec.std, device=device, seed=cfg.seed * 1000 + rank,
-                                 channels=cfg.input_channels(), size=cfg.input_size)
+        self.augment = input_pipeline(cfg, device, seed=cfg.seed * 1000 + rank)
 
         # ---- model (identical initial weights on every rank: the caller seeded torch)
         net = build_model(cfg.model, num_classes=cfg.num_classes(), grey_input=cfg.grey_input, source=source)
         if cfg.sync_batchnorm and world > 1:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+        self.channels_last = uses_channels_last(cfg, device)
         self.net = net.to(device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         self.compiled: nn.Module = torch.compile(self.net) if cfg.compile else self.net
         self.transfer = cfg.starts_pretrained()
@@ -370,21 +405,8 @@ class TrainingState:
             # with rank 0's, which are the ones saved, so the reported metric is the saved model's.
             for buffer in self.net.buffers():
                 dist.broadcast(buffer, src=0)
-        cfg, device = self.cfg, self.device
-        self.net.eval()
-        sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
-        for indices in shard_indices(len(self.val_set), batch_size=2 * cfg.batch_size, rank=self.rank,
-                                     world_size=self.world, shuffle=False, drop_last=False, pad=False):
-            images, labels = self.val_set.batch(indices)
-            x = self.augment(images, train=False)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                logits = self.net(x)
-            sums.loss += self.criterion(logits.float(), labels).double() * len(labels)
-            sums.correct += (logits.argmax(1) == labels).sum()
-            sums.count += len(labels)
-        return sums
+        return evaluate_model(self.net, self.val_set, self.cfg, device=self.device, rank=self.rank,
+                              world=self.world, augment=self.augment)
 
     # ---- saving and resuming
 
@@ -524,8 +546,7 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
 
     def load():
         with download_lock(cfg.data_dir) if (cfg.download and spec.needs_files) else contextlib.nullcontext():
-            return (load_split(cfg.dataset, "train", device=device, **options),
-                    load_split(cfg.dataset, "val", device=device, **options))
+            return load_splits(cfg.dataset, ("train", "val"), device=device, **options)
 
     if not spec.needs_files:  # embedded or generated: nothing to find on the node
         return load()
@@ -549,8 +570,9 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
     failed = sorted({outcome for outcome in outcomes if outcome[1]})
     if failed:
         message = "; ".join(f"on node {node}: {why}" for node, why, _ in failed)
-        # Data missing on a node is the run's one-line cause; anything else (a corrupt file, out of memory)
-        # is raised as an error of the program, still named per node, by every rank alike.
+        # Data missing, damaged or not downloadable on a node (raydist.data_files' errors are OSErrors) is the
+        # run's one-line cause; anything else (out of memory, a bug) is raised as an error of the program,
+        # still named per node, by every rank alike.
         raise (DataUnavailable if all(user for _, _, user in failed) else RuntimeError)(message)
     return splits or load()
 

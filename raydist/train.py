@@ -20,8 +20,9 @@ from typing import Optional
 
 import yaml
 
+from raydist import final_eval
 from raydist.config import ConfigError, TrainConfig, metric_mode, parse_cli, resolve
-from raydist.data import DATASETS, DatasetNotFound, load_split
+from raydist.data import DATASETS, DataFileCorrupt, DatasetNotFound, check_files
 
 CONFIG_FILE = "config.yaml"
 
@@ -236,11 +237,12 @@ def check_resume_compatible(saved: dict, cfg: TrainConfig, resume: str) -> None:
 
 
 def check_data(dataset: str, data_dir: str, download: bool, hint: str = "") -> None:
-    """A data set read from files must be there (or be downloaded): else one ConfigError, before Ray starts."""
+    """A data set read from files must be there, whole (or be downloaded): else one ConfigError naming the
+    missing or damaged file, before Ray starts. Every file is read, the training files included."""
     if DATASETS[dataset].needs_files and not download:
         try:
-            load_split(dataset, "val", data_dir=data_dir)
-        except DatasetNotFound as exc:
+            check_files(dataset, data_dir)
+        except (DatasetNotFound, DataFileCorrupt) as exc:
             raise ConfigError(f"{exc}{hint}") from None
 
 
@@ -388,7 +390,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         _stop_log_forwarding()
         print(f"raydist.train: training failed: {cause}", file=sys.stderr)
         return 1
+    test_line = final_eval.summary_line(final_eval.measure_run(cfg, summary))  # the test split, once, at the end
     print_summary(summary)
+    if test_line:
+        print(test_line, flush=True)
     last = summary.history[-1] if summary.history else {}
     return 1 if last.get("stop_reason") == "diverged" else 0
 

@@ -29,7 +29,7 @@ from typing import Optional
 
 import yaml
 
-from raydist import report
+from raydist import final_eval, report
 from raydist.config import ConfigError, TrainConfig, check_address, check_folder_name
 from raydist.search_space import Study, load_study
 from raydist.study_results import StudyResult, summarize
@@ -481,7 +481,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as exc:  # noqa: BLE001 - e.g. a logger that cannot reach its server; trace above
         print(f"raydist.tune: study failed: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         return 1
+    test_line = final_eval.summary_line(final_eval.measure_study(result))  # the best model on the test split, once
     print_result(result, plan.study)
+    if test_line:
+        print(test_line, flush=True)
     if result.interrupted:
         return 130
     return 0 if any(r["status"] != report.ERROR for r in result.rows) else 1

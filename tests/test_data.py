@@ -1,9 +1,11 @@
-"""Data sets by name: digits, the torchvision formats on small files written here, fake data, and sharding."""
+"""Data sets by name: digits, the torchvision formats on small files written here (their splits, damaged and
+missing files, downloads from a loopback port), fake data, and sharding."""
 
 import hashlib
 import http.server
 import os
 import pickle
+import socket
 import struct
 import tarfile
 import threading
@@ -13,7 +15,10 @@ import pytest
 import torch
 import torchvision
 
-from raydist.data import DATASETS, DatasetNotFound, load_split, shard_indices, steps_per_epoch
+from raydist.config import ConfigError
+from raydist.data import (DATASETS, FILE_TRAIN_SIZES, DataFileCorrupt, DatasetNotFound, DownloadFailed, load_split,
+                          shard_indices, steps_per_epoch, train_size)
+from raydist.train import check_data, failure_cause
 
 
 def test_digits_is_a_fixed_disjoint_split_of_all_1797_images():
@@ -34,20 +39,22 @@ def _md5(path):
 
 
 def _write_cifar(root, cls, n_per_file, label_key, num_classes):
-    """Pickled batches as the CIFAR python versions ship them; returns the images written per split."""
+    """Pickled batches as the CIFAR python versions ship them, every class equally often in each file;
+    returns the folder and (images N x 3072, labels) written per published split ("train", "test")."""
     folder = os.path.join(root, cls.base_folder)
     os.makedirs(folder)
     rng = np.random.default_rng(0)
     written = {}
-    for split, entries in (("train", cls.train_list), ("val", cls.test_list)):
-        images = []
+    for split, entries in (("train", cls.train_list), ("test", cls.test_list)):
+        images, labels = [], []
         for filename, _ in entries:
             data = rng.integers(0, 256, (n_per_file, 3 * 32 * 32), dtype=np.uint8)
-            labels = rng.integers(0, num_classes, n_per_file).tolist()
+            file_labels = rng.permutation(np.arange(n_per_file) % num_classes).tolist()
             with open(os.path.join(folder, filename), "wb") as fh:
-                pickle.dump({"data": data, label_key: labels}, fh)
-            images.append((data, labels))
-        written[split] = images
+                pickle.dump({"data": data, label_key: file_labels}, fh)
+            images.append(data)
+            labels += file_labels
+        written[split] = (np.concatenate(images), labels)
     with open(os.path.join(folder, cls.meta["filename"]), "wb") as fh:
         pickle.dump({cls.meta["key"]: [f"class{i}" for i in range(num_classes)]}, fh)
     return folder, written
@@ -60,53 +67,214 @@ def _trust_written_files(monkeypatch, cls, folder):
     monkeypatch.setattr(cls, "meta", dict(cls.meta, md5=_md5(os.path.join(folder, cls.meta["filename"]))))
 
 
-@pytest.mark.parametrize("name, cls, label_key, classes", [
-    ("cifar10", torchvision.datasets.CIFAR10, "labels", 10),
-    ("cifar100", torchvision.datasets.CIFAR100, "fine_labels", 100),
+def _rows(images):
+    return [bytes(row) for row in images.reshape(len(images), -1).tolist()]
+
+
+@pytest.mark.parametrize("name, cls, label_key, classes, per_file", [
+    ("cifar10", torchvision.datasets.CIFAR10, "labels", 10, 60),
+    ("cifar100", torchvision.datasets.CIFAR100, "fine_labels", 100, 1000),  # one training file
 ])
-def test_cifar_loaders_read_the_pickled_batches(tmp_path, monkeypatch, name, cls, label_key, classes):
-    folder, written = _write_cifar(str(tmp_path), cls, 6, label_key, classes)
+def test_cifar_val_is_a_stratified_share_held_out_of_the_training_files_and_test_is_the_test_file(
+        tmp_path, monkeypatch, name, cls, label_key, classes, per_file):
+    folder, written = _write_cifar(str(tmp_path), cls, per_file, label_key, classes)
     _trust_written_files(monkeypatch, cls, folder)
-    for split in ("train", "val"):
-        source = load_split(name, split, data_dir=str(tmp_path))
-        data = np.concatenate([d for d, _ in written[split]]).reshape(-1, 3, 32, 32)
-        labels = sum((labels for _, labels in written[split]), [])
-        assert torch.equal(source.images, torch.from_numpy(data))  # channel order and layout kept
-        assert source.labels.tolist() == labels
-    assert DATASETS[name].num_classes == classes
+    train, val, test = (load_split(name, split, data_dir=str(tmp_path)) for split in ("train", "val", "test"))
+
+    # test: the published test file, in order, channel order and layout kept
+    test_images, test_labels = written["test"]
+    assert torch.equal(test.images, torch.from_numpy(test_images).view(-1, 3, 32, 32))
+    assert test.labels.tolist() == test_labels
+
+    # train + val: exactly the published training images, each once, with its own label
+    train_images, train_labels = written["train"]
+    published = dict(zip(_rows(train_images), train_labels))
+    ours = list(zip(_rows(train.images.numpy()), train.labels.tolist())) + \
+        list(zip(_rows(val.images.numpy()), val.labels.tolist()))
+    assert len(ours) == len(published) and dict(ours) == published
+    assert not set(_rows(test.images.numpy())) & set(published)
+
+    # val: the data set's default share (10%) of every class
+    per_class = len(train_labels) // classes
+    assert DATASETS[name].val_fraction == 0.1
+    assert torch.bincount(val.labels, minlength=classes).tolist() == [round(per_class * 0.1)] * classes
+    assert len(train) == train_size(name) * len(train_labels) // FILE_TRAIN_SIZES[name]  # as checked before a run
+    # fixed: the same images again, whatever else changes
+    again = load_split(name, "val", data_dir=str(tmp_path))
+    assert torch.equal(again.images, val.images)
+    # another fraction holds out that share
+    half = load_split(name, "val", data_dir=str(tmp_path), val_fraction=0.5)
+    assert torch.bincount(half.labels, minlength=classes).tolist() == [round(per_class * 0.5)] * classes
+
+
+def test_class_subsets_and_smaller_training_sets_apply_to_the_held_out_split(tmp_path, monkeypatch):
+    cls = torchvision.datasets.CIFAR10
+    folder, _ = _write_cifar(str(tmp_path), cls, 60, "labels", 10)
+    _trust_written_files(monkeypatch, cls, folder)
+    full_train = load_split("cifar10", "train", data_dir=str(tmp_path))
+    full_val = load_split("cifar10", "val", data_dir=str(tmp_path))
+    train = load_split("cifar10", "train", data_dir=str(tmp_path), classes=[7, 2], train_per_class=10)
+    val = load_split("cifar10", "val", data_dir=str(tmp_path), classes=[7, 2], train_per_class=10)
+    test = load_split("cifar10", "test", data_dir=str(tmp_path), classes=[7, 2], train_per_class=10)
+    assert torch.bincount(train.labels).tolist() == [10, 10]  # renumbered 7 -> 0, 2 -> 1
+    for new, old in enumerate([7, 2]):
+        assert set(_rows(train.images[train.labels == new].numpy())) <= set(
+            _rows(full_train.images[full_train.labels == old].numpy()))
+        assert torch.equal(val.images[val.labels == new], full_val.images[full_val.labels == old])  # all kept
+    assert len(test) == 2 * 60 // 10
+
+
+def test_held_out_share_per_class_matches_the_size_known_before_a_run():
+    from raydist.data import held_out
+
+    labels = torch.arange(50_000) % 10  # CIFAR-10's 5000 images of each class
+    mask = held_out(labels, 0.1)
+    assert torch.bincount(labels[mask]).tolist() == [500] * 10
+    assert train_size("cifar10") == int((~mask).sum()) == 45_000
+    assert train_size("cifar10", classes=[1, 2], train_fraction=0.5) == 2 * 2250
+    assert train_size("fashion_mnist") == 54_000 and train_size("cifar100", val_fraction=0.2) == 40_000
+
+
+def test_data_sets_without_a_test_split_say_so():
+    assert [n for n, d in DATASETS.items() if d.has_test] == ["cifar10", "cifar100", "fashion_mnist"]
+    for name in ("digits", "fake"):
+        with pytest.raises(ValueError, match=f"{name} has no test split"):
+            load_split(name, "test")
 
 
 def _idx(array, dims):
     return struct.pack(">HBB", 0, 0x08, dims) + struct.pack(">" + "I" * dims, *array.shape) + array.tobytes()
 
 
-def test_fashion_mnist_reads_idx_files_and_pads_to_3x32x32(tmp_path):
-    raw = tmp_path / "FashionMNIST" / "raw"
+def _write_fashion(root, images, labels):
+    raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    images = {s: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for s, n in (("train", 12), ("t10k", 5))}
-    labels = {s: rng.integers(0, 10, len(images[s]), dtype=np.uint8) for s in images}
-    for s in images:
-        (raw / f"{s}-images-idx3-ubyte").write_bytes(_idx(images[s], 3))
-        (raw / f"{s}-labels-idx1-ubyte").write_bytes(_idx(labels[s], 1))
-    val = load_split("fashion_mnist", "val", data_dir=str(tmp_path))
-    assert val.images.shape == (5, 3, 32, 32)
-    assert torch.equal(val.images[:, 1, 2:30, 2:30], torch.from_numpy(images["t10k"]))
-    assert val.images[:, :, :2].sum() == 0  # zero border
-    assert val.labels.tolist() == labels["t10k"].tolist()
-    assert len(load_split("fashion_mnist", "train", data_dir=str(tmp_path))) == 12
+    for prefix in images:
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(images[prefix], 3))
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(labels[prefix], 1))
+    return raw
 
+
+def _small_fashion(root, n_train=100, n_test=20):
+    rng = np.random.default_rng(0)
+    images = {p: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for p, n in (("train", n_train), ("t10k", n_test))}
+    labels = {p: (np.arange(len(images[p])) % 10).astype(np.uint8) for p in images}
+    return _write_fashion(root, images, labels), images, labels
+
+
+def test_fashion_mnist_reads_idx_files_and_pads_to_3x32x32(tmp_path):
+    _, images, labels = _small_fashion(tmp_path)
+    test = load_split("fashion_mnist", "test", data_dir=str(tmp_path))
+    assert test.images.shape == (20, 3, 32, 32)
+    assert torch.equal(test.images[:, 1, 2:30, 2:30], torch.from_numpy(images["t10k"]))
+    assert test.images[:, :, :2].sum() == 0  # zero border
+    assert test.labels.tolist() == labels["t10k"].tolist()
+    train, val = (load_split("fashion_mnist", s, data_dir=str(tmp_path)) for s in ("train", "val"))
+    assert len(train) == 90 and len(val) == 10 and torch.bincount(val.labels).tolist() == [1] * 10
+    inner = torch.cat([train.images, val.images])[:, 0, 2:30, 2:30]
+    assert sorted(_rows(inner.numpy())) == sorted(_rows(images["train"]))
+
+
+def test_fashion_mnist_normalised_inputs_have_mean_0_and_std_1():
+    """Images with Fashion-MNIST's statistics (28 x 28: mean 0.2860, std 0.3530), padded to the 32 x 32 the
+    model sees, come out of the normalisation with mean 0 and std 1 (the 28 x 28 statistics gave -0.19, 0.94)."""
+    from raydist.augment import Augmenter
+    from raydist.data import padded_stats
+
+    # 57% black pixels, the rest uniform in [85, 255]: mean 0.2860, mean square 0.2064, as Fashion-MNIST's
+    rng = np.random.default_rng(0)
+    ink = rng.random((2000, 28, 28)) < 0.4296
+    inner = np.where(ink, rng.integers(85, 256, (2000, 28, 28)), 0).astype(np.uint8)
+    assert abs(inner.mean() / 255 - 0.2860) < 0.002 and abs(inner.std() / 255 - 0.3530) < 0.002
+    padded = torch.nn.functional.pad(torch.from_numpy(inner), (2, 2, 2, 2))[:, None].expand(-1, 3, -1, -1)
+    spec = DATASETS["fashion_mnist"]
+    x = Augmenter("none", mean=spec.mean, std=spec.std)(padded, train=False)
+    assert abs(x.mean().item()) < 0.01 and abs(x.std().item() - 1) < 0.01
+    # the formula is exact: the padded statistics of these very images from their 28 x 28 ones
+    mean, std = padded_stats(inner.mean() / 255, inner.std() / 255, inner=28, outer=32)
+    as_float = padded.float() / 255
+    assert mean == pytest.approx(as_float.mean().item(), rel=1e-5)
+    assert std == pytest.approx(as_float.std(unbiased=False).item(), rel=1e-4)
+
+
+# ---- missing, truncated and damaged files: one line naming the file ---------------------------------
 
 def test_missing_dataset_names_the_folder_and_the_flag(tmp_path):
-    with pytest.raises(DatasetNotFound, match=rf"CIFAR10 val split not found in {tmp_path}: pass --download"):
-        load_split("cifar10", "val", data_dir=str(tmp_path))
+    with pytest.raises(DatasetNotFound, match=rf"CIFAR10 train split not found in {tmp_path}: pass --download"):
+        load_split("cifar10", "val", data_dir=str(tmp_path))  # val comes from the training files
 
+
+def test_a_missing_fashion_training_file_is_named_with_its_split(tmp_path):
+    raw, _, _ = _small_fashion(tmp_path)
+    (raw / "train-labels-idx1-ubyte").unlink()
+    message = (f"FashionMNIST train split not found in {tmp_path}: FashionMNIST/raw/train-labels-idx1-ubyte is "
+               f"missing; pass --download")
+    with pytest.raises(ConfigError, match=message):
+        check_data("fashion_mnist", str(tmp_path), download=False)
+    with pytest.raises(DatasetNotFound, match=message):  # the test split needs it too: torchvision reads both
+        load_split("fashion_mnist", "test", data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("truncate", "is truncated or corrupt: its header announces 100 x 28 x 28 bytes"),
+    ("garble", "is not an idx file of 3-d uint8 data"),
+])
+def test_a_damaged_fashion_training_file_fails_the_check_in_one_line_naming_it(tmp_path, damage, problem):
+    raw, _, _ = _small_fashion(tmp_path)
+    path = raw / "train-images-idx3-ubyte"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2] if damage == "truncate" else b"<html>" + data[6:])
+    with pytest.raises(ConfigError) as caught:
+        check_data("fashion_mnist", str(tmp_path), download=False)
+    assert str(caught.value).startswith(f"{path} {problem}") and "\n" not in str(caught.value)
+    assert str(caught.value).endswith("delete it and run once with --download, or copy it again")
+
+
+def test_a_truncated_cifar_batch_is_named(tmp_path, monkeypatch):
+    cls = torchvision.datasets.CIFAR10
+    folder, _ = _write_cifar(str(tmp_path), cls, 10, "labels", 10)
+    _trust_written_files(monkeypatch, cls, folder)  # the published md5s, as it were
+    path = os.path.join(folder, "data_batch_3")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) - 100])
+    with pytest.raises(ConfigError, match=rf"^{path} is truncated or corrupt \(its md5 is not the published one\)"):
+        check_data("cifar10", str(tmp_path), download=False)
+
+
+def test_an_unreadable_cifar_batch_is_named(tmp_path, monkeypatch):
+    cls = torchvision.datasets.CIFAR100
+    folder, _ = _write_cifar(str(tmp_path), cls, 100, "fine_labels", 100)
+    with open(os.path.join(folder, "test"), "wb") as fh:
+        fh.write(b"not a pickle")
+    _trust_written_files(monkeypatch, cls, folder)  # md5s that match: the damage shows only when read
+    with pytest.raises(DataFileCorrupt, match=rf"CIFAR100 test files \(test, meta\) in {folder} cannot be read"):
+        load_split("cifar100", "test", data_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="CIFAR100 test files"):  # the check reads the test files too
+        check_data("cifar100", str(tmp_path), download=False)
+
+
+def test_a_damaged_file_on_a_workers_node_is_the_runs_one_line_cause(tmp_path):
+    """What each node's first worker runs: the error is the user's (DataUnavailable), named per node."""
+    from raydist.config import TrainConfig
+    from raydist.engine import DataUnavailable, load_data_once_per_node
+
+    raw, _, _ = _small_fashion(tmp_path)
+    path = raw / "train-labels-idx1-ubyte"
+    path.write_bytes(path.read_bytes()[:-3])
+    cfg = TrainConfig(dataset="fashion_mnist", data_dir=str(tmp_path), batch_size=8)
+    with pytest.raises(DataUnavailable, match=rf"^on node n1: {path} is truncated or corrupt"):
+        load_data_once_per_node(cfg, device="cpu", rank=0, world=1, node_id="n1")
+
+
+# ---- --download -----------------------------------------------------------------------------------
 
 def test_cifar10_download_fetches_and_extracts_the_archive(tmp_path, monkeypatch):
     """--download runs torchvision's real download (URL, md5, extract) against a server on loopback."""
+    from raydist import data_files
+
     cls = torchvision.datasets.CIFAR10
     staging = tmp_path / "staging"
-    folder, written = _write_cifar(str(staging), cls, 4, "labels", 10)
+    folder, written = _write_cifar(str(staging), cls, 10, "labels", 10)
     archive = tmp_path / "serve" / cls.filename
     archive.parent.mkdir()
     with tarfile.open(archive, "w:gz") as tar:
@@ -118,14 +286,59 @@ def test_cifar10_download_fetches_and_extracts_the_archive(tmp_path, monkeypatch
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        monkeypatch.setattr(cls, "url", f"http://127.0.0.1:{server.server_port}/{cls.filename}")
+        monkeypatch.setitem(data_files.DOWNLOAD_MIRRORS, "cifar10", [f"http://127.0.0.1:{server.server_port}/"])
         data_dir = tmp_path / "data"
-        source = load_split("cifar10", "val", data_dir=str(data_dir), download=True)
+        source = load_split("cifar10", "test", data_dir=str(data_dir), download=True)
     finally:
         server.shutdown()
         server.server_close()
-    assert (data_dir / cls.filename).exists() and len(source) == 4
-    assert source.labels.tolist() == written["val"][0][1]
+    assert (data_dir / cls.filename).exists() and len(source) == 10
+    assert source.labels.tolist() == written["test"][1]
+
+
+def _closed_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens there once closed
+
+
+def test_a_failed_download_names_the_address_the_reason_and_what_to_do(tmp_path, monkeypatch):
+    from raydist import data_files
+    from raydist.config import TrainConfig
+    from raydist.engine import DataUnavailable, load_data_once_per_node
+
+    url = f"http://127.0.0.1:{_closed_port()}/"
+    monkeypatch.setitem(data_files.DOWNLOAD_MIRRORS, "cifar10", [url])
+    data_dir = tmp_path / "data"
+    expected = (f"CIFAR-10 download from {url}cifar-10-python.tar.gz failed: Connection refused; put the extracted "
+                f"files in {data_dir}/cifar-10-batches-py (or the archive cifar-10-python.tar.gz in {data_dir}), "
+                f"or run once with network access")
+    with pytest.raises(DownloadFailed) as caught:
+        load_split("cifar10", "train", data_dir=str(data_dir), download=True)
+    assert str(caught.value) == expected
+
+    # in a run: what the first worker of each node does, and the line the CLI ends with
+    cfg = TrainConfig(dataset="cifar10", data_dir=str(data_dir), download=True, batch_size=8)
+    with pytest.raises(DataUnavailable) as caught:
+        load_data_once_per_node(cfg, device="cpu", rank=0, world=1, node_id="10.0.0.7")
+    assert str(caught.value) == f"on node 10.0.0.7: {expected}"
+
+    class WorkerGroupError(Exception):  # how Ray Train hands the workers' errors to the driver
+        worker_failures = {0: caught.value, 1: caught.value}
+
+    assert failure_cause(WorkerGroupError("Training failed due to worker errors")) == f"on node 10.0.0.7: {expected}"
+
+
+def test_fashion_mnist_download_tries_every_mirror(tmp_path, monkeypatch):
+    from raydist import data_files
+
+    mirrors = [f"http://127.0.0.1:{_closed_port()}/a/", f"http://127.0.0.1:{_closed_port()}/b/"]
+    monkeypatch.setitem(data_files.DOWNLOAD_MIRRORS, "fashion_mnist", mirrors)
+    with pytest.raises(DownloadFailed, match=(
+            rf"^Fashion-MNIST download failed \(from {mirrors[0]}train-images-idx3-ubyte.gz: Connection refused; "
+            rf"from {mirrors[1]}train-images-idx3-ubyte.gz: Connection refused\); put the extracted files in "
+            rf"{tmp_path}/FashionMNIST/raw")):
+        load_split("fashion_mnist", "val", data_dir=str(tmp_path), download=True)
 
 
 # ---- fake data ----------------------------------------------------------------------------------
