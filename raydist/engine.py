@@ -134,8 +134,8 @@ def load_checkpoint_file(path: str, *, name: Optional[str] = None) -> dict:
         reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise CorruptCheckpoint(f"checkpoint {name or path} is unreadable (truncated or corrupt: {reason[:160]})") \
             from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise CorruptCheckpoint(f"checkpoint {name or path} is not a raydist checkpoint (no model weights in it)")
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"checkpoint {name or path} is not a raydist checkpoint (not a mapping)")
     return state
 
 

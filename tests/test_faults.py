@@ -237,3 +237,30 @@ def test_the_root_cause_of_a_worker_group_error_is_the_first_raising_ranks_inner
     assert "==== rank 1 ====" in error_report(error) and "while building the model" in error_report(error)
     only_died = WorkerGroupError("Training failed due to worker errors:", {1: died})
     assert root_cause(only_died).startswith("the worker of rank 1 (pid ?) on node ? died without raising")
+
+
+# ---- a study's failure settings --------------------------------------------------------------------------
+
+
+def test_a_studys_failure_settings_reach_its_trials_and_bad_ones_are_one_line(tmp_path):
+    from raydist.config import ConfigError
+    from raydist.search_space import load_study
+
+    def study(text, **overrides):
+        path = tmp_path / "s.yaml"
+        path.write_text("searched: {lr: {loguniform: [0.1, 1.0]}}\n" + text)
+        return load_study(str(path), overrides)
+
+    default = study("")
+    assert (default.worker_restarts, default.trial_restarts) == (1, 0)  # a lost worker resumes by default
+    assert default.trial_config({"lr": 0.2}).max_failures == 1
+    given = study("failures: {worker_restarts: 3, trial_restarts: 2}")
+    assert (given.trial_config({"lr": 0.2}).max_failures, given.trial_restarts) == (3, 2)
+    assert study("fixed: {max_failures: 0}").trial_config({"lr": 0.2}).max_failures == 0  # the older spelling
+    assert study("failures: {worker_restarts: 3}", max_failures=0).worker_restarts == 0  # --set wins
+    for text, message in [("failures: {worker_restarts: -1}", "failures.worker_restarts must be zero or more"),
+                          ("failures: {trial_restarts: 1.5}", "failures.trial_restarts must be an integer"),
+                          ("failures: {retries: 1}", "unknown key failures.retries; known: worker_restarts"),
+                          ("failures: {worker_restarts: 1}\nfixed: {max_failures: 2}", "both set")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            study(text)
