@@ -57,6 +57,14 @@ class DataUnavailable(WorkerInputError):
     pass
 
 
+class CorruptCheckpoint(WorkerInputError):
+    """A checkpoint file that cannot be read (cut short by a crash while it was written, or damaged)."""
+
+
+class OutOfMemory(WorkerInputError):
+    """A worker ran out of device memory: a setting to change, said in one line (raised from torch's error)."""
+
+
 # ---- building blocks ------------------------------------------------------------------------------
 
 
@@ -114,9 +122,46 @@ def checkpoint_bytes(state: dict) -> bytes:
     return buffer.getvalue()
 
 
-def load_checkpoint_file(path: str) -> dict:
-    # Tensors, numbers and strings only: a checkpoint that would run code when unpickled is refused.
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint_file(path: str, *, name: Optional[str] = None) -> dict:
+    """A checkpoint's content; CorruptCheckpoint naming the file (`name`: how to call it, when `path` is a
+    local copy of a remote one) if it is truncated or not a checkpoint."""
+    try:
+        # Tensors, numbers and strings only: a checkpoint that would run code when unpickled is refused.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
+        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise CorruptCheckpoint(f"checkpoint {name or path} is unreadable (truncated or corrupt: {reason[:160]})") \
+            from None
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"checkpoint {name or path} is not a raydist checkpoint (not a mapping)")
+    return state
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA, MPS), or the CPU allocator's refusal, which torch raises as a plain
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def out_of_memory_message(cfg: TrainConfig, device: torch.device, world: int) -> str:
+    """What ran out, with what, and what to change: half the per-worker batch with twice the accumulation
+    keeps the global batch (and so the LR and the results) the same."""
+    if device.type == "cuda":
+        memory = f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB"
+    else:
+        try:
+            memory = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB (host)"
+        except (ValueError, OSError, AttributeError):
+            memory = "unknown"
+    size = cfg.input_size or (cfg.fake_image_size if cfg.dataset == "fake" else DATASETS[cfg.dataset].image_size)
+    half = max(1, cfg.batch_size // 2)
+    return (f"out of memory on {device.type} training {cfg.model} with a per-worker batch of {cfg.batch_size} "
+            f"images of {size}x{size} pixels (device memory {memory}, {world} worker(s)); use "
+            f"--batch-size {half} --grad-accum {cfg.grad_accum * cfg.batch_size // half} (the same global batch), "
+            f"or a smaller batch, --input-size or model")
 
 
 def final_model_bytes(model_state: dict, config: dict, metrics: Optional[dict], **extra) -> bytes:
@@ -435,7 +480,17 @@ class TrainingState:
 
 
 def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
-    """Train according to `cfg` on this worker; return the metrics reported each epoch."""
+    """Train according to `cfg` on this worker; return the metrics reported each epoch. Running out of
+    memory is OutOfMemory, one line naming the model, the batch and the device's memory."""
+    try:
+        return _run(cfg, ctx)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise OutOfMemory(out_of_memory_message(cfg, ctx.device, ctx.world_size)) from exc
+
+
+def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # one thread pool per worker, sized to its share
@@ -630,8 +685,9 @@ def local_context(run_dir: str, device: str = "cpu", resume_state: Optional[dict
                             dirs_exist_ok=True)
 
     def write_file(name: str, data: bytes) -> None:
-        with open(os.path.join(run_dir, name), "wb") as fh:
-            fh.write(data)
+        from raydist.failures import write_atomically
+
+        write_atomically(os.path.join(run_dir, name), data)
 
     ctx = LocalContext(rank=0, world_size=1, device=torch.device(device), report=report, write_file=write_file,
                        resume_state=resume_state, log_dir=log_dir, run_dir=run_dir)
@@ -664,11 +720,43 @@ def read_resume_checkpoint(path: str, *, node_id: str) -> Optional[dict]:
     fs = checkpoint.filesystem
     if fs.get_file_info(posixpath.join(checkpoint.path, CHECKPOINT_FILE)).type == pyarrow.fs.FileType.File:
         with checkpoint.as_directory() as folder:  # a remote one is downloaded once per node
-            return load_checkpoint_file(os.path.join(folder, CHECKPOINT_FILE))
+            return load_checkpoint_file(os.path.join(folder, CHECKPOINT_FILE),
+                                        name=posixpath.join(path, CHECKPOINT_FILE))
     if fs.get_file_info(posixpath.join(checkpoint.path, "config.yaml")).type == pyarrow.fs.FileType.File:
         return None  # a run folder continued in place before its first checkpoint
     raise WorkerInputError(f"--resume {path}: no {CHECKPOINT_FILE} there as seen from node {node_id}; give a "
                            f"path every node can read (shared storage such as s3://... or an NFS mount)")
+
+
+def load_latest_good_checkpoint(checkpoint, *, announce: bool) -> dict:
+    """The content of the run's latest checkpoint that can be read: Ray hands the latest one it recorded,
+    which a crash while writing it can have left cut short; then the older checkpoint folders beside it
+    are tried, newest first, and rank 0 (`announce`) says in one line which file was skipped."""
+    import posixpath
+
+    import pyarrow.fs
+    from ray.train import Checkpoint  # RAY
+
+    fs, latest = checkpoint.filesystem, checkpoint.path
+    parent, name = posixpath.split(latest)
+    older = sorted((posixpath.basename(info.path) for info in fs.get_file_info(pyarrow.fs.FileSelector(parent))
+                    if info.type == pyarrow.fs.FileType.Directory
+                    and posixpath.basename(info.path).startswith("checkpoint_epoch_")
+                    and posixpath.basename(info.path) < name), reverse=True)
+    skipped = []
+    for folder_name in [name] + older:
+        path = posixpath.join(parent, folder_name)
+        try:
+            with Checkpoint(path, filesystem=fs).as_directory() as folder:  # RAY: a remote one is downloaded
+                state = load_checkpoint_file(os.path.join(folder, CHECKPOINT_FILE),
+                                             name=posixpath.join(path, CHECKPOINT_FILE))
+        except (CorruptCheckpoint, FileNotFoundError) as exc:
+            skipped.append(str(exc) if isinstance(exc, CorruptCheckpoint) else f"{path}: no {CHECKPOINT_FILE}")
+            continue
+        if skipped and announce:
+            print(f"warning: {skipped[0]}; resuming from {path} instead", flush=True)
+        return state
+    raise CorruptCheckpoint(f"no readable checkpoint in {parent}: {skipped[0]}")
 
 
 def train_loop_per_worker(config: dict) -> list[dict]:
@@ -683,8 +771,7 @@ def train_loop_per_worker(config: dict) -> list[dict]:
     checkpoint = ray.train.get_checkpoint()  # RAY: this run's latest, after a restart or --resume RUN_DIR
     resume_state = None
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume_state = load_checkpoint_file(os.path.join(folder, CHECKPOINT_FILE))
+        resume_state = load_latest_good_checkpoint(checkpoint, announce=train_ctx.get_world_rank() == 0)  # RAY
     elif cfg.resume:  # --resume CHECKPOINT_DIR, or a run folder with no checkpoint yet
         resume_state = read_resume_checkpoint(cfg.resume, node_id=node_id)
 
@@ -694,11 +781,27 @@ def train_loop_per_worker(config: dict) -> list[dict]:
                          checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}" if ckpt else None)
 
     def write_file(name: str, data: bytes) -> None:
+        import pyarrow.fs
+
+        from raydist.failures import write_atomically
+
         storage = train_ctx.get_storage()  # RAY: the run folder, local or remote (S3, NFS)
-        with storage.storage_filesystem.open_output_stream(f"{storage.experiment_fs_path}/{name}") as out:
-            out.write(data)
+        path = f"{storage.experiment_fs_path}/{name}"
+        if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+            write_atomically(path, data)  # never a half-written model for a reader to find
+        else:  # an object store publishes an object only once its upload completes
+            with storage.storage_filesystem.open_output_stream(path) as out:
+                out.write(data)
 
     ctx = WorkerContext(rank=train_ctx.get_world_rank(), world_size=train_ctx.get_world_size(),  # RAY
                         device=ray.train.torch.get_device(), report=report, write_file=write_file,  # RAY
                         resume_state=resume_state, log_dir=cfg.log_dir, node_id=node_id)
-    return run(cfg, ctx)  # rank 0's history becomes Result.return_value
+    try:
+        return run(cfg, ctx)  # rank 0's history becomes Result.return_value
+    except BaseException as exc:
+        # Ray hands the driver the exception without its traceback (and cuts the text it shows): keep the
+        # whole of it on the exception, for the run's error.log (raydist.failures.error_report).
+        from raydist.failures import keep_traceback
+
+        keep_traceback(exc, where=f"rank {ctx.rank} on node {node_id}")
+        raise

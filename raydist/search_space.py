@@ -16,6 +16,7 @@ A study file (every key but `searched` is optional):
     max_concurrent: null          # trials at once (default: as many as the cluster's free resources fit)
     search:    {algorithm: hyperopt, initial_points: 3, seed: 0}    # or algorithm: random
     scheduler: {type: asha, grace_period: 2, reduction_factor: 3}   # or type: fifo
+    failures:  {worker_restarts: 1, trial_restarts: 0}   # see below
     fixed:     {dataset: digits, model: resnet8, num_workers: 1, epochs: 10}   # any TrainConfig field
     searched:                     # TrainConfig fields -> one distribution each
       lr:         {loguniform: [0.02, 2.0]}
@@ -34,6 +35,12 @@ q-grids (at most 1000 values, MAX_GRID) go to Tune as a `choice` of their values
 itself: Ray's HyperOpt conversion of randint and q- distributions gives the ends half the weight of the
 values between, and for a q-grid not anchored at 0 can fall outside [low, high] (`qrandint [10, 100, 32]`
 could give 0 and never 100). HyperOpt models such a choice as categories, as it does its own hp.randint.
+
+Failures: `worker_restarts` (default 1; Ray Train's FailureConfig.max_failures, the trial config's
+max_failures) restarts a trial's worker group from its latest checkpoint when a worker dies or raises;
+`trial_restarts` (default 0; Ray Tune's FailureConfig.max_failures) runs a trial that failed anyway again,
+also from its latest checkpoint. A trial that still fails is "error" in the results and the study goes on.
+A deterministic error (out of memory, a bad input) fails again on each restart, so each costs a start-up.
 
 Under ASHA every trial's LR schedule spans the scheduler's budget (`max_epochs`, ASHA's max_t), so trials
 meet at a rung at the same point of their schedules; how long a trial runs is ASHA's decision, and a
@@ -61,9 +68,10 @@ SCHEDULERS = ("asha", "fifo")
 # Set per trial by raydist.tune, so a study may not set them.
 PER_TRIAL_FIELDS = ("address", "name", "storage_path", "log_dir", "resume")
 TOP_LEVEL_KEYS = ("name", "description", "metric", "mode", "num_samples", "max_concurrent", "search", "scheduler",
-                  "fixed", "searched", "points_to_evaluate")
+                  "failures", "fixed", "searched", "points_to_evaluate")
 SEARCH_KEYS = ("algorithm", "initial_points", "seed")
 SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor")
+FAILURE_KEYS = ("worker_restarts", "trial_restarts")
 _GRID_TOLERANCE = 1e-9  # relative to q: how far a float may sit from a multiple of q and still be on the grid
 
 
@@ -169,6 +177,8 @@ class Study:
     reduction_factor: float = 3.0
     points_to_evaluate: list = field(default_factory=list)
     given_name: Optional[str] = None  # the file's `name` key
+    worker_restarts: int = 1  # a trial's worker group restarted from its checkpoint (Train's max_failures)
+    trial_restarts: int = 0  # a failed trial run again from its checkpoint (Tune's max_failures)
 
     @property
     def name(self) -> str:
@@ -215,7 +225,8 @@ class Study:
     def trial_config(self, sample: dict) -> TrainConfig:
         """The validated TrainConfig of one trial: defaults < fixed < the sampled values (< ASHA's budget
         as the span of the LR schedule)."""
-        values = {**self.fixed, **_coerce_all(self.decode(sample), f"{self.path}: trial")}
+        values = {"max_failures": self.worker_restarts, **self.fixed,
+                  **_coerce_all(self.decode(sample), f"{self.path}: trial")}
         return TrainConfig(**self._scheduled(values)).validate()
 
     def _scheduled(self, values: dict) -> dict:
@@ -274,7 +285,11 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
 
     study = Study(path=path, fixed=fixed, searched=searched, description=str(raw.get("description") or ""),
                   given_name=_study_name(path, raw.get("name")))
+    # --set max_failures=N overrides the file's failures.worker_restarts (the same setting)
+    restarts_set = fixed.pop("max_failures") if "max_failures" in (overrides or {}) else None
     _read_settings(study, raw)
+    if restarts_set is not None:
+        study.worker_restarts = _count(path, "--set max_failures", restarts_set)
     for key, value in (settings or {}).items():
         if value is not None:
             setattr(study, key, value)
@@ -401,6 +416,15 @@ def _read_settings(study: Study, raw: dict) -> None:
         raise ConfigError(f"{path}: scheduler.reduction_factor must be a number above 1, got {factor!r}")
     study.reduction_factor = float(factor)
 
+    failures = _section(path, "failures", raw.get("failures"), FAILURE_KEYS)
+    if "worker_restarts" in failures and "max_failures" in study.fixed:
+        raise ConfigError(f"{path}: failures.worker_restarts and max_failures (in fixed or --set) both set how "
+                          f"often a trial's workers restart; keep one")
+    # max_failures in `fixed` (or --set) is the same setting: kept in one place, failures.worker_restarts.
+    study.worker_restarts = _count(path, "failures.worker_restarts",
+                                   failures.get("worker_restarts", study.fixed.pop("max_failures", study.worker_restarts)))
+    study.trial_restarts = _count(path, "failures.trial_restarts", failures.get("trial_restarts", study.trial_restarts))
+
 
 def _section(path: str, name: str, values: Any, keys: tuple) -> dict:
     if values is None:
@@ -416,6 +440,12 @@ def _section(path: str, name: str, values: Any, keys: tuple) -> dict:
 def _int(path: str, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{path}: {key} must be an integer, got {value!r}")
+    return value
+
+
+def _count(path: str, key: str, value: Any) -> int:
+    if _int(path, key, value) < 0:
+        raise ConfigError(f"{path}: {key} must be zero or more, got {value!r}")
     return value
 
 

@@ -57,9 +57,8 @@ def read_resume_target(path: str) -> tuple[bool, dict]:
     import io
 
     import pyarrow.fs
-    import torch
 
-    from raydist.engine import CHECKPOINT_FILE
+    from raydist.engine import CHECKPOINT_FILE, CorruptCheckpoint, load_checkpoint_file
 
     fs, root = pyarrow.fs.FileSystem.from_uri(path)  # an absolute local path or a URI
 
@@ -71,7 +70,10 @@ def read_resume_target(path: str) -> tuple[bool, dict]:
 
     checkpoint = read(CHECKPOINT_FILE)
     if checkpoint is not None:
-        return False, torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=True)["config"]
+        try:
+            return False, load_checkpoint_file(io.BytesIO(checkpoint), name=f"{path}/{CHECKPOINT_FILE}")["config"]
+        except CorruptCheckpoint as exc:  # cut short by a crash, or not a checkpoint: before any cluster starts
+            raise ConfigError(f"--resume {path}: {exc}") from None
     config = read(CONFIG_FILE)
     if config is not None:
         return True, _saved_config(config, f"{path}/{CONFIG_FILE}")
@@ -122,16 +124,28 @@ def _checkpoint_epoch(folder: str) -> int:
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
-    """The run folder's highest-epoch `checkpoint_epoch_NNNN` folder, or None."""
+    """The run folder's highest-epoch `checkpoint_epoch_NNNN` folder whose checkpoint can be read, or None.
+    A newer one that cannot (cut short by a crash while it was written) is skipped with a one-line warning
+    naming it."""
+    import io
+
     import pyarrow.fs
 
-    from raydist.engine import CHECKPOINT_FILE
+    from raydist.engine import CHECKPOINT_FILE, CorruptCheckpoint, load_checkpoint_file
 
     fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)  # an absolute local path or a URI
     found = sorted(os.path.basename(info.path) for info in fs.get_file_info(pyarrow.fs.FileSelector(root))
                    if os.path.basename(info.path).startswith("checkpoint_epoch_")
                    and fs.get_file_info(f"{info.path}/{CHECKPOINT_FILE}").type == pyarrow.fs.FileType.File)
-    return f"{run_dir}/{found[-1]}" if found else None
+    for name in reversed(found):
+        try:
+            with fs.open_input_stream(f"{root}/{name}/{CHECKPOINT_FILE}") as fh:
+                load_checkpoint_file(io.BytesIO(fh.read()), name=f"{run_dir}/{name}/{CHECKPOINT_FILE}")
+        except CorruptCheckpoint as exc:
+            print(f"warning: {exc}; skipping it", file=sys.stderr, flush=True)
+            continue
+        return f"{run_dir}/{name}"
+    return None
 
 
 def prepare(cfg: TrainConfig, explicit: dict, config_files: Optional[list[str]] = None) -> TrainConfig:
@@ -287,6 +301,16 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
                                storage_path=None if storage_checked else cfg.storage_path)
     check_sync_batchnorm(cfg, use_gpu)
     _write_config(cfg)
+    # Every epoch of the run, across restarts after a lost worker (Result.return_value holds only the last
+    # attempt's), kept in <run>/history.jsonl by the controller; and a line each time a worker is replaced.
+    from raydist.failures import RestartNotice
+    from raydist.study_history import HistoryCallback, read_history
+
+    run_dir = f"{cfg.storage_path}/{cfg.name}"
+    checkpointed = [r["epoch"] for r in read_history(run_dir) if r.get("checkpoint_path")]
+    started_unix = time.time()
+    callbacks = [*(callbacks or []), HistoryCallback(run_dir),
+                 RestartNotice(max_failures=cfg.max_failures, start_epoch=max(checkpointed, default=0))]
 
     resources = {"CPU": cfg.cpus_per_worker}
     if use_gpu:
@@ -307,7 +331,9 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
                                                          checkpoint_score_order=metric_mode(cfg.keep_by))),
     )
     result = trainer.fit()
-    history = result.return_value or ([result.metrics] if result.metrics else [])
+    # This run's epochs: the ones reported since it started (a run resumed in place has older ones on record).
+    history = [r for r in read_history(run_dir) if r.get("reported_unix", 0) >= started_unix] \
+        or result.return_value or ([result.metrics] if result.metrics else [])
     sign = 1 if metric_mode(cfg.keep_by) == "max" else -1
     best = max(result.best_checkpoints or [], key=lambda pair: sign * pair[1].get(cfg.keep_by, -sign * math.inf),
                default=None)
@@ -328,11 +354,13 @@ def _write_config(cfg: TrainConfig) -> None:
     """Save the resolved config in the run folder (local path or URI) before training starts."""
     import pyarrow.fs
 
+    from raydist.failures import write_atomically
+
     fs, root = pyarrow.fs.FileSystem.from_uri(cfg.storage_path)
-    run_dir = f"{root}/{cfg.name}"
-    fs.create_dir(run_dir, recursive=True)
-    with fs.open_output_stream(f"{run_dir}/{CONFIG_FILE}") as out:
-        out.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    fs.create_dir(f"{root}/{cfg.name}", recursive=True)
+    # Atomic: a run killed while writing it must not leave a folder that --resume cannot read.
+    write_atomically(f"{cfg.storage_path}/{cfg.name}/{CONFIG_FILE}",
+                     yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -360,16 +388,11 @@ def _stop_log_forwarding() -> None:
 
 def failure_cause(exc: BaseException) -> str:
     """One line for a failed run: a worker's own message when it names a user-side cause (data or a
-    checkpoint missing on a node), else the exception's first line."""
-    from raydist.engine import WorkerInputError
+    checkpoint missing on a node, out of memory), else the innermost exception of the worker that raised
+    (raydist.failures.root_cause)."""
+    from raydist.failures import root_cause
 
-    failures = getattr(exc, "worker_failures", None) or {}  # Ray Train's WorkerGroupError: rank -> error
-    for rank in sorted(failures):
-        error = failures[rank]
-        error = getattr(error, "cause", None) or error  # RayTaskError wraps the worker's exception
-        if isinstance(error, WorkerInputError):
-            return str(error).splitlines()[0]
-    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return root_cause(exc)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -386,8 +409,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"raydist.train: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - a failed run is reported in one line, with Ray's log above it
+        from raydist.failures import write_error_log
+
         cause = failure_cause(exc)
+        log = write_error_log(f"{cfg.storage_path}/{cfg.name}", exc)
         _stop_log_forwarding()
+        if log:
+            print(f"raydist.train: every worker's traceback: {log}", file=sys.stderr)
         print(f"raydist.train: training failed: {cause}", file=sys.stderr)
         return 1
     test_line = final_eval.summary_line(final_eval.measure_run(cfg, summary))  # the test split, once, at the end

@@ -282,7 +282,16 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
     # The stable Train name and storage make a resumed trial pick its latest checkpoint up again. The
     # history goes first: whatever Tune then does with the report, the epoch is on record.
     # The study checked its storage on every node (a trial's own process may lack the user's environment).
-    fit(cfg, callbacks=[HistoryCallback(trial_path), TuneReportCallback()], storage_checked=True)
+    try:
+        fit(cfg, callbacks=[HistoryCallback(trial_path), TuneReportCallback()], storage_checked=True)
+    except Exception as exc:  # noqa: BLE001 - the trial's row says its cause in one line; tracebacks to a file
+        from raydist.failures import TrialError, root_cause, write_error_log
+
+        cause = root_cause(exc)
+        log = write_error_log(trial_path, exc)
+        print(f"trial {context.get_trial_id()} failed: {cause}" + (f" (tracebacks: {log})" if log else ""),
+              flush=True)
+        raise TrialError(cause) from None
 
 
 def train_run_name(study_name: str, trial_id: str) -> str:
@@ -357,7 +366,10 @@ def run_study(plan: Plan) -> StudyResult:
                                             trial_dirname_creator=trial_dirname),
             run_config=ray.tune.RunConfig(name=plan.name, storage_path=plan.storage_path,
                                           callbacks=_logger_callbacks(plan),
-                                          failure_config=ray.tune.FailureConfig(max_failures=0), verbose=1),
+                                          # A trial that raised is run again this often; it resumes
+                                          # from its latest checkpoint (its Train run keeps its name).
+                                          failure_config=ray.tune.FailureConfig(max_failures=study.trial_restarts),
+                                          verbose=1),
         )
     grid = tuner.fit()
     return summarize(study, grid, plan.experiment_path, seconds=time.perf_counter() - t0)
@@ -401,6 +413,7 @@ def _save_study(study: Study, experiment_path: str) -> None:
         "search": {"algorithm": study.search, "initial_points": study.initial_points, "seed": study.seed},
         "scheduler": {"type": study.scheduler, "grace_period": study.grace_period,
                       "reduction_factor": study.reduction_factor},
+        "failures": {"worker_restarts": study.worker_restarts, "trial_restarts": study.trial_restarts},
         "fixed": study.fixed,
         "searched": {k: {d.kind: list(d.args)} for k, d in study.searched.items()},
         "points_to_evaluate": study.points_to_evaluate,
@@ -454,6 +467,11 @@ def print_result(result: StudyResult, study: Study) -> None:
             print(f"  retrain it:   python -m raydist.train --config {where}/best_config.yaml")
     else:
         print("\nno trial reported a result")
+    for row in result.rows:  # each failed trial's cause in one line, and where its tracebacks are
+        if row["status"] == report.ERROR:
+            log = f"{where}/trial_{row['trial_id']}/error.log"  # raydist.failures.ERROR_LOG
+            print(f"trial {row['trial_id']} failed: {row['error']}"
+                  + (f"  (tracebacks: {log})" if "://" in where or os.path.exists(log) else ""))
     print(f"results: {where}/results.csv  curves: {where}/learning_curves.png  "
           f"TensorBoard: tensorboard --logdir {where}  ({result.seconds:.0f}s)")
     if result.interrupted:

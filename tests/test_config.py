@@ -203,12 +203,15 @@ def test_help_lists_grouped_flags(tmp_path):
 def _fake_run_dir(root, name="old-run", epochs=(1, 2, 3)):
     import yaml
 
+    from raydist.engine import checkpoint_bytes
+
     run_dir = root / name
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(TrainConfig(name=name, storage_path=str(root)).to_dict()))
     for epoch in epochs:
         (run_dir / f"checkpoint_epoch_{epoch:04d}").mkdir()
-        (run_dir / f"checkpoint_epoch_{epoch:04d}" / "checkpoint.pt").write_bytes(b"")
+        # A readable checkpoint: one cut short is skipped (tests/test_faults.py)
+        (run_dir / f"checkpoint_epoch_{epoch:04d}" / "checkpoint.pt").write_bytes(checkpoint_bytes({"epoch": epoch}))
     return run_dir
 
 

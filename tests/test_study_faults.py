@@ -1,0 +1,105 @@
+"""A study whose trials fail in every way at once, on the session cluster's 2 CPUs: more trials than room,
+one trial's worker SIGKILLed mid-run (it resumes from its checkpoint), one that runs out of memory (error,
+its cause in one line, its tracebacks in its folder), one that diverges; healthy trials finish, the best is
+a healthy one, and nothing of the study is left on the cluster afterwards."""
+
+import os
+import re
+import signal
+
+import yaml
+from conftest import read_csv, start_tune, wait_for_free_cluster
+from test_faults import HUGE_IMAGE, _Lines
+
+from raydist.search_space import load_study
+from raydist.study_history import read_history
+
+# 8 one-worker trials, 2 at once. The first runs 6 epochs (its worker is killed after epoch 2); the second
+# asks for fake images too large to allocate (out of memory); the third has LR 300 (diverges in epoch 1).
+FAULT_STUDY = f"""
+num_samples: 8
+search: {{algorithm: random, seed: 0}}
+scheduler: {{type: fifo}}
+failures: {{worker_restarts: 1}}
+fixed: {{model: resnet8, num_workers: 1, batch_size: 32, warmup_epochs: 0,
+        lr_schedule: constant, fake_image_size: {HUGE_IMAGE}, fake_num_classes: 10, fake_train_size: 64,
+        fake_val_size: 16}}
+searched:
+  dataset: {{choice: [digits, fake]}}
+  lr: {{choice: [0.1, 0.4, 300.0]}}
+  epochs: {{choice: [2, 6]}}
+points_to_evaluate:
+  - {{dataset: digits, lr: 0.4, epochs: 6}}
+  - {{dataset: fake, lr: 0.4, epochs: 2}}
+  - {{dataset: digits, lr: 300.0, epochs: 2}}
+  - {{dataset: digits, lr: 0.4, epochs: 2}}
+  - {{dataset: digits, lr: 0.1, epochs: 2}}
+  - {{dataset: digits, lr: 0.4, epochs: 2}}
+  - {{dataset: digits, lr: 0.1, epochs: 2}}
+  - {{dataset: digits, lr: 0.4, epochs: 2}}
+"""
+
+
+def test_a_study_survives_a_killed_worker_an_out_of_memory_trial_and_a_diverged_one(ray_cluster, tmp_path):
+    import ray
+    from ray.util.state import list_actors
+
+    (tmp_path / "faults.yaml").write_text(FAULT_STUDY)
+    experiment = tmp_path / "runs" / "faults"
+    proc = start_tune(ray_cluster, "--search-space", str(tmp_path / "faults.yaml"), "--storage-path",
+                      str(tmp_path / "runs"), "--name", "faults")
+    out = _Lines(proc)
+    # The 6-epoch trial's worker is the one printing "epoch 2/6": kill it as soon as it says so.
+    victim = int(out.wait_for(r"\(RayTrainWorker pid=(\d+)[^)]*\)\S* epoch +2/6 ")[1])
+    os.kill(victim, signal.SIGKILL)
+    proc.wait(timeout=600)
+    out.thread.join(timeout=10)
+    stdout = "\n".join(out.lines)
+    assert proc.returncode == 0, stdout[-6000:]
+    assert "2 at once" in stdout
+
+    rows = read_csv(experiment / "results.csv")
+    assert len(rows) == 8
+    by_kind = {}
+    for row in rows:
+        kind = ("long" if row["epochs"] == "6" else "oom" if row["dataset"] == "fake"
+                else "diverged" if float(row["lr"]) == 300 else "healthy")
+        by_kind.setdefault(kind, []).append(row)
+    (long,), (oom,), (diverged,) = by_kind["long"], by_kind["oom"], by_kind["diverged"]
+
+    # The killed trial restarted its worker from its latest checkpoint and ran every epoch, once each.
+    restart = re.search(r"worker lost on node \S+ \(rank 0, pid (\d+)\); restarting from epoch (\d+), restart 1 of 1",
+                        stdout)
+    assert restart and int(restart[1]) == victim, stdout[-6000:]
+    assert int(restart[2]) >= 2  # epoch 1's checkpoint at least was there: not a start from scratch
+    history = read_history(str(experiment / f"trial_{long['trial_id']}"))
+    assert [r["epoch"] for r in history] == list(range(1, 7))
+    assert long["status"] == "finished" and long["epochs_run"] == "6"
+
+    # Out of memory: "error", its cause in one line in the row and on the console, its tracebacks in its folder.
+    assert oom["status"] == "error"
+    assert "out of memory on cpu training resnet8 with a per-worker batch of 32" in oom["error"], oom["error"]
+    assert "--grad-accum" in oom["error"]
+    log = experiment / f"trial_{oom['trial_id']}" / "error.log"
+    assert "can't allocate memory" in log.read_text()
+    assert re.search(rf"^trial {oom['trial_id']} failed: .*out of memory on cpu .*\(tracebacks: {re.escape(str(log))}\)$",
+                     stdout, re.M), stdout[-4000:]
+
+    assert diverged["status"] == "diverged"
+    healthy = by_kind["healthy"] + [long]
+    assert all(r["status"] == "finished" for r in healthy), healthy
+    best = max(healthy, key=lambda r: float(r["best_val_acc"]))
+    assert float(best["best_val_acc"]) >= 0.80
+    assert f"best trial {best['trial_id']}" in stdout
+
+    # The study file keeps its failure settings for --resume.
+    saved = yaml.safe_load((experiment / "study.yaml").read_text())
+    assert saved["failures"] == {"worker_restarts": 1, "trial_restarts": 0}
+    assert load_study(str(experiment / "study.yaml")).worker_restarts == 1
+
+    # Nothing of the study is left: no placement group, no Train worker or controller, every CPU free.
+    wait_for_free_cluster()
+    left = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+            if a.class_name in ("RayTrainWorker", "TrainController")]
+    assert not left, left
+    assert ray.available_resources().get("CPU") == 2
