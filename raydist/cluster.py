@@ -27,7 +27,7 @@ import dataclasses
 import math
 from typing import Optional
 
-from raydist.config import ConfigError
+from raydist.config import ConfigError, host_port
 
 # Set in the driver's environment before Ray starts: a local cluster's processes inherit them, and Ray
 # Train passes the health-check interval on to its controller and workers.
@@ -151,13 +151,13 @@ def check_reachable(address: str, timeout: float = 3.0, *, otherwise: str = STAR
                                   f"give the head node's host:port, or {otherwise}") from None
     if "://" in address:  # ray://host:port (Ray Client) and the like: ray.init reports those itself
         return address
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if host_port(address) is None:
         raise ConfigError(f"{flag}: {address!r}{where} is not a cluster address; expected 'auto', the head node's "
                           f"host:port (e.g. 10.0.0.10:6379) or ray://host:port")
     expected = f"expected the head node's host:port (e.g. 10.0.0.10:6379) of a running cluster, or {otherwise}"
     try:
-        grpc = speaks_grpc(host.strip("[]"), int(port), timeout)
+        host, port = host_port(address)
+        grpc = speaks_grpc(host.strip("[]"), port, timeout)
     except OSError:
         raise ConfigError(f"{flag}: no Ray cluster answers at {address}{where}; {expected}") from None
     if not grpc:

@@ -184,6 +184,12 @@ class TrainConfig:
                               f"{self.num_workers * self.batch_size} images per step, but {self.dataset} has "
                               f"{items} training images; at most {items // self.num_workers} per worker with "
                               f"{self.num_workers} workers")
+        from raydist.data import val_size
+
+        if val_size(self.dataset, val_fraction=self.val_fraction, fake_val_size=self.fake_val_size,
+                    classes=self.class_list()) == 0:
+            raise ConfigError(f"--val-fraction {self.val_fraction} leaves no validation image of {self.dataset}"
+                              f"{' in --classes ' + self.classes if self.classes else ''}; give a larger share")
         if self.use_gpu is not False and not float(self.gpus_per_worker).is_integer():
             raise ConfigError(f"--gpus-per-worker {self.gpus_per_worker:g}: each DDP rank needs a GPU of its own "
                               f"(NCCL refuses two ranks on one GPU); use a whole number, usually 1")
@@ -345,15 +351,23 @@ def check_folder_name(name: Any, what: str) -> str:
     return name
 
 
+def host_port(address: str) -> Optional[tuple[str, int]]:
+    """(host, port) of a 'host:port' cluster address with a port in 1-65535, else None."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
 def check_address(address: str, flag: str = "--address") -> str:
-    """'auto' or the head's host:port. Ray Client (ray://) cannot drive Ray Train's controller from afar."""
+    """'auto' or the head's host:port, for a run or a study. Not Ray Client (ray://): the driver writes
+    the run's config and reads its results where it runs, so it runs on the cluster (ray job submit)."""
     if "://" in address:
         raise ConfigError(f"{flag} {address}: Ray Client addresses are not supported; run on the head node "
                           f"(ray attach, or ray job submit) with {flag} auto, or give the head's host:port")
-    host, sep, port = address.rpartition(":")
-    if address != "auto" and sep and (not port.isdigit() or not 0 < int(port) < 65536 or not host):
-        raise ConfigError(f"{flag} {address}: expected 'auto' or the head node's host:port with a port in "
-                          f"1-65535 (e.g. 10.0.0.10:6379)")
+    if address != "auto" and host_port(address) is None:
+        raise ConfigError(f"{flag} {address!r} is not a cluster address; expected 'auto' or the head node's "
+                          f"host:port with a port in 1-65535 (e.g. 10.0.0.10:6379)")
     return address
 
 

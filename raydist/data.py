@@ -265,6 +265,21 @@ def train_size(name: str, *, val_fraction: Optional[float] = None, fake_train_si
     return sum(_subset_size(n, train_fraction, train_per_class) for n in kept)
 
 
+def val_size(name: str, *, val_fraction: Optional[float] = None, fake_val_size: int = 1280,
+             classes: Optional[list[int]] = None) -> int:
+    """Validation images of a data set after the hold-out and the class selection (for checks before any
+    cluster starts: an empty validation split would divide by zero in every worker)."""
+    fraction = DATASETS[name].val_fraction if val_fraction is None else val_fraction
+    if name == "fake":
+        return fake_val_size
+    if name == "digits":
+        per_class = torch.bincount(_load_digits("val", val_fraction=fraction).labels, minlength=10).tolist()
+    else:
+        total = DATASETS[name].num_classes
+        per_class = [_held_out_count(FILE_TRAIN_SIZES[name] // total, fraction)] * total
+    return sum(per_class[c] for c in (classes if classes else range(len(per_class))))
+
+
 def _subset_size(n: int, fraction: float, per_class: Optional[int]) -> int:
     if per_class:
         return min(n, per_class)
