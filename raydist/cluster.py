@@ -686,7 +686,11 @@ def main(argv: Optional[list] = None) -> int:
         if args.command == "publish":
             path = os.path.expanduser(args.file)
             config = read_cluster_file(path)
-            check_cluster_config(config, path)  # what Ray's autoscaler checks of it too
+            # Ray's schema, as the autoscaler checks the file (not prepare_config: on the head the file is
+            # already prepared, and for some providers it reads files a pip install of Ray lacks)
+            schema_error = _schema_error(config)
+            if schema_error is not None:
+                raise ConfigError(f"{path}: {_describe(schema_error)}")
             if not config.get("available_node_types"):
                 raise ConfigError(f"{path}: available_node_types missing; publish tells the cluster its node types")
             limit = publish_cluster_config(config, check_reachable(args.address, otherwise=START_HEAD))
