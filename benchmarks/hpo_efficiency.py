@@ -3,17 +3,19 @@ the compute (trial-epochs) and wall time each spends before a trial reaches an a
 
     python benchmarks/hpo_efficiency.py [--search-space digits_quick] [--seeds 0 1 2] [--lock FILE]
                                         [--json docs/hpo_efficiency.json]
+    python benchmarks/hpo_efficiency.py --seeds 3 4 --merge docs/hpo_efficiency.json --json docs/hpo_efficiency.json
 
 Every run is one `python -m raydist.tune` on the study file with its own seed: the study's `search.seed`
 and every trial's training seed (`--set seed=S`) are both S. The four sides (searcher x scheduler) change one
 thing at a time: random+fifo, random+asha, hyperopt+fifo, hyperopt+asha. Within a seed the sides run one
-after the other, the order rotating from seed to seed; each run starts its own local cluster (start no other
+after the other, the order rotating with the seed; each run starts its own local cluster (start no other
 Ray instance meanwhile; --lock FILE holds an flock on FILE for each run, not for the whole campaign).
 
 Compute is counted in trial-epochs: every epoch any trial ran, in the order Tune received the reports
 (Tune's whole-second `timestamp`, then the trial's own clock). The bar is the lowest of all runs' best
 accuracies, so every run of every side reaches it; --bars adds fixed bars, which some runs may miss. Wall
 time to a bar is from the command's start to the report that reached it (whole seconds), start-up included.
+--merge adds the runs of an earlier --json (same study and trials; other seeds) to the analysis.
 Also reported: each trial's start-up (its start to the end of its first epoch, minus that epoch's own time).
 """
 
@@ -91,22 +93,34 @@ def to_bar(run: dict, bar: float):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--search-space", default="digits_quick")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds to run (none, with --merge: analyse only)")
     parser.add_argument("--num-samples", type=int, help="trials per run (default: the study's)")
     parser.add_argument("--bars", type=float, nargs="*", default=[0.95], help="fixed val_acc bars besides the common one")
     parser.add_argument("--lock", metavar="FILE", help="flock FILE for each run")
     parser.add_argument("--keep", metavar="DIR", help="keep the experiment folders in DIR (default: a temp folder)")
     parser.add_argument("--json", default="", help="write the raw reports here (e.g. docs/hpo_efficiency.json)")
+    parser.add_argument("--merge", metavar="JSON", help="an earlier --json whose runs (other seeds) join the analysis")
     args = parser.parse_args()
     env = environment(sys.argv)
     names = list(SIDES)
     runs = {name: {} for name in names}  # side -> seed -> run
+    if args.merge:
+        with open(args.merge) as fh:
+            earlier = json.load(fh)
+        for key in ("search_space", "num_samples"):
+            if earlier["settings"][key] != getattr(args, key):
+                sys.exit(f"--merge {args.merge}: made with {key}={earlier['settings'][key]!r}, not {getattr(args, key)!r}")
+        if set(args.seeds) & {int(s) for s in earlier["runs"][BASELINE]}:
+            sys.exit(f"--merge {args.merge}: already has some of seeds {args.seeds}")
+        for name in names:
+            runs[name] = {int(seed): run for seed, run in earlier["runs"][name].items()}
+        env["merged"] = {"seeds": sorted(runs[BASELINE]), "environment": earlier["environment"]}
     with tempfile.TemporaryDirectory() as scratch:
         folder = os.path.abspath(args.keep) if args.keep else scratch
         os.makedirs(folder, exist_ok=True)
-        for i, seed in enumerate(args.seeds):
+        for seed in args.seeds:
             study_file = seeded_study(args.search_space, seed, folder)
-            for name in names[i % len(names):] + names[:i % len(names)]:
+            for name in names[seed % len(names):] + names[:seed % len(names)]:
                 with ray_lock(args.lock):
                     run = run_study(f"{name}-seed{seed}", SIDES[name], study_file, seed, args, folder)
                 runs[name][seed] = run
@@ -144,7 +158,7 @@ def main():
         results[name] = res
 
     print(describe(env) + f"; load average at end {env['load_average_end']}")
-    print(f"study {args.search_space}, seeds {args.seeds}; common bar (lowest best of all runs) {common:.2%}")
+    print(f"study {args.search_space}, seeds {sorted(runs[BASELINE])}; common bar (lowest best of all runs) {common:.2%}")
     for name, res in results.items():
         print(f"{name:>14}: best {spread(res['best'], '{:.2%}')}; trial-epochs in all "
               f"{spread(res['trial_epochs_total'], '{:.0f}')}; wall {spread(res['seconds_total'], '{:.0f}')} s; "
