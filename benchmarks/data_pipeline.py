@@ -1,73 +1,165 @@
-"""Images per second: raydist's batched augmentation against the DLI assessment's per-image torchvision pipeline.
+"""Images per second: raydist's batched augmentation against torchvision's per-image pipeline, a DataLoader
+with workers and torchvision v2 on whole uint8 batches, for the same operations, side by side.
 
-    python benchmarks/data_pipeline.py [--images 4096] [--threads 1]
+    python benchmarks/data_pipeline.py [--images 4096] [--rounds 7] [--json docs/data_pipeline.json]
 
-Both sides augment the same 32x32 RGB images with the same operations (flip, rotation 10 deg, shear 10 deg,
-scale 0.8-1.2, colour jitter 0.2, normalize) on the same number of CPU threads, in one process, one after
-the other. The per-image side is what a torchvision DataLoader worker runs per sample (PIL in, tensor out);
-the batched side is raydist.augment.Augmenter("dli") on uint8 batches of 256.
+Two sets of operations, each run by every pipeline:
+- dli:       the DLI assessment's training transform: flip, rotation 10 deg, shear 10 deg, scale 0.8-1.2,
+             colour jitter 0.2 (brightness, contrast, saturation), to float, normalize;
+- crop_flip: pad-4 random 32x32 crop, horizontal flip, to float, normalize (raydist's default).
+Pipelines:
+- per_image:  torchvision transforms on PIL images one at a time, as a DataLoader worker runs them (1 thread);
+- dataloader: the same per-image transforms in a torch DataLoader with one worker per core (persistent
+              workers, batches of 256: what a training script would use on this machine);
+- v2_batch:   torchvision.transforms.v2 on uint8 tensors of 256 images (1 thread). v2 draws ONE set of
+              random parameters per call, so every image of a batch gets the same crop, angle, jitter:
+              cheaper, but not the same augmentation;
+- raydist:    raydist.augment.Augmenter on uint8 batches of 256 (1 thread), per-image parameters.
+
+Method: every pipeline is warmed up first; then --rounds rounds, each timing every pipeline once (the order
+rotates from round to round), each timing at least --min-seconds long. Ratios are taken within a round
+(neighbours in time) and reported as the median over rounds with the min-max; like for like only (a
+pipeline against per_image with the same operations). The load average before and after goes in the JSON:
+on a shared machine the absolute images/s move with other work, the in-round ratios much less.
 """
 
 import argparse
+import json
+import os
+import sys
 import time
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms import v2
 
+from bench_env import describe, environment, load_average, spread, summary
 from raydist.augment import Augmenter
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+BATCH = 256  # images per batch for every batched pipeline and the DataLoader
+OPS = ("dli", "crop_flip")
 
 
-def per_image_pipeline():
-    return transforms.Compose([
-        transforms.RandomHorizontalFlip(),
-        transforms.RandomRotation(10),
-        transforms.RandomAffine(0, shear=10, scale=(0.8, 1.2)),
-        transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-        transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD),
-    ])
+def per_image_transform(ops: str):
+    """torchvision's classic transforms on one PIL image."""
+    if ops == "dli":
+        head = [transforms.RandomHorizontalFlip(), transforms.RandomRotation(10),
+                transforms.RandomAffine(0, shear=10, scale=(0.8, 1.2)),
+                transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)]
+    else:
+        head = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+    return transforms.Compose([*head, transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
 
-def time_per_image(images: np.ndarray) -> float:
-    pipeline = per_image_pipeline()
+def v2_batch_transform(ops: str):
+    """torchvision.transforms.v2 on a uint8 N x 3 x H x W tensor: one parameter draw for the whole batch."""
+    if ops == "dli":
+        head = [v2.RandomHorizontalFlip(), v2.RandomRotation(10), v2.RandomAffine(0, shear=10, scale=(0.8, 1.2)),
+                v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)]
+    else:
+        head = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
+    return v2.Compose([*head, v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+class PILImages(torch.utils.data.Dataset):
+    def __init__(self, pils, transform):
+        self.pils, self.transform = pils, transform
+
+    def __len__(self):
+        return len(self.pils)
+
+    def __getitem__(self, i):
+        return self.transform(self.pils[i])
+
+
+# -- one pass over the images per pipeline; each returns the number of images it produced
+def make_pipelines(images: np.ndarray, workers: int) -> dict:
     pils = [Image.fromarray(img) for img in images]  # the data set's PIL images, as torchvision's CIFAR10 gives them
-    start = time.perf_counter()
-    batch = torch.stack([pipeline(img) for img in pils])
-    elapsed = time.perf_counter() - start
-    assert batch.shape == (len(images), 3, 32, 32)
-    return len(images) / elapsed
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    pipelines = {}
+    for ops in OPS:
+        def per_image(t=per_image_transform(ops)):
+            out = torch.stack([t(img) for img in pils])
+            assert out.shape == (len(pils), 3, 32, 32)
+            return len(out)
+
+        loader = torch.utils.data.DataLoader(PILImages(pils, per_image_transform(ops)), batch_size=BATCH,
+                                             num_workers=workers, persistent_workers=True)
+
+        def dataloader(loader=loader):
+            return sum(len(batch) for batch in loader)
+
+        def batched(augment):
+            def run():
+                n = 0
+                for i in range(0, len(tensor), BATCH):
+                    out = augment(tensor[i:i + BATCH])
+                    n += len(out)
+                assert out.shape[1:] == (3, 32, 32) and out.dtype == torch.float32
+                return n
+            return run
+
+        raydist_aug = Augmenter(ops, mean=MEAN, std=STD, seed=0)
+        pipelines[(ops, "per_image")] = per_image
+        pipelines[(ops, "dataloader")] = dataloader
+        pipelines[(ops, "v2_batch")] = batched(v2_batch_transform(ops))
+        pipelines[(ops, "raydist")] = batched(lambda x, a=raydist_aug: a(x, train=True))
+    return pipelines
 
 
-def time_batched(images: np.ndarray, kind: str, batch_size: int = 256) -> float:
-    data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    augment = Augmenter(kind, mean=MEAN, std=STD, seed=0)
-    augment(data[:batch_size], train=True)  # warm-up
-    start = time.perf_counter()
-    for i in range(0, len(data), batch_size):
-        out = augment(data[i:i + batch_size], train=True)
-    elapsed = time.perf_counter() - start
-    assert out.shape[1:] == (3, 32, 32)
-    return len(images) / elapsed
+def timed(run, min_seconds: float) -> float:
+    """Images per second over whole passes, repeated until at least min_seconds have passed."""
+    images, start = 0, time.perf_counter()
+    while True:
+        images += run()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return images / elapsed
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--images", type=int, default=4096, help="random 32x32 RGB images per pass")
+    parser.add_argument("--rounds", type=int, default=7, help="timings of every pipeline, interleaved")
+    parser.add_argument("--min-seconds", type=float, default=0.5, help="shortest timing (whole passes)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers (default: cores)")
+    parser.add_argument("--json", default="", help="write the raw timings here (e.g. docs/data_pipeline.json)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    env = environment(sys.argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
-    per_image = time_per_image(images)
-    batched = time_batched(images, "dli")
-    crop_flip = time_batched(images, "crop_flip")
-    print(f"images: {args.images} (32x32 RGB), CPU threads: {args.threads}")
-    print(f"torchvision per-image pipeline (dli ops): {per_image:12,.0f} images/s")
-    print(f"raydist batched, dli ops:                 {batched:12,.0f} images/s   ratio {batched / per_image:6.1f}x")
-    print(f"raydist batched, crop_flip (default):     {crop_flip:12,.0f} images/s   ratio {crop_flip / per_image:6.1f}x")
+    pipelines = make_pipelines(images, args.workers)
+    for run in pipelines.values():  # warm-up: first calls, allocator, DataLoader workers started
+        run()
+    names = list(pipelines)
+    rates = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            rates[name].append(timed(pipelines[name], args.min_seconds))
+    env["load_average_end"] = load_average()
+
+    results = {}
+    for (ops, pipeline), values in rates.items():
+        base = rates[(ops, "per_image")]
+        results[f"{ops}/{pipeline}"] = {
+            "images_per_s": summary(values, 1),
+            "ratio_to_per_image": summary([v / b for v, b in zip(values, base)], 3),
+            "cores": args.workers if pipeline == "dataloader" else 1}
+    print(describe(env) + f"; load average at end {env['load_average_end']}")
+    print(f"{args.images} images of 32x32 RGB, batches of {BATCH}, {args.rounds} interleaved rounds "
+          f"(median, min-max over rounds)")
+    for name, res in results.items():
+        print(f"{name:>22}: {spread(res['images_per_s'], '{:,.0f}'):>32} images/s on {res['cores']} core(s); "
+              f"x per-image {spread(res['ratio_to_per_image'], '{:.1f}')}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"environment": env, "settings": vars(args) | {"batch": BATCH}, "results": results}, fh,
+                      indent=1)
+        print(f"raw results: {args.json}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,22 @@
-"""HyperOpt + ASHA against random search + FIFO on the same study and budget: best accuracy each reaches,
-and the compute (trial-epochs) each spends before some trial comes within 0.5 points of the overall best.
+"""Search efficiency: random search and TPE (HyperOpt), each with FIFO and with ASHA, over several seeds:
+the compute (trial-epochs) and wall time each spends before a trial reaches an accuracy every run reaches.
 
-    python benchmarks/hpo_efficiency.py [--search-space digits_quick] [--num-samples 16]
+    python benchmarks/hpo_efficiency.py [--search-space digits_quick] [--seeds 0 1 2] [--lock FILE]
+                                        [--json docs/hpo_efficiency.json]
+    python benchmarks/hpo_efficiency.py --seeds 3 4 --merge docs/hpo_efficiency.json --json docs/hpo_efficiency.json
 
-Both sides run `python -m raydist.tune` on the same study file with the same number of trials, one after
-the other, each on its own local cluster (start no other Ray instance while this runs). Compute is
-counted in trial-epochs: every epoch any trial ran, in the order Tune received them, up to the first
-report within 0.5 points of the best accuracy either side reached. Also reported: each trial's start-up
-overhead, the seconds from the trial's start to the end of its first epoch minus that epoch's own time.
+Every run is one `python -m raydist.tune` on the study file with its own seed: the study's `search.seed`
+and every trial's training seed (`--set seed=S`) are both S. The four sides (searcher x scheduler) change one
+thing at a time: random+fifo, random+asha, hyperopt+fifo, hyperopt+asha. Within a seed the sides run one
+after the other, the order rotating with the seed; each run starts its own local cluster (start no other
+Ray instance meanwhile; --lock FILE holds an flock on FILE for each run, not for the whole campaign).
+
+Compute is counted in trial-epochs: every epoch any trial ran, in the order Tune received the reports
+(Tune's whole-second `timestamp`, then the trial's own clock). The bar is the lowest of all runs' best
+accuracies, so every run of every side reaches it; --bars adds fixed bars, which some runs may miss. Wall
+time to a bar is from the command's start to the report that reached it (whole seconds), start-up included.
+--merge adds the runs of an earlier --json (same study and trials; other seeds) to the analysis.
+Also reported: each trial's start-up (its start to the end of its first epoch, minus that epoch's own time).
 """
 
 import argparse
@@ -20,73 +29,155 @@ import sys
 import tempfile
 import time
 
-SIDES = {"hyperopt+asha": ["--search", "hyperopt", "--scheduler", "asha"],
-         "random+fifo": ["--search", "random", "--scheduler", "fifo"]}
+import yaml
+
+from bench_env import describe, environment, load_average, ray_lock, spread, summary
+from raydist.tune import find_study_file
+
+SIDES = {"random+fifo": ["--search", "random", "--scheduler", "fifo"],
+         "random+asha": ["--search", "random", "--scheduler", "asha"],
+         "hyperopt+fifo": ["--search", "hyperopt", "--scheduler", "fifo"],
+         "hyperopt+asha": ["--search", "hyperopt", "--scheduler", "asha"]}
+BASELINE = "random+fifo"
 
 
-def run_side(name: str, flags: list[str], args, folder: str) -> dict:
+def seeded_study(search_space: str, seed: int, folder: str) -> str:
+    """A copy of the study file with search.seed = seed."""
+    with open(find_study_file(search_space)) as fh:
+        study = yaml.safe_load(fh)
+    study.setdefault("search", {})["seed"] = seed
+    path = os.path.join(folder, f"study-seed{seed}.yaml")
+    with open(path, "w") as fh:
+        yaml.safe_dump(study, fh)
+    return path
+
+
+def run_study(name: str, flags: list[str], study_file: str, seed: int, args, folder: str) -> dict:
+    load_before = load_average()
     start = time.time()
-    result = subprocess.run([sys.executable, "-m", "raydist.tune", "--search-space", args.search_space,
-                             "--num-samples", str(args.num_samples), *flags, "--storage-path", folder,
-                             "--name", name], capture_output=True, text=True)
+    command = [sys.executable, "-m", "raydist.tune", "--search-space", study_file, *flags, "--set", f"seed={seed}",
+               "--storage-path", folder, "--name", name]
+    if args.num_samples:
+        command += ["--num-samples", str(args.num_samples)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.time() - start
     if result.returncode != 0:
         sys.exit(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     experiment = os.path.join(folder, name)
-    reports = []  # (arrival order key, trial, epoch, val_acc)
+    reports = []  # [timestamp, trial's own clock, trial, epoch, val_acc]
     with open(os.path.join(experiment, "results.csv"), newline="") as fh:
         rows = list(csv.DictReader(fh))
     for row in rows:
         with open(os.path.join(experiment, f"trial_{row['trial_id']}", "result.json")) as fh:
             for line in fh:
                 r = json.loads(line)
-                # Tune's `timestamp` is whole seconds; the trial's own clock orders reports within a second.
-                reports.append((r["timestamp"], r["time_total_s"], row["trial_id"], r["epoch"], r["val_acc"]))
+                reports.append([r["timestamp"], r["time_total_s"], row["trial_id"], r["epoch"], r["val_acc"]])
     reports.sort()
-    return {"rows": rows, "reports": reports, "seconds": time.time() - start}
+    startups = [float(r["startup_s"]) for r in rows if r["startup_s"]]
+    return {"start_unix": start, "seconds": seconds, "reports": reports, "load_before": load_before,
+            "load_after": load_average(), "best": max(r[4] for r in reports), "trial_epochs": len(reports),
+            "stopped_early": sum(r["status"] == "stopped early" for r in rows), "trials": len(rows),
+            "startup_median_s": statistics.median(startups) if startups else None,
+            "configs": [{k: row.get(k) for k in ("trial_id", "status", "lr", "batch_size", "epochs_run")}
+                        for row in rows]}
 
 
-def epochs_to_reach(reports, threshold: float):
-    for spent, report in enumerate(reports, start=1):
-        if report[4] >= threshold:
-            return spent
-    return None
+def to_bar(run: dict, bar: float):
+    """(trial-epochs, wall seconds) up to the first report at or above the bar; (None, None) if none."""
+    for spent, report in enumerate(run["reports"], start=1):
+        if report[4] >= bar:
+            return spent, report[0] - run["start_unix"]
+    return None, None
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--search-space", default="digits_quick")
-    parser.add_argument("--num-samples", type=int, default=16)
-    parser.add_argument("--keep", metavar="DIR", help="keep both experiment folders in DIR (default: a temp folder)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds to run (none, with --merge: analyse only)")
+    parser.add_argument("--num-samples", type=int, help="trials per run (default: the study's)")
+    parser.add_argument("--bars", type=float, nargs="*", default=[0.95], help="fixed val_acc bars besides the common one")
+    parser.add_argument("--lock", metavar="FILE", help="flock FILE for each run")
+    parser.add_argument("--keep", metavar="DIR", help="keep the experiment folders in DIR (default: a temp folder)")
+    parser.add_argument("--json", default="", help="write the raw reports here (e.g. docs/hpo_efficiency.json)")
+    parser.add_argument("--merge", metavar="JSON", help="an earlier --json whose runs (other seeds) join the analysis")
     args = parser.parse_args()
+    env = environment(sys.argv)
+    names = list(SIDES)
+    runs = {name: {} for name in names}  # side -> seed -> run
+    if args.merge:
+        with open(args.merge) as fh:
+            earlier = json.load(fh)
+        for key in ("search_space", "num_samples"):
+            if earlier["settings"][key] != getattr(args, key):
+                sys.exit(f"--merge {args.merge}: made with {key}={earlier['settings'][key]!r}, not {getattr(args, key)!r}")
+        if set(args.seeds) & {int(s) for s in earlier["runs"][BASELINE]}:
+            sys.exit(f"--merge {args.merge}: already has some of seeds {args.seeds}")
+        for name in names:
+            runs[name] = {int(seed): run for seed, run in earlier["runs"][name].items()}
+        env["merged"] = {"seeds": sorted(runs[BASELINE]), "environment": earlier["environment"]}
     with tempfile.TemporaryDirectory() as scratch:
         folder = os.path.abspath(args.keep) if args.keep else scratch
-        sides = {name: run_side(name, flags, args, folder) for name, flags in SIDES.items()}
-    best = {name: max(r[4] for r in side["reports"]) for name, side in sides.items()}
-    threshold = max(best.values()) - 0.005
-    print(f"study {args.search_space}, {args.num_samples} trials per side; overall best {max(best.values()):.2%}, "
-          f"threshold {threshold:.2%}")
-    spent = {}
-    for name, side in sides.items():
-        spent[name] = epochs_to_reach(side["reports"], threshold)
-        startups = [float(r["startup_s"]) for r in side["rows"] if r["startup_s"]]
-        stopped = sum(r["status"] == "stopped early" for r in side["rows"])
-        reached = f"{spent[name]} trial-epochs" if spent[name] else "not reached"
-        print(f"{name:>14}: best {best[name]:.2%}; to threshold: {reached}; total {len(side['reports'])} "
-              f"trial-epochs, {stopped} trial(s) stopped early, {side['seconds']:.0f} s wall; trial start-up "
-              f"median {statistics.median(startups):.1f} s (min {min(startups):.1f}, max {max(startups):.1f})")
-    if spent["hyperopt+asha"] and spent["random+fifo"]:
-        print(f"compute ratio hyperopt+asha / random+fifo to the threshold: "
-              f"{spent['hyperopt+asha'] / spent['random+fifo']:.2f} (target: at most 0.33)")
-    elif spent["hyperopt+asha"]:
-        print(f"random+fifo never reached the threshold: ratio at most "
-              f"{spent['hyperopt+asha'] / len(sides['random+fifo']['reports']):.2f} (target: at most 0.33)")
-    # The same accuracy for both: within 0.5 points of the weaker side's best.
-    common = min(best.values()) - 0.005
-    to_common = {name: epochs_to_reach(side["reports"], common) for name, side in sides.items()}
-    print(f"to {common:.2%} (both reach it): " + ", ".join(f"{n} {e} trial-epochs" for n, e in to_common.items())
-          + f"; ratio {to_common['hyperopt+asha'] / to_common['random+fifo']:.2f}")
-    total = {name: len(side["reports"]) for name, side in sides.items()}
-    print(f"whole-budget compute ratio: {total['hyperopt+asha'] / total['random+fifo']:.2f}")
+        os.makedirs(folder, exist_ok=True)
+        for seed in args.seeds:
+            study_file = seeded_study(args.search_space, seed, folder)
+            for name in names[seed % len(names):] + names[:seed % len(names)]:
+                with ray_lock(args.lock):
+                    run = run_study(f"{name}-seed{seed}", SIDES[name], study_file, seed, args, folder)
+                runs[name][seed] = run
+                print(f"seed {seed} {name}: best {run['best']:.2%}, {run['trial_epochs']} trial-epochs, "
+                      f"{run['stopped_early']} of {run['trials']} stopped early, {run['seconds']:.0f} s; load "
+                      f"{run['load_before'][0]} -> {run['load_after'][0]}", flush=True)
+    env["load_average_end"] = load_average()
+
+    common = min(run["best"] for side in runs.values() for run in side.values())
+    bars = {"common": common, **{f"{b:.2%}": b for b in args.bars}}
+    results = {}
+    for name in names:
+        side = runs[name]
+        res = {"best": summary([r["best"] for r in side.values()]),
+               "trial_epochs_total": summary([r["trial_epochs"] for r in side.values()], 1),
+               "seconds_total": summary([r["seconds"] for r in side.values()], 1),
+               "stopped_early": [r["stopped_early"] for r in side.values()], "bars": {}}
+        for label, bar in bars.items():
+            reached = {seed: to_bar(r, bar) for seed, r in side.items()}
+            hit = {seed: v for seed, v in reached.items() if v[0] is not None}
+            entry = {"bar": bar, "reached": f"{len(hit)} of {len(side)}",
+                     "per_seed": {str(s): {"trial_epochs": e, "seconds": w} for s, (e, w) in reached.items()}}
+            if hit:
+                entry["trial_epochs"] = summary([e for e, _ in hit.values()], 1)
+                entry["seconds"] = summary([w for _, w in hit.values()], 1)
+            base = {s: to_bar(r, bar) for s, r in runs[BASELINE].items()}
+            ratios = [hit[s][0] / base[s][0] for s in hit if base[s][0]]
+            wall_ratios = [hit[s][1] / base[s][1] for s in hit if base[s][0]]
+            if ratios and len(hit) == len(side) and all(b[0] for b in base.values()):
+                entry["ratio_to_baseline_per_seed"] = summary(ratios, 3)
+                entry["wall_ratio_to_baseline_per_seed"] = summary(wall_ratios, 3)
+                entry["ratio_of_medians"] = round(entry["trial_epochs"]["median"] /
+                                                  statistics.median(b[0] for b in base.values()), 3)
+            res["bars"][label] = entry
+        results[name] = res
+
+    print(describe(env) + f"; load average at end {env['load_average_end']}")
+    print(f"study {args.search_space}, seeds {sorted(runs[BASELINE])}; common bar (lowest best of all runs) {common:.2%}")
+    for name, res in results.items():
+        print(f"{name:>14}: best {spread(res['best'], '{:.2%}')}; trial-epochs in all "
+              f"{spread(res['trial_epochs_total'], '{:.0f}')}; wall {spread(res['seconds_total'], '{:.0f}')} s; "
+              f"stopped early {res['stopped_early']}")
+        for label, entry in res["bars"].items():
+            line = f"{'':>16}to {entry['bar']:.2%} ({label}): reached in {entry['reached']}"
+            if "trial_epochs" in entry:
+                line += (f"; trial-epochs {spread(entry['trial_epochs'], '{:.0f}')}, wall "
+                         f"{spread(entry['seconds'], '{:.0f}')} s")
+            if "ratio_of_medians" in entry:
+                line += (f"; / {BASELINE}: trial-epochs {entry['ratio_of_medians']:.2f} (per seed "
+                         f"{spread(entry['ratio_to_baseline_per_seed'])}), wall per seed "
+                         f"{spread(entry['wall_ratio_to_baseline_per_seed'])}")
+            print(line)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"environment": env, "settings": vars(args), "bars": bars, "results": results,
+                       "runs": {n: {str(s): r for s, r in side.items()} for n, side in runs.items()}}, fh)
+        print(f"raw results: {args.json}")
 
 
 if __name__ == "__main__":
