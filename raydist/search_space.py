@@ -16,7 +16,7 @@ A study file (every key but `searched` is optional):
     max_concurrent: null          # trials at once (default: as many as the cluster's free resources fit)
     search:    {algorithm: hyperopt, initial_points: 3, seed: 0}    # or algorithm: random
     scheduler: {type: asha, grace_period: 2, reduction_factor: 3}   # or type: fifo
-    failures:  {worker_restarts: 1, trial_restarts: 0}   # see below
+    failures:  {worker_restarts: 0, trial_restarts: 1}   # see below
     fixed:     {dataset: digits, model: resnet8, num_workers: 1, epochs: 10}   # any TrainConfig field
     searched:                     # TrainConfig fields -> one distribution each
       lr:         {loguniform: [0.02, 2.0]}
@@ -36,10 +36,12 @@ itself: Ray's HyperOpt conversion of randint and q- distributions gives the ends
 values between, and for a q-grid not anchored at 0 can fall outside [low, high] (`qrandint [10, 100, 32]`
 could give 0 and never 100). HyperOpt models such a choice as categories, as it does its own hp.randint.
 
-Failures: `worker_restarts` (default 1; Ray Train's FailureConfig.max_failures, the trial config's
-max_failures) restarts a trial's worker group from its latest checkpoint when a worker dies or raises;
-`trial_restarts` (default 0; Ray Tune's FailureConfig.max_failures) runs a trial that failed anyway again,
-also from its latest checkpoint. A trial that still fails is "error" in the results and the study goes on.
+Failures: `trial_restarts` (default 1; Ray Tune's FailureConfig.max_failures) runs a trial that failed (a
+worker died or raised) again, from its latest checkpoint; `worker_restarts` (default 0; Ray Train's
+FailureConfig.max_failures, the trial config's max_failures) restarts a trial's worker group inside the
+trial instead. Restarting the trial is the default because a Train restart can race Tune's stop of that
+trial (ASHA): seen here, the controller started a new worker group while Tune removed the trial, and the
+new group's placement group outlived both and held its CPU, so the next trial waited for ever. A trial that still fails is "error" in the results and the study goes on.
 A deterministic error (out of memory, a bad input) fails again on each restart, so each costs a start-up.
 
 Under ASHA every trial's LR schedule spans the scheduler's budget (`max_epochs`, ASHA's max_t), so trials
@@ -177,8 +179,8 @@ class Study:
     reduction_factor: float = 3.0
     points_to_evaluate: list = field(default_factory=list)
     given_name: Optional[str] = None  # the file's `name` key
-    worker_restarts: int = 1  # a trial's worker group restarted from its checkpoint (Train's max_failures)
-    trial_restarts: int = 0  # a failed trial run again from its checkpoint (Tune's max_failures)
+    worker_restarts: int = 0  # a trial's worker group restarted from its checkpoint (Train's max_failures)
+    trial_restarts: int = 1  # a failed trial run again from its checkpoint (Tune's max_failures)
 
     @property
     def name(self) -> str:

@@ -20,9 +20,9 @@ from raydist.engine import (CHECKPOINT_FILE, FINAL_MODEL_FILE, CorruptCheckpoint
                             local_context, run)
 from raydist.study_history import read_history
 
-# Fake images this large cannot be allocated (one batch's pixel offsets alone are 2 TB): the CPU allocator
+# A head for this many fake classes cannot be allocated (its weights alone are 25 TB): the CPU allocator
 # refuses at once, which is how a real out-of-memory looks on CPU workers, without using any memory.
-HUGE_IMAGE = 300_000
+HUGE_CLASSES = 10**11
 
 
 def _cli(address, *args, **kwargs):
@@ -34,15 +34,16 @@ def _cli(address, *args, **kwargs):
 
 
 def test_an_out_of_memory_run_says_so_in_its_last_line_and_keeps_every_traceback_in_error_log(ray_cluster, tmp_path):
-    result = _cli(ray_cluster, "--dataset", "fake", "--fake-image-size", str(HUGE_IMAGE), "--fake-num-classes", "4",
-                  "--fake-train-size", "64", "--fake-val-size", "16", "--batch-size", "8", "--num-workers", "2",
+    # Batches of 400000 fake 1024 x 1024 images (1.3 TB each) in the training step, refused at once.
+    result = _cli(ray_cluster, "--dataset", "fake", "--fake-image-size", "1024", "--fake-num-classes", "4",
+                  "--fake-train-size", "800000", "--fake-val-size", "16", "--batch-size", "400000", "--num-workers", "2",
                   "--epochs", "1", "--storage-path", str(tmp_path), "--name", "oom")
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     # The last line names the root cause: what ran out, with which model, batch and device memory, and the fix.
     assert re.fullmatch(r"raydist\.train: training failed: out of memory on cpu training resnet8 with a per-worker "
-                        r"batch of 8 images of 300000x300000 pixels \(device memory [\d.]+ GiB \(host\), 2 worker\(s\)\); "
-                        r"use --batch-size 4 --grad-accum 2 \(the same global batch\), or a smaller batch.*",
+                        r"batch of 400000 images of 1024x1024 pixels \(device memory [\d.]+ GiB \(host\), 2 worker\(s\)\); "
+                        r"use --batch-size 200000 --grad-accum 2 \(the same global batch\), or a smaller batch.*",
                         lines[-1]), lines[-1]
     log = tmp_path / "oom" / "error.log"
     assert lines[-2] == f"raydist.train: every worker's traceback: {log}"
@@ -252,8 +253,8 @@ def test_a_studys_failure_settings_reach_its_trials_and_bad_ones_are_one_line(tm
         return load_study(str(path), overrides)
 
     default = study("")
-    assert (default.worker_restarts, default.trial_restarts) == (1, 0)  # a lost worker resumes by default
-    assert default.trial_config({"lr": 0.2}).max_failures == 1
+    assert (default.worker_restarts, default.trial_restarts) == (0, 1)  # a failed trial resumes by default
+    assert default.trial_config({"lr": 0.2}).max_failures == 0
     given = study("failures: {worker_restarts: 3, trial_restarts: 2}")
     assert (given.trial_config({"lr": 0.2}).max_failures, given.trial_restarts) == (3, 2)
     assert study("fixed: {max_failures: 0}").trial_config({"lr": 0.2}).max_failures == 0  # the older spelling
