@@ -146,7 +146,7 @@ def test_a_training_run_waits_for_nodes_scales_up_from_zero_finishes_and_the_nod
     _no_worker_nodes()
     before = {n["NodeID"] for n in _workers_ever()}
     proc = _cli("raydist.train", published, "--num-workers", "2", "--no-use-gpu", "--batch-size", "32",
-                "--lr", "3.0", "--epochs", "4", "--warmup-epochs", "0.5", "--storage-path", str(tmp_path / "runs"),
+                "--lr", "3.0", "--epochs", "6", "--warmup-epochs", "0.5", "--storage-path", str(tmp_path / "runs"),
                 "--name", "scaled", env=NOT_SHARED_OK)
     seen_starting = set()
     while proc.poll() is None:  # what `raydist.cluster status` lists under "nodes starting"
@@ -157,7 +157,7 @@ def test_a_training_run_waits_for_nodes_scales_up_from_zero_finishes_and_the_nod
     assert ("waiting for the autoscaler: the run needs 2 workers (2 CPUs), the cluster has 0 CPUs free now and "
             "can grow to 6") in out
     assert "RAYDIST_SHARED_STORAGE=1" in out  # the warning that storage was assumed shared
-    accuracy = float(re.search(r"finished 4 epoch\(s\) in [\d.]+s: val acc ([\d.]+)%", out).group(1))
+    accuracy = float(re.search(r"finished 6 epoch\(s\) in [\d.]+s: val acc ([\d.]+)%", out).group(1))
     assert accuracy >= 85.0
     assert (tmp_path / "runs" / "scaled" / "model_final.pt").is_file()
     new = [n for n in _workers_ever() if n["NodeID"] not in before]

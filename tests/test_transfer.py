@@ -281,7 +281,9 @@ def test_gradual_unfreezes_one_stage_per_epoch_and_a_resume_lands_in_the_right_s
     dict(finetune="full", grey_input="sum", input_size=48),
 ], ids=["full", "lp-ft", "full-backbone-lr-0.1", "full-grey-sum-input-48"])
 def test_each_variant_trains_under_2_worker_ddp_and_reports_its_saved_models_accuracy(tmp_path, source_run, variant):
-    cfg = TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), epochs=3, **{**TARGET, **variant}).validate()
+    # 6 epochs (30 updates): at 3 the val accuracy of these 100-image runs still swung by 15 points from
+    # epoch to epoch (BatchNorm statistics settling), and one CPU's rounding put a variant under the bar.
+    cfg = TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), epochs=6, **{**TARGET, **variant}).validate()
     history = run_ddp(cfg, tmp_path)
     assert history[-1]["val_acc"] > LEARNED
     final = torch.load(tmp_path / FINAL_MODEL_FILE, weights_only=True)
