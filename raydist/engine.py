@@ -45,6 +45,7 @@ class WorkerContext:
     write_file: Callable[[str, bytes], None]  # writes a file into the run folder (rank 0 calls it)
     resume_state: Optional[dict] = None  # a loaded checkpoint to continue from
     log_dir: Optional[str] = None  # TensorBoard folder for rank 0
+    publish_logs: Optional[Callable[[], None]] = None  # copies log_dir into the run folder (remote storage)
     node_id: str = "local"  # the machine this rank runs on: the data is checked once per node
 
 
@@ -552,6 +553,8 @@ def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
                 for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "epoch_time_s"):
                     writer.add_scalar(key, metrics[key], epoch + 1)
                 writer.flush()
+                if ctx.publish_logs:
+                    ctx.publish_logs()
         if save and metrics["stop_reason"] != DIVERGED:  # a diverged model is not worth keeping
             _report_with_checkpoint(ctx, metrics, state.state_dict(metrics) if rank == 0 else None)
         else:
@@ -793,9 +796,23 @@ def train_loop_per_worker(config: dict) -> list[dict]:
             with storage.storage_filesystem.open_output_stream(path) as out:
                 out.write(data)
 
+    log_dir, publish_logs = cfg.log_dir, None
+    if log_dir is None and train_ctx.get_world_rank() == 0:  # RAY
+        # Remote storage (s3://...): TensorBoard writes to a local folder, copied into <run>/tensorboard
+        # after every epoch (its event files are small), so a URI run has its curves beside its checkpoints.
+        log_dir = tempfile.mkdtemp(prefix="raydist-tensorboard-")
+
+        def publish_logs() -> None:
+            import pyarrow.fs
+
+            storage = train_ctx.get_storage()  # RAY
+            target = f"{storage.experiment_fs_path}/tensorboard"
+            storage.storage_filesystem.create_dir(target, recursive=True)  # a local filesystem needs it made
+            pyarrow.fs.copy_files(log_dir, target, destination_filesystem=storage.storage_filesystem)
+
     ctx = WorkerContext(rank=train_ctx.get_world_rank(), world_size=train_ctx.get_world_size(),  # RAY
                         device=ray.train.torch.get_device(), report=report, write_file=write_file,  # RAY
-                        resume_state=resume_state, log_dir=cfg.log_dir, node_id=node_id)
+                        resume_state=resume_state, log_dir=log_dir, publish_logs=publish_logs, node_id=node_id)
     try:
         return run(cfg, ctx)  # rank 0's history becomes Result.return_value
     except BaseException as exc:
@@ -805,3 +822,8 @@ def train_loop_per_worker(config: dict) -> list[dict]:
 
         keep_traceback(exc, where=f"rank {ctx.rank} on node {node_id}")
         raise
+    finally:
+        if publish_logs:  # its content is in the run folder
+            import shutil
+
+            shutil.rmtree(log_dir, ignore_errors=True)

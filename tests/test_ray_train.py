@@ -75,3 +75,22 @@ def test_resume_from_a_checkpoint_folder_starts_a_new_run_at_its_epoch(digits_ru
     assert [int(e) for e in re.findall(r"epoch +(\d+)/\d+ ", result.stdout)] == [epoch + 1]
     new_run = run_dir.parent / "from-checkpoint"
     assert load_checkpoint_file(str(new_run / FINAL_MODEL_FILE))["metrics"]["epoch"] == epoch + 1
+
+
+def test_a_run_in_uri_storage_has_its_tensorboard_curves_in_the_run_folder(ray_cluster, tmp_path):
+    """With a URI --storage-path (file:// here: the same code path as s3://, the workers write through Ray's
+    storage filesystem) rank 0 writes TensorBoard events locally and copies them into <run>/tensorboard
+    after every epoch; nothing is left in its local temporary folder."""
+    import tempfile
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    before = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("raydist-tensorboard-")}
+    result = _cli(ray_cluster, "--epochs", "2", "--num-workers", "2", "--storage-path", f"file://{tmp_path}",
+                  "--name", "uri-run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    events = EventAccumulator(str(tmp_path / "uri-run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val_acc")] == [1, 2]
+    assert (tmp_path / "uri-run" / FINAL_MODEL_FILE).is_file()
+    assert {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("raydist-tensorboard-")} <= before
