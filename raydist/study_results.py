@@ -38,7 +38,8 @@ class StudyResult:
 
 def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> StudyResult:
     """Rows, histories and the best trial; writes results.csv, the curves and best_model.pt."""
-    statuses = _saved_statuses(experiment_path)
+    saved = _saved_trials(experiment_path)
+    statuses = {trial_id: status for trial_id, (status, _) in saved.items()}
     unfinished = {t for t, status in statuses.items() if status not in ("TERMINATED", "ERROR")}
     interrupted = bool(unfinished) or len(statuses) < study.num_samples
     rows, histories = [], {}
@@ -46,7 +47,10 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
         result = grid[i]
         trial_id = os.path.basename(result.path).removeprefix("trial_")
         history = trial_history(experiment_path, trial_id, result)
-        sample = {k: _plain(result.config.get(k)) for k in study.searched}
+        # A trial that has reported nothing yet (pending when the study was interrupted) has no config in
+        # Tune's result: it is in the saved experiment state.
+        config = result.config or saved.get(trial_id, (None, {}))[1] or {}
+        sample = {k: _plain(config.get(k)) for k in study.searched}
         planned = study.trial_config(sample).epochs if sample and all(v is not None for v in sample.values()) else 0
         checkpoint, weights_epoch = best_checkpoint(history, report.best_record(history, study.metric, study.mode),
                                                     study, experiment_path)
@@ -80,9 +84,9 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
                        interrupted=interrupted, seconds=seconds)
 
 
-def _saved_statuses(experiment_path: str) -> dict[str, str]:
-    """Trial id -> status in Tune's last saved experiment state (an interrupted study saves its running
-    trials as RUNNING/PENDING; the in-memory ResultGrid no longer tells them apart)."""
+def _saved_trials(experiment_path: str) -> dict[str, tuple[str, dict]]:
+    """Trial id -> (status, config) in Tune's last saved experiment state (an interrupted study saves its
+    running trials as RUNNING/PENDING; the in-memory ResultGrid no longer tells them apart)."""
     import json
 
     import pyarrow.fs
@@ -94,11 +98,12 @@ def _saved_statuses(experiment_path: str) -> dict[str, str]:
         return {}
     with fs.open_input_stream(states[-1]) as fh:
         saved = json.loads(fh.read())
-    statuses = {}
+    trials = {}
     for trial_json, _ in saved.get("trial_data", []):
         trial = json.loads(trial_json)
-        statuses[trial["trial_id"]] = trial["status"]
-    return statuses
+        config = trial.get("config")
+        trials[trial["trial_id"]] = (trial["status"], config if isinstance(config, dict) else {})
+    return trials
 
 
 def trial_history(experiment_path: str, trial_id: str, result) -> list[dict]:

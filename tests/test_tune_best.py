@@ -93,3 +93,26 @@ def test_the_study_exports_the_nearest_kept_weights_and_says_which_epoch_they_ar
     assert all(torch.equal(saved["model"][k], kept["model"][k]) for k in kept["model"])
     tune.print_result(result, study)
     assert "best trial t1: val_acc 90.00% at epoch 3; weights from epoch 4 (lr=0.5)" in capsys.readouterr().out
+
+
+def test_a_trial_still_pending_when_the_study_was_interrupted_keeps_its_values_and_is_unfinished(tmp_path):
+    """Tune's result for a trial that reported nothing has no config (seen: `raydist.tune` interrupted while
+    its second trial started ended in AttributeError): the values come from the saved experiment state."""
+    import json
+
+    study = _study(tmp_path)
+    experiment = tmp_path / "exp"
+    trial = experiment / "trial_t1"
+    callback = HistoryCallback(str(trial))
+    for record in _history(str(trial / "best.t1"), [0.5, 0.7, 0.9, 0.8], checkpointed={4}, kept={4}):
+        path = record.pop("checkpoint_path")
+        callback.after_report(None, [record], SimpleNamespace(path=path) if path else None)
+    state = {"trial_data": [[json.dumps({"trial_id": "t1", "status": "TERMINATED", "config": {"lr": 0.5}}), "{}"],
+                            [json.dumps({"trial_id": "t2", "status": "PENDING", "config": {"lr": 0.25}}), "{}"]]}
+    (experiment / "experiment_state-2026-12-01_20-17-05.json").write_text(json.dumps(state))
+    grid = [SimpleNamespace(path=str(trial), config={"lr": 0.5}, error=None, metrics_dataframe=None),
+            SimpleNamespace(path=str(experiment / "trial_t2"), config=None, error=None, metrics_dataframe=None)]
+    result = study_results.summarize(study, grid, str(experiment), seconds=1.0)
+    pending = next(r for r in result.rows if r["trial_id"] == "t2")
+    assert pending["lr"] == 0.25 and pending["status"] == report.UNFINISHED and result.interrupted
+    assert result.best["trial_id"] == "t1"
