@@ -63,7 +63,8 @@ class TrainConfig:
 
     # ---- model ------------------------------------------------------------------------------
     model: str = _field("model", "resnet8", "model name (see --model choices)")
-    pretrained: bool = _field("model", False, "start from published ImageNet weights (resnet18_imagenet only; "
+    pretrained: bool = _field("model", False, "start from published ImageNet weights (resnet18_imagenet, "
+                              "resnet50_imagenet; "
                               "torchvision's cache under $TORCH_HOME, downloaded once if missing)")
     weights: Optional[str] = _field("model", None, "start from the weights in this file: a state dict, a "
                                     "torchvision weights file, or a raydist checkpoint.pt / model_final.pt / "
@@ -82,7 +83,8 @@ class TrainConfig:
                              ("replicate", "sum", "reinit"))
     sync_batchnorm: bool = _field("model", False, "convert BatchNorm to SyncBatchNorm (statistics over all workers; GPU workers only)")
     compile: bool = _field("model", False, "torch.compile the model (slower start, faster steps on GPU)")
-    channels_last: str = _field("model", "auto", "memory format: auto (channels_last on GPU), on, off",
+    channels_last: str = _field("model", "auto", "memory format: auto (channels_last on GPUs, whose tensor cores "
+                                "want it, and CPUs, where the CIFAR models trained 2-19%% faster in it here), on, off",
                                 ("auto", "on", "off"))
 
     # ---- optimization -----------------------------------------------------------------------
@@ -96,7 +98,9 @@ class TrainConfig:
     grad_accum: int = _field("optimization", 1, "steps accumulated per optimizer update; the allreduce runs on the last only")
     precision: str = _field("optimization", "auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16, fp16",
                             ("auto", "fp32", "bf16", "fp16"))
-    fp16_allreduce: bool = _field("optimization", False, "compress gradients to fp16 for the allreduce")
+    fp16_allreduce: bool = _field("optimization", False, "compress gradients to 16 bits for the allreduce: fp16 "
+                                  "with --precision fp16 (its loss is scaled), else bf16 (fp32's range: unscaled "
+                                  "small gradients would underflow in fp16)")
 
     # ---- schedule ---------------------------------------------------------------------------
     epochs: int = _field("schedule", 15, "training epochs (passes over the training set)")

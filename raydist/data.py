@@ -106,6 +106,7 @@ class FakeSource:
     def __init__(self, size: int, image_size: int, num_classes: int, salt: int, device="cpu"):
         self.size, self.image_size, self.num_classes, self.salt = size, image_size, num_classes, salt
         self.device = torch.device(device)
+        self._offsets: Optional[torch.Tensor] = None  # every pixel's position in an image, made once
 
     def __len__(self) -> int:
         return self.size
@@ -116,12 +117,16 @@ class FakeSource:
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         indices = indices.to(self.device, torch.int64)
         pixels = 3 * self.image_size * self.image_size
-        offsets = torch.arange(pixels, device=self.device, dtype=torch.int64)
+        if self._offsets is None:
+            self._offsets = torch.arange(pixels, device=self.device, dtype=torch.int32)
         # An image's identity is (split, index): two splits never share an image. Its pixels hash the offset
         # with two independent 32-bit keys of that identity, so no image is a shifted copy of another.
+        # Per image (a few numbers) in int64; per pixel in int32, whose wrap-around gives the same 32 bits
+        # at half the memory traffic of int64 (the pixels are most of a 224 x 224 batch's cost).
         image_id = indices * len(FAKE_SPLITS) + self.salt
         key_a, key_b = _hash32(image_id * 2 + 0x9E37), _hash32(image_id * 2 + 0x79B9 + 1)
-        pixel_hash = _hash32(_hash32(offsets[None, :] + key_a[:, None]) ^ key_b[:, None])
+        pixel_hash = _hash32_int32(_hash32_int32(self._offsets[None, :] + _as_int32(key_a)[:, None])
+                                   ^ _as_int32(key_b)[:, None])
         images = (pixel_hash & 255).to(torch.uint8).view(len(indices), 3, self.image_size, self.image_size)
         labels = _hash32(_hash32(image_id) + 0x85EB) % self.num_classes
         return images, labels
@@ -137,6 +142,23 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     x = ((x ^ (x >> 16)) * 0x85EBCA6B) & m
     x = ((x ^ (x >> 13)) * 0xC2B2AE35) & m
     return x ^ (x >> 16)
+
+
+def _signed32(value: int) -> int:
+    return value - 2**32 if value >= 2**31 else value
+
+
+def _as_int32(x: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 2^32) as int32 with the same 32 bits."""
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def _hash32_int32(x: torch.Tensor) -> torch.Tensor:
+    """_hash32 on int32 tensors, bit for bit: products wrap around modulo 2^32 as the masked int64 ones do,
+    and each right shift is made logical by masking off the sign bits an arithmetic shift brings in."""
+    x = (x ^ ((x >> 16) & 0xFFFF)) * _signed32(0x85EBCA6B)
+    x = (x ^ ((x >> 13) & 0x7FFFF)) * _signed32(0xC2B2AE35)
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 # ---- registry -------------------------------------------------------------------------------------
@@ -388,14 +410,17 @@ def download_lock(data_dir: str):
 
 
 def shard_indices(num_items: int, *, batch_size: int, rank: int, world_size: int, epoch: int = 0,
-                  seed: int = 0, shuffle: bool = True, drop_last: bool = True,
-                  pad: bool = True) -> Iterator[torch.Tensor]:
+                  seed: int = 0, shuffle: bool = True, drop_last: bool = True, pad: bool = True,
+                  device=None) -> Iterator[torch.Tensor]:
     """Yield this rank's batches of indices for one epoch.
 
     Training (shuffle, pad, drop_last): every rank draws the same permutation for (seed, epoch), pads it by
     wrapping around so that all ranks hold equally many items, and takes every world_size-th item. Equal
     step counts keep DDP's allreduces matched; dropping the last short batch keeps BatchNorm away from
     single-image batches. Evaluation (no shuffle, no pad, keep last): each item is seen exactly once.
+    `device`: where the batches are. The permutation is drawn on the CPU (the same on every device) and
+    moved there once per epoch; each batch is then a slice on the device, so no step copies indices from
+    the host (on a GPU, a copy that makes the host wait for the device).
     """
     if shuffle:
         order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -405,6 +430,8 @@ def shard_indices(num_items: int, *, batch_size: int, rank: int, world_size: int
         extra = world_size - num_items % world_size
         order = torch.cat([order, order.repeat(-(-extra // num_items))[:extra]])  # even when extra > num_items
     mine = order[rank::world_size]
+    if device is not None:
+        mine = mine.to(device)
     stop = len(mine)
     if drop_last and len(mine) >= batch_size:
         stop = len(mine) - len(mine) % batch_size

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import io
 import math
 import os
@@ -215,7 +216,9 @@ def input_pipeline(cfg: TrainConfig, device, *, seed: int = 0) -> Augmenter:
 
 
 def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
-    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+    # auto: channels_last on a GPU (tensor cores want NHWC) and on the CPU too, where oneDNN's convolutions
+    # ran the CIFAR models 2-19% faster in it (docs/benchmarks.md, "Memory format on the CPU").
+    return cfg.channels_last in ("on", "auto")
 
 
 @torch.no_grad()
@@ -230,7 +233,7 @@ def evaluate_model(net: nn.Module, dataset, cfg: TrainConfig, *, device: torch.d
     net.eval()
     sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
     for indices in shard_indices(len(dataset), batch_size=2 * cfg.batch_size, rank=rank, world_size=world,
-                                 shuffle=False, drop_last=False, pad=False):
+                                 shuffle=False, drop_last=False, pad=False, device=device):
         images, labels = dataset.batch(indices)
         x = augment(images, train=False)
         if channels_last:
@@ -261,6 +264,13 @@ def backbone_lr_mult(cfg: TrainConfig) -> float:
     if cfg.backbone_lr_mult is not None:
         return cfg.backbone_lr_mult
     return 0.1 if cfg.finetune == "lp-ft" else 1.0
+
+
+# DDP's switch for the per-forward buffer broadcast: `forward_sync_buffers` from torch 2.15 (which deprecates
+# `broadcast_buffers`; both keep the broadcast at wrapping, when every rank's buffers are equal anyway).
+NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                          else {"broadcast_buffers": False})
 
 
 class TrainingState:
@@ -337,11 +347,13 @@ class TrainingState:
                     groups.append({"params": params, "unit": unit.name, "decay": decay})
         self._group_mults = [1.0 if self._unit(g["unit"]).new else backbone_lr_mult(self.cfg) for g in groups]
         cfg = self.cfg
+        # On a GPU the fused kernels update every parameter in a few launches instead of several per tensor.
+        fused = True if self.device.type == "cuda" else None
         if cfg.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(cfg.momentum, 0.999))
+            optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(cfg.momentum, 0.999), fused=fused)
         else:
             optimizer = torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum,
-                                        nesterov=cfg.nesterov and cfg.momentum > 0)
+                                        nesterov=cfg.nesterov and cfg.momentum > 0, fused=fused)
         self._apply_hyperparameters(optimizer)
         return optimizer
 
@@ -352,8 +364,10 @@ class TrainingState:
         """This run's weight decay, momentum and LR multipliers in every group (groups loaded from a
         checkpoint carry the old run's; the LR itself is set by the Schedule)."""
         cfg = self.cfg
+        fused = True if self.device.type == "cuda" else None  # a checkpoint saved on another device says otherwise
         for group, mult in zip(optimizer.param_groups, self._group_mults):
             group["lr_mult"] = mult
+            group["fused"] = fused
             group["weight_decay"] = cfg.weight_decay if group["params"][0].ndim > 1 else 0.0
             if cfg.optimizer == "adamw":
                 group["betas"] = (cfg.momentum, group["betas"][1])
@@ -382,10 +396,20 @@ class TrainingState:
             # model: a new trainable set needs a new wrapper (the old one's hooks go with it).
             self.model = None
             gc.collect()
-            self.model = DDP(self.compiled, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # broadcast_buffers=False: DDP would otherwise send rank 0's BatchNorm statistics to every rank
+            # before each forward. Rank 0's own statistics come out the same either way (each rank's are
+            # overwritten, then updated from its own batch), and they are what is evaluated and saved
+            # (evaluate() broadcasts them once per epoch), so that traffic buys nothing.
+            self.model = DDP(self.compiled, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                             **NO_FORWARD_BUFFER_SYNC)
             if cfg.fp16_allreduce:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-                self.model.register_comm_hook(state=None, hook=default_hooks.fp16_compress_hook)
+
+                # fp16 only when the loss is scaled (--precision fp16): unscaled gradients (fp32, bf16
+                # autocast) have values below fp16's smallest, which bf16, with fp32's range, keeps.
+                hook = (default_hooks.fp16_compress_hook if self.amp_dtype is torch.float16
+                        else default_hooks.bf16_compress_hook)
+                self.model.register_comm_hook(state=None, hook=hook)
         if not self.transfer or (first and stage == self.backbone_units):
             return None
         count = self.trainable_params()
@@ -409,7 +433,7 @@ class TrainingState:
         freeze_norms(self.units, self.stage)  # frozen units keep their pretrained BatchNorm statistics
         sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
         batches = list(shard_indices(len(self.train_set), batch_size=cfg.batch_size, rank=self.rank,
-                                     world_size=self.world, epoch=self.epoch, seed=cfg.seed))
+                                     world_size=self.world, epoch=self.epoch, seed=cfg.seed, device=device))
         for i, indices in enumerate(batches):
             images, labels = self.train_set.batch(indices)
             x = self.augment(images, train=True)
@@ -451,7 +475,7 @@ class TrainingState:
             # with rank 0's, which are the ones saved, so the reported metric is the saved model's.
             for buffer in self.net.buffers():
                 dist.broadcast(buffer, src=0)
-        return evaluate_model(self.net, self.val_set, self.cfg, device=self.device, rank=self.rank,
+        return evaluate_model(self.compiled, self.val_set, self.cfg, device=self.device, rank=self.rank,
                               world=self.world, augment=self.augment)
 
     # ---- saving and resuming
@@ -495,6 +519,10 @@ def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # one thread pool per worker, sized to its share
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN times its kernels once and keeps the best
+        # TF32 matmuls and convolutions where fp32 runs, except when fp32 itself is asked for (--precision fp32).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision != "fp32"
     train_set, val_set = load_data_once_per_node(cfg, device=device, rank=rank, world=world, node_id=ctx.node_id)
     # A resumed run takes every weight from its checkpoint: the pretrained source is not needed again.
     source = load_source(cfg, node_id=ctx.node_id) if ctx.resume_state is None else None
@@ -507,8 +535,27 @@ def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     if ctx.resume_state is not None:
         state.load_state_dict(ctx.resume_state)
 
+    if rank == 0 and cfg.compile and cfg.sync_batchnorm and world > 1:
+        print("note: --sync-batchnorm with --compile: every SyncBatchNorm layer's collective splits the compiled "
+              "graph, so compile gains less than it does with plain BatchNorm", flush=True)
     writer = _tensorboard(ctx.log_dir) if rank == 0 and ctx.log_dir else None
+    try:  # closed however the loop ends (Tune stops a trial inside its report; a reused process goes on)
+        history = _train_epochs(cfg, ctx, state, writer)
+    finally:
+        if writer:
+            writer.close()
+    if rank == 0 and not (history and history[-1]["stop_reason"] == DIVERGED):
+        ctx.write_file(FINAL_MODEL_FILE, final_model_bytes(state.net.state_dict(), cfg.to_dict(),
+                                                           history[-1] if history else None))
+    return history
+
+
+def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, writer) -> list[dict]:
+    """The epochs from `state.epoch` on: train, evaluate, sum the metrics over all ranks, report (every
+    rank), checkpoint (rank 0), stop on divergence or at the target accuracy. Returns the reported metrics."""
+    device, rank, world = ctx.device, ctx.rank, ctx.world_size
     history: list[dict] = []
+    checkpoint_hinted = False  # the checkpoint-cost hint is said once
     for epoch in range(state.epoch, cfg.epochs):
         t0 = time.perf_counter()
         change = state.enter_epoch(epoch)
@@ -556,7 +603,12 @@ def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
                 if ctx.publish_logs:
                     ctx.publish_logs()
         if save and metrics["stop_reason"] != DIVERGED:  # a diverged model is not worth keeping
+            t_save = time.perf_counter()
             _report_with_checkpoint(ctx, metrics, state.state_dict(metrics) if rank == 0 else None)
+            hint = checkpoint_hint(time.perf_counter() - t_save, metrics["epoch_time_s"], cfg.checkpoint_every or 1)
+            if rank == 0 and hint and not checkpoint_hinted:
+                print(hint, flush=True)
+                checkpoint_hinted = True
         else:
             ctx.report(metrics, None)
         history.append(metrics)
@@ -564,12 +616,6 @@ def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
             if rank == 0:
                 print(_stop_message(metrics, cfg), flush=True)
             break
-
-    if rank == 0 and not (history and history[-1]["stop_reason"] == DIVERGED):
-        ctx.write_file(FINAL_MODEL_FILE, final_model_bytes(state.net.state_dict(), cfg.to_dict(),
-                                                           history[-1] if history else None))
-    if writer:
-        writer.close()
     return history
 
 
@@ -636,12 +682,28 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
 
 
 def _report_with_checkpoint(ctx: WorkerContext, metrics: dict, state: Optional[dict]) -> None:
+    """Report `metrics` with a checkpoint of `state` (rank 0; the other ranks pass None). The report owns
+    the local folder and removes it once the checkpoint is stored (Ray: after its background upload)."""
     if state is None:  # ranks other than 0 report metrics only
         ctx.report(metrics, None)
         return
-    with tempfile.TemporaryDirectory(prefix="raydist-ckpt-") as folder:
-        torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
-        ctx.report(metrics, folder)
+    folder = tempfile.mkdtemp(prefix="raydist-ckpt-")
+    torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+    ctx.report(metrics, folder)
+
+
+CHECKPOINT_BUDGET = 0.1  # a checkpoint holding training up longer than this share of its epoch gets a hint
+
+
+def checkpoint_hint(seconds: float, epoch_seconds: float, every: int) -> Optional[str]:
+    """A line suggesting a longer --checkpoint-every when writing a checkpoint holds training up for more
+    than CHECKPOINT_BUDGET of the epoch (a large model on fast GPUs with slow storage), else None."""
+    if epoch_seconds <= 0 or seconds <= CHECKPOINT_BUDGET * epoch_seconds * every:
+        return None
+    suggested = math.ceil(seconds / (CHECKPOINT_BUDGET * epoch_seconds))
+    return (f"note: the checkpoint took {seconds:.2f}s, {seconds / (epoch_seconds * every):.0%} of the training "
+            f"time between checkpoints ({epoch_seconds * every:.1f}s); --checkpoint-every {suggested} keeps it "
+            f"under {CHECKPOINT_BUDGET:.0%} (a resume then loses up to {suggested} epochs)")
 
 
 def _tensorboard(log_dir: str):
@@ -686,6 +748,7 @@ def local_context(run_dir: str, device: str = "cpu", resume_state: Optional[dict
         if checkpoint_folder:
             shutil.copytree(checkpoint_folder, os.path.join(run_dir, f"epoch_{metrics['epoch']:04d}"),
                             dirs_exist_ok=True)
+            shutil.rmtree(checkpoint_folder, ignore_errors=True)
 
     def write_file(name: str, data: bytes) -> None:
         from raydist.failures import write_atomically
@@ -695,6 +758,67 @@ def local_context(run_dir: str, device: str = "cpu", resume_state: Optional[dict
     ctx = LocalContext(rank=0, world_size=1, device=torch.device(device), report=report, write_file=write_file,
                        resume_state=resume_state, log_dir=log_dir, run_dir=run_dir)
     return ctx
+
+
+def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, node_id: str,
+                       report: Callable[[dict, Optional[str]], None], resume_state: Optional[dict] = None,
+                       kept: Optional[list[tuple[dict, str]]] = None) -> WorkerContext:
+    """One process that trains alone and keeps its run folder itself, as Ray Train does for a multi-worker
+    run (a one-worker Tune trial: no worker group): each checkpoint goes to `run_dir`/checkpoint_epoch_NNNN/
+    (a local path or a URI), the best `keep_checkpoints` by `keep_by` and the latest are kept, and
+    `report(metrics, checkpoint_path or None)` passes every epoch on. `kept`: the (metrics, path) of the
+    checkpoints already in the folder, when a trial resumes there."""
+    import posixpath
+
+    import pyarrow.fs
+
+    from raydist.config import metric_mode
+    from raydist.failures import write_atomically
+
+    checkpoints = list(kept or [])
+    sign = 1 if metric_mode(cfg.keep_by) == "max" else -1
+
+    def merit(metrics: dict) -> float:
+        value = metrics.get(cfg.keep_by)
+        return sign * value if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
+
+    def prune() -> None:
+        latest = max(checkpoints, key=lambda c: c[0]["epoch"])
+        best = sorted(checkpoints, key=lambda c: (merit(c[0]), c[0]["epoch"]), reverse=True)[:cfg.keep_checkpoints]
+        keep = {path for _, path in best} | {latest[1]}
+        for _, path in checkpoints:
+            if path not in keep:
+                fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+                fs.delete_dir(inner)
+        checkpoints[:] = [c for c in checkpoints if c[1] in keep]
+
+    def report_and_keep(metrics: dict, folder: Optional[str]) -> None:
+        path = None
+        if folder:
+            path = posixpath.join(run_dir, f"checkpoint_epoch_{metrics['epoch']:04d}")
+            with open(os.path.join(folder, CHECKPOINT_FILE), "rb") as fh:
+                write_atomically(posixpath.join(path, CHECKPOINT_FILE), fh.read())
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+            checkpoints[:] = [c for c in checkpoints if c[1] != path] + [(metrics, path)]
+            prune()
+        report(metrics, path)
+
+    def write_file(name: str, data: bytes) -> None:
+        write_atomically(posixpath.join(run_dir, name), data)
+
+    log_dir, publish_logs = cfg.log_dir, None
+    if log_dir is None:  # remote storage: as train_loop_per_worker does, write locally and copy after each epoch
+        log_dir = tempfile.mkdtemp(prefix="raydist-tensorboard-")
+
+        def publish_logs() -> None:
+            fs, inner = pyarrow.fs.FileSystem.from_uri(posixpath.join(run_dir, "tensorboard"))
+            fs.create_dir(inner, recursive=True)
+            pyarrow.fs.copy_files(log_dir, inner, destination_filesystem=fs)
+
+    return WorkerContext(rank=0, world_size=1, device=device, report=report_and_keep, write_file=write_file,
+                         resume_state=resume_state, log_dir=log_dir, publish_logs=publish_logs, node_id=node_id)
 
 
 def _quiet_ray_train_reports() -> None:
@@ -780,8 +904,12 @@ def train_loop_per_worker(config: dict) -> list[dict]:
 
     def report(metrics: dict, checkpoint_folder: Optional[str]) -> None:
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None  # RAY
+        # ASYNC: the upload (to S3 it can take longer than an epoch) runs in Ray's background thread while
+        # training goes on, and Ray deletes the local folder once it is stored; the report reaches the
+        # controller (and Tune) when its checkpoint is safe, in order.
         ray.train.report(metrics, checkpoint=ckpt,  # RAY
-                         checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}" if ckpt else None)
+                         checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}" if ckpt else None,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)  # RAY
 
     def write_file(name: str, data: bytes) -> None:
         import pyarrow.fs

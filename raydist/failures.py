@@ -55,6 +55,11 @@ def _is_worker_loss(error: BaseException) -> bool:
     return any(isinstance(e, RayActorError) for e in _chain(error))
 
 
+def is_process_loss(error: BaseException) -> bool:
+    """A process that died (a Train worker, or a trial's own process) rather than one that raised."""
+    return _is_worker_loss(error)
+
+
 def lost_worker(error: BaseException) -> tuple[str, str]:
     """(node address, pid) of a worker process that died, from Ray's ActorDiedError text ("?" if unsaid)."""
     text = "\n".join(str(e) for e in _chain(error))

@@ -1,7 +1,7 @@
 """Test-set accuracy, measured once at the end: a run's final model and best checkpoint, or a study's best model.
 
     from raydist.final_eval import measure_run, summary_line
-    measured = measure_run(cfg, summary)        # after raydist.train.fit; None for digits and fake data
+    measured = measure_run(cfg, summary)        # after raydist.launch.fit; None for digits and fake data
     print(summary_line(measured))               # test acc: final model 71.2%, best checkpoint (epoch 7) 72.0% on ...
 
 Validation ("val", held out of the training set) is what every epoch reports, what checkpoints are kept by and

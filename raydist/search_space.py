@@ -17,6 +17,7 @@ A study file (every key but `searched` is optional):
     search:    {algorithm: hyperopt, initial_points: 3, seed: 0}    # or algorithm: random
     scheduler: {type: asha, grace_period: 2, reduction_factor: 3}   # or type: fifo
     failures:  {worker_restarts: 0, trial_restarts: 1}   # see below
+    one_worker_trials: in_process # or trainer: see below
     fixed:     {dataset: digits, model: resnet8, num_workers: 1, epochs: 10}   # any TrainConfig field
     searched:                     # TrainConfig fields -> one distribution each
       lr:         {loguniform: [0.02, 2.0]}
@@ -39,10 +40,16 @@ could give 0 and never 100). HyperOpt models such a choice as categories, as it 
 Failures: `trial_restarts` (default 1; Ray Tune's FailureConfig.max_failures) runs a trial that failed (a
 worker died or raised) again, from its latest checkpoint; `worker_restarts` (default 0; Ray Train's
 FailureConfig.max_failures, the trial config's max_failures) restarts a trial's worker group inside the
-trial instead. Restarting the trial is the default because a Train restart can race Tune's stop of that
+trial instead (TorchTrainer trials only: a trial in its own process has no worker group). Restarting the trial is the default because a Train restart can race Tune's stop of that
 trial (ASHA): seen here, the controller started a new worker group while Tune removed the trial, and the
 new group's placement group outlived both and held its CPU, so the next trial waited for ever. A trial that still fails is "error" in the results and the study goes on.
 A deterministic error (out of memory, a bad input) fails again on each restart, so each costs a start-up.
+
+One-worker trials: `in_process` (default) trains in the Tune trial's own process, with the trial holding
+the worker's CPUs/GPU: no Ray Train controller, worker group or process group to start, which is most of a
+small trial's start-up. `trainer` runs every trial as a TorchTrainer, so that each is a Train run in the
+dashboard's Train view. Trials of two or more workers are TorchTrainer runs either way. Both keep the same
+run folder, history, checkpoints and resume behaviour.
 
 Under ASHA every trial's LR schedule spans the scheduler's budget (`max_epochs`, ASHA's max_t), so trials
 meet at a rung at the same point of their schedules; how long a trial runs is ASHA's decision, and a
@@ -70,7 +77,8 @@ SCHEDULERS = ("asha", "fifo")
 # Set per trial by raydist.tune, so a study may not set them.
 PER_TRIAL_FIELDS = ("address", "name", "storage_path", "log_dir", "resume")
 TOP_LEVEL_KEYS = ("name", "description", "metric", "mode", "num_samples", "max_concurrent", "search", "scheduler",
-                  "failures", "fixed", "searched", "points_to_evaluate")
+                  "failures", "one_worker_trials", "fixed", "searched", "points_to_evaluate")
+ONE_WORKER_TRIALS = ("in_process", "trainer")  # how a one-worker trial trains: in its own process, or a TorchTrainer
 SEARCH_KEYS = ("algorithm", "initial_points", "seed")
 SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor")
 FAILURE_KEYS = ("worker_restarts", "trial_restarts")
@@ -181,6 +189,15 @@ class Study:
     given_name: Optional[str] = None  # the file's `name` key
     worker_restarts: int = 0  # a trial's worker group restarted from its checkpoint (Train's max_failures)
     trial_restarts: int = 1  # a failed trial run again from its checkpoint (Tune's max_failures)
+    one_worker_trials: str = "in_process"  # ONE_WORKER_TRIALS
+
+    def in_process(self, cfg: TrainConfig) -> bool:
+        """Does this trial train in its own process (no Ray Train worker group)?"""
+        return cfg.num_workers == 1 and self.one_worker_trials == "in_process"
+
+    def every_trial_in_process(self) -> bool:
+        """Do all trials train in their own processes (then one process can serve trial after trial)?"""
+        return all(self.in_process(cfg) for cfg in self._corner_configs())
 
     @property
     def name(self) -> str:
@@ -295,6 +312,7 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
     for key, value in (settings or {}).items():
         if value is not None:
             setattr(study, key, value)
+    _check_one_worker_trials(path, study.one_worker_trials)
     if not searched:
         raise ConfigError(f"{path}: --set fixed every searched field; nothing is left to search")
     if study.scheduler == "asha" and ("schedule_epochs" in fixed or "schedule_epochs" in searched):
@@ -426,6 +444,13 @@ def _read_settings(study: Study, raw: dict) -> None:
     study.worker_restarts = _count(path, "failures.worker_restarts",
                                    failures.get("worker_restarts", study.fixed.pop("max_failures", study.worker_restarts)))
     study.trial_restarts = _count(path, "failures.trial_restarts", failures.get("trial_restarts", study.trial_restarts))
+    _check_one_worker_trials(path, raw.get("one_worker_trials", study.one_worker_trials))
+    study.one_worker_trials = raw.get("one_worker_trials", study.one_worker_trials)
+
+
+def _check_one_worker_trials(path: str, value: Any) -> None:
+    if value not in ONE_WORKER_TRIALS:
+        raise ConfigError(f"{path}: one_worker_trials {value!r} is not one of: {', '.join(ONE_WORKER_TRIALS)}")
 
 
 def _section(path: str, name: str, values: Any, keys: tuple) -> dict:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from typing import Optional
+
 from ray.train import UserCallback
 from ray.tune.schedulers import ASHAScheduler
 
@@ -72,30 +74,54 @@ def _write_history(trial_path: str, records: list[dict]) -> None:
             out.write(text)
 
 
-class HistoryCallback(UserCallback):
-    """Appends each Train report (rank 0's metrics, the checkpoint's path) to the trial's history.jsonl.
+class HistoryWriter:
+    """Appends each report (rank 0's metrics, the checkpoint's path) to the trial's history.jsonl.
 
-    Created in the trial's driver when (re)starting the trial; runs in the Train controller. A resumed
-    trial replays the epochs after its last checkpoint: a report for epoch e replaces the records of
-    epoch e and later, so the history is always one consistent run. Adds the timings Tune would:
+    A resumed trial replays the epochs after its last checkpoint: a report for epoch e replaces the records
+    of epoch e and later, so the history is always one consistent run. Adds the timings Tune would:
     `time_this_iter_s` (since the last report or the trial's start) and `time_total_s` (summed over every
-    attempt, so the time lost to an interruption counts as spent).
+    attempt, so the time lost to an interruption counts as spent). `started_unix`: when the trial's attempt
+    started (default: now).
     """
 
-    def __init__(self, trial_path: str):
+    def __init__(self, trial_path: str, started_unix: Optional[float] = None):
         self.trial_path = trial_path
         self.records = read_history(trial_path)
         self.spent_before = self.records[-1].get("time_total_s", 0.0) if self.records else 0.0
-        self.started = self.last = time.time()
+        self.started = self.last = started_unix or time.time()
 
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+    def add(self, metrics: dict, checkpoint_path: Optional[str]) -> None:
         now = time.time()
-        record = dict(metrics[0])
-        record.update(checkpoint_path=checkpoint.path if checkpoint else None, reported_unix=now,
-                      time_this_iter_s=now - self.last, time_total_s=self.spent_before + now - self.started)
+        record = dict(metrics)
+        record.update(checkpoint_path=checkpoint_path, reported_unix=now, time_this_iter_s=now - self.last,
+                      time_total_s=self.spent_before + now - self.started)
         self.last = now
         self.records = [r for r in self.records if r.get("epoch", math.inf) < record["epoch"]] + [record]
         _write_history(self.trial_path, self.records)
+
+    def kept_checkpoints(self) -> list[tuple[dict, str]]:
+        """(record, path) of each recorded checkpoint still in storage: what a resumed trial keeps ranking."""
+        import pyarrow.fs
+
+        kept = []
+        for record in self.records:
+            path = record.get("checkpoint_path")
+            if isinstance(path, str) and path:
+                fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+                if fs.get_file_info(inner).type == pyarrow.fs.FileType.Directory:
+                    kept.append((record, path))
+        return kept
+
+
+class HistoryCallback(UserCallback):
+    """A Train callback that writes each report into the trial's history (HistoryWriter). Created in the
+    trial's driver when (re)starting the trial; runs in the Train controller."""
+
+    def __init__(self, trial_path: str, started_unix: Optional[float] = None):
+        self.writer = HistoryWriter(trial_path, started_unix)
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        self.writer.add(metrics[0], checkpoint.path if checkpoint else None)
 
 
 # ---- ASHA that survives a resume -----------------------------------------------------------------------

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", choices=("hyperopt", "random"), help="search algorithm (default: the study's)")
     p.add_argument("--scheduler", choices=("asha", "fifo"), help="trial scheduler (default: the study's)")
     p.add_argument("--num-samples", type=int, metavar="N", help="number of trials (default: the study's)")
+    p.add_argument("--one-worker-trials", choices=("in_process", "trainer"),
+                   help="how a one-worker trial trains: in_process (in the trial's own process: seconds less "
+                        "start-up) or trainer (a TorchTrainer run, listed in the dashboard's Train view); "
+                        "default: the study's, else in_process")
     p.add_argument("--max-concurrent", type=int, metavar="N",
                    help="trials at once (default: the study's, else as many as the cluster's free resources fit)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -129,7 +133,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
         # The command line's settings join the study before it is checked: the checks are the file's.
         study = load_study(find_study_file(args.search_space or DEFAULT_STUDY), overrides,
                            settings={"search": args.search, "scheduler": args.scheduler,
-                                     "num_samples": args.num_samples})
+                                     "num_samples": args.num_samples, "one_worker_trials": args.one_worker_trials})
         storage_path = args.storage_path or "./runs"
         storage_path = storage_path if "://" in storage_path else os.path.abspath(os.path.expanduser(storage_path))
         _check_storage(storage_path, "--storage-path")
@@ -144,7 +148,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
     # Tune runs each trial in its own working folder: relative data paths must not follow it there. On a
     # cluster, `~/data` is each node's own home (expanded there), and each node's first worker checks the
     # data where it runs; on a local cluster (this machine) it is checked now, before anything starts.
-    from raydist.train import worker_path
+    from raydist.launch import worker_path
 
     joined = args.address is not None
     study.fixed["data_dir"] = worker_path(study.fixed.get("data_dir", TrainConfig.data_dir), joined_cluster=joined)
@@ -174,7 +178,7 @@ RESUME_SETTABLE = ("data_dir", "download")
 
 
 def _check_storage(path: str, flag: str) -> None:
-    from raydist.train import check_storage
+    from raydist.launch import check_storage
 
     check_storage(path, flag)
 
@@ -193,7 +197,7 @@ def _set_value(key: str, text: str):
 
 def _check_resume_flags(args: argparse.Namespace, overrides: dict) -> None:
     """--resume continues the study as saved; a flag it cannot honour is refused, never ignored."""
-    for flag in ("search_space", "search", "scheduler", "num_samples", "name", "storage_path"):
+    for flag in ("search_space", "search", "scheduler", "num_samples", "one_worker_trials", "name", "storage_path"):
         if getattr(args, flag) is not None:
             raise ConfigError(f"--resume continues the study as it was; drop --{flag.replace('_', '-')}")
     for flag in ("wandb", "wandb_project", "mlflow_uri"):
@@ -210,7 +214,7 @@ def _check_weights(study: Study, *, on_this_machine: bool) -> None:
     there and fits."""
     import itertools
 
-    from raydist.train import check_weights
+    from raydist.launch import check_weights
 
     names = [name for name in ("model", "weights", "pretrained") if name in study.searched]
     base = study.base_config()
@@ -225,7 +229,7 @@ def _check_weights(study: Study, *, on_this_machine: bool) -> None:
 
 def _check_data(study: Study) -> None:
     """A study on files that are missing fails here, not in every trial."""
-    from raydist.train import check_data
+    from raydist.launch import check_data
 
     cfg = study.base_config()
     datasets = study.searched["dataset"].extremes() if "dataset" in study.searched else [cfg.dataset]
@@ -265,11 +269,12 @@ def plan_concurrency(study: Study, *, free_cpus: float, free_gpus: float, total_
 
 def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
     """Tune calls this once per trial (and again when a restored study resumes it)."""
+    started = time.time()  # the trial's start-up (results.csv startup_s) is counted from here
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raydist.study_history import HistoryCallback
-    from raydist.train import fit, prepare
+    from raydist.launch import fit, fit_in_trial, prepare
 
     context = ray.tune.get_context()
     trial_dir = os.path.basename(context.get_trial_dir())
@@ -279,11 +284,14 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
     cfg = dataclasses.replace(study.trial_config(sample), address="auto", keep_by=study.metric,
                               name=train_run_name(study.name, context.get_trial_id()), storage_path=trial_path)
     cfg = prepare(cfg, explicit={})
-    # The stable Train name and storage make a resumed trial pick its latest checkpoint up again. The
+    # The stable run name and storage make a resumed trial pick its latest checkpoint up again. The
     # history goes first: whatever Tune then does with the report, the epoch is on record.
     # The study checked its storage on every node (a trial's own process may lack the user's environment).
     try:
-        fit(cfg, callbacks=[HistoryCallback(trial_path), TuneReportCallback()], storage_checked=True)
+        if study.in_process(cfg):  # one worker: the loop runs here, on the resources Tune gave this trial
+            fit_in_trial(cfg, trial_path=trial_path, on_report=ray.tune.report, started_unix=started)
+        else:
+            fit(cfg, callbacks=[HistoryCallback(trial_path, started), TuneReportCallback()], storage_checked=True)
     except Exception as exc:  # noqa: BLE001 - the trial's row says its cause in one line; tracebacks to a file
         from raydist.failures import TrialError, root_cause, write_error_log
 
@@ -292,6 +300,24 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
         print(f"trial {context.get_trial_id()} failed: {cause}" + (f" (tracebacks: {log})" if log else ""),
               flush=True)
         raise TrialError(cause) from None
+
+
+def trial_resources(study: Study, *, cluster_has_gpus: bool):
+    """What Tune reserves for a trial: the worker's CPUs (and GPU) for a trial that trains in its own
+    process; nothing for a TorchTrainer driver, whose Train workers reserve the trial's resources.
+    (Tune needs some resource in a trial's bundle; 1 MiB of memory is the smallest honest one.)"""
+    from ray.tune import PlacementGroupFactory
+
+    def resources(config: dict) -> PlacementGroupFactory:
+        cfg = study.trial_config(config)
+        if not study.in_process(cfg):
+            return PlacementGroupFactory([{"CPU": 0, "memory": 2**20}])
+        bundle = {"CPU": cfg.cpus_per_worker}
+        if cluster_has_gpus if cfg.use_gpu is None else cfg.use_gpu:
+            bundle["GPU"] = cfg.gpus_per_worker
+        return PlacementGroupFactory([bundle])
+
+    return resources
 
 
 def train_run_name(study_name: str, trial_id: str) -> str:
@@ -346,11 +372,9 @@ def run_study(plan: Plan) -> StudyResult:
     if waiting:
         print(waiting, flush=True)
 
-    # The driver holds no CPU: its Train workers reserve the trial's resources, and concurrency is capped
-    # above. (Tune needs some resource in a trial's bundle; 1 MiB of memory is the smallest honest one.)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, study=study, experiment_path=plan.experiment_path),
-        {"CPU": 0, "memory": 2**20})
+        trial_resources(study, cluster_has_gpus=cap.max_gpus > 0))
     if plan.resume:
         # Tune rebuilds the searcher and scheduler from what it saved; the searcher takes today's concurrency
         # and the scheduler its rungs from the trials' histories (raydist.study_history).
@@ -363,14 +387,23 @@ def run_study(plan: Plan) -> StudyResult:
             tune_config=ray.tune.TuneConfig(metric=study.metric, mode=study.mode, num_samples=study.num_samples,
                                             search_alg=_searcher(study, concurrency), scheduler=_scheduler(study),
                                             trial_name_creator=trial_name,  # the searchers cap concurrency
-                                            trial_dirname_creator=trial_dirname),
+                                            trial_dirname_creator=trial_dirname,
+                                            # In-process trials: a finished trial's process (torch imported,
+                                            # the data set loaded) trains the next one; TorchTrainer drivers
+                                            # keep a process each, as Ray Train expects.
+                                            reuse_actors=study.every_trial_in_process()),
             run_config=ray.tune.RunConfig(name=plan.name, storage_path=plan.storage_path,
-                                          callbacks=_logger_callbacks(plan),
+                                          callbacks=[*_logger_callbacks(plan),
+                                                     trial_loss_notice(plan.experiment_path, study.trial_restarts)],
                                           # A trial that raised is run again this often; it resumes
                                           # from its latest checkpoint (its Train run keeps its name).
                                           failure_config=ray.tune.FailureConfig(max_failures=study.trial_restarts),
                                           verbose=1),
         )
+    # Tune saves the experiment's state (which trials exist, with which values) at most every 10 s by default:
+    # a driver killed sooner after a trial started left that trial out of the saved study, and --resume ran a
+    # new trial in its place (seen once in-process trials started in 3 s). Every second costs a small JSON.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     grid = tuner.fit()
     return summarize(study, grid, plan.experiment_path, seconds=time.perf_counter() - t0)
 
@@ -414,12 +447,60 @@ def _save_study(study: Study, experiment_path: str) -> None:
         "scheduler": {"type": study.scheduler, "grace_period": study.grace_period,
                       "reduction_factor": study.reduction_factor},
         "failures": {"worker_restarts": study.worker_restarts, "trial_restarts": study.trial_restarts},
+        "one_worker_trials": study.one_worker_trials,
         "fixed": study.fixed,
         "searched": {k: {d.kind: list(d.args)} for k, d in study.searched.items()},
         "points_to_evaluate": study.points_to_evaluate,
     }
     with fs.open_output_stream(f"{root}/{STUDY_FILE}") as out:
         out.write(yaml.safe_dump(content, sort_keys=False).encode())
+
+
+def trial_loss_notice(experiment_path: str, restarts: int):
+    """A Tune callback saying in one line when a trial's process died without raising (killed, out of host
+    memory, its node gone): which process, and whether the trial runs again from its checkpoint. The
+    error's text goes to the trial's error.log. A trial that raised has said its cause itself (run_trial)."""
+    from ray.tune import Callback
+
+    from raydist.failures import ERROR_LOG, is_process_loss, lost_worker, write_atomically
+
+    class TrialLossNotice(Callback):
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self._say(trial, again=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._say(trial, again=False)
+
+        def _say(self, trial, *, again: bool) -> None:
+            error = _trial_error(trial)
+            if error is None or not is_process_loss(error):
+                return
+            node, pid = lost_worker(error)
+            cause = f"its process (pid {pid}) on node {node} died without raising an error (killed, or out of host memory)"
+            log = f"{experiment_path}/{trial_dirname(trial)}/{ERROR_LOG}"
+            try:
+                write_atomically(log, f"cause: {cause}\n\n{error}\n".encode())
+            except OSError:
+                log = None
+            then = (f"running it again from its latest checkpoint (restart {trial.num_failures} of {restarts})"
+                    if again else "no restart left")
+            print(f"trial {trial.trial_id} failed: {cause}; {then}" + (f" (log: {log})" if log else ""), flush=True)
+
+    return TrialLossNotice()
+
+
+def _trial_error(trial):
+    """The exception a trial just failed with: Tune pickles it into the trial's local folder at once and
+    copies it to the experiment's storage later."""
+    import cloudpickle
+
+    try:
+        if trial.run_metadata.pickled_error_filename and os.path.isfile(trial.pickled_error_file):
+            with open(trial.pickled_error_file, "rb") as fh:
+                return cloudpickle.load(fh)
+        return trial.get_pickled_error()
+    except Exception:  # noqa: BLE001 - a notice must never break the study
+        return None
 
 
 def _wandb_key_present() -> bool:

@@ -140,8 +140,12 @@ def digits_val_accuracy(saved: dict) -> float:
     val = load_split("digits", "val", classes=cfg.class_list(), channels=channels)
     spec = DATASETS["digits"]
     augment = Augmenter("none", mean=spec.mean, std=spec.std, channels=channels, size=cfg.input_size)
+    from raydist.engine import uses_channels_last
+
+    memory_format = torch.channels_last if uses_channels_last(cfg, torch.device("cpu")) else torch.contiguous_format
+    model = model.to(memory_format=memory_format)  # evaluated as the run evaluated it
     with torch.no_grad():
-        logits = model(augment(val.images, train=False))
+        logits = model(augment(val.images, train=False).contiguous(memory_format=memory_format))
     return (logits.argmax(1) == val.labels).float().mean().item()
 
 

@@ -31,8 +31,9 @@ def _worker(rank: int, world_size: int, config: dict, run_dir: str, port: int, r
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         def report(metrics, checkpoint_folder):
-            if checkpoint_folder:  # rank 0 only, as with Ray
+            if checkpoint_folder:  # rank 0 only, as with Ray; the report owns the folder
                 shutil.copytree(checkpoint_folder, os.path.join(run_dir, f"epoch_{metrics['epoch']:04d}"))
+                shutil.rmtree(checkpoint_folder)
 
         def write_file(name, data):
             with open(os.path.join(run_dir, name), "wb") as fh:

@@ -25,7 +25,7 @@ from raydist.config import ConfigError, TrainConfig, load_yaml, parse_cli
     ({"val_fraction": 1.0}, r"--val-fraction must be in \(0, 1\)"),
     ({"optimizer": "lamb"}, r"--optimizer 'lamb' is not one of: sgd, adamw"),
     ({"warmup_epochs": 20.0, "epochs": 5}, r"--warmup-epochs 20.0 exceeds --epochs 5"),
-    ({"pretrained": True, "model": "resnet8"}, r"model 'resnet8' has no published weights; models with them: resnet18_imagenet"),
+    ({"pretrained": True, "model": "resnet8"}, r"model 'resnet8' has no published weights; models with them: resnet18_imagenet, resnet50_imagenet"),
     ({"name": "a/b"}, r"--name 'a/b' must be a plain folder name"),
     ({"weight_decay": -0.1}, r"--weight-decay must be zero or more"),
     ({"name": " "}, r"--name ' ' must be a plain folder name"),
@@ -219,7 +219,7 @@ def _fake_run_dir(root, name="old-run", epochs=(1, 2, 3)):
 
 
 def test_resume_a_run_folder_in_place_lets_ray_pick_the_latest_checkpoint(tmp_path):
-    from raydist.train import prepare
+    from raydist.launch import prepare
 
     run_dir = _fake_run_dir(tmp_path)
     explicit = {"resume": str(run_dir)}
@@ -228,7 +228,7 @@ def test_resume_a_run_folder_in_place_lets_ray_pick_the_latest_checkpoint(tmp_pa
 
 
 def test_resume_a_run_folder_under_another_name_starts_from_its_latest_checkpoint(tmp_path):
-    from raydist.train import prepare
+    from raydist.launch import prepare
 
     run_dir = _fake_run_dir(tmp_path, epochs=(2, 10, 7))
     explicit = {"resume": str(run_dir), "name": "continued", "storage_path": str(tmp_path / "elsewhere")}

@@ -18,7 +18,7 @@ import torchvision
 from raydist.config import ConfigError
 from raydist.data import (DATASETS, FILE_TRAIN_SIZES, DataFileCorrupt, DatasetNotFound, DownloadFailed, load_split,
                           shard_indices, steps_per_epoch, train_size)
-from raydist.train import check_data, failure_cause
+from raydist.launch import check_data, failure_cause
 
 
 def test_digits_is_a_fixed_disjoint_split_of_all_1797_images():
@@ -392,6 +392,30 @@ def test_each_epoch_reshuffles_and_validation_sees_each_item_once():
     val = [torch.cat(list(shard_indices(101, batch_size=10, rank=r, world_size=2, shuffle=False,
                                         drop_last=False, pad=False))) for r in range(2)]
     assert sorted(torch.cat(val).tolist()) == list(range(101))
+
+
+def test_batches_are_slices_of_one_copy_on_the_device_and_the_same_as_on_the_cpu():
+    """Indices go to the device once per epoch, each batch a slice there (on a GPU: no host-to-device copy
+    per step); the batches are the CPU's, so a run draws the same images on any device."""
+    on_cpu = list(shard_indices(500, batch_size=10, rank=1, world_size=2, epoch=3, seed=7))
+    on_meta = list(shard_indices(500, batch_size=10, rank=1, world_size=2, epoch=3, seed=7, device="meta"))
+    assert {b.device.type for b in on_meta} == {"meta"} and [b.shape for b in on_meta] == [b.shape for b in on_cpu]
+    assert len({b.untyped_storage().data_ptr() for b in on_cpu}) == 1  # slices of one tensor, as on the device
+
+
+def test_fake_images_are_murmur3_of_each_pixel_bit_for_bit():
+    """The int32 pixel hash gives exactly the 32-bit murmur3 finalizer of the int64 reference."""
+    from raydist.data import FAKE_SPLITS, FakeSource, _hash32
+
+    source = FakeSource(1000, 20, 7, salt=1)
+    indices = torch.tensor([0, 5, 999])
+    images, labels = source.batch(indices)
+    image_id = indices * len(FAKE_SPLITS) + 1
+    key_a, key_b = _hash32(image_id * 2 + 0x9E37), _hash32(image_id * 2 + 0x79B9 + 1)
+    offsets = torch.arange(3 * 20 * 20, dtype=torch.int64)
+    expected = (_hash32(_hash32(offsets[None, :] + key_a[:, None]) ^ key_b[:, None]) & 255).to(torch.uint8)
+    assert torch.equal(images, expected.view(3, 3, 20, 20))
+    assert labels.tolist() == (_hash32(_hash32(image_id) + 0x85EB) % 7).tolist()
 
 
 # ---- class subsets and smaller training sets (transfer tasks) -------------------------------------

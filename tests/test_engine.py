@@ -189,3 +189,45 @@ def test_divergence_reasons(train_loss, val_loss, first, expected):
 
     assert divergence({"train_loss": train_loss, "val_loss": val_loss}, first_train_loss=first,
                       num_classes=10) == expected
+
+
+# The tensor methods that hand a value to Python, which on a GPU makes the host wait for the device.
+HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.mark.parametrize("augment", ["crop_flip", "dli"])
+def test_a_training_epoch_and_an_evaluation_hand_nothing_to_the_host_step_by_step(monkeypatch, augment):
+    """Every call of a tensor method that makes the host wait for the device (on a GPU), counted over a
+    training epoch and an evaluation of the real loop with augmentation on: none, whatever the step count.
+    (A GPU adds what the CPU cannot show: torch.cuda.set_sync_debug_mode("error"), in the GPU checks.)"""
+    from raydist.data import load_splits
+    from raydist.engine import TrainingState
+
+    cfg = TrainConfig(augment=augment, **{**FAST, "batch_size": 32}).validate()
+    train, val = load_splits("digits", ("train", "val"), device="cpu")
+    state = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=1, train_set=train, val_set=val)
+    state.enter_epoch(0)
+    calls = []
+    for name in HOST_SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    sums = state.train_epoch()
+    state.evaluate()
+    monkeypatch.undo()
+    assert sums.updates == len(train) // 32 > 40  # the epoch really stepped
+    assert calls == []
+
+
+def test_a_checkpoint_that_holds_training_up_gets_a_hint_with_the_interval_that_fits():
+    from raydist.engine import checkpoint_hint
+
+    assert checkpoint_hint(0.05, epoch_seconds=1.0, every=1) is None  # 5% of the epoch: fine
+    line = checkpoint_hint(0.5, epoch_seconds=1.0, every=1)
+    assert "50% of the training time between checkpoints (1.0s)" in line
+    assert "--checkpoint-every 5 keeps it under 10% (a resume then loses up to 5 epochs)" in line
+    assert checkpoint_hint(0.5, epoch_seconds=1.0, every=5) is None  # already 5 epochs apart

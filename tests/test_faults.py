@@ -152,7 +152,7 @@ def test_a_cut_short_latest_checkpoint_is_skipped_with_a_line_naming_it(tmp_path
     from ray.train import Checkpoint
 
     from raydist.engine import load_latest_good_checkpoint
-    from raydist.train import latest_checkpoint
+    from raydist.run_folder import latest_checkpoint
 
     run_dir = tmp_path / "run"
     _checkpoint(run_dir / "checkpoint_epoch_0002", 2)

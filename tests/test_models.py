@@ -20,7 +20,7 @@ def test_forward_backward(name):
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown model 'vgg'; known: resnet18, resnet18_imagenet, resnet50, resnet8"):
+    with pytest.raises(ValueError, match=r"unknown model 'vgg'; known: resnet18, resnet18_imagenet, resnet50, resnet50_imagenet, resnet8"):
         create_model("vgg", num_classes=10)
 
 
@@ -34,6 +34,7 @@ def test_sizes_match_their_descriptions():
     assert 23.4e6 < _params(create_model("resnet50", num_classes=10)) < 23.6e6
     assert 2.7e6 < _params(create_model("wrn16_4", num_classes=10)) < 2.8e6
     assert 36.4e6 < _params(create_model("wrn28_10", num_classes=10)) < 36.6e6
+    assert _params(create_model("resnet50_imagenet", num_classes=1000)) == 25_557_032  # torchvision's ResNet-50
 
 
 def test_wrn_dli_has_the_assessment_layout():

@@ -72,14 +72,14 @@ def test_every_documented_study_command_is_accepted(tmp_path, monkeypatch):
 
 
 def test_every_documented_training_command_is_accepted(tmp_path, monkeypatch):
-    from raydist import train
+    from raydist import launch
     from raydist.config import parse_cli
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train, "check_data", lambda *a, **k: None)
-    monkeypatch.setattr(train, "check_weights", lambda *a, **k: None)
+    monkeypatch.setattr(launch, "check_data", lambda *a, **k: None)
+    monkeypatch.setattr(launch, "check_weights", lambda *a, **k: None)
     commands = [args for args in _readme_commands("raydist.train") if "--resume" not in args and "--config" not in args]
     assert len(commands) >= 8
     for args in commands:
         cfg, explicit, config_files = parse_cli(args)
-        train.prepare(cfg, explicit, config_files)
+        launch.prepare(cfg, explicit, config_files)

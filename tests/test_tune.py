@@ -1,7 +1,9 @@
 """Real studies through `python -m raydist.tune` on the session's Ray cluster (2 CPUs, dashboard on).
 
-One HyperOpt + ASHA study on digits (4 trials, 1 or 2 DDP workers each) is run once per module and
-checked from every side; a second, smaller study is interrupted with SIGINT and resumed.
+One HyperOpt + ASHA study on digits (4 trials, 1 or 2 DDP workers each: the one-worker ones train in their
+trial's own process, the two-worker ones as TorchTrainer runs) is run once per module and checked from every
+side; a second, smaller study, every trial a TorchTrainer run (`--one-worker-trials trainer`), is interrupted
+with SIGINT and resumed.
 """
 
 import json
@@ -131,11 +133,13 @@ def test_no_placement_group_of_the_study_is_left_holding_resources(study, ray_cl
     wait_for_free_cluster(timeout=60)  # Ray's cleaner removes a finished Train run's group asynchronously
 
 
-def test_an_interrupted_study_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
+def test_an_interrupted_study_resumes_without_rerunning_finished_trials(ray_cluster, cluster, tmp_path):
+    from raydist.cluster import dashboard_get
+
     (tmp_path / "small.yaml").write_text(SMALL_STUDY)
     experiment = tmp_path / "runs" / "small"
     proc = start_tune(ray_cluster, "--search-space", str(tmp_path / "small.yaml"), "--storage-path",
-                 str(tmp_path / "runs"), "--name", "small")
+                 str(tmp_path / "runs"), "--name", "small", "--one-worker-trials", "trainer")
     deadline = time.monotonic() + 600
     while len(list(experiment.glob("trial_*"))) < 2:  # one at a time: the second starts after the first ends
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
@@ -158,6 +162,10 @@ def test_an_interrupted_study_resumes_without_rerunning_finished_trials(ray_clus
     assert {r["epochs_run"] for r in rows} == {"2"}
     after = (done[0] / "result.json").read_bytes(), final_model.stat().st_mtime_ns
     assert after == before  # the finished trial was kept, not run again
+    # every trial was a TorchTrainer run, as the study said (the saved study keeps it for --resume)
+    assert "one_worker_trials: trainer" in (experiment / "study.yaml").read_text()
+    runs = {r["name"] for r in dashboard_get(cluster.dashboard_url, "/api/train/v2/runs/v1")["train_runs"]}
+    assert {f"small.{r['trial_id']}" for r in rows} <= runs
 
 
 def test_every_trial_is_logged_to_mlflow_and_wandb_offline(study, monkeypatch):
@@ -181,18 +189,30 @@ def test_every_trial_is_logged_to_mlflow_and_wandb_offline(study, monkeypatch):
     assert all(list(run.glob("run-*.wandb")) for run in offline)
 
 
-def test_every_trial_is_a_train_run_in_the_dashboard_with_its_final_status(study, cluster):
+def test_two_worker_trials_are_train_runs_in_the_dashboard_and_one_worker_ones_train_in_their_own_process(
+        study, cluster):
     from raydist.cluster import dashboard_get
 
-    _, rows, _, _ = study
+    experiment, rows, stdout, _ = study
+    two = {t for t, row in rows.items() if row["num_workers"] == "2"}
     deadline = time.monotonic() + 60  # the state actor records a run's end asynchronously
     while True:
         runs = {r["name"]: r["status"] for r in dashboard_get(cluster.dashboard_url, "/api/train/v2/runs/v1")["train_runs"]}
-        mine = {trial_id: runs.get(f"e2e.{trial_id}") for trial_id in rows}
+        mine = {trial_id: runs.get(f"e2e.{trial_id}") for trial_id in two}
         if all(status not in (None, "RUNNING", "INITIALIZING", "SCHEDULING") for status in mine.values()):
             break
         assert time.monotonic() < deadline, mine
         time.sleep(1)
-    for trial_id, row in rows.items():
+    for trial_id in two:
         # a trial ASHA stopped is aborted by Tune; one that ran its epochs finished
-        assert mine[trial_id] == ("FINISHED" if row["status"] == "finished" else "ABORTED"), (trial_id, mine)
+        assert mine[trial_id] == ("FINISHED" if rows[trial_id]["status"] == "finished" else "ABORTED"), (trial_id, mine)
+    one = set(rows) - two
+    assert one and not {f"e2e.{t}" for t in one} & set(runs)  # no worker group was started for them
+    for trial_id in one:  # ... and their run folder is what a TorchTrainer run keeps
+        run_dir = experiment / f"trial_{trial_id}" / f"e2e.{trial_id}"
+        assert (run_dir / "config.yaml").is_file()
+        # a trial ASHA stopped ends inside its report, as a stopped TorchTrainer run does: no final model
+        assert (run_dir / "model_final.pt").is_file() == (rows[trial_id]["status"] == "finished")
+        kept = sorted(p.name for p in run_dir.glob("checkpoint_epoch_*"))
+        assert 1 <= len(kept) <= 3 and f"checkpoint_epoch_{int(rows[trial_id]['epochs_run']):04d}" in kept
+        assert list((run_dir / "tensorboard").glob("events.out.tfevents*"))

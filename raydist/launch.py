@@ -1,0 +1,307 @@
+"""The library behind `python -m raydist.train` and every Tune trial: prepare a run, check it, fit it.
+
+    cfg = prepare(cfg, explicit)              # --resume applied, paths absolute, run named, data and weights checked
+    summary = fit(cfg)                        # N DDP workers of a Ray Train TorchTrainer, on the connected cluster
+    summary = fit_in_trial(cfg, ...)          # a one-worker Tune trial: the loop in the trial's own process
+
+Everything that can be checked before a cluster starts is checked in `prepare` (bad input is a
+ConfigError: one line, exit 2, nothing written). `fit` checks resources against the cluster (what it can
+grow to), writes the run's config.yaml and runs raydist.engine's worker loop. The command modules
+(raydist.train, raydist.tune) parse and print around these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Callable, Optional
+
+from raydist.config import ConfigError, TrainConfig, metric_mode, resolve
+from raydist.data import DATASETS, DataFileCorrupt, DatasetNotFound, check_files
+from raydist.run_folder import (check_epochs_left, is_uri, latest_checkpoint, read_resume_target,
+                                write_config)
+
+
+# ---- before the cluster: resolve and check everything that can be checked ---------------------------
+
+
+def _local_abspath(path: Optional[str]) -> Optional[str]:
+    return path if path is None or is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def worker_path(path: Optional[str], *, joined_cluster: bool) -> Optional[str]:
+    """A path the workers read (data folder, weights file), made absolute here: workers (and Tune trials)
+    run in folders of their own. On a cluster someone else started, `~/...` stays for each node to expand
+    as its own home; a URI stays as it is."""
+    if joined_cluster and path and path.startswith("~"):
+        return path
+    return _local_abspath(path)
+
+
+def prepare(cfg: TrainConfig, explicit: dict, config_files: Optional[list[str]] = None) -> TrainConfig:
+    """Apply --resume, make paths absolute, name the run, check the data."""
+    if cfg.resume:
+        resume = _local_abspath(cfg.resume).rstrip("/")  # s3://.../run/ names the run "run", not ""
+        is_run_dir, saved = read_resume_target(resume)
+        # The saved run's settings are the defaults now; --config and flags still override them.
+        saved = {k: v for k, v in saved.items() if k not in ("address", "log_dir")}
+        saved.update(resume=resume, name=os.path.basename(resume) if is_run_dir else None)
+        if is_run_dir:
+            saved["storage_path"] = os.path.dirname(resume)
+        cfg = resolve({k: v for k, v in explicit.items() if k != "resume"}, config_files, base=saved)
+        check_resume_compatible(saved, cfg, resume)
+        check_epochs_left(resume, is_run_dir, cfg.epochs)
+        target = os.path.join(_local_abspath(cfg.storage_path), cfg.name) if cfg.name else None
+        if is_run_dir and target != resume:
+            # Continued under another --name/--storage-path: Ray would look for checkpoints in the new
+            # folder and find none, so start from the old run's latest checkpoint explicitly.
+            cfg = dataclasses.replace(cfg, resume=latest_checkpoint(resume) or resume)
+    name = cfg.name or f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # On a cluster someone else started, `~/data` means each node's own home: expanded on the node.
+    joined = cfg.address is not None
+    cfg = dataclasses.replace(cfg, name=name, storage_path=_local_abspath(cfg.storage_path),
+                              data_dir=worker_path(cfg.data_dir, joined_cluster=joined),
+                              weights=worker_path(cfg.weights, joined_cluster=joined), resume=_local_abspath(cfg.resume))
+    check_storage(cfg.storage_path)
+    if cfg.log_dir is None and not is_uri(cfg.storage_path):
+        cfg = dataclasses.replace(cfg, log_dir=os.path.join(cfg.storage_path, name, "tensorboard"))
+    cfg = dataclasses.replace(cfg, log_dir=_local_abspath(cfg.log_dir))
+    if cfg.address is None:
+        # A local cluster is this machine: check now, before it starts. On a cluster the data lives on the
+        # nodes that run the workers, so each node's first worker checks it there (engine.load_data_once_per_node).
+        check_data(cfg.dataset, cfg.data_dir, cfg.download)
+    if not cfg.resume:  # a resumed run takes its weights from the checkpoint
+        check_weights(cfg, on_this_machine=cfg.address is None)
+    return cfg
+
+
+def check_storage(path: str, flag: str = "--storage-path") -> None:
+    """A local storage folder this machine can create and write in: else one line now, not an error
+    after the cluster has started. (A URI is checked by Ray's storage layer when the run starts.)"""
+    import tempfile
+
+    if is_uri(path):
+        return
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{flag} {path}: {existing} is a file, not a folder; give a folder path")
+    try:  # os.access says yes to root on read-only mounts and /proc: try it, leaving nothing behind
+        os.rmdir(tempfile.mkdtemp(prefix=".raydist-write-check-", dir=existing))
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot create folders in {existing} ({exc.strerror or exc}); give a "
+                          f"folder this user can write") from None
+
+
+def check_weights(cfg: TrainConfig, *, on_this_machine: bool = True) -> None:
+    """The starting weights (--pretrained, --weights) exist and fit the model: else one ConfigError, before
+    anything starts. On a cluster someone else started (`on_this_machine` False) the workers' nodes may
+    hold files this machine lacks: what is here is checked, what is not is left to each node's workers."""
+    from raydist.models.transfer import (WeightsError, build_model, pretrained_cache_file, pretrained_source,
+                                         read_weights_file)
+
+    try:
+        if cfg.weights:
+            if not on_this_machine and not is_uri(cfg.weights) and not os.path.exists(os.path.expanduser(cfg.weights)):
+                return
+            source = read_weights_file(cfg.weights)
+        elif cfg.pretrained:
+            if not on_this_machine and not os.path.exists(pretrained_cache_file(cfg.model)):
+                return
+            source = pretrained_source(cfg.model)  # downloads into this machine's cache once, if it can
+        else:
+            return
+        build_model(cfg.model, num_classes=cfg.num_classes(), grey_input=cfg.grey_input, source=source)
+    except WeightsError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+# A checkpoint's weights and optimizer state fit only the same network, classes and optimizer type. Every
+# other setting (LR, decay, momentum, batch, workers, epochs, schedule) applies to the resumed run as given.
+RESUME_FIXED = ("model", "dataset", "fake_num_classes", "optimizer", "classes", "grey_input",  # the shapes
+                "val_fraction")  # another split would move trained-on images into validation
+
+
+def check_resume_compatible(saved: dict, cfg: TrainConfig, resume: str) -> None:
+    # A transfer run's optimizer holds a group per unit (head, stages), a run from scratch two in all.
+    was_transfer = bool(saved.get("pretrained") or saved.get("weights"))
+    if cfg.starts_pretrained() != was_transfer:
+        raise ConfigError(f"--resume {resume}: the run started "
+                          f"{'from pretrained weights' if was_transfer else 'from scratch'}; a checkpoint continues "
+                          f"as it started (its weights come from the checkpoint): drop --pretrained/--weights "
+                          f"or start a new run")
+    for name in RESUME_FIXED:
+        old = saved.get(name, getattr(TrainConfig, name))
+        if getattr(cfg, name) != old:
+            old = "unset" if old is None else old
+            raise ConfigError(f"--resume {resume}: --{name.replace('_', '-')} {getattr(cfg, name)} differs from "
+                              f"the run's {old}; a checkpoint continues with the same {name} (start a new run "
+                              f"with --{name.replace('_', '-')} {getattr(cfg, name)} instead)")
+
+
+def check_data(dataset: str, data_dir: str, download: bool, hint: str = "") -> None:
+    """A data set read from files must be there, whole (or be downloaded): else one ConfigError naming the
+    missing or damaged file, before Ray starts. Every file is read, the training files included."""
+    if DATASETS[dataset].needs_files and not download:
+        try:
+            check_files(dataset, data_dir)
+        except (DatasetNotFound, DataFileCorrupt) as exc:
+            raise ConfigError(f"{exc}{hint}") from None
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunSummary:
+    run_dir: str
+    history: list[dict]
+    final_model: str
+    best_checkpoint: Optional[str]
+    best_val_acc: Optional[float]
+    seconds: float
+
+
+def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: bool = False) -> RunSummary:
+    """Run `cfg` on the connected (or a new local) cluster as a TorchTrainer: `python -m raydist.train`, and
+    every Tune trial with two or more workers (or all of them, when the study says so).
+
+    `cfg.resume`, when set, is a checkpoint folder to start from or the run folder being continued (whose
+    latest checkpoint Ray Train hands to the workers itself). `storage_checked`: the caller (a study) has
+    checked already that every node sees `cfg.storage_path`.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raydist import cluster
+    from raydist.engine import FINAL_MODEL_FILE, train_loop_per_worker
+
+    t0 = time.perf_counter()
+    if cfg.address is None:  # local cluster: check the machine before starting anything
+        use_gpu = cluster.check_resources(cluster_cpus=os.cpu_count() or 1, cluster_gpus=cluster.local_gpu_count(),
+                                          use_gpu=cfg.use_gpu, num_workers=cfg.num_workers,
+                                          cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
+                                          where="this machine")
+        check_sync_batchnorm(cfg, use_gpu)  # before a local cluster starts
+    cluster.connect(cfg.address)
+    # Against what the cluster can grow to (an autoscaling one may have no worker node yet); says when the
+    # run waits for new nodes, and refuses a local storage path that not every node sees.
+    use_gpu = cluster.plan_run(use_gpu=cfg.use_gpu, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
+                               gpus_per_worker=cfg.gpus_per_worker,
+                               storage_path=None if storage_checked else cfg.storage_path)
+    check_sync_batchnorm(cfg, use_gpu)
+    write_config(cfg)
+    # Every epoch of the run, across restarts after a lost worker (Result.return_value holds only the last
+    # attempt's), kept in <run>/history.jsonl by the controller; and a line each time a worker is replaced.
+    from raydist.failures import RestartNotice
+    from raydist.study_history import HistoryCallback, read_history
+
+    run_dir = f"{cfg.storage_path}/{cfg.name}"
+    checkpointed = [r["epoch"] for r in read_history(run_dir) if r.get("checkpoint_path")]
+    started_unix = time.time()
+    callbacks = [*(callbacks or []), HistoryCallback(run_dir),
+                 RestartNotice(max_failures=cfg.max_failures, start_epoch=max(checkpointed, default=0))]
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=cfg.storage_path, callbacks=callbacks,
+            # Ray Train logs every report of every rank at INFO; our rank 0 prints one line per epoch.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                                         checkpoint_score_attribute=cfg.keep_by,
+                                                         checkpoint_score_order=metric_mode(cfg.keep_by))),
+    )
+    result = trainer.fit()
+    # This run's epochs: the ones reported since it started (a run resumed in place has older ones on record).
+    history = [r for r in read_history(run_dir) if r.get("reported_unix", 0) >= started_unix] \
+        or result.return_value or ([result.metrics] if result.metrics else [])
+    sign = 1 if metric_mode(cfg.keep_by) == "max" else -1
+    best = max(result.best_checkpoints or [], key=lambda pair: sign * pair[1].get(cfg.keep_by, -sign * math.inf),
+               default=None)
+    return RunSummary(run_dir=result.path, history=history, final_model=f"{result.path}/{FINAL_MODEL_FILE}",
+                      best_checkpoint=best[0].path if best else None,
+                      best_val_acc=best[1]["val_acc"] if best else None, seconds=time.perf_counter() - t0)
+
+
+def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict], None],
+                 started_unix: Optional[float] = None) -> RunSummary:
+    """A one-worker Tune trial, trained in the trial's own process: no Train controller, worker group or
+    process group to start, which is most of a small trial's start-up. The run folder is kept as a
+    TorchTrainer run keeps it (config.yaml, checkpoint_epoch_NNNN/ ranked by keep_by, model_final.pt,
+    tensorboard/), history.jsonl gets each epoch before Tune does, and a trial that Tune restarts (after a
+    failure, or on a study's --resume) continues from the latest readable checkpoint in its run folder.
+    `on_report(metrics)` hands each epoch to Tune (ray.tune.report, in raydist.tune). The trial's resources
+    are the worker's: on a GPU trial Ray has made its one GPU the process's cuda:0. `started_unix`: when the
+    trial started, for the history's timings (default: now)."""
+    import ray
+    import torch
+
+    from raydist.engine import FINAL_MODEL_FILE, run, run_folder_context
+    from raydist.run_folder import latest_readable_checkpoint
+    from raydist.study_history import HistoryWriter
+
+    t0, started = time.perf_counter(), time.time()
+    write_config(cfg)
+    run_dir = f"{cfg.storage_path}/{cfg.name}"
+    history = HistoryWriter(trial_path, started_unix)
+    latest = latest_readable_checkpoint(run_dir)  # skips, with a line, a latest one cut short by a crash
+    resume_state = latest[1] if latest else None
+    if latest:
+        print(f"resuming from {latest[0]}", flush=True)
+
+    def report(metrics: dict, checkpoint_path: Optional[str]) -> None:
+        history.add(metrics, checkpoint_path)  # on record first, whatever Tune then decides
+        on_report({**metrics, "checkpoint_path": checkpoint_path})
+
+    device = torch.device("cuda", 0) if ray.get_gpu_ids() else torch.device("cpu")  # RAY
+    ctx = run_folder_context(cfg, run_dir=run_dir, device=device, report=report, resume_state=resume_state,
+                             node_id=ray.get_runtime_context().get_node_id(),  # RAY
+                             kept=history.kept_checkpoints() if resume_state else None)
+    try:
+        run(cfg, ctx)
+    except BaseException as exc:
+        from raydist.failures import keep_traceback
+
+        keep_traceback(exc, where=f"the trial's process on node {ctx.node_id}")
+        raise
+    finally:
+        if ctx.publish_logs:  # remote storage: the events were copied into the run folder
+            import shutil
+
+            shutil.rmtree(ctx.log_dir, ignore_errors=True)
+    epochs = [r for r in history.records if r.get("reported_unix", 0) >= started]  # this attempt's
+    sign = 1 if metric_mode(cfg.keep_by) == "max" else -1
+    best = max(history.kept_checkpoints(), key=lambda c: sign * c[0].get(cfg.keep_by, -sign * math.inf),
+               default=None)
+    return RunSummary(run_dir=run_dir, history=epochs, final_model=f"{run_dir}/{FINAL_MODEL_FILE}",
+                      best_checkpoint=best[1] if best else None, best_val_acc=best[0]["val_acc"] if best else None,
+                      seconds=time.perf_counter() - t0)
+
+
+def check_sync_batchnorm(cfg: TrainConfig, use_gpu: bool) -> None:
+    """PyTorch's SyncBatchNorm runs on GPUs only: on CPU workers every worker would die after the cluster
+    started. (One worker has nothing to synchronise; the loop leaves its BatchNorm as it is.)"""
+    if cfg.sync_batchnorm and cfg.num_workers > 1 and not use_gpu:
+        raise ConfigError(f"--sync-batchnorm needs GPU workers (PyTorch's SyncBatchNorm runs on CUDA only) but "
+                          f"these {cfg.num_workers} workers train on CPUs; drop --sync-batchnorm or add --use-gpu")
+
+
+def failure_cause(exc: BaseException) -> str:
+    """One line for a failed run: a worker's own message when it names a user-side cause (data or a
+    checkpoint missing on a node, out of memory), else the innermost exception of the worker that raised
+    (raydist.failures.root_cause)."""
+    from raydist.failures import root_cause
+
+    return root_cause(exc)
