@@ -17,6 +17,15 @@ accuracies, so every run of every side reaches it; --bars adds fixed bars, which
 time to a bar is from the command's start to the report that reached it (whole seconds), start-up included.
 --merge adds the runs of an earlier --json (same study and trials; other seeds) to the analysis.
 Also reported: each trial's start-up (its start to the end of its first epoch, minus that epoch's own time).
+
+    python benchmarks/hpo_efficiency.py --trial-paths [--repeats 3] [--json docs/trial_paths.json]
+
+compares where one-worker trials train instead: the study as it is (its searcher, scheduler and seed) with
+`--one-worker-trials in_process` against `trainer` (every trial a TorchTrainer, raydist's path before in-process
+trials), --repeats pairs with the order alternating: the command's wall time, and per trial its start-up two
+ways: from the trial function's start (results.csv `startup_s`) and from Tune's start of the trial's actor
+(its first result's `time_this_iter_s`, which also counts the actor's start, less that epoch's time). --address
+runs everything on a running cluster (each run otherwise starts its own).
 """
 
 import argparse
@@ -57,6 +66,8 @@ def run_study(name: str, flags: list[str], study_file: str, seed: int, args, fol
     start = time.time()
     command = [sys.executable, "-m", "raydist.tune", "--search-space", study_file, *flags, "--set", f"seed={seed}",
                "--storage-path", folder, "--name", name]
+    if args.address:
+        command += ["--address", args.address]
     if args.num_samples:
         command += ["--num-samples", str(args.num_samples)]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -65,19 +76,24 @@ def run_study(name: str, flags: list[str], study_file: str, seed: int, args, fol
         sys.exit(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     experiment = os.path.join(folder, name)
     reports = []  # [timestamp, trial's own clock, trial, epoch, val_acc]
+    tune_startups = []  # Tune's view: from the trial actor's start to its first result, less that epoch
     with open(os.path.join(experiment, "results.csv"), newline="") as fh:
         rows = list(csv.DictReader(fh))
     for row in rows:
         with open(os.path.join(experiment, f"trial_{row['trial_id']}", "result.json")) as fh:
-            for line in fh:
+            for i, line in enumerate(fh):
                 r = json.loads(line)
                 reports.append([r["timestamp"], r["time_total_s"], row["trial_id"], r["epoch"], r["val_acc"]])
+                if i == 0:
+                    tune_startups.append(r["time_this_iter_s"] - r["epoch_time_s"])
     reports.sort()
     startups = [float(r["startup_s"]) for r in rows if r["startup_s"]]
     return {"start_unix": start, "seconds": seconds, "reports": reports, "load_before": load_before,
             "load_after": load_average(), "best": max(r[4] for r in reports), "trial_epochs": len(reports),
             "stopped_early": sum(r["status"] == "stopped early" for r in rows), "trials": len(rows),
-            "startup_median_s": statistics.median(startups) if startups else None,
+            "startup_median_s": statistics.median(startups) if startups else None, "startups_s": startups,
+            "tune_startup_median_s": statistics.median(tune_startups) if tune_startups else None,
+            "tune_startups_s": tune_startups,
             "configs": [{k: row.get(k) for k in ("trial_id", "status", "lr", "batch_size", "epochs_run")}
                         for row in rows]}
 
@@ -100,8 +116,14 @@ def main():
     parser.add_argument("--keep", metavar="DIR", help="keep the experiment folders in DIR (default: a temp folder)")
     parser.add_argument("--json", default="", help="write the raw reports here (e.g. docs/hpo_efficiency.json)")
     parser.add_argument("--merge", metavar="JSON", help="an earlier --json whose runs (other seeds) join the analysis")
+    parser.add_argument("--trial-paths", action="store_true",
+                        help="compare in-process one-worker trials with TorchTrainer ones instead (see above)")
+    parser.add_argument("--repeats", type=int, default=3, help="--trial-paths: pairs of runs")
+    parser.add_argument("--address", help="run every study on this running cluster")
     args = parser.parse_args()
     env = environment(sys.argv)
+    if args.trial_paths:
+        return compare_trial_paths(args, env)
     names = list(SIDES)
     runs = {name: {} for name in names}  # side -> seed -> run
     if args.merge:
@@ -177,6 +199,48 @@ def main():
         with open(args.json, "w") as fh:
             json.dump({"environment": env, "settings": vars(args), "bars": bars, "results": results,
                        "runs": {n: {str(s): r for s, r in side.items()} for n, side in runs.items()}}, fh)
+        print(f"raw results: {args.json}")
+
+
+PATHS = {"in_process": ["--one-worker-trials", "in_process"], "trainer": ["--one-worker-trials", "trainer"]}
+
+
+def compare_trial_paths(args, env: dict) -> None:
+    """The study with in-process one-worker trials against every trial a TorchTrainer, pairs alternating."""
+    pairs = []
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = os.path.abspath(args.keep) if args.keep else scratch
+        os.makedirs(folder, exist_ok=True)
+        study_file = find_study_file(args.search_space)
+        for repeat in range(args.repeats):
+            order = ("in_process", "trainer") if repeat % 2 == 0 else ("trainer", "in_process")
+            pair = {"order": order}
+            for path in order:
+                with ray_lock(args.lock):
+                    pair[path] = run_study(f"{path}-{repeat}", PATHS[path], study_file, 0, args, folder)
+            pair["wall_ratio"] = pair["in_process"]["seconds"] / pair["trainer"]["seconds"]
+            pairs.append(pair)
+            print(f"pair {repeat + 1} ({' then '.join(order)}): " + "; ".join(
+                f"{p}: {pair[p]['seconds']:.0f} s, start-up median {pair[p]['startup_median_s']:.1f} s "
+                f"(from Tune's start {pair[p]['tune_startup_median_s']:.1f} s), best {pair[p]['best']:.2%}"
+                for p in PATHS) + f"; wall in_process / trainer {pair['wall_ratio']:.2f}", flush=True)
+    result = {path: {"seconds": summary([p[path]["seconds"] for p in pairs], 1),
+                     "startup_s": summary([s for p in pairs for s in p[path]["startups_s"]], 2),
+                     "tune_startup_s": summary([s for p in pairs for s in p[path]["tune_startups_s"]], 2),
+                     "best": summary([p[path]["best"] for p in pairs])} for path in PATHS}
+    result["wall_ratio"] = summary([p["wall_ratio"] for p in pairs], 3)
+    env["load_average_end"] = load_average()
+    print(describe(env) + f"; load average at end {env['load_average_end']}")
+    print(f"study {args.search_space} as shipped, {args.repeats} pairs (median, min-max)")
+    for path in PATHS:
+        r = result[path]
+        print(f"{path:>10}: wall {spread(r['seconds'], '{:.0f}')} s; per-trial start-up "
+              f"{spread(r['startup_s'], '{:.1f}')} s from the trial function's start, "
+              f"{spread(r['tune_startup_s'], '{:.1f}')} s from Tune's start of the trial; best {spread(r['best'], '{:.2%}')}")
+    print(f"wall time in_process / trainer: {spread(result['wall_ratio'])}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"environment": env, "settings": vars(args), "result": result, "pairs": pairs}, fh)
         print(f"raw results: {args.json}")
 
 

@@ -3,6 +3,7 @@ model, data and loop in a plain single PyTorch process, alternated several times
 command start to the first training step.
 
     python benchmarks/overhead.py [--epochs 15] [--repeats 4] [--cpus 1 2] [--lock FILE] [--json docs/overhead.json]
+                                  [--address HOST:PORT]
 
 For each CPU count in --cpus (the worker's CPUs and torch threads, on both sides; 2 on a 2-core machine is
 "the worker uses every core", sharing them with Ray's own processes), --repeats pairs of runs: plain then
@@ -10,7 +11,7 @@ raydist, raydist then plain, and so on, so neither side always goes first. Stead
 over epochs 2..N of one run; the ratio raydist / plain is taken within a pair (neighbours in time) and
 reported as the median over pairs with the min-max. Load averages before and after each run go in the JSON.
 
-The raydist side starts its own local cluster: start no other Ray instance meanwhile. --lock FILE holds an
+The raydist side starts its own local cluster (or joins --address): start no other Ray instance meanwhile. --lock FILE holds an
 flock on FILE for each pair (both sides, so the two see the same neighbours), for a machine where other
 Ray users take the same lock.
 """
@@ -37,10 +38,11 @@ def plain_run(epochs: int, cpus: int, folder: str) -> dict:
             "command_s": time.time() - start}
 
 
-def raydist_run(epochs: int, cpus: int, folder: str) -> dict:
+def raydist_run(epochs: int, cpus: int, folder: str, address=None) -> dict:
     start = time.time()
     subprocess.run([sys.executable, "-m", "raydist.train", "--epochs", str(epochs), "--num-workers", "1",
-                    "--cpus-per-worker", str(cpus), "--storage-path", folder, "--name", "overhead"],
+                    "--cpus-per-worker", str(cpus), "--storage-path", folder, "--name", "overhead",
+                    *(["--address", address] if address else [])],
                    check=True, stdout=subprocess.DEVNULL)
     total = time.time() - start
     run_dir = os.path.join(folder, "overhead")
@@ -65,6 +67,7 @@ def main():
                         help="worker CPUs = torch threads, one series each (default: 1 and every core)")
     parser.add_argument("--lock", metavar="FILE", help="flock FILE for each pair of runs")
     parser.add_argument("--json", default="", help="write the raw epoch times here (e.g. docs/overhead.json)")
+    parser.add_argument("--address", help="run the raydist side on this running cluster")
     args = parser.parse_args()
     env = environment(sys.argv)
     series = {}
@@ -78,7 +81,8 @@ def main():
                     for side in order:
                         load_before = load_average()
                         where = os.path.join(folder, f"{cpus}-{repeat}-{side}")
-                        result = (plain_run if side == "plain" else raydist_run)(args.epochs, cpus, where)
+                        result = (plain_run(args.epochs, cpus, where) if side == "plain"
+                                  else raydist_run(args.epochs, cpus, where, args.address))
                         pair[side] = result | {"steady_epoch_s": steady(result["epoch_times"]),
                                                "load_before": load_before, "load_after": load_average()}
                 pair["order"] = order

@@ -1,0 +1,285 @@
+"""`python -m raydist.scaling`: how the global batch size changes synchronous data-parallel training.
+
+    python -m raydist.scaling                                         # digits, 1-2 CPU workers, batches 32-128
+    python -m raydist.scaling --workers 1 2 4 8 --batch-sizes 64 128 256 --target 0.93 \
+        --dataset cifar10 --data-dir ~/data --model resnet18 --epochs 30 --use-gpu --address auto
+
+The question of the Horovod batch-size study raydist replaces. For every worker count x per-worker batch
+size of the grid, and for each LR rule, one raydist training run (`raydist.launch.fit`, one after the other
+on one cluster) that stops when validation accuracy reaches --target:
+- rule `linear`: the linear scaling rule with warmup, raydist's own: the peak LR is --lr per 256 images of
+  the global batch, reached after --warmup-epochs;
+- rule `none`: the peak LR of the grid's smallest global batch for every batch (no scaling), no warmup.
+Reported per run: steady training throughput (median images/s over epochs 2 and later), scaling efficiency
+(images/s over workers x the images/s of the fewest workers with the same per-worker batch, per worker),
+the epochs and training seconds to the target, and the best validation accuracy. Every flag not listed
+under "scaling" is a `raydist.train` flag and sets the runs' common config.
+
+Written to --out (default runs/scaling-<time>/): results.md (the table, with machine, command and date),
+results.csv, throughput.png (images/s against workers, per batch size, with linear scaling dashed) and
+accuracy.png (epochs to the target and best validation accuracy against the global batch, per rule), and
+each run's own folder. Bad input exits 2 before any cluster starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Optional
+
+from raydist.config import ConfigError, TrainConfig, parse_cli
+
+RULES = ("linear", "none")
+
+
+@dataclasses.dataclass
+class Point:
+    """One run of the grid and what it measured."""
+    workers: int
+    batch: int  # per worker
+    rule: str
+    cfg: TrainConfig
+    images_per_s: Optional[float] = None
+    epochs_to_target: Optional[int] = None
+    seconds_to_target: Optional[float] = None
+    best_val_acc: Optional[float] = None
+    epochs_run: int = 0
+    efficiency: Optional[float] = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.workers * self.batch * self.cfg.grad_accum
+
+
+# ---- the grid ---------------------------------------------------------------------------------------------
+
+
+def build_grid(base: TrainConfig, *, workers: list[int], batches: list[int], rules: list[str], target: float,
+               out: str) -> list[Point]:
+    """Every run's validated config; the `none` rule keeps the peak LR of the smallest global batch."""
+    for name, values in (("--workers", workers), ("--batch-sizes", batches)):
+        bad = [v for v in values if v < 1]
+        if bad:
+            raise ConfigError(f"{name} must be positive integers, got {bad[0]}")
+    if not 0 < target <= 1:
+        raise ConfigError(f"--target must be a validation accuracy in (0, 1], got {target}")
+    reference = min(workers) * min(batches) * base.grad_accum
+    points = []
+    for rule in rules:
+        for w in sorted(set(workers)):
+            for b in sorted(set(batches)):
+                global_batch = w * b * base.grad_accum
+                # raydist's LR is per 256 images and scaled by the global batch: undo that for `none`
+                lr = base.lr if rule == "linear" else base.lr * reference / global_batch
+                cfg = dataclasses.replace(base, num_workers=w, batch_size=b, lr=lr,
+                                          warmup_epochs=base.warmup_epochs if rule == "linear" else 0.0,
+                                          target_accuracy=target, patience=1, storage_path=out,
+                                          name=f"w{w}-b{b}-{rule}", resume=None)
+                try:
+                    cfg.validate()
+                except ConfigError as exc:
+                    raise ConfigError(f"{w} worker(s) x batch {b} ({rule}): {exc}") from None
+                points.append(Point(w, b, rule, cfg))
+    return points
+
+
+def measure(point: Point, history: list[dict], target: float) -> None:
+    """Fill in a point from its run's per-epoch metrics."""
+    steady = [h["images_per_s"] for h in history[1:]] or [h["images_per_s"] for h in history]
+    point.images_per_s = statistics.median(steady) if steady else None
+    point.epochs_run = len(history)
+    point.best_val_acc = max((h["val_acc"] for h in history), default=None)
+    reached = next((i for i, h in enumerate(history) if h["val_acc"] >= target), None)
+    if reached is not None:
+        point.epochs_to_target = int(history[reached]["epoch"])
+        point.seconds_to_target = sum(h["epoch_time_s"] for h in history[:reached + 1])
+
+
+def efficiencies(points: list[Point]) -> None:
+    """images/s per worker, relative to the fewest workers' with the same per-worker batch and rule."""
+    for p in points:
+        same = [q for q in points if q.batch == p.batch and q.rule == p.rule and q.images_per_s]
+        base = min(same, key=lambda q: q.workers, default=None)
+        if base and p.images_per_s:
+            p.efficiency = (p.images_per_s / p.workers) / (base.images_per_s / base.workers)
+
+
+# ---- the outputs ------------------------------------------------------------------------------------------
+
+
+COLUMNS = ("workers", "batch", "global_batch", "rule", "lr_peak", "images_per_s", "efficiency", "epochs_to_target",
+           "seconds_to_target", "best_val_acc", "epochs_run")
+
+
+def row(p: Point) -> dict:
+    return {"workers": p.workers, "batch": p.batch, "global_batch": p.global_batch, "rule": p.rule,
+            "lr_peak": p.cfg.lr * p.global_batch / 256, "images_per_s": p.images_per_s, "efficiency": p.efficiency,
+            "epochs_to_target": p.epochs_to_target, "seconds_to_target": p.seconds_to_target,
+            "best_val_acc": p.best_val_acc, "epochs_run": p.epochs_run}
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return "not reached" if key.endswith("to_target") else "—"
+    if key in ("efficiency", "best_val_acc"):
+        return f"{value:.1%}" if key == "best_val_acc" else f"{value:.2f}"
+    if key in ("images_per_s", "seconds_to_target"):
+        return f"{value:,.1f}"
+    if key == "lr_peak":
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown(points: list[Point], *, target: float, header: str) -> str:
+    lines = [header, "", f"Target validation accuracy {target:.1%}.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for p in points:
+        r = row(p)
+        lines.append("| " + " | ".join(_cell(k, r[k]) for k in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(points: list[Point], path: str) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        for p in points:
+            writer.writerow(row(p))
+
+
+def plot(points: list[Point], folder: str, *, target: float) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [os.path.join(folder, "throughput.png"), os.path.join(folder, "accuracy.png")]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for rule in sorted({p.rule for p in points}):
+        for batch in sorted({p.batch for p in points}):
+            line = sorted((p for p in points if p.batch == batch and p.rule == rule and p.images_per_s),
+                          key=lambda p: p.workers)
+            if not line:
+                continue
+            drawn, = ax.plot([p.workers for p in line], [p.images_per_s for p in line], marker="o",
+                             label=f"batch {batch}/worker ({rule})")
+            first = line[0]
+            ax.plot([p.workers for p in line], [first.images_per_s * p.workers / first.workers for p in line],
+                    linestyle="--", color=drawn.get_color(), alpha=0.5)
+    ax.set_xlabel("workers")
+    workers = sorted({p.workers for p in points})
+    ax.set_xticks(workers, [str(w) for w in workers])
+    ax.set_ylabel("training images/s")
+    ax.set_title("throughput against workers (dashed: linear scaling)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths[0])
+    plt.close(fig)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5), dpi=110)
+    batches = sorted({p.global_batch for p in points})
+    for rule, style in zip(sorted({p.rule for p in points}), ("-", "--")):
+        for workers in sorted({p.workers for p in points}):
+            line = sorted((p for p in points if p.rule == rule and p.workers == workers), key=lambda p: p.global_batch)
+            xs, label = [p.global_batch for p in line], f"{rule}, {workers} worker(s)"
+            left.plot(xs, [p.epochs_to_target or math.nan for p in line], marker="o", linestyle=style, label=label)
+            right.plot(xs, [p.best_val_acc for p in line], marker="o", linestyle=style, label=label)
+    left.set(xscale="log", xlabel="global batch", ylabel=f"epochs to {target:.1%}",
+             title="epochs to the target (missing: not reached)")
+    right.set(xscale="log", xlabel="global batch", ylabel="best validation accuracy", title="best validation accuracy")
+    right.axhline(target, color="grey", linestyle=":")
+    for ax in (left, right):
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        ax.legend(title="LR rule", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
+
+
+# ---- command line -----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raydist.scaling", description=__doc__.splitlines()[0], add_help=False,
+                                epilog="Every other flag is a raydist.train flag (python -m raydist.train --help).")
+    g = p.add_argument_group("scaling")
+    g.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default: 1 2)")
+    g.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128],
+                   help="per-worker batch sizes (default: 32 64 128)")
+    g.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES),
+                   help="LR rules: linear (scaled by the global batch, with warmup), none (default: both)")
+    g.add_argument("--target", type=float, default=0.9, help="validation accuracy each run stops at (default: 0.9)")
+    g.add_argument("--out", help="folder for the results and runs (default: <--storage-path>/scaling-<time>)")
+    g.add_argument("-h", "--help", action="store_true", help="show this help (and raydist.train's flags) and exit")
+    return p
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[Point]]:
+    args, rest = build_parser().parse_known_args(argv)
+    if args.help:
+        build_parser().print_help()
+        print()
+        parse_cli(["--help"], prog="raydist.scaling")  # raydist.train's flags; exits
+    base, _, _ = parse_cli(rest, prog="raydist.scaling")
+    if base.resume:
+        raise ConfigError("--resume: a scaling study starts every run afresh")
+    out = args.out or os.path.join(base.storage_path, f"scaling-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = os.path.abspath(os.path.expanduser(out))
+    points = build_grid(base, workers=args.workers, batches=args.batch_sizes, rules=args.rules, target=args.target,
+                        out=out)
+    from raydist.launch import check_storage, prepare
+
+    check_storage(out, "--out")
+    points = [dataclasses.replace(p, cfg=prepare(p.cfg, explicit={})) for p in points]
+    return args, points
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, points = parse(argv)
+    except ConfigError as exc:
+        print(f"raydist.scaling: error: {exc}", file=sys.stderr)
+        return 2
+    from raydist.launch import fit
+
+    out = points[0].cfg.storage_path
+    print(f"scaling study: {len(points)} runs ({', '.join(p.cfg.name for p in points)}) into {out}", flush=True)
+    for i, point in enumerate(points, start=1):
+        print(f"---- run {i}/{len(points)}: {point.workers} worker(s) x batch {point.batch} = global batch "
+              f"{point.global_batch}, LR rule {point.rule}", flush=True)
+        try:
+            summary = fit(point.cfg)
+        except ConfigError as exc:  # resources checked against the cluster
+            print(f"raydist.scaling: error: {exc}", file=sys.stderr)
+            return 2
+        measure(point, summary.history, args.target)
+    efficiencies(points)
+    header = (f"# Scaling study: {points[0].cfg.dataset}, {points[0].cfg.model}\n\n"
+              f"{datetime.date.today().isoformat()}; `python -m raydist.scaling {' '.join(argv)}`; "
+              f"{platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    table = markdown(points, target=args.target, header=header)
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write(table)
+    write_csv(points, os.path.join(out, "results.csv"))
+    pictures = plot(points, out, target=args.target)
+    print(table)
+    print(f"results: {os.path.join(out, 'results.md')}, {os.path.join(out, 'results.csv')}; plots: "
+          f"{', '.join(pictures)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

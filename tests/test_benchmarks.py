@@ -1,0 +1,156 @@
+"""Every benchmark script and `python -m raydist.scaling`, end to end on tiny CPU settings: they run, and
+what they write holds what their docs say. No timing is asserted; the figures belong in docs/benchmarks.md.
+The ones that need Ray run on the session cluster (--address)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import read_csv
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+TINY_STUDY = """
+num_samples: 2
+search: {algorithm: random, seed: 0}
+scheduler: {type: fifo}
+fixed: {dataset: digits, model: resnet8, num_workers: 1, epochs: 2, warmup_epochs: 0, batch_size: 64}
+searched:
+  lr: {choice: [0.4, 0.8]}
+"""
+
+
+def _bench(name: str, *args, cwd=None, timeout=900) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), *args], capture_output=True, text=True,
+                            timeout=timeout, cwd=cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_throughput_compares_raydists_loop_with_a_dataloader_loop(tmp_path):
+    out = tmp_path / "throughput.json"
+    result = _bench("throughput", "--device", "cpu", "--models", "resnet18", "resnet50_imagenet", "--batch-sizes", "8",
+                    "--steps", "2", "--steps-224", "1", "--batch-224", "2", "--loader-workers", "1", "--threads", "1",
+                    "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["input"], r["batch"]) for r in rows] == [("resnet18", 32, 8), ("resnet50_imagenet", 224, 2)]
+    assert all(r["raydist_img_s"] > 0 and r["loop_img_s"] > 0 and r["mfu_raydist"] is None for r in rows)
+    # training FLOPs counted from the layers: ResNet-18 (CIFAR) about 3 x 0.56 GFLOP, ResNet-50 about 3 x 4.1
+    flops = {r["model"]: r["train_gflop_per_image"] for r in rows}
+    assert 3.0 < flops["resnet18"] < 3.6 and 23 < flops["resnet50_imagenet"] < 26
+    assert "| resnet18 | 32 | 8 | off | on |" in result.stdout
+
+
+def test_step_costs_measures_fake_generation_and_a_checkpoints_hold_up(tmp_path):
+    out = tmp_path / "costs.json"
+    _bench("step_costs", "--models", "resnet18", "--fake-batch", "2", "--repeats", "1", "--device", "cpu",
+           "--ddp-epochs", "1", "--ddp-repeats", "1", "--json", str(out))
+    measured = json.loads(out.read_text())
+    assert measured["fake"]["int32_ms"] > 0 and measured["fake"]["int64_ms"] > 0
+    (row,) = measured["checkpoints"]
+    assert 85 < row["megabytes"] < 95  # ResNet-18's weights and momentum, 4 bytes each: 2 x 11.2M x 4
+    assert row["async_s"] > 0 and row["sync_s"] > 0
+    assert len(measured["ddp_buffer_sync"]["ratios"]) == 1
+
+
+def test_data_pipeline_runs_every_pipeline_side_by_side(tmp_path):
+    out = tmp_path / "pipeline.json"
+    _bench("data_pipeline", "--images", "64", "--rounds", "1", "--min-seconds", "0", "--workers", "1",
+           "--json", str(out))
+    assert json.loads(out.read_text())
+
+
+def test_asha_fairness_runs_both_policies(tmp_path):
+    result = _bench("asha_fairness", "--lrs", "0.4", "--short", "1", "--budget", "2")
+    assert "budget" in result.stdout and "own" in result.stdout
+
+
+def test_overhead_runs_plain_and_raydist_sides(ray_cluster, tmp_path):
+    out = tmp_path / "overhead.json"
+    _bench("overhead", "--epochs", "2", "--repeats", "1", "--cpus", "1", "--address", ray_cluster, "--json", str(out))
+    (pair,) = json.loads(out.read_text())["series"]["1"]["pairs"]
+    assert pair["ratio"] > 0 and len(pair["raydist"]["epoch_times"]) == 2
+
+
+def test_ray_docs_peer_runs_both_loops_on_ray_train(ray_cluster, tmp_path):
+    out = tmp_path / "peer.json"
+    _bench("ray_docs_peer", "--epochs", "2", "--repeats", "1", "--address", ray_cluster, "--json", str(out))
+    (pair,) = json.loads(out.read_text())["pairs"]
+    assert len(pair["raydist"]["images_per_s"]) == len(pair["ray_docs"]["images_per_s"]) == 2
+
+
+def test_hpo_efficiency_compares_the_searchers_and_where_trials_train(ray_cluster, tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY_STUDY)
+    out = tmp_path / "hpo.json"
+    _bench("hpo_efficiency", "--search-space", str(tmp_path / "tiny.yaml"), "--seeds", "0", "--num-samples", "1",
+           "--address", ray_cluster, "--json", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"random+fifo", "random+asha", "hyperopt+fifo", "hyperopt+asha"}
+    out = tmp_path / "paths.json"
+    result = _bench("hpo_efficiency", "--search-space", str(tmp_path / "tiny.yaml"), "--trial-paths", "--repeats", "1",
+                    "--address", ray_cluster, "--json", str(out))
+    paths = json.loads(out.read_text())["result"]
+    assert paths["in_process"]["startup_s"]["n"] == paths["trainer"]["startup_s"]["n"] == 2
+    assert "wall time in_process / trainer" in result.stdout
+
+
+def test_transfer_digits_runs_a_tiny_experiment(tmp_path):
+    _bench("transfer_digits", "--seeds", "0", "--epochs", "1", "--lrs", "0.2", "--variants", "scratch", "linear",
+           "--source-epochs", "1", "--accuracy-sizes", "--no-costs", "--input-size", "32", "--work-dir",
+           str(tmp_path / "work"), "--plot", str(tmp_path / "t.png"), "--json", str(tmp_path / "t.json"))
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- python -m raydist.scaling ---------------------------------------------------------------------------
+
+
+def test_scaling_runs_its_grid_and_writes_the_table_the_csv_and_the_plots(ray_cluster, tmp_path):
+    out = tmp_path / "scaling"
+    result = subprocess.run([sys.executable, "-m", "raydist.scaling", "--address", ray_cluster, "--workers", "1", "2",
+                             "--batch-sizes", "64", "--rules", "linear", "--target", "0.5", "--epochs", "4",
+                             "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = read_csv(out / "results.csv")
+    assert [(r["workers"], r["global_batch"]) for r in rows] == [("1", "64"), ("2", "128")]
+    assert all(float(r["images_per_s"]) > 0 for r in rows)
+    assert float(rows[0]["efficiency"]) == pytest.approx(1.0)  # relative to itself
+    for r in rows:  # the run stops at the target: the epoch it reached it, or it ran every epoch
+        assert r["epochs_to_target"] == r["epochs_run"] or (r["epochs_to_target"] == "" and r["epochs_run"] == "4")
+    assert any(r["epochs_to_target"] for r in rows)  # digits reaches 50% within 4 epochs
+    table = (out / "results.md").read_text()
+    assert "python -m raydist.scaling" in table and "| 2 | 64 | 128 | linear |" in table
+    for png in ("throughput.png", "accuracy.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert {p.name for p in out.iterdir() if p.is_dir()} == {"w1-b64-linear", "w2-b64-linear"}
+
+
+def test_scaling_grid_keeps_the_smallest_batchs_peak_lr_under_the_none_rule(tmp_path):
+    from raydist.config import TrainConfig
+    from raydist.scaling import build_grid
+
+    points = build_grid(TrainConfig(lr=0.4, warmup_epochs=2), workers=[1, 2], batches=[32, 64], rules=["linear", "none"],
+                        target=0.9, out=str(tmp_path))
+    peak = {(p.rule, p.workers, p.batch): p.cfg.lr * p.global_batch / 256 for p in points}
+    assert peak[("linear", 2, 64)] == pytest.approx(4 * peak[("linear", 1, 32)])  # scaled with the global batch
+    assert {round(v, 9) for k, v in peak.items() if k[0] == "none"} == {round(0.4 * 32 / 256, 9)}
+    assert {p.cfg.warmup_epochs for p in points if p.rule == "none"} == {0.0}
+    assert {p.cfg.warmup_epochs for p in points if p.rule == "linear"} == {2.0}
+    assert all(p.cfg.target_accuracy == 0.9 for p in points)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], r"--workers must be positive integers, got 0"),
+    (["--target", "1.5"], r"--target must be a validation accuracy in \(0, 1\], got 1.5"),
+    (["--batch-sizes", "2000"], r"1 worker\(s\) x batch 2000 \(linear\): --batch-size 2000 x --num-workers 1"),
+    (["--lr", "-1"], r"--lr must be positive"),
+])
+def test_scaling_bad_input_is_one_line_exit_2_before_any_cluster(tmp_path, args, message):
+    result = subprocess.run([sys.executable, "-m", "raydist.scaling", "--out", str(tmp_path / "s"), *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert re.search(message, line), line
+    assert not (tmp_path / "s").exists() and "Ray" not in result.stdout
