@@ -347,8 +347,7 @@ class TrainingState:
                     groups.append({"params": params, "unit": unit.name, "decay": decay})
         self._group_mults = [1.0 if self._unit(g["unit"]).new else backbone_lr_mult(self.cfg) for g in groups]
         cfg = self.cfg
-        # On a GPU the fused kernels update every parameter in a few launches instead of several per tensor.
-        fused = True if self.device.type == "cuda" else None
+        fused = self._fused()
         if cfg.optimizer == "adamw":
             optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(cfg.momentum, 0.999), fused=fused)
         else:
@@ -357,6 +356,10 @@ class TrainingState:
         self._apply_hyperparameters(optimizer)
         return optimizer
 
+    def _fused(self) -> Optional[bool]:
+        # On a GPU the fused kernels update every parameter in a few launches instead of several per tensor.
+        return True if self.device.type == "cuda" else None
+
     def _unit(self, name: str) -> Unit:
         return next(u for u in self.units if u.name == name)
 
@@ -364,7 +367,7 @@ class TrainingState:
         """This run's weight decay, momentum and LR multipliers in every group (groups loaded from a
         checkpoint carry the old run's; the LR itself is set by the Schedule)."""
         cfg = self.cfg
-        fused = True if self.device.type == "cuda" else None  # a checkpoint saved on another device says otherwise
+        fused = self._fused()  # a checkpoint saved on another device says otherwise
         for group, mult in zip(optimizer.param_groups, self._group_mults):
             group["lr_mult"] = mult
             group["fused"] = fused
@@ -496,12 +499,21 @@ class TrainingState:
                 f"{len(self.optimizer.param_groups)} (units: {', '.join(u.name for u in self.units)}); it was saved "
                 f"by an earlier raydist: start a new run from its weights with --weights <its checkpoint.pt>")
         self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])  # keeps the momentum buffers ...
+        # keeps the momentum buffers ...
+        self.optimizer.load_state_dict(with_fused_flag(state["optimizer"], self._fused()))
         self._apply_hyperparameters(self.optimizer)  # ... but this run's decay, momentum and LR multipliers
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.early_stop.hits = state["epoch"], state.get("early_stop_hits", 0)
         self.first_train_loss = state.get("first_train_loss")
         self._place_schedule()
+
+
+def with_fused_flag(optimizer_state: dict, fused: Optional[bool]) -> dict:
+    """A saved optimizer state whose groups say this run's `fused`. PyTorch's load_state_dict places each
+    Adam `step` by the *saved* groups' flag: a checkpoint written on CPUs (not fused) would leave the steps
+    on the CPU for a fused GPU optimizer, whose first update then fails on the device mismatch."""
+    groups = [{**group, "fused": fused} for group in optimizer_state["param_groups"]]
+    return {**optimizer_state, "param_groups": groups}
 
 
 def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
@@ -603,9 +615,8 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
                 if ctx.publish_logs:
                     ctx.publish_logs()
         if save and metrics["stop_reason"] != DIVERGED:  # a diverged model is not worth keeping
-            t_save = time.perf_counter()
-            _report_with_checkpoint(ctx, metrics, state.state_dict(metrics) if rank == 0 else None)
-            hint = checkpoint_hint(time.perf_counter() - t_save, metrics["epoch_time_s"], cfg.checkpoint_every or 1)
+            save_s = _report_with_checkpoint(ctx, metrics, state.state_dict(metrics) if rank == 0 else None)
+            hint = checkpoint_hint(save_s, metrics["epoch_time_s"], cfg.checkpoint_every or 1)
             if rank == 0 and hint and not checkpoint_hinted:
                 print(hint, flush=True)
                 checkpoint_hinted = True
@@ -681,15 +692,20 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
     return splits or load()
 
 
-def _report_with_checkpoint(ctx: WorkerContext, metrics: dict, state: Optional[dict]) -> None:
+def _report_with_checkpoint(ctx: WorkerContext, metrics: dict, state: Optional[dict]) -> float:
     """Report `metrics` with a checkpoint of `state` (rank 0; the other ranks pass None). The report owns
-    the local folder and removes it once the checkpoint is stored (Ray: after its background upload)."""
+    the local folder and removes it once the checkpoint is stored (Ray Train: after its background upload;
+    a one-worker trial: copied before the report returns). Returns the seconds spent serialising and
+    writing the checkpoint, which is what holds training up (the report itself may also wait for Tune)."""
     if state is None:  # ranks other than 0 report metrics only
         ctx.report(metrics, None)
-        return
+        return 0.0
+    t0 = time.perf_counter()
     folder = tempfile.mkdtemp(prefix="raydist-ckpt-")
     torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+    seconds = time.perf_counter() - t0
     ctx.report(metrics, folder)
+    return seconds
 
 
 CHECKPOINT_BUDGET = 0.1  # a checkpoint holding training up longer than this share of its epoch gets a hint

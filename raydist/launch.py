@@ -268,7 +268,7 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
     device = torch.device("cuda", 0) if ray.get_gpu_ids() else torch.device("cpu")  # RAY
     ctx = run_folder_context(cfg, run_dir=run_dir, device=device, report=report, resume_state=resume_state,
                              node_id=ray.get_runtime_context().get_node_id(),  # RAY
-                             kept=history.kept_checkpoints() if resume_state else None)
+                             kept=_checkpoints_in_folder(history, run_dir, latest) if latest else None)
     try:
         run(cfg, ctx)
     except BaseException as exc:
@@ -281,13 +281,39 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
             import shutil
 
             shutil.rmtree(ctx.log_dir, ignore_errors=True)
-    epochs = [r for r in history.records if r.get("reported_unix", 0) >= started]  # this attempt's
+    epochs = [r for r in history.records  # this attempt's
+              if r.get("reported_unix", 0) >= started and not r.get("recovered")]
     sign = 1 if metric_mode(cfg.keep_by) == "max" else -1
     best = max(history.kept_checkpoints(), key=lambda c: sign * c[0].get(cfg.keep_by, -sign * math.inf),
                default=None)
     return RunSummary(run_dir=run_dir, history=epochs, final_model=f"{run_dir}/{FINAL_MODEL_FILE}",
                       best_checkpoint=best[1] if best else None, best_val_acc=best[0]["val_acc"] if best else None,
                       seconds=time.perf_counter() - t0)
+
+
+def _checkpoints_in_folder(history, run_dir: str, latest: tuple[str, dict]) -> list[tuple[dict, str]]:
+    """(metrics, path) of every checkpoint in a resumed trial's run folder, for the ranking that decides
+    which are kept. A trial's process that died after writing a checkpoint but before its report left that
+    checkpoint without a history record: its metrics come from the checkpoint, and when it is the one the
+    trial resumes from, its epoch goes on record (the learning curve has no hole, and the folder is pruned
+    like any other)."""
+    from raydist.engine import CorruptCheckpoint
+    from raydist.run_folder import checkpoint_folders, read_checkpoint
+
+    kept = history.kept_checkpoints()
+    recorded = {path for _, path in kept}
+    for path in checkpoint_folders(run_dir):
+        if path in recorded:
+            continue
+        try:
+            state = latest[1] if path == latest[0] else read_checkpoint(path)
+        except CorruptCheckpoint:
+            continue  # cut short: never resumed from, left for the user to see
+        if isinstance(state.get("metrics"), dict):
+            kept.append((state["metrics"], path))
+            if path == latest[0]:
+                history.recover(state["metrics"], path)
+    return kept
 
 
 def check_sync_batchnorm(cfg: TrainConfig, use_gpu: bool) -> None:

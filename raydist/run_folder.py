@@ -113,25 +113,41 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
 def latest_readable_checkpoint(run_dir: str) -> Optional[tuple[str, dict]]:
     """(folder, content) of the run folder's latest readable checkpoint (as latest_checkpoint), or None."""
+    from raydist.engine import CorruptCheckpoint
+
+    for folder in reversed(checkpoint_folders(run_dir)):
+        try:
+            return folder, read_checkpoint(folder)
+        except CorruptCheckpoint as exc:
+            print(f"warning: {exc}; skipping it", file=sys.stderr, flush=True)
+    return None
+
+
+def checkpoint_folders(run_dir: str) -> list[str]:
+    """The run folder's `checkpoint_epoch_NNNN` folders that hold a checkpoint file, oldest first."""
+    import pyarrow.fs
+
+    from raydist.engine import CHECKPOINT_FILE
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)  # an absolute local path or a URI
+    found = sorted(os.path.basename(info.path)
+                   for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+                   if os.path.basename(info.path).startswith(CHECKPOINT_PREFIX)
+                   and fs.get_file_info(f"{info.path}/{CHECKPOINT_FILE}").type == pyarrow.fs.FileType.File)
+    return [f"{run_dir}/{name}" for name in found]
+
+
+def read_checkpoint(folder: str) -> dict:
+    """A checkpoint folder's content (local or URI); CorruptCheckpoint when it cannot be read."""
     import io
 
     import pyarrow.fs
 
-    from raydist.engine import CHECKPOINT_FILE, CorruptCheckpoint, load_checkpoint_file
+    from raydist.engine import CHECKPOINT_FILE, load_checkpoint_file
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)  # an absolute local path or a URI
-    found = sorted(os.path.basename(info.path) for info in fs.get_file_info(pyarrow.fs.FileSelector(root))
-                   if os.path.basename(info.path).startswith(CHECKPOINT_PREFIX)
-                   and fs.get_file_info(f"{info.path}/{CHECKPOINT_FILE}").type == pyarrow.fs.FileType.File)
-    for name in reversed(found):
-        try:
-            with fs.open_input_stream(f"{root}/{name}/{CHECKPOINT_FILE}") as fh:
-                state = load_checkpoint_file(io.BytesIO(fh.read()), name=f"{run_dir}/{name}/{CHECKPOINT_FILE}")
-        except CorruptCheckpoint as exc:
-            print(f"warning: {exc}; skipping it", file=sys.stderr, flush=True)
-            continue
-        return f"{run_dir}/{name}", state
-    return None
+    fs, inner = pyarrow.fs.FileSystem.from_uri(folder)
+    with fs.open_input_stream(f"{inner}/{CHECKPOINT_FILE}") as fh:
+        return load_checkpoint_file(io.BytesIO(fh.read()), name=f"{folder}/{CHECKPOINT_FILE}")
 
 
 def write_config(cfg: TrainConfig) -> None:

@@ -35,7 +35,7 @@ import sys
 import time
 from typing import Optional
 
-from raydist.config import ConfigError, TrainConfig, parse_cli
+from raydist.config import ConfigError, TrainConfig, _Parser, parse_cli
 
 RULES = ("linear", "none")
 
@@ -211,9 +211,17 @@ def plot(points: list[Point], folder: str, *, target: float) -> list[str]:
 # ---- command line -----------------------------------------------------------------------------------------
 
 
+# raydist.train settings every run of the grid sets itself: given as flags (or in a --config file) they
+# would be overridden silently, so they are refused.
+SET_BY_THE_GRID = {"num_workers": "--workers", "batch_size": "--batch-sizes", "target_accuracy": "--target",
+                   "patience": "--target (a run stops at the first epoch that reaches it)",
+                   "name": "--out (each run is named w<workers>-b<batch>-<rule>)", "resume": None}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="raydist.scaling", description=__doc__.splitlines()[0], add_help=False,
-                                epilog="Every other flag is a raydist.train flag (python -m raydist.train --help).")
+    p = _Parser(prog="raydist.scaling", description=__doc__.splitlines()[0], add_help=False, allow_abbrev=False,
+                epilog="Every other flag is a raydist.train flag (python -m raydist.train --help), except "
+                       + ", ".join("--" + k.replace("_", "-") for k in SET_BY_THE_GRID) + ", which the grid sets.")
     g = p.add_argument_group("scaling")
     g.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default: 1 2)")
     g.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128],
@@ -232,18 +240,57 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[Point]]:
         build_parser().print_help()
         print()
         parse_cli(["--help"], prog="raydist.scaling")  # raydist.train's flags; exits
-    base, _, _ = parse_cli(rest, prog="raydist.scaling")
-    if base.resume:
-        raise ConfigError("--resume: a scaling study starts every run afresh")
+    base, explicit, config_files = parse_cli(rest, prog="raydist.scaling")
+    check_not_set_by_the_grid(explicit, config_files)
+    from raydist.run_folder import is_uri
+
     out = args.out or os.path.join(base.storage_path, f"scaling-{time.strftime('%Y%m%d-%H%M%S')}")
+    if is_uri(out):
+        raise ConfigError(f"--out {out}: the study writes its table and plots with local files; give a local "
+                          f"folder (or a mounted one) as --out, or a local --storage-path")
     out = os.path.abspath(os.path.expanduser(out))
     points = build_grid(base, workers=args.workers, batches=args.batch_sizes, rules=args.rules, target=args.target,
                         out=out)
+    taken = [p.cfg.name for p in points if os.path.exists(os.path.join(out, p.cfg.name))]
+    if taken:  # Ray Train would continue such a run from its checkpoints, and its figures would be the old run's
+        raise ConfigError(f"--out {out} holds run folders of an earlier study ({', '.join(taken)}); give a new "
+                          f"--out (each study measures fresh runs)")
     from raydist.launch import check_storage, prepare
 
     check_storage(out, "--out")
     points = [dataclasses.replace(p, cfg=prepare(p.cfg, explicit={})) for p in points]
+    if base.address is None:  # a local cluster is this machine: the grid's largest run must fit it
+        check_largest_fits(points, cpus=os.cpu_count() or 1, gpus=None, where="this machine")
     return args, points
+
+
+def check_not_set_by_the_grid(explicit: dict, config_files: list[str]) -> None:
+    import yaml
+
+    given = [(f"--{key.replace('_', '-')}", key) for key in explicit]
+    for path in config_files:
+        with open(os.path.expanduser(path)) as fh:
+            given += [(f"{key} in {path}", key) for key in (yaml.safe_load(fh) or {})]
+    for where, key in given:
+        if key in SET_BY_THE_GRID:
+            instead = SET_BY_THE_GRID[key]
+            raise ConfigError(f"{where}: every run of the grid sets {key} itself"
+                              + (f"; use {instead}" if instead else "; a scaling study starts every run afresh"))
+
+
+def check_largest_fits(points: list[Point], *, cpus: float, gpus: Optional[float], where: str) -> None:
+    """Every run fits the cluster, checked on the grid's largest before the first run starts (not hours
+    later, when its turn comes). `gpus` None: this machine's count."""
+    from raydist import cluster
+
+    largest = max(points, key=lambda p: p.workers)
+    cfg = largest.cfg
+    try:
+        cluster.check_resources(cluster_cpus=cpus, cluster_gpus=cluster.local_gpu_count() if gpus is None else gpus,
+                                use_gpu=cfg.use_gpu, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
+                                gpus_per_worker=cfg.gpus_per_worker, where=where)
+    except ConfigError as exc:
+        raise ConfigError(f"the grid's largest run ({cfg.name}): {exc}") from None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -255,6 +302,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     from raydist.launch import fit
 
+    if points[0].cfg.address is not None:  # a cluster someone else started: as large as it can grow
+        from raydist import cluster
+
+        try:
+            cluster.connect(points[0].cfg.address)
+            cap = cluster.capacity()
+            check_largest_fits(points, cpus=cap.max_cpus, gpus=cap.max_gpus, where=cap.where)
+        except ConfigError as exc:
+            print(f"raydist.scaling: error: {exc}", file=sys.stderr)
+            return 2
     out = points[0].cfg.storage_path
     print(f"scaling study: {len(points)} runs ({', '.join(p.cfg.name for p in points)}) into {out}", flush=True)
     for i, point in enumerate(points, start=1):

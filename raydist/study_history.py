@@ -99,6 +99,18 @@ class HistoryWriter:
         self.records = [r for r in self.records if r.get("epoch", math.inf) < record["epoch"]] + [record]
         _write_history(self.trial_path, self.records)
 
+    def recover(self, metrics: dict, checkpoint_path: str) -> None:
+        """Put on record an epoch whose checkpoint was written but whose report was not (the process died
+        in between): its metrics come from the checkpoint; its time is the epoch's own, added to the
+        time already spent."""
+        record = dict(metrics)
+        seconds = record.get("epoch_time_s", 0.0)
+        self.spent_before += seconds
+        record.update(checkpoint_path=checkpoint_path, reported_unix=time.time(), time_this_iter_s=seconds,
+                      time_total_s=self.spent_before, recovered=True)
+        self.records = [r for r in self.records if r.get("epoch", math.inf) < record["epoch"]] + [record]
+        _write_history(self.trial_path, self.records)
+
     def kept_checkpoints(self) -> list[tuple[dict, str]]:
         """(record, path) of each recorded checkpoint still in storage: what a resumed trial keeps ranking."""
         import pyarrow.fs

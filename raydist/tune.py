@@ -388,9 +388,10 @@ def run_study(plan: Plan) -> StudyResult:
                                             search_alg=_searcher(study, concurrency), scheduler=_scheduler(study),
                                             trial_name_creator=trial_name,  # the searchers cap concurrency
                                             trial_dirname_creator=trial_dirname,
-                                            # In-process trials: a finished trial's process (torch imported,
-                                            # the data set loaded) trains the next one; TorchTrainer drivers
-                                            # keep a process each, as Ray Train expects.
+                                            # In-process trials: a finished trial's process (torch and
+                                            # the models imported, the raw digits cached) trains the
+                                            # next one; TorchTrainer drivers keep a process each, as
+                                            # Ray Train expects.
                                             reuse_actors=study.every_trial_in_process()),
             run_config=ray.tune.RunConfig(name=plan.name, storage_path=plan.storage_path,
                                           callbacks=[*_logger_callbacks(plan),

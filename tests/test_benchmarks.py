@@ -146,6 +146,14 @@ def test_scaling_grid_keeps_the_smallest_batchs_peak_lr_under_the_none_rule(tmp_
     (["--target", "1.5"], r"--target must be a validation accuracy in \(0, 1\], got 1.5"),
     (["--batch-sizes", "2000"], r"1 worker\(s\) x batch 2000 \(linear\): --batch-size 2000 x --num-workers 1"),
     (["--lr", "-1"], r"--lr must be positive"),
+    (["--workers", "two"], r"argument --workers: invalid int value: 'two'"),
+    (["--batch-size", "64"], r"--batch-size: every run of the grid sets batch_size itself; use --batch-sizes"),
+    (["--num-workers", "2"], r"--num-workers: every run of the grid sets num_workers itself; use --workers"),
+    (["--target-accuracy", "0.5"], r"--target-accuracy: every run of the grid sets target_accuracy itself"),
+    (["--name", "x"], r"--name: every run of the grid sets name itself; use --out"),
+    (["--resume", "somewhere"], r"--resume: .*a scaling study starts every run afresh"),
+    (["--workers", "1", "8", "--batch-sizes", "32"],
+     r"the grid's largest run \(w8-b32-linear\): --num-workers 8 x --cpus-per-worker 1 asks for 8 CPUs"),
 ])
 def test_scaling_bad_input_is_one_line_exit_2_before_any_cluster(tmp_path, args, message):
     result = subprocess.run([sys.executable, "-m", "raydist.scaling", "--out", str(tmp_path / "s"), *args],
@@ -154,3 +162,24 @@ def test_scaling_bad_input_is_one_line_exit_2_before_any_cluster(tmp_path, args,
     (line,) = result.stderr.strip().splitlines()
     assert re.search(message, line), line
     assert not (tmp_path / "s").exists() and "Ray" not in result.stdout
+
+
+def test_scaling_refuses_what_it_would_override_or_could_not_write_before_any_cluster(tmp_path):
+    def scaling(*args):
+        result = subprocess.run([sys.executable, "-m", "raydist.scaling", *args], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert "Ray" not in result.stdout
+        return line
+
+    (tmp_path / "grid.yaml").write_text("num_workers: 2\nepochs: 3\n")
+    line = scaling("--config", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "a"))
+    assert f"num_workers in {tmp_path / 'grid.yaml'}: every run of the grid sets num_workers itself" in line
+    assert "the study writes its table and plots with local files" in scaling("--out", "s3://bucket/scaling")
+    earlier = tmp_path / "earlier"
+    (earlier / "w1-b64-linear").mkdir(parents=True)  # a run of an earlier study with the same grid point
+    line = scaling("--workers", "1", "--batch-sizes", "64", "--rules", "linear", "--out", str(earlier))
+    assert f"--out {earlier} holds run folders of an earlier study (w1-b64-linear); give a new --out" in line
+    assert [p.name for p in earlier.iterdir()] == ["w1-b64-linear"] and not any((earlier / "w1-b64-linear").iterdir())
+    assert not (tmp_path / "a").exists()

@@ -231,3 +231,31 @@ def test_a_checkpoint_that_holds_training_up_gets_a_hint_with_the_interval_that_
     assert "50% of the training time between checkpoints (1.0s)" in line
     assert "--checkpoint-every 5 keeps it under 10% (a resume then loses up to 5 epochs)" in line
     assert checkpoint_hint(0.5, epoch_seconds=1.0, every=5) is None  # already 5 epochs apart
+
+
+def test_an_unfused_adamw_checkpoint_resumes_into_a_fused_optimizer_with_its_state(monkeypatch):
+    """A checkpoint written on CPUs (AdamW not fused) continued on a GPU (fused): PyTorch places each
+    `step` by the flag in the groups it is given, so those groups must say fused, or the first fused update
+    fails on a CPU step. (CPU fused AdamW stands in for the GPU one here; the flag is what differs.)"""
+    from raydist.data import load_split
+    from raydist.engine import TrainingState
+
+    cfg = TrainConfig(optimizer="adamw", lr=0.01, **{k: v for k, v in FAST.items() if k != "lr"}).validate()
+    train, val = load_split("digits", "train"), load_split("digits", "val")
+    unfused = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=1, train_set=train, val_set=val)
+    unfused.train_epoch()
+    saved = unfused.state_dict()
+    assert all(not g.get("fused") for g in saved["optimizer"]["param_groups"])
+
+    given = []
+    original = torch.optim.Optimizer.load_state_dict
+    monkeypatch.setattr(torch.optim.Optimizer, "load_state_dict",
+                        lambda self, sd: (given.append(sd), original(self, sd))[1])
+    monkeypatch.setattr(TrainingState, "_fused", lambda self: True)
+    fused = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=1, train_set=train, val_set=val)
+    fused.load_state_dict(saved)
+    assert [g["fused"] for g in given[0]["param_groups"]] == [True] * len(saved["optimizer"]["param_groups"])
+    assert all(not g.get("fused") for g in saved["optimizer"]["param_groups"])  # the checkpoint is untouched
+    steps = [s["step"].item() for s in fused.optimizer.state.values()]
+    assert steps and set(steps) == {float(unfused.updates_per_epoch)}  # the moments came along
+    assert fused.train_epoch().updates == fused.updates_per_epoch  # and the fused update runs on them

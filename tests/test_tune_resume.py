@@ -243,3 +243,45 @@ def test_resume_applies_concurrency_and_data_location_and_keeps_the_study_name(s
     again = tune.parse_args(["--resume", str(saved_experiment)])
     assert again.max_concurrent == 3 and again.study.fixed["data_dir"] == str(tmp_path / "data")
     assert again.study.name == "small"
+
+
+def test_a_trial_process_that_died_between_its_checkpoint_and_its_report_resumes_with_that_epoch_on_record(
+        ray_cluster, tmp_path, capsys):
+    """A one-worker trial trains in its own process and writes each checkpoint before it records the epoch:
+    a death in between leaves a checkpoint the history does not know. The restarted trial resumes from it,
+    puts its epoch on record from the checkpoint's own metrics, and ranks it with the others, so the run
+    folder keeps `keep_checkpoints` plus the latest, not a forgotten extra one."""
+    import dataclasses
+
+    from raydist.config import TrainConfig
+    from raydist.launch import fit_in_trial, prepare
+
+    trial_path = str(tmp_path / "trial_x")
+    cfg = TrainConfig(dataset="digits", model="resnet8", num_workers=1, cpus_per_worker=1, epochs=3,
+                      batch_size=32, lr=0.4, warmup_epochs=0, keep_checkpoints=1, keep_by="val_loss",
+                      storage_path=trial_path, name="run").validate()
+    cfg = prepare(cfg, explicit={})
+    reports = []
+    fit_in_trial(cfg, trial_path=trial_path, on_report=reports.append)
+    assert [r["epoch"] for r in reports] == [1, 2, 3]
+    history_file = Path(trial_path) / "history.jsonl"
+    lines = history_file.read_text().splitlines()
+    lost = json.loads(lines[-1])  # the process "died" after writing epoch 3's checkpoint, before recording it
+    history_file.write_text("\n".join(lines[:-1]) + "\n")
+    assert Path(lost["checkpoint_path"]).is_dir()
+
+    reports.clear()
+    summary = fit_in_trial(dataclasses.replace(cfg, epochs=5), trial_path=trial_path, on_report=reports.append)
+    assert f"resuming from {lost['checkpoint_path']}" in capsys.readouterr().out
+    assert [r["epoch"] for r in reports] == [4, 5]  # epochs 1-3 are not trained again
+    history = read_history(trial_path)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
+    recovered = history[2]
+    assert recovered["recovered"] and recovered["val_loss"] == lost["val_loss"]
+    assert recovered["checkpoint_path"] == lost["checkpoint_path"]
+    assert history[-1]["val_acc"] > 0.8  # it went on learning from there
+    best = min((r for r in history if r["checkpoint_path"]), key=lambda r: (r["val_loss"], -r["epoch"]))
+    on_disk = sorted(str(p) for p in (Path(trial_path) / "run").glob("checkpoint_epoch_*"))
+    assert on_disk == sorted({best["checkpoint_path"], history[-1]["checkpoint_path"]})
+    assert summary.best_checkpoint == best["checkpoint_path"]
+    assert [r["epoch"] for r in summary.history] == [4, 5]
