@@ -38,9 +38,10 @@ from bench_env import describe, environment
 # model -> input side; the 32x32 ones are CIFAR models, resnet50_imagenet the DDP workload test's model
 MODELS = {"resnet18": 32, "wrn16_4": 32, "wrn28_10": 32, "wrn_dli": 32, "resnet50_imagenet": 224}
 OTHER_MODELS = {"resnet8": 32, "resnet18_imagenet": 224}  # measurable too (--models), not in the default table
-# Dense bf16 tensor-core peaks (FLOP/s), by a substring of torch.cuda.get_device_name()
+# Dense bf16 tensor-core peaks (FLOP/s, NVIDIA's datasheets without sparsity), by the first substring of
+# torch.cuda.get_device_name() that matches: longer names first ("L40S" before "L40" before "L4").
 PEAK_BF16 = {"H200": 989.4e12, "H100 PCIe": 756.0e12, "H100": 989.4e12, "A100": 312.0e12, "L40S": 362.0e12,
-             "L4": 121.0e12, "A10G": 70.0e12, "A10": 125.0e12}
+             "L40": 181.0e12, "L4": 121.0e12, "A10G": 70.0e12, "A10": 125.0e12}
 SIZES = {**MODELS, **OTHER_MODELS}
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

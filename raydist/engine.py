@@ -217,7 +217,7 @@ def input_pipeline(cfg: TrainConfig, device, *, seed: int = 0) -> Augmenter:
 
 def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
     # auto: channels_last on a GPU (tensor cores want NHWC) and on the CPU too, where oneDNN's convolutions
-    # ran the CIFAR models 2-19% faster in it (docs/benchmarks.md, "Memory format on the CPU").
+    # ran the CIFAR models 5-26% faster in it (docs/benchmarks.md, "Memory format on the CPU").
     return cfg.channels_last in ("on", "auto")
 
 
