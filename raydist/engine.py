@@ -42,7 +42,9 @@ class WorkerContext:
     rank: int
     world_size: int
     device: torch.device
-    report: Callable[[dict, Optional[str]], None]  # (metrics, checkpoint folder or None), called on every rank
+    # (metrics, checkpoint folder or None), called on every rank; returns the seconds it spent storing the
+    # checkpoint before returning (None when that happens in the background, as Ray Train's upload does)
+    report: Callable[[dict, Optional[str]], Optional[float]]
     write_file: Callable[[str, bytes], None]  # writes a file into the run folder (rank 0 calls it)
     resume_state: Optional[dict] = None  # a loaded checkpoint to continue from
     log_dir: Optional[str] = None  # TensorBoard folder for rank 0
@@ -695,8 +697,9 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
 def _report_with_checkpoint(ctx: WorkerContext, metrics: dict, state: Optional[dict]) -> float:
     """Report `metrics` with a checkpoint of `state` (rank 0; the other ranks pass None). The report owns
     the local folder and removes it once the checkpoint is stored (Ray Train: after its background upload;
-    a one-worker trial: copied before the report returns). Returns the seconds spent serialising and
-    writing the checkpoint, which is what holds training up (the report itself may also wait for Tune)."""
+    a one-worker trial: copied into storage before the report returns). Returns the seconds the checkpoint
+    held training up: serialising and writing it, plus a synchronous copy into storage (not the time the
+    report may wait for Tune)."""
     if state is None:  # ranks other than 0 report metrics only
         ctx.report(metrics, None)
         return 0.0
@@ -704,8 +707,8 @@ def _report_with_checkpoint(ctx: WorkerContext, metrics: dict, state: Optional[d
     folder = tempfile.mkdtemp(prefix="raydist-ckpt-")
     torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
     seconds = time.perf_counter() - t0
-    ctx.report(metrics, folder)
-    return seconds
+    stored_s = ctx.report(metrics, folder)
+    return seconds + (stored_s if isinstance(stored_s, (int, float)) else 0.0)
 
 
 CHECKPOINT_BUDGET = 0.1  # a checkpoint holding training up longer than this share of its epoch gets a hint
@@ -808,8 +811,8 @@ def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, 
                 fs.delete_dir(inner)
         checkpoints[:] = [c for c in checkpoints if c[1] in keep]
 
-    def report_and_keep(metrics: dict, folder: Optional[str]) -> None:
-        path = None
+    def report_and_keep(metrics: dict, folder: Optional[str]) -> float:
+        path, t0 = None, time.perf_counter()
         if folder:
             path = posixpath.join(run_dir, f"checkpoint_epoch_{metrics['epoch']:04d}")
             with open(os.path.join(folder, CHECKPOINT_FILE), "rb") as fh:
@@ -819,7 +822,9 @@ def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, 
             shutil.rmtree(folder, ignore_errors=True)
             checkpoints[:] = [c for c in checkpoints if c[1] != path] + [(metrics, path)]
             prune()
+        stored_s = time.perf_counter() - t0  # training waits for this copy; not for Tune's handling below
         report(metrics, path)
+        return stored_s
 
     def write_file(name: str, data: bytes) -> None:
         write_atomically(posixpath.join(run_dir, name), data)

@@ -266,9 +266,14 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
         on_report({**metrics, "checkpoint_path": checkpoint_path})
 
     device = torch.device("cuda", 0) if ray.get_gpu_ids() else torch.device("cpu")  # RAY
+    kept = None
+    if latest:
+        kept, recovered = _checkpoints_in_folder(history, run_dir, latest)
+        if recovered:  # Tune never got this epoch either: it hears of it now, before the next one
+            on_report({**recovered, "checkpoint_path": latest[0]})
     ctx = run_folder_context(cfg, run_dir=run_dir, device=device, report=report, resume_state=resume_state,
                              node_id=ray.get_runtime_context().get_node_id(),  # RAY
-                             kept=_checkpoints_in_folder(history, run_dir, latest) if latest else None)
+                             kept=kept)
     try:
         run(cfg, ctx)
     except BaseException as exc:
@@ -291,16 +296,18 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
                       seconds=time.perf_counter() - t0)
 
 
-def _checkpoints_in_folder(history, run_dir: str, latest: tuple[str, dict]) -> list[tuple[dict, str]]:
+def _checkpoints_in_folder(history, run_dir: str,
+                           latest: tuple[str, dict]) -> tuple[list[tuple[dict, str]], Optional[dict]]:
     """(metrics, path) of every checkpoint in a resumed trial's run folder, for the ranking that decides
-    which are kept. A trial's process that died after writing a checkpoint but before its report left that
-    checkpoint without a history record: its metrics come from the checkpoint, and when it is the one the
-    trial resumes from, its epoch goes on record (the learning curve has no hole, and the folder is pruned
-    like any other)."""
+    which are kept, and the metrics of the resumed checkpoint when its epoch was never recorded (else None).
+    A trial's process that died after writing a checkpoint but before its report left that checkpoint
+    without a history record: its metrics come from the checkpoint, and when it is the one the trial
+    resumes from, its epoch goes on record (the learning curve has no hole, and the folder is pruned like
+    any other)."""
     from raydist.engine import CorruptCheckpoint
     from raydist.run_folder import checkpoint_folders, read_checkpoint
 
-    kept = history.kept_checkpoints()
+    kept, recovered = history.kept_checkpoints(), None
     recorded = {path for _, path in kept}
     for path in checkpoint_folders(run_dir):
         if path in recorded:
@@ -313,7 +320,8 @@ def _checkpoints_in_folder(history, run_dir: str, latest: tuple[str, dict]) -> l
             kept.append((state["metrics"], path))
             if path == latest[0]:
                 history.recover(state["metrics"], path)
-    return kept
+                recovered = state["metrics"]
+    return kept, recovered
 
 
 def check_sync_batchnorm(cfg: TrainConfig, use_gpu: bool) -> None:

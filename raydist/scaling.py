@@ -73,7 +73,7 @@ def build_grid(base: TrainConfig, *, workers: list[int], batches: list[int], rul
         raise ConfigError(f"--target must be a validation accuracy in (0, 1], got {target}")
     reference = min(workers) * min(batches) * base.grad_accum
     points = []
-    for rule in rules:
+    for rule in dict.fromkeys(rules):  # each once: a repeated rule would name two runs alike
         for w in sorted(set(workers)):
             for b in sorted(set(batches)):
                 global_batch = w * b * base.grad_accum
@@ -242,6 +242,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[Point]]:
         parse_cli(["--help"], prog="raydist.scaling")  # raydist.train's flags; exits
     base, explicit, config_files = parse_cli(rest, prog="raydist.scaling")
     check_not_set_by_the_grid(explicit, config_files)
+    if args.out and "storage_path" in explicit:
+        raise ConfigError(f"--storage-path {explicit['storage_path']} with --out {args.out}: the runs go into "
+                          f"--out; give one of them (--storage-path alone puts the study in "
+                          f"<storage-path>/scaling-<time>)")
     from raydist.run_folder import is_uri
 
     out = args.out or os.path.join(base.storage_path, f"scaling-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -289,8 +293,9 @@ def check_largest_fits(points: list[Point], *, cpus: float, gpus: Optional[float
         cluster.check_resources(cluster_cpus=cpus, cluster_gpus=cluster.local_gpu_count() if gpus is None else gpus,
                                 use_gpu=cfg.use_gpu, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
                                 gpus_per_worker=cfg.gpus_per_worker, where=where)
-    except ConfigError as exc:
-        raise ConfigError(f"the grid's largest run ({cfg.name}): {exc}") from None
+    except ConfigError as exc:  # said in this command's flags: the grid sets --num-workers from --workers
+        raise ConfigError(f"the grid's largest run ({cfg.name}): {str(exc).replace('--num-workers', '--workers')}") \
+            from None
 
 
 def main(argv: Optional[list[str]] = None) -> int:

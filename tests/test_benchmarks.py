@@ -152,8 +152,9 @@ def test_scaling_grid_keeps_the_smallest_batchs_peak_lr_under_the_none_rule(tmp_
     (["--target-accuracy", "0.5"], r"--target-accuracy: every run of the grid sets target_accuracy itself"),
     (["--name", "x"], r"--name: every run of the grid sets name itself; use --out"),
     (["--resume", "somewhere"], r"--resume: .*a scaling study starts every run afresh"),
-    (["--workers", "1", "8", "--batch-sizes", "32"],
-     r"the grid's largest run \(w8-b32-linear\): --num-workers 8 x --cpus-per-worker 1 asks for 8 CPUs"),
+    (["--workers", "1", "1000", "--batch-sizes", "1"],
+     r"the grid's largest run \(w1000-b1-linear\): --workers 1000 x --cpus-per-worker 1 asks for 1000 CPUs"),
+    (["--storage-path", "elsewhere"], r"--storage-path elsewhere with --out .*: the runs go into --out"),
 ])
 def test_scaling_bad_input_is_one_line_exit_2_before_any_cluster(tmp_path, args, message):
     result = subprocess.run([sys.executable, "-m", "raydist.scaling", "--out", str(tmp_path / "s"), *args],
@@ -179,7 +180,7 @@ def test_scaling_refuses_what_it_would_override_or_could_not_write_before_any_cl
     assert "the study writes its table and plots with local files" in scaling("--out", "s3://bucket/scaling")
     earlier = tmp_path / "earlier"
     (earlier / "w1-b64-linear").mkdir(parents=True)  # a run of an earlier study with the same grid point
-    line = scaling("--workers", "1", "--batch-sizes", "64", "--rules", "linear", "--out", str(earlier))
+    line = scaling("--workers", "1", "--batch-sizes", "64", "--rules", "linear", "linear", "--out", str(earlier))
     assert f"--out {earlier} holds run folders of an earlier study (w1-b64-linear); give a new --out" in line
     assert [p.name for p in earlier.iterdir()] == ["w1-b64-linear"] and not any((earlier / "w1-b64-linear").iterdir())
     assert not (tmp_path / "a").exists()

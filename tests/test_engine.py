@@ -259,3 +259,30 @@ def test_an_unfused_adamw_checkpoint_resumes_into_a_fused_optimizer_with_its_sta
     steps = [s["step"].item() for s in fused.optimizer.state.values()]
     assert steps and set(steps) == {float(unfused.updates_per_epoch)}  # the moments came along
     assert fused.train_epoch().updates == fused.updates_per_epoch  # and the fused update runs on them
+
+
+def test_a_checkpoint_copied_into_storage_before_the_report_returns_counts_as_holding_training_up(
+        tmp_path, monkeypatch):
+    """A one-worker trial copies each checkpoint into its run folder itself (Ray Train would upload it in
+    the background): that copy holds training up and goes into the time the checkpoint hint judges; the
+    time the report then waits for Tune does not."""
+    import time as clock
+
+    import raydist.failures
+    from raydist.engine import _report_with_checkpoint, run_folder_context
+
+    real_write = raydist.failures.write_atomically
+
+    def slow_disk(path, data):
+        clock.sleep(0.3)
+        real_write(path, data)
+
+    monkeypatch.setattr(raydist.failures, "write_atomically", slow_disk)
+    told = []
+    ctx = run_folder_context(TrainConfig(**FAST).validate(), run_dir=str(tmp_path / "run"),
+                             device=torch.device("cpu"), node_id="n",
+                             report=lambda metrics, path: (told.append(path), clock.sleep(0.5)))
+    seconds = _report_with_checkpoint(ctx, {"epoch": 1, "val_acc": 0.5}, {"weights": torch.zeros(1000)})
+    assert told == [str(tmp_path / "run" / "checkpoint_epoch_0001")]
+    assert (tmp_path / "run" / "checkpoint_epoch_0001" / CHECKPOINT_FILE).is_file()
+    assert 0.3 <= seconds < 0.5  # the copy, not the 0.5 s the report waited for Tune

@@ -273,7 +273,10 @@ def test_a_trial_process_that_died_between_its_checkpoint_and_its_report_resumes
     reports.clear()
     summary = fit_in_trial(dataclasses.replace(cfg, epochs=5), trial_path=trial_path, on_report=reports.append)
     assert f"resuming from {lost['checkpoint_path']}" in capsys.readouterr().out
-    assert [r["epoch"] for r in reports] == [4, 5]  # epochs 1-3 are not trained again
+    # Tune hears of the recovered epoch 3 first (it never did), then of the epochs trained now; 1-3 are not
+    # trained again.
+    assert [(r["epoch"], r["checkpoint_path"]) for r in reports][0] == (3, lost["checkpoint_path"])
+    assert [r["epoch"] for r in reports] == [3, 4, 5] and reports[0]["val_loss"] == lost["val_loss"]
     history = read_history(trial_path)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
     recovered = history[2]
@@ -285,3 +288,13 @@ def test_a_trial_process_that_died_between_its_checkpoint_and_its_report_resumes
     assert on_disk == sorted({best["checkpoint_path"], history[-1]["checkpoint_path"]})
     assert summary.best_checkpoint == best["checkpoint_path"]
     assert [r["epoch"] for r in summary.history] == [4, 5]
+
+    # Died after the checkpoint of its last epoch: the restart trains nothing, and the epoch still reaches
+    # the history and Tune.
+    lines = history_file.read_text().splitlines()
+    history_file.write_text("\n".join(lines[:-1]) + "\n")
+    reports.clear()
+    fit_in_trial(dataclasses.replace(cfg, epochs=5), trial_path=trial_path, on_report=reports.append)
+    assert [r["epoch"] for r in reports] == [5] and reports[0]["val_acc"] == history[-1]["val_acc"]
+    assert [r["epoch"] for r in read_history(trial_path)] == [1, 2, 3, 4, 5]
+    assert (Path(trial_path) / "run" / "model_final.pt").is_file()
