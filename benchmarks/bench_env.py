@@ -83,6 +83,12 @@ def ray_lock(path: str | None):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def steady(per_epoch: list[float]) -> float:
+    """The median of a run's per-epoch figures after its first epoch, which pays for first-call allocations
+    and warm-up (all of them when there is only one)."""
+    return statistics.median(per_epoch[1:] or per_epoch)
+
+
 def summary(values: list[float], digits: int = 4) -> dict:
     return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
             "max": round(max(values), digits), "n": len(values), "values": [round(v, digits) for v in values]}

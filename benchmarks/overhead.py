@@ -19,13 +19,12 @@ Ray users take the same lock.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-from bench_env import describe, environment, load_average, ray_lock, spread, summary
+from bench_env import describe, environment, load_average, ray_lock, spread, steady, summary
 from raydist.config import TrainConfig
 from raydist.engine import FINAL_MODEL_FILE, load_checkpoint_file, local_context, run
 
@@ -53,10 +52,6 @@ def raydist_run(epochs: int, cpus: int, folder: str, address=None) -> dict:
     events.Reload()
     return {"epoch_times": [e.value for e in events.Scalars("epoch_time_s")],
             "to_first_step_s": final["metrics"]["first_step_unix"] - start, "command_s": total}
-
-
-def steady(times: list[float]) -> float:
-    return statistics.median(times[1:])  # the first epoch pays for first-call allocations
 
 
 def main():

@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 
-from bench_env import describe, environment, load_average, spread, summary
+from bench_env import describe, environment, load_average, spread, steady, summary
 
 BATCH = 64
 MEAN, STD = (0.305,) * 3, (0.324,) * 3  # raydist's digits statistics
@@ -133,8 +132,7 @@ def main():
                 load_before = load_average()
                 per_epoch = (raydist_run(args.epochs, args.workers, folder, args.address) if side == "raydist"
                              else ray_docs_run(args.epochs, args.workers, args.loader_workers, folder))
-                steady = statistics.median(per_epoch[1:] or per_epoch)
-                pair[side] = {"images_per_s": per_epoch, "steady": steady, "load_before": load_before,
+                pair[side] = {"images_per_s": per_epoch, "steady": steady(per_epoch), "load_before": load_before,
                               "load_after": load_average()}
             pair["ratio"] = pair["raydist"]["steady"] / pair["ray_docs"]["steady"]
             pairs.append(pair)

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from bench_env import describe, environment
+from bench_env import describe, environment, steady
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -132,7 +132,7 @@ def ddp_buffer_sync_cost(epochs: int, repeats: int) -> dict:
                 out = os.path.join(scratch, "images_per_s.pt")
                 mp.spawn(_ddp_worker, args=(2, sync, port, epochs, out), nprocs=2, join=True)
                 per_epoch = torch.load(out)
-            measured["broadcast" if sync else "none"].append(statistics.median(per_epoch[1:] or per_epoch))
+            measured["broadcast" if sync else "none"].append(steady(per_epoch))
     ratios = [a / b for a, b in zip(measured["none"], measured["broadcast"])]
     return {**measured, "ratios": ratios, "ratio": statistics.median(ratios)}
 

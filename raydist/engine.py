@@ -16,6 +16,7 @@ import inspect
 import io
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raydist.augment import Augmenter
 from raydist.config import TrainConfig
+from raydist.run_folder import CHECKPOINT_PREFIX
 from raydist.data import DATASETS, DatasetNotFound, download_lock, load_splits, shard_indices, steps_per_epoch
 from raydist.models.transfer import (Unit, WeightsError, build_model, freeze_norms, pretrained_source,
                                      read_weights_file, set_trainable, transfer_units, unfrozen_stages)
@@ -527,6 +529,9 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
         if not is_out_of_memory(exc):
             raise
         raise OutOfMemory(out_of_memory_message(cfg, ctx.device, ctx.world_size)) from exc
+    finally:
+        if ctx.publish_logs and ctx.log_dir:  # a local copy of events that are in the run folder now
+            shutil.rmtree(ctx.log_dir, ignore_errors=True)
 
 
 def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
@@ -711,6 +716,12 @@ def _report_with_checkpoint(ctx: WorkerContext, metrics: dict, state: Optional[d
     return seconds + (stored_s if isinstance(stored_s, (int, float)) else 0.0)
 
 
+def checkpoint_dir_name(epoch: int) -> str:
+    """The folder a checkpoint of `epoch` is stored in, inside the run folder (Ray Train's runs and a
+    one-worker trial's alike; raydist.run_folder finds them by this name)."""
+    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+
+
 CHECKPOINT_BUDGET = 0.1  # a checkpoint holding training up longer than this share of its epoch gets a hint
 
 
@@ -757,8 +768,6 @@ class LocalContext(WorkerContext):
 
 def local_context(run_dir: str, device: str = "cpu", resume_state: Optional[dict] = None,
                   log_dir: Optional[str] = None) -> LocalContext:
-    import shutil
-
     os.makedirs(run_dir, exist_ok=True)
     ctx: LocalContext
 
@@ -777,6 +786,22 @@ def local_context(run_dir: str, device: str = "cpu", resume_state: Optional[dict
     ctx = LocalContext(rank=0, world_size=1, device=torch.device(device), report=report, write_file=write_file,
                        resume_state=resume_state, log_dir=log_dir, run_dir=run_dir)
     return ctx
+
+
+def local_tensorboard_for(filesystem, target: str) -> tuple[str, Callable[[], None]]:
+    """TensorBoard for a run in remote storage (s3://...), which it cannot write to: a local folder for the
+    events, and the function that copies them to `target` (<run>/tensorboard on `filesystem`) after every
+    epoch (event files are small), so a URI run has its curves beside its checkpoints. `run` removes the
+    local folder when the run ends."""
+    import pyarrow.fs
+
+    log_dir = tempfile.mkdtemp(prefix="raydist-tensorboard-")
+
+    def publish_logs() -> None:
+        filesystem.create_dir(target, recursive=True)  # a local filesystem (file://) needs it made
+        pyarrow.fs.copy_files(log_dir, target, destination_filesystem=filesystem)
+
+    return log_dir, publish_logs
 
 
 def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, node_id: str,
@@ -814,11 +839,9 @@ def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, 
     def report_and_keep(metrics: dict, folder: Optional[str]) -> float:
         path, t0 = None, time.perf_counter()
         if folder:
-            path = posixpath.join(run_dir, f"checkpoint_epoch_{metrics['epoch']:04d}")
+            path = posixpath.join(run_dir, checkpoint_dir_name(metrics["epoch"]))
             with open(os.path.join(folder, CHECKPOINT_FILE), "rb") as fh:
                 write_atomically(posixpath.join(path, CHECKPOINT_FILE), fh.read())
-            import shutil
-
             shutil.rmtree(folder, ignore_errors=True)
             checkpoints[:] = [c for c in checkpoints if c[1] != path] + [(metrics, path)]
             prune()
@@ -830,14 +853,9 @@ def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, 
         write_atomically(posixpath.join(run_dir, name), data)
 
     log_dir, publish_logs = cfg.log_dir, None
-    if log_dir is None:  # remote storage: as train_loop_per_worker does, write locally and copy after each epoch
-        log_dir = tempfile.mkdtemp(prefix="raydist-tensorboard-")
-
-        def publish_logs() -> None:
-            fs, inner = pyarrow.fs.FileSystem.from_uri(posixpath.join(run_dir, "tensorboard"))
-            fs.create_dir(inner, recursive=True)
-            pyarrow.fs.copy_files(log_dir, inner, destination_filesystem=fs)
-
+    if log_dir is None:  # remote storage
+        filesystem, inner = pyarrow.fs.FileSystem.from_uri(posixpath.join(run_dir, "tensorboard"))
+        log_dir, publish_logs = local_tensorboard_for(filesystem, inner)
     return WorkerContext(rank=0, world_size=1, device=device, report=report_and_keep, write_file=write_file,
                          resume_state=resume_state, log_dir=log_dir, publish_logs=publish_logs, node_id=node_id)
 
@@ -889,7 +907,7 @@ def load_latest_good_checkpoint(checkpoint, *, announce: bool) -> dict:
     parent, name = posixpath.split(latest)
     older = sorted((posixpath.basename(info.path) for info in fs.get_file_info(pyarrow.fs.FileSelector(parent))
                     if info.type == pyarrow.fs.FileType.Directory
-                    and posixpath.basename(info.path).startswith("checkpoint_epoch_")
+                    and posixpath.basename(info.path).startswith(CHECKPOINT_PREFIX)
                     and posixpath.basename(info.path) < name), reverse=True)
     skipped = []
     for folder_name in [name] + older:
@@ -929,7 +947,7 @@ def train_loop_per_worker(config: dict) -> list[dict]:
         # training goes on, and Ray deletes the local folder once it is stored; the report reaches the
         # controller (and Tune) when its checkpoint is safe, in order.
         ray.train.report(metrics, checkpoint=ckpt,  # RAY
-                         checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}" if ckpt else None,
+                         checkpoint_dir_name=checkpoint_dir_name(metrics["epoch"]) if ckpt else None,
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)  # RAY
 
     def write_file(name: str, data: bytes) -> None:
@@ -946,19 +964,10 @@ def train_loop_per_worker(config: dict) -> list[dict]:
                 out.write(data)
 
     log_dir, publish_logs = cfg.log_dir, None
-    if log_dir is None and train_ctx.get_world_rank() == 0:  # RAY
-        # Remote storage (s3://...): TensorBoard writes to a local folder, copied into <run>/tensorboard
-        # after every epoch (its event files are small), so a URI run has its curves beside its checkpoints.
-        log_dir = tempfile.mkdtemp(prefix="raydist-tensorboard-")
-
-        def publish_logs() -> None:
-            import pyarrow.fs
-
-            storage = train_ctx.get_storage()  # RAY
-            target = f"{storage.experiment_fs_path}/tensorboard"
-            storage.storage_filesystem.create_dir(target, recursive=True)  # a local filesystem needs it made
-            pyarrow.fs.copy_files(log_dir, target, destination_filesystem=storage.storage_filesystem)
-
+    if log_dir is None and train_ctx.get_world_rank() == 0:  # RAY: remote storage (s3://...)
+        storage = train_ctx.get_storage()  # RAY
+        log_dir, publish_logs = local_tensorboard_for(storage.storage_filesystem,
+                                                      f"{storage.experiment_fs_path}/tensorboard")
     ctx = WorkerContext(rank=train_ctx.get_world_rank(), world_size=train_ctx.get_world_size(),  # RAY
                         device=ray.train.torch.get_device(), report=report, write_file=write_file,  # RAY
                         resume_state=resume_state, log_dir=log_dir, publish_logs=publish_logs, node_id=node_id)
@@ -971,8 +980,3 @@ def train_loop_per_worker(config: dict) -> list[dict]:
 
         keep_traceback(exc, where=f"rank {ctx.rank} on node {node_id}")
         raise
-    finally:
-        if publish_logs:  # its content is in the run folder
-            import shutil
-
-            shutil.rmtree(log_dir, ignore_errors=True)

@@ -46,18 +46,14 @@ def _chain(error: BaseException) -> list[BaseException]:
     return chain
 
 
-def _is_worker_loss(error: BaseException) -> bool:
-    """A worker process that died (killed, out of host memory, its node gone) rather than one that raised."""
+def is_process_loss(error: BaseException) -> bool:
+    """A process that died (a Train worker or a trial's own process: killed, out of host memory, its node
+    gone) rather than one that raised."""
     try:
         from ray.exceptions import RayActorError  # RAY
     except ImportError:
         return False
     return any(isinstance(e, RayActorError) for e in _chain(error))
-
-
-def is_process_loss(error: BaseException) -> bool:
-    """A process that died (a Train worker, or a trial's own process) rather than one that raised."""
-    return _is_worker_loss(error)
 
 
 def lost_worker(error: BaseException) -> tuple[str, str]:
@@ -80,7 +76,7 @@ def describe(rank: Optional[int], error: BaseException) -> str:
     own = next((e for e in chain if isinstance(e, WorkerInputError)), None)
     if own is not None:  # raydist's own sentence, naming the bad input and the fix
         return _first_line(str(own))
-    if _is_worker_loss(error):
+    if is_process_loss(error):
         node, pid = lost_worker(error)
         who = f"the worker of rank {rank}" if rank is not None else "a worker"
         return f"{who} (pid {pid}) on node {node} died without raising an error (killed, or out of host memory)"
@@ -99,7 +95,7 @@ def root_cause(exc: BaseException) -> str:
     for rank, error in errors:
         if any(isinstance(e, WorkerInputError) for e in _chain(error)):
             return describe(rank, error)
-    raised = [(rank, error) for rank, error in errors if not _is_worker_loss(error)]
+    raised = [(rank, error) for rank, error in errors if not is_process_loss(error)]
     return describe(*(raised or errors)[0]) if errors else _first_line(f"{type(exc).__name__}: {exc}")
 
 
@@ -194,7 +190,7 @@ class RestartNotice(UserCallback):
         if self.failures > self.max_failures:  # Ray raises: the driver prints the cause
             return
         rank, error = sorted(worker_exceptions.items())[0]
-        losses = [(r, e) for r, e in sorted(worker_exceptions.items()) if _is_worker_loss(e)]
+        losses = [(r, e) for r, e in sorted(worker_exceptions.items()) if is_process_loss(e)]
         if losses:
             rank, error = losses[0]
             node, pid = lost_worker(error)

@@ -281,11 +281,6 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
 
         keep_traceback(exc, where=f"the trial's process on node {ctx.node_id}")
         raise
-    finally:
-        if ctx.publish_logs:  # remote storage: the events were copied into the run folder
-            import shutil
-
-            shutil.rmtree(ctx.log_dir, ignore_errors=True)
     epochs = [r for r in history.records  # this attempt's
               if r.get("reported_unix", 0) >= started and not r.get("recovered")]
     sign = 1 if metric_mode(cfg.keep_by) == "max" else -1

@@ -312,7 +312,6 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
     for key, value in (settings or {}).items():
         if value is not None:
             setattr(study, key, value)
-    _check_one_worker_trials(path, study.one_worker_trials)
     if not searched:
         raise ConfigError(f"{path}: --set fixed every searched field; nothing is left to search")
     if study.scheduler == "asha" and ("schedule_epochs" in fixed or "schedule_epochs" in searched):
@@ -444,13 +443,10 @@ def _read_settings(study: Study, raw: dict) -> None:
     study.worker_restarts = _count(path, "failures.worker_restarts",
                                    failures.get("worker_restarts", study.fixed.pop("max_failures", study.worker_restarts)))
     study.trial_restarts = _count(path, "failures.trial_restarts", failures.get("trial_restarts", study.trial_restarts))
-    _check_one_worker_trials(path, raw.get("one_worker_trials", study.one_worker_trials))
     study.one_worker_trials = raw.get("one_worker_trials", study.one_worker_trials)
-
-
-def _check_one_worker_trials(path: str, value: Any) -> None:
-    if value not in ONE_WORKER_TRIALS:
-        raise ConfigError(f"{path}: one_worker_trials {value!r} is not one of: {', '.join(ONE_WORKER_TRIALS)}")
+    if study.one_worker_trials not in ONE_WORKER_TRIALS:
+        raise ConfigError(f"{path}: one_worker_trials {study.one_worker_trials!r} is not one of: "
+                          f"{', '.join(ONE_WORKER_TRIALS)}")
 
 
 def _section(path: str, name: str, values: Any, keys: tuple) -> dict:

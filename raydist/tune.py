@@ -31,7 +31,7 @@ import yaml
 
 from raydist import final_eval, report
 from raydist.config import ConfigError, TrainConfig, check_address, check_folder_name
-from raydist.search_space import Study, load_study
+from raydist.search_space import ONE_WORKER_TRIALS, Study, load_study
 from raydist.study_results import StudyResult, summarize
 
 STUDY_FILE = "study.yaml"  # the effective study, saved so --resume needs nothing else
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", choices=("hyperopt", "random"), help="search algorithm (default: the study's)")
     p.add_argument("--scheduler", choices=("asha", "fifo"), help="trial scheduler (default: the study's)")
     p.add_argument("--num-samples", type=int, metavar="N", help="number of trials (default: the study's)")
-    p.add_argument("--one-worker-trials", choices=("in_process", "trainer"),
+    p.add_argument("--one-worker-trials", choices=ONE_WORKER_TRIALS,
                    help="how a one-worker trial trains: in_process (in the trial's own process: seconds less "
                         "start-up) or trainer (a TorchTrainer run, listed in the dashboard's Train view); "
                         "default: the study's, else in_process")

@@ -120,6 +120,8 @@ def test_set_fixes_a_searched_field_and_coerces_it(tmp_path):
     (("num_samples: 6", "num_samples: 0"), "num_samples must be a positive integer, got 0"),
     (("num_samples: 6", "num_samples: 6\nmetric: accuracy"), "metric 'accuracy' is not one of: val_acc"),
     (("num_samples: 6", "num_samples: 6\nmode: maximize"), "mode 'maximize' is not one of: max, min"),
+    (("num_samples: 6", "num_samples: 6\none_worker_trials: thread"),
+     "one_worker_trials 'thread' is not one of: in_process, trainer"),
     (("epochs: 6, weight", "epochs: 6, weight_decay: 0.0005, momentum: 0.9, weight"), "points_to_evaluate[0] must set exactly"),
     (("{lr: 0.5,", "{lr: -0.5,"), "points_to_evaluate[0].lr = -0.5 cannot be sampled from loguniform(0.01, 2.0): "
                                   "use a number from 0.01 to 2.0"),
