@@ -68,6 +68,20 @@ def _pgid(pid: int) -> Optional[int]:
         return None
 
 
+def _sid(pid: int) -> Optional[int]:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def session_members(sid: int) -> set[int]:
+    """Every live process of the session that a cluster's `ray start` leads (started with
+    start_new_session). Ray moves some workers (actors such as Ray Train's controller) into process groups
+    of their own, so killing the cluster's process group can leave them running; they stay in its session."""
+    return {pid for pid in _pids() if pid != os.getpid() and _sid(pid) == sid and not _is_zombie(pid)}
+
+
 class FakeAutoscalingCluster:
     """A CPU-less head (by default) and worker node types that the autoscaler starts from zero."""
 
@@ -117,15 +131,16 @@ class FakeAutoscalingCluster:
                 time.sleep(0.5)
 
     def own_pids(self) -> set[int]:
-        """Every live process of this cluster: its process group, and whatever names its GCS address
-        (the worker nodes the autoscaler starts, their workers and agents)."""
+        """Every live process of this cluster: its process group and session (session_members), and whatever
+        names its GCS address (the worker nodes the autoscaler starts, their workers and agents)."""
         if self.proc is None:
             return set()
         mine = set()
         for pid in _pids():
             if pid == os.getpid() or _is_zombie(pid):
                 continue
-            if _pgid(pid) == self.proc.pid or f":{self.port}" in _cmdline(pid) and self.ip in _cmdline(pid):
+            if (_pgid(pid) == self.proc.pid or _sid(pid) == self.proc.pid
+                    or f":{self.port}" in _cmdline(pid) and self.ip in _cmdline(pid)):
                 mine.add(pid)
         return mine
 

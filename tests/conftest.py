@@ -103,6 +103,15 @@ def cluster(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)  # members left behind after the leader exited
         except ProcessLookupError:
             pass
+        from clusters import session_members
+
+        # Workers Ray moved into process groups of their own (an orphaned ray::TrainController was seen
+        # running on after a CI run): they are still in the cluster's session.
+        for pid in session_members(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         # `ray start` recorded this cluster as the machine's latest; stopped by signals, it leaves that record
         # behind, and the next `ray.init()` (or --address auto) would try to join a dead cluster for minutes.
         from raydist.cluster import address_file
