@@ -23,6 +23,8 @@ import yaml
 from raydist import report
 from raydist.search_space import PER_TRIAL_FIELDS, Study
 
+LOG_KINDS = ("loguniform", "qloguniform")  # the search_space.DISTRIBUTIONS sampled on a log scale
+
 
 @dataclasses.dataclass
 class StudyResult:
@@ -37,7 +39,7 @@ class StudyResult:
 
 
 def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> StudyResult:
-    """Rows, histories and the best trial; writes results.csv, the curves and best_model.pt."""
+    """Rows, histories and the best trial; writes results.csv, the curves, search_values.png and best_model.pt."""
     saved = _saved_trials(experiment_path)
     statuses = {trial_id: status for trial_id, (status, _) in saved.items()}
     unfinished = {t for t, status in statuses.items() if status not in ("TERMINATED", "ERROR")}
@@ -72,6 +74,11 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
     report.plot_learning_curves(histories, os.path.join(out_dir, "learning_curves.png"),
                                 metric=study.metric, best=best["trial_id"] if best else None,
                                 title=f"{study.name}: {study.metric} per epoch (x: last epoch run)")
+    # Log x axes for the fields sampled on a log scale, where their good region would otherwise be squashed.
+    report.plot_search_values(rows, os.path.join(out_dir, "search_values.png"), searched=list(study.searched),
+                              metric=study.metric, mode=study.mode,
+                              log_scale={k for k, d in study.searched.items() if d.kind in LOG_KINDS},
+                              title=f"{study.name}: searched values against best {study.metric}")
     best_model = export_best(best, out_dir) if best and best["checkpoint"] else None
     if remote:
         import pyarrow.fs

@@ -1,6 +1,8 @@
-"""The study report without Ray: how each trial ended, the best one, results.csv, the curves and the table."""
+"""The study report without Ray: how each trial ended, the best one, results.csv, the pictures and the table."""
 
 import csv
+import math
+import struct
 
 import pytest
 
@@ -95,3 +97,85 @@ def test_best_epoch_is_the_first_of_equals_and_the_weights_epoch_is_reported():
     assert report.best_record(_history([0.5, 0.9, 0.9]), "val_acc", "max")["epoch"] == 2
     assert report.best_record(_history([0.5, 0.2, 0.2]), "val_loss", "min")["epoch"] == 1  # loss = 1 - acc
     assert report.best_record([{"epoch": 1, "val_acc": float("nan")}], "val_acc", "max") is None
+
+
+def _png_size(path) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, after checking the file is a PNG at all."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_run_curves_plot_each_epoch_once_from_its_last_record_and_skip_non_finite(tmp_path):
+    def epoch(e, loss, acc, lr, world_size=2):
+        return {"epoch": e, "train_loss": 2.0 / e, "train_acc": acc - 0.05, "val_loss": loss, "val_acc": acc,
+                "lr": lr, "world_size": world_size, "epoch_time_s": 10.0}
+
+    history = [epoch(1, 2.0, 0.30, 0.1), epoch(2, 1.5, 0.45, 0.1), epoch(3, 1.4, 0.50, 0.05),
+               epoch(3, 1.2, 0.55, 0.05, world_size=1),  # restarted after a failure in epoch 3, on one worker
+               epoch(4, 1.0, 0.62, 0.05, world_size=1), epoch(5, math.nan, 0.10, 0.01, world_size=1),
+               epoch(6, 0.9, 0.66, 0.01, world_size=1)]
+    plotted = report.plot_run_curves(history, str(tmp_path / "curves.png"), title="run")
+    assert _png_size(tmp_path / "curves.png") == (1210, 495)  # figsize (11, 4.5) at 110 dpi
+    assert plotted["val_loss"] == [(1, 2.0), (2, 1.5), (3, 1.2), (4, 1.0), (6, 0.9)]  # epoch 3's last; no NaN
+    assert [e for e, _ in plotted["train_loss"]] == [1, 2, 3, 4, 5, 6]  # the diverged epoch's other values stay
+    assert plotted["val_acc"][2] == (3, 0.55) and plotted["train_acc"][2] == (3, pytest.approx(0.50))
+    assert plotted["lr"] == [(1, 0.1), (2, 0.1), (3, 0.05), (4, 0.05), (5, 0.01), (6, 0.01)]
+    assert plotted["world_size"] == [(3, 1)]  # from the record of epoch 3 that stands
+
+
+def _search_rows():
+    """5 trials: lr (log scale), a string choice and an int; finished, stopped early and failed ones."""
+    trials = [("a", 3e-4, "lp-ft", 64, [0.6, 0.8, 0.9], None), ("b", 1e-2, "full", 128, [0.5, 0.7, 0.75], None),
+              ("c", 1e-1, "head", 32, [0.3], None), ("d", 1e-3, "full", 32, [0.4, 0.5], None),
+              ("e", 5e-2, "lp-ft", 128, [], "OutOfMemoryError: CUDA out of memory")]
+    return [report.trial_row(t, {"lr": lr, "finetune": finetune, "batch_size": batch}, _history(accs),
+                             planned_epochs=3, metric="val_acc", mode="max", error=error)
+            for t, lr, finetune, batch, accs, error in trials]
+
+
+def test_search_values_one_point_per_trial_in_every_panel(tmp_path):
+    rows = _search_rows()
+    assert [r["status"] for r in rows] == [report.FINISHED, report.FINISHED, report.STOPPED, report.STOPPED,
+                                           report.ERROR]
+    plotted = report.plot_search_values(rows, str(tmp_path / "search_values.png"),
+                                        searched=["lr", "finetune", "batch_size"], metric="val_acc", mode="max",
+                                        log_scale={"lr"}, title="study")
+    assert _png_size(tmp_path / "search_values.png") == (1320, 495)  # 3 panels of 4 x 3.5 in, + 1 in, 110 dpi
+    assert set(plotted) == {"lr", "finetune", "batch_size"}
+    assert all(len(points) == 5 for points in plotted.values())
+    assert plotted["lr"] == [("a", 3e-4, 0.9, report.FINISHED), ("d", 1e-3, 0.5, report.STOPPED),
+                             ("b", 1e-2, 0.75, report.FINISHED), ("e", 5e-2, None, report.ERROR),
+                             ("c", 1e-1, 0.3, report.STOPPED)]  # left to right; the failed trial has no y
+    # categories sorted by name, their trials left to right
+    assert [(t, x) for t, x, _, _ in plotted["finetune"]] == [("b", "full"), ("d", "full"), ("c", "head"),
+                                                             ("a", "lp-ft"), ("e", "lp-ft")]
+    assert [x for _, x, _, _ in plotted["batch_size"]] == [32, 32, 64, 128, 128]
+
+
+def test_search_values_wrap_to_three_panels_a_row(tmp_path):
+    rows = [{**r, "pretrained": i % 2 == 0} for i, r in enumerate(_search_rows())]
+    plotted = report.plot_search_values(rows, str(tmp_path / "search_values.png"),
+                                        searched=["lr", "finetune", "batch_size", "pretrained"], metric="val_acc",
+                                        mode="max")
+    assert _png_size(tmp_path / "search_values.png") == (1320, 880)  # 2 rows of panels
+    assert [x for _, x, _, _ in plotted["pretrained"]] == [False, False, True, True, True]  # a bool: categories
+
+
+def test_empty_pictures_are_still_valid_pngs(tmp_path):
+    plotted = report.plot_run_curves([], str(tmp_path / "curves.png"))
+    assert _png_size(tmp_path / "curves.png") == (1210, 495)
+    assert all(points == [] for points in plotted.values())
+    assert report.plot_search_values(_search_rows(), str(tmp_path / "nothing.png"), searched=[], metric="val_acc",
+                                     mode="max") == {}
+    assert _png_size(tmp_path / "nothing.png") == (880, 495)  # one panel: 8 in wide at least, 3.5 + 1 in high
+    no_trials = report.plot_search_values([], str(tmp_path / "no_trials.png"), searched=["lr"], metric="val_acc",
+                                          mode="max", log_scale={"lr"})
+    assert no_trials == {"lr": []} and _png_size(tmp_path / "no_trials.png") == (880, 495)
+
+
+def test_summarize_draws_log_axes_for_the_log_distributions_there_are():
+    from raydist import search_space, study_results
+
+    assert set(study_results.LOG_KINDS) <= set(search_space.DISTRIBUTIONS)
+    assert {k for k in search_space.DISTRIBUTIONS if "log" in k} == set(study_results.LOG_KINDS)
