@@ -32,7 +32,7 @@ from raydist.config import ConfigError, host_port
 # Set in the driver's environment before Ray starts: a local cluster's processes inherit them, and Ray
 # Train passes the health-check interval on to its controller and workers.
 CLUSTER_ENV = {
-    # The dashboard's Train view lists runs only with state tracking on.
+    # Ray Train's state API (its run list, which `status` prints) keeps runs only with state tracking on.
     "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
     # Ray Train polls its workers every 2 s by default, so a finished run took ~5 s to return; 0.2 s
     # makes that ~1 s at a negligible polling cost.
@@ -65,14 +65,17 @@ def check_resources(*, cluster_cpus: float, cluster_gpus: float, use_gpu: Option
     return use_gpu
 
 
-def connect(address: Optional[str]) -> None:
-    """Join the cluster at `address`, or start a local one (dashboard on 127.0.0.1) when it is None."""
+def connect(address: Optional[str], *, quiet: bool = True) -> None:
+    """Join the cluster at `address`, or start a local one (dashboard on 127.0.0.1) when it is None.
+    `quiet`: keep Ray's known-harmless internal lines off this driver's console (raydist.console)."""
     for key, value in CLUSTER_ENV.items():
         os.environ.setdefault(key, value)
     import ray
 
     if ray.is_initialized():  # already connected in this process (tests, Tune drivers)
         return
+    if quiet:
+        _quiet_driver_logger()
     if address is None:
         # "local", not None: a bare ray.init() joins whatever cluster the address file names, and when that
         # one is dead it retries its GCS for minutes. Without --address raydist always starts its own.
@@ -94,6 +97,159 @@ def connect(address: Optional[str]) -> None:
     else:
         check_reachable(address)
         ray.init(address=address, logging_level=logging.WARNING)
+    if quiet:
+        filter_worker_output()
+    logs = ray_logs_folder()
+    if logs:
+        print(f"Ray's logs: {logs}" + ("" if address is None else " (on the head node)"), flush=True)
+
+
+def ray_logs_folder() -> Optional[str]:
+    """Where Ray writes this cluster's logs on this machine (every process's output, in full)."""
+    try:
+        import ray._private.worker  # RAY (internal): the session's folders are not in Ray's public API
+
+        return ray._private.worker.global_worker.node.get_logs_dir_path()  # RAY
+    except Exception:  # noqa: BLE001 - only a hint
+        return None
+
+
+def _quiet_driver_logger() -> None:
+    """The token notice Ray's driver logs on every start: raydist says where the token is instead."""
+    from raydist.console import RAY_DRIVER_NOISE
+
+    class DropNotice(logging.Filter):
+        raydist = True
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not RAY_DRIVER_NOISE.search(record.getMessage())
+
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")  # RAY: its module logger
+    if not any(getattr(f, "raydist", False) for f in logger.filters):
+        logger.addFilter(DropNotice())
+
+
+LIVE_BAR = None  # the terminal's progress bar while a driver on a terminal forwards progress lines
+
+
+def filter_worker_output() -> None:
+    """Ray forwards every line its workers and actors print to this driver: drop Ray's known-harmless
+    internal ones (raydist.console.RAY_NOISE) and, on a terminal, draw rank 0's progress lines as one live
+    bar. Everything else reaches the console as Ray prints it; the log files keep every line."""
+    import sys
+
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher  # RAY (internal)
+
+    from raydist.console import PROGRESS_MARK, LiveBar, without_ray_noise
+
+    global LIVE_BAR
+    LIVE_BAR = LiveBar(sys.stdout) if sys.stdout.isatty() else None
+    with dispatcher._lock:  # RAY: Ray's own handler, "ray_print_logs", wrapped in place
+        for i, (name, handler) in enumerate(dispatcher.handlers):
+            if name != "ray_print_logs" or getattr(handler, "raydist_filter", False):
+                continue
+
+            def filtered(data, _print=handler):
+                lines = without_ray_noise(data.get("lines", []))
+                bar = LIVE_BAR if not data.get("is_err") else None
+                if bar is not None:
+                    progress = [line for line in lines if PROGRESS_MARK in line]
+                    lines = [line for line in lines if PROGRESS_MARK not in line]
+                if lines:
+                    if LIVE_BAR is not None:
+                        LIVE_BAR.clear()
+                    _print({**data, "lines": lines})
+                if bar is not None and progress:
+                    bar.show(progress[-1])
+
+            filtered.raydist_filter = True
+            dispatcher.handlers[i] = (name, filtered)
+
+
+def progress_every_s() -> float:
+    """How often rank 0 says how far an epoch is: each second when this driver draws a live bar on a
+    terminal, every 30 s when its output goes to a file or `ray job logs`."""
+    import sys
+
+    return 1.0 if sys.stdout.isatty() else 30.0
+
+
+# ---- run metrics in the dashboard, and the studies a cluster is running ---------------------------------
+
+# What every run exports through Ray's metrics API each epoch: Ray's metrics agent on the node serves them
+# (as ray_raydist_<name>) where Prometheus scrapes, beside Ray's own CPU/GPU/memory metrics, and the
+# dashboard's Metrics view shows them once Grafana and Prometheus are set up as Ray documents.
+EXPORTED_METRICS = {
+    "epoch": "epochs finished",
+    "train_loss": "mean training loss of the last epoch",
+    "train_acc": "training accuracy of the last epoch",
+    "val_loss": "validation loss of the last epoch",
+    "val_acc": "validation accuracy of the last epoch",
+    "images_per_s": "training images per second over all workers, last epoch",
+    "lr": "mean learning rate of the last epoch's updates",
+}
+METRIC_LABELS = ("run", "study", "trial")
+
+
+class RunMetrics:
+    """A run's per-epoch metrics as Ray gauges labelled with its run name (and study and trial for a Tune
+    trial). One per process that reports (rank 0, or a one-worker trial's own process)."""
+
+    def __init__(self, labels: dict):
+        from ray.util.metrics import Gauge  # RAY
+
+        self.tags = {key: str(labels.get(key) or "") for key in METRIC_LABELS}
+        self.gauges = {name: Gauge(f"raydist_{name}", description=text, tag_keys=METRIC_LABELS)  # RAY
+                       for name, text in EXPORTED_METRICS.items()}
+
+    def record(self, metrics: dict) -> None:
+        for name, gauge in self.gauges.items():
+            value = metrics.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                gauge.set(float(value), tags=self.tags)
+
+
+STUDY_NAMESPACE = "raydist_studies"  # Ray's key-value store: one record per study a driver is running
+
+
+def publish_study(name: str, record: Optional[dict]) -> None:
+    """The study's state where `raydist.cluster status` finds it (None: the study ended, remove it).
+    A record names its driver's job, so a study whose driver died is told apart from a running one."""
+    import json
+
+    import ray
+    from ray.experimental import internal_kv  # RAY (internal): Ray's own key-value store in the GCS
+
+    key = name.encode()
+    if record is None:
+        internal_kv._internal_kv_del(key, namespace=STUDY_NAMESPACE)  # RAY
+        return
+    record = {**record, "job_id": ray.get_runtime_context().get_job_id()}  # RAY
+    internal_kv._internal_kv_put(key, json.dumps(record, default=str).encode(), overwrite=True,  # RAY
+                                 namespace=STUDY_NAMESPACE)
+
+
+def published_studies() -> list[dict]:
+    """Every study record on the connected cluster, each with `alive`: whether its driver's job runs."""
+    import json
+
+    from ray.experimental import internal_kv  # RAY (internal)
+
+    records = []
+    for key in internal_kv._internal_kv_list(b"", namespace=STUDY_NAMESPACE):  # RAY
+        value = internal_kv._internal_kv_get(key, namespace=STUDY_NAMESPACE)  # RAY
+        if value:
+            try:
+                records.append(json.loads(value))
+            except ValueError:
+                continue
+    if records:
+        from ray._private import state  # RAY (internal): the GCS's job table
+
+        alive = {job["JobID"] for job in state.jobs() if not job.get("IsDead")}  # RAY
+        for record in records:
+            record["alive"] = record.get("job_id") in alive
+    return records
 
 
 # Ports a Ray node takes by default whatever else it is told: one of them handed to Ray for something else
@@ -546,14 +702,32 @@ def status(address: Optional[str]) -> str:
             lines.append(f"  {job.submission_id or job.job_id}  {job.status.value:<9}  {job.entrypoint}")
         try:
             runs = dashboard_get(url, "/api/train/v2/runs/v1").get("train_runs", [])
-        except OSError as exc:  # the Train view needs RAY_TRAIN_ENABLE_STATE_TRACKING=1 on the cluster
+        except OSError as exc:  # Train's run list needs RAY_TRAIN_ENABLE_STATE_TRACKING=1 on the cluster
             runs = []
             lines.append(f"Train runs: not available ({exc})")
         else:
             lines.append(f"Train runs (one per `raydist.train` run or Tune trial): {len(runs)}")
         for run in sorted(runs, key=lambda r: r.get("start_time_ns") or 0, reverse=True)[:20]:
             lines.append(f"  {run.get('name')}  {run.get('status'):<12}  job {run.get('job_id')}")
+    lines += studies_lines(published_studies())
     return "\n".join(lines)
+
+
+def studies_lines(records: list[dict]) -> list[str]:
+    """The studies part of `status`: each running study, its progress and its best trial so far."""
+    running = [r for r in records if r.get("alive")]
+    lines = [f"raydist studies running: {len(running)}"]
+    for r in sorted(running, key=lambda r: r.get("started_unix") or 0):
+        best = r.get("best")
+        best_text = (f"best {best['trial_id']} {r['metric']} {best['text']} ({best['values']})" if best
+                     else "no result yet")
+        lines.append(f"  {r['name']}  {r.get('done', 0)}/{r.get('total', '?')} trials done, "
+                     f"{r.get('running', 0)} running  {best_text}  experiment {r.get('experiment')}")
+    gone = [r for r in records if not r.get("alive")]
+    if gone:  # a driver killed before it could remove its record
+        lines.append(f"  (and {len(gone)} whose driver stopped without finishing: "
+                     f"{', '.join(sorted(r['name'] for r in gone))}; continue with python -m raydist.tune --resume)")
+    return lines
 
 
 # What a cluster file needs at least (Ray's schema requires these two; provider needs its type).
@@ -665,14 +839,15 @@ def _describe(error) -> str:
     return f"{where + ': ' if where else ''}{error.message.splitlines()[0]}"
 
 
-def main(argv: Optional[list] = None) -> int:
-    import sys
-
+def build_parser():
     from raydist.config import _Parser
 
-    parser = _Parser(prog="raydist.cluster", description="Look at a Ray cluster, or check a cluster file.")
+    parser = _Parser(prog="raydist.cluster", description=(
+        "Look at a Ray cluster (resources, what it can grow to, nodes starting, raydist jobs, Train runs, the\n"
+        "studies running and their best trial so far), check cluster files offline, or tell a cluster what it\n"
+        "can grow to.\n\nexample:\n  python -m raydist.cluster status --address auto"))
     sub = parser.add_subparsers(dest="command", required=True)
-    show = sub.add_parser("status", help="resources, raydist jobs and Train runs, dashboard URL")
+    show = sub.add_parser("status", help="resources, raydist jobs, Train runs, running studies, dashboard URL")
     show.add_argument("--address", default="auto", help="cluster to look at ('auto' or host:port)")
     check = sub.add_parser("validate", help="check cluster-launcher YAML files offline with Ray's schema")
     check.add_argument("files", nargs="+", metavar="CLUSTER.yaml")
@@ -681,7 +856,13 @@ def main(argv: Optional[list] = None) -> int:
     publish.add_argument("file", nargs="?", default=BOOTSTRAP_CONFIG, metavar="CLUSTER.yaml",
                          help=f"the autoscaler's config (default: {BOOTSTRAP_CONFIG}, what `ray up` writes)")
     publish.add_argument("--address", default="auto", help="the cluster's GCS ('auto' or host:port)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    import sys
+
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "publish":
             path = os.path.expanduser(args.file)

@@ -411,8 +411,41 @@ def load_yaml(path: str) -> dict:
 # CLI: flags generated from the dataclass, grouped as the dataclass is.
 
 class _Parser(argparse.ArgumentParser):
+    """Every raydist command's parser: one-line errors (exit 2, like ConfigError), and a description kept
+    as written (what the command does, then an example), not re-wrapped."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line and exit 2, like ConfigError
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def format_help(self) -> str:
+        """argparse's help with the description first: what the command does before how to type it."""
+        formatter = self._get_formatter()
+        formatter.add_text(self.description)
+        formatter.add_usage(self.usage, self._actions, self._mutually_exclusive_groups)
+        for group in self._action_groups:
+            formatter.start_section(group.title)
+            formatter.add_text(group.description)
+            formatter.add_arguments(group._group_actions)
+            formatter.end_section()
+        formatter.add_text(self.epilog)
+        return formatter.format_help()
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+TRAIN_DESCRIPTION = """\
+Train one image classifier with PyTorch DDP on a Ray cluster: N workers (GPUs or CPUs, one machine or many),
+a line per epoch, checkpoints, model_final.pt and curves.png in the run folder. Without --address it starts
+a local cluster itself.
+
+example:
+  python -m raydist.train --dataset cifar10 --data-dir ~/data --download --model resnet18 --num-workers 4 --use-gpu"""
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -421,7 +454,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
     registry_choices = {"dataset": sorted(DATASETS), "model": sorted(MODELS)}
     parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     usage="%(prog)s [--config FILE.yaml] [FLAG VALUE ...]   (every flag is below)")
     parser.add_argument("--config", metavar="FILE.yaml", action="append",
                         help="YAML file of config keys used as defaults; flags override (repeatable: later files "
                              "override earlier ones)")
@@ -484,9 +517,10 @@ def _name_the_file(message: str, origin: dict) -> str:
     return message
 
 
-def parse_cli(argv: Optional[list[str]] = None, prog: str = "raydist.train") -> tuple[TrainConfig, dict, list[str]]:
+def parse_cli(argv: Optional[list[str]] = None, prog: str = "raydist.train",
+              description: str = TRAIN_DESCRIPTION) -> tuple[TrainConfig, dict, list[str]]:
     """Parse flags into a validated TrainConfig; also return the explicitly given values and the --config files."""
-    parser = build_parser(prog, __doc__.splitlines()[0])
+    parser = build_parser(prog, description)
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     config_files = args.pop("config", None) or []
     return resolve(args, config_files), args, config_files

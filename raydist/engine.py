@@ -52,6 +52,8 @@ class WorkerContext:
     log_dir: Optional[str] = None  # TensorBoard folder for rank 0
     publish_logs: Optional[Callable[[], None]] = None  # copies log_dir into the run folder (remote storage)
     node_id: str = "local"  # the machine this rank runs on: the data is checked once per node
+    epoch_lines: bool = True  # rank 0 prints a line per epoch (a study's driver prints its own instead)
+    progress_every_s: float = 0.0  # rank 0's progress line inside a long epoch this often (0: never)
 
 
 class WorkerInputError(Exception):
@@ -432,8 +434,11 @@ class TrainingState:
 
     # ---- the epoch
 
-    def train_epoch(self) -> EpochSums:
-        """One pass over this rank's shard of the training set, at epoch `self.epoch`."""
+    def train_epoch(self, progress_every_s: float = 0.0) -> EpochSums:
+        """One pass over this rank's shard of the training set, at epoch `self.epoch`; a progress line every
+        `progress_every_s` seconds once the epoch has run 5 s (0: none)."""
+        from raydist.console import EpochProgress
+
         cfg, device, model = self.cfg, self.device, self.model
         t0 = time.perf_counter()
         model.train()
@@ -441,7 +446,10 @@ class TrainingState:
         sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
         batches = list(shard_indices(len(self.train_set), batch_size=cfg.batch_size, rank=self.rank,
                                      world_size=self.world, epoch=self.epoch, seed=cfg.seed, device=device))
+        progress = EpochProgress(epoch=self.epoch + 1, epochs=cfg.epochs, steps=len(batches),
+                                 images_per_step=cfg.batch_size * self.world, every_s=progress_every_s)
         for i, indices in enumerate(batches):
+            progress.step(i)  # a clock read; nothing on the device
             images, labels = self.train_set.batch(indices)
             x = self.augment(images, train=True)
             if self.channels_last:
@@ -578,10 +586,10 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
     for epoch in range(state.epoch, cfg.epochs):
         t0 = time.perf_counter()
         change = state.enter_epoch(epoch)
-        if change and rank == 0:
+        if change and rank == 0 and ctx.epoch_lines:
             print(change, flush=True)
         seed_epoch(cfg.seed, epoch, rank, state.augment)
-        train = state.train_epoch()
+        train = state.train_epoch(progress_every_s=ctx.progress_every_s if rank == 0 else 0.0)
         val = state.evaluate()
         totals = torch.stack([train.loss, train.correct, train.count, val.loss, val.correct, val.count,
                               torch.tensor(train.seconds, device=device, dtype=torch.float64)]).double()
@@ -614,7 +622,8 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
         save = last or (cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0)
 
         if rank == 0:
-            print(_epoch_line(metrics, cfg.epochs), flush=True)
+            if ctx.epoch_lines:
+                print(_epoch_line(metrics, cfg.epochs), flush=True)
             if writer:
                 for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "epoch_time_s"):
                     writer.add_scalar(key, metrics[key], epoch + 1)
@@ -631,7 +640,7 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
             ctx.report(metrics, None)
         history.append(metrics)
         if metrics["stop_reason"]:
-            if rank == 0:
+            if rank == 0 and ctx.epoch_lines:
                 print(_stop_message(metrics, cfg), flush=True)
             break
     return history
@@ -806,12 +815,13 @@ def local_tensorboard_for(filesystem, target: str) -> tuple[str, Callable[[], No
 
 def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, node_id: str,
                        report: Callable[[dict, Optional[str]], None], resume_state: Optional[dict] = None,
-                       kept: Optional[list[tuple[dict, str]]] = None) -> WorkerContext:
+                       kept: Optional[list[tuple[dict, str]]] = None, epoch_lines: bool = True) -> WorkerContext:
     """One process that trains alone and keeps its run folder itself, as Ray Train does for a multi-worker
     run (a one-worker Tune trial: no worker group): each checkpoint goes to `run_dir`/checkpoint_epoch_NNNN/
     (a local path or a URI), the best `keep_checkpoints` by `keep_by` and the latest are kept, and
     `report(metrics, checkpoint_path or None)` passes every epoch on. `kept`: the (metrics, path) of the
-    checkpoints already in the folder, when a trial resumes there."""
+    checkpoints already in the folder, when a trial resumes there. `epoch_lines`: print a line per epoch
+    (a study's driver prints its own lines instead)."""
     import posixpath
 
     import pyarrow.fs
@@ -857,7 +867,8 @@ def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, 
         filesystem, inner = pyarrow.fs.FileSystem.from_uri(posixpath.join(run_dir, "tensorboard"))
         log_dir, publish_logs = local_tensorboard_for(filesystem, inner)
     return WorkerContext(rank=0, world_size=1, device=device, report=report_and_keep, write_file=write_file,
-                         resume_state=resume_state, log_dir=log_dir, publish_logs=publish_logs, node_id=node_id)
+                         resume_state=resume_state, log_dir=log_dir, publish_logs=publish_logs, node_id=node_id,
+                         epoch_lines=epoch_lines)
 
 
 def _quiet_ray_train_reports() -> None:
@@ -925,14 +936,25 @@ def load_latest_good_checkpoint(checkpoint, *, announce: bool) -> dict:
     raise CorruptCheckpoint(f"no readable checkpoint in {parent}: {skipped[0]}")
 
 
+# The key of train_loop_config that carries the driver's console wishes beside the config's fields:
+# {"epoch_lines": bool, "progress_every_s": float, "labels": {"run": ..., "study": ..., "trial": ...}}.
+CONSOLE_KEY = "_console"
+
+
 def train_loop_per_worker(config: dict) -> list[dict]:
     """Entry point of every Ray Train worker (TorchTrainer has already set up the process group)."""
     import ray.train  # RAY
     import ray.train.torch  # RAY
 
-    cfg = TrainConfig.from_dict(config)
+    console = config.get(CONSOLE_KEY) or {}  # how the driver wants this run's console (not a training knob)
+    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k != CONSOLE_KEY})
     _quiet_ray_train_reports()
     train_ctx = ray.train.get_context()  # RAY
+    exported = None
+    if train_ctx.get_world_rank() == 0:  # RAY
+        from raydist.cluster import RunMetrics
+
+        exported = RunMetrics(console.get("labels") or {"run": cfg.name or ""})  # RAY: the dashboard's Metrics view
     node_id = ray.get_runtime_context().get_node_id()  # RAY
     checkpoint = ray.train.get_checkpoint()  # RAY: this run's latest, after a restart or --resume RUN_DIR
     resume_state = None
@@ -942,6 +964,8 @@ def train_loop_per_worker(config: dict) -> list[dict]:
         resume_state = read_resume_checkpoint(cfg.resume, node_id=node_id)
 
     def report(metrics: dict, checkpoint_folder: Optional[str]) -> None:
+        if exported:
+            exported.record(metrics)
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None  # RAY
         # ASYNC: the upload (to S3 it can take longer than an epoch) runs in Ray's background thread while
         # training goes on, and Ray deletes the local folder once it is stored; the report reaches the
@@ -970,7 +994,9 @@ def train_loop_per_worker(config: dict) -> list[dict]:
                                                       f"{storage.experiment_fs_path}/tensorboard")
     ctx = WorkerContext(rank=train_ctx.get_world_rank(), world_size=train_ctx.get_world_size(),  # RAY
                         device=ray.train.torch.get_device(), report=report, write_file=write_file,  # RAY
-                        resume_state=resume_state, log_dir=log_dir, publish_logs=publish_logs, node_id=node_id)
+                        resume_state=resume_state, log_dir=log_dir, publish_logs=publish_logs, node_id=node_id,
+                        epoch_lines=console.get("epoch_lines", True),
+                        progress_every_s=console.get("progress_every_s", 0.0))
     try:
         return run(cfg, ctx)  # rank 0's history becomes Result.return_value
     except BaseException as exc:

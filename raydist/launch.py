@@ -165,19 +165,23 @@ class RunSummary:
     seconds: float
 
 
-def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: bool = False) -> RunSummary:
+def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: bool = False,
+        console: Optional[dict] = None, draw_curves: bool = True) -> RunSummary:
     """Run `cfg` on the connected (or a new local) cluster as a TorchTrainer: `python -m raydist.train`, and
     every Tune trial with two or more workers (or all of them, when the study says so).
 
     `cfg.resume`, when set, is a checkpoint folder to start from or the run folder being continued (whose
     latest checkpoint Ray Train hands to the workers itself). `storage_checked`: the caller (a study) has
-    checked already that every node sees `cfg.storage_path`.
+    checked already that every node sees `cfg.storage_path`. `console`: what rank 0 prints and the labels
+    of its exported metrics (raydist.engine.CONSOLE_KEY; default: a single run's epoch lines and progress).
+    The run folder gets curves.png from its whole history, however the run ends (unless `draw_curves` is
+    False: a study draws its trials together).
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raydist import cluster
-    from raydist.engine import FINAL_MODEL_FILE, train_loop_per_worker
+    from raydist.engine import CONSOLE_KEY, FINAL_MODEL_FILE, train_loop_per_worker
 
     t0 = time.perf_counter()
     if cfg.address is None:  # local cluster: check the machine before starting anything
@@ -208,9 +212,11 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     resources = {"CPU": cfg.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
+    if console is None:
+        console = {"epoch_lines": True, "progress_every_s": cluster.progress_every_s(), "labels": {"run": cfg.name}}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config={**cfg.to_dict(), CONSOLE_KEY: console},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
@@ -223,7 +229,13 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
                                                          checkpoint_score_attribute=cfg.keep_by,
                                                          checkpoint_score_order=metric_mode(cfg.keep_by))),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if draw_curves:
+            write_run_curves(run_dir, cfg.name)
+        if cluster.LIVE_BAR is not None:
+            cluster.LIVE_BAR.clear()
     # This run's epochs: the ones reported since it started (a run resumed in place has older ones on record).
     history = [r for r in read_history(run_dir) if r.get("reported_unix", 0) >= started_unix] \
         or result.return_value or ([result.metrics] if result.metrics else [])
@@ -236,7 +248,7 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
 
 
 def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict], None],
-                 started_unix: Optional[float] = None) -> RunSummary:
+                 started_unix: Optional[float] = None, console: Optional[dict] = None) -> RunSummary:
     """A one-worker Tune trial, trained in the trial's own process: no Train controller, worker group or
     process group to start, which is most of a small trial's start-up. The run folder is kept as a
     TorchTrainer run keeps it (config.yaml, checkpoint_epoch_NNNN/ ranked by keep_by, model_final.pt,
@@ -244,9 +256,12 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
     failure, or on a study's --resume) continues from the latest readable checkpoint in its run folder.
     `on_report(metrics)` hands each epoch to Tune (ray.tune.report, in raydist.tune). The trial's resources
     are the worker's: on a GPU trial Ray has made its one GPU the process's cuda:0. `started_unix`: when the
-    trial started, for the history's timings (default: now)."""
+    trial started, for the history's timings (default: now). `console`: as for `fit` (its progress aside:
+    a study's console has a line per trial epoch)."""
     import ray
     import torch
+
+    from raydist.cluster import RunMetrics
 
     from raydist.engine import FINAL_MODEL_FILE, run, run_folder_context
     from raydist.run_folder import latest_readable_checkpoint
@@ -261,8 +276,12 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
     if latest:
         print(f"resuming from {latest[0]}", flush=True)
 
+    console = console or {}
+    exported = RunMetrics(console.get("labels") or {"run": cfg.name})  # the dashboard's Metrics view
+
     def report(metrics: dict, checkpoint_path: Optional[str]) -> None:
         history.add(metrics, checkpoint_path)  # on record first, whatever Tune then decides
+        exported.record(metrics)
         on_report({**metrics, "checkpoint_path": checkpoint_path})
 
     device = torch.device("cuda", 0) if ray.get_gpu_ids() else torch.device("cpu")  # RAY
@@ -273,7 +292,7 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
             on_report({**recovered, "checkpoint_path": latest[0]})
     ctx = run_folder_context(cfg, run_dir=run_dir, device=device, report=report, resume_state=resume_state,
                              node_id=ray.get_runtime_context().get_node_id(),  # RAY
-                             kept=kept)
+                             kept=kept, epoch_lines=console.get("epoch_lines", True))
     try:
         run(cfg, ctx)
     except BaseException as exc:
@@ -289,6 +308,40 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
     return RunSummary(run_dir=run_dir, history=epochs, final_model=f"{run_dir}/{FINAL_MODEL_FILE}",
                       best_checkpoint=best[1] if best else None, best_val_acc=best[0]["val_acc"] if best else None,
                       seconds=time.perf_counter() - t0)
+
+
+CURVES_FILE = "curves.png"
+
+
+def write_run_curves(run_dir: str, title: str) -> Optional[str]:
+    """<run>/curves.png from the run's whole history.jsonl (a resumed run continues the same picture);
+    written locally, then copied when the run folder is a URI. A picture that cannot be drawn is a line,
+    never the run's failure."""
+    import shutil
+    import tempfile
+
+    from raydist import report
+    from raydist.study_history import read_history
+
+    try:
+        history = read_history(run_dir)
+        if is_uri(run_dir):
+            import pyarrow.fs
+
+            local = tempfile.mkdtemp(prefix="raydist-curves-")
+            report.plot_run_curves(history, os.path.join(local, CURVES_FILE), title=title)
+            fs, inner = pyarrow.fs.FileSystem.from_uri(run_dir)
+            pyarrow.fs.copy_files(os.path.join(local, CURVES_FILE), f"{inner}/{CURVES_FILE}",
+                                  destination_filesystem=fs)
+            shutil.rmtree(local, ignore_errors=True)
+        else:
+            if not os.path.isdir(run_dir):
+                return None
+            report.plot_run_curves(history, os.path.join(run_dir, CURVES_FILE), title=title)
+        return f"{run_dir}/{CURVES_FILE}"
+    except Exception as exc:  # noqa: BLE001 - the run's own outcome matters more than its picture
+        print(f"warning: could not draw {run_dir}/{CURVES_FILE}: {type(exc).__name__}: {exc}", flush=True)
+        return None
 
 
 def _checkpoints_in_folder(history, run_dir: str,

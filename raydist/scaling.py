@@ -218,8 +218,17 @@ SET_BY_THE_GRID = {"num_workers": "--workers", "batch_size": "--batch-sizes", "t
                    "name": "--out (each run is named w<workers>-b<batch>-<rule>)", "resume": None}
 
 
+DESCRIPTION = """\
+How the global batch size changes data-parallel training: one raydist training run per worker count x
+per-worker batch size x LR rule, each to --target; a table (results.md), results.csv, throughput.png and
+accuracy.png in --out.
+
+example:
+  python -m raydist.scaling --workers 1 2 4 --batch-sizes 64 128 256 --target 0.9 --use-gpu --address auto"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="raydist.scaling", description=__doc__.splitlines()[0], add_help=False, allow_abbrev=False,
+    p = _Parser(prog="raydist.scaling", description=DESCRIPTION, add_help=False, allow_abbrev=False,
                 epilog="Every other flag is a raydist.train flag (python -m raydist.train --help), except "
                        + ", ".join("--" + k.replace("_", "-") for k in SET_BY_THE_GRID) + ", which the grid sets.")
     g = p.add_argument_group("scaling")
@@ -239,7 +248,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[Point]]:
     if args.help:
         build_parser().print_help()
         print()
-        parse_cli(["--help"], prog="raydist.scaling")  # raydist.train's flags; exits
+        parse_cli(["--help"], prog="raydist.scaling", description="raydist.train's flags, which set the runs' common "
+                                                                   "config:")  # exits
     base, explicit, config_files = parse_cli(rest, prog="raydist.scaling")
     check_not_set_by_the_grid(explicit, config_files)
     if args.out and "storage_path" in explicit:

@@ -18,6 +18,7 @@ A study file (every key but `searched` is optional):
     scheduler: {type: asha, grace_period: 2, reduction_factor: 3}   # or type: fifo
     failures:  {worker_restarts: 0, trial_restarts: 1}   # see below
     one_worker_trials: in_process # or trainer: see below
+    console:   {verbose: false, status_every_s: 30}   # verbose: Ray's own full output, every epoch line
     fixed:     {dataset: digits, model: resnet8, num_workers: 1, epochs: 10}   # any TrainConfig field
     searched:                     # TrainConfig fields -> one distribution each
       lr:         {loguniform: [0.02, 2.0]}
@@ -47,8 +48,8 @@ A deterministic error (out of memory, a bad input) fails again on each restart, 
 
 One-worker trials: `in_process` (default) trains in the Tune trial's own process, with the trial holding
 the worker's CPUs/GPU: no Ray Train controller, worker group or process group to start, which is most of a
-small trial's start-up. `trainer` runs every trial as a TorchTrainer, so that each is a Train run in the
-dashboard's Train view. Trials of two or more workers are TorchTrainer runs either way. Both keep the same
+small trial's start-up. `trainer` runs every trial as a TorchTrainer, so that each is a run in Ray
+Train's run list (`raydist.cluster status`). Trials of two or more workers are TorchTrainer runs either way. Both keep the same
 run folder, history, checkpoints and resume behaviour.
 
 Under ASHA every trial's LR schedule spans the scheduler's budget (`max_epochs`, ASHA's max_t), so trials
@@ -77,11 +78,12 @@ SCHEDULERS = ("asha", "fifo")
 # Set per trial by raydist.tune, so a study may not set them.
 PER_TRIAL_FIELDS = ("address", "name", "storage_path", "log_dir", "resume")
 TOP_LEVEL_KEYS = ("name", "description", "metric", "mode", "num_samples", "max_concurrent", "search", "scheduler",
-                  "failures", "one_worker_trials", "fixed", "searched", "points_to_evaluate")
+                  "failures", "one_worker_trials", "console", "fixed", "searched", "points_to_evaluate")
 ONE_WORKER_TRIALS = ("in_process", "trainer")  # how a one-worker trial trains: in its own process, or a TorchTrainer
 SEARCH_KEYS = ("algorithm", "initial_points", "seed")
 SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor")
 FAILURE_KEYS = ("worker_restarts", "trial_restarts")
+CONSOLE_KEYS = ("verbose", "status_every_s")
 _GRID_TOLERANCE = 1e-9  # relative to q: how far a float may sit from a multiple of q and still be on the grid
 
 
@@ -190,6 +192,8 @@ class Study:
     worker_restarts: int = 0  # a trial's worker group restarted from its checkpoint (Train's max_failures)
     trial_restarts: int = 1  # a failed trial run again from its checkpoint (Tune's max_failures)
     one_worker_trials: str = "in_process"  # ONE_WORKER_TRIALS
+    verbose: bool = False  # the console: Ray's own full output and every trial's epoch lines (raydist.tune)
+    status_every_s: float = 30.0  # the console: a status line this often (0: never)
 
     def in_process(self, cfg: TrainConfig) -> bool:
         """Does this trial train in its own process (no Ray Train worker group)?"""
@@ -447,6 +451,16 @@ def _read_settings(study: Study, raw: dict) -> None:
     if study.one_worker_trials not in ONE_WORKER_TRIALS:
         raise ConfigError(f"{path}: one_worker_trials {study.one_worker_trials!r} is not one of: "
                           f"{', '.join(ONE_WORKER_TRIALS)}")
+
+    console = _section(path, "console", raw.get("console"), CONSOLE_KEYS)
+    study.verbose = console.get("verbose", study.verbose)
+    if not isinstance(study.verbose, bool):
+        raise ConfigError(f"{path}: console.verbose must be true or false, got {study.verbose!r}")
+    every = console.get("status_every_s", study.status_every_s)
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
+        raise ConfigError(f"{path}: console.status_every_s must be a number of seconds >= 0 (0: no status lines), "
+                          f"got {every!r}")
+    study.status_every_s = float(every)
 
 
 def _section(path: str, name: str, values: Any, keys: tuple) -> dict:

@@ -16,7 +16,7 @@ from typing import Optional
 
 from raydist import final_eval
 from raydist.config import ConfigError, parse_cli
-from raydist.launch import RunSummary, failure_cause, fit, prepare
+from raydist.launch import CURVES_FILE, RunSummary, failure_cause, fit, prepare
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -28,7 +28,8 @@ def print_summary(summary: RunSummary) -> None:
             lines[0] += f" (stopped early: {last['stop_reason']}{': ' + last['divergence'] if last.get('divergence') else ''})"
     if summary.best_val_acc is not None:
         lines.append(f"best checkpoint:  {summary.best_checkpoint}  (val acc {summary.best_val_acc:.2%})")
-    lines += [f"final model:      {summary.final_model}", f"run folder:       {summary.run_dir}"]
+    lines += [f"final model:      {summary.final_model}", f"curves:           {summary.run_dir}/{CURVES_FILE}",
+              f"run folder:       {summary.run_dir}"]
     print("\n".join(lines), flush=True)
 
 

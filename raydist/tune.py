@@ -37,6 +37,14 @@ from raydist.study_results import StudyResult, summarize
 STUDY_FILE = "study.yaml"  # the effective study, saved so --resume needs nothing else
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 DEFAULT_STUDY = "digits_quick"
+DESCRIPTION = """\
+Search hyperparameters: a study of many training runs (Ray Tune trials) on a Ray cluster, HyperOpt (TPE)
+proposing values, ASHA stopping the weak trials early; a line per trial event while it runs, then a table,
+the best model, results.csv, learning_curves.png and search_values.png. Without --address it starts a
+local cluster itself; without --search-space it runs search_spaces/digits_quick.yaml.
+
+example:
+  python -m raydist.tune --search-space cifar10_resnet18 --set data_dir=~/data --address auto"""
 
 
 # ---- command line -------------------------------------------------------------------------------------
@@ -45,7 +53,7 @@ DEFAULT_STUDY = "digits_quick"
 def build_parser() -> argparse.ArgumentParser:
     from raydist.config import _Parser
 
-    p = _Parser(prog="raydist.tune", description=__doc__.splitlines()[0])
+    p = _Parser(prog="raydist.tune", description=DESCRIPTION)
     p.add_argument("--search-space", metavar="FILE.yaml",
                    help=f"study file, or the name of one in {SEARCH_SPACES.name}/ (see --list; default: {DEFAULT_STUDY})")
     p.add_argument("--list", action="store_true", help="list the shipped study files and exit")
@@ -54,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, metavar="N", help="number of trials (default: the study's)")
     p.add_argument("--one-worker-trials", choices=ONE_WORKER_TRIALS,
                    help="how a one-worker trial trains: in_process (in the trial's own process: seconds less "
-                        "start-up) or trainer (a TorchTrainer run, listed in the dashboard's Train view); "
+                        "start-up) or trainer (a TorchTrainer run, in Ray Train's run list: raydist.cluster status); "
                         "default: the study's, else in_process")
     p.add_argument("--max-concurrent", type=int, metavar="N",
                    help="trials at once (default: the study's, else as many as the cluster's free resources fit)")
@@ -69,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb-project", help="W&B project (default: the study's name)")
     p.add_argument("--mlflow-uri", metavar="URI",
                    help="log trials to this MLflow tracking URI (e.g. http://mlflow:5000 or sqlite:///mlflow.db)")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's own full output (its status tables and result boxes) and every trial's epoch lines, "
+                        "instead of one line per trial event and a status line every 30 s (study key: console)")
     return p
 
 
@@ -128,12 +139,14 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
         if searched:  # the restored searcher keeps proposing it; a fixed value would be silently ignored
             raise ConfigError(f"--resume: {sorted(searched)[0]} is searched in this study and cannot be fixed now")
         study = load_study(study_file, overrides)
+        study.verbose = study.verbose or args.verbose  # the console may change on --resume; the trials may not
         storage_path, name = os.path.dirname(experiment), os.path.basename(experiment)
     else:
         # The command line's settings join the study before it is checked: the checks are the file's.
         study = load_study(find_study_file(args.search_space or DEFAULT_STUDY), overrides,
                            settings={"search": args.search, "scheduler": args.scheduler,
-                                     "num_samples": args.num_samples, "one_worker_trials": args.one_worker_trials})
+                                     "num_samples": args.num_samples, "one_worker_trials": args.one_worker_trials,
+                                     "verbose": args.verbose or None})
         storage_path = args.storage_path or "./runs"
         storage_path = storage_path if "://" in storage_path else os.path.abspath(os.path.expanduser(storage_path))
         _check_storage(storage_path, "--storage-path")
@@ -279,26 +292,34 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
     context = ray.tune.get_context()
     trial_dir = os.path.basename(context.get_trial_dir())
     trial_path = f"{experiment_path}/{trial_dir}"
-    # <experiment>/trial_<id>/<study>.<id>/: the Train run's name is what the dashboard's Train view lists.
+    # <experiment>/trial_<id>/<study>.<id>/: the Train run's name is what Ray Train's run list shows.
     # Checkpoints are kept by the study's own metric, so the best epoch it reports is one that was kept.
     cfg = dataclasses.replace(study.trial_config(sample), address="auto", keep_by=study.metric,
                               name=train_run_name(study.name, context.get_trial_id()), storage_path=trial_path)
     cfg = prepare(cfg, explicit={})
+    # Quiet by default: the driver prints a line per trial event (StudyConsole); --verbose brings back the
+    # trials' own epoch lines. The labels are those of the metrics exported to the dashboard.
+    console = {"epoch_lines": study.verbose, "progress_every_s": 0.0,
+               "labels": {"run": cfg.name, "study": study.name, "trial": context.get_trial_id()}}
     # The stable run name and storage make a resumed trial pick its latest checkpoint up again. The
     # history goes first: whatever Tune then does with the report, the epoch is on record.
     # The study checked its storage on every node (a trial's own process may lack the user's environment).
     try:
         if study.in_process(cfg):  # one worker: the loop runs here, on the resources Tune gave this trial
-            fit_in_trial(cfg, trial_path=trial_path, on_report=ray.tune.report, started_unix=started)
+            fit_in_trial(cfg, trial_path=trial_path, on_report=ray.tune.report, started_unix=started, console=console)
         else:
-            fit(cfg, callbacks=[HistoryCallback(trial_path, started), TuneReportCallback()], storage_checked=True)
+            # No curves.png per trial: the study draws every trial in learning_curves.png, and a trial's thread
+            # is no place for matplotlib once Tune stops it (it ends the thread with an exception, mid-draw).
+            fit(cfg, callbacks=[HistoryCallback(trial_path, started), TuneReportCallback()], storage_checked=True,
+                console=console, draw_curves=False)
     except Exception as exc:  # noqa: BLE001 - the trial's row says its cause in one line; tracebacks to a file
         from raydist.failures import TrialError, root_cause, write_error_log
 
         cause = root_cause(exc)
         log = write_error_log(trial_path, exc)
-        print(f"trial {context.get_trial_id()} failed: {cause}" + (f" (tracebacks: {log})" if log else ""),
-              flush=True)
+        if study.verbose:  # else the driver's StudyConsole says it, from the TrialError
+            print(f"trial {context.get_trial_id()} failed: {cause}" + (f" (tracebacks: {log})" if log else ""),
+                  flush=True)
         raise TrialError(cause) from None
 
 
@@ -347,7 +368,7 @@ def run_study(plan: Plan) -> StudyResult:
         plan_concurrency(study, free_cpus=os.cpu_count() or 1, free_gpus=cluster.local_gpu_count(),
                          total_cpus=os.cpu_count() or 1, total_gpus=cluster.local_gpu_count(),
                          requested=plan.max_concurrent, where="this machine")
-    cluster.connect(plan.address)
+    cluster.connect(plan.address, quiet=not study.verbose)
     # An autoscaling cluster is planned at its largest: what is free there is what it can grow to, less
     # what is busy now (on a fixed cluster: what is free now).
     cap = cluster.capacity()
@@ -372,6 +393,11 @@ def run_study(plan: Plan) -> StudyResult:
     if waiting:
         print(waiting, flush=True)
 
+    # The console's trial lines and status line, and the study's record for `raydist.cluster status`.
+    console = [] if study.verbose else [study_console(study, plan.experiment_path, concurrency)]
+    cluster.publish_study(plan.name, {"name": plan.name, "experiment": plan.experiment_path, "metric": study.metric,
+                                      "total": study.num_samples, "done": 0, "running": 0,
+                                      "started_unix": time.time()})
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, study=study, experiment_path=plan.experiment_path),
         trial_resources(study, cluster_has_gpus=cap.max_gpus > 0))
@@ -380,6 +406,11 @@ def run_study(plan: Plan) -> StudyResult:
         # and the scheduler its rungs from the trials' histories (raydist.study_history).
         study_search.set_resume_concurrency(concurrency)
         tuner = ray.tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True)
+        # Tune restores the callbacks it saved: the console is today's (a fresh clock, --verbose as given now).
+        run_config = tuner._local_tuner.get_run_config()  # RAY (internal): no public way to change it on restore
+        run_config.callbacks = [c for c in run_config.callbacks or [] if not getattr(c, "raydist_console", False)]
+        run_config.callbacks += console
+        run_config.verbose = 1 if study.verbose else 0
     else:
         tuner = ray.tune.Tuner(
             trainable,
@@ -395,17 +426,27 @@ def run_study(plan: Plan) -> StudyResult:
                                             reuse_actors=study.every_trial_in_process()),
             run_config=ray.tune.RunConfig(name=plan.name, storage_path=plan.storage_path,
                                           callbacks=[*_logger_callbacks(plan),
-                                                     trial_loss_notice(plan.experiment_path, study.trial_restarts)],
+                                                     trial_loss_notice(plan.experiment_path, study.trial_restarts),
+                                                     *console],
                                           # A trial that raised is run again this often; it resumes
                                           # from its latest checkpoint (its Train run keeps its name).
                                           failure_config=ray.tune.FailureConfig(max_failures=study.trial_restarts),
-                                          verbose=1),
+                                          # Ray's own tables and result boxes only when asked for.
+                                          verbose=1 if study.verbose else 0),
         )
     # Tune saves the experiment's state (which trials exist, with which values) at most every 10 s by default:
     # a driver killed sooner after a trial started left that trial out of the saved study, and --resume ran a
     # new trial in its place (seen once in-process trials started in 3 s). Every second costs a small JSON.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    grid = tuner.fit()
+    if not study.verbose:
+        # Tune's newer output engine prints its experiment box and paths whatever `verbose` says; its
+        # older one is silent at verbose=0. The driver's own setting: trials never see it.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        _quiet_trial_tracebacks()
+    try:
+        grid = tuner.fit()
+    finally:
+        cluster.publish_study(plan.name, None)
     return summarize(study, grid, plan.experiment_path, seconds=time.perf_counter() - t0)
 
 
@@ -449,6 +490,7 @@ def _save_study(study: Study, experiment_path: str) -> None:
                       "reduction_factor": study.reduction_factor},
         "failures": {"worker_restarts": study.worker_restarts, "trial_restarts": study.trial_restarts},
         "one_worker_trials": study.one_worker_trials,
+        "console": {"verbose": study.verbose, "status_every_s": study.status_every_s},
         "fixed": study.fixed,
         "searched": {k: {d.kind: list(d.args)} for k, d in study.searched.items()},
         "points_to_evaluate": study.points_to_evaluate,
@@ -488,6 +530,231 @@ def trial_loss_notice(experiment_path: str, restarts: int):
             print(f"trial {trial.trial_id} failed: {cause}; {then}" + (f" (log: {log})" if log else ""), flush=True)
 
     return TrialLossNotice()
+
+
+def study_console(study: Study, experiment_path: str, concurrency: int):
+    """The study's default console (a Tune callback): one line per trial event (started with its values and
+    resources; its epochs' metric, every epoch or every Nth for long trials; stopped by ASHA at a rung;
+    finished, target reached or diverged; failed with its one-line cause; restarted) and a status line every
+    study.status_every_s seconds; it also keeps the study's record for `raydist.cluster status` current."""
+    from ray.tune import Callback
+
+    from raydist import cluster, console
+    from raydist.failures import is_process_loss
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    class StudyConsole(Callback):
+        raydist_console = True
+
+        def __init__(self):
+            self.t0 = time.monotonic()
+            self.next_status = self.t0 + study.status_every_s
+            self.best: dict[str, tuple[float, int]] = {}  # trial id -> (best metric, its epoch)
+            self.epochs: dict[str, int] = {}  # trial id -> epochs reported
+            self.started: dict[str, float] = {}  # trial id -> when it (last) started
+            self.durations: list[float] = []  # of the trials that ended
+            self.seen: set[str] = set()
+            self.done: set[str] = set()  # trials that ended (finished, stopped, failed for good)
+
+        def values(self, trial) -> dict:
+            return {k: trial.config.get(k) for k in study.searched}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            cfg = study.trial_config(self.values(trial))
+            gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_has_gpus
+            per = f"{cfg.cpus_per_worker:g} CPU" + (f" + {cfg.gpus_per_worker:g} GPU" if gpu else "")
+            where = "in its own process" if study.in_process(cfg) else "TorchTrainer"
+            resources = f"{cfg.num_workers} worker{'s' if cfg.num_workers > 1 else ''} x {per}, {where}"
+            say(console.trial_started_line(trial.trial_id, self.values(trial), resources,
+                                           restarted=trial.trial_id in self.seen))
+            self.seen.add(trial.trial_id)
+            self.started[trial.trial_id] = time.monotonic()
+            self.publish(trials)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "epoch" not in result:
+                return
+            epoch, value = int(result["epoch"]), result.get(study.metric)
+            self.epochs[trial.trial_id] = epoch
+            best = self.best.get(trial.trial_id)
+            if isinstance(value, (int, float)) and math.isfinite(value) and (
+                    best is None or (value > best[0] if study.mode == "max" else value < best[0])):
+                self.best[trial.trial_id] = best = (value, epoch)
+            planned = study.trial_config(self.values(trial)).epochs
+            if epoch % console.report_every(planned) == 0 or epoch >= planned or result.get("stop_reason"):
+                say(console.trial_epoch_line(trial.trial_id, result, epochs=planned, metric=study.metric,
+                                             best=best[0] if best else None))
+            self.publish(trials)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            planned = study.trial_config(self.values(trial)).epochs
+            epochs_run = int(last.get("epoch", self.epochs.get(trial.trial_id, 0)))
+            stop = last.get("stop_reason") or ""
+            if stop == "diverged":
+                status, reason = "diverged", last.get("divergence") or ""
+            elif stop == "target_accuracy":
+                status, reason = "target reached", ""
+            elif epochs_run < planned:
+                status, reason = "stopped early", ""
+            else:
+                status, reason = "finished", ""
+            self.ended(trial)
+            best = self.best.get(trial.trial_id)
+            say(console.trial_ended_line(trial.trial_id, status=status, epochs_run=epochs_run, epochs=planned,
+                                         metric=study.metric, best=best[0] if best else None,
+                                         best_epoch=best[1] if best else None, seconds=self.took(trial),
+                                         rung=epochs_run if status == "stopped early" and study.scheduler == "asha"
+                                         else None, reason=reason))
+            self.publish(trials)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            error = _trial_error(trial)
+            if error is not None and is_process_loss(error):
+                return  # TrialLossNotice has said it, with its pid and node
+            reason = _error_text(error)
+            log = f"{experiment_path}/trial_{trial.trial_id}/error.log"  # raydist.failures.ERROR_LOG
+            planned = study.trial_config(self.values(trial)).epochs
+            say(console.trial_ended_line(trial.trial_id, status="error", epochs_run=self.epochs.get(trial.trial_id, 0),
+                                         epochs=planned, metric=study.metric, best=None, best_epoch=None,
+                                         seconds=None, reason=reason)
+                + (f" (tracebacks: {log})" if "://" in log or os.path.exists(log) else ""))
+            self.ended(trial)
+            self.publish(trials)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            error = _trial_error(trial)
+            if error is not None and is_process_loss(error):
+                return  # TrialLossNotice says it
+            reason = _error_text(error)
+            say(f"trial {trial.trial_id} failed: {reason}; running it again from its latest checkpoint "
+                f"(restart {trial.num_failures} of {study.trial_restarts})")
+
+        def on_step_end(self, iteration, trials, **info):
+            if study.status_every_s <= 0 or time.monotonic() < self.next_status:
+                return
+            self.next_status = time.monotonic() + study.status_every_s
+            say(self.status_line(trials))
+
+        def on_experiment_end(self, trials, **info):
+            if study.status_every_s > 0:
+                say(self.status_line(trials))
+
+        # ---- helpers
+
+        def ended(self, trial) -> None:
+            self.done.add(trial.trial_id)
+            took = self.took(trial)
+            if took is not None:
+                self.durations.append(took)
+
+        def took(self, trial) -> Optional[float]:
+            started = self.started.get(trial.trial_id)
+            return time.monotonic() - started if started is not None else None
+
+        def counts(self, trials) -> tuple[int, int, int]:
+            # Tune marks a trial TERMINATED or ERROR only after its callbacks ran: the ones that ended are
+            # counted from what this console saw (and, on --resume, what Tune restored as ended).
+            done = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")} | self.done
+            running = sum(t.status == "RUNNING" and t.trial_id not in done for t in trials)
+            return running, max(0, study.num_samples - running - len(done)), len(done)
+
+        def best_so_far(self, trials):
+            by_id = {t.trial_id: t for t in trials}
+            scored = [(value, trial_id) for trial_id, (value, _) in self.best.items() if trial_id in by_id]
+            if not scored:
+                return None
+            value, trial_id = (max if study.mode == "max" else min)(scored)
+            return trial_id, value, self.values(by_id[trial_id])
+
+        def status_line(self, trials) -> str:
+            running, pending, done = self.counts(trials)
+            now = time.monotonic()
+            remaining = console.remaining_estimate(
+                finished_durations=self.durations, not_started=pending, concurrency=concurrency,
+                running_elapsed=[now - self.started[t.trial_id] for t in trials
+                                 if t.status == "RUNNING" and t.trial_id in self.started])
+            return console.study_status_line(elapsed_s=now - self.t0, running=running, pending=pending, done=done,
+                                             total=study.num_samples, best=self.best_so_far(trials),
+                                             metric=study.metric, remaining_s=remaining if done < study.num_samples
+                                             else None)
+
+        def publish(self, trials) -> None:
+            running, _, done = self.counts(trials)
+            best = self.best_so_far(trials)
+            record = {"name": os.path.basename(experiment_path), "experiment": experiment_path,
+                      "metric": study.metric, "total": study.num_samples, "done": done, "running": running,
+                      "started_unix": time.time() - (time.monotonic() - self.t0)}
+            if best:
+                record["best"] = {"trial_id": best[0], "text": console.metric_text(study.metric, best[1]),
+                                  "values": console.values_text(best[2])}
+            try:
+                cluster.publish_study(os.path.basename(experiment_path), record)
+            except Exception:  # noqa: BLE001 - a status record must never stop a study
+                pass
+
+    # A console line that cannot be made must never stop the study (Tune ends an experiment whose callback
+    # raised): each hook says so once and the study goes on.
+    for name in [n for n in vars(StudyConsole) if n.startswith("on_")]:
+        setattr(StudyConsole, name, _never_raises(getattr(StudyConsole, name)))
+    cluster_has_gpus = False
+    try:
+        cluster_has_gpus = cluster.capacity().max_gpus > 0
+    except Exception:  # noqa: BLE001 - only for the resources a trial line names
+        pass
+    return StudyConsole()
+
+
+def _never_raises(hook):
+    import functools
+
+    @functools.wraps(hook)
+    def guarded(self, *args, **kwargs):
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            if not getattr(self, "console_failed", False):
+                self.console_failed = True
+                print(f"warning: the study's console skipped a line ({hook.__name__}: {type(exc).__name__}: {exc}); "
+                      f"the study goes on", flush=True)
+
+    return guarded
+
+
+def _quiet_trial_tracebacks() -> None:
+    """Tune logs every failed trial's whole traceback at error level; the quiet console says the cause in
+    one line and the traceback is in the trial's error.log (and Tune's own error.txt)."""
+    import logging
+
+    class TrialTracebacks(logging.Filter):
+        raydist = True
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not record.getMessage().startswith("Trial task failed for trial ")
+
+    logger = logging.getLogger("ray.tune.execution.tune_controller")  # RAY: the module logger that logs them
+    if not any(getattr(f, "raydist", False) for f in logger.filters):
+        logger.addFilter(TrialTracebacks())
+
+
+def _error_text(error) -> str:
+    """A trial's error in one line: the cause run_trial raised (a TrialError, which Tune may hand back
+    wrapped with the trial's traceback), else the root cause of whatever it is."""
+    import re
+
+    from raydist.failures import TrialError, root_cause
+
+    if error is None:
+        return "unknown error (Tune kept none)"
+    for line in reversed(f"{error}".splitlines()):
+        found = re.search(r"TrialError: (.+)", line)
+        if found:
+            return found.group(1).strip()
+    if isinstance(error, TrialError):
+        return f"{error}".strip().splitlines()[0]
+    return root_cause(error)
 
 
 def _trial_error(trial):
@@ -554,8 +821,8 @@ def print_result(result: StudyResult, study: Study) -> None:
             log = f"{where}/trial_{row['trial_id']}/error.log"  # raydist.failures.ERROR_LOG
             print(f"trial {row['trial_id']} failed: {row['error']}"
                   + (f"  (tracebacks: {log})" if "://" in where or os.path.exists(log) else ""))
-    print(f"results: {where}/results.csv  curves: {where}/learning_curves.png  "
-          f"TensorBoard: tensorboard --logdir {where}  ({result.seconds:.0f}s)")
+    print(f"results: {where}/results.csv  curves: {where}/learning_curves.png  searched values: "
+          f"{where}/search_values.png  TensorBoard: tensorboard --logdir {where}  ({result.seconds:.0f}s)")
     if result.interrupted:
         print(f"interrupted; continue with: python -m raydist.tune --resume {where}")
 

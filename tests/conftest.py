@@ -190,3 +190,48 @@ def wait_for_free_cluster(timeout: float = 120, cpus: float = 2) -> None:
 @pytest.fixture
 def run_root(tmp_path):
     return str(tmp_path / "runs")
+
+
+class MetricsWatcher:
+    """Reads every node's metrics endpoint (what Prometheus scrapes; the dashboard's Metrics view shows it)
+    every 2 s while a job runs, keeping each raydist gauge seen: a gauge lives only as long as the process
+    that sets it, so it is looked for while the run runs. Use as a context manager around the job."""
+
+    def __init__(self, every_s: float = 2.0):
+        import threading
+
+        self.every_s, self.seen, self._stop = every_s, [], threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(30)
+
+    def _watch(self):
+        import re
+        import urllib.request
+
+        import ray
+
+        line = re.compile(r'^(ray_raydist_\w+)\{(.*)\} (\S+)$')
+        while not self._stop.is_set():
+            for node in ray.nodes():
+                if not node["Alive"]:
+                    continue
+                url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+                try:
+                    text = urllib.request.urlopen(url, timeout=5).read().decode()
+                except OSError:
+                    continue
+                for match in filter(None, map(line.match, text.splitlines())):
+                    labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+                    self.seen.append((match.group(1), labels, float(match.group(3))))
+            self._stop.wait(self.every_s)
+
+    def values(self, name: str, **labels) -> list[float]:
+        return [value for metric, seen, value in self.seen
+                if metric == name and all(seen.get(k) == v for k, v in labels.items())]

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -286,3 +287,31 @@ def test_a_checkpoint_copied_into_storage_before_the_report_returns_counts_as_ho
     assert told == [str(tmp_path / "run" / "checkpoint_epoch_0001")]
     assert (tmp_path / "run" / "checkpoint_epoch_0001" / CHECKPOINT_FILE).is_file()
     assert 0.3 <= seconds < 0.5  # the copy, not the 0.5 s the report waited for Tune
+
+
+def test_a_long_epoch_prints_progress_lines_on_rank_0_and_a_short_one_none(tmp_path, capsys, monkeypatch):
+    """Real epochs of the loop: with the progress clock made fast (a line at every step after the first),
+    rank 0 prints how far the epoch is; with the real one, a 1-second digits epoch prints nothing."""
+    import dataclasses
+
+    from raydist import console
+
+    cfg = TrainConfig(epochs=1, batch_size=128)
+    ctx = dataclasses.replace(local_context(str(tmp_path / "fast")), progress_every_s=30.0)
+    real = console.EpochProgress
+
+    class Eager(real):
+        def __init__(self, **kwargs):
+            super().__init__(**{**kwargs, "quiet_s": 0.0, "every_s": 1e-9 if kwargs["every_s"] else 0.0})
+
+    monkeypatch.setattr(console, "EpochProgress", Eager)
+    run(cfg, ctx)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(console.PROGRESS_MARK)]
+    steps = {int(re.search(r"step \d+/(\d+) ", line).group(1)) for line in lines}
+    assert steps == {11}  # this rank's steps: 1,437 training images in batches of 128
+    assert [int(re.search(r"step (\d+)/", line).group(1)) for line in lines] == list(range(1, 11))  # not 0, not 11
+    assert all("epoch 1/1" in line and "img/s" in line and "ETA" in line for line in lines)
+
+    monkeypatch.setattr(console, "EpochProgress", real)
+    run(cfg, dataclasses.replace(local_context(str(tmp_path / "real")), progress_every_s=30.0))
+    assert console.PROGRESS_MARK not in capsys.readouterr().out

@@ -54,13 +54,47 @@ def test_run_folder_holds_config_checkpoints_and_tensorboard(digits_run):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir / "tensorboard"))
 
 
+def _png_size(path) -> tuple[int, int]:
+    png = path.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def test_the_console_has_the_epoch_lines_and_none_of_rays_internal_noise(digits_run):
+    """A TorchTrainer run's controller prints Ray Data's deprecation warning and a PreemptionWatcher notice
+    at error level, and the driver Ray's token notice: none reaches the console; the log files keep them."""
+    _, stdout = digits_run
+    for noise in ("exclude_resources", "PreemptionWatcher", "Token authentication is enabled"):
+        assert noise not in stdout, noise
+    assert "Ray's logs: " not in stdout or "(on the head node)" in stdout  # a joined cluster's logs are the head's
+
+
+def test_the_run_folder_has_curves_png_and_a_resumed_run_continues_it(digits_run, ray_cluster):
+    """Runs after the resume test below too (module order): then the picture covers both runs' epochs."""
+    run_dir, _ = digits_run
+    assert _png_size(run_dir / "curves.png") == (1210, 495)
+    from raydist import report
+    from raydist.study_history import read_history
+
+    plotted = report.plot_run_curves(read_history(str(run_dir)), str(run_dir / "check.png"))
+    assert [e for e, _ in plotted["val_acc"]] == list(range(1, TrainConfig().epochs + 1))
+
+
 def test_resume_a_run_folder_continues_at_the_next_epoch(digits_run, ray_cluster):
     run_dir, _ = digits_run
     epochs = TrainConfig().epochs
+    drawn_before = (run_dir / "curves.png").stat().st_mtime_ns
     result = _cli(ray_cluster, "--resume", str(run_dir), "--epochs", str(epochs + 2))
     assert result.returncode == 0, result.stderr[-3000:]
     done = [int(e) for e in re.findall(r"epoch +(\d+)/\d+ ", result.stdout)]
     assert done == [epochs + 1, epochs + 2]
+    # the same picture, drawn again from the run's whole history: the first run's epochs and these two
+    assert (run_dir / "curves.png").stat().st_mtime_ns > drawn_before
+    from raydist import report
+    from raydist.study_history import read_history
+
+    plotted = report.plot_run_curves(read_history(str(run_dir)), str(run_dir / "check.png"))
+    assert [e for e, _ in plotted["val_acc"]] == list(range(1, epochs + 3))
     final = load_checkpoint_file(str(run_dir / FINAL_MODEL_FILE))
     assert final["metrics"]["epoch"] == epochs + 2 and final["config"]["epochs"] == epochs + 2
     assert final["metrics"]["val_acc"] >= 0.90

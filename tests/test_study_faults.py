@@ -48,8 +48,9 @@ def test_a_study_survives_a_killed_worker_an_out_of_memory_trial_and_a_diverged_
 
     (tmp_path / "faults.yaml").write_text(FAULT_STUDY)
     experiment = tmp_path / "runs" / "faults"
+    # --verbose: the trials' own epoch lines, which carry the pid Ray prefixes to each (the victim's here).
     proc = start_tune(ray_cluster, "--search-space", str(tmp_path / "faults.yaml"), "--storage-path",
-                      str(tmp_path / "runs"), "--name", "faults")
+                      str(tmp_path / "runs"), "--name", "faults", "--verbose")
     out = _Lines(proc)
     # The 6-epoch trial's process is the one printing "epoch 2/6": kill it as soon as it says so.
     victim = int(out.wait_for(r"\(run_trial pid=(\d+)[^)]*\)\S* epoch +2/6 ")[1])
@@ -110,3 +111,42 @@ def test_a_study_survives_a_killed_worker_an_out_of_memory_trial_and_a_diverged_
             if a.class_name in ("RayTrainWorker", "TrainController")]
     assert not left, left
     assert ray.available_resources().get("CPU") == 2
+
+
+QUIET_FAULTS = f"""
+num_samples: 3
+max_concurrent: 1
+search: {{algorithm: random, seed: 0}}
+scheduler: {{type: fifo}}
+fixed: {{model: resnet8, num_workers: 1, batch_size: 32, warmup_epochs: 0, epochs: 2, fake_image_size: 32,
+        fake_num_classes: {HUGE_CLASSES}, fake_train_size: 64, fake_val_size: 16}}
+searched:
+  dataset: {{choice: [digits, fake]}}
+  lr: {{choice: [0.4, 300.0]}}
+points_to_evaluate:
+  - {{dataset: fake, lr: 0.4}}
+  - {{dataset: digits, lr: 300.0}}
+  - {{dataset: digits, lr: 0.4}}
+"""
+
+
+def test_the_default_console_says_each_failure_in_one_line(ray_cluster, tmp_path):
+    """Without --verbose: a trial that raised says its cause when Tune runs it again and when it gives up,
+    a diverged one says why it stopped, and Ray's tracebacks stay in the trials' error.log files."""
+    (tmp_path / "quiet.yaml").write_text(QUIET_FAULTS)
+    proc = start_tune(ray_cluster, "--search-space", str(tmp_path / "quiet.yaml"), "--storage-path",
+                      str(tmp_path / "runs"), "--name", "quiet")
+    stdout, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout[-5000:]
+    rows = {(r["dataset"], r["lr"]): r for r in read_csv(tmp_path / "runs" / "quiet" / "results.csv")}
+    oom, diverged, healthy = rows[("fake", "0.4")], rows[("digits", "300.0")], rows[("digits", "0.4")]
+    assert (oom["status"], diverged["status"], healthy["status"]) == ("error", "diverged", "finished")
+    log = tmp_path / "runs" / "quiet" / f"trial_{oom['trial_id']}" / "error.log"
+    again = re.findall(rf"^trial {oom['trial_id']} failed: (out of memory on cpu .*); running it again from its "
+                       rf"latest checkpoint \(restart 1 of 1\)$", stdout, re.M)
+    final = re.findall(rf"^trial {oom['trial_id']} failed: (out of memory on cpu .*) \(after 0/2 epochs\) "
+                       rf"\(tracebacks: {re.escape(str(log))}\)$", stdout, re.M)
+    assert len(again) == len(final) == 1 and again == final, stdout[-5000:]
+    assert re.search(rf"^trial {diverged['trial_id']} diverged: .* \(1/2 epochs", stdout, re.M), stdout[-5000:]
+    assert re.search(rf"^trial {healthy['trial_id']} finished \(2/2 epochs", stdout, re.M)
+    assert "Traceback" not in stdout and "RayTaskError" not in stdout

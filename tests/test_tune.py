@@ -8,12 +8,15 @@ with SIGINT and resumed.
 
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
-from conftest import digits_val_accuracy, read_csv, start_tune, wait_for_free_cluster
+from conftest import MetricsWatcher, digits_val_accuracy, read_csv, start_tune, wait_for_free_cluster
 
 # Trials run one at a time (the 2-worker ones need both CPUs). The first two are pinned so the checks
 # cannot depend on luck: a known-good 2-worker setting (about 93% in 7 epochs here) and a learning rate
@@ -45,6 +48,9 @@ searched:
 """
 
 
+STUDY_METRICS = {}  # the study fixture's MetricsWatcher (the fixture's value is kept as the other tests read it)
+
+
 def _progress(trial_dir):
     """What Tune recorded for a trial: one dict per reported epoch."""
     with open(os.path.join(trial_dir, "result.json")) as fh:
@@ -59,12 +65,15 @@ def study(ray_cluster, tmp_path_factory):
     env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}
     env.pop("WANDB_API_KEY", None)
     env.pop("WANDB_MODE", None)
-    proc = start_tune(ray_cluster, "--search-space", str(root / "e2e.yaml"), "--storage-path", str(root / "runs"),
-                 "--name", "e2e", "--wandb", "--mlflow-uri", f"file:{root / 'mlruns'}", env=env)
-    stdout, _ = proc.communicate(timeout=1200)
+    with MetricsWatcher() as metrics:  # the gauges every trial exports, read from the nodes as Prometheus does
+        proc = start_tune(ray_cluster, "--search-space", str(root / "e2e.yaml"), "--storage-path",
+                          str(root / "runs"), "--name", "e2e", "--wandb", "--mlflow-uri", f"file:{root / 'mlruns'}",
+                          env=env)
+        stdout, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 0, stdout[-5000:]
     experiment = root / "runs" / "e2e"
     rows = {row["trial_id"]: row for row in read_csv(experiment / "results.csv")}
+    STUDY_METRICS["e2e"] = metrics
     return experiment, rows, stdout, root / "mlruns"
 
 
@@ -114,6 +123,53 @@ def test_results_csv_and_learning_curves_agree_with_what_tune_recorded(study):
     assert (width, height) == (880, 550)
 
 
+def test_the_console_says_each_trial_event_and_none_of_rays_noise(study):
+    """By default: a line per trial event and a status line, not Ray's result boxes and status tables, not
+    its internal warnings (the two-worker trials are TorchTrainer runs, whose controller printed them), not
+    the trials' own epoch lines."""
+    _, rows, stdout, _ = study
+    for trial_id, row in rows.items():
+        assert f"trial {trial_id} started: lr=" in stdout
+        assert f"({row['num_workers']} worker" in stdout
+        epochs = [int(e) for e in re.findall(rf"^trial {trial_id} epoch +(\d+)/7  val_acc [\d.]+%", stdout, re.M)]
+        assert epochs == list(range(1, int(row["epochs_run"]) + 1))  # every epoch of a 7-epoch trial, in order
+        if row["status"] == "stopped early":
+            assert re.search(rf"^trial {trial_id} stopped early by ASHA at the epoch-{row['epochs_run']} rung "
+                             rf"\({row['epochs_run']}/7 epochs, best val_acc", stdout, re.M)
+        else:
+            assert re.search(rf"^trial {trial_id} finished \(7/7 epochs, best val_acc "
+                             rf"{float(row['best_val_acc']):.2%} at epoch {row['best_epoch']}", stdout, re.M)
+    assert re.search(r"^\[[\dmhs]+\] trials: 0 running, 0 pending, 4/4 done  \| best \w+ val_acc", stdout, re.M)
+    assert "Ray's logs: " in stdout
+    for noise in ("Trial status", "╭", "Configuration for experiment", "View detailed results here", "exclude_resources",
+                  "PreemptionWatcher", "Token authentication is enabled", "train loss"):
+        assert noise not in stdout, noise
+    assert not re.search(r"\(\w+ pid=\d+[^)]*\)\S* epoch", stdout)
+
+
+def test_every_trial_exports_its_metrics_to_the_nodes_metrics_endpoint(study):
+    """ray.util.metrics gauges, labelled with run, study and trial: the dashboard's Metrics view and
+    Prometheus read them from there."""
+    _, rows, _, _ = study
+    metrics = STUDY_METRICS["e2e"]
+    for trial_id, row in rows.items():
+        labels = {"study": "e2e", "trial": trial_id, "run": f"e2e.{trial_id}"}
+        accuracies = metrics.values("ray_raydist_val_acc", **labels)
+        assert accuracies, (trial_id, sorted({m for m, _, _ in metrics.seen}))
+        assert all(0.0 <= a <= float(row["best_val_acc"]) + 1e-9 for a in accuracies)
+        assert set(metrics.values("ray_raydist_epoch", **labels)) <= set(map(float, range(1, 8)))
+        for name in ("train_loss", "images_per_s", "lr"):
+            assert metrics.values(f"ray_raydist_{name}", **labels), name
+
+
+def test_search_values_png_shows_every_trial_against_each_searched_field(study):
+    experiment, _, _, _ = study
+    png = (experiment / "search_values.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (1320, 495)  # three panels (lr, batch_size, num_workers) in a row
+
+
 def test_best_checkpoint_loads_and_reproduces_its_validation_accuracy(study):
     experiment, rows, _, _ = study
     best = max(rows.values(), key=lambda r: float(r["best_val_acc"]))
@@ -144,6 +200,13 @@ def test_an_interrupted_study_resumes_without_rerunning_finished_trials(ray_clus
     while len(list(experiment.glob("trial_*"))) < 2:  # one at a time: the second starts after the first ends
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.5)
+    # While it runs, the cluster's status lists it, with its best trial so far (one trial has finished).
+    status = subprocess.run([sys.executable, "-m", "raydist.cluster", "status", "--address", ray_cluster],
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert "raydist studies running: 1" in status.stdout, status.stdout
+    assert re.search(r"^  small  [12]/3 trials done, [01] running  best \w+ val_acc [\d.]+% \(lr=", status.stdout,
+                     re.M), status.stdout
     proc.send_signal(signal.SIGINT)  # what Ctrl+C does
     stdout, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, stdout[-3000:]
@@ -154,9 +217,13 @@ def test_an_interrupted_study_resumes_without_rerunning_finished_trials(ray_clus
     final_model = next(done[0].glob("small.*/model_final.pt"))
     before = (done[0] / "result.json").read_bytes(), final_model.stat().st_mtime_ns
 
-    proc = start_tune(ray_cluster, "--resume", str(experiment))
+    proc = start_tune(ray_cluster, "--resume", str(experiment), "--verbose")
     stdout, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, stdout[-5000:]
+    # --verbose: Ray's own output (its status tables and result boxes) and the trials' epoch lines
+    assert "Trial status" in stdout and "╭" in stdout
+    assert re.search(r"\(\w+ pid=\d+[^)]*\)\S* epoch +2/2  train loss", stdout), stdout[-3000:]
+    assert "started:" not in stdout  # raydist's own trial lines are the quiet console's
     rows = read_csv(experiment / "results.csv")
     assert len(rows) == 3 and {r["status"] for r in rows} == {"finished"}
     assert {r["epochs_run"] for r in rows} == {"2"}

@@ -1,0 +1,215 @@
+"""What raydist prints while it works, and what it keeps off the console; no Ray here.
+
+    lines = without_ray_noise(lines)              # drops Ray's known-harmless internal lines, nothing else
+    progress = EpochProgress(epoch=3, epochs=15, steps=400, images_per_step=128, every_s=30)
+    progress.step(done)                           # rank 0, each step: a line every `every_s` once 5 s passed
+    trial_started_line(...), trial_epoch_line(...), trial_ended_line(...), study_status_line(...)
+
+Ray's log forwarding hands the driver every line its workers and actors print (raydist.cluster installs
+`without_ray_noise` there). Progress lines carry PROGRESS_MARK so that a driver on a terminal can redraw
+them in place as a live bar (LiveBar) while a driver whose output goes to a file or `ray job logs` prints
+each of them (the worker then writes one every ~30 s, not every second).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import time
+from typing import Callable, Iterable, Optional
+
+# Lines Ray 2.60 prints on every run that say nothing about the user's run and read like failures. Each
+# entry: a pattern of the line, and whether the indented line after it (a warning's source line) goes too.
+# Anything not matched here is printed as Ray forwards it: real warnings and errors are never hidden.
+RAY_NOISE = (
+    # Ray Train's controller imports Ray Data, whose ExecutionOptions warns about its own deprecated field.
+    (re.compile(r"RayDeprecationWarning: `ExecutionOptions\.exclude_resources` is deprecated"), True),
+    # Ray Train's PreemptionWatcher actor: a core_worker notice at error level about how Ray built it.
+    (re.compile(r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .* has constructor arguments in "
+                r"the object store and max_restarts > 0"), False),
+)
+
+# The driver's own Ray logger lines that raydist says better itself: the token notice (raydist prints where
+# the token is when it starts a cluster).
+RAY_DRIVER_NOISE = re.compile(r"^Token authentication is enabled for this Ray cluster\.")
+
+PROGRESS_MARK = "progress:"  # how the driver tells a progress line from any other worker line
+
+
+def without_ray_noise(lines: Iterable[str]) -> list[str]:
+    """`lines` less Ray's known-harmless internal lines (RAY_NOISE), in order."""
+    kept: list[str] = []
+    drop_source_line = False
+    for line in lines:
+        if drop_source_line and line.startswith((" ", "\t")):
+            drop_source_line = False
+            continue
+        drop_source_line = False
+        for pattern, with_source_line in RAY_NOISE:
+            if pattern.search(line):
+                drop_source_line = with_source_line
+                break
+        else:
+            kept.append(line)
+    return kept
+
+
+# ---- progress inside an epoch ------------------------------------------------------------------------
+
+
+class EpochProgress:
+    """Rank 0's sign of life during a long epoch: fraction done, images/s, the epoch's ETA.
+
+    Nothing for the first `quiet_s` seconds (a short epoch prints nothing); then a line every `every_s`
+    seconds (30 for a log, 1 for a driver on a terminal, which redraws it in place). `step` costs a clock
+    read: no tensor is touched, so no device sync."""
+
+    def __init__(self, *, epoch: int, epochs: int, steps: int, images_per_step: int, every_s: float,
+                 quiet_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 out: Callable[[str], None] = lambda line: print(line, flush=True)):
+        self.epoch, self.epochs, self.steps, self.images_per_step = epoch, epochs, steps, images_per_step
+        self.every_s, self.quiet_s, self.clock, self.out = every_s, quiet_s, clock, out
+        self.t0 = clock()
+        self.next_at = self.t0 + max(quiet_s, every_s)  # a log's first line after every_s, a bar's after quiet_s
+        self.printed = 0
+
+    def step(self, done: int) -> None:
+        """`done` steps of `steps` are finished."""
+        if self.every_s <= 0 or done <= 0 or done >= self.steps:
+            return
+        now = self.clock()
+        if now < self.next_at:
+            return
+        self.next_at = now + self.every_s
+        self.printed += 1
+        self.out(progress_line(self.epoch, self.epochs, done, self.steps, now - self.t0, self.images_per_step))
+
+
+def progress_line(epoch: int, epochs: int, done: int, steps: int, elapsed_s: float, images_per_step: int) -> str:
+    fraction = done / max(steps, 1)
+    rate = done * images_per_step / elapsed_s if elapsed_s > 0 else 0.0
+    eta = elapsed_s * (steps - done) / done if done else math.nan
+    return (f"{PROGRESS_MARK} epoch {epoch}/{epochs} {bar(fraction)} {fraction:4.0%}  step {done}/{steps}  "
+            f"{rate:,.0f} img/s  ETA {duration(eta)}")
+
+
+def bar(fraction: float, width: int = 20) -> str:
+    filled = int(round(max(0.0, min(1.0, fraction)) * width))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def duration(seconds: float) -> str:
+    """12s, 4m05s, 2h03m; '?' when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class LiveBar:
+    """The driver's side of progress lines on a terminal: each is drawn over the last, and any other line
+    first clears it. (Lines go to `stream`; this class never prints on its own.)"""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.showing = False
+
+    def show(self, line: str) -> None:
+        text = line.split(PROGRESS_MARK, 1)[1].strip()
+        self.stream.write("\r\x1b[K" + text)
+        self.stream.flush()
+        self.showing = True
+
+    def clear(self) -> None:
+        if self.showing:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.showing = False
+
+
+# ---- a study's console: one line per trial event -----------------------------------------------------
+
+
+def values_text(values: dict) -> str:
+    return " ".join(f"{k}={_short(v)}" for k, v in values.items())
+
+
+def trial_started_line(trial_id: str, values: dict, resources: str, *, restarted: bool = False) -> str:
+    return f"trial {trial_id} {'restarted' if restarted else 'started'}: {values_text(values)}  ({resources})"
+
+
+def trial_epoch_line(trial_id: str, result: dict, *, epochs: int, metric: str, best: Optional[float]) -> str:
+    text = f"trial {trial_id} epoch {int(result['epoch']):>3}/{epochs}  {metric} {metric_text(metric, result.get(metric))}"
+    if best is not None:
+        text += f" (best {metric_text(metric, best)})"
+    if metric != "val_acc" and "val_acc" in result:
+        text += f"  val_acc {metric_text('val_acc', result['val_acc'])}"
+    if _finite(result.get("train_loss")):
+        text += f"  train_loss {result['train_loss']:.4f}"
+    if _finite(result.get("epoch_time_s")):
+        text += f"  {result['epoch_time_s']:.1f}s"
+    return text
+
+
+def report_every(epochs: int, lines_per_trial: int = 20) -> int:
+    """Every epoch for trials of up to `lines_per_trial` epochs; else every Nth (and always the last)."""
+    return max(1, math.ceil(epochs / lines_per_trial))
+
+
+def trial_ended_line(trial_id: str, *, status: str, epochs_run: int, epochs: int, metric: str,
+                     best: Optional[float], best_epoch: Optional[int], seconds: Optional[float],
+                     rung: Optional[int] = None, reason: str = "") -> str:
+    """status: raydist.report's words (finished, stopped early, target reached, diverged, error)."""
+    best_text = (f"best {metric} {metric_text(metric, best)} at epoch {best_epoch}" if best is not None
+                 else f"no finite {metric}")
+    took = f", {duration(seconds)}" if seconds is not None else ""
+    if status == "stopped early":
+        where = f"at the epoch-{rung} rung" if rung else f"after epoch {epochs_run}"
+        return f"trial {trial_id} stopped early by ASHA {where} ({epochs_run}/{epochs} epochs, {best_text}{took})"
+    if status == "error":
+        return f"trial {trial_id} failed: {reason} (after {epochs_run}/{epochs} epochs)"
+    extra = f": {reason}" if reason else ""
+    return f"trial {trial_id} {status}{extra} ({epochs_run}/{epochs} epochs, {best_text}{took})"
+
+
+def study_status_line(*, elapsed_s: float, running: int, pending: int, done: int, total: int,
+                      best: Optional[tuple[str, float, dict]], metric: str, remaining_s: Optional[float]) -> str:
+    """The study's state in one line, printed at a fixed interval."""
+    text = f"[{duration(elapsed_s)}] trials: {running} running, {pending} pending, {done}/{total} done"
+    if best:
+        trial_id, value, values = best
+        text += f"  | best {trial_id} {metric} {metric_text(metric, value)} ({values_text(values)})"
+    if remaining_s is not None:
+        text += f"  | about {duration(remaining_s)} left"
+    return text
+
+
+def remaining_estimate(*, finished_durations: list[float], running_elapsed: list[float], not_started: int,
+                       concurrency: int) -> Optional[float]:
+    """Seconds left, from the mean duration of the trials that ended: the running ones finish their share,
+    the ones not started run `concurrency` at a time. None until a trial has ended."""
+    if not finished_durations:
+        return None
+    mean = sum(finished_durations) / len(finished_durations)
+    running_left = [max(0.0, mean - e) for e in running_elapsed]
+    slots = max(1, concurrency)
+    return (sum(running_left) + not_started * mean) / slots
+
+
+def metric_text(metric: str, value) -> str:
+    if not _finite(value):
+        return "-"
+    return f"{value:.2%}" if "acc" in metric else f"{value:.4g}"
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
