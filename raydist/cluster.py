@@ -101,7 +101,8 @@ def connect(address: Optional[str], *, quiet: bool = True) -> None:
         filter_worker_output()
     logs = ray_logs_folder()
     if logs:
-        print(f"Ray's logs: {logs}" + ("" if address is None else " (on the head node)"), flush=True)
+        print(f"Ray's logs: {logs}" + ("" if address is None else " (this machine's; each node keeps its own)"),
+              flush=True)
 
 
 def ray_logs_folder() -> Optional[str]:
@@ -150,17 +151,20 @@ def filter_worker_output() -> None:
                 continue
 
             def filtered(data, _print=handler):
-                lines = without_ray_noise(data.get("lines", []))
-                bar = LIVE_BAR if not data.get("is_err") else None
-                if bar is not None:
-                    progress = [line for line in lines if PROGRESS_MARK in line]
-                    lines = [line for line in lines if PROGRESS_MARK not in line]
-                if lines:
-                    if LIVE_BAR is not None:
-                        LIVE_BAR.clear()
-                    _print({**data, "lines": lines})
-                if bar is not None and progress:
-                    bar.show(progress[-1])
+                try:
+                    lines = without_ray_noise(data.get("lines", []))
+                    bar = LIVE_BAR if not data.get("is_err") else None
+                    if bar is not None:
+                        progress = [line for line in lines if PROGRESS_MARK in line]
+                        lines = [line for line in lines if PROGRESS_MARK not in line]
+                    if lines:
+                        if LIVE_BAR is not None:
+                            LIVE_BAR.clear()
+                        _print({**data, "lines": lines})
+                    if bar is not None and progress:
+                        bar.show(progress[-1])
+                except Exception:  # noqa: BLE001 - Ray's forwarding thread must never die here: print as Ray would
+                    _print(data)
 
             filtered.raydist_filter = True
             dispatcher.handlers[i] = (name, filtered)
@@ -168,10 +172,8 @@ def filter_worker_output() -> None:
 
 def progress_every_s() -> float:
     """How often rank 0 says how far an epoch is: each second when this driver draws a live bar on a
-    terminal, every 30 s when its output goes to a file or `ray job logs`."""
-    import sys
-
-    return 1.0 if sys.stdout.isatty() else 30.0
+    terminal, every 30 s when its output goes to a file or `ray job logs` (or nothing draws a bar)."""
+    return 1.0 if LIVE_BAR is not None else 30.0
 
 
 # ---- run metrics in the dashboard, and the studies a cluster is running ---------------------------------

@@ -193,6 +193,7 @@ class Study:
     trial_restarts: int = 1  # a failed trial run again from its checkpoint (Tune's max_failures)
     one_worker_trials: str = "in_process"  # ONE_WORKER_TRIALS
     verbose: bool = False  # the console: Ray's own full output and every trial's epoch lines (raydist.tune)
+    saved_verbose: Optional[bool] = None  # on --resume, the study file's own `verbose` (--verbose is for now)
     status_every_s: float = 30.0  # the console: a status line this often (0: never)
 
     def in_process(self, cfg: TrainConfig) -> bool:

@@ -74,12 +74,15 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
     report.plot_learning_curves(histories, os.path.join(out_dir, "learning_curves.png"),
                                 metric=study.metric, best=best["trial_id"] if best else None,
                                 title=f"{study.name}: {study.metric} per epoch (x: last epoch run)")
-    # Log x axes for the fields sampled on a log scale, where their good region would otherwise be squashed.
-    report.plot_search_values(rows, os.path.join(out_dir, "search_values.png"), searched=list(study.searched),
-                              metric=study.metric, mode=study.mode,
-                              log_scale={k for k, d in study.searched.items() if d.kind in LOG_KINDS},
-                              title=f"{study.name}: searched values against best {study.metric}")
     best_model = export_best(best, out_dir) if best and best["checkpoint"] else None
+    try:  # a picture that cannot be drawn must not cost the study its results
+        # Log x axes for the fields sampled on a log scale, where their good region would otherwise be squashed.
+        report.plot_search_values(rows, os.path.join(out_dir, "search_values.png"), searched=list(study.searched),
+                                  metric=study.metric, mode=study.mode,
+                                  log_scale={k for k, d in study.searched.items() if d.kind in LOG_KINDS},
+                                  title=f"{study.name}: searched values against best {study.metric}")
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: could not draw search_values.png: {type(exc).__name__}: {exc}", flush=True)
     if remote:
         import pyarrow.fs
 

@@ -19,6 +19,7 @@ concurrency and where the data is may change).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -139,7 +140,8 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
         if searched:  # the restored searcher keeps proposing it; a fixed value would be silently ignored
             raise ConfigError(f"--resume: {sorted(searched)[0]} is searched in this study and cannot be fixed now")
         study = load_study(study_file, overrides)
-        study.verbose = study.verbose or args.verbose  # the console may change on --resume; the trials may not
+        # The console may change on --resume (the trials may not); the study file keeps its own setting.
+        study.saved_verbose, study.verbose = study.verbose, study.verbose or args.verbose
         storage_path, name = os.path.dirname(experiment), os.path.basename(experiment)
     else:
         # The command line's settings join the study before it is checked: the checks are the file's.
@@ -395,9 +397,6 @@ def run_study(plan: Plan) -> StudyResult:
 
     # The console's trial lines and status line, and the study's record for `raydist.cluster status`.
     console = [] if study.verbose else [study_console(study, plan.experiment_path, concurrency)]
-    cluster.publish_study(plan.name, {"name": plan.name, "experiment": plan.experiment_path, "metric": study.metric,
-                                      "total": study.num_samples, "done": 0, "running": 0,
-                                      "started_unix": time.time()})
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, study=study, experiment_path=plan.experiment_path),
         trial_resources(study, cluster_has_gpus=cap.max_gpus > 0))
@@ -438,16 +437,33 @@ def run_study(plan: Plan) -> StudyResult:
     # a driver killed sooner after a trial started left that trial out of the saved study, and --resume ran a
     # new trial in its place (seen once in-process trials started in 3 s). Every second costs a small JSON.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    if not study.verbose:
-        # Tune's newer output engine prints its experiment box and paths whatever `verbose` says; its
-        # older one is silent at verbose=0. The driver's own setting: trials never see it.
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-        _quiet_trial_tracebacks()
+    _publish_study(plan.name, {"name": plan.name, "experiment": plan.experiment_path, "metric": study.metric,
+                               "total": study.num_samples, "done": 0, "running": 0, "started_unix": time.time()})
     try:
-        grid = tuner.fit()
+        with contextlib.nullcontext() if study.verbose else _quiet_tune_output():
+            grid = tuner.fit()
     finally:
-        cluster.publish_study(plan.name, None)
+        _forget_study(plan.name)
     return summarize(study, grid, plan.experiment_path, seconds=time.perf_counter() - t0)
+
+
+def _publish_study(name: str, record: dict) -> None:
+    """The study's record for `raydist.cluster status`; a record that cannot be written never stops it."""
+    from raydist import cluster
+
+    try:
+        cluster.publish_study(name, record)
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: raydist.cluster status will not list this study ({type(exc).__name__}: {exc})", flush=True)
+
+
+def _forget_study(name: str) -> None:
+    from raydist import cluster
+
+    try:
+        cluster.publish_study(name, None)
+    except Exception:  # noqa: BLE001 - must not hide how the study itself ended
+        pass
 
 
 def _searcher(study: Study, concurrency: int):
@@ -490,7 +506,8 @@ def _save_study(study: Study, experiment_path: str) -> None:
                       "reduction_factor": study.reduction_factor},
         "failures": {"worker_restarts": study.worker_restarts, "trial_restarts": study.trial_restarts},
         "one_worker_trials": study.one_worker_trials,
-        "console": {"verbose": study.verbose, "status_every_s": study.status_every_s},
+        "console": {"verbose": study.verbose if study.saved_verbose is None else study.saved_verbose,
+                    "status_every_s": study.status_every_s},
         "fixed": study.fixed,
         "searched": {k: {d.kind: list(d.args)} for k, d in study.searched.items()},
         "points_to_evaluate": study.points_to_evaluate,
@@ -663,6 +680,11 @@ def study_console(study: Study, experiment_path: str, concurrency: int):
 
         def best_so_far(self, trials):
             by_id = {t.trial_id: t for t in trials}
+            for trial in trials:  # trials a resumed study restored: their best is in what Tune kept of them
+                if trial.trial_id not in self.best:
+                    value = (getattr(trial, "metric_analysis", None) or {}).get(study.metric, {}).get(study.mode)
+                    if isinstance(value, (int, float)) and math.isfinite(value):
+                        self.best[trial.trial_id] = (value, None)
             scored = [(value, trial_id) for trial_id, (value, _) in self.best.items() if trial_id in by_id]
             if not scored:
                 return None
@@ -715,28 +737,39 @@ def _never_raises(hook):
         try:
             return hook(self, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001
-            if not getattr(self, "console_failed", False):
-                self.console_failed = True
-                print(f"warning: the study's console skipped a line ({hook.__name__}: {type(exc).__name__}: {exc}); "
-                      f"the study goes on", flush=True)
+            print(f"warning: the study's console skipped a line ({hook.__name__}: {type(exc).__name__}: {exc}); "
+                  f"the study goes on", flush=True)
 
     return guarded
 
 
-def _quiet_trial_tracebacks() -> None:
-    """Tune logs every failed trial's whole traceback at error level; the quiet console says the cause in
-    one line and the traceback is in the trial's error.log (and Tune's own error.txt)."""
+@contextlib.contextmanager
+def _quiet_tune_output():
+    """While a quiet study runs: Tune's older output engine, silent at verbose=0 (its newer one prints its
+    experiment box and paths whatever `verbose` says), and without the whole traceback Tune logs for a
+    trial that raised raydist's TrialError: the console says its cause in one line and the tracebacks are
+    in the trial's error.log. Any other trial failure (raised before raydist's run started) keeps Tune's
+    traceback. Both are undone afterwards; trials never see them (the driver's own settings)."""
     import logging
 
-    class TrialTracebacks(logging.Filter):
-        raydist = True
-
+    class TrialErrorTracebacks(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            return not record.getMessage().startswith("Trial task failed for trial ")
+            error = record.exc_info[1] if record.exc_info else None
+            return not (record.getMessage().startswith("Trial task failed for trial ") and error is not None
+                        and "TrialError: " in f"{type(error).__name__}: {error}")
 
     logger = logging.getLogger("ray.tune.execution.tune_controller")  # RAY: the module logger that logs them
-    if not any(getattr(f, "raydist", False) for f in logger.filters):
-        logger.addFilter(TrialTracebacks())
+    quiet, before = TrialErrorTracebacks(), os.environ.get("RAY_AIR_NEW_OUTPUT")
+    logger.addFilter(quiet)
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 def _error_text(error) -> str:

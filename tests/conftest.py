@@ -79,7 +79,9 @@ def cluster(tmp_path_factory):
         [ray_cli, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2", "--num-gpus=0",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
          "--disable-usage-stats"],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)  # its own process group
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,  # its own process group
+        # Ray's metrics agent exports every 10 s by default: a short trial's gauges could come and go unseen.
+        env={**os.environ, "RAY_metrics_report_interval_ms": "1000"})
     handle = Cluster(address=f"127.0.0.1:{gcs_port}", dashboard_url=f"http://127.0.0.1:{dashboard_port}",
                      token=token, token_file=token_file)
     try:

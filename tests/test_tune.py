@@ -224,6 +224,7 @@ def test_an_interrupted_study_resumes_without_rerunning_finished_trials(ray_clus
     assert "Trial status" in stdout and "╭" in stdout
     assert re.search(r"\(\w+ pid=\d+[^)]*\)\S* epoch +2/2  train loss", stdout), stdout[-3000:]
     assert "started:" not in stdout  # raydist's own trial lines are the quiet console's
+    assert "console:\n  verbose: false\n" in (experiment / "study.yaml").read_text()  # --verbose was for this run
     rows = read_csv(experiment / "results.csv")
     assert len(rows) == 3 and {r["status"] for r in rows} == {"finished"}
     assert {r["epochs_run"] for r in rows} == {"2"}
