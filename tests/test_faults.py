@@ -209,7 +209,7 @@ def test_a_file_whose_writer_dies_keeps_its_old_content_and_leaves_no_partial_fi
 def test_torchs_out_of_memory_error_names_model_batch_and_memory_and_the_fix(tmp_path, monkeypatch):
     from raydist.engine import TrainingState
 
-    def out_of_memory(self):
+    def out_of_memory(self, **_):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(TrainingState, "train_epoch", out_of_memory)
