@@ -189,14 +189,17 @@ def study_status_line(*, elapsed_s: float, running: int, pending: int, done: int
     return text
 
 
-def remaining_estimate(*, finished_durations: list[float], running_elapsed: list[float], not_started: int,
+def remaining_estimate(*, finished_durations: list[float], running: list[tuple[float, int, int]], not_started: int,
                        concurrency: int) -> Optional[float]:
-    """Seconds left, from the mean duration of the trials that ended: the running ones finish their share,
-    the ones not started run `concurrency` at a time. None until a trial has ended."""
+    """Seconds left. A running trial (elapsed s, epochs done, epochs planned) needs its elapsed time per
+    epoch for each epoch left (an upper bound under ASHA, which may stop it sooner), or the rest of the
+    mean duration of the trials that ended while it has no epoch yet; the trials not started take that
+    mean each, `concurrency` at a time. None until a trial has ended."""
     if not finished_durations:
         return None
     mean = sum(finished_durations) / len(finished_durations)
-    running_left = [max(0.0, mean - e) for e in running_elapsed]
+    running_left = [elapsed * (planned - done) / done if done else max(0.0, mean - elapsed)
+                    for elapsed, done, planned in running]
     slots = max(1, concurrency)
     return (sum(running_left) + not_started * mean) / slots
 

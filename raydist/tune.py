@@ -696,8 +696,9 @@ def study_console(study: Study, experiment_path: str, concurrency: int):
             now = time.monotonic()
             remaining = console.remaining_estimate(
                 finished_durations=self.durations, not_started=pending, concurrency=concurrency,
-                running_elapsed=[now - self.started[t.trial_id] for t in trials
-                                 if t.status == "RUNNING" and t.trial_id in self.started])
+                running=[(now - self.started[t.trial_id], self.epochs.get(t.trial_id, 0),
+                          study.trial_config(self.values(t)).epochs) for t in trials
+                         if t.status == "RUNNING" and t.trial_id in self.started and t.trial_id not in self.done])
             return console.study_status_line(elapsed_s=now - self.t0, running=running, pending=pending, done=done,
                                              total=study.num_samples, best=self.best_so_far(trials),
                                              metric=study.metric, remaining_s=remaining if done < study.num_samples

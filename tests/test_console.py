@@ -108,10 +108,11 @@ def test_trial_lines_say_the_event_the_values_and_the_outcome():
 
 
 def test_the_status_line_counts_trials_names_the_best_and_estimates_what_is_left():
-    remaining = console.remaining_estimate(finished_durations=[40.0, 60.0], running_elapsed=[10.0, 45.0],
+    # one running trial without an epoch yet (10 s in: the mean's 40 s left), one at epoch 3 of 10 after 45 s
+    remaining = console.remaining_estimate(finished_durations=[40.0, 60.0], running=[(10.0, 0, 10), (45.0, 3, 10)],
                                            not_started=2, concurrency=2)
-    assert remaining == pytest.approx((40 + 5 + 2 * 50) / 2)
-    assert console.remaining_estimate(finished_durations=[], running_elapsed=[5.0], not_started=3, concurrency=1) is None
+    assert remaining == pytest.approx((40 + 45 * 7 / 3 + 2 * 50) / 2)
+    assert console.remaining_estimate(finished_durations=[], running=[(5.0, 1, 4)], not_started=3, concurrency=1) is None
     line = console.study_status_line(elapsed_s=95, running=2, pending=3, done=3, total=8,
                                      best=("ab12", 0.9694, {"lr": 2.184}), metric="val_acc", remaining_s=72.5)
     assert line == "[1m35s] trials: 2 running, 3 pending, 3/8 done  | best ab12 val_acc 96.94% (lr=2.184)  | about 1m12s left"
