@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Callable, Iterable, Optional
 
+from raydist.report import ERROR, STOPPED, _finite
+
 # Lines Ray 2.60 prints on every run that say nothing about the user's run and read like failures. Each
 # entry: a pattern of the line, and whether the indented line after it (a warning's source line) goes too.
 # Anything not matched here is printed as Ray forwards it: real warnings and errors are never hidden.
@@ -168,10 +170,10 @@ def trial_ended_line(trial_id: str, *, status: str, epochs_run: int, epochs: int
     best_text = (f"best {metric} {metric_text(metric, best)} at epoch {best_epoch}" if best is not None
                  else f"no finite {metric}")
     took = f", {duration(seconds)}" if seconds is not None else ""
-    if status == "stopped early":
+    if status == STOPPED:
         where = f"at the epoch-{rung} rung" if rung else f"after epoch {epochs_run}"
         return f"trial {trial_id} stopped early by ASHA {where} ({epochs_run}/{epochs} epochs, {best_text}{took})"
-    if status == "error":
+    if status == ERROR:
         return f"trial {trial_id} failed: {reason} (after {epochs_run}/{epochs} epochs)"
     extra = f": {reason}" if reason else ""
     return f"trial {trial_id} {status}{extra} ({epochs_run}/{epochs} epochs, {best_text}{took})"
@@ -212,7 +214,3 @@ def metric_text(metric: str, value) -> str:
 
 def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

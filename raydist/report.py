@@ -41,16 +41,7 @@ def trial_row(trial_id: str, sample: dict, history: list[dict], *, planned_epoch
     exported = next((h for h in history if h.get("epoch") == weights_epoch), None)
     if best and exported and exported[metric] == best[metric]:
         best = exported  # of equally good epochs, the one whose weights are exported
-    if error:
-        status = ERROR
-    elif last.get("stop_reason") in ("diverged", "non_finite_loss"):  # (the latter: histories before 2026-11-25)
-        status = DIVERGED
-    elif last.get("stop_reason") == "target_accuracy":
-        status = TARGET
-    elif epochs_run >= planned_epochs:
-        status = FINISHED
-    else:
-        status = UNFINISHED if interrupted else STOPPED
+    status = ended_status(last, epochs_run, planned_epochs, error=bool(error), interrupted=interrupted)
     return {
         "trial_id": trial_id, "status": status, **sample,
         "epochs_planned": planned_epochs, "epochs_run": epochs_run,
@@ -60,6 +51,20 @@ def trial_row(trial_id: str, sample: dict, history: list[dict], *, planned_epoch
         "final_train_loss": last.get("train_loss"), "images_per_s": last.get("images_per_s"),
         "seconds": seconds, "startup_s": startup_s, "checkpoint": checkpoint or "", "error": error or "",
     }
+
+
+def ended_status(last: dict, epochs_run: int, planned_epochs: int, *, error: bool = False,
+                 interrupted: bool = False) -> str:
+    """How a trial ended, from its last reported metrics: one of the words above."""
+    if error:
+        return ERROR
+    if last.get("stop_reason") in ("diverged", "non_finite_loss"):  # (the latter: histories before 2026-11-25)
+        return DIVERGED
+    if last.get("stop_reason") == "target_accuracy":
+        return TARGET
+    if epochs_run >= planned_epochs:
+        return FINISHED
+    return UNFINISHED if interrupted else STOPPED
 
 
 def best_record(history: list[dict], metric: str, mode: str) -> Optional[dict]:

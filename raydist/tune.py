@@ -396,7 +396,8 @@ def run_study(plan: Plan) -> StudyResult:
         print(waiting, flush=True)
 
     # The console's trial lines and status line, and the study's record for `raydist.cluster status`.
-    console = [] if study.verbose else [study_console(study, plan.experiment_path, concurrency)]
+    console = [] if study.verbose else [study_console(study, plan.experiment_path, concurrency,
+                                                      cluster_has_gpus=cap.max_gpus > 0)]
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, study=study, experiment_path=plan.experiment_path),
         trial_resources(study, cluster_has_gpus=cap.max_gpus > 0))
@@ -549,15 +550,15 @@ def trial_loss_notice(experiment_path: str, restarts: int):
     return TrialLossNotice()
 
 
-def study_console(study: Study, experiment_path: str, concurrency: int):
+def study_console(study: Study, experiment_path: str, concurrency: int, *, cluster_has_gpus: bool):
     """The study's default console (a Tune callback): one line per trial event (started with its values and
     resources; its epochs' metric, every epoch or every Nth for long trials; stopped by ASHA at a rung;
     finished, target reached or diverged; failed with its one-line cause; restarted) and a status line every
     study.status_every_s seconds; it also keeps the study's record for `raydist.cluster status` current."""
     from ray.tune import Callback
 
-    from raydist import cluster, console
-    from raydist.failures import is_process_loss
+    from raydist import cluster, console, report
+    from raydist.failures import ERROR_LOG, is_process_loss
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -574,9 +575,15 @@ def study_console(study: Study, experiment_path: str, concurrency: int):
             self.durations: list[float] = []  # of the trials that ended
             self.seen: set[str] = set()
             self.done: set[str] = set()  # trials that ended (finished, stopped, failed for good)
+            self.planned: dict[str, int] = {}  # trial id -> the epochs it is planned for
 
         def values(self, trial) -> dict:
             return {k: trial.config.get(k) for k in study.searched}
+
+        def epochs_planned(self, trial) -> int:
+            if trial.trial_id not in self.planned:
+                self.planned[trial.trial_id] = study.trial_config(self.values(trial)).epochs
+            return self.planned[trial.trial_id]
 
         def on_trial_start(self, iteration, trials, trial, **info):
             cfg = study.trial_config(self.values(trial))
@@ -599,7 +606,7 @@ def study_console(study: Study, experiment_path: str, concurrency: int):
             if isinstance(value, (int, float)) and math.isfinite(value) and (
                     best is None or (value > best[0] if study.mode == "max" else value < best[0])):
                 self.best[trial.trial_id] = best = (value, epoch)
-            planned = study.trial_config(self.values(trial)).epochs
+            planned = self.epochs_planned(trial)
             if epoch % console.report_every(planned) == 0 or epoch >= planned or result.get("stop_reason"):
                 say(console.trial_epoch_line(trial.trial_id, result, epochs=planned, metric=study.metric,
                                              best=best[0] if best else None))
@@ -607,23 +614,16 @@ def study_console(study: Study, experiment_path: str, concurrency: int):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
-            planned = study.trial_config(self.values(trial)).epochs
+            planned = self.epochs_planned(trial)
             epochs_run = int(last.get("epoch", self.epochs.get(trial.trial_id, 0)))
-            stop = last.get("stop_reason") or ""
-            if stop == "diverged":
-                status, reason = "diverged", last.get("divergence") or ""
-            elif stop == "target_accuracy":
-                status, reason = "target reached", ""
-            elif epochs_run < planned:
-                status, reason = "stopped early", ""
-            else:
-                status, reason = "finished", ""
+            status = report.ended_status(last, epochs_run, planned)
+            reason = (last.get("divergence") or "") if status == report.DIVERGED else ""
             self.ended(trial)
             best = self.best.get(trial.trial_id)
             say(console.trial_ended_line(trial.trial_id, status=status, epochs_run=epochs_run, epochs=planned,
                                          metric=study.metric, best=best[0] if best else None,
                                          best_epoch=best[1] if best else None, seconds=self.took(trial),
-                                         rung=epochs_run if status == "stopped early" and study.scheduler == "asha"
+                                         rung=epochs_run if status == report.STOPPED and study.scheduler == "asha"
                                          else None, reason=reason))
             self.publish(trials)
 
@@ -632,9 +632,9 @@ def study_console(study: Study, experiment_path: str, concurrency: int):
             if error is not None and is_process_loss(error):
                 return  # TrialLossNotice has said it, with its pid and node
             reason = _error_text(error)
-            log = f"{experiment_path}/trial_{trial.trial_id}/error.log"  # raydist.failures.ERROR_LOG
-            planned = study.trial_config(self.values(trial)).epochs
-            say(console.trial_ended_line(trial.trial_id, status="error", epochs_run=self.epochs.get(trial.trial_id, 0),
+            log = f"{experiment_path}/{trial_dirname(trial)}/{ERROR_LOG}"
+            planned = self.epochs_planned(trial)
+            say(console.trial_ended_line(trial.trial_id, status=report.ERROR, epochs_run=self.epochs.get(trial.trial_id, 0),
                                          epochs=planned, metric=study.metric, best=None, best_epoch=None,
                                          seconds=None, reason=reason)
                 + (f" (tracebacks: {log})" if "://" in log or os.path.exists(log) else ""))
@@ -696,8 +696,8 @@ def study_console(study: Study, experiment_path: str, concurrency: int):
             now = time.monotonic()
             remaining = console.remaining_estimate(
                 finished_durations=self.durations, not_started=pending, concurrency=concurrency,
-                running=[(now - self.started[t.trial_id], self.epochs.get(t.trial_id, 0),
-                          study.trial_config(self.values(t)).epochs) for t in trials
+                running=[(now - self.started[t.trial_id], self.epochs.get(t.trial_id, 0), self.epochs_planned(t))
+                         for t in trials
                          if t.status == "RUNNING" and t.trial_id in self.started and t.trial_id not in self.done])
             return console.study_status_line(elapsed_s=now - self.t0, running=running, pending=pending, done=done,
                                              total=study.num_samples, best=self.best_so_far(trials),
@@ -719,14 +719,9 @@ def study_console(study: Study, experiment_path: str, concurrency: int):
                 pass
 
     # A console line that cannot be made must never stop the study (Tune ends an experiment whose callback
-    # raised): each hook says so once and the study goes on.
+    # raised): each hook that fails says so and the study goes on.
     for name in [n for n in vars(StudyConsole) if n.startswith("on_")]:
         setattr(StudyConsole, name, _never_raises(getattr(StudyConsole, name)))
-    cluster_has_gpus = False
-    try:
-        cluster_has_gpus = cluster.capacity().max_gpus > 0
-    except Exception:  # noqa: BLE001 - only for the resources a trial line names
-        pass
     return StudyConsole()
 
 
