@@ -7,8 +7,14 @@
 Kinds:
 - none:      normalize only;
 - crop_flip: pad-4 random crop and horizontal flip (the CIFAR standard), done on uint8 by indexing;
+- resized_crop: ImageNet's training crop: a random window of 8-100% of the area with an aspect ratio in
+             3/4-4/3, resized to the output side (bilinear) and mirrored for a random half;
 - dli:       the DLI assessment's set: flip, rotation +-10 deg, shear +-10 deg, scale 0.8-1.2
              (one affine grid_sample for all three), colour jitter 0.2 (brightness, contrast, saturation).
+
+`crop=N` is for images stored larger than the model's input (an image folder stores a 224 input at 256):
+evaluation takes their centre N x N (ImageNet's resize-256 / crop-224), as does training for every kind
+but resized_crop, whose window is drawn from the whole stored image and resized to N x N.
 
 `size=N` then resizes the whole normalized batch to N x N (bilinear; antialiased when shrinking), in
 training and evaluation alike: ImageNet models' stride-32 stem and stages need more than 32 pixels.
@@ -23,17 +29,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-KINDS = ("none", "crop_flip", "dli")
+KINDS = ("none", "crop_flip", "resized_crop", "dli")
 GREY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, exactly as torchvision's rgb_to_grayscale
 
 
 class Augmenter:
     def __init__(self, kind: str, *, mean, std, device="cpu", seed: int = 0, crop_padding: int = 4,
                  max_rotation_deg: float = 10.0, max_shear_deg: float = 10.0, scale=(0.8, 1.2), jitter: float = 0.2,
-                 channels: int = 3, size: Optional[int] = None):
+                 channels: int = 3, size: Optional[int] = None, crop: Optional[int] = None):
         if kind not in KINDS:
             raise ValueError(f"unknown augmentation {kind!r}; known: {', '.join(KINDS)}")
-        self.kind, self.pad, self.size = kind, crop_padding, size
+        self.kind, self.pad, self.size, self.crop = kind, crop_padding, size, crop
         self.rotation, self.shear, self.scale, self.jitter = max_rotation_deg, max_shear_deg, scale, jitter
         self.device = torch.device(device)
         mean = torch.tensor(mean[:channels], device=self.device).view(1, channels, 1, 1)
@@ -42,6 +48,11 @@ class Augmenter:
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
 
     def __call__(self, images: torch.Tensor, *, train: bool) -> torch.Tensor:
+        if train and self.kind == "resized_crop":
+            x = random_resized_crop_flip(images, self.crop, self.gen)  # float, still 0-255
+            return self._resize(torch.addcmul(self.shift, x, self.scale_u8))
+        if self.crop is not None:
+            images = centre_crop(images, self.crop)
         if train and self.kind == "crop_flip":
             images = random_crop_flip(images, self.pad, self.gen)
         if train and self.kind == "dli":
@@ -56,6 +67,43 @@ class Augmenter:
             return x
         return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
                              antialias=self.size < min(x.shape[-2:]))
+
+def centre_crop(images: torch.Tensor, side: int) -> torch.Tensor:
+    """The centre side x side pixels (a view; images smaller than that are returned as they are)."""
+    h, w = images.shape[-2:]
+    if side >= h and side >= w:
+        return images
+    top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    return images[..., top:top + side, left:left + side]
+
+
+def random_resized_crop_flip(images: torch.Tensor, side: Optional[int], gen: torch.Generator,
+                             scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """torchvision's RandomResizedCrop + RandomHorizontalFlip for a whole batch, as one affine grid_sample:
+    per image a window of `scale` of the area and an aspect ratio drawn log-uniformly from `ratio`, resized
+    (bilinear) to side x side (default: the images' own size); float32 out, on the 0-255 scale of the input.
+    Where torchvision redraws a window that does not fit (10 tries, then a centre crop), each side is
+    clamped to the image instead."""
+    n, c, h, w = images.shape
+    out_h, out_w = (side, side) if side else (h, w)
+    device = images.device
+    area = uniform(n, scale[0], scale[1], gen).to(device) * (h * w)
+    aspect = torch.exp(uniform(n, math.log(ratio[0]), math.log(ratio[1]), gen).to(device))
+    crop_w = torch.sqrt(area * aspect).clamp(1, w)
+    crop_h = torch.sqrt(area / aspect).clamp(1, h)
+    x0 = torch.rand(n, generator=gen, device=gen.device).to(device) * (w - crop_w)
+    y0 = torch.rand(n, generator=gen, device=gen.device).to(device) * (h - crop_h)
+    mirror = torch.where(torch.rand(n, generator=gen, device=gen.device).to(device) < 0.5, -1.0, 1.0)
+    # affine_grid maps output coordinates in [-1, 1] to input ones: scale by the window's share of the
+    # image, move to its centre.
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0] = crop_w / w * mirror
+    theta[:, 0, 2] = (x0 + crop_w / 2) / w * 2 - 1
+    theta[:, 1, 1] = crop_h / h
+    theta[:, 1, 2] = (y0 + crop_h / 2) / h * 2 - 1
+    grid = F.affine_grid(theta, [n, c, out_h, out_w], align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
 
 def uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=gen.device) * (high - low) + low

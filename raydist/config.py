@@ -37,15 +37,18 @@ def _field(group: str, default: Any, help: str, choices: Optional[tuple] = None)
 @dataclass
 class TrainConfig:
     # ---- data -------------------------------------------------------------------------------
-    dataset: str = _field("data", "digits", "data set name (see --dataset choices); digits is embedded, no download")
-    data_dir: str = _field("data", "./data", "folder holding (or receiving) the downloaded data sets")
+    dataset: str = _field("data", "digits", "data set name (see --dataset choices); digits is embedded, no download; "
+                          "folder: your own images in --data-dir")
+    data_dir: str = _field("data", "./data", "folder holding (or receiving) the downloaded data sets; with --dataset "
+                           "folder, the image folder (one subfolder per class; a path, or s3://, gs://)")
     download: bool = _field("data", False, "download the data set into --data-dir if it is missing")
     val_fraction: Optional[float] = _field("data", None, "share of the training images held out for validation "
                                            "(a fixed, seeded split; per class for CIFAR and Fashion-MNIST); default: "
                                            "the data set's (digits 0.2, CIFAR-10/100 and Fashion-MNIST 0.1)")
-    augment: str = _field("data", "crop_flip", "batched on-device augmentation: none, crop_flip (pad-4 crop + flip) "
-                          "or dli (flip, rotation 10 deg, shear 10 deg, scale 0.8-1.2, colour jitter 0.2)",
-                          ("none", "crop_flip", "dli"))
+    augment: str = _field("data", "auto", "batched on-device augmentation: auto (resized_crop for an image "
+                          "folder, else crop_flip), none, crop_flip (pad-4 crop + flip), resized_crop (ImageNet's "
+                          "random-resized crop, 8-100%% of the area, + flip) or dli (flip, rotation 10 deg, shear "
+                          "10 deg, scale 0.8-1.2, colour jitter 0.2)", ("auto", "none", "crop_flip", "resized_crop", "dli"))
     fake_image_size: int = _field("data", 224, "fake data: image side in pixels (images are 3 x N x N)")
     fake_num_classes: int = _field("data", 1000, "fake data: number of classes")
     fake_train_size: int = _field("data", 12800, "fake data: training images per epoch (generated lazily)")
@@ -58,6 +61,9 @@ class TrainConfig:
                                    "choice, the same whatever --seed says); validation keeps them all")
     train_per_class: Optional[int] = _field("data", None, "train on at most this many images of each class "
                                             "(a fixed choice, as --train-fraction)")
+    max_bad_images: Optional[int] = _field("data", None, "image folder: stop the run when more image files than "
+                                           "this cannot be decoded (they are skipped and named in the log); "
+                                           "default: 0.1%% of the folder's images")
     input_size: Optional[int] = _field("data", None, "resize every batch on the device to N x N pixels (e.g. 64, "
                                        "128, 224 for ImageNet models on 32x32 data); default: the data's own size")
 
@@ -175,12 +181,16 @@ class TrainConfig:
         if self.schedule_epochs is not None and self.schedule_epochs < self.epochs:
             raise ConfigError(f"--schedule-epochs {self.schedule_epochs} is below --epochs {self.epochs}: the last "
                               f"epochs would train at LR 0; use at least {self.epochs} (or leave it unset)")
+        if self.dataset == "folder":
+            self._validate_folder()
+        elif self.max_bad_images is not None:
+            raise ConfigError(f"--max-bad-images {self.max_bad_images} applies to --dataset folder only")
         self._validate_transfer()
         from raydist.data import train_size
 
         items = train_size(self.dataset, val_fraction=self.val_fraction, fake_train_size=self.fake_train_size,
                            classes=self.class_list(), train_fraction=self.train_fraction,
-                           train_per_class=self.train_per_class)
+                           train_per_class=self.train_per_class, data_dir=self.data_dir)
         if self.num_workers * self.batch_size > items:
             # Each rank must hold a full batch: a smaller one would train with a batch (and so an LR scale)
             # other than the one asked for, and ranks could end up with unequal step counts (DDP hangs).
@@ -191,7 +201,7 @@ class TrainConfig:
         from raydist.data import val_size
 
         if val_size(self.dataset, val_fraction=self.val_fraction, fake_val_size=self.fake_val_size,
-                    classes=self.class_list()) == 0:
+                    classes=self.class_list(), data_dir=self.data_dir) == 0:
             raise ConfigError(f"--val-fraction {self.val_fraction} leaves no validation image of {self.dataset}"
                               f"{' in --classes ' + self.classes if self.classes else ''}; give a larger share")
         if self.use_gpu is not False and not float(self.gpus_per_worker).is_integer():
@@ -216,6 +226,27 @@ class TrainConfig:
             raise ConfigError(f"--lr-step-gamma must be in (0, 1] (the LR factor at each step drop), "
                               f"got {self.lr_step_gamma!r}")
         return self
+
+    def _validate_folder(self) -> None:
+        """--dataset folder: --data-dir must be a folder of class folders (listed here, before any cluster)."""
+        from raydist.data import folder_index
+        from raydist.image_folder import FolderError
+
+        if self.download:
+            raise ConfigError(f"--download fetches the published data sets; an image folder is read as it is "
+                              f"from --data-dir {self.data_dir} (drop --download)")
+        if self.max_bad_images is not None and self.max_bad_images < 0:
+            raise ConfigError(f"--max-bad-images must be zero or more, got {self.max_bad_images}")
+        try:
+            folder_index(self.data_dir, self.val_fraction)
+        except FolderError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def augment_kind(self) -> str:
+        """--augment with auto resolved: ImageNet's random-resized crop for photos, CIFAR's pad-crop otherwise."""
+        if self.augment != "auto":
+            return self.augment
+        return "resized_crop" if self.dataset == "folder" else "crop_flip"
 
     def _validate_transfer(self) -> None:
         from raydist.data import DATASETS
@@ -264,7 +295,7 @@ class TrainConfig:
     def _all_classes(self) -> int:
         from raydist.data import num_classes
 
-        return num_classes(self.dataset, self.fake_num_classes)
+        return num_classes(self.dataset, self.fake_num_classes, data_dir=self.data_dir, val_fraction=self.val_fraction)
 
     def starts_pretrained(self) -> bool:
         """A transfer run (--pretrained or --weights): its optimizer keeps a group pair per unit."""
@@ -278,6 +309,16 @@ class TrainConfig:
         """Classes the model predicts: those of --classes, else the data set's."""
         selected = self.class_list()
         return len(selected) if selected else self._all_classes()
+
+    def class_names(self) -> list[str]:
+        """Index -> name of the classes the model predicts (an image folder's subfolder names, in the
+        order of --classes when given)."""
+        from raydist.data import class_names
+
+        names = class_names(self.dataset, data_dir=self.data_dir, val_fraction=self.val_fraction,
+                            fake_num_classes=self.fake_num_classes)
+        selected = self.class_list()
+        return [names[c] for c in selected] if selected and names else names
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -263,6 +263,42 @@ def _load_fake(split: str, *, fake_image_size: int = 224, fake_num_classes: int 
     return FakeSource(size, fake_image_size, fake_num_classes, salt=FAKE_SPLITS.index(split))
 
 
+FOLDER_INPUT_SIZE = 224  # an image folder's default --input-size: what ImageNet models are trained at
+
+
+@register_dataset("folder", 0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), FOLDER_INPUT_SIZE,
+                  title="image folder", needs_files=True, val_fraction=0.1)
+def _load_folder(split: str, *, data_dir: str, val_fraction: float, input_size: Optional[int] = None,
+                 max_bad_images: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
+                 **_) -> TensorSource:
+    """The user's own images (raydist.image_folder), decoded once per node at the stored size of the
+    input size (ImageNet's 256 for 224) and cached; ImageNet's statistics normalise them."""
+    from raydist.image_folder import default_max_bad, load_folder_split, scan_folder, stored_size
+
+    index = scan_folder(data_dir, val_fraction=val_fraction)
+    total = sum(len(files) for files in index.splits.values())
+    images, labels, report = load_folder_split(
+        index, split, stored=stored_size(input_size or FOLDER_INPUT_SIZE),
+        max_bad=default_max_bad(total) if max_bad_images is None else max_bad_images)
+    if log is not None:
+        if split == "train" and index.ignored:
+            from raydist.image_folder import SHOWN_BAD_FILES
+
+            shown = ", ".join(index.ignored[:SHOWN_BAD_FILES]) + (", ..." if len(index.ignored) > SHOWN_BAD_FILES
+                                                                  else "")
+            log(f"ignored {len(index.ignored)} file(s) not named as images: {shown}")
+        log(report.line(split))
+    return TensorSource(images, labels)
+
+
+def folder_index(data_dir: str, val_fraction: Optional[float]):
+    """The scanned image folder of --data-dir (raydist.image_folder.FolderIndex)."""
+    from raydist.image_folder import scan_folder
+
+    return scan_folder(data_dir, val_fraction=DATASETS["folder"].val_fraction if val_fraction is None
+                       else val_fraction)
+
+
 FILE_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}  # the published training
 # sets, each with the same number of images per class
 SUBSET_SEED = 0  # --train-fraction / --train-per-class pick the same images whatever --seed says
@@ -270,7 +306,7 @@ SUBSET_SEED = 0  # --train-fraction / --train-per-class pick the same images wha
 
 def train_size(name: str, *, val_fraction: Optional[float] = None, fake_train_size: int = 12800,
                classes: Optional[list[int]] = None, train_fraction: float = 1.0,
-               train_per_class: Optional[int] = None) -> int:
+               train_per_class: Optional[int] = None, data_dir: str = "") -> int:
     """Training images of a data set after the validation hold-out and the class and size selection, known
     without loading the images (for checks before any cluster starts)."""
     fraction = DATASETS[name].val_fraction if val_fraction is None else val_fraction
@@ -279,6 +315,8 @@ def train_size(name: str, *, val_fraction: Optional[float] = None, fake_train_si
     if name == "digits":
         labels = _load_digits("train", val_fraction=fraction).labels
         per_class = torch.bincount(labels, minlength=10).tolist()
+    elif name == "folder":
+        per_class = folder_index(data_dir, fraction).counts("train")
     else:
         total = DATASETS[name].num_classes
         published = FILE_TRAIN_SIZES[name] // total
@@ -288,7 +326,7 @@ def train_size(name: str, *, val_fraction: Optional[float] = None, fake_train_si
 
 
 def val_size(name: str, *, val_fraction: Optional[float] = None, fake_val_size: int = 1280,
-             classes: Optional[list[int]] = None) -> int:
+             classes: Optional[list[int]] = None, data_dir: str = "") -> int:
     """Validation images of a data set after the hold-out and the class selection (for checks before any
     cluster starts: an empty validation split would divide by zero in every worker)."""
     fraction = DATASETS[name].val_fraction if val_fraction is None else val_fraction
@@ -296,6 +334,8 @@ def val_size(name: str, *, val_fraction: Optional[float] = None, fake_val_size: 
         return fake_val_size
     if name == "digits":
         per_class = torch.bincount(_load_digits("val", val_fraction=fraction).labels, minlength=10).tolist()
+    elif name == "folder":
+        per_class = folder_index(data_dir, fraction).counts("val")
     else:
         total = DATASETS[name].num_classes
         per_class = [_held_out_count(FILE_TRAIN_SIZES[name] // total, fraction)] * total
@@ -308,9 +348,33 @@ def _subset_size(n: int, fraction: float, per_class: Optional[int]) -> int:
     return n if fraction >= 1.0 else max(1, round(n * fraction))
 
 
-def num_classes(name: str, fake_num_classes: int = 1000) -> int:
+def num_classes(name: str, fake_num_classes: int = 1000, *, data_dir: str = "",
+                val_fraction: Optional[float] = None) -> int:
     """Classes of the whole data set (a run's model predicts TrainConfig.num_classes())."""
+    if name == "folder":
+        return len(folder_index(data_dir, val_fraction).classes)
     return fake_num_classes if name == "fake" else DATASETS[name].num_classes
+
+
+DIGIT_NAMES = [str(d) for d in range(10)]
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+FASHION_MNIST_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                       "Ankle boot"]
+
+
+def class_names(name: str, *, data_dir: str = "", val_fraction: Optional[float] = None,
+                fake_num_classes: int = 1000) -> list[str]:
+    """Index -> class name of a data set's labels (before --classes picks some): an image folder's subfolder
+    names; the published names of digits, CIFAR-10 and Fashion-MNIST; the label numbers of CIFAR-100;
+    none for fake data."""
+    known = {"digits": DIGIT_NAMES, "cifar10": CIFAR10_NAMES, "fashion_mnist": FASHION_MNIST_NAMES}
+    if name == "folder":
+        return list(folder_index(data_dir, val_fraction).classes)
+    if name in known:
+        return list(known[name])
+    if name == "fake":  # random labels have no names (and there can be billions of them)
+        return []
+    return [str(i) for i in range(num_classes(name, fake_num_classes))]
 
 
 def parse_classes(spec: str, *, num_classes: int) -> list[int]:
@@ -393,7 +457,9 @@ def check_files(name: str, data_dir: str) -> None:
     """Read every file a data set's splits come from, as the workers will: a missing, truncated or damaged
     file raises DatasetNotFound or DataFileCorrupt naming it (no-op for data sets not read from files)."""
     spec = DATASETS[name]
-    if spec.needs_files:
+    if name == "folder":  # listed, not decoded: the workers decode (and skip what cannot be decoded)
+        folder_index(data_dir, None)
+    elif spec.needs_files:
         load_splits(name, ("val", "test") if spec.has_test else ("val",), data_dir=data_dir)
 
 

@@ -164,7 +164,7 @@ def out_of_memory_message(cfg: TrainConfig, device: torch.device, world: int) ->
             memory = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB (host)"
         except (ValueError, OSError, AttributeError):
             memory = "unknown"
-    size = cfg.input_size or (cfg.fake_image_size if cfg.dataset == "fake" else DATASETS[cfg.dataset].image_size)
+    size = input_side(cfg)
     half = max(1, cfg.batch_size // 2)
     return (f"out of memory on {device.type} training {cfg.model} with a per-worker batch of {cfg.batch_size} "
             f"images of {size}x{size} pixels (device memory {memory}, {world} worker(s)); use "
@@ -177,7 +177,8 @@ def final_model_bytes(model_state: dict, config: dict, metrics: Optional[dict], 
     made them, and what the model needs to be rebuilt (raydist.models.transfer.load_trained_model)."""
     cfg = TrainConfig.from_dict(config)
     return checkpoint_bytes({"model": model_state, "config": config, "model_name": cfg.model,
-                             "num_classes": cfg.num_classes(), "metrics": metrics, **extra})
+                             "num_classes": cfg.num_classes(), "class_names": cfg.class_names(),
+                             "metrics": metrics, **extra})
 
 
 DIVERGED = "diverged"
@@ -217,8 +218,18 @@ def input_pipeline(cfg: TrainConfig, device, *, seed: int = 0) -> Augmenter:
     """What turns a batch of uint8 images into the model's input: augmentation (training only), the data set's
     normalisation, the channels fed and the --input-size resize."""
     spec = DATASETS[cfg.dataset]
-    return Augmenter(cfg.augment, mean=spec.mean, std=spec.std, device=device, seed=seed,
+    if cfg.dataset == "folder":  # stored at 256 for a 224 input: centre crops, or random-resized crops
+        return Augmenter(cfg.augment_kind(), mean=spec.mean, std=spec.std, device=device, seed=seed,
+                         crop=input_side(cfg))
+    return Augmenter(cfg.augment_kind(), mean=spec.mean, std=spec.std, device=device, seed=seed,
                      channels=cfg.input_channels(), size=cfg.input_size)
+
+
+def input_side(cfg: TrainConfig) -> int:
+    """The side in pixels of the images the model reads."""
+    if cfg.input_size:
+        return cfg.input_size
+    return cfg.fake_image_size if cfg.dataset == "fake" else DATASETS[cfg.dataset].image_size
 
 
 def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
@@ -500,6 +511,7 @@ class TrainingState:
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "early_stop_hits": self.early_stop.hits,
                 "stage": self.stage, "first_train_loss": self.first_train_loss, "config": self.cfg.to_dict(),
+                "class_names": self.cfg.class_names(),
                 "metrics": metrics}
 
     def load_state_dict(self, state: dict) -> None:
@@ -673,11 +685,11 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
                    fake_image_size=cfg.fake_image_size, fake_num_classes=cfg.fake_num_classes,
                    fake_train_size=cfg.fake_train_size, fake_val_size=cfg.fake_val_size,
                    classes=cfg.class_list(), train_fraction=cfg.train_fraction, train_per_class=cfg.train_per_class,
-                   channels=cfg.input_channels())
+                   channels=cfg.input_channels(), input_size=cfg.input_size, max_bad_images=cfg.max_bad_images)
 
-    def load():
+    def load(log=None):
         with download_lock(cfg.data_dir) if (cfg.download and spec.needs_files) else contextlib.nullcontext():
-            return load_splits(cfg.dataset, ("train", "val"), device=device, **options)
+            return load_splits(cfg.dataset, ("train", "val"), device=device, log=log, **options)
 
     if not spec.needs_files:  # embedded or generated: nothing to find on the node
         return load()
@@ -688,10 +700,13 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
     splits, problem, user_side = None, "", True
     if nodes.index(node_id) == rank:  # this node's first rank
         try:
-            splits = load()
+            splits = load(log=lambda line: print(f"data: {line}", flush=True) if rank == 0 else None)
             print(f"data: {cfg.dataset} ready in {os.path.expanduser(cfg.data_dir)} on node {node_id}", flush=True)
         except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below, whatever failed
-            user_side = isinstance(exc, (DatasetNotFound, OSError))  # missing, or a download that failed
+            from raydist.image_folder import FolderError
+
+            # missing, a download that failed, an image folder this node cannot use
+            user_side = isinstance(exc, (DatasetNotFound, OSError, FolderError))
             text = str(exc).splitlines()[0] if str(exc) else ""
             problem = text if user_side else f"{type(exc).__name__} while loading {cfg.dataset}: {text}"
     outcomes = [(node_id, problem, user_side)]

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 from raydist.config import ConfigError, TrainConfig, metric_mode, resolve
 from raydist.data import DATASETS, DataFileCorrupt, DatasetNotFound, check_files
+from raydist.image_folder import FolderError
 from raydist.run_folder import (check_epochs_left, is_uri, latest_checkpoint, read_resume_target,
                                 write_config)
 
@@ -72,6 +73,8 @@ def prepare(cfg: TrainConfig, explicit: dict, config_files: Optional[list[str]] 
         # A local cluster is this machine: check now, before it starts. On a cluster the data lives on the
         # nodes that run the workers, so each node's first worker checks it there (engine.load_data_once_per_node).
         check_data(cfg.dataset, cfg.data_dir, cfg.download)
+        if cfg.dataset == "folder":
+            check_folder_fits(cfg)
     if not cfg.resume:  # a resumed run takes its weights from the checkpoint
         check_weights(cfg, on_this_machine=cfg.address is None)
     return cfg
@@ -94,6 +97,27 @@ def check_storage(path: str, flag: str = "--storage-path") -> None:
     except OSError as exc:
         raise ConfigError(f"{flag} {path}: cannot create folders in {existing} ({exc.strerror or exc}); give a "
                           f"folder this user can write") from None
+
+
+def check_folder_fits(cfg: TrainConfig, memory_bytes: Optional[int] = None) -> None:
+    """An image folder is decoded whole into every worker's memory (raydist.image_folder): refuse, before
+    Ray starts, one whose workers on this machine would need more than half of its memory."""
+    from raydist.data import folder_index
+    from raydist.engine import input_side
+    from raydist.image_folder import stored_size
+
+    index = folder_index(cfg.data_dir, cfg.val_fraction)
+    images = sum(len(files) for files in index.splits.values())
+    side = stored_size(input_side(cfg))
+    per_worker = images * 3 * side * side
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if per_worker * cfg.num_workers > memory_bytes / 2:
+        raise ConfigError(f"--data-dir {cfg.data_dir}: {images} images stored at {side}x{side} pixels take "
+                          f"{per_worker / 2**30:.1f} GiB in each of the {cfg.num_workers} workers, more than half of "
+                          f"this machine's {memory_bytes / 2**30:.1f} GiB; use a smaller --input-size, "
+                          f"--train-fraction or fewer workers per machine (raydist holds a folder's decoded "
+                          f"images in memory; streaming folders larger than that is not built yet)")
 
 
 def check_weights(cfg: TrainConfig, *, on_this_machine: bool = True) -> None:
@@ -148,7 +172,7 @@ def check_data(dataset: str, data_dir: str, download: bool, hint: str = "") -> N
     if DATASETS[dataset].needs_files and not download:
         try:
             check_files(dataset, data_dir)
-        except (DatasetNotFound, DataFileCorrupt) as exc:
+        except (DatasetNotFound, DataFileCorrupt, FolderError) as exc:
             raise ConfigError(f"{exc}{hint}") from None
 
 

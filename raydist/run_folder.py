@@ -11,6 +11,7 @@ content). A checkpoint folder can also be given to --resume on its own: it start
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Optional
@@ -20,6 +21,7 @@ import yaml
 from raydist.config import ConfigError, TrainConfig
 
 CONFIG_FILE = "config.yaml"
+CLASSES_FILE = "classes.json"  # index -> class name of the run's model
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
 
 
@@ -161,3 +163,6 @@ def write_config(cfg: TrainConfig) -> None:
     # Atomic: a run killed while writing it must not leave a folder that --resume cannot read.
     write_atomically(f"{cfg.storage_path}/{cfg.name}/{CONFIG_FILE}",
                      yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    # Index -> class name, so the run's models can be used without the data (raydist.predict).
+    write_atomically(f"{cfg.storage_path}/{cfg.name}/{CLASSES_FILE}",
+                     json.dumps(cfg.class_names(), indent=1).encode())

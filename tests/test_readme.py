@@ -56,11 +56,20 @@ def _readme_commands(module: str) -> list[list[str]]:
     return commands
 
 
+def _photos_at_home(tmp_path, monkeypatch):
+    """The image folder the README's commands name (~/photos), written where ~ points for the test."""
+    from image_folders import write_digits_folder
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_digits_folder(tmp_path / "photos", per_class=20)
+
+
 def test_every_documented_study_command_is_accepted(tmp_path, monkeypatch):
     """The README's study commands pass every check a study gets before Ray starts (the data and weights
     they name are on the user's machine, not here: those two checks have tests of their own)."""
     from raydist import tune
 
+    _photos_at_home(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tune, "_check_data", lambda study: None)
     monkeypatch.setattr(tune, "_check_weights", lambda study, on_this_machine: None)
@@ -75,6 +84,7 @@ def test_every_documented_training_command_is_accepted(tmp_path, monkeypatch):
     from raydist import launch
     from raydist.config import parse_cli
 
+    _photos_at_home(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(launch, "check_data", lambda *a, **k: None)
     monkeypatch.setattr(launch, "check_weights", lambda *a, **k: None)

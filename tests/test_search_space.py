@@ -18,6 +18,22 @@ from raydist.tune import SEARCH_SPACES, plan_concurrency
 
 SHIPPED = sorted(SEARCH_SPACES.glob("*.yaml"))
 
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A small image folder for the shipped study that trains on one (folder_transfer: --set data_dir=...)."""
+    from image_folders import write_digits_folder
+
+    root = tmp_path_factory.mktemp("photos")
+    write_digits_folder(root, per_class=20)
+    return str(root)
+
+
+def _load_shipped(path, photos):
+    """A shipped study as a user runs it: a folder study with its --set data_dir=..."""
+    text = path.read_text()
+    return load_study(str(path), {"data_dir": photos} if "dataset: folder" in text else None)
+
 VALID = """
 num_samples: 6
 search: {algorithm: hyperopt, initial_points: 2, seed: 3}
@@ -40,25 +56,26 @@ def _write(tmp_path, text, name="study.yaml"):
     return str(path)
 
 
-def test_the_shipped_studies_exist_and_load():
+def test_the_shipped_studies_exist_and_load(photos):
     names = {p.stem for p in SHIPPED}
     assert {"digits_quick", "cifar10_wrn", "cifar10_resnet18", "cifar100_resnet50", "fashion_mnist_transfer",
-            "digits_transfer"} <= names
+            "digits_transfer", "folder_transfer"} <= names
     for path in SHIPPED:
-        study = load_study(str(path))
+        study = _load_shipped(path, photos)
         assert study.searched and study.description, path
         assert study.metric == "val_acc" and study.mode == "max"
 
 
-def test_shipped_studies_search_lr_batch_size_or_epochs_and_carry_their_targets():
-    studies = {p.stem: load_study(str(p)) for p in SHIPPED}
+def test_shipped_studies_search_lr_batch_size_or_epochs_and_carry_their_targets(photos):
+    studies = {p.stem: _load_shipped(p, photos) for p in SHIPPED}
     for name, study in studies.items():
         assert {"lr", "batch_size"} <= set(study.searched), name
     assert studies["cifar10_wrn"].fixed["model"] == "wrn_dli"
     assert studies["cifar10_wrn"].fixed["target_accuracy"] >= 0.75
     assert studies["cifar100_resnet50"].fixed["model"] == "resnet50"
     assert studies["fashion_mnist_transfer"].fixed["pretrained"] is True
-    for name in ("fashion_mnist_transfer", "digits_transfer"):  # how to fine-tune is searched like the rest
+    assert studies["folder_transfer"].fixed["dataset"] == "folder"
+    for name in ("fashion_mnist_transfer", "digits_transfer", "folder_transfer"):  # how to fine-tune is searched
         assert set(studies[name].searched["finetune"].args) == {"full", "linear", "gradual", "lp-ft"}
 
 
@@ -461,9 +478,9 @@ def test_the_name_key_names_the_study(tmp_path):
     assert "digits_quick" in " ".join(named.warnings)
 
 
-def test_shipped_asha_studies_let_asha_decide_how_long_a_trial_runs():
+def test_shipped_asha_studies_let_asha_decide_how_long_a_trial_runs(photos):
     for path in SHIPPED:
-        study = load_study(str(path))
+        study = _load_shipped(path, photos)
         assert study.warnings == [], path
         if study.scheduler == "asha":
             assert "epochs" not in study.searched and study.fixed["epochs"] == study.max_epochs, path

@@ -1,0 +1,195 @@
+"""`python -m raydist.predict`: classify image files with a trained raydist model.
+
+    python -m raydist.predict runs/photos-resnet18 ~/new_photos/            # one line per image
+    python -m raydist.predict runs/photos-resnet18/model_final.pt a.jpg b.png --top-k 3 --csv preds.csv
+
+The model is a run folder (its model_final.pt), a study folder (its best_model.pt), or a model file
+(model_final.pt, best_model.pt, a checkpoint folder or its checkpoint.pt), local or a URI. Class names come
+from the file itself (saved there since raydist learned image folders), else the run folder's classes.json,
+else the label numbers. Every image goes through the evaluation preprocessing of the run's validation:
+decoded as the training folder's images were (raydist.image_folder.decode_image: RGB, shorter side to the
+stored size, centre square), then raydist.engine.input_pipeline without augmentation (centre crop or
+resize, the data set's normalisation, the channels the model reads). Runs on a GPU when there is one.
+
+Output: per image, `path<TAB>name probability%` for the top k (best first). A file that cannot be decoded
+gets a line saying so on stderr and the exit code 1; a missing path or model exits 2 before anything runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from typing import Optional
+
+from raydist.config import ConfigError, _Parser
+
+DESCRIPTION = """Classify image files (or every image in folders) with a trained raydist model: one line per
+image with its top-k classes and probabilities, or a CSV.
+
+example:
+  python -m raydist.predict runs/photos-resnet18 ~/new_photos/ --top-k 3"""
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(prog="raydist.predict", description=DESCRIPTION)
+    parser.add_argument("model", metavar="RUN_OR_MODEL_FILE",
+                        help="a run folder, a study folder, or a model_final.pt / best_model.pt / checkpoint")
+    parser.add_argument("images", metavar="IMAGES", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--top-k", type=int, default=1, help="classes shown per image, best first (default 1)")
+    parser.add_argument("--csv", metavar="FILE", help="also write the predictions to this CSV file")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    return parser
+
+
+def model_file(path: str) -> str:
+    """The model file a run folder, study folder, checkpoint folder or file names; ConfigError if none."""
+    from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE
+    from raydist.run_folder import is_uri
+
+    if is_uri(path):
+        return path
+    path = os.path.expanduser(path)
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise ConfigError(f"{path}: no such run folder or model file")
+    for name in (FINAL_MODEL_FILE, "best_model.pt", CHECKPOINT_FILE):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise ConfigError(f"{path}: holds no {FINAL_MODEL_FILE}, best_model.pt or {CHECKPOINT_FILE}; give a finished "
+                      f"run's folder or a model file")
+
+
+def image_files(paths: list[str]) -> list[str]:
+    """Files as given, and every image file in the folders given (sorted); ConfigError for a missing path."""
+    from raydist.image_folder import _is_image
+
+    found = []
+    for path in paths:
+        path = os.path.expanduser(path)
+        if os.path.isdir(path):
+            inside = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files if _is_image(f))
+            if not inside:
+                raise ConfigError(f"{path}: holds no image file (.jpg, .jpeg, .png, .webp, .bmp)")
+            found += inside
+        elif os.path.isfile(path):
+            found.append(path)
+        else:
+            raise ConfigError(f"{path}: no such image file or folder")
+    return found
+
+
+class Predictor:
+    """A saved raydist model with its validation-time preprocessing and class names."""
+
+    def __init__(self, path: str, device=None):
+        import torch
+
+        from raydist.config import TrainConfig
+        from raydist.final_eval import read_saved
+        from raydist.models.transfer import load_trained_model
+
+        self.path = model_file(path)
+        try:
+            saved = read_saved(self.path)
+            self.cfg = TrainConfig.from_dict(saved["config"])
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - not a raydist model file, or cut short
+            raise ConfigError(f"{self.path}: cannot be read as a raydist model ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        self.class_names = saved.get("class_names") or self._run_folder_classes()
+        count = saved.get("num_classes") or (len(self.class_names) if self.class_names else None)
+        if count is None:  # an older checkpoint: its config's data set says
+            count = self.cfg.num_classes()
+        if not self.class_names or len(self.class_names) != count:
+            self.class_names = [str(i) for i in range(count)]
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = load_trained_model({"model_name": self.cfg.model, "num_classes": count, **saved}).to(self.device)
+
+    def _run_folder_classes(self) -> Optional[list[str]]:
+        from raydist.run_folder import CLASSES_FILE
+
+        folder = os.path.dirname(self.path)
+        for candidate in (folder, os.path.dirname(folder)):  # a run folder, or a checkpoint folder inside one
+            path = os.path.join(candidate, CLASSES_FILE)
+            if os.path.isfile(path):
+                with open(path) as fh:
+                    return json.load(fh)
+        return None
+
+    def stored_side(self) -> int:
+        """The side images are decoded to, as the training data's were."""
+        from raydist.data import DATASETS
+        from raydist.engine import input_side
+        from raydist.image_folder import stored_size
+
+        if self.cfg.dataset == "folder":
+            return stored_size(input_side(self.cfg))
+        return DATASETS[self.cfg.dataset].image_size if self.cfg.dataset != "fake" else self.cfg.fake_image_size
+
+    def probabilities(self, images):
+        """uint8 N x 3 x S x S (as decoded) -> N x classes probabilities."""
+        import torch
+
+        from raydist.engine import input_pipeline
+
+        pipeline = input_pipeline(self.cfg, self.device)
+        if self.cfg.input_channels() == 1:
+            images = images[:, :1]
+        with torch.no_grad():
+            x = pipeline(images.to(self.device), train=False)
+            return torch.softmax(self.net(x).float(), dim=1).cpu()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.top_k < 1:
+            raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+        predictor = Predictor(args.model)
+        files = image_files(args.images)
+    except ConfigError as exc:
+        print(f"raydist.predict: error: {exc}", file=sys.stderr)
+        return 2
+    import numpy as np
+    import torch
+
+    from raydist.image_folder import decode_image
+
+    k = min(args.top_k, len(predictor.class_names))
+    side, rows, failed = predictor.stored_side(), [], 0
+    for start in range(0, len(files), args.batch_size):
+        batch, names = [], []
+        for path in files[start:start + args.batch_size]:
+            try:
+                with open(path, "rb") as fh:
+                    batch.append(decode_image(fh.read(), side))
+                names.append(path)
+            except Exception as exc:  # noqa: BLE001 - one bad file does not stop the others
+                failed += 1
+                print(f"raydist.predict: {path}: cannot be decoded as an image ({type(exc).__name__})",
+                      file=sys.stderr)
+        if not batch:
+            continue
+        probs = predictor.probabilities(torch.from_numpy(np.stack(batch)))
+        top_p, top_i = probs.topk(k, dim=1)
+        for path, ps, idx in zip(names, top_p.tolist(), top_i.tolist()):
+            ranked = [(predictor.class_names[i], p) for i, p in zip(idx, ps)]
+            rows.append((path, ranked))
+            print(f"{path}\t" + ", ".join(f"{name} {p:.1%}" for name, p in ranked), flush=True)
+    if args.csv:
+        with open(args.csv, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["path"] + [f"{field}_{r}" for r in range(1, k + 1) for field in ("class", "prob")])
+            for path, ranked in rows:
+                writer.writerow([path] + [value for name, p in ranked for value in (name, f"{p:.6f}")])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
