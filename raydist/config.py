@@ -61,6 +61,10 @@ class TrainConfig:
                                    "choice, the same whatever --seed says); validation keeps them all")
     train_per_class: Optional[int] = _field("data", None, "train on at most this many images of each class "
                                             "(a fixed choice, as --train-fraction)")
+    data_loader: str = _field("data", "auto", "image folder: memory (decoded once per node, held by every worker), "
+                              "stream (read and decoded by Ray Data on the cluster's free CPUs as it trains) or auto "
+                              "(memory when every worker's copy fits in half the node's memory)",
+                              ("auto", "memory", "stream"))
     max_bad_images: Optional[int] = _field("data", None, "image folder: stop the run when more image files than "
                                            "this cannot be decoded (they are skipped and named in the log); "
                                            "default: 0.1%% of the folder's images")
@@ -185,6 +189,9 @@ class TrainConfig:
             self._validate_folder()
         elif self.max_bad_images is not None:
             raise ConfigError(f"--max-bad-images {self.max_bad_images} applies to --dataset folder only")
+        elif self.data_loader != "auto":
+            raise ConfigError(f"--data-loader {self.data_loader} applies to --dataset folder only (the other data "
+                              f"sets are held in memory)")
         self._validate_transfer()
         from raydist.data import train_size
 

@@ -249,9 +249,9 @@ def evaluate_model(net: nn.Module, dataset, cfg: TrainConfig, *, device: torch.d
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     net.eval()
     sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
-    for indices in shard_indices(len(dataset), batch_size=2 * cfg.batch_size, rank=rank, world_size=world,
-                                 shuffle=False, drop_last=False, pad=False, device=device):
-        images, labels = dataset.batch(indices)
+    shards = shard_indices(len(dataset), batch_size=2 * cfg.batch_size, rank=rank, world_size=world, shuffle=False,
+                           drop_last=False, pad=False, device=device)
+    for images, labels in data_batches(dataset, list(shards), train=False):
         x = augment(images, train=False)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -459,9 +459,9 @@ class TrainingState:
                                      world_size=self.world, epoch=self.epoch, seed=cfg.seed, device=device))
         progress = EpochProgress(epoch=self.epoch + 1, epochs=cfg.epochs, steps=len(batches),
                                  images_per_step=cfg.batch_size * self.world, every_s=progress_every_s)
-        for i, indices in enumerate(batches):
+        pairs = data_batches(self.train_set, batches, train=True, shuffle_seed=cfg.seed * 100_003 + self.epoch)
+        for i, (images, labels) in enumerate(pairs):
             progress.step(i)  # a clock read; nothing on the device
-            images, labels = self.train_set.batch(indices)
             x = self.augment(images, train=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -543,8 +543,12 @@ def with_fused_flag(optimizer_state: dict, fused: Optional[bool]) -> dict:
 def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     """Train according to `cfg` on this worker; return the metrics reported each epoch. Running out of
     memory is OutOfMemory, one line naming the model, the batch and the device's memory."""
+    from raydist.image_folder import TooManyBadImages
+
     try:
         return _run(cfg, ctx)
+    except TooManyBadImages as exc:  # met while streaming a folder: the run's one-line cause
+        raise DataUnavailable(str(exc)) from exc
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not is_out_of_memory(exc):
             raise
@@ -688,6 +692,8 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
                    channels=cfg.input_channels(), input_size=cfg.input_size, max_bad_images=cfg.max_bad_images)
 
     def load(log=None):
+        if cfg.dataset == "folder" and streams_folder(cfg, workers_here=nodes.count(node_id)):
+            return stream_splits(cfg, device=device, log=log, rank=rank)
         with download_lock(cfg.data_dir) if (cfg.download and spec.needs_files) else contextlib.nullcontext():
             return load_splits(cfg.dataset, ("train", "val"), device=device, log=log, **options)
 
@@ -721,6 +727,45 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
         # still named per node, by every rank alike.
         raise (DataUnavailable if all(user for _, _, user in failed) else RuntimeError)(message)
     return splits or load()
+
+
+def streams_folder(cfg: TrainConfig, *, workers_here: int) -> bool:
+    """Whether this node streams the image folder (raydist.folder_stream) rather than holding it decoded:
+    asked for, or auto's choice when the copies of this node's workers would not fit in half its memory.
+    Both paths give every rank the same batches and steps, so nodes may choose differently."""
+    if cfg.data_loader != "auto":
+        return cfg.data_loader == "stream"
+    from raydist.data import folder_index
+    from raydist.image_folder import decoded_bytes, fits_in_memory, stored_size
+
+    index = folder_index(cfg.data_dir, cfg.val_fraction)
+    return not fits_in_memory(decoded_bytes(index, stored_size(input_side(cfg))), workers_here)
+
+
+def stream_splits(cfg: TrainConfig, *, device, log=None, rank: int = 0):
+    """The image folder's train and val splits as Ray Data streams (raydist.folder_stream.StreamSource)."""
+    from raydist.data import folder_index
+    from raydist.folder_stream import StreamSource
+    from raydist.image_folder import default_max_bad, stored_size
+
+    if cfg.classes or cfg.train_fraction != 1.0 or cfg.train_per_class:
+        raise DataUnavailable("--classes, --train-fraction and --train-per-class select images of a folder held in "
+                              "memory; the streamed path reads the whole folder (use --data-loader memory)")
+    index = folder_index(cfg.data_dir, cfg.val_fraction)
+    total = sum(len(files) for files in index.splits.values())
+    max_bad = default_max_bad(total) if cfg.max_bad_images is None else cfg.max_bad_images
+    if log is not None:
+        log(f"streaming {len(index.splits['train'])} training and {len(index.splits['val'])} validation images "
+            f"through Ray Data")
+    return tuple(StreamSource(index, split, stored=stored_size(input_side(cfg)), device=device, max_bad=max_bad,
+                              log=log, rank=rank) for split in ("train", "val"))
+
+
+def data_batches(source, index_batches, *, train: bool, shuffle_seed: Optional[int] = None):
+    """(images, labels) for each batch of indices: indexed on the device, or read from a Ray Data stream."""
+    if getattr(source, "streamed", False):
+        return source.batches(index_batches, train=train, shuffle_seed=shuffle_seed)
+    return (source.batch(indices) for indices in index_batches)
 
 
 def _report_with_checkpoint(ctx: WorkerContext, metrics: dict, state: Optional[dict]) -> float:

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
-import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation")}
@@ -144,6 +143,7 @@ def scan_folder(root: str, *, val_fraction: float) -> FolderIndex:
 @functools.lru_cache(maxsize=8)
 def _scan(root: str, val_fraction: float) -> FolderIndex:
     import pyarrow.fs
+    import torch
 
     from raydist.data import held_out
 
@@ -246,6 +246,27 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
+def decode_files(batch: dict, *, root: str, stored: int) -> dict:
+    """Ray Data map function of the streamed path (raydist.folder_stream): read and decode a batch of files
+    on the node it runs on. Kept in this module, which does not import torch, so that a fresh Ray worker
+    process starts it in a fraction of a second."""
+    import ray  # RAY: the node that decoded (the run log says where its first epoch was decoded)
+
+    fs, base = _filesystem(root)
+    images = np.zeros((len(batch["path"]), 3, stored, stored), dtype=np.uint8)
+    ok = np.zeros(len(batch["path"]), dtype=bool)
+    for i, path in enumerate(batch["path"]):
+        try:
+            with fs.open_input_stream(f"{base}/{path}") as stream:
+                images[i] = decode_image(stream.read(), stored)
+            ok[i] = True
+        except Exception:  # noqa: BLE001 - counted and named by the rank that reads the batch
+            pass
+    node = ray.get_runtime_context().get_node_id()
+    return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64), "ok": ok,
+            "path": np.asarray([str(p) for p in batch["path"]]), "node": np.asarray([node] * len(ok))}
+
+
 @dataclass
 class DecodeReport:
     decoded: int
@@ -272,11 +293,13 @@ def _cache_file(index: FolderIndex, split: str, size: int) -> str:
 
 def load_folder_split(index: FolderIndex, split: str, *, stored: int, max_bad: Optional[int] = None,
                       threads: Optional[int] = None, use_cache: bool = True
-                      ) -> tuple[torch.Tensor, torch.Tensor, DecodeReport]:
+                      ) -> tuple["torch.Tensor", "torch.Tensor", DecodeReport]:
     """(uint8 N x 3 x S x S, int64 labels, report) of one split, decoded on `threads` threads (default: every
     core) or read from the node's cache. Files that cannot be decoded are left out; more than `max_bad` of
     them (None: any number) raise TooManyBadImages naming the first."""
     import time
+
+    import torch
 
     files = index.splits[split]
     cache = _cache_file(index, split, stored) if use_cache else None
@@ -324,6 +347,8 @@ def _check_bad(index: FolderIndex, split: str, report: DecodeReport, max_bad: Op
 
 def _write_cache(path: str, content: dict) -> None:
     """Written beside and renamed over: two workers of a node never read a half-written cache file."""
+    import torch
+
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -331,6 +356,21 @@ def _write_cache(path: str, content: dict) -> None:
         os.replace(tmp, path)
     except OSError:  # a full or read-only disk costs the next run its start-up time, not this run
         pass
+
+
+def decoded_bytes(index: FolderIndex, stored: int) -> int:
+    """What one worker holds of the folder decoded (both splits, uint8 3 x S x S)."""
+    return sum(len(files) for files in index.splits.values()) * 3 * stored * stored
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fits_in_memory(per_worker: int, workers: int, memory_bytes: Optional[int] = None) -> bool:
+    """The memory path's budget: every worker of a machine holds its own copy, and together they may take
+    half of the machine's memory (the rest is the model, activations, Ray's object store and the system)."""
+    return per_worker * workers <= (host_memory_bytes() if memory_bytes is None else memory_bytes) / 2
 
 
 def default_max_bad(total_images: int) -> int:

@@ -99,25 +99,33 @@ def check_storage(path: str, flag: str = "--storage-path") -> None:
                           f"folder this user can write") from None
 
 
-def check_folder_fits(cfg: TrainConfig, memory_bytes: Optional[int] = None) -> None:
-    """An image folder is decoded whole into every worker's memory (raydist.image_folder): refuse, before
-    Ray starts, one whose workers on this machine would need more than half of its memory."""
+def check_folder_fits(cfg: TrainConfig, memory_bytes: Optional[int] = None, cluster_cpus: Optional[float] = None
+                      ) -> None:
+    """Before Ray starts on this machine: `--data-loader memory` must fit its workers' copies in half of its
+    memory, and the streamed path (asked for, or auto's choice) needs CPUs the workers leave free for Ray
+    Data's decoding."""
     from raydist.data import folder_index
     from raydist.engine import input_side
-    from raydist.image_folder import stored_size
+    from raydist.folder_stream import DECODE_CPUS
+    from raydist.image_folder import decoded_bytes, fits_in_memory, host_memory_bytes, stored_size
 
     index = folder_index(cfg.data_dir, cfg.val_fraction)
-    images = sum(len(files) for files in index.splits.values())
     side = stored_size(input_side(cfg))
-    per_worker = images * 3 * side * side
-    if memory_bytes is None:
-        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if per_worker * cfg.num_workers > memory_bytes / 2:
+    per_worker = decoded_bytes(index, side)
+    memory_bytes = host_memory_bytes() if memory_bytes is None else memory_bytes
+    fits = fits_in_memory(per_worker, cfg.num_workers, memory_bytes)
+    if cfg.data_loader == "memory" and not fits:
+        images = sum(len(files) for files in index.splits.values())
         raise ConfigError(f"--data-dir {cfg.data_dir}: {images} images stored at {side}x{side} pixels take "
                           f"{per_worker / 2**30:.1f} GiB in each of the {cfg.num_workers} workers, more than half of "
-                          f"this machine's {memory_bytes / 2**30:.1f} GiB; use a smaller --input-size, "
-                          f"--train-fraction or fewer workers per machine (raydist holds a folder's decoded "
-                          f"images in memory; streaming folders larger than that is not built yet)")
+                          f"this machine's {memory_bytes / 2**30:.1f} GiB; use --data-loader stream (or auto), a "
+                          f"smaller --input-size, or fewer workers per machine")
+    streamed = cfg.data_loader == "stream" or (cfg.data_loader == "auto" and not fits)
+    cpus = float(os.cpu_count() or 1) if cluster_cpus is None else cluster_cpus
+    if streamed and cpus - cfg.num_workers * cfg.cpus_per_worker < DECODE_CPUS:
+        raise ConfigError(f"--data-loader {cfg.data_loader}: the streamed path decodes images on CPUs the workers "
+                          f"leave free, but {cfg.num_workers} workers x --cpus-per-worker {cfg.cpus_per_worker:g} take "
+                          f"all {cpus:g} CPUs of this machine; use a smaller --cpus-per-worker or fewer workers")
 
 
 def check_weights(cfg: TrainConfig, *, on_this_machine: bool = True) -> None:

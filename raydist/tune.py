@@ -270,6 +270,10 @@ def plan_concurrency(study: Study, *, free_cpus: float, free_gpus: float, total_
     but not its free resources runs alone, when the busy resources come back.
     """
     cpus, gpus = study.per_trial_resources(cluster_has_gpus=total_gpus > 0)
+    if streams_a_folder(study):  # Ray Data decodes on CPUs the trials leave free (raydist.folder_stream)
+        from raydist.folder_stream import DECODE_CPUS
+
+        free_cpus, total_cpus = free_cpus - DECODE_CPUS, total_cpus - DECODE_CPUS
     if cpus > total_cpus or gpus > total_gpus:
         raise ConfigError(f"one trial needs {cpus:g} CPUs and {gpus:g} GPUs (num_workers x cpus/gpus_per_worker) "
                           f"but {where} has {total_cpus:g} CPUs and {total_gpus:g} GPUs; lower fixed num_workers")
@@ -277,6 +281,23 @@ def plan_concurrency(study: Study, *, free_cpus: float, free_gpus: float, total_
     if gpus:
         fits = min(fits, math.floor(free_gpus / gpus + 1e-9))
     return max(1, min(fits, requested or study.num_samples, study.num_samples))
+
+
+def streams_a_folder(study: Study) -> bool:
+    """The study trains on an image folder through the streamed path (asked for, or auto's choice for the
+    largest input size searched, judged on this machine)."""
+    fixed = study.fixed
+    if fixed.get("dataset") != "folder" or fixed.get("data_loader") == "memory":
+        return False
+    if fixed.get("data_loader") == "stream":
+        return True
+    from raydist.data import folder_index
+    from raydist.image_folder import decoded_bytes, fits_in_memory, stored_size
+
+    sizes = study.searched["input_size"].extremes() if "input_size" in study.searched else [fixed.get("input_size")]
+    side = stored_size(max(size or 224 for size in sizes))
+    index = folder_index(fixed.get("data_dir", TrainConfig.data_dir), fixed.get("val_fraction"))
+    return not fits_in_memory(decoded_bytes(index, side), 1)
 
 
 # ---- one trial: a Tune function that is a Train driver ------------------------------------------------

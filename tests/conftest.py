@@ -51,6 +51,10 @@ def pytest_configure(config):
         fh.write(os.urandom(32).hex())
     os.environ.update(CLUSTER_ENV)
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_file)
+    # Credentials for the S3-compatible server of tests/test_folder_s3.py, on every node of every cluster
+    # the tests start (as a real cluster's nodes have theirs); that server accepts any. A test never
+    # reaches real AWS: its URIs name the local server's endpoint.
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
 
 
 def pytest_collection_modifyitems(session, config, items):

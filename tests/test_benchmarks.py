@@ -184,3 +184,14 @@ def test_scaling_refuses_what_it_would_override_or_could_not_write_before_any_cl
     assert f"--out {earlier} holds run folders of an earlier study (w1-b64-linear); give a new --out" in line
     assert [p.name for p in earlier.iterdir()] == ["w1-b64-linear"] and not any((earlier / "w1-b64-linear").iterdir())
     assert not (tmp_path / "a").exists()
+
+
+def test_folder_ingest_compares_the_streamed_and_memory_paths_with_a_dataloader(ray_cluster, tmp_path):
+    out = tmp_path / "ingest.json"
+    _bench("folder_ingest", "--images", "100", "--sizes", "40", "60", "--rounds", "1", "--folder",
+           str(tmp_path / "folder"), "--address", ray_cluster, "--json", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["rates"]) == {"stream", "memory", "dataloader"}
+    assert set(result["ratios"]) == {"stream/dataloader", "memory/dataloader"}
+    assert result["streaming_memory"]["4x"]["images"] == 4 * result["streaming_memory"]["1x"]["images"]
+    assert len(list((tmp_path / "folder").rglob("*.jpg"))) == 100

@@ -209,6 +209,16 @@ def test_download_and_max_bad_images_are_checked_for_folders(split_folder, capsy
     assert "an image folder is read as it is" in capsys.readouterr().err
     assert train_cli.main(["--max-bad-images", "3"]) == 2
     assert "--max-bad-images 3 applies to --dataset folder only" in capsys.readouterr().err
+    assert train_cli.main(["--data-loader", "stream"]) == 2
+    assert "--data-loader stream applies to --dataset folder only" in capsys.readouterr().err
+    cores = os.cpu_count() or 1  # a worker of 1 CPU per core leaves none to Ray Data's decoding
+    assert train_cli.main(["--dataset", "folder", "--data-dir", str(root), "--data-loader", "stream", "--batch-size",
+                           "8", "--num-workers", str(cores), "--storage-path", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"raydist.train: error: --data-loader stream: the streamed path decodes images on CPUs the workers "
+                   f"leave free, but {cores} workers x --cpus-per-worker 1 take all {cores} CPUs of this machine; use "
+                   f"a smaller --cpus-per-worker or fewer workers"), err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_folder_errors_are_folder_errors():
@@ -281,10 +291,158 @@ def test_a_folder_too_large_for_the_workers_memory_is_refused_before_ray(split_f
     from raydist.launch import check_folder_fits
 
     root, _ = split_folder
-    cfg = TrainConfig(dataset="folder", data_dir=str(root), input_size=224, num_workers=2).validate()
+    cfg = TrainConfig(dataset="folder", data_dir=str(root), input_size=224, num_workers=2,
+                      data_loader="memory").validate()
     index = scan_folder(str(root), val_fraction=0.1)
     per_worker = sum(len(files) for files in index.splits.values()) * 3 * 256 * 256  # stored at 256 for 224
     check_folder_fits(cfg, memory_bytes=4 * per_worker)  # two workers, half the memory: fits
     with pytest.raises(ConfigError, match=rf"--data-dir {re.escape(str(root))}: \d+ images stored at 256x256 pixels "
-                                          r"take [\d.]+ GiB in each of the 2 workers, more than half of"):
+                                          r"take [\d.]+ GiB in each of the 2 workers, more than half of .*; use "
+                                          r"--data-loader stream \(or auto\)"):
         check_folder_fits(cfg, memory_bytes=4 * per_worker - 1)
+    # auto streams what does not fit, given CPUs for Ray Data's decoding beside the workers
+    auto = TrainConfig(dataset="folder", data_dir=str(root), input_size=224, num_workers=2).validate()
+    check_folder_fits(auto, memory_bytes=4 * per_worker - 1, cluster_cpus=3)
+    with pytest.raises(ConfigError, match=r"--data-loader auto: the streamed path decodes images on CPUs the workers "
+                                          r"leave free, but 2 workers x --cpus-per-worker 1 take all 2 CPUs"):
+        check_folder_fits(auto, memory_bytes=4 * per_worker - 1, cluster_cpus=2)
+    check_folder_fits(auto, memory_bytes=4 * per_worker, cluster_cpus=2)  # fits: held in memory, no check
+
+
+# ---- the streamed path (Ray Data) ---------------------------------------------------------------
+
+
+STREAM_SHARDS = """
+import json, sys, ray, torch
+from raydist.data import shard_indices
+from raydist.folder_stream import StreamSource
+from raydist.image_folder import scan_folder
+ray.init(address=sys.argv[1], log_to_driver=False)
+out = {}
+for folder in ("clean", "awkward"):
+    index = scan_folder(sys.argv[2] + "/" + folder, val_fraction=0.1)
+    for split, train in (("train", True), ("val", False)):
+        for rank in (0, 1):
+            source = StreamSource(index, split, stored=37)
+            batches = list(shard_indices(len(source), batch_size=64 if train else 128, rank=rank, world_size=2,
+                                         epoch=3, seed=5, shuffle=train, pad=train, drop_last=train))
+            got = list(source.batches(batches, train=train, shuffle_seed=1))
+            wanted = sorted(index.splits[split][i].label for i in torch.cat(batches).tolist())
+            out[f"{folder} {split} {rank}"] = {
+                "sizes": [len(l) for _, l in got], "wanted_sizes": [len(b) for b in batches],
+                "labels_match": sorted(torch.cat([l for _, l in got]).tolist()) == wanted,
+                "shape": list(got[0][0].shape), "dtype": str(got[0][0].dtype), "bad": sorted(source.bad),
+                "files": sorted(torch.cat(batches).tolist()), "total": len(source)}
+from raydist.image_folder import TooManyBadImages
+source = StreamSource(index, "train", stored=37, max_bad=0)  # the awkward folder, every file once
+try:
+    list(source.batches(list(shard_indices(len(source), batch_size=16, rank=0, world_size=1, shuffle=False,
+                                           drop_last=False, pad=False)), train=False))
+    out["stopped"] = ""
+except TooManyBadImages as exc:
+    out["stopped"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_streamed_shards_hold_this_ranks_files_in_equal_steps_and_validation_counts_each_image_once(
+        ray_cluster, tmp_path):
+    write_digits_folder(tmp_path / "clean", per_class=60)
+    write_digits_folder(tmp_path / "awkward", per_class=60)
+    write_awkward_files(tmp_path / "awkward" / "train" / "digit_3")
+    result = subprocess.run([sys.executable, "-c", STREAM_SHARDS, ray_cluster, str(tmp_path)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert re.search(r"1 of the train split's \d+ image files cannot be decoded \(first: train/digit_3/corrupt.jpg\), "
+                     r"more than --max-bad-images 0 allows", out.pop("stopped"))
+    for key, shard in out.items():
+        assert shard["sizes"] == shard["wanted_sizes"], key  # full batches, the same steps as the memory path
+        assert shard["shape"][1:] == [3, 37, 37] and shard["dtype"] == "torch.uint8"
+        if key.startswith("clean"):
+            assert shard["labels_match"] and not shard["bad"], key  # exactly this rank's files
+    train0, train1 = out["clean train 0"], out["clean train 1"]
+    assert len(train0["sizes"]) == len(train1["sizes"]) >= 3  # DDP: the same number of steps on every rank
+    assert len(set(train0["files"]) & set(train1["files"])) <= 1  # disjoint, but for one padding duplicate
+    assert len(set(train0["files"]) | set(train1["files"])) > train0["total"] - 2 * 64  # each drops < a batch
+    val = out["clean val 0"]["files"] + out["clean val 1"]["files"]
+    assert sorted(val) == list(range(out["clean val 0"]["total"]))  # every validation image exactly once
+    assert sum(out["clean val 0"]["sizes"]) + sum(out["clean val 1"]["sizes"]) == out["clean val 0"]["total"]
+    # The corrupt JPEG is named by the rank whose batches hold it (if the epoch's draw kept it), and that
+    # batch was topped up to full size (checked above).
+    files = scan_folder(str(tmp_path / "awkward"), val_fraction=0.1).splits["train"]
+    corrupt = next(i for i, f in enumerate(files) if f.path.endswith("corrupt.jpg"))
+    for rank in (0, 1):
+        shard = out[f"awkward train {rank}"]
+        assert shard["bad"] == (["train/digit_3/corrupt.jpg"] if corrupt in shard["files"] else []), rank
+    assert any(corrupt in out[f"awkward train {rank}"]["files"] for rank in (0, 1))  # this draw keeps it
+
+
+def test_a_two_worker_run_streamed_through_ray_data_learns_as_the_memory_path_does(ray_cluster, split_folder,
+                                                                                    tmp_path):
+    root, _ = split_folder
+    # Half a CPU per worker leaves the session cluster's other CPU to Ray Data's decoding tasks.
+    result = subprocess.run([sys.executable, "-m", "raydist.train", "--address", ray_cluster, "--dataset", "folder",
+                             "--data-dir", str(root), "--data-loader", "stream", "--input-size", "32",
+                             "--augment", "crop_flip", "--num-workers", "2", "--cpus-per-worker", "0.5",
+                             "--epochs", "10", "--storage-path", str(tmp_path), "--name", "streamed"],
+                            capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    from raydist.engine import FINAL_MODEL_FILE, load_checkpoint_file
+
+    final = load_checkpoint_file(str(tmp_path / "streamed" / FINAL_MODEL_FILE))
+    assert final["metrics"]["val_acc"] >= 0.90  # the bar the memory path and --dataset digits meet
+    assert re.search(r"data: streaming \d+ training and \d+ validation images through Ray Data", output)
+    assert re.search(r"data: rank 0: the first epoch's train images were decoded by Ray Data on 1 node\(s\)", output)
+
+
+def test_a_study_streaming_a_folder_leaves_a_cpu_share_to_ray_data(split_folder, tmp_path):
+    from raydist.search_space import load_study
+    from raydist.tune import plan_concurrency
+
+    root, _ = split_folder
+    path = tmp_path / "study.yaml"
+    path.write_text("num_samples: 4\nfixed: {dataset: folder, num_workers: 1, input_size: 32, epochs: 2}\n"
+                    "searched: {lr: {loguniform: [0.1, 1.0]}, batch_size: {choice: [32, 64]}}\n")
+    args = dict(free_cpus=2, free_gpus=0, total_cpus=2, total_gpus=0, requested=None, where="this machine")
+    held = load_study(str(path), {"data_dir": str(root), "data_loader": "memory"})
+    streamed = load_study(str(path), {"data_dir": str(root), "data_loader": "stream"})
+    assert plan_concurrency(held, **args) == 2
+    assert plan_concurrency(streamed, **args) == 1  # 1.5 CPUs for trials: one trial of 1 CPU at a time
+
+
+FOLDER_STUDY = """
+num_samples: 2
+search: {algorithm: random, seed: 0}
+scheduler: {type: fifo}
+fixed: {dataset: folder, model: resnet8, num_workers: 1, epochs: 6, warmup_epochs: 0.5, input_size: 32,
+        augment: crop_flip}
+searched:
+  lr: {choice: [0.4, 0.8]}
+"""
+
+
+def test_a_study_on_a_folder_exports_a_best_model_with_its_class_names_that_predict_uses(ray_cluster, split_folder,
+                                                                                        tmp_path):
+    from conftest import read_csv, start_tune
+
+    from raydist.engine import load_checkpoint_file
+
+    root, _ = split_folder
+    (tmp_path / "folder.yaml").write_text(FOLDER_STUDY)
+    proc = start_tune(ray_cluster, "--search-space", str(tmp_path / "folder.yaml"), "--set", f"data_dir={root}",
+                      "--storage-path", str(tmp_path / "runs"), "--name", "photos-study",
+                      env={**os.environ, "RAYDIST_CACHE_DIR": str(tmp_path / "cache")})
+    stdout, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stdout[-4000:]
+    experiment = tmp_path / "runs" / "photos-study"
+    rows = read_csv(experiment / "results.csv")
+    assert len(rows) == 2 and max(float(r["best_val_acc"]) for r in rows) >= 0.85
+    best = load_checkpoint_file(str(experiment / "best_model.pt"))
+    assert best["class_names"] == [f"digit_{d}" for d in range(10)]
+    result = subprocess.run([sys.executable, "-m", "raydist.predict", str(experiment), str(root / "val" / "digit_7")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert sum(line.endswith("%") and "\tdigit_7 " in line for line in lines) >= 0.8 * len(lines)

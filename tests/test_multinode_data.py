@@ -4,6 +4,7 @@ raylets) on this machine; each node has its own HOME, so `--data-dir ~/data` is 
 as on machines with local disks. The data is Fashion-MNIST's real idx format, written here."""
 
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -78,3 +79,29 @@ def test_data_is_checked_on_every_workers_node_and_a_node_without_it_is_named(tw
     assert out.count("data: fashion_mnist ready in") == 2
     final_acc = float(ran.stdout.split("val acc ")[-1].split("%")[0]) / 100
     assert final_acc >= 0.9  # it learned from both nodes' shards (chance: 0.1)
+
+
+@pytest.mark.own_cluster
+def test_a_streamed_folder_is_decoded_on_both_nodes_and_the_run_learns(two_nodes, tmp_path):
+    """The streamed path's Ray Data tasks run on the nodes' free CPUs, both nodes' among them: each node has
+    1 CPU, and the two workers of 0.25 CPU (packed on one node by Ray Train) leave 0.5 of it and all of the
+    other. The folder is on storage both nodes read (here: this machine's disk)."""
+    from image_folders import write_digits_folder
+
+    address, _, node_ids = two_nodes
+    write_digits_folder(tmp_path / "photos")
+    ran = subprocess.run([sys.executable, "-m", "raydist.train", "--address", address, "--dataset", "folder",
+                          "--data-dir", str(tmp_path / "photos"), "--data-loader", "stream", "--input-size", "32",
+                          "--augment", "crop_flip", "--num-workers", "2", "--cpus-per-worker", "0.25",
+                          "--epochs", "10", "--storage-path", str(tmp_path / "runs"), "--name", "streamed"],
+                         capture_output=True, text=True, timeout=900)
+    out = ran.stdout + ran.stderr
+    assert ran.returncode == 0, out[-4000:]
+    # Every rank says where its first epoch was decoded: between them, on both worker nodes.
+    lines = re.findall(r"data: rank (\d): the first epoch's train images were decoded by Ray Data on \d node\(s\) "
+                       r"\(images per node: ([^)]*)\)", out)
+    assert sorted(rank for rank, _ in lines) == ["0", "1"], out[-4000:]
+    decoded_on = {part.split()[0] for _, where in lines for part in where.split(", ")}
+    assert decoded_on == {node[:8] for node in node_ids}, lines
+    final_acc = float(ran.stdout.split("val acc ")[-1].split("%")[0]) / 100
+    assert final_acc >= 0.9
