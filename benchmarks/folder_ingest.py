@@ -16,15 +16,16 @@ raydist's two paths apply their augmentation on the device (resized_crop + flip 
 every pipeline hands the step the same thing: a normalized float batch of 64 x 3 x 224 x 224. Each round
 times one epoch of each pipeline (order rotated per round, warm-up epoch first); ratios within a round.
 
-Memory: peak resident memory of this process (the worker's role) and the growth of the machine's used
-memory while the streamed path reads the folder, and while it reads the same folder listed 4 times (a
-folder 4x larger: the same files, four times as many rows), against the memory path's decoded size.
+Memory: how far the resident memory of this process (the worker's role) and the machine's used memory
+(this process, Ray's workers and object store) rise above where they were while the streamed path reads
+the folder, and while it reads the same folder listed 4 times (a folder 4x larger: the same files, four
+times as many rows), against the memory path's decoded size. The memory path's copy is freed first.
 """
 
 import argparse
+import gc
 import json
 import os
-import resource
 import sys
 import threading
 import time
@@ -61,24 +62,31 @@ def used_memory() -> int:
     return info["MemTotal"] - info["MemAvailable"]
 
 
+def own_rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 class PeakUsed:
-    """The machine's used memory sampled every 50 ms: its peak above the level at the start."""
+    """The machine's used memory and this process's resident memory, sampled every 50 ms: their peaks
+    above the levels at the start."""
 
     def __enter__(self):
-        self.start, self.peak, self.running = used_memory(), used_memory(), True
+        self.start, self.rss_start, self.running = used_memory(), own_rss(), True
+        self.peak, self.rss_peak = self.start, self.rss_start
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
         return self
 
     def _watch(self):
         while self.running:
-            self.peak = max(self.peak, used_memory())
+            self.peak, self.rss_peak = max(self.peak, used_memory()), max(self.rss_peak, own_rss())
             time.sleep(0.05)
 
     def __exit__(self, *exc):
         self.running = False
         self.thread.join()
-        self.growth = self.peak - self.start
+        self.growth, self.rss_growth = self.peak - self.start, self.rss_peak - self.rss_start
 
 
 def epoch_stream(source, augment, device, epoch):
@@ -182,20 +190,20 @@ def main():
               for a in ("stream", "memory")}
 
     # Memory while streaming the folder, and the folder listed 4 times (4x the rows, the same files).
-    del memory_source, images
+    del memory_source, images, runs
+    gc.collect()
     memory = {}
     for factor in (1, 4):
         source = StreamSource(index, "train", stored=stored, device=device)
         source.files = source.files * factor
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         with PeakUsed() as peak:
             epoch_stream(source, augment, device, 10 + factor)
         memory[f"{factor}x"] = {"images": len(source.files), "machine_used_growth_gib": peak.growth / 2**30,
-                                "process_peak_rss_gib": max(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                                            * 1024) / 2**30,
+                                "worker_rss_growth_gib": peak.rss_growth / 2**30,
                                 "decoded_size_gib": len(source.files) * 3 * stored * stored / 2**30}
         print(f"streaming {factor}x ({len(source.files)} images, {memory[f'{factor}x']['decoded_size_gib']:.1f} GiB "
-              f"decoded): machine's used memory grew {peak.growth / 2**30:.2f} GiB at its peak", flush=True)
+              f"decoded): at their peaks the machine's used memory grew {peak.growth / 2**30:.2f} GiB, this "
+              f"process's resident memory {peak.rss_growth / 2**30:.2f} GiB", flush=True)
     ray.shutdown()
     result = {"environment": env, "machine": describe(env), "device": str(device),
               "images": len(index.splits["train"]), "sizes": args.sizes, "batch": BATCH, "input": INPUT,

@@ -242,6 +242,9 @@ class TrainConfig:
         if self.download:
             raise ConfigError(f"--download fetches the published data sets; an image folder is read as it is "
                               f"from --data-dir {self.data_dir} (drop --download)")
+        if self.data_loader == "stream" and (self.classes or self.train_fraction != 1.0 or self.train_per_class):
+            raise ConfigError("--classes, --train-fraction and --train-per-class select images of a folder held in "
+                              "memory; the streamed path reads the whole folder (use --data-loader memory)")
         if self.max_bad_images is not None and self.max_bad_images < 0:
             raise ConfigError(f"--max-bad-images must be zero or more, got {self.max_bad_images}")
         try:

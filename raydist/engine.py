@@ -692,17 +692,26 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
                    channels=cfg.input_channels(), input_size=cfg.input_size, max_bad_images=cfg.max_bad_images)
 
     def load(log=None):
-        if cfg.dataset == "folder" and streams_folder(cfg, workers_here=nodes.count(node_id)):
+        if streamed:
             return stream_splits(cfg, device=device, log=log, rank=rank)
         with download_lock(cfg.data_dir) if (cfg.download and spec.needs_files) else contextlib.nullcontext():
             return load_splits(cfg.dataset, ("train", "val"), device=device, log=log, **options)
 
+    streamed = False
     if not spec.needs_files:  # embedded or generated: nothing to find on the node
         return load()
     nodes = [node_id]
     if world > 1:
         nodes = [None] * world
         dist.all_gather_object(nodes, node_id)
+    if cfg.dataset == "folder":
+        # One choice for the whole group: a folder held in memory leaves out the files that do not decode,
+        # a streamed one tops up their holes, so the two could count different steps per epoch.
+        streamed = streams_folder(cfg, workers_here=nodes.count(node_id))
+        if world > 1:
+            choices = [None] * world
+            dist.all_gather_object(choices, streamed)
+            streamed = any(choices)
     splits, problem, user_side = None, "", True
     if nodes.index(node_id) == rank:  # this node's first rank
         try:
@@ -730,9 +739,8 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
 
 
 def streams_folder(cfg: TrainConfig, *, workers_here: int) -> bool:
-    """Whether this node streams the image folder (raydist.folder_stream) rather than holding it decoded:
-    asked for, or auto's choice when the copies of this node's workers would not fit in half its memory.
-    Both paths give every rank the same batches and steps, so nodes may choose differently."""
+    """Whether this node would stream the image folder (raydist.folder_stream) rather than hold it decoded:
+    asked for, or auto's choice when the copies of this node's workers would not fit in half its memory."""
     if cfg.data_loader != "auto":
         return cfg.data_loader == "stream"
     from raydist.data import folder_index
@@ -758,7 +766,7 @@ def stream_splits(cfg: TrainConfig, *, device, log=None, rank: int = 0):
         log(f"streaming {len(index.splits['train'])} training and {len(index.splits['val'])} validation images "
             f"through Ray Data")
     return tuple(StreamSource(index, split, stored=stored_size(input_side(cfg)), device=device, max_bad=max_bad,
-                              log=log, rank=rank) for split in ("train", "val"))
+                              rank=rank) for split in ("train", "val"))
 
 
 def data_batches(source, index_batches, *, train: bool, shuffle_seed: Optional[int] = None):

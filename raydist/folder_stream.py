@@ -59,14 +59,14 @@ class StreamSource:
     streamed = True
 
     def __init__(self, index: FolderIndex, split: str, *, stored: int, device="cpu",
-                 max_bad: Optional[int] = None, log=None, rank: int = 0):
+                 max_bad: Optional[int] = None, rank: int = 0):
         self.index, self.split, self.stored = index, split, stored
         self.files = index.splits[split]
         self.device = torch.device(device)
         # Each epoch gives a rank other files: over the epochs, the bad files one rank has met approach all
         # of them, so the limit is the run's, applied to what this rank has met.
         self.max_bad = max_bad
-        self.log, self.rank = log, rank
+        self.rank = rank
         self.bad: set[str] = set()
         self._told_nodes = False
         quiet_ray_data()
@@ -127,8 +127,8 @@ class StreamSource:
         while yielded < len(sizes):  # holes: top up from the previous batch so every rank runs its steps
             size, short = sizes[yielded], sizes[yielded] - len(labels)
             if previous is None and not len(labels):
-                raise TooManyBadImages(f"--data-dir {self.index.root}: none of this worker's {self.split} images could be "
-                              f"decoded (first: {sorted(self.bad)[:1]})")
+                raise TooManyBadImages(f"--data-dir {self.index.root}: none of this worker's {self.split} images "
+                                       f"could be decoded (first: {min(self.bad, default='?')})")
             source_images, source_labels = previous if previous is not None else (images, labels)
             take = torch.arange(short) % len(source_labels)
             images = torch.cat([images, source_images[take]])
@@ -143,8 +143,9 @@ class StreamSource:
             self.decoded_on[node] = self.decoded_on.get(node, 0) + 1
             if not ok and path not in self.bad:
                 self.bad.add(path)
-                if self.log and len(self.bad) <= SHOWN_BAD_FILES:
-                    self.log(f"{self.split}: skipped an unreadable image file: {path}")
+                if len(self.bad) <= SHOWN_BAD_FILES:  # every rank names the first few it meets
+                    print(f"data: rank {self.rank}: {self.split}: skipped an unreadable image file: {path}",
+                          flush=True)
 
     def _check_bad(self) -> None:
         if self.max_bad is not None and len(self.bad) > self.max_bad:

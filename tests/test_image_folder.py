@@ -239,7 +239,7 @@ def folder_run(ray_cluster, split_folder, tmp_path_factory):
     # default for folders (resized_crop) is tested above.
     result = subprocess.run([sys.executable, "-m", "raydist.train", "--address", ray_cluster, "--dataset", "folder",
                              "--data-dir", str(root), "--input-size", "32", "--augment", "crop_flip",
-                             "--num-workers", "2", "--storage-path", str(runs), "--name", "photos"],
+                             "--num-workers", "2", "--epochs", "10", "--storage-path", str(runs), "--name", "photos"],
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root, runs / "photos", result.stdout + result.stderr
@@ -376,40 +376,6 @@ def test_streamed_shards_hold_this_ranks_files_in_equal_steps_and_validation_cou
         shard = out[f"awkward train {rank}"]
         assert shard["bad"] == (["train/digit_3/corrupt.jpg"] if corrupt in shard["files"] else []), rank
     assert any(corrupt in out[f"awkward train {rank}"]["files"] for rank in (0, 1))  # this draw keeps it
-
-
-def test_a_two_worker_run_streamed_through_ray_data_learns_as_the_memory_path_does(ray_cluster, split_folder,
-                                                                                    tmp_path):
-    root, _ = split_folder
-    # Half a CPU per worker leaves the session cluster's other CPU to Ray Data's decoding tasks.
-    result = subprocess.run([sys.executable, "-m", "raydist.train", "--address", ray_cluster, "--dataset", "folder",
-                             "--data-dir", str(root), "--data-loader", "stream", "--input-size", "32",
-                             "--augment", "crop_flip", "--num-workers", "2", "--cpus-per-worker", "0.5",
-                             "--epochs", "10", "--storage-path", str(tmp_path), "--name", "streamed"],
-                            capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    from raydist.engine import FINAL_MODEL_FILE, load_checkpoint_file
-
-    final = load_checkpoint_file(str(tmp_path / "streamed" / FINAL_MODEL_FILE))
-    assert final["metrics"]["val_acc"] >= 0.90  # the bar the memory path and --dataset digits meet
-    assert re.search(r"data: streaming \d+ training and \d+ validation images through Ray Data", output)
-    assert re.search(r"data: rank 0: the first epoch's train images were decoded by Ray Data on 1 node\(s\)", output)
-
-
-def test_a_study_streaming_a_folder_leaves_a_cpu_share_to_ray_data(split_folder, tmp_path):
-    from raydist.search_space import load_study
-    from raydist.tune import plan_concurrency
-
-    root, _ = split_folder
-    path = tmp_path / "study.yaml"
-    path.write_text("num_samples: 4\nfixed: {dataset: folder, num_workers: 1, input_size: 32, epochs: 2}\n"
-                    "searched: {lr: {loguniform: [0.1, 1.0]}, batch_size: {choice: [32, 64]}}\n")
-    args = dict(free_cpus=2, free_gpus=0, total_cpus=2, total_gpus=0, requested=None, where="this machine")
-    held = load_study(str(path), {"data_dir": str(root), "data_loader": "memory"})
-    streamed = load_study(str(path), {"data_dir": str(root), "data_loader": "stream"})
-    assert plan_concurrency(held, **args) == 2
-    assert plan_concurrency(streamed, **args) == 1  # 1.5 CPUs for trials: one trial of 1 CPU at a time
 
 
 FOLDER_STUDY = """

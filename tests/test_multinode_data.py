@@ -97,6 +97,7 @@ def test_a_streamed_folder_is_decoded_on_both_nodes_and_the_run_learns(two_nodes
                          capture_output=True, text=True, timeout=900)
     out = ran.stdout + ran.stderr
     assert ran.returncode == 0, out[-4000:]
+    assert re.search(r"data: streaming \d+ training and \d+ validation images through Ray Data", out)
     # Every rank says where its first epoch was decoded: between them, on both worker nodes.
     lines = re.findall(r"data: rank (\d): the first epoch's train images were decoded by Ray Data on \d node\(s\) "
                        r"\(images per node: ([^)]*)\)", out)
@@ -104,4 +105,4 @@ def test_a_streamed_folder_is_decoded_on_both_nodes_and_the_run_learns(two_nodes
     decoded_on = {part.split()[0] for _, where in lines for part in where.split(", ")}
     assert decoded_on == {node[:8] for node in node_ids}, lines
     final_acc = float(ran.stdout.split("val acc ")[-1].split("%")[0]) / 100
-    assert final_acc >= 0.9
+    assert final_acc >= 0.9  # the bar of the same folder held in memory (tests/test_image_folder.py)
