@@ -273,20 +273,14 @@ def _load_folder(split: str, *, data_dir: str, val_fraction: float, input_size: 
                  **_) -> TensorSource:
     """The user's own images (raydist.image_folder), decoded once per node at the stored size of the
     input size (ImageNet's 256 for 224) and cached; ImageNet's statistics normalise them."""
-    from raydist.image_folder import default_max_bad, load_folder_split, scan_folder, stored_size
+    from raydist.image_folder import bad_image_limit, first_names, load_folder_split, scan_folder, stored_size
 
     index = scan_folder(data_dir, val_fraction=val_fraction)
-    total = sum(len(files) for files in index.splits.values())
-    images, labels, report = load_folder_split(
-        index, split, stored=stored_size(input_size or FOLDER_INPUT_SIZE),
-        max_bad=default_max_bad(total) if max_bad_images is None else max_bad_images)
+    images, labels, report = load_folder_split(index, split, stored=stored_size(input_size or FOLDER_INPUT_SIZE),
+                                               max_bad=bad_image_limit(index, max_bad_images))
     if log is not None:
         if split == "train" and index.ignored:
-            from raydist.image_folder import SHOWN_BAD_FILES
-
-            shown = ", ".join(index.ignored[:SHOWN_BAD_FILES]) + (", ..." if len(index.ignored) > SHOWN_BAD_FILES
-                                                                  else "")
-            log(f"ignored {len(index.ignored)} file(s) not named as images: {shown}")
+            log(f"ignored {len(index.ignored)} file(s) not named as images: {first_names(index.ignored)}")
         log(report.line(split))
     return TensorSource(images, labels)
 

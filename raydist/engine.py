@@ -738,30 +738,36 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
     return splits or load()
 
 
-def streams_folder(cfg: TrainConfig, *, workers_here: int) -> bool:
-    """Whether this node would stream the image folder (raydist.folder_stream) rather than hold it decoded:
-    asked for, or auto's choice when the copies of this node's workers would not fit in half its memory."""
+def folder_copy_bytes(cfg: TrainConfig) -> int:
+    """What one worker holds of cfg's image folder decoded, on the memory path."""
+    from raydist.data import folder_index
+    from raydist.image_folder import decoded_bytes, stored_size
+
+    return decoded_bytes(folder_index(cfg.data_dir, cfg.val_fraction), stored_size(input_side(cfg)))
+
+
+def streams_folder(cfg: TrainConfig, *, workers_here: int, memory_bytes: Optional[int] = None) -> bool:
+    """Whether a machine (of `memory_bytes`, default this one) streams the image folder (raydist.folder_stream)
+    rather than hold it decoded: asked for, or auto's choice when the copies of its `workers_here` workers
+    would not fit in half its memory. The one rule for the workers, the checks before Ray and a study's plan."""
     if cfg.data_loader != "auto":
         return cfg.data_loader == "stream"
-    from raydist.data import folder_index
-    from raydist.image_folder import decoded_bytes, fits_in_memory, stored_size
+    from raydist.image_folder import fits_in_memory
 
-    index = folder_index(cfg.data_dir, cfg.val_fraction)
-    return not fits_in_memory(decoded_bytes(index, stored_size(input_side(cfg))), workers_here)
+    return not fits_in_memory(folder_copy_bytes(cfg), workers_here, memory_bytes)
 
 
 def stream_splits(cfg: TrainConfig, *, device, log=None, rank: int = 0):
     """The image folder's train and val splits as Ray Data streams (raydist.folder_stream.StreamSource)."""
     from raydist.data import folder_index
     from raydist.folder_stream import StreamSource
-    from raydist.image_folder import default_max_bad, stored_size
+    from raydist.image_folder import bad_image_limit, stored_size
 
     if cfg.classes or cfg.train_fraction != 1.0 or cfg.train_per_class:
         raise DataUnavailable("--classes, --train-fraction and --train-per-class select images of a folder held in "
                               "memory; the streamed path reads the whole folder (use --data-loader memory)")
     index = folder_index(cfg.data_dir, cfg.val_fraction)
-    total = sum(len(files) for files in index.splits.values())
-    max_bad = default_max_bad(total) if cfg.max_bad_images is None else cfg.max_bad_images
+    max_bad = bad_image_limit(index, cfg.max_bad_images)
     if log is not None:
         log(f"streaming {len(index.splits['train'])} training and {len(index.splits['val'])} validation images "
             f"through Ray Data")

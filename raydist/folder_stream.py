@@ -8,7 +8,7 @@ The batches are the memory path's: the same seeded per-epoch permutation, the sa
 rank runs the same number of steps, the same unpadded exactly-once shards for evaluation
 (raydist.data.shard_indices). What changes is where the pixels come from: each call builds a Ray Data
 pipeline over this rank's files of the epoch (`ray.data.from_items` of their paths), whose map tasks read
-and decode them (raydist.image_folder.decode_image) on any node of the cluster with a free CPU, and the
+and decode them (raydist.image_folder.decode_files) on any node of the cluster with a free CPU, and the
 rank iterates the decoded uint8 batches with prefetching and a local shuffle buffer. Memory per node is
 bounded by Ray Data's streaming window, not by the folder's size; augmentation stays batched on the
 device, as for every data set.
@@ -16,8 +16,8 @@ device, as for every data set.
 Why a pipeline per rank and epoch rather than Ray Train's `datasets=` with `get_dataset_shard`: Ray Train
 splits a dataset across workers with `streaming_split(equal=True)`, which drops the remainder rows, so
 validation would not count every image exactly once; and its order could not follow the run's seed per
-epoch across a resume. Building the rank's own list keeps both exact and costs a pipeline start (about a
-second) per epoch.
+epoch across a resume. Building the rank's own list keeps both exact and costs two pipeline starts (training
+and validation) per rank and epoch: about 4 s of an epoch on the 2-core test cluster (docs/benchmarks.md).
 
 A file that cannot be decoded leaves a hole in its batch: the batch is topped up with images of the rank's
 previous batch (in training; evaluation just counts one image fewer), so every rank still runs the same

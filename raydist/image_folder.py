@@ -68,6 +68,10 @@ class FolderIndex:
     split_folders: bool  # True: train/ and val/ on disk; False: val held out of the class folders
     ignored: list[str] = field(default_factory=list)  # files not named as images (.DS_Store, ...)
 
+    def total(self) -> int:
+        """Image files of both splits."""
+        return sum(len(files) for files in self.splits.values())
+
     def counts(self, split: str) -> list[int]:
         counts = [0] * len(self.classes)
         for f in self.splits[split]:
@@ -279,8 +283,7 @@ class DecodeReport:
         text = f"{split}: {self.decoded} images" + (" (from the cache)" if self.from_cache else
                                                     f" decoded in {self.seconds:.1f} s")
         if self.bad:
-            shown = ", ".join(self.bad[:SHOWN_BAD_FILES]) + (", ..." if len(self.bad) > SHOWN_BAD_FILES else "")
-            text += f"; skipped {len(self.bad)} unreadable image file(s): {shown}"
+            text += f"; skipped {len(self.bad)} unreadable image file(s): {first_names(self.bad)}"
         return text
 
 
@@ -360,7 +363,7 @@ def _write_cache(path: str, content: dict) -> None:
 
 def decoded_bytes(index: FolderIndex, stored: int) -> int:
     """What one worker holds of the folder decoded (both splits, uint8 3 x S x S)."""
-    return sum(len(files) for files in index.splits.values()) * 3 * stored * stored
+    return index.total() * 3 * stored * stored
 
 
 def host_memory_bytes() -> int:
@@ -373,6 +376,11 @@ def fits_in_memory(per_worker: int, workers: int, memory_bytes: Optional[int] = 
     return per_worker * workers <= (host_memory_bytes() if memory_bytes is None else memory_bytes) / 2
 
 
-def default_max_bad(total_images: int) -> int:
-    """--max-bad-images unset: 0.1% of the set's image files, rounded down."""
-    return total_images // 1000
+def bad_image_limit(index: FolderIndex, max_bad_images: Optional[int]) -> int:
+    """--max-bad-images, or unset: 0.1% of the folder's image files, rounded down."""
+    return index.total() // 1000 if max_bad_images is None else max_bad_images
+
+
+def first_names(names: list[str]) -> str:
+    """The first SHOWN_BAD_FILES names for the run log, with "..." when there are more."""
+    return ", ".join(names[:SHOWN_BAD_FILES]) + (", ..." if len(names) > SHOWN_BAD_FILES else "")

@@ -105,24 +105,20 @@ def check_folder_fits(cfg: TrainConfig, memory_bytes: Optional[int] = None, clus
     memory, and the streamed path (asked for, or auto's choice) needs CPUs the workers leave free for Ray
     Data's decoding."""
     from raydist.data import folder_index
-    from raydist.engine import input_side
+    from raydist.engine import folder_copy_bytes, input_side, streams_folder
     from raydist.folder_stream import DECODE_CPUS
-    from raydist.image_folder import decoded_bytes, fits_in_memory, host_memory_bytes, stored_size
+    from raydist.image_folder import fits_in_memory, host_memory_bytes, stored_size
 
-    index = folder_index(cfg.data_dir, cfg.val_fraction)
-    side = stored_size(input_side(cfg))
-    per_worker = decoded_bytes(index, side)
     memory_bytes = host_memory_bytes() if memory_bytes is None else memory_bytes
-    fits = fits_in_memory(per_worker, cfg.num_workers, memory_bytes)
-    if cfg.data_loader == "memory" and not fits:
-        images = sum(len(files) for files in index.splits.values())
+    per_worker = folder_copy_bytes(cfg)
+    if cfg.data_loader == "memory" and not fits_in_memory(per_worker, cfg.num_workers, memory_bytes):
+        images, side = folder_index(cfg.data_dir, cfg.val_fraction).total(), stored_size(input_side(cfg))
         raise ConfigError(f"--data-dir {cfg.data_dir}: {images} images stored at {side}x{side} pixels take "
                           f"{per_worker / 2**30:.1f} GiB in each of the {cfg.num_workers} workers, more than half of "
                           f"this machine's {memory_bytes / 2**30:.1f} GiB; use --data-loader stream (or auto), a "
                           f"smaller --input-size, or fewer workers per machine")
-    streamed = cfg.data_loader == "stream" or (cfg.data_loader == "auto" and not fits)
     cpus = float(os.cpu_count() or 1) if cluster_cpus is None else cluster_cpus
-    if streamed and cpus - cfg.num_workers * cfg.cpus_per_worker < DECODE_CPUS:
+    if streams_folder(cfg, workers_here=cfg.num_workers, memory_bytes=memory_bytes) and cpus - cfg.num_workers * cfg.cpus_per_worker < DECODE_CPUS:
         raise ConfigError(f"--data-loader {cfg.data_loader}: the streamed path decodes images on CPUs the workers "
                           f"leave free, but {cfg.num_workers} workers x --cpus-per-worker {cfg.cpus_per_worker:g} take "
                           f"all {cpus:g} CPUs of this machine; use a smaller --cpus-per-worker or fewer workers")

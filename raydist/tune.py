@@ -286,18 +286,14 @@ def plan_concurrency(study: Study, *, free_cpus: float, free_gpus: float, total_
 def streams_a_folder(study: Study) -> bool:
     """The study trains on an image folder through the streamed path (asked for, or auto's choice for the
     largest input size searched, judged on this machine)."""
-    fixed = study.fixed
-    if fixed.get("dataset") != "folder" or fixed.get("data_loader") == "memory":
+    if study.fixed.get("dataset") != "folder":
         return False
-    if fixed.get("data_loader") == "stream":
-        return True
-    from raydist.data import folder_index
-    from raydist.image_folder import decoded_bytes, fits_in_memory, stored_size
+    from raydist.engine import streams_folder
 
-    sizes = study.searched["input_size"].extremes() if "input_size" in study.searched else [fixed.get("input_size")]
-    side = stored_size(max(size or 224 for size in sizes))
-    index = folder_index(fixed.get("data_dir", TrainConfig.data_dir), fixed.get("val_fraction"))
-    return not fits_in_memory(decoded_bytes(index, side), 1)
+    largest = dict(study.fixed)
+    if "input_size" in study.searched:
+        largest["input_size"] = max(study.searched["input_size"].extremes())
+    return streams_folder(TrainConfig(**largest), workers_here=1)
 
 
 # ---- one trial: a Tune function that is a Train driver ------------------------------------------------
