@@ -126,7 +126,24 @@ class TrainConfig:
     patience: int = _field("schedule", 1, "consecutive epochs at or above --target-accuracy before stopping")
 
     # ---- scaling ----------------------------------------------------------------------------
-    num_workers: int = _field("scaling", 2, "DDP workers (processes), one per GPU when training on GPUs")
+    num_workers: int = _field("scaling", 2, "DDP workers (processes), one per GPU when training on GPUs; a range "
+                              "MIN-MAX (e.g. 2-8) trains elastically: it starts once MIN fit, grows as nodes join "
+                              "and goes on with fewer when nodes go (spot instances)")
+    min_workers: Optional[int] = _field("scaling", None, "elastic: the fewest workers to train on (set by "
+                                        "--num-workers MIN-MAX; unset: a fixed group of --num-workers)")
+    elastic_batch: str = _field("scaling", "global", "elastic: global keeps the images per optimizer step (and so the "
+                                "LR schedule and results) whatever the worker count, recomputing each worker's "
+                                "batch and accumulation at every resize; per_worker keeps --batch-size per worker "
+                                "and scales the LR to the new global batch", ("global", "per_worker"))
+    global_batch: Optional[int] = _field("scaling", None, "elastic, --elastic-batch global: images per optimizer "
+                                         "step (default: --batch-size x --grad-accum x the most workers)")
+    resize_check_s: float = _field("scaling", 30.0, "elastic: seconds between Ray Train's looks for room to add "
+                                   "workers")
+    preemption_check_every: int = _field("scaling", 0, "elastic: optimizer steps between checks for a spot "
+                                         "reclaim notice (a barrier on every rank); 0: chosen so the checks cost "
+                                         "under 1%% of the training time")
+    max_preemptions: int = _field("scaling", -1, "restarts after a node is reclaimed with notice (spot), a budget "
+                                  "of their own beside --max-failures; -1: unlimited")
     use_gpu: Optional[bool] = _field("scaling", None, "train on GPUs (default: when the cluster has GPUs)")
     cpus_per_worker: float = _field("scaling", 1.0, "CPU cores reserved per worker (sizes its thread pool)")
     gpus_per_worker: float = _field("scaling", 1.0, "GPUs per worker when --use-gpu")
@@ -172,6 +189,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not value >= 0 or not math.isfinite(value):
                 raise ConfigError(f"{_flag(name)} must be zero or more, got {value!r}")
+        self._validate_elastic()
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"--momentum must be in [0, 1) (SGD momentum; AdamW's beta1), got {self.momentum!r}")
         if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
@@ -198,7 +216,10 @@ class TrainConfig:
         items = train_size(self.dataset, val_fraction=self.val_fraction, fake_train_size=self.fake_train_size,
                            classes=self.class_list(), train_fraction=self.train_fraction,
                            train_per_class=self.train_per_class, data_dir=self.data_dir)
-        if self.num_workers * self.batch_size > items:
+        if self.is_elastic() and self.global_batch_at(self.num_workers) > items:
+            raise ConfigError(f"a global batch of {self.global_batch_at(self.num_workers)} images per step is more than "
+                              f"the {items} training images of {self.dataset}; give --global-batch {items} or less")
+        if not self.is_elastic() and self.num_workers * self.batch_size > items:
             # Each rank must hold a full batch: a smaller one would train with a batch (and so an LR scale)
             # other than the one asked for, and ranks could end up with unequal step counts (DDP hangs).
             raise ConfigError(f"--batch-size {self.batch_size} x --num-workers {self.num_workers} = "
@@ -233,6 +254,52 @@ class TrainConfig:
             raise ConfigError(f"--lr-step-gamma must be in (0, 1] (the LR factor at each step drop), "
                               f"got {self.lr_step_gamma!r}")
         return self
+
+    def _validate_elastic(self) -> None:
+        """--num-workers MIN-MAX and the settings that only an elastic run reads."""
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ConfigError(f"--num-workers {self.min_workers}-{self.num_workers}: {WORKER_RANGE_RULE}")
+        if not self.is_elastic():
+            if self.global_batch is not None or self.elastic_batch != "global":
+                what = "--global-batch" if self.global_batch is not None else f"--elastic-batch {self.elastic_batch}"
+                raise ConfigError(f"{what} applies to an elastic run only (--num-workers MIN-MAX, e.g. 2-8); this "
+                                  f"one has a fixed {self.num_workers} worker(s)")
+            return
+        if self.global_batch is not None:
+            if self.elastic_batch == "per_worker":
+                raise ConfigError(f"--global-batch {self.global_batch} fixes the global batch, which --elastic-batch "
+                                  f"per_worker lets grow and shrink with the workers; give one of the two")
+            if self.global_batch < self.num_workers:
+                raise ConfigError(f"--global-batch {self.global_batch} leaves some of the {self.num_workers} workers "
+                                  f"without an image each step; give at least {self.num_workers}")
+        if not self.resize_check_s > 0 or not math.isfinite(self.resize_check_s):
+            raise ConfigError(f"--resize-check-s must be positive, got {self.resize_check_s!r}")
+        if self.preemption_check_every < 0:
+            raise ConfigError(f"--preemption-check-every must be 0 (automatic) or more steps, got "
+                              f"{self.preemption_check_every}")
+        if self.max_preemptions < -1:
+            raise ConfigError(f"--max-preemptions must be -1 (unlimited) or zero or more, got {self.max_preemptions}")
+        if self.dataset == "folder" and self.data_loader == "stream":
+            raise ConfigError(f"--num-workers {self.workers_text()}: an elastic run holds its image folder in memory; "
+                              f"--data-loader stream is for fixed worker counts (give one number, or "
+                              f"--data-loader memory)")
+
+    def is_elastic(self) -> bool:
+        """Trains on between min_workers and num_workers workers, resizing as nodes come and go."""
+        return self.min_workers is not None
+
+    def workers_text(self) -> str:
+        return f"{self.min_workers}-{self.num_workers}" if self.is_elastic() else str(self.num_workers)
+
+    def fewest_workers(self) -> int:
+        """The workers the run needs to start (and to go on)."""
+        return self.min_workers if self.is_elastic() else self.num_workers
+
+    def global_batch_at(self, world: int) -> int:
+        """Images per optimizer step on `world` workers."""
+        if self.is_elastic() and self.elastic_batch == "global":
+            return self.global_batch or self.batch_size * self.grad_accum * self.num_workers
+        return self.batch_size * self.grad_accum * world
 
     def _validate_folder(self) -> None:
         """--dataset folder: --data-dir must be a folder of class folders (listed here, before any cluster)."""
@@ -357,6 +424,9 @@ def _base_type(name: str) -> tuple[type, bool]:
 
 def _coerce(name: str, value: Any, source: str) -> Any:
     kind, optional = _base_type(name)
+    if name == "num_workers" and is_worker_range(value):  # _coerce_all splits a range before it gets here
+        raise ConfigError(f"{source}: num_workers {value!r}: a worker range trains one run elastically "
+                          f"(python -m raydist.train); here give one number")
     if value is None:
         if optional:
             return None
@@ -394,7 +464,25 @@ def _coerce_all(values: dict, source: str) -> dict:
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(_FIELDS)}")
-    return {k: _coerce(k, v, source) for k, v in values.items()}
+    return {k: _coerce(k, v, source) for k, v in split_worker_range(values, f"{source}: num_workers").items()}
+
+
+WORKER_RANGE_RULE = "give a number of workers, or a range MIN-MAX of whole numbers with 1 <= MIN <= MAX (e.g. 2-8)"
+
+
+def is_worker_range(value: Any) -> bool:
+    return isinstance(value, str) and "-" in value.strip()[1:]
+
+
+def split_worker_range(values: dict, what: str) -> dict:
+    """`num_workers: "2-8"` -> num_workers 8, min_workers 2 (an elastic run); other values unchanged."""
+    value = values.get("num_workers")
+    if not is_worker_range(value):
+        return values
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise ConfigError(f"{what} {value!r}: {WORKER_RANGE_RULE}")
+    return {**values, "num_workers": int(match.group(2)), "min_workers": int(match.group(1))}
 
 
 def check_folder_name(name: Any, what: str) -> str:
@@ -522,13 +610,16 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         else:
             # Registry names are checked in validate() so the error lists them in one line.
             group.add_argument(_flag(f.name), dest=f.name, type=_cli_type(f.name, kind), help=help_text,
-                               metavar=kind.__name__.upper() if not f.metadata["choices"] else None,
+                               metavar=("N|MIN-MAX" if f.name == "num_workers" else kind.__name__.upper())
+                               if not f.metadata["choices"] else None,
                                choices=f.metadata["choices"])
     return parser
 
 
 def _cli_type(name: str, kind: type):
     def convert(text: str):
+        if name == "num_workers" and is_worker_range(text):
+            return text  # a range: split_worker_range reads it (and names a bad one) in resolve()
         try:
             return kind(text)
         except ValueError:
@@ -550,9 +641,12 @@ def resolve(explicit: dict, config_files=None, base: Optional[dict] = None) -> T
         from_file = load_yaml(path)
         values.update(from_file)
         origin.update(dict.fromkeys(from_file, path))
-    values.update(explicit)
+    if "num_workers" in explicit and "min_workers" not in explicit:
+        values.pop("min_workers", None)  # --num-workers N is a fixed group, whatever a file or a resumed run said
+    values.update(split_worker_range(explicit, "--num-workers"))
     for name in explicit:
         origin.pop(name, None)
+    values = split_worker_range(values, "num_workers")  # a range from a --config file
     try:
         return TrainConfig(**values).validate()
     except ConfigError as exc:

@@ -29,6 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raydist.augment import Augmenter
 from raydist.config import TrainConfig
+from raydist.elastic import (FIRST_CHECK_AFTER, Step, batch_layout, check_every, epoch_order, epoch_steps,
+                             steps_in_epoch)
 from raydist.run_folder import CHECKPOINT_PREFIX
 from raydist.data import DATASETS, DatasetNotFound, download_lock, load_splits, shard_indices, steps_per_epoch
 from raydist.models.transfer import (Unit, WeightsError, build_model, freeze_norms, pretrained_source,
@@ -54,6 +56,9 @@ class WorkerContext:
     node_id: str = "local"  # the machine this rank runs on: the data is checked once per node
     epoch_lines: bool = True  # rank 0 prints a line per epoch (a study's driver prints its own instead)
     progress_every_s: float = 0.0  # rank 0's progress line inside a long epoch this often (0: never)
+    # an elastic run's spot-notice check, a barrier every rank calls equally often: None, or
+    # {"nodes": [(node id, address)], "ranks": [...], "deadline_unix": float or None}
+    preemption_info: Optional[Callable[[], Optional[dict]]] = None
 
 
 class WorkerInputError(Exception):
@@ -106,14 +111,17 @@ class Schedule:
         self.apply(optimizer)
 
 
-def seed_epoch(seed: int, epoch: int, rank: int, augment: "Augmenter") -> None:
+def seed_epoch(seed: int, epoch: int, rank: int, augment: "Augmenter", position: int = 0) -> None:
     """Seed every random stream of this rank (augmentation, dropout, CPU and CUDA) from (seed, epoch, rank).
 
     An epoch's randomness then depends on nothing that happened before it, so a run resumed from a
-    checkpoint (always at an epoch end) draws exactly what the uninterrupted run drew, with no generator
-    state to save, and after a restart on another worker count each rank still gets its own stream.
+    checkpoint at an epoch end draws exactly what the uninterrupted run drew, with no generator state to
+    save, and after a restart on another worker count each rank still gets its own stream. A resume inside
+    an epoch (`position` images in) draws a stream of its own for the rest of it.
     """
     stream = ((seed * 1_000_003 + epoch) * 1_009 + rank) % 2**63  # torch takes a 64-bit seed
+    if position:
+        stream = (stream * 1_000_033 + position) % 2**63
     torch.manual_seed(stream)  # also seeds every CUDA device
     augment.gen.manual_seed(stream)
 
@@ -190,14 +198,16 @@ def divergence(metrics: dict, *, first_train_loss: Optional[float], num_classes:
     training loss grown far beyond where it started (it can explode to 1e17 and stay finite). Validation
     loss is only checked for being finite: early in training it legitimately jumps far above the
     training loss while BatchNorm statistics settle."""
-    for key in ("train_loss", "val_loss"):
-        if not math.isfinite(metrics[key]):
-            return f"the {key.replace('_', ' ')} is {metrics[key]}"
+    if not math.isfinite(metrics["train_loss"]):
+        return f"the train loss is {metrics['train_loss']}"
     # Chance level, ln(classes), bounds the reference from below: a first epoch that already exploded counts.
+    # The training loss is the cause, so it is named first: an exploded model's val loss is often inf too.
     reference = max(first_train_loss or 0.0, math.log(num_classes))
     if metrics["train_loss"] > DIVERGENCE_FACTOR * reference:
         return (f"the train loss {metrics['train_loss']:.3g} is over {DIVERGENCE_FACTOR}x its start "
                 f"({reference:.3g})")
+    if not math.isfinite(metrics["val_loss"]):
+        return f"the val loss is {metrics['val_loss']}"
     return ""
 
 
@@ -325,9 +335,17 @@ class TrainingState:
         self.stage: Optional[int] = None  # backbone units training now; set by enter_epoch
 
         # ---- optimizer and schedule (linear scaling rule: LR given per 256 images)
-        steps = steps_per_epoch(len(train_set), batch_size=cfg.batch_size, world_size=world)
-        self.updates_per_epoch = math.ceil(steps / cfg.grad_accum)
-        peak_lr = cfg.lr * cfg.batch_size * world * cfg.grad_accum / 256
+        # An elastic run steps through each epoch in global batches (raydist.elastic), from `position`.
+        self.layout = batch_layout(cfg, world)
+        self.elastic = cfg.is_elastic()
+        self.position = 0  # images of the current epoch already trained on (a mid-epoch checkpoint's)
+        self.carried: Optional[list] = None  # that part of the epoch's train sums: loss, correct, count, lr, updates
+        if self.elastic:
+            self.updates_per_epoch = steps_in_epoch(len(train_set), self.layout.global_batch)
+        else:
+            steps = steps_per_epoch(len(train_set), batch_size=cfg.batch_size, world_size=world)
+            self.updates_per_epoch = math.ceil(steps / cfg.grad_accum)
+        peak_lr = cfg.lr * self.layout.global_batch / 256
         self.optimizer = self._build_optimizer(peak_lr)
         warmup = round(cfg.warmup_epochs * self.updates_per_epoch)
         total = (cfg.schedule_epochs or cfg.epochs) * self.updates_per_epoch  # a study under ASHA spans its budget
@@ -395,10 +413,14 @@ class TrainingState:
                 group["momentum"], group["nesterov"] = cfg.momentum, cfg.nesterov and cfg.momentum > 0
 
     def _place_schedule(self) -> None:
-        # Checkpoints fall on epoch ends, so the point of training reached is `epoch` epochs of images: the
-        # schedule continues there in this run's own updates, whatever batch size or worker count it has.
-        self.schedule.update = self.epoch * self.updates_per_epoch
+        # The point of training reached is `epoch` epochs plus `position` images of the next: the schedule
+        # continues there in this run's own updates, whatever batch size or worker count it has.
+        self.schedule.update = self.epoch * self.updates_per_epoch + math.ceil(
+            self.position / self.layout.global_batch)
         self.schedule.apply(self.optimizer)  # then each update's step() sets the next one's LR
+
+    def images_seen(self) -> int:
+        return self.epoch * len(self.train_set) + self.position
 
     def enter_epoch(self, epoch: int) -> Optional[str]:
         """Freeze or unfreeze for `epoch` (0-based); when the trainable set changes, wrap the model in DDP
@@ -445,9 +467,24 @@ class TrainingState:
 
     # ---- the epoch
 
-    def train_epoch(self, progress_every_s: float = 0.0) -> EpochSums:
-        """One pass over this rank's shard of the training set, at epoch `self.epoch`; a progress line every
-        `progress_every_s` seconds once the epoch has run 5 s (0: none)."""
+    def epoch_plan(self) -> list[Step]:
+        """This rank's optimizer steps for the rest of epoch `self.epoch`. A fixed group walks its shard in
+        per-worker batches (shard_indices); an elastic one, or any run resumed mid-epoch, walks the epoch's
+        order in global batches from `position` (raydist.elastic)."""
+        cfg = self.cfg
+        if self.elastic or self.position:
+            order = epoch_order(len(self.train_set), seed=cfg.seed, epoch=self.epoch, device=self.device)
+            return list(epoch_steps(order, start=self.position, layout=self.layout, rank=self.rank))
+        batches = list(shard_indices(len(self.train_set), batch_size=cfg.batch_size, rank=self.rank,
+                                     world_size=self.world, epoch=self.epoch, seed=cfg.seed, device=self.device))
+        groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
+        return [Step(end=0, images=0, micro_batches=group, weights=[1 / len(group)] * len(group)) for group in groups]
+
+    def train_epoch(self, progress_every_s: float = 0.0,
+                    after_step: Optional[Callable[["Step", "EpochSums"], None]] = None) -> EpochSums:
+        """The rest of this rank's share of epoch `self.epoch`; a progress line every `progress_every_s`
+        seconds once the epoch has run 5 s (0: none). `after_step(step, sums)` runs after every optimizer
+        step of an elastic run, with `position` already at the step's end (spot notices, mid-epoch checkpoints)."""
         from raydist.console import EpochProgress
 
         cfg, device, model = self.cfg, self.device, self.model
@@ -455,26 +492,35 @@ class TrainingState:
         model.train()
         freeze_norms(self.units, self.stage)  # frozen units keep their pretrained BatchNorm statistics
         sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
-        batches = list(shard_indices(len(self.train_set), batch_size=cfg.batch_size, rank=self.rank,
-                                     world_size=self.world, epoch=self.epoch, seed=cfg.seed, device=device))
-        progress = EpochProgress(epoch=self.epoch + 1, epochs=cfg.epochs, steps=len(batches),
-                                 images_per_step=cfg.batch_size * self.world, every_s=progress_every_s)
-        pairs = data_batches(self.train_set, batches, train=True, shuffle_seed=cfg.seed * 100_003 + self.epoch)
-        for i, (images, labels) in enumerate(pairs):
-            progress.step(i)  # a clock read; nothing on the device
+        plan = self.epoch_plan()
+        micro = [(i, j) for i, step in enumerate(plan) for j in range(len(step.micro_batches))]
+        progress = EpochProgress(epoch=self.epoch + 1, epochs=cfg.epochs, steps=len(micro),
+                                 images_per_step=self.layout.global_batch / self.layout.accumulation,
+                                 every_s=progress_every_s)
+        pairs = data_batches(self.train_set, [b for step in plan for b in step.micro_batches], train=True,
+                             shuffle_seed=cfg.seed * 100_003 + self.epoch)
+        trace = image_trace(self)
+        for k, ((i, j), (images, labels)) in enumerate(zip(micro, pairs)):
+            progress.step(k)  # a clock read; nothing on the device
+            step = plan[i]
             x = self.augment(images, train=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            group_start = i - i % cfg.grad_accum
-            group_size = min(cfg.grad_accum, len(batches) - group_start)
-            update_now = i + 1 == group_start + group_size
+            update_now = j + 1 == len(step.micro_batches)
             # Accumulating steps skip DDP's allreduce (Horovod's batches-per-allreduce).
             no_sync = model.no_sync() if (isinstance(model, DDP) and not update_now) else contextlib.nullcontext()
             with no_sync:
                 with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     logits = model(x)
                     loss = self.criterion(logits, labels)
-                self.scaler.scale(loss / group_size).backward()
+                self.scaler.scale(loss * step.weights[j]).backward()
+            if step.weights[j]:  # a weight-0 image (a rank with none in a short last step) is not counted
+                # Accumulate on the device: no host sync per step.
+                sums.loss += loss.detach().double() * len(labels)
+                sums.correct += (logits.detach().argmax(1) == labels).sum()
+                sums.count += len(labels)
+                if trace:
+                    trace.write(self, step, step.micro_batches[j])
             if update_now:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -482,12 +528,13 @@ class TrainingState:
                 sums.lr_sum += self.optimizer.param_groups[0]["lr"]
                 sums.updates += 1
                 self.schedule.step(self.optimizer)
-            # Accumulate on the device: no host sync per step.
-            sums.loss += loss.detach().double() * len(labels)
-            sums.correct += (logits.detach().argmax(1) == labels).sum()
-            sums.count += len(labels)
+                if self.elastic or self.position:
+                    self.position = step.end
+                    if after_step is not None:
+                        after_step(step, sums)
             if self.first_step_unix is None:
                 self.first_step_unix = time.time()
+        self.position = 0
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         sums.seconds = time.perf_counter() - t0
@@ -506,12 +553,17 @@ class TrainingState:
 
     # ---- saving and resuming
 
-    def state_dict(self, metrics: Optional[dict] = None) -> dict:
-        """Everything a resumed run needs (the checkpoint file's content)."""
+    def state_dict(self, metrics: Optional[dict] = None, epoch_sums: Optional[list] = None) -> dict:
+        """Everything a resumed run needs (the checkpoint file's content). `epoch_sums`: inside an epoch, its
+        train sums so far over all ranks (loss, correct, count, LR sum, updates)."""
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "early_stop_hits": self.early_stop.hits,
                 "stage": self.stage, "first_train_loss": self.first_train_loss, "config": self.cfg.to_dict(),
-                "class_names": self.cfg.class_names(),
+                "class_names": self.cfg.class_names(), "world_size": self.world,
+                # inside an epoch (a spot notice's checkpoint): the images of epoch `epoch` already trained on,
+                # the epoch's train sums so far (all ranks'), and how many images an epoch has
+                "position": self.position, "epoch_sums": epoch_sums if self.position else None,
+                "epoch_images": len(self.train_set),
                 "metrics": metrics}
 
     def load_state_dict(self, state: dict) -> None:
@@ -529,6 +581,12 @@ class TrainingState:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.early_stop.hits = state["epoch"], state.get("early_stop_hits", 0)
         self.first_train_loss = state.get("first_train_loss")
+        self.position = int(state.get("position") or 0)
+        if self.position and state.get("epoch_images") != len(self.train_set):
+            raise WorkerInputError(f"the checkpoint stopped inside epoch {self.epoch + 1} of a training set of "
+                                   f"{state.get('epoch_images')} images; this run's has {len(self.train_set)}: "
+                                   f"resume it on the same data")
+        self.carried = state.get("epoch_sums") if self.position else None
         self._place_schedule()
 
 
@@ -599,28 +657,49 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
     history: list[dict] = []
     checkpoint_hinted = False  # the checkpoint-cost hint is said once
+    spot = SpotWatch(cfg, ctx, state) if state.elastic else None
+    if spot and rank == 0 and ctx.epoch_lines:
+        print(resize_line(ctx.resume_state, state), flush=True)
     for epoch in range(state.epoch, cfg.epochs):
         t0 = time.perf_counter()
         change = state.enter_epoch(epoch)
         if change and rank == 0 and ctx.epoch_lines:
             print(change, flush=True)
-        seed_epoch(cfg.seed, epoch, rank, state.augment)
-        train = state.train_epoch(progress_every_s=ctx.progress_every_s if rank == 0 else 0.0)
-        val = state.evaluate()
-        totals = torch.stack([train.loss, train.correct, train.count, val.loss, val.correct, val.count,
-                              torch.tensor(train.seconds, device=device, dtype=torch.float64)]).double()
-        if world > 1:
-            dist.all_reduce(totals)
+        seed_epoch(cfg.seed, epoch, rank, state.augment, position=state.position)
+        state._place_schedule()  # the same place as after the last epoch, unless a resume moved it
+        try:
+            train = state.train_epoch(progress_every_s=ctx.progress_every_s if rank == 0 else 0.0,
+                                      after_step=spot.after_step if spot else None)
+            if spot:
+                spot.at_epoch_end(train)  # a notice that came late in the epoch: its checkpoint is this epoch's
+            val = state.evaluate()
+            totals = torch.stack([train.loss, train.correct, train.count, val.loss, val.correct, val.count,
+                                  torch.tensor(train.seconds, device=device, dtype=torch.float64)]).double()
+            if world > 1:
+                dist.all_reduce(totals)
+        except RuntimeError as exc:
+            if spot and spot.notice and world > 1 and not is_out_of_memory(exc):
+                spot.wait_for_restart(exc)  # the reclaimed node's workers are gone: Ray Train restarts the group
+            raise
         t_loss, t_correct, t_count, v_loss, v_correct, v_count, time_sum = totals.tolist()
+        images_per_s = t_count / (time_sum / world)  # global images over the mean rank's training time
+        lr_sum, updates = train.lr_sum, train.updates
+        if state.carried:  # the part of this epoch trained before a resize or a reclaim
+            c_loss, c_correct, c_count, c_lr, c_updates = state.carried
+            t_loss, t_correct, t_count = t_loss + c_loss, t_correct + c_correct, t_count + c_count
+            lr_sum, updates = lr_sum + c_lr, updates + c_updates
+        state.carried = None
         metrics = {
             "epoch": epoch + 1,
             "train_loss": t_loss / t_count, "train_acc": t_correct / t_count,
             "val_loss": v_loss / v_count, "val_acc": v_correct / v_count,
-            "lr": train.lr_sum / max(train.updates, 1),  # the mean LR of this epoch's updates (the head's)
+            "lr": lr_sum / max(updates, 1),  # the mean LR of this epoch's updates (the head's)
             "epoch_time_s": time.perf_counter() - t0,
-            "images_per_s": t_count / (time_sum / world),  # global images over the mean rank's training time
+            "images_per_s": images_per_s,
             "first_step_unix": state.first_step_unix or float("nan"),
             "world_size": world,
+            "global_batch": state.layout.global_batch,
+            "images_seen": (epoch + 1) * len(state.train_set),
             "trainable_params": state.trainable_params(),
             "stop_reason": "",
             "divergence": "",  # why the run diverged, when it did
@@ -635,7 +714,8 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
         elif state.early_stop.update(metrics["val_acc"]):
             metrics["stop_reason"] = "target_accuracy"
         last = epoch + 1 == cfg.epochs or bool(metrics["stop_reason"])
-        save = last or (cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0)
+        save = last or (cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0) or bool(
+            spot and spot.notice)  # a node is being reclaimed: this epoch's checkpoint is the one to resume from
 
         if rank == 0:
             if ctx.epoch_lines:
@@ -799,10 +879,175 @@ def _report_with_checkpoint(ctx: WorkerContext, metrics: dict, state: Optional[d
     return seconds + (stored_s if isinstance(stored_s, (int, float)) else 0.0)
 
 
-def checkpoint_dir_name(epoch: int) -> str:
+def checkpoint_dir_name(epoch: int, position: int = 0) -> str:
     """The folder a checkpoint of `epoch` is stored in, inside the run folder (Ray Train's runs and a
-    one-worker trial's alike; raydist.run_folder finds them by this name)."""
-    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+    one-worker trial's alike; raydist.run_folder finds them by this name). One written inside the next
+    epoch, `position` images in (a spot notice's), sorts between that epoch's and the next's."""
+    return f"{CHECKPOINT_PREFIX}{epoch:04d}" + (f"_at_{position:07d}" if position else "")
+
+
+# ---- spot notices and resizes (elastic runs) -----------------------------------------------------------
+
+
+class SpotWatch:
+    """An elastic run's spot notices. Every rank asks (ctx.preemption_info, a barrier in Ray Train) every
+    K optimizer steps and at each epoch end. On a notice every rank writes a just-in-time checkpoint at that
+    step boundary, reports it, and trains on; while the notice lasts each later check writes a newer one, so
+    a reclaim repeats at most K steps. Ray Train then restarts the group without the reclaimed node, from
+    the latest checkpoint, on its own budget (FailureConfig.max_preemption_failures).
+
+    K (--preemption-check-every 0, the default) is chosen after timing FIRST_CHECK_AFTER steps and one check,
+    so that the checks cost under 1% of the training time; every rank agrees on the slowest rank's figures."""
+
+    def __init__(self, cfg: TrainConfig, ctx: WorkerContext, state: "TrainingState"):
+        self.cfg, self.ctx, self.state = cfg, ctx, state
+        self.every = cfg.preemption_check_every
+        self.steps = 0  # since the last check (or since timing started)
+        self.timing_from: Optional[float] = None
+        self.notice: Optional[dict] = None
+        self.checkpoints = 0  # just-in-time checkpoints written for the current notice
+        self.check_s: list[float] = []  # how long each check took (for the record)
+
+    def _check(self) -> Optional[dict]:
+        if self.ctx.preemption_info is None:
+            return None
+        t0 = time.perf_counter()
+        info = self.ctx.preemption_info()
+        self.check_s.append(time.perf_counter() - t0)
+        return info
+
+    def after_step(self, step: Step, sums: EpochSums) -> None:
+        if self.ctx.preemption_info is None:  # one process, no Ray: nothing reclaims it
+            return
+        if self.every == 0:  # automatic: time some steps and one check, then choose K
+            if self.timing_from is None:
+                self.timing_from, self.steps = time.perf_counter(), 0
+                return
+            self.steps += 1
+            if self.steps < FIRST_CHECK_AFTER:
+                return
+            step_s = (time.perf_counter() - self.timing_from) / self.steps
+            info = self._check()
+            self.every = self._agree(self.check_s[-1], step_s)
+            self.steps = 0
+            self._on(info, sums)
+            return
+        self.steps += 1
+        if self.steps >= self.every:
+            self.steps = 0
+            self._on(self._check(), sums)
+
+    def at_epoch_end(self, sums: EpochSums) -> None:
+        info = self._check()
+        if info is None:
+            self.notice, self.checkpoints = None, 0
+        elif self.notice is None:
+            self.notice = info  # the epoch's own checkpoint, written next, is the just-in-time one
+            self._say(info, f"checkpoint at the end of epoch {self.state.epoch + 1}")
+
+    def _agree(self, check_s: float, step_s: float) -> int:
+        every = check_every(check_s, step_s)
+        if self.state.world > 1:  # every rank must check at the same steps: the slowest rank's cadence
+            figures = torch.tensor([check_s, step_s], dtype=torch.float64, device=self.state.device)
+            dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+            check_s, step_s = figures.tolist()
+            every = check_every(check_s, step_s)
+        if self.state.rank == 0 and self.ctx.epoch_lines:
+            print(f"spot notices: checked every {every} step(s) (a check takes {check_s * 1000:.1f} ms, a step "
+                  f"{step_s * 1000:.1f} ms)", flush=True)
+        return every
+
+    def _on(self, info: Optional[dict], sums: EpochSums) -> None:
+        if info is None:
+            self.notice, self.checkpoints = None, 0
+            return
+        t0 = time.perf_counter()
+        state, ctx = self.state, self.ctx
+        totals = torch.stack([sums.loss, sums.correct, sums.count]).double()
+        if state.world > 1:
+            dist.all_reduce(totals)
+        loss, correct, count = totals.tolist()
+        lr_sum, updates = sums.lr_sum, sums.updates
+        if state.carried:
+            loss, correct, count = loss + state.carried[0], correct + state.carried[1], count + state.carried[2]
+            lr_sum, updates = lr_sum + state.carried[3], updates + state.carried[4]
+        nan = float("nan")
+        metrics = {"epoch": state.epoch, "position": state.position, "images_seen": state.images_seen(),
+                   "partial_epoch": True, "world_size": state.world, "global_batch": state.layout.global_batch,
+                   "train_loss": loss / max(count, 1), "train_acc": correct / max(count, 1),
+                   "val_loss": nan, "val_acc": nan, "lr": lr_sum / max(updates, 1), "stop_reason": "",
+                   self.cfg.keep_by: nan}  # never ranked above an epoch's checkpoint; kept while the latest
+        checkpoint = state.state_dict(metrics, epoch_sums=[loss, correct, count, lr_sum, updates]) \
+            if state.rank == 0 else None
+        _report_with_checkpoint(ctx, metrics, checkpoint)
+        self.checkpoints += 1
+        if self.notice is None:
+            self.notice = info
+            steps = math.ceil(state.position / state.layout.global_batch)
+            self._say(info, f"checkpoint at epoch {state.epoch + 1}, step {steps}/{state.updates_per_epoch} "
+                            f"written in {time.perf_counter() - t0:.1f} s")
+
+    def wait_for_restart(self, exc: BaseException) -> None:
+        """After a notice, a collective that fails (the reclaimed node's workers went, and gloo or NCCL says
+        so) is the reclaim, not a fault: raising it would make Ray Train count a failure against
+        --max-failures. This rank waits instead, while Ray Train sees the reclaimed workers die and, at the
+        notice's deadline, restarts the group from the latest checkpoint on its preemption budget."""
+        if self.state.rank == 0 or self.state.rank in self.notice.get("ranks", []):
+            print(f"rank {self.state.rank}: the group lost contact after the spot notice "
+                  f"({str(exc).splitlines()[0][:120]}); waiting for Ray Train to restart it", flush=True)
+        deadline = self.notice.get("deadline_unix") or time.time() + 120
+        while time.time() < deadline + 300:  # Ray Train tears the group down at the deadline
+            time.sleep(1.0)
+
+    def _say(self, info: dict, what: str) -> None:
+        if self.state.rank != 0 or not self.ctx.epoch_lines:
+            return
+        nodes = ", ".join(address for _, address in info["nodes"])
+        left = (f", {max(0.0, info['deadline_unix'] - time.time()):.0f} s left"
+                if info.get("deadline_unix") else "")
+        print(f"node {nodes} reclaimed (spot notice{left}; ranks {', '.join(map(str, info['ranks']))}): {what}; "
+              f"training on until Ray Train restarts without it", flush=True)
+
+
+def resize_line(resumed: Optional[dict], state: "TrainingState") -> str:
+    """What an elastic run says when its group (re)starts: the workers it trains on, where in the run, and
+    the batch layout, e.g. "2 worker(s) joined: continuing on 4 workers at epoch 5, step 0/23; ..."."""
+    where = (f"at epoch {state.epoch + 1}, step {math.ceil(state.position / state.layout.global_batch)}/"
+             f"{state.updates_per_epoch}")
+    before = (resumed or {}).get("world_size")
+    if before is None or before == state.world:
+        head = f"elastic: training on {state.world} worker(s) {where}" if resumed else \
+            f"elastic: starting on {state.world} worker(s) (between {state.cfg.fewest_workers()} and {state.cfg.num_workers})"
+    elif state.world > before:
+        head = f"{state.world - before} worker(s) joined: continuing on {state.world} workers {where}"
+    else:
+        head = f"{before - state.world} worker(s) gone: continuing on {state.world} worker(s) {where}"
+    return f"{head}; {state.layout.describe()}"
+
+
+IMAGE_TRACE_ENV = "RAYDIST_IMAGE_TRACE"  # a folder: every rank appends the training images it used (tests)
+
+
+class ImageTrace:
+    """An instrument for tests: one JSON line per micro-batch trained on (pid, epoch, the step's end
+    position, world size, rank, image indices), so a test can count every image of an epoch across a
+    resize. Reading the indices syncs with the device: never on unless the variable is set."""
+
+    def __init__(self, folder: str):
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, f"trace-{os.getpid()}.jsonl")
+
+    def write(self, state: "TrainingState", step: Step, indices: torch.Tensor) -> None:
+        import json
+
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"pid": os.getpid(), "epoch": state.epoch, "end": step.end, "world": state.world,
+                                 "rank": state.rank, "indices": indices.tolist()}) + "\n")
+
+
+def image_trace(state: "TrainingState") -> Optional[ImageTrace]:
+    folder = os.environ.get(IMAGE_TRACE_ENV)
+    return ImageTrace(folder) if folder and (state.elastic or state.position) else None
 
 
 CHECKPOINT_BUDGET = 0.1  # a checkpoint holding training up longer than this share of its epoch gets a hint
@@ -1038,15 +1283,25 @@ def train_loop_per_worker(config: dict) -> list[dict]:
         resume_state = read_resume_checkpoint(cfg.resume, node_id=node_id)
 
     def report(metrics: dict, checkpoint_folder: Optional[str]) -> None:
-        if exported:
+        if exported and not metrics.get("partial_epoch"):
             exported.record(metrics)
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None  # RAY
         # ASYNC: the upload (to S3 it can take longer than an epoch) runs in Ray's background thread while
         # training goes on, and Ray deletes the local folder once it is stored; the report reaches the
         # controller (and Tune) when its checkpoint is safe, in order.
-        ray.train.report(metrics, checkpoint=ckpt,  # RAY
-                         checkpoint_dir_name=checkpoint_dir_name(metrics["epoch"]) if ckpt else None,
+        name = checkpoint_dir_name(metrics["epoch"], metrics.get("position", 0)) if ckpt else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name,  # RAY
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)  # RAY
+
+    def preemption_info() -> Optional[dict]:
+        info = ray.train.get_preemption_info()  # RAY (alpha): a barrier; SpotWatch is its only caller
+        if info is None:
+            return None
+        addresses = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()} if train_ctx.get_world_rank() == 0 \
+            else {}  # RAY: rank 0 names the nodes
+        return {"nodes": [(node, f"{addresses.get(node, '?')} ({node[:8]})") for node in info.preempted_node_ids],
+                "ranks": info.preempted_ranks,
+                "deadline_unix": info.deadline_ms / 1000 if info.deadline_ms else None}
 
     def write_file(name: str, data: bytes) -> None:
         import pyarrow.fs
@@ -1070,7 +1325,8 @@ def train_loop_per_worker(config: dict) -> list[dict]:
                         device=ray.train.torch.get_device(), report=report, write_file=write_file,  # RAY
                         resume_state=resume_state, log_dir=log_dir, publish_logs=publish_logs, node_id=node_id,
                         epoch_lines=console.get("epoch_lines", True),
-                        progress_every_s=console.get("progress_every_s", 0.0))
+                        progress_every_s=console.get("progress_every_s", 0.0),
+                        preemption_info=preemption_info if cfg.is_elastic() else None)
     try:
         return run(cfg, ctx)  # rank 0's history becomes Result.return_value
     except BaseException as exc:

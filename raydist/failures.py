@@ -176,19 +176,22 @@ class RestartNotice(UserCallback):
     one line saying which worker was lost, where, and the epoch the run restarts from, e.g.
     "worker lost on node 10.0.0.5 (rank 1, pid 4242); restarting from epoch 4, restart 1 of 1"."""
 
-    def __init__(self, *, max_failures: int, start_epoch: int = 0):
+    def __init__(self, *, max_failures: int, start_epoch: int = 0, elastic: bool = False):
         self.max_failures = max_failures
         self.checkpoint_epoch = start_epoch  # epochs done at the latest checkpoint
+        self.checkpoint_position = 0  # ... and images into the next one (a spot notice's checkpoint)
         self.failures = 0
+        # An elastic run's lost node may have been reclaimed with notice: Ray Train counts that against the
+        # preemption budget, not max_failures, and keeps polling the group until the notice's deadline.
+        self.elastic = elastic
+        self.said: set = set()
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         if checkpoint is not None and metrics:
             self.checkpoint_epoch = int(metrics[0]["epoch"])
+            self.checkpoint_position = int(metrics[0].get("position") or 0)
 
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
-        self.failures += 1
-        if self.failures > self.max_failures:  # Ray raises: the driver prints the cause
-            return
         rank, error = sorted(worker_exceptions.items())[0]
         losses = [(r, e) for r, e in sorted(worker_exceptions.items()) if is_process_loss(e)]
         if losses:
@@ -197,8 +200,21 @@ class RestartNotice(UserCallback):
             what = f"worker lost on node {node} (rank {rank}, pid {pid})"
         else:
             what = f"worker failed ({describe(rank, error)})"
-        print(f"raydist: {what}; restarting from epoch {self.checkpoint_epoch + 1}, "
-              f"restart {self.failures} of {self.max_failures}", file=sys.stderr, flush=True)
+        where = f"epoch {self.checkpoint_epoch + 1}" + (
+            f", image {self.checkpoint_position}" if self.checkpoint_position else "")
+        if self.elastic:
+            if what in self.said:  # Ray polls a group in a preemption's drain many times
+                return
+            self.said.add(what)
+            print(f"raydist: {what}; restarting on the workers that fit from {where} (a node reclaimed with "
+                  f"notice counts against --max-preemptions, any other loss against --max-failures)",
+                  file=sys.stderr, flush=True)
+            return
+        self.failures += 1
+        if self.failures > self.max_failures:  # Ray raises: the driver prints the cause
+            return
+        print(f"raydist: {what}; restarting from {where}, restart {self.failures} of {self.max_failures}",
+              file=sys.stderr, flush=True)
 
 
 class TrialError(Exception):

@@ -214,14 +214,16 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     t0 = time.perf_counter()
     if cfg.address is None:  # local cluster: check the machine before starting anything
         use_gpu = cluster.check_resources(cluster_cpus=os.cpu_count() or 1, cluster_gpus=cluster.local_gpu_count(),
-                                          use_gpu=cfg.use_gpu, num_workers=cfg.num_workers,
+                                          use_gpu=cfg.use_gpu, num_workers=cfg.fewest_workers(),
                                           cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
                                           where="this machine")
         check_sync_batchnorm(cfg, use_gpu)  # before a local cluster starts
     cluster.connect(cfg.address)
     # Against what the cluster can grow to (an autoscaling one may have no worker node yet); says when the
     # run waits for new nodes, and refuses a local storage path that not every node sees.
-    use_gpu = cluster.plan_run(use_gpu=cfg.use_gpu, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
+    # An elastic run needs its minimum to start.
+    use_gpu = cluster.plan_run(use_gpu=cfg.use_gpu, num_workers=cfg.fewest_workers(),
+                               cpus_per_worker=cfg.cpus_per_worker,
                                gpus_per_worker=cfg.gpus_per_worker,
                                storage_path=None if storage_checked else cfg.storage_path)
     check_sync_batchnorm(cfg, use_gpu)
@@ -235,7 +237,8 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     checkpointed = [r["epoch"] for r in read_history(run_dir) if r.get("checkpoint_path")]
     started_unix = time.time()
     callbacks = [*(callbacks or []), HistoryCallback(run_dir),
-                 RestartNotice(max_failures=cfg.max_failures, start_epoch=max(checkpointed, default=0))]
+                 RestartNotice(max_failures=cfg.max_failures, start_epoch=max(checkpointed, default=0),
+                               elastic=cfg.is_elastic())]
 
     resources = {"CPU": cfg.cpus_per_worker}
     if use_gpu:
@@ -246,13 +249,18 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
         train_loop_per_worker,
         train_loop_config={**cfg.to_dict(), CONSOLE_KEY: console},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+        # An elastic run: Ray Train starts on what fits of the range, asks the autoscaler for the maximum and
+        # restarts the group larger (from the latest checkpoint) when room appears, every resize_check_s.
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(cfg.min_workers, cfg.num_workers) if cfg.is_elastic() else cfg.num_workers,
+            use_gpu=use_gpu, resources_per_worker=resources, elastic_resize_monitor_interval_s=cfg.resize_check_s),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=cfg.storage_path, callbacks=callbacks,
             # Ray Train logs every report of every rank at INFO; our rank 0 prints one line per epoch.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # Nodes reclaimed with notice (spot) draw on their own budget; max_failures stays for real faults.
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
+                                                   max_preemption_failures=cfg.max_preemptions),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                          checkpoint_score_attribute=cfg.keep_by,
                                                          checkpoint_score_order=metric_mode(cfg.keep_by))),
@@ -268,8 +276,8 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     history = [r for r in read_history(run_dir) if r.get("reported_unix", 0) >= started_unix] \
         or result.return_value or ([result.metrics] if result.metrics else [])
     sign = 1 if metric_mode(cfg.keep_by) == "max" else -1
-    best = max(result.best_checkpoints or [], key=lambda pair: sign * pair[1].get(cfg.keep_by, -sign * math.inf),
-               default=None)
+    best = max((pair for pair in result.best_checkpoints or [] if not pair[1].get("partial_epoch")),
+               key=lambda pair: sign * pair[1].get(cfg.keep_by, -sign * math.inf), default=None)
     return RunSummary(run_dir=result.path, history=history, final_model=f"{result.path}/{FINAL_MODEL_FILE}",
                       best_checkpoint=best[0].path if best else None,
                       best_val_acc=best[1]["val_acc"] if best else None, seconds=time.perf_counter() - t0)

@@ -81,7 +81,7 @@ def check_epochs_left(resume: str, is_run_dir: bool, epochs: int) -> None:
     nothing left to train (Ray would run no epoch and write a final model without metrics)."""
     if is_run_dir:
         latest = latest_checkpoint(resume)
-        done = int(latest.rsplit("_", 1)[1]) if latest else 0
+        done = epochs_done(os.path.basename(latest)) if latest else 0
     else:
         done = _checkpoint_epoch(resume)
     if epochs <= done:
@@ -123,6 +123,12 @@ def latest_readable_checkpoint(run_dir: str) -> Optional[tuple[str, dict]]:
         except CorruptCheckpoint as exc:
             print(f"warning: {exc}; skipping it", file=sys.stderr, flush=True)
     return None
+
+
+def epochs_done(folder_name: str) -> int:
+    """The whole epochs trained at a checkpoint, from its folder's name: checkpoint_epoch_0004, or
+    checkpoint_epoch_0004_at_0000640 (written inside the fifth epoch, 640 images in)."""
+    return int(folder_name[len(CHECKPOINT_PREFIX):].split("_", 1)[0])
 
 
 def checkpoint_folders(run_dir: str) -> list[str]:

@@ -328,6 +328,10 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
             cfg.validate()
         except ConfigError as exc:
             raise ConfigError(f"{path}: {corner}{exc}") from None
+        if cfg.is_elastic():
+            # A spot notice's mid-epoch report would reach Tune as an iteration, which ASHA counts as an epoch.
+            raise ConfigError(f"{path}: {corner}min_workers {cfg.min_workers}: elastic trials are not supported; "
+                              f"give a study's trials a fixed num_workers")
     if study.scheduler == "asha" and study.grace_period > study.max_epochs:
         raise ConfigError(f"{path}: scheduler.grace_period {study.grace_period} exceeds the most epochs a trial "
                           f"can run ({study.max_epochs})")

@@ -91,6 +91,8 @@ class HistoryWriter:
         self.started = self.last = started_unix or time.time()
 
     def add(self, metrics: dict, checkpoint_path: Optional[str]) -> None:
+        if metrics.get("partial_epoch"):  # a spot notice's checkpoint inside an epoch: the epoch is recorded at its end
+            return
         now = time.time()
         record = dict(metrics)
         record.update(checkpoint_path=checkpoint_path, reported_unix=now, time_this_iter_s=now - self.last,

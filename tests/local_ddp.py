@@ -24,15 +24,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, config: dict, run_dir: str, port: int, resume_from) -> None:
+class Reclaimed(Exception):
+    """The simulated spot node is gone: the run's workers stop where they are."""
+
+
+def _notices(first: int):
+    """A stand-in for Ray Train's preemption check: no notice for the first `first - 1` checks, a notice at
+    check `first`, and at the next check the node is gone (every rank stops, as when Ray tears the group
+    down): the steps between the notice's checkpoint and that check are the work a reclaim repeats."""
+    import time
+
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) > first:
+            raise Reclaimed
+        if len(calls) == first:
+            return {"nodes": [("node-b", "127.0.0.2 (node-b)")], "ranks": [1], "deadline_unix": time.time() + 20}
+        return None
+    return check
+
+
+def _worker(rank: int, world_size: int, config: dict, run_dir: str, port: int, resume_from,
+            notice_at_check=None) -> None:
     from raydist.config import TrainConfig
-    from raydist.engine import CHECKPOINT_FILE, WorkerContext, load_checkpoint_file, run
+    from raydist.engine import CHECKPOINT_FILE, WorkerContext, checkpoint_dir_name, load_checkpoint_file, run
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         def report(metrics, checkpoint_folder):
             if checkpoint_folder:  # rank 0 only, as with Ray; the report owns the folder
-                shutil.copytree(checkpoint_folder, os.path.join(run_dir, f"epoch_{metrics['epoch']:04d}"))
+                name = checkpoint_dir_name(metrics["epoch"], metrics.get("position", 0)).replace("checkpoint_", "")
+                shutil.copytree(checkpoint_folder, os.path.join(run_dir, name))
                 shutil.rmtree(checkpoint_folder)
 
         def write_file(name, data):
@@ -41,8 +65,12 @@ def _worker(rank: int, world_size: int, config: dict, run_dir: str, port: int, r
 
         resume_state = load_checkpoint_file(os.path.join(resume_from, CHECKPOINT_FILE)) if resume_from else None
         ctx = WorkerContext(rank=rank, world_size=world_size, device=torch.device("cpu"), report=report,
-                            write_file=write_file, resume_state=resume_state)
-        history = run(TrainConfig.from_dict(config), ctx)
+                            write_file=write_file, resume_state=resume_state,
+                            preemption_info=_notices(notice_at_check) if notice_at_check else None)
+        try:
+            history = run(TrainConfig.from_dict(config), ctx)
+        except Reclaimed:
+            history = "reclaimed"
         if rank == 0:
             torch.save(history, os.path.join(run_dir, "history.pt"))
         dist.barrier()  # no rank tears gloo down while another still uses it (that aborts the process)
@@ -56,10 +84,13 @@ def _worker(rank: int, world_size: int, config: dict, run_dir: str, port: int, r
     os._exit(0)
 
 
-def run_ddp(cfg, run_dir, *, world_size: int = 2, resume_from=None) -> list[dict]:
-    """Train `cfg` on `world_size` gloo processes; return rank 0's history."""
+def run_ddp(cfg, run_dir, *, world_size: int = 2, resume_from=None, notice_at_check=None) -> list[dict]:
+    """Train `cfg` on `world_size` gloo processes; return rank 0's history ("reclaimed" when
+    `notice_at_check` N simulated a spot notice at the run's N-th preemption check and the node's loss at
+    the next one)."""
     run_dir = str(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     mp.spawn(_worker, args=(world_size, cfg.to_dict(), run_dir, _free_port(),
-                            str(resume_from) if resume_from else None), nprocs=world_size, join=True)
+                            str(resume_from) if resume_from else None, notice_at_check),
+             nprocs=world_size, join=True)
     return torch.load(os.path.join(run_dir, "history.pt"), weights_only=False)

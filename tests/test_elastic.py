@@ -1,0 +1,180 @@
+"""Elastic training without a cluster: the global batch kept whatever the worker count, progress counted in
+images, a spot notice's checkpoint inside an epoch, and the resume on another worker count that uses every
+image of the interrupted epoch exactly once. The loop runs as real gloo DDP processes (tests/local_ddp.py);
+the real cluster's resize and reclaim are in tests/test_elastic_cluster.py."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+from local_ddp import run_ddp
+from raydist.config import ConfigError, TrainConfig, parse_cli
+from raydist.data import train_size
+from raydist.elastic import batch_layout, epoch_order, epoch_steps, split_sizes, update_at
+from raydist.engine import CHECKPOINT_FILE, TrainingState, load_checkpoint_file, local_context, run
+
+N = train_size("digits", val_fraction=None)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_a_layout_keeps_the_global_batch_and_each_micro_batch_within_the_per_worker_limit(world):
+    cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=48, global_batch=250)
+    layout = batch_layout(cfg, world)
+    assert layout.global_batch == 250
+    assert layout.micro_batch <= 48
+    assert layout.micro_batch * layout.accumulation * world >= 250
+    shares = split_sizes(250, world)
+    assert sum(shares) == 250 and max(shares) - min(shares) <= 1
+
+
+def test_every_image_of_an_epoch_is_used_once_across_a_resize_and_each_step_weighs_its_images_equally():
+    cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=16, global_batch=40)
+    order = epoch_order(N, seed=3, epoch=5)
+    used = Counter()
+    for world, start, stop in ((2, 0, 400), (3, 400, 1000), (4, 1000, N)):  # grown twice inside the epoch
+        layout = batch_layout(cfg, world)
+        per_rank = [list(epoch_steps(order, start=start, layout=layout, rank=r)) for r in range(world)]
+        for steps in zip(*per_rank):
+            assert len({s.end for s in steps}) == 1  # the ranks agree on where each step ends
+            if steps[0].end > stop:
+                break
+            images = steps[0].images
+            counted = 0
+            for step in steps:
+                assert len(step.micro_batches) <= layout.accumulation
+                for micro, weight in zip(step.micro_batches, step.weights):
+                    if weight:  # each image's loss weighs 1/images in the gradient DDP averages over the ranks
+                        assert weight == pytest.approx(len(micro) * world / images)
+                        used.update(micro.tolist())
+                        counted += len(micro)
+            assert counted == images
+    assert sorted(used) == list(range(N)) and set(used.values()) == {1}
+
+
+def test_the_weighted_split_gives_the_gradient_of_the_whole_steps_mean_loss():
+    """Uneven shares (a global batch of 10 on 3 ranks, micro-batches of at most 2): each rank's weighted
+    micro-batch losses, averaged over the ranks as DDP does, give exactly the full batch's mean gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    x, y = torch.randn(10, 5), torch.randint(0, 3, (10,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    cfg = TrainConfig(num_workers=3, min_workers=1, batch_size=2, global_batch=10)
+    layout = batch_layout(cfg, 3)
+    grads = []
+    for rank in range(3):
+        model.zero_grad()
+        (step,) = epoch_steps(torch.arange(10), start=0, layout=layout, rank=rank)
+        assert step.images == 10
+        for micro, weight in zip(step.micro_batches, step.weights):
+            (loss_fn(model(x[micro]), y[micro]) * weight).backward()
+        grads.append(model.weight.grad.clone())
+    model.zero_grad()
+    loss_fn(model(x), y).backward()
+    torch.testing.assert_close(sum(grads) / 3, model.weight.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_the_lr_at_every_update_is_a_function_of_images_seen_whatever_the_worker_count():
+    cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=32, epochs=4, warmup_epochs=1).validate()
+    states = {w: TrainingState(cfg, device=torch.device("cpu"), rank=0, world=w, train_set=range(N), val_set=[])
+              for w in (1, 2, 4)}
+    for position in (0, 128, 384, N - N % 128):
+        for epoch in (0, 2):
+            lrs = set()
+            for state in states.values():
+                state.epoch, state.position = epoch, position
+                state._place_schedule()
+                assert state.schedule.update == update_at(epoch, position, num_items=N, global_batch=128)
+                lrs.add(state.optimizer.param_groups[0]["lr"])
+            assert len(lrs) == 1
+
+
+def test_the_per_worker_policy_keeps_the_batch_and_scales_the_lr_with_the_workers():
+    cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=32, elastic_batch="per_worker").validate()
+    peak = {w: TrainingState(cfg, device=torch.device("cpu"), rank=0, world=w, train_set=range(N),
+                             val_set=[]).schedule.lr_at(10 ** 6 // 2) for w in (2, 4)}
+    assert batch_layout(cfg, 2).global_batch == 64 and batch_layout(cfg, 4).global_batch == 128
+    assert batch_layout(cfg, 4).micro_batch == 32
+    assert peak[4] == pytest.approx(2 * peak[2])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-workers", "4-2"], "--num-workers '4-2': give a number of workers, or a range MIN-MAX"),
+    (["--num-workers", "0-2"], "--num-workers '0-2': give a number of workers, or a range MIN-MAX"),
+    (["--num-workers", "2-"], "--num-workers '2-': give a number of workers, or a range MIN-MAX"),
+    (["--num-workers", "a-b"], "--num-workers 'a-b': give a number of workers, or a range MIN-MAX"),
+    (["--global-batch", "64"], "--global-batch applies to an elastic run only"),
+    (["--num-workers", "1-4", "--global-batch", "3"], "--global-batch 3 leaves some of the 4 workers"),
+    (["--num-workers", "1-4", "--global-batch", "5000"], "a global batch of 5000 images per step is more than"),
+    (["--num-workers", "1-4", "--elastic-batch", "per_worker", "--global-batch", "64"], "--global-batch 64 fixes the global batch, which --elastic-batch per_worker"),
+])
+def test_a_bad_range_or_elastic_setting_is_one_line(argv, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace("[", r"\[")):
+        parse_cli(argv)
+
+
+def test_a_range_sets_both_ends_and_a_single_number_on_top_of_it_is_a_fixed_group(tmp_path):
+    cfg, _, _ = parse_cli(["--num-workers", "2-8"])
+    assert (cfg.min_workers, cfg.num_workers, cfg.is_elastic()) == (2, 8, True)
+    (tmp_path / "spot.yaml").write_text("num_workers: 1-3\n")
+    assert parse_cli(["--config", str(tmp_path / "spot.yaml")])[0].workers_text() == "1-3"
+    fixed, _, _ = parse_cli(["--config", str(tmp_path / "spot.yaml"), "--num-workers", "2"])
+    assert (fixed.min_workers, fixed.num_workers) == (None, 2)
+
+
+def test_a_bad_range_exits_2_before_ray_in_one_line_and_writes_nothing(tmp_path):
+    ran = subprocess.run([sys.executable, "-m", "raydist.train", "--num-workers", "4-2", "--storage-path",
+                          str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 2
+    assert ran.stderr.strip().splitlines() == [
+        "raydist.train: error: --num-workers '4-2': give a number of workers, or a range MIN-MAX of whole numbers "
+        "with 1 <= MIN <= MAX (e.g. 2-8)"]
+    assert not (tmp_path / "runs").exists()
+
+
+ELASTIC = dict(dataset="digits", model="resnet8", num_workers=3, min_workers=1, batch_size=32, global_batch=96,
+               epochs=4, lr=1.0, warmup_epochs=0.5, preemption_check_every=2, checkpoint_every=1)  # augmentation on
+
+
+def _trace(folder):
+    records = []
+    for path in glob.glob(os.path.join(folder, "trace-*.jsonl")):
+        with open(path) as fh:
+            records += [json.loads(line) for line in fh]
+    return records
+
+
+def test_a_spot_notice_checkpoints_mid_epoch_and_a_resume_on_more_workers_uses_each_image_once(tmp_path, monkeypatch):
+    """2 workers get a notice at their 4th check (step 8 of epoch 1: 768 images in); the node goes at the
+    next check, 2 steps later. The run goes on from the notice's checkpoint on 3 workers: every image of
+    epoch 1 is trained on once in all (the 2 repeated steps aside), the global batch is 96 throughout, each
+    epoch's LR is that of an uninterrupted 1-worker run at the same images seen, and the model learns."""
+    cfg = TrainConfig(**ELASTIC).validate()
+    traces = tmp_path / "trace"
+    monkeypatch.setenv("RAYDIST_IMAGE_TRACE", str(traces / "first"))
+    assert run_ddp(cfg, tmp_path / "first", world_size=2, notice_at_check=4) == "reclaimed"
+    jit = tmp_path / "first" / "epoch_0000_at_0000768"
+    state = load_checkpoint_file(str(jit / CHECKPOINT_FILE))
+    assert (state["epoch"], state["position"], state["world_size"]) == (0, 768, 2)
+    assert state["epoch_sums"][2] == 768  # the epoch's images so far, over both ranks
+
+    monkeypatch.setenv("RAYDIST_IMAGE_TRACE", str(traces / "second"))
+    history = run_ddp(cfg, tmp_path / "second", world_size=3, resume_from=jit)
+    first, second = _trace(traces / "first"), _trace(traces / "second")
+    kept = [r for r in first if r["epoch"] == 0 and r["end"] <= 768]
+    repeated = {r["end"] for r in first if r["epoch"] == 0 and r["end"] > 768}
+    assert len(repeated) <= 2  # at most K = 2 steps between the notice's checkpoint and the node's loss
+    used = Counter(i for r in kept + [r for r in second if r["epoch"] == 0] for i in r["indices"])
+    assert sorted(used) == list(range(N)) and set(used.values()) == {1}
+    assert {r["world"] for r in second} == {3}
+
+    assert [m["epoch"] for m in history] == [1, 2, 3, 4]
+    assert {m["global_batch"] for m in history} == {96} and {m["world_size"] for m in history} == {3}
+    fixed = run(TrainConfig(**{**ELASTIC, "num_workers": 1}).validate(), local_context(str(tmp_path / "fixed")))
+    assert [m["lr"] for m in history] == pytest.approx([m["lr"] for m in fixed], rel=1e-9)
+    assert history[-1]["val_acc"] >= 0.7, history[-1]  # it learned (chance: 0.1; an uninterrupted run: 0.86)

@@ -1,0 +1,122 @@
+"""Elastic training on a real multi-node cluster (ray.cluster_utils.Cluster: a CPU-less head and 2-CPU worker
+nodes, separate raylets on this machine). `--num-workers 1-4` starts on the 2 workers the first node holds,
+grows to 4 when a second node joins, gets a spot notice when that node is drained with the preemption
+reason, writes a checkpoint inside the epoch, loses the node for real (its raylet and workers killed) and
+finishes on 2 workers from that checkpoint, with every image of the interrupted epoch used once."""
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from raydist.data import train_size
+
+
+def _lines_of(proc, out: list):
+    for line in proc.stdout:
+        out.append(line)
+
+
+def _wait_line(out: list, pattern: str, proc, timeout: float) -> re.Match:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for line in list(out):
+            found = re.search(pattern, line)
+            if found:
+                return found
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"no line matching {pattern!r}; output:\n{''.join(out)[-5000:]}")
+
+
+@pytest.mark.own_cluster
+def test_an_elastic_run_grows_when_a_node_joins_and_survives_a_spot_reclaim(tmp_path, monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    from raydist.cluster import address_file
+
+    # Every worker counts the images it trains on (the nodes' raylets, and so their workers, inherit this).
+    monkeypatch.setenv("RAYDIST_IMAGE_TRACE", str(tmp_path / "trace"))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
+    proc, out = None, []
+    try:
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "raydist.train", "--address", cluster.address, "--num-workers", "1-4",
+             "--resize-check-s", "2", "--batch-size", "32", "--global-batch", "128", "--lr", "0.4",
+             "--epochs", "20", "--preemption-check-every", "2", "--storage-path", str(tmp_path / "runs"),
+             "--name", "spot"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=_lines_of, args=(proc, out), daemon=True).start()
+        _wait_line(out, r"elastic: starting on 2 worker\(s\) \(between 1 and 4\); global batch 128 = 2 worker", proc, 300)
+        _wait_line(out, r"epoch   2/20", proc, 300)
+        joined_at = time.time()
+        spot = cluster.add_node(num_cpus=2)  # a node joins: Ray Train resizes at its next look
+        grown = _wait_line(out, r"2 worker\(s\) joined: continuing on 4 workers at epoch (\d+), step 0/\d+; "
+                                r"global batch 128 = 4 worker\(s\) x 32 images", proc, 300)
+        grow_s = time.time() - joined_at
+        _wait_line(out, rf"epoch {int(grown.group(1)) + 1:>3}/20", proc, 300)  # trained an epoch on 4
+
+        # The spot node is reclaimed: a notice with a deadline, then the node goes for real.
+        notice_at = time.time()
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "drain-node", "--address", cluster.address, "--node-id", spot.node_id, "--reason",
+                        "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot", "--deadline-remaining-seconds",
+                        "20"], check=True, capture_output=True, timeout=60)
+        reclaimed = _wait_line(out, r"reclaimed \(spot notice, \d+ s left; ranks ([\d, ]+)\): checkpoint at epoch "
+                                    r"(\d+), step (\d+)/(\d+) written in ([\d.]+) s", proc, 60)
+        checkpoint_s = time.time() - notice_at
+        # At the deadline Ray Train restarts the group without the draining node, as the cloud takes it.
+        gone = _wait_line(out, r"2 worker\(s\) gone: continuing on 2 worker\(s\) at epoch (\d+), step (\d+)/", proc, 300)
+        cluster.remove_node(spot, allow_graceful=False)  # then the node goes for real: raylet and workers killed
+        assert proc.wait(timeout=600) == 0, "".join(out)[-5000:]
+    finally:
+        if proc and proc.poll() is None:
+            proc.kill()
+        (tmp_path / "console.txt").write_text("".join(out) if proc else "")
+        cluster.shutdown()
+        try:  # the head recorded itself as this machine's latest cluster: leave nothing stale behind
+            if open(address_file()).read().strip() == cluster.address:
+                os.remove(address_file())
+        except OSError:
+            pass
+    text = "".join(out)
+    print(f"grow: {grow_s:.1f} s from the node's arrival to the 4-worker line; notice to checkpoint line: "
+          f"{checkpoint_s:.1f} s (written in {reclaimed.group(5)} s)")
+    assert len(reclaimed.group(1).split(", ")) == 2  # the spot node's two ranks
+    epoch, step = int(reclaimed.group(2)), int(reclaimed.group(3))
+    assert (int(gone.group(1)), int(gone.group(2))) >= (epoch, step)  # it went on from the notice's checkpoint
+    assert "Traceback" not in text.split("gone: continuing")[-1]
+
+    # Every image of the interrupted epoch once: the 4-worker group's steps up to the checkpoint that the
+    # 2-worker group resumed from, and the 2-worker group's from there (a few steps repeated in between).
+    resumed_epoch, resumed_step = int(gone.group(1)), int(gone.group(2))
+    position = resumed_step * 128
+    records = []
+    for path in glob.glob(str(tmp_path / "trace" / "trace-*.jsonl")):
+        with open(path) as fh:
+            records += [json.loads(line) for line in fh]
+    epoch_index = resumed_epoch - 1
+    before = [r for r in records if r["epoch"] == epoch_index and r["world"] == 4 and r["end"] <= position]
+    after = [r for r in records if r["epoch"] == epoch_index and r["world"] == 2 and r["end"] > position]
+    repeated = {(r["epoch"], r["end"]) for r in records if r["world"] == 4
+                and (r["epoch"], r["end"]) > (epoch_index, position)}
+    assert len(repeated) <= 2, sorted(repeated)  # K = 2 steps at most
+    used = Counter(i for r in before + after for i in r["indices"])
+    n = train_size("digits", val_fraction=None)
+    assert sorted(used) == list(range(n)) and set(used.values()) == {1}
+
+    epochs = [int(m) for m in re.findall(r"epoch +(\d+)/20  train", text)]
+    assert epochs[-1] == 20 and sorted(set(epochs)) == list(range(1, 21))
+    final_acc = float(text.split("val acc ")[-1].split("%")[0]) / 100
+    assert final_acc >= 0.9, final_acc
+    history = [json.loads(line) for line in open(tmp_path / "runs" / "spot" / "history.jsonl")]
+    assert {r["global_batch"] for r in history} == {128}
+    assert {2, 4} <= {r["world_size"] for r in history}
