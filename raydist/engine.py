@@ -500,8 +500,11 @@ class TrainingState:
         pairs = data_batches(self.train_set, [b for step in plan for b in step.micro_batches], train=True,
                              shuffle_seed=cfg.seed * 100_003 + self.epoch)
         trace = image_trace(self)
-        for k, ((i, j), (images, labels)) in enumerate(zip(micro, pairs)):
+        # The batches drive the loop (not zip, which would stop short of a streamed source's end: its
+        # generator says what the epoch decoded only once it is drained).
+        for k, (images, labels) in enumerate(pairs):
             progress.step(k)  # a clock read; nothing on the device
+            i, j = micro[k]
             step = plan[i]
             x = self.augment(images, train=True)
             if self.channels_last:
