@@ -419,6 +419,11 @@ class TrainingState:
             self.position / self.layout.global_batch)
         self.schedule.apply(self.optimizer)  # then each update's step() sets the next one's LR
 
+    def with_carried(self, sums: list) -> list:
+        """This attempt's epoch sums (loss, correct, count over all ranks; LR sum, updates) plus the part of
+        the epoch a mid-epoch checkpoint carried in."""
+        return [a + b for a, b in zip(sums, self.carried)] if self.carried else sums
+
     def images_seen(self) -> int:
         return self.epoch * len(self.train_set) + self.position
 
@@ -686,11 +691,9 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
             raise
         t_loss, t_correct, t_count, v_loss, v_correct, v_count, time_sum = totals.tolist()
         images_per_s = t_count / (time_sum / world)  # global images over the mean rank's training time
-        lr_sum, updates = train.lr_sum, train.updates
-        if state.carried:  # the part of this epoch trained before a resize or a reclaim
-            c_loss, c_correct, c_count, c_lr, c_updates = state.carried
-            t_loss, t_correct, t_count = t_loss + c_loss, t_correct + c_correct, t_count + c_count
-            lr_sum, updates = lr_sum + c_lr, updates + c_updates
+        # with the part of this epoch trained before a resize or a reclaim
+        t_loss, t_correct, t_count, lr_sum, updates = state.with_carried(
+            [t_loss, t_correct, t_count, train.lr_sum, train.updates])
         state.carried = None
         metrics = {
             "epoch": epoch + 1,
@@ -969,11 +972,7 @@ class SpotWatch:
         totals = torch.stack([sums.loss, sums.correct, sums.count]).double()
         if state.world > 1:
             dist.all_reduce(totals)
-        loss, correct, count = totals.tolist()
-        lr_sum, updates = sums.lr_sum, sums.updates
-        if state.carried:
-            loss, correct, count = loss + state.carried[0], correct + state.carried[1], count + state.carried[2]
-            lr_sum, updates = lr_sum + state.carried[3], updates + state.carried[4]
+        loss, correct, count, lr_sum, updates = state.with_carried([*totals.tolist(), sums.lr_sum, sums.updates])
         nan = float("nan")
         metrics = {"epoch": state.epoch, "position": state.position, "images_seen": state.images_seen(),
                    "partial_epoch": True, "world_size": state.world, "global_batch": state.layout.global_batch,
