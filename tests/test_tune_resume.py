@@ -282,7 +282,9 @@ def test_a_trial_process_that_died_between_its_checkpoint_and_its_report_resumes
     recovered = history[2]
     assert recovered["recovered"] and recovered["val_loss"] == lost["val_loss"]
     assert recovered["checkpoint_path"] == lost["checkpoint_path"]
-    assert history[-1]["val_acc"] > 0.8  # it went on learning from there
+    # It went on learning from there: 2 epochs from scratch reach about 0.55, these 2 from epoch 3 about 0.8
+    # (0.797 in CI on 2026-12-02, 0.80 before it: the bar keeps a margin).
+    assert history[-1]["val_acc"] > 0.7
     best = min((r for r in history if r["checkpoint_path"]), key=lambda r: (r["val_loss"], -r["epoch"]))
     on_disk = sorted(str(p) for p in (Path(trial_path) / "run").glob("checkpoint_epoch_*"))
     assert on_disk == sorted({best["checkpoint_path"], history[-1]["checkpoint_path"]})
