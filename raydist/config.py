@@ -425,8 +425,8 @@ def _base_type(name: str) -> tuple[type, bool]:
 def _coerce(name: str, value: Any, source: str) -> Any:
     kind, optional = _base_type(name)
     if name == "num_workers" and is_worker_range(value):  # _coerce_all splits a range before it gets here
-        raise ConfigError(f"{source}: num_workers {value!r}: a worker range trains one run elastically "
-                          f"(python -m raydist.train); here give one number")
+        raise ConfigError(f"{source}: num_workers {value!r}: a worker range (an elastic run) is given once, as "
+                          f"--num-workers or a study's fixed num_workers; here give one number")
     if value is None:
         if optional:
             return None

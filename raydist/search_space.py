@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from raydist.config import (ConfigError, TrainConfig, _base_type, _coerce, _coerce_all, check_folder_name, metric_mode,
-                            read_yaml_mapping)
+                            read_yaml_mapping, split_worker_range)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "qloguniform", "randint", "qrandint", "choice")
 GRID_KINDS = ("randint", "qrandint", "quniform")  # sampled as a choice of their values
@@ -198,7 +198,7 @@ class Study:
 
     def in_process(self, cfg: TrainConfig) -> bool:
         """Does this trial train in its own process (no Ray Train worker group)?"""
-        return cfg.num_workers == 1 and self.one_worker_trials == "in_process"
+        return cfg.num_workers == 1 and not cfg.is_elastic() and self.one_worker_trials == "in_process"
 
     def every_trial_in_process(self) -> bool:
         """Do all trials train in their own processes (then one process can serve trial after trial)?"""
@@ -260,13 +260,15 @@ class Study:
     def tune_space(self) -> dict:
         return {name: dist.to_tune() for name, dist in self.searched.items()}
 
-    def per_trial_resources(self, cluster_has_gpus: bool) -> tuple[float, float]:
-        """(CPUs, GPUs) the largest trial asks for; use_gpu unset means GPUs when the cluster has them."""
+    def per_trial_resources(self, cluster_has_gpus: bool, *, fewest: bool = False) -> tuple[float, float]:
+        """(CPUs, GPUs) the largest trial asks for; use_gpu unset means GPUs when the cluster has them.
+        `fewest`: what it needs to start (an elastic trial's minimum; the same as the above for fixed ones)."""
         worst = (0.0, 0.0)
         for cfg in self._corner_configs():
+            workers = cfg.fewest_workers() if fewest else cfg.num_workers
             use_gpu = cluster_has_gpus if cfg.use_gpu is None else cfg.use_gpu
-            gpus = cfg.num_workers * cfg.gpus_per_worker if use_gpu else 0.0
-            worst = (max(worst[0], cfg.num_workers * cfg.cpus_per_worker), max(worst[1], gpus))
+            gpus = workers * cfg.gpus_per_worker if use_gpu else 0.0
+            worst = (max(worst[0], workers * cfg.cpus_per_worker), max(worst[1], gpus))
         return worst
 
     def _corner_configs(self):
@@ -296,6 +298,7 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
         raise ConfigError(f"{path}: no 'searched' section (config fields -> distributions)")
 
     fixed = _config_fields(path, "fixed", raw.get("fixed") or {})
+    fixed = split_worker_range(fixed, f"{path}: fixed.num_workers")  # a range: every trial elastic within it
     fixed = {k: _coerce(k, v, f"{path}: fixed.{k}") for k, v in fixed.items()}
     searched_raw = _config_fields(path, "searched", raw["searched"])
     if not searched_raw:
@@ -304,9 +307,12 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
     if both:
         raise ConfigError(f"{path}: {both[0]!r} is both fixed and searched; keep it in one section")
     searched = {name: _distribution(path, name, spec) for name, spec in searched_raw.items()}
-    for name, value in _config_fields("--set", "", overrides or {}).items():  # fix a value, even a searched one
+    sets = split_worker_range(_config_fields("--set", "", overrides or {}), "--set num_workers")
+    for name, value in sets.items():  # fix a value, even a searched one
         searched.pop(name, None)
         fixed[name] = _coerce(name, value, f"--set {name}")
+    if "num_workers" in sets and "min_workers" not in sets:  # a plain number on top of a range: a fixed group
+        fixed.pop("min_workers", None)
 
     study = Study(path=path, fixed=fixed, searched=searched, description=str(raw.get("description") or ""),
                   given_name=_study_name(path, raw.get("name")))
@@ -328,10 +334,6 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
             cfg.validate()
         except ConfigError as exc:
             raise ConfigError(f"{path}: {corner}{exc}") from None
-        if cfg.is_elastic():
-            # A spot notice's mid-epoch report would reach Tune as an iteration, which ASHA counts as an epoch.
-            raise ConfigError(f"{path}: {corner}min_workers {cfg.min_workers}: elastic trials are not supported; "
-                              f"give a study's trials a fixed num_workers")
     if study.scheduler == "asha" and study.grace_period > study.max_epochs:
         raise ConfigError(f"{path}: scheduler.grace_period {study.grace_period} exceeds the most epochs a trial "
                           f"can run ({study.max_epochs})")

@@ -270,13 +270,17 @@ def plan_concurrency(study: Study, *, free_cpus: float, free_gpus: float, total_
     but not its free resources runs alone, when the busy resources come back.
     """
     cpus, gpus = study.per_trial_resources(cluster_has_gpus=total_gpus > 0)
+    # Elastic trials (num_workers MIN-MAX) are planned at MAX, so that trials shrink when nodes go rather than
+    # wait; one needs MIN to start.
+    fewest_cpus, fewest_gpus = study.per_trial_resources(cluster_has_gpus=total_gpus > 0, fewest=True)
     if streams_a_folder(study):  # Ray Data decodes on CPUs the trials leave free (raydist.folder_stream)
         from raydist.folder_stream import DECODE_CPUS
 
         free_cpus, total_cpus = free_cpus - DECODE_CPUS, total_cpus - DECODE_CPUS
-    if cpus > total_cpus or gpus > total_gpus:
-        raise ConfigError(f"one trial needs {cpus:g} CPUs and {gpus:g} GPUs (num_workers x cpus/gpus_per_worker) "
-                          f"but {where} has {total_cpus:g} CPUs and {total_gpus:g} GPUs; lower fixed num_workers")
+    if fewest_cpus > total_cpus or fewest_gpus > total_gpus:
+        raise ConfigError(f"one trial needs {fewest_cpus:g} CPUs and {fewest_gpus:g} GPUs (num_workers x "
+                          f"cpus/gpus_per_worker) but {where} has {total_cpus:g} CPUs and {total_gpus:g} GPUs; "
+                          f"lower fixed num_workers")
     fits = math.floor(free_cpus / cpus + 1e-9) if cpus else study.num_samples
     if gpus:
         fits = min(fits, math.floor(free_gpus / gpus + 1e-9))
@@ -303,7 +307,6 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
     """Tune calls this once per trial (and again when a restored study resumes it)."""
     started = time.time()  # the trial's start-up (results.csv startup_s) is counted from here
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from raydist.study_history import HistoryCallback
     from raydist.launch import fit, fit_in_trial, prepare
@@ -329,7 +332,7 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
         else:
             # No curves.png per trial: the study draws every trial in learning_curves.png, and a trial's thread
             # is no place for matplotlib once Tune stops it (it ends the thread with an exception, mid-draw).
-            fit(cfg, callbacks=[HistoryCallback(trial_path, started), TuneReportCallback()], storage_checked=True,
+            fit(cfg, callbacks=[HistoryCallback(trial_path, started), epochs_to_tune()], storage_checked=True,
                 console=console, draw_curves=False)
     except Exception as exc:  # noqa: BLE001 - the trial's row says its cause in one line; tracebacks to a file
         from raydist.failures import TrialError, root_cause, write_error_log
@@ -340,6 +343,20 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
             print(f"trial {context.get_trial_id()} failed: {cause}" + (f" (tracebacks: {log})" if log else ""),
                   flush=True)
         raise TrialError(cause) from None
+
+
+def epochs_to_tune():
+    """Ray's TuneReportCallback (each report of a trial's Train run becomes a Tune result), less an elastic
+    trial's mid-epoch checkpoints (a spot notice's): to ASHA each result is an epoch, and a checkpoint that
+    Ray Train restarts from needs no result."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochsToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if not (metrics and metrics[0].get("partial_epoch")):
+                super().after_report(run_context, metrics, checkpoint)
+
+    return EpochsToTune()
 
 
 def trial_resources(study: Study, *, cluster_has_gpus: bool):
@@ -607,7 +624,7 @@ def study_console(study: Study, experiment_path: str, concurrency: int, *, clust
             gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_has_gpus
             per = f"{cfg.cpus_per_worker:g} CPU" + (f" + {cfg.gpus_per_worker:g} GPU" if gpu else "")
             where = "in its own process" if study.in_process(cfg) else "TorchTrainer"
-            resources = f"{cfg.num_workers} worker{'s' if cfg.num_workers > 1 else ''} x {per}, {where}"
+            resources = f"{cfg.workers_text()} worker{'s' if cfg.num_workers > 1 else ''} x {per}, {where}"
             say(console.trial_started_line(trial.trial_id, self.values(trial), resources,
                                            restarted=trial.trial_id in self.seen))
             self.seen.add(trial.trial_id)

@@ -19,9 +19,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -185,6 +187,20 @@ class FakeAutoscalingCluster:
         return [n for n in ray.nodes() if n["Alive"] and n["NodeManagerPort"] and n["Resources"].get("CPU", 0) > 0]
 
 
+def shutdown_cluster(cluster) -> None:
+    """Stop a ray.cluster_utils.Cluster (its nodes' processes, by the pids it started) and remove this
+    machine's latest-cluster record when it names that cluster, so that the next bare ray.init() does not
+    try to join a cluster that is gone."""
+    from raydist.cluster import address_file
+
+    cluster.shutdown()
+    try:
+        if open(address_file()).read().strip() == cluster.address:
+            os.remove(address_file())
+    except OSError:
+        pass
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -202,3 +218,40 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+class ConsoleLines:
+    """A process's merged stdout and stderr, read line by line in a thread, each line with the seconds since
+    this object was made (what a test or benchmark waits on, and when each line came)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.lines, self.t0 = proc, [], time.monotonic()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic() - self.t0, line))
+
+    def finish(self, timeout: float = 30) -> str:
+        """Every line, once the process has ended and its output is read to the end."""
+        self.reader.join(timeout)
+        return self.text()
+
+    def text(self) -> str:
+        return "".join(line for _, line in list(self.lines))
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        """The first line matching `pattern` (a regex), waiting up to `timeout` seconds while the process runs."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for _, line in list(self.lines):
+                found = re.search(pattern, line)
+                if found:
+                    return found
+            if self.proc.poll() is not None:
+                time.sleep(0.5)  # the reader may still hold the last lines
+                if not any(re.search(pattern, line) for _, line in list(self.lines)):
+                    break
+            time.sleep(0.2)
+        raise AssertionError(f"no line matching {pattern!r}; output:\n{self.text()[-5000:]}")

@@ -9,6 +9,7 @@ nodes go away again; on the GPU node type the planning is checked up to the GPU 
 here to train on it). A local --storage-path that not every node is known to see is refused.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -166,6 +167,27 @@ def test_a_training_run_waits_for_nodes_scales_up_from_zero_finishes_and_the_nod
     assert set(joined.values()) == {2.0}, joined  # cpu2 nodes, not the GPU type
     assert any("cpu2" in line for line in seen_starting), seen_starting
     _no_worker_nodes()  # idle for 6 s: removed
+
+
+@pytest.mark.own_cluster
+def test_an_elastic_run_starts_when_the_first_node_is_up_and_grows_as_the_autoscaler_adds_nodes(published, tmp_path):
+    _no_worker_nodes()
+    proc = _cli("raydist.train", published, "--num-workers", "1-4", "--no-use-gpu", "--batch-size", "32",
+                "--global-batch", "128", "--lr", "0.4", "--epochs", "10", "--resize-check-s", "2",
+                "--storage-path", str(tmp_path / "runs"), "--name", "elastic", env=NOT_SHARED_OK)
+    out, _ = proc.communicate(timeout=800)
+    assert proc.returncode == 0, out[-5000:]
+    assert ("waiting for the autoscaler: the run needs 1 worker (1 CPU), the cluster has 0 CPUs free now and "
+            "can grow to 6") in out  # it waits for its minimum, not for all 4
+    started = int(re.search(r"elastic: starting on (\d+) worker\(s\) \(between 1 and 4\)", out).group(1))
+    history = [json.loads(line) for line in open(tmp_path / "runs" / "elastic" / "history.jsonl")]
+    assert history[-1]["world_size"] == 4 and [r["epoch"] for r in history] == list(range(1, 11))
+    if started < 4:  # the autoscaler's second node came after the group had started on the first
+        assert re.search(r"worker\(s\) joined: continuing on 4 workers at epoch \d+, step 0/\d+", out), out[-3000:]
+    assert {r["global_batch"] for r in history} == {128}  # the same optimisation on every worker count
+    accuracy = float(re.search(r"finished 10 epoch\(s\) in [\d.]+s: val acc ([\d.]+)%", out).group(1))
+    assert accuracy >= 85.0
+    _no_worker_nodes()
 
 
 @pytest.mark.own_cluster

@@ -1,6 +1,7 @@
 """Every benchmark script and `python -m raydist.scaling`, end to end on tiny CPU settings: they run, and
 what they write holds what their docs say. No timing is asserted; the figures belong in docs/benchmarks.md.
-The ones that need Ray run on the session cluster (--address)."""
+The ones that need Ray run on the session cluster (--address); elastic_digits starts multi-node clusters of
+its own (own_cluster)."""
 
 import json
 import os
@@ -95,6 +96,17 @@ def test_hpo_efficiency_compares_the_searchers_and_where_trials_train(ray_cluste
     paths = json.loads(out.read_text())["result"]
     assert paths["in_process"]["startup_s"]["n"] == paths["trainer"]["startup_s"]["n"] == 2
     assert "wall time in_process / trainer" in result.stdout
+
+
+@pytest.mark.own_cluster
+def test_elastic_digits_runs_on_a_multi_node_cluster_of_its_own_and_plots_images_per_s(tmp_path):
+    out, png = tmp_path / "elastic.json", tmp_path / "elastic.png"
+    _bench("elastic_digits", "--runs", "fixed-2", "--epochs", "1", "--out", str(out), "--plot", str(png))
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["label"] == "fixed-2" and run["global_batch"] == [128]  # 2 workers x 32 x 2 accumulated
+    assert [(e["epoch"], e["world_size"]) for e in run["epochs"]] == [(1, 2)] and run["epochs"][0]["images_per_s"] > 0
+    assert 0 < run["final_val_acc"] <= 1 and run["wall_s"] > 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_transfer_digits_runs_a_tiny_experiment(tmp_path):

@@ -10,84 +10,59 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 
 import pytest
+from clusters import ConsoleLines, shutdown_cluster
 
 from raydist.data import train_size
-
-
-def _lines_of(proc, out: list):
-    for line in proc.stdout:
-        out.append(line)
-
-
-def _wait_line(out: list, pattern: str, proc, timeout: float) -> re.Match:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for line in list(out):
-            found = re.search(pattern, line)
-            if found:
-                return found
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    raise AssertionError(f"no line matching {pattern!r}; output:\n{''.join(out)[-5000:]}")
 
 
 @pytest.mark.own_cluster
 def test_an_elastic_run_grows_when_a_node_joins_and_survives_a_spot_reclaim(tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
 
-    from raydist.cluster import address_file
-
     # Every worker counts the images it trains on (the nodes' raylets, and so their workers, inherit this).
     monkeypatch.setenv("RAYDIST_IMAGE_TRACE", str(tmp_path / "trace"))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
-    proc, out = None, []
+    proc, console = None, None
     try:
         cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
         proc = subprocess.Popen(
             [sys.executable, "-m", "raydist.train", "--address", cluster.address, "--num-workers", "1-4",
              "--resize-check-s", "2", "--batch-size", "32", "--global-batch", "128", "--lr", "0.4",
-             "--epochs", "20", "--preemption-check-every", "2", "--storage-path", str(tmp_path / "runs"),
+             "--epochs", "16", "--preemption-check-every", "2", "--storage-path", str(tmp_path / "runs"),
              "--name", "spot"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=_lines_of, args=(proc, out), daemon=True).start()
-        _wait_line(out, r"elastic: starting on 2 worker\(s\) \(between 1 and 4\); global batch 128 = 2 worker", proc, 300)
-        _wait_line(out, r"epoch   2/20", proc, 300)
+        console = ConsoleLines(proc)
+        console.wait_for(r"elastic: starting on 2 worker\(s\) \(between 1 and 4\); global batch 128 = 2 worker", 300)
+        console.wait_for(r"epoch   2/16", 300)
         joined_at = time.time()
         spot = cluster.add_node(num_cpus=2)  # a node joins: Ray Train resizes at its next look
-        grown = _wait_line(out, r"2 worker\(s\) joined: continuing on 4 workers at epoch (\d+), step 0/\d+; "
-                                r"global batch 128 = 4 worker\(s\) x 32 images", proc, 300)
+        grown = console.wait_for(r"2 worker\(s\) joined: continuing on 4 workers at epoch (\d+), step 0/\d+; "
+                                r"global batch 128 = 4 worker\(s\) x 32 images", 300)
         grow_s = time.time() - joined_at
-        _wait_line(out, rf"epoch {int(grown.group(1)) + 1:>3}/20", proc, 300)  # trained an epoch on 4
+        console.wait_for(rf"epoch {int(grown.group(1)) + 1:>3}/16", 300)  # trained an epoch on 4
 
         # The spot node is reclaimed: a notice with a deadline, then the node goes for real.
         notice_at = time.time()
         subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "drain-node", "--address", cluster.address, "--node-id", spot.node_id, "--reason",
                         "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot", "--deadline-remaining-seconds",
-                        "20"], check=True, capture_output=True, timeout=60)
-        reclaimed = _wait_line(out, r"reclaimed \(spot notice, \d+ s left; ranks ([\d, ]+)\): checkpoint at epoch "
-                                    r"(\d+), step (\d+)/(\d+) written in ([\d.]+) s", proc, 60)
+                        "10"], check=True, capture_output=True, timeout=60)
+        reclaimed = console.wait_for(r"reclaimed \(spot notice, \d+ s left; ranks ([\d, ]+)\): checkpoint at epoch "
+                                    r"(\d+), step (\d+)/(\d+) written in ([\d.]+) s", 60)
         checkpoint_s = time.time() - notice_at
         # At the deadline Ray Train restarts the group without the draining node, as the cloud takes it.
-        gone = _wait_line(out, r"2 worker\(s\) gone: continuing on 2 worker\(s\) at epoch (\d+), step (\d+)/", proc, 300)
+        gone = console.wait_for(r"2 worker\(s\) gone: continuing on 2 worker\(s\) at epoch (\d+), step (\d+)/", 300)
         cluster.remove_node(spot, allow_graceful=False)  # then the node goes for real: raylet and workers killed
-        assert proc.wait(timeout=600) == 0, "".join(out)[-5000:]
+        assert proc.wait(timeout=600) == 0, console.text()[-5000:]
     finally:
         if proc and proc.poll() is None:
             proc.kill()
-        (tmp_path / "console.txt").write_text("".join(out) if proc else "")
-        cluster.shutdown()
-        try:  # the head recorded itself as this machine's latest cluster: leave nothing stale behind
-            if open(address_file()).read().strip() == cluster.address:
-                os.remove(address_file())
-        except OSError:
-            pass
-    text = "".join(out)
+        (tmp_path / "console.txt").write_text(console.finish() if console else "")
+        shutdown_cluster(cluster)
+    text = console.text()
     print(f"grow: {grow_s:.1f} s from the node's arrival to the 4-worker line; notice to checkpoint line: "
           f"{checkpoint_s:.1f} s (written in {reclaimed.group(5)} s)")
     assert len(reclaimed.group(1).split(", ")) == 2  # the spot node's two ranks
@@ -113,8 +88,8 @@ def test_an_elastic_run_grows_when_a_node_joins_and_survives_a_spot_reclaim(tmp_
     n = train_size("digits", val_fraction=None)
     assert sorted(used) == list(range(n)) and set(used.values()) == {1}
 
-    epochs = [int(m) for m in re.findall(r"epoch +(\d+)/20  train", text)]
-    assert epochs[-1] == 20 and sorted(set(epochs)) == list(range(1, 21))
+    epochs = [int(m) for m in re.findall(r"epoch +(\d+)/16  train", text)]
+    assert epochs[-1] == 16 and sorted(set(epochs)) == list(range(1, 17))
     final_acc = float(text.split("val acc ")[-1].split("%")[0]) / 100
     assert final_acc >= 0.9, final_acc
     history = [json.loads(line) for line in open(tmp_path / "runs" / "spot" / "history.jsonl")]

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from clusters import shutdown_cluster
 
 
 def _idx(array, dims):
@@ -35,8 +36,6 @@ def _write_fashion_mnist(root, seed):
 def two_nodes(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
-    from raydist.cluster import address_file
-
     homes = [str(tmp_path_factory.mktemp(f"home-{name}")) for name in ("a", "b")]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
     try:
@@ -44,12 +43,7 @@ def two_nodes(tmp_path_factory):
         cluster.wait_for_nodes()
         yield cluster.address, homes, [node.node_id for node in nodes]
     finally:
-        cluster.shutdown()
-        try:  # the head recorded itself as this machine's latest cluster: leave nothing stale behind
-            if open(address_file()).read().strip() == cluster.address:
-                os.remove(address_file())
-        except OSError:
-            pass
+        shutdown_cluster(cluster)
 
 
 def _train(address, tmp_path, name, *args):

@@ -216,6 +216,64 @@ def test_concurrency_comes_from_free_resources_and_never_waits_for_what_cannot_c
         plan_concurrency(gpu_study, free_cpus=32, free_gpus=1, **{**fit, "total_cpus": 32, "total_gpus": 1})
 
 
+ELASTIC = """
+num_samples: 4
+search: {algorithm: random, seed: 0}
+scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+fixed: {dataset: digits, model: resnet8, epochs: 3, num_workers: 2-4, batch_size: 32, global_batch: 128}
+searched:
+  lr: {loguniform: [0.1, 1.0]}
+"""
+
+
+def test_a_study_with_a_worker_range_makes_every_trial_elastic_planned_at_its_maximum(tmp_path):
+    study = load_study(_write(tmp_path, ELASTIC))
+    cfg = study.trial_config({"lr": 0.5})
+    assert cfg.is_elastic() and (cfg.min_workers, cfg.num_workers, cfg.global_batch) == (2, 4, 128)
+    assert not study.in_process(cfg)  # a TorchTrainer run: Ray Train resizes it
+    fit = dict(total_cpus=8, total_gpus=0, requested=None, where="the cluster")
+    assert plan_concurrency(study, free_cpus=8, free_gpus=0, **fit) == 2  # 4 workers each: trials shrink, not queue
+    assert plan_concurrency(study, free_cpus=3, free_gpus=0, **{**fit, "total_cpus": 3}) == 1  # 2 fit: it starts
+    with pytest.raises(ConfigError, match="one trial needs 2 CPUs and 0 GPUs .* but the cluster has 1 CPUs"):
+        plan_concurrency(study, free_cpus=1, free_gpus=0, **{**fit, "total_cpus": 1})
+    # --set: another range, or one number (a fixed group again)
+    assert load_study(_write(tmp_path, ELASTIC), {"num_workers": "1-3"}).trial_config({"lr": 0.5}).min_workers == 1
+    fixed = load_study(_write(tmp_path, ELASTIC.replace(", global_batch: 128", "")), {"num_workers": "3"})
+    assert not fixed.trial_config({"lr": 0.5}).is_elastic()
+    # A range is given once, not searched; a bad one is named.
+    searched = ELASTIC.replace(", num_workers: 2-4", "").replace(", global_batch: 128", "") + \
+        "  num_workers: {choice: [1, 2-4]}\n"
+    with pytest.raises(ConfigError, match=r"num_workers '2-4': a worker range \(an elastic run\) is given once"):
+        load_study(_write(tmp_path, searched, "s.yaml"))
+    with pytest.raises(ConfigError, match=r"fixed.num_workers '4-2': give a number of workers, or a range MIN-MAX"):
+        load_study(_write(tmp_path, ELASTIC.replace("2-4", "4-2"), "b.yaml"))
+
+
+def test_an_elastic_trials_mid_epoch_checkpoints_do_not_reach_tune_and_its_epochs_do():
+    """A spot notice's checkpoint is a Train report (Ray Train restarts from it) but not a Tune result:
+    ASHA counts results as epochs."""
+    from raydist.tune import epochs_to_tune
+
+    import ray.tune.integration.ray_train as ray_train_tune
+
+    class Queue:
+        def __init__(self):
+            self.items = []
+
+        def put(self, item):
+            self.items.append(item)
+
+    queue = Queue()
+    with pytest.MonkeyPatch.context() as patch:  # outside a Tune session: give the callback its queue
+        patch.setattr(ray_train_tune, "_in_tune_session", lambda: True)
+        patch.setattr(ray_train_tune, "get_session",
+                      lambda: type("S", (), {"_get_or_create_inter_actor_queue": lambda self: queue})())
+        callback = epochs_to_tune()
+    callback.after_report(None, [{"epoch": 3, "partial_epoch": True, "position": 384}], None)
+    callback.after_report(None, [{"epoch": 3, "val_acc": 0.9}], None)
+    assert queue.items == [{"epoch": 3, "val_acc": 0.9}]
+
+
 def _tune_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "raydist.tune", *args], capture_output=True, text=True,
                           timeout=120, cwd=cwd)

@@ -284,3 +284,30 @@ def test_two_worker_trials_are_train_runs_in_the_dashboard_and_one_worker_ones_t
         kept = sorted(p.name for p in run_dir.glob("checkpoint_epoch_*"))
         assert 1 <= len(kept) <= 3 and f"checkpoint_epoch_{int(rows[trial_id]['epochs_run']):04d}" in kept
         assert list((run_dir / "tensorboard").glob("events.out.tfevents*"))
+
+
+ELASTIC_STUDY = """
+num_samples: 1
+search: {algorithm: random, seed: 0}
+scheduler: {type: fifo}
+fixed: {dataset: digits, model: resnet8, num_workers: 1-2, batch_size: 32, global_batch: 64, epochs: 3,
+        warmup_epochs: 0}
+searched:
+  lr: {choice: [0.8]}
+"""
+
+
+def test_a_study_with_a_worker_range_trains_each_trial_elastically_and_tune_gets_its_epochs(ray_cluster, tmp_path):
+    (tmp_path / "elastic.yaml").write_text(ELASTIC_STUDY)
+    proc = start_tune(ray_cluster, "--search-space", str(tmp_path / "elastic.yaml"), "--storage-path",
+                      str(tmp_path / "runs"), "--name", "elastic")
+    stdout, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stdout[-5000:]
+    assert re.search(r"started: .*1-2 workers x 1 CPU, TorchTrainer", stdout), stdout[-3000:]
+    (row,) = read_csv(tmp_path / "runs" / "elastic" / "results.csv")
+    assert row["status"] == "finished" and row["epochs_run"] == "3"
+    assert float(row["final_val_acc"]) > 0.7  # it learned (chance: 0.1)
+    progress = _progress(tmp_path / "runs" / "elastic" / f"trial_{row['trial_id']}")
+    assert [p["epoch"] for p in progress] == [1, 2, 3]  # every epoch reached Tune, once
+    # Both of the session cluster's CPUs, the global batch fixed: an elastic Train run inside the trial.
+    assert {(p["world_size"], p["global_batch"]) for p in progress} == {(2, 64)}
