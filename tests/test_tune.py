@@ -1,6 +1,6 @@
 """Real studies through `python -m raydist.tune` on the session's Ray cluster (2 CPUs, dashboard on).
 
-One HyperOpt + ASHA study on digits (4 trials, 1 or 2 DDP workers each: the one-worker ones train in their
+One HyperOpt + ASHA study on digits (3 trials, 1 or 2 DDP workers each: the one-worker ones train in their
 trial's own process, the two-worker ones as TorchTrainer runs) is run once per module and checked from every
 side; a second, smaller study, every trial a TorchTrainer run (`--one-worker-trials trainer`), is interrupted
 with SIGINT and resumed.
@@ -24,7 +24,7 @@ from conftest import MetricsWatcher, digits_val_accuracy, read_csv, start_tune, 
 # planned for 7 epochs (ASHA's budget, over which every LR schedule runs): how long one runs is ASHA's call.
 STUDY = """
 description: test study
-num_samples: 4
+num_samples: 3
 search: {algorithm: hyperopt, initial_points: 2, seed: 0}
 scheduler: {type: asha, grace_period: 2, reduction_factor: 2}
 fixed: {dataset: digits, model: resnet8, warmup_epochs: 0.5, epochs: 7}
@@ -79,7 +79,7 @@ def study(ray_cluster, tmp_path_factory):
 
 def test_study_runs_every_trial_with_one_and_two_workers(study):
     experiment, rows, _, _ = study
-    assert len(rows) == 4
+    assert len(rows) == 3
     assert {row["num_workers"] for row in rows.values()} == {"1", "2"}
     for trial_id, row in rows.items():
         progress = _progress(experiment / f"trial_{trial_id}")
@@ -139,7 +139,7 @@ def test_the_console_says_each_trial_event_and_none_of_rays_noise(study):
         else:
             assert re.search(rf"^trial {trial_id} finished \(7/7 epochs, best val_acc "
                              rf"{float(row['best_val_acc']):.2%} at epoch {row['best_epoch']}", stdout, re.M)
-    assert re.search(r"^\[[\dmhs]+\] trials: 0 running, 0 pending, 4/4 done  \| best \w+ val_acc", stdout, re.M)
+    assert re.search(r"^\[[\dmhs]+\] trials: 0 running, 0 pending, 3/3 done  \| best \w+ val_acc", stdout, re.M)
     assert "Ray's logs: " in stdout
     for noise in ("Trial status", "╭", "Configuration for experiment", "View detailed results here", "exclude_resources",
                   "PreemptionWatcher", "Token authentication is enabled", "train loss"):
