@@ -34,7 +34,7 @@ import time
 
 from bench_env import environment
 
-from raydist.engine import IMAGE_TRACE_ENV
+from raydist.engine import IMAGE_TRACE_ENV, read_image_trace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
 from clusters import ConsoleLines, shutdown_cluster  # noqa: E402  (the tests' cluster helpers)
@@ -138,13 +138,8 @@ def _one_run(label: str, workers: str, nodes: int, args, folder: str, *, scenari
     repeated = None
     if os.path.isdir(trace) and gone:  # steps the 4-worker group trained past the point the 2 resumed from
         resumed = (int(gone.group(1)) - 1, int(gone.group(2)) * args.global_batch)
-        steps = set()
-        for name in os.listdir(trace):
-            for line in open(os.path.join(trace, name)):
-                r = json.loads(line)
-                if r["world"] == 4 and (r["epoch"], r["end"]) > resumed:
-                    steps.add((r["epoch"], r["end"]))
-        repeated = len(steps)
+        repeated = len({(r["epoch"], r["end"]) for r in read_image_trace(trace)
+                        if r["world"] == 4 and (r["epoch"], r["end"]) > resumed})
     cadence = re.search(r"spot notices: checked every (\d+) step\(s\) \(a check takes ([\d.]+) ms, a step "
                         r"([\d.]+) ms\)", text)
     final = re.search(r"finished \d+ epoch\(s\) in [\d.]+s: val acc ([\d.]+)%", text)

@@ -1047,6 +1047,19 @@ class ImageTrace:
                                  "rank": state.rank, "indices": indices.tolist()}) + "\n")
 
 
+def read_image_trace(folder: str) -> list[dict]:
+    """Every record that ImageTrace wrote into `folder`, all processes' files together (a missing folder:
+    none)."""
+    import json
+
+    records = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.startswith("trace-") and name.endswith(".jsonl"):
+            with open(os.path.join(folder, name)) as fh:
+                records += [json.loads(line) for line in fh]
+    return records
+
+
 def image_trace(state: "TrainingState") -> Optional[ImageTrace]:
     folder = os.environ.get(IMAGE_TRACE_ENV)
     return ImageTrace(folder) if folder and (state.elastic or state.position) else None

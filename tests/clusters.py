@@ -244,14 +244,15 @@ class ConsoleLines:
     def wait_for(self, pattern: str, timeout: float) -> re.Match:
         """The first line matching `pattern` (a regex), waiting up to `timeout` seconds while the process runs."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
+            ended = self.proc.poll() is not None
+            if ended:
+                self.reader.join(5)  # its last lines read
             for _, line in list(self.lines):
                 found = re.search(pattern, line)
                 if found:
                     return found
-            if self.proc.poll() is not None:
-                time.sleep(0.5)  # the reader may still hold the last lines
-                if not any(re.search(pattern, line) for _, line in list(self.lines)):
-                    break
+            if ended or time.monotonic() > deadline:
+                break
             time.sleep(0.2)
         raise AssertionError(f"no line matching {pattern!r}; output:\n{self.text()[-5000:]}")

@@ -3,9 +3,6 @@ images, a spot notice's checkpoint inside an epoch, and the resume on another wo
 image of the interrupted epoch exactly once. The loop runs as real gloo DDP processes (tests/local_ddp.py);
 the real cluster's resize and reclaim are in tests/test_elastic_cluster.py."""
 
-import glob
-import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -17,7 +14,7 @@ from local_ddp import run_ddp
 from raydist.config import ConfigError, TrainConfig, parse_cli
 from raydist.data import train_size
 from raydist.elastic import batch_layout, epoch_order, epoch_steps, split_sizes, update_at
-from raydist.engine import CHECKPOINT_FILE, TrainingState, load_checkpoint_file, local_context, run
+from raydist.engine import CHECKPOINT_FILE, TrainingState, load_checkpoint_file, local_context, read_image_trace, run
 
 N = train_size("digits", val_fraction=None)
 
@@ -141,14 +138,6 @@ ELASTIC = dict(dataset="digits", model="resnet8", num_workers=3, min_workers=1, 
                epochs=4, lr=1.0, warmup_epochs=0.5, preemption_check_every=2, checkpoint_every=1)  # augmentation on
 
 
-def _trace(folder):
-    records = []
-    for path in glob.glob(os.path.join(folder, "trace-*.jsonl")):
-        with open(path) as fh:
-            records += [json.loads(line) for line in fh]
-    return records
-
-
 def test_a_spot_notice_checkpoints_mid_epoch_and_a_resume_on_more_workers_uses_each_image_once(tmp_path, monkeypatch):
     """2 workers get a notice at their 4th check (step 8 of epoch 1: 768 images in); the node goes at the
     next check, 2 steps later. The run goes on from the notice's checkpoint on 3 workers: every image of
@@ -165,7 +154,7 @@ def test_a_spot_notice_checkpoints_mid_epoch_and_a_resume_on_more_workers_uses_e
 
     monkeypatch.setenv("RAYDIST_IMAGE_TRACE", str(traces / "second"))
     history = run_ddp(cfg, tmp_path / "second", world_size=3, resume_from=jit)
-    first, second = _trace(traces / "first"), _trace(traces / "second")
+    first, second = read_image_trace(traces / "first"), read_image_trace(traces / "second")
     kept = [r for r in first if r["epoch"] == 0 and r["end"] <= 768]
     repeated = {r["end"] for r in first if r["epoch"] == 0 and r["end"] > 768}
     assert len(repeated) <= 2  # at most K = 2 steps between the notice's checkpoint and the node's loss

@@ -4,7 +4,6 @@ grows to 4 when a second node joins, gets a spot notice when that node is draine
 reason, writes a checkpoint inside the epoch, loses the node for real (its raylet and workers killed) and
 finishes on 2 workers from that checkpoint, with every image of the interrupted epoch used once."""
 
-import glob
 import json
 import os
 import re
@@ -17,6 +16,7 @@ import pytest
 from clusters import ConsoleLines, shutdown_cluster
 
 from raydist.data import train_size
+from raydist.engine import read_image_trace
 
 
 @pytest.mark.own_cluster
@@ -74,10 +74,7 @@ def test_an_elastic_run_grows_when_a_node_joins_and_survives_a_spot_reclaim(tmp_
     # 2-worker group resumed from, and the 2-worker group's from there (a few steps repeated in between).
     resumed_epoch, resumed_step = int(gone.group(1)), int(gone.group(2))
     position = resumed_step * 128
-    records = []
-    for path in glob.glob(str(tmp_path / "trace" / "trace-*.jsonl")):
-        with open(path) as fh:
-            records += [json.loads(line) for line in fh]
+    records = read_image_trace(str(tmp_path / "trace"))
     epoch_index = resumed_epoch - 1
     before = [r for r in records if r["epoch"] == epoch_index and r["world"] == 4 and r["end"] <= position]
     after = [r for r in records if r["epoch"] == epoch_index and r["world"] == 2 and r["end"] > position]
