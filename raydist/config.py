@@ -73,6 +73,11 @@ class TrainConfig:
 
     # ---- model ------------------------------------------------------------------------------
     model: str = _field("model", "resnet8", "model name (see --model choices)")
+    model_args: dict = field(default_factory=dict, metadata={
+        "group": "model", "choices": None,
+        "help": "the model's own arguments, e.g. --model-arg l1=64 --model-arg l2=16 for tune_cnn, depth=28 widen=10 "
+                "for wrn (repeatable; YAML: model_args: {l1: 64}; a study searches model_args.l1); checked against "
+                "the model's builder, saved with its weights"})
     pretrained: bool = _field("model", False, "start from published ImageNet weights (resnet18_imagenet, "
                               "resnet50_imagenet; "
                               "torchvision's cache under $TORCH_HOME, downloaded once if missing)")
@@ -99,7 +104,12 @@ class TrainConfig:
 
     # ---- optimization -----------------------------------------------------------------------
     optimizer: str = _field("optimization", "sgd", "sgd (momentum, Nesterov) or adamw", ("sgd", "adamw"))
-    lr: float = _field("optimization", 0.4, "peak learning rate per 256 images; scaled linearly by the global batch")
+    lr: float = _field("optimization", 0.4, "peak learning rate per 256 images; scaled linearly by the global batch "
+                       "(see --lr-scaling)")
+    lr_scaling: str = _field("optimization", "per_256", "what --lr is: per_256 (the LR of a 256-image batch, scaled "
+                             "by global batch / 256: Goyal et al.'s linear rule), per_worker (one worker's LR, scaled "
+                             "by workers x --grad-accum: Horovod's examples) or none (the optimizer's LR at any batch: "
+                             "Ray Tune's tutorials)", ("per_256", "per_worker", "none"))
     momentum: float = _field("optimization", 0.9, "SGD momentum (AdamW: beta1), in [0, 1)")
     nesterov: bool = _field("optimization", True, "Nesterov momentum for SGD")
     weight_decay: float = _field("optimization", 5e-4, "L2 weight decay (AdamW: decoupled)")
@@ -175,6 +185,7 @@ class TrainConfig:
             raise ConfigError(f"unknown dataset {self.dataset!r}; known: {', '.join(sorted(DATASETS))}")
         if self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}; known: {', '.join(sorted(MODELS))}")
+        self._validate_model_args()
         for name in ("lr", "batch_size", "epochs", "grad_accum", "num_workers", "cpus_per_worker",
                      "fake_image_size", "fake_num_classes", "fake_train_size", "fake_val_size",
                      "patience", "keep_checkpoints", "lr_step_epochs", "unfreeze_every", "freeze_epochs",
@@ -254,6 +265,33 @@ class TrainConfig:
             raise ConfigError(f"--lr-step-gamma must be in (0, 1] (the LR factor at each step drop), "
                               f"got {self.lr_step_gamma!r}")
         return self
+
+    def _validate_model_args(self) -> None:
+        """--model-arg against the builder's signature (types converted), the builder's own checks run on
+        the meta device (no memory, no time), and the image side a fixed-size network accepts."""
+        import torch
+
+        from raydist.models import MODELS, ModelArgError, check_model_args
+
+        try:
+            self.model_args = check_model_args(self.model, self.model_args)
+        except ModelArgError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.model_args:
+            try:
+                with torch.device("meta"):
+                    MODELS[self.model].builder(num_classes=2, **self.model_args)
+            except ValueError as exc:
+                args = " ".join(f"--model-arg {k}={v}" for k, v in self.model_args.items())
+                raise ConfigError(f"{args}: {exc}") from None
+        sides = MODELS[self.model].input_sides
+        if sides:
+            from raydist.engine import input_side
+
+            side = input_side(self)
+            if not sides[0] <= side <= sides[1]:
+                raise ConfigError(f"--model {self.model} reads images of {sides[0]} to {sides[1]} pixels a side, but "
+                                  f"this run feeds it {side}: give --input-size 32 (or another model)")
 
     def _validate_elastic(self) -> None:
         """--num-workers MIN-MAX and the settings that only an elastic run reads."""
@@ -424,6 +462,13 @@ def _base_type(name: str) -> tuple[type, bool]:
 
 def _coerce(name: str, value: Any, source: str) -> Any:
     kind, optional = _base_type(name)
+    if kind is dict:  # model_args: names -> plain values (the model's builder checks them in validate)
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) and _is_plain(v) for k, v in value.items()):
+            raise ConfigError(f"{source}: {name} = {value!r} must be a mapping of argument names to numbers, "
+                              f"booleans or text, e.g. {{l1: 64, l2: 16}}")
+        return dict(value)
     if name == "num_workers" and is_worker_range(value):  # _coerce_all splits a range before it gets here
         raise ConfigError(f"{source}: num_workers {value!r}: a worker range (an elastic run) is given once, as "
                           f"--num-workers or a study's fixed num_workers; here give one number")
@@ -461,10 +506,37 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 
 def _coerce_all(values: dict, source: str) -> dict:
-    unknown = sorted(set(values) - set(_FIELDS))
+    """Checked config values; `model_args.NAME` keys (a study's, --model-arg's) folded into model_args."""
+    unknown = sorted(k for k in set(values) - set(_FIELDS) if not is_model_arg_key(k))
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(_FIELDS)}")
-    return {k: _coerce(k, v, source) for k, v in split_worker_range(values, f"{source}: num_workers").items()}
+    values = split_worker_range(values, f"{source}: num_workers")
+    out = {k: _coerce(k, v, source) for k, v in values.items() if not is_model_arg_key(k)}
+    dotted = {k: v for k, v in values.items() if is_model_arg_key(k)}
+    if dotted:
+        out = merge_config_values(out, {"model_args": _coerce(
+            "model_args", {k[len(MODEL_ARG_PREFIX):]: v for k, v in dotted.items()}, source)})
+    return out
+
+
+MODEL_ARG_PREFIX = "model_args."
+
+
+def is_model_arg_key(key: Any) -> bool:
+    """`model_args.l1`: one of the model's arguments, as a study searches or --set fixes it."""
+    return isinstance(key, str) and key.startswith(MODEL_ARG_PREFIX) and len(key) > len(MODEL_ARG_PREFIX)
+
+
+def merge_config_values(base: dict, top: dict) -> dict:
+    """`top` over `base`, argument by argument for model_args (a flag's l1 keeps a file's l2)."""
+    out = {**base, **top}
+    if "model_args" in base and "model_args" in top:
+        out["model_args"] = {**(base["model_args"] or {}), **(top["model_args"] or {})}
+    return out
+
+
+def _is_plain(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str))
 
 
 WORKER_RANGE_RULE = "give a number of workers, or a range MIN-MAX of whole numbers with 1 <= MIN <= MAX (e.g. 2-8)"
@@ -600,6 +672,10 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     groups = {g: parser.add_argument_group(g) for g in GROUPS}
     for f in dataclasses.fields(TrainConfig):
         kind, _ = _base_type(f.name)
+        if kind is dict:  # --model-arg NAME=VALUE, repeatable (parse_cli folds them into model_args)
+            groups[f.metadata["group"]].add_argument("--model-arg", dest="model_arg", action="append",
+                                                     metavar="NAME=VALUE", help=f.metadata["help"])
+            continue
         help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
         choices = f.metadata["choices"] or registry_choices.get(f.name)
         if choices and f.name in registry_choices:
@@ -639,11 +715,11 @@ def resolve(explicit: dict, config_files=None, base: Optional[dict] = None) -> T
         values.update(_coerce_all(base, "resumed config"))
     for path in config_files or []:
         from_file = load_yaml(path)
-        values.update(from_file)
+        values = merge_config_values(values, from_file)
         origin.update(dict.fromkeys(from_file, path))
     if "num_workers" in explicit and "min_workers" not in explicit:
         values.pop("min_workers", None)  # --num-workers N is a fixed group, whatever a file or a resumed run said
-    values.update(split_worker_range(explicit, "--num-workers"))
+    values = merge_config_values(values, split_worker_range(explicit, "--num-workers"))
     for name in explicit:
         origin.pop(name, None)
     values = split_worker_range(values, "num_workers")  # a range from a --config file
@@ -668,4 +744,24 @@ def parse_cli(argv: Optional[list[str]] = None, prog: str = "raydist.train",
     parser = build_parser(prog, description)
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     config_files = args.pop("config", None) or []
+    if "model_arg" in args:
+        args["model_args"] = parse_model_args(args.pop("model_arg"))
     return resolve(args, config_files), args, config_files
+
+
+def parse_model_args(items: list[str]) -> dict:
+    """--model-arg NAME=VALUE ...: values read as YAML scalars (64 an int, 0.3 a float, true a bool)."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--model-arg {item!r} must look like NAME=VALUE, e.g. --model-arg l1=64")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        if not _is_plain(value):
+            value = text  # a list, a date or an empty value: the builder's check names it as typed
+        out[key] = value
+    return out

@@ -81,6 +81,15 @@ class OutOfMemory(WorkerInputError):
 # ---- building blocks ------------------------------------------------------------------------------
 
 
+def lr_scale(cfg: TrainConfig, global_batch: int) -> float:
+    """The factor --lr is multiplied by at this global batch (--lr-scaling)."""
+    if cfg.lr_scaling == "none":
+        return 1.0
+    if cfg.lr_scaling == "per_worker":  # one worker's batch (with its accumulation) gets --lr as it is
+        return global_batch / cfg.batch_size
+    return global_batch / 256
+
+
 def lr_factor(update: int, *, warmup: int, total: int, schedule: str, step_every: int, gamma: float) -> float:
     """LR multiplier at optimizer update `update` (0-based): linear warmup, then cosine, step or constant."""
     # 1) warmup: ramp linearly from 1/warmup to 1 over the first `warmup` updates
@@ -185,7 +194,8 @@ def final_model_bytes(model_state: dict, config: dict, metrics: Optional[dict], 
     made them, and what the model needs to be rebuilt (raydist.models.transfer.load_trained_model)."""
     cfg = TrainConfig.from_dict(config)
     return checkpoint_bytes({"model": model_state, "config": config, "model_name": cfg.model,
-                             "num_classes": cfg.num_classes(), "class_names": cfg.class_names(),
+                             "model_args": cfg.model_args, "num_classes": cfg.num_classes(),
+                             "class_names": cfg.class_names(),
                              "metrics": metrics, **extra})
 
 
@@ -319,7 +329,8 @@ class TrainingState:
         self.augment = input_pipeline(cfg, device, seed=cfg.seed * 1000 + rank)
 
         # ---- model (identical initial weights on every rank: the caller seeded torch)
-        net = build_model(cfg.model, num_classes=cfg.num_classes(), grey_input=cfg.grey_input, source=source)
+        net = build_model(cfg.model, num_classes=cfg.num_classes(), grey_input=cfg.grey_input, source=source,
+                          model_args=cfg.model_args)
         if cfg.sync_batchnorm and world > 1:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         self.channels_last = uses_channels_last(cfg, device)
@@ -345,7 +356,7 @@ class TrainingState:
         else:
             steps = steps_per_epoch(len(train_set), batch_size=cfg.batch_size, world_size=world)
             self.updates_per_epoch = math.ceil(steps / cfg.grad_accum)
-        peak_lr = cfg.lr * self.layout.global_batch / 256
+        peak_lr = cfg.lr * lr_scale(cfg, self.layout.global_batch)
         self.optimizer = self._build_optimizer(peak_lr)
         warmup = round(cfg.warmup_epochs * self.updates_per_epoch)
         total = (cfg.schedule_epochs or cfg.epochs) * self.updates_per_epoch  # a study under ASHA spans its budget

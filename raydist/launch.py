@@ -142,7 +142,8 @@ def check_weights(cfg: TrainConfig, *, on_this_machine: bool = True) -> None:
             source = pretrained_source(cfg.model)  # downloads into this machine's cache once, if it can
         else:
             return
-        build_model(cfg.model, num_classes=cfg.num_classes(), grey_input=cfg.grey_input, source=source)
+        build_model(cfg.model, num_classes=cfg.num_classes(), grey_input=cfg.grey_input, source=source,
+                    model_args=cfg.model_args)
     except WeightsError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -168,6 +169,13 @@ def check_resume_compatible(saved: dict, cfg: TrainConfig, resume: str) -> None:
             raise ConfigError(f"--resume {resume}: --{name.replace('_', '-')} {getattr(cfg, name)} differs from "
                               f"the run's {old}; a checkpoint continues with the same {name} (start a new run "
                               f"with --{name.replace('_', '-')} {getattr(cfg, name)} instead)")
+    old_args = saved.get("model_args") or {}
+    if cfg.model_args != old_args:
+        def text(args):
+            return " ".join(f"{k}={v}" for k, v in sorted(args.items())) or "none"
+        raise ConfigError(f"--resume {resume}: --model-arg {text(cfg.model_args)} differs from the run's "
+                          f"{text(old_args)}; a checkpoint continues with the same model arguments (start a new "
+                          f"run for another shape)")
 
 
 def check_data(dataset: str, data_dir: str, download: bool, hint: str = "") -> None:

@@ -66,8 +66,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from raydist.config import (ConfigError, TrainConfig, _base_type, _coerce, _coerce_all, check_folder_name, metric_mode,
-                            read_yaml_mapping, split_worker_range)
+from raydist.config import (MODEL_ARG_PREFIX, ConfigError, TrainConfig, _base_type, _coerce, _coerce_all,
+                            check_folder_name, is_model_arg_key, merge_config_values, metric_mode, read_yaml_mapping,
+                            split_worker_range)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "qloguniform", "randint", "qrandint", "choice")
 GRID_KINDS = ("randint", "qrandint", "quniform")  # sampled as a choice of their values
@@ -234,6 +235,10 @@ class Study:
     def base_config(self) -> TrainConfig:
         return TrainConfig(**self.fixed)
 
+    def _with(self, values: dict) -> dict:
+        """The fixed values with `values` (searched ones, `model_args.NAME` among them) on top."""
+        return self._scheduled(merge_config_values(self.fixed, _fold_model_args(values)))
+
     def decode(self, sample: dict) -> dict:
         """A Tune sample as config values: the sample itself, with qloguniform's float noise removed
         (HyperOpt and Tune round to q in floating point: 3 x 0.1 comes back as 0.30000000000000004)."""
@@ -249,8 +254,8 @@ class Study:
     def trial_config(self, sample: dict) -> TrainConfig:
         """The validated TrainConfig of one trial: defaults < fixed < the sampled values (< ASHA's budget
         as the span of the LR schedule)."""
-        values = {"max_failures": self.worker_restarts, **self.fixed,
-                  **_coerce_all(self.decode(sample), f"{self.path}: trial")}
+        values = merge_config_values({"max_failures": self.worker_restarts, **self.fixed},
+                                     _coerce_all(self.decode(sample), f"{self.path}: trial"))
         return TrainConfig(**self._scheduled(values)).validate()
 
     def _scheduled(self, values: dict) -> dict:
@@ -279,10 +284,10 @@ class Study:
         bad bound (warmup longer than the shortest epochs, a batch size of 0) before any trial starts.
         Yields (which corner, in words; its config)."""
         low = {name: dist.extremes()[0] for name, dist in self.searched.items()}
-        yield "", TrainConfig(**self._scheduled({**self.fixed, **low}))
+        yield "", TrainConfig(**self._with(low))
         for name, dist in self.searched.items():
             for value in dist.extremes():
-                yield f"searched {name} reaches {value}: ", TrainConfig(**self._scheduled({**self.fixed, **low, name: value}))
+                yield f"searched {name} reaches {value}: ", TrainConfig(**self._with({**low, name: value}))
 
 
 def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[dict] = None, *,
@@ -299,18 +304,24 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
 
     fixed = _config_fields(path, "fixed", raw.get("fixed") or {})
     fixed = split_worker_range(fixed, f"{path}: fixed.num_workers")  # a range: every trial elastic within it
-    fixed = {k: _coerce(k, v, f"{path}: fixed.{k}") for k, v in fixed.items()}
+    fixed = _fold_model_args({k: v if is_model_arg_key(k) else _coerce(k, v, f"{path}: fixed.{k}")
+                              for k, v in fixed.items()})
     searched_raw = _config_fields(path, "searched", raw["searched"])
     if not searched_raw:
         raise ConfigError(f"{path}: 'searched' is empty; give at least one field and its distribution")
-    both = sorted(set(fixed) & set(searched_raw))
+    fixed_keys = set(fixed) | {MODEL_ARG_PREFIX + k for k in fixed.get("model_args", {})}
+    both = sorted(fixed_keys & set(searched_raw))
     if both:
         raise ConfigError(f"{path}: {both[0]!r} is both fixed and searched; keep it in one section")
-    searched = {name: _distribution(path, name, spec) for name, spec in searched_raw.items()}
+    searched = {name: _distribution(path, name, spec, _field_type(path, name, fixed, searched_raw))
+                for name, spec in searched_raw.items()}
     sets = split_worker_range(_config_fields("--set", "", overrides or {}), "--set num_workers")
     for name, value in sets.items():  # fix a value, even a searched one
         searched.pop(name, None)
-        fixed[name] = _coerce(name, value, f"--set {name}")
+        if is_model_arg_key(name):
+            fixed = merge_config_values(fixed, _fold_model_args({name: value}))
+        else:
+            fixed[name] = _coerce(name, value, f"--set {name}")
     if "num_workers" in sets and "min_workers" not in sets:  # a plain number on top of a range: a fixed group
         fixed.pop("min_workers", None)
 
@@ -344,6 +355,33 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
 # ---- pieces ----------------------------------------------------------------------------------------
 
 
+def _fold_model_args(values: dict) -> dict:
+    """`model_args.NAME` keys gathered into one model_args mapping (the type checks are TrainConfig's)."""
+    dotted = {k[len(MODEL_ARG_PREFIX):]: v for k, v in values.items() if is_model_arg_key(k)}
+    plain = {k: v for k, v in values.items() if not is_model_arg_key(k)}
+    return merge_config_values(plain, {"model_args": dotted}) if dotted else plain
+
+
+def _field_type(path: str, name: str, fixed: dict, searched: dict) -> type:
+    """A searched field's type; for `model_args.NAME`, the annotated type of that argument of the study's model."""
+    if not is_model_arg_key(name):
+        return _base_type(name)[0]
+    from raydist.models import MODELS
+
+    where = f"{path}: searched.{name}"
+    if "model" in searched:
+        raise ConfigError(f"{where}: a model argument is searched for one model; fix the model (fixed.model) or "
+                          f"search the model's arguments in a study of their own")
+    model = fixed.get("model", TrainConfig.model)
+    spec = MODELS.get(model)
+    arg = name[len(MODEL_ARG_PREFIX):]
+    if spec is None:
+        raise ConfigError(f"{path}: unknown model {model!r}; known: {', '.join(sorted(MODELS))}")
+    if arg not in spec.arguments():
+        raise ConfigError(f"{where}: {spec.arguments_text()}")
+    return spec.argument_type(arg)
+
+
 def _config_fields(path: str, section: str, values: Any) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: '{section}' must be a mapping of config fields, got {type(values).__name__}")
@@ -353,12 +391,13 @@ def _config_fields(path: str, section: str, values: Any) -> dict:
         if key in PER_TRIAL_FIELDS:
             raise ConfigError(f"{where} is set per trial by raydist.tune; remove it "
                               f"(use --storage-path / --address on the command line)")
-        if key not in known:
-            raise ConfigError(f"{where} is not a config field; known: {', '.join(known)}")
+        if key not in known and not is_model_arg_key(key):
+            raise ConfigError(f"{where} is not a config field; known: {', '.join(known)} (and a model's arguments "
+                              f"as model_args.NAME)")
     return dict(values)
 
 
-def _distribution(path: str, name: str, spec: Any) -> Distribution:
+def _distribution(path: str, name: str, spec: Any, field_type: type) -> Distribution:
     where = f"{path}: searched.{name}"
     if not (isinstance(spec, dict) and len(spec) == 1):
         raise ConfigError(f"{where} must be one distribution, e.g. {{loguniform: [0.01, 1.0]}}; "
@@ -368,8 +407,10 @@ def _distribution(path: str, name: str, spec: Any) -> Distribution:
         raise ConfigError(f"{where}: unknown distribution {kind!r}; known: {', '.join(DISTRIBUTIONS)}")
     if not isinstance(args, list) or not args:
         raise ConfigError(f"{where}: {kind} takes a list, e.g. {kind}: {_EXAMPLES[kind]}")
-    field_type, _ = _base_type(name)
     if kind == "choice":
+        if is_model_arg_key(name):  # the model's builder checks the values (every one, at the corners)
+            return Distribution(kind, tuple(float(v) if field_type is float and isinstance(v, int) else v
+                                            for v in args))
         return Distribution(kind, tuple(_coerce(name, v, where) for v in args))
 
     arity = 3 if kind.startswith("q") else 2

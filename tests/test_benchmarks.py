@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import read_csv
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
 TINY_STUDY = """
 num_samples: 2
 search: {algorithm: random, seed: 0}
@@ -207,3 +208,15 @@ def test_folder_ingest_compares_the_streamed_and_memory_paths_with_a_dataloader(
     assert set(result["ratios"]) == {"stream/dataloader", "memory/dataloader"}
     assert result["streaming_memory"]["4x"]["images"] == 4 * result["streaming_memory"]["1x"]["images"]
     assert len(list((tmp_path / "folder").rglob("*.jpg"))) == 100
+
+
+def test_the_model_table_in_the_docs_is_what_the_models_count():
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import model_sizes
+
+    rows = model_sizes.table()
+    text = (ROOT / "docs" / "models.md").read_text()
+    assert all(row in text.splitlines() for row in rows), "rerun: python benchmarks/model_sizes.py --out docs/models.md"
+    assert any(row.startswith("| wrn_dli") and "| 17,117,754 |" in row and "| 4.824 |" in row for row in rows)

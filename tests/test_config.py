@@ -59,6 +59,17 @@ def test_yaml_sets_defaults_and_flags_override(tmp_path):
     assert explicit == {"lr": 0.05} and config_file == [str(path)]
 
 
+def test_model_args_come_from_yaml_and_flags_argument_by_argument_typed_by_the_models_builder(tmp_path):
+    path = tmp_path / "a.yaml"
+    path.write_text("model: wrn\nmodel_args: {depth: 28, widen: 4, dropout: 0}\n")
+    cfg, _, _ = parse_cli(["--config", str(path), "--model-arg", "widen=10"])
+    assert cfg.model_args == {"depth": 28, "widen": 10, "dropout": 0.0}  # the flag's widen, the file's depth
+    assert isinstance(cfg.model_args["dropout"], float)  # YAML's 0 read as the builder's float
+    assert parse_cli(["--model", "tune_cnn"])[0].model_args == {}  # the builder's defaults
+    with pytest.raises(ConfigError, match=r"model_args = \[1, 2\] must be a mapping of argument names"):
+        TrainConfig.from_dict({"model_args": [1, 2]})
+
+
 def test_yaml_values_are_coerced_to_field_types(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lr: 1\nuse_gpu: 'no'\nweight_decay: '1e-4'\n")
@@ -153,6 +164,13 @@ def _main(*args, capsys):
     (["--dataset", "cifar10", "--data-dir", "empty"], "not found in"),
     (["--resume", "no-such-run"], "neither a run folder"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--model", "tune_cnn", "--model-arg", "l3=4"],
+     "--model-arg l3=4: tune_cnn takes l1 (int, default 120), l2 (int, default 84)"),
+    (["--model", "tune_cnn", "--model-arg", "l1=wide"], "--model-arg l1='wide' is not a valid int: tune_cnn takes"),
+    (["--model", "wrn", "--model-arg", "depth=15"], "--model-arg depth=15: depth 15 is not 6n+4"),
+    (["--model-arg", "l1"], "--model-arg 'l1' must look like NAME=VALUE"),
+    (["--model", "wrn_dli", "--input-size", "64"], "--model wrn_dli reads images of 28 to 55 pixels a side, but this "
+                                                    "run feeds it 64"),
 ])
 def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, message):
     import ray
@@ -258,6 +276,22 @@ def test_resume_refuses_settings_a_checkpoint_cannot_continue_with(tmp_path, mon
                            f"{old}; a checkpoint continues with the same {name} (start a "
                            f"new run with {flag} {given} instead)")
     assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_resume_refuses_other_model_arguments(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from raydist import cluster
+
+    run_dir = tmp_path / "runs" / "old"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(TrainConfig(model="tune_cnn", model_args={"l1": 32}).to_dict()))
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("a cluster was started"))
+    code, err = _main("--resume", str(run_dir), "--model", "tune_cnn", "--model-arg", "l1=64", capsys=capsys)
+    assert code == 2
+    assert err.strip() == (f"raydist.train: error: --resume {run_dir}: --model-arg l1=64 differs from the run's "
+                           f"l1=32; a checkpoint continues with the same model arguments (start a new run for "
+                           f"another shape)")
 
 
 @pytest.mark.parametrize("content, says", [("", "holds nothing, not the run's config"),

@@ -35,10 +35,11 @@ def _weights(path):
 
 @pytest.mark.parametrize("setting", [
     dict(model="resnet8", augment="crop_flip"),  # the default augmentation
-    # the DLI network (dropout) with the DLI augmentation (affine + colour jitter), on small fake images
-    dict(model="wrn_dli", augment="dli", dataset="fake", fake_image_size=8, fake_num_classes=4,
-         fake_train_size=256, fake_val_size=64, batch_size=32, lr=0.1),
-], ids=["resnet8-crop_flip", "wrn_dli-dropout-dli"])
+    # a Wide ResNet with dropout (its shape and dropout from model_args) and the DLI augmentation (affine +
+    # colour jitter), on small fake images (wrn_dli itself takes 28-55 px only, 4.8 GFLOP an image at 32)
+    dict(model="wrn", model_args={"depth": 10, "widen": 2, "dropout": 0.3}, augment="dli", dataset="fake",
+         fake_image_size=8, fake_num_classes=4, fake_train_size=256, fake_val_size=64, batch_size=32, lr=0.1),
+], ids=["resnet8-crop_flip", "wrn-dropout-dli"])
 def test_a_run_resumed_from_a_checkpoint_is_bit_identical_to_the_uninterrupted_run(tmp_path, setting):
     cfg = TrainConfig(**{**TWO_WORKERS, "epochs": 3, "checkpoint_every": 1, **setting}).validate()
     full = run_ddp(cfg, tmp_path / "full")
@@ -95,3 +96,20 @@ def test_two_workers_with_compile_and_gradient_accumulation_learn_and_report_the
     final = load_checkpoint_file(str(tmp_path / FINAL_MODEL_FILE))
     # Compiled kernels round differently from the eager evaluation here: within one image of 359.
     assert digits_val_accuracy(final) == pytest.approx(history[-1]["val_acc"], abs=1.5 / 359)
+
+
+def test_a_model_with_its_own_arguments_trains_under_2_worker_ddp_and_is_rebuilt_from_its_file_alone(tmp_path):
+    # Ray Tune's tutorial CNN with a searched shape (fully connected widths 64 and 32, not its 120 and 84) and
+    # its LR convention (the optimizer's LR at any batch), augmentation on.
+    cfg = TrainConfig(model="tune_cnn", model_args={"l1": 64, "l2": 32}, augment="crop_flip", lr_scaling="none",
+                      **{**TWO_WORKERS, "batch_size": 32, "lr": 0.05, "epochs": 4}).validate()
+    history = run_ddp(cfg, tmp_path)
+    assert history[-1]["val_acc"] > 0.6  # it learned (chance: 0.1; 0.84 here)
+    assert history[0]["lr"] < 0.05 + 1e-9  # the LR as given, not scaled by the global batch of 64
+    from raydist.models.transfer import load_trained_model
+
+    final = load_checkpoint_file(str(tmp_path / FINAL_MODEL_FILE))
+    assert final["model_args"] == {"l1": 64, "l2": 32}
+    net = load_trained_model(str(tmp_path / FINAL_MODEL_FILE))  # no config from outside: the file's own
+    assert (net.fc1.out_features, net.fc2.out_features) == (64, 32)
+    assert digits_val_accuracy(final) == pytest.approx(history[-1]["val_acc"], abs=1e-6)

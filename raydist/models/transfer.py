@@ -126,10 +126,11 @@ def _strip_prefixes(key: str) -> str:
 
 
 def build_model(name: str, *, num_classes: int, grey_input: str = "replicate",
-                source: Optional[Source] = None) -> nn.Module:
+                source: Optional[Source] = None, model_args: Optional[dict] = None) -> nn.Module:
     """The model for a run: freshly initialised, or the source's backbone with a new head; with grey input
-    fed as one channel, its first conv adapted (`sum`: the RGB filters summed; `reinit`: a new conv)."""
-    net = create_model(name, num_classes=num_classes)
+    fed as one channel, its first conv adapted (`sum`: the RGB filters summed; `reinit`: a new conv).
+    `model_args`: the builder's own arguments (--model-arg)."""
+    net = create_model(name, num_classes=num_classes, **(model_args or {}))
     stem_name, stem = first_conv(net)
     if source is not None:
         state = {k: v for k, v in source.state.items() if not _is_head(k)}
@@ -277,7 +278,9 @@ def load_trained_model(saved) -> nn.Module:
     if isinstance(saved, str):
         saved = torch.load(os.path.expanduser(saved), map_location="cpu", weights_only=True)
     config = saved.get("config") or {}
+    # Files written before model arguments existed hold none: their models took none.
+    model_args = saved.get("model_args", config.get("model_args"))
     net = build_model(saved["model_name"], num_classes=saved["num_classes"],
-                      grey_input=config.get("grey_input", "replicate"))
+                      grey_input=config.get("grey_input", "replicate"), model_args=model_args)
     net.load_state_dict(saved["model"])
     return net.eval()

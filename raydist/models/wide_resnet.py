@@ -7,9 +7,11 @@ from torch import nn
 
 from raydist.models import register_model
 
-# ---- wrn_dli: the NVIDIA DLI assessment network -------------------------------------------------
-# Conv-BN-ReLU blocks; a residual block is two of them plus a 1x1 projection shortcut when the channel
-# count changes; channels 16 -> 160 -> 320 -> 640 with a max-pool after the first two stages.
+# ---- wrn_dli: the NVIDIA DLI assessment network, as published ----------------------------------
+# A Conv-BN-ReLU stem 3 -> 16, then two residual blocks per stage at 160, 320 and 640 channels with a 2x2
+# max-pool between the stages, AvgPool2d(7), and a linear head: 17,117,754 parameters with 10 classes.
+# A residual block is Conv-BN-ReLU, Dropout(0.01), Conv-BN-ReLU, plus its input (through a 1x1 convolution
+# with bias when the block changes the channel count).
 
 
 class ConvBNReLU(nn.Sequential):
@@ -22,7 +24,7 @@ class DLIResidualBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, dropout: float):
         super().__init__()
         self.body = nn.Sequential(ConvBNReLU(in_ch, out_ch), nn.Dropout(dropout), ConvBNReLU(out_ch, out_ch))
-        self.shortcut = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1, bias=False)
+        self.shortcut = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)  # with bias, as published
 
     def forward(self, x):
         return self.body(x) + self.shortcut(x)
@@ -33,10 +35,13 @@ class DLIWideResNet(nn.Module):
         super().__init__()
         self.features = nn.Sequential(
             ConvBNReLU(3, 16),
-            DLIResidualBlock(16, 160, dropout), nn.MaxPool2d(2),
-            DLIResidualBlock(160, 320, dropout), nn.MaxPool2d(2),
-            DLIResidualBlock(320, 640, dropout),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            DLIResidualBlock(16, 160, dropout), DLIResidualBlock(160, 160, dropout), nn.MaxPool2d(2),
+            DLIResidualBlock(160, 320, dropout), DLIResidualBlock(320, 320, dropout), nn.MaxPool2d(2),
+            DLIResidualBlock(320, 640, dropout), DLIResidualBlock(640, 640, dropout),
+            # The published network's pool: on the 8 x 8 map of a 32 x 32 input, AvgPool2d(7) averages the
+            # top-left 7 x 7 window only (one output, stride 7). Kept as published; it is why the model takes
+            # inputs of 28 to 55 pixels only (a map of 7 to 13 after the two max-pools).
+            nn.AvgPool2d(7), nn.Flatten(),
         )
         self.fc = nn.Linear(640, num_classes)
 
@@ -46,12 +51,14 @@ class DLIWideResNet(nn.Module):
     def transfer_stages(self) -> list[tuple[str, list[nn.Module]]]:
         """The backbone from input to output, in the units that transfer learning freezes and unfreezes."""
         f = self.features
-        return [("stem", [f[0]]), ("stage1", [f[1]]), ("stage2", [f[3]]), ("stage3", [f[5]])]
+        return [("stem", [f[0]]), ("stage1", [f[1], f[2]]), ("stage2", [f[4], f[5]]), ("stage3", [f[7], f[8]])]
 
 
-@register_model("wrn_dli", "the DLI assessment WideResNet (16/160/320/640 channels, dropout 0.01, two max-pools)")
-def wrn_dli(num_classes: int) -> nn.Module:
-    return DLIWideResNet(num_classes)
+@register_model("wrn_dli", "the DLI assessment WideResNet as published (two residual blocks at each of 160/320/640 "
+                "channels, dropout 0.01, two max-pools, AvgPool2d(7); 17.1M parameters; 28-55 px input)",
+                input_sides=(28, 55))
+def wrn_dli(num_classes: int, dropout: float = 0.01) -> nn.Module:
+    return DLIWideResNet(num_classes, dropout)
 
 
 # ---- WRN-d-k (Zagoruyko & Komodakis 2016): pre-activation blocks, widths 16k/32k/64k --------------
@@ -106,6 +113,18 @@ class WideResNet(nn.Module):
         n, f = self.blocks_per_stage, self.features
         return [("stem", [f[0]]), ("stage1", list(f[1:1 + n])), ("stage2", list(f[1 + n:1 + 2 * n])),
                 ("stage3", list(f[1 + 2 * n:]))]
+
+
+@register_model("wrn", "WRN-d-k for 32x32 inputs with its shape in --model-arg: depth (6n+4: 10, 16, 22, 28, 40), "
+                "widen (k), dropout; default WRN-16-4")
+def wrn(num_classes: int, depth: int = 16, widen: int = 4, dropout: float = 0.0) -> nn.Module:
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"depth {depth} is not 6n+4 with n >= 1 (e.g. 10, 16, 22, 28, 40)")
+    if widen < 1:
+        raise ValueError(f"widen {widen} must be 1 or more")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout {dropout} must be in [0, 1)")
+    return WideResNet(depth, widen, num_classes, dropout)
 
 
 @register_model("wrn16_4", "WRN-16-4 for 32x32 inputs (2.7M parameters)")
