@@ -39,7 +39,7 @@ from raydist.engine import IMAGE_TRACE_ENV, read_image_trace
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
 from clusters import ConsoleLines, shutdown_cluster  # noqa: E402  (the tests' cluster helpers)
 
-EPOCH_LINE = re.compile(r"epoch +(\d+)/(\d+)  train loss .* ([\d.]+) img/s")
+EPOCH_LINE = re.compile(r"epoch +(\d+)/(\d+)  train loss .* ([\d,.]+) img/s")  # 1,623 img/s: thousands separated
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
@@ -129,7 +129,7 @@ def _one_run(label: str, workers: str, nodes: int, args, folder: str, *, scenari
     if code != 0:
         raise SystemExit(f"{label}: raydist.train exited {code}:\n{text[-4000:]}")
     history = [json.loads(line) for line in open(os.path.join(folder, label, "history.jsonl"))]
-    epochs = [{"epoch": int(m.group(1)), "at_s": round(t, 2), "images_per_s": float(m.group(3))}
+    epochs = [{"epoch": int(m.group(1)), "at_s": round(t, 2), "images_per_s": float(m.group(3).replace(",", ""))}
               for t, line in console.lines for m in [EPOCH_LINE.search(line)] if m]
     world = {h["epoch"]: h["world_size"] for h in history}
     for e in epochs:

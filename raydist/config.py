@@ -127,11 +127,16 @@ class TrainConfig:
     schedule_epochs: Optional[int] = _field("schedule", None, "epochs the LR schedule spans (default: --epochs); "
                                             "a study under ASHA sets it to the scheduler's budget so trials at a "
                                             "rung sit at the same point of their schedules")
-    warmup_epochs: float = _field("schedule", 1.0, "epochs of linear LR warmup from 0 to the peak")
+    warmup_epochs: float = _field("schedule", 1.0, "epochs of linear LR warmup from 0 (see --warmup-from) to the peak")
+    warmup_from: str = _field("schedule", "zero", "where the warmup starts: zero, or single_worker (the peak / "
+                              "workers: one worker's LR, rising per step to the scaled one, as in Horovod's "
+                              "examples)", ("zero", "single_worker"))
     lr_schedule: str = _field("schedule", "cosine", "decay after warmup: cosine (to 0), step, constant",
                               ("cosine", "step", "constant"))
     lr_step_epochs: int = _field("schedule", 30, "step schedule: epochs between LR drops")
     lr_step_gamma: float = _field("schedule", 0.1, "step schedule: LR factor at each drop")
+    lr_milestones: Optional[str] = _field("schedule", None, "step schedule: the epochs at which the LR drops, e.g. "
+                                          "30,60,80 (Horovod's ImageNet example), instead of every --lr-step-epochs")
     target_accuracy: Optional[float] = _field("schedule", None, "stop early once validation accuracy (0-1] reaches this")
     patience: int = _field("schedule", 1, "consecutive epochs at or above --target-accuracy before stopping")
 
@@ -261,6 +266,10 @@ class TrainConfig:
                               f"got {self.fake_num_classes}")
         if not 8 <= self.fake_image_size <= 1024:
             raise ConfigError(f"--fake-image-size {self.fake_image_size} must be between 8 and 1024 pixels")
+        self.milestone_list()  # raises on a bad --lr-milestones
+        if self.lr_milestones is not None and self.lr_schedule != "step":
+            raise ConfigError(f"--lr-milestones {self.lr_milestones} applies to --lr-schedule step, not "
+                              f"{self.lr_schedule}")
         if not 0.0 < self.lr_step_gamma <= 1.0:
             raise ConfigError(f"--lr-step-gamma must be in (0, 1] (the LR factor at each step drop), "
                               f"got {self.lr_step_gamma!r}")
@@ -396,6 +405,19 @@ class TrainConfig:
             raise ConfigError("--train-fraction and --train-per-class both shrink the training set; give one")
         self.class_list()  # raises on a bad --classes
 
+    def milestone_list(self) -> list[int]:
+        """--lr-milestones as increasing epochs ([] when unset)."""
+        if self.lr_milestones is None:
+            return []
+        try:
+            epochs = [int(part) for part in self.lr_milestones.split(",")]
+        except ValueError:
+            epochs = []
+        if not epochs or any(e < 1 for e in epochs) or epochs != sorted(set(epochs)):
+            raise ConfigError(f"--lr-milestones {self.lr_milestones!r} must be increasing whole epochs separated by "
+                              f"commas, e.g. 30,60,80")
+        return epochs
+
     def class_list(self) -> Optional[list[int]]:
         """--classes as a list of class indices, or None for all of them."""
         if self.classes is None:
@@ -465,6 +487,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if kind is dict:  # model_args: names -> plain values (the model's builder checks them in validate)
         if value is None:
             return {}
+        if isinstance(value, dict):  # numpy scalars (a searcher's samples) as Python numbers
+            value = {k: v.item() if hasattr(v, "item") and not _is_plain(v) else v for k, v in value.items()}
         if not isinstance(value, dict) or not all(isinstance(k, str) and _is_plain(v) for k, v in value.items()):
             raise ConfigError(f"{source}: {name} = {value!r} must be a mapping of argument names to numbers, "
                               f"booleans or text, e.g. {{l1: 64, l2: 16}}")

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -90,15 +90,21 @@ def lr_scale(cfg: TrainConfig, global_batch: int) -> float:
     return global_batch / 256
 
 
-def lr_factor(update: int, *, warmup: int, total: int, schedule: str, step_every: int, gamma: float) -> float:
-    """LR multiplier at optimizer update `update` (0-based): linear warmup, then cosine, step or constant."""
-    # 1) warmup: ramp linearly from 1/warmup to 1 over the first `warmup` updates
+def lr_factor(update: int, *, warmup: int, total: int, schedule: str, step_every: int, gamma: float,
+              milestones: Sequence[int] = (), warmup_start: float = 0.0) -> float:
+    """LR multiplier at optimizer update `update` (0-based): linear warmup, then cosine, step or constant.
+    `warmup_start`: the factor the warmup rises from (0, or 1 / workers: from one worker's LR, as Horovod's
+    examples do); `milestones`: the updates at which the step schedule multiplies by `gamma` (else every
+    `step_every`)."""
+    # 1) warmup: ramp linearly from warmup_start + 1/warmup of the rest to 1 over the first `warmup` updates
     if update < warmup:
-        return (update + 1) / warmup
+        return warmup_start + (1.0 - warmup_start) * (update + 1) / warmup
     # 2) after warmup
     if schedule == "constant":
         return 1.0
     if schedule == "step":
+        if milestones:
+            return gamma ** sum(update >= m for m in milestones)
         return gamma ** (update // step_every)
     progress = min((update - warmup) / max(1, total - warmup), 1.0)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -361,6 +367,8 @@ class TrainingState:
         warmup = round(cfg.warmup_epochs * self.updates_per_epoch)
         total = (cfg.schedule_epochs or cfg.epochs) * self.updates_per_epoch  # a study under ASHA spans its budget
         step_every = cfg.lr_step_epochs * self.updates_per_epoch
+        milestones = [epoch * self.updates_per_epoch for epoch in cfg.milestone_list()]
+        warmup_start = 1.0 / world if cfg.warmup_from == "single_worker" else 0.0
         # lp-ft: the probe and the fine-tuning each get a schedule of their own (warmup, then decay), as
         # fastai's fine_tune does; else the backbone would start training late in an already decayed one.
         restart = cfg.freeze_epochs * self.updates_per_epoch if self.transfer and cfg.finetune == "lp-ft" else 0
@@ -368,7 +376,8 @@ class TrainingState:
         def lr_at(update: int) -> float:
             start, span = (restart, total - restart) if restart and update >= restart else (0, restart or total)
             return peak_lr * lr_factor(update - start, warmup=min(warmup, span), total=span, schedule=cfg.lr_schedule,
-                                       step_every=step_every, gamma=cfg.lr_step_gamma)
+                                       step_every=step_every, gamma=cfg.lr_step_gamma, milestones=milestones,
+                                       warmup_start=warmup_start)
 
         self.schedule = Schedule(lr_at)
         self.amp_dtype = autocast_dtype(cfg.precision, device)

@@ -113,3 +113,21 @@ def test_a_model_with_its_own_arguments_trains_under_2_worker_ddp_and_is_rebuilt
     net = load_trained_model(str(tmp_path / FINAL_MODEL_FILE))  # no config from outside: the file's own
     assert (net.fc1.out_features, net.fc2.out_features) == (64, 32)
     assert digits_val_accuracy(final) == pytest.approx(history[-1]["val_acc"], abs=1e-6)
+
+
+def test_horovods_lr_rule_is_what_a_2_worker_run_trains_with(tmp_path):
+    # --lr-scaling per_worker, --warmup-from single_worker, --lr-milestones: LR = 0.1 x 2 workers x adj,
+    # rising per step from one worker's 0.1 during the first epoch, x 0.1 from epoch 3 (1-based).
+    from raydist.engine import lr_factor
+
+    cfg = TrainConfig(model="resnet8", augment="crop_flip", num_workers=2, cpus_per_worker=1.0, batch_size=64,
+                      lr=0.1, lr_scaling="per_worker", warmup_epochs=1, warmup_from="single_worker",
+                      lr_schedule="step", lr_milestones="2", epochs=3, nesterov=False).validate()
+    history = run_ddp(cfg, tmp_path)
+    updates, peak = 1438 // (64 * 2), 0.1 * 2  # 11 updates an epoch (each rank: 719 images // 64)
+    expected = [peak * sum(lr_factor(u, warmup=updates, total=3 * updates, schedule="step", step_every=1,
+                                     gamma=0.1, milestones=[2 * updates], warmup_start=0.5)
+                           for u in range(e * updates, (e + 1) * updates)) / updates for e in range(3)]
+    assert [m["lr"] for m in history] == pytest.approx(expected, rel=1e-6)
+    assert history[0]["lr"] > 0.1 and history[1]["lr"] == pytest.approx(0.2) and history[2]["lr"] == pytest.approx(0.02)
+    assert history[-1]["val_acc"] > 0.3  # it learned (chance: 0.1; 0.47 here after 3 epochs at this small LR)

@@ -23,6 +23,30 @@ def test_lr_schedule_warms_up_then_decays():
     assert [lr_factor(u, schedule="step", **kw) for u in (39, 40, 80)] == pytest.approx([1.0, 0.1, 0.01])
 
 
+def test_horovods_lr_rule_warms_up_from_one_workers_lr_and_drops_at_its_milestone_epochs():
+    # Horovod's example on 4 workers, 10 updates an epoch, 5 warmup epochs: lr_adj x size rises per step
+    # from 1 (0.1, one worker's LR) to 4, then x 0.1 from epoch 30, 0.01 from 60, 0.001 from 80.
+    kw = dict(warmup=50, total=900, step_every=300, gamma=0.1, schedule="step", milestones=[300, 600, 800],
+              warmup_start=1 / 4)
+    horovod = [1 / 4 * ((u + 1) / 10 * (4 - 1) / 5 + 1) for u in range(50)]  # its adjust_learning_rate
+    assert [lr_factor(u, **kw) for u in range(50)] == pytest.approx(horovod)
+    assert lr_factor(0, **kw) == pytest.approx(0.25 + 0.75 / 50)
+    assert [lr_factor(u, **kw) for u in (50, 299, 300, 599, 600, 799, 800, 899)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(lr_schedule="step", lr_milestones="30,20"), "--lr-milestones '30,20' must be increasing whole epochs"),
+    (dict(lr_schedule="step", lr_milestones="a"), "--lr-milestones 'a' must be increasing whole epochs"),
+    (dict(lr_milestones="30"), "--lr-milestones 30 applies to --lr-schedule step, not cosine"),
+])
+def test_bad_milestones_are_one_line(overrides, message):
+    from raydist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TrainConfig(epochs=90, **overrides).validate()
+
+
 def test_early_stop_counts_consecutive_epochs():
     stop = EarlyStop(0.9, patience=2)
     assert [stop.update(a) for a in (0.95, 0.8, 0.91, 0.92)] == [False, False, False, True]

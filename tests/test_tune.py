@@ -299,6 +299,9 @@ searched:
 
 def test_a_study_with_a_worker_range_trains_each_trial_elastically_and_tune_gets_its_epochs(ray_cluster, tmp_path):
     (tmp_path / "elastic.yaml").write_text(ELASTIC_STUDY)
+    # Both CPUs free before it starts (Ray frees an earlier test's group asynchronously): a trial that
+    # started on one and finished its 3 epochs before Ray Train's next look would never grow.
+    wait_for_free_cluster(timeout=60)
     proc = start_tune(ray_cluster, "--search-space", str(tmp_path / "elastic.yaml"), "--storage-path",
                       str(tmp_path / "runs"), "--name", "elastic")
     stdout, _ = proc.communicate(timeout=900)
@@ -311,3 +314,36 @@ def test_a_study_with_a_worker_range_trains_each_trial_elastically_and_tune_gets
     assert [p["epoch"] for p in progress] == [1, 2, 3]  # every epoch reached Tune, once
     # Both of the session cluster's CPUs, the global batch fixed: an elastic Train run inside the trial.
     assert {(p["world_size"], p["global_batch"]) for p in progress} == {(2, 64)}
+
+
+SHAPE_STUDY = """
+num_samples: 2
+search: {algorithm: hyperopt, initial_points: 2, seed: 0}
+scheduler: {type: fifo}
+fixed: {dataset: digits, model: tune_cnn, num_workers: 1, epochs: 4, batch_size: 32, lr: 0.05, lr_scaling: none,
+        warmup_epochs: 0.5, model_args: {l2: 32}}
+searched:
+  model_args.l1: {choice: [8, 64]}
+points_to_evaluate:
+  - {model_args.l1: 8}
+  - {model_args.l1: 64}
+"""
+
+
+def test_a_study_searches_a_models_shape_and_exports_the_winner_with_its_arguments(ray_cluster, tmp_path):
+    (tmp_path / "shape.yaml").write_text(SHAPE_STUDY)
+    proc = start_tune(ray_cluster, "--search-space", str(tmp_path / "shape.yaml"), "--storage-path",
+                      str(tmp_path / "runs"), "--name", "shape")
+    stdout, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stdout[-5000:]
+    experiment = tmp_path / "runs" / "shape"
+    rows = read_csv(experiment / "results.csv")
+    assert sorted(int(r["model_args.l1"]) for r in rows) == [8, 64] and {r["status"] for r in rows} == {"finished"}
+    best = max(rows, key=lambda r: float(r["best_val_acc"]))
+    assert float(best["best_val_acc"]) > 0.6  # it learned (chance: 0.1)
+    saved = torch.load(experiment / "best_model.pt", map_location="cpu", weights_only=False)
+    assert saved["model_args"] == {"l1": int(best["model_args.l1"]), "l2": 32}  # the fixed l2 kept beside it
+    assert digits_val_accuracy(saved) == pytest.approx(float(best["best_val_acc"]), abs=1e-6)
+    from raydist.config import load_yaml
+
+    assert load_yaml(str(experiment / "best_config.yaml"))["model_args"] == saved["model_args"]
