@@ -534,13 +534,8 @@ def _coerce_all(values: dict, source: str) -> dict:
     unknown = sorted(k for k in set(values) - set(_FIELDS) if not is_model_arg_key(k))
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(_FIELDS)}")
-    values = split_worker_range(values, f"{source}: num_workers")
-    out = {k: _coerce(k, v, source) for k, v in values.items() if not is_model_arg_key(k)}
-    dotted = {k: v for k, v in values.items() if is_model_arg_key(k)}
-    if dotted:
-        out = merge_config_values(out, {"model_args": _coerce(
-            "model_args", {k[len(MODEL_ARG_PREFIX):]: v for k, v in dotted.items()}, source)})
-    return out
+    values = fold_model_args(split_worker_range(values, f"{source}: num_workers"))
+    return {k: _coerce(k, v, source) for k, v in values.items()}
 
 
 MODEL_ARG_PREFIX = "model_args."
@@ -549,6 +544,13 @@ MODEL_ARG_PREFIX = "model_args."
 def is_model_arg_key(key: Any) -> bool:
     """`model_args.l1`: one of the model's arguments, as a study searches or --set fixes it."""
     return isinstance(key, str) and key.startswith(MODEL_ARG_PREFIX) and len(key) > len(MODEL_ARG_PREFIX)
+
+
+def fold_model_args(values: dict) -> dict:
+    """`model_args.NAME` keys gathered into the model_args mapping, over any that `values` holds."""
+    dotted = {k[len(MODEL_ARG_PREFIX):]: v for k, v in values.items() if is_model_arg_key(k)}
+    plain = {k: v for k, v in values.items() if not is_model_arg_key(k)}
+    return merge_config_values(plain, {"model_args": dotted}) if dotted else plain
 
 
 def merge_config_values(base: dict, top: dict) -> dict:

@@ -67,8 +67,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from raydist.config import (MODEL_ARG_PREFIX, ConfigError, TrainConfig, _base_type, _coerce, _coerce_all,
-                            check_folder_name, is_model_arg_key, merge_config_values, metric_mode, read_yaml_mapping,
-                            split_worker_range)
+                            check_folder_name, fold_model_args, is_model_arg_key, merge_config_values, metric_mode,
+                            read_yaml_mapping, split_worker_range)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "qloguniform", "randint", "qrandint", "choice")
 GRID_KINDS = ("randint", "qrandint", "quniform")  # sampled as a choice of their values
@@ -237,7 +237,7 @@ class Study:
 
     def _with(self, values: dict) -> dict:
         """The fixed values with `values` (searched ones, `model_args.NAME` among them) on top."""
-        return self._scheduled(merge_config_values(self.fixed, _fold_model_args(values)))
+        return self._scheduled(merge_config_values(self.fixed, fold_model_args(values)))
 
     def decode(self, sample: dict) -> dict:
         """A Tune sample as config values: the sample itself, with qloguniform's float noise removed
@@ -304,7 +304,7 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
 
     fixed = _config_fields(path, "fixed", raw.get("fixed") or {})
     fixed = split_worker_range(fixed, f"{path}: fixed.num_workers")  # a range: every trial elastic within it
-    fixed = _fold_model_args({k: v if is_model_arg_key(k) else _coerce(k, v, f"{path}: fixed.{k}")
+    fixed = fold_model_args({k: v if is_model_arg_key(k) else _coerce(k, v, f"{path}: fixed.{k}")
                               for k, v in fixed.items()})
     searched_raw = _config_fields(path, "searched", raw["searched"])
     if not searched_raw:
@@ -319,7 +319,7 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
     for name, value in sets.items():  # fix a value, even a searched one
         searched.pop(name, None)
         if is_model_arg_key(name):
-            fixed = merge_config_values(fixed, _fold_model_args({name: value}))
+            fixed = merge_config_values(fixed, fold_model_args({name: value}))
         else:
             fixed[name] = _coerce(name, value, f"--set {name}")
     if "num_workers" in sets and "min_workers" not in sets:  # a plain number on top of a range: a fixed group
@@ -353,13 +353,6 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
 
 
 # ---- pieces ----------------------------------------------------------------------------------------
-
-
-def _fold_model_args(values: dict) -> dict:
-    """`model_args.NAME` keys gathered into one model_args mapping (the type checks are TrainConfig's)."""
-    dotted = {k[len(MODEL_ARG_PREFIX):]: v for k, v in values.items() if is_model_arg_key(k)}
-    plain = {k: v for k, v in values.items() if not is_model_arg_key(k)}
-    return merge_config_values(plain, {"model_args": dotted}) if dotted else plain
 
 
 def _field_type(path: str, name: str, fixed: dict, searched: dict) -> type:
