@@ -5,7 +5,7 @@ optimization, schedule, scaling, output), for what is checked before any cluster
 saved beside every run and inside every checkpoint, and for the fields a Tune study may search.
 
     from raydist.config import TrainConfig, parse_cli
-    cfg = parse_cli(["--epochs", "5", "--lr", "0.2"])     # defaults < --config YAML < flags
+    cfg = parse_cli(["--epochs", "5", "--lr", "0.2"])     # defaults < --preset < --config YAML < flags
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ class TrainConfig:
                                            "default: 0.1%% of the folder's images")
     input_size: Optional[int] = _field("data", None, "resize every batch on the device to N x N pixels (e.g. 64, "
                                        "128, 224 for ImageNet models on 32x32 data); default: the data's own size")
+    normalize: str = _field("data", "dataset", "per-channel normalisation of the model's input: dataset (the data "
+                            "set's own mean and std) or 0.5 (mean 0.5, std 0.5: pixels to [-1, 1], as the DLI "
+                            "notebook's Normalize((0.5,)*3, (0.5,)*3))", ("dataset", "0.5"))
 
     # ---- model ------------------------------------------------------------------------------
     model: str = _field("model", "resnet8", "model name (see --model choices)")
@@ -98,6 +101,14 @@ class TrainConfig:
                              ("replicate", "sum", "reinit"))
     sync_batchnorm: bool = _field("model", False, "convert BatchNorm to SyncBatchNorm (statistics over all workers; GPU workers only)")
     compile: bool = _field("model", False, "torch.compile the model (slower start, faster steps on GPU)")
+    model_parallel: int = _field("model", 1, "split the model into K stages on the K GPUs a worker holds (give "
+                                 "--gpus-per-worker K); DDP runs across workers over the split model. On CPU the "
+                                 "K stages share the CPU (a test of the split, no speed-up)")
+    micro_batches: int = _field("model", 1, "with --model-parallel: split each worker batch into M micro-batches "
+                                "that flow through the stages as a pipeline (GPipe), so the GPUs work at once")
+    pipeline_balance: str = _field("model", "params", "with --model-parallel: where the stage boundaries fall: "
+                                   "params (equal parameter counts) or time (equal measured step time per stage)",
+                                   ("params", "time"))
     channels_last: str = _field("model", "auto", "memory format: auto (channels_last on GPUs, whose tensor cores "
                                 "want it, and CPUs, where the CIFAR models trained 5-26%% faster in it here), on, off",
                                 ("auto", "on", "off"))
@@ -115,6 +126,8 @@ class TrainConfig:
     weight_decay: float = _field("optimization", 5e-4, "L2 weight decay (AdamW: decoupled)")
     label_smoothing: float = _field("optimization", 0.0, "label smoothing in [0, 1)")
     batch_size: int = _field("optimization", 64, "images per worker per step (global batch = this x workers x grad-accum)")
+    val_batch_size: Optional[int] = _field("optimization", None, "images per worker per validation step "
+                                           "(default: 2 x --batch-size; evaluation keeps no gradients)")
     grad_accum: int = _field("optimization", 1, "steps accumulated per optimizer update; the allreduce runs on the last only")
     precision: str = _field("optimization", "auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16, fp16",
                             ("auto", "fp32", "bf16", "fp16"))
@@ -169,6 +182,9 @@ class TrainConfig:
     storage_path: str = _field("output", "./runs", "where runs, checkpoints, logs and results go (local path or URI)")
     name: Optional[str] = _field("output", None, "run name (default: <dataset>-<model>-<timestamp>)")
     log_dir: Optional[str] = _field("output", None, "TensorBoard folder (default: <run dir>/tensorboard)")
+    wandb: bool = _field("output", False, "log each epoch's metrics to Weights & Biases from rank 0 (needs the "
+                         "wandb package; offline into the run folder when no API key is set)")
+    wandb_project: Optional[str] = _field("output", None, "W&B project (default: raydist)")
     checkpoint_every: int = _field("output", 1, "epochs between checkpoints (the last epoch is always saved)")
     keep_checkpoints: int = _field("output", 2, "checkpoints kept, the best by --keep-by (plus the latest)")
     keep_by: str = _field("output", "val_acc", "metric that ranks checkpoints for keeping: val_acc, val_loss, "
@@ -194,9 +210,10 @@ class TrainConfig:
         for name in ("lr", "batch_size", "epochs", "grad_accum", "num_workers", "cpus_per_worker",
                      "fake_image_size", "fake_num_classes", "fake_train_size", "fake_val_size",
                      "patience", "keep_checkpoints", "lr_step_epochs", "unfreeze_every", "freeze_epochs",
-                     "train_fraction", "train_per_class", "input_size", "backbone_lr_mult"):
+                     "train_fraction", "train_per_class", "input_size", "backbone_lr_mult", "val_batch_size",
+                     "model_parallel", "micro_batches"):
             value = getattr(self, name)
-            if value is None and name in ("train_per_class", "input_size", "backbone_lr_mult"):
+            if value is None and name in ("train_per_class", "input_size", "backbone_lr_mult", "val_batch_size"):
                 continue
             if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
                 raise ConfigError(f"{_flag(name)} must be positive, got {value!r}")
@@ -206,6 +223,7 @@ class TrainConfig:
             if not value >= 0 or not math.isfinite(value):
                 raise ConfigError(f"{_flag(name)} must be zero or more, got {value!r}")
         self._validate_elastic()
+        self._validate_model_parallel()
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"--momentum must be in [0, 1) (SGD momentum; AdamW's beta1), got {self.momentum!r}")
         if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
@@ -301,6 +319,22 @@ class TrainConfig:
             if not sides[0] <= side <= sides[1]:
                 raise ConfigError(f"--model {self.model} reads images of {sides[0]} to {sides[1]} pixels a side, but "
                                   f"this run feeds it {side}: give --input-size 32 (or another model)")
+
+    def _validate_model_parallel(self) -> None:
+        """--model-parallel K and --micro-batches M: stages on the worker's K GPUs, its batch in M parts."""
+        if self.model_parallel == 1:
+            if self.micro_batches != 1 or self.pipeline_balance != "params":
+                what = (f"--micro-batches {self.micro_batches}" if self.micro_batches != 1
+                        else f"--pipeline-balance {self.pipeline_balance}")
+                raise ConfigError(f"{what} pipelines a model split over devices; give --model-parallel 2 or more too")
+            return
+        if self.use_gpu is not False and self.gpus_per_worker != self.model_parallel:
+            raise ConfigError(f"--model-parallel {self.model_parallel} places a stage on each of a worker's GPUs: "
+                              f"give --gpus-per-worker {self.model_parallel} (got {self.gpus_per_worker:g}), or "
+                              f"--no-use-gpu to test the split on CPUs")
+        if self.micro_batches > self.batch_size:
+            raise ConfigError(f"--micro-batches {self.micro_batches} is more than the {self.batch_size} images of "
+                              f"--batch-size; give at most {self.batch_size}")
 
     def _validate_elastic(self) -> None:
         """--num-workers MIN-MAX and the settings that only an elastic run reads."""
@@ -612,6 +646,14 @@ def check_address(address: str, flag: str = "--address") -> str:
     return address
 
 
+def require_package(module: str, flag: str) -> None:
+    """A flag that needs an optional package: one ConfigError naming how to install it, before any cluster."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{flag} needs the {module} package: pip install {module}")
+
+
 def metric_mode(metric: str) -> str:
     """Which way a reported metric is better: losses lower ("min"), accuracies higher ("max")."""
     return "min" if metric.endswith("loss") else "max"
@@ -692,6 +734,10 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     registry_choices = {"dataset": sorted(DATASETS), "model": sorted(MODELS)}
     parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
                      usage="%(prog)s [--config FILE.yaml] [FLAG VALUE ...]   (every flag is below)")
+    parser.add_argument("--preset", metavar="NAME",
+                        help="start from a workflow's settings (dli, horovod-resnet18, workload, "
+                             "cifar100-resnet50; --preset list says what each reproduces); --config files and "
+                             "flags override it")
     parser.add_argument("--config", metavar="FILE.yaml", action="append",
                         help="YAML file of config keys used as defaults; flags override (repeatable: later files "
                              "override earlier ones)")
@@ -770,6 +816,14 @@ def parse_cli(argv: Optional[list[str]] = None, prog: str = "raydist.train",
     parser = build_parser(prog, description)
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     config_files = args.pop("config", None) or []
+    preset = args.pop("preset", None)
+    if preset is not None:
+        from raydist import presets
+
+        if preset == "list":
+            print(presets.listing())
+            sys.exit(0)
+        config_files = [presets.path(preset)] + config_files  # the first file: --config files override it
     if "model_arg" in args:
         args["model_args"] = parse_model_args(args.pop("model_arg"))
     return resolve(args, config_files), args, config_files

@@ -32,6 +32,7 @@ from raydist.config import TrainConfig
 from raydist.elastic import (FIRST_CHECK_AFTER, Step, batch_layout, check_every, epoch_order, epoch_steps,
                              steps_in_epoch)
 from raydist.run_folder import CHECKPOINT_PREFIX
+from raydist.wandb_log import WandbRun
 from raydist.data import DATASETS, DatasetNotFound, download_lock, load_splits, shard_indices, steps_per_epoch
 from raydist.models.transfer import (Unit, WeightsError, build_model, freeze_norms, pretrained_source,
                                      read_weights_file, set_trainable, transfer_units, unfrozen_stages)
@@ -244,10 +245,10 @@ def input_pipeline(cfg: TrainConfig, device, *, seed: int = 0) -> Augmenter:
     """What turns a batch of uint8 images into the model's input: augmentation (training only), the data set's
     normalisation, the channels fed and the --input-size resize."""
     spec = DATASETS[cfg.dataset]
+    mean, std = (spec.mean, spec.std) if cfg.normalize == "dataset" else ((0.5,) * 3, (0.5,) * 3)
     if cfg.dataset == "folder":  # stored at 256 for a 224 input: centre crops, or random-resized crops
-        return Augmenter(cfg.augment_kind(), mean=spec.mean, std=spec.std, device=device, seed=seed,
-                         crop=input_side(cfg))
-    return Augmenter(cfg.augment_kind(), mean=spec.mean, std=spec.std, device=device, seed=seed,
+        return Augmenter(cfg.augment_kind(), mean=mean, std=std, device=device, seed=seed, crop=input_side(cfg))
+    return Augmenter(cfg.augment_kind(), mean=mean, std=std, device=device, seed=seed,
                      channels=cfg.input_channels(), size=cfg.input_size)
 
 
@@ -275,7 +276,7 @@ def evaluate_model(net: nn.Module, dataset, cfg: TrainConfig, *, device: torch.d
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     net.eval()
     sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
-    shards = shard_indices(len(dataset), batch_size=2 * cfg.batch_size, rank=rank, world_size=world, shuffle=False,
+    shards = shard_indices(len(dataset), batch_size=cfg.val_batch_size or 2 * cfg.batch_size, rank=rank, world_size=world, shuffle=False,
                            drop_last=False, pad=False, device=device)
     for images, labels in data_batches(dataset, list(shards), train=False):
         x = augment(images, train=False)
@@ -668,18 +669,23 @@ def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
         print("note: --sync-batchnorm with --compile: every SyncBatchNorm layer's collective splits the compiled "
               "graph, so compile gains less than it does with plain BatchNorm", flush=True)
     writer = _tensorboard(ctx.log_dir) if rank == 0 and ctx.log_dir else None
+    # W&B's files sit beside TensorBoard's events, so a run in remote storage publishes both after each epoch.
+    wandb_run = WandbRun.start(cfg.to_dict(), folder=ctx.log_dir, run_name=cfg.name or "raydist",
+                               project=cfg.wandb_project) if writer and cfg.wandb else None
     try:  # closed however the loop ends (Tune stops a trial inside its report; a reused process goes on)
-        history = _train_epochs(cfg, ctx, state, writer)
+        history = _train_epochs(cfg, ctx, state, writer, wandb_run)
     finally:
         if writer:
             writer.close()
+        if wandb_run:
+            wandb_run.finish()
     if rank == 0 and not (history and history[-1]["stop_reason"] == DIVERGED):
         ctx.write_file(FINAL_MODEL_FILE, final_model_bytes(state.net.state_dict(), cfg.to_dict(),
                                                            history[-1] if history else None))
     return history
 
 
-def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, writer) -> list[dict]:
+def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, writer, wandb_run=None) -> list[dict]:
     """The epochs from `state.epoch` on: train, evaluate, sum the metrics over all ranks, report (every
     rank), checkpoint (rank 0), stop on divergence or at the target accuracy. Returns the reported metrics."""
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
@@ -750,6 +756,8 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
                 for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "epoch_time_s"):
                     writer.add_scalar(key, metrics[key], epoch + 1)
                 writer.flush()
+                if wandb_run:
+                    wandb_run.log(metrics)
                 if ctx.publish_logs:
                     ctx.publish_logs()
         if save and metrics["stop_reason"] != DIVERGED:  # a diverged model is not worth keeping

@@ -18,7 +18,7 @@ import os
 import time
 from typing import Callable, Optional
 
-from raydist.config import ConfigError, TrainConfig, metric_mode, resolve
+from raydist.config import ConfigError, TrainConfig, metric_mode, require_package, resolve
 from raydist.data import DATASETS, DataFileCorrupt, DatasetNotFound, check_files
 from raydist.image_folder import FolderError
 from raydist.run_folder import (check_epochs_left, is_uri, latest_checkpoint, read_resume_target,
@@ -66,6 +66,8 @@ def prepare(cfg: TrainConfig, explicit: dict, config_files: Optional[list[str]] 
                               data_dir=worker_path(cfg.data_dir, joined_cluster=joined),
                               weights=worker_path(cfg.weights, joined_cluster=joined), resume=_local_abspath(cfg.resume))
     check_storage(cfg.storage_path)
+    if cfg.wandb:
+        require_package("wandb", "--wandb")
     if cfg.log_dir is None and not is_uri(cfg.storage_path):
         cfg = dataclasses.replace(cfg, log_dir=os.path.join(cfg.storage_path, name, "tensorboard"))
     cfg = dataclasses.replace(cfg, log_dir=_local_abspath(cfg.log_dir))

@@ -337,6 +337,10 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
             setattr(study, key, value)
     if not searched:
         raise ConfigError(f"{path}: --set fixed every searched field; nothing is left to search")
+    for key in ("wandb", "wandb_project"):
+        if key in fixed or key in searched:
+            raise ConfigError(f"{path}: {key} is a single run's setting; a study logs each trial to W&B with "
+                              f"python -m raydist.tune --wandb (and --wandb-project)")
     if study.scheduler == "asha" and ("schedule_epochs" in fixed or "schedule_epochs" in searched):
         raise ConfigError(f"{path}: schedule_epochs is set by raydist under ASHA (to the budget, {study.max_epochs} "
                           f"epochs, so trials at a rung sit at the same point of their LR schedules); remove it")

@@ -31,7 +31,7 @@ from typing import Optional
 import yaml
 
 from raydist import final_eval, report
-from raydist.config import ConfigError, TrainConfig, check_address, check_folder_name
+from raydist.config import ConfigError, TrainConfig, check_address, check_folder_name, require_package
 from raydist.search_space import ONE_WORKER_TRIALS, Study, load_study
 from raydist.study_results import StudyResult, summarize
 
@@ -178,9 +178,9 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
     if not args.resume:  # starting weights missing or not fitting fail here, not in every trial
         _check_weights(study, on_this_machine=args.address is None)
     if args.wandb:
-        _require("wandb", "--wandb")
+        require_package("wandb", "--wandb")
     if args.mlflow_uri:
-        _require("mlflow", "--mlflow-uri")
+        require_package("mlflow", "--mlflow-uri")
     return Plan(study=study, experiment_path=f"{storage_path}/{name}", storage_path=storage_path, name=name,
                 address=args.address, resume=bool(args.resume),
                 max_concurrent=study.max_concurrent,
@@ -250,13 +250,6 @@ def _check_data(study: Study) -> None:
     datasets = study.searched["dataset"].extremes() if "dataset" in study.searched else [cfg.dataset]
     for dataset in datasets:
         check_data(dataset, cfg.data_dir, cfg.download, hint=" (in a study: --set data_dir=... / --set download=true)")
-
-
-def _require(module: str, flag: str) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"{flag} needs the {module} package: pip install {module}")
 
 
 # ---- concurrency ---------------------------------------------------------------------------------------
@@ -834,19 +827,14 @@ def _trial_error(trial):
         return None
 
 
-def _wandb_key_present() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = os.path.expanduser("~/.netrc")
-    return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
-
-
 def _logger_callbacks(plan: Plan) -> list:
     callbacks = []
     if plan.wandb:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
-        if not os.environ.get("WANDB_MODE") and not _wandb_key_present():
+        from raydist.wandb_log import key_present
+
+        if not os.environ.get("WANDB_MODE") and not key_present():
             # No key: log offline into the experiment folder; `wandb sync <experiment>/wandb/offline-run-*`
             # uploads later. Ray's callback reads the mode from the environment.
             os.environ["WANDB_MODE"] = "offline"
