@@ -193,6 +193,25 @@ def wait_for_free_cluster(timeout: float = 120, cpus: float = 2) -> None:
         time.sleep(1)
 
 
+def release_stale_train_requests() -> list[str]:
+    """Cancel the resource requests that ended Ray Train runs left in Ray's AutoscalingCoordinator, and return
+    their ids. A run whose controller was killed (a trial that ASHA stopped dies with its TorchTrainer) never
+    cancels its request, and Ray lets it expire only after 180 s. Until then the coordinator keeps a share of
+    the cluster reserved for it, and an elastic run starts on what is left and grows only once it expires.
+    Call it while no Train run is active on the session cluster."""
+    import ray
+
+    try:
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    except ValueError:  # no Train run has started on this cluster yet
+        return []
+    stale = ray.get(coordinator.__ray_call__.remote(
+        lambda actor: [r for r in actor._ongoing_reqs if str(r).startswith("train-")]))
+    for requester in stale:
+        ray.get(coordinator.cancel_request.remote(requester))
+    return stale
+
+
 @pytest.fixture
 def run_root(tmp_path):
     return str(tmp_path / "runs")

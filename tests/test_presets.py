@@ -1,0 +1,179 @@
+"""Presets (`--preset NAME`): each workflow's settings as the issue fixes them, overridden as --config is, one
+tiny step of each on CPU, and W&B logging of a real 2-worker run (offline, read back from W&B's own file)."""
+
+import glob
+import json
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from raydist import presets
+from raydist.config import ConfigError, parse_cli
+from raydist.engine import local_context, run
+
+# What each preset must hold: the workflow's own values (issue 17), not raydist's defaults.
+EXPECTED = {
+    "dli": dict(dataset="cifar10", model="wrn_dli", augment="dli", normalize="0.5", batch_size=128,
+                target_accuracy=0.75, patience=2),
+    "horovod-resnet18": dict(dataset="cifar10", model="resnet18", batch_size=256, val_batch_size=256, epochs=50,
+                             optimizer="sgd", momentum=0.9, nesterov=False, weight_decay=5e-5, lr=0.1,
+                             lr_scaling="per_worker", warmup_epochs=5.0, warmup_from="single_worker",
+                             lr_schedule="step", lr_milestones="30,60,80", lr_step_gamma=0.1, fp16_allreduce=False),
+    "workload": dict(dataset="fake", fake_image_size=224, fake_num_classes=100, fake_train_size=100_000,
+                     model="resnet50_imagenet", sync_batchnorm=True, batch_size=64, lr=0.001, lr_scaling="none",
+                     epochs=100),
+    "cifar100-resnet50": dict(dataset="cifar100", model="resnet50", num_workers=2, batch_size=128, wandb=True,
+                              epochs=200, lr_schedule="step", lr_milestones="60,120,160", lr_step_gamma=0.2,
+                              momentum=0.9, weight_decay=5e-4),
+}
+
+
+def test_every_shipped_preset_is_checked_here():
+    assert sorted(EXPECTED) == presets.names()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_a_preset_resolves_to_its_workflows_values(name):
+    cfg, explicit, config_files = parse_cli(["--preset", name])
+    assert {key: getattr(cfg, key) for key in EXPECTED[name]} == EXPECTED[name]
+    assert explicit == {} and config_files == [presets.path(name)]
+    head = presets.header(name)
+    assert head[0].startswith(f"{name}: ") and any(line.startswith("Kept exactly") for line in head)
+
+
+def test_horovods_lr_rule_comes_out_of_the_preset_exactly():
+    """LR = 0.1 x workers x batches per allreduce x adj; in the warmup, Horovod's adj at step u (0-based) of
+    W is (1 + (u + 1) / W x (workers - 1)) / workers: from one worker's LR up to the scaled one."""
+    from raydist.engine import lr_factor, lr_scale
+
+    workers, warmup, milestones = 4, 100, [300, 600, 800]
+    cfg, _, _ = parse_cli(["--preset", "horovod-resnet18", "--num-workers", str(workers), "--grad-accum", "2"])
+    peak = cfg.lr * lr_scale(cfg, cfg.global_batch_at(workers))
+    assert peak == pytest.approx(0.1 * workers * 2)
+    for update, adj in [(0, (1 + 1 / warmup * (workers - 1)) / workers), (49, (1 + 50 / warmup * (workers - 1)) / workers),
+                        (warmup - 1, 1.0), (299, 1.0), (300, 0.1), (650, 0.01), (900, 0.001)]:
+        factor = lr_factor(update, warmup=warmup, total=1000, schedule="step", step_every=10**6, gamma=0.1,
+                           milestones=milestones, warmup_start=1 / workers)
+        assert peak * factor == pytest.approx(peak * adj), update
+
+
+def test_flags_and_config_files_override_a_preset(tmp_path):
+    override = tmp_path / "mine.yaml"
+    override.write_text("batch_size: 64\npatience: 3\n")
+    cfg, _, files = parse_cli(["--preset", "dli", "--config", str(override), "--patience", "4", "--epochs", "7"])
+    assert (cfg.model, cfg.batch_size, cfg.patience, cfg.epochs) == ("wrn_dli", 64, 4, 7)
+    assert files == [presets.path("dli"), str(override)]
+
+
+def test_preset_list_names_each_preset_and_the_notebook_studies(capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_cli(["--preset", "list"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    for name in presets.names():
+        assert f"\n{name}: " in f"\n{out}"
+    assert "cifar10_tune_cnn: " in out and "fashion_mnist_transfer: " in out
+
+
+def test_an_unknown_preset_is_one_line_with_exit_2():
+    with pytest.raises(ConfigError, match=r"--preset 'dlii' is not a preset; known: cifar100-resnet50, dli, "):
+        parse_cli(["--preset", "dlii"])
+    result = subprocess.run([sys.executable, "-m", "raydist.train", "--preset", "dlii"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "known:" in result.stderr
+
+
+# ---- one tiny step of each preset, on CPU, with its sizes overridden -------------------------------------
+
+# Sizes only (and one worker, in this process): the model, data set, optimizer and schedule stay the preset's. SyncBatchNorm runs on CUDA
+# only, so the workload's is turned off here (its GPU check is raydist.launch.check_sync_batchnorm's).
+TINY = {
+    "dli": ["--train-per-class", "1", "--batch-size", "8"],
+    "horovod-resnet18": ["--train-per-class", "1", "--batch-size", "8", "--val-batch-size", "16",
+                         "--warmup-epochs", "0.5"],
+    "workload": ["--fake-image-size", "64", "--fake-train-size", "8", "--fake-val-size", "8", "--batch-size", "8",
+                 "--no-sync-batchnorm"],
+    "cifar100-resnet50": ["--classes", "0-9", "--train-per-class", "1", "--batch-size", "8"],
+}
+
+
+@pytest.fixture
+def cifar_files(tmp_path, monkeypatch):
+    """Small CIFAR-10 and CIFAR-100 files in their published format (test_data writes and checks them)."""
+    from test_data import _trust_written_files, _write_cifar
+
+    for cls, key, classes, per_file in ((torchvision.datasets.CIFAR10, "labels", 10, 60),
+                                        (torchvision.datasets.CIFAR100, "fine_labels", 100, 1000)):
+        folder, _ = _write_cifar(tmp_path / "data", cls, per_file, key, classes)
+        _trust_written_files(monkeypatch, cls, folder)
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_preset_trains_one_tiny_step_on_cpu(name, cifar_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg, _, _ = parse_cli(["--preset", name, "--epochs", "1", "--warmup-epochs", "0", "--no-use-gpu", "--num-workers", "1",
+                           "--data-dir", str(cifar_files), *TINY[name]])
+    (metrics,) = run(cfg, local_context(str(tmp_path / "run"), log_dir=str(tmp_path / "run" / "tensorboard")))
+    assert torch.isfinite(torch.tensor([metrics["train_loss"], metrics["val_loss"]])).all()
+    saved = torch.load(tmp_path / "run" / "model_final.pt", map_location="cpu", weights_only=False)
+    kept = ("dataset", "model", "optimizer", "lr", "lr_scaling", "lr_schedule", "augment", "normalize")
+    assert {key: saved["config"][key] for key in kept} == {key: getattr(cfg, key) for key in kept}
+    assert (cfg.dataset, cfg.model) == (EXPECTED[name]["dataset"], EXPECTED[name]["model"])
+    assert bool(glob.glob(str(tmp_path / "run" / "tensorboard" / "wandb" / "offline-run-*"))) == (name == "cifar100-resnet50")
+
+
+# ---- W&B: a real 2-worker run, read back from W&B's own record file --------------------------------------
+
+
+def read_wandb_history(run_file: str) -> list[dict]:
+    """The `history` records of a W&B run file (.wandb): W&B's LevelDB-style log of 32 KiB blocks, each record
+    a 7-byte header (CRC, length, type: 1 full, 2 first, 3 middle, 4 last) and a protobuf `Record`."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(run_file, "rb").read()
+    assert data[:4] == b":W&B"
+    block, pos, records, pending = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (length == 0 and kind == 0):  # the block's padding
+            pos += left
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(pending)
+            pending = b""
+    history = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.history.item})
+    return history
+
+
+def test_wandb_logs_every_epoch_of_a_two_worker_run_offline_without_a_key(ray_cluster, tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc key either
+    result = subprocess.run([sys.executable, "-m", "raydist.train", "--address", ray_cluster, "--num-workers", "2",
+                             "--epochs", "10", "--wandb", "--wandb-project", "presets-test", "--storage-path",
+                             str(tmp_path / "runs"), "--name", "wb"], capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "wb"
+    assert "W&B: logging wb offline to " + str(run_dir / "tensorboard" / "wandb" / "offline-run-") in result.stdout
+    (run_file,) = glob.glob(str(run_dir / "tensorboard" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    logged = read_wandb_history(run_file)
+    history = [json.loads(line) for line in open(run_dir / "history.jsonl")]
+    assert [row["_step"] for row in logged] == list(range(1, 11))  # one W&B step per epoch, from rank 0 only
+    for row, epoch in zip(logged, history):
+        assert row["val_acc"] == pytest.approx(epoch["val_acc"]) and row["world_size"] == 2
+    print("val acc by epoch:", [round(row["val_acc"], 4) for row in logged])
+    assert logged[-1]["val_acc"] >= 0.85  # it learned (chance: 0.1; 0.919 here on 2026-12-05)
