@@ -335,6 +335,28 @@ class TrainConfig:
         if self.micro_batches > self.batch_size:
             raise ConfigError(f"--micro-batches {self.micro_batches} is more than the {self.batch_size} images of "
                               f"--batch-size; give at most {self.batch_size}")
+        # torch.compile traces one module on one device; the pipeline's clock schedule of stages on several
+        # devices is Python that a graph would have to keep in order (compiling each stage is not built).
+        if self.compile:
+            raise ConfigError(f"--compile with --model-parallel {self.model_parallel}: not supported (the pipeline "
+                              f"runs its stages on several devices in a Python schedule); drop --compile, or give "
+                              f"--model-parallel 1")
+        # SyncBatchNorm's collectives in every layer of every micro-batch, from the autograd threads of a
+        # worker's K devices at once: never run, so not offered (and on CPUs SyncBatchNorm does not run at all).
+        if self.sync_batchnorm:
+            raise ConfigError(f"--sync-batchnorm with --model-parallel {self.model_parallel}: not supported (its "
+                              f"collectives in every layer from a worker's {self.model_parallel} devices at once are "
+                              f"untested); drop --sync-batchnorm, or give --model-parallel 1")
+        import torch
+
+        from raydist.models import create_model
+        from raydist.models.pipeline import pipeline_units
+
+        with torch.device("meta"):  # the model's units, without memory or time
+            units = [name for name, _ in pipeline_units(create_model(self.model, num_classes=2, **self.model_args))]
+        if self.model_parallel > len(units):
+            raise ConfigError(f"--model-parallel {self.model_parallel}: --model {self.model} has {len(units)} pipeline "
+                              f"units ({units[0]}..{units[-1]}), so at most {len(units)} stages")
 
     def _validate_elastic(self) -> None:
         """--num-workers MIN-MAX and the settings that only an elastic run reads."""

@@ -34,6 +34,7 @@ from raydist.elastic import (FIRST_CHECK_AFTER, Step, batch_layout, check_every,
 from raydist.run_folder import CHECKPOINT_PREFIX
 from raydist.wandb_log import WandbRun
 from raydist.data import DATASETS, DatasetNotFound, download_lock, load_splits, shard_indices, steps_per_epoch
+from raydist.models.pipeline import Pipeline, pipeline_units, stage_devices, unit_costs
 from raydist.models.transfer import (Unit, WeightsError, build_model, freeze_norms, pretrained_source,
                                      read_weights_file, set_trainable, transfer_units, unfrozen_stages)
 
@@ -60,6 +61,8 @@ class WorkerContext:
     # an elastic run's spot-notice check, a barrier every rank calls equally often: None, or
     # {"nodes": [(node id, address)], "ranks": [...], "deadline_unix": float or None}
     preemption_info: Optional[Callable[[], Optional[dict]]] = None
+    # every GPU this worker holds, `device` first (Ray Train's get_devices); the stages of --model-parallel
+    devices: Optional[list] = None
 
 
 class WorkerInputError(Exception):
@@ -275,7 +278,8 @@ def evaluate_model(net: nn.Module, dataset, cfg: TrainConfig, *, device: torch.d
     amp_dtype = autocast_dtype(cfg.precision, device)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     net.eval()
-    sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
+    output_device = net.output_device if isinstance(net, Pipeline) else device  # a split model's last device
+    sums = EpochSums(*(torch.zeros((), device=output_device, dtype=torch.float64) for _ in range(3)))
     shards = shard_indices(len(dataset), batch_size=cfg.val_batch_size or 2 * cfg.batch_size, rank=rank, world_size=world, shuffle=False,
                            drop_last=False, pad=False, device=device)
     for images, labels in data_batches(dataset, list(shards), train=False):
@@ -284,6 +288,7 @@ def evaluate_model(net: nn.Module, dataset, cfg: TrainConfig, *, device: torch.d
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = net(x)
+        labels = labels.to(output_device)
         sums.loss += criterion(logits.float(), labels).double() * len(labels)
         sums.correct += (logits.argmax(1) == labels).sum()
         sums.count += len(labels)
@@ -330,8 +335,9 @@ class TrainingState:
     """
 
     def __init__(self, cfg: TrainConfig, *, device: torch.device, rank: int, world: int, train_set, val_set,
-                 source=None):
+                 source=None, devices: Optional[Sequence[torch.device]] = None):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.devices = list(devices) if devices else [device]  # the worker's GPUs, for --model-parallel
         self.train_set, self.val_set = train_set, val_set
         self.augment = input_pipeline(cfg, device, seed=cfg.seed * 1000 + rank)
 
@@ -342,7 +348,11 @@ class TrainingState:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         self.channels_last = uses_channels_last(cfg, device)
         self.net = net.to(device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        self.compiled: nn.Module = torch.compile(self.net) if cfg.compile else self.net
+        # --model-parallel K: the model's own modules in K stages on this worker's K devices; self.net stays
+        # the whole model (its state dict, checkpoints and optimizer are the unsplit model's).
+        self.pipeline: Optional[Pipeline] = self._split_model() if cfg.model_parallel > 1 else None
+        self.output_device = self.pipeline.output_device if self.pipeline else device  # where the logits are
+        self.compiled: nn.Module = torch.compile(self.net) if cfg.compile else (self.pipeline or self.net)
         self.transfer = cfg.starts_pretrained()
         if self.transfer:
             self.units = transfer_units(self.net, new_stem=cfg.grey_input == "reinit")
@@ -391,6 +401,30 @@ class TrainingState:
         self._place_schedule()
 
     # ---- building blocks
+
+    def _split_model(self) -> Pipeline:
+        """The model in cfg.model_parallel stages balanced by parameter count or by the forward+backward time
+        of each unit, measured here on a micro-batch of this run's input shape."""
+        cfg, device = self.cfg, self.device
+        units = pipeline_units(self.net)
+        sample = None
+        if cfg.pipeline_balance == "time":
+            side = input_side(cfg)
+            generator = torch.Generator(device=device).manual_seed(0)
+            sample = torch.randn(math.ceil(cfg.batch_size / cfg.micro_batches), cfg.input_channels(), side, side,
+                                 device=device, generator=generator)
+            if self.channels_last:
+                sample = sample.contiguous(memory_format=torch.channels_last)
+        costs = torch.tensor(unit_costs(units, balance=cfg.pipeline_balance, sample=sample,
+                                        autocast_dtype=autocast_dtype(cfg.precision, device)),
+                             dtype=torch.float64, device=device)
+        if self.world > 1:  # measured times differ from rank to rank; DDP needs every rank to cut the model alike
+            dist.broadcast(costs, src=0)
+        try:
+            devices = stage_devices(device, cfg.model_parallel, held=self.devices)
+        except ValueError as exc:  # fewer GPUs visible than stages: the user's setting, said in one line
+            raise WorkerInputError(str(exc)) from None
+        return Pipeline(units, costs=costs.tolist(), devices=devices, micro_batches=cfg.micro_batches)
 
     def _build_optimizer(self, peak_lr: float) -> torch.optim.Optimizer:
         # No weight decay on BatchNorm and bias parameters: decaying them only hurts (Goyal et al. 2017).
@@ -468,7 +502,10 @@ class TrainingState:
             # before each forward. Rank 0's own statistics come out the same either way (each rank's are
             # overwritten, then updated from its own batch), and they are what is evaluated and saved
             # (evaluate() broadcasts them once per epoch), so that traffic buys nothing.
-            self.model = DDP(self.compiled, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            # device_ids names the one device of a one-device model; a split model (on several) and a CPU
+            # model take None.
+            one_gpu = self.device.type == "cuda" and self.pipeline is None
+            self.model = DDP(self.compiled, device_ids=[self.device.index] if one_gpu else None,
                              **NO_FORWARD_BUFFER_SYNC)
             if cfg.fp16_allreduce:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -517,7 +554,7 @@ class TrainingState:
         t0 = time.perf_counter()
         model.train()
         freeze_norms(self.units, self.stage)  # frozen units keep their pretrained BatchNorm statistics
-        sums = EpochSums(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(3)))
+        sums = EpochSums(*(torch.zeros((), device=self.output_device, dtype=torch.float64) for _ in range(3)))
         plan = self.epoch_plan()
         micro = [(i, j) for i, step in enumerate(plan) for j in range(len(step.micro_batches))]
         progress = EpochProgress(epoch=self.epoch + 1, epochs=cfg.epochs, steps=len(micro),
@@ -541,6 +578,7 @@ class TrainingState:
             with no_sync:
                 with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     logits = model(x)
+                    labels = labels.to(self.output_device)  # a split model's logits are on its last device
                     loss = self.criterion(logits, labels)
                 self.scaler.scale(loss * step.weights[j]).backward()
             if step.weights[j]:  # a weight-0 image (a rank with none in a short last step) is not counted
@@ -659,12 +697,15 @@ def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     try:
         state = TrainingState(cfg, device=device, rank=rank, world=world, train_set=train_set, val_set=val_set,
+                              devices=ctx.devices,
                               source=source)
     except WeightsError as exc:  # a file the driver could not see (a cluster joined with --address) that does not fit
         raise WorkerInputError(f"{exc} (on node {ctx.node_id})") from None
     if ctx.resume_state is not None:
         state.load_state_dict(ctx.resume_state)
 
+    if rank == 0 and state.pipeline is not None:
+        print(state.pipeline.describe(cfg.pipeline_balance), flush=True)
     if rank == 0 and cfg.compile and cfg.sync_batchnorm and world > 1:
         print("note: --sync-batchnorm with --compile: every SyncBatchNorm layer's collective splits the compiled "
               "graph, so compile gains less than it does with plain BatchNorm", flush=True)
@@ -708,7 +749,7 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
                 spot.at_epoch_end(train)  # a notice that came late in the epoch: its checkpoint is this epoch's
             val = state.evaluate()
             totals = torch.stack([train.loss, train.correct, train.count, val.loss, val.correct, val.count,
-                                  torch.tensor(train.seconds, device=device, dtype=torch.float64)]).double()
+                                  torch.tensor(train.seconds, device=train.loss.device, dtype=torch.float64)]).double()
             if world > 1:
                 dist.all_reduce(totals)
         except RuntimeError as exc:
@@ -1369,7 +1410,8 @@ def train_loop_per_worker(config: dict) -> list[dict]:
                         resume_state=resume_state, log_dir=log_dir, publish_logs=publish_logs, node_id=node_id,
                         epoch_lines=console.get("epoch_lines", True),
                         progress_every_s=console.get("progress_every_s", 0.0),
-                        preemption_info=preemption_info if cfg.is_elastic() else None)
+                        preemption_info=preemption_info if cfg.is_elastic() else None,
+                        devices=ray.train.torch.get_devices())  # RAY: the worker's GPUs (their ids need not be adjacent)
     try:
         return run(cfg, ctx)  # rank 0's history becomes Result.return_value
     except BaseException as exc:

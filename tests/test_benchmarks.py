@@ -220,3 +220,15 @@ def test_the_model_table_in_the_docs_is_what_the_models_count():
     text = (ROOT / "docs" / "models.md").read_text()
     assert all(row in text.splitlines() for row in rows), "rerun: python benchmarks/model_sizes.py --out docs/models.md"
     assert any(row.startswith("| wrn_dli") and "| 17,117,754 |" in row and "| 4.824 |" in row for row in rows)
+
+
+def test_model_parallel_compares_unsplit_split_and_pipelined_sides(tmp_path):
+    out = tmp_path / "model_parallel.json"
+    result = _bench("model_parallel", "--smoke", "--threads", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["side"], r["stages"], r["micro_batches"]) for r in rows] == [
+        ("unsplit", 1, 1), ("split", 2, 1), ("pipelined", 2, 2)]
+    assert all(r["img_s"] > 0 for r in rows) and rows[0]["vs_unsplit"] == 1.0
+    # ResNet-50 balanced by parameters: the cut after layer4's first block (tests/test_model_parallel.py)
+    assert rows[1]["split"] == rows[2]["split"] == "stem..layer4.0 / layer4.1..head"
+    assert "| pipelined | 2 | 2 | params | stem..layer4.0 / layer4.1..head |" in result.stdout

@@ -83,6 +83,15 @@ class CifarResNet(nn.Module):
             start += n
         return units
 
+    def pipeline_units(self) -> list[tuple[str, nn.Module]]:
+        """The forward as a chain of units for model parallelism (raydist.models.pipeline): the stem, each
+        residual block (stageS.B), and the head (pooling and the classifier, which the pool feeds a vector)."""
+        units, start = [("stem", self.stem)], 0
+        for i, n in enumerate(self.blocks_per_stage):
+            units += [(f"stage{i + 1}.{j}", self.stages[start + j]) for j in range(n)]
+            start += n
+        return units + [("head", nn.Sequential(self.pool, nn.Flatten(1), self.fc))]
+
 
 @register_model("resnet8", "small CIFAR ResNet (3 stages of one basic block, 16/32/64 channels, 78k parameters)")
 def resnet8(num_classes: int) -> nn.Module:

@@ -32,6 +32,14 @@ class TuneTutorialCNN(nn.Module):
     def transfer_stages(self) -> list[tuple[str, list[nn.Module]]]:
         return [("stem", [self.conv1]), ("conv2", [self.conv2]), ("hidden", [self.fc1, self.fc2])]
 
+    def pipeline_units(self) -> list[tuple[str, nn.Module]]:
+        """The forward as a chain of units for model parallelism (raydist.models.pipeline); the one
+        (stateless) max-pool module serves both conv units, as it does in forward()."""
+        return [("conv1", nn.Sequential(self.conv1, nn.ReLU(), self.pool)),
+                ("conv2", nn.Sequential(self.conv2, nn.ReLU(), self.pool, nn.Flatten(1))),
+                ("fc1", nn.Sequential(self.fc1, nn.ReLU())), ("fc2", nn.Sequential(self.fc2, nn.ReLU())),
+                ("head", self.fc)]
+
 
 @register_model("tune_cnn", "the Ray Tune CIFAR-10 tutorial's small CNN (two 5x5 convs, fully connected layers of "
                 "--model-arg l1 and l2 units; 32x32 input only)", input_sides=(32, 35))

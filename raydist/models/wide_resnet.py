@@ -53,6 +53,13 @@ class DLIWideResNet(nn.Module):
         f = self.features
         return [("stem", [f[0]]), ("stage1", [f[1], f[2]]), ("stage2", [f[4], f[5]]), ("stage3", [f[7], f[8]])]
 
+    def pipeline_units(self) -> list[tuple[str, nn.Module]]:
+        """The forward as a chain of units for model parallelism (raydist.models.pipeline). Each max-pool
+        rides with the block before it, so a stage boundary there sends the pooled map, a quarter the size."""
+        f = self.features
+        return [("stem", f[0]), ("stage1.0", f[1]), ("stage1.1", f[2:4]), ("stage2.0", f[4]), ("stage2.1", f[5:7]),
+                ("stage3.0", f[7]), ("stage3.1", f[8]), ("head", nn.Sequential(*f[9:], self.fc))]
+
 
 @register_model("wrn_dli", "the DLI assessment WideResNet as published (two residual blocks at each of 160/320/640 "
                 "channels, dropout 0.01, two max-pools, AvgPool2d(7); 17.1M parameters; 28-55 px input)",
@@ -113,6 +120,13 @@ class WideResNet(nn.Module):
         n, f = self.blocks_per_stage, self.features
         return [("stem", [f[0]]), ("stage1", list(f[1:1 + n])), ("stage2", list(f[1 + n:1 + 2 * n])),
                 ("stage3", list(f[1 + 2 * n:]))]
+
+    def pipeline_units(self) -> list[tuple[str, nn.Module]]:
+        """The forward as a chain of units for model parallelism (raydist.models.pipeline): the stem conv,
+        each block (stageS.B), and the head (the final BatchNorm-ReLU, pooling and the classifier)."""
+        n, f = self.blocks_per_stage, self.features
+        blocks = [(f"stage{i // n + 1}.{i % n}", f[1 + i]) for i in range(3 * n)]
+        return [("stem", f[0])] + blocks + [("head", nn.Sequential(*f[1 + 3 * n:], self.fc))]
 
 
 @register_model("wrn", "WRN-d-k for 32x32 inputs with its shape in --model-arg: depth (6n+4: 10, 16, 22, 28, 40), "
