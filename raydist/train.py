@@ -56,6 +56,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:  # resource checks against a running cluster
         print(f"raydist.train: error: {exc}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit):  # Ctrl+C: one line, not a traceback, and the cluster given back
+        # Ray Train's own SIGINT handler aborts the run's controller and then leaves fit() with sys.exit
+        # (SystemExit), before Ray Train starts, Python's KeyboardInterrupt. Disconnecting ends this driver's
+        # Ray job; Ray then removes the run's worker group and its placement group (measured in
+        # docs/reliability.md). The checkpoints written so far stay.
+        _stop_log_forwarding()
+        run_dir = f"{cfg.storage_path}/{cfg.name}"
+        print(f"raydist.train: interrupted; continue from the latest checkpoint with: python -m raydist.train "
+              f"--resume {run_dir}", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - a failed run is reported in one line, with Ray's log above it
         from raydist.failures import write_error_log
 

@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import pytest
+from leftovers import LEDGER, wait_for_free_cluster  # noqa: F401 - tests import the wait from here
 
 
 @dataclasses.dataclass
@@ -58,9 +59,14 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Tests marked `own_cluster` start multi-node clusters of their own: run them first, before anything
-    starts the session's cluster, so that the machine never holds two Ray instances at once (Ray's State
-    API, which Train and Tune use to clean up, assumes one)."""
+    """Every test that uses the session cluster is marked `cluster` (from its fixtures, so no test can forget
+    it): `-m "not cluster and not own_cluster"` is the quick tier. Tests marked `own_cluster` start
+    multi-node clusters of their own: run them first, before anything starts the session's cluster, so that
+    the machine never holds two Ray instances at once (Ray's State API, which Train and Tune use to clean
+    up, assumes one)."""
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
     items.sort(key=lambda item: item.get_closest_marker("own_cluster") is None)  # stable: order kept otherwise
 
 
@@ -129,6 +135,23 @@ def cluster(tmp_path_factory):
             pass
 
 
+@pytest.fixture(autouse=True)
+def _session_cluster_whole(request):
+    """Around every test that uses the session cluster: before it, the cluster must be whole (what an earlier
+    test left is named with that test, see tests/leftovers.py); after it, whatever it left held is charged
+    to it."""
+    if "cluster" not in request.fixturenames:
+        yield
+        return
+    import ray
+
+    request.getfixturevalue("ray_cluster")
+    wait_for_free_cluster()
+    yield
+    if ray.is_initialized():
+        LEDGER.after_test(request.node.nodeid)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(cluster):
     """The session cluster, joined by this test process; yields its address for `--address`."""
@@ -175,22 +198,6 @@ def read_csv(path) -> list[dict]:
 
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
-
-
-def wait_for_free_cluster(timeout: float = 120, cpus: float = 2) -> None:
-    """Wait until the session cluster holds no placement group and all its CPUs are free again (Ray removes
-    a finished or killed run's group asynchronously); fail naming what is still held."""
-    import ray
-    from ray.util import placement_group_table
-
-    deadline = time.monotonic() + timeout
-    while True:
-        held = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
-        free, total = ray.available_resources().get("CPU"), ray.cluster_resources().get("CPU")
-        if not held and free == total == cpus:
-            return
-        assert time.monotonic() < deadline, f"still held: {held} ({free} of {total} CPUs free)"
-        time.sleep(1)
 
 
 def release_stale_train_requests() -> list[str]:
