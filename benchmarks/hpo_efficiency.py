@@ -111,6 +111,9 @@ def main():
     parser.add_argument("--search-space", default="digits_quick")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds to run (none, with --merge: analyse only)")
     parser.add_argument("--num-samples", type=int, help="trials per run (default: the study's)")
+    parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES),
+                        help=f"searcher+scheduler sides to run (default: all four; {BASELINE}, the baseline of "
+                             f"every ratio, always runs)")
     parser.add_argument("--bars", type=float, nargs="*", default=[0.95], help="fixed val_acc bars besides the common one")
     parser.add_argument("--lock", metavar="FILE", help="flock FILE for each run")
     parser.add_argument("--keep", metavar="DIR", help="keep the experiment folders in DIR (default: a temp folder)")
@@ -124,14 +127,15 @@ def main():
     env = environment(sys.argv)
     if args.trial_paths:
         return compare_trial_paths(args, env)
-    names = list(SIDES)
+    names = [name for name in SIDES if name == BASELINE or name in args.sides]
     runs = {name: {} for name in names}  # side -> seed -> run
     if args.merge:
         with open(args.merge) as fh:
             earlier = json.load(fh)
-        for key in ("search_space", "num_samples"):
-            if earlier["settings"][key] != getattr(args, key):
-                sys.exit(f"--merge {args.merge}: made with {key}={earlier['settings'][key]!r}, not {getattr(args, key)!r}")
+        for key in ("search_space", "num_samples", "sides"):
+            made_with = earlier["settings"].get(key, list(SIDES))  # files from before --sides ran all four
+            if made_with != getattr(args, key):
+                sys.exit(f"--merge {args.merge}: made with {key}={made_with!r}, not {getattr(args, key)!r}")
         if set(args.seeds) & {int(s) for s in earlier["runs"][BASELINE]}:
             sys.exit(f"--merge {args.merge}: already has some of seeds {args.seeds}")
         for name in names:

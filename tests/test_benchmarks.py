@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli import run_main
 from conftest import read_csv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +33,7 @@ def _bench(name: str, *args, cwd=None, timeout=900) -> subprocess.CompletedProce
     return result
 
 
+@pytest.mark.slow
 def test_throughput_compares_raydists_loop_with_a_dataloader_loop(tmp_path):
     out = tmp_path / "throughput.json"
     result = _bench("throughput", "--device", "cpu", "--models", "resnet18", "resnet50_imagenet", "--batch-sizes", "8",
@@ -46,6 +48,7 @@ def test_throughput_compares_raydists_loop_with_a_dataloader_loop(tmp_path):
     assert "| resnet18 | 32 | 8 | off | on |" in result.stdout
 
 
+@pytest.mark.slow
 def test_step_costs_measures_fake_generation_and_a_checkpoints_hold_up(tmp_path):
     out = tmp_path / "costs.json"
     _bench("step_costs", "--models", "resnet18", "--fake-batch", "2", "--repeats", "1", "--device", "cpu",
@@ -65,6 +68,7 @@ def test_data_pipeline_runs_every_pipeline_side_by_side(tmp_path):
     assert json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_asha_fairness_runs_both_policies(tmp_path):
     result = _bench("asha_fairness", "--lrs", "0.4", "--short", "1", "--budget", "2")
     assert "budget" in result.stdout and "own" in result.stdout
@@ -87,10 +91,15 @@ def test_ray_docs_peer_runs_both_loops_on_ray_train(ray_cluster, tmp_path):
 def test_hpo_efficiency_compares_the_searchers_and_where_trials_train(ray_cluster, tmp_path):
     (tmp_path / "tiny.yaml").write_text(TINY_STUDY)
     out = tmp_path / "hpo.json"
+    # One side (the baseline every ratio is taken against): the other three differ only in the two flags
+    # each passes to raydist.tune, whose searchers and schedulers have tests of their own.
     _bench("hpo_efficiency", "--search-space", str(tmp_path / "tiny.yaml"), "--seeds", "0", "--num-samples", "1",
-           "--address", ray_cluster, "--json", str(out))
-    results = json.loads(out.read_text())["results"]
-    assert set(results) == {"random+fifo", "random+asha", "hyperopt+fifo", "hyperopt+asha"}
+           "--sides", "random+fifo", "--address", ray_cluster, "--json", str(out))
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert set(results) == {"random+fifo"} and report["settings"]["sides"] == ["random+fifo"]
+    (bar,) = [entry for label, entry in results["random+fifo"]["bars"].items() if label == "common"]
+    assert bar["reached"] == "1 of 1" and bar["ratio_of_medians"] == 1.0  # the baseline against itself
     out = tmp_path / "paths.json"
     result = _bench("hpo_efficiency", "--search-space", str(tmp_path / "tiny.yaml"), "--trial-paths", "--repeats", "1",
                     "--address", ray_cluster, "--json", str(out))
@@ -110,6 +119,7 @@ def test_elastic_digits_runs_on_a_multi_node_cluster_of_its_own_and_plots_images
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_transfer_digits_runs_a_tiny_experiment(tmp_path):
     _bench("transfer_digits", "--seeds", "0", "--epochs", "1", "--lrs", "0.2", "--variants", "scratch", "linear",
            "--source-epochs", "1", "--accuracy-sizes", "--no-costs", "--input-size", "32", "--work-dir",
@@ -169,22 +179,29 @@ def test_scaling_grid_keeps_the_smallest_batchs_peak_lr_under_the_none_rule(tmp_
      r"the grid's largest run \(w1000-b1-linear\): --workers 1000 x --cpus-per-worker 1 asks for 1000 CPUs"),
     (["--storage-path", "elsewhere"], r"--storage-path elsewhere with --out .*: the runs go into --out"),
 ])
-def test_scaling_bad_input_is_one_line_exit_2_before_any_cluster(tmp_path, args, message):
-    result = subprocess.run([sys.executable, "-m", "raydist.scaling", "--out", str(tmp_path / "s"), *args],
+def test_scaling_bad_input_is_one_line_exit_2_before_any_cluster(tmp_path, capsys, monkeypatch, args, message):
+    code, out, err = run_main("raydist.scaling", ["--out", str(tmp_path / "s"), *args], capsys, monkeypatch)
+    assert code == 2, err
+    (line,) = err.strip().splitlines()
+    assert re.search(message, line), line
+    assert not (tmp_path / "s").exists() and "Ray" not in out
+
+
+def test_the_scaling_process_exits_2_in_one_line_before_any_cluster(tmp_path):
+    """The real process, once (the table above runs the same main() in this process)."""
+    result = subprocess.run([sys.executable, "-m", "raydist.scaling", "--out", str(tmp_path / "s"), "--workers", "0"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
-    (line,) = result.stderr.strip().splitlines()
-    assert re.search(message, line), line
+    assert result.stderr.strip() == "raydist.scaling: error: --workers must be positive integers, got 0"
     assert not (tmp_path / "s").exists() and "Ray" not in result.stdout
 
 
-def test_scaling_refuses_what_it_would_override_or_could_not_write_before_any_cluster(tmp_path):
+def test_scaling_refuses_what_it_would_override_or_could_not_write_before_any_cluster(tmp_path, capsys, monkeypatch):
     def scaling(*args):
-        result = subprocess.run([sys.executable, "-m", "raydist.scaling", *args], capture_output=True, text=True,
-                                timeout=120)
-        assert result.returncode == 2, result.stderr
-        (line,) = result.stderr.strip().splitlines()
-        assert "Ray" not in result.stdout
+        code, out, err = run_main("raydist.scaling", list(args), capsys, monkeypatch)
+        assert code == 2, err
+        (line,) = err.strip().splitlines()
+        assert "Ray" not in out
         return line
 
     (tmp_path / "grid.yaml").write_text("num_workers: 2\nepochs: 3\n")

@@ -248,38 +248,72 @@ def _stale_ray_tmpdir():
 ADDRESS_HELP = "expected the head node's host:port (e.g. 10.0.0.10:6379) of a running cluster, or "
 
 
-@pytest.mark.parametrize("command", ["raydist.train", "raydist.tune", "raydist.cluster status"])
-@pytest.mark.parametrize("address", ["dead", "auto", "foreign"])
-def test_an_address_nothing_answers_at_is_one_line_and_exit_2(tmp_path, command, address):
-    """'foreign': the address file names a port that something other than Ray now holds (it accepts and
-    says nothing); ray.init waited on it for minutes."""
-    import socket
+COMMANDS = ["raydist.train", "raydist.tune", "raydist.cluster status"]
+ADDRESS_KINDS = ["dead", "auto", "foreign"]
 
-    folder, dead = _stale_ray_tmpdir()
-    foreign = socket.create_server(("127.0.0.1", 0))  # the kernel accepts connections; nobody answers
-    try:
-        if address == "foreign":
-            dead = f"127.0.0.1:{foreign.getsockname()[1]}"
-            Path(folder, "ray", "ray_current_cluster").write_text(dead)
-        env = {**os.environ, "RAY_TMPDIR": folder}
-        env.pop("RAY_ADDRESS", None)
-        flags = [] if command.endswith("status") else ["--storage-path", str(tmp_path / "runs")]
-        result = subprocess.run([sys.executable, "-m", *command.split(), "--address",
-                                 dead if address == "dead" else "auto", *flags],
-                                capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
-        assert result.returncode == 2, result.stderr[-3000:]
-        where = "" if address == "dead" else f" (the last `ray start` here, from {folder}/ray/ray_current_cluster)"
-        flag = f"--address {dead if address == 'dead' else 'auto'}"
+
+class _AddressCase:
+    """A stale Ray temp folder (_stale_ray_tmpdir) and a port that accepts connections but says nothing;
+    `address` is what --address gets, `line` what the command's last line must be."""
+
+    def __init__(self, command: str, kind: str):
+        import socket
+
+        self.folder, dead = _stale_ray_tmpdir()
+        self.foreign = socket.create_server(("127.0.0.1", 0))  # the kernel accepts connections; nobody answers
+        if kind == "foreign":
+            dead = f"127.0.0.1:{self.foreign.getsockname()[1]}"
+            Path(self.folder, "ray", "ray_current_cluster").write_text(dead)
+        self.address = dead if kind == "dead" else "auto"
+        where = "" if kind == "dead" else f" (the last `ray start` here, from {self.folder}/ray/ray_current_cluster)"
         otherwise = "start one with `ray start --head`" if command.endswith("status") else \
             "drop --address to start a local one"
         problem = (f"something answers at {dead}{where} but it is not a Ray cluster (no gRPC server, which a head "
-                   f"node's GCS port is)" if address == "foreign" else f"no Ray cluster answers at {dead}{where}")
-        assert result.stderr.strip().splitlines()[-1] == (
-            f"{command.split()[0]}: error: {flag}: {problem}; {ADDRESS_HELP}{otherwise}")
+                   f"node's GCS port is)" if kind == "foreign" else f"no Ray cluster answers at {dead}{where}")
+        self.line = f"{command.split()[0]}: error: --address {self.address}: {problem}; {ADDRESS_HELP}{otherwise}"
+
+    def close(self):
+        self.foreign.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("kind", ADDRESS_KINDS)
+def test_an_address_nothing_answers_at_is_one_line(tmp_path, monkeypatch, command, kind):
+    """Every command x every kind of address, through the check each command runs before ray.init
+    (raydist.cluster.check_reachable; the real processes below prove the exit code). 'foreign': the address
+    file names a port that something other than Ray now holds (it accepts and says nothing); ray.init waited
+    on it for minutes."""
+    from raydist.cluster import START_HEAD, START_LOCAL, check_reachable
+    from raydist.config import ConfigError
+
+    case = _AddressCase(command, kind)
+    try:
+        monkeypatch.setenv("RAY_TMPDIR", case.folder)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        with pytest.raises(ConfigError) as refused:
+            check_reachable(case.address, otherwise=START_HEAD if command.endswith("status") else START_LOCAL)
+        assert f"{command.split()[0]}: error: {refused.value}" == case.line
+    finally:
+        case.close()
+
+
+@pytest.mark.parametrize("command, kind", list(zip(COMMANDS, ADDRESS_KINDS)))
+def test_an_address_nothing_answers_at_is_exit_2_and_one_line_from_the_process(tmp_path, command, kind):
+    """The real process, each command once (with each kind of address once): exit code 2 in seconds,
+    that last line, nothing written."""
+    case = _AddressCase(command, kind)
+    try:
+        env = {**os.environ, "RAY_TMPDIR": case.folder}
+        env.pop("RAY_ADDRESS", None)
+        flags = [] if command.endswith("status") else ["--storage-path", str(tmp_path / "runs")]
+        result = subprocess.run([sys.executable, "-m", *command.split(), "--address", case.address, *flags],
+                                capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr.strip().splitlines()[-1] == case.line
         assert not list(tmp_path.iterdir())  # nothing written
     finally:
-        foreign.close()
-        shutil.rmtree(folder, ignore_errors=True)
+        case.close()
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:99999", "head-node", "", "local", "10.0.0.10:port"])
@@ -318,6 +352,7 @@ def test_publish_refuses_a_file_without_node_types_before_it_connects(tmp_path, 
     assert capsys.readouterr().err == f"raydist.cluster: error: {tmp_path / 'bootstrap.yaml'}: {message}\n"
 
 
+@pytest.mark.slow
 def test_a_bare_run_starts_its_own_cluster_whatever_a_stale_address_file_says(tmp_path):
     folder, dead = _stale_ray_tmpdir()
     try:

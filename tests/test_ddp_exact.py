@@ -33,6 +33,7 @@ def _weights(path):
     return load_checkpoint_file(str(path))["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", [
     dict(model="resnet8", augment="crop_flip"),  # the default augmentation
     # a Wide ResNet with dropout (its shape and dropout from model_args) and the DLI augmentation (affine +
@@ -72,6 +73,7 @@ def test_resume_with_a_new_batch_size_lr_and_weight_decay_trains_with_them(tmp_p
     assert [g["momentum"] for g in groups] == [0.8, 0.8]
 
 
+@pytest.mark.slow
 def test_resume_across_worker_counts_continues_the_schedule_where_it_stood(tmp_path):
     # A 2-worker run's epoch-1 checkpoint continued by 1 worker: the global batch halves, the schedule
     # continues at epoch 1 of 2 counted in the new run's updates, with the new run's peak LR.
@@ -85,6 +87,7 @@ def test_resume_across_worker_counts_continues_the_schedule_where_it_stood(tmp_p
     assert resumed[0]["val_acc"] > 0.3  # it learned (chance: 0.1)
 
 
+@pytest.mark.slow
 def test_two_workers_with_compile_and_gradient_accumulation_learn_and_report_the_saved_models_accuracy(tmp_path):
     """--compile under 2-worker DDP: the model is compiled, then wrapped in DDP (PyTorch's current advice;
     DDP marks its forward active, so Dynamo still splits the graph at DDP's buckets), with no_sync on the

@@ -138,6 +138,7 @@ ELASTIC = dict(dataset="digits", model="resnet8", num_workers=3, min_workers=1, 
                epochs=4, lr=1.0, warmup_epochs=0.5, preemption_check_every=2, checkpoint_every=1)  # augmentation on
 
 
+@pytest.mark.slow
 def test_a_spot_notice_checkpoints_mid_epoch_and_a_resume_on_more_workers_uses_each_image_once(tmp_path, monkeypatch):
     """2 workers get a notice at their 4th check (step 8 of epoch 1: 768 images in); the node goes at the
     next check, 2 steps later. The run goes on from the notice's checkpoint on 3 workers: every image of

@@ -59,6 +59,7 @@ def _own_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("RAYDIST_CACHE_DIR", str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 def test_a_bucket_folder_lists_and_decodes_as_the_same_folder_on_disk(bucket):
     uri, local, _ = bucket
     remote, on_disk = scan_folder(uri, val_fraction=0.1), scan_folder(str(local), val_fraction=0.1)

@@ -12,6 +12,8 @@ from collections import Counter
 
 import pytest
 
+from cli import run_main
+
 from raydist.config import ConfigError
 from raydist.search_space import MAX_GRID, load_study
 from raydist.tune import SEARCH_SPACES, plan_concurrency
@@ -310,9 +312,10 @@ def test_an_elastic_trials_mid_epoch_checkpoints_do_not_reach_tune_and_its_epoch
     assert queue.items == [{"epoch": 3, "val_acc": 0.9}]
 
 
-def _tune_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "raydist.tune", *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+def _tune(*args, capsys, monkeypatch, cwd):
+    """`python -m raydist.tune ARGS` in this process (tests/cli.py): exit code, stdout, stderr."""
+    monkeypatch.chdir(cwd)
+    return run_main("raydist.tune", list(args), capsys, monkeypatch)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -330,16 +333,29 @@ def _tune_cli(*args, cwd):
     (["--search-space", "cifar10_resnet18", "--set", "epochs=1"],
      "cifar10_resnet18.yaml: searched warmup_epochs reaches 2.0: --warmup-epochs 2.0 exceeds --epochs 1"),
 ])
-def test_tune_cli_bad_input_exits_2_in_one_line_before_ray(tmp_path, args, message):
-    result = _tune_cli(*args, "--storage-path", str(tmp_path / "runs"), cwd=tmp_path)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
+def test_tune_cli_bad_input_exits_2_in_one_line_before_ray(tmp_path, capsys, monkeypatch, args, message):
+    code, out, err = _tune(*args, "--storage-path", str(tmp_path / "runs"), capsys=capsys, monkeypatch=monkeypatch,
+                           cwd=tmp_path)
+    assert code == 2, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raydist.tune: error: ") and message in lines[0], err
     assert not (tmp_path / "runs").exists()  # nothing written
-    assert "Ray" not in result.stdout and "dashboard" not in result.stdout  # no cluster started
+    assert "Ray" not in out and "dashboard" not in out  # no cluster started (run_main refuses to start one)
 
 
-def test_a_study_changed_on_the_command_line_gets_the_checks_of_its_file(tmp_path):
+def test_the_tune_process_exits_2_in_one_line_before_importing_ray(tmp_path):
+    """The real process, once: exit code 2, the one line on stderr, and Ray never imported (its import alone
+    takes seconds, and a bad flag must not wait for it)."""
+    probe = ("import runpy, sys; sys.argv = ['raydist.tune', '--num-samples', '0', '--storage-path', 'runs']\n"
+             "try:\n    runpy.run_module('raydist.tune', run_name='__main__')\n"
+             "finally:\n    print('ray imported' if 'ray' in sys.modules else 'ray not imported')")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "raydist.tune: error: --num-samples must be a positive integer, got 0"
+    assert result.stdout.strip() == "ray not imported" and not (tmp_path / "runs").exists()
+
+
+def test_a_study_changed_on_the_command_line_gets_the_checks_of_its_file(tmp_path, capsys, monkeypatch):
     """--scheduler/--search/--num-samples join the study before it is checked: a FIFO study whose grace
     period is longer than its trials is fine, the same study under --scheduler asha is not."""
     study = tmp_path / "s.yaml"
@@ -347,11 +363,11 @@ def test_a_study_changed_on_the_command_line_gets_the_checks_of_its_file(tmp_pat
     from raydist.tune import parse_args
 
     assert parse_args(["--search-space", str(study), "--storage-path", str(tmp_path / "runs")]).study.scheduler == "fifo"
-    result = _tune_cli("--search-space", str(study), "--scheduler", "asha", "--storage-path", str(tmp_path / "runs"),
-                       cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip() == (f"raydist.tune: error: {study}: scheduler.grace_period 5 exceeds the most "
-                                     f"epochs a trial can run (3)")
+    code, _, err = _tune("--search-space", str(study), "--scheduler", "asha", "--storage-path", str(tmp_path / "runs"),
+                         capsys=capsys, monkeypatch=monkeypatch, cwd=tmp_path)
+    assert code == 2
+    assert err.strip() == (f"raydist.tune: error: {study}: scheduler.grace_period 5 exceeds the most "
+                           f"epochs a trial can run (3)")
     plan = parse_args(["--search-space", str(study), "--scheduler", "asha", "--set", "epochs=6", "--search", "random",
                        "--num-samples", "2", "--storage-path", str(tmp_path / "runs")])
     assert (plan.study.scheduler, plan.study.search, plan.study.num_samples) == ("asha", "random", 2)
@@ -367,33 +383,33 @@ def test_set_keeps_a_text_field_as_typed(tmp_path):
     assert (plan.study.fixed["epochs"], plan.study.fixed["lr"]) == (4, 0.1)
 
 
-def test_a_storage_path_that_cannot_be_written_is_refused_before_ray(tmp_path):
+def test_a_storage_path_that_cannot_be_written_is_refused_before_ray(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    result = _tune_cli("--storage-path", str(blocker / "runs"), cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip() == (f"raydist.tune: error: --storage-path {blocker / 'runs'}: {blocker} is a file, "
-                                     f"not a folder; give a folder path")
+    code, _, err = _tune("--storage-path", str(blocker / "runs"), capsys=capsys, monkeypatch=monkeypatch, cwd=tmp_path)
+    assert code == 2
+    assert err.strip() == (f"raydist.tune: error: --storage-path {blocker / 'runs'}: {blocker} is a file, "
+                           f"not a folder; give a folder path")
 
 
-def test_tune_list_names_every_shipped_study(tmp_path):
-    result = _tune_cli("--list", cwd=tmp_path)
-    assert result.returncode == 0
+def test_tune_list_names_every_shipped_study(tmp_path, capsys, monkeypatch):
+    code, out, _ = _tune("--list", capsys=capsys, monkeypatch=monkeypatch, cwd=tmp_path)
+    assert code == 0
     for path in SHIPPED:
-        assert path.stem in result.stdout
+        assert path.stem in out
 
 
 @pytest.mark.parametrize("args, message", [
     (["--set", "lr=0.1"], "--resume: "),  # the wording belongs to raydist.tune's resume checks
     (["--num-samples", "9"], "--resume continues the study as it was; drop --num-samples"),
 ])
-def test_resume_keeps_the_study_as_it_was(tmp_path, args, message):
+def test_resume_keeps_the_study_as_it_was(tmp_path, capsys, monkeypatch, args, message):
     experiment = tmp_path / "experiment"
     experiment.mkdir()
     (experiment / "study.yaml").write_text(VALID)
-    result = _tune_cli("--resume", str(experiment), *args, cwd=tmp_path)
-    line = result.stderr.strip()
-    assert result.returncode == 2 and line.startswith(f"raydist.tune: error: {message}") and "\n" not in line, line
+    code, _, err = _tune("--resume", str(experiment), *args, capsys=capsys, monkeypatch=monkeypatch, cwd=tmp_path)
+    line = err.strip()
+    assert code == 2 and line.startswith(f"raydist.tune: error: {message}") and "\n" not in line, line
     assert sorted(p.name for p in experiment.iterdir()) == ["study.yaml"]
 
 

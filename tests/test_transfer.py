@@ -296,6 +296,7 @@ def test_each_variant_trains_under_2_worker_ddp_and_reports_its_saved_models_acc
         assert history[0]["trainable_params"] < history[1]["trainable_params"] == history[2]["trainable_params"]
 
 
+@pytest.mark.slow
 def test_gradual_unfreezing_works_with_torch_compile(tmp_path, source_run):
     """A new trainable set recompiles the model (requires_grad is part of compile's guards); one worker in
     this process, so the compile happens once here rather than in every DDP process."""

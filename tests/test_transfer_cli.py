@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from cli import run_main
 from conftest import digits_val_accuracy, read_csv, start_tune, wait_for_free_cluster
 
 from raydist.config import TrainConfig
@@ -28,38 +29,51 @@ def _train(*args, env=None):
                           timeout=300, env=env)
 
 
-@pytest.mark.parametrize("case", ["missing file", "pretrained offline", "wrong model", "scratch linear",
-                                  "colour data grey stem"])
-def test_unusable_starting_weights_are_one_line_and_exit_2_before_any_cluster_starts(tmp_path, source_weights, case):
-    env = dict(os.environ)
-    args = {
-        "missing file": ["--weights", str(tmp_path / "nope.pt")],
-        "pretrained offline": ["--model", "resnet18_imagenet", "--pretrained"],
-        "wrong model": ["--model", "resnet18_imagenet", "--weights", source_weights],
-        "scratch linear": ["--finetune", "linear"],
-        "colour data grey stem": ["--dataset", "cifar10", "--download", "--grey-input", "sum"],
-    }[case]
-    if case == "pretrained offline":  # an empty cache and no way out, with or without internet
-        env.update(TORCH_HOME=str(tmp_path / "torch"), https_proxy="http://127.0.0.1:9")
-    result = _train(*args, "--storage-path", str(tmp_path / "runs"), env=env)
-    assert result.returncode == 2, result.stderr[-2000:]
-    # nothing ran: the config line comes right before the cluster starts (torch.hub says what it tried to fetch)
-    assert "config:" not in result.stdout and "Ray" not in result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("raydist.train: error: "), result.stderr
-    expected = {"missing file": "no such file", "pretrained offline": "resnet18-f37072fd.pth",
-                "wrong model": "does not fit --model resnet18_imagenet", "scratch linear": "starts from scratch",
-                "colour data grey stem": "cifar10 is in colour"}[case]
+UNUSABLE = {  # the case, its flags, what its one line says
+    "missing file": (lambda tmp, source: ["--weights", str(tmp / "nope.pt")], "no such file"),
+    "pretrained offline": (lambda tmp, source: ["--model", "resnet18_imagenet", "--pretrained"],
+                           "resnet18-f37072fd.pth"),  # torch.hub says what it tried to fetch
+    "wrong model": (lambda tmp, source: ["--model", "resnet18_imagenet", "--weights", source],
+                    "does not fit --model resnet18_imagenet"),
+    "scratch linear": (lambda tmp, source: ["--finetune", "linear"], "starts from scratch"),
+    "colour data grey stem": (lambda tmp, source: ["--dataset", "cifar10", "--download", "--grey-input", "sum"],
+                              "cifar10 is in colour"),
+}
+
+
+def _assert_refused(code, out, err, expected, runs):
+    assert code == 2, err[-2000:]
+    # nothing ran: the config line comes right before the cluster starts
+    assert "config:" not in out and "Ray" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raydist.train: error: "), err
     assert expected in lines[0]
-    assert not os.path.exists(tmp_path / "runs")  # nothing half-written
+    assert not os.path.exists(runs)  # nothing half-written
 
 
-def test_a_study_with_missing_weights_is_refused_before_any_trial(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "raydist.tune", "--search-space", "digits_transfer",
-                             "--set", f"weights={tmp_path}/none.pt", "--storage-path", str(tmp_path / "runs")],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "none.pt: no such file" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "runs")
+@pytest.mark.parametrize("case", [c for c in UNUSABLE if c != "pretrained offline"])
+def test_unusable_starting_weights_are_one_line_and_exit_2_before_any_cluster_starts(tmp_path, source_weights, case,
+                                                                                    capsys, monkeypatch):
+    flags, expected = UNUSABLE[case]
+    code, out, err = run_main("raydist.train", [*flags(tmp_path, source_weights), "--storage-path",
+                                                str(tmp_path / "runs")], capsys, monkeypatch)
+    _assert_refused(code, out, err, expected, tmp_path / "runs")
+
+
+def test_pretrained_weights_that_cannot_be_fetched_are_one_line_and_exit_2_from_the_real_process(tmp_path):
+    """The real process (the table above runs main() in this one): an empty weights cache and no way out,
+    with or without internet; exit code 2 and one line before any cluster starts."""
+    flags, expected = UNUSABLE["pretrained offline"]
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9"}
+    result = _train(*flags(tmp_path, None), "--storage-path", str(tmp_path / "runs"), env=env)
+    _assert_refused(result.returncode, result.stdout, result.stderr, expected, tmp_path / "runs")
+
+
+def test_a_study_with_missing_weights_is_refused_before_any_trial(tmp_path, capsys, monkeypatch):
+    code, _, err = run_main("raydist.tune", ["--search-space", "digits_transfer", "--set", f"weights={tmp_path}/none.pt",
+                                             "--storage-path", str(tmp_path / "runs")], capsys, monkeypatch)
+    assert code == 2 and "none.pt: no such file" in err
+    assert len(err.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "runs")
 
 
 def test_gradual_fine_tuning_on_2_ray_workers_unfreezes_by_stage_and_learns(ray_cluster, source_weights, tmp_path):

@@ -85,6 +85,7 @@ def test_a_restored_gate_keeps_its_trials_and_takes_the_concurrency_given_to_res
     assert [t["misc"]["vals"]["x"][0] for t in done] == [first["x"]] and done[0]["result"]["loss"] == -0.7
 
 
+@pytest.mark.slow
 def test_random_search_takes_the_concurrency_given_to_resume():
     searcher = RandomSearch(max_concurrent=1, random_state=0)
     state = searcher.get_state()
