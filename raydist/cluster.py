@@ -635,6 +635,29 @@ def auth_headers() -> dict:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def release_train_requests(run_names: set[str]) -> list[str]:
+    """Cancel what the Ray Train runs named `run_names` still ask of Ray's autoscaling coordinator, and return
+    the requests cancelled. A Train run asks the coordinator for its workers' resources and cancels the
+    request when it ends; a run whose controller was killed (a trial that ASHA stopped, a study stopped by
+    Ctrl+C) never does, and Ray lets the request expire only after 180 s. Until then the coordinator keeps that
+    share for a run that is gone: an elastic run starts smaller, an autoscaling cluster keeps its nodes.
+    Needs the dashboard (Ray Train's run list); without it, or with nothing to cancel, it does nothing."""
+    import ray
+    from ray._private.worker import get_dashboard_url  # RAY (internal): where this driver's cluster serves it
+
+    try:
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")  # RAY (internal)
+    except ValueError:  # no Train run has asked for anything on this cluster
+        return []
+    url = get_dashboard_url()
+    if not url or not run_names:
+        return []
+    runs = dashboard_get(f"http://{url}", "/api/train/v2/runs/v1").get("train_runs", [])
+    requests = sorted(f"train-{run['id']}" for run in runs if run.get("name") in run_names)  # Ray Train's own ids
+    ray.get([coordinator.cancel_request.remote(requester) for requester in requests], timeout=30)
+    return requests
+
+
 def dashboard_get(url: str, path: str, timeout: float = 10.0):
     """GET a dashboard REST path with the token; returns the decoded JSON."""
     import json

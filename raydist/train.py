@@ -43,6 +43,19 @@ def _stop_log_forwarding() -> None:
         ray.shutdown()
 
 
+def _give_back_requests(run_name: str) -> None:
+    """What the interrupted run still asks of Ray's autoscaling coordinator (Ray would keep it for 180 s)."""
+    import ray
+
+    from raydist import cluster
+
+    if ray.is_initialized():
+        try:
+            cluster.release_train_requests({run_name})
+        except Exception:  # noqa: BLE001 - Ray drops the request within 180 s anyway
+            pass
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg, explicit, config_files = parse_cli(argv)
@@ -61,6 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # (SystemExit), before Ray Train starts, Python's KeyboardInterrupt. Disconnecting ends this driver's
         # Ray job; Ray then removes the run's worker group and its placement group (measured in
         # docs/reliability.md). The checkpoints written so far stay.
+        _give_back_requests(cfg.name)
         _stop_log_forwarding()
         run_dir = f"{cfg.storage_path}/{cfg.name}"
         print(f"raydist.train: interrupted; continue from the latest checkpoint with: python -m raydist.train "

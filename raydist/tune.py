@@ -425,6 +425,7 @@ def run_study(plan: Plan) -> StudyResult:
     # The console's trial lines and status line, and the study's record for `raydist.cluster status`.
     console = [] if study.verbose else [study_console(study, plan.experiment_path, concurrency,
                                                       cluster_has_gpus=cap.max_gpus > 0)]
+    release = train_requests_release(study.name)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, study=study, experiment_path=plan.experiment_path),
         trial_resources(study, cluster_has_gpus=cap.max_gpus > 0))
@@ -435,8 +436,9 @@ def run_study(plan: Plan) -> StudyResult:
         tuner = ray.tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True)
         # Tune restores the callbacks it saved: the console is today's (a fresh clock, --verbose as given now).
         run_config = tuner._local_tuner.get_run_config()  # RAY (internal): no public way to change it on restore
-        run_config.callbacks = [c for c in run_config.callbacks or [] if not getattr(c, "raydist_console", False)]
-        run_config.callbacks += console
+        run_config.callbacks = [c for c in run_config.callbacks or []
+                                if not getattr(c, "raydist_console", False) and not getattr(c, "raydist_release", False)]
+        run_config.callbacks += [*console, release]
         run_config.verbose = 1 if study.verbose else 0
     else:
         tuner = ray.tune.Tuner(
@@ -454,7 +456,7 @@ def run_study(plan: Plan) -> StudyResult:
             run_config=ray.tune.RunConfig(name=plan.name, storage_path=plan.storage_path,
                                           callbacks=[*_logger_callbacks(plan),
                                                      trial_loss_notice(plan.experiment_path, study.trial_restarts),
-                                                     *console],
+                                                     release, *console],
                                           # A trial that raised is run again this often; it resumes
                                           # from its latest checkpoint (its Train run keeps its name).
                                           failure_config=ray.tune.FailureConfig(max_failures=study.trial_restarts),
@@ -471,6 +473,7 @@ def run_study(plan: Plan) -> StudyResult:
         with contextlib.nullcontext() if study.verbose else _quiet_tune_output():
             grid = tuner.fit()
     finally:
+        release.release_all()  # after Ctrl+C too: Tune has stopped every trial by now
         _forget_study(plan.name)
     return summarize(study, grid, plan.experiment_path, seconds=time.perf_counter() - t0)
 
@@ -575,6 +578,59 @@ def trial_loss_notice(experiment_path: str, restarts: int):
             print(f"trial {trial.trial_id} failed: {cause}; {then}" + (f" (log: {log})" if log else ""), flush=True)
 
     return TrialLossNotice()
+
+
+# A stopped trial's Train controller is killed a moment after Tune says the trial ended, and a live one
+# renews its request every 20 s: released once at the end, and again once it can no longer renew it.
+RELEASE_AFTER_S = (0.0, 25.0)
+
+
+def train_requests_release(study_name: str):
+    """A Tune callback that gives back what ended trials' Train runs still ask of the cluster
+    (raydist.cluster.release_train_requests): a trial ASHA stopped, or one that failed, never cancels its
+    run's request itself, and Ray would keep it for 180 s. Released when the trial ends and 25 s later;
+    `release_all` at the study's end (Ctrl+C included) gives back whatever this study's trials still hold."""
+    from ray.tune import Callback
+
+    from raydist import cluster
+
+    class TrainRequestsRelease(Callback):
+        raydist_release = True  # a restored study gets today's (Tune saves callbacks with the experiment)
+
+        def __init__(self):
+            self.ended: dict[str, float] = {}  # trial id -> when it ended (monotonic)
+            self.seen: set[str] = set()
+            self.released: dict[str, int] = {}  # trial id -> releases done
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.seen.add(trial.trial_id)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.ended.setdefault(trial.trial_id, time.monotonic())
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.ended.setdefault(trial.trial_id, time.monotonic())
+
+        def on_step(self, iteration, trials, **info):
+            now = time.monotonic()
+            due = {t for t, at in self.ended.items() if self.released.get(t, 0) < len(RELEASE_AFTER_S)
+                   and now - at >= RELEASE_AFTER_S[self.released.get(t, 0)]}
+            if due:
+                self._release(due)
+
+        def release_all(self) -> None:
+            self._release(self.seen)
+
+        def _release(self, trial_ids: set[str]) -> None:
+            try:
+                cluster.release_train_requests({train_run_name(study_name, t) for t in trial_ids})
+            except Exception as exc:  # noqa: BLE001 - Ray lets the requests expire after 180 s anyway
+                print(f"warning: could not give back the resource requests of ended trials ({type(exc).__name__}: "
+                      f"{exc}); Ray drops them within 180 s", flush=True)
+            for t in trial_ids:
+                self.released[t] = self.released.get(t, 0) + 1
+
+    return TrainRequestsRelease()
 
 
 def study_console(study: Study, experiment_path: str, concurrency: int, *, cluster_has_gpus: bool):

@@ -200,23 +200,24 @@ def read_csv(path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def release_stale_train_requests() -> list[str]:
-    """Cancel the resource requests that ended Ray Train runs left in Ray's AutoscalingCoordinator, and return
-    their ids. A run whose controller was killed (a trial that ASHA stopped dies with its TorchTrainer) never
-    cancels its request, and Ray lets it expire only after 180 s. Until then the coordinator keeps a share of
-    the cluster reserved for it, and an elastic run starts on what is left and grows only once it expires.
-    Call it while no Train run is active on the session cluster."""
+def pending_train_requests(dashboard_url: str, run_names=None) -> list[str]:
+    """The resource requests Ray's AutoscalingCoordinator still holds for Ray Train runs (of `run_names`, or
+    of any run), each as `train-<run id> (<run name>)`. A Train run cancels its own when it ends; a run whose
+    controller was killed (a trial ASHA stopped, a study or run stopped from outside) leaves it for 180 s
+    unless raydist gives it back (raydist.cluster.release_train_requests)."""
     import ray
+
+    from raydist.cluster import dashboard_get
 
     try:
         coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
     except ValueError:  # no Train run has started on this cluster yet
         return []
-    stale = ray.get(coordinator.__ray_call__.remote(
-        lambda actor: [r for r in actor._ongoing_reqs if str(r).startswith("train-")]))
-    for requester in stale:
-        ray.get(coordinator.cancel_request.remote(requester))
-    return stale
+    held = ray.get(coordinator.__ray_call__.remote(lambda actor: [r for r in actor._ongoing_reqs
+                                                                   if str(r).startswith("train-")]))
+    names = {f"train-{run['id']}": run.get("name")
+             for run in dashboard_get(dashboard_url, "/api/train/v2/runs/v1").get("train_runs", [])}
+    return [f"{r} ({names.get(r)})" for r in held if run_names is None or names.get(r) in run_names]
 
 
 @pytest.fixture

@@ -11,11 +11,12 @@ import time
 
 import pytest
 from clusters import ConsoleLines
+from conftest import pending_train_requests
 from leftovers import CLEANUP_PROMISE_S, wait_for_free_cluster
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
-def test_a_training_run_stopped_mid_epoch_leaves_nothing_on_the_cluster(ray_cluster, tmp_path, how):
+def test_a_training_run_stopped_mid_epoch_leaves_nothing_on_the_cluster(ray_cluster, cluster, tmp_path, how):
     proc = subprocess.Popen([sys.executable, "-m", "raydist.train", "--address", ray_cluster, "--num-workers", "2",
                              "--epochs", "30", "--storage-path", str(tmp_path / "runs"), "--name", "stopped"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -35,3 +36,11 @@ def test_a_training_run_stopped_mid_epoch_leaves_nothing_on_the_cluster(ray_clus
     wait_for_free_cluster(timeout=CLEANUP_PROMISE_S)
     seconds = time.monotonic() - stopped_at
     print(f"{how}: the cluster was whole {seconds:.1f} s after the signal")
+    left = pending_train_requests(cluster.dashboard_url, {"stopped"})
+    if how == "SIGINT":  # raydist gives its run's autoscaling request back; after SIGKILL only Ray can (180 s)
+        assert left == []
+    else:  # what Ray does after 180 s, done now so that later tests find the cluster as a new one
+        from raydist.cluster import release_train_requests
+
+        print(f"SIGKILL: requests Ray would keep for up to 180 s: {left}; released: "
+              f"{release_train_requests({'stopped'})}")
