@@ -652,7 +652,10 @@ def release_train_requests(run_names: set[str]) -> list[str]:
     url = get_dashboard_url()
     if not url or not run_names:
         return []
-    runs = dashboard_get(f"http://{url}", "/api/train/v2/runs/v1").get("train_runs", [])
+    try:
+        runs = dashboard_get(f"http://{url}", "/api/train/v2/runs/v1").get("train_runs", [])
+    except OSError:  # a cluster without Ray Train's run list (RAY_TRAIN_ENABLE_STATE_TRACKING unset)
+        return []
     requests = sorted(f"train-{run['id']}" for run in runs if run.get("name") in run_names)  # Ray Train's own ids
     ray.get([coordinator.cancel_request.remote(requester) for requester in requests], timeout=30)
     return requests

@@ -70,10 +70,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"raydist.train: error: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemExit):  # Ctrl+C: one line, not a traceback, and the cluster given back
-        # Ray Train's own SIGINT handler aborts the run's controller and then leaves fit() with sys.exit
-        # (SystemExit), before Ray Train starts, Python's KeyboardInterrupt. Disconnecting ends this driver's
-        # Ray job; Ray then removes the run's worker group and its placement group (measured in
-        # docs/reliability.md). The checkpoints written so far stay.
+        # Once the run has started, Ray Train's own SIGINT handler aborts its controller and leaves fit()
+        # through sys.exit (SystemExit); before that, Ctrl+C is Python's KeyboardInterrupt. Disconnecting
+        # ends this driver's Ray job; Ray then removes the run's worker group and its placement group
+        # (measured in docs/reliability.md). The checkpoints written so far stay.
         _give_back_requests(cfg.name)
         _stop_log_forwarding()
         run_dir = f"{cfg.storage_path}/{cfg.name}"

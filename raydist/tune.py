@@ -588,11 +588,23 @@ RELEASE_AFTER_S = (0.0, 25.0)
 def train_requests_release(study_name: str):
     """A Tune callback that gives back what ended trials' Train runs still ask of the cluster
     (raydist.cluster.release_train_requests): a trial ASHA stopped, or one that failed, never cancels its
-    run's request itself, and Ray would keep it for 180 s. Released when the trial ends and 25 s later;
-    `release_all` at the study's end (Ctrl+C included) gives back whatever this study's trials still hold."""
+    run's request itself, and Ray would keep it for 180 s. Released when the trial ends and 25 s later, in a
+    thread of its own (a release reads Ray Train's run list from the dashboard: 1-2 s that Tune's loop does
+    not wait for); `release_all` at the study's end (Ctrl+C included) gives back whatever this study's
+    trials still hold."""
+    import queue
+    import threading
+
     from ray.tune import Callback
 
     from raydist import cluster
+
+    def release(trial_ids: set[str]) -> None:
+        try:
+            cluster.release_train_requests({train_run_name(study_name, t) for t in trial_ids})
+        except Exception as exc:  # noqa: BLE001 - Ray lets the requests expire after 180 s anyway
+            print(f"warning: could not give back the resource requests of ended trials ({type(exc).__name__}: "
+                  f"{exc}); Ray drops them within 180 s", flush=True)
 
     class TrainRequestsRelease(Callback):
         raydist_release = True  # a restored study gets today's (Tune saves callbacks with the experiment)
@@ -600,7 +612,11 @@ def train_requests_release(study_name: str):
         def __init__(self):
             self.ended: dict[str, float] = {}  # trial id -> when it ended (monotonic)
             self.seen: set[str] = set()
-            self.released: dict[str, int] = {}  # trial id -> releases done
+            self.released: dict[str, int] = {}  # trial id -> releases asked for
+            self._queue = self._thread = None
+
+        def __getstate__(self):  # Tune saves its callbacks with the experiment: not the thread
+            return {**self.__dict__, "_queue": None, "_thread": None}
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.seen.add(trial.trial_id)
@@ -611,24 +627,29 @@ def train_requests_release(study_name: str):
         def on_trial_error(self, iteration, trials, trial, **info):
             self.ended.setdefault(trial.trial_id, time.monotonic())
 
-        def on_step(self, iteration, trials, **info):
+        def on_step_end(self, iteration, trials, **info):
             now = time.monotonic()
             due = {t for t, at in self.ended.items() if self.released.get(t, 0) < len(RELEASE_AFTER_S)
                    and now - at >= RELEASE_AFTER_S[self.released.get(t, 0)]}
-            if due:
-                self._release(due)
+            if not due:
+                return
+            for t in due:
+                self.released[t] = self.released.get(t, 0) + 1
+            if self._thread is None:
+                self._queue = queue.Queue()
+                self._thread = threading.Thread(target=self._work, name="raydist-release", daemon=True)
+                self._thread.start()
+            self._queue.put(due)
+
+        def _work(self) -> None:
+            while (trial_ids := self._queue.get()) is not None:
+                release(trial_ids)
 
         def release_all(self) -> None:
-            self._release(self.seen)
-
-        def _release(self, trial_ids: set[str]) -> None:
-            try:
-                cluster.release_train_requests({train_run_name(study_name, t) for t in trial_ids})
-            except Exception as exc:  # noqa: BLE001 - Ray lets the requests expire after 180 s anyway
-                print(f"warning: could not give back the resource requests of ended trials ({type(exc).__name__}: "
-                      f"{exc}); Ray drops them within 180 s", flush=True)
-            for t in trial_ids:
-                self.released[t] = self.released.get(t, 0) + 1
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join(timeout=60)
+            release(self.seen)
 
     return TrainRequestsRelease()
 

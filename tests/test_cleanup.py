@@ -44,3 +44,32 @@ def test_a_training_run_stopped_mid_epoch_leaves_nothing_on_the_cluster(ray_clus
 
         print(f"SIGKILL: requests Ray would keep for up to 180 s: {left}; released: "
               f"{release_train_requests({'stopped'})}")
+
+
+def test_a_study_gives_back_each_ended_trials_requests_at_once_again_later_and_every_trials_at_its_end(monkeypatch):
+    """The study's callback (raydist.tune.train_requests_release) without a cluster: which Train runs it asks
+    raydist.cluster to release, and when. The end-to-end proof is the elastic study test in test_tune.py."""
+    import types
+
+    from ray import cloudpickle
+
+    from raydist import cluster, tune
+
+    asked = []
+    monkeypatch.setattr(cluster, "release_train_requests", lambda names: asked.append(sorted(names)) or [])
+    monkeypatch.setattr(tune, "RELEASE_AFTER_S", (0.0, 0.3))
+    callback = tune.train_requests_release("digits_quick")
+    trials = [types.SimpleNamespace(trial_id=t) for t in ("a_00000", "a_00001", "a_00002")]
+    for trial in trials:
+        callback.on_trial_start(iteration=1, trials=trials, trial=trial)
+    callback.on_trial_complete(iteration=2, trials=trials, trial=trials[0])  # e.g. stopped by ASHA
+    callback.on_trial_error(iteration=2, trials=trials, trial=trials[1])
+    callback.on_step_end(iteration=2, trials=trials)  # both at once, in the callback's thread
+    cloudpickle.dumps(callback)  # Tune saves its callbacks with the experiment (cloudpickle), thread and all
+    callback.on_step_end(iteration=3, trials=trials)  # too early for the second time: nothing new
+    time.sleep(0.4)
+    callback.on_step_end(iteration=4, trials=trials)  # the second time, after the controllers are surely gone
+    callback.on_step_end(iteration=5, trials=trials)  # never a third
+    callback.release_all()  # the study's end: every trial it started, the one still running too
+    assert asked == [["digits_quick.a_00000", "digits_quick.a_00001"]] * 2 + [
+        ["digits_quick.a_00000", "digits_quick.a_00001", "digits_quick.a_00002"]]
