@@ -1,7 +1,7 @@
 """What each test leaves holding resources on the session cluster, and which test left it.
 
 After every test that used the session cluster, conftest asks the cluster what is still held: placement
-groups that are not removed, and live actors that reserve CPUs or GPUs outside any placement group. Each
+groups that are not removed (a lone actor holding a CPU shows as CPUs not free in the wait). Each
 thing is charged to the first test after which it was seen. A test that needs the cluster whole waits a
 bounded time for it (`wait_for_free_cluster`) and, when it is not, fails naming what is held and the test
 that left it, so that a leak is reported where it starts and not where it happens to be met.
@@ -16,14 +16,13 @@ import time
 
 # How long Ray may take to give everything back once a run or study has ended, on every path raydist
 # controls or that Ray's own job cleanup covers (docs/reliability.md has the measured times; the slowest,
-# a SIGKILLed study driver, took under 10 s). A wait longer than this is a leak, not a slow machine.
+# a study's Ctrl+C, took 12.8 s). A wait longer than this is a leak, not a slow machine.
 CLEANUP_PROMISE_S = 60.0
 
 
 class Ledger:
     def __init__(self):
         self.first_seen: dict[str, str] = {}  # key -> nodeid of the test after which it was first seen held
-        self.described: dict[str, str] = {}
 
     def held(self) -> dict[str, str]:
         """What the connected cluster holds now: key -> one-line description."""
@@ -37,9 +36,8 @@ class Ledger:
         return held
 
     def after_test(self, nodeid: str) -> None:
-        for key, text in self.held().items():
-            if key not in self.first_seen:
-                self.first_seen[key], self.described[key] = nodeid, text
+        for key in self.held():
+            self.first_seen.setdefault(key, nodeid)
 
     def blame(self, held: dict[str, str]) -> str:
         lines = []
