@@ -352,7 +352,7 @@ def test_publish_refuses_a_file_without_node_types_before_it_connects(tmp_path, 
     assert capsys.readouterr().err == f"raydist.cluster: error: {tmp_path / 'bootstrap.yaml'}: {message}\n"
 
 
-@pytest.mark.slow
+@pytest.mark.own_cluster  # a local cluster, started by raydist.train itself
 def test_a_bare_run_starts_its_own_cluster_whatever_a_stale_address_file_says(tmp_path):
     folder, dead = _stale_ray_tmpdir()
     try:

@@ -1,5 +1,8 @@
-"""Real Ray Train runs on the session's cluster: 2-worker DDP on digits learns, resume, the CLI."""
+"""Real Ray Train runs on the session's cluster: 2-worker DDP on digits learns (and is logged to W&B), resume,
+the CLI."""
 
+import glob
+import json
 import os
 import re
 import subprocess
@@ -7,6 +10,7 @@ import sys
 
 import pytest
 from conftest import digits_val_accuracy
+from wandb_file import read_wandb_history
 
 from raydist.config import TrainConfig
 from raydist.engine import FINAL_MODEL_FILE, load_checkpoint_file
@@ -19,9 +23,14 @@ def _cli(address, *args):
 
 @pytest.fixture(scope="module")
 def digits_run(ray_cluster, tmp_path_factory):
-    """The default job through the real CLI, 2 CPU workers: `python -m raydist.train --address ...`."""
+    """The default job through the real CLI, 2 CPU workers: `python -m raydist.train --address ...`, logged to
+    W&B as a user without a W&B key gets it (offline, into the run folder)."""
     runs = tmp_path_factory.mktemp("runs")
-    result = _cli(ray_cluster, "--num-workers", "2", "--storage-path", str(runs), "--name", "digits-ddp")
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
+    env["HOME"] = str(runs)  # no ~/.netrc key either
+    result = subprocess.run([sys.executable, "-m", "raydist.train", "--address", ray_cluster, "--num-workers", "2",
+                             "--wandb", "--wandb-project", "ray-train-test", "--storage-path", str(runs), "--name",
+                             "digits-ddp"], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return runs / "digits-ddp", result.stdout + result.stderr  # all the console shows (Ray writes to both)
 
@@ -35,6 +44,19 @@ def test_two_worker_ddp_learns_digits(digits_run):
     assert final["metrics"]["world_size"] == 2
     assert final["metrics"]["val_acc"] >= 0.90
     assert f"val acc {final['metrics']['val_acc']:.2%}" in stdout  # the summary line
+
+
+def test_wandb_logs_every_epoch_of_the_run_offline_without_a_key(digits_run):
+    run_dir, stdout = digits_run
+    assert "W&B: logging digits-ddp offline to " + str(run_dir / "tensorboard" / "wandb" / "offline-run-") in stdout
+    (run_file,) = glob.glob(str(run_dir / "tensorboard" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    logged = read_wandb_history(run_file)
+    history = [json.loads(line) for line in open(run_dir / "history.jsonl")]
+    epochs = TrainConfig().epochs
+    assert [row["_step"] for row in logged] == list(range(1, epochs + 1))  # one W&B step per epoch, rank 0 only
+    for row, epoch in zip(logged, history, strict=True):
+        assert row["val_acc"] == pytest.approx(epoch["val_acc"]) and row["world_size"] == 2
+    assert logged[-1]["val_acc"] >= 0.90  # what W&B shows is the run that learned (chance: 0.1)
 
 
 def test_final_model_reproduces_the_reported_validation_accuracy(digits_run):
