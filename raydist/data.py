@@ -164,17 +164,36 @@ def _hash32_int32(x: torch.Tensor) -> torch.Tensor:
 # ---- registry -------------------------------------------------------------------------------------
 
 
+def digits_arrays():
+    """scikit-learn's bundled digits as `load_digits()` gives them: 1797 8 x 8 images (float64, 0-16) and
+    their labels, read from the file it reads (sklearn/datasets/data/digits.csv.gz) without importing
+    scikit-learn: that import (scipy and pandas with it) took 1.2 s of every worker's start here, more than
+    the data set's own training epoch. Falls back to `load_digits()` where the file is not there."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")  # where the package is, without importing it
+    folder = os.path.dirname(spec.origin) if spec and spec.origin else ""
+    path = os.path.join(folder, "datasets", "data", "digits.csv.gz")
+    if folder and os.path.isfile(path):
+        data = np.loadtxt(path, delimiter=",")  # gzip read by numpy; one row per image: 64 pixels, then its label
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    return raw.images, raw.target
+
+
 @functools.lru_cache(maxsize=1)
 def _all_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1797 digits as uint8 3 x 32 x 32 and their labels, made once per process (config checks need the
     class counts too). Callers index them, which copies: the cached tensors are never changed."""
-    from sklearn.datasets import load_digits
-
-    raw = load_digits()
-    images = torch.tensor(raw.images, dtype=torch.float32)[:, None] / 16.0  # 1797 x 1 x 8 x 8 in [0, 1]
+    raw_images, raw_labels = digits_arrays()
+    images = torch.tensor(raw_images, dtype=torch.float32)[:, None] / 16.0  # 1797 x 1 x 8 x 8 in [0, 1]
     images = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    return images, torch.tensor(raw.target)
+    return images, torch.tensor(raw_labels)
 
 
 @register_dataset("digits", 10, (0.305, 0.305, 0.305), (0.324, 0.324, 0.324), 32, title="digits", grey=True)

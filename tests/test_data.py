@@ -32,6 +32,27 @@ def test_digits_is_a_fixed_disjoint_split_of_all_1797_images():
     assert torch.equal(again.images, val.images)  # the split is fixed
 
 
+
+def test_digits_are_scikit_learns_own_read_without_importing_it():
+    """raydist reads the file behind load_digits() itself (a worker's start does not pay for importing
+    scikit-learn): the same images and labels as scikit-learn's load_digits, and no sklearn module loaded."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from raydist.data import digits_arrays
+
+    images, labels = digits_arrays()
+    reference = load_digits()
+    assert np.array_equal(images, reference.images) and images.dtype == reference.images.dtype
+    assert np.array_equal(labels, reference.target)
+    probe = ("import sys; from raydist.data import load_split; load_split('digits', 'train'); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy', 'pandas')))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.strip() == "[]"
+
 # ---- CIFAR-10 / CIFAR-100 / Fashion-MNIST in their real on-disk formats ---------------------------
 
 def _md5(path):
