@@ -48,7 +48,7 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
     for i in range(len(grid)):
         result = grid[i]
         trial_id = os.path.basename(result.path).removeprefix("trial_")
-        history = trial_history(experiment_path, trial_id, result)
+        history = trial_history(experiment_path, trial_id, result, ended=statuses.get(trial_id) == "TERMINATED")
         # A trial that has reported nothing yet (pending when the study was interrupted) has no config in
         # Tune's result: it is in the saved experiment state.
         config = result.config or saved.get(trial_id, (None, {}))[1] or {}
@@ -116,16 +116,26 @@ def _saved_trials(experiment_path: str) -> dict[str, tuple[str, dict]]:
     return trials
 
 
-def trial_history(experiment_path: str, trial_id: str, result) -> list[dict]:
+def trial_history(experiment_path: str, trial_id: str, result, *, ended: bool = False) -> list[dict]:
     """Every epoch the trial reported: raydist's own record (study_history), which survives a resume in a
-    new Ray session; Tune's record only for a trial that has none (a study from before it was kept)."""
+    new Ray session; Tune's record only for a trial that has none (a study from before it was kept).
+
+    A trial Tune `ended` (it finished, or the scheduler stopped it) keeps only the epochs up to the last one
+    Tune received. A scheduler's stop reaches a TorchTrainer trial while it trains on, and the epoch its run
+    reports meanwhile is in the run's own record, but neither the scheduler nor the searcher ever saw it
+    (seen on a loaded machine: ASHA stopped a trial at its epoch-4 rung, and results.csv said it ran 5
+    epochs, with epoch 5's accuracy as its final one)."""
     from raydist.study_history import read_history
 
     history = read_history(f"{experiment_path}/trial_{trial_id}")
     if not history:
         frame = result.metrics_dataframe
         history = frame.to_dict("records") if frame is not None and "epoch" in frame else []
-    return _dedupe_epochs(history)
+    history = _dedupe_epochs(history)
+    last_seen = (result.metrics or {}).get("epoch") if ended else None
+    if isinstance(last_seen, (int, float)):
+        history = [row for row in history if row["epoch"] <= last_seen]
+    return history
 
 
 def _dedupe_epochs(history: list[dict]) -> list[dict]:

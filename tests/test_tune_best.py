@@ -110,9 +110,44 @@ def test_a_trial_still_pending_when_the_study_was_interrupted_keeps_its_values_a
     state = {"trial_data": [[json.dumps({"trial_id": "t1", "status": "TERMINATED", "config": {"lr": 0.5}}), "{}"],
                             [json.dumps({"trial_id": "t2", "status": "PENDING", "config": {"lr": 0.25}}), "{}"]]}
     (experiment / "experiment_state-2026-12-01_20-17-05.json").write_text(json.dumps(state))
-    grid = [SimpleNamespace(path=str(trial), config={"lr": 0.5}, error=None, metrics_dataframe=None),
-            SimpleNamespace(path=str(experiment / "trial_t2"), config=None, error=None, metrics_dataframe=None)]
+    grid = [SimpleNamespace(path=str(trial), config={"lr": 0.5}, error=None, metrics_dataframe=None,
+                            metrics={"epoch": 4, "val_acc": 0.8}),
+            SimpleNamespace(path=str(experiment / "trial_t2"), config=None, error=None, metrics_dataframe=None,
+                            metrics={})]
     result = study_results.summarize(study, grid, str(experiment), seconds=1.0)
     pending = next(r for r in result.rows if r["trial_id"] == "t2")
     assert pending["lr"] == 0.25 and pending["status"] == report.UNFINISHED and result.interrupted
     assert result.best["trial_id"] == "t1"
+
+
+def test_a_trial_the_scheduler_stopped_counts_only_the_epochs_tune_received(tmp_path):
+    """ASHA's stop reaches a TorchTrainer trial while it trains on: the epoch its run reports meanwhile is in
+    the run's own record but never reached Tune (seen on a loaded machine: stopped at its epoch-4 rung, the
+    record held epoch 5). The study's results are what the scheduler and the searcher saw; a trial still
+    running when the study was interrupted keeps every epoch of its record."""
+    import json
+
+    study = _study(tmp_path)
+    experiment = tmp_path / "exp"
+    grid = []
+    for trial_id, status in (("stopped", "TERMINATED"), ("running", "RUNNING")):
+        trial = experiment / f"trial_{trial_id}"
+        callback = HistoryCallback(str(trial))
+        # epoch 5, the one Tune never saw, is the best: counted, it would make this trial the best one
+        for record in _history(str(trial / f"best.{trial_id}"), [0.5, 0.6, 0.7, 0.75, 0.99], checkpointed={4, 5},
+                               kept={4, 5}):
+            path = record.pop("checkpoint_path")
+            callback.after_report(None, [record], SimpleNamespace(path=path) if path else None)
+        grid.append(SimpleNamespace(path=str(trial), config={"lr": 0.5}, error=None, metrics_dataframe=None,
+                                    metrics={"epoch": 4, "val_acc": 0.75}))  # Tune's last result
+    state = {"trial_data": [[json.dumps({"trial_id": t, "status": s, "config": {"lr": 0.5}}), "{}"]
+                            for t, s in (("stopped", "TERMINATED"), ("running", "RUNNING"))]}
+    (experiment / "experiment_state-2026-12-06_11-50-00.json").write_text(json.dumps(state))
+    result = study_results.summarize(study, grid, str(experiment), seconds=1.0)
+    rows = {r["trial_id"]: r for r in result.rows}
+    assert [h["epoch"] for h in result.histories["stopped"]] == [1, 2, 3, 4]
+    assert (rows["stopped"]["epochs_run"], rows["stopped"]["final_val_acc"]) == (4, 0.75)
+    assert rows["stopped"]["checkpoint"].endswith("checkpoint_epoch_0004")
+    assert [h["epoch"] for h in result.histories["running"]] == [1, 2, 3, 4, 5]  # interrupted: all of its record
+    with open(experiment / "learning_curves.csv", newline="") as fh:
+        assert max(int(r["epoch"]) for r in csv.DictReader(fh) if r["trial_id"] == "stopped") == 4
