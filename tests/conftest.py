@@ -12,7 +12,6 @@ import time
 import urllib.request
 
 import pytest
-import ray_group
 from leftovers import LEDGER, wait_for_free_cluster  # noqa: F401 - tests import the wait from here
 
 
@@ -57,50 +56,27 @@ def pytest_configure(config):
     # the tests start (as a real cluster's nodes have theirs); that server accepts any. A test never
     # reaches real AWS: its URIs name the local server's endpoint.
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    ray_group.name_the_group_file(_TOKEN_DIR)
 
 
 def pytest_collection_modifyitems(session, config, items):
     """Every test that uses the session cluster is marked `cluster` (from its fixtures, so no test can forget
     it): `-m "not cluster and not own_cluster"` is the quick tier. Tests marked `own_cluster` start Ray
-    clusters of their own: they run last, and the session cluster is stopped before the first of them
-    (pytest_runtest_setup), so that the machine never holds two Ray instances at once (Ray's State API,
-    which Train and Tune use to clean up, assumes one).
-
-    The suite runs in 2 pytest-xdist processes (pyproject's addopts): one runs every test that starts or
-    uses Ray, in this order, the other the in-process tests beside it (tests/ray_group.py). The session
-    cluster's tests leave a core idle about a quarter of the time, which the in-process tests fill; the
-    own clusters' several raylets keep both cores busy, and by then the in-process tests are done. A new
-    test that starts Ray without the session cluster must be marked own_cluster."""
+    clusters of their own (multi-node, autoscaling, local): run them first, before the session's cluster, so that
+    the machine never holds two Ray instances at once (Ray's State API, which Train and Tune use to clean
+    up, assumes one)."""
     for item in items:
         if "cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.cluster)
-    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is not None)  # stable: order kept otherwise
-    ray_group.write_group(items)
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest sets up the test's fixtures (an own cluster may be module-scoped)
-def pytest_runtest_setup(item):
-    if item.get_closest_marker("own_cluster") is not None:
-        stop_session_cluster()
-
-
-@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's
-def pytest_xdist_make_scheduler(config, log):
-    return ray_group.RayGroupScheduling(config, log)
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is None)  # stable: order kept otherwise
 
 
 def pytest_unconfigure(config):
     shutil.rmtree(_TOKEN_DIR, ignore_errors=True)
 
 
-_SESSION_CLUSTER = {}  # the running session cluster's `ray start` process and GCS port, while it runs
-
-
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
-    """A head node with 2 CPUs, as a user starts one. Stopped at the session's end, or before the first
-    own_cluster test (they run last, see pytest_collection_modifyitems), whichever comes first."""
+    """A head node with 2 CPUs, as a user starts one."""
     folder = tmp_path_factory.mktemp("ray-head")
     token_file = os.environ["RAY_AUTH_TOKEN_PATH"]
     token = open(token_file).read().strip()
@@ -116,56 +92,47 @@ def cluster(tmp_path_factory):
         stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,  # its own process group
         # Ray's metrics agent exports every 10 s by default: a short trial's gauges could come and go unseen.
         env={**os.environ, "RAY_metrics_report_interval_ms": "1000"})
-    _SESSION_CLUSTER.update(proc=proc, gcs_port=gcs_port)
     handle = Cluster(address=f"127.0.0.1:{gcs_port}", dashboard_url=f"http://127.0.0.1:{dashboard_port}",
                      token=token, token_file=token_file)
     try:
         _wait_for_dashboard(handle.dashboard_url, token, proc, log)
         yield handle
     finally:
-        stop_session_cluster()
+        import ray
 
-
-def stop_session_cluster():
-    """Stop the session cluster if it runs (idempotent): this process leaves it, then its processes go."""
-    if not _SESSION_CLUSTER:
-        return
-    proc, gcs_port = _SESSION_CLUSTER.pop("proc"), _SESSION_CLUSTER.pop("gcs_port")
-    import ray
-
-    ray.shutdown()
-    # `ray start --block` and everything it started share one process group: stop exactly that.
-    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        ray.shutdown()
+        # `ray start --block` and everything it started share one process group: stop exactly that.
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(grace)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
         try:
-            os.killpg(proc.pid, sig)
-            proc.wait(grace)
-            break
-        except ProcessLookupError:
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # members left behind after the leader exited
-    except ProcessLookupError:
-        pass
-    from clusters import session_members
-
-    # Workers Ray moved into process groups of their own (an orphaned ray::TrainController was seen
-    # running on after a CI run): they are still in the cluster's session.
-    for pid in session_members(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # members left behind after the leader exited
         except ProcessLookupError:
             pass
-    # `ray start` recorded this cluster as the machine's latest; stopped by signals, it leaves that record
-    # behind, and the next `ray.init()` (or --address auto) would try to join a dead cluster for minutes.
-    from raydist.cluster import address_file
+        from clusters import session_members
 
-    try:
-        if open(address_file()).read().strip().endswith(f":{gcs_port}"):
-            os.remove(address_file())
-    except OSError:
-        pass
+        # Workers Ray moved into process groups of their own (an orphaned ray::TrainController was seen
+        # running on after a CI run): they are still in the cluster's session.
+        for pid in session_members(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        # `ray start` recorded this cluster as the machine's latest; stopped by signals, it leaves that record
+        # behind, and the next `ray.init()` (or --address auto) would try to join a dead cluster for minutes.
+        from raydist.cluster import address_file
+
+        try:
+            if open(address_file()).read().strip().endswith(f":{gcs_port}"):
+                os.remove(address_file())
+        except OSError:
+            pass
 
 
 @pytest.fixture(autouse=True)
@@ -178,14 +145,13 @@ def _session_cluster_whole(request):
         if request.node.get_closest_marker("own_cluster") is None and "ray" in sys.modules:
             import ray
 
-            # This test may run beside the Ray group's tests (the other xdist process): a Ray instance of
-            # its own would be a second one on the machine.
+            # A Ray instance left running by a test that is not marked for one would be a second one on the
+            # machine once the session cluster starts.
             assert not ray.is_initialized(), "this test started Ray: mark it own_cluster (tests/conftest.py)"
         return
     import ray
 
     request.getfixturevalue("ray_cluster")
-    assert _SESSION_CLUSTER, "the session cluster was stopped for an own_cluster test; those must run last"
     wait_for_free_cluster()
     yield
     if ray.is_initialized():

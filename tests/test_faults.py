@@ -101,7 +101,7 @@ def test_a_worker_killed_mid_epoch_restarts_from_the_latest_checkpoint_and_the_r
     rank0 = int(out.wait_for(r"\(RayTrainWorker pid=(\d+)[^)]*\)\S* epoch +3/")[1])
     (victim,) = [a.pid for a in _train_workers() if a.pid != rank0]
     os.kill(victim, signal.SIGKILL)
-    killed_at, killed_unix = len(out.lines), time.time()
+    killed_unix = time.time()
     proc.wait(timeout=600)
     out.thread.join(timeout=10)
     stdout = "\n".join(out.lines)
@@ -112,12 +112,18 @@ def test_a_worker_killed_mid_epoch_restarts_from_the_latest_checkpoint_and_the_r
     assert restart, stdout[-5000:]
     assert int(restart[2]) == victim
     resumed_at = int(restart[3])
-    # Rank 0 prints an epoch's line before every rank has reported it: the latest checkpoint at the kill is
-    # epoch 3's when that report had reached the controller, else epoch 2's (seen in CI). Never a fresh start.
-    assert resumed_at in (3, 4), resumed_at
-    # After the restart, training continued at that epoch (not from epoch 1) and ran every epoch to the end.
-    after = [int(e) for e in re.findall(r"\)\S* epoch +(\d+)/", "\n".join(out.lines[killed_at:]))]
-    assert after[after.index(resumed_at):] == list(range(resumed_at, epochs + 1))
+    # The first attempt's last epoch line, from its rank 0's pid (Ray forwards worker lines late, so their
+    # place in the output says little): 3 when the kill is quick, later on a loaded machine (once it came
+    # after epoch 4's line). Rank 0 prints an epoch's line before every rank has reported it: the latest
+    # checkpoint at the kill is that epoch's when its report had reached the controller, else the one before
+    # (seen in CI). Never an older one, never a fresh start.
+    printed = [int(e) for e in re.findall(rf"\(RayTrainWorker pid={rank0}[^)]*\)\S* epoch +(\d+)/", stdout)]
+    assert printed[-1] >= 3 and resumed_at in (printed[-1], printed[-1] + 1), (printed, resumed_at)
+    # After the restart, training continued at that epoch (not from epoch 1) and ran every epoch to the end:
+    # the new group's rank 0 (another process) printed exactly those epochs.
+    second = [int(e) for pid, e in re.findall(r"\(RayTrainWorker pid=(\d+)[^)]*\)\S* epoch +(\d+)/", stdout)
+              if int(pid) != rank0]
+    assert second == list(range(resumed_at, epochs + 1)), second
     # The run's history holds every epoch once, across both attempts, and the summary counts them all.
     history = read_history(str(tmp_path / "killed"))
     assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
