@@ -141,13 +141,12 @@ def _session_cluster_whole(request):
     test left is named with that test, see tests/leftovers.py); after it, whatever it left held is charged
     to it."""
     if "cluster" not in request.fixturenames:
+        connected = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # the session's own connection
         yield
-        if request.node.get_closest_marker("own_cluster") is None and "ray" in sys.modules:
-            import ray
-
-            # A Ray instance left running by a test that is not marked for one would be a second one on the
+        if request.node.get_closest_marker("own_cluster") is None and not connected and "ray" in sys.modules:
+            # A Ray instance started and left by a test not marked for one would be a second one on the
             # machine once the session cluster starts.
-            assert not ray.is_initialized(), "this test started Ray: mark it own_cluster (tests/conftest.py)"
+            assert not sys.modules["ray"].is_initialized(), "this test started Ray: mark it own_cluster (conftest)"
         return
     import ray
 
