@@ -195,20 +195,27 @@ def test_an_elastic_run_starts_when_the_first_node_is_up_and_grows_as_the_autosc
 
 @pytest.mark.own_cluster
 def test_the_shared_storage_check_reads_the_marker_on_every_node(published, tmp_path):
-    from ray.autoscaler.sdk import request_resources
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
 
-    _no_worker_nodes()  # none left by an earlier test: the request below adds exactly one
-    request_resources(bundles=[{"CPU": 2}])
+    _no_worker_nodes()  # none left by an earlier test: the group below adds exactly one
+    # A placement group, not request_resources(): Ray Train's elastic runs start Ray's detached
+    # AutoscalingCoordinator, which rewrites the cluster's request_resources() every 20 s with its own
+    # (empty) requests, so a request made here can vanish before the autoscaler reads it (seen: a 60 s
+    # wait for a node that was never asked for). A pending group is demand the autoscaler always sees,
+    # and its reserved CPUs keep the node from idling away while the zero-CPU probe tasks run.
+    group = placement_group([{"CPU": 2}])
     try:
-        wait_for(_workers_alive, 60, "a worker node")
+        ray.get(group.ready(), timeout=120)
         cap = rc.capacity()
         assert cap.nodes == 2
         seen = rc.probe_shared_path(str(tmp_path / "shared"))
-        assert seen == {n["NodeID"]: True for n in __import__("ray").nodes() if n["Alive"]}  # head + worker
+        assert seen == {n["NodeID"]: True for n in ray.nodes() if n["Alive"]}  # head + worker
         rc.check_storage(str(tmp_path / "shared"), cap)  # no error: seen by two nodes, no override needed
         assert not [p for p in (tmp_path / "shared").iterdir()]  # the marker is removed
     finally:
-        request_resources(bundles=[])  # a standing request: nodes never scale down while it stands
+        remove_placement_group(group)
+    _no_worker_nodes()
 
 
 @pytest.mark.own_cluster
