@@ -31,6 +31,11 @@ def test_an_elastic_run_grows_when_a_node_joins_and_survives_a_spot_reclaim(tmp_
 
     # Every worker counts the images it trains on (the nodes' raylets, and so their workers, inherit this).
     monkeypatch.setenv("RAYDIST_IMAGE_TRACE", str(tmp_path / "trace"))
+    # At the notice's deadline Ray Train restarts the group, sized by Ray's AutoscalingCoordinator, whose
+    # view of the nodes is refreshed every 20 s and still counts the draining node: it asks for 4 workers
+    # again and waits out the worker-group start timeout (60 s by default) before it settles for the 2 that
+    # fit. 30 s still lets every group here start (4 workers took 6-15 s) and saves 30 s of that wait.
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
     proc, console = None, None
     try:
