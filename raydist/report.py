@@ -46,7 +46,8 @@ def trial_row(trial_id: str, sample: dict, history: list[dict], *, planned_epoch
         "trial_id": trial_id, "status": status, **sample,
         "epochs_planned": planned_epochs, "epochs_run": epochs_run,
         f"final_{metric}": last.get(metric), f"best_{metric}": best[metric] if best else None,
-        "best_epoch": best["epoch"] if best else None, "weights_epoch": weights_epoch,
+        "best_epoch": best["epoch"] if best else None, "val_loss_at_best": best.get("val_loss") if best else None,
+        "weights_epoch": weights_epoch,
         "final_val_acc": last.get("val_acc"), "final_val_loss": last.get("val_loss"),
         "final_train_loss": last.get("train_loss"), "images_per_s": last.get("images_per_s"),
         "seconds": seconds, "startup_s": startup_s, "checkpoint": checkpoint or "", "error": error or "",
@@ -67,22 +68,32 @@ def ended_status(last: dict, epochs_run: int, planned_epochs: int, *, error: boo
     return UNFINISHED if interrupted else STOPPED
 
 
+def ranking(value: float, *, mode: str, val_loss: Optional[float] = None, epoch: Optional[int] = None,
+            trial_id: str = "") -> tuple:
+    """The one order of "better", for a trial's epochs and for a study's trials, that every place naming a
+    best uses (results.csv, best_model.pt, the study's console, `raydist.cluster status`, the plots): the
+    metric in the study's mode; on a tie (common on digits' 359 validation images) the lower validation
+    loss, then the earlier epoch, then the lower trial id. A sort key: the smallest is the best."""
+    return (-value if mode == "max" else value, val_loss if _finite(val_loss) else math.inf,
+            epoch if epoch is not None else math.inf, trial_id)
+
+
 def best_record(history: list[dict], metric: str, mode: str) -> Optional[dict]:
-    """The epoch with the best finite `metric` (the earliest of equals), or None."""
+    """The epoch with the best finite `metric` (ties: `ranking`), or None."""
     scored = [h for h in history if _finite(h.get(metric))]
     if not scored:
         return None
-    sign = 1 if mode == "max" else -1
-    return max(scored, key=lambda h: sign * h[metric])  # max() keeps the first of equal keys
+    return min(scored, key=lambda h: ranking(h[metric], mode=mode, val_loss=h.get("val_loss"), epoch=h.get("epoch")))
 
 
 def best_row(rows: list[dict], metric: str, mode: str) -> Optional[dict]:
-    """The trial with the best metric. A diverged or failed trial is never it: its weights are not a model
-    to use, whatever an early epoch scored."""
+    """The trial with the best metric (ties: `ranking`). A diverged or failed trial is never it: its weights
+    are not a model to use, whatever an early epoch scored."""
     scored = [r for r in rows if _finite(r[f"best_{metric}"]) and r["status"] not in (DIVERGED, ERROR)]
     if not scored:
         return None
-    return (max if mode == "max" else min)(scored, key=lambda r: r[f"best_{metric}"])
+    return min(scored, key=lambda r: ranking(r[f"best_{metric}"], mode=mode, val_loss=r.get("val_loss_at_best"),
+                                             epoch=r.get("best_epoch"), trial_id=r["trial_id"]))
 
 
 def write_csv(rows: list[dict], path: str, *, searched: list[str]) -> None:

@@ -11,7 +11,7 @@ A study file (every key but `searched` is optional):
     name: digits_quick            # the study's name (default: the file name without .yaml)
     description: a line shown in --help listings and results
     metric: val_acc               # val_acc | val_loss | train_acc | train_loss
-    mode: max                     # default: max for accuracies, min for losses
+    mode: max                     # follows the metric (max for accuracies, min for losses); the other is refused
     num_samples: 8                # trials
     max_concurrent: null          # trials at once (default: as many as the cluster's free resources fit)
     search:    {algorithm: hyperopt, initial_points: 3, seed: 0}    # or algorithm: random
@@ -55,12 +55,18 @@ run folder, history, checkpoints and resume behaviour.
 Under ASHA every trial's LR schedule spans the scheduler's budget (`max_epochs`, ASHA's max_t), so trials
 meet at a rung at the same point of their schedules; how long a trial runs is ASHA's decision, and a
 study that also searches `epochs` gets a warning (see `Study.warnings`).
+Every combination of the searched fields' extremes (both ends of a range, every choice) is checked as a
+trial config before Ray starts (`Study._corners`), so no trial the search can give fails Tune's trial
+creation. Numbers are read as YAML 1.2 writes them (`1e-3` is a number), and a key given twice in one mapping
+is refused (YAML would keep the last one silently). `initial_points >= num_samples` under hyperopt (a random
+search) and more `points_to_evaluate` than `num_samples` (the rest never run) are accepted with a warning.
 Any problem is one ConfigError naming the file and the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -73,6 +79,8 @@ from raydist.config import (MODEL_ARG_PREFIX, ConfigError, TrainConfig, _base_ty
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "qloguniform", "randint", "qrandint", "choice")
 GRID_KINDS = ("randint", "qrandint", "quniform")  # sampled as a choice of their values
 MAX_GRID = 1000  # values an integer range or q-grid may have (each one is a category for HyperOpt)
+MAX_CORNERS = 4096  # combinations of the searched fields' extremes checked one by one before a study starts
+MAX_SEED = 2**32 - 1  # the searchers' seeds go to numpy's RandomState, which takes 0 .. 2^32 - 1
 METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
 SEARCH_ALGORITHMS = ("hyperopt", "random")
 SCHEDULERS = ("asha", "fifo")
@@ -227,6 +235,13 @@ class Study:
                        f"stretches every trial's LR schedule over the budget ({budget} epochs) to keep them at the "
                        f"same point of it, and a trial with fewer epochs ends before its LR has decayed; fix epochs "
                        f"at the budget (fixed: {{epochs: {budget}}}) and let ASHA decide how long each trial runs")
+        if self.search == "hyperopt" and self.initial_points >= self.num_samples:
+            out.append(f"{self.name}: search.initial_points {self.initial_points} >= num_samples "
+                       f"{self.num_samples}: every trial is a random start-up point and TPE never models a "
+                       f"result (a random search); give more trials or fewer initial_points")
+        if len(self.points_to_evaluate) > self.num_samples:
+            out.append(f"{self.name}: only the first {self.num_samples} of the {len(self.points_to_evaluate)} "
+                       f"points_to_evaluate run (num_samples {self.num_samples})")
         if self.scheduler == "asha" and "schedule_epochs" in self.fixed:
             out.append(f"{self.name}: schedule_epochs {self.fixed['schedule_epochs']} is replaced by ASHA's budget "
                        f"({self.max_epochs} epochs) in every trial")
@@ -254,9 +269,16 @@ class Study:
     def trial_config(self, sample: dict) -> TrainConfig:
         """The validated TrainConfig of one trial: defaults < fixed < the sampled values (< ASHA's budget
         as the span of the LR schedule)."""
+        return self.planned_config(sample).validate()
+
+    def planned_config(self, sample: dict) -> TrainConfig:
+        """A trial's config as planned, not validated: what Tune reserves for it, its console line and its
+        planned epochs are read from this. A sample the checks would refuse (possible only past MAX_CORNERS
+        or for a check that is not monotone in a range) still gets a trial, which fails in one line (its row:
+        error) while the study goes on; trial_config is that check."""
         values = merge_config_values({"max_failures": self.worker_restarts, **self.fixed},
                                      _coerce_all(self.decode(sample), f"{self.path}: trial"))
-        return TrainConfig(**self._scheduled(values)).validate()
+        return TrainConfig(**self._scheduled(values))
 
     def _scheduled(self, values: dict) -> dict:
         # Under ASHA every schedule spans the budget, so trials at a rung are at the same LR factor.
@@ -280,14 +302,32 @@ class Study:
         return (cfg for _, cfg in self._corners())
 
     def _corners(self):
-        """Every searched field at each of its extremes, the others at their low end: enough to catch a
-        bad bound (warmup longer than the shortest epochs, a batch size of 0) before any trial starts.
-        Yields (which corner, in words; its config)."""
-        low = {name: dist.extremes()[0] for name, dist in self.searched.items()}
-        yield "", TrainConfig(**self._with(low))
-        for name, dist in self.searched.items():
-            for value in dist.extremes():
-                yield f"searched {name} reaches {value}: ", TrainConfig(**self._with({**low, name: value}))
+        """Every combination of the searched fields' extremes (both ends of a range, every choice): a
+        sample lies between them, so a bad combination (2 workers x batch 1024 on digits' 1,438 training
+        images) is refused before any trial starts, not when Tune creates that trial. Combinations that
+        move fewer fields off their low end come first, so that one bad bound is named on its own. Above
+        MAX_CORNERS combinations: each field at each extreme, the others all at their low or all at their
+        high end. Yields (which combination, in words; its config)."""
+        names = list(self.searched)
+        ends = [self.searched[name].extremes() for name in names]
+        if math.prod(len(e) for e in ends) <= MAX_CORNERS:
+            picks = sorted(itertools.product(*(range(len(e)) for e in ends)), key=lambda p: sum(i > 0 for i in p))
+        else:
+            picks = [tuple(0 for _ in names)]
+            for base in ([0] * len(names), [len(e) - 1 for e in ends]):
+                for j, values in enumerate(ends):
+                    picks += [tuple(base[:j] + [i] + base[j + 1:]) for i in range(len(values))]
+            picks = list(dict.fromkeys(picks))
+        for pick in picks:
+            values = {name: ends[j][i] for j, (name, i) in enumerate(zip(names, pick))}
+            moved = [(name, ends[j][i]) for j, (name, i) in enumerate(zip(names, pick)) if i > 0]
+            if not moved:
+                words = ""
+            elif len(moved) == 1:
+                words = f"searched {moved[0][0]} reaches {moved[0][1]}: "
+            else:
+                words = f"searched {' with '.join(f'{name} {value}' for name, value in moved)}: "
+            yield words, TrainConfig(**self._with(values))
 
 
 def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[dict] = None, *,
@@ -309,6 +349,12 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
     searched_raw = _config_fields(path, "searched", raw["searched"])
     if not searched_raw:
         raise ConfigError(f"{path}: 'searched' is empty; give at least one field and its distribution")
+    for section, values in (("fixed", fixed), ("searched", searched_raw), ("--set", overrides or {})):
+        if "keep_by" in values:  # raydist.tune sets every trial's keep_by to the metric, whatever this says
+            where = "--set keep_by" if section == "--set" else f"{path}: {section}.keep_by"
+            raise ConfigError(f"{where}: a study keeps every trial's checkpoints by its metric (metric: "
+                              f"{raw.get('metric', 'val_acc')}), so that the best epoch it reports is one that was "
+                              f"kept; remove keep_by and set metric instead")
     fixed_keys = set(fixed) | {MODEL_ARG_PREFIX + k for k in fixed.get("model_args", {})}
     both = sorted(fixed_keys & set(searched_raw))
     if both:
@@ -464,6 +510,10 @@ def _read_settings(study: Study, raw: dict) -> None:
     study.mode = raw.get("mode", metric_mode(study.metric))
     if study.mode not in ("max", "min"):
         raise ConfigError(f"{path}: mode {study.mode!r} is not one of: max, min")
+    if study.mode != metric_mode(study.metric):  # the opposite order would keep and export the worst epochs
+        better = "higher" if metric_mode(study.metric) == "max" else "lower"
+        raise ConfigError(f"{path}: mode {study.mode} contradicts metric {study.metric} ({better} is better); give "
+                          f"mode: {metric_mode(study.metric)}, or leave mode out (it follows the metric)")
     study.num_samples = _positive_int(path, "num_samples", raw.get("num_samples", study.num_samples))
     if raw.get("max_concurrent") is not None:
         study.max_concurrent = _positive_int(path, "max_concurrent", raw["max_concurrent"])
@@ -474,6 +524,8 @@ def _read_settings(study: Study, raw: dict) -> None:
         raise ConfigError(f"{path}: search.algorithm {study.search!r} is not one of: {', '.join(SEARCH_ALGORITHMS)}")
     study.initial_points = _positive_int(path, "search.initial_points", search.get("initial_points", study.initial_points))
     study.seed = _int(path, "search.seed", search.get("seed", study.seed))
+    if not 0 <= study.seed <= MAX_SEED:
+        raise ConfigError(f"{path}: search.seed must be an integer from 0 to {MAX_SEED} (2^32 - 1), got {study.seed}")
 
     scheduler = _section(path, "scheduler", raw.get("scheduler"), SCHEDULER_KEYS)
     study.scheduler = scheduler.get("type", study.scheduler)
@@ -481,8 +533,8 @@ def _read_settings(study: Study, raw: dict) -> None:
         raise ConfigError(f"{path}: scheduler.type {study.scheduler!r} is not one of: {', '.join(SCHEDULERS)}")
     study.grace_period = _positive_int(path, "scheduler.grace_period", scheduler.get("grace_period", study.grace_period))
     factor = scheduler.get("reduction_factor", study.reduction_factor)
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
-        raise ConfigError(f"{path}: scheduler.reduction_factor must be a number above 1, got {factor!r}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 < factor < math.inf:
+        raise ConfigError(f"{path}: scheduler.reduction_factor must be a finite number above 1, got {factor!r}")
     study.reduction_factor = float(factor)
 
     failures = _section(path, "failures", raw.get("failures"), FAILURE_KEYS)

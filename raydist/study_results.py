@@ -53,7 +53,7 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
         # Tune's result: it is in the saved experiment state.
         config = result.config or saved.get(trial_id, (None, {}))[1] or {}
         sample = {k: _plain(config.get(k)) for k in study.searched}
-        planned = study.trial_config(sample).epochs if sample and all(v is not None for v in sample.values()) else 0
+        planned = study.planned_config(sample).epochs if sample and all(v is not None for v in sample.values()) else 0
         checkpoint, weights_epoch = best_checkpoint(history, report.best_record(history, study.metric, study.mode),
                                                     study, experiment_path)
         first = history[0] if history else {}

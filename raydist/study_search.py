@@ -10,9 +10,16 @@ trials still running (no result yet) among them. With 8 trials at once and 3 ini
 proposals are all made before any result exists: TPE is random search, and the trials proposed while
 results are pending are modelled with an infinite loss. TPEGate proposes the start-up points (the study's
 `points_to_evaluate` and random ones, `max(initial_points, len(points_to_evaluate))` in all) at once, then
-holds every further proposal (Tune asks again later) until `initial_points` trials have a result, so TPE's
-first real proposal is modelled on real results. It never holds when none of its trials is running (an
-all-errors start would otherwise wait forever; TPE then proposes from what it has).
+holds every further proposal (Tune asks again later) until `initial_points` trials have finished with a
+result (HyperOpt is told a trial's result when it finishes, not at its epochs), so TPE's first real
+proposal is modelled on real results. A start-up trial that fails is replaced at once, at the study's
+concurrency: hyperopt leaves failed trials out of its count, so the replacement is another random start-up
+point. The gate never holds when none of its trials is running (an all-errors start would otherwise wait
+forever; TPE then proposes from what it has).
+
+A result whose metric is not finite (a diverged trial's NaN loss) reaches HyperOpt as the worst value there
+is for the study's mode: hyperopt drops non-finite losses, and TPE would go on proposing the region that
+diverged.
 
 Why concurrency lives here and not in Ray's ConcurrencyLimiter: Tune restores a study's searchers from
 the state it saved, the concurrency included, so a concurrency given to `--resume` (or a bigger cluster's)
@@ -22,6 +29,8 @@ would be ignored. TPEGate and RandomSearch take the one set by `set_resume_concu
 from __future__ import annotations
 
 import copy
+import math
+import sys
 from typing import Optional
 
 from ray.tune.search import BasicVariantGenerator, Searcher
@@ -47,12 +56,15 @@ class TPEGate(Searcher):
         self.max_concurrent = max_concurrent
         self.live: set[str] = set()
         self.proposed = 0
-        self.results = 0
+        self.failed = 0  # proposals that ended in an error: hyperopt replaces them with random start-up points
+        self.results = 0  # trials that finished with a result: what TPE models
         super().__init__(metric=searcher.metric, mode=searcher.mode)
 
     # -- the rule
     def waiting_for_results(self) -> bool:
-        return self.proposed >= self.startup and self.results < self.initial_points and bool(self.live)
+        """True while every start-up point is out and fewer than initial_points trials have finished."""
+        return (self.proposed - self.failed >= self.startup and self.results < self.initial_points
+                and bool(self.live))
 
     def suggest(self, trial_id: str) -> Optional[dict]:
         if len(self.live) >= self.max_concurrent or self.waiting_for_results():
@@ -64,12 +76,20 @@ class TPEGate(Searcher):
         return config
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if result and self.metric in result and not _finite(result[self.metric]):
+            result = {**result, self.metric: self.worst()}
         if trial_id in self.live:
             self.live.discard(trial_id)
             if not error and result and self.metric in result:
                 self.results += 1
+            elif error:
+                self.failed += 1
         # Always passed on: HyperOpt ignores trials it did not propose.
         self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def worst(self) -> float:
+        """The worst finite value of the metric, for the study's mode."""
+        return -sys.float_info.max if self.mode == "max" else sys.float_info.max
 
     # -- plumbing to the wrapped searcher
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], config: dict, **spec) -> bool:
@@ -90,9 +110,16 @@ class TPEGate(Searcher):
         return copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "searcher"})
 
     def set_state(self, state: dict) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"failed": 0, **state})  # a study saved before `failed` existed
         if _resume_concurrency is not None:
             self.max_concurrent = _resume_concurrency
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True  # not a number: HyperOpt's own error says so
 
 
 class RandomSearch(BasicVariantGenerator):

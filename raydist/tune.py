@@ -201,13 +201,13 @@ def _check_storage(path: str, flag: str) -> None:
 def _set_value(key: str, text: str):
     """--set KEY=VALUE: YAML for numbers, booleans and lists; a text field keeps the text as typed
     (YAML would make `~` empty and `2024-01-01` a date)."""
-    from raydist.config import _FIELDS, _base_type
+    from raydist.config import _FIELDS, _base_type, load_yaml_text
 
     if not text:
         return None
     if key in _FIELDS and _base_type(key)[0] is str:
         return text
-    return yaml.safe_load(text)
+    return load_yaml_text(text)
 
 
 def _check_resume_flags(args: argparse.Namespace, overrides: dict) -> None:
@@ -307,19 +307,21 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
     context = ray.tune.get_context()
     trial_dir = os.path.basename(context.get_trial_dir())
     trial_path = f"{experiment_path}/{trial_dir}"
-    # <experiment>/trial_<id>/<study>.<id>/: the Train run's name is what Ray Train's run list shows.
-    # Checkpoints are kept by the study's own metric, so the best epoch it reports is one that was kept.
-    cfg = dataclasses.replace(study.trial_config(sample), address="auto", keep_by=study.metric,
-                              name=train_run_name(study.name, context.get_trial_id()), storage_path=trial_path)
-    cfg = prepare(cfg, explicit={})
+    run_name = train_run_name(study.name, context.get_trial_id())
     # Quiet by default: the driver prints a line per trial event (StudyConsole); --verbose brings back the
     # trials' own epoch lines. The labels are those of the metrics exported to the dashboard.
     console = {"epoch_lines": study.verbose, "progress_every_s": 0.0,
-               "labels": {"run": cfg.name, "study": study.name, "trial": context.get_trial_id()}}
+               "labels": {"run": run_name, "study": study.name, "trial": context.get_trial_id()}}
     # The stable run name and storage make a resumed trial pick its latest checkpoint up again. The
     # history goes first: whatever Tune then does with the report, the epoch is on record.
     # The study checked its storage on every node (a trial's own process may lack the user's environment).
     try:
+        # <experiment>/trial_<id>/<study>.<id>/: the Train run's name is what Ray Train's run list shows.
+        # Checkpoints are kept by the study's own metric, so the best epoch it reports is one that was kept.
+        # A config the checks refuse fails here, as this trial's one-line error, and the study goes on.
+        cfg = dataclasses.replace(study.trial_config(sample), address="auto", keep_by=study.metric,
+                                  name=run_name, storage_path=trial_path)
+        cfg = prepare(cfg, explicit={})
         if study.in_process(cfg):  # one worker: the loop runs here, on the resources Tune gave this trial
             fit_in_trial(cfg, trial_path=trial_path, on_report=ray.tune.report, started_unix=started, console=console)
         else:
@@ -359,7 +361,7 @@ def trial_resources(study: Study, *, cluster_has_gpus: bool):
     from ray.tune import PlacementGroupFactory
 
     def resources(config: dict) -> PlacementGroupFactory:
-        cfg = study.trial_config(config)
+        cfg = study.planned_config(config)  # an invalid one still gets its trial, which fails in one line
         if not study.in_process(cfg):
             return PlacementGroupFactory([{"CPU": 0, "memory": 2**20}])
         bundle = {"CPU": cfg.cpus_per_worker}
@@ -411,8 +413,8 @@ def run_study(plan: Plan) -> StudyResult:
           f"{study.scheduler} scheduler, {concurrency} at once; experiment: {plan.experiment_path}", flush=True)
     startup = max(study.initial_points, len(study.points_to_evaluate))  # as raydist.study_search.TPEGate counts
     if study.search == "hyperopt" and concurrency > startup:
-        print(f"TPE: the first {startup} trials are start-up points; later ones wait for {study.initial_points} "
-              f"results", flush=True)
+        print(f"TPE: the first {startup} trials are start-up points; later ones wait until {study.initial_points} "
+              f"trials have finished", flush=True)
     for warning in study.warnings:
         print(f"warning: {warning}", flush=True)
     cpus, gpus = study.per_trial_resources(cluster_has_gpus=cap.max_gpus > 0)
@@ -673,7 +675,7 @@ def study_console(study: Study, experiment_path: str, concurrency: int, *, clust
         def __init__(self):
             self.t0 = time.monotonic()
             self.next_status = self.t0 + study.status_every_s
-            self.best: dict[str, tuple[float, int]] = {}  # trial id -> (best metric, its epoch)
+            self.best: dict[str, tuple] = {}  # trial id -> (best metric, its epoch, its val_loss)
             self.epochs: dict[str, int] = {}  # trial id -> epochs reported
             self.started: dict[str, float] = {}  # trial id -> when it (last) started
             self.durations: list[float] = []  # of the trials that ended
@@ -686,11 +688,11 @@ def study_console(study: Study, experiment_path: str, concurrency: int, *, clust
 
         def epochs_planned(self, trial) -> int:
             if trial.trial_id not in self.planned:
-                self.planned[trial.trial_id] = study.trial_config(self.values(trial)).epochs
+                self.planned[trial.trial_id] = study.planned_config(self.values(trial)).epochs
             return self.planned[trial.trial_id]
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            cfg = study.trial_config(self.values(trial))
+            cfg = study.planned_config(self.values(trial))
             gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_has_gpus
             per = f"{cfg.cpus_per_worker:g} CPU" + (f" + {cfg.gpus_per_worker:g} GPU" if gpu else "")
             where = "in its own process" if study.in_process(cfg) else "TorchTrainer"
@@ -707,9 +709,10 @@ def study_console(study: Study, experiment_path: str, concurrency: int, *, clust
             epoch, value = int(result["epoch"]), result.get(study.metric)
             self.epochs[trial.trial_id] = epoch
             best = self.best.get(trial.trial_id)
-            if isinstance(value, (int, float)) and math.isfinite(value) and (
-                    best is None or (value > best[0] if study.mode == "max" else value < best[0])):
-                self.best[trial.trial_id] = best = (value, epoch)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                record = (value, epoch, result.get("val_loss"))
+                if best is None or self.rank(record) < self.rank(best):
+                    self.best[trial.trial_id] = best = record
             planned = self.epochs_planned(trial)
             if epoch % console.report_every(planned) == 0 or epoch >= planned or result.get("stop_reason"):
                 say(console.trial_epoch_line(trial.trial_id, result, epochs=planned, metric=study.metric,
@@ -788,12 +791,16 @@ def study_console(study: Study, experiment_path: str, concurrency: int, *, clust
                 if trial.trial_id not in self.best:
                     value = (getattr(trial, "metric_analysis", None) or {}).get(study.metric, {}).get(study.mode)
                     if isinstance(value, (int, float)) and math.isfinite(value):
-                        self.best[trial.trial_id] = (value, None)
-            scored = [(value, trial_id) for trial_id, (value, _) in self.best.items() if trial_id in by_id]
+                        self.best[trial.trial_id] = (value, None, None)
+            scored = [trial_id for trial_id in self.best if trial_id in by_id]
             if not scored:
                 return None
-            value, trial_id = (max if study.mode == "max" else min)(scored)
-            return trial_id, value, self.values(by_id[trial_id])
+            trial_id = min(scored, key=lambda t: self.rank(self.best[t], trial_id=t))  # results.csv's choice too
+            return trial_id, self.best[trial_id][0], self.values(by_id[trial_id])
+
+        def rank(self, record: tuple, trial_id: str = "") -> tuple:
+            value, epoch, val_loss = record
+            return report.ranking(value, mode=study.mode, val_loss=val_loss, epoch=epoch, trial_id=trial_id)
 
         def status_line(self, trials) -> str:
             running, pending, done = self.counts(trials)

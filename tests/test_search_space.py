@@ -168,7 +168,25 @@ def test_set_fixes_a_searched_field_and_coerces_it(tmp_path):
     (("model: resnet8", "model: resnet8, storage_path: /x"), "fixed.storage_path is set per trial by raydist.tune"),
     (("model: resnet8", "model: vgg"), "unknown model 'vgg'"),
     (("grace_period: 2", "grace_period: 9"), "scheduler.grace_period 9 exceeds the most epochs a trial can run (6)"),
-    (("reduction_factor: 2", "reduction_factor: 1"), "scheduler.reduction_factor must be a number above 1"),
+    (("reduction_factor: 2", "reduction_factor: 1"), "scheduler.reduction_factor must be a finite number above 1"),
+    (("reduction_factor: 2", "reduction_factor: .inf"), "scheduler.reduction_factor must be a finite number above 1, "
+                                                       "got inf"),
+    (("seed: 3}", "seed: -1}"), "search.seed must be an integer from 0 to 4294967295 (2^32 - 1), got -1"),
+    (("seed: 3}", "seed: 4294967296}"), "search.seed must be an integer from 0 to 4294967295 (2^32 - 1), got 4294967296"),
+    (("num_samples: 6", "num_samples: 6\nmode: min"), "mode min contradicts metric val_acc (higher is better); give "
+                                                       "mode: max, or leave mode out (it follows the metric)"),
+    (("num_samples: 6", "num_samples: 6\nmetric: val_loss\nmode: max"), "mode max contradicts metric val_loss (lower "
+                                                                        "is better); give mode: min"),
+    (("model: resnet8", "model: resnet8, keep_by: val_loss"), "fixed.keep_by: a study keeps every trial's checkpoints "
+                                                             "by its metric (metric: val_acc)"),
+    (("  lr: {loguniform", "  keep_by: {choice: [val_acc, val_loss]}\n  lr: {loguniform"),
+     "searched.keep_by: a study keeps every trial's checkpoints by its metric"),
+    (("  lr: {loguniform: [0.01, 2.0]}", "  lr: {loguniform: [0.01, 2.0]}\n  lr: {loguniform: [0.1, 1.0]}"),
+     "key 'lr' is given twice (lines 7 and 8); keep one"),
+    (("searched:", "searched: {}\nsearched:"), "key 'searched' is given twice (lines 6 and 7); keep one"),
+    # every combination of the extremes, not each bound alone: 1024 x 1 and 32 x 2 fit digits, 1024 x 2 does not
+    (("{choice: [32, 64]}", "{choice: [32, 1024]}"), "searched batch_size 1024 with num_workers 2: --batch-size 1024 x "
+                                                     "--num-workers 2"),
     (("type: asha", "type: pbt"), "scheduler.type 'pbt' is not one of: asha, fifo"),
     (("algorithm: hyperopt", "algorithm: optuna"), "search.algorithm 'optuna' is not one of: hyperopt, random"),
     (("seed: 3}", "seed: 3, budget: 2}"), "unknown key search.budget; known: algorithm"),
@@ -177,7 +195,9 @@ def test_set_fixes_a_searched_field_and_coerces_it(tmp_path):
     (("num_samples: 6", "num_samples: 6\nmode: maximize"), "mode 'maximize' is not one of: max, min"),
     (("num_samples: 6", "num_samples: 6\none_worker_trials: thread"),
      "one_worker_trials 'thread' is not one of: in_process, trainer"),
-    (("epochs: 6, weight", "epochs: 6, weight_decay: 0.0005, momentum: 0.9, weight"), "points_to_evaluate[0] must set exactly"),
+    (("epochs: 6, weight", "epochs: 6, momentum: 0.9, weight"), "points_to_evaluate[0] must set exactly"),
+    (("epochs: 6, weight", "epochs: 6, weight_decay: 0.0001, weight"), "key 'weight_decay' is given twice (line 13); "
+                                                                      "keep one"),
     (("{lr: 0.5,", "{lr: -0.5,"), "points_to_evaluate[0].lr = -0.5 cannot be sampled from loguniform(0.01, 2.0): "
                                   "use a number from 0.01 to 2.0"),
     (("{randint: [3, 6]}", "{randint: [3, 5]}"), "points_to_evaluate[0].epochs = 6 cannot be sampled from "
@@ -231,6 +251,98 @@ def test_malformed_files(tmp_path, text, message):
     path = _write(tmp_path, text)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_study(path)
+
+
+def test_numbers_are_read_as_yaml_1_2_writes_them_in_every_part_of_a_study(tmp_path):
+    """`1e-3` is a number wherever a study, a config file or --set gives it (PyYAML alone reads it as text:
+    a bound `[1e-3, 1e-1]` was refused while `weight_decay: 5e-4` was accepted)."""
+    text = VALID.replace("{loguniform: [0.01, 2.0]}", "{loguniform: [1e-3, 2E+0]}").replace(
+        "warmup_epochs: 0.5", "warmup_epochs: 0.5, momentum: 9e-1").split("points_to_evaluate")[0]
+    study = load_study(_write(tmp_path, text))
+    assert study.searched["lr"].args == (0.001, 2.0) and study.fixed["momentum"] == 0.9
+    assert load_study(_write(tmp_path, text), {"weight_decay": 5e-4}).fixed["weight_decay"] == 0.0005
+    from raydist.config import load_yaml, parse_model_args
+    from raydist.tune import _set_value
+
+    assert _set_value("lr", "1e-3") == 0.001 and _set_value("epochs", "12") == 12
+    assert parse_model_args(["dropout=3e-1"]) == {"dropout": 0.3}
+    (tmp_path / "run.yaml").write_text("lr: 4e-1\nepochs: 1e1\nname: 1e5-run\n")
+    assert load_yaml(str(tmp_path / "run.yaml")) == {"lr": 0.4, "epochs": 10, "name": "1e5-run"}
+
+
+def test_a_key_given_twice_in_a_config_file_is_one_line_naming_it(tmp_path):
+    from raydist.config import load_yaml
+
+    (tmp_path / "run.yaml").write_text("lr: 0.4\nepochs: 3\nlr: 0.1\n")
+    with pytest.raises(ConfigError) as excinfo:
+        load_yaml(str(tmp_path / "run.yaml"))
+    assert str(excinfo.value) == f"config file {tmp_path / 'run.yaml'}: key 'lr' is given twice (lines 1 and 3); keep one"
+    # YAML's merge key still lets a mapping override what it merges
+    (tmp_path / "merge.yaml").write_text("base: &b {lr: 0.4}\nrun: {<<: *b, lr: 0.1}\n")
+    from raydist.config import read_yaml_mapping
+
+    assert read_yaml_mapping(str(tmp_path / "merge.yaml"), "file", "keys")["run"] == {"lr": 0.1}
+
+
+def test_keep_by_given_with_set_is_refused_in_a_study(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--set keep_by: a study keeps every trial's checkpoints by its metric"):
+        load_study(_write(tmp_path, VALID), {"keep_by": "val_loss"})
+
+
+def test_every_combination_of_the_searched_extremes_is_checked_and_a_single_bad_bound_named_alone(tmp_path):
+    study = load_study(_write(tmp_path, VALID))
+    corners = [words for words, _ in study._corners()]
+    assert len(corners) == 2 * 2 * 2 * 2 * 2  # five searched fields, two extremes each
+    assert corners[0] == "" and corners[1].startswith("searched ") and " reaches " in corners[1]
+    assert "searched lr 2.0 with batch_size 64 with epochs 6 with weight_decay 0.001 with num_workers 2: " in corners
+    # 2 workers x 1024 at 1 epoch: the search can give it, so the study is refused before Ray starts
+    bad = VALID.replace("{choice: [32, 64]}", "{choice: [32, 1024]}").split("points_to_evaluate")[0]
+    with pytest.raises(ConfigError, match=r"searched batch_size 1024 with num_workers 2: "):
+        load_study(_write(tmp_path, bad))
+
+
+def test_a_trial_whose_config_the_checks_refuse_is_created_and_fails_alone_in_one_line(tmp_path, monkeypatch):
+    """Past MAX_CORNERS combinations (or a check that is not monotone in a range) a sample can still be
+    invalid: Tune must be able to create its trial (the resources come from the planned config), and the
+    trial fails with the one-line cause, which becomes its row's error while the study goes on."""
+    import ray.tune
+
+    from raydist.failures import TrialError
+    from raydist.tune import run_trial, trial_resources
+
+    study = load_study(_write(tmp_path, VALID))
+    bad = {"lr": 0.5, "batch_size": 4096, "epochs": 6, "weight_decay": 0.0005, "num_workers": 2}
+    bundles = trial_resources(study, cluster_has_gpus=False)(bad).bundles  # Tune's trial creation: no error
+    assert bundles == [{"memory": 2**20}]  # two workers: a TorchTrainer trial (its workers reserve the CPUs)
+    assert study.planned_config(bad).epochs == 6
+
+    class Context:
+        def get_trial_dir(self):
+            return str(tmp_path / "study" / "trial_abc")
+
+        def get_trial_id(self):
+            return "abc"
+
+    monkeypatch.setattr(ray.tune, "get_context", Context)
+    with pytest.raises(TrialError) as excinfo:
+        run_trial(bad, study, str(tmp_path / "study"))
+    cause = str(excinfo.value)
+    assert cause == ("ConfigError: --batch-size 4096 x --num-workers 2 = 8192 images per step, but digits has "
+                     "1438 training images; at most 719 per worker with 2 workers")
+
+
+@pytest.mark.parametrize("edit, warning", [
+    (("num_samples: 6", "num_samples: 2"), "search.initial_points 2 >= num_samples 2: every trial is a random start-up "
+                                           "point and TPE never models a result (a random search)"),
+    (("num_samples: 6", "num_samples: 1"), "only the first 1 of the 2 points_to_evaluate run (num_samples 1)"),
+])
+def test_settings_that_make_part_of_a_study_never_run_are_said_at_its_start(tmp_path, edit, warning):
+    text = VALID.replace(*edit).replace("  - {lr: 0.5,", "  - {lr: 0.4, batch_size: 32, epochs: 6, weight_decay: 0.0005, "
+                                                     "num_workers: 2}\n  - {lr: 0.5,")
+    study = load_study(_write(tmp_path, text))
+    assert any(warning in w for w in study.warnings), study.warnings
+    unwarned = load_study(_write(tmp_path, VALID)).warnings  # 6 trials, 2 start-up points, 1 point to evaluate
+    assert not [w for w in unwarned if "initial_points" in w or "points_to_evaluate" in w], unwarned
 
 
 def test_set_of_an_unknown_field_is_an_error(tmp_path):

@@ -151,3 +151,41 @@ def test_a_trial_the_scheduler_stopped_counts_only_the_epochs_tune_received(tmp_
     assert [h["epoch"] for h in result.histories["running"]] == [1, 2, 3, 4, 5]  # interrupted: all of its record
     with open(experiment / "learning_curves.csv", newline="") as fh:
         assert max(int(r["epoch"]) for r in csv.DictReader(fh) if r["trial_id"] == "stopped") == 4
+
+
+def test_ties_name_one_best_trial_everywhere_lower_val_loss_then_earlier_epoch_then_trial_id(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """Two trials with the same best val_acc (common on digits' 359 validation images): results.csv's and
+    best_model.pt's choice (report.best_row) and the console's and `raydist.cluster status`'s (the study
+    console's best so far) are the same trial, whatever order the trials come in."""
+    def records(accs_losses):
+        return [{"epoch": e, "val_acc": a, "val_loss": loss} for e, (a, loss) in enumerate(accs_losses, 1)]
+
+    histories = {"b1": records([(0.5, 1.0), (0.9, 0.40), (0.9, 0.30)]),   # its best: epoch 3 (lower loss)
+                 "a2": records([(0.9, 0.35), (0.8, 0.5)]),                 # as good, a higher loss
+                 "c3": records([(0.7, 0.6), (0.9, 0.30)])}                 # b1's equal, an epoch sooner
+    assert report.best_record(histories["b1"], "val_acc", "max")["epoch"] == 3
+    rows = [report.trial_row(t, {"lr": 0.1}, h, planned_epochs=len(h), metric="val_acc", mode="max")
+            for t, h in histories.items()]
+    for order in (rows, rows[::-1]):
+        assert report.best_row(order, "val_acc", "max")["trial_id"] == "c3"  # 0.9, loss 0.30, at epoch 2
+
+    published = {}  # what `raydist.cluster status` reads (the GCS record; no Ray here)
+    monkeypatch.setattr("raydist.cluster.publish_study", lambda name, record: published.update({name: record}))
+    study = _study(tmp_path)
+    console = tune.study_console(study, str(tmp_path / "exp"), 1, cluster_has_gpus=False)
+    trials = [SimpleNamespace(trial_id=t, config={"lr": 0.1}, status="RUNNING") for t in histories]
+    for trial in trials[::-1]:
+        for record in histories[trial.trial_id]:
+            console.on_trial_result(0, trials, trial, record)
+    assert console.best_so_far(trials)[:2] == ("c3", 0.9)
+    assert published["exp"]["best"]["trial_id"] == "c3"
+    # equal in everything: the lower trial id, in both places
+    same = [report.trial_row(t, {"lr": 0.1}, records([(0.9, 0.3)]), planned_epochs=1, metric="val_acc", mode="max")
+            for t in ("z9", "d4")]
+    assert report.best_row(same, "val_acc", "max")["trial_id"] == "d4"
+    console = tune.study_console(study, str(tmp_path / "exp2"), 1, cluster_has_gpus=False)
+    trials = [SimpleNamespace(trial_id=t, config={"lr": 0.1}, status="RUNNING") for t in ("z9", "d4")]
+    for trial in trials:
+        console.on_trial_result(0, trials, trial, records([(0.9, 0.3)])[0])
+    assert console.best_so_far(trials)[0] == "d4"

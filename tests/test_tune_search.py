@@ -58,6 +58,41 @@ def test_random_start_up_points_count_too_and_errors_never_deadlock_the_gate():
     assert gate.results == 0 and gate.suggest("after-errors") is not None
 
 
+def test_failed_start_up_trials_are_replaced_at_the_studys_concurrency():
+    """With 8 at once and 3 start-up points of which 2 fail, the 2 replacements (random start-up points
+    to hyperopt, which leaves failed trials out of its count) run beside the third, not one at a time."""
+    gate = _gate(points=None)
+    startup = _propose(gate, [f"t{i}" for i in range(8)])
+    first, second, third = startup
+    gate.on_trial_complete(first, error=True)
+    gate.on_trial_complete(second, error=True)
+    replacements = _propose(gate, ["r0", "r1", "r2"])
+    assert list(replacements) == ["r0", "r1"] and len(gate.live) == 3  # the third start-up trial still runs
+    assert gate.suggest("held") is None  # three start-up trials out again: TPE waits for them to finish
+    for trial_id, score in ((third, 0.2), ("r0", 0.3)):
+        gate.on_trial_complete(trial_id, {"score": score})
+    assert gate.results == 2 and gate.suggest("still-held") is None
+    gate.on_trial_complete("r1", {"score": 0.1})
+    assert gate.results == 3 and gate.suggest("tpe") is not None
+
+
+@pytest.mark.parametrize("mode, worst", [("min", 1.7976931348623157e308), ("max", -1.7976931348623157e308)])
+def test_a_non_finite_result_reaches_tpe_as_the_worst_value(mode, worst):
+    """A diverged trial's NaN (or inf) metric: hyperopt would drop it ("TPE using 2/3 trials") and go on
+    proposing where it diverged; it is told the worst finite value for the study's mode instead."""
+    gate = TPEGate(HyperOptSearch(points_to_evaluate=POINTS, n_initial_points=3, random_state_seed=0),
+                   initial_points=3, points_to_evaluate=3, max_concurrent=8)
+    gate.set_search_properties("loss", mode, {"x": tune.uniform(0.0, 1.0)})
+    ids = list(_propose(gate, ["a", "b", "c"]))
+    gate.on_trial_complete(ids[0], {"loss": float("nan")})
+    gate.on_trial_complete(ids[1], {"loss": float("inf") if mode == "min" else float("-inf")})
+    gate.on_trial_complete(ids[2], {"loss": 0.5})
+    losses = sorted(t["result"]["loss"] for t in gate.searcher._hpopt_trials.trials)
+    sign = 1 if mode == "min" else -1  # HyperOptSearch hands hyperopt the negated metric under max
+    assert losses == sorted([sign * worst, sign * worst, sign * 0.5])  # all three modelled, the two the worst
+    assert gate.results == 3
+
+
 def test_concurrency_limit_holds_and_frees_with_completions():
     gate = _gate(max_concurrent=2)
     assert len(_propose(gate, ["a", "b", "c"])) == 2
