@@ -36,7 +36,11 @@ from raydist.search_space import ONE_WORKER_TRIALS, Study, load_study
 from raydist.study_results import StudyResult, summarize
 
 STUDY_FILE = "study.yaml"  # the effective study, saved so --resume needs nothing else
-SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+# The shipped studies: inside the package in a wheel (pyproject.toml maps search_spaces/ there), at the top
+# of the repository in a checkout or an editable install.
+SEARCH_SPACES = next((folder for folder in (Path(__file__).resolve().parent / "search_spaces",
+                                            Path(__file__).resolve().parent.parent / "search_spaces")
+                      if folder.is_dir()), Path(__file__).resolve().parent / "search_spaces")
 DEFAULT_STUDY = "digits_quick"
 DESCRIPTION = """\
 Search hyperparameters: a study of many training runs (Ray Tune trials) on a Ray cluster, HyperOpt (TPE)
