@@ -676,6 +676,16 @@ def require_package(module: str, flag: str) -> None:
         raise ConfigError(f"{flag} needs the {module} package: pip install {module}")
 
 
+def lr_scale(cfg: TrainConfig, global_batch: int) -> float:
+    """The factor --lr is multiplied by at this global batch (--lr-scaling): the training loop's peak LR is
+    cfg.lr * lr_scale(cfg, global batch), and every figure that states a peak LR computes it here."""
+    if cfg.lr_scaling == "none":
+        return 1.0
+    if cfg.lr_scaling == "per_worker":  # one worker's batch (with its accumulation) gets --lr as it is
+        return global_batch / cfg.batch_size
+    return global_batch / 256
+
+
 def metric_mode(metric: str) -> str:
     """Which way a reported metric is better: losses lower ("min"), accuracies higher ("max")."""
     return "min" if metric.endswith("loss") else "max"

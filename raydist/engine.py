@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raydist.augment import Augmenter
-from raydist.config import TrainConfig
+from raydist.config import TrainConfig, lr_scale
 from raydist.elastic import (FIRST_CHECK_AFTER, Step, batch_layout, check_every, epoch_order, epoch_steps,
                              steps_in_epoch)
 from raydist.run_folder import CHECKPOINT_PREFIX
@@ -83,15 +83,6 @@ class OutOfMemory(WorkerInputError):
 
 
 # ---- building blocks ------------------------------------------------------------------------------
-
-
-def lr_scale(cfg: TrainConfig, global_batch: int) -> float:
-    """The factor --lr is multiplied by at this global batch (--lr-scaling)."""
-    if cfg.lr_scaling == "none":
-        return 1.0
-    if cfg.lr_scaling == "per_worker":  # one worker's batch (with its accumulation) gets --lr as it is
-        return global_batch / cfg.batch_size
-    return global_batch / 256
 
 
 def lr_factor(update: int, *, warmup: int, total: int, schedule: str, step_every: int, gamma: float,

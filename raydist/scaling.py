@@ -7,13 +7,18 @@
 The question of the Horovod batch-size study raydist replaces. For every worker count x per-worker batch
 size of the grid, and for each LR rule, one raydist training run (`raydist.launch.fit`, one after the other
 on one cluster) that stops when validation accuracy reaches --target:
-- rule `linear`: the linear scaling rule with warmup, raydist's own: the peak LR is --lr per 256 images of
-  the global batch, reached after --warmup-epochs;
-- rule `none`: the peak LR of the grid's smallest global batch for every batch (no scaling), no warmup.
+- rule `linear`: the linear scaling rule with warmup: the grid's smallest run trains at the peak LR
+  raydist.train gives it (--lr under --lr-scaling), every other run at that peak times its global batch
+  over the smallest one's, each reached after --warmup-epochs;
+- rule `none`: the smallest run's peak LR for every batch, and no warmup. It differs from `linear` in two
+  things at once, the LR and the warmup, and a difference between the rules is theirs together.
 Reported per run: steady training throughput (median images/s over epochs 2 and later), scaling efficiency
 (images/s over workers x the images/s of the fewest workers with the same per-worker batch, per worker),
-the epochs and training seconds to the target, and the best validation accuracy. Every flag not listed
-under "scaling" is a `raydist.train` flag and sets the runs' common config.
+the epochs to the target, the epoch seconds to the target (the sum of the epochs' own times, training and
+validation, up to the epoch that reached it; the run's start-up, checkpoint copies and final evaluation
+are not in it) and the best validation accuracy. `--repeats N` runs every point N times, with seeds
+--seed .. --seed + N - 1: results.csv has every run, the table and the plots the median and the range.
+Every flag not listed under "scaling" is a `raydist.train` flag and sets the runs' common config.
 
 Written to --out (default runs/scaling-<time>/): results.md (the table, with machine, command and date),
 results.csv, throughput.png (images/s against workers, per batch size, with linear scaling dashed) and
@@ -35,7 +40,7 @@ import sys
 import time
 from typing import Optional
 
-from raydist.config import ConfigError, TrainConfig, _Parser, parse_cli
+from raydist.config import ConfigError, TrainConfig, _Parser, lr_scale, parse_cli
 
 RULES = ("linear", "none")
 
@@ -49,7 +54,7 @@ class Point:
     cfg: TrainConfig
     images_per_s: Optional[float] = None
     epochs_to_target: Optional[int] = None
-    seconds_to_target: Optional[float] = None
+    epoch_seconds_to_target: Optional[float] = None  # the epochs' own times up to the target: no start-up
     best_val_acc: Optional[float] = None
     epochs_run: int = 0
     efficiency: Optional[float] = None
@@ -58,27 +63,38 @@ class Point:
     def global_batch(self) -> int:
         return self.workers * self.batch * self.cfg.grad_accum
 
+    @property
+    def key(self) -> tuple:
+        """The grid point a run belongs to (its repeats share it)."""
+        return self.workers, self.batch, self.rule
+
 
 # ---- the grid ---------------------------------------------------------------------------------------------
 
 
 def build_grid(base: TrainConfig, *, workers: list[int], batches: list[int], rules: list[str], target: float,
-               out: str) -> list[Point]:
-    """Every run's validated config; the `none` rule keeps the peak LR of the smallest global batch."""
+               out: str, repeats: int = 1) -> list[Point]:
+    """Every run's validated config. The peak LR of the grid's smallest run is what raydist.train gives
+    that run (--lr under --lr-scaling, the loop's own lr_scale); `linear` grows it in proportion to the
+    global batch from there, `none` keeps it at every batch. Each run's --lr is set so that the loop, with
+    the run's own --lr-scaling, trains at exactly that peak (per_256, per_worker and none alike)."""
     for name, values in (("--workers", workers), ("--batch-sizes", batches)):
         bad = [v for v in values if v < 1]
         if bad:
             raise ConfigError(f"{name} must be positive integers, got {bad[0]}")
     if not 0 < target <= 1:
         raise ConfigError(f"--target must be a validation accuracy in (0, 1], got {target}")
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be a positive integer, got {repeats}")
     reference = min(workers) * min(batches) * base.grad_accum
+    reference_peak = base.lr * lr_scale(dataclasses.replace(base, batch_size=min(batches)), reference)
     points = []
     for rule in dict.fromkeys(rules):  # each once: a repeated rule would name two runs alike
         for w in sorted(set(workers)):
             for b in sorted(set(batches)):
                 global_batch = w * b * base.grad_accum
-                # raydist's LR is per 256 images and scaled by the global batch: undo that for `none`
-                lr = base.lr if rule == "linear" else base.lr * reference / global_batch
+                peak = reference_peak * global_batch / reference if rule == "linear" else reference_peak
+                lr = peak / lr_scale(dataclasses.replace(base, batch_size=b), global_batch)
                 cfg = dataclasses.replace(base, num_workers=w, batch_size=b, lr=lr,
                                           warmup_epochs=base.warmup_epochs if rule == "linear" else 0.0,
                                           target_accuracy=target, patience=1, storage_path=out,
@@ -87,7 +103,9 @@ def build_grid(base: TrainConfig, *, workers: list[int], batches: list[int], rul
                     cfg.validate()
                 except ConfigError as exc:
                     raise ConfigError(f"{w} worker(s) x batch {b} ({rule}): {exc}") from None
-                points.append(Point(w, b, rule, cfg))
+                for seed in range(base.seed, base.seed + repeats):
+                    name = cfg.name if repeats == 1 else f"{cfg.name}-s{seed}"
+                    points.append(Point(w, b, rule, dataclasses.replace(cfg, seed=seed, name=name)))
     return points
 
 
@@ -98,52 +116,95 @@ def measure(point: Point, history: list[dict], target: float) -> None:
     point.epochs_run = len(history)
     point.best_val_acc = max((h["val_acc"] for h in history), default=None)
     reached = next((i for i, h in enumerate(history) if h["val_acc"] >= target), None)
+    point.epochs_to_target = point.epoch_seconds_to_target = None
     if reached is not None:
         point.epochs_to_target = int(history[reached]["epoch"])
-        point.seconds_to_target = sum(h["epoch_time_s"] for h in history[:reached + 1])
+        point.epoch_seconds_to_target = sum(h["epoch_time_s"] for h in history[:reached + 1])
 
 
 def efficiencies(points: list[Point]) -> None:
-    """images/s per worker, relative to the fewest workers' with the same per-worker batch and rule."""
+    """images/s per worker, relative to the fewest workers' (the median of their repeats) with the same
+    per-worker batch and rule."""
     for p in points:
         same = [q for q in points if q.batch == p.batch and q.rule == p.rule and q.images_per_s]
-        base = min(same, key=lambda q: q.workers, default=None)
-        if base and p.images_per_s:
-            p.efficiency = (p.images_per_s / p.workers) / (base.images_per_s / base.workers)
+        fewest = min((q.workers for q in same), default=None)
+        if fewest is not None and p.images_per_s:
+            base = statistics.median(q.images_per_s for q in same if q.workers == fewest)
+            p.efficiency = (p.images_per_s / p.workers) / (base / fewest)
+
+
+def summarize(points: list[Point]) -> list[dict]:
+    """One row per grid point: each measure's median over the point's repeats, with (min, max) beside it.
+    epochs_to_target's median counts a repeat that never reached the target as not reached (so a point
+    reached in fewer than half its repeats is "not reached"); `reached` says in how many it was."""
+    groups: dict[tuple, list[Point]] = {}
+    for p in points:
+        groups.setdefault(p.key, []).append(p)
+    rows = []
+    for runs in groups.values():
+        r = row(runs[0])
+        r["repeats"], r["reached"] = len(runs), sum(q.epochs_to_target is not None for q in runs)
+        for key in ("images_per_s", "efficiency", "best_val_acc", "epochs_run"):
+            values = [getattr(q, key) for q in runs if getattr(q, key) is not None]
+            r[key] = statistics.median(values) if values else None
+            r[f"{key}_range"] = (min(values), max(values)) if len(values) > 1 else None
+        for key in ("epochs_to_target", "epoch_seconds_to_target"):
+            values = sorted((getattr(q, key) for q in runs), key=lambda v: math.inf if v is None else v)
+            middle = values[(len(values) - 1) // 2:len(values) // 2 + 1]  # one or two middle values
+            r[key] = None if None in middle else statistics.mean(middle)
+            reached = [v for v in values if v is not None]
+            r[f"{key}_range"] = (min(reached), max(reached)) if len(runs) > 1 and reached else None
+        rows.append(r)
+    return rows
 
 
 # ---- the outputs ------------------------------------------------------------------------------------------
 
 
-COLUMNS = ("workers", "batch", "global_batch", "rule", "lr_peak", "images_per_s", "efficiency", "epochs_to_target",
-           "seconds_to_target", "best_val_acc", "epochs_run")
+COLUMNS = ("workers", "batch", "global_batch", "rule", "seed", "lr_peak", "warmup_epochs", "images_per_s",
+           "efficiency", "epochs_to_target", "epoch_seconds_to_target", "best_val_acc", "epochs_run")
+TABLE_COLUMNS = tuple(c for c in COLUMNS if c != "seed") + ("reached",)
 
 
 def row(p: Point) -> dict:
+    """One run, as results.csv has it; lr_peak is the loop's own (cfg.lr times lr_scale)."""
     return {"workers": p.workers, "batch": p.batch, "global_batch": p.global_batch, "rule": p.rule,
-            "lr_peak": p.cfg.lr * p.global_batch / 256, "images_per_s": p.images_per_s, "efficiency": p.efficiency,
-            "epochs_to_target": p.epochs_to_target, "seconds_to_target": p.seconds_to_target,
+            "seed": p.cfg.seed, "lr_peak": p.cfg.lr * lr_scale(p.cfg, p.global_batch),
+            "warmup_epochs": p.cfg.warmup_epochs, "images_per_s": p.images_per_s, "efficiency": p.efficiency,
+            "epochs_to_target": p.epochs_to_target, "epoch_seconds_to_target": p.epoch_seconds_to_target,
             "best_val_acc": p.best_val_acc, "epochs_run": p.epochs_run}
 
 
-def _cell(key: str, value) -> str:
-    if value is None:
-        return "not reached" if key.endswith("to_target") else "—"
+def _number(key: str, value) -> str:
     if key in ("efficiency", "best_val_acc"):
         return f"{value:.1%}" if key == "best_val_acc" else f"{value:.2f}"
-    if key in ("images_per_s", "seconds_to_target"):
+    if key in ("images_per_s", "epoch_seconds_to_target"):
         return f"{value:,.1f}"
     if key == "lr_peak":
         return f"{value:.4g}"
-    return str(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _cell(key: str, r: dict) -> str:
+    value = r.get(key)
+    if key == "reached":
+        return f"{value}/{r['repeats']}"
+    if value is None:
+        return "not reached" if key.endswith("to_target") else "—"
+    text = _number(key, value)
+    spread = r.get(f"{key}_range")
+    return f"{text} ({_number(key, spread[0])}-{_number(key, spread[1])})" if spread else text
 
 
 def markdown(points: list[Point], *, target: float, header: str) -> str:
-    lines = [header, "", f"Target validation accuracy {target:.1%}.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for p in points:
-        r = row(p)
-        lines.append("| " + " | ".join(_cell(k, r[k]) for k in COLUMNS) + " |")
+    repeats = max(len([q for q in points if q.key == p.key]) for p in points)
+    spread = (f" Each point ran {repeats} times (seeds {points[0].cfg.seed}-{points[0].cfg.seed + repeats - 1}): "
+              f"the median, with the range in brackets; `reached`: in how many runs." if repeats > 1 else "")
+    lines = [header, "", f"Target validation accuracy {target:.1%}. epoch_seconds_to_target: the epochs' own times "
+             f"(training and validation) up to the epoch that reached it, without the run's start-up.{spread}", "",
+             "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for r in summarize(points):
+        lines.append("| " + " | ".join(_cell(k, r) for k in TABLE_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -156,26 +217,36 @@ def write_csv(points: list[Point], path: str) -> None:
 
 
 def plot(points: list[Point], folder: str, *, target: float) -> list[str]:
+    """throughput.png and accuracy.png: each point's median over its repeats, the range as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = summarize(points)
+
+    def bars(line: list[dict], key: str) -> Optional[list]:
+        if not any(r.get(f"{key}_range") for r in line):
+            return None
+        spans = [r.get(f"{key}_range") or (r[key], r[key]) for r in line]
+        return [[r[key] - low for r, (low, _) in zip(line, spans)], [high - r[key] for r, (_, high) in zip(line, spans)]]
+
     paths = [os.path.join(folder, "throughput.png"), os.path.join(folder, "accuracy.png")]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for rule in sorted({p.rule for p in points}):
-        for batch in sorted({p.batch for p in points}):
-            line = sorted((p for p in points if p.batch == batch and p.rule == rule and p.images_per_s),
-                          key=lambda p: p.workers)
+    for rule in sorted({r["rule"] for r in rows}):
+        for batch in sorted({r["batch"] for r in rows}):
+            line = sorted((r for r in rows if r["batch"] == batch and r["rule"] == rule and r["images_per_s"]),
+                          key=lambda r: r["workers"])
             if not line:
                 continue
-            drawn, = ax.plot([p.workers for p in line], [p.images_per_s for p in line], marker="o",
-                             label=f"batch {batch}/worker ({rule})")
+            drawn = ax.errorbar([r["workers"] for r in line], [r["images_per_s"] for r in line],
+                                yerr=bars(line, "images_per_s"), marker="o", capsize=3,
+                                label=f"batch {batch}/worker ({rule})")
             first = line[0]
-            ax.plot([p.workers for p in line], [first.images_per_s * p.workers / first.workers for p in line],
-                    linestyle="--", color=drawn.get_color(), alpha=0.5)
+            ax.plot([r["workers"] for r in line], [first["images_per_s"] * r["workers"] / first["workers"] for r in line],
+                    linestyle="--", color=drawn.lines[0].get_color(), alpha=0.5)
     ax.set_xlabel("workers")
-    workers = sorted({p.workers for p in points})
+    workers = sorted({r["workers"] for r in rows})
     ax.set_xticks(workers, [str(w) for w in workers])
     ax.set_ylabel("training images/s")
     ax.set_title("throughput against workers (dashed: linear scaling)")
@@ -186,13 +257,17 @@ def plot(points: list[Point], folder: str, *, target: float) -> list[str]:
     plt.close(fig)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5), dpi=110)
-    batches = sorted({p.global_batch for p in points})
-    for rule, style in zip(sorted({p.rule for p in points}), ("-", "--")):
-        for workers in sorted({p.workers for p in points}):
-            line = sorted((p for p in points if p.rule == rule and p.workers == workers), key=lambda p: p.global_batch)
-            xs, label = [p.global_batch for p in line], f"{rule}, {workers} worker(s)"
-            left.plot(xs, [p.epochs_to_target or math.nan for p in line], marker="o", linestyle=style, label=label)
-            right.plot(xs, [p.best_val_acc for p in line], marker="o", linestyle=style, label=label)
+    batches = sorted({r["global_batch"] for r in rows})
+    for rule, style in zip(sorted({r["rule"] for r in rows}), ("-", "--")):
+        for workers in sorted({r["workers"] for r in rows}):
+            line = sorted((r for r in rows if r["rule"] == rule and r["workers"] == workers),
+                          key=lambda r: r["global_batch"])
+            xs, label = [r["global_batch"] for r in line], f"{rule}, {workers} worker(s)"
+            reached = [r for r in line if r["epochs_to_target"] is not None]
+            left.errorbar([r["global_batch"] for r in reached], [r["epochs_to_target"] for r in reached],
+                          yerr=bars(reached, "epochs_to_target"), marker="o", linestyle=style, capsize=3, label=label)
+            right.errorbar(xs, [r["best_val_acc"] for r in line], yerr=bars(line, "best_val_acc"), marker="o",
+                           linestyle=style, capsize=3, label=label)
     left.set(xscale="log", xlabel="global batch", ylabel=f"epochs to {target:.1%}",
              title="epochs to the target (missing: not reached)")
     right.set(xscale="log", xlabel="global batch", ylabel="best validation accuracy", title="best validation accuracy")
@@ -215,7 +290,8 @@ def plot(points: list[Point], folder: str, *, target: float) -> list[str]:
 # would be overridden silently, so they are refused.
 SET_BY_THE_GRID = {"num_workers": "--workers", "batch_size": "--batch-sizes", "target_accuracy": "--target",
                    "patience": "--target (a run stops at the first epoch that reaches it)",
-                   "name": "--out (each run is named w<workers>-b<batch>-<rule>)", "resume": None}
+                   "name": "--out (each run is named w<workers>-b<batch>-<rule>, -s<seed> with --repeats)",
+                   "resume": None}
 
 
 DESCRIPTION = """\
@@ -236,8 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128],
                    help="per-worker batch sizes (default: 32 64 128)")
     g.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES),
-                   help="LR rules: linear (scaled by the global batch, with warmup), none (default: both)")
+                   help="LR rules: linear (the smallest run's peak LR scaled by the global batch, with warmup), "
+                        "none (the smallest run's peak LR at every batch, and no warmup) (default: both)")
     g.add_argument("--target", type=float, default=0.9, help="validation accuracy each run stops at (default: 0.9)")
+    g.add_argument("--repeats", type=int, default=1,
+                   help="runs per point, seeds --seed .. --seed + N - 1; the table shows the median and the range "
+                        "(default: 1)")
     g.add_argument("--out", help="folder for the results and runs (default: <--storage-path>/scaling-<time>)")
     g.add_argument("-h", "--help", action="store_true", help="show this help (and raydist.train's flags) and exit")
     return p
@@ -264,7 +344,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[Point]]:
                           f"folder (or a mounted one) as --out, or a local --storage-path")
     out = os.path.abspath(os.path.expanduser(out))
     points = build_grid(base, workers=args.workers, batches=args.batch_sizes, rules=args.rules, target=args.target,
-                        out=out)
+                        out=out, repeats=args.repeats)
     taken = [p.cfg.name for p in points if os.path.exists(os.path.join(out, p.cfg.name))]
     if taken:  # Ray Train would continue such a run from its checkpoints, and its figures would be the old run's
         raise ConfigError(f"--out {out} holds run folders of an earlier study ({', '.join(taken)}); give a new "
@@ -331,7 +411,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"scaling study: {len(points)} runs ({', '.join(p.cfg.name for p in points)}) into {out}", flush=True)
     for i, point in enumerate(points, start=1):
         print(f"---- run {i}/{len(points)}: {point.workers} worker(s) x batch {point.batch} = global batch "
-              f"{point.global_batch}, LR rule {point.rule}", flush=True)
+              f"{point.global_batch}, LR rule {point.rule}, seed {point.cfg.seed}", flush=True)
         try:
             summary = fit(point.cfg)
         except ConfigError as exc:  # resources checked against the cluster

@@ -3,6 +3,7 @@ what they write holds what their docs say. No timing is asserted; the figures be
 The ones that need Ray run on the session cluster (--address); elastic_digits starts multi-node clusters of
 its own (own_cluster)."""
 
+import dataclasses
 import json
 import os
 import re
@@ -164,7 +165,55 @@ def test_scaling_grid_keeps_the_smallest_batchs_peak_lr_under_the_none_rule(tmp_
     assert all(p.cfg.target_accuracy == 0.9 for p in points)
 
 
+@pytest.mark.parametrize("scaling", ["per_256", "per_worker", "none"])
+def test_the_scaling_grids_peak_lr_is_the_loops_own_under_every_lr_scaling(tmp_path, scaling):
+    """lr_peak is what the loop trains at (cfg.lr x lr_scale at the run's global batch, as raydist.engine
+    computes it): the smallest run at raydist.train's own peak for it, `linear` in proportion to the global
+    batch from there, `none` at the smallest run's peak. The Horovod preset (per_worker, lr 0.1) was the
+    case the table got wrong: `none` 1 x 128 trained at 0.025 while the column said 0.0125."""
+    from raydist.config import TrainConfig, lr_scale
+    from raydist.scaling import build_grid, row
+
+    base = TrainConfig(lr=0.1, lr_scaling=scaling, warmup_epochs=1)
+    points = build_grid(base, workers=[1, 2], batches=[32, 128], rules=["linear", "none"], target=0.9,
+                        out=str(tmp_path))
+    smallest = base.lr * lr_scale(dataclasses.replace(base, batch_size=32), 32)  # raydist.train's 1 x 32 run
+    for p in points:
+        trains_at = p.cfg.lr * lr_scale(p.cfg, p.cfg.global_batch_at(p.workers))  # the loop's peak LR
+        assert row(p)["lr_peak"] == pytest.approx(trains_at)
+        expected = smallest * p.global_batch / 32 if p.rule == "linear" else smallest
+        assert trains_at == pytest.approx(expected), (p.rule, p.workers, p.batch)
+    if scaling == "per_worker":
+        none = {(p.workers, p.batch): row(p)["lr_peak"] for p in points if p.rule == "none"}
+        assert none[(1, 128)] == pytest.approx(0.1) and none[(2, 128)] == pytest.approx(0.1)
+
+
+def test_repeats_run_every_point_with_its_own_seed_and_the_table_shows_the_median_and_the_range(tmp_path):
+    from raydist.config import TrainConfig
+    from raydist.scaling import build_grid, markdown, measure, summarize
+
+    points = build_grid(TrainConfig(lr=0.4, seed=5), workers=[1], batches=[64], rules=["linear"], target=0.9,
+                        out=str(tmp_path), repeats=3)
+    assert [(p.cfg.seed, p.cfg.name) for p in points] == [(5, "w1-b64-linear-s5"), (6, "w1-b64-linear-s6"),
+                                                          (7, "w1-b64-linear-s7")]
+    curves = ([0.5, 0.92], [0.5, 0.7, 0.95], [0.5, 0.6, 0.7, 0.8])  # reached at 2, at 3, never (4 epochs)
+    for p, accs in zip(points, curves):
+        measure(p, [{"epoch": e, "val_acc": a, "epoch_time_s": 2.0, "images_per_s": 100.0 + 10 * len(accs)}
+                    for e, a in enumerate(accs, 1)], target=0.9)
+    (r,) = summarize(points)
+    assert (r["epochs_to_target"], r["epochs_to_target_range"], r["reached"]) == (3, (2, 3), 2)
+    assert (r["epoch_seconds_to_target"], r["best_val_acc"], r["best_val_acc_range"]) == (6.0, 0.92, (0.8, 0.95))
+    table = markdown(points, target=0.9, header="# t")
+    assert "Each point ran 3 times (seeds 5-7)" in table
+    assert "| 1 | 64 | 64 | linear | 0.1 | 1 | 130.0 (120.0-140.0) | — | 3 (2-3) | 6.0 (4.0-6.0) | 92.0% (80.0%-95.0%) " \
+           "| 3 (2-4) | 2/3 |" in table
+    # a point reached in fewer than half its repeats: its median is "not reached"
+    measure(points[1], [{"epoch": 1, "val_acc": 0.5, "epoch_time_s": 2.0, "images_per_s": 100.0}], target=0.9)
+    assert summarize(points)[0]["epochs_to_target"] is None
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--repeats", "0"], r"--repeats must be a positive integer, got 0"),
     (["--workers", "0"], r"--workers must be positive integers, got 0"),
     (["--target", "1.5"], r"--target must be a validation accuracy in \(0, 1\], got 1.5"),
     (["--batch-sizes", "2000"], r"1 worker\(s\) x batch 2000 \(linear\): --batch-size 2000 x --num-workers 1"),
