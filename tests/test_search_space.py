@@ -77,6 +77,9 @@ def test_shipped_studies_search_lr_batch_size_or_epochs_and_carry_their_targets(
     assert studies["cifar10_wrn"].fixed["model"] == "wrn_dli"
     assert studies["cifar10_wrn"].fixed["target_accuracy"] >= 0.75
     assert studies["cifar100_resnet50"].fixed["model"] == "resnet50"
+    # a global batch of 8,192 is inside its warmup at any early rung: ASHA would cull large batches by
+    # construction, so the batch study runs every trial to the end (FIFO)
+    assert studies["cifar10_resnet18"].scheduler == "fifo" and "batch_size" in studies["cifar10_resnet18"].searched
     assert studies["fashion_mnist_transfer"].fixed["pretrained"] is True
     assert studies["folder_transfer"].fixed["dataset"] == "folder"
     for name in ("fashion_mnist_transfer", "digits_transfer", "folder_transfer"):  # how to fine-tune is searched
