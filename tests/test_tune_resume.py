@@ -301,3 +301,34 @@ def test_a_trial_process_that_died_between_its_checkpoint_and_its_report_resumes
     assert [r["epoch"] for r in reports] == [5] and reports[0]["val_acc"] == history[-1]["val_acc"]
     assert [r["epoch"] for r in read_history(trial_path)] == [1, 2, 3, 4, 5]
     assert (Path(trial_path) / "run" / "model_final.pt").is_file()
+
+
+def test_a_trial_asha_stopped_just_before_the_kill_is_stopped_at_its_first_result_after_the_resume(tmp_path):
+    """The study was killed after ASHA decided to stop trial b at its rung but before Tune saved that: b
+    comes back unfinished, its rung already on record. Plain ASHA lets it train on for good; the rebuilt
+    scheduler stops it at its first new result, as the uninterrupted study did. A trial ASHA let go on
+    (a, interrupted as well) goes on."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    curves = {"a": [0.5, 0.7, 0.8], "b": [0.6, 0.4]}  # b reaches rung 2 after a, far below it
+    live = _asha(ASHAScheduler)
+    decisions = {}
+    for trial_id, accs in curves.items():
+        callback = HistoryCallback(str(tmp_path / f"trial_{trial_id}"))
+        live.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
+        for epoch, acc in enumerate(accs, 1):
+            _report(callback, epoch, acc, checkpoint=f"/ckpt/{trial_id}/{epoch}")
+            decisions[trial_id, epoch] = live.on_trial_result(None, SimpleNamespace(trial_id=trial_id),
+                                                              {"epoch": epoch, "val_acc": acc})
+    assert decisions["b", 2] == TrialScheduler.STOP  # what the uninterrupted study did; then the kill
+
+    plain, rebuilt = _asha(ASHAScheduler), _asha(ASHAWithHistory)
+    for scheduler in (plain, rebuilt):
+        for trial_id in curves:  # both restored unfinished (Tune had saved neither as ended)
+            scheduler.on_trial_add(None, SimpleNamespace(**vars(_restored_trial(str(tmp_path / f"trial_{trial_id}"))),
+                                                         status="PENDING"))
+    assert rung_records(rebuilt) == rung_records(live)
+    b_next, a_next = {"epoch": 3, "val_acc": 0.45}, {"epoch": 4, "val_acc": 0.85}
+    assert plain.on_trial_result(None, SimpleNamespace(trial_id="b"), b_next) == TrialScheduler.CONTINUE
+    assert rebuilt.on_trial_result(None, SimpleNamespace(trial_id="b"), b_next) == TrialScheduler.STOP
+    assert rebuilt.on_trial_result(None, SimpleNamespace(trial_id="a"), a_next) == TrialScheduler.CONTINUE
