@@ -11,10 +11,13 @@ thing at a time: random+fifo, random+asha, hyperopt+fifo, hyperopt+asha. Within 
 after the other, the order rotating with the seed; each run starts its own local cluster (start no other
 Ray instance meanwhile; --lock FILE holds an flock on FILE for each run, not for the whole campaign).
 
-Compute is counted in trial-epochs: every epoch any trial ran, in the order Tune received the reports
-(Tune's whole-second `timestamp`, then the trial's own clock). The bar is the lowest of all runs' best
-accuracies, so every run of every side reaches it; --bars adds fixed bars, which some runs may miss. Wall
-time to a bar is from the command's start to the report that reached it (whole seconds), start-up included.
+Compute is counted in trial-epochs: every epoch any trial reported to Tune, in the order they were
+reported (each report's exact time, `reported_unix` in the trial's history.jsonl; Tune's own `timestamp` is
+whole seconds, and sorting by it shuffled the reports inside each second). The bar is the lowest of all
+runs' best accuracies, so every run of every side reaches it; --bars adds fixed bars, which some runs may
+miss. Wall time to a bar is from the command's start to the report that reached it, start-up included.
+The seed-by-seed ratios to random+fifo are not paired comparisons: each side samples configurations of
+its own under the same seed; the ratio of medians is the comparison to read.
 --merge adds the runs of an earlier --json (same study and trials; other seeds) to the analysis.
 Also reported: each trial's start-up (its start to the end of its first epoch, minus that epoch's own time).
 
@@ -41,6 +44,7 @@ import time
 import yaml
 
 from bench_env import describe, environment, load_average, ray_lock, spread, summary
+from raydist.study_history import read_history
 from raydist.tune import find_study_file
 
 SIDES = {"random+fifo": ["--search", "random", "--scheduler", "fifo"],
@@ -74,19 +78,7 @@ def run_study(name: str, flags: list[str], study_file: str, seed: int, args, fol
     seconds = time.time() - start
     if result.returncode != 0:
         sys.exit(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    experiment = os.path.join(folder, name)
-    reports = []  # [timestamp, trial's own clock, trial, epoch, val_acc]
-    tune_startups = []  # Tune's view: from the trial actor's start to its first result, less that epoch
-    with open(os.path.join(experiment, "results.csv"), newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for row in rows:
-        with open(os.path.join(experiment, f"trial_{row['trial_id']}", "result.json")) as fh:
-            for i, line in enumerate(fh):
-                r = json.loads(line)
-                reports.append([r["timestamp"], r["time_total_s"], row["trial_id"], r["epoch"], r["val_acc"]])
-                if i == 0:
-                    tune_startups.append(r["time_this_iter_s"] - r["epoch_time_s"])
-    reports.sort()
+    rows, reports, tune_startups = read_reports(os.path.join(folder, name))
     startups = [float(r["startup_s"]) for r in rows if r["startup_s"]]
     return {"start_unix": start, "seconds": seconds, "reports": reports, "load_before": load_before,
             "load_after": load_average(), "best": max(r[4] for r in reports), "trial_epochs": len(reports),
@@ -96,6 +88,27 @@ def run_study(name: str, flags: list[str], study_file: str, seed: int, args, fol
             "tune_startups_s": tune_startups,
             "configs": [{k: row.get(k) for k in ("trial_id", "status", "lr", "batch_size", "epochs_run")}
                         for row in rows]}
+
+
+def read_reports(experiment: str) -> tuple[list[dict], list[list], list[float]]:
+    """A finished study's results.csv rows; every report Tune received, as [when reported (unix), the
+    trial's own clock, trial, epoch, val_acc], in the order they were made; and each trial's start-up as
+    Tune saw it (from its actor's start to its first result, less that epoch's own time)."""
+    reports, tune_startups = [], []
+    with open(os.path.join(experiment, "results.csv"), newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        trial_dir = os.path.join(experiment, f"trial_{row['trial_id']}")
+        reported = {h["epoch"]: h["reported_unix"] for h in read_history(trial_dir) if "reported_unix" in h}
+        with open(os.path.join(trial_dir, "result.json")) as fh:
+            for i, line in enumerate(fh):  # the epochs Tune received (a stopped trial's in-flight one is not)
+                r = json.loads(line)
+                reports.append([reported.get(r["epoch"], r["timestamp"]), r["time_total_s"], row["trial_id"],
+                                r["epoch"], r["val_acc"]])
+                if i == 0:
+                    tune_startups.append(r["time_this_iter_s"] - r["epoch_time_s"])
+    reports.sort()
+    return rows, reports, tune_startups
 
 
 def to_bar(run: dict, bar: float):
@@ -195,9 +208,9 @@ def main():
                 line += (f"; trial-epochs {spread(entry['trial_epochs'], '{:.0f}')}, wall "
                          f"{spread(entry['seconds'], '{:.0f}')} s")
             if "ratio_of_medians" in entry:
-                line += (f"; / {BASELINE}: trial-epochs {entry['ratio_of_medians']:.2f} (per seed "
-                         f"{spread(entry['ratio_to_baseline_per_seed'])}), wall per seed "
-                         f"{spread(entry['wall_ratio_to_baseline_per_seed'])}")
+                line += (f"; / {BASELINE}: trial-epochs, ratio of medians {entry['ratio_of_medians']:.2f} "
+                         f"(seed by seed, not paired: {spread(entry['ratio_to_baseline_per_seed'])}), wall seed by "
+                         f"seed {spread(entry['wall_ratio_to_baseline_per_seed'])}")
             print(line)
     if args.json:
         with open(args.json, "w") as fh:

@@ -109,6 +109,32 @@ def test_hpo_efficiency_compares_the_searchers_and_where_trials_train(ray_cluste
     assert "wall time in_process / trainer" in result.stdout
 
 
+def test_hpo_efficiency_counts_reports_in_the_order_they_were_made_and_only_those_tune_received(tmp_path,
+                                                                                                    monkeypatch):
+    """Two trials report within one whole second: Tune's `timestamp` ties them and sorting by it put the
+    later report first (10 of 20 runs shifted by a trial-epoch); the exact `reported_unix` of each epoch
+    (history.jsonl) orders them. An epoch a trial reported after ASHA stopped it (in history.jsonl, not in
+    Tune's result.json) is not counted."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from hpo_efficiency import read_reports
+
+    experiment = tmp_path / "study"
+    trials = {"b": [(1, 1000.9, 0.5), (2, 1001.2, 0.7)], "a": [(1, 1000.4, 0.6), (2, 1000.95, 0.8)]}
+    for trial_id, epochs in trials.items():
+        folder = experiment / f"trial_{trial_id}"
+        folder.mkdir(parents=True)
+        history = [{"epoch": e, "val_acc": acc, "reported_unix": t} for e, t, acc in epochs]
+        history.append({"epoch": 3, "val_acc": 0.9, "reported_unix": 1002.0})  # in flight when ASHA stopped it
+        (folder / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        (folder / "result.json").write_text("".join(json.dumps(
+            {"epoch": e, "val_acc": acc, "timestamp": int(t), "time_total_s": 1.0, "time_this_iter_s": 2.0,
+             "epoch_time_s": 0.5}) + "\n" for e, t, acc in epochs))
+    (experiment / "results.csv").write_text("trial_id,status,startup_s\nb,stopped early,1.5\na,stopped early,1.5\n")
+    rows, reports, startups = read_reports(str(experiment))
+    assert [(r[2], r[3]) for r in reports] == [("a", 1), ("b", 1), ("a", 2), ("b", 2)]  # by the exact time
+    assert startups == [1.5, 1.5] and len(rows) == 2
+
+
 @pytest.mark.own_cluster
 def test_elastic_digits_runs_on_a_multi_node_cluster_of_its_own_and_plots_images_per_s(tmp_path):
     out, png = tmp_path / "elastic.json", tmp_path / "elastic.png"
