@@ -197,13 +197,14 @@ def _cell(key: str, r: dict) -> str:
 
 
 def markdown(points: list[Point], *, target: float, header: str) -> str:
-    repeats = max(len([q for q in points if q.key == p.key]) for p in points)
+    rows = summarize(points)
+    repeats = max(r["repeats"] for r in rows)
     spread = (f" Each point ran {repeats} times (seeds {points[0].cfg.seed}-{points[0].cfg.seed + repeats - 1}): "
               f"the median, with the range in brackets; `reached`: in how many runs." if repeats > 1 else "")
     lines = [header, "", f"Target validation accuracy {target:.1%}. epoch_seconds_to_target: the epochs' own times "
              f"(training and validation) up to the epoch that reached it, without the run's start-up.{spread}", "",
              "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    for r in summarize(points):
+    for r in rows:
         lines.append("| " + " | ".join(_cell(k, r) for k in TABLE_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
