@@ -636,6 +636,10 @@ def split_worker_range(values: dict, what: str) -> dict:
     match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
     if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
         raise ConfigError(f"{what} {value!r}: {WORKER_RANGE_RULE}")
+    if values.get("min_workers") is not None:  # given beside the range in the same place: which one counts?
+        other = "--min-workers" if what.startswith("--") else "min_workers"
+        raise ConfigError(f"{what} {value!r} with {other} {values['min_workers']}: the range already sets the "
+                          f"fewest workers ({match.group(1)}); give the range alone")
     return {**values, "num_workers": int(match.group(2)), "min_workers": int(match.group(1))}
 
 
@@ -864,15 +868,19 @@ def resolve(explicit: dict, config_files=None, base: Optional[dict] = None) -> T
     if base:
         values.update(_coerce_all(base, "resumed config"))
     for path in config_files or []:
-        from_file = load_yaml(path)
+        from_file = split_worker_range(load_yaml(path), f"{path}: num_workers")  # a range from a --config file
+        if "num_workers" in from_file and "min_workers" not in from_file:
+            values.pop("min_workers", None)  # a plain number over an earlier range: a fixed group
         values = merge_config_values(values, from_file)
         origin.update(dict.fromkeys(from_file, path))
     if "num_workers" in explicit and "min_workers" not in explicit:
         values.pop("min_workers", None)  # --num-workers N is a fixed group, whatever a file or a resumed run said
+    if explicit.get("wandb_project") is not None and not (explicit.get("wandb") or values.get("wandb")):
+        raise ConfigError(f"--wandb-project {explicit['wandb_project']} without --wandb: nothing would be logged to "
+                          f"W&B; add --wandb, or drop --wandb-project")
     values = merge_config_values(values, split_worker_range(explicit, "--num-workers"))
     for name in explicit:
         origin.pop(name, None)
-    values = split_worker_range(values, "num_workers")  # a range from a --config file
     try:
         return TrainConfig(**values).validate()
     except ConfigError as exc:
