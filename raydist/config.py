@@ -797,7 +797,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Descriptions as written; each flag's default added to its help, unless the help already says its
+    default in its own words ("default: the study's"), which argparse would follow with "(default: None)"."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
 
 
 TRAIN_DESCRIPTION = """\

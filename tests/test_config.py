@@ -349,3 +349,21 @@ def test_resume_refuses_to_switch_between_scratch_and_pretrained(tmp_path, monke
     code, err = _main("--resume", str(run_dir), "--weights", str(tmp_path / "w.pt"), capsys=capsys)
     assert code == 2 and "the run started from scratch; a checkpoint continues as it started" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_every_commands_help_says_each_default_once():
+    """`--storage-path ... (default: ./runs) (default: None)`: a help that states its default in its own
+    words got argparse's as well (41 lines across raydist.tune, raydist.predict and raydist.scaling)."""
+    import re
+
+    from raydist import cluster, predict, scaling, tune
+    from raydist.config import TRAIN_DESCRIPTION, build_parser
+
+    parsers = {"train": build_parser("raydist.train", TRAIN_DESCRIPTION), "tune": tune.build_parser(),
+               "predict": predict.build_parser(), "scaling": scaling.build_parser(), "cluster": cluster.build_parser()}
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            if not action.help:
+                continue
+            text = " ".join(parser._get_formatter()._expand_help(action).split())
+            assert len(re.findall(r"\bdefault\b", text, re.I)) <= 1, (name, text)
