@@ -54,6 +54,14 @@ def batch_layout(cfg, world: int) -> BatchLayout:
                        micro_batch=math.ceil(per_rank / accumulation))
 
 
+def single_worker_share(cfg, layout: BatchLayout) -> float:
+    """The LR factor a `--warmup-from single_worker` warmup rises from: one worker's batch (with its
+    accumulation) over the global batch, as Horovod's examples start from one worker's LR. On a fixed group
+    that is 1 / workers; an elastic run's global batch stays the same whatever the worker count, and so
+    does this share (1 / the current workers would jump the LR at every resize)."""
+    return min(1.0, cfg.batch_size * cfg.grad_accum / layout.global_batch)
+
+
 def split_sizes(total: int, parts: int) -> list[int]:
     """`total` split in `parts` sizes that differ by one at most, the larger first."""
     base, extra = divmod(total, parts)

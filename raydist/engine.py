@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from raydist.augment import Augmenter
 from raydist.config import TrainConfig, lr_scale
 from raydist.elastic import (FIRST_CHECK_AFTER, Step, batch_layout, check_every, epoch_order, epoch_steps,
-                             steps_in_epoch)
+                             single_worker_share, steps_in_epoch)
 from raydist.run_folder import CHECKPOINT_PREFIX
 from raydist.wandb_log import WandbRun
 from raydist.data import DATASETS, DatasetNotFound, download_lock, load_splits, shard_indices, steps_per_epoch
@@ -370,7 +370,7 @@ class TrainingState:
         total = (cfg.schedule_epochs or cfg.epochs) * self.updates_per_epoch  # a study under ASHA spans its budget
         step_every = cfg.lr_step_epochs * self.updates_per_epoch
         milestones = [epoch * self.updates_per_epoch for epoch in cfg.milestone_list()]
-        warmup_start = 1.0 / world if cfg.warmup_from == "single_worker" else 0.0
+        warmup_start = single_worker_share(cfg, self.layout) if cfg.warmup_from == "single_worker" else 0.0
         # lp-ft: the probe and the fine-tuning each get a schedule of their own (warmup, then decay), as
         # fastai's fine_tune does; else the backbone would start training late in an already decayed one.
         restart = cfg.freeze_epochs * self.updates_per_epoch if self.transfer and cfg.finetune == "lp-ft" else 0

@@ -91,6 +91,24 @@ def test_the_lr_at_every_update_is_a_function_of_images_seen_whatever_the_worker
             assert len(lrs) == 1
 
 
+def test_a_warmup_from_one_workers_lr_is_the_same_on_every_worker_count_of_an_elastic_run():
+    """--warmup-from single_worker started at 1 / the current workers: on a resize inside the warmup the LR
+    jumped (epoch 2 of 5: 0.400, 0.283, 0.225 on 1, 2, 4 workers; none at all on 1). It rises from one
+    worker's share of the fixed global batch (32 of 128 here)."""
+    cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=32, epochs=10, warmup_epochs=5,
+                      warmup_from="single_worker").validate()
+    states = [TrainingState(cfg, device=torch.device("cpu"), rank=0, world=w, train_set=range(N), val_set=[])
+              for w in (1, 2, 4)]
+    per_epoch = states[0].updates_per_epoch
+    peak = cfg.lr * 128 / 256  # --lr per 256 images, at the global batch of 128
+    for update in (0, per_epoch, 2 * per_epoch + 3, 5 * per_epoch - 1):
+        lrs = {round(state.schedule.lr_at(update), 12) for state in states}
+        assert len(lrs) == 1, (update, lrs)
+    warmup = 5 * per_epoch
+    for state in states:  # from 32/128 of the peak, as a fixed group of 4 workers x 32 starts from 1/4 of it
+        assert state.schedule.lr_at(0) == pytest.approx(peak * (0.25 + 0.75 / warmup))
+
+
 def test_the_per_worker_policy_keeps_the_batch_and_scales_the_lr_with_the_workers():
     cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=32, elastic_batch="per_worker").validate()
     peak = {w: TrainingState(cfg, device=torch.device("cpu"), rank=0, world=w, train_set=range(N),
