@@ -387,6 +387,7 @@ class TrainingState:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.early_stop = EarlyStop(cfg.target_accuracy, cfg.patience)
         self.epoch = 0  # epochs done
+        self.images_before = 0  # training images the finished epochs trained on (all ranks, as trained)
         self.first_train_loss: Optional[float] = None  # what divergence is measured against
         self.first_step_unix: Optional[float] = None
         self._place_schedule()
@@ -471,7 +472,10 @@ class TrainingState:
         return [a + b for a, b in zip(sums, self.carried)] if self.carried else sums
 
     def images_seen(self) -> int:
-        return self.epoch * len(self.train_set) + self.position
+        """Training images trained on so far, all ranks: what the finished epochs trained (a fixed group
+        drops each rank's last partial batch and pads the shares, so not always the training set's size)
+        and the images of the current epoch a mid-epoch position has consumed."""
+        return self.images_before + self.position
 
     def enter_epoch(self, epoch: int) -> Optional[str]:
         """Freeze or unfreeze for `epoch` (0-based); when the trainable set changes, wrap the model in DDP
@@ -640,6 +644,8 @@ class TrainingState:
         self.epoch, self.early_stop.hits = state["epoch"], state.get("early_stop_hits", 0)
         self.first_train_loss = state.get("first_train_loss")
         self.position = int(state.get("position") or 0)
+        seen = (state.get("metrics") or {}).get("images_seen")  # a checkpoint before it was saved: epochs x set
+        self.images_before = int(seen) - self.position if seen is not None else self.epoch * len(self.train_set)
         if self.position and state.get("epoch_images") != len(self.train_set):
             raise WorkerInputError(f"the checkpoint stopped inside epoch {self.epoch + 1} of a training set of "
                                    f"{state.get('epoch_images')} images; this run's has {len(self.train_set)}: "
@@ -763,12 +769,13 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
             "first_step_unix": state.first_step_unix or float("nan"),
             "world_size": world,
             "global_batch": state.layout.global_batch,
-            "images_seen": (epoch + 1) * len(state.train_set),
+            "images_seen": state.images_before + round(t_count),  # what this epoch trained, not the set's size
             "trainable_params": state.trainable_params(),
             "stop_reason": "",
             "divergence": "",  # why the run diverged, when it did
         }
         state.epoch = epoch + 1
+        state.images_before = metrics["images_seen"]
         metrics["divergence"] = divergence(metrics, first_train_loss=state.first_train_loss,
                                            num_classes=cfg.num_classes())
         if state.first_train_loss is None and not metrics["divergence"]:
