@@ -123,7 +123,8 @@ class TrainConfig:
                              "Ray Tune's tutorials)", ("per_256", "per_worker", "none"))
     momentum: float = _field("optimization", 0.9, "SGD momentum (AdamW: beta1), in [0, 1)")
     nesterov: bool = _field("optimization", True, "Nesterov momentum for SGD")
-    weight_decay: float = _field("optimization", 5e-4, "L2 weight decay (AdamW: decoupled)")
+    weight_decay: float = _field("optimization", 5e-4, "L2 weight decay on convolution and linear weights; "
+                                 "BatchNorm and bias parameters get none (AdamW: decoupled)")
     label_smoothing: float = _field("optimization", 0.0, "label smoothing in [0, 1)")
     batch_size: int = _field("optimization", 64, "images per worker per step (global batch = this x workers x grad-accum)")
     val_batch_size: Optional[int] = _field("optimization", None, "images per worker per validation step "
