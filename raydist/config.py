@@ -105,7 +105,9 @@ class TrainConfig:
                                  "--gpus-per-worker K); DDP runs across workers over the split model. On CPU the "
                                  "K stages share the CPU (a test of the split, no speed-up)")
     micro_batches: int = _field("model", 1, "with --model-parallel: split each worker batch into M micro-batches "
-                                "that flow through the stages as a pipeline (GPipe), so the GPUs work at once")
+                                "that flow through the stages as a pipeline (GPipe), so the GPUs work at once; "
+                                "BatchNorm then normalises each micro-batch on its own, which changes the "
+                                "optimisation of models that have it")
     pipeline_balance: str = _field("model", "params", "with --model-parallel: where the stage boundaries fall: "
                                    "params (equal parameter counts) or time (equal measured step time per stage)",
                                    ("params", "time"))
