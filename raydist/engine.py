@@ -709,7 +709,8 @@ def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     writer = _tensorboard(ctx.log_dir) if rank == 0 and ctx.log_dir else None
     # W&B's files sit beside TensorBoard's events, so a run in remote storage publishes both after each epoch.
     wandb_run = WandbRun.start(cfg.to_dict(), folder=ctx.log_dir, run_name=cfg.name or "raydist",
-                               project=cfg.wandb_project) if writer and cfg.wandb else None
+                               project=cfg.wandb_project, run_folder=f"{cfg.storage_path}/{cfg.name}"
+                               ) if writer and cfg.wandb else None
     try:  # closed however the loop ends (Tune stops a trial inside its report; a reused process goes on)
         history = _train_epochs(cfg, ctx, state, writer, wandb_run)
     finally:
