@@ -29,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raydist.augment import Augmenter
 from raydist.config import TrainConfig, lr_scale
-from raydist.elastic import (FIRST_CHECK_AFTER, Step, batch_layout, check_every, epoch_order, epoch_steps,
-                             single_worker_share, steps_in_epoch)
+from raydist.elastic import (FIRST_CHECK_AFTER, Step, batch_layout, check_every, epoch_order, epoch_steps, min_tail,
+                             single_worker_share, steps_in_epoch, update_at)
 from raydist.run_folder import CHECKPOINT_PREFIX
 from raydist.wandb_log import WandbRun
 from raydist.data import DATASETS, DatasetNotFound, download_lock, load_splits, shard_indices, steps_per_epoch
@@ -360,7 +360,7 @@ class TrainingState:
         self.position = 0  # images of the current epoch already trained on (a mid-epoch checkpoint's)
         self.carried: Optional[list] = None  # that part of the epoch's train sums: loss, correct, count, lr, updates
         if self.elastic:
-            self.updates_per_epoch = steps_in_epoch(len(train_set), self.layout.global_batch)
+            self.updates_per_epoch = steps_in_epoch(len(train_set), self.layout.global_batch, min_tail(cfg))
         else:
             steps = steps_per_epoch(len(train_set), batch_size=cfg.batch_size, world_size=world)
             self.updates_per_epoch = math.ceil(steps / cfg.grad_accum)
@@ -462,8 +462,9 @@ class TrainingState:
     def _place_schedule(self) -> None:
         # The point of training reached is `epoch` epochs plus `position` images of the next: the schedule
         # continues there in this run's own updates, whatever batch size or worker count it has.
-        self.schedule.update = self.epoch * self.updates_per_epoch + math.ceil(
-            self.position / self.layout.global_batch)
+        done = (update_at(0, self.position, num_items=len(self.train_set), global_batch=self.layout.global_batch,
+                          tail=min_tail(self.cfg)) if self.elastic else math.ceil(self.position / self.layout.global_batch))
+        self.schedule.update = self.epoch * self.updates_per_epoch + done
         self.schedule.apply(self.optimizer)  # then each update's step() sets the next one's LR
 
     def with_carried(self, sums: list) -> list:
@@ -532,7 +533,8 @@ class TrainingState:
         cfg = self.cfg
         if self.elastic or self.position:
             order = epoch_order(len(self.train_set), seed=cfg.seed, epoch=self.epoch, device=self.device)
-            return list(epoch_steps(order, start=self.position, layout=self.layout, rank=self.rank))
+            return list(epoch_steps(order, start=self.position, layout=self.layout, rank=self.rank,
+                                    tail=min_tail(cfg) if self.elastic else 0))
         batches = list(shard_indices(len(self.train_set), batch_size=cfg.batch_size, rank=self.rank,
                                      world_size=self.world, epoch=self.epoch, seed=cfg.seed, device=self.device))
         groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
