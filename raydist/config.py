@@ -105,7 +105,9 @@ class TrainConfig:
                                  "--gpus-per-worker K); DDP runs across workers over the split model. On CPU the "
                                  "K stages share the CPU (a test of the split, no speed-up)")
     micro_batches: int = _field("model", 1, "with --model-parallel: split each worker batch into M micro-batches "
-                                "that flow through the stages as a pipeline (GPipe), so the GPUs work at once")
+                                "that flow through the stages as a pipeline (GPipe), so the GPUs work at once; "
+                                "BatchNorm then normalises each micro-batch on its own, which changes the "
+                                "optimisation of models that have it")
     pipeline_balance: str = _field("model", "params", "with --model-parallel: where the stage boundaries fall: "
                                    "params (equal parameter counts) or time (equal measured step time per stage)",
                                    ("params", "time"))
@@ -123,7 +125,8 @@ class TrainConfig:
                              "Ray Tune's tutorials)", ("per_256", "per_worker", "none"))
     momentum: float = _field("optimization", 0.9, "SGD momentum (AdamW: beta1), in [0, 1)")
     nesterov: bool = _field("optimization", True, "Nesterov momentum for SGD")
-    weight_decay: float = _field("optimization", 5e-4, "L2 weight decay (AdamW: decoupled)")
+    weight_decay: float = _field("optimization", 5e-4, "L2 weight decay on convolution and linear weights; "
+                                 "BatchNorm and bias parameters get none (AdamW: decoupled)")
     label_smoothing: float = _field("optimization", 0.0, "label smoothing in [0, 1)")
     batch_size: int = _field("optimization", 64, "images per worker per step (global batch = this x workers x grad-accum)")
     val_batch_size: Optional[int] = _field("optimization", None, "images per worker per validation step "
@@ -636,6 +639,10 @@ def split_worker_range(values: dict, what: str) -> dict:
     match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
     if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
         raise ConfigError(f"{what} {value!r}: {WORKER_RANGE_RULE}")
+    if values.get("min_workers") is not None:  # given beside the range in the same place: which one counts?
+        other = "--min-workers" if what.startswith("--") else "min_workers"
+        raise ConfigError(f"{what} {value!r} with {other} {values['min_workers']}: the range already sets the "
+                          f"fewest workers ({match.group(1)}); give the range alone")
     return {**values, "num_workers": int(match.group(2)), "min_workers": int(match.group(1))}
 
 
@@ -793,7 +800,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Descriptions as written; each flag's default added to its help, unless the help already says its
+    default in its own words ("default: the study's"), which argparse would follow with "(default: None)"."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
 
 
 TRAIN_DESCRIPTION = """\
@@ -864,15 +877,19 @@ def resolve(explicit: dict, config_files=None, base: Optional[dict] = None) -> T
     if base:
         values.update(_coerce_all(base, "resumed config"))
     for path in config_files or []:
-        from_file = load_yaml(path)
+        from_file = split_worker_range(load_yaml(path), f"{path}: num_workers")  # a range from a --config file
+        if "num_workers" in from_file and "min_workers" not in from_file:
+            values.pop("min_workers", None)  # a plain number over an earlier range: a fixed group
         values = merge_config_values(values, from_file)
         origin.update(dict.fromkeys(from_file, path))
     if "num_workers" in explicit and "min_workers" not in explicit:
         values.pop("min_workers", None)  # --num-workers N is a fixed group, whatever a file or a resumed run said
+    if explicit.get("wandb_project") is not None and not (explicit.get("wandb") or values.get("wandb")):
+        raise ConfigError(f"--wandb-project {explicit['wandb_project']} without --wandb: nothing would be logged to "
+                          f"W&B; add --wandb, or drop --wandb-project")
     values = merge_config_values(values, split_worker_range(explicit, "--num-workers"))
     for name in explicit:
         origin.pop(name, None)
-    values = split_worker_range(values, "num_workers")  # a range from a --config file
     try:
         return TrainConfig(**values).validate()
     except ConfigError as exc:

@@ -214,3 +214,34 @@ def metric_text(metric: str, value) -> str:
 
 def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# ---- a training run's first lines --------------------------------------------------------------------------
+
+_LR_IS = {"per_256": "per 256 images", "per_worker": "per worker batch", "none": "as given"}
+_NOT_SHOWN = ("name", "storage_path")  # named in the first line and the last
+
+
+def run_start_lines(cfg) -> list[str]:
+    """What a run is about to do, in a few lines: the data, model, workers and device; the global batch and
+    the peak LR the loop reaches (not --lr's own value, which is per 256 images by default); the settings
+    that differ from the defaults; where the whole config is (config.yaml in the run folder)."""
+    from raydist.config import TrainConfig, lr_scale
+
+    device = {True: "GPU", False: "CPU", None: "GPUs if the cluster has them, else CPUs"}[cfg.use_gpu]
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cfg.use_gpu else
+                                                              "fp32" if cfg.use_gpu is False else "bf16 on GPU, fp32 on CPU")
+    workers = cfg.workers_text()
+    global_batch = cfg.global_batch_at(cfg.num_workers)
+    peak = cfg.lr * lr_scale(cfg, global_batch)
+    split = (f"{global_batch} images per optimizer step, whatever the worker count" if cfg.is_elastic()
+             and cfg.elastic_batch == "global" else f"{cfg.num_workers} x {cfg.batch_size}"
+             + (f" x {cfg.grad_accum} accumulated" if cfg.grad_accum > 1 else ""))
+    warmup = f", warmup {cfg.warmup_epochs:g} epoch(s)" if cfg.warmup_epochs else ""
+    defaults = TrainConfig().to_dict()
+    changed = [f"{k}={v}" for k, v in cfg.to_dict().items() if k not in _NOT_SHOWN and v != defaults.get(k)]
+    return [f"run {cfg.name}: {cfg.dataset}, {cfg.model}, {workers} worker(s) on {device}, {precision}",
+            f"  global batch {global_batch} ({split}); peak LR {peak:.4g} (--lr {cfg.lr:g} {_LR_IS[cfg.lr_scaling]})"
+            f"{warmup}, {cfg.lr_schedule} schedule, {cfg.epochs} epochs",
+            "  set: " + (", ".join(changed) if changed else "the defaults"),
+            f"  the whole config: {cfg.storage_path}/{cfg.name}/config.yaml"]

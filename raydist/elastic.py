@@ -10,12 +10,15 @@ rank and every worker count) consumed `global_batch` images per optimizer step, 
 the last checkpoint left it. Each step's images are split over the ranks as evenly as they go (sizes
 differ by one at most) and each rank's share into micro-batches of at most --batch-size images (gradient
 accumulation). Every image of an epoch is used exactly once, whatever resizes happened inside it; the last
-step of an epoch takes what is left.
+step of an epoch takes what is left, and a remainder too short to give every rank of the largest group 2
+images joins the step before it (min_tail), so no micro-batch has a single image (BatchNorm fails on one,
+and a 1-image batch moves its statistics) and the epoch's steps are the same on any worker count. Every
+rank runs the same number of micro-batches in a step, as SyncBatchNorm's per-forward collectives need.
 
 The gradient is the mean over the step's images, however they were split: each micro-batch's mean loss is
 weighted by its images x world / step images (DDP averages the ranks' gradients, so the world cancels).
-A rank that gets no image in a short last step runs one image at weight 0, because DDP's allreduce needs
-every rank's backward.
+A rank that gets no image (only in an epoch smaller than the group) runs 2 images at weight 0, because
+DDP's allreduce needs every rank's backward.
 """
 
 from __future__ import annotations
@@ -54,20 +57,48 @@ def batch_layout(cfg, world: int) -> BatchLayout:
                        micro_batch=math.ceil(per_rank / accumulation))
 
 
+def single_worker_share(cfg, layout: BatchLayout) -> float:
+    """The LR factor a `--warmup-from single_worker` warmup rises from: one worker's batch (with its
+    accumulation) over the global batch, as Horovod's examples start from one worker's LR. On a fixed group
+    that is 1 / workers; an elastic run's global batch stays the same whatever the worker count, and so
+    does this share (1 / the current workers would jump the LR at every resize)."""
+    return min(1.0, cfg.batch_size * cfg.grad_accum / layout.global_batch)
+
+
 def split_sizes(total: int, parts: int) -> list[int]:
     """`total` split in `parts` sizes that differ by one at most, the larger first."""
     base, extra = divmod(total, parts)
     return [base + 1] * extra + [base] * (parts - extra)
 
 
-def steps_in_epoch(num_items: int, global_batch: int) -> int:
-    return math.ceil(num_items / global_batch)
+MIN_MICRO_BATCH = 2  # images: BatchNorm in training needs more than one value per channel
 
 
-def update_at(epoch: int, position: int, *, num_items: int, global_batch: int) -> int:
+def min_tail(cfg) -> int:
+    """The fewest images the last step of an elastic epoch may have: every rank of the largest group gets
+    MIN_MICRO_BATCH; a shorter tail joins the step before it. Counted at the most workers, so the steps of an
+    epoch (and so the LR schedule) are the same whatever the worker count."""
+    return MIN_MICRO_BATCH * cfg.num_workers
+
+
+def step_ends(num_items: int, global_batch: int, tail: int = 0) -> list[int]:
+    """Where each optimizer step of an epoch ends (images consumed): every `global_batch`, and the last step
+    takes what is left, with a remainder shorter than `tail` folded into the step before it."""
+    ends = list(range(global_batch, num_items, global_batch)) + [num_items]
+    if len(ends) > 1 and num_items - ends[-2] < tail:
+        del ends[-2]
+    return ends
+
+
+def steps_in_epoch(num_items: int, global_batch: int, tail: int = 0) -> int:
+    return len(step_ends(num_items, global_batch, tail))
+
+
+def update_at(epoch: int, position: int, *, num_items: int, global_batch: int, tail: int = 0) -> int:
     """The optimizer update reached after `epoch` whole epochs and `position` images of the next one, in
     updates of `global_batch` images: where the LR schedule continues after a resume or a resize."""
-    return epoch * steps_in_epoch(num_items, global_batch) + math.ceil(position / global_batch)
+    ends = step_ends(num_items, global_batch, tail)
+    return epoch * len(ends) + sum(1 for end in ends if end <= position)
 
 
 def epoch_order(num_items: int, *, seed: int, epoch: int, device=None) -> torch.Tensor:
@@ -85,24 +116,36 @@ class Step:
     weights: list  # each micro-batch's loss multiplier: its images x world / step images
 
 
-def epoch_steps(order: torch.Tensor, *, start: int, layout: BatchLayout, rank: int) -> Iterator[Step]:
-    """This rank's optimizer steps for the rest of the epoch `order`, from image `start` on."""
+def epoch_steps(order: torch.Tensor, *, start: int, layout: BatchLayout, rank: int, tail: int = 0) -> Iterator[Step]:
+    """This rank's optimizer steps for the rest of the epoch `order`, from image `start` on (a step's end:
+    step_ends, with `tail` from min_tail). Every rank runs the same number of micro-batches in a step
+    (SyncBatchNorm's collectives run once per forward on every rank), and none has fewer than
+    MIN_MICRO_BATCH images where the shares allow it (BatchNorm fails on one image and a 1-image batch
+    moves its statistics)."""
     world = layout.world
-    for low in range(start, len(order), layout.global_batch):
-        chunk = order[low:low + layout.global_batch]
+    low = start
+    for end in step_ends(len(order), layout.global_batch, tail):
+        if end <= start:
+            continue
+        chunk = order[low:end]
         images = len(chunk)
         sizes = split_sizes(images, world)
         offset = sum(sizes[:rank])
         mine = chunk[offset:offset + sizes[rank]]
-        if len(mine) == 0:  # a short last step with fewer images than ranks: take part at weight 0
-            yield Step(end=low + images, images=images, micro_batches=[chunk[:1]], weights=[0.0])
+        low = end
+        if len(mine) == 0:  # an epoch smaller than the group (tiny data): take part at weight 0
+            yield Step(end=end, images=images, micro_batches=[chunk[:MIN_MICRO_BATCH]], weights=[0.0])
             continue
-        pieces = min(layout.accumulation, len(mine))  # the last piece is never empty
+        # as many pieces as the largest share needs at --batch-size each, the same on every rank; fewer when
+        # the smallest share would give a piece under MIN_MICRO_BATCH images
+        pieces = math.ceil(sizes[0] / layout.micro_batch)
+        if sizes[-1] // pieces < MIN_MICRO_BATCH:
+            pieces = max(1, sizes[-1] // MIN_MICRO_BATCH)
         micro, at = [], 0
         for size in reversed(split_sizes(len(mine), pieces)):  # smaller first: the synced last one is full
             micro.append(mine[at:at + size])
             at += size
-        yield Step(end=low + images, images=images, micro_batches=micro,
+        yield Step(end=end, images=images, micro_batches=micro,
                    weights=[len(m) * world / images for m in micro])
 
 

@@ -29,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raydist.augment import Augmenter
 from raydist.config import TrainConfig, lr_scale
-from raydist.elastic import (FIRST_CHECK_AFTER, Step, batch_layout, check_every, epoch_order, epoch_steps,
-                             steps_in_epoch)
+from raydist.elastic import (FIRST_CHECK_AFTER, Step, batch_layout, check_every, epoch_order, epoch_steps, min_tail,
+                             single_worker_share, steps_in_epoch, update_at)
 from raydist.run_folder import CHECKPOINT_PREFIX
 from raydist.wandb_log import WandbRun
 from raydist.data import DATASETS, DatasetNotFound, download_lock, load_splits, shard_indices, steps_per_epoch
@@ -360,7 +360,7 @@ class TrainingState:
         self.position = 0  # images of the current epoch already trained on (a mid-epoch checkpoint's)
         self.carried: Optional[list] = None  # that part of the epoch's train sums: loss, correct, count, lr, updates
         if self.elastic:
-            self.updates_per_epoch = steps_in_epoch(len(train_set), self.layout.global_batch)
+            self.updates_per_epoch = steps_in_epoch(len(train_set), self.layout.global_batch, min_tail(cfg))
         else:
             steps = steps_per_epoch(len(train_set), batch_size=cfg.batch_size, world_size=world)
             self.updates_per_epoch = math.ceil(steps / cfg.grad_accum)
@@ -370,7 +370,7 @@ class TrainingState:
         total = (cfg.schedule_epochs or cfg.epochs) * self.updates_per_epoch  # a study under ASHA spans its budget
         step_every = cfg.lr_step_epochs * self.updates_per_epoch
         milestones = [epoch * self.updates_per_epoch for epoch in cfg.milestone_list()]
-        warmup_start = 1.0 / world if cfg.warmup_from == "single_worker" else 0.0
+        warmup_start = single_worker_share(cfg, self.layout) if cfg.warmup_from == "single_worker" else 0.0
         # lp-ft: the probe and the fine-tuning each get a schedule of their own (warmup, then decay), as
         # fastai's fine_tune does; else the backbone would start training late in an already decayed one.
         restart = cfg.freeze_epochs * self.updates_per_epoch if self.transfer and cfg.finetune == "lp-ft" else 0
@@ -387,6 +387,7 @@ class TrainingState:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.early_stop = EarlyStop(cfg.target_accuracy, cfg.patience)
         self.epoch = 0  # epochs done
+        self.images_before = 0  # training images the finished epochs trained on (all ranks, as trained)
         self.first_train_loss: Optional[float] = None  # what divergence is measured against
         self.first_step_unix: Optional[float] = None
         self._place_schedule()
@@ -461,8 +462,9 @@ class TrainingState:
     def _place_schedule(self) -> None:
         # The point of training reached is `epoch` epochs plus `position` images of the next: the schedule
         # continues there in this run's own updates, whatever batch size or worker count it has.
-        self.schedule.update = self.epoch * self.updates_per_epoch + math.ceil(
-            self.position / self.layout.global_batch)
+        done = (update_at(0, self.position, num_items=len(self.train_set), global_batch=self.layout.global_batch,
+                          tail=min_tail(self.cfg)) if self.elastic else math.ceil(self.position / self.layout.global_batch))
+        self.schedule.update = self.epoch * self.updates_per_epoch + done
         self.schedule.apply(self.optimizer)  # then each update's step() sets the next one's LR
 
     def with_carried(self, sums: list) -> list:
@@ -471,7 +473,10 @@ class TrainingState:
         return [a + b for a, b in zip(sums, self.carried)] if self.carried else sums
 
     def images_seen(self) -> int:
-        return self.epoch * len(self.train_set) + self.position
+        """Training images trained on so far, all ranks: what the finished epochs trained (a fixed group
+        drops each rank's last partial batch and pads the shares, so not always the training set's size)
+        and the images of the current epoch a mid-epoch position has consumed."""
+        return self.images_before + self.position
 
     def enter_epoch(self, epoch: int) -> Optional[str]:
         """Freeze or unfreeze for `epoch` (0-based); when the trainable set changes, wrap the model in DDP
@@ -528,7 +533,8 @@ class TrainingState:
         cfg = self.cfg
         if self.elastic or self.position:
             order = epoch_order(len(self.train_set), seed=cfg.seed, epoch=self.epoch, device=self.device)
-            return list(epoch_steps(order, start=self.position, layout=self.layout, rank=self.rank))
+            return list(epoch_steps(order, start=self.position, layout=self.layout, rank=self.rank,
+                                    tail=min_tail(cfg) if self.elastic else 0))
         batches = list(shard_indices(len(self.train_set), batch_size=cfg.batch_size, rank=self.rank,
                                      world_size=self.world, epoch=self.epoch, seed=cfg.seed, device=self.device))
         groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
@@ -640,6 +646,8 @@ class TrainingState:
         self.epoch, self.early_stop.hits = state["epoch"], state.get("early_stop_hits", 0)
         self.first_train_loss = state.get("first_train_loss")
         self.position = int(state.get("position") or 0)
+        seen = (state.get("metrics") or {}).get("images_seen")  # a checkpoint before it was saved: epochs x set
+        self.images_before = int(seen) - self.position if seen is not None else self.epoch * len(self.train_set)
         if self.position and state.get("epoch_images") != len(self.train_set):
             raise WorkerInputError(f"the checkpoint stopped inside epoch {self.epoch + 1} of a training set of "
                                    f"{state.get('epoch_images')} images; this run's has {len(self.train_set)}: "
@@ -703,7 +711,8 @@ def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     writer = _tensorboard(ctx.log_dir) if rank == 0 and ctx.log_dir else None
     # W&B's files sit beside TensorBoard's events, so a run in remote storage publishes both after each epoch.
     wandb_run = WandbRun.start(cfg.to_dict(), folder=ctx.log_dir, run_name=cfg.name or "raydist",
-                               project=cfg.wandb_project) if writer and cfg.wandb else None
+                               project=cfg.wandb_project, run_folder=f"{cfg.storage_path}/{cfg.name}"
+                               ) if writer and cfg.wandb else None
     try:  # closed however the loop ends (Tune stops a trial inside its report; a reused process goes on)
         history = _train_epochs(cfg, ctx, state, writer, wandb_run)
     finally:
@@ -763,12 +772,13 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
             "first_step_unix": state.first_step_unix or float("nan"),
             "world_size": world,
             "global_batch": state.layout.global_batch,
-            "images_seen": (epoch + 1) * len(state.train_set),
+            "images_seen": state.images_before + round(t_count),  # what this epoch trained, not the set's size
             "trainable_params": state.trainable_params(),
             "stop_reason": "",
             "divergence": "",  # why the run diverged, when it did
         }
         state.epoch = epoch + 1
+        state.images_before = metrics["images_seen"]
         metrics["divergence"] = divergence(metrics, first_train_loss=state.first_train_loss,
                                            num_classes=cfg.num_classes())
         if state.first_train_loss is None and not metrics["divergence"]:

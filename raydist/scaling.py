@@ -306,7 +306,8 @@ example:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="raydist.scaling", description=DESCRIPTION, add_help=False, allow_abbrev=False,
-                epilog="Every other flag is a raydist.train flag (python -m raydist.train --help), except "
+                epilog="Every other flag is a raydist.train flag and passes through to every run (python -m "
+                       "raydist.train --help lists them), except "
                        + ", ".join("--" + k.replace("_", "-") for k in SET_BY_THE_GRID) + ", which the grid sets.")
     g = p.add_argument_group("scaling")
     g.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default: 1 2)")
@@ -326,11 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[Point]]:
     args, rest = build_parser().parse_known_args(argv)
-    if args.help:
+    if args.help:  # its own flags; raydist.train's are listed by raydist.train --help (the epilog says so)
         build_parser().print_help()
-        print()
-        parse_cli(["--help"], prog="raydist.scaling", description="raydist.train's flags, which set the runs' common "
-                                                                   "config:")  # exits
+        raise SystemExit(0)
     base, explicit, config_files = parse_cli(rest, prog="raydist.scaling")
     check_not_set_by_the_grid(explicit, config_files)
     if args.out and "storage_path" in explicit:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from raydist import final_eval
+from raydist import console, final_eval
 from raydist.config import ConfigError, parse_cli
 from raydist.launch import CURVES_FILE, RunSummary, failure_cause, fit, prepare
 
@@ -63,7 +63,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:
         print(f"raydist.train: error: {exc}", file=sys.stderr)
         return 2
-    print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()), flush=True)
+    print("\n".join(console.run_start_lines(cfg)), flush=True)  # the whole config goes to config.yaml
     try:
         summary = fit(cfg)
     except ConfigError as exc:  # resource checks against a running cluster

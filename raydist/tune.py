@@ -181,6 +181,9 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
         _check_data(study)
     if not args.resume:  # starting weights missing or not fitting fail here, not in every trial
         _check_weights(study, on_this_machine=args.address is None)
+    if args.wandb_project and not args.wandb:
+        raise ConfigError(f"--wandb-project {args.wandb_project} without --wandb: nothing would be logged to W&B; "
+                          f"add --wandb, or drop --wandb-project")
     if args.wandb:
         require_package("wandb", "--wandb")
     if args.mlflow_uri:

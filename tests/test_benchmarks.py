@@ -262,6 +262,15 @@ def test_scaling_bad_input_is_one_line_exit_2_before_any_cluster(tmp_path, capsy
     assert not (tmp_path / "s").exists() and "Ray" not in out
 
 
+def test_the_scaling_help_shows_its_own_flags_and_says_which_train_flags_pass_through(capsys, monkeypatch):
+    """It printed all of raydist.train's help after its own, the flags it refuses included."""
+    code, out, _ = run_main("raydist.scaling", ["--help"], capsys, monkeypatch)
+    assert code == 0 and "--repeats" in out and "--batch-sizes" in out
+    assert "passes through to every run (python -m raydist.train --help lists them), except --num-workers" in " ".join(
+        out.split())
+    assert not [line for line in out.splitlines() if line.lstrip().startswith(("--lr ", "--lr-scaling", "--model "))]
+
+
 def test_the_scaling_process_exits_2_in_one_line_before_any_cluster(tmp_path):
     """The real process, once (the table above runs the same main() in this process)."""
     result = subprocess.run([sys.executable, "-m", "raydist.scaling", "--out", str(tmp_path / "s"), "--workers", "0"],

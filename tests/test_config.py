@@ -102,6 +102,19 @@ def test_yamls_own_types_are_read_as_meant(tmp_path):
         load_yaml(str(path))
 
 
+def test_a_worker_range_and_min_workers_together_are_refused_where_they_are_given(tmp_path):
+    """`--num-workers 2-8 --min-workers 3` trained on at least 2 (the range won, silently); in a file too."""
+    path = tmp_path / "run.yaml"
+    path.write_text("num_workers: 2-8\nmin_workers: 3\n")
+    with pytest.raises(ConfigError) as excinfo:
+        parse_cli(["--config", str(path)])
+    assert str(excinfo.value) == (f"{path}: num_workers '2-8' with min_workers 3: the range already sets the fewest "
+                                  f"workers (2); give the range alone")
+    path.write_text("num_workers: 2-8\n")  # a file's range, a plain --num-workers over it: a fixed group
+    assert parse_cli(["--config", str(path), "--num-workers", "4"])[0].min_workers is None
+    assert (parse_cli(["--config", str(path)])[0].min_workers, parse_cli(["--config", str(path)])[0].num_workers) == (2, 8)
+
+
 def test_config_files_merge_in_order_and_a_bad_value_names_its_file_and_key(tmp_path):
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
     first.write_text("epochs: 7\nlr: 0.2\n")
@@ -171,6 +184,10 @@ def _main(*args, capsys):
     (["--model-arg", "l1"], "--model-arg 'l1' must look like NAME=VALUE"),
     (["--model", "wrn_dli", "--input-size", "64"], "--model wrn_dli reads images of 28 to 55 pixels a side, but this "
                                                     "run feeds it 64"),
+    (["--num-workers", "2-8", "--min-workers", "3"], "--num-workers '2-8' with --min-workers 3: the range already "
+                                                     "sets the fewest workers (2); give the range alone"),
+    (["--wandb-project", "foo"], "--wandb-project foo without --wandb: nothing would be logged to W&B; add --wandb, "
+                                 "or drop --wandb-project"),
 ])
 def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, message):
     import ray
@@ -332,3 +349,21 @@ def test_resume_refuses_to_switch_between_scratch_and_pretrained(tmp_path, monke
     code, err = _main("--resume", str(run_dir), "--weights", str(tmp_path / "w.pt"), capsys=capsys)
     assert code == 2 and "the run started from scratch; a checkpoint continues as it started" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_every_commands_help_says_each_default_once():
+    """`--storage-path ... (default: ./runs) (default: None)`: a help that states its default in its own
+    words got argparse's as well (41 lines across raydist.tune, raydist.predict and raydist.scaling)."""
+    import re
+
+    from raydist import cluster, predict, scaling, tune
+    from raydist.config import TRAIN_DESCRIPTION, build_parser
+
+    parsers = {"train": build_parser("raydist.train", TRAIN_DESCRIPTION), "tune": tune.build_parser(),
+               "predict": predict.build_parser(), "scaling": scaling.build_parser(), "cluster": cluster.build_parser()}
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            if not action.help:
+                continue
+            text = " ".join(parser._get_formatter()._expand_help(action).split())
+            assert len(re.findall(r"\bdefault\b", text, re.I)) <= 1, (name, text)

@@ -165,3 +165,30 @@ def test_rays_log_forwarding_in_this_driver_drops_the_noise_and_draws_progress_a
     monkeypatch.setattr(cluster, "LIVE_BAR", None)  # not a terminal: the progress line is printed as it is
     emit(progress)
     assert progress in capsys.readouterr().out
+
+
+def test_a_run_starts_with_a_few_lines_saying_its_peak_lr_not_a_90_field_config_line(tmp_path, capsys, monkeypatch):
+    """raydist.train printed `config: ` and about 90 fields on one line, and --lr's value as if it were the
+    LR; now: data, model, workers, device and precision; the global batch and the peak LR the loop reaches;
+    what differs from the defaults; where the whole config is."""
+    from cli import run_main
+
+    from raydist.config import parse_cli
+
+    cfg, _, _ = parse_cli(["--preset", "horovod-resnet18", "--num-workers", "4", "--name", "h", "--storage-path",
+                           str(tmp_path)])
+    lines = console.run_start_lines(cfg)
+    assert lines[0] == "run h: cifar10, resnet18, 4 worker(s) on GPUs if the cluster has them, else CPUs, bf16 on GPU, " \
+                       "fp32 on CPU"
+    assert lines[1].startswith("  global batch 1024 (4 x 256); peak LR 0.4 (--lr 0.1 per worker batch), warmup 5 "
+                               "epoch(s), step schedule, 50 epochs")
+    assert "lr_scaling=per_worker" in lines[2] and "storage_path" not in lines[2]
+    assert lines[3] == f"  the whole config: {tmp_path}/h/config.yaml"
+
+    code, out, _ = run_main("raydist.train", ["--epochs", "3", "--lr", "0.2", "--num-workers", "2", "--name", "d",
+                                              "--storage-path", str(tmp_path)], capsys, monkeypatch)
+    assert code == 1  # it went on to start a cluster, which this test does not allow
+    assert not [line for line in out.splitlines() if line.startswith("config: ")] and out.splitlines()[:2] == [
+        "run d: digits, resnet8, 2 worker(s) on GPUs if the cluster has them, else CPUs, bf16 on GPU, fp32 on CPU",
+        "  global batch 128 (2 x 64); peak LR 0.1 (--lr 0.2 per 256 images), warmup 1 epoch(s), cosine schedule, "
+        "3 epochs"]

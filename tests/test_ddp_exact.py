@@ -20,6 +20,9 @@ def test_every_epochs_reported_accuracy_is_its_saved_checkpoints_on_the_whole_va
     history = run_ddp(cfg, tmp_path)
     assert [m["world_size"] for m in history] == [2] * 4
     assert history[-1]["val_acc"] > 0.6  # it learned (chance: 0.1)
+    # what was trained: 2 ranks x 11 batches of 64 (each rank's 719 images, its last partial batch dropped),
+    # not the 1,438 images of the training set that images_seen used to count per epoch
+    assert [m["images_seen"] for m in history] == [1408 * epoch for epoch in (1, 2, 3, 4)]
     for metrics in history:
         state = load_checkpoint_file(str(tmp_path / f"epoch_{metrics['epoch']:04d}" / CHECKPOINT_FILE))
         saved = {"model": state["model"], "config": state["config"]}
@@ -46,7 +49,7 @@ def test_a_run_resumed_from_a_checkpoint_is_bit_identical_to_the_uninterrupted_r
     full = run_ddp(cfg, tmp_path / "full")
     resumed = run_ddp(cfg, tmp_path / "resumed", resume_from=tmp_path / "full" / "epoch_0001")
     assert [m["epoch"] for m in resumed] == [2, 3]
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_seen"):
         assert [m[key] for m in resumed] == [m[key] for m in full[1:]], key
     a, b = _weights(tmp_path / "full" / FINAL_MODEL_FILE), _weights(tmp_path / "resumed" / FINAL_MODEL_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

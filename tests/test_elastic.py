@@ -3,6 +3,7 @@ images, a spot notice's checkpoint inside an epoch, and the resume on another wo
 image of the interrupted epoch exactly once. The loop runs as real gloo DDP processes (tests/local_ddp.py);
 the real cluster's resize and reclaim are in tests/test_elastic_cluster.py."""
 
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -13,7 +14,8 @@ import torch
 from local_ddp import run_ddp
 from raydist.config import ConfigError, TrainConfig, parse_cli
 from raydist.data import train_size
-from raydist.elastic import batch_layout, epoch_order, epoch_steps, split_sizes, update_at
+from raydist.elastic import (batch_layout, epoch_order, epoch_steps, min_tail, split_sizes, step_ends,
+                             steps_in_epoch, update_at)
 from raydist.engine import CHECKPOINT_FILE, TrainingState, load_checkpoint_file, local_context, read_image_trace, run
 
 N = train_size("digits", val_fraction=None)
@@ -54,6 +56,46 @@ def test_every_image_of_an_epoch_is_used_once_across_a_resize_and_each_step_weig
     assert sorted(used) == list(range(N)) and set(used.values()) == {1}
 
 
+@pytest.mark.parametrize("num_items, global_batch, batch_size, most", [
+    (33, 16, 16, 2),     # the audit's plan [[16], [16], [1]]: a 1-image batch, and BatchNorm raised
+    (1438, 205, 64, 2),  # uneven last step: ranks ran 2 and 1 forwards, so SyncBatchNorm's collectives did not match
+    (1438, 128, 32, 4), (1000, 96, 16, 3), (50, 12, 5, 4)])
+def test_no_micro_batch_has_one_image_and_every_rank_runs_as_many_forwards_on_any_worker_count(
+        num_items, global_batch, batch_size, most):
+    cfg = TrainConfig(num_workers=most, min_workers=1, batch_size=batch_size, global_batch=global_batch)
+    tail = min_tail(cfg)
+    ends = step_ends(num_items, global_batch, tail)
+    assert ends[-1] == num_items and all(b - a >= tail for a, b in zip([0] + ends, ends))  # no short last step
+    order = epoch_order(num_items, seed=1, epoch=0)
+    for world in range(1, most + 1):
+        layout = batch_layout(cfg, world)
+        per_rank = [list(epoch_steps(order, start=0, layout=layout, rank=r, tail=tail)) for r in range(world)]
+        assert len(per_rank[0]) == len(ends) == steps_in_epoch(num_items, global_batch, tail)  # the same schedule
+        used = Counter()
+        for steps in zip(*per_rank):
+            assert len({len(step.micro_batches) for step in steps}) == 1  # as many forwards on every rank
+            for step in steps:
+                assert all(len(micro) >= 2 for micro in step.micro_batches)
+                for micro, weight in zip(step.micro_batches, step.weights):
+                    assert weight == pytest.approx(len(micro) * world / step.images)
+                    used.update(micro.tolist())
+        assert sorted(used) == list(range(num_items)) and set(used.values()) == {1}  # every image once
+    assert [update_at(0, end, num_items=num_items, global_batch=global_batch, tail=tail) for end in ends] == \
+        list(range(1, len(ends) + 1))
+
+
+@pytest.mark.slow
+def test_the_audits_elastic_epoch_with_a_one_image_tail_trains_a_batchnorm_network(tmp_path):
+    """33 fake images in global batches of 16 on 1 worker ended in a 1-image micro-batch, and resnet18's
+    BatchNorm raised "Expected more than 1 value per channel when training"; the tail now joins the step
+    before it, and every image is trained on."""
+    cfg = TrainConfig(dataset="fake", fake_train_size=33, fake_val_size=8, fake_image_size=32, fake_num_classes=4,
+                      model="resnet18_imagenet", num_workers=2, min_workers=1, batch_size=16, global_batch=16,
+                      epochs=1, warmup_epochs=0, cpus_per_worker=1.0).validate()
+    (metrics,) = run_ddp(cfg, tmp_path, world_size=1)
+    assert metrics["images_seen"] == 33 and math.isfinite(metrics["train_loss"])
+
+
 def test_the_weighted_split_gives_the_gradient_of_the_whole_steps_mean_loss():
     """Uneven shares (a global batch of 10 on 3 ranks, micro-batches of at most 2): each rank's weighted
     micro-batch losses, averaged over the ranks as DDP does, give exactly the full batch's mean gradient."""
@@ -89,6 +131,24 @@ def test_the_lr_at_every_update_is_a_function_of_images_seen_whatever_the_worker
                 assert state.schedule.update == update_at(epoch, position, num_items=N, global_batch=128)
                 lrs.add(state.optimizer.param_groups[0]["lr"])
             assert len(lrs) == 1
+
+
+def test_a_warmup_from_one_workers_lr_is_the_same_on_every_worker_count_of_an_elastic_run():
+    """--warmup-from single_worker started at 1 / the current workers: on a resize inside the warmup the LR
+    jumped (epoch 2 of 5: 0.400, 0.283, 0.225 on 1, 2, 4 workers; none at all on 1). It rises from one
+    worker's share of the fixed global batch (32 of 128 here)."""
+    cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=32, epochs=10, warmup_epochs=5,
+                      warmup_from="single_worker").validate()
+    states = [TrainingState(cfg, device=torch.device("cpu"), rank=0, world=w, train_set=range(N), val_set=[])
+              for w in (1, 2, 4)]
+    per_epoch = states[0].updates_per_epoch
+    peak = cfg.lr * 128 / 256  # --lr per 256 images, at the global batch of 128
+    for update in (0, per_epoch, 2 * per_epoch + 3, 5 * per_epoch - 1):
+        lrs = {round(state.schedule.lr_at(update), 12) for state in states}
+        assert len(lrs) == 1, (update, lrs)
+    warmup = 5 * per_epoch
+    for state in states:  # from 32/128 of the peak, as a fixed group of 4 workers x 32 starts from 1/4 of it
+        assert state.schedule.lr_at(0) == pytest.approx(peak * (0.25 + 0.75 / warmup))
 
 
 def test_the_per_worker_policy_keeps_the_batch_and_scales_the_lr_with_the_workers():

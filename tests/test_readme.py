@@ -94,3 +94,43 @@ def test_every_documented_training_command_is_accepted(tmp_path, monkeypatch):
     for args in commands:
         cfg, explicit, config_files = parse_cli(args)
         launch.prepare(cfg, explicit, config_files)
+
+
+# Flags the README gives to other tools' commands (ray, aws, tensorboard, pip, Horovod's script), each once.
+OTHER_TOOLS_FLAGS = {
+    "--head": "ray start", "--port": "ray start", "--dashboard-host": "ray start", "--generate": "ray get-auth-token",
+    "--filters": "aws ec2", "--owners": "aws ec2", "--query": "aws ec2", "--output": "aws ec2", "--region": "aws ec2",
+    "--logdir": "tensorboard", "--no-cache-dir": "pip", "--batches-per-allreduce": "Horovod's train.py",
+    "--fake-": "raydist.train's --fake-* family, named as a group",
+}
+
+
+def test_every_commands_flags_are_documented_and_every_flag_the_readme_names_exists():
+    """Each of raydist.train, tune, predict, scaling and cluster: every flag of it is in the README; and each
+    `--flag` the README names is one of theirs (or another tool's, listed above), so a renamed or removed
+    flag cannot stay documented."""
+    import argparse
+    import re
+
+    from raydist import cluster, predict, scaling, tune
+    from raydist.config import TRAIN_DESCRIPTION, build_parser
+
+    def flags(parser) -> set:
+        out = set()
+        for action in parser._actions:
+            out.update(o for o in action.option_strings if o.startswith("--") and o != "--help")
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    out |= flags(sub)
+        return out
+
+    commands = {"train": build_parser("raydist.train", TRAIN_DESCRIPTION), "tune": tune.build_parser(),
+                "predict": predict.build_parser(), "scaling": scaling.build_parser(), "cluster": cluster.build_parser()}
+    every = set()
+    for name, parser in commands.items():
+        own = flags(parser)
+        assert own, name
+        assert not [flag for flag in own if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", README)], name
+        every |= own
+    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", README))
+    assert not sorted(named - every - set(OTHER_TOOLS_FLAGS))

@@ -447,6 +447,7 @@ def _tune(*args, capsys, monkeypatch, cwd):
     (["--name", " "], "--name ' ' must be a plain folder name"),
     (["--search-space", "cifar10_resnet18", "--set", "epochs=1"],
      "cifar10_resnet18.yaml: searched warmup_epochs reaches 2.0: --warmup-epochs 2.0 exceeds --epochs 1"),
+    (["--wandb-project", "foo"], "--wandb-project foo without --wandb: nothing would be logged to W&B"),
 ])
 def test_tune_cli_bad_input_exits_2_in_one_line_before_ray(tmp_path, capsys, monkeypatch, args, message):
     code, out, err = _tune(*args, "--storage-path", str(tmp_path / "runs"), capsys=capsys, monkeypatch=monkeypatch,
