@@ -65,9 +65,10 @@ def check_resources(*, cluster_cpus: float, cluster_gpus: float, use_gpu: Option
     return use_gpu
 
 
-def connect(address: Optional[str], *, quiet: bool = True) -> None:
+def connect(address: Optional[str], *, quiet: bool = True, bare_run_lines: bool = False) -> None:
     """Join the cluster at `address`, or start a local one (dashboard on 127.0.0.1) when it is None.
-    `quiet`: keep Ray's known-harmless internal lines off this driver's console (raydist.console)."""
+    `quiet`: keep Ray's known-harmless internal lines off this driver's console (raydist.console);
+    `bare_run_lines` (with quiet): print what the training workers print without Ray's prefix."""
     for key, value in CLUSTER_ENV.items():
         os.environ.setdefault(key, value)
     import ray
@@ -98,7 +99,7 @@ def connect(address: Optional[str], *, quiet: bool = True) -> None:
         check_reachable(address)
         ray.init(address=address, logging_level=logging.WARNING)
     if quiet:
-        filter_worker_output()
+        filter_worker_output(bare_run_lines=bare_run_lines)
     logs = ray_logs_folder()
     if logs:
         print(f"Ray's logs: {logs}" + ("" if address is None else " (this machine's; each node keeps its own)"),
@@ -133,10 +134,13 @@ def _quiet_driver_logger() -> None:
 LIVE_BAR = None  # the terminal's progress bar while a driver on a terminal forwards progress lines
 
 
-def filter_worker_output() -> None:
+def filter_worker_output(*, bare_run_lines: bool = False) -> None:
     """Ray forwards every line its workers and actors print to this driver: drop Ray's known-harmless
     internal ones (raydist.console.RAY_NOISE) and, on a terminal, draw rank 0's progress lines as one live
-    bar. Everything else reaches the console as Ray prints it; the log files keep every line."""
+    bar. With `bare_run_lines`, what the training workers print to stdout (the run's own lines: epochs,
+    data, resizes) comes without Ray's coloured `(RayTrainWorker pid=...)` prefix, as a plain script's
+    output would; their stderr and every other process's lines keep it. Everything else reaches the
+    console as Ray prints it; the log files keep every line. Calling it again sets it anew."""
     import sys
 
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher  # RAY (internal)
@@ -147,10 +151,12 @@ def filter_worker_output() -> None:
     LIVE_BAR = LiveBar(sys.stdout) if sys.stdout.isatty() else None
     with dispatcher._lock:  # RAY: Ray's own handler, "ray_print_logs", wrapped in place
         for i, (name, handler) in enumerate(dispatcher.handlers):
-            if name != "ray_print_logs" or getattr(handler, "raydist_filter", False):
+            if name != "ray_print_logs":
                 continue
+            handler = getattr(handler, "raydist_original", handler)  # set anew, never wrapped twice
+            bare = _without_prefix(handler) if bare_run_lines else None
 
-            def filtered(data, _print=handler):
+            def filtered(data, _print=handler, _bare=bare):
                 try:
                     lines = without_ray_noise(data.get("lines", []))
                     bar = LIVE_BAR if not data.get("is_err") else None
@@ -160,14 +166,25 @@ def filter_worker_output() -> None:
                     if lines:
                         if LIVE_BAR is not None:
                             LIVE_BAR.clear()
-                        _print({**data, "lines": lines})
+                        run_line = data.get("actor_name") == "RayTrainWorker" and not data.get("is_err")
+                        (_bare if _bare is not None and run_line else _print)({**data, "lines": lines})
                     if bar is not None and progress:
                         bar.show(progress[-1])
                 except Exception:  # noqa: BLE001 - Ray's forwarding thread must never die here: print as Ray would
                     _print(data)
 
-            filtered.raydist_filter = True
+            filtered.raydist_original = handler
             dispatcher.handlers[i] = (name, filtered)
+
+
+def _without_prefix(handler):
+    """Ray's handler with its `ignore_prefix` switch on (Ray's own option, which also drops the colour
+    codes), or None where this Ray's handler has no such switch: then the prefix stays."""
+    import functools
+
+    if isinstance(handler, functools.partial) and "ignore_prefix" in handler.keywords:  # RAY: print_to_stdstream
+        return functools.partial(handler.func, *handler.args, **{**handler.keywords, "ignore_prefix": True})
+    return None
 
 
 def progress_every_s() -> float:

@@ -194,6 +194,8 @@ class TrainConfig:
                           "train_acc, train_loss (accuracies: higher is better; losses: lower)",
                           ("val_acc", "val_loss", "train_acc", "train_loss"))
     resume: Optional[str] = _field("output", None, "continue an earlier run: its run folder or a checkpoint folder")
+    verbose: bool = _field("output", False, "the console shows Ray's own output: every worker line with Ray's "
+                           "(RayTrainWorker pid=...) prefix, and Ray's internal lines (Ray's logs keep them anyway)")
 
     # -------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":

@@ -47,7 +47,7 @@ def prepare(cfg: TrainConfig, explicit: dict, config_files: Optional[list[str]] 
         resume = _local_abspath(cfg.resume).rstrip("/")  # s3://.../run/ names the run "run", not ""
         is_run_dir, saved = read_resume_target(resume)
         # The saved run's settings are the defaults now; --config and flags still override them.
-        saved = {k: v for k, v in saved.items() if k not in ("address", "log_dir")}
+        saved = {k: v for k, v in saved.items() if k not in ("address", "log_dir", "verbose")}
         saved.update(resume=resume, name=os.path.basename(resume) if is_run_dir else None)
         if is_run_dir:
             saved["storage_path"] = os.path.dirname(resume)
@@ -228,7 +228,8 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
                                           cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
                                           where="this machine")
         check_sync_batchnorm(cfg, use_gpu)  # before a local cluster starts
-    cluster.connect(cfg.address)
+    # The console is the run's: its lines without Ray's prefix, unless --verbose asks for Ray's own output.
+    cluster.connect(cfg.address, quiet=not cfg.verbose, bare_run_lines=True)
     # Against what the cluster can grow to (an autoscaling one may have no worker node yet); says when the
     # run waits for new nodes, and refuses a local storage path that not every node sees.
     # An elastic run needs its minimum to start.

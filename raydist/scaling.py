@@ -401,7 +401,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from raydist import cluster
 
         try:
-            cluster.connect(points[0].cfg.address)
+            cluster.connect(points[0].cfg.address, quiet=not points[0].cfg.verbose, bare_run_lines=True)
             cap = cluster.capacity()
             check_largest_fits(points, cpus=cap.max_cpus, gpus=cap.max_gpus, where=cap.where)
         except ConfigError as exc:

@@ -428,9 +428,11 @@ def _field_type(path: str, name: str, fixed: dict, searched: dict) -> type:
 def _config_fields(path: str, section: str, values: Any) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: '{section}' must be a mapping of config fields, got {type(values).__name__}")
-    known = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_TRIAL_FIELDS]
+    known = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_TRIAL_FIELDS + ("verbose",)]
     for key in values:
         where = f"{path}: {section}.{key}" if section else f"{path} {key}"
+        if key == "verbose":  # raydist.train's console switch; a study has a console of its own
+            raise ConfigError(f"{where}: a study's console is set by console.verbose (or raydist.tune --verbose)")
         if key in PER_TRIAL_FIELDS:
             raise ConfigError(f"{where} is set per trial by raydist.tune; remove it "
                               f"(use --storage-path / --address on the command line)")

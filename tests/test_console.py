@@ -2,6 +2,7 @@
 study's event lines and status line, and every command's --help. No Ray cluster here."""
 
 import io
+import re
 
 import pytest
 
@@ -165,6 +166,42 @@ def test_rays_log_forwarding_in_this_driver_drops_the_noise_and_draws_progress_a
     monkeypatch.setattr(cluster, "LIVE_BAR", None)  # not a terminal: the progress line is printed as it is
     emit(progress)
     assert progress in capsys.readouterr().out
+    # Ray's prefix (coloured on a terminal) was on every line so far: that is what --verbose keeps
+    emit("epoch   3/15  train loss 1.5")
+    assert re.search(r"\(RayTrainWorker pid=4242\)\S* epoch   3/15  train loss 1.5", capsys.readouterr().out)
+
+
+def test_raydist_train_prints_the_runs_own_lines_without_rays_prefix(ray_cluster, capsys, monkeypatch):
+    """raydist.train's console (connect(bare_run_lines=True)): what the training workers print to stdout
+    reaches it as a script's output would, no `(RayTrainWorker pid=...)` prefix and no colour codes; their
+    stderr and every other process's lines keep Ray's prefix, so a warning still says where it came from."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from raydist import cluster
+
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")  # colours on, as on a terminal: the run's lines drop them too
+    cluster.filter_worker_output(bare_run_lines=True)
+    try:
+        assert [name for name, _ in dispatcher.handlers].count("ray_print_logs") == 1
+
+        def emit(line, *, actor="RayTrainWorker", is_err=False):
+            dispatcher.emit({"pid": 4242, "ip": "127.0.0.1", "is_err": is_err, "job": "", "lines": [line],
+                             "actor_name": actor, "task_name": "", "localhost": "127.0.0.1"})
+
+        emit("epoch   1/15  train loss 2.2792")
+        emit("data: digits ready in /data on node 5b1d")
+        emit("/my/model.py:3: UserWarning: rank 1 saw a NaN", is_err=True)
+        emit("the controller says hello", actor="TrainController")
+        captured = capsys.readouterr()
+        out_lines = captured.out.splitlines()
+        assert "epoch   1/15  train loss 2.2792" in out_lines and "data: digits ready in /data on node 5b1d" in out_lines
+        assert "\x1b[" not in "\n".join(line for line in out_lines if "epoch" in line or "data:" in line)
+        assert re.search(r"\(RayTrainWorker pid=4242\)\S* /my/model.py:3: UserWarning: rank 1 saw a NaN", captured.err)
+        assert re.search(r"\(TrainController pid=4242\)\S* the controller says hello", captured.out)
+    finally:
+        cluster.filter_worker_output()  # as the session's other tests expect it: every line as Ray prints it
+    emit("epoch   2/15  train loss 1.8")
+    assert re.search(r"\(RayTrainWorker pid=4242\)\S* epoch   2/15  train loss 1.8", capsys.readouterr().out)
 
 
 def test_a_run_starts_with_a_few_lines_saying_its_peak_lr_not_a_90_field_config_line(tmp_path, capsys, monkeypatch):

@@ -94,10 +94,11 @@ def test_a_worker_killed_mid_epoch_restarts_from_the_latest_checkpoint_and_the_r
     epochs = 12
     proc = subprocess.Popen([sys.executable, "-m", "raydist.train", "--address", ray_cluster, "--num-workers", "2",
                              "--epochs", str(epochs), "--max-failures", "1", "--augment", "crop_flip",
-                             "--storage-path", str(tmp_path), "--name", "killed"],
+                             "--storage-path", str(tmp_path), "--name", "killed", "--verbose"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = _Lines(proc)
-    # Rank 0 prints the epoch lines: its pid is in Ray's prefix. Kill the other worker (rank 1) mid-epoch.
+    # Rank 0 prints the epoch lines: with --verbose, its pid is in Ray's prefix. Kill the other worker (rank 1)
+    # mid-epoch.
     rank0 = int(out.wait_for(r"\(RayTrainWorker pid=(\d+)[^)]*\)\S* epoch +3/")[1])
     (victim,) = [a.pid for a in _train_workers() if a.pid != rank0]
     os.kill(victim, signal.SIGKILL)

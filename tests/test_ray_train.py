@@ -38,8 +38,9 @@ def digits_run(ray_cluster, tmp_path_factory):
 def test_two_worker_ddp_learns_digits(digits_run):
     run_dir, stdout = digits_run
     epochs = TrainConfig().epochs
-    lines = re.findall(r"epoch +(\d+)/(\d+) .*val loss [\d.]+ acc +([\d.]+)%", stdout)
-    assert [int(e) for e, _, _ in lines] == list(range(1, epochs + 1))  # one line per epoch, rank 0 only
+    # one line per epoch, rank 0 only, each as a script prints it: no "(RayTrainWorker pid=...)" before it
+    lines = re.findall(r"^epoch +(\d+)/(\d+) .*val loss [\d.]+ acc +([\d.]+)%", stdout, re.MULTILINE)
+    assert [int(e) for e, _, _ in lines] == list(range(1, epochs + 1)), stdout[-3000:]
     final = load_checkpoint_file(str(run_dir / FINAL_MODEL_FILE))
     assert final["metrics"]["world_size"] == 2
     assert final["metrics"]["val_acc"] >= 0.90
