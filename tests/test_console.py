@@ -215,8 +215,7 @@ def test_a_run_starts_with_a_few_lines_saying_its_peak_lr_not_a_90_field_config_
     cfg, _, _ = parse_cli(["--preset", "horovod-resnet18", "--num-workers", "4", "--name", "h", "--storage-path",
                            str(tmp_path)])
     lines = console.run_start_lines(cfg)
-    assert lines[0] == "run h: cifar10, resnet18, 4 worker(s) on GPUs if the cluster has them, else CPUs, bf16 on GPU, " \
-                       "fp32 on CPU"
+    assert lines[0] == "run h: cifar10, resnet18, 4 worker(s) on GPUs if the cluster has them, else CPUs, fp32"
     assert lines[1].startswith("  global batch 1024 (4 x 256); peak LR 0.4 (--lr 0.1 per worker batch), warmup 5 "
                                "epoch(s), step schedule, 50 epochs")
     assert "lr_scaling=per_worker" in lines[2] and "storage_path" not in lines[2]

@@ -13,20 +13,31 @@ from raydist import presets
 from raydist.config import ConfigError, parse_cli
 from raydist.engine import local_context, run
 
-# What each preset must hold: the workflow's own values (issue 17), not raydist's defaults.
+# What each preset must hold: the workflow's own values wherever the workflow states one (issues 17 and 30),
+# not raydist's defaults. Every seed trains in fp32.
 EXPECTED = {
-    "dli": dict(dataset="cifar10", model="wrn_dli", augment="dli", normalize="0.5", batch_size=128,
-                target_accuracy=0.75, patience=2),
+    "dli": dict(dataset="cifar10", model="wrn_dli", augment="dli", normalize="0.5", num_workers=4, batch_size=128,
+                precision="fp32", optimizer="sgd", lr=0.01, lr_scaling="none", target_accuracy=0.75, patience=2),
     "horovod-resnet18": dict(dataset="cifar10", model="resnet18", batch_size=256, val_batch_size=256, epochs=50,
-                             optimizer="sgd", momentum=0.9, nesterov=False, weight_decay=5e-5, lr=0.1,
-                             lr_scaling="per_worker", warmup_epochs=5.0, warmup_from="single_worker",
+                             precision="fp32", optimizer="sgd", momentum=0.9, nesterov=False, weight_decay=5e-5,
+                             lr=0.1, lr_scaling="per_worker", warmup_epochs=5.0, warmup_from="single_worker",
                              lr_schedule="step", lr_milestones="30,60,80", lr_step_gamma=0.1, fp16_allreduce=False),
     "workload": dict(dataset="fake", fake_image_size=224, fake_num_classes=100, fake_train_size=100_000,
-                     model="resnet50_imagenet", sync_batchnorm=True, batch_size=64, lr=0.001, lr_scaling="none",
-                     epochs=100),
+                     augment="none", model="resnet50_imagenet", sync_batchnorm=True, batch_size=64, precision="fp32",
+                     lr=0.001, lr_scaling="none", weight_decay=0.0, epochs=100, checkpoint_every=0),
+    # the reference's milestones 60,120,160 count epochs from 1 (see the test below)
     "cifar100-resnet50": dict(dataset="cifar100", model="resnet50", num_workers=2, batch_size=128, wandb=True,
-                              epochs=200, lr_schedule="step", lr_milestones="60,120,160", lr_step_gamma=0.2,
-                              momentum=0.9, weight_decay=5e-4),
+                              precision="fp32", epochs=200, warmup_epochs=1.0, lr_schedule="step",
+                              lr_milestones="59,119,159", lr_step_gamma=0.2, momentum=0.9, nesterov=False,
+                              weight_decay=5e-4),
+}
+# Where a preset differs from its workflow on purpose, its header says so in these words.
+DIFFERENCES = {
+    "dli": ["validation is a seeded 10% of the training set, not the test set", "momentum 0.9 (plain)",
+            "a\n  constant LR"],
+    "horovod-resnet18": ["validation is a seeded 10% of the training set, where Horovod's script validates on the test"],
+    "workload": ["a validation pass", "momentum, warmup and cosine"],
+    "cifar100-resnet50": ["the LR scales with the global batch", "no 15 deg rotation"],
 }
 
 
@@ -41,6 +52,28 @@ def test_a_preset_resolves_to_its_workflows_values(name):
     assert explicit == {} and config_files == [presets.path(name)]
     head = presets.header(name)
     assert head[0].startswith(f"{name}: ") and any(line.startswith("Kept exactly") for line in head)
+    text = " ".join(head)
+    assert all(difference.replace("\n  ", " ") in text for difference in DIFFERENCES[name]), text
+
+
+def test_cifar100s_lr_drops_at_the_epochs_the_references_multisteplr_does():
+    """pytorch-cifar100 calls MultiStepLR([60, 120, 160], gamma=0.2).step(epoch) before each epoch, epochs
+    counted from 1, after one warmup epoch: the 60th epoch trains at 0.2 x the LR already. The preset's
+    schedule, through the loop's own LR function, gives each epoch that LR (the preset's 60,120,160 trained
+    the 60th epoch at the old LR: a drop one epoch late)."""
+    import bisect
+
+    from raydist.engine import lr_factor
+
+    cfg, _, _ = parse_cli(["--preset", "cifar100-resnet50"])
+    updates = 10  # per epoch; any number
+    milestones = [epoch * updates for epoch in cfg.milestone_list()]
+    for epoch in range(2, cfg.epochs + 1):  # 1-based, after the warmup epoch
+        reference = 0.2 ** bisect.bisect_right([60, 120, 160], epoch)
+        for update in ((epoch - 1) * updates, epoch * updates - 1):  # its first and last update
+            ours = lr_factor(update, warmup=updates, total=cfg.epochs * updates, schedule=cfg.lr_schedule,
+                             step_every=10**6, gamma=cfg.lr_step_gamma, milestones=milestones)
+            assert ours == pytest.approx(reference), (epoch, update)
 
 
 def test_horovods_lr_rule_comes_out_of_the_preset_exactly():
