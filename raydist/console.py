@@ -39,8 +39,36 @@ RAY_DRIVER_NOISE = re.compile(r"^Token authentication is enabled for this Ray cl
 PROGRESS_MARK = "progress:"  # how the driver tells a progress line from any other worker line
 
 
+# A process Ray stops (a finished trial's actor, a worker group's at teardown) gets SIGTERM, and Ray's handler
+# raises SystemExit wherever the process is: inside a garbage-collector callback Python can only print it, as
+# "Exception ignored in: ..." and a traceback through Ray's `sigterm_handler` to "SystemExit". Such a block
+# says nothing about the run; it is dropped whole when one forwarded batch holds it whole.
+_IGNORED_START = re.compile(r"^Exception ignored in: ")
+_IGNORED_END = re.compile(r"^SystemExit\b")
+_RAY_SIGTERM_FRAME = re.compile(r"ray/_private/worker\.py\", line \d+, in sigterm_handler$")
+
+
 def without_ray_noise(lines: Iterable[str]) -> list[str]:
-    """`lines` less Ray's known-harmless internal lines (RAY_NOISE), in order."""
+    """`lines` less Ray's known-harmless internal lines (RAY_NOISE, and the SystemExit that Ray's SIGTERM
+    handler raises in a stopping process), in order."""
+    return _without_line_noise(_without_sigterm_blocks(list(lines)))
+
+
+def _without_sigterm_blocks(lines: list[str]) -> list[str]:
+    kept: list[str] = []
+    i = 0
+    while i < len(lines):
+        if _IGNORED_START.search(lines[i]):
+            end = next((j for j in range(i + 1, min(len(lines), i + 30)) if _IGNORED_END.search(lines[j])), None)
+            if end is not None and any(_RAY_SIGTERM_FRAME.search(line) for line in lines[i:end]):
+                i = end + 1
+                continue
+        kept.append(lines[i])
+        i += 1
+    return kept
+
+
+def _without_line_noise(lines: Iterable[str]) -> list[str]:
     kept: list[str] = []
     drop_source_line = False
     for line in lines:

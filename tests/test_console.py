@@ -31,6 +31,32 @@ def test_rays_known_noise_is_dropped_and_nothing_else():
     assert console.without_ray_noise([PREEMPTION, SOURCE_LINE]) == [SOURCE_LINE]
 
 
+# What a trial's process printed when Ray stopped it (SIGTERM) inside a garbage-collector callback; captured
+# from a study's worker log, 2026-12-06 (a quiet study's console showed it once in a cluster-tier run).
+SIGTERM_BLOCK = [
+    "Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7ff6cb3325c0>",
+    "Traceback (most recent call last):",
+    '  File "/root/.pyenv/versions/3.11.7/lib/python3.11/_weakrefset.py", line 39, in _remove',
+    "    def _remove(item, selfref=ref(self)):",
+    "",
+    '  File "/venv/lib/python3.11/site-packages/ray/_private/worker.py", line 1063, in sigterm_handler',
+    "    raise_sys_exit_with_custom_error_message(",
+    '  File "python/ray/_raylet.pyx", line 712, in ray._raylet.raise_sys_exit_with_custom_error_message',
+    "SystemExit: 1",
+]
+
+
+def test_the_systemexit_rays_sigterm_handler_raises_in_a_stopping_process_is_dropped_and_nothing_else():
+    before, after = "epoch   2/2  train loss 0.31", "trial done"
+    assert console.without_ray_noise([before, *SIGTERM_BLOCK, after]) == [before, after]
+    # the same shape from the user's own code (no Ray SIGTERM frame), or cut off mid-block, stays whole
+    own = [line.replace("ray/_private/worker.py", "my/worker.py") for line in SIGTERM_BLOCK]
+    assert console.without_ray_noise(own) == own
+    assert console.without_ray_noise(SIGTERM_BLOCK[:-1]) == SIGTERM_BLOCK[:-1]
+    other_exit = SIGTERM_BLOCK[:5] + ['  File "/my/code.py", line 3, in stop', "SystemExit: 1"]
+    assert console.without_ray_noise(other_exit) == other_exit
+
+
 def test_the_token_notice_of_rays_driver_is_matched_and_its_opt_out_notice_is_not():
     assert console.RAY_DRIVER_NOISE.search("Token authentication is enabled for this Ray cluster. Set "
                                            "RAY_AUTH_MODE=disabled to opt out.")
