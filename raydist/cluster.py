@@ -154,7 +154,7 @@ def filter_worker_output(*, bare_run_lines: bool = False) -> None:
             if name != "ray_print_logs":
                 continue
             handler = getattr(handler, "raydist_original", handler)  # set anew, never wrapped twice
-            bare = _without_prefix(handler) if bare_run_lines else None
+            bare = _run_lines_printer(handler) if bare_run_lines else None
 
             def filtered(data, _print=handler, _bare=bare):
                 try:
@@ -166,8 +166,7 @@ def filter_worker_output(*, bare_run_lines: bool = False) -> None:
                     if lines:
                         if LIVE_BAR is not None:
                             LIVE_BAR.clear()
-                        run_line = data.get("actor_name") == "RayTrainWorker" and not data.get("is_err")
-                        (_bare if _bare is not None and run_line else _print)({**data, "lines": lines})
+                        (_bare or _print)({**data, "lines": lines})
                     if bar is not None and progress:
                         bar.show(progress[-1])
                 except Exception:  # noqa: BLE001 - Ray's forwarding thread must never die here: print as Ray would
@@ -177,14 +176,35 @@ def filter_worker_output(*, bare_run_lines: bool = False) -> None:
             dispatcher.handlers[i] = (name, filtered)
 
 
-def _without_prefix(handler):
-    """Ray's handler with its `ignore_prefix` switch on (Ray's own option, which also drops the colour
-    codes), or None where this Ray's handler has no such switch: then the prefix stays."""
-    import functools
+def _is_run_output(batch: dict) -> bool:
+    """A forwarded batch of the run's own lines: what a training worker wrote to stdout."""
+    return batch.get("actor_name") == "RayTrainWorker" and not batch.get("is_err")
 
-    if isinstance(handler, functools.partial) and "ignore_prefix" in handler.keywords:  # RAY: print_to_stdstream
-        return functools.partial(handler.func, *handler.args, **{**handler.keywords, "ignore_prefix": True})
-    return None
+
+def _run_lines_printer(handler):
+    """Ray's handler, step by step (its log deduplication, then print_worker_logs), with Ray's prefix left
+    off each printed batch of the run's own lines. Per printed batch, because the deduplication may print
+    lines it held back from other processes in the same call. None where this Ray's handler is not the one
+    raydist knows: then every line keeps the prefix."""
+    import functools
+    import sys
+
+    try:
+        from ray._private import worker as ray_worker  # RAY (internal): Ray's own forwarding pieces
+        from ray._private.ray_logging import stderr_deduplicator, stdout_deduplicator  # RAY (internal)
+    except ImportError:
+        return None
+    if not (isinstance(handler, functools.partial) and handler.func is getattr(ray_worker, "print_to_stdstream", None)
+            and hasattr(ray_worker, "print_worker_logs")):
+        return None
+    ray_ignores_prefix = handler.keywords.get("ignore_prefix", False)
+
+    def print_lines(data: dict) -> None:
+        sink, dedup = (sys.stderr, stderr_deduplicator) if data["is_err"] else (sys.stdout, stdout_deduplicator)
+        for batch in dedup.deduplicate(data) if data.get("pid") != "autoscaler" else [data]:
+            ray_worker.print_worker_logs(batch, sink, ignore_prefix=ray_ignores_prefix or _is_run_output(batch))
+
+    return print_lines
 
 
 def progress_every_s() -> float:

@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import yaml
 
+MIN_MICRO_BATCH = 2  # images an elastic run feeds a worker at once, at least: BatchNorm needs more than one
+
 GROUPS = ("data", "model", "optimization", "schedule", "scaling", "output")
 
 
@@ -145,14 +147,15 @@ class TrainConfig:
                                             "rung sit at the same point of their schedules")
     warmup_epochs: float = _field("schedule", 1.0, "epochs of linear LR warmup from 0 (see --warmup-from) to the peak")
     warmup_from: str = _field("schedule", "zero", "where the warmup starts: zero, or single_worker (the peak / "
-                              "workers: one worker's LR, rising per step to the scaled one, as in Horovod's "
-                              "examples)", ("zero", "single_worker"))
+                              "workers, the most workers of an elastic run: one worker's LR, rising per step to "
+                              "the scaled one, as in Horovod's examples)", ("zero", "single_worker"))
     lr_schedule: str = _field("schedule", "cosine", "decay after warmup: cosine (to 0), step, constant",
                               ("cosine", "step", "constant"))
     lr_step_epochs: int = _field("schedule", 30, "step schedule: epochs between LR drops")
     lr_step_gamma: float = _field("schedule", 0.1, "step schedule: LR factor at each drop")
-    lr_milestones: Optional[str] = _field("schedule", None, "step schedule: the epochs at which the LR drops, e.g. "
-                                          "30,60,80 (Horovod's ImageNet example), instead of every --lr-step-epochs")
+    lr_milestones: Optional[str] = _field("schedule", None, "step schedule: the LR drops after these many epochs, "
+                                          "e.g. 30,60,80 (Horovod's ImageNet example: epoch 31 of the console is the "
+                                          "first at 0.1x), instead of every --lr-step-epochs")
     target_accuracy: Optional[float] = _field("schedule", None, "stop early once validation accuracy (0-1] reaches this")
     patience: int = _field("schedule", 1, "consecutive epochs at or above --target-accuracy before stopping")
 
@@ -188,6 +191,9 @@ class TrainConfig:
     wandb: bool = _field("output", False, "log each epoch's metrics to Weights & Biases from rank 0 (needs the "
                          "wandb package; offline into the run folder when no API key is set)")
     wandb_project: Optional[str] = _field("output", None, "W&B project (default: raydist)")
+    wandb_id: Optional[str] = _field("output", None, "W&B run id (default: a new one for each run, kept by its "
+                                     "restarts, resizes and --resume of its run folder); give one to continue "
+                                     "that W&B run")
     checkpoint_every: int = _field("output", 1, "epochs between checkpoints (the last epoch is always saved)")
     keep_checkpoints: int = _field("output", 2, "checkpoints kept, the best by --keep-by (plus the latest)")
     keep_by: str = _field("output", "val_acc", "metric that ranks checkpoints for keeping: val_acc, val_loss, "
@@ -211,6 +217,8 @@ class TrainConfig:
             raise ConfigError(f"unknown dataset {self.dataset!r}; known: {', '.join(sorted(DATASETS))}")
         if self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}; known: {', '.join(sorted(MODELS))}")
+        if self.wandb_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", str(self.wandb_id)):
+            raise ConfigError(f"--wandb-id {self.wandb_id!r}: W&B run ids are 1-64 letters, digits, - and _")
         self._validate_model_args()
         for name in ("lr", "batch_size", "epochs", "grad_accum", "num_workers", "cpus_per_worker",
                      "fake_image_size", "fake_num_classes", "fake_train_size", "fake_val_size",
@@ -377,9 +385,14 @@ class TrainConfig:
             if self.elastic_batch == "per_worker":
                 raise ConfigError(f"--global-batch {self.global_batch} fixes the global batch, which --elastic-batch "
                                   f"per_worker lets grow and shrink with the workers; give one of the two")
-            if self.global_batch < self.num_workers:
-                raise ConfigError(f"--global-batch {self.global_batch} leaves some of the {self.num_workers} workers "
-                                  f"without an image each step; give at least {self.num_workers}")
+            if self.global_batch < MIN_MICRO_BATCH * self.num_workers:
+                raise ConfigError(f"--global-batch {self.global_batch} gives some of the {self.num_workers} workers "
+                                  f"fewer than {MIN_MICRO_BATCH} images a step (BatchNorm needs more than one); give "
+                                  f"at least {MIN_MICRO_BATCH * self.num_workers}")
+        if self.batch_size < MIN_MICRO_BATCH:
+            raise ConfigError(f"--batch-size {self.batch_size}: an elastic run feeds each worker at least "
+                              f"{MIN_MICRO_BATCH} images at a time (BatchNorm needs more than one); give "
+                              f"{MIN_MICRO_BATCH} or more")
         if not self.resize_check_s > 0 or not math.isfinite(self.resize_check_s):
             raise ConfigError(f"--resize-check-s must be positive, got {self.resize_check_s!r}")
         if self.preemption_check_every < 0:
@@ -886,9 +899,12 @@ def resolve(explicit: dict, config_files=None, base: Optional[dict] = None) -> T
         origin.update(dict.fromkeys(from_file, path))
     if "num_workers" in explicit and "min_workers" not in explicit:
         values.pop("min_workers", None)  # --num-workers N is a fixed group, whatever a file or a resumed run said
-    if explicit.get("wandb_project") is not None and not (explicit.get("wandb") or values.get("wandb")):
-        raise ConfigError(f"--wandb-project {explicit['wandb_project']} without --wandb: nothing would be logged to "
-                          f"W&B; add --wandb, or drop --wandb-project")
+    # (with --resume the run's own settings are not read yet: this check runs again once they are)
+    for name in ("wandb_project", "wandb_id"):
+        if explicit.get(name) is not None and not (explicit.get("wandb") or values.get("wandb")) \
+                and not explicit.get("resume"):
+            raise ConfigError(f"{_flag(name)} {explicit[name]} without --wandb: nothing would be logged to W&B; add "
+                              f"--wandb, or drop {_flag(name)}")
     values = merge_config_values(values, split_worker_range(explicit, "--num-workers"))
     for name in explicit:
         origin.pop(name, None)

@@ -59,7 +59,13 @@ def _without_sigterm_blocks(lines: list[str]) -> list[str]:
     i = 0
     while i < len(lines):
         if _IGNORED_START.search(lines[i]):
-            end = next((j for j in range(i + 1, min(len(lines), i + 30)) if _IGNORED_END.search(lines[j])), None)
+            end = None
+            for j in range(i + 1, min(len(lines), i + 30)):
+                if _IGNORED_START.search(lines[j]):  # another block begins: this one was not Ray's
+                    break
+                if _IGNORED_END.search(lines[j]):
+                    end = j
+                    break
             if end is not None and any(_RAY_SIGTERM_FRAME.search(line) for line in lines[i:end]):
                 i = end + 1
                 continue
@@ -247,7 +253,7 @@ def _short(value) -> str:
 # ---- a training run's first lines --------------------------------------------------------------------------
 
 _LR_IS = {"per_256": "per 256 images", "per_worker": "per worker batch", "none": "as given"}
-_NOT_SHOWN = ("name", "storage_path")  # named in the first line and the last
+_NOT_SHOWN = ("name", "storage_path", "wandb_id")  # named in the first line and the last; W&B's own line
 
 
 def run_start_lines(cfg) -> list[str]:

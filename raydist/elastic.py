@@ -9,11 +9,12 @@ Progress is counted in images: an epoch is a seeded permutation of the training 
 rank and every worker count) consumed `global_batch` images per optimizer step, from the position where
 the last checkpoint left it. Each step's images are split over the ranks as evenly as they go (sizes
 differ by one at most) and each rank's share into micro-batches of at most --batch-size images (gradient
-accumulation). Every image of an epoch is used exactly once, whatever resizes happened inside it; the last
-step of an epoch takes what is left, and a remainder too short to give every rank of the largest group 2
-images joins the step before it (min_tail), so no micro-batch has a single image (BatchNorm fails on one,
-and a 1-image batch moves its statistics) and the epoch's steps are the same on any worker count. Every
-rank runs the same number of micro-batches in a step, as SyncBatchNorm's per-forward collectives need.
+accumulation), or fewer, larger ones where --batch-size would leave a micro-batch of one image. Every
+image of an epoch is used exactly once, whatever resizes happened inside it; the last step of an epoch
+takes what is left, and a remainder too short to give every rank of the largest group 2 images joins the
+step before it (min_tail), so no micro-batch has a single image (BatchNorm fails on one, and a 1-image
+batch moves its statistics) and the epoch's steps are the same on any worker count. Every rank runs the
+same number of micro-batches in a step, as SyncBatchNorm's per-forward collectives need.
 
 The gradient is the mean over the step's images, however they were split: each micro-batch's mean loss is
 weighted by its images x world / step images (DDP averages the ranks' gradients, so the world cancels).
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+from raydist.config import MIN_MICRO_BATCH
 
 
 @dataclass(frozen=True)
@@ -58,20 +61,21 @@ def batch_layout(cfg, world: int) -> BatchLayout:
 
 
 def single_worker_share(cfg, layout: BatchLayout) -> float:
-    """The LR factor a `--warmup-from single_worker` warmup rises from: one worker's batch (with its
-    accumulation) over the global batch, as Horovod's examples start from one worker's LR. On a fixed group
-    that is 1 / workers; an elastic run's global batch stays the same whatever the worker count, and so
-    does this share (1 / the current workers would jump the LR at every resize)."""
-    return min(1.0, cfg.batch_size * cfg.grad_accum / layout.global_batch)
+    """The LR factor a `--warmup-from single_worker` warmup rises from: one worker's share of the global
+    batch, as Horovod's examples start from one worker's LR. On a fixed group that is 1 / workers. An
+    elastic run's global batch stays the same whatever the worker count (--elastic-batch global), and so
+    does this share: 1 / the most workers, the group the global batch is laid out for (1 / the current
+    workers would jump the LR at every resize; --batch-size over a --global-batch would ignore that each
+    worker accumulates to its share)."""
+    if cfg.is_elastic() and cfg.elastic_batch == "global":
+        return 1.0 / cfg.num_workers
+    return 1.0 / layout.world
 
 
 def split_sizes(total: int, parts: int) -> list[int]:
     """`total` split in `parts` sizes that differ by one at most, the larger first."""
     base, extra = divmod(total, parts)
     return [base + 1] * extra + [base] * (parts - extra)
-
-
-MIN_MICRO_BATCH = 2  # images: BatchNorm in training needs more than one value per channel
 
 
 def min_tail(cfg) -> int:

@@ -33,6 +33,7 @@ from raydist.elastic import (FIRST_CHECK_AFTER, Step, batch_layout, check_every,
                              single_worker_share, steps_in_epoch, update_at)
 from raydist.run_folder import CHECKPOINT_PREFIX
 from raydist.wandb_log import WandbRun
+from raydist.wandb_log import run_id as wandb_run_id
 from raydist.data import DATASETS, DatasetNotFound, download_lock, load_splits, shard_indices, steps_per_epoch
 from raydist.models.pipeline import Pipeline, pipeline_units, stage_devices, unit_costs
 from raydist.models.transfer import (Unit, WeightsError, build_model, freeze_norms, pretrained_source,
@@ -462,10 +463,15 @@ class TrainingState:
     def _place_schedule(self) -> None:
         # The point of training reached is `epoch` epochs plus `position` images of the next: the schedule
         # continues there in this run's own updates, whatever batch size or worker count it has.
-        done = (update_at(0, self.position, num_items=len(self.train_set), global_batch=self.layout.global_batch,
-                          tail=min_tail(self.cfg)) if self.elastic else math.ceil(self.position / self.layout.global_batch))
+        done = self.steps_done() if self.elastic else math.ceil(self.position / self.layout.global_batch)
         self.schedule.update = self.epoch * self.updates_per_epoch + done
         self.schedule.apply(self.optimizer)  # then each update's step() sets the next one's LR
+
+    def steps_done(self) -> int:
+        """The optimizer steps of epoch `epoch` that its `position` (images consumed) has taken, in the
+        epoch's own steps (raydist.elastic.step_ends: the last one may hold the folded tail)."""
+        return update_at(0, self.position, num_items=len(self.train_set), global_batch=self.layout.global_batch,
+                         tail=min_tail(self.cfg))
 
     def with_carried(self, sums: list) -> list:
         """This attempt's epoch sums (loss, correct, count over all ranks; LR sum, updates) plus the part of
@@ -533,8 +539,10 @@ class TrainingState:
         cfg = self.cfg
         if self.elastic or self.position:
             order = epoch_order(len(self.train_set), seed=cfg.seed, epoch=self.epoch, device=self.device)
+            # min_tail for a fixed group too: one resumed from an elastic run's mid-epoch checkpoint must not
+            # end its epoch in a 1-image micro-batch either
             return list(epoch_steps(order, start=self.position, layout=self.layout, rank=self.rank,
-                                    tail=min_tail(cfg) if self.elastic else 0))
+                                    tail=min_tail(cfg)))
         batches = list(shard_indices(len(self.train_set), batch_size=cfg.batch_size, rank=self.rank,
                                      world_size=self.world, epoch=self.epoch, seed=cfg.seed, device=self.device))
         groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
@@ -711,7 +719,8 @@ def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     writer = _tensorboard(ctx.log_dir) if rank == 0 and ctx.log_dir else None
     # W&B's files sit beside TensorBoard's events, so a run in remote storage publishes both after each epoch.
     wandb_run = WandbRun.start(cfg.to_dict(), folder=ctx.log_dir, run_name=cfg.name or "raydist",
-                               project=cfg.wandb_project, run_folder=f"{cfg.storage_path}/{cfg.name}"
+                               project=cfg.wandb_project,
+                               run_id=cfg.wandb_id or wandb_run_id(f"{cfg.storage_path}/{cfg.name}")
                                ) if writer and cfg.wandb else None
     try:  # closed however the loop ends (Tune stops a trial inside its report; a reused process goes on)
         history = _train_epochs(cfg, ctx, state, writer, wandb_run)
@@ -1055,8 +1064,8 @@ class SpotWatch:
         self.checkpoints += 1
         if self.notice is None:
             self.notice = info
-            steps = math.ceil(state.position / state.layout.global_batch)
-            self._say(info, f"checkpoint at epoch {state.epoch + 1}, step {steps}/{state.updates_per_epoch} "
+            self._say(info, f"checkpoint at epoch {state.epoch + 1}, step {state.steps_done()}/"
+                            f"{state.updates_per_epoch} "
                             f"written in {time.perf_counter() - t0:.1f} s")
 
     def wait_for_restart(self, exc: BaseException) -> None:
@@ -1084,7 +1093,7 @@ class SpotWatch:
 def resize_line(resumed: Optional[dict], state: "TrainingState") -> str:
     """What an elastic run says when its group (re)starts: the workers it trains on, where in the run, and
     the batch layout, e.g. "2 worker(s) joined: continuing on 4 workers at epoch 5, step 0/23; ..."."""
-    where = (f"at epoch {state.epoch + 1}, step {math.ceil(state.position / state.layout.global_batch)}/"
+    where = (f"at epoch {state.epoch + 1}, step {state.steps_done()}/"
              f"{state.updates_per_epoch}")
     before = (resumed or {}).get("world_size")
     if before is None or before == state.world:

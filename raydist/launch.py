@@ -41,6 +41,12 @@ def worker_path(path: Optional[str], *, joined_cluster: bool) -> Optional[str]:
     return _local_abspath(path)
 
 
+def new_wandb_id() -> str:
+    import secrets
+
+    return "raydist-" + secrets.token_hex(8)
+
+
 def prepare(cfg: TrainConfig, explicit: dict, config_files: Optional[list[str]] = None) -> TrainConfig:
     """Apply --resume, make paths absolute, name the run, check the data."""
     if cfg.resume:
@@ -48,6 +54,8 @@ def prepare(cfg: TrainConfig, explicit: dict, config_files: Optional[list[str]] 
         is_run_dir, saved = read_resume_target(resume)
         # The saved run's settings are the defaults now; --config and flags still override them.
         saved = {k: v for k, v in saved.items() if k not in ("address", "log_dir", "verbose")}
+        if not is_run_dir:  # a checkpoint folder starts a new run: a W&B run of its own
+            saved.pop("wandb_id", None)
         saved.update(resume=resume, name=os.path.basename(resume) if is_run_dir else None)
         if is_run_dir:
             saved["storage_path"] = os.path.dirname(resume)
@@ -59,7 +67,13 @@ def prepare(cfg: TrainConfig, explicit: dict, config_files: Optional[list[str]] 
             # Continued under another --name/--storage-path: Ray would look for checkpoints in the new
             # folder and find none, so start from the old run's latest checkpoint explicitly.
             cfg = dataclasses.replace(cfg, resume=latest_checkpoint(resume) or resume)
+            if "wandb_id" not in explicit:  # a new run folder, a new W&B run
+                cfg = dataclasses.replace(cfg, wandb_id=None)
     name = cfg.name or f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if cfg.wandb and cfg.wandb_id is None:
+        # One raydist run is one W&B run: a new id, kept in config.yaml for its restarts and --resume (an id
+        # made from the run folder's path would continue an old W&B run when a deleted run's name is reused).
+        cfg = dataclasses.replace(cfg, wandb_id=new_wandb_id())
     # On a cluster someone else started, `~/data` means each node's own home: expanded on the node.
     joined = cfg.address is not None
     cfg = dataclasses.replace(cfg, name=name, storage_path=_local_abspath(cfg.storage_path),

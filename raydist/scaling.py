@@ -292,7 +292,7 @@ def plot(points: list[Point], folder: str, *, target: float) -> list[str]:
 SET_BY_THE_GRID = {"num_workers": "--workers", "batch_size": "--batch-sizes", "target_accuracy": "--target",
                    "patience": "--target (a run stops at the first epoch that reaches it)",
                    "name": "--out (each run is named w<workers>-b<batch>-<rule>, -s<seed> with --repeats)",
-                   "resume": None}
+                   "resume": None, "wandb_id": "--wandb alone (each run of the grid is a W&B run of its own)"}
 
 
 DESCRIPTION = """\
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs per point, seeds --seed .. --seed + N - 1; the table shows the median and the range "
                         "(default: 1)")
     g.add_argument("--out", help="folder for the results and runs (default: <--storage-path>/scaling-<time>)")
-    g.add_argument("-h", "--help", action="store_true", help="show this help (and raydist.train's flags) and exit")
+    g.add_argument("-h", "--help", action="store_true", help="show this help and exit")
     return p
 
 

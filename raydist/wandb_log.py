@@ -7,9 +7,11 @@
 Without an API key (WANDB_API_KEY or ~/.netrc) it logs offline into FOLDER/wandb/offline-run-*, which
 `wandb sync` uploads later; a study's trials use Ray's WandbLoggerCallback instead (raydist.tune --wandb).
 
-One raydist run is one W&B run: its id comes from the run folder (`run_id`), and every start of the run's
-workers (a restart after a failure, a resize, `--resume RUN_FOLDER`) continues it (`resume="allow"`), as
-history.jsonl and curves.png continue. Each start used to open a new W&B run.
+One raydist run is one W&B run: raydist.train gives each new run an id (--wandb-id, kept in config.yaml),
+and every start of the run's workers (a restart after a failure, a resize, `--resume RUN_FOLDER`) continues
+it (`resume="allow"`), as history.jsonl and curves.png continue. Each start used to open a new W&B run.
+Epochs trained again after a restart (those after the last checkpoint) keep their first values in W&B,
+whose steps only go up; history.jsonl has the values of the run that went on.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ def offline_unless_key() -> Optional[str]:
 
 
 def run_id(run_folder: str) -> str:
-    """The W&B run id of the raydist run in `run_folder` (its storage path and name): the same on every
-    start of that run, different for every other run folder."""
+    """A W&B run id from `run_folder` (its storage path and name), for a loop started without --wandb-id
+    (not through raydist.train): the same on every start of that run, different for every other folder."""
     import hashlib
 
     return "raydist-" + hashlib.sha1(run_folder.rstrip("/").encode()).hexdigest()[:16]
@@ -49,13 +51,13 @@ class WandbRun:
 
     @classmethod
     def start(cls, config: dict, *, folder: str, run_name: str, project: Optional[str],
-              run_folder: Optional[str] = None) -> "WandbRun":
+              run_id: Optional[str] = None) -> "WandbRun":
         import wandb
 
         mode = offline_unless_key()
         os.makedirs(folder, exist_ok=True)
         run = wandb.init(project=project or "raydist", name=run_name, config=config, dir=folder, mode=mode,
-                         id=run_id(run_folder) if run_folder else None, resume="allow" if run_folder else None,
+                         id=run_id, resume="allow" if run_id else None,
                          settings=wandb.Settings(silent=True))
         where = f"offline to {run.dir.rsplit('/files', 1)[0]} (wandb sync it)" if mode == "offline" else run.url
         print(f"W&B: logging {run_name} {where}", flush=True)

@@ -250,6 +250,7 @@ def test_repeats_run_every_point_with_its_own_seed_and_the_table_shows_the_media
     (["--target-accuracy", "0.5"], r"--target-accuracy: every run of the grid sets target_accuracy itself"),
     (["--name", "x"], r"--name: every run of the grid sets name itself; use --out"),
     (["--resume", "somewhere"], r"--resume: .*a scaling study starts every run afresh"),
+    (["--wandb", "--wandb-id", "x"], r"--wandb-id: every run of the grid sets wandb_id itself; use --wandb alone"),
     (["--workers", "1", "1000", "--batch-sizes", "1"],
      r"the grid's largest run \(w1000-b1-linear\): --workers 1000 x --cpus-per-worker 1 asks for 1000 CPUs"),
     (["--storage-path", "elsewhere"], r"--storage-path elsewhere with --out .*: the runs go into --out"),

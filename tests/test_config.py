@@ -238,14 +238,15 @@ def test_help_lists_grouped_flags(tmp_path):
     assert "--grad-accum" in result.stdout and "--target-accuracy" in result.stdout
 
 
-def _fake_run_dir(root, name="old-run", epochs=(1, 2, 3)):
+def _fake_run_dir(root, name="old-run", epochs=(1, 2, 3), **saved):
     import yaml
 
     from raydist.engine import checkpoint_bytes
 
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(TrainConfig(name=name, storage_path=str(root)).to_dict()))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(TrainConfig(name=name, storage_path=str(root),
+                                                                    **saved).to_dict()))
     for epoch in epochs:
         (run_dir / f"checkpoint_epoch_{epoch:04d}").mkdir()
         # A readable checkpoint: one cut short is skipped (tests/test_faults.py)
@@ -260,6 +261,19 @@ def test_resume_a_run_folder_in_place_lets_ray_pick_the_latest_checkpoint(tmp_pa
     explicit = {"resume": str(run_dir)}
     cfg = prepare(TrainConfig(**explicit), explicit)
     assert (cfg.storage_path, cfg.name, cfg.resume) == (str(tmp_path), "old-run", str(run_dir))
+
+
+def test_wandb_project_on_resume_is_judged_by_the_resumed_runs_own_wandb_setting(tmp_path):
+    """--wandb-project without --wandb is refused; on --resume the run's saved `wandb` counts (the check ran
+    before the run's config was read and refused a project for a run that logs to W&B)."""
+    from raydist.launch import prepare
+
+    logged = _fake_run_dir(tmp_path, name="logged", wandb=True)
+    cfg = prepare(*parse_cli(["--resume", str(logged), "--wandb-project", "other", "--epochs", "5"]))
+    assert (cfg.wandb, cfg.wandb_project, cfg.name) == (True, "other", "logged")
+    plain = _fake_run_dir(tmp_path, name="plain")
+    with pytest.raises(ConfigError, match="--wandb-project other without --wandb: nothing would be logged"):
+        prepare(*parse_cli(["--resume", str(plain), "--wandb-project", "other", "--epochs", "5"]))
 
 
 def test_resume_a_run_folder_under_another_name_starts_from_its_latest_checkpoint(tmp_path):

@@ -3,6 +3,7 @@ study's event lines and status line, and every command's --help. No Ray cluster 
 
 import io
 import re
+import time
 
 import pytest
 
@@ -55,6 +56,10 @@ def test_the_systemexit_rays_sigterm_handler_raises_in_a_stopping_process_is_dro
     assert console.without_ray_noise(SIGTERM_BLOCK[:-1]) == SIGTERM_BLOCK[:-1]
     other_exit = SIGTERM_BLOCK[:5] + ['  File "/my/code.py", line 3, in stop', "SystemExit: 1"]
     assert console.without_ray_noise(other_exit) == other_exit
+    # a block of the user's own just before Ray's is kept whole; Ray's after it still goes
+    user_block = ["Exception ignored in: <function Loader.__del__ at 0x7f01>", "Traceback (most recent call last):",
+                  '  File "/my/data.py", line 9, in __del__', "ValueError: closed twice"]
+    assert console.without_ray_noise(user_block + SIGTERM_BLOCK) == user_block
 
 
 def test_the_token_notice_of_rays_driver_is_matched_and_its_opt_out_notice_is_not():
@@ -210,8 +215,8 @@ def test_raydist_train_prints_the_runs_own_lines_without_rays_prefix(ray_cluster
     try:
         assert [name for name, _ in dispatcher.handlers].count("ray_print_logs") == 1
 
-        def emit(line, *, actor="RayTrainWorker", is_err=False):
-            dispatcher.emit({"pid": 4242, "ip": "127.0.0.1", "is_err": is_err, "job": "", "lines": [line],
+        def emit(line, *, actor="RayTrainWorker", is_err=False, pid=4242):
+            dispatcher.emit({"pid": pid, "ip": "127.0.0.1", "is_err": is_err, "job": "", "lines": [line],
                              "actor_name": actor, "task_name": "", "localhost": "127.0.0.1"})
 
         emit("epoch   1/15  train loss 2.2792")
@@ -224,6 +229,21 @@ def test_raydist_train_prints_the_runs_own_lines_without_rays_prefix(ray_cluster
         assert "\x1b[" not in "\n".join(line for line in out_lines if "epoch" in line or "data:" in line)
         assert re.search(r"\(RayTrainWorker pid=4242\)\S* /my/model.py:3: UserWarning: rank 1 saw a NaN", captured.err)
         assert re.search(r"\(TrainController pid=4242\)\S* the controller says hello", captured.out)
+
+        # Ray's deduplication holds back a line another process already printed, and lets it out with whatever
+        # batch comes after its 5 s window: each printed batch is judged by its own source
+        from ray._private.ray_logging import stdout_deduplicator
+
+        clock = [time.time()]
+        monkeypatch.setattr(stdout_deduplicator, "timesource", lambda: clock[0])
+        emit("the controllers restart the worker group", actor="TrainController", pid=5001)
+        emit("the controllers restart the worker group", actor="TrainController", pid=5002)  # held back
+        clock[0] += 10
+        emit("epoch   4/15  train loss 0.9871", pid=4242)  # the run's batch, which lets the held line out
+        out = capsys.readouterr().out
+        assert "epoch   4/15  train loss 0.9871" in out.splitlines()
+        held = re.findall(r"\(TrainController pid=(500\d)\)\S* the controllers restart the worker group", out)
+        assert held == ["5001", "5002"], out
     finally:
         cluster.filter_worker_output()  # as the session's other tests expect it: every line as Ray prints it
     emit("epoch   2/15  train loss 1.8")

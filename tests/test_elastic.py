@@ -128,7 +128,8 @@ def test_the_lr_at_every_update_is_a_function_of_images_seen_whatever_the_worker
             for state in states.values():
                 state.epoch, state.position = epoch, position
                 state._place_schedule()
-                assert state.schedule.update == update_at(epoch, position, num_items=N, global_batch=128)
+                assert state.schedule.update == update_at(epoch, position, num_items=N, global_batch=128,
+                                                          tail=min_tail(cfg))
                 lrs.add(state.optimizer.param_groups[0]["lr"])
             assert len(lrs) == 1
 
@@ -149,6 +150,28 @@ def test_a_warmup_from_one_workers_lr_is_the_same_on_every_worker_count_of_an_el
     warmup = 5 * per_epoch
     for state in states:  # from 32/128 of the peak, as a fixed group of 4 workers x 32 starts from 1/4 of it
         assert state.schedule.lr_at(0) == pytest.approx(peak * (0.25 + 0.75 / warmup))
+    # a --global-batch laid out for 4 workers of 64 accumulated twice: one worker's share is still 1/4 (not
+    # --batch-size / --global-batch = 1/8, which ignored each worker's accumulation to its share)
+    cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=32, global_batch=256, epochs=10, warmup_epochs=5,
+                      warmup_from="single_worker").validate()
+    for world in (1, 2, 4):
+        state = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=world, train_set=range(N), val_set=[])
+        peak, warmup = cfg.lr * 256 / 256, 5 * state.updates_per_epoch
+        assert state.schedule.lr_at(0) == pytest.approx(peak * (0.25 + 0.75 / warmup)), world
+
+
+def test_the_step_a_run_says_it_is_at_counts_a_folded_tail_in_the_last_step():
+    """The resize and spot-notice lines counted steps as position / global batch: after a last step that
+    holds the folded tail they said step 3/2 (the review of issue 30)."""
+    from raydist.engine import resize_line
+
+    cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=4, global_batch=16).validate()
+    state = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=2, train_set=range(36), val_set=[])
+    assert state.updates_per_epoch == 2  # 16 images, then 20: the 4 left over (under 2 x 4) join the last step
+    for position, steps in ((0, 0), (16, 1), (36, 2)):
+        state.position = position
+        assert state.steps_done() == steps
+        assert f"at epoch 1, step {steps}/2" in resize_line({"world_size": 2}, state)
 
 
 def test_the_per_worker_policy_keeps_the_batch_and_scales_the_lr_with_the_workers():
@@ -166,7 +189,13 @@ def test_the_per_worker_policy_keeps_the_batch_and_scales_the_lr_with_the_worker
     (["--num-workers", "2-"], "--num-workers '2-': give a number of workers, or a range MIN-MAX"),
     (["--num-workers", "a-b"], "--num-workers 'a-b': give a number of workers, or a range MIN-MAX"),
     (["--global-batch", "64"], "--global-batch applies to an elastic run only"),
-    (["--num-workers", "1-4", "--global-batch", "3"], "--global-batch 3 leaves some of the 4 workers"),
+    (["--num-workers", "1-4", "--global-batch", "3"], "--global-batch 3 gives some of the 4 workers fewer than 2 "
+                                                      "images a step"),
+    # 6 on 4 workers splits 2/2/1/1: two ranks would train on 1 image every step (the review of issue 30)
+    (["--num-workers", "2-4", "--global-batch", "6"], "--global-batch 6 gives some of the 4 workers fewer than 2 "
+                                                      "images a step .*give at least 8"),
+    (["--num-workers", "1-2", "--batch-size", "1"], "--batch-size 1: an elastic run feeds each worker at least 2 "
+                                                    "images at a time"),
     (["--num-workers", "1-4", "--global-batch", "5000"], "a global batch of 5000 images per step is more than"),
     (["--num-workers", "1-4", "--elastic-batch", "per_worker", "--global-batch", "64"], "--global-batch 64 fixes the global batch, which --elastic-batch per_worker"),
 ])
