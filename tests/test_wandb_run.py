@@ -2,6 +2,7 @@
 
 import glob
 import re
+import time
 
 import pytest
 
@@ -26,11 +27,17 @@ def test_every_start_of_one_run_continues_its_one_wandb_run_and_another_run_gets
         ids.append(logger.run.id)
         logger.finish()
     assert ids == ["raydist-0123456789abcdef"] * 2
-    steps = []
-    for attempt in (1, 2):
-        (run_file,) = glob.glob(str(tmp_path / f"events{attempt}" / "wandb" / f"offline-run-*-{ids[0]}" / "*.wandb"))
-        steps += [int(record["_step"]) for record in read_wandb_history(run_file)]
-    assert steps == [1, 2, 3]  # `wandb sync` uploads both into the one run, each epoch once
+    steps = {}
+    deadline = time.monotonic() + 30  # W&B's service may still be writing a run file after finish() returned
+    while time.monotonic() < deadline:  # (once, in a full quick-tier run, the second file had no record yet)
+        for attempt in (1, 2):
+            (run_file,) = glob.glob(str(tmp_path / f"events{attempt}" / "wandb" / f"offline-run-*-{ids[0]}" /
+                                        "*.wandb"))
+            steps[attempt] = [int(record["_step"]) for record in read_wandb_history(run_file)]
+        if steps == {1: [1, 2], 2: [3]}:
+            break
+        time.sleep(0.5)
+    assert steps == {1: [1, 2], 2: [3]}  # `wandb sync` uploads both into the one run, each epoch once
     # a loop started without an id (not through raydist.train) takes one from its run folder
     run_folder = str(tmp_path / "runs" / "digits-resnet8-1")
     assert run_id(run_folder) == run_id(run_folder + "/") != run_id(str(tmp_path / "runs" / "digits-resnet8-2"))
