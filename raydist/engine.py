@@ -463,13 +463,13 @@ class TrainingState:
     def _place_schedule(self) -> None:
         # The point of training reached is `epoch` epochs plus `position` images of the next: the schedule
         # continues there in this run's own updates, whatever batch size or worker count it has.
-        done = self.steps_done() if self.elastic else math.ceil(self.position / self.layout.global_batch)
-        self.schedule.update = self.epoch * self.updates_per_epoch + done
+        self.schedule.update = self.epoch * self.updates_per_epoch + self.steps_done()
         self.schedule.apply(self.optimizer)  # then each update's step() sets the next one's LR
 
     def steps_done(self) -> int:
         """The optimizer steps of epoch `epoch` that its `position` (images consumed) has taken, in the
-        epoch's own steps (raydist.elastic.step_ends: the last one may hold the folded tail)."""
+        epoch's own steps (raydist.elastic.step_ends: the last one may hold the folded tail). A position is
+        only ever inside an epoch walked in global batches (epoch_plan), elastic or resumed; else it is 0."""
         return update_at(0, self.position, num_items=len(self.train_set), global_batch=self.layout.global_batch,
                          tail=min_tail(self.cfg))
 
