@@ -383,7 +383,7 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
             setattr(study, key, value)
     if not searched:
         raise ConfigError(f"{path}: --set fixed every searched field; nothing is left to search")
-    for key in ("wandb", "wandb_project"):
+    for key in ("wandb", "wandb_project", "wandb_id"):
         if key in fixed or key in searched:
             raise ConfigError(f"{path}: {key} is a single run's setting; a study logs each trial to W&B with "
                               f"python -m raydist.tune --wandb (and --wandb-project)")

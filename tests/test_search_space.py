@@ -170,6 +170,8 @@ def test_set_fixes_a_searched_field_and_coerces_it(tmp_path):
     (("model: resnet8", "model: resnet8, lr: 0.1"), "'lr' is both fixed and searched"),
     (("model: resnet8", "model: resnet8, storage_path: /x"), "fixed.storage_path is set per trial by raydist.tune"),
     (("model: resnet8", "model: resnet8, verbose: true"), r"fixed.verbose: a study's console is set by console.verbose"),
+    (("model: resnet8", "model: resnet8, wandb: true"), r"wandb is a single run's setting; a study logs each trial"),
+    (("model: resnet8", "model: resnet8, wandb_id: abc"), r"wandb_id is a single run's setting; a study logs each"),
     (("model: resnet8", "model: vgg"), "unknown model 'vgg'"),
     (("grace_period: 2", "grace_period: 9"), "scheduler.grace_period 9 exceeds the most epochs a trial can run (6)"),
     (("reduction_factor: 2", "reduction_factor: 1"), "scheduler.reduction_factor must be a finite number above 1"),
