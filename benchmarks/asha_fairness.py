@@ -27,7 +27,8 @@ from types import SimpleNamespace
 import torch
 
 from raydist.config import TrainConfig
-from raydist.data import load_split, steps_per_epoch
+from raydist.data.sources import load_split
+from raydist.data.splits import steps_per_epoch
 from raydist.engine import local_context, lr_factor, run
 
 BATCH = 64  # images per step (1 worker)

@@ -41,7 +41,7 @@ def ray_docs_train_func(config: dict) -> None:
     from PIL import Image
     from torchvision import transforms
 
-    from raydist.data import load_split
+    from raydist.data.sources import load_split
     from raydist.models import create_model
 
     torch.set_num_threads(1)

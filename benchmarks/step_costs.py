@@ -43,7 +43,7 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def fake_cost(batch: int, repeats: int, device: torch.device) -> dict:
-    from raydist.data import FAKE_SPLITS, FakeSource, _hash32
+    from raydist.data.sources import FAKE_SPLITS, FakeSource, _hash32
 
     source = FakeSource(100_000, 224, 1000, salt=0, device=device)
     indices = torch.arange(batch, device=device)
@@ -66,7 +66,7 @@ def fake_cost(batch: int, repeats: int, device: torch.device) -> dict:
 
 def checkpoint_cost(model: str, repeats: int) -> dict:
     from raydist.config import TrainConfig
-    from raydist.data import TensorSource
+    from raydist.data.sources import TensorSource
     from raydist.engine import CHECKPOINT_FILE, TrainingState
 
     size = 224 if model.endswith("_imagenet") else 32

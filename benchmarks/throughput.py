@@ -77,7 +77,7 @@ def _sync(device: torch.device) -> None:
 def raydist_side(model: str, batch: int, compile_: bool, device: torch.device, steps: int, precision: str,
                  threads: int, channels_last: bool = True) -> float:
     from raydist.config import TrainConfig
-    from raydist.data import FakeSource, TensorSource
+    from raydist.data.sources import FakeSource, TensorSource
     from raydist.engine import TrainingState
 
     size = SIZES[model]

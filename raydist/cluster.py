@@ -27,7 +27,8 @@ import dataclasses
 import math
 from typing import Optional
 
-from raydist.config import ConfigError, host_port
+from raydist.errors import ConfigError
+from raydist.config import host_port
 
 # Set in the driver's environment before Ray starts: a local cluster's processes inherit them, and Ray
 # Train passes the health-check interval on to its controller and workers.

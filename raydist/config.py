@@ -22,14 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
+from raydist.errors import ConfigError
 
 MIN_MICRO_BATCH = 2  # images an elastic run feeds a worker at once, at least: BatchNorm needs more than one
 
 GROUPS = ("data", "model", "optimization", "schedule", "scaling", "output")
-
-
-class ConfigError(ValueError):
-    """Bad user input: printed as one line, exit code 2, before any cluster starts."""
 
 
 def _field(group: str, default: Any, help: str, choices: Optional[tuple] = None):
@@ -206,7 +203,7 @@ class TrainConfig:
     # -------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the first bad value and what is accepted."""
-        from raydist.data import DATASETS
+        from raydist.data.registry import DATASETS
         from raydist.models import MODELS
 
         for f in dataclasses.fields(self):
@@ -258,7 +255,7 @@ class TrainConfig:
             raise ConfigError(f"--data-loader {self.data_loader} applies to --dataset folder only (the other data "
                               f"sets are held in memory)")
         self._validate_transfer()
-        from raydist.data import train_size
+        from raydist.data.sizes import train_size
 
         items = train_size(self.dataset, val_fraction=self.val_fraction, fake_train_size=self.fake_train_size,
                            classes=self.class_list(), train_fraction=self.train_fraction,
@@ -273,7 +270,7 @@ class TrainConfig:
                               f"{self.num_workers * self.batch_size} images per step, but {self.dataset} has "
                               f"{items} training images; at most {items // self.num_workers} per worker with "
                               f"{self.num_workers} workers")
-        from raydist.data import val_size
+        from raydist.data.sizes import val_size
 
         if val_size(self.dataset, val_fraction=self.val_fraction, fake_val_size=self.fake_val_size,
                     classes=self.class_list(), data_dir=self.data_dir) == 0:
@@ -311,7 +308,8 @@ class TrainConfig:
         the meta device (no memory, no time), and the image side a fixed-size network accepts."""
         import torch
 
-        from raydist.models import MODELS, ModelArgError, check_model_args
+        from raydist.models import MODELS, check_model_args
+        from raydist.errors import ModelArgError
 
         try:
             self.model_args = check_model_args(self.model, self.model_args)
@@ -363,7 +361,7 @@ class TrainConfig:
         import torch
 
         from raydist.models import create_model
-        from raydist.models.pipeline import pipeline_units
+        from raydist.parallel.pipeline import pipeline_units
 
         with torch.device("meta"):  # the model's units, without memory or time
             units = [name for name, _ in pipeline_units(create_model(self.model, num_classes=2, **self.model_args))]
@@ -424,8 +422,8 @@ class TrainConfig:
 
     def _validate_folder(self) -> None:
         """--dataset folder: --data-dir must be a folder of class folders (listed here, before any cluster)."""
-        from raydist.data import folder_index
-        from raydist.image_folder import FolderError
+        from raydist.data.sources import folder_index
+        from raydist.errors import FolderError
 
         if self.download:
             raise ConfigError(f"--download fetches the published data sets; an image folder is read as it is "
@@ -447,7 +445,7 @@ class TrainConfig:
         return "resized_crop" if self.dataset == "folder" else "crop_flip"
 
     def _validate_transfer(self) -> None:
-        from raydist.data import DATASETS
+        from raydist.data.registry import DATASETS
 
         if self.pretrained and self.weights:
             raise ConfigError(f"--pretrained and --weights {self.weights} both name the starting weights; give one")
@@ -496,7 +494,7 @@ class TrainConfig:
         """--classes as a list of class indices, or None for all of them."""
         if self.classes is None:
             return None
-        from raydist.data import parse_classes
+        from raydist.data.registry import parse_classes
 
         try:
             return parse_classes(self.classes, num_classes=self._all_classes())
@@ -504,7 +502,7 @@ class TrainConfig:
             raise ConfigError(f"--classes {self.classes!r}: {exc}") from None
 
     def _all_classes(self) -> int:
-        from raydist.data import num_classes
+        from raydist.data.sizes import num_classes
 
         return num_classes(self.dataset, self.fake_num_classes, data_dir=self.data_dir, val_fraction=self.val_fraction)
 
@@ -524,7 +522,7 @@ class TrainConfig:
     def class_names(self) -> list[str]:
         """Index -> name of the classes the model predicts (an image folder's subfolder names, in the
         order of --classes when given)."""
-        from raydist.data import class_names
+        from raydist.data.sizes import class_names
 
         names = class_names(self.dataset, data_dir=self.data_dir, val_fraction=self.val_fraction,
                             fake_num_classes=self.fake_num_classes)
@@ -834,7 +832,7 @@ example:
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    from raydist.data import DATASETS
+    from raydist.data.registry import DATASETS
     from raydist.models import MODELS
 
     registry_choices = {"dataset": sorted(DATASETS), "model": sorted(MODELS)}

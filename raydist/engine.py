@@ -27,17 +27,20 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from raydist.augment import Augmenter
+from raydist.data.augment import Augmenter
 from raydist.config import TrainConfig, lr_scale
-from raydist.elastic import (FIRST_CHECK_AFTER, Step, batch_layout, check_every, epoch_order, epoch_steps, min_tail,
-                             single_worker_share, steps_in_epoch, update_at)
+from raydist.parallel.elastic import (FIRST_CHECK_AFTER, Step, batch_layout, check_every, epoch_order, epoch_steps, min_tail, single_worker_share, steps_in_epoch, update_at)
 from raydist.run_folder import CHECKPOINT_PREFIX
 from raydist.wandb_log import WandbRun
 from raydist.wandb_log import run_id as wandb_run_id
-from raydist.data import DATASETS, DatasetNotFound, download_lock, load_splits, shard_indices, steps_per_epoch
-from raydist.models.pipeline import Pipeline, pipeline_units, stage_devices, unit_costs
-from raydist.models.transfer import (Unit, WeightsError, build_model, freeze_norms, pretrained_source,
-                                     read_weights_file, set_trainable, transfer_units, unfrozen_stages)
+from raydist.data.registry import DATASETS
+from raydist.data.sources import download_lock, load_splits
+from raydist.data.splits import shard_indices, steps_per_epoch
+from raydist.errors import DatasetNotFound
+from raydist.parallel.pipeline import Pipeline, pipeline_units, stage_devices, unit_costs
+from raydist.models.transfer import (Unit, build_model, freeze_norms, pretrained_source, read_weights_file, set_trainable, transfer_units, unfrozen_stages)
+from raydist.errors import WeightsError
+from raydist.errors import CorruptCheckpoint, DataUnavailable, OutOfMemory, WorkerInputError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FINAL_MODEL_FILE = "model_final.pt"
@@ -64,23 +67,6 @@ class WorkerContext:
     preemption_info: Optional[Callable[[], Optional[dict]]] = None
     # every GPU this worker holds, `device` first (Ray Train's get_devices); the stages of --model-parallel
     devices: Optional[list] = None
-
-
-class WorkerInputError(Exception):
-    """A problem with the user's input that only a worker can see (data or a checkpoint missing on its node).
-    Every rank raises the same message; `raydist.train` prints it as the run's cause, in one line."""
-
-
-class DataUnavailable(WorkerInputError):
-    pass
-
-
-class CorruptCheckpoint(WorkerInputError):
-    """A checkpoint file that cannot be read (cut short by a crash while it was written, or damaged)."""
-
-
-class OutOfMemory(WorkerInputError):
-    """A worker ran out of device memory: a setting to change, said in one line (raised from torch's error)."""
 
 
 # ---- building blocks ------------------------------------------------------------------------------
@@ -468,7 +454,7 @@ class TrainingState:
 
     def steps_done(self) -> int:
         """The optimizer steps of epoch `epoch` that its `position` (images consumed) has taken, in the
-        epoch's own steps (raydist.elastic.step_ends: the last one may hold the folded tail). A position is
+        epoch's own steps (raydist.parallel.elastic.step_ends: the last one may hold the folded tail). A position is
         only ever inside an epoch walked in global batches (epoch_plan), elastic or resumed; else it is 0."""
         return update_at(0, self.position, num_items=len(self.train_set), global_batch=self.layout.global_batch,
                          tail=min_tail(self.cfg))
@@ -675,7 +661,7 @@ def with_fused_flag(optimizer_state: dict, fused: Optional[bool]) -> dict:
 def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     """Train according to `cfg` on this worker; return the metrics reported each epoch. Running out of
     memory is OutOfMemory, one line naming the model, the batch and the device's memory."""
-    from raydist.image_folder import TooManyBadImages
+    from raydist.errors import TooManyBadImages
 
     try:
         return _run(cfg, ctx)
@@ -883,7 +869,7 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
             splits = load(log=lambda line: print(f"data: {line}", flush=True) if rank == 0 else None)
             print(f"data: {cfg.dataset} ready in {os.path.expanduser(cfg.data_dir)} on node {node_id}", flush=True)
         except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below, whatever failed
-            from raydist.image_folder import FolderError
+            from raydist.errors import FolderError
 
             # missing, a download that failed, an image folder this node cannot use
             user_side = isinstance(exc, (DatasetNotFound, OSError, FolderError))
@@ -905,8 +891,8 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
 
 def folder_copy_bytes(cfg: TrainConfig) -> int:
     """What one worker holds of cfg's image folder decoded, on the memory path."""
-    from raydist.data import folder_index
-    from raydist.image_folder import decoded_bytes, stored_size
+    from raydist.data.sources import folder_index
+    from raydist.data.folder import decoded_bytes, stored_size
 
     return decoded_bytes(folder_index(cfg.data_dir, cfg.val_fraction), stored_size(input_side(cfg)))
 
@@ -917,16 +903,16 @@ def streams_folder(cfg: TrainConfig, *, workers_here: int, memory_bytes: Optiona
     would not fit in half its memory. The one rule for the workers, the checks before Ray and a study's plan."""
     if cfg.data_loader != "auto":
         return cfg.data_loader == "stream"
-    from raydist.image_folder import fits_in_memory
+    from raydist.data.folder import fits_in_memory
 
     return not fits_in_memory(folder_copy_bytes(cfg), workers_here, memory_bytes)
 
 
 def stream_splits(cfg: TrainConfig, *, device, log=None, rank: int = 0):
     """The image folder's train and val splits as Ray Data streams (raydist.folder_stream.StreamSource)."""
-    from raydist.data import folder_index
+    from raydist.data.sources import folder_index
     from raydist.folder_stream import StreamSource
-    from raydist.image_folder import bad_image_limit, stored_size
+    from raydist.data.folder import bad_image_limit, stored_size
 
     if cfg.classes or cfg.train_fraction != 1.0 or cfg.train_per_class:
         raise DataUnavailable("--classes, --train-fraction and --train-per-class select images of a folder held in "
@@ -1201,7 +1187,7 @@ def local_context(run_dir: str, device: str = "cpu", resume_state: Optional[dict
             shutil.rmtree(checkpoint_folder, ignore_errors=True)
 
     def write_file(name: str, data: bytes) -> None:
-        from raydist.failures import write_atomically
+        from raydist.storage import write_atomically
 
         write_atomically(os.path.join(run_dir, name), data)
 
@@ -1240,7 +1226,7 @@ def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, 
     import pyarrow.fs
 
     from raydist.config import metric_mode
-    from raydist.failures import write_atomically
+    from raydist.storage import write_atomically
 
     checkpoints = list(kept or [])
     sign = 1 if metric_mode(cfg.keep_by) == "max" else -1
@@ -1400,7 +1386,7 @@ def train_loop_per_worker(config: dict) -> list[dict]:
     def write_file(name: str, data: bytes) -> None:
         import pyarrow.fs
 
-        from raydist.failures import write_atomically
+        from raydist.storage import write_atomically
 
         storage = train_ctx.get_storage()  # RAY: the run folder, local or remote (S3, NFS)
         path = f"{storage.experiment_fs_path}/{name}"

@@ -14,13 +14,13 @@ worker that failed), and the tracebacks go to a file that the line names.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import traceback
 from typing import Optional
 
 from ray.train import UserCallback  # RAY: the restart notice runs in the Train controller
+from raydist.storage import write_atomically
 
 ERROR_LOG = "error.log"  # in the run folder (a study's trial: in the trial folder)
 
@@ -70,7 +70,7 @@ def _first_line(text: str) -> str:
 
 def describe(rank: Optional[int], error: BaseException) -> str:
     """One line for one worker's failure."""
-    from raydist.engine import WorkerInputError
+    from raydist.errors import WorkerInputError
 
     chain = _chain(error)
     own = next((e for e in chain if isinstance(e, WorkerInputError)), None)
@@ -89,7 +89,7 @@ def describe(rank: Optional[int], error: BaseException) -> str:
 def root_cause(exc: BaseException) -> str:
     """The run's cause in one line. A WorkerInputError on any rank is the user's cause; else the first
     rank that raised (the other ranks then fail in their collectives, a consequence); else a lost worker."""
-    from raydist.engine import WorkerInputError
+    from raydist.errors import WorkerInputError
 
     errors = worker_errors(exc)
     for rank, error in errors:
@@ -141,33 +141,6 @@ def write_error_log(folder: str, exc: BaseException) -> Optional[str]:
 # ---- files a crash cannot leave half written --------------------------------------------------------
 
 
-def write_atomically(path: str, data: bytes) -> None:
-    """Write `data` to `path` (local or URI) so that a reader sees the old file or the whole new one: a
-    local file is written beside it and renamed over it; an object store (s3://, gs://) makes an object
-    visible only when its upload completes."""
-    if "://" in path:
-        import pyarrow.fs
-
-        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
-        if not isinstance(fs, pyarrow.fs.LocalFileSystem):
-            with fs.open_output_stream(inner) as out:
-                out.write(data)
-            return
-        path = inner
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 # ---- a worker lost and replaced ---------------------------------------------------------------------
 
 
@@ -217,6 +190,3 @@ class RestartNotice(UserCallback):
               file=sys.stderr, flush=True)
 
 
-class TrialError(Exception):
-    """What a study's trial raises when its run failed: the cause in one line (Tune records it as the
-    trial's error and the results' `error` column shows it); the tracebacks are in the trial's error.log."""

@@ -58,7 +58,7 @@ def measure_files(paths: dict[str, str], *, cpus: float = 1) -> dict[str, dict]:
     import torch
 
     from raydist.config import TrainConfig
-    from raydist.data import load_split
+    from raydist.data.sources import load_split
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -97,7 +97,7 @@ def _cause(exc: BaseException) -> str:
     """One line: the task's own error, not Ray's wrapper around it."""
     cause = getattr(exc, "cause", None) or exc
     text = str(cause).splitlines()[0] if str(cause) else ""
-    from raydist.data import DatasetNotFound
+    from raydist.errors import DatasetNotFound
 
     return text if isinstance(cause, (DatasetNotFound, OSError)) else f"{type(cause).__name__}: {text}"
 
@@ -106,7 +106,7 @@ def measure_run(cfg, summary) -> Optional[dict]:
     """The run's final model and best checkpoint on the test split, once; written to the run folder. None
     when the data set has no test split or there is nothing saved to measure (a diverged run without a
     checkpoint); {"error": ...} when the measurement failed (the run itself stands)."""
-    from raydist.data import has_test_split
+    from raydist.data.registry import has_test_split
     from raydist.engine import CHECKPOINT_FILE, DIVERGED, FINAL_MODEL_FILE
 
     if not has_test_split(cfg.dataset):
@@ -126,7 +126,7 @@ def measure_run(cfg, summary) -> Optional[dict]:
 def measure_study(result) -> Optional[dict]:
     """A finished study's exported best model (best_model.pt) on the test split, once; written beside it."""
     from raydist.config import TrainConfig
-    from raydist.data import has_test_split
+    from raydist.data.registry import has_test_split
 
     if not result.best_model or result.interrupted:  # an interrupted study measures when it is finished
         return None
@@ -142,7 +142,7 @@ def measure_study(result) -> Optional[dict]:
 
 
 def _measure_and_write(paths: dict[str, str], cfg, *, use_gpu: bool, cpus: float, folder: str) -> dict:
-    from raydist.data import DATASETS
+    from raydist.data.registry import DATASETS
 
     try:
         models = measure_on_cluster(paths, use_gpu=use_gpu, cpus=cpus)

@@ -6,9 +6,9 @@
 
 The batches are the memory path's: the same seeded per-epoch permutation, the same padding so that every
 rank runs the same number of steps, the same unpadded exactly-once shards for evaluation
-(raydist.data.shard_indices). What changes is where the pixels come from: each call builds a Ray Data
+(raydist.data.splits.shard_indices). What changes is where the pixels come from: each call builds a Ray Data
 pipeline over this rank's files of the epoch (`ray.data.from_items` of their paths), whose map tasks read
-and decode them (raydist.image_folder.decode_files) on any node of the cluster with a free CPU, and the
+and decode them (raydist.data.folder.decode_files) on any node of the cluster with a free CPU, and the
 rank iterates the decoded uint8 batches with prefetching and a local shuffle buffer. Memory per node is
 bounded by Ray Data's streaming window, not by the folder's size; augmentation stays batched on the
 device, as for every data set.
@@ -33,7 +33,8 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from raydist.image_folder import SHOWN_BAD_FILES, FolderIndex, TooManyBadImages, decode_files
+from raydist.data.folder import SHOWN_BAD_FILES, FolderIndex, decode_files
+from raydist.errors import TooManyBadImages
 
 DECODE_BATCH = 64  # files per Ray Data map call: enough to amortise the call, small enough to spread
 PREFETCH_BATCHES = 4  # training batches decoded ahead of the step

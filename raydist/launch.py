@@ -18,11 +18,14 @@ import os
 import time
 from typing import Callable, Optional
 
-from raydist.config import ConfigError, TrainConfig, metric_mode, require_package, resolve
-from raydist.data import DATASETS, DataFileCorrupt, DatasetNotFound, check_files
-from raydist.image_folder import FolderError
-from raydist.run_folder import (check_epochs_left, is_uri, latest_checkpoint, read_resume_target,
-                                write_config)
+from raydist.errors import ConfigError
+from raydist.config import TrainConfig, metric_mode, require_package, resolve
+from raydist.data.registry import DATASETS
+from raydist.data.sources import check_files
+from raydist.errors import DataFileCorrupt, DatasetNotFound
+from raydist.errors import FolderError
+from raydist.run_folder import check_epochs_left, latest_checkpoint, read_resume_target, write_config
+from raydist.storage import is_uri
 
 
 # ---- before the cluster: resolve and check everything that can be checked ---------------------------
@@ -120,10 +123,10 @@ def check_folder_fits(cfg: TrainConfig, memory_bytes: Optional[int] = None, clus
     """Before Ray starts on this machine: `--data-loader memory` must fit its workers' copies in half of its
     memory, and the streamed path (asked for, or auto's choice) needs CPUs the workers leave free for Ray
     Data's decoding."""
-    from raydist.data import folder_index
+    from raydist.data.sources import folder_index
     from raydist.engine import folder_copy_bytes, input_side, streams_folder
     from raydist.folder_stream import DECODE_CPUS
-    from raydist.image_folder import fits_in_memory, host_memory_bytes, stored_size
+    from raydist.data.folder import fits_in_memory, host_memory_bytes, stored_size
 
     memory_bytes = host_memory_bytes() if memory_bytes is None else memory_bytes
     per_worker = folder_copy_bytes(cfg)
@@ -144,8 +147,8 @@ def check_weights(cfg: TrainConfig, *, on_this_machine: bool = True) -> None:
     """The starting weights (--pretrained, --weights) exist and fit the model: else one ConfigError, before
     anything starts. On a cluster someone else started (`on_this_machine` False) the workers' nodes may
     hold files this machine lacks: what is here is checked, what is not is left to each node's workers."""
-    from raydist.models.transfer import (WeightsError, build_model, pretrained_cache_file, pretrained_source,
-                                         read_weights_file)
+    from raydist.errors import WeightsError
+    from raydist.models.transfer import build_model, pretrained_cache_file, pretrained_source, read_weights_file
 
     try:
         if cfg.weights:
@@ -413,7 +416,7 @@ def _checkpoints_in_folder(history, run_dir: str,
     without a history record: its metrics come from the checkpoint, and when it is the one the trial
     resumes from, its epoch goes on record (the learning curve has no hole, and the folder is pruned like
     any other)."""
-    from raydist.engine import CorruptCheckpoint
+    from raydist.errors import CorruptCheckpoint
     from raydist.run_folder import checkpoint_folders, read_checkpoint
 
     kept, recovered = history.kept_checkpoints(), None

@@ -7,7 +7,7 @@ The model is a run folder (its model_final.pt), a study folder (its best_model.p
 (model_final.pt, best_model.pt, a checkpoint folder or its checkpoint.pt), local or a URI. Class names come
 from the file itself (saved there since raydist learned image folders), else the run folder's classes.json,
 else the label numbers. Every image goes through the evaluation preprocessing of the run's validation:
-decoded as the training folder's images were (raydist.image_folder.decode_image: RGB, shorter side to the
+decoded as the training folder's images were (raydist.data.folder.decode_image: RGB, shorter side to the
 stored size, centre square), then raydist.engine.input_pipeline without augmentation (centre crop or
 resize, the data set's normalisation, the channels the model reads). Runs on a GPU when there is one.
 
@@ -23,7 +23,8 @@ import os
 import sys
 from typing import Optional
 
-from raydist.config import ConfigError, _Parser
+from raydist.errors import ConfigError
+from raydist.config import _Parser
 
 DESCRIPTION = """Classify image files (or every image in folders) with a trained raydist model: one line per
 image with its top-k classes and probabilities, or a CSV.
@@ -46,7 +47,7 @@ def build_parser() -> _Parser:
 def model_file(path: str) -> str:
     """The model file a run folder, study folder, checkpoint folder or file names; ConfigError if none."""
     from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE
-    from raydist.run_folder import is_uri
+    from raydist.storage import is_uri
 
     if is_uri(path):
         return path
@@ -64,7 +65,7 @@ def model_file(path: str) -> str:
 
 def image_files(paths: list[str]) -> list[str]:
     """Files as given, and every image file in the folders given (sorted); ConfigError for a missing path."""
-    from raydist.image_folder import _is_image
+    from raydist.data.folder import _is_image
 
     found = []
     for path in paths:
@@ -122,9 +123,9 @@ class Predictor:
 
     def stored_side(self) -> int:
         """The side images are decoded to, as the training data's were."""
-        from raydist.data import DATASETS
+        from raydist.data.registry import DATASETS
         from raydist.engine import input_side
-        from raydist.image_folder import stored_size
+        from raydist.data.folder import stored_size
 
         if self.cfg.dataset == "folder":
             return stored_size(input_side(self.cfg))
@@ -159,7 +160,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import numpy as np
     import torch
 
-    from raydist.image_folder import decode_image
+    from raydist.data.folder import decode_image
 
     k = min(args.top_k, len(predictor.class_names))
     side, rows, failed = predictor.stored_side(), [], 0

@@ -18,15 +18,13 @@ from typing import Optional
 
 import yaml
 
-from raydist.config import ConfigError, TrainConfig
+from raydist.errors import ConfigError
+from raydist.config import TrainConfig
+from raydist.storage import is_uri
 
 CONFIG_FILE = "config.yaml"
 CLASSES_FILE = "classes.json"  # index -> class name of the run's model
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def read_resume_target(path: str) -> tuple[bool, dict]:
@@ -40,7 +38,8 @@ def read_resume_target(path: str) -> tuple[bool, dict]:
 
     import pyarrow.fs
 
-    from raydist.engine import CHECKPOINT_FILE, CorruptCheckpoint, load_checkpoint_file
+    from raydist.engine import CHECKPOINT_FILE, load_checkpoint_file
+    from raydist.errors import CorruptCheckpoint
 
     fs, root = pyarrow.fs.FileSystem.from_uri(path)  # an absolute local path or a URI
 
@@ -115,7 +114,7 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
 def latest_readable_checkpoint(run_dir: str) -> Optional[tuple[str, dict]]:
     """(folder, content) of the run folder's latest readable checkpoint (as latest_checkpoint), or None."""
-    from raydist.engine import CorruptCheckpoint
+    from raydist.errors import CorruptCheckpoint
 
     for folder in reversed(checkpoint_folders(run_dir)):
         try:
@@ -162,7 +161,7 @@ def write_config(cfg: TrainConfig) -> None:
     """Save the resolved config in the run folder (local path or URI) before training starts."""
     import pyarrow.fs
 
-    from raydist.failures import write_atomically
+    from raydist.storage import write_atomically
 
     fs, root = pyarrow.fs.FileSystem.from_uri(cfg.storage_path)
     fs.create_dir(f"{root}/{cfg.name}", recursive=True)

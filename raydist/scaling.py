@@ -40,7 +40,8 @@ import sys
 import time
 from typing import Optional
 
-from raydist.config import ConfigError, TrainConfig, _Parser, lr_scale, parse_cli
+from raydist.errors import ConfigError
+from raydist.config import TrainConfig, _Parser, lr_scale, parse_cli
 
 RULES = ("linear", "none")
 
@@ -336,7 +337,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[Point]]:
         raise ConfigError(f"--storage-path {explicit['storage_path']} with --out {args.out}: the runs go into "
                           f"--out; give one of them (--storage-path alone puts the study in "
                           f"<storage-path>/scaling-<time>)")
-    from raydist.run_folder import is_uri
+    from raydist.storage import is_uri
 
     out = args.out or os.path.join(base.storage_path, f"scaling-{time.strftime('%Y%m%d-%H%M%S')}")
     if is_uri(out):

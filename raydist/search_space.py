@@ -72,9 +72,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from raydist.config import (MODEL_ARG_PREFIX, ConfigError, TrainConfig, _base_type, _coerce, _coerce_all,
-                            check_folder_name, fold_model_args, is_model_arg_key, merge_config_values, metric_mode,
-                            read_yaml_mapping, split_worker_range)
+from raydist.config import (MODEL_ARG_PREFIX, TrainConfig, _base_type, _coerce, _coerce_all, check_folder_name, fold_model_args, is_model_arg_key, merge_config_values, metric_mode, read_yaml_mapping, split_worker_range)
+from raydist.errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "qloguniform", "randint", "qrandint", "choice")
 GRID_KINDS = ("randint", "qrandint", "quniform")  # sampled as a choice of their values

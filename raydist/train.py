@@ -15,7 +15,8 @@ import sys
 from typing import Optional
 
 from raydist import console, final_eval
-from raydist.config import ConfigError, parse_cli
+from raydist.errors import ConfigError
+from raydist.config import parse_cli
 from raydist.launch import CURVES_FILE, RunSummary, failure_cause, fit, prepare
 
 

@@ -31,7 +31,8 @@ from typing import Optional
 import yaml
 
 from raydist import final_eval, report
-from raydist.config import ConfigError, TrainConfig, check_address, check_folder_name, require_package
+from raydist.errors import ConfigError
+from raydist.config import TrainConfig, check_address, check_folder_name, require_package
 from raydist.search_space import ONE_WORKER_TRIALS, Study, load_study
 from raydist.study_results import StudyResult, summarize
 
@@ -337,7 +338,8 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
             fit(cfg, callbacks=[HistoryCallback(trial_path, started), epochs_to_tune()], storage_checked=True,
                 console=console, draw_curves=False)
     except Exception as exc:  # noqa: BLE001 - the trial's row says its cause in one line; tracebacks to a file
-        from raydist.failures import TrialError, root_cause, write_error_log
+        from raydist.errors import TrialError
+        from raydist.failures import root_cause, write_error_log
 
         cause = root_cause(exc)
         log = write_error_log(trial_path, exc)
@@ -562,7 +564,8 @@ def trial_loss_notice(experiment_path: str, restarts: int):
     error's text goes to the trial's error.log. A trial that raised has said its cause itself (run_trial)."""
     from ray.tune import Callback
 
-    from raydist.failures import ERROR_LOG, is_process_loss, lost_worker, write_atomically
+    from raydist.failures import ERROR_LOG, is_process_loss, lost_worker
+    from raydist.storage import write_atomically
 
     class TrialLossNotice(Callback):
         def on_trial_recover(self, iteration, trials, trial, **info):
@@ -891,7 +894,8 @@ def _error_text(error) -> str:
     wrapped with the trial's traceback), else the root cause of whatever it is."""
     import re
 
-    from raydist.failures import TrialError, root_cause
+    from raydist.errors import TrialError
+    from raydist.failures import root_cause
 
     if error is None:
         return "unknown error (Tune kept none)"

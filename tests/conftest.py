@@ -172,9 +172,10 @@ def digits_val_accuracy(saved: dict) -> float:
     saved model (`model_final.pt`, `best_model.pt` or `checkpoint.pt` contents), evaluated in this process."""
     import torch
 
-    from raydist.augment import Augmenter
+    from raydist.data.augment import Augmenter
     from raydist.config import TrainConfig
-    from raydist.data import DATASETS, load_split
+    from raydist.data.registry import DATASETS
+    from raydist.data.sources import load_split
     from raydist.models.transfer import load_trained_model
 
     cfg = TrainConfig.from_dict(saved.get("config") or {})

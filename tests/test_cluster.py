@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from raydist.cluster import validate_cluster_file
-from raydist.config import ConfigError
+from raydist.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_FILES = [ROOT / "cluster.yaml", ROOT / "cluster-local.yaml"]
@@ -285,7 +285,7 @@ def test_an_address_nothing_answers_at_is_one_line(tmp_path, monkeypatch, comman
     file names a port that something other than Ray now holds (it accepts and says nothing); ray.init waited
     on it for minutes."""
     from raydist.cluster import START_HEAD, START_LOCAL, check_reachable
-    from raydist.config import ConfigError
+    from raydist.errors import ConfigError
 
     case = _AddressCase(command, kind)
     try:

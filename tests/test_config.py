@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from raydist.config import ConfigError, TrainConfig, load_yaml, parse_cli
+from raydist.errors import ConfigError
+from raydist.config import TrainConfig, load_yaml, parse_cli
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 from clusters import ConsoleLines, shutdown_cluster
 
-from raydist.data import train_size
+from raydist.data.sizes import train_size
 from raydist.engine import read_image_trace
 
 

@@ -41,7 +41,7 @@ def test_horovods_lr_rule_warms_up_from_one_workers_lr_and_drops_at_its_mileston
     (dict(lr_milestones="30"), "--lr-milestones 30 applies to --lr-schedule step, not cosine"),
 ])
 def test_bad_milestones_are_one_line(overrides, message):
-    from raydist.config import ConfigError
+    from raydist.errors import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         TrainConfig(epochs=90, **overrides).validate()
@@ -115,7 +115,8 @@ def test_tensorboard_events_are_written(tmp_path):
 
 
 def test_resume_reads_its_checkpoint_through_rays_storage_layer_and_never_starts_over_silently(tmp_path):
-    from raydist.engine import WorkerInputError, checkpoint_bytes, read_resume_checkpoint
+    from raydist.errors import WorkerInputError
+    from raydist.engine import checkpoint_bytes, read_resume_checkpoint
 
     checkpoint = tmp_path / "checkpoint_epoch_0003"
     checkpoint.mkdir()
@@ -132,7 +133,8 @@ def test_resume_reads_its_checkpoint_through_rays_storage_layer_and_never_starts
 
 
 def test_a_corrupt_data_file_is_named_per_node_and_not_taken_for_missing_data(tmp_path):
-    from raydist.engine import DataUnavailable, load_data_once_per_node
+    from raydist.errors import DataUnavailable
+    from raydist.engine import load_data_once_per_node
 
     raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
@@ -150,7 +152,7 @@ def test_a_corrupt_data_file_is_named_per_node_and_not_taken_for_missing_data(tm
 
 
 def test_any_seed_gives_every_epoch_and_rank_its_own_stream():
-    from raydist.augment import Augmenter
+    from raydist.data.augment import Augmenter
     from raydist.engine import seed_epoch
 
     aug = Augmenter("crop_flip", mean=(0.5,) * 3, std=(0.25,) * 3)
@@ -165,7 +167,7 @@ def test_any_seed_gives_every_epoch_and_rank_its_own_stream():
 def test_lp_ft_gives_the_probe_and_the_fine_tuning_a_schedule_each(tmp_path):
     """The backbone unfreezes at --freeze-epochs into a fresh warmup and decay (fastai's fine_tune), at the
     backbone multiplier of the head's LR, not late in a schedule that has already decayed."""
-    from raydist.data import load_split
+    from raydist.data.sources import load_split
     from raydist.engine import TrainingState
     from raydist.models import create_model
 
@@ -225,7 +227,7 @@ def test_a_training_epoch_and_an_evaluation_hand_nothing_to_the_host_step_by_ste
     """Every call of a tensor method that makes the host wait for the device (on a GPU), counted over a
     training epoch and an evaluation of the real loop with augmentation on: none, whatever the step count.
     (A GPU adds what the CPU cannot show: torch.cuda.set_sync_debug_mode("error"), in the GPU checks.)"""
-    from raydist.data import load_splits
+    from raydist.data.sources import load_splits
     from raydist.engine import TrainingState
 
     cfg = TrainConfig(augment=augment, **{**FAST, "batch_size": 32}).validate()
@@ -262,7 +264,7 @@ def test_an_unfused_adamw_checkpoint_resumes_into_a_fused_optimizer_with_its_sta
     """A checkpoint written on CPUs (AdamW not fused) continued on a GPU (fused): PyTorch places each
     `step` by the flag in the groups it is given, so those groups must say fused, or the first fused update
     fails on a CPU step. (CPU fused AdamW stands in for the GPU one here; the flag is what differs.)"""
-    from raydist.data import load_split
+    from raydist.data.sources import load_split
     from raydist.engine import TrainingState
 
     cfg = TrainConfig(optimizer="adamw", lr=0.01, **{k: v for k, v in FAST.items() if k != "lr"}).validate()
@@ -296,7 +298,7 @@ def test_a_checkpoint_copied_into_storage_before_the_report_returns_counts_as_ho
     import raydist.failures
     from raydist.engine import _report_with_checkpoint, run_folder_context
 
-    real_write = raydist.failures.write_atomically
+    real_write = raydist.storage.write_atomically
 
     def slow_disk(path, data):
         clock.sleep(0.3)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from raydist.config import TrainConfig
-from raydist.engine import (CHECKPOINT_FILE, FINAL_MODEL_FILE, CorruptCheckpoint, OutOfMemory, load_checkpoint_file,
-                            local_context, run)
+from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file, local_context, run
+from raydist.errors import CorruptCheckpoint, OutOfMemory
 from raydist.study_history import read_history
 
 # A head for this many fake classes cannot be allocated (its weights alone are 25 TB): the CPU allocator
@@ -142,7 +142,7 @@ def test_a_worker_killed_mid_epoch_restarts_from_the_latest_checkpoint_and_the_r
 
 def _checkpoint(folder, epoch: int, *, truncate: bool = False):
     """A real checkpoint of a resnet8 digits run at `epoch` (cut to half its bytes when `truncate`)."""
-    from raydist.data import load_split
+    from raydist.data.sources import load_split
     from raydist.engine import TrainingState
 
     cfg = TrainConfig(epochs=epoch + 1)
@@ -199,7 +199,7 @@ def test_an_explicit_cut_short_checkpoint_or_weights_file_is_one_line_and_exit_2
 
 
 def test_a_file_whose_writer_dies_keeps_its_old_content_and_leaves_no_partial_file(tmp_path, monkeypatch):
-    from raydist.failures import write_atomically
+    from raydist.storage import write_atomically
 
     path = tmp_path / "model_final.pt"
     write_atomically(str(path), b"old")
@@ -259,7 +259,7 @@ def test_the_root_cause_of_a_worker_group_error_is_the_first_raising_ranks_inner
 
 
 def test_a_studys_failure_settings_reach_its_trials_and_bad_ones_are_one_line(tmp_path):
-    from raydist.config import ConfigError
+    from raydist.errors import ConfigError
     from raydist.search_space import load_study
 
     def study(text, **overrides):

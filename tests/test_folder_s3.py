@@ -16,7 +16,7 @@ import pytest
 from image_folders import write_digits_folder
 
 from raydist import train as train_cli
-from raydist.image_folder import load_folder_split, scan_folder
+from raydist.data.folder import load_folder_split, scan_folder
 
 
 
@@ -83,9 +83,9 @@ def test_an_unreachable_bucket_is_one_line_exit_2(bucket, capsys):
 
 STREAM_FROM_BUCKET = """
 import json, sys, ray, torch
-from raydist.data import shard_indices
+from raydist.data.splits import shard_indices
 from raydist.folder_stream import StreamSource
-from raydist.image_folder import scan_folder
+from raydist.data.folder import scan_folder
 ray.init(address=sys.argv[1], log_to_driver=False)
 index = scan_folder(sys.argv[2], val_fraction=0.1)
 source = StreamSource(index, "val", stored=32)

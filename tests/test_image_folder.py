@@ -17,10 +17,10 @@ from image_folders import write_awkward_files, write_digits_folder
 from PIL import Image
 
 from raydist import train as train_cli
-from raydist.augment import Augmenter, centre_crop, random_resized_crop_flip
+from raydist.data.augment import Augmenter, centre_crop, random_resized_crop_flip
 from raydist.config import TrainConfig
-from raydist.image_folder import (FolderError, TooManyBadImages, decode_image, load_folder_split, scan_folder,
-                                  stored_size)
+from raydist.errors import FolderError, TooManyBadImages
+from raydist.data.folder import decode_image, load_folder_split, scan_folder, stored_size
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +57,7 @@ def test_without_split_folders_a_stratified_seeded_share_is_held_out_the_same_ev
         assert n_val == round(0.1 * (n_train + n_val))
     assert not {f.path for f in index.splits["train"]} & {f.path for f in index.splits["val"]}
     # Listed again in another order (a new scan, as on another node), the same files are held out.
-    from raydist.image_folder import _scan
+    from raydist.data.folder import _scan
 
     _scan.cache_clear()
     again = scan_folder(str(tmp_path / "flat"), val_fraction=0.1)
@@ -116,7 +116,7 @@ def test_the_second_load_comes_from_the_cache_and_a_changed_file_decodes_again(t
     victim = tmp_path / "p" / index.splits["val"][0].path
     Image.fromarray(np.full((32, 32), 7, dtype=np.uint8)).save(victim, format="PNG" if victim.suffix == ".png"
                                                                else "JPEG", quality=50)
-    from raydist.image_folder import _scan
+    from raydist.data.folder import _scan
 
     _scan.cache_clear()
     changed = scan_folder(str(tmp_path / "p"), val_fraction=0.1)
@@ -287,7 +287,7 @@ def test_predict_refuses_a_missing_model_or_image_in_one_line(folder_run, tmp_pa
 
 
 def test_a_folder_too_large_for_the_workers_memory_is_refused_before_ray(split_folder):
-    from raydist.config import ConfigError
+    from raydist.errors import ConfigError
     from raydist.launch import check_folder_fits
 
     root, _ = split_folder
@@ -314,9 +314,9 @@ def test_a_folder_too_large_for_the_workers_memory_is_refused_before_ray(split_f
 
 STREAM_SHARDS = """
 import json, sys, ray, torch
-from raydist.data import shard_indices
+from raydist.data.splits import shard_indices
 from raydist.folder_stream import StreamSource
-from raydist.image_folder import scan_folder
+from raydist.data.folder import scan_folder
 ray.init(address=sys.argv[1], log_to_driver=False)
 out = {}
 for folder in ("clean", "awkward"):
@@ -333,7 +333,7 @@ for folder in ("clean", "awkward"):
                 "labels_match": sorted(torch.cat([l for _, l in got]).tolist()) == wanted,
                 "shape": list(got[0][0].shape), "dtype": str(got[0][0].dtype), "bad": sorted(source.bad),
                 "files": sorted(torch.cat(batches).tolist()), "total": len(source)}
-from raydist.image_folder import TooManyBadImages
+from raydist.errors import TooManyBadImages
 source = StreamSource(index, "train", stored=37, max_bad=0)  # the awkward folder, every file once
 try:
     list(source.batches(list(shard_indices(len(source), batch_size=16, rank=0, world_size=1, shuffle=False,

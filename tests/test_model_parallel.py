@@ -16,11 +16,11 @@ import torch
 from conftest import digits_val_accuracy
 from local_ddp import run_ddp
 
-from raydist.config import ConfigError, TrainConfig
+from raydist.errors import ConfigError
+from raydist.config import TrainConfig
 from raydist.engine import FINAL_MODEL_FILE, load_checkpoint_file
 from raydist.models import MODELS, create_model
-from raydist.models.pipeline import (Pipeline, balanced_stage_sizes, measured_seconds, models_with_units,
-                                     pipeline_units, stage_devices, unit_costs)
+from raydist.parallel.pipeline import (Pipeline, balanced_stage_sizes, measured_seconds, models_with_units, pipeline_units, stage_devices, unit_costs)
 
 CPU = torch.device("cpu")
 SPLITS = [(k, m) for k in (2, 3) for m in (1, 2, 4)]  # (stages, micro-batches)

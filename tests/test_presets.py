@@ -10,7 +10,8 @@ import torch
 import torchvision
 
 from raydist import presets
-from raydist.config import ConfigError, parse_cli
+from raydist.errors import ConfigError
+from raydist.config import parse_cli
 from raydist.engine import local_context, run
 
 # What each preset must hold: the workflow's own values wherever the workflow states one (issues 17 and 30),

@@ -14,7 +14,7 @@ import pytest
 
 from cli import run_main
 
-from raydist.config import ConfigError
+from raydist.errors import ConfigError
 from raydist.search_space import MAX_GRID, load_study
 from raydist.tune import SEARCH_SPACES, plan_concurrency
 
@@ -313,7 +313,7 @@ def test_a_trial_whose_config_the_checks_refuse_is_created_and_fails_alone_in_on
     trial fails with the one-line cause, which becomes its row's error while the study goes on."""
     import ray.tune
 
-    from raydist.failures import TrialError
+    from raydist.errors import TrialError
     from raydist.tune import run_trial, trial_resources
 
     study = load_study(_write(tmp_path, VALID))

@@ -13,11 +13,12 @@ import torch
 from conftest import digits_val_accuracy
 from local_ddp import run_ddp
 
-from raydist.config import ConfigError, TrainConfig
+from raydist.errors import ConfigError
+from raydist.config import TrainConfig
 from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE, final_model_bytes, local_context, run
 from raydist.models import MODELS, create_model
-from raydist.models.transfer import (WeightsError, backbone_stages, build_model, first_conv, pretrained_source,
-                                     read_weights_file, transfer_units)
+from raydist.errors import WeightsError
+from raydist.models.transfer import (backbone_stages, build_model, first_conv, pretrained_source, read_weights_file, transfer_units)
 
 TARGET = dict(dataset="digits", classes="5-9", train_per_class=20, num_workers=2, cpus_per_worker=1.0,
               batch_size=10, lr=1.0, warmup_epochs=0.5, augment="crop_flip", checkpoint_every=1)
@@ -311,7 +312,7 @@ def test_gradual_unfreezing_works_with_torch_compile(tmp_path, source_run):
 
 def test_a_file_the_driver_could_not_check_that_does_not_fit_is_the_workers_one_line_cause(tmp_path, source_run):
     """On a cluster joined with --address the driver may not see the file: the workers check it."""
-    from raydist.engine import WorkerInputError
+    from raydist.errors import WorkerInputError
 
     cfg = TrainConfig(model="wrn_dli", weights=str(source_run / FINAL_MODEL_FILE), epochs=1,
                       **{**TARGET, "num_workers": 1}).validate()
@@ -322,7 +323,8 @@ def test_a_file_the_driver_could_not_check_that_does_not_fit_is_the_workers_one_
 def test_a_checkpoint_whose_optimizer_layout_differs_is_refused_in_one_line(tmp_path, source_run):
     """A run from scratch keeps one group pair; a transfer run one per unit: loading one into the other
     (a --pretrained checkpoint saved by an earlier raydist) says so instead of a traceback."""
-    from raydist.engine import WorkerInputError, load_checkpoint_file
+    from raydist.errors import WorkerInputError
+    from raydist.engine import load_checkpoint_file
 
     scratch = TrainConfig(epochs=1, **{**TARGET, "num_workers": 1}).validate()
     run(scratch, local_context(str(tmp_path / "scratch")))

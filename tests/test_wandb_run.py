@@ -50,7 +50,8 @@ def test_each_new_run_gets_a_wandb_id_of_its_own_and_only_its_run_folder_continu
     W&B run, and W&B refuses the id of a run deleted there)."""
     import yaml
 
-    from raydist.config import ConfigError, parse_cli
+    from raydist.errors import ConfigError
+    from raydist.config import parse_cli
     from raydist.launch import prepare
     from raydist.run_folder import write_config
 

@@ -59,10 +59,6 @@ def register_model(name: str, description: str, pretrained_weights: Optional[str
     return wrap
 
 
-class ModelArgError(ValueError):
-    """A --model-arg the model's builder does not take, or a value of the wrong type or out of range."""
-
-
 def check_model_args(name: str, args: Optional[dict]) -> dict[str, Any]:
     """`args` checked against the builder's signature and converted to its annotated types (an int for a
     float argument becomes a float); raises ModelArgError naming the bad argument and what is accepted."""
@@ -91,3 +87,4 @@ def create_model(name: str, *, num_classes: int, **model_args) -> nn.Module:
 
 # Importing the modules registers their models.
 from raydist.models import resnet, small_cnn, wide_resnet  # noqa: E402,F401
+from raydist.errors import ModelArgError

@@ -26,15 +26,12 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from raydist.models import MODELS, create_model
+from raydist.errors import WeightsError
 
 HEAD = "fc"  # every registered model's classifier
 GREY_INPUTS = ("replicate", "sum", "reinit")
 FINETUNE_MODES = ("full", "linear", "gradual", "lp-ft")
 DOWNLOAD_TIMEOUT_S = 30  # a cluster node without internet fails at once or hangs; never for minutes
-
-
-class WeightsError(ValueError):
-    """Pretrained weights that cannot be had or do not fit: one line saying what and what fixes it."""
 
 
 @dataclass

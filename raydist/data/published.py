@@ -1,6 +1,6 @@
 """The published data files (CIFAR-10, CIFAR-100, Fashion-MNIST): checked, read, and downloaded.
 
-    from raydist.data_files import read_published
+    from raydist.data.published import read_published
     images, labels = read_published("cifar10", "train", "~/data", download=False)   # uint8 N x 32 x 32 x 3
 
 torchvision reads the files. raydist looks at them first, so that a missing file, or one that is truncated
@@ -21,7 +21,8 @@ from typing import Optional
 
 import torch
 
-from raydist.data import DATASETS, DataFileCorrupt, DatasetNotFound, DownloadFailed
+from raydist.data.registry import DATASETS
+from raydist.errors import DataFileCorrupt, DatasetNotFound, DownloadFailed
 
 # Where --download fetches the archives: torchvision's addresses. A module constant, so that tests point it
 # at a local port (no network in tests) and a site can name its own mirror first.

@@ -1,13 +1,13 @@
 """The user's own images: a folder laid out as torchvision's ImageFolder, timm and fastai read it.
 
-    from raydist.image_folder import scan_folder, load_folder_split
+    from raydist.data.folder import scan_folder, load_folder_split
     index = scan_folder("~/photos", val_fraction=0.1)   # classes, and each split's files (path, bytes, label)
     images, labels, report = load_folder_split(index, "train", stored_size=256)
 
 Layout: one subfolder per class (its name is the class name), images inside, at any depth below it. With
 `train/` and `val/` (or `validation/`) subfolders, those are the splits and each holds the class folders;
 without them a seeded share of each class (`val_fraction`) is held out for validation: the same files on
-every run and every node, whatever --seed says (raydist.data.held_out, on the files sorted by path).
+every run and every node, whatever --seed says (raydist.data.splits.held_out, on the files sorted by path).
 
 The folder is a local path, a shared mount or a URI (s3://, gs://): it is listed and read through pyarrow's
 filesystems, so every node reads its files itself. Images are decoded with Pillow (JPEG, PNG, WebP, BMP;
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+from raydist.errors import FolderError, TooManyBadImages
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation")}
@@ -43,14 +44,6 @@ EVAL_RESIZE_RATIO = 256 / 224  # ImageNet evaluation: resize to 256, centre-crop
 CACHE_VERSION = 1  # bump when decode_image's output changes: older cache files are then not used
 CACHE_ENV = "RAYDIST_CACHE_DIR"  # where decoded folders are cached (default ~/.cache/raydist/folders)
 SHOWN_BAD_FILES = 5  # names of skipped files given in the run log
-
-
-class FolderError(ValueError):
-    """The folder cannot be a data set (missing, empty, one class, ...): one line naming the path."""
-
-
-class TooManyBadImages(OSError):
-    """More undecodable image files than --max-bad-images allows."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +142,7 @@ def _scan(root: str, val_fraction: float) -> FolderIndex:
     import pyarrow.fs
     import torch
 
-    from raydist.data import held_out
+    from raydist.data.splits import held_out
 
     fs, base = _filesystem(root)
     try:

@@ -1,6 +1,7 @@
 """Data sets by name, held as uint8 tensors on the worker's device, and each worker's shard of them.
 
-    from raydist.data import load_split, shard_indices
+    from raydist.data.sources import load_split
+    from raydist.data.splits import shard_indices
     train = load_split("digits", "train", device="cpu")
     for idx in shard_indices(len(train), batch_size=64, rank=0, world_size=2, epoch=0, seed=0):
         images, labels = train.batch(idx)        # uint8 N x 3 x H x W, int64 N
@@ -21,57 +22,14 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from raydist.data.registry import DATASETS, SPLITS, register_dataset
+from raydist.data.splits import DIGITS_SPLIT_SEED, SUBSET_SEED, _subset_size, held_out
 
-SPLITS = ("train", "val", "test")
-DIGITS_SPLIT_SEED = 0  # fixed: the digits validation set is the same whatever --seed says
-VAL_SPLIT_SEED = 0  # fixed: the images held out of a published training set for validation never change
 DIGITS_SIZE = 1797  # images in scikit-learn's digits
-
-
-class DatasetNotFound(FileNotFoundError):
-    """The data set is not on disk and was not asked to be downloaded."""
-
-
-class DataFileCorrupt(OSError):
-    """A data file is there but truncated or damaged (an OSError: the user's side, like a missing one)."""
-
-
-class DownloadFailed(OSError):
-    """--download could not fetch the data set (no network, a proxy, a mirror down)."""
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    num_classes: int
-    mean: tuple[float, float, float]  # per channel, of the images the model sees, scaled to [0, 1]
-    std: tuple[float, float, float]
-    image_size: int  # side in pixels after loading (fake: set by --fake-image-size)
-    load: Callable[..., Union["TensorSource", "FakeSource"]]
-    title: str  # as people write it, for messages
-    needs_files: bool = False  # read from --data-dir (and downloadable)
-    grey: bool = False  # one grey level replicated to 3 channels (can be fed as 1: --grey-input)
-    has_test: bool = False  # a published test split, measured once at the end (raydist.final_eval)
-    val_fraction: float = 0.2  # share held out for validation when --val-fraction is not given
-
-
-DATASETS: dict[str, DatasetSpec] = {}
-
-
-def register_dataset(name, num_classes, mean, std, image_size, **details):
-    def wrap(load):
-        DATASETS[name] = DatasetSpec(name, num_classes, mean, std, image_size, load, **details)
-        return load
-    return wrap
-
-
-def has_test_split(name: str) -> bool:
-    return DATASETS[name].has_test
 
 
 # ---- sources --------------------------------------------------------------------------------------
@@ -161,7 +119,6 @@ def _hash32_int32(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 16) & 0xFFFF)
 
 
-# ---- registry -------------------------------------------------------------------------------------
 
 
 def digits_arrays():
@@ -205,27 +162,11 @@ def _load_digits(split: str, *, val_fraction: float = 0.2, **_) -> TensorSource:
     return TensorSource(images[chosen], labels[chosen])
 
 
-def held_out(labels: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Which images of a published training set are held out for validation (a boolean mask): round(fraction
-    x n) of each class's n images, a fixed random choice (VAL_SPLIT_SEED), so both parts keep every class's
-    share and the split never changes with --seed (or between a run and its resume)."""
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
-    mask = torch.zeros(len(labels), dtype=torch.bool)
-    for label in labels.unique().tolist():
-        members = order[labels[order] == label]  # this class's images in the fixed random order
-        mask[members[:_held_out_count(len(members), fraction)]] = True
-    return mask
-
-
-def _held_out_count(n: int, fraction: float) -> int:
-    return round(n * fraction)
-
-
 def _file_split(name: str, split: str, *, data_dir: str, download: bool,
                 val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`split` of a data set published as a training and a test set: test is the published test set, val
     the held-out share of the published training set and train the rest of it."""
-    from raydist.data_files import read_published
+    from raydist.data.published import read_published
 
     if split == "test":
         return read_published(name, "test", data_dir, download)
@@ -292,7 +233,7 @@ def _load_folder(split: str, *, data_dir: str, val_fraction: float, input_size: 
                  **_) -> TensorSource:
     """The user's own images (raydist.image_folder), decoded once per node at the stored size of the
     input size (ImageNet's 256 for 224) and cached; ImageNet's statistics normalise them."""
-    from raydist.image_folder import bad_image_limit, first_names, load_folder_split, scan_folder, stored_size
+    from raydist.data.folder import bad_image_limit, first_names, load_folder_split, scan_folder, stored_size
 
     index = scan_folder(data_dir, val_fraction=val_fraction)
     images, labels, report = load_folder_split(index, split, stored=stored_size(input_size or FOLDER_INPUT_SIZE),
@@ -305,111 +246,11 @@ def _load_folder(split: str, *, data_dir: str, val_fraction: float, input_size: 
 
 
 def folder_index(data_dir: str, val_fraction: Optional[float]):
-    """The scanned image folder of --data-dir (raydist.image_folder.FolderIndex)."""
-    from raydist.image_folder import scan_folder
+    """The scanned image folder of --data-dir (raydist.data.folder.FolderIndex)."""
+    from raydist.data.folder import scan_folder
 
     return scan_folder(data_dir, val_fraction=DATASETS["folder"].val_fraction if val_fraction is None
                        else val_fraction)
-
-
-FILE_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}  # the published training
-# sets, each with the same number of images per class
-SUBSET_SEED = 0  # --train-fraction / --train-per-class pick the same images whatever --seed says
-
-
-def train_size(name: str, *, val_fraction: Optional[float] = None, fake_train_size: int = 12800,
-               classes: Optional[list[int]] = None, train_fraction: float = 1.0,
-               train_per_class: Optional[int] = None, data_dir: str = "") -> int:
-    """Training images of a data set after the validation hold-out and the class and size selection, known
-    without loading the images (for checks before any cluster starts)."""
-    fraction = DATASETS[name].val_fraction if val_fraction is None else val_fraction
-    if name == "fake":
-        return fake_train_size
-    if name == "digits":
-        labels = _load_digits("train", val_fraction=fraction).labels
-        per_class = torch.bincount(labels, minlength=10).tolist()
-    elif name == "folder":
-        per_class = folder_index(data_dir, fraction).counts("train")
-    else:
-        total = DATASETS[name].num_classes
-        published = FILE_TRAIN_SIZES[name] // total
-        per_class = [published - _held_out_count(published, fraction)] * total
-    kept = [per_class[c] for c in (classes if classes else range(len(per_class)))]
-    return sum(_subset_size(n, train_fraction, train_per_class) for n in kept)
-
-
-def val_size(name: str, *, val_fraction: Optional[float] = None, fake_val_size: int = 1280,
-             classes: Optional[list[int]] = None, data_dir: str = "") -> int:
-    """Validation images of a data set after the hold-out and the class selection (for checks before any
-    cluster starts: an empty validation split would divide by zero in every worker)."""
-    fraction = DATASETS[name].val_fraction if val_fraction is None else val_fraction
-    if name == "fake":
-        return fake_val_size
-    if name == "digits":
-        per_class = torch.bincount(_load_digits("val", val_fraction=fraction).labels, minlength=10).tolist()
-    elif name == "folder":
-        per_class = folder_index(data_dir, fraction).counts("val")
-    else:
-        total = DATASETS[name].num_classes
-        per_class = [_held_out_count(FILE_TRAIN_SIZES[name] // total, fraction)] * total
-    return sum(per_class[c] for c in (classes if classes else range(len(per_class))))
-
-
-def _subset_size(n: int, fraction: float, per_class: Optional[int]) -> int:
-    if per_class:
-        return min(n, per_class)
-    return n if fraction >= 1.0 else max(1, round(n * fraction))
-
-
-def num_classes(name: str, fake_num_classes: int = 1000, *, data_dir: str = "",
-                val_fraction: Optional[float] = None) -> int:
-    """Classes of the whole data set (a run's model predicts TrainConfig.num_classes())."""
-    if name == "folder":
-        return len(folder_index(data_dir, val_fraction).classes)
-    return fake_num_classes if name == "fake" else DATASETS[name].num_classes
-
-
-DIGIT_NAMES = [str(d) for d in range(10)]
-CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-FASHION_MNIST_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                       "Ankle boot"]
-
-
-def class_names(name: str, *, data_dir: str = "", val_fraction: Optional[float] = None,
-                fake_num_classes: int = 1000) -> list[str]:
-    """Index -> class name of a data set's labels (before --classes picks some): an image folder's subfolder
-    names; the published names of digits, CIFAR-10 and Fashion-MNIST; the label numbers of CIFAR-100;
-    none for fake data."""
-    known = {"digits": DIGIT_NAMES, "cifar10": CIFAR10_NAMES, "fashion_mnist": FASHION_MNIST_NAMES}
-    if name == "folder":
-        return list(folder_index(data_dir, val_fraction).classes)
-    if name in known:
-        return list(known[name])
-    if name == "fake":  # random labels have no names (and there can be billions of them)
-        return []
-    return [str(i) for i in range(num_classes(name, fake_num_classes))]
-
-
-def parse_classes(spec: str, *, num_classes: int) -> list[int]:
-    """"0-4" -> [0, 1, 2, 3, 4]; "5,7,9" -> [5, 7, 9]; "0-2,8" -> [0, 1, 2, 8]. Order kept (it numbers the labels)."""
-    chosen: list[int] = []
-    for part in str(spec).replace(" ", "").split(","):
-        low, dash, high = part.partition("-")
-        try:
-            numbers = list(range(int(low), int(high) + 1)) if dash else [int(low)]
-        except ValueError:
-            raise ValueError(f"{part!r} is neither a class number nor a range like 0-4") from None
-        if dash and int(high) < int(low):
-            raise ValueError(f"the range {part!r} is empty")
-        chosen += numbers
-    outside = [c for c in chosen if not 0 <= c < num_classes]
-    if outside:
-        raise ValueError(f"class {outside[0]} is outside 0-{num_classes - 1}")
-    if len(set(chosen)) != len(chosen):
-        raise ValueError("a class is named twice")
-    if len(chosen) < 2:
-        raise ValueError("a classifier needs at least 2 classes")
-    return chosen
 
 
 def select(source: TensorSource, *, classes: Optional[list[int]] = None, fraction: float = 1.0,
@@ -460,7 +301,7 @@ def load_split(name: str, split: str, *, device="cpu", classes: Optional[list[in
 def load_splits(name: str, splits: tuple[str, ...], **options) -> tuple:
     """Several splits of a data set (as load_split), reading each data file once: train and val both come
     from the published training files."""
-    from raydist.data_files import reading_once
+    from raydist.data.published import reading_once
 
     with reading_once():
         return tuple(load_split(name, split, **options) for split in splits)
@@ -485,40 +326,5 @@ def download_lock(data_dir: str):
     return FileLock(os.path.join(root, ".raydist-download.lock"))
 
 
-# ---- sharding -------------------------------------------------------------------------------------
 
 
-def shard_indices(num_items: int, *, batch_size: int, rank: int, world_size: int, epoch: int = 0,
-                  seed: int = 0, shuffle: bool = True, drop_last: bool = True, pad: bool = True,
-                  device=None) -> Iterator[torch.Tensor]:
-    """Yield this rank's batches of indices for one epoch.
-
-    Training (shuffle, pad, drop_last): every rank draws the same permutation for (seed, epoch), pads it by
-    wrapping around so that all ranks hold equally many items, and takes every world_size-th item. Equal
-    step counts keep DDP's allreduces matched; dropping the last short batch keeps BatchNorm away from
-    single-image batches. Evaluation (no shuffle, no pad, keep last): each item is seen exactly once.
-    `device`: where the batches are. The permutation is drawn on the CPU (the same on every device) and
-    moved there once per epoch; each batch is then a slice on the device, so no step copies indices from
-    the host (on a GPU, a copy that makes the host wait for the device).
-    """
-    if shuffle:
-        order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    else:
-        order = torch.arange(num_items)
-    if pad and num_items % world_size:
-        extra = world_size - num_items % world_size
-        order = torch.cat([order, order.repeat(-(-extra // num_items))[:extra]])  # even when extra > num_items
-    mine = order[rank::world_size]
-    if device is not None:
-        mine = mine.to(device)
-    stop = len(mine)
-    if drop_last and len(mine) >= batch_size:
-        stop = len(mine) - len(mine) % batch_size
-    for start in range(0, stop, batch_size):
-        yield mine[start:start + batch_size]
-
-
-def steps_per_epoch(num_items: int, *, batch_size: int, world_size: int) -> int:
-    """Training batches each rank runs per epoch (matches shard_indices with its training defaults)."""
-    per_rank = -(-num_items // world_size)
-    return max(per_rank // batch_size, 1) if per_rank >= batch_size else 1

@@ -1,0 +1,76 @@
+"""What a data set holds, known before its images are loaded: training and validation sizes after the
+hold-out and the class and size selection, class counts and class names (for the checks before any cluster
+starts, and for the run folder's classes.json)."""
+
+from __future__ import annotations
+
+from typing import Optional
+import torch
+from raydist.data.sources import _load_digits, folder_index
+from raydist.data.registry import CIFAR10_NAMES, DATASETS, DIGIT_NAMES, FASHION_MNIST_NAMES
+from raydist.data.splits import _held_out_count, _subset_size
+
+
+FILE_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}  # the published training
+# sets, each with the same number of images per class
+
+
+def train_size(name: str, *, val_fraction: Optional[float] = None, fake_train_size: int = 12800,
+               classes: Optional[list[int]] = None, train_fraction: float = 1.0,
+               train_per_class: Optional[int] = None, data_dir: str = "") -> int:
+    """Training images of a data set after the validation hold-out and the class and size selection, known
+    without loading the images (for checks before any cluster starts)."""
+    fraction = DATASETS[name].val_fraction if val_fraction is None else val_fraction
+    if name == "fake":
+        return fake_train_size
+    if name == "digits":
+        labels = _load_digits("train", val_fraction=fraction).labels
+        per_class = torch.bincount(labels, minlength=10).tolist()
+    elif name == "folder":
+        per_class = folder_index(data_dir, fraction).counts("train")
+    else:
+        total = DATASETS[name].num_classes
+        published = FILE_TRAIN_SIZES[name] // total
+        per_class = [published - _held_out_count(published, fraction)] * total
+    kept = [per_class[c] for c in (classes if classes else range(len(per_class)))]
+    return sum(_subset_size(n, train_fraction, train_per_class) for n in kept)
+
+
+def val_size(name: str, *, val_fraction: Optional[float] = None, fake_val_size: int = 1280,
+             classes: Optional[list[int]] = None, data_dir: str = "") -> int:
+    """Validation images of a data set after the hold-out and the class selection (for checks before any
+    cluster starts: an empty validation split would divide by zero in every worker)."""
+    fraction = DATASETS[name].val_fraction if val_fraction is None else val_fraction
+    if name == "fake":
+        return fake_val_size
+    if name == "digits":
+        per_class = torch.bincount(_load_digits("val", val_fraction=fraction).labels, minlength=10).tolist()
+    elif name == "folder":
+        per_class = folder_index(data_dir, fraction).counts("val")
+    else:
+        total = DATASETS[name].num_classes
+        per_class = [_held_out_count(FILE_TRAIN_SIZES[name] // total, fraction)] * total
+    return sum(per_class[c] for c in (classes if classes else range(len(per_class))))
+
+
+def num_classes(name: str, fake_num_classes: int = 1000, *, data_dir: str = "",
+                val_fraction: Optional[float] = None) -> int:
+    """Classes of the whole data set (a run's model predicts TrainConfig.num_classes())."""
+    if name == "folder":
+        return len(folder_index(data_dir, val_fraction).classes)
+    return fake_num_classes if name == "fake" else DATASETS[name].num_classes
+
+
+def class_names(name: str, *, data_dir: str = "", val_fraction: Optional[float] = None,
+                fake_num_classes: int = 1000) -> list[str]:
+    """Index -> class name of a data set's labels (before --classes picks some): an image folder's subfolder
+    names; the published names of digits, CIFAR-10 and Fashion-MNIST; the label numbers of CIFAR-100;
+    none for fake data."""
+    known = {"digits": DIGIT_NAMES, "cifar10": CIFAR10_NAMES, "fashion_mnist": FASHION_MNIST_NAMES}
+    if name == "folder":
+        return list(folder_index(data_dir, val_fraction).classes)
+    if name in known:
+        return list(known[name])
+    if name == "fake":  # random labels have no names (and there can be billions of them)
+        return []
+    return [str(i) for i in range(num_classes(name, fake_num_classes))]
