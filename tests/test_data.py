@@ -50,7 +50,7 @@ def test_digits_are_scikit_learns_own_read_without_importing_it():
     reference = load_digits()
     assert np.array_equal(images, reference.images) and images.dtype == reference.images.dtype
     assert np.array_equal(labels, reference.target)
-    probe = ("import sys; from raydist.data import load_split; load_split('digits', 'train'); "
+    probe = ("import sys; from raydist.data.sources import load_split; load_split('digits', 'train'); "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy', 'pandas')))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0, loaded.stderr[-2000:]

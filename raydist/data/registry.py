@@ -4,8 +4,7 @@ by its loader with `@register_dataset` (raydist.data.sources), and the published
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Union
-from raydist.data.sources import FakeSource, TensorSource
+from typing import Callable
 
 
 SPLITS = ("train", "val", "test")
@@ -18,7 +17,7 @@ class DatasetSpec:
     mean: tuple[float, float, float]  # per channel, of the images the model sees, scaled to [0, 1]
     std: tuple[float, float, float]
     image_size: int  # side in pixels after loading (fake: set by --fake-image-size)
-    load: Callable[..., Union["TensorSource", "FakeSource"]]
+    load: Callable[..., object]  # split -> a TensorSource or FakeSource (raydist.data.sources)
     title: str  # as people write it, for messages
     needs_files: bool = False  # read from --data-dir (and downloadable)
     grey: bool = False  # one grey level replicated to 3 channels (can be fed as 1: --grey-input)
