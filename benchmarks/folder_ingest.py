@@ -5,7 +5,7 @@ the streamed path's memory for a folder and one 4x larger.
 
 The folder (written once into --folder, default /tmp/raydist-folder-ingest: --images JPEGs of random sizes
 in --sizes, 10 classes, quality 90, smooth random content so that they compress like photos) is read by:
-- stream:     raydist's streamed path (raydist.folder_stream.StreamSource on a local Ray cluster of every
+- stream:     raydist's streamed path (raydist.ray_edge.stream.StreamSource on a local Ray cluster of every
               core: Ray Data tasks read and decode, the worker iterates batches with prefetching);
 - memory:     raydist's in-memory path once its node cache exists (raydist.data.folder.load_folder_split
               from the cache, then batches indexed from the uint8 tensor);
@@ -143,7 +143,7 @@ def main():
     from torchvision import datasets, transforms
 
     from raydist.data.augment import Augmenter
-    from raydist.folder_stream import StreamSource
+    from raydist.ray_edge.stream import StreamSource
     from raydist.data.sources import TensorSource
     from raydist.data.folder import (IMAGENET_MEAN, IMAGENET_STD, decoded_bytes, load_folder_split, scan_folder, stored_size)
 

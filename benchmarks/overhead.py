@@ -26,7 +26,8 @@ import time
 
 from bench_env import describe, environment, load_average, ray_lock, spread, steady, summary
 from raydist.config import TrainConfig
-from raydist.engine import FINAL_MODEL_FILE, load_checkpoint_file, local_context, run
+from raydist.runs.checkpoints import FINAL_MODEL_FILE, load_checkpoint_file
+from raydist.engine import local_context, run
 
 
 def plain_run(epochs: int, cpus: int, folder: str) -> dict:

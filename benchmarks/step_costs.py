@@ -67,7 +67,8 @@ def fake_cost(batch: int, repeats: int, device: torch.device) -> dict:
 def checkpoint_cost(model: str, repeats: int) -> dict:
     from raydist.config import TrainConfig
     from raydist.data.sources import TensorSource
-    from raydist.engine import CHECKPOINT_FILE, TrainingState
+    from raydist.runs.checkpoints import CHECKPOINT_FILE
+    from raydist.engine import TrainingState
 
     size = 224 if model.endswith("_imagenet") else 32
     cfg = TrainConfig(dataset="cifar10", model=model, num_workers=1, batch_size=2, warmup_epochs=0).validate()

@@ -47,7 +47,8 @@ import tempfile
 import time
 
 from raydist.config import TrainConfig
-from raydist.engine import FINAL_MODEL_FILE, local_context, run
+from raydist.runs.checkpoints import FINAL_MODEL_FILE
+from raydist.engine import local_context, run
 
 MODEL = "resnet18_imagenet"
 SOURCE_CLASSES, TARGET_CLASSES = "0-4", "5-9"

@@ -1,7 +1,6 @@
 """Connect to a Ray cluster, or start a local one with its dashboard; check that a run fits what the
 cluster has or can grow to, and that its storage is one every node sees.
 
-    from raydist.cluster import check_resources, connect, plan_run
     connect(None)                                  # starts a local cluster, dashboard on 127.0.0.1
 
     python -m raydist.cluster status --address auto        # resources, what it can grow to, nodes starting,

@@ -4,7 +4,6 @@
 optimization, schedule, scaling, output), for what is checked before any cluster starts, for what is
 saved beside every run and inside every checkpoint, and for the fields a Tune study may search.
 
-    from raydist.config import TrainConfig, parse_cli
     cfg = parse_cli(["--epochs", "5", "--lr", "0.2"])     # defaults < --preset < --config YAML < flags
 """
 

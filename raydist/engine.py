@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import inspect
-import io
 import math
 import os
 import shutil
@@ -30,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from raydist.data.augment import Augmenter
 from raydist.config import TrainConfig, lr_scale
 from raydist.parallel.elastic import (FIRST_CHECK_AFTER, Step, batch_layout, check_every, epoch_order, epoch_steps, min_tail, single_worker_share, steps_in_epoch, update_at)
-from raydist.run_folder import CHECKPOINT_PREFIX
+from raydist.runs.checkpoints import CHECKPOINT_PREFIX
 from raydist.wandb_log import WandbRun
 from raydist.wandb_log import run_id as wandb_run_id
 from raydist.data.registry import DATASETS
@@ -41,9 +40,7 @@ from raydist.parallel.pipeline import Pipeline, pipeline_units, stage_devices, u
 from raydist.models.transfer import (Unit, build_model, freeze_norms, pretrained_source, read_weights_file, set_trainable, transfer_units, unfrozen_stages)
 from raydist.errors import WeightsError
 from raydist.errors import CorruptCheckpoint, DataUnavailable, OutOfMemory, WorkerInputError
-
-CHECKPOINT_FILE = "checkpoint.pt"
-FINAL_MODEL_FILE = "model_final.pt"
+from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, checkpoint_dir_name, final_model_bytes, load_checkpoint_file
 
 
 @dataclass
@@ -129,29 +126,6 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def checkpoint_bytes(state: dict) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
-
-
-def load_checkpoint_file(path: str, *, name: Optional[str] = None) -> dict:
-    """A checkpoint's content; CorruptCheckpoint naming the file (`name`: how to call it, when `path` is a
-    local copy of a remote one) if it is truncated or not a checkpoint."""
-    try:
-        # Tensors, numbers and strings only: a checkpoint that would run code when unpickled is refused.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
-        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise CorruptCheckpoint(f"checkpoint {name or path} is unreadable (truncated or corrupt: {reason[:160]})") \
-            from None
-    if not isinstance(state, dict):
-        raise CorruptCheckpoint(f"checkpoint {name or path} is not a raydist checkpoint (not a mapping)")
-    return state
-
-
 def is_out_of_memory(exc: BaseException) -> bool:
     """torch's OutOfMemoryError (CUDA, MPS), or the CPU allocator's refusal, which torch raises as a plain
     RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
@@ -175,16 +149,6 @@ def out_of_memory_message(cfg: TrainConfig, device: torch.device, world: int) ->
             f"images of {size}x{size} pixels (device memory {memory}, {world} worker(s)); use "
             f"--batch-size {half} --grad-accum {cfg.grad_accum * cfg.batch_size // half} (the same global batch), "
             f"or a smaller batch, --input-size or model")
-
-
-def final_model_bytes(model_state: dict, config: dict, metrics: Optional[dict], **extra) -> bytes:
-    """The final-model file (model_final.pt, and a study's best_model.pt): the weights, the config that
-    made them, and what the model needs to be rebuilt (raydist.models.transfer.load_trained_model)."""
-    cfg = TrainConfig.from_dict(config)
-    return checkpoint_bytes({"model": model_state, "config": config, "model_name": cfg.model,
-                             "model_args": cfg.model_args, "num_classes": cfg.num_classes(),
-                             "class_names": cfg.class_names(),
-                             "metrics": metrics, **extra})
 
 
 DIVERGED = "diverged"
@@ -909,9 +873,9 @@ def streams_folder(cfg: TrainConfig, *, workers_here: int, memory_bytes: Optiona
 
 
 def stream_splits(cfg: TrainConfig, *, device, log=None, rank: int = 0):
-    """The image folder's train and val splits as Ray Data streams (raydist.folder_stream.StreamSource)."""
+    """The image folder's train and val splits as Ray Data streams (raydist.ray_edge.stream.StreamSource)."""
     from raydist.data.sources import folder_index
-    from raydist.folder_stream import StreamSource
+    from raydist.ray_edge.stream import StreamSource
     from raydist.data.folder import bad_image_limit, stored_size
 
     if cfg.classes or cfg.train_fraction != 1.0 or cfg.train_per_class:
@@ -948,13 +912,6 @@ def _report_with_checkpoint(ctx: WorkerContext, metrics: dict, state: Optional[d
     seconds = time.perf_counter() - t0
     stored_s = ctx.report(metrics, folder)
     return seconds + (stored_s if isinstance(stored_s, (int, float)) else 0.0)
-
-
-def checkpoint_dir_name(epoch: int, position: int = 0) -> str:
-    """The folder a checkpoint of `epoch` is stored in, inside the run folder (Ray Train's runs and a
-    one-worker trial's alike; raydist.run_folder finds them by this name). One written inside the next
-    epoch, `position` images in (a spot notice's), sorts between that epoch's and the next's."""
-    return f"{CHECKPOINT_PREFIX}{epoch:04d}" + (f"_at_{position:07d}" if position else "")
 
 
 # ---- spot notices and resizes (elastic runs) -----------------------------------------------------------
@@ -1412,8 +1369,8 @@ def train_loop_per_worker(config: dict) -> list[dict]:
         return run(cfg, ctx)  # rank 0's history becomes Result.return_value
     except BaseException as exc:
         # Ray hands the driver the exception without its traceback (and cuts the text it shows): keep the
-        # whole of it on the exception, for the run's error.log (raydist.failures.error_report).
-        from raydist.failures import keep_traceback
+        # whole of it on the exception, for the run's error.log (raydist.ray_edge.failures.error_report).
+        from raydist.errors import keep_traceback
 
         keep_traceback(exc, where=f"rank {ctx.rank} on node {node_id}")
         raise

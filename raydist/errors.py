@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 
 class ConfigError(ValueError):
     """Bad user input: printed as one line, exit code 2, before any cluster starts."""
@@ -55,3 +57,15 @@ class WeightsError(ValueError):
 class TrialError(Exception):
     """What a study's trial raises when its run failed: the cause in one line (Tune records it as the
     trial's error and the results' `error` column shows it); the tracebacks are in the trial's error.log."""
+
+
+TRACEBACK_ATTRIBUTE = "raydist_traceback"  # set on a worker's exception; pickled with it to the driver
+
+
+def keep_traceback(exc: BaseException, *, where: str) -> None:
+    """On a worker: store the exception's whole traceback (with its causes) on it, as text, because Ray
+    returns the exception to the driver without one."""
+    try:
+        setattr(exc, TRACEBACK_ATTRIBUTE, f"({where})\n" + "".join(traceback.format_exception(exc)))
+    except AttributeError:  # an exception type that takes no attributes: Ray's truncated text stays
+        pass

@@ -1,6 +1,5 @@
 """Test-set accuracy, measured once at the end: a run's final model and best checkpoint, or a study's best model.
 
-    from raydist.final_eval import measure_run, summary_line
     measured = measure_run(cfg, summary)        # after raydist.launch.fit; None for digits and fake data
     print(summary_line(measured))               # test acc: final model 71.2%, best checkpoint (epoch 7) 72.0% on ...
 
@@ -107,7 +106,8 @@ def measure_run(cfg, summary) -> Optional[dict]:
     when the data set has no test split or there is nothing saved to measure (a diverged run without a
     checkpoint); {"error": ...} when the measurement failed (the run itself stands)."""
     from raydist.data.registry import has_test_split
-    from raydist.engine import CHECKPOINT_FILE, DIVERGED, FINAL_MODEL_FILE
+    from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE
+    from raydist.engine import DIVERGED
 
     if not has_test_split(cfg.dataset):
         return None

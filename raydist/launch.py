@@ -24,7 +24,8 @@ from raydist.data.registry import DATASETS
 from raydist.data.sources import check_files
 from raydist.errors import DataFileCorrupt, DatasetNotFound
 from raydist.errors import FolderError
-from raydist.run_folder import check_epochs_left, latest_checkpoint, read_resume_target, write_config
+from raydist.runs.run_folder import check_epochs_left, read_resume_target, write_config
+from raydist.runs.checkpoints import latest_checkpoint
 from raydist.storage import is_uri
 
 
@@ -125,7 +126,7 @@ def check_folder_fits(cfg: TrainConfig, memory_bytes: Optional[int] = None, clus
     Data's decoding."""
     from raydist.data.sources import folder_index
     from raydist.engine import folder_copy_bytes, input_side, streams_folder
-    from raydist.folder_stream import DECODE_CPUS
+    from raydist.ray_edge.stream import DECODE_CPUS
     from raydist.data.folder import fits_in_memory, host_memory_bytes, stored_size
 
     memory_bytes = host_memory_bytes() if memory_bytes is None else memory_bytes
@@ -236,7 +237,8 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raydist import cluster
-    from raydist.engine import CONSOLE_KEY, FINAL_MODEL_FILE, train_loop_per_worker
+    from raydist.engine import CONSOLE_KEY, train_loop_per_worker
+    from raydist.runs.checkpoints import FINAL_MODEL_FILE
 
     t0 = time.perf_counter()
     if cfg.address is None:  # local cluster: check the machine before starting anything
@@ -258,8 +260,9 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     write_config(cfg)
     # Every epoch of the run, across restarts after a lost worker (Result.return_value holds only the last
     # attempt's), kept in <run>/history.jsonl by the controller; and a line each time a worker is replaced.
-    from raydist.failures import RestartNotice
-    from raydist.study_history import HistoryCallback, read_history
+    from raydist.ray_edge.failures import RestartNotice
+    from raydist.ray_edge.history import HistoryCallback
+    from raydist.runs.history import read_history
 
     run_dir = f"{cfg.storage_path}/{cfg.name}"
     checkpointed = [r["epoch"] for r in read_history(run_dir) if r.get("checkpoint_path")]
@@ -327,9 +330,10 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
 
     from raydist.cluster import RunMetrics
 
-    from raydist.engine import FINAL_MODEL_FILE, run, run_folder_context
-    from raydist.run_folder import latest_readable_checkpoint
-    from raydist.study_history import HistoryWriter
+    from raydist.runs.checkpoints import FINAL_MODEL_FILE
+    from raydist.engine import run, run_folder_context
+    from raydist.runs.checkpoints import latest_readable_checkpoint
+    from raydist.runs.history import HistoryWriter
 
     t0, started = time.perf_counter(), time.time()
     write_config(cfg)
@@ -360,7 +364,7 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
     try:
         run(cfg, ctx)
     except BaseException as exc:
-        from raydist.failures import keep_traceback
+        from raydist.errors import keep_traceback
 
         keep_traceback(exc, where=f"the trial's process on node {ctx.node_id}")
         raise
@@ -385,7 +389,7 @@ def write_run_curves(run_dir: str, title: str) -> Optional[str]:
     import tempfile
 
     from raydist import report
-    from raydist.study_history import read_history
+    from raydist.runs.history import read_history
 
     try:
         history = read_history(run_dir)
@@ -417,7 +421,7 @@ def _checkpoints_in_folder(history, run_dir: str,
     resumes from, its epoch goes on record (the learning curve has no hole, and the folder is pruned like
     any other)."""
     from raydist.errors import CorruptCheckpoint
-    from raydist.run_folder import checkpoint_folders, read_checkpoint
+    from raydist.runs.checkpoints import checkpoint_folders, read_checkpoint
 
     kept, recovered = history.kept_checkpoints(), None
     recorded = {path for _, path in kept}
@@ -447,7 +451,7 @@ def check_sync_batchnorm(cfg: TrainConfig, use_gpu: bool) -> None:
 def failure_cause(exc: BaseException) -> str:
     """One line for a failed run: a worker's own message when it names a user-side cause (data or a
     checkpoint missing on a node, out of memory), else the innermost exception of the worker that raised
-    (raydist.failures.root_cause)."""
-    from raydist.failures import root_cause
+    (raydist.ray_edge.failures.root_cause)."""
+    from raydist.ray_edge.failures import root_cause
 
     return root_cause(exc)

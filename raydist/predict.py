@@ -46,7 +46,7 @@ def build_parser() -> _Parser:
 
 def model_file(path: str) -> str:
     """The model file a run folder, study folder, checkpoint folder or file names; ConfigError if none."""
-    from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE
+    from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE
     from raydist.storage import is_uri
 
     if is_uri(path):
@@ -111,7 +111,7 @@ class Predictor:
         self.net = load_trained_model({"model_name": self.cfg.model, "num_classes": count, **saved}).to(self.device)
 
     def _run_folder_classes(self) -> Optional[list[str]]:
-        from raydist.run_folder import CLASSES_FILE
+        from raydist.runs.run_folder import CLASSES_FILE
 
         folder = os.path.dirname(self.path)
         for candidate in (folder, os.path.dirname(folder)):  # a run folder, or a checkpoint folder inside one

@@ -1,6 +1,5 @@
 """Study files: one declarative YAML per hyperparameter study, checked against TrainConfig before anything runs.
 
-    from raydist.search_space import load_study
     study = load_study("search_spaces/digits_quick.yaml", overrides={"epochs": 3})
     study.tune_space()        # {"lr": tune.loguniform(...), ...}
     study.trial_config({"lr": 0.3, "batch_size": 64})   # a validated TrainConfig

@@ -82,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"--resume {run_dir}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a failed run is reported in one line, with Ray's log above it
-        from raydist.failures import write_error_log
+        from raydist.ray_edge.failures import write_error_log
 
         cause = failure_cause(exc)
         log = write_error_log(f"{cfg.storage_path}/{cfg.name}", exc)

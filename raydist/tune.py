@@ -34,7 +34,7 @@ from raydist import final_eval, report
 from raydist.errors import ConfigError
 from raydist.config import TrainConfig, check_address, check_folder_name, require_package
 from raydist.search_space import ONE_WORKER_TRIALS, Study, load_study
-from raydist.study_results import StudyResult, summarize
+from raydist.ray_edge.results import StudyResult, summarize
 
 STUDY_FILE = "study.yaml"  # the effective study, saved so --resume needs nothing else
 # The shipped studies: inside the package in a wheel (pyproject.toml maps search_spaces/ there), at the top
@@ -275,7 +275,7 @@ def plan_concurrency(study: Study, *, free_cpus: float, free_gpus: float, total_
     # wait; one needs MIN to start.
     fewest_cpus, fewest_gpus = study.per_trial_resources(cluster_has_gpus=total_gpus > 0, fewest=True)
     if streams_a_folder(study):  # Ray Data decodes on CPUs the trials leave free (raydist.folder_stream)
-        from raydist.folder_stream import DECODE_CPUS
+        from raydist.ray_edge.stream import DECODE_CPUS
 
         free_cpus, total_cpus = free_cpus - DECODE_CPUS, total_cpus - DECODE_CPUS
     if fewest_cpus > total_cpus or fewest_gpus > total_gpus:
@@ -309,7 +309,7 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
     started = time.time()  # the trial's start-up (results.csv startup_s) is counted from here
     import ray.tune
 
-    from raydist.study_history import HistoryCallback
+    from raydist.ray_edge.history import HistoryCallback
     from raydist.launch import fit, fit_in_trial, prepare
 
     context = ray.tune.get_context()
@@ -339,7 +339,7 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
                 console=console, draw_curves=False)
     except Exception as exc:  # noqa: BLE001 - the trial's row says its cause in one line; tracebacks to a file
         from raydist.errors import TrialError
-        from raydist.failures import root_cause, write_error_log
+        from raydist.ray_edge.failures import root_cause, write_error_log
 
         cause = root_cause(exc)
         log = write_error_log(trial_path, exc)
@@ -400,7 +400,8 @@ def run_study(plan: Plan) -> StudyResult:
     import ray
     import ray.tune
 
-    from raydist import cluster, study_search
+    from raydist import cluster
+    from raydist.ray_edge import search as study_search
 
     t0 = time.perf_counter()
     study = plan.study
@@ -420,7 +421,7 @@ def run_study(plan: Plan) -> StudyResult:
     print(f"study {study.name}: {study.num_samples} trials of {len(study.searched)} searched field(s) "
           f"({', '.join(f'{k}~{d.describe()}' for k, d in study.searched.items())}), {study.search} search, "
           f"{study.scheduler} scheduler, {concurrency} at once; experiment: {plan.experiment_path}", flush=True)
-    startup = max(study.initial_points, len(study.points_to_evaluate))  # as raydist.study_search.TPEGate counts
+    startup = max(study.initial_points, len(study.points_to_evaluate))  # as raydist.ray_edge.search.TPEGate counts
     if study.search == "hyperopt" and concurrency > startup:
         print(f"TPE: the first {startup} trials are start-up points; later ones wait until {study.initial_points} "
               f"trials have finished", flush=True)
@@ -511,7 +512,7 @@ def _forget_study(name: str) -> None:
 def _searcher(study: Study, concurrency: int):
     from ray.tune.search.hyperopt import HyperOptSearch
 
-    from raydist.study_search import RandomSearch, TPEGate
+    from raydist.ray_edge.search import RandomSearch, TPEGate
 
     if study.search == "hyperopt":
         return TPEGate(HyperOptSearch(points_to_evaluate=study.points_to_evaluate or None,
@@ -525,7 +526,7 @@ def _searcher(study: Study, concurrency: int):
 def _scheduler(study: Study):
     from ray.tune.schedulers import FIFOScheduler
 
-    from raydist.study_history import ASHAWithHistory
+    from raydist.ray_edge.history import ASHAWithHistory
 
     if study.scheduler == "asha":
         # stop_last_trials=False: a trial that reaches its own last epoch finishes normally.
@@ -564,7 +565,7 @@ def trial_loss_notice(experiment_path: str, restarts: int):
     error's text goes to the trial's error.log. A trial that raised has said its cause itself (run_trial)."""
     from ray.tune import Callback
 
-    from raydist.failures import ERROR_LOG, is_process_loss, lost_worker
+    from raydist.ray_edge.failures import ERROR_LOG, is_process_loss, lost_worker
     from raydist.storage import write_atomically
 
     class TrialLossNotice(Callback):
@@ -674,7 +675,7 @@ def study_console(study: Study, experiment_path: str, concurrency: int, *, clust
     from ray.tune import Callback
 
     from raydist import cluster, console, report
-    from raydist.failures import ERROR_LOG, is_process_loss
+    from raydist.ray_edge.failures import ERROR_LOG, is_process_loss
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -895,7 +896,7 @@ def _error_text(error) -> str:
     import re
 
     from raydist.errors import TrialError
-    from raydist.failures import root_cause
+    from raydist.ray_edge.failures import root_cause
 
     if error is None:
         return "unknown error (Tune kept none)"
@@ -964,7 +965,7 @@ def print_result(result: StudyResult, study: Study) -> None:
         print("\nno trial reported a result")
     for row in result.rows:  # each failed trial's cause in one line, and where its tracebacks are
         if row["status"] == report.ERROR:
-            log = f"{where}/trial_{row['trial_id']}/error.log"  # raydist.failures.ERROR_LOG
+            log = f"{where}/trial_{row['trial_id']}/error.log"  # raydist.ray_edge.failures.ERROR_LOG
             print(f"trial {row['trial_id']} failed: {row['error']}"
                   + (f"  (tracebacks: {log})" if "://" in where or os.path.exists(log) else ""))
     print(f"results: {where}/results.csv  curves: {where}/learning_curves.png  searched values: "

@@ -49,7 +49,8 @@ def _notices(first: int):
 def _worker(rank: int, world_size: int, config: dict, run_dir: str, port: int, resume_from,
             notice_at_check=None) -> None:
     from raydist.config import TrainConfig
-    from raydist.engine import CHECKPOINT_FILE, WorkerContext, checkpoint_dir_name, load_checkpoint_file, run
+    from raydist.runs.checkpoints import CHECKPOINT_FILE, checkpoint_dir_name, load_checkpoint_file
+    from raydist.engine import WorkerContext, run
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:

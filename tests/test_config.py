@@ -242,7 +242,7 @@ def test_help_lists_grouped_flags(tmp_path):
 def _fake_run_dir(root, name="old-run", epochs=(1, 2, 3), **saved):
     import yaml
 
-    from raydist.engine import checkpoint_bytes
+    from raydist.runs.checkpoints import checkpoint_bytes
 
     run_dir = root / name
     run_dir.mkdir(parents=True)

@@ -10,7 +10,8 @@ from conftest import digits_val_accuracy
 from local_ddp import run_ddp
 
 from raydist.config import TrainConfig
-from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file, local_context, run
+from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file
+from raydist.engine import local_context, run
 
 TWO_WORKERS = dict(num_workers=2, cpus_per_worker=1.0, batch_size=64, lr=0.8, warmup_epochs=0.5)
 

@@ -16,7 +16,8 @@ from raydist.errors import ConfigError
 from raydist.config import TrainConfig, parse_cli
 from raydist.data.sizes import train_size
 from raydist.parallel.elastic import (batch_layout, epoch_order, epoch_steps, min_tail, split_sizes, step_ends, steps_in_epoch, update_at)
-from raydist.engine import CHECKPOINT_FILE, TrainingState, load_checkpoint_file, local_context, read_image_trace, run
+from raydist.runs.checkpoints import CHECKPOINT_FILE, load_checkpoint_file
+from raydist.engine import TrainingState, local_context, read_image_trace, run
 
 N = train_size("digits", val_fraction=None)
 

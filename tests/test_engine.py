@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from raydist.config import TrainConfig
-from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE, EarlyStop, load_checkpoint_file, local_context, lr_factor, run
+from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file
+from raydist.engine import EarlyStop, local_context, lr_factor, run
 
 FAST = dict(num_workers=1, cpus_per_worker=2.0, batch_size=128, lr=0.8, warmup_epochs=0.5)
 
@@ -116,7 +117,8 @@ def test_tensorboard_events_are_written(tmp_path):
 
 def test_resume_reads_its_checkpoint_through_rays_storage_layer_and_never_starts_over_silently(tmp_path):
     from raydist.errors import WorkerInputError
-    from raydist.engine import checkpoint_bytes, read_resume_checkpoint
+    from raydist.runs.checkpoints import checkpoint_bytes
+    from raydist.engine import read_resume_checkpoint
 
     checkpoint = tmp_path / "checkpoint_epoch_0003"
     checkpoint.mkdir()

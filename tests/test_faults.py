@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from raydist.config import TrainConfig
-from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file, local_context, run
+from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file
+from raydist.engine import local_context, run
 from raydist.errors import CorruptCheckpoint, OutOfMemory
-from raydist.study_history import read_history
+from raydist.runs.history import read_history
 
 # A head for this many fake classes cannot be allocated (its weights alone are 25 TB): the CPU allocator
 # refuses at once, which is how a real out-of-memory looks on CPU workers, without using any memory.
@@ -162,7 +163,7 @@ def test_a_cut_short_latest_checkpoint_is_skipped_with_a_line_naming_it(tmp_path
     from ray.train import Checkpoint
 
     from raydist.engine import load_latest_good_checkpoint
-    from raydist.run_folder import latest_checkpoint
+    from raydist.runs.checkpoints import latest_checkpoint
 
     run_dir = tmp_path / "run"
     _checkpoint(run_dir / "checkpoint_epoch_0002", 2)
@@ -237,7 +238,7 @@ def test_the_root_cause_of_a_worker_group_error_is_the_first_raising_ranks_inner
     from ray.exceptions import ActorDiedError
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from raydist.failures import error_report, root_cause
+    from raydist.ray_edge.failures import error_report, root_cause
 
     def raised(exc, cause=None):
         try:

@@ -17,7 +17,8 @@ from raydist.data.augment import Augmenter
 from raydist.config import TrainConfig
 from raydist.data.registry import DATASETS
 from raydist.data.sources import load_split
-from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE, local_context, run
+from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE
+from raydist.engine import local_context, run
 from raydist.final_eval import TEST_METRICS_FILE, measure_files, measure_study, summary_line
 from raydist.models.transfer import load_trained_model
 

@@ -84,7 +84,7 @@ def test_an_unreachable_bucket_is_one_line_exit_2(bucket, capsys):
 STREAM_FROM_BUCKET = """
 import json, sys, ray, torch
 from raydist.data.splits import shard_indices
-from raydist.folder_stream import StreamSource
+from raydist.ray_edge.stream import StreamSource
 from raydist.data.folder import scan_folder
 ray.init(address=sys.argv[1], log_to_driver=False)
 index = scan_folder(sys.argv[2], val_fraction=0.1)

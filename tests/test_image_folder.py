@@ -246,7 +246,7 @@ def folder_run(ray_cluster, split_folder, tmp_path_factory):
 
 
 def test_a_two_worker_run_on_a_folder_learns_as_digits_does_and_says_what_it_skipped(folder_run):
-    from raydist.engine import FINAL_MODEL_FILE, load_checkpoint_file
+    from raydist.runs.checkpoints import FINAL_MODEL_FILE, load_checkpoint_file
 
     _, run_dir, output = folder_run
     final = load_checkpoint_file(str(run_dir / FINAL_MODEL_FILE))
@@ -260,7 +260,7 @@ def test_a_two_worker_run_on_a_folder_learns_as_digits_does_and_says_what_it_ski
 
 
 def test_predict_classifies_held_out_images_at_the_runs_validation_accuracy(folder_run, tmp_path):
-    from raydist.engine import FINAL_MODEL_FILE, load_checkpoint_file
+    from raydist.runs.checkpoints import FINAL_MODEL_FILE, load_checkpoint_file
 
     root, run_dir, _ = folder_run
     out_csv = tmp_path / "predictions.csv"
@@ -315,7 +315,7 @@ def test_a_folder_too_large_for_the_workers_memory_is_refused_before_ray(split_f
 STREAM_SHARDS = """
 import json, sys, ray, torch
 from raydist.data.splits import shard_indices
-from raydist.folder_stream import StreamSource
+from raydist.ray_edge.stream import StreamSource
 from raydist.data.folder import scan_folder
 ray.init(address=sys.argv[1], log_to_driver=False)
 out = {}
@@ -393,7 +393,7 @@ def test_a_study_on_a_folder_exports_a_best_model_with_its_class_names_that_pred
                                                                                         tmp_path):
     from conftest import read_csv, start_tune
 
-    from raydist.engine import load_checkpoint_file
+    from raydist.runs.checkpoints import load_checkpoint_file
 
     root, _ = split_folder
     (tmp_path / "folder.yaml").write_text(FOLDER_STUDY)

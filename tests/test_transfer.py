@@ -15,7 +15,8 @@ from local_ddp import run_ddp
 
 from raydist.errors import ConfigError
 from raydist.config import TrainConfig
-from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE, final_model_bytes, local_context, run
+from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, final_model_bytes
+from raydist.engine import local_context, run
 from raydist.models import MODELS, create_model
 from raydist.errors import WeightsError
 from raydist.models.transfer import (backbone_stages, build_model, first_conv, pretrained_source, read_weights_file, transfer_units)
@@ -324,7 +325,7 @@ def test_a_checkpoint_whose_optimizer_layout_differs_is_refused_in_one_line(tmp_
     """A run from scratch keeps one group pair; a transfer run one per unit: loading one into the other
     (a --pretrained checkpoint saved by an earlier raydist) says so instead of a traceback."""
     from raydist.errors import WorkerInputError
-    from raydist.engine import load_checkpoint_file
+    from raydist.runs.checkpoints import load_checkpoint_file
 
     scratch = TrainConfig(epochs=1, **{**TARGET, "num_workers": 1}).validate()
     run(scratch, local_context(str(tmp_path / "scratch")))

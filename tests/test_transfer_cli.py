@@ -11,7 +11,8 @@ from cli import run_main
 from conftest import digits_val_accuracy, read_csv, start_tune, wait_for_free_cluster
 
 from raydist.config import TrainConfig
-from raydist.engine import FINAL_MODEL_FILE, local_context, run
+from raydist.runs.checkpoints import FINAL_MODEL_FILE
+from raydist.engine import local_context, run
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ import yaml
 
 from raydist import tune
 from raydist.search_space import load_study
-from raydist.study_history import ASHAWithHistory, HistoryCallback, read_history, rung_records
+from raydist.ray_edge.history import ASHAWithHistory, HistoryCallback, rung_records
+from raydist.runs.history import read_history
 
 # Three pinned trials, one at a time, 5 epochs each. ASHA (rungs at epochs 1, 2, 4) lets the first, poor
 # trial finish (it is first at every rung; chance level, 8%, throughout) and the good second one go on

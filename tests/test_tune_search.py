@@ -5,8 +5,8 @@ import pytest
 from ray import tune
 from ray.tune.search.hyperopt import HyperOptSearch
 
-from raydist import study_search
-from raydist.study_search import RandomSearch, TPEGate
+from raydist.ray_edge import search as study_search
+from raydist.ray_edge.search import RandomSearch, TPEGate
 
 POINTS = [{"x": 0.05}, {"x": 0.5}, {"x": 0.95}]
 

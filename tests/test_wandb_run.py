@@ -8,7 +8,7 @@ import pytest
 
 from wandb_file import read_wandb_history
 
-from raydist.engine import checkpoint_bytes
+from raydist.runs.checkpoints import checkpoint_bytes
 from raydist.wandb_log import WandbRun, run_id
 
 
@@ -53,7 +53,7 @@ def test_each_new_run_gets_a_wandb_id_of_its_own_and_only_its_run_folder_continu
     from raydist.errors import ConfigError
     from raydist.config import parse_cli
     from raydist.launch import prepare
-    from raydist.run_folder import write_config
+    from raydist.runs.run_folder import write_config
 
     def start(*args):
         return prepare(*parse_cli([*args, "--storage-path", str(tmp_path)]))

@@ -1,6 +1,5 @@
 """Batched data augmentation on the worker's device: one call per batch, no per-image Python, no PIL.
 
-    from raydist.data.augment import Augmenter
     aug = Augmenter("crop_flip", mean=(0.5,) * 3, std=(0.25,) * 3, device="cpu", seed=0)
     x = aug(images_uint8, train=True)      # float32 N x 3 x H x W, normalized
 

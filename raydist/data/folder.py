@@ -1,6 +1,5 @@
 """The user's own images: a folder laid out as torchvision's ImageFolder, timm and fastai read it.
 
-    from raydist.data.folder import scan_folder, load_folder_split
     index = scan_folder("~/photos", val_fraction=0.1)   # classes, and each split's files (path, bytes, label)
     images, labels, report = load_folder_split(index, "train", stored_size=256)
 

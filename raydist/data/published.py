@@ -1,6 +1,5 @@
 """The published data files (CIFAR-10, CIFAR-100, Fashion-MNIST): checked, read, and downloaded.
 
-    from raydist.data.published import read_published
     images, labels = read_published("cifar10", "train", "~/data", download=False)   # uint8 N x 32 x 32 x 3
 
 torchvision reads the files. raydist looks at them first, so that a missing file, or one that is truncated

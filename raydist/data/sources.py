@@ -1,6 +1,5 @@
 """Data sets by name, held as uint8 tensors on the worker's device, and each worker's shard of them.
 
-    from raydist.data.sources import load_split
     from raydist.data.splits import shard_indices
     train = load_split("digits", "train", device="cpu")
     for idx in shard_indices(len(train), batch_size=64, rank=0, world_size=2, epoch=0, seed=0):

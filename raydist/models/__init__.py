@@ -1,6 +1,5 @@
 """Model registry: every model is built by name through `create_model`.
 
-    from raydist.models import create_model, MODELS
     net = create_model("resnet8", num_classes=10)
     net = create_model("tune_cnn", num_classes=10, l1=64, l2=16)   # a model's own arguments (--model-arg)
 
@@ -86,5 +85,4 @@ def create_model(name: str, *, num_classes: int, **model_args) -> nn.Module:
 
 
 # Importing the modules registers their models.
-from raydist.models import resnet, small_cnn, wide_resnet  # noqa: E402,F401
 from raydist.errors import ModelArgError

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Optional
 
 import yaml
 
 from raydist.errors import ConfigError
 from raydist.config import TrainConfig
-from raydist.storage import is_uri
+from raydist.runs.checkpoints import _checkpoint_epoch, epochs_done, latest_checkpoint
 
 CONFIG_FILE = "config.yaml"
 CLASSES_FILE = "classes.json"  # index -> class name of the run's model
-CHECKPOINT_PREFIX = "checkpoint_epoch_"
 
 
 def read_resume_target(path: str) -> tuple[bool, dict]:
@@ -38,7 +36,7 @@ def read_resume_target(path: str) -> tuple[bool, dict]:
 
     import pyarrow.fs
 
-    from raydist.engine import CHECKPOINT_FILE, load_checkpoint_file
+    from raydist.runs.checkpoints import CHECKPOINT_FILE, load_checkpoint_file
     from raydist.errors import CorruptCheckpoint
 
     fs, root = pyarrow.fs.FileSystem.from_uri(path)  # an absolute local path or a URI
@@ -87,74 +85,6 @@ def check_epochs_left(resume: str, is_run_dir: bool, epochs: int) -> None:
         raise ConfigError(f"--resume {resume}: the run has trained {done} epoch(s) and --epochs {epochs} is the "
                           f"total from its start, so nothing is left to do; give --epochs above {done} to train "
                           f"{'more' if epochs == done else 'on'}")
-
-
-def _checkpoint_epoch(folder: str) -> int:
-    import io
-
-    import pyarrow.fs
-    import torch
-
-    from raydist.engine import CHECKPOINT_FILE
-
-    if not is_uri(folder):  # mapped, not read: only the small "epoch" entry is touched
-        return int(torch.load(f"{folder}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=True, mmap=True)["epoch"])
-    fs, root = pyarrow.fs.FileSystem.from_uri(folder)
-    with fs.open_input_stream(f"{root}/{CHECKPOINT_FILE}") as fh:
-        return int(torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)["epoch"])
-
-
-def latest_checkpoint(run_dir: str) -> Optional[str]:
-    """The run folder's highest-epoch `checkpoint_epoch_NNNN` folder whose checkpoint can be read, or None.
-    A newer one that cannot (cut short by a crash while it was written) is skipped with a one-line warning
-    naming it."""
-    found = latest_readable_checkpoint(run_dir)
-    return found[0] if found else None
-
-
-def latest_readable_checkpoint(run_dir: str) -> Optional[tuple[str, dict]]:
-    """(folder, content) of the run folder's latest readable checkpoint (as latest_checkpoint), or None."""
-    from raydist.errors import CorruptCheckpoint
-
-    for folder in reversed(checkpoint_folders(run_dir)):
-        try:
-            return folder, read_checkpoint(folder)
-        except CorruptCheckpoint as exc:
-            print(f"warning: {exc}; skipping it", file=sys.stderr, flush=True)
-    return None
-
-
-def epochs_done(folder_name: str) -> int:
-    """The whole epochs trained at a checkpoint, from its folder's name: checkpoint_epoch_0004, or
-    checkpoint_epoch_0004_at_0000640 (written inside the fifth epoch, 640 images in)."""
-    return int(folder_name[len(CHECKPOINT_PREFIX):].split("_", 1)[0])
-
-
-def checkpoint_folders(run_dir: str) -> list[str]:
-    """The run folder's `checkpoint_epoch_NNNN` folders that hold a checkpoint file, oldest first."""
-    import pyarrow.fs
-
-    from raydist.engine import CHECKPOINT_FILE
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)  # an absolute local path or a URI
-    found = sorted(os.path.basename(info.path)
-                   for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-                   if os.path.basename(info.path).startswith(CHECKPOINT_PREFIX)
-                   and fs.get_file_info(f"{info.path}/{CHECKPOINT_FILE}").type == pyarrow.fs.FileType.File)
-    return [f"{run_dir}/{name}" for name in found]
-
-
-def read_checkpoint(folder: str) -> dict:
-    """A checkpoint folder's content (local or URI); CorruptCheckpoint when it cannot be read."""
-    import io
-
-    import pyarrow.fs
-
-    from raydist.engine import CHECKPOINT_FILE, load_checkpoint_file
-
-    fs, inner = pyarrow.fs.FileSystem.from_uri(folder)
-    with fs.open_input_stream(f"{inner}/{CHECKPOINT_FILE}") as fh:
-        return load_checkpoint_file(io.BytesIO(fh.read()), name=f"{folder}/{CHECKPOINT_FILE}")
 
 
 def write_config(cfg: TrainConfig) -> None:

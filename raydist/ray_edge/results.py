@@ -125,7 +125,7 @@ def trial_history(experiment_path: str, trial_id: str, result, *, ended: bool = 
     reports meanwhile is in the run's own record, but neither the scheduler nor the searcher ever saw it
     (seen on a loaded machine: ASHA stopped a trial at its epoch-4 rung, and results.csv said it ran 5
     epochs, with epoch 5's accuracy as its final one)."""
-    from raydist.study_history import read_history
+    from raydist.runs.history import read_history
 
     history = read_history(f"{experiment_path}/trial_{trial_id}")
     if not history:
@@ -190,7 +190,7 @@ def export_best(best: dict, out_dir: str) -> str:
     """best_model.pt (same format as a run's model_final.pt) and best_config.yaml for `raydist.train --config`."""
     import ray.train
 
-    from raydist.engine import CHECKPOINT_FILE, final_model_bytes, load_checkpoint_file
+    from raydist.runs.checkpoints import CHECKPOINT_FILE, final_model_bytes, load_checkpoint_file
 
     with ray.train.Checkpoint(best["checkpoint"]).as_directory() as folder:  # downloads a remote one
         state = load_checkpoint_file(os.path.join(folder, CHECKPOINT_FILE))

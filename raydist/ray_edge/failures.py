@@ -21,6 +21,7 @@ from typing import Optional
 
 from ray.train import UserCallback  # RAY: the restart notice runs in the Train controller
 from raydist.storage import write_atomically
+from raydist.errors import TRACEBACK_ATTRIBUTE
 
 ERROR_LOG = "error.log"  # in the run folder (a study's trial: in the trial folder)
 
@@ -100,18 +101,6 @@ def root_cause(exc: BaseException) -> str:
 
 
 # ---- the tracebacks in the run folder ---------------------------------------------------------------
-
-
-TRACEBACK_ATTRIBUTE = "raydist_traceback"  # set on a worker's exception; pickled with it to the driver
-
-
-def keep_traceback(exc: BaseException, *, where: str) -> None:
-    """On a worker: store the exception's whole traceback (with its causes) on it, as text, because Ray
-    returns the exception to the driver without one."""
-    try:
-        setattr(exc, TRACEBACK_ATTRIBUTE, f"({where})\n" + "".join(traceback.format_exception(exc)))
-    except AttributeError:  # an exception type that takes no attributes: Ray's truncated text stays
-        pass
 
 
 def error_report(exc: BaseException) -> str:

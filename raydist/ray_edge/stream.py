@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 from typing import Iterable, Iterator, Optional
 
-import numpy as np
 import torch
 
 from raydist.data.folder import SHOWN_BAD_FILES, FolderIndex, decode_files
