@@ -118,7 +118,7 @@ def ray_logs_folder() -> Optional[str]:
 
 def _quiet_driver_logger() -> None:
     """The token notice Ray's driver logs on every start: raydist says where the token is instead."""
-    from raydist.console import RAY_DRIVER_NOISE
+    from raydist.output.console import RAY_DRIVER_NOISE
 
     class DropNotice(logging.Filter):
         raydist = True
@@ -136,7 +136,7 @@ LIVE_BAR = None  # the terminal's progress bar while a driver on a terminal forw
 
 def filter_worker_output(*, bare_run_lines: bool = False) -> None:
     """Ray forwards every line its workers and actors print to this driver: drop Ray's known-harmless
-    internal ones (raydist.console.RAY_NOISE) and, on a terminal, draw rank 0's progress lines as one live
+    internal ones (raydist.output.console.RAY_NOISE) and, on a terminal, draw rank 0's progress lines as one live
     bar. With `bare_run_lines`, what the training workers print to stdout (the run's own lines: epochs,
     data, resizes) comes without Ray's coloured `(RayTrainWorker pid=...)` prefix, as a plain script's
     output would; their stderr and every other process's lines keep it. Everything else reaches the
@@ -145,7 +145,7 @@ def filter_worker_output(*, bare_run_lines: bool = False) -> None:
 
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher  # RAY (internal)
 
-    from raydist.console import PROGRESS_MARK, LiveBar, without_ray_noise
+    from raydist.output.console import PROGRESS_MARK, LiveBar, without_ray_noise
 
     global LIVE_BAR
     LIVE_BAR = LiveBar(sys.stdout) if sys.stdout.isatty() else None

@@ -30,8 +30,8 @@ from raydist.data.augment import Augmenter
 from raydist.config import TrainConfig, lr_scale
 from raydist.parallel.elastic import (FIRST_CHECK_AFTER, Step, batch_layout, check_every, epoch_order, epoch_steps, min_tail, single_worker_share, steps_in_epoch, update_at)
 from raydist.runs.checkpoints import CHECKPOINT_PREFIX
-from raydist.wandb_log import WandbRun
-from raydist.wandb_log import run_id as wandb_run_id
+from raydist.output.wandb_log import WandbRun
+from raydist.output.wandb_log import run_id as wandb_run_id
 from raydist.data.registry import DATASETS
 from raydist.data.sources import download_lock, load_splits
 from raydist.data.splits import shard_indices, steps_per_epoch
@@ -503,7 +503,7 @@ class TrainingState:
         """The rest of this rank's share of epoch `self.epoch`; a progress line every `progress_every_s`
         seconds once the epoch has run 5 s (0: none). `after_step(step, sums)` runs after every optimizer
         step of an elastic run, with `position` already at the step's end (spot notices, mid-epoch checkpoints)."""
-        from raydist.console import EpochProgress
+        from raydist.output.console import EpochProgress
 
         cfg, device, model = self.cfg, self.device, self.model
         t0 = time.perf_counter()

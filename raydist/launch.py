@@ -388,7 +388,7 @@ def write_run_curves(run_dir: str, title: str) -> Optional[str]:
     import shutil
     import tempfile
 
-    from raydist import report
+    from raydist.output import report
     from raydist.runs.history import read_history
 
     try:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from raydist import console, final_eval
+from raydist import final_eval
+from raydist.output import console
 from raydist.errors import ConfigError
 from raydist.config import parse_cli
 from raydist.launch import CURVES_FILE, RunSummary, failure_cause, fit, prepare

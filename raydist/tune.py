@@ -30,11 +30,13 @@ from typing import Optional
 
 import yaml
 
-from raydist import final_eval, report
+from raydist import final_eval
+from raydist.output import report
 from raydist.errors import ConfigError
 from raydist.config import TrainConfig, check_address, check_folder_name, require_package
-from raydist.search_space import ONE_WORKER_TRIALS, Study, load_study
+from raydist.study.study_file import ONE_WORKER_TRIALS, Study, load_study
 from raydist.ray_edge.results import StudyResult, summarize
+from raydist.ray_edge.search import tune_space
 
 STUDY_FILE = "study.yaml"  # the effective study, saved so --resume needs nothing else
 # The shipped studies: inside the package in a wheel (pyproject.toml maps search_spaces/ there), at the top
@@ -455,7 +457,7 @@ def run_study(plan: Plan) -> StudyResult:
     else:
         tuner = ray.tune.Tuner(
             trainable,
-            param_space=study.tune_space(),
+            param_space=tune_space(study),
             tune_config=ray.tune.TuneConfig(metric=study.metric, mode=study.mode, num_samples=study.num_samples,
                                             search_alg=_searcher(study, concurrency), scheduler=_scheduler(study),
                                             trial_name_creator=trial_name,  # the searchers cap concurrency
@@ -674,7 +676,9 @@ def study_console(study: Study, experiment_path: str, concurrency: int, *, clust
     study.status_every_s seconds; it also keeps the study's record for `raydist.cluster status` current."""
     from ray.tune import Callback
 
-    from raydist import cluster, console, report
+    from raydist import cluster
+    from raydist.output import report
+    from raydist.output import console
     from raydist.ray_edge.failures import ERROR_LOG, is_process_loss
 
     def say(line: str) -> None:
@@ -928,7 +932,7 @@ def _logger_callbacks(plan: Plan) -> list:
     if plan.wandb:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
-        from raydist.wandb_log import key_present
+        from raydist.output.wandb_log import key_present
 
         if not os.environ.get("WANDB_MODE") and not key_present():
             # No key: log offline into the experiment folder; `wandb sync <experiment>/wandb/offline-run-*`

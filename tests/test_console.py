@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from raydist import console
+from raydist.output import console
 
 # Lines as Ray 2.60 forwarded them from a TorchTrainer run's controller (captured 2026-12-02).
 DEPRECATION = ("/venv/lib/python3.11/site-packages/ray/data/_internal/execution/interfaces/execution_options.py:436: "

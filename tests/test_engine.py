@@ -324,7 +324,7 @@ def test_a_long_epoch_prints_progress_lines_on_rank_0_and_a_short_one_none(tmp_p
     rank 0 prints how far the epoch is; with the real one, a 1-second digits epoch prints nothing."""
     import dataclasses
 
-    from raydist import console
+    from raydist.output import console
 
     cfg = TrainConfig(epochs=1, batch_size=128)
     ctx = dataclasses.replace(local_context(str(tmp_path / "fast")), progress_every_s=30.0)

@@ -261,7 +261,7 @@ def test_the_root_cause_of_a_worker_group_error_is_the_first_raising_ranks_inner
 
 def test_a_studys_failure_settings_reach_its_trials_and_bad_ones_are_one_line(tmp_path):
     from raydist.errors import ConfigError
-    from raydist.search_space import load_study
+    from raydist.study.study_file import load_study
 
     def study(text, **overrides):
         path = tmp_path / "s.yaml"

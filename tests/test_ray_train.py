@@ -97,7 +97,7 @@ def test_the_run_folder_has_curves_png_and_a_resumed_run_continues_it(digits_run
     epochs (module order runs this one first)."""
     run_dir, _ = digits_run
     assert _png_size(run_dir / "curves.png") == (1210, 495)
-    from raydist import report
+    from raydist.output import report
     from raydist.runs.history import read_history
 
     plotted = report.plot_run_curves(read_history(str(run_dir)), str(tmp_path / "check.png"))
@@ -114,7 +114,7 @@ def test_resume_a_run_folder_continues_at_the_next_epoch(digits_run, ray_cluster
     assert done == [epochs + 1, epochs + 2]
     # the same picture, drawn again from the run's whole history: the first run's epochs and these two
     assert (run_dir / "curves.png").stat().st_mtime_ns > drawn_before
-    from raydist import report
+    from raydist.output import report
     from raydist.runs.history import read_history
 
     plotted = report.plot_run_curves(read_history(str(run_dir)), str(run_dir.parent / "check.png"))

@@ -15,8 +15,9 @@ import pytest
 from cli import run_main
 
 from raydist.errors import ConfigError
-from raydist.search_space import MAX_GRID, load_study
+from raydist.study.study_file import MAX_GRID, load_study
 from raydist.tune import SEARCH_SPACES, plan_concurrency
+from raydist.ray_edge.search import tune_space
 
 SHIPPED = sorted(SEARCH_SPACES.glob("*.yaml"))
 
@@ -127,7 +128,7 @@ def test_a_valid_study_converts_to_tune_and_validates_every_trial(tmp_path):
     assert (study.num_samples, study.search, study.initial_points, study.seed) == (6, "hyperopt", 2, 3)
     assert (study.scheduler, study.grace_period, study.reduction_factor) == ("asha", 2, 2.0)
     assert study.max_epochs == 6  # ASHA's max_t: the top of the epochs range (inclusive)
-    space = study.tune_space()
+    space = tune_space(study)
     assert isinstance(space["lr"], tune.search.sample.Float)
     # Integer ranges and q-grids are a choice of their values (uniform under HyperOpt too), both ends included.
     assert space["epochs"].categories == [3, 4, 5, 6]
@@ -554,7 +555,7 @@ def _hyperopt_samples(study, n, seed=0):
     from ray.tune.search.hyperopt import HyperOptSearch
 
     searcher = HyperOptSearch(n_initial_points=n + 1, random_state_seed=seed)
-    searcher.set_search_properties("val_acc", "max", study.tune_space())
+    searcher.set_search_properties("val_acc", "max", tune_space(study))
     return [searcher.suggest(f"t{i}") for i in range(n)]
 
 
@@ -563,7 +564,7 @@ def _random_samples(study, n, seed=0):
     from ray.tune.search import BasicVariantGenerator
 
     generator = BasicVariantGenerator(random_state=seed)
-    generator.add_configurations({"study": {"run": lambda config: None, "config": study.tune_space(),
+    generator.add_configurations({"study": {"run": lambda config: None, "config": tune_space(study),
                                             "num_samples": n}})
     configs = []
     while (trial := generator.next_trial()) is not None:
@@ -630,7 +631,7 @@ def test_hyperopt_keeps_to_the_bounds_once_tpe_models_the_results(tmp_path):
 
     study = load_study(_write(tmp_path, SAMPLED))
     searcher = HyperOptSearch(n_initial_points=5, random_state_seed=1)
-    searcher.set_search_properties("val_acc", "max", study.tune_space())
+    searcher.set_search_properties("val_acc", "max", tune_space(study))
     proposals = []
     for i in range(60):
         sample = searcher.suggest(f"t{i}")
@@ -655,10 +656,10 @@ def test_points_to_evaluate_reach_both_searchers_exactly_as_written(tmp_path):
     study = load_study(_write(tmp_path, SAMPLED + f"points_to_evaluate: [{point}]\n".replace("'", "")))
     assert study.points_to_evaluate == [point]
     searcher = HyperOptSearch(points_to_evaluate=study.points_to_evaluate, n_initial_points=2, random_state_seed=0)
-    searcher.set_search_properties("val_acc", "max", study.tune_space())
+    searcher.set_search_properties("val_acc", "max", tune_space(study))
     assert searcher.suggest("t0") == point
     generator = BasicVariantGenerator(points_to_evaluate=study.points_to_evaluate, random_state=0)
-    generator.add_configurations({"study": {"run": lambda config: None, "config": study.tune_space(),
+    generator.add_configurations({"study": {"run": lambda config: None, "config": tune_space(study),
                                             "num_samples": 1}})
     trial = generator.next_trial()
     assert {k: trial.config[k] for k in point} == point

@@ -7,12 +7,13 @@ from types import SimpleNamespace
 
 import torch
 
-from raydist import report, tune
+from raydist import tune
+from raydist.output import report
 from raydist.ray_edge import results as study_results
 from raydist.config import TrainConfig
 from raydist.runs.checkpoints import CHECKPOINT_FILE
 from raydist.models import create_model
-from raydist.search_space import load_study
+from raydist.study.study_file import load_study
 from raydist.ray_edge.history import HistoryCallback
 
 STUDY = """

@@ -9,7 +9,7 @@ import pytest
 from wandb_file import read_wandb_history
 
 from raydist.runs.checkpoints import checkpoint_bytes
-from raydist.wandb_log import WandbRun, run_id
+from raydist.output.wandb_log import WandbRun, run_id
 
 
 def test_every_start_of_one_run_continues_its_one_wandb_run_and_another_run_gets_its_own(tmp_path, monkeypatch):

@@ -20,8 +20,8 @@ from typing import Optional
 
 import yaml
 
-from raydist import report
-from raydist.search_space import PER_TRIAL_FIELDS, Study
+from raydist.output import report
+from raydist.study.study_file import PER_TRIAL_FIELDS, Study
 
 LOG_KINDS = ("loguniform", "qloguniform")  # the search_space.DISTRIBUTIONS sampled on a log scale
 

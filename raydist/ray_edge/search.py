@@ -34,6 +34,7 @@ import sys
 from typing import Optional
 
 from ray.tune.search import BasicVariantGenerator, Searcher
+from raydist.study.study_file import GRID_KINDS, Distribution, Study
 
 # Set by raydist.tune just before a restored study runs: Tune rebuilds the searcher from its pickled
 # state inside fit(), and this is the one value of the new command line it must take.
@@ -129,3 +130,25 @@ class RandomSearch(BasicVariantGenerator):
         super().set_state(state)
         if _resume_concurrency is not None:
             self.max_concurrent = _resume_concurrency
+
+
+# ---- the study file's distributions as Tune's ----------------------------------------------------------
+
+
+def tune_domain(dist: Distribution):
+    """One searched dimension as Ray Tune's sampler."""
+    from ray import tune
+
+    a = dist.args
+    if dist.kind == "choice":
+        return tune.choice(list(a))
+    if dist.kind in GRID_KINDS:
+        return tune.choice(dist.grid())  # uniform over every value, both ends, under both searchers
+    if dist.kind == "qloguniform":  # bounds on the grid: both searchers stay in [low, high]
+        return tune.qloguniform(*a)
+    return getattr(tune, dist.kind)(*a)
+
+
+def tune_space(study: Study) -> dict:
+    """The study's searched fields as Tune's param_space: {"lr": tune.loguniform(...), ...}."""
+    return {name: tune_domain(dist) for name, dist in study.searched.items()}

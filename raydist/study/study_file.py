@@ -1,7 +1,6 @@
 """Study files: one declarative YAML per hyperparameter study, checked against TrainConfig before anything runs.
 
     study = load_study("search_spaces/digits_quick.yaml", overrides={"epochs": 3})
-    study.tune_space()        # {"lr": tune.loguniform(...), ...}
     study.trial_config({"lr": 0.3, "batch_size": 64})   # a validated TrainConfig
     study.warnings            # sentences to show at the study's start (an unfair ASHA setup)
 
@@ -99,18 +98,6 @@ class Distribution:
     """One searched dimension: `kind` is one of DISTRIBUTIONS; `args` are already coerced to the field's type."""
     kind: str
     args: tuple
-
-    def to_tune(self):
-        from ray import tune
-
-        a = self.args
-        if self.kind == "choice":
-            return tune.choice(list(a))
-        if self.kind in GRID_KINDS:
-            return tune.choice(self.grid())  # uniform over every value, both ends, under both searchers
-        if self.kind == "qloguniform":  # bounds on the grid: both searchers stay in [low, high]
-            return tune.qloguniform(*a)
-        return getattr(tune, self.kind)(*a)
 
     def grid(self) -> list:
         """Every value of a randint / qrandint / quniform, low to high."""
@@ -281,9 +268,6 @@ class Study:
     def _scheduled(self, values: dict) -> dict:
         # Under ASHA every schedule spans the budget, so trials at a rung are at the same LR factor.
         return {**values, "schedule_epochs": self.max_epochs} if self.scheduler == "asha" else values
-
-    def tune_space(self) -> dict:
-        return {name: dist.to_tune() for name, dist in self.searched.items()}
 
     def per_trial_resources(self, cluster_has_gpus: bool, *, fewest: bool = False) -> tuple[float, float]:
         """(CPUs, GPUs) the largest trial asks for; use_gpu unset means GPUs when the cluster has them.

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Callable, Iterable, Optional
 
-from raydist.report import ERROR, STOPPED, _finite
+from raydist.output.report import ERROR, STOPPED, _finite
 
 # Lines Ray 2.60 prints on every run that say nothing about the user's run and read like failures. Each
 # entry: a pattern of the line, and whether the indented line after it (a warning's source line) goes too.
