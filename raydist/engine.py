@@ -41,6 +41,7 @@ from raydist.models.transfer import (Unit, build_model, freeze_norms, pretrained
 from raydist.errors import WeightsError
 from raydist.errors import CorruptCheckpoint, DataUnavailable, OutOfMemory, WorkerInputError
 from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, checkpoint_dir_name, final_model_bytes, load_checkpoint_file
+from raydist.storage import filesystem
 
 
 @dataclass
@@ -1180,7 +1181,6 @@ def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, 
     (a study's driver prints its own lines instead)."""
     import posixpath
 
-    import pyarrow.fs
 
     from raydist.config import metric_mode
     from raydist.storage import write_atomically
@@ -1198,7 +1198,7 @@ def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, 
         keep = {path for _, path in best} | {latest[1]}
         for _, path in checkpoints:
             if path not in keep:
-                fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+                fs, inner = filesystem(path)
                 fs.delete_dir(inner)
         checkpoints[:] = [c for c in checkpoints if c[1] in keep]
 
@@ -1220,8 +1220,8 @@ def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, 
 
     log_dir, publish_logs = cfg.log_dir, None
     if log_dir is None:  # remote storage
-        filesystem, inner = pyarrow.fs.FileSystem.from_uri(posixpath.join(run_dir, "tensorboard"))
-        log_dir, publish_logs = local_tensorboard_for(filesystem, inner)
+        fs, inner = filesystem(posixpath.join(run_dir, "tensorboard"))
+        log_dir, publish_logs = local_tensorboard_for(fs, inner)
     return WorkerContext(rank=0, world_size=1, device=device, report=report_and_keep, write_file=write_file,
                          resume_state=resume_state, log_dir=log_dir, publish_logs=publish_logs, node_id=node_id,
                          epoch_lines=epoch_lines)

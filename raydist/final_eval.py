@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from typing import Optional
+from raydist.storage import filesystem, is_uri
 
 TEST_METRICS_FILE = "test_metrics.json"
 
@@ -26,10 +27,9 @@ def read_saved(path: str) -> dict:
     """A model_final.pt / best_model.pt / checkpoint.pt, from a local path or a URI (s3://...)."""
     import io
 
-    import pyarrow.fs
     import torch
 
-    fs, inner = pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
+    fs, inner = filesystem(path)
     with fs.open_input_stream(inner) as fh:
         return torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
 
@@ -157,15 +157,14 @@ def _measure_and_write(paths: dict[str, str], cfg, *, use_gpu: bool, cpus: float
 
 def _uri(path: str, storage_path: str) -> str:
     """Ray hands back paths inside a bucket without their scheme; give it back."""
-    if "://" in storage_path and "://" not in path:
+    if is_uri(storage_path) and not is_uri(path):
         return f"{storage_path.split('://')[0]}://{path}"
     return path
 
 
 def _write_json(path: str, content: dict) -> None:
-    import pyarrow.fs
 
-    fs, inner = pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
+    fs, inner = filesystem(path)
     with fs.open_output_stream(inner) as out:
         out.write((json.dumps(content, indent=2) + "\n").encode())
 

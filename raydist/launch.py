@@ -27,6 +27,7 @@ from raydist.errors import FolderError
 from raydist.runs.run_folder import check_epochs_left, read_resume_target, write_config
 from raydist.runs.checkpoints import latest_checkpoint
 from raydist.storage import is_uri
+from raydist.storage import filesystem
 
 
 # ---- before the cluster: resolve and check everything that can be checked ---------------------------
@@ -398,7 +399,7 @@ def write_run_curves(run_dir: str, title: str) -> Optional[str]:
 
             local = tempfile.mkdtemp(prefix="raydist-curves-")
             report.plot_run_curves(history, os.path.join(local, CURVES_FILE), title=title)
-            fs, inner = pyarrow.fs.FileSystem.from_uri(run_dir)
+            fs, inner = filesystem(run_dir)
             pyarrow.fs.copy_files(os.path.join(local, CURVES_FILE), f"{inner}/{CURVES_FILE}",
                                   destination_filesystem=fs)
             shutil.rmtree(local, ignore_errors=True)

@@ -37,6 +37,7 @@ from raydist.config import TrainConfig, check_address, check_folder_name, requir
 from raydist.study.study_file import ONE_WORKER_TRIALS, Study, load_study
 from raydist.ray_edge.results import StudyResult, summarize
 from raydist.ray_edge.search import tune_space
+from raydist.storage import filesystem, is_uri
 
 STUDY_FILE = "study.yaml"  # the effective study, saved so --resume needs nothing else
 # The shipped studies: inside the package in a wheel (pyproject.toml maps search_spaces/ there), at the top
@@ -157,10 +158,10 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
                                      "num_samples": args.num_samples, "one_worker_trials": args.one_worker_trials,
                                      "verbose": args.verbose or None})
         storage_path = args.storage_path or "./runs"
-        storage_path = storage_path if "://" in storage_path else os.path.abspath(os.path.expanduser(storage_path))
+        storage_path = storage_path if is_uri(storage_path) else os.path.abspath(os.path.expanduser(storage_path))
         _check_storage(storage_path, "--storage-path")
         name = args.name if args.name is not None else f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if "://" not in storage_path and os.path.exists(os.path.join(storage_path, name)):
+        if not is_uri(storage_path) and os.path.exists(os.path.join(storage_path, name)):
             raise ConfigError(f"experiment folder {os.path.join(storage_path, name)} exists; pick another --name "
                               f"or continue it with --resume")
     if args.max_concurrent is not None:
@@ -538,9 +539,8 @@ def _scheduler(study: Study):
 
 
 def _save_study(study: Study, experiment_path: str) -> None:
-    import pyarrow.fs
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(experiment_path)
+    fs, root = filesystem(experiment_path)
     fs.create_dir(root, recursive=True)
     content = {
         "name": study.name,  # the saved file is study.yaml: without this, a resumed study is called "study"
@@ -759,7 +759,7 @@ def study_console(study: Study, experiment_path: str, concurrency: int, *, clust
             say(console.trial_ended_line(trial.trial_id, status=report.ERROR, epochs_run=self.epochs.get(trial.trial_id, 0),
                                          epochs=planned, metric=study.metric, best=None, best_epoch=None,
                                          seconds=None, reason=reason)
-                + (f" (tracebacks: {log})" if "://" in log or os.path.exists(log) else ""))
+                + (f" (tracebacks: {log})" if is_uri(log) or os.path.exists(log) else ""))
             self.ended(trial)
             self.publish(trials)
 
@@ -941,7 +941,7 @@ def _logger_callbacks(plan: Plan) -> list:
             print(f"W&B: no API key found, logging offline to {plan.experiment_path}/wandb", flush=True)
         callbacks.append(WandbLoggerCallback(project=plan.wandb_project or plan.study.name, group=plan.name,
                                              mode=os.environ.get("WANDB_MODE"),
-                                             dir=plan.experiment_path if "://" not in plan.experiment_path else None))
+                                             dir=plan.experiment_path if not is_uri(plan.experiment_path) else None))
     if plan.mlflow_uri:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
@@ -971,7 +971,7 @@ def print_result(result: StudyResult, study: Study) -> None:
         if row["status"] == report.ERROR:
             log = f"{where}/trial_{row['trial_id']}/error.log"  # raydist.ray_edge.failures.ERROR_LOG
             print(f"trial {row['trial_id']} failed: {row['error']}"
-                  + (f"  (tracebacks: {log})" if "://" in where or os.path.exists(log) else ""))
+                  + (f"  (tracebacks: {log})" if is_uri(where) or os.path.exists(log) else ""))
     print(f"results: {where}/results.csv  curves: {where}/learning_curves.png  searched values: "
           f"{where}/search_values.png  TensorBoard: tensorboard --logdir {where}  ({result.seconds:.0f}s)")
     if result.interrupted:

@@ -34,6 +34,7 @@ from typing import Optional
 
 import numpy as np
 from raydist.errors import FolderError, TooManyBadImages
+from raydist.storage import filesystem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation")}
@@ -71,16 +72,13 @@ class FolderIndex:
         return counts
 
 
-def _filesystem(root: str):
-    """(pyarrow filesystem, path inside it) for a local path or a URI."""
-    import pyarrow.fs
-
-    if "://" in root:
-        try:
-            return pyarrow.fs.FileSystem.from_uri(root)
-        except Exception as exc:  # noqa: BLE001 - unknown scheme, bad bucket name, no credentials
-            raise FolderError(f"--data-dir {root}: cannot open it ({_first_line(exc)})") from None
-    return pyarrow.fs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
+def folder_filesystem(root: str):
+    """(pyarrow filesystem, path inside it) of --data-dir, a local path or a URI; FolderError if it cannot
+    be opened."""
+    try:
+        return filesystem(root)
+    except Exception as exc:  # noqa: BLE001 - unknown scheme, bad bucket name, no credentials
+        raise FolderError(f"--data-dir {root}: cannot open it ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -143,7 +141,7 @@ def _scan(root: str, val_fraction: float) -> FolderIndex:
 
     from raydist.data.splits import held_out
 
-    fs, base = _filesystem(root)
+    fs, base = folder_filesystem(root)
     try:
         info = fs.get_file_info(base)
     except Exception as exc:  # noqa: BLE001
@@ -242,27 +240,6 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def decode_files(batch: dict, *, root: str, stored: int) -> dict:
-    """Ray Data map function of the streamed path (raydist.folder_stream): read and decode a batch of files
-    on the node it runs on. Kept in this module, which does not import torch, so that a fresh Ray worker
-    process starts it in a fraction of a second."""
-    import ray  # RAY: the node that decoded (the run log says where its first epoch was decoded)
-
-    fs, base = _filesystem(root)
-    images = np.zeros((len(batch["path"]), 3, stored, stored), dtype=np.uint8)
-    ok = np.zeros(len(batch["path"]), dtype=bool)
-    for i, path in enumerate(batch["path"]):
-        try:
-            with fs.open_input_stream(f"{base}/{path}") as stream:
-                images[i] = decode_image(stream.read(), stored)
-            ok[i] = True
-        except Exception:  # noqa: BLE001 - counted and named by the rank that reads the batch
-            pass
-    node = ray.get_runtime_context().get_node_id()
-    return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64), "ok": ok,
-            "path": np.asarray([str(p) for p in batch["path"]]), "node": np.asarray([node] * len(ok))}
-
-
 @dataclass
 class DecodeReport:
     decoded: int
@@ -309,7 +286,7 @@ def load_folder_split(index: FolderIndex, split: str, *, stored: int, max_bad: O
         except Exception:  # noqa: BLE001 - a cache file cut short or from another version: decode again
             pass
     t0 = time.perf_counter()
-    fs, base = _filesystem(index.root)
+    fs, base = folder_filesystem(index.root)
 
     def decode(f: ImageFile) -> Optional[np.ndarray]:
         try:

@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from raydist.models import MODELS, create_model
 from raydist.errors import WeightsError
+from raydist.storage import filesystem, is_uri
 
 HEAD = "fc"  # every registered model's classifier
 GREY_INPUTS = ("replicate", "sum", "reinit")
@@ -81,10 +82,9 @@ def read_weights_file(path: str) -> Source:
     model_final.pt or best_model.pt. A local path or a URI (s3://...). Loaded with weights_only=True: a
     file that would run code when unpickled is refused, not executed."""
     try:
-        if "://" in path:
-            import pyarrow.fs
+        if is_uri(path):
 
-            fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+            fs, inner = filesystem(path)
             with fs.open_input_stream(inner) as fh:
                 data = io.BytesIO(fh.read())
         else:

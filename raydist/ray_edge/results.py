@@ -22,6 +22,7 @@ import yaml
 
 from raydist.output import report
 from raydist.study.study_file import PER_TRIAL_FIELDS, Study
+from raydist.storage import filesystem, is_uri
 
 LOG_KINDS = ("loguniform", "qloguniform")  # the search_space.DISTRIBUTIONS sampled on a log scale
 
@@ -67,7 +68,7 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
     rows.sort(key=lambda r: r["trial_id"])
     best = report.best_row(rows, study.metric, study.mode)
     # Written locally, then copied when the experiment lives in remote storage (S3, GCS).
-    remote = "://" in experiment_path
+    remote = is_uri(experiment_path)
     out_dir = tempfile.mkdtemp(prefix="raydist-study-") if remote else experiment_path
     report.write_csv(rows, os.path.join(out_dir, "results.csv"), searched=list(study.searched))
     report.write_curves_csv(histories, os.path.join(out_dir, "learning_curves.csv"))
@@ -101,7 +102,7 @@ def _saved_trials(experiment_path: str) -> dict[str, tuple[str, dict]]:
 
     import pyarrow.fs
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(experiment_path)
+    fs, root = filesystem(experiment_path)
     states = sorted(info.path for info in fs.get_file_info(pyarrow.fs.FileSelector(root))
                     if os.path.basename(info.path).startswith("experiment_state") and info.path.endswith(".json"))
     if not states:
@@ -157,15 +158,15 @@ def best_checkpoint(history: list[dict], best: Optional[dict], study: Study,
 
     if best is None:
         return None, None
-    remote = "://" in experiment_path
+    remote = is_uri(experiment_path)
     kept = []
     for h in history:
         path = h.get("checkpoint_path")
         if not isinstance(path, str) or not path:
             continue
         if remote:  # Ray reports the path inside the bucket; give it its scheme back
-            path = path if "://" in path else f"{experiment_path.split('://')[0]}://{path}"
-            fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+            path = path if is_uri(path) else f"{experiment_path.split('://')[0]}://{path}"
+            fs, inner = filesystem(path)
             if fs.get_file_info(inner).type == pyarrow.fs.FileType.NotFound:
                 continue
         elif not os.path.isdir(path):  # deleted beyond keep_checkpoints

@@ -8,7 +8,7 @@ The batches are the memory path's: the same seeded per-epoch permutation, the sa
 rank runs the same number of steps, the same unpadded exactly-once shards for evaluation
 (raydist.data.splits.shard_indices). What changes is where the pixels come from: each call builds a Ray Data
 pipeline over this rank's files of the epoch (`ray.data.from_items` of their paths), whose map tasks read
-and decode them (raydist.data.folder.decode_files) on any node of the cluster with a free CPU, and the
+and decode them (raydist.ray_edge.decode.decode_files) on any node of the cluster with a free CPU, and the
 rank iterates the decoded uint8 batches with prefetching and a local shuffle buffer. Memory per node is
 bounded by Ray Data's streaming window, not by the folder's size; augmentation stays batched on the
 device, as for every data set.
@@ -32,7 +32,8 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from raydist.data.folder import SHOWN_BAD_FILES, FolderIndex, decode_files
+from raydist.data.folder import SHOWN_BAD_FILES, FolderIndex
+from raydist.ray_edge.decode import decode_files
 from raydist.errors import TooManyBadImages
 
 DECODE_BATCH = 64  # files per Ray Data map call: enough to amortise the call, small enough to spread

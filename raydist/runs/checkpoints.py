@@ -11,6 +11,7 @@ import io
 import torch
 from raydist.config import TrainConfig
 from raydist.errors import CorruptCheckpoint
+from raydist.storage import filesystem
 
 
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
@@ -19,13 +20,12 @@ CHECKPOINT_PREFIX = "checkpoint_epoch_"
 def _checkpoint_epoch(folder: str) -> int:
     import io
 
-    import pyarrow.fs
     import torch
 
 
     if not is_uri(folder):  # mapped, not read: only the small "epoch" entry is touched
         return int(torch.load(f"{folder}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=True, mmap=True)["epoch"])
-    fs, root = pyarrow.fs.FileSystem.from_uri(folder)
+    fs, root = filesystem(folder)
     with fs.open_input_stream(f"{root}/{CHECKPOINT_FILE}") as fh:
         return int(torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)["epoch"])
 
@@ -61,7 +61,7 @@ def checkpoint_folders(run_dir: str) -> list[str]:
     import pyarrow.fs
 
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)  # an absolute local path or a URI
+    fs, root = filesystem(run_dir)  # an absolute local path or a URI
     found = sorted(os.path.basename(info.path)
                    for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
                    if os.path.basename(info.path).startswith(CHECKPOINT_PREFIX)
@@ -73,10 +73,9 @@ def read_checkpoint(folder: str) -> dict:
     """A checkpoint folder's content (local or URI); CorruptCheckpoint when it cannot be read."""
     import io
 
-    import pyarrow.fs
 
 
-    fs, inner = pyarrow.fs.FileSystem.from_uri(folder)
+    fs, inner = filesystem(folder)
     with fs.open_input_stream(f"{inner}/{CHECKPOINT_FILE}") as fh:
         return load_checkpoint_file(io.BytesIO(fh.read()), name=f"{folder}/{CHECKPOINT_FILE}")
 

@@ -6,22 +6,17 @@ import json
 import math
 import time
 from typing import Optional
+from raydist.storage import filesystem, is_uri
 
 
 HISTORY_FILE = "history.jsonl"
-
-
-def _fs(trial_path: str):
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(trial_path)
 
 
 def read_history(trial_path: str, *, filesystem=None) -> list[dict]:
     """Every epoch the trial reported (the latest report of each), oldest first; [] when there is none."""
     import pyarrow.fs
 
-    fs, path = (filesystem, trial_path) if filesystem is not None else _fs(trial_path)
+    fs, path = (filesystem, trial_path) if filesystem is not None else filesystem(trial_path)
     file = f"{path}/{HISTORY_FILE}"
     if fs.get_file_info(file).type != pyarrow.fs.FileType.File:
         return []
@@ -40,10 +35,10 @@ def _write_history(trial_path: str, records: list[dict]) -> None:
     """Rewrite the whole file (object stores cannot append); a local file is replaced atomically."""
     import os
 
-    fs, path = _fs(trial_path)
+    fs, path = filesystem(trial_path)
     fs.create_dir(path, recursive=True)
     text = "".join(json.dumps(r, default=str) + "\n" for r in records).encode()  # NaN stays NaN
-    if "://" not in trial_path:
+    if not is_uri(trial_path):
         tmp = f"{path}/.{HISTORY_FILE}.tmp"
         with open(tmp, "wb") as fh:
             fh.write(text)
@@ -100,7 +95,7 @@ class HistoryWriter:
         for record in self.records:
             path = record.get("checkpoint_path")
             if isinstance(path, str) and path:
-                fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+                fs, inner = filesystem(path)
                 if fs.get_file_info(inner).type == pyarrow.fs.FileType.Directory:
                     kept.append((record, path))
         return kept

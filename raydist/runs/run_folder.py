@@ -20,6 +20,7 @@ import yaml
 from raydist.errors import ConfigError
 from raydist.config import TrainConfig
 from raydist.runs.checkpoints import _checkpoint_epoch, epochs_done, latest_checkpoint
+from raydist.storage import filesystem
 
 CONFIG_FILE = "config.yaml"
 CLASSES_FILE = "classes.json"  # index -> class name of the run's model
@@ -39,7 +40,7 @@ def read_resume_target(path: str) -> tuple[bool, dict]:
     from raydist.runs.checkpoints import CHECKPOINT_FILE, load_checkpoint_file
     from raydist.errors import CorruptCheckpoint
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(path)  # an absolute local path or a URI
+    fs, root = filesystem(path)  # an absolute local path or a URI
 
     def read(name: str) -> Optional[bytes]:
         if fs.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.File:
@@ -89,11 +90,10 @@ def check_epochs_left(resume: str, is_run_dir: bool, epochs: int) -> None:
 
 def write_config(cfg: TrainConfig) -> None:
     """Save the resolved config in the run folder (local path or URI) before training starts."""
-    import pyarrow.fs
 
     from raydist.storage import write_atomically
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(cfg.storage_path)
+    fs, root = filesystem(cfg.storage_path)
     fs.create_dir(f"{root}/{cfg.name}", recursive=True)
     # Atomic: a run killed while writing it must not leave a folder that --resume cannot read.
     write_atomically(f"{cfg.storage_path}/{cfg.name}/{CONFIG_FILE}",
