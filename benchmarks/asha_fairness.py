@@ -29,7 +29,9 @@ import torch
 from raydist.config import TrainConfig
 from raydist.data.sources import load_split
 from raydist.data.splits import steps_per_epoch
-from raydist.engine import local_context, lr_factor, run
+from raydist.loop.context import local_context
+from raydist.loop.recipe import lr_factor
+from raydist.loop.run import run
 
 BATCH = 64  # images per step (1 worker)
 GRACE, REDUCTION = 2, 2  # digits_quick's ASHA: rungs at epochs 2, 4, 8

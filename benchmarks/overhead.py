@@ -27,7 +27,8 @@ import time
 from bench_env import describe, environment, load_average, ray_lock, spread, steady, summary
 from raydist.config import TrainConfig
 from raydist.runs.checkpoints import FINAL_MODEL_FILE, load_checkpoint_file
-from raydist.engine import local_context, run
+from raydist.loop.context import local_context
+from raydist.loop.run import run
 
 
 def plain_run(epochs: int, cpus: int, folder: str) -> dict:

@@ -10,7 +10,7 @@ checkpoint: per model, the checkpoint's size (weights, SGD momentum, scaler) and
   up at an epoch end: serialising it into a local folder (what remains with Ray's asynchronous upload)
   against serialising it and then copying it into the run folder in storage (what a synchronous upload
   adds; here the storage is a local folder, so an upload to S3 adds more). Median of --repeats.
-ddp: steady training images/s of raydist's loop (raydist.engine.run) as 2 gloo DDP processes of 1 thread,
+ddp: steady training images/s of raydist's loop (raydist.loop.run.run) as 2 gloo DDP processes of 1 thread,
   resnet8 on digits, batch 64 per worker, --ddp-epochs epochs (the first left out), with DDP's broadcast of
   rank 0's BatchNorm buffers before every forward (DDP's default, raydist before) and without it (raydist
   now), --ddp-repeats pairs, the order alternating; the ratio is taken within a pair.
@@ -68,7 +68,7 @@ def checkpoint_cost(model: str, repeats: int) -> dict:
     from raydist.config import TrainConfig
     from raydist.data.sources import TensorSource
     from raydist.runs.checkpoints import CHECKPOINT_FILE
-    from raydist.engine import TrainingState
+    from raydist.loop.state import TrainingState
 
     size = 224 if model.endswith("_imagenet") else 32
     cfg = TrainConfig(dataset="cifar10", model=model, num_workers=1, batch_size=2, warmup_epochs=0).validate()
@@ -99,7 +99,7 @@ def checkpoint_cost(model: str, repeats: int) -> dict:
 def _ddp_worker(rank: int, world: int, sync: bool, port: int, epochs: int, out: str) -> None:
     import torch.distributed as dist
 
-    import raydist.engine as engine
+    import raydist.loop.run as engine
     from raydist.config import TrainConfig
 
     if sync:  # DDP's default: rank 0's buffers broadcast before every forward

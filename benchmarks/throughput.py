@@ -7,7 +7,7 @@ torchvision DataLoader, per model, batch size and compile, side by side in one r
 
 Both sides train the same model from the same initial weights with SGD (momentum 0.9, Nesterov, weight decay
 5e-4), crop+flip augmentation and the same precision (bf16 autocast on a GPU, fp32 on the CPU; --precision):
-- raydist: raydist.engine.TrainingState.train_epoch, the loop every run and trial uses: data held as uint8 on
+- raydist: raydist.loop.state.TrainingState.train_epoch, the loop every run and trial uses: data held as uint8 on
   the device, augmented there in batches, channels_last (--channels-last), no host sync inside the epoch;
 - loop: the usual alternative, a torchvision-style Dataset of uint8 images turned into PIL images, per-image
   RandomCrop(padding 4) + RandomHorizontalFlip + ToTensor + Normalize, a DataLoader with --loader-workers
@@ -78,7 +78,7 @@ def raydist_side(model: str, batch: int, compile_: bool, device: torch.device, s
                  threads: int, channels_last: bool = True) -> float:
     from raydist.config import TrainConfig
     from raydist.data.sources import FakeSource, TensorSource
-    from raydist.engine import TrainingState
+    from raydist.loop.state import TrainingState
 
     size = SIZES[model]
     images = steps * batch
@@ -126,7 +126,7 @@ def loop_side(model: str, batch: int, compile_: bool, device: torch.device, step
     import torchvision
     from torchvision import transforms
 
-    from raydist.engine import autocast_dtype
+    from raydist.loop.recipe import autocast_dtype
     from raydist.models import create_model
 
     size = SIZES[model]

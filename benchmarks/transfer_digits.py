@@ -6,7 +6,7 @@ scratch with the same budget; and what --input-size and --grey-input cost in tra
                                          [--source FILE] [--plot docs/transfer_digits.png] [--no-costs]
     python benchmarks/transfer_digits.py --variants lp-ft --reuse docs/transfer_digits.json   # partial rerun
 
-Everything runs in this process with `raydist.engine.run` (no Ray cluster), 1 worker x --threads threads,
+Everything runs in this process with `raydist.loop.run.run` (no Ray cluster), 1 worker x --threads threads,
 on the CPU. Steps:
   source   resnet18_imagenet, --input-size 64, digits classes 0-4 (all 716 training images), batch 64,
            --source-lr, --source-epochs; its validation accuracy (all 0-4 validation images) is printed and
@@ -48,7 +48,8 @@ import time
 
 from raydist.config import TrainConfig
 from raydist.runs.checkpoints import FINAL_MODEL_FILE
-from raydist.engine import local_context, run
+from raydist.loop.context import local_context
+from raydist.loop.run import run
 
 MODEL = "resnet18_imagenet"
 SOURCE_CLASSES, TARGET_CLASSES = "0-4", "5-9"
@@ -96,7 +97,7 @@ def pretrain_source(args, size: int) -> str:
     history, seconds = train(folder, classes=SOURCE_CLASSES, input_size=size, batch_size=64,
                              epochs=args.source_epochs, lr=args.source_lr, seed=0, cpus_per_worker=args.threads)
     for name in os.listdir(folder):  # keep model_final.pt only (the epoch checkpoint holds the optimizer too)
-        if name.startswith("epoch_"):
+        if name.startswith("checkpoint_epoch_"):
             shutil.rmtree(os.path.join(folder, name))
     accs = " ".join(f"{m['val_acc']:.1%}" for m in history)
     print(f"source: {MODEL} on digits {SOURCE_CLASSES}, input {size}, lr {args.source_lr:g}, "

@@ -23,6 +23,8 @@ from typing import Any, Optional
 import yaml
 from raydist.errors import ConfigError
 
+from raydist.data.registry import DATASETS
+
 MIN_MICRO_BATCH = 2  # images an elastic run feeds a worker at once, at least: BatchNorm needs more than one
 
 GROUPS = ("data", "model", "optimization", "schedule", "scaling", "output")
@@ -323,7 +325,6 @@ class TrainConfig:
                 raise ConfigError(f"{args}: {exc}") from None
         sides = MODELS[self.model].input_sides
         if sides:
-            from raydist.engine import input_side
 
             side = input_side(self)
             if not sides[0] <= side <= sides[1]:
@@ -955,3 +956,16 @@ def parse_model_args(items: list[str]) -> dict:
             value = text  # a list, a date or an empty value: the builder's check names it as typed
         out[key] = value
     return out
+
+
+def input_side(cfg: TrainConfig) -> int:
+    """The side in pixels of the images the model reads."""
+    if cfg.input_size:
+        return cfg.input_size
+    return cfg.fake_image_size if cfg.dataset == "fake" else DATASETS[cfg.dataset].image_size
+
+
+def backbone_lr_mult(cfg: TrainConfig) -> float:
+    if cfg.backbone_lr_mult is not None:
+        return cfg.backbone_lr_mult
+    return 0.1 if cfg.finetune == "lp-ft" else 1.0

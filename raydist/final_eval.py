@@ -7,7 +7,7 @@ Validation ("val", held out of the training set) is what every epoch reports, wh
 what a study selects on, so the best of it is an optimistic estimate. The published test set is kept for this
 one measurement after all choices are made. It runs as one Ray task on the cluster, because the data lives on
 the worker nodes (on a GPU when the run trained on GPUs), through the engine's own evaluation
-(raydist.engine.evaluate_model: the validation's normalisation, channels and resize). The figures go to the
+(raydist.loop.evaluate.evaluate_model: the validation's normalisation, channels and resize). The figures go to the
 run (or study) folder as test_metrics.json.
 """
 
@@ -39,7 +39,7 @@ def evaluate_saved(saved: dict, dataset, *, device) -> dict:
     import torch
 
     from raydist.config import TrainConfig
-    from raydist.engine import evaluate_model, uses_channels_last
+    from raydist.loop.evaluate import evaluate_model, uses_channels_last
     from raydist.models.transfer import load_trained_model
 
     cfg = TrainConfig.from_dict(saved["config"])
@@ -107,7 +107,7 @@ def measure_run(cfg, summary) -> Optional[dict]:
     checkpoint); {"error": ...} when the measurement failed (the run itself stands)."""
     from raydist.data.registry import has_test_split
     from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE
-    from raydist.engine import DIVERGED
+    from raydist.loop.recipe import DIVERGED
 
     if not has_test_split(cfg.dataset):
         return None

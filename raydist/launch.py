@@ -126,7 +126,8 @@ def check_folder_fits(cfg: TrainConfig, memory_bytes: Optional[int] = None, clus
     memory, and the streamed path (asked for, or auto's choice) needs CPUs the workers leave free for Ray
     Data's decoding."""
     from raydist.data.sources import folder_index
-    from raydist.engine import folder_copy_bytes, input_side, streams_folder
+    from raydist.loop.worker_data import folder_copy_bytes, streams_folder
+    from raydist.config import input_side
     from raydist.ray_edge.stream import DECODE_CPUS
     from raydist.data.folder import fits_in_memory, host_memory_bytes, stored_size
 
@@ -230,7 +231,7 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     `cfg.resume`, when set, is a checkpoint folder to start from or the run folder being continued (whose
     latest checkpoint Ray Train hands to the workers itself). `storage_checked`: the caller (a study) has
     checked already that every node sees `cfg.storage_path`. `console`: what rank 0 prints and the labels
-    of its exported metrics (raydist.engine.CONSOLE_KEY; default: a single run's epoch lines and progress).
+    of its exported metrics (raydist.ray_edge.worker.CONSOLE_KEY; default: a single run's epoch lines and progress).
     The run folder gets curves.png from its whole history, however the run ends (unless `draw_curves` is
     False: a study draws its trials together).
     """
@@ -238,7 +239,7 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raydist import cluster
-    from raydist.engine import CONSOLE_KEY, train_loop_per_worker
+    from raydist.ray_edge.worker import CONSOLE_KEY, train_loop_per_worker
     from raydist.runs.checkpoints import FINAL_MODEL_FILE
 
     t0 = time.perf_counter()
@@ -332,7 +333,8 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
     from raydist.cluster import RunMetrics
 
     from raydist.runs.checkpoints import FINAL_MODEL_FILE
-    from raydist.engine import run, run_folder_context
+    from raydist.loop.run import run
+    from raydist.loop.context import run_folder_context
     from raydist.runs.checkpoints import latest_readable_checkpoint
     from raydist.runs.history import HistoryWriter
 

@@ -8,7 +8,7 @@ The model is a run folder (its model_final.pt), a study folder (its best_model.p
 from the file itself (saved there since raydist learned image folders), else the run folder's classes.json,
 else the label numbers. Every image goes through the evaluation preprocessing of the run's validation:
 decoded as the training folder's images were (raydist.data.folder.decode_image: RGB, shorter side to the
-stored size, centre square), then raydist.engine.input_pipeline without augmentation (centre crop or
+stored size, centre square), then raydist.loop.evaluate.input_pipeline without augmentation (centre crop or
 resize, the data set's normalisation, the channels the model reads). Runs on a GPU when there is one.
 
 Output: per image, `path<TAB>name probability%` for the top k (best first). A file that cannot be decoded
@@ -124,7 +124,7 @@ class Predictor:
     def stored_side(self) -> int:
         """The side images are decoded to, as the training data's were."""
         from raydist.data.registry import DATASETS
-        from raydist.engine import input_side
+        from raydist.config import input_side
         from raydist.data.folder import stored_size
 
         if self.cfg.dataset == "folder":
@@ -135,7 +135,7 @@ class Predictor:
         """uint8 N x 3 x S x S (as decoded) -> N x classes probabilities."""
         import torch
 
-        from raydist.engine import input_pipeline
+        from raydist.loop.evaluate import input_pipeline
 
         pipeline = input_pipeline(self.cfg, self.device)
         if self.cfg.input_channels() == 1:

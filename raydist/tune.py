@@ -296,7 +296,7 @@ def streams_a_folder(study: Study) -> bool:
     largest input size searched, judged on this machine)."""
     if study.fixed.get("dataset") != "folder":
         return False
-    from raydist.engine import streams_folder
+    from raydist.loop.worker_data import streams_folder
 
     largest = dict(study.fixed)
     if "input_size" in study.searched:

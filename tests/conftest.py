@@ -12,6 +12,10 @@ import time
 import urllib.request
 
 import pytest
+
+# The benchmarks' helpers that tests use too (image_trace: which images each rank trained on).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks"))
+
 from leftovers import LEDGER, wait_for_free_cluster  # noqa: F401 - tests import the wait from here
 
 
@@ -184,7 +188,7 @@ def digits_val_accuracy(saved: dict) -> float:
     val = load_split("digits", "val", classes=cfg.class_list(), channels=channels)
     spec = DATASETS["digits"]
     augment = Augmenter("none", mean=spec.mean, std=spec.std, channels=channels, size=cfg.input_size)
-    from raydist.engine import uses_channels_last
+    from raydist.loop.evaluate import uses_channels_last
 
     memory_format = torch.channels_last if uses_channels_last(cfg, torch.device("cpu")) else torch.contiguous_format
     model = model.to(memory_format=memory_format)  # evaluated as the run evaluated it

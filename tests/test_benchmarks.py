@@ -5,7 +5,6 @@ its own (own_cluster)."""
 
 import dataclasses
 import json
-import os
 import re
 import subprocess
 import sys

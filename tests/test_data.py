@@ -281,7 +281,7 @@ def test_a_damaged_file_on_a_workers_node_is_the_runs_one_line_cause(tmp_path):
     """What each node's first worker runs: the error is the user's (DataUnavailable), named per node."""
     from raydist.config import TrainConfig
     from raydist.errors import DataUnavailable
-    from raydist.engine import load_data_once_per_node
+    from raydist.loop.worker_data import load_data_once_per_node
 
     raw, _, _ = _small_fashion(tmp_path)
     path = raw / "train-labels-idx1-ubyte"
@@ -331,7 +331,7 @@ def test_a_failed_download_names_the_address_the_reason_and_what_to_do(tmp_path,
     from raydist.data import published as data_files
     from raydist.config import TrainConfig
     from raydist.errors import DataUnavailable
-    from raydist.engine import load_data_once_per_node
+    from raydist.loop.worker_data import load_data_once_per_node
 
     url = f"http://127.0.0.1:{_closed_port()}/"
     monkeypatch.setitem(data_files.DOWNLOAD_MIRRORS, "cifar10", [url])

@@ -11,7 +11,8 @@ from local_ddp import run_ddp
 
 from raydist.config import TrainConfig
 from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file
-from raydist.engine import local_context, run
+from raydist.loop.context import local_context
+from raydist.loop.run import run
 
 TWO_WORKERS = dict(num_workers=2, cpus_per_worker=1.0, batch_size=64, lr=0.8, warmup_epochs=0.5)
 
@@ -25,7 +26,7 @@ def test_every_epochs_reported_accuracy_is_its_saved_checkpoints_on_the_whole_va
     # not the 1,438 images of the training set that images_seen used to count per epoch
     assert [m["images_seen"] for m in history] == [1408 * epoch for epoch in (1, 2, 3, 4)]
     for metrics in history:
-        state = load_checkpoint_file(str(tmp_path / f"epoch_{metrics['epoch']:04d}" / CHECKPOINT_FILE))
+        state = load_checkpoint_file(str(tmp_path / f"checkpoint_epoch_{metrics['epoch']:04d}" / CHECKPOINT_FILE))
         saved = {"model": state["model"], "config": state["config"]}
         # to the sample: 359 validation images, so one image is 0.0028
         assert digits_val_accuracy(saved) == pytest.approx(metrics["val_acc"], abs=1e-6), metrics["epoch"]
@@ -48,7 +49,7 @@ def _weights(path):
 def test_a_run_resumed_from_a_checkpoint_is_bit_identical_to_the_uninterrupted_run(tmp_path, setting):
     cfg = TrainConfig(**{**TWO_WORKERS, "epochs": 3, "checkpoint_every": 1, **setting}).validate()
     full = run_ddp(cfg, tmp_path / "full")
-    resumed = run_ddp(cfg, tmp_path / "resumed", resume_from=tmp_path / "full" / "epoch_0001")
+    resumed = run_ddp(cfg, tmp_path / "resumed", resume_from=tmp_path / "full" / "checkpoint_epoch_0001")
     assert [m["epoch"] for m in resumed] == [2, 3]
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_seen"):
         assert [m[key] for m in resumed] == [m[key] for m in full[1:]], key
@@ -65,14 +66,14 @@ def test_resume_with_a_new_batch_size_lr_and_weight_decay_trains_with_them(tmp_p
     old = TrainConfig(batch_size=64, lr=0.4, weight_decay=5e-4, **ONE_WORKER).validate()
     new = TrainConfig(batch_size=32, lr=0.1, weight_decay=0.0, momentum=0.8, **ONE_WORKER).validate()
     run(old, local_context(str(tmp_path / "old")))
-    state = load_checkpoint_file(str(tmp_path / "old" / "epoch_0001" / CHECKPOINT_FILE))
+    state = load_checkpoint_file(str(tmp_path / "old" / "checkpoint_epoch_0001" / CHECKPOINT_FILE))
     resumed = run(new, local_context(str(tmp_path / "resumed"), resume_state=state))
     fresh = run(new, local_context(str(tmp_path / "fresh")))
     # epoch 2 runs at exactly the LRs a fresh run with the new settings uses in its epoch 2
     assert resumed[0]["epoch"] == 2
     assert resumed[0]["lr"] == pytest.approx(fresh[1]["lr"], rel=1e-12)
     assert resumed[0]["lr"] > 0.01 * 0.1 * 32 / 256  # not the zeroed LR of the old LambdaLR state
-    groups = load_checkpoint_file(str(tmp_path / "resumed" / "epoch_0002" / CHECKPOINT_FILE))["optimizer"]["param_groups"]
+    groups = load_checkpoint_file(str(tmp_path / "resumed" / "checkpoint_epoch_0002" / CHECKPOINT_FILE))["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
     assert [g["momentum"] for g in groups] == [0.8, 0.8]
 
@@ -84,7 +85,7 @@ def test_resume_across_worker_counts_continues_the_schedule_where_it_stood(tmp_p
     two = TrainConfig(**{**TWO_WORKERS, "epochs": 2, "checkpoint_every": 1}).validate()
     one = TrainConfig(**{**TWO_WORKERS, "epochs": 2, "checkpoint_every": 1, "num_workers": 1}).validate()
     run_ddp(two, tmp_path / "two")
-    state = load_checkpoint_file(str(tmp_path / "two" / "epoch_0001" / CHECKPOINT_FILE))
+    state = load_checkpoint_file(str(tmp_path / "two" / "checkpoint_epoch_0001" / CHECKPOINT_FILE))
     resumed = run(one, local_context(str(tmp_path / "resumed"), resume_state=state))
     fresh = run(one, local_context(str(tmp_path / "fresh")))
     assert resumed[0]["lr"] == pytest.approx(fresh[1]["lr"], rel=1e-12)
@@ -125,7 +126,7 @@ def test_a_model_with_its_own_arguments_trains_under_2_worker_ddp_and_is_rebuilt
 def test_horovods_lr_rule_is_what_a_2_worker_run_trains_with(tmp_path):
     # --lr-scaling per_worker, --warmup-from single_worker, --lr-milestones: LR = 0.1 x 2 workers x adj,
     # rising per step from one worker's 0.1 during the first epoch, x 0.1 from epoch 3 (1-based).
-    from raydist.engine import lr_factor
+    from raydist.loop.recipe import lr_factor
 
     cfg = TrainConfig(model="resnet8", augment="crop_flip", num_workers=2, cpus_per_worker=1.0, batch_size=64,
                       lr=0.1, lr_scaling="per_worker", warmup_epochs=1, warmup_from="single_worker",

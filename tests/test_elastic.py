@@ -11,13 +11,16 @@ from collections import Counter
 import pytest
 import torch
 
+import image_trace
 from local_ddp import run_ddp
 from raydist.errors import ConfigError
 from raydist.config import TrainConfig, parse_cli
 from raydist.data.sizes import train_size
 from raydist.parallel.elastic import (batch_layout, epoch_order, epoch_steps, min_tail, split_sizes, step_ends, steps_in_epoch, update_at)
 from raydist.runs.checkpoints import CHECKPOINT_FILE, load_checkpoint_file
-from raydist.engine import TrainingState, local_context, read_image_trace, run
+from raydist.loop.state import TrainingState
+from raydist.loop.context import local_context
+from raydist.loop.run import run
 
 N = train_size("digits", val_fraction=None)
 
@@ -164,7 +167,7 @@ def test_a_warmup_from_one_workers_lr_is_the_same_on_every_worker_count_of_an_el
 def test_the_step_a_run_says_it_is_at_counts_a_folded_tail_in_the_last_step():
     """The resize and spot-notice lines counted steps as position / global batch: after a last step that
     holds the folded tail they said step 3/2 (the review of issue 30)."""
-    from raydist.engine import resize_line
+    from raydist.loop.spot import resize_line
 
     cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=4, global_batch=16).validate()
     state = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=2, train_set=range(36), val_set=[])
@@ -236,16 +239,17 @@ def test_a_spot_notice_checkpoints_mid_epoch_and_a_resume_on_more_workers_uses_e
     epoch's LR is that of an uninterrupted 1-worker run at the same images seen, and the model learns."""
     cfg = TrainConfig(**ELASTIC).validate()
     traces = tmp_path / "trace"
-    monkeypatch.setenv("RAYDIST_IMAGE_TRACE", str(traces / "first"))
+    for key, value in image_trace.environment(traces / "first").items():
+        monkeypatch.setenv(key, value)
     assert run_ddp(cfg, tmp_path / "first", world_size=2, notice_at_check=4) == "reclaimed"
-    jit = tmp_path / "first" / "epoch_0000_at_0000768"
+    jit = tmp_path / "first" / "checkpoint_epoch_0000_at_0000768"
     state = load_checkpoint_file(str(jit / CHECKPOINT_FILE))
     assert (state["epoch"], state["position"], state["world_size"]) == (0, 768, 2)
     assert state["epoch_sums"][2] == 768  # the epoch's images so far, over both ranks
 
-    monkeypatch.setenv("RAYDIST_IMAGE_TRACE", str(traces / "second"))
+    monkeypatch.setenv(image_trace.TRACE_ENV, str(traces / "second"))
     history = run_ddp(cfg, tmp_path / "second", world_size=3, resume_from=jit)
-    first, second = read_image_trace(traces / "first"), read_image_trace(traces / "second")
+    first, second = image_trace.read(traces / "first"), image_trace.read(traces / "second")
     kept = [r for r in first if r["epoch"] == 0 and r["end"] <= 768]
     repeated = {r["end"] for r in first if r["epoch"] == 0 and r["end"] > 768}
     assert len(repeated) <= 2  # at most K = 2 steps between the notice's checkpoint and the node's loss

@@ -9,7 +9,9 @@ import torch
 
 from raydist.config import TrainConfig
 from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file
-from raydist.engine import EarlyStop, local_context, lr_factor, run
+from raydist.loop.recipe import EarlyStop, lr_factor
+from raydist.loop.context import local_context
+from raydist.loop.run import run
 
 FAST = dict(num_workers=1, cpus_per_worker=2.0, batch_size=128, lr=0.8, warmup_epochs=0.5)
 
@@ -62,7 +64,7 @@ def test_early_stopping_stops_at_the_first_epoch_meeting_the_target_for_patience
     assert len(history) == first + 1 < 15
     assert history[-1]["stop_reason"] == "target_accuracy"
     assert all(m["stop_reason"] == "" for m in history[:-1])
-    assert os.path.exists(tmp_path / f"epoch_{first + 1:04d}" / CHECKPOINT_FILE)  # the stopping epoch is saved
+    assert os.path.exists(tmp_path / f"checkpoint_epoch_{first + 1:04d}" / CHECKPOINT_FILE)  # the stopping epoch is saved
     final = load_checkpoint_file(str(tmp_path / FINAL_MODEL_FILE))
     assert final["metrics"]["epoch"] == first + 1 and final["config"]["target_accuracy"] == 0.6
 
@@ -71,7 +73,7 @@ def test_resume_continues_at_the_next_epoch_and_reproduces_the_uninterrupted_run
     # No augmentation: the data order depends on (seed, epoch) alone, so a resumed run must repeat epoch 3 exactly.
     cfg = TrainConfig(epochs=3, augment="none", checkpoint_every=1, **FAST).validate()
     full = run(cfg, local_context(str(tmp_path / "full")))
-    state = load_checkpoint_file(str(tmp_path / "full" / "epoch_0002" / CHECKPOINT_FILE))
+    state = load_checkpoint_file(str(tmp_path / "full" / "checkpoint_epoch_0002" / CHECKPOINT_FILE))
     assert state["epoch"] == 2 and state["config"] == cfg.to_dict()
     resumed = run(cfg, local_context(str(tmp_path / "resumed"), resume_state=state))
     assert [m["epoch"] for m in resumed] == [3]
@@ -86,7 +88,7 @@ def test_non_finite_loss_stops_with_a_clear_reason_and_no_checkpoint(tmp_path, c
     assert history[-1]["stop_reason"] == "diverged" and len(history) < 4
     assert not math.isfinite(history[-1]["train_loss"])
     assert "stopped at epoch 1: diverged (the train loss is nan); lower --lr (now 1e+09)" in capsys.readouterr().out
-    assert not any(p.startswith("epoch_") for p in os.listdir(tmp_path))
+    assert not any(p.startswith("checkpoint_epoch_") for p in os.listdir(tmp_path))
     assert not (tmp_path / FINAL_MODEL_FILE).exists()
 
 
@@ -118,7 +120,7 @@ def test_tensorboard_events_are_written(tmp_path):
 def test_resume_reads_its_checkpoint_through_rays_storage_layer_and_never_starts_over_silently(tmp_path):
     from raydist.errors import WorkerInputError
     from raydist.runs.checkpoints import checkpoint_bytes
-    from raydist.engine import read_resume_checkpoint
+    from raydist.ray_edge.worker import read_resume_checkpoint
 
     checkpoint = tmp_path / "checkpoint_epoch_0003"
     checkpoint.mkdir()
@@ -136,7 +138,7 @@ def test_resume_reads_its_checkpoint_through_rays_storage_layer_and_never_starts
 
 def test_a_corrupt_data_file_is_named_per_node_and_not_taken_for_missing_data(tmp_path):
     from raydist.errors import DataUnavailable
-    from raydist.engine import load_data_once_per_node
+    from raydist.loop.worker_data import load_data_once_per_node
 
     raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
@@ -155,7 +157,7 @@ def test_a_corrupt_data_file_is_named_per_node_and_not_taken_for_missing_data(tm
 
 def test_any_seed_gives_every_epoch_and_rank_its_own_stream():
     from raydist.data.augment import Augmenter
-    from raydist.engine import seed_epoch
+    from raydist.loop.recipe import seed_epoch
 
     aug = Augmenter("crop_flip", mean=(0.5,) * 3, std=(0.25,) * 3)
     draws = set()
@@ -170,7 +172,7 @@ def test_lp_ft_gives_the_probe_and_the_fine_tuning_a_schedule_each(tmp_path):
     """The backbone unfreezes at --freeze-epochs into a fresh warmup and decay (fastai's fine_tune), at the
     backbone multiplier of the head's LR, not late in a schedule that has already decayed."""
     from raydist.data.sources import load_split
-    from raydist.engine import TrainingState
+    from raydist.loop.state import TrainingState
     from raydist.models import create_model
 
     source = tmp_path / "w.pth"
@@ -202,7 +204,7 @@ def test_a_loss_that_explodes_but_stays_finite_is_divergence_in_the_epoch_it_hap
     assert math.isfinite(history[0]["train_loss"]) and history[0]["train_loss"] > 1000 * math.log(10)
     assert history[0]["divergence"].startswith("the train loss ") and "over 1000x its start" in history[0]["divergence"]
     assert "stopped at epoch 1: diverged (the train loss" in capsys.readouterr().out
-    assert not (tmp_path / FINAL_MODEL_FILE).exists() and not list(tmp_path.glob("epoch_*"))
+    assert not (tmp_path / FINAL_MODEL_FILE).exists() and not list(tmp_path.glob("checkpoint_epoch_*"))
 
 
 @pytest.mark.parametrize("train_loss, val_loss, first, expected", [
@@ -214,7 +216,7 @@ def test_a_loss_that_explodes_but_stays_finite_is_divergence_in_the_epoch_it_hap
     (2.0, 2.5, 0.5, ""),
 ])
 def test_divergence_reasons(train_loss, val_loss, first, expected):
-    from raydist.engine import divergence
+    from raydist.loop.recipe import divergence
 
     assert divergence({"train_loss": train_loss, "val_loss": val_loss}, first_train_loss=first,
                       num_classes=10) == expected
@@ -230,7 +232,7 @@ def test_a_training_epoch_and_an_evaluation_hand_nothing_to_the_host_step_by_ste
     training epoch and an evaluation of the real loop with augmentation on: none, whatever the step count.
     (A GPU adds what the CPU cannot show: torch.cuda.set_sync_debug_mode("error"), in the GPU checks.)"""
     from raydist.data.sources import load_splits
-    from raydist.engine import TrainingState
+    from raydist.loop.state import TrainingState
 
     cfg = TrainConfig(augment=augment, **{**FAST, "batch_size": 32}).validate()
     train, val = load_splits("digits", ("train", "val"), device="cpu")
@@ -253,7 +255,7 @@ def test_a_training_epoch_and_an_evaluation_hand_nothing_to_the_host_step_by_ste
 
 
 def test_a_checkpoint_that_holds_training_up_gets_a_hint_with_the_interval_that_fits():
-    from raydist.engine import checkpoint_hint
+    from raydist.loop.recipe import checkpoint_hint
 
     assert checkpoint_hint(0.05, epoch_seconds=1.0, every=1) is None  # 5% of the epoch: fine
     line = checkpoint_hint(0.5, epoch_seconds=1.0, every=1)
@@ -267,7 +269,7 @@ def test_an_unfused_adamw_checkpoint_resumes_into_a_fused_optimizer_with_its_sta
     `step` by the flag in the groups it is given, so those groups must say fused, or the first fused update
     fails on a CPU step. (CPU fused AdamW stands in for the GPU one here; the flag is what differs.)"""
     from raydist.data.sources import load_split
-    from raydist.engine import TrainingState
+    from raydist.loop.state import TrainingState
 
     cfg = TrainConfig(optimizer="adamw", lr=0.01, **{k: v for k, v in FAST.items() if k != "lr"}).validate()
     train, val = load_split("digits", "train"), load_split("digits", "val")
@@ -298,7 +300,8 @@ def test_a_checkpoint_copied_into_storage_before_the_report_returns_counts_as_ho
     import time as clock
 
     import raydist.failures
-    from raydist.engine import _report_with_checkpoint, run_folder_context
+    from raydist.loop.run import _report_with_checkpoint
+    from raydist.loop.context import run_folder_context
 
     real_write = raydist.storage.write_atomically
 

@@ -17,7 +17,8 @@ import torch
 
 from raydist.config import TrainConfig
 from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file
-from raydist.engine import local_context, run
+from raydist.loop.context import local_context
+from raydist.loop.run import run
 from raydist.errors import CorruptCheckpoint, OutOfMemory
 from raydist.runs.history import read_history
 
@@ -144,7 +145,7 @@ def test_a_worker_killed_mid_epoch_restarts_from_the_latest_checkpoint_and_the_r
 def _checkpoint(folder, epoch: int, *, truncate: bool = False):
     """A real checkpoint of a resnet8 digits run at `epoch` (cut to half its bytes when `truncate`)."""
     from raydist.data.sources import load_split
-    from raydist.engine import TrainingState
+    from raydist.loop.state import TrainingState
 
     cfg = TrainConfig(epochs=epoch + 1)
     train, val = load_split("digits", "train"), load_split("digits", "val")
@@ -162,7 +163,7 @@ def _checkpoint(folder, epoch: int, *, truncate: bool = False):
 def test_a_cut_short_latest_checkpoint_is_skipped_with_a_line_naming_it(tmp_path, capsys):
     from ray.train import Checkpoint
 
-    from raydist.engine import load_latest_good_checkpoint
+    from raydist.ray_edge.worker import load_latest_good_checkpoint
     from raydist.runs.checkpoints import latest_checkpoint
 
     run_dir = tmp_path / "run"
@@ -218,7 +219,7 @@ def test_a_file_whose_writer_dies_keeps_its_old_content_and_leaves_no_partial_fi
 
 
 def test_torchs_out_of_memory_error_names_model_batch_and_memory_and_the_fix(tmp_path, monkeypatch):
-    from raydist.engine import TrainingState
+    from raydist.loop.state import TrainingState
 
     def out_of_memory(self, **_):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

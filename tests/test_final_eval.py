@@ -18,7 +18,8 @@ from raydist.config import TrainConfig
 from raydist.data.registry import DATASETS
 from raydist.data.sources import load_split
 from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE
-from raydist.engine import local_context, run
+from raydist.loop.context import local_context
+from raydist.loop.run import run
 from raydist.final_eval import TEST_METRICS_FILE, measure_files, measure_study, summary_line
 from raydist.models.transfer import load_trained_model
 
@@ -66,7 +67,7 @@ def test_the_final_model_and_a_checkpoint_are_measured_on_the_test_split(tmp_pat
                       cpus_per_worker=2.0, batch_size=32, lr=0.2, warmup_epochs=0.5).validate()
     history = run(cfg, local_context(str(tmp_path / "run")))
     assert history[-1]["val_acc"] >= 0.9
-    final, checkpoint = str(tmp_path / "run" / FINAL_MODEL_FILE), str(tmp_path / "run" / "epoch_0002" / CHECKPOINT_FILE)
+    final, checkpoint = str(tmp_path / "run" / FINAL_MODEL_FILE), str(tmp_path / "run" / "checkpoint_epoch_0002" / CHECKPOINT_FILE)
     measured = measure_files({"final model": final, "best checkpoint": checkpoint}, cpus=2)
     assert measured["final model"]["images"] == measured["best checkpoint"]["images"] == N_TEST
     assert measured["best checkpoint"]["epoch"] == 2 and measured["final model"]["epoch"] == 3

@@ -143,7 +143,7 @@ def test_a_folder_evaluates_on_the_centre_crop_and_auto_trains_with_resized_crop
     cfg = TrainConfig(dataset="folder", data_dir=str(root), input_size=32).validate()
     assert cfg.augment_kind() == "resized_crop" and stored_size(32) == 37
     assert cfg.num_classes() == 10 and cfg.class_names()[:2] == ["digit_0", "digit_1"]
-    from raydist.engine import input_pipeline
+    from raydist.loop.evaluate import input_pipeline
 
     pipeline = input_pipeline(cfg, "cpu")
     images = torch.randint(0, 256, (4, 3, 37, 37), dtype=torch.uint8)

@@ -16,7 +16,8 @@ from local_ddp import run_ddp
 from raydist.errors import ConfigError
 from raydist.config import TrainConfig
 from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, final_model_bytes
-from raydist.engine import local_context, run
+from raydist.loop.context import local_context
+from raydist.loop.run import run
 from raydist.models import MODELS, create_model
 from raydist.errors import WeightsError
 from raydist.models.transfer import (backbone_stages, build_model, first_conv, pretrained_source, read_weights_file, transfer_units)
@@ -78,7 +79,7 @@ def test_pretrained_comes_through_torchvisions_weights_api_from_its_cache(tmp_pa
 
 def test_weights_files_of_every_accepted_kind_load_bit_for_bit(tmp_path, source_run):
     final = _final(source_run)
-    checkpoint = next(source_run.glob("epoch_*/" + CHECKPOINT_FILE))
+    checkpoint = next(source_run.glob("checkpoint_epoch_*/" + CHECKPOINT_FILE))
     plain = tmp_path / "plain.pth"
     torch.save(final["model"], plain)
     wrapped = tmp_path / "ddp.pth"  # saved from a DDP-wrapped model
@@ -250,7 +251,7 @@ def test_linear_probe_changes_the_head_only_and_keeps_no_state_for_frozen_tensor
     torch.manual_seed(cfg.seed)  # as the loop does before building the model
     start = build_model("resnet8", num_classes=5, source=read_weights_file(weights))  # the head it started from
     assert not torch.equal(final["fc.weight"], start.fc.weight.detach())
-    state = torch.load(tmp_path / "epoch_0003" / CHECKPOINT_FILE, weights_only=True)
+    state = torch.load(tmp_path / "checkpoint_epoch_0003" / CHECKPOINT_FILE, weights_only=True)
     units = _unit_of_each_param(state)
     assert set(state["optimizer"]["state"]) == {i for i, unit in units.items() if unit == "fc"}
     assert {m["trainable_params"] for m in history} == {64 * 5 + 5}
@@ -268,7 +269,7 @@ def test_gradual_unfreezes_one_stage_per_epoch_and_a_resume_lands_in_the_right_s
     assert [m["trainable_params"] for m in full] == expected
     assert full[-1]["val_acc"] > LEARNED
     # resumed after epoch 2: epochs 3 and 4 run in stages 2 and 3, exactly as the uninterrupted run did
-    resumed = run_ddp(cfg, tmp_path / "resumed", resume_from=tmp_path / "full" / "epoch_0002")
+    resumed = run_ddp(cfg, tmp_path / "resumed", resume_from=tmp_path / "full" / "checkpoint_epoch_0002")
     assert [m["trainable_params"] for m in resumed] == expected[2:]
     assert [m["val_loss"] for m in resumed] == [m["val_loss"] for m in full[2:]]
     a = torch.load(tmp_path / "full" / FINAL_MODEL_FILE, weights_only=True)["model"]
@@ -290,7 +291,7 @@ def test_each_variant_trains_under_2_worker_ddp_and_reports_its_saved_models_acc
     assert history[-1]["val_acc"] > LEARNED
     final = torch.load(tmp_path / FINAL_MODEL_FILE, weights_only=True)
     assert digits_val_accuracy(final) == pytest.approx(history[-1]["val_acc"], abs=1e-6)
-    state = torch.load(tmp_path / "epoch_0003" / CHECKPOINT_FILE, weights_only=True)
+    state = torch.load(tmp_path / "checkpoint_epoch_0003" / CHECKPOINT_FILE, weights_only=True)
     lrs = {g["unit"]: g["lr"] for g in state["optimizer"]["param_groups"]}
     mult = cfg.backbone_lr_mult or (0.1 if cfg.finetune == "lp-ft" else 1.0)
     assert lrs["stage1"] == pytest.approx(lrs["fc"] * mult)
@@ -329,7 +330,7 @@ def test_a_checkpoint_whose_optimizer_layout_differs_is_refused_in_one_line(tmp_
 
     scratch = TrainConfig(epochs=1, **{**TARGET, "num_workers": 1}).validate()
     run(scratch, local_context(str(tmp_path / "scratch")))
-    state = load_checkpoint_file(str(tmp_path / "scratch" / "epoch_0001" / CHECKPOINT_FILE))
+    state = load_checkpoint_file(str(tmp_path / "scratch" / "checkpoint_epoch_0001" / CHECKPOINT_FILE))
     transfer = TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), epochs=2, **{**TARGET, "num_workers": 1})
     with pytest.raises(WorkerInputError, match="optimizer has 2 parameter groups, this run's 10 .* --weights"):
         run(transfer.validate(), local_context(str(tmp_path / "resumed"), resume_state=state))

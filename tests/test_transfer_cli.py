@@ -12,7 +12,8 @@ from conftest import digits_val_accuracy, read_csv, start_tune, wait_for_free_cl
 
 from raydist.config import TrainConfig
 from raydist.runs.checkpoints import FINAL_MODEL_FILE
-from raydist.engine import local_context, run
+from raydist.loop.context import local_context
+from raydist.loop.run import run
 
 
 @pytest.fixture(scope="module")

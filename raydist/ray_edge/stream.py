@@ -36,6 +36,10 @@ from raydist.data.folder import SHOWN_BAD_FILES, FolderIndex
 from raydist.ray_edge.decode import decode_files
 from raydist.errors import TooManyBadImages
 
+from raydist.config import TrainConfig
+from raydist.errors import DataUnavailable
+from raydist.config import input_side
+
 DECODE_BATCH = 64  # files per Ray Data map call: enough to amortise the call, small enough to spread
 PREFETCH_BATCHES = 4  # training batches decoded ahead of the step
 DECODE_CPUS = 0.5  # per map task: the streamed path needs CPUs the workers leave free (checked before Ray)
@@ -155,3 +159,20 @@ class StreamSource:
                                    f"{len(self.files)} image files cannot be decoded (first: {first}), more than "
                                    f"--max-bad-images {self.max_bad} allows; remove or replace them, or raise "
                                    f"--max-bad-images")
+
+
+def stream_splits(cfg: TrainConfig, *, device, log=None, rank: int = 0):
+    """The image folder's train and val splits as Ray Data streams (raydist.ray_edge.stream.StreamSource)."""
+    from raydist.data.sources import folder_index
+    from raydist.data.folder import bad_image_limit, stored_size
+
+    if cfg.classes or cfg.train_fraction != 1.0 or cfg.train_per_class:
+        raise DataUnavailable("--classes, --train-fraction and --train-per-class select images of a folder held in "
+                              "memory; the streamed path reads the whole folder (use --data-loader memory)")
+    index = folder_index(cfg.data_dir, cfg.val_fraction)
+    max_bad = bad_image_limit(index, cfg.max_bad_images)
+    if log is not None:
+        log(f"streaming {len(index.splits['train'])} training and {len(index.splits['val'])} validation images "
+            f"through Ray Data")
+    return tuple(StreamSource(index, split, stored=stored_size(input_side(cfg)), device=device, max_bad=max_bad,
+                              rank=rank) for split in ("train", "val"))
