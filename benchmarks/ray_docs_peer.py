@@ -27,6 +27,7 @@ import tempfile
 import time
 
 from bench_env import describe, environment, load_average, spread, steady, summary
+from raydist.preflight import validate
 
 BATCH = 64
 MEAN, STD = (0.305,) * 3, (0.324,) * 3  # raydist's digits statistics
@@ -100,11 +101,11 @@ def ray_docs_run(epochs: int, workers: int, loader_workers: int, folder: str) ->
 
 
 def raydist_run(epochs: int, workers: int, folder: str, address) -> list[float]:
-    from raydist.config import TrainConfig
+    from raydist.config.fields import TrainConfig
     from raydist.launch import fit, prepare
 
-    cfg = TrainConfig(epochs=epochs, num_workers=workers, batch_size=BATCH, cpus_per_worker=1.0, address=address,
-                      storage_path=folder, name="raydist", warmup_epochs=0.0).validate()
+    cfg = validate(TrainConfig(epochs=epochs, num_workers=workers, batch_size=BATCH, cpus_per_worker=1.0, address=address,
+                      storage_path=folder, name="raydist", warmup_epochs=0.0))
     summary_ = fit(prepare(cfg, explicit={}))
     return [h["images_per_s"] for h in summary_.history]
 

@@ -30,6 +30,7 @@ import time
 import torch
 
 from bench_env import describe, environment, steady
+from raydist.preflight import validate
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -65,13 +66,13 @@ def fake_cost(batch: int, repeats: int, device: torch.device) -> dict:
 
 
 def checkpoint_cost(model: str, repeats: int) -> dict:
-    from raydist.config import TrainConfig
+    from raydist.config.fields import TrainConfig
     from raydist.data.sources import TensorSource
     from raydist.runs.checkpoints import CHECKPOINT_FILE
     from raydist.loop.state import TrainingState
 
     size = 224 if model.endswith("_imagenet") else 32
-    cfg = TrainConfig(dataset="cifar10", model=model, num_workers=1, batch_size=2, warmup_epochs=0).validate()
+    cfg = validate(TrainConfig(dataset="cifar10", model=model, num_workers=1, batch_size=2, warmup_epochs=0))
     data = TensorSource(torch.zeros(4, 3, size, size, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
     state = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=1, train_set=data, val_set=data)
     state.enter_epoch(0)
@@ -100,12 +101,12 @@ def _ddp_worker(rank: int, world: int, sync: bool, port: int, epochs: int, out: 
     import torch.distributed as dist
 
     import raydist.loop.run as engine
-    from raydist.config import TrainConfig
+    from raydist.config.fields import TrainConfig
 
     if sync:  # DDP's default: rank 0's buffers broadcast before every forward
         engine.NO_FORWARD_BUFFER_SYNC = {}
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    cfg = TrainConfig(epochs=epochs, num_workers=world, batch_size=64, cpus_per_worker=1.0, warmup_epochs=0).validate()
+    cfg = validate(TrainConfig(epochs=epochs, num_workers=world, batch_size=64, cpus_per_worker=1.0, warmup_epochs=0))
     ctx = engine.WorkerContext(rank=rank, world_size=world, device=torch.device("cpu"),
                                report=lambda metrics, folder: folder and shutil.rmtree(folder),
                                write_file=lambda name, data: None)

@@ -34,6 +34,7 @@ import time
 import torch
 
 from bench_env import describe, environment
+from raydist.preflight import validate
 
 # model -> input side; the 32x32 ones are CIFAR models, resnet50_imagenet the DDP workload test's model
 MODELS = {"resnet18": 32, "wrn16_4": 32, "wrn28_10": 32, "wrn_dli": 32, "resnet50_imagenet": 224}
@@ -76,7 +77,7 @@ def _sync(device: torch.device) -> None:
 
 def raydist_side(model: str, batch: int, compile_: bool, device: torch.device, steps: int, precision: str,
                  threads: int, channels_last: bool = True) -> float:
-    from raydist.config import TrainConfig
+    from raydist.config.fields import TrainConfig
     from raydist.data.sources import FakeSource, TensorSource
     from raydist.loop.state import TrainingState
 
@@ -84,13 +85,13 @@ def raydist_side(model: str, batch: int, compile_: bool, device: torch.device, s
     images = steps * batch
     memory = {"channels_last": "on" if channels_last else "off"}
     if size == 224:
-        cfg = TrainConfig(dataset="fake", fake_image_size=224, fake_num_classes=1000, fake_train_size=images,
+        cfg = validate(TrainConfig(dataset="fake", fake_image_size=224, fake_num_classes=1000, fake_train_size=images,
                           model=model, batch_size=batch, compile=compile_, precision=precision, num_workers=1,
-                          warmup_epochs=0, cpus_per_worker=float(threads), **memory).validate()
+                          warmup_epochs=0, cpus_per_worker=float(threads), **memory))
         train = FakeSource(images, 224, 1000, salt=0, device=device)
     else:
-        cfg = TrainConfig(dataset="cifar10", model=model, batch_size=batch, compile=compile_, precision=precision,
-                          num_workers=1, warmup_epochs=0, cpus_per_worker=float(threads), **memory).validate()
+        cfg = validate(TrainConfig(dataset="cifar10", model=model, batch_size=batch, compile=compile_, precision=precision,
+                          num_workers=1, warmup_epochs=0, cpus_per_worker=float(threads), **memory))
         generator = torch.Generator().manual_seed(0)
         train = TensorSource(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=generator),
                              torch.randint(0, 10, (images,), generator=generator)).to(device)

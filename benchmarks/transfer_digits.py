@@ -46,10 +46,11 @@ import statistics
 import tempfile
 import time
 
-from raydist.config import TrainConfig
+from raydist.config.fields import TrainConfig
 from raydist.runs.checkpoints import FINAL_MODEL_FILE
 from raydist.loop.context import local_context
 from raydist.loop.run import run
+from raydist.preflight import validate
 
 MODEL = "resnet18_imagenet"
 SOURCE_CLASSES, TARGET_CLASSES = "0-4", "5-9"
@@ -71,7 +72,7 @@ def variants(args) -> dict[str, dict]:
 
 def train(folder: str, **fields) -> tuple[list[dict], float]:
     """(per-epoch metrics, wall seconds) of one run in this process; its folder is removed unless kept."""
-    cfg = TrainConfig(dataset="digits", model=MODEL, num_workers=1, checkpoint_every=0, **fields).validate()
+    cfg = validate(TrainConfig(dataset="digits", model=MODEL, num_workers=1, checkpoint_every=0, **fields))
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         history = run(cfg, local_context(folder))

@@ -27,7 +27,7 @@ import math
 from typing import Optional
 
 from raydist.errors import ConfigError
-from raydist.config import host_port
+from raydist.config.fields import host_port
 
 # Set in the driver's environment before Ray starts: a local cluster's processes inherit them, and Ray
 # Train passes the health-check interval on to its controller and workers.
@@ -905,7 +905,7 @@ def _describe(error) -> str:
 
 
 def build_parser():
-    from raydist.config import _Parser
+    from raydist.cli import _Parser
 
     parser = _Parser(prog="raydist.cluster", description=(
         "Look at a Ray cluster (resources, what it can grow to, nodes starting, raydist jobs, Train runs, the\n"

@@ -36,15 +36,16 @@ def read_saved(path: str) -> dict:
 
 def evaluate_saved(saved: dict, dataset, *, device) -> dict:
     """A saved model's accuracy and loss on `dataset` (a loaded split), in this process."""
+    from raydist.data.sizes import classes_predicted
     import torch
 
-    from raydist.config import TrainConfig
+    from raydist.config.fields import TrainConfig
     from raydist.loop.evaluate import evaluate_model, uses_channels_last
     from raydist.models.transfer import load_trained_model
 
     cfg = TrainConfig.from_dict(saved["config"])
     # A checkpoint carries its config but not the two fields load_trained_model reads from a final model.
-    net = load_trained_model({"model_name": cfg.model, "num_classes": cfg.num_classes(), **saved})
+    net = load_trained_model({"model_name": cfg.model, "num_classes": classes_predicted(cfg), **saved})
     memory_format = torch.channels_last if uses_channels_last(cfg, device) else torch.contiguous_format
     sums = evaluate_model(net.to(device, memory_format=memory_format), dataset, cfg, device=device)
     count = int(sums.count.item())
@@ -54,9 +55,10 @@ def evaluate_saved(saved: dict, dataset, *, device) -> dict:
 def measure_files(paths: dict[str, str], *, cpus: float = 1) -> dict[str, dict]:
     """label -> saved model file, each evaluated on its data set's test split (loaded once, with the run's
     classes and channels) on this process's device: the GPU Ray gave it, else the CPU."""
+    from raydist.data.sizes import class_list
     import torch
 
-    from raydist.config import TrainConfig
+    from raydist.config.fields import TrainConfig
     from raydist.data.sources import load_split
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,7 +71,7 @@ def measure_files(paths: dict[str, str], *, cpus: float = 1) -> dict[str, dict]:
         key = (cfg.dataset, cfg.data_dir, cfg.classes, cfg.input_channels())
         if key not in loaded:
             loaded[key] = load_split(cfg.dataset, "test", device=device, data_dir=cfg.data_dir,
-                                     classes=cfg.class_list(), channels=cfg.input_channels())
+                                     classes=class_list(cfg), channels=cfg.input_channels())
         measured[label] = dict(evaluate_saved(saved, loaded[key], device=device), path=path,
                                epoch=saved.get("epoch") or (saved.get("metrics") or {}).get("epoch"))
     return measured
@@ -125,7 +127,7 @@ def measure_run(cfg, summary) -> Optional[dict]:
 
 def measure_study(result) -> Optional[dict]:
     """A finished study's exported best model (best_model.pt) on the test split, once; written beside it."""
-    from raydist.config import TrainConfig
+    from raydist.config.fields import TrainConfig
     from raydist.data.registry import has_test_split
 
     if not result.best_model or result.interrupted:  # an interrupted study measures when it is finished

@@ -19,7 +19,8 @@ import time
 from typing import Callable, Optional
 
 from raydist.errors import ConfigError
-from raydist.config import TrainConfig, metric_mode, require_package, resolve
+from raydist.config.fields import TrainConfig, metric_mode, require_package
+from raydist.cli import resolve
 from raydist.data.registry import DATASETS
 from raydist.data.sources import check_files
 from raydist.errors import DataFileCorrupt, DatasetNotFound
@@ -28,6 +29,7 @@ from raydist.runs.run_folder import check_epochs_left, read_resume_target, write
 from raydist.runs.checkpoints import latest_checkpoint
 from raydist.storage import is_uri
 from raydist.storage import filesystem
+from raydist.data.sizes import classes_predicted
 
 
 # ---- before the cluster: resolve and check everything that can be checked ---------------------------
@@ -127,7 +129,7 @@ def check_folder_fits(cfg: TrainConfig, memory_bytes: Optional[int] = None, clus
     Data's decoding."""
     from raydist.data.sources import folder_index
     from raydist.loop.worker_data import folder_copy_bytes, streams_folder
-    from raydist.config import input_side
+    from raydist.data.sizes import input_side
     from raydist.ray_edge.stream import DECODE_CPUS
     from raydist.data.folder import fits_in_memory, host_memory_bytes, stored_size
 
@@ -164,7 +166,7 @@ def check_weights(cfg: TrainConfig, *, on_this_machine: bool = True) -> None:
             source = pretrained_source(cfg.model)  # downloads into this machine's cache once, if it can
         else:
             return
-        build_model(cfg.model, num_classes=cfg.num_classes(), grey_input=cfg.grey_input, source=source,
+        build_model(cfg.model, num_classes=classes_predicted(cfg), grey_input=cfg.grey_input, source=source,
                     model_args=cfg.model_args)
     except WeightsError as exc:
         raise ConfigError(str(exc)) from None

@@ -24,7 +24,7 @@ import sys
 from typing import Optional
 
 from raydist.errors import ConfigError
-from raydist.config import _Parser
+from raydist.cli import _Parser
 
 DESCRIPTION = """Classify image files (or every image in folders) with a trained raydist model: one line per
 image with its top-k classes and probabilities, or a CSV.
@@ -86,9 +86,10 @@ class Predictor:
     """A saved raydist model with its validation-time preprocessing and class names."""
 
     def __init__(self, path: str, device=None):
+        from raydist.data.sizes import classes_predicted
         import torch
 
-        from raydist.config import TrainConfig
+        from raydist.config.fields import TrainConfig
         from raydist.final_eval import read_saved
         from raydist.models.transfer import load_trained_model
 
@@ -104,7 +105,7 @@ class Predictor:
         self.class_names = saved.get("class_names") or self._run_folder_classes()
         count = saved.get("num_classes") or (len(self.class_names) if self.class_names else None)
         if count is None:  # an older checkpoint: its config's data set says
-            count = self.cfg.num_classes()
+            count = classes_predicted(self.cfg)
         if not self.class_names or len(self.class_names) != count:
             self.class_names = [str(i) for i in range(count)]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -124,7 +125,7 @@ class Predictor:
     def stored_side(self) -> int:
         """The side images are decoded to, as the training data's were."""
         from raydist.data.registry import DATASETS
-        from raydist.config import input_side
+        from raydist.data.sizes import input_side
         from raydist.data.folder import stored_size
 
         if self.cfg.dataset == "folder":

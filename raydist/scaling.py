@@ -41,7 +41,9 @@ import time
 from typing import Optional
 
 from raydist.errors import ConfigError
-from raydist.config import TrainConfig, _Parser, lr_scale, parse_cli
+from raydist.config.fields import TrainConfig, lr_scale
+from raydist.cli import _Parser, parse_cli
+from raydist.preflight import validate
 
 RULES = ("linear", "none")
 
@@ -101,7 +103,7 @@ def build_grid(base: TrainConfig, *, workers: list[int], batches: list[int], rul
                                           target_accuracy=target, patience=1, storage_path=out,
                                           name=f"w{w}-b{b}-{rule}", resume=None)
                 try:
-                    cfg.validate()
+                    validate(cfg)
                 except ConfigError as exc:
                     raise ConfigError(f"{w} worker(s) x batch {b} ({rule}): {exc}") from None
                 for seed in range(base.seed, base.seed + repeats):

@@ -5,7 +5,7 @@
     python -m raydist.train --address auto                    # join a running cluster (`ray start --head`)
     python -m raydist.train --resume runs/digits-resnet8-20261123-101500 --epochs 30
 
-Flags come from raydist.config.TrainConfig (`--help` lists them all). Bad input exits with code 2 before
+Flags come from raydist.config.fields.TrainConfig (`--help` lists them all). Bad input exits with code 2 before
 Ray starts; a failed run exits 1.
 """
 
@@ -17,7 +17,7 @@ from typing import Optional
 from raydist import final_eval
 from raydist.output import console
 from raydist.errors import ConfigError
-from raydist.config import parse_cli
+from raydist.cli import parse_cli
 from raydist.launch import CURVES_FILE, RunSummary, failure_cause, fit, prepare
 
 

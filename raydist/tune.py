@@ -33,11 +33,11 @@ import yaml
 from raydist import final_eval
 from raydist.output import report
 from raydist.errors import ConfigError
-from raydist.config import TrainConfig, check_address, check_folder_name, require_package
+from raydist.config.fields import TrainConfig, check_address, check_folder_name, require_package
 from raydist.study.study_file import ONE_WORKER_TRIALS, Study, load_study
 from raydist.ray_edge.results import StudyResult, summarize
-from raydist.ray_edge.search import tune_space
 from raydist.storage import filesystem, is_uri
+from raydist.preflight import validate
 
 STUDY_FILE = "study.yaml"  # the effective study, saved so --resume needs nothing else
 # The shipped studies: inside the package in a wheel (pyproject.toml maps search_spaces/ there), at the top
@@ -60,7 +60,7 @@ example:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raydist.config import _Parser
+    from raydist.cli import _Parser
 
     p = _Parser(prog="raydist.tune", description=DESCRIPTION)
     p.add_argument("--search-space", metavar="FILE.yaml",
@@ -212,7 +212,8 @@ def _check_storage(path: str, flag: str) -> None:
 def _set_value(key: str, text: str):
     """--set KEY=VALUE: YAML for numbers, booleans and lists; a text field keeps the text as typed
     (YAML would make `~` empty and `2024-01-01` a date)."""
-    from raydist.config import _FIELDS, _base_type, load_yaml_text
+    from raydist.config.fields import _FIELDS, _base_type
+    from raydist.config.yaml_files import load_yaml_text
 
     if not text:
         return None
@@ -247,7 +248,7 @@ def _check_weights(study: Study, *, on_this_machine: bool) -> None:
     for values in itertools.product(*(study.searched[name].extremes() for name in names)):
         cfg = dataclasses.replace(base, **dict(zip(names, values)))
         try:
-            cfg.validate()
+            validate(cfg)
         except ConfigError:  # a combination no trial gets (e.g. --pretrained on a model without weights)
             continue
         check_weights(cfg, on_this_machine=on_this_machine)
@@ -400,6 +401,7 @@ def trial_name(trial) -> str:
 
 
 def run_study(plan: Plan) -> StudyResult:
+    from raydist.ray_edge.search import tune_space
     import ray
     import ray.tune
 

@@ -17,6 +17,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks"))
 
 from leftovers import LEDGER, wait_for_free_cluster  # noqa: F401 - tests import the wait from here
+from raydist.data.sizes import class_list, classes_predicted
 
 
 @dataclasses.dataclass
@@ -177,15 +178,15 @@ def digits_val_accuracy(saved: dict) -> float:
     import torch
 
     from raydist.data.augment import Augmenter
-    from raydist.config import TrainConfig
+    from raydist.config.fields import TrainConfig
     from raydist.data.registry import DATASETS
     from raydist.data.sources import load_split
     from raydist.models.transfer import load_trained_model
 
     cfg = TrainConfig.from_dict(saved.get("config") or {})
-    model = load_trained_model({"model_name": cfg.model, "num_classes": cfg.num_classes(), **saved})
+    model = load_trained_model({"model_name": cfg.model, "num_classes": classes_predicted(cfg), **saved})
     channels = cfg.input_channels()
-    val = load_split("digits", "val", classes=cfg.class_list(), channels=channels)
+    val = load_split("digits", "val", classes=class_list(cfg), channels=channels)
     spec = DATASETS["digits"]
     augment = Augmenter("none", mean=spec.mean, std=spec.std, channels=channels, size=cfg.input_size)
     from raydist.loop.evaluate import uses_channels_last

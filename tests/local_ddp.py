@@ -48,7 +48,7 @@ def _notices(first: int):
 
 def _worker(rank: int, world_size: int, config: dict, run_dir: str, port: int, resume_from,
             notice_at_check=None) -> None:
-    from raydist.config import TrainConfig
+    from raydist.config.fields import TrainConfig
     from raydist.runs.checkpoints import CHECKPOINT_FILE, checkpoint_dir_name, load_checkpoint_file
     from raydist.loop.context import WorkerContext
     from raydist.loop.run import run

@@ -7,7 +7,10 @@ import sys
 import pytest
 
 from raydist.errors import ConfigError
-from raydist.config import TrainConfig, load_yaml, parse_cli
+from raydist.config.fields import TrainConfig
+from raydist.config.fields import load_yaml
+from raydist.cli import parse_cli
+from raydist.preflight import validate
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -44,11 +47,11 @@ from raydist.config import TrainConfig, load_yaml, parse_cli
 ])
 def test_bad_values_are_rejected_with_the_value_and_what_is_accepted(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        TrainConfig(**overrides).validate()
+        validate(TrainConfig(**overrides))
 
 
 def test_defaults_are_valid_and_train_digits_with_resnet8():
-    cfg = TrainConfig().validate()
+    cfg = validate(TrainConfig())
     assert (cfg.dataset, cfg.model) == ("digits", "resnet8")
 
 
@@ -372,7 +375,7 @@ def test_every_commands_help_says_each_default_once():
     import re
 
     from raydist import cluster, predict, scaling, tune
-    from raydist.config import TRAIN_DESCRIPTION, build_parser
+    from raydist.cli import TRAIN_DESCRIPTION, build_parser
 
     parsers = {"train": build_parser("raydist.train", TRAIN_DESCRIPTION), "tune": tune.build_parser(),
                "predict": predict.build_parser(), "scaling": scaling.build_parser(), "cluster": cluster.build_parser()}

@@ -153,7 +153,7 @@ def test_the_status_line_counts_trials_names_the_best_and_estimates_what_is_left
 @pytest.mark.parametrize("command", ["train", "tune", "cluster", "scaling"])
 def test_every_commands_help_starts_with_what_it_does_and_an_example(command):
     if command == "train":
-        from raydist.config import TRAIN_DESCRIPTION, build_parser
+        from raydist.cli import TRAIN_DESCRIPTION, build_parser
 
         text = build_parser("raydist.train", TRAIN_DESCRIPTION).format_help()
     else:
@@ -256,7 +256,7 @@ def test_a_run_starts_with_a_few_lines_saying_its_peak_lr_not_a_90_field_config_
     what differs from the defaults; where the whole config is."""
     from cli import run_main
 
-    from raydist.config import parse_cli
+    from raydist.cli import parse_cli
 
     cfg, _, _ = parse_cli(["--preset", "horovod-resnet18", "--num-workers", "4", "--name", "h", "--storage-path",
                            str(tmp_path)])

@@ -279,7 +279,7 @@ def test_an_unreadable_cifar_batch_is_named(tmp_path, monkeypatch):
 
 def test_a_damaged_file_on_a_workers_node_is_the_runs_one_line_cause(tmp_path):
     """What each node's first worker runs: the error is the user's (DataUnavailable), named per node."""
-    from raydist.config import TrainConfig
+    from raydist.config.fields import TrainConfig
     from raydist.errors import DataUnavailable
     from raydist.loop.worker_data import load_data_once_per_node
 
@@ -329,7 +329,7 @@ def _closed_port():
 
 def test_a_failed_download_names_the_address_the_reason_and_what_to_do(tmp_path, monkeypatch):
     from raydist.data import published as data_files
-    from raydist.config import TrainConfig
+    from raydist.config.fields import TrainConfig
     from raydist.errors import DataUnavailable
     from raydist.loop.worker_data import load_data_once_per_node
 

@@ -7,11 +7,12 @@ import re
 import pytest
 import torch
 
-from raydist.config import TrainConfig
+from raydist.config.fields import TrainConfig
 from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file
 from raydist.loop.recipe import EarlyStop, lr_factor
 from raydist.loop.context import local_context
 from raydist.loop.run import run
+from raydist.preflight import validate
 
 FAST = dict(num_workers=1, cpus_per_worker=2.0, batch_size=128, lr=0.8, warmup_epochs=0.5)
 
@@ -47,7 +48,7 @@ def test_bad_milestones_are_one_line(overrides, message):
     from raydist.errors import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(message)):
-        TrainConfig(epochs=90, **overrides).validate()
+        validate(TrainConfig(epochs=90, **overrides))
 
 
 def test_early_stop_counts_consecutive_epochs():
@@ -57,7 +58,7 @@ def test_early_stop_counts_consecutive_epochs():
 
 
 def test_early_stopping_stops_at_the_first_epoch_meeting_the_target_for_patience_epochs(tmp_path):
-    cfg = TrainConfig(epochs=15, target_accuracy=0.6, patience=2, **FAST).validate()
+    cfg = validate(TrainConfig(epochs=15, target_accuracy=0.6, patience=2, **FAST))
     history = run(cfg, local_context(str(tmp_path)))
     accs = [m["val_acc"] for m in history]
     first = next(i for i in range(1, len(accs)) if accs[i] >= 0.6 and accs[i - 1] >= 0.6)
@@ -71,7 +72,7 @@ def test_early_stopping_stops_at_the_first_epoch_meeting_the_target_for_patience
 
 def test_resume_continues_at_the_next_epoch_and_reproduces_the_uninterrupted_run(tmp_path):
     # No augmentation: the data order depends on (seed, epoch) alone, so a resumed run must repeat epoch 3 exactly.
-    cfg = TrainConfig(epochs=3, augment="none", checkpoint_every=1, **FAST).validate()
+    cfg = validate(TrainConfig(epochs=3, augment="none", checkpoint_every=1, **FAST))
     full = run(cfg, local_context(str(tmp_path / "full")))
     state = load_checkpoint_file(str(tmp_path / "full" / "checkpoint_epoch_0002" / CHECKPOINT_FILE))
     assert state["epoch"] == 2 and state["config"] == cfg.to_dict()
@@ -82,8 +83,8 @@ def test_resume_continues_at_the_next_epoch_and_reproduces_the_uninterrupted_run
 
 
 def test_non_finite_loss_stops_with_a_clear_reason_and_no_checkpoint(tmp_path, capsys):
-    cfg = TrainConfig(epochs=4, lr=1e9, warmup_epochs=0.0, **{k: v for k, v in FAST.items()
-                                                              if k not in ("lr", "warmup_epochs")}).validate()
+    cfg = validate(TrainConfig(epochs=4, lr=1e9, warmup_epochs=0.0, **{k: v for k, v in FAST.items()
+                                                              if k not in ("lr", "warmup_epochs")}))
     history = run(cfg, local_context(str(tmp_path)))
     assert history[-1]["stop_reason"] == "diverged" and len(history) < 4
     assert not math.isfinite(history[-1]["train_loss"])
@@ -93,8 +94,8 @@ def test_non_finite_loss_stops_with_a_clear_reason_and_no_checkpoint(tmp_path, c
 
 
 def test_grad_accumulation_and_adamw_and_label_smoothing_learn(tmp_path):
-    cfg = TrainConfig(epochs=4, optimizer="adamw", lr=0.02, grad_accum=2, label_smoothing=0.1, batch_size=64,
-                      **{k: v for k, v in FAST.items() if k not in ("lr", "batch_size")}).validate()
+    cfg = validate(TrainConfig(epochs=4, optimizer="adamw", lr=0.02, grad_accum=2, label_smoothing=0.1, batch_size=64,
+                      **{k: v for k, v in FAST.items() if k not in ("lr", "batch_size")}))
     history = run(cfg, local_context(str(tmp_path)))
     assert history[-1]["val_acc"] > 0.6
     # the linear scaling rule's global batch counts accumulated steps: peak = 0.02 x (64 x 2) / 256; each
@@ -108,7 +109,7 @@ def test_grad_accumulation_and_adamw_and_label_smoothing_learn(tmp_path):
 
 
 def test_tensorboard_events_are_written(tmp_path):
-    cfg = TrainConfig(epochs=1, **FAST).validate()
+    cfg = validate(TrainConfig(epochs=1, **FAST))
     run(cfg, local_context(str(tmp_path), log_dir=str(tmp_path / "tb")))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -177,8 +178,8 @@ def test_lp_ft_gives_the_probe_and_the_fine_tuning_a_schedule_each(tmp_path):
 
     source = tmp_path / "w.pth"
     torch.save(create_model("resnet8", num_classes=10).state_dict(), source)
-    cfg = TrainConfig(weights=str(source), finetune="lp-ft", freeze_epochs=2, epochs=6, warmup_epochs=1,
-                      **{k: v for k, v in FAST.items() if k != "warmup_epochs"}).validate()
+    cfg = validate(TrainConfig(weights=str(source), finetune="lp-ft", freeze_epochs=2, epochs=6, warmup_epochs=1,
+                      **{k: v for k, v in FAST.items() if k != "warmup_epochs"}))
     train, val = load_split("digits", "train"), load_split("digits", "val")
     state = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=1, train_set=train, val_set=val)
     per_epoch = state.updates_per_epoch
@@ -197,8 +198,8 @@ def test_lp_ft_gives_the_probe_and_the_fine_tuning_a_schedule_each(tmp_path):
 def test_a_loss_that_explodes_but_stays_finite_is_divergence_in_the_epoch_it_happens(tmp_path, capsys):
     """LR 300 per 256: the training loss reaches about 1e11 in the first epoch and stays finite for two
     more; it used to be reported as a finished run."""
-    cfg = TrainConfig(epochs=3, lr=300.0, warmup_epochs=0.0, lr_schedule="constant",
-                      **{k: v for k, v in FAST.items() if k not in ("lr", "warmup_epochs")}).validate()
+    cfg = validate(TrainConfig(epochs=3, lr=300.0, warmup_epochs=0.0, lr_schedule="constant",
+                      **{k: v for k, v in FAST.items() if k not in ("lr", "warmup_epochs")}))
     history = run(cfg, local_context(str(tmp_path)))
     assert len(history) == 1 and history[0]["stop_reason"] == "diverged"
     assert math.isfinite(history[0]["train_loss"]) and history[0]["train_loss"] > 1000 * math.log(10)
@@ -234,7 +235,7 @@ def test_a_training_epoch_and_an_evaluation_hand_nothing_to_the_host_step_by_ste
     from raydist.data.sources import load_splits
     from raydist.loop.state import TrainingState
 
-    cfg = TrainConfig(augment=augment, **{**FAST, "batch_size": 32}).validate()
+    cfg = validate(TrainConfig(augment=augment, **{**FAST, "batch_size": 32}))
     train, val = load_splits("digits", ("train", "val"), device="cpu")
     state = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=1, train_set=train, val_set=val)
     state.enter_epoch(0)
@@ -271,7 +272,7 @@ def test_an_unfused_adamw_checkpoint_resumes_into_a_fused_optimizer_with_its_sta
     from raydist.data.sources import load_split
     from raydist.loop.state import TrainingState
 
-    cfg = TrainConfig(optimizer="adamw", lr=0.01, **{k: v for k, v in FAST.items() if k != "lr"}).validate()
+    cfg = validate(TrainConfig(optimizer="adamw", lr=0.01, **{k: v for k, v in FAST.items() if k != "lr"}))
     train, val = load_split("digits", "train"), load_split("digits", "val")
     unfused = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=1, train_set=train, val_set=val)
     unfused.train_epoch()
@@ -300,7 +301,7 @@ def test_a_checkpoint_copied_into_storage_before_the_report_returns_counts_as_ho
     import time as clock
 
     import raydist.failures
-    from raydist.loop.run import _report_with_checkpoint
+    from raydist.loop.context import _report_with_checkpoint
     from raydist.loop.context import run_folder_context
 
     real_write = raydist.storage.write_atomically
@@ -311,7 +312,7 @@ def test_a_checkpoint_copied_into_storage_before_the_report_returns_counts_as_ho
 
     monkeypatch.setattr(raydist.failures, "write_atomically", slow_disk)
     told = []
-    ctx = run_folder_context(TrainConfig(**FAST).validate(), run_dir=str(tmp_path / "run"),
+    ctx = run_folder_context(validate(TrainConfig(**FAST)), run_dir=str(tmp_path / "run"),
                              device=torch.device("cpu"), node_id="n",
                              report=lambda metrics, path: (told.append(path), clock.sleep(2.0)))
     seconds = _report_with_checkpoint(ctx, {"epoch": 1, "val_acc": 0.5}, {"weights": torch.zeros(1000)})

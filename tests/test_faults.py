@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from raydist.config import TrainConfig
+from raydist.config.fields import TrainConfig
 from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file
 from raydist.loop.context import local_context
 from raydist.loop.run import run

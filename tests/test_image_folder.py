@@ -18,9 +18,11 @@ from PIL import Image
 
 from raydist import train as train_cli
 from raydist.data.augment import Augmenter, centre_crop, random_resized_crop_flip
-from raydist.config import TrainConfig
+from raydist.config.fields import TrainConfig
 from raydist.errors import FolderError, TooManyBadImages
 from raydist.data.folder import decode_image, load_folder_split, scan_folder, stored_size
+from raydist.data.sizes import classes_predicted, predicted_class_names
+from raydist.preflight import validate
 
 
 @pytest.fixture(autouse=True)
@@ -140,9 +142,9 @@ def test_resized_crop_takes_windows_of_the_image_resized_and_mirrors_about_half(
 
 def test_a_folder_evaluates_on_the_centre_crop_and_auto_trains_with_resized_crops(split_folder):
     root, _ = split_folder
-    cfg = TrainConfig(dataset="folder", data_dir=str(root), input_size=32).validate()
+    cfg = validate(TrainConfig(dataset="folder", data_dir=str(root), input_size=32))
     assert cfg.augment_kind() == "resized_crop" and stored_size(32) == 37
-    assert cfg.num_classes() == 10 and cfg.class_names()[:2] == ["digit_0", "digit_1"]
+    assert classes_predicted(cfg) == 10 and predicted_class_names(cfg)[:2] == ["digit_0", "digit_1"]
     from raydist.loop.evaluate import input_pipeline
 
     pipeline = input_pipeline(cfg, "cpu")
@@ -291,8 +293,8 @@ def test_a_folder_too_large_for_the_workers_memory_is_refused_before_ray(split_f
     from raydist.launch import check_folder_fits
 
     root, _ = split_folder
-    cfg = TrainConfig(dataset="folder", data_dir=str(root), input_size=224, num_workers=2,
-                      data_loader="memory").validate()
+    cfg = validate(TrainConfig(dataset="folder", data_dir=str(root), input_size=224, num_workers=2,
+                      data_loader="memory"))
     index = scan_folder(str(root), val_fraction=0.1)
     per_worker = sum(len(files) for files in index.splits.values()) * 3 * 256 * 256  # stored at 256 for 224
     check_folder_fits(cfg, memory_bytes=4 * per_worker)  # two workers, half the memory: fits
@@ -301,7 +303,7 @@ def test_a_folder_too_large_for_the_workers_memory_is_refused_before_ray(split_f
                                           r"--data-loader stream \(or auto\)"):
         check_folder_fits(cfg, memory_bytes=4 * per_worker - 1)
     # auto streams what does not fit, given CPUs for Ray Data's decoding beside the workers
-    auto = TrainConfig(dataset="folder", data_dir=str(root), input_size=224, num_workers=2).validate()
+    auto = validate(TrainConfig(dataset="folder", data_dir=str(root), input_size=224, num_workers=2))
     check_folder_fits(auto, memory_bytes=4 * per_worker - 1, cluster_cpus=3)
     with pytest.raises(ConfigError, match=r"--data-loader auto: the streamed path decodes images on CPUs the workers "
                                           r"leave free, but 2 workers x --cpus-per-worker 1 take all 2 CPUs"):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from raydist.models import MODELS, create_model
+from raydist.preflight import validate
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -135,9 +136,9 @@ def test_wrn_dli_costs_what_the_published_network_costs():
 
 def test_fixed_size_models_refuse_another_input_size_before_any_cluster():
     from raydist.errors import ConfigError
-    from raydist.config import TrainConfig
+    from raydist.config.fields import TrainConfig
 
     with pytest.raises(ConfigError, match=r"--model wrn_dli reads images of 28 to 55 pixels a side, but this run "
                                           r"feeds it 224: give --input-size 32"):
-        TrainConfig(model="wrn_dli", input_size=224).validate()
-    TrainConfig(model="wrn_dli").validate()  # digits, at 32
+        validate(TrainConfig(model="wrn_dli", input_size=224))
+    validate(TrainConfig(model="wrn_dli"))  # digits, at 32

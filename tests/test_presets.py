@@ -11,7 +11,7 @@ import torchvision
 
 from raydist import presets
 from raydist.errors import ConfigError
-from raydist.config import parse_cli
+from raydist.cli import parse_cli
 from raydist.loop.context import local_context
 from raydist.loop.run import run
 

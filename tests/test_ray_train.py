@@ -12,7 +12,7 @@ import pytest
 from conftest import digits_val_accuracy
 from wandb_file import read_wandb_history
 
-from raydist.config import TrainConfig
+from raydist.config.fields import TrainConfig
 from raydist.runs.checkpoints import FINAL_MODEL_FILE, load_checkpoint_file
 
 

@@ -3,7 +3,7 @@
 import dataclasses
 import pathlib
 
-from raydist.config import TrainConfig, _flag
+from raydist.config.fields import TrainConfig, _flag
 
 README = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
 
@@ -83,7 +83,7 @@ def test_every_documented_study_command_is_accepted(tmp_path, monkeypatch):
 
 def test_every_documented_training_command_is_accepted(tmp_path, monkeypatch):
     from raydist import launch
-    from raydist.config import parse_cli
+    from raydist.cli import parse_cli
 
     _photos_at_home(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
@@ -113,7 +113,7 @@ def test_every_commands_flags_are_documented_and_every_flag_the_readme_names_exi
     import re
 
     from raydist import cluster, predict, scaling, tune
-    from raydist.config import TRAIN_DESCRIPTION, build_parser
+    from raydist.cli import TRAIN_DESCRIPTION, build_parser
 
     def flags(parser) -> set:
         out = set()

@@ -268,7 +268,8 @@ def test_numbers_are_read_as_yaml_1_2_writes_them_in_every_part_of_a_study(tmp_p
     study = load_study(_write(tmp_path, text))
     assert study.searched["lr"].args == (0.001, 2.0) and study.fixed["momentum"] == 0.9
     assert load_study(_write(tmp_path, text), {"weight_decay": 5e-4}).fixed["weight_decay"] == 0.0005
-    from raydist.config import load_yaml, parse_model_args
+    from raydist.config.fields import load_yaml
+    from raydist.cli import parse_model_args
     from raydist.tune import _set_value
 
     assert _set_value("lr", "1e-3") == 0.001 and _set_value("epochs", "12") == 12
@@ -278,7 +279,7 @@ def test_numbers_are_read_as_yaml_1_2_writes_them_in_every_part_of_a_study(tmp_p
 
 
 def test_a_key_given_twice_in_a_config_file_is_one_line_naming_it(tmp_path):
-    from raydist.config import load_yaml
+    from raydist.config.fields import load_yaml
 
     (tmp_path / "run.yaml").write_text("lr: 0.4\nepochs: 3\nlr: 0.1\n")
     with pytest.raises(ConfigError) as excinfo:
@@ -286,7 +287,7 @@ def test_a_key_given_twice_in_a_config_file_is_one_line_naming_it(tmp_path):
     assert str(excinfo.value) == f"config file {tmp_path / 'run.yaml'}: key 'lr' is given twice (lines 1 and 3); keep one"
     # YAML's merge key still lets a mapping override what it merges
     (tmp_path / "merge.yaml").write_text("base: &b {lr: 0.4}\nrun: {<<: *b, lr: 0.1}\n")
-    from raydist.config import read_yaml_mapping
+    from raydist.config.yaml_files import read_yaml_mapping
 
     assert read_yaml_mapping(str(tmp_path / "merge.yaml"), "file", "keys")["run"] == {"lr": 0.1}
 

@@ -14,13 +14,14 @@ from conftest import digits_val_accuracy
 from local_ddp import run_ddp
 
 from raydist.errors import ConfigError
-from raydist.config import TrainConfig
+from raydist.config.fields import TrainConfig
 from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, final_model_bytes
 from raydist.loop.context import local_context
 from raydist.loop.run import run
 from raydist.models import MODELS, create_model
 from raydist.errors import WeightsError
 from raydist.models.transfer import (backbone_stages, build_model, first_conv, pretrained_source, read_weights_file, transfer_units)
+from raydist.preflight import validate
 
 TARGET = dict(dataset="digits", classes="5-9", train_per_class=20, num_workers=2, cpus_per_worker=1.0,
               batch_size=10, lr=1.0, warmup_epochs=0.5, augment="crop_flip", checkpoint_every=1)
@@ -31,8 +32,8 @@ LEARNED = 0.35  # validation accuracy on digits 5-9 after a few epochs on 100 im
 def source_run(tmp_path_factory):
     """A raydist run on digits 0-4 (the source task): its folder, holding model_final.pt and checkpoints."""
     folder = tmp_path_factory.mktemp("source")
-    cfg = TrainConfig(dataset="digits", classes="0-4", epochs=8, num_workers=1, cpus_per_worker=2.0,
-                      batch_size=32, lr=0.4, warmup_epochs=0.5).validate()
+    cfg = validate(TrainConfig(dataset="digits", classes="0-4", epochs=8, num_workers=1, cpus_per_worker=2.0,
+                      batch_size=32, lr=0.4, warmup_epochs=0.5))
     history = run(cfg, local_context(str(folder)))
     assert history[-1]["val_acc"] > 0.9  # it learned its 5 classes (chance: 0.2)
     return folder
@@ -227,7 +228,7 @@ def test_every_model_names_its_stages_and_every_parameter_is_in_exactly_one_unit
 ])
 def test_transfer_and_data_options_are_checked_before_anything_starts(values, message):
     with pytest.raises(ConfigError) as info:
-        TrainConfig(**values).validate()
+        validate(TrainConfig(**values))
     assert message in str(info.value)
 
 
@@ -241,7 +242,7 @@ def _unit_of_each_param(state: dict) -> dict[int, str]:
 
 def test_linear_probe_changes_the_head_only_and_keeps_no_state_for_frozen_tensors(tmp_path, source_run):
     weights = str(source_run / FINAL_MODEL_FILE)
-    cfg = TrainConfig(weights=weights, finetune="linear", epochs=3, **{**TARGET, "lr": 2.0}).validate()
+    cfg = validate(TrainConfig(weights=weights, finetune="linear", epochs=3, **{**TARGET, "lr": 2.0}))
     history = run_ddp(cfg, tmp_path)
     assert history[-1]["val_acc"] > LEARNED
     source = _final(source_run)["model"]
@@ -258,8 +259,8 @@ def test_linear_probe_changes_the_head_only_and_keeps_no_state_for_frozen_tensor
 
 
 def test_gradual_unfreezes_one_stage_per_epoch_and_a_resume_lands_in_the_right_stage(tmp_path, source_run):
-    cfg = TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), finetune="gradual", unfreeze_every=1,
-                      epochs=4, **TARGET).validate()
+    cfg = validate(TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), finetune="gradual", unfreeze_every=1,
+                      epochs=4, **TARGET))
     full = run_ddp(cfg, tmp_path / "full")
     net = build_model("resnet8", num_classes=5)
     sizes = {name: sum(p.numel() for m in modules for p in m.parameters()) for name, modules in backbone_stages(net)}
@@ -286,7 +287,7 @@ def test_gradual_unfreezes_one_stage_per_epoch_and_a_resume_lands_in_the_right_s
 def test_each_variant_trains_under_2_worker_ddp_and_reports_its_saved_models_accuracy(tmp_path, source_run, variant):
     # 6 epochs (30 updates): at 3 the val accuracy of these 100-image runs still swung by 15 points from
     # epoch to epoch (BatchNorm statistics settling), and one CPU's rounding put a variant under the bar.
-    cfg = TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), epochs=6, **{**TARGET, **variant}).validate()
+    cfg = validate(TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), epochs=6, **{**TARGET, **variant}))
     history = run_ddp(cfg, tmp_path)
     assert history[-1]["val_acc"] > LEARNED
     final = torch.load(tmp_path / FINAL_MODEL_FILE, weights_only=True)
@@ -303,8 +304,8 @@ def test_each_variant_trains_under_2_worker_ddp_and_reports_its_saved_models_acc
 def test_gradual_unfreezing_works_with_torch_compile(tmp_path, source_run):
     """A new trainable set recompiles the model (requires_grad is part of compile's guards); one worker in
     this process, so the compile happens once here rather than in every DDP process."""
-    cfg = TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), finetune="gradual", compile=True, epochs=3,
-                      **{**TARGET, "num_workers": 1, "cpus_per_worker": 2.0, "batch_size": 20}).validate()
+    cfg = validate(TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), finetune="gradual", compile=True, epochs=3,
+                      **{**TARGET, "num_workers": 1, "cpus_per_worker": 2.0, "batch_size": 20}))
     history = run(cfg, local_context(str(tmp_path)))
     assert [m["trainable_params"] for m in history] == sorted({m["trainable_params"] for m in history})
     assert len(history) == 3 and max(m["val_acc"] for m in history) > LEARNED
@@ -316,8 +317,8 @@ def test_a_file_the_driver_could_not_check_that_does_not_fit_is_the_workers_one_
     """On a cluster joined with --address the driver may not see the file: the workers check it."""
     from raydist.errors import WorkerInputError
 
-    cfg = TrainConfig(model="wrn_dli", weights=str(source_run / FINAL_MODEL_FILE), epochs=1,
-                      **{**TARGET, "num_workers": 1}).validate()
+    cfg = validate(TrainConfig(model="wrn_dli", weights=str(source_run / FINAL_MODEL_FILE), epochs=1,
+                      **{**TARGET, "num_workers": 1}))
     with pytest.raises(WorkerInputError, match=r"does not fit --model wrn_dli: .* \(on node local\)$"):
         run(cfg, local_context(str(tmp_path)))
 
@@ -328,12 +329,12 @@ def test_a_checkpoint_whose_optimizer_layout_differs_is_refused_in_one_line(tmp_
     from raydist.errors import WorkerInputError
     from raydist.runs.checkpoints import load_checkpoint_file
 
-    scratch = TrainConfig(epochs=1, **{**TARGET, "num_workers": 1}).validate()
+    scratch = validate(TrainConfig(epochs=1, **{**TARGET, "num_workers": 1}))
     run(scratch, local_context(str(tmp_path / "scratch")))
     state = load_checkpoint_file(str(tmp_path / "scratch" / "checkpoint_epoch_0001" / CHECKPOINT_FILE))
     transfer = TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), epochs=2, **{**TARGET, "num_workers": 1})
     with pytest.raises(WorkerInputError, match="optimizer has 2 parameter groups, this run's 10 .* --weights"):
-        run(transfer.validate(), local_context(str(tmp_path / "resumed"), resume_state=state))
+        run(validate(transfer), local_context(str(tmp_path / "resumed"), resume_state=state))
 
 
 def test_a_study_checks_every_model_and_weights_file_its_trials_can_get(tmp_path, source_run, monkeypatch):

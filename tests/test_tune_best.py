@@ -10,7 +10,7 @@ import torch
 from raydist import tune
 from raydist.output import report
 from raydist.ray_edge import results as study_results
-from raydist.config import TrainConfig
+from raydist.config.fields import TrainConfig
 from raydist.runs.checkpoints import CHECKPOINT_FILE
 from raydist.models import create_model
 from raydist.study.study_file import load_study

@@ -19,6 +19,7 @@ from raydist import tune
 from raydist.study.study_file import load_study
 from raydist.ray_edge.history import ASHAWithHistory, HistoryCallback, rung_records
 from raydist.runs.history import read_history
+from raydist.preflight import validate
 
 # Three pinned trials, one at a time, 5 epochs each. ASHA (rungs at epochs 1, 2, 4) lets the first, poor
 # trial finish (it is first at every rung; chance level, 8%, throughout) and the good second one go on
@@ -255,13 +256,13 @@ def test_a_trial_process_that_died_between_its_checkpoint_and_its_report_resumes
     folder keeps `keep_checkpoints` plus the latest, not a forgotten extra one."""
     import dataclasses
 
-    from raydist.config import TrainConfig
+    from raydist.config.fields import TrainConfig
     from raydist.launch import fit_in_trial, prepare
 
     trial_path = str(tmp_path / "trial_x")
-    cfg = TrainConfig(dataset="digits", model="resnet8", num_workers=1, cpus_per_worker=1, epochs=3,
+    cfg = validate(TrainConfig(dataset="digits", model="resnet8", num_workers=1, cpus_per_worker=1, epochs=3,
                       batch_size=32, lr=0.4, warmup_epochs=0, keep_checkpoints=1, keep_by="val_loss",
-                      storage_path=trial_path, name="run").validate()
+                      storage_path=trial_path, name="run"))
     cfg = prepare(cfg, explicit={})
     reports = []
     fit_in_trial(cfg, trial_path=trial_path, on_report=reports.append)

@@ -51,7 +51,7 @@ def test_each_new_run_gets_a_wandb_id_of_its_own_and_only_its_run_folder_continu
     import yaml
 
     from raydist.errors import ConfigError
-    from raydist.config import parse_cli
+    from raydist.cli import parse_cli
     from raydist.launch import prepare
     from raydist.runs.run_folder import write_config
 

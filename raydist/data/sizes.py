@@ -7,8 +7,12 @@ from __future__ import annotations
 from typing import Optional
 import torch
 from raydist.data.sources import _load_digits, folder_index
-from raydist.data.registry import CIFAR10_NAMES, DATASETS, DIGIT_NAMES, FASHION_MNIST_NAMES
+from raydist.config.fields import TrainConfig
+from raydist.errors import ConfigError
+from raydist.data.registry import parse_classes, CIFAR10_NAMES, DATASETS, DIGIT_NAMES, FASHION_MNIST_NAMES
 from raydist.data.splits import _held_out_count, _subset_size
+
+from raydist.config.fields import TrainConfig
 
 
 FILE_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}  # the published training
@@ -55,7 +59,7 @@ def val_size(name: str, *, val_fraction: Optional[float] = None, fake_val_size: 
 
 def num_classes(name: str, fake_num_classes: int = 1000, *, data_dir: str = "",
                 val_fraction: Optional[float] = None) -> int:
-    """Classes of the whole data set (a run's model predicts TrainConfig.num_classes())."""
+    """Classes of the whole data set (a run's model predicts raydist.data.sizes.classes_predicted(cfg))."""
     if name == "folder":
         return len(folder_index(data_dir, val_fraction).classes)
     return fake_num_classes if name == "fake" else DATASETS[name].num_classes
@@ -74,3 +78,39 @@ def class_names(name: str, *, data_dir: str = "", val_fraction: Optional[float] 
     if name == "fake":  # random labels have no names (and there can be billions of them)
         return []
     return [str(i) for i in range(num_classes(name, fake_num_classes))]
+
+
+def input_side(cfg: TrainConfig) -> int:
+    """The side in pixels of the images the model reads."""
+    if cfg.input_size:
+        return cfg.input_size
+    return cfg.fake_image_size if cfg.dataset == "fake" else DATASETS[cfg.dataset].image_size
+
+
+def class_list(cfg: TrainConfig) -> Optional[list[int]]:
+    """--classes as a list of class indices, or None for all of them."""
+    if cfg.classes is None:
+        return None
+    try:
+        return parse_classes(cfg.classes, num_classes=_all_classes(cfg))
+    except ValueError as exc:
+        raise ConfigError(f"--classes {cfg.classes!r}: {exc}") from None
+
+
+def _all_classes(cfg: TrainConfig) -> int:
+    return num_classes(cfg.dataset, cfg.fake_num_classes, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction)
+
+
+def classes_predicted(cfg: TrainConfig) -> int:
+    """Classes a run's model predicts: those of --classes, else the data set's."""
+    selected = class_list(cfg)
+    return len(selected) if selected else _all_classes(cfg)
+
+
+def predicted_class_names(cfg: TrainConfig) -> list[str]:
+    """Index -> name of the classes a run's model predicts (an image folder's subfolder names, in the
+    order of --classes when given)."""
+    names = class_names(cfg.dataset, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
+                        fake_num_classes=cfg.fake_num_classes)
+    selected = class_list(cfg)
+    return [names[c] for c in selected] if selected and names else names

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 import torch
-from raydist.config import TrainConfig
+from raydist.config.fields import TrainConfig
 from raydist.runs.checkpoints import CHECKPOINT_FILE, checkpoint_dir_name
 from raydist.storage import filesystem
 
@@ -118,7 +118,7 @@ def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, 
     import posixpath
 
 
-    from raydist.config import metric_mode
+    from raydist.config.fields import metric_mode
     from raydist.storage import write_atomically
 
     checkpoints = list(kept or [])

@@ -7,12 +7,12 @@ from typing import Optional
 import torch
 from torch import nn
 from raydist.data.augment import Augmenter
-from raydist.config import TrainConfig
+from raydist.config.fields import TrainConfig
 from raydist.data.registry import DATASETS
 from raydist.data.splits import shard_indices
 from raydist.parallel.pipeline import Pipeline
 from raydist.loop.worker_data import data_batches
-from raydist.config import input_side
+from raydist.data.sizes import input_side
 from raydist.loop.recipe import autocast_dtype
 
 

@@ -7,8 +7,8 @@ import os
 from typing import Callable, Optional, Sequence
 import torch
 from raydist.data.augment import Augmenter
-from raydist.config import TrainConfig
-from raydist.config import input_side
+from raydist.config.fields import TrainConfig
+from raydist.data.sizes import input_side
 
 
 def lr_factor(update: int, *, warmup: int, total: int, schedule: str, step_every: int, gamma: float,

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from raydist.config import TrainConfig
+from raydist.config.fields import TrainConfig
 from raydist.output.wandb_log import WandbRun
 from raydist.output.wandb_log import run_id as wandb_run_id
 from raydist.errors import WeightsError
@@ -28,6 +28,7 @@ from raydist.loop.spot import SpotWatch, resize_line
 from raydist.loop.state import TrainingState
 from raydist.loop.worker_data import load_data_once_per_node, load_source
 from raydist.loop.context import report_with_checkpoint
+from raydist.data.sizes import classes_predicted
 
 
 # ---- building blocks ------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
         state.epoch = epoch + 1
         state.images_before = metrics["images_seen"]
         metrics["divergence"] = divergence(metrics, first_train_loss=state.first_train_loss,
-                                           num_classes=cfg.num_classes())
+                                           num_classes=classes_predicted(cfg))
         if state.first_train_loss is None and not metrics["divergence"]:
             state.first_train_loss = metrics["train_loss"]
         if metrics["divergence"]:

@@ -6,7 +6,7 @@ import time
 from typing import Optional
 import torch
 import torch.distributed as dist
-from raydist.config import TrainConfig
+from raydist.config.fields import TrainConfig
 from raydist.parallel.elastic import FIRST_CHECK_AFTER, Step, check_every
 from raydist.loop.context import WorkerContext
 from raydist.loop.context import report_with_checkpoint

@@ -12,16 +12,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from raydist.config import TrainConfig, lr_scale
+from raydist.config.fields import TrainConfig, lr_scale
 from raydist.parallel.elastic import Step, batch_layout, epoch_order, epoch_steps, min_tail, single_worker_share, steps_in_epoch, update_at
 from raydist.data.splits import shard_indices, steps_per_epoch
 from raydist.parallel.pipeline import Pipeline, pipeline_units, stage_devices, unit_costs
 from raydist.models.transfer import Unit, build_model, freeze_norms, set_trainable, transfer_units, unfrozen_stages
 from raydist.errors import WorkerInputError
-from raydist.config import backbone_lr_mult, input_side
+from raydist.config.fields import backbone_lr_mult
+from raydist.data.sizes import input_side
 from raydist.loop.evaluate import EpochSums, evaluate_model, input_pipeline, uses_channels_last
 from raydist.loop.recipe import EarlyStop, Schedule, autocast_dtype, lr_factor
 from raydist.loop.worker_data import data_batches
+from raydist.data.sizes import classes_predicted, predicted_class_names
 
 
 # DDP's switch for the per-forward buffer broadcast: `forward_sync_buffers` from torch 2.15 (which deprecates
@@ -53,7 +55,7 @@ class TrainingState:
         self.augment = input_pipeline(cfg, device, seed=cfg.seed * 1000 + rank)
 
         # ---- model (identical initial weights on every rank: the caller seeded torch)
-        net = build_model(cfg.model, num_classes=cfg.num_classes(), grey_input=cfg.grey_input, source=source,
+        net = build_model(cfg.model, num_classes=classes_predicted(cfg), grey_input=cfg.grey_input, source=source,
                           model_args=cfg.model_args)
         if cfg.sync_batchnorm and world > 1:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -350,7 +352,7 @@ class TrainingState:
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "early_stop_hits": self.early_stop.hits,
                 "stage": self.stage, "first_train_loss": self.first_train_loss, "config": self.cfg.to_dict(),
-                "class_names": self.cfg.class_names(), "world_size": self.world,
+                "class_names": predicted_class_names(self.cfg), "world_size": self.world,
                 # inside an epoch (a spot notice's checkpoint): the images of epoch `epoch` already trained on,
                 # the epoch's train sums so far (all ranks'), and how many images an epoch has
                 "position": self.position, "epoch_sums": epoch_sums if self.position else None,

@@ -7,14 +7,15 @@ import os
 from typing import Callable, Optional
 import torch
 import torch.distributed as dist
-from raydist.config import TrainConfig
+from raydist.config.fields import TrainConfig
 from raydist.data.registry import DATASETS
 from raydist.data.sources import download_lock, load_splits
 from raydist.errors import DatasetNotFound
 from raydist.models.transfer import pretrained_source, read_weights_file
 from raydist.errors import WeightsError
 from raydist.errors import DataUnavailable, WorkerInputError
-from raydist.config import input_side
+from raydist.data.sizes import input_side
+from raydist.data.sizes import class_list
 
 
 def load_source(cfg: TrainConfig, *, node_id: str):
@@ -44,7 +45,7 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
     options = dict(data_dir=cfg.data_dir, download=cfg.download, val_fraction=cfg.val_fraction,
                    fake_image_size=cfg.fake_image_size, fake_num_classes=cfg.fake_num_classes,
                    fake_train_size=cfg.fake_train_size, fake_val_size=cfg.fake_val_size,
-                   classes=cfg.class_list(), train_fraction=cfg.train_fraction, train_per_class=cfg.train_per_class,
+                   classes=class_list(cfg), train_fraction=cfg.train_fraction, train_per_class=cfg.train_per_class,
                    channels=cfg.input_channels(), input_size=cfg.input_size, max_bad_images=cfg.max_bad_images)
 
     def load(log=None):

@@ -260,7 +260,7 @@ def run_start_lines(cfg) -> list[str]:
     """What a run is about to do, in a few lines: the data, model, workers and device; the global batch and
     the peak LR the loop reaches (not --lr's own value, which is per 256 images by default); the settings
     that differ from the defaults; where the whole config is (config.yaml in the run folder)."""
-    from raydist.config import TrainConfig, lr_scale
+    from raydist.config.fields import TrainConfig, lr_scale
 
     device = {True: "GPU", False: "CPU", None: "GPUs if the cluster has them, else CPUs"}[cfg.use_gpu]
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cfg.use_gpu else

@@ -30,7 +30,7 @@ from typing import Iterator
 
 import torch
 
-from raydist.config import MIN_MICRO_BATCH
+from raydist.config.fields import MIN_MICRO_BATCH
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ class ASHAWithHistory(ASHAScheduler):
         # A new trial has no history yet; a restored one (finished, stopped or interrupted) has its own.
         storage = getattr(trial, "storage", None)
         if storage is not None and getattr(storage, "trial_dir_name", None):
-            history = read_history(storage.trial_fs_path, filesystem=storage.storage_filesystem)
+            history = read_history(storage.trial_fs_path, fs=storage.storage_filesystem)
             replay_history(self, trial.trial_id, history)
             if history:
                 self._histories[trial.trial_id] = history

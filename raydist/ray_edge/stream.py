@@ -36,9 +36,9 @@ from raydist.data.folder import SHOWN_BAD_FILES, FolderIndex
 from raydist.ray_edge.decode import decode_files
 from raydist.errors import TooManyBadImages
 
-from raydist.config import TrainConfig
+from raydist.config.fields import TrainConfig
 from raydist.errors import DataUnavailable
-from raydist.config import input_side
+from raydist.data.sizes import input_side
 
 DECODE_BATCH = 64  # files per Ray Data map call: enough to amortise the call, small enough to spread
 PREFETCH_BATCHES = 4  # training batches decoded ahead of the step

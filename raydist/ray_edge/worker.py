@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from typing import Optional
-from raydist.config import TrainConfig
+from raydist.config.fields import TrainConfig
 from raydist.runs.checkpoints import CHECKPOINT_PREFIX
 from raydist.errors import CorruptCheckpoint, WorkerInputError
 from raydist.runs.checkpoints import CHECKPOINT_FILE, checkpoint_dir_name, load_checkpoint_file

@@ -9,9 +9,10 @@ from raydist.storage import is_uri
 
 import io
 import torch
-from raydist.config import TrainConfig
+from raydist.config.fields import TrainConfig
 from raydist.errors import CorruptCheckpoint
 from raydist.storage import filesystem
+from raydist.data.sizes import classes_predicted, predicted_class_names
 
 
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
@@ -114,8 +115,8 @@ def final_model_bytes(model_state: dict, config: dict, metrics: Optional[dict], 
     made them, and what the model needs to be rebuilt (raydist.models.transfer.load_trained_model)."""
     cfg = TrainConfig.from_dict(config)
     return checkpoint_bytes({"model": model_state, "config": config, "model_name": cfg.model,
-                             "model_args": cfg.model_args, "num_classes": cfg.num_classes(),
-                             "class_names": cfg.class_names(),
+                             "model_args": cfg.model_args, "num_classes": classes_predicted(cfg),
+                             "class_names": predicted_class_names(cfg),
                              "metrics": metrics, **extra})
 
 

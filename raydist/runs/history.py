@@ -12,11 +12,11 @@ from raydist.storage import filesystem, is_uri
 HISTORY_FILE = "history.jsonl"
 
 
-def read_history(trial_path: str, *, filesystem=None) -> list[dict]:
+def read_history(trial_path: str, *, fs=None) -> list[dict]:
     """Every epoch the trial reported (the latest report of each), oldest first; [] when there is none."""
     import pyarrow.fs
 
-    fs, path = (filesystem, trial_path) if filesystem is not None else filesystem(trial_path)
+    fs, path = (fs, trial_path) if fs is not None else filesystem(trial_path)
     file = f"{path}/{HISTORY_FILE}"
     if fs.get_file_info(file).type != pyarrow.fs.FileType.File:
         return []

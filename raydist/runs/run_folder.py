@@ -18,9 +18,10 @@ from typing import Optional
 import yaml
 
 from raydist.errors import ConfigError
-from raydist.config import TrainConfig
+from raydist.config.fields import TrainConfig
 from raydist.runs.checkpoints import _checkpoint_epoch, epochs_done, latest_checkpoint
 from raydist.storage import filesystem
+from raydist.data.sizes import predicted_class_names
 
 CONFIG_FILE = "config.yaml"
 CLASSES_FILE = "classes.json"  # index -> class name of the run's model
@@ -100,4 +101,4 @@ def write_config(cfg: TrainConfig) -> None:
                      yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     # Index -> class name, so the run's models can be used without the data (raydist.predict).
     write_atomically(f"{cfg.storage_path}/{cfg.name}/{CLASSES_FILE}",
-                     json.dumps(cfg.class_names(), indent=1).encode())
+                     json.dumps(predicted_class_names(cfg), indent=1).encode())

@@ -70,8 +70,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from raydist.config import (MODEL_ARG_PREFIX, TrainConfig, _base_type, _coerce, _coerce_all, check_folder_name, fold_model_args, is_model_arg_key, merge_config_values, metric_mode, read_yaml_mapping, split_worker_range)
+from raydist.config.fields import (MODEL_ARG_PREFIX, TrainConfig, _base_type, _coerce, _coerce_all, check_folder_name, fold_model_args, is_model_arg_key, merge_config_values, metric_mode, split_worker_range)
+from raydist.config.yaml_files import read_yaml_mapping
 from raydist.errors import ConfigError
+from raydist.preflight import validate
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "qloguniform", "randint", "qrandint", "choice")
 GRID_KINDS = ("randint", "qrandint", "quniform")  # sampled as a choice of their values
@@ -254,7 +256,7 @@ class Study:
     def trial_config(self, sample: dict) -> TrainConfig:
         """The validated TrainConfig of one trial: defaults < fixed < the sampled values (< ASHA's budget
         as the span of the LR schedule)."""
-        return self.planned_config(sample).validate()
+        return validate(self.planned_config(sample))
 
     def planned_config(self, sample: dict) -> TrainConfig:
         """A trial's config as planned, not validated: what Tune reserves for it, its console line and its
@@ -374,7 +376,7 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
                           f"epochs, so trials at a rung sit at the same point of their LR schedules); remove it")
     for corner, cfg in (study._corners() if check_configs else []):  # unchecked: to list the shipped studies
         try:
-            cfg.validate()
+            validate(cfg)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {corner}{exc}") from None
     if study.scheduler == "asha" and study.grace_period > study.max_epochs:

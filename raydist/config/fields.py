@@ -9,21 +9,17 @@ saved beside every run and inside every checkpoint, and for the fields a Tune st
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import math
 import re
-import os
-import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import yaml
 from raydist.errors import ConfigError
+from raydist.config.yaml_files import read_yaml_mapping
 
-from raydist.data.registry import DATASETS
 
 MIN_MICRO_BATCH = 2  # images an elastic run feeds a worker at once, at least: BatchNorm needs more than one
 
@@ -202,174 +198,9 @@ class TrainConfig:
                            "(RayTrainWorker pid=...) prefix, and Ray's internal lines (Ray's logs keep them anyway)")
 
     # -------------------------------------------------------------------------------------------
-    def validate(self) -> "TrainConfig":
-        """Raise ConfigError naming the first bad value and what is accepted."""
-        from raydist.data.registry import DATASETS
-        from raydist.models import MODELS
 
-        for f in dataclasses.fields(self):
-            choices = f.metadata["choices"]
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{_flag(f.name)} {getattr(self, f.name)!r} is not one of: {', '.join(choices)}")
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"unknown dataset {self.dataset!r}; known: {', '.join(sorted(DATASETS))}")
-        if self.model not in MODELS:
-            raise ConfigError(f"unknown model {self.model!r}; known: {', '.join(sorted(MODELS))}")
-        if self.wandb_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", str(self.wandb_id)):
-            raise ConfigError(f"--wandb-id {self.wandb_id!r}: W&B run ids are 1-64 letters, digits, - and _")
-        self._validate_model_args()
-        for name in ("lr", "batch_size", "epochs", "grad_accum", "num_workers", "cpus_per_worker",
-                     "fake_image_size", "fake_num_classes", "fake_train_size", "fake_val_size",
-                     "patience", "keep_checkpoints", "lr_step_epochs", "unfreeze_every", "freeze_epochs",
-                     "train_fraction", "train_per_class", "input_size", "backbone_lr_mult", "val_batch_size",
-                     "model_parallel", "micro_batches"):
-            value = getattr(self, name)
-            if value is None and name in ("train_per_class", "input_size", "backbone_lr_mult", "val_batch_size"):
-                continue
-            if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
-                raise ConfigError(f"{_flag(name)} must be positive, got {value!r}")
-        for name in ("momentum", "weight_decay", "warmup_epochs", "checkpoint_every", "max_failures",
-                     "gpus_per_worker", "lr_step_gamma"):
-            value = getattr(self, name)
-            if not value >= 0 or not math.isfinite(value):
-                raise ConfigError(f"{_flag(name)} must be zero or more, got {value!r}")
-        self._validate_elastic()
-        self._validate_model_parallel()
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"--momentum must be in [0, 1) (SGD momentum; AdamW's beta1), got {self.momentum!r}")
-        if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.target_accuracy is not None and not 0.0 < self.target_accuracy <= 1.0:
-            raise ConfigError(f"--target-accuracy must be in (0, 1], got {self.target_accuracy!r}")
-        if self.warmup_epochs > self.epochs:
-            raise ConfigError(f"--warmup-epochs {self.warmup_epochs} exceeds --epochs {self.epochs}")
-        if self.schedule_epochs is not None and self.schedule_epochs < self.epochs:
-            raise ConfigError(f"--schedule-epochs {self.schedule_epochs} is below --epochs {self.epochs}: the last "
-                              f"epochs would train at LR 0; use at least {self.epochs} (or leave it unset)")
-        if self.dataset == "folder":
-            self._validate_folder()
-        elif self.max_bad_images is not None:
-            raise ConfigError(f"--max-bad-images {self.max_bad_images} applies to --dataset folder only")
-        elif self.data_loader != "auto":
-            raise ConfigError(f"--data-loader {self.data_loader} applies to --dataset folder only (the other data "
-                              f"sets are held in memory)")
-        self._validate_transfer()
-        from raydist.data.sizes import train_size
 
-        items = train_size(self.dataset, val_fraction=self.val_fraction, fake_train_size=self.fake_train_size,
-                           classes=self.class_list(), train_fraction=self.train_fraction,
-                           train_per_class=self.train_per_class, data_dir=self.data_dir)
-        if self.is_elastic() and self.global_batch_at(self.num_workers) > items:
-            raise ConfigError(f"a global batch of {self.global_batch_at(self.num_workers)} images per step is more than "
-                              f"the {items} training images of {self.dataset}; give --global-batch {items} or less")
-        if not self.is_elastic() and self.num_workers * self.batch_size > items:
-            # Each rank must hold a full batch: a smaller one would train with a batch (and so an LR scale)
-            # other than the one asked for, and ranks could end up with unequal step counts (DDP hangs).
-            raise ConfigError(f"--batch-size {self.batch_size} x --num-workers {self.num_workers} = "
-                              f"{self.num_workers * self.batch_size} images per step, but {self.dataset} has "
-                              f"{items} training images; at most {items // self.num_workers} per worker with "
-                              f"{self.num_workers} workers")
-        from raydist.data.sizes import val_size
-
-        if val_size(self.dataset, val_fraction=self.val_fraction, fake_val_size=self.fake_val_size,
-                    classes=self.class_list(), data_dir=self.data_dir) == 0:
-            raise ConfigError(f"--val-fraction {self.val_fraction} leaves no validation image of {self.dataset}"
-                              f"{' in --classes ' + self.classes if self.classes else ''}; give a larger share")
-        if self.use_gpu is not False and not float(self.gpus_per_worker).is_integer():
-            raise ConfigError(f"--gpus-per-worker {self.gpus_per_worker:g}: each DDP rank needs a GPU of its own "
-                              f"(NCCL refuses two ranks on one GPU); use a whole number, usually 1")
-        if self.use_gpu and self.gpus_per_worker <= 0:
-            raise ConfigError(f"--gpus-per-worker must be positive with --use-gpu, got {self.gpus_per_worker!r}")
-        if self.pretrained and not MODELS[self.model].pretrained_weights:
-            with_weights = sorted(n for n, m in MODELS.items() if m.pretrained_weights)
-            raise ConfigError(f"--pretrained: model {self.model!r} has no published weights; models with them: "
-                              f"{', '.join(with_weights)}")
-        if self.name is not None:
-            check_folder_name(self.name, "--name")
-        if self.address is not None:
-            check_address(self.address)
-        if self.fake_num_classes < 2:
-            raise ConfigError(f"--fake-num-classes must be at least 2 (a classifier needs 2 classes), "
-                              f"got {self.fake_num_classes}")
-        if not 8 <= self.fake_image_size <= 1024:
-            raise ConfigError(f"--fake-image-size {self.fake_image_size} must be between 8 and 1024 pixels")
-        self.milestone_list()  # raises on a bad --lr-milestones
-        if self.lr_milestones is not None and self.lr_schedule != "step":
-            raise ConfigError(f"--lr-milestones {self.lr_milestones} applies to --lr-schedule step, not "
-                              f"{self.lr_schedule}")
-        if not 0.0 < self.lr_step_gamma <= 1.0:
-            raise ConfigError(f"--lr-step-gamma must be in (0, 1] (the LR factor at each step drop), "
-                              f"got {self.lr_step_gamma!r}")
-        return self
-
-    def _validate_model_args(self) -> None:
-        """--model-arg against the builder's signature (types converted), the builder's own checks run on
-        the meta device (no memory, no time), and the image side a fixed-size network accepts."""
-        import torch
-
-        from raydist.models import MODELS, check_model_args
-        from raydist.errors import ModelArgError
-
-        try:
-            self.model_args = check_model_args(self.model, self.model_args)
-        except ModelArgError as exc:
-            raise ConfigError(str(exc)) from None
-        if self.model_args:
-            try:
-                with torch.device("meta"):
-                    MODELS[self.model].builder(num_classes=2, **self.model_args)
-            except ValueError as exc:
-                args = " ".join(f"--model-arg {k}={v}" for k, v in self.model_args.items())
-                raise ConfigError(f"{args}: {exc}") from None
-        sides = MODELS[self.model].input_sides
-        if sides:
-
-            side = input_side(self)
-            if not sides[0] <= side <= sides[1]:
-                raise ConfigError(f"--model {self.model} reads images of {sides[0]} to {sides[1]} pixels a side, but "
-                                  f"this run feeds it {side}: give --input-size 32 (or another model)")
-
-    def _validate_model_parallel(self) -> None:
-        """--model-parallel K and --micro-batches M: stages on the worker's K GPUs, its batch in M parts."""
-        if self.model_parallel == 1:
-            if self.micro_batches != 1 or self.pipeline_balance != "params":
-                what = (f"--micro-batches {self.micro_batches}" if self.micro_batches != 1
-                        else f"--pipeline-balance {self.pipeline_balance}")
-                raise ConfigError(f"{what} pipelines a model split over devices; give --model-parallel 2 or more too")
-            return
-        if self.use_gpu is not False and self.gpus_per_worker != self.model_parallel:
-            raise ConfigError(f"--model-parallel {self.model_parallel} places a stage on each of a worker's GPUs: "
-                              f"give --gpus-per-worker {self.model_parallel} (got {self.gpus_per_worker:g}), or "
-                              f"--no-use-gpu to test the split on CPUs")
-        if self.micro_batches > self.batch_size:
-            raise ConfigError(f"--micro-batches {self.micro_batches} is more than the {self.batch_size} images of "
-                              f"--batch-size; give at most {self.batch_size}")
-        # torch.compile traces one module on one device; the pipeline's clock schedule of stages on several
-        # devices is Python that a graph would have to keep in order (compiling each stage is not built).
-        if self.compile:
-            raise ConfigError(f"--compile with --model-parallel {self.model_parallel}: not supported (the pipeline "
-                              f"runs its stages on several devices in a Python schedule); drop --compile, or give "
-                              f"--model-parallel 1")
-        # SyncBatchNorm's collectives in every layer of every micro-batch, from the autograd threads of a
-        # worker's K devices at once: never run, so not offered (and on CPUs SyncBatchNorm does not run at all).
-        if self.sync_batchnorm:
-            raise ConfigError(f"--sync-batchnorm with --model-parallel {self.model_parallel}: not supported (its "
-                              f"collectives in every layer from a worker's {self.model_parallel} devices at once are "
-                              f"untested); drop --sync-batchnorm, or give --model-parallel 1")
-        import torch
-
-        from raydist.models import create_model
-        from raydist.parallel.pipeline import pipeline_units
-
-        with torch.device("meta"):  # the model's units, without memory or time
-            units = [name for name, _ in pipeline_units(create_model(self.model, num_classes=2, **self.model_args))]
-        if self.model_parallel > len(units):
-            raise ConfigError(f"--model-parallel {self.model_parallel}: --model {self.model} has {len(units)} pipeline "
-                              f"units ({units[0]}..{units[-1]}), so at most {len(units)} stages")
-
-    def _validate_elastic(self) -> None:
+    def check_elastic(self) -> None:
         """--num-workers MIN-MAX and the settings that only an elastic run reads."""
         if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
             raise ConfigError(f"--num-workers {self.min_workers}-{self.num_workers}: {WORKER_RANGE_RULE}")
@@ -420,23 +251,6 @@ class TrainConfig:
             return self.global_batch or self.batch_size * self.grad_accum * self.num_workers
         return self.batch_size * self.grad_accum * world
 
-    def _validate_folder(self) -> None:
-        """--dataset folder: --data-dir must be a folder of class folders (listed here, before any cluster)."""
-        from raydist.data.sources import folder_index
-        from raydist.errors import FolderError
-
-        if self.download:
-            raise ConfigError(f"--download fetches the published data sets; an image folder is read as it is "
-                              f"from --data-dir {self.data_dir} (drop --download)")
-        if self.data_loader == "stream" and (self.classes or self.train_fraction != 1.0 or self.train_per_class):
-            raise ConfigError("--classes, --train-fraction and --train-per-class select images of a folder held in "
-                              "memory; the streamed path reads the whole folder (use --data-loader memory)")
-        if self.max_bad_images is not None and self.max_bad_images < 0:
-            raise ConfigError(f"--max-bad-images must be zero or more, got {self.max_bad_images}")
-        try:
-            folder_index(self.data_dir, self.val_fraction)
-        except FolderError as exc:
-            raise ConfigError(str(exc)) from None
 
     def augment_kind(self) -> str:
         """--augment with auto resolved: ImageNet's random-resized crop for photos, CIFAR's pad-crop otherwise."""
@@ -444,38 +258,6 @@ class TrainConfig:
             return self.augment
         return "resized_crop" if self.dataset == "folder" else "crop_flip"
 
-    def _validate_transfer(self) -> None:
-        from raydist.data.registry import DATASETS
-
-        if self.pretrained and self.weights:
-            raise ConfigError(f"--pretrained and --weights {self.weights} both name the starting weights; give one")
-        if not self.starts_pretrained():
-            if self.finetune != "full":
-                raise ConfigError(f"--finetune {self.finetune} freezes pretrained layers, but this run starts from "
-                                  f"scratch; add --pretrained or --weights FILE (or use --finetune full)")
-            if self.backbone_lr_mult is not None:
-                raise ConfigError(f"--backbone-lr-mult {self.backbone_lr_mult:g} sets a pretrained backbone's LR, "
-                                  f"but this run starts from scratch; add --pretrained or --weights FILE")
-        if self.finetune == "gradual" and self.unfreeze_every >= self.epochs:
-            raise ConfigError(f"--unfreeze-every {self.unfreeze_every} with --epochs {self.epochs} never unfreezes "
-                              f"a stage (that is --finetune linear); use at most {max(1, self.epochs - 1)}")
-        if self.finetune == "lp-ft" and self.freeze_epochs >= self.epochs:
-            raise ConfigError(f"--freeze-epochs {self.freeze_epochs} with --epochs {self.epochs} leaves no epoch "
-                              f"to fine-tune in (that is --finetune linear); use at most {max(1, self.epochs - 1)}")
-        if self.grey_input != "replicate" and not DATASETS[self.dataset].grey:
-            grey = sorted(n for n, d in DATASETS.items() if d.grey)
-            raise ConfigError(f"--grey-input {self.grey_input} feeds grey images as one channel; {self.dataset} is "
-                              f"in colour (grey data sets: {', '.join(grey)})")
-        if self.input_size is not None and not 8 <= self.input_size <= 1024:
-            raise ConfigError(f"--input-size {self.input_size} must be between 8 and 1024 pixels")
-        if self.dataset == "fake" and (self.classes or self.train_fraction != 1.0 or self.train_per_class):
-            raise ConfigError("--classes, --train-fraction and --train-per-class select real images; fake data "
-                              "has --fake-num-classes and --fake-train-size instead")
-        if self.train_fraction > 1.0:
-            raise ConfigError(f"--train-fraction must be in (0, 1], got {self.train_fraction!r}")
-        if self.train_fraction != 1.0 and self.train_per_class:
-            raise ConfigError("--train-fraction and --train-per-class both shrink the training set; give one")
-        self.class_list()  # raises on a bad --classes
 
     def milestone_list(self) -> list[int]:
         """--lr-milestones as increasing epochs ([] when unset)."""
@@ -490,22 +272,6 @@ class TrainConfig:
                               f"commas, e.g. 30,60,80")
         return epochs
 
-    def class_list(self) -> Optional[list[int]]:
-        """--classes as a list of class indices, or None for all of them."""
-        if self.classes is None:
-            return None
-        from raydist.data.registry import parse_classes
-
-        try:
-            return parse_classes(self.classes, num_classes=self._all_classes())
-        except ValueError as exc:
-            raise ConfigError(f"--classes {self.classes!r}: {exc}") from None
-
-    def _all_classes(self) -> int:
-        from raydist.data.sizes import num_classes
-
-        return num_classes(self.dataset, self.fake_num_classes, data_dir=self.data_dir, val_fraction=self.val_fraction)
-
     def starts_pretrained(self) -> bool:
         """A transfer run (--pretrained or --weights): its optimizer keeps a group pair per unit."""
         return bool(self.pretrained or self.weights)
@@ -513,21 +279,6 @@ class TrainConfig:
     def input_channels(self) -> int:
         """Image channels the model reads: 1 when grey data is fed as one channel (--grey-input sum/reinit)."""
         return 3 if self.grey_input == "replicate" else 1
-
-    def num_classes(self) -> int:
-        """Classes the model predicts: those of --classes, else the data set's."""
-        selected = self.class_list()
-        return len(selected) if selected else self._all_classes()
-
-    def class_names(self) -> list[str]:
-        """Index -> name of the classes the model predicts (an image folder's subfolder names, in the
-        order of --classes when given)."""
-        from raydist.data.sizes import class_names
-
-        names = class_names(self.dataset, data_dir=self.data_dir, val_fraction=self.val_fraction,
-                            fake_num_classes=self.fake_num_classes)
-        selected = self.class_list()
-        return [names[c] for c in selected] if selected and names else names
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -715,257 +466,17 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-class DuplicateKeyError(yaml.YAMLError):
-    """A mapping that gives one key twice (YAML itself keeps the last one, silently)."""
 
 
-class YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with two changes for every file and value raydist reads:
-    - numbers as YAML 1.2 writes them: `1e-3` is a float (YAML 1.1, which PyYAML follows, wants `1.0e-3` and
-      reads `1e-3` as text, so one study file accepted `5e-4` for a fixed value and refused it as a bound);
-    - a key given twice in one mapping is an error naming it (YAML keeps the last one without a word)."""
 
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen = {}
-            for key_node, _ in node.value:
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                    continue  # `<<: *base` merges a mapping whose keys this one may override
-                key = self.construct_object(key_node, deep=True)
-                if key in seen:
-                    lines = sorted({seen[key] + 1, key_node.start_mark.line + 1})
-                    where = f"lines {lines[0]} and {lines[1]}" if len(lines) == 2 else f"line {lines[0]}"
-                    raise DuplicateKeyError(f"key {key!r} is given twice ({where}); keep one")
-                seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-_FLOAT_TAG = "tag:yaml.org,2002:float"
-YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-YamlLoader.add_implicit_resolver(
-    _FLOAT_TAG,
-    re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def load_yaml_text(text):
-    """YAML text (or an open file) read with YamlLoader."""
-    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - YamlLoader is a SafeLoader
-
-
-def read_yaml_mapping(path: str, kind: str, holds: str) -> dict:
-    """A YAML file holding a mapping ({} when empty); any problem is a one-line ConfigError naming the file."""
-    try:
-        with open(os.path.expanduser(path)) as fh:
-            data = load_yaml_text(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {kind} {path}: {exc.strerror or exc}") from None
-    except DuplicateKeyError as exc:
-        raise ConfigError(f"{kind} {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{kind} {path} is not valid YAML{where}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{kind} {path} must hold a mapping of {holds}, got {type(data).__name__}")
-    return data
-
-
-def load_yaml(path: str) -> dict:
-    """Read a YAML mapping of config fields, checked against TrainConfig."""
-    return _coerce_all(read_yaml_mapping(path, "config file", "config keys"), path)
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI: flags generated from the dataclass, grouped as the dataclass is.
-
-class _Parser(argparse.ArgumentParser):
-    """Every raydist command's parser: one-line errors (exit 2, like ConfigError), and a description kept
-    as written (what the command does, then an example), not re-wrapped."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):  # one line and exit 2, like ConfigError
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-    def format_help(self) -> str:
-        """argparse's help with the description first: what the command does before how to type it."""
-        formatter = self._get_formatter()
-        formatter.add_text(self.description)
-        formatter.add_usage(self.usage, self._actions, self._mutually_exclusive_groups)
-        for group in self._action_groups:
-            formatter.start_section(group.title)
-            formatter.add_text(group.description)
-            formatter.add_arguments(group._group_actions)
-            formatter.end_section()
-        formatter.add_text(self.epilog)
-        return formatter.format_help()
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written; each flag's default added to its help, unless the help already says its
-    default in its own words ("default: the study's"), which argparse would follow with "(default: None)"."""
-
-    def _get_help_string(self, action):
-        if "default" in (action.help or "").lower():
-            return action.help
-        return super()._get_help_string(action)
-
-
-TRAIN_DESCRIPTION = """\
-Train one image classifier with PyTorch DDP on a Ray cluster: N workers (GPUs or CPUs, one machine or many),
-a line per epoch, checkpoints, model_final.pt and curves.png in the run folder. Without --address it starts
-a local cluster itself.
-
-example:
-  python -m raydist.train --dataset cifar10 --data-dir ~/data --download --model resnet18 --num-workers 4 --use-gpu"""
-
-
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    from raydist.data.registry import DATASETS
-    from raydist.models import MODELS
-
-    registry_choices = {"dataset": sorted(DATASETS), "model": sorted(MODELS)}
-    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
-                     usage="%(prog)s [--config FILE.yaml] [FLAG VALUE ...]   (every flag is below)")
-    parser.add_argument("--preset", metavar="NAME",
-                        help="start from a workflow's settings (dli, horovod-resnet18, workload, "
-                             "cifar100-resnet50; --preset list says what each reproduces); --config files and "
-                             "flags override it")
-    parser.add_argument("--config", metavar="FILE.yaml", action="append",
-                        help="YAML file of config keys used as defaults; flags override (repeatable: later files "
-                             "override earlier ones)")
-    groups = {g: parser.add_argument_group(g) for g in GROUPS}
-    for f in dataclasses.fields(TrainConfig):
-        kind, _ = _base_type(f.name)
-        if kind is dict:  # --model-arg NAME=VALUE, repeatable (parse_cli folds them into model_args)
-            groups[f.metadata["group"]].add_argument("--model-arg", dest="model_arg", action="append",
-                                                     metavar="NAME=VALUE", help=f.metadata["help"])
-            continue
-        help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
-        choices = f.metadata["choices"] or registry_choices.get(f.name)
-        if choices and f.name in registry_choices:
-            help_text += "; one of: " + ", ".join(choices)
-        group = groups[f.metadata["group"]]
-        if kind is bool:
-            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            # Registry names are checked in validate() so the error lists them in one line.
-            group.add_argument(_flag(f.name), dest=f.name, type=_cli_type(f.name, kind), help=help_text,
-                               metavar=("N|MIN-MAX" if f.name == "num_workers" else kind.__name__.upper())
-                               if not f.metadata["choices"] else None,
-                               choices=f.metadata["choices"])
-    return parser
-
-
-def _cli_type(name: str, kind: type):
-    def convert(text: str):
-        if name == "num_workers" and is_worker_range(text):
-            return text  # a range: split_worker_range reads it (and names a bad one) in resolve()
-        try:
-            return kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-    convert.__name__ = kind.__name__
-    return convert
-
-
-def resolve(explicit: dict, config_files=None, base: Optional[dict] = None) -> TrainConfig:
-    """Layer the sources: dataclass defaults < base (a resumed run's config) < YAML files, in order <
-    explicit flags. A bad value from a file is named by its file and key, not by a flag never typed."""
-    if isinstance(config_files, str):
-        config_files = [config_files]
-    values: dict = {}
-    origin: dict = {}  # field -> the file that set it
-    if base:
-        values.update(_coerce_all(base, "resumed config"))
-    for path in config_files or []:
-        from_file = split_worker_range(load_yaml(path), f"{path}: num_workers")  # a range from a --config file
-        if "num_workers" in from_file and "min_workers" not in from_file:
-            values.pop("min_workers", None)  # a plain number over an earlier range: a fixed group
-        values = merge_config_values(values, from_file)
-        origin.update(dict.fromkeys(from_file, path))
-    if "num_workers" in explicit and "min_workers" not in explicit:
-        values.pop("min_workers", None)  # --num-workers N is a fixed group, whatever a file or a resumed run said
-    # (with --resume the run's own settings are not read yet: this check runs again once they are)
-    for name in ("wandb_project", "wandb_id"):
-        if explicit.get(name) is not None and not (explicit.get("wandb") or values.get("wandb")) \
-                and not explicit.get("resume"):
-            raise ConfigError(f"{_flag(name)} {explicit[name]} without --wandb: nothing would be logged to W&B; add "
-                              f"--wandb, or drop {_flag(name)}")
-    values = merge_config_values(values, split_worker_range(explicit, "--num-workers"))
-    for name in explicit:
-        origin.pop(name, None)
-    try:
-        return TrainConfig(**values).validate()
-    except ConfigError as exc:
-        raise ConfigError(_name_the_file(str(exc), origin)) from None
-
-
-def _name_the_file(message: str, origin: dict) -> str:
-    """'--lr must be positive' -> 'a.yaml: lr must be positive' when a.yaml set lr."""
-    flag = re.match(r"--([a-z0-9-]+)", message)
-    name = flag.group(1).replace("-", "_") if flag else None
-    if name in origin:
-        return f"{origin[name]}: {name}{message[flag.end():]}"
-    return message
-
-
-def parse_cli(argv: Optional[list[str]] = None, prog: str = "raydist.train",
-              description: str = TRAIN_DESCRIPTION) -> tuple[TrainConfig, dict, list[str]]:
-    """Parse flags into a validated TrainConfig; also return the explicitly given values and the --config files."""
-    parser = build_parser(prog, description)
-    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    config_files = args.pop("config", None) or []
-    preset = args.pop("preset", None)
-    if preset is not None:
-        from raydist import presets
-
-        if preset == "list":
-            print(presets.listing())
-            sys.exit(0)
-        config_files = [presets.path(preset)] + config_files  # the first file: --config files override it
-    if "model_arg" in args:
-        args["model_args"] = parse_model_args(args.pop("model_arg"))
-    return resolve(args, config_files), args, config_files
-
-
-def parse_model_args(items: list[str]) -> dict:
-    """--model-arg NAME=VALUE ...: values read as YAML scalars (64 an int, 0.3 a float, true a bool)."""
-    out = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ConfigError(f"--model-arg {item!r} must look like NAME=VALUE, e.g. --model-arg l1=64")
-        try:
-            value = load_yaml_text(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
-        if not _is_plain(value):
-            value = text  # a list, a date or an empty value: the builder's check names it as typed
-        out[key] = value
-    return out
-
-
-def input_side(cfg: TrainConfig) -> int:
-    """The side in pixels of the images the model reads."""
-    if cfg.input_size:
-        return cfg.input_size
-    return cfg.fake_image_size if cfg.dataset == "fake" else DATASETS[cfg.dataset].image_size
 
 
 def backbone_lr_mult(cfg: TrainConfig) -> float:
     if cfg.backbone_lr_mult is not None:
         return cfg.backbone_lr_mult
     return 0.1 if cfg.finetune == "lp-ft" else 1.0
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML mapping of config fields, checked against TrainConfig."""
+    return _coerce_all(read_yaml_mapping(path, "config file", "config keys"), path)
