@@ -120,9 +120,9 @@ def main():
     parser.add_argument("--json", default="", help="write the raw results here")
     args = parser.parse_args()
     env = environment(sys.argv)
-    from raydist import cluster
+    from raydist.ray_edge import session
 
-    cluster.connect(args.address)
+    session.connect(args.address)
     pairs = []
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats):

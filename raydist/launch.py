@@ -240,23 +240,24 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raydist import cluster
+    from raydist.ray_edge import session
+    from raydist.ray_edge import planning
     from raydist.ray_edge.worker import CONSOLE_KEY, train_loop_per_worker
     from raydist.runs.checkpoints import FINAL_MODEL_FILE
 
     t0 = time.perf_counter()
     if cfg.address is None:  # local cluster: check the machine before starting anything
-        use_gpu = cluster.check_resources(cluster_cpus=os.cpu_count() or 1, cluster_gpus=cluster.local_gpu_count(),
+        use_gpu = planning.check_resources(cluster_cpus=os.cpu_count() or 1, cluster_gpus=planning.local_gpu_count(),
                                           use_gpu=cfg.use_gpu, num_workers=cfg.fewest_workers(),
                                           cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
                                           where="this machine")
         check_sync_batchnorm(cfg, use_gpu)  # before a local cluster starts
     # The console is the run's: its lines without Ray's prefix, unless --verbose asks for Ray's own output.
-    cluster.connect(cfg.address, quiet=not cfg.verbose, bare_run_lines=True)
+    session.connect(cfg.address, quiet=not cfg.verbose, bare_run_lines=True)
     # Against what the cluster can grow to (an autoscaling one may have no worker node yet); says when the
     # run waits for new nodes, and refuses a local storage path that not every node sees.
     # An elastic run needs its minimum to start.
-    use_gpu = cluster.plan_run(use_gpu=cfg.use_gpu, num_workers=cfg.fewest_workers(),
+    use_gpu = planning.plan_run(use_gpu=cfg.use_gpu, num_workers=cfg.fewest_workers(),
                                cpus_per_worker=cfg.cpus_per_worker,
                                gpus_per_worker=cfg.gpus_per_worker,
                                storage_path=None if storage_checked else cfg.storage_path)
@@ -279,7 +280,7 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     if use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
     if console is None:
-        console = {"epoch_lines": True, "progress_every_s": cluster.progress_every_s(), "labels": {"run": cfg.name}}
+        console = {"epoch_lines": True, "progress_every_s": session.progress_every_s(), "labels": {"run": cfg.name}}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**cfg.to_dict(), CONSOLE_KEY: console},
@@ -305,8 +306,8 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     finally:
         if draw_curves:
             write_run_curves(run_dir, cfg.name)
-        if cluster.LIVE_BAR is not None:
-            cluster.LIVE_BAR.clear()
+        if session.LIVE_BAR is not None:
+            session.LIVE_BAR.clear()
     # This run's epochs: the ones reported since it started (a run resumed in place has older ones on record).
     history = [r for r in read_history(run_dir) if r.get("reported_unix", 0) >= started_unix] \
         or result.return_value or ([result.metrics] if result.metrics else [])
@@ -332,7 +333,7 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
     import ray
     import torch
 
-    from raydist.cluster import RunMetrics
+    from raydist.ray_edge.metrics import RunMetrics
 
     from raydist.runs.checkpoints import FINAL_MODEL_FILE
     from raydist.loop.run import run

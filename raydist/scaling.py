@@ -378,12 +378,12 @@ def check_not_set_by_the_grid(explicit: dict, config_files: list[str]) -> None:
 def check_largest_fits(points: list[Point], *, cpus: float, gpus: Optional[float], where: str) -> None:
     """Every run fits the cluster, checked on the grid's largest before the first run starts (not hours
     later, when its turn comes). `gpus` None: this machine's count."""
-    from raydist import cluster
+    from raydist.ray_edge import planning
 
     largest = max(points, key=lambda p: p.workers)
     cfg = largest.cfg
     try:
-        cluster.check_resources(cluster_cpus=cpus, cluster_gpus=cluster.local_gpu_count() if gpus is None else gpus,
+        planning.check_resources(cluster_cpus=cpus, cluster_gpus=planning.local_gpu_count() if gpus is None else gpus,
                                 use_gpu=cfg.use_gpu, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
                                 gpus_per_worker=cfg.gpus_per_worker, where=where)
     except ConfigError as exc:  # said in this command's flags: the grid sets --num-workers from --workers
@@ -401,11 +401,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     from raydist.launch import fit
 
     if points[0].cfg.address is not None:  # a cluster someone else started: as large as it can grow
-        from raydist import cluster
+        from raydist.ray_edge import session
+        from raydist.ray_edge import planning
 
         try:
-            cluster.connect(points[0].cfg.address, quiet=not points[0].cfg.verbose, bare_run_lines=True)
-            cap = cluster.capacity()
+            session.connect(points[0].cfg.address, quiet=not points[0].cfg.verbose, bare_run_lines=True)
+            cap = planning.capacity()
             check_largest_fits(points, cpus=cap.max_cpus, gpus=cap.max_gpus, where=cap.where)
         except ConfigError as exc:
             print(f"raydist.scaling: error: {exc}", file=sys.stderr)

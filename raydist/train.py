@@ -49,11 +49,11 @@ def _give_back_requests(run_name: str) -> None:
     """What the interrupted run still asks of Ray's autoscaling coordinator (Ray would keep it for 180 s)."""
     import ray
 
-    from raydist import cluster
+    from raydist.ray_edge import status
 
     if ray.is_initialized():
         try:
-            cluster.release_train_requests({run_name})
+            status.release_train_requests({run_name})
         except Exception:  # noqa: BLE001 - Ray drops the request within 180 s anyway
             pass
 

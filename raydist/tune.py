@@ -405,23 +405,24 @@ def run_study(plan: Plan) -> StudyResult:
     import ray
     import ray.tune
 
-    from raydist import cluster
-    from raydist.ray_edge import search as study_search
+    from raydist.ray_edge import session
+    from raydist.ray_edge import planning
+    from raydist.ray_edge import search
 
     t0 = time.perf_counter()
     study = plan.study
     if plan.address is None:  # a local cluster: check this machine before starting it
-        plan_concurrency(study, free_cpus=os.cpu_count() or 1, free_gpus=cluster.local_gpu_count(),
-                         total_cpus=os.cpu_count() or 1, total_gpus=cluster.local_gpu_count(),
+        plan_concurrency(study, free_cpus=os.cpu_count() or 1, free_gpus=planning.local_gpu_count(),
+                         total_cpus=os.cpu_count() or 1, total_gpus=planning.local_gpu_count(),
                          requested=plan.max_concurrent, where="this machine")
-    cluster.connect(plan.address, quiet=not study.verbose)
+    session.connect(plan.address, quiet=not study.verbose)
     # An autoscaling cluster is planned at its largest: what is free there is what it can grow to, less
     # what is busy now (on a fixed cluster: what is free now).
-    cap = cluster.capacity()
+    cap = planning.capacity()
     concurrency = plan_concurrency(study, free_cpus=cap.max_cpus - (cap.cpus - cap.free_cpus),
                                    free_gpus=cap.max_gpus - (cap.gpus - cap.free_gpus), total_cpus=cap.max_cpus,
                                    total_gpus=cap.max_gpus, requested=plan.max_concurrent, where=cap.where)
-    cluster.check_storage(plan.storage_path, cap)  # once for every trial: each trial's folder is inside it
+    planning.check_storage(plan.storage_path, cap)  # once for every trial: each trial's folder is inside it
     _save_study(study, plan.experiment_path)  # on --resume: with the concurrency and data_dir given now
     print(f"study {study.name}: {study.num_samples} trials of {len(study.searched)} searched field(s) "
           f"({', '.join(f'{k}~{d.describe()}' for k, d in study.searched.items())}), {study.search} search, "
@@ -433,7 +434,7 @@ def run_study(plan: Plan) -> StudyResult:
     for warning in study.warnings:
         print(f"warning: {warning}", flush=True)
     cpus, gpus = study.per_trial_resources(cluster_has_gpus=cap.max_gpus > 0)
-    waiting = cluster.waiting_line(cap, who=f"{concurrency} trial{'s' if concurrency > 1 else ''} at once "
+    waiting = planning.waiting_line(cap, who=f"{concurrency} trial{'s' if concurrency > 1 else ''} at once "
                                             f"need{'' if concurrency > 1 else 's'}",
                                    cpus=cpus * concurrency, gpus=gpus * concurrency)
     if waiting:
@@ -449,7 +450,7 @@ def run_study(plan: Plan) -> StudyResult:
     if plan.resume:
         # Tune rebuilds the searcher and scheduler from what it saved; the searcher takes today's concurrency
         # and the scheduler its rungs from the trials' histories (raydist.study_history).
-        study_search.set_resume_concurrency(concurrency)
+        search.set_resume_concurrency(concurrency)
         tuner = ray.tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True)
         # Tune restores the callbacks it saved: the console is today's (a fresh clock, --verbose as given now).
         run_config = tuner._local_tuner.get_run_config()  # RAY (internal): no public way to change it on restore
@@ -497,19 +498,19 @@ def run_study(plan: Plan) -> StudyResult:
 
 def _publish_study(name: str, record: dict) -> None:
     """The study's record for `raydist.cluster status`; a record that cannot be written never stops it."""
-    from raydist import cluster
+    from raydist.ray_edge import status
 
     try:
-        cluster.publish_study(name, record)
+        status.publish_study(name, record)
     except Exception as exc:  # noqa: BLE001
         print(f"warning: raydist.cluster status will not list this study ({type(exc).__name__}: {exc})", flush=True)
 
 
 def _forget_study(name: str) -> None:
-    from raydist import cluster
+    from raydist.ray_edge import status
 
     try:
-        cluster.publish_study(name, None)
+        status.publish_study(name, None)
     except Exception:  # noqa: BLE001 - must not hide how the study itself ended
         pass
 
@@ -604,7 +605,7 @@ RELEASE_AFTER_S = (0.0, 25.0)
 
 def train_requests_release(study_name: str):
     """A Tune callback that gives back what ended trials' Train runs still ask of the cluster
-    (raydist.cluster.release_train_requests): a trial ASHA stopped, or one that failed, never cancels its
+    (raydist.ray_edge.status.release_train_requests): a trial ASHA stopped, or one that failed, never cancels its
     run's request itself, and Ray would keep it for 180 s. Released when the trial ends and 25 s later, in a
     thread of its own (a release reads Ray Train's run list from the dashboard: 1-2 s that Tune's loop does
     not wait for); `release_all` at the study's end (Ctrl+C included) gives back whatever this study's
@@ -614,11 +615,11 @@ def train_requests_release(study_name: str):
 
     from ray.tune import Callback
 
-    from raydist import cluster
+    from raydist.ray_edge import status
 
     def release(trial_ids: set[str]) -> None:
         try:
-            cluster.release_train_requests({train_run_name(study_name, t) for t in trial_ids})
+            status.release_train_requests({train_run_name(study_name, t) for t in trial_ids})
         except Exception as exc:  # noqa: BLE001 - Ray lets the requests expire after 180 s anyway
             print(f"warning: could not give back the resource requests of ended trials ({type(exc).__name__}: "
                   f"{exc}); Ray drops them within 180 s", flush=True)
@@ -678,7 +679,7 @@ def study_console(study: Study, experiment_path: str, concurrency: int, *, clust
     study.status_every_s seconds; it also keeps the study's record for `raydist.cluster status` current."""
     from ray.tune import Callback
 
-    from raydist import cluster
+    from raydist.ray_edge import status
     from raydist.output import report
     from raydist.output import console
     from raydist.ray_edge.failures import ERROR_LOG, is_process_loss
@@ -842,7 +843,7 @@ def study_console(study: Study, experiment_path: str, concurrency: int, *, clust
                 record["best"] = {"trial_id": best[0], "text": console.metric_text(study.metric, best[1]),
                                   "values": console.values_text(best[2])}
             try:
-                cluster.publish_study(os.path.basename(experiment_path), record)
+                status.publish_study(os.path.basename(experiment_path), record)
             except Exception:  # noqa: BLE001 - a status record must never stop a study
                 pass
 

@@ -40,7 +40,7 @@ def test_a_training_run_stopped_mid_epoch_leaves_nothing_on_the_cluster(ray_clus
     if how == "SIGINT":  # raydist gives its run's autoscaling request back; after SIGKILL only Ray can (180 s)
         assert left == []
     else:  # what Ray does after 180 s, done now so that later tests find the cluster as a new one
-        from raydist.cluster import release_train_requests
+        from raydist.ray_edge.status import release_train_requests
 
         print(f"SIGKILL: requests Ray would keep for up to 180 s: {left}; released: "
               f"{release_train_requests({'stopped'})}")
@@ -53,10 +53,11 @@ def test_a_study_gives_back_each_ended_trials_requests_at_once_again_later_and_e
 
     from ray import cloudpickle
 
-    from raydist import cluster, tune
+    from raydist import tune
+    from raydist.ray_edge import status
 
     asked = []
-    monkeypatch.setattr(cluster, "release_train_requests", lambda names: asked.append(sorted(names)) or [])
+    monkeypatch.setattr(status, "release_train_requests", lambda names: asked.append(sorted(names)) or [])
     monkeypatch.setattr(tune, "RELEASE_AFTER_S", (0.0, 0.3))
     callback = tune.train_requests_release("digits_quick")
     trials = [types.SimpleNamespace(trial_id=t) for t in ("a_00000", "a_00001", "a_00002")]

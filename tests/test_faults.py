@@ -187,10 +187,11 @@ def test_a_cut_short_latest_checkpoint_is_skipped_with_a_line_naming_it(tmp_path
 @pytest.mark.parametrize("what", ["checkpoint", "weights"])
 def test_an_explicit_cut_short_checkpoint_or_weights_file_is_one_line_and_exit_2_before_any_cluster(
         tmp_path, monkeypatch, capsys, what):
-    from raydist import cluster, train
+    from raydist import train
+    from raydist.ray_edge import session
 
     bad = _checkpoint(tmp_path / "checkpoint_epoch_0002", 2, truncate=True)
-    monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("a cluster was started"))
+    monkeypatch.setattr(session, "connect", lambda *a, **k: pytest.fail("a cluster was started"))
     args = ["--resume", str(tmp_path / "checkpoint_epoch_0002")] if what == "checkpoint" else ["--weights", bad]
     code = train.main([*args, "--storage-path", str(tmp_path / "runs")])
     err = capsys.readouterr().err.strip().splitlines()

@@ -25,7 +25,7 @@ def bucket(tmp_path_factory):
     """(s3:// URI of the folder, the same folder on disk), served by moto_server until the module ends."""
     import boto3
 
-    from raydist.cluster import free_port
+    from raydist.ray_edge.session import free_port
 
     port = free_port()
     server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-p", str(port)],
@@ -73,7 +73,7 @@ def test_a_bucket_folder_lists_and_decodes_as_the_same_folder_on_disk(bucket):
 
 
 def test_an_unreachable_bucket_is_one_line_exit_2(bucket, capsys):
-    from raydist.cluster import free_port
+    from raydist.ray_edge.session import free_port
 
     closed = f"s3://photos/digits?endpoint_override=127.0.0.1:{free_port()}&scheme=http"  # nobody listens
     assert train_cli.main(["--dataset", "folder", "--data-dir", closed]) == 2

@@ -112,7 +112,7 @@ def test_every_commands_flags_are_documented_and_every_flag_the_readme_names_exi
     import argparse
     import re
 
-    from raydist import cluster, predict, scaling, tune
+    from raydist import predict, scaling, tune, cluster
     from raydist.cli import TRAIN_DESCRIPTION, build_parser
 
     def flags(parser) -> set:

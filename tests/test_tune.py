@@ -191,7 +191,7 @@ def test_no_placement_group_of_the_study_is_left_holding_resources(study, ray_cl
 
 
 def test_an_interrupted_study_resumes_without_rerunning_finished_trials(ray_cluster, cluster, tmp_path):
-    from raydist.cluster import dashboard_get
+    from raydist.ray_edge.session import dashboard_get
 
     (tmp_path / "small.yaml").write_text(SMALL_STUDY)
     experiment = tmp_path / "runs" / "small"
@@ -264,7 +264,7 @@ def test_every_trial_is_logged_to_mlflow_and_wandb_offline(study, monkeypatch):
 
 def test_two_worker_trials_are_train_runs_in_the_dashboard_and_one_worker_ones_train_in_their_own_process(
         study, cluster):
-    from raydist.cluster import dashboard_get
+    from raydist.ray_edge.session import dashboard_get
 
     experiment, rows, stdout, _ = study
     two = {t for t, row in rows.items() if row["num_workers"] == "2"}

@@ -90,9 +90,9 @@ def local_context(run_dir: str, device: str = "cpu", resume_state: Optional[dict
     return ctx
 
 
-def local_tensorboard_for(filesystem, target: str) -> tuple[str, Callable[[], None]]:
+def local_tensorboard_for(fs, target: str) -> tuple[str, Callable[[], None]]:
     """TensorBoard for a run in remote storage (s3://...), which it cannot write to: a local folder for the
-    events, and the function that copies them to `target` (<run>/tensorboard on `filesystem`) after every
+    events, and the function that copies them to `target` (<run>/tensorboard on `fs`) after every
     epoch (event files are small), so a URI run has its curves beside its checkpoints. `run` removes the
     local folder when the run ends."""
     import pyarrow.fs
@@ -100,8 +100,8 @@ def local_tensorboard_for(filesystem, target: str) -> tuple[str, Callable[[], No
     log_dir = tempfile.mkdtemp(prefix="raydist-tensorboard-")
 
     def publish_logs() -> None:
-        filesystem.create_dir(target, recursive=True)  # a local filesystem (file://) needs it made
-        pyarrow.fs.copy_files(log_dir, target, destination_filesystem=filesystem)
+        fs.create_dir(target, recursive=True)  # a local filesystem (file://) needs it made
+        pyarrow.fs.copy_files(log_dir, target, destination_filesystem=fs)
 
     return log_dir, publish_logs
 

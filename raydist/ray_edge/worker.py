@@ -94,7 +94,7 @@ def train_loop_per_worker(config: dict) -> list[dict]:
     train_ctx = ray.train.get_context()  # RAY
     exported = None
     if train_ctx.get_world_rank() == 0:  # RAY
-        from raydist.cluster import RunMetrics
+        from raydist.ray_edge.metrics import RunMetrics
 
         exported = RunMetrics(console.get("labels") or {"run": cfg.name or ""})  # RAY: the dashboard's Metrics view
     node_id = ray.get_runtime_context().get_node_id()  # RAY
