@@ -5,7 +5,7 @@ side in one run: steady training throughput of each.
 
 Both sides are TorchTrainer runs of --workers CPU workers (1 CPU each, gloo) training resnet8 on digits with
 a per-worker batch of 64, SGD (momentum 0.9, Nesterov, weight decay 5e-4), fp32:
-- raydist: `raydist.launch.fit` (what `python -m raydist.train` runs): uint8 data in memory, crop+flip in
+- raydist: `raydist.ray_edge.fit.fit` (what `python -m raydist.train` runs): uint8 data in memory, crop+flip in
   batches, the epoch's indices drawn once, metrics summed on the device and all-reduced once per epoch;
 - Ray docs: the train function of Ray Train's PyTorch guide: a Dataset of PIL images with per-image
   torchvision transforms (RandomCrop(32, padding 4), RandomHorizontalFlip, ToTensor, Normalize) in a
@@ -102,7 +102,8 @@ def ray_docs_run(epochs: int, workers: int, loader_workers: int, folder: str) ->
 
 def raydist_run(epochs: int, workers: int, folder: str, address) -> list[float]:
     from raydist.config.fields import TrainConfig
-    from raydist.launch import fit, prepare
+    from raydist.ray_edge.fit import fit
+    from raydist.run_config import prepare
 
     cfg = validate(TrainConfig(epochs=epochs, num_workers=workers, batch_size=BATCH, cpus_per_worker=1.0, address=address,
                       storage_path=folder, name="raydist", warmup_epochs=0.0))

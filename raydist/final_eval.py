@@ -1,6 +1,6 @@
 """Test-set accuracy, measured once at the end: a run's final model and best checkpoint, or a study's best model.
 
-    measured = measure_run(cfg, summary)        # after raydist.launch.fit; None for digits and fake data
+    measured = measure_run(cfg, summary)        # after raydist.ray_edge.fit.fit; None for digits and fake data
     print(summary_line(measured))               # test acc: final model 71.2%, best checkpoint (epoch 7) 72.0% on ...
 
 Validation ("val", held out of the training set) is what every epoch reports, what checkpoints are kept by and

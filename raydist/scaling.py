@@ -5,7 +5,7 @@
         --dataset cifar10 --data-dir ~/data --model resnet18 --epochs 30 --use-gpu --address auto
 
 The question of the Horovod batch-size study raydist replaces. For every worker count x per-worker batch
-size of the grid, and for each LR rule, one raydist training run (`raydist.launch.fit`, one after the other
+size of the grid, and for each LR rule, one raydist training run (`raydist.ray_edge.fit.fit`, one after the other
 on one cluster) that stops when validation accuracy reaches --target:
 - rule `linear`: the linear scaling rule with warmup: the grid's smallest run trains at the peak LR
   raydist.train gives it (--lr under --lr-scaling), every other run at that peak times its global batch
@@ -352,7 +352,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[Point]]:
     if taken:  # Ray Train would continue such a run from its checkpoints, and its figures would be the old run's
         raise ConfigError(f"--out {out} holds run folders of an earlier study ({', '.join(taken)}); give a new "
                           f"--out (each study measures fresh runs)")
-    from raydist.launch import check_storage, prepare
+    from raydist.run_config import check_storage, prepare
 
     check_storage(out, "--out")
     points = [dataclasses.replace(p, cfg=prepare(p.cfg, explicit={})) for p in points]
@@ -398,7 +398,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:
         print(f"raydist.scaling: error: {exc}", file=sys.stderr)
         return 2
-    from raydist.launch import fit
+    from raydist.ray_edge.fit import fit
 
     if points[0].cfg.address is not None:  # a cluster someone else started: as large as it can grow
         from raydist.ray_edge import session

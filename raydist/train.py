@@ -18,7 +18,9 @@ from raydist import final_eval
 from raydist.output import console
 from raydist.errors import ConfigError
 from raydist.cli import parse_cli
-from raydist.launch import CURVES_FILE, RunSummary, failure_cause, fit, prepare
+from raydist.output.run_curves import CURVES_FILE
+from raydist.ray_edge.fit import RunSummary, failure_cause, fit
+from raydist.run_config import prepare
 
 
 def print_summary(summary: RunSummary) -> None:

@@ -171,7 +171,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
     # Tune runs each trial in its own working folder: relative data paths must not follow it there. On a
     # cluster, `~/data` is each node's own home (expanded there), and each node's first worker checks the
     # data where it runs; on a local cluster (this machine) it is checked now, before anything starts.
-    from raydist.launch import worker_path
+    from raydist.run_config import worker_path
 
     joined = args.address is not None
     study.fixed["data_dir"] = worker_path(study.fixed.get("data_dir", TrainConfig.data_dir), joined_cluster=joined)
@@ -204,7 +204,7 @@ RESUME_SETTABLE = ("data_dir", "download")
 
 
 def _check_storage(path: str, flag: str) -> None:
-    from raydist.launch import check_storage
+    from raydist.run_config import check_storage
 
     check_storage(path, flag)
 
@@ -241,7 +241,7 @@ def _check_weights(study: Study, *, on_this_machine: bool) -> None:
     there and fits."""
     import itertools
 
-    from raydist.launch import check_weights
+    from raydist.run_config import check_weights
 
     names = [name for name in ("model", "weights", "pretrained") if name in study.searched]
     base = study.base_config()
@@ -256,7 +256,7 @@ def _check_weights(study: Study, *, on_this_machine: bool) -> None:
 
 def _check_data(study: Study) -> None:
     """A study on files that are missing fails here, not in every trial."""
-    from raydist.launch import check_data
+    from raydist.run_config import check_data
 
     cfg = study.base_config()
     datasets = study.searched["dataset"].extremes() if "dataset" in study.searched else [cfg.dataset]
@@ -314,7 +314,8 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
     import ray.tune
 
     from raydist.ray_edge.history import HistoryCallback
-    from raydist.launch import fit, fit_in_trial, prepare
+    from raydist.ray_edge.fit import fit, fit_in_trial
+    from raydist.run_config import prepare
 
     context = ray.tune.get_context()
     trial_dir = os.path.basename(context.get_trial_dir())

@@ -259,7 +259,7 @@ def _fake_run_dir(root, name="old-run", epochs=(1, 2, 3), **saved):
 
 
 def test_resume_a_run_folder_in_place_lets_ray_pick_the_latest_checkpoint(tmp_path):
-    from raydist.launch import prepare
+    from raydist.run_config import prepare
 
     run_dir = _fake_run_dir(tmp_path)
     explicit = {"resume": str(run_dir)}
@@ -270,7 +270,7 @@ def test_resume_a_run_folder_in_place_lets_ray_pick_the_latest_checkpoint(tmp_pa
 def test_wandb_project_on_resume_is_judged_by_the_resumed_runs_own_wandb_setting(tmp_path):
     """--wandb-project without --wandb is refused; on --resume the run's saved `wandb` counts (the check ran
     before the run's config was read and refused a project for a run that logs to W&B)."""
-    from raydist.launch import prepare
+    from raydist.run_config import prepare
 
     logged = _fake_run_dir(tmp_path, name="logged", wandb=True)
     cfg = prepare(*parse_cli(["--resume", str(logged), "--wandb-project", "other", "--epochs", "5"]))
@@ -281,7 +281,7 @@ def test_wandb_project_on_resume_is_judged_by_the_resumed_runs_own_wandb_setting
 
 
 def test_resume_a_run_folder_under_another_name_starts_from_its_latest_checkpoint(tmp_path):
-    from raydist.launch import prepare
+    from raydist.run_config import prepare
 
     run_dir = _fake_run_dir(tmp_path, epochs=(2, 10, 7))
     explicit = {"resume": str(run_dir), "name": "continued", "storage_path": str(tmp_path / "elsewhere")}

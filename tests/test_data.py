@@ -21,7 +21,8 @@ from raydist.data.sizes import FILE_TRAIN_SIZES, train_size
 from raydist.data.sources import load_split
 from raydist.data.splits import shard_indices, steps_per_epoch
 from raydist.errors import DataFileCorrupt, DatasetNotFound, DownloadFailed
-from raydist.launch import check_data, failure_cause
+from raydist.run_config import check_data
+from raydist.ray_edge.fit import failure_cause
 
 
 def test_digits_is_a_fixed_disjoint_split_of_all_1797_images():

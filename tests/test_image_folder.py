@@ -290,7 +290,7 @@ def test_predict_refuses_a_missing_model_or_image_in_one_line(folder_run, tmp_pa
 
 def test_a_folder_too_large_for_the_workers_memory_is_refused_before_ray(split_folder):
     from raydist.errors import ConfigError
-    from raydist.launch import check_folder_fits
+    from raydist.run_config import check_folder_fits
 
     root, _ = split_folder
     cfg = validate(TrainConfig(dataset="folder", data_dir=str(root), input_size=224, num_workers=2,

@@ -124,7 +124,7 @@ def test_an_unknown_preset_is_one_line_with_exit_2():
 # ---- one tiny step of each preset, on CPU, with its sizes overridden -------------------------------------
 
 # Sizes only (and one worker, in this process): the model, data set, optimizer and schedule stay the preset's. SyncBatchNorm runs on CUDA
-# only, so the workload's is turned off here (its GPU check is raydist.launch.check_sync_batchnorm's).
+# only, so the workload's is turned off here (its GPU check is raydist.run_config.check_sync_batchnorm's).
 TINY = {
     "dli": ["--train-per-class", "1", "--batch-size", "8"],
     "horovod-resnet18": ["--train-per-class", "1", "--batch-size", "8", "--val-batch-size", "16",

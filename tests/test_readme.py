@@ -82,18 +82,18 @@ def test_every_documented_study_command_is_accepted(tmp_path, monkeypatch):
 
 
 def test_every_documented_training_command_is_accepted(tmp_path, monkeypatch):
-    from raydist import launch
+    from raydist import run_config
     from raydist.cli import parse_cli
 
     _photos_at_home(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(launch, "check_data", lambda *a, **k: None)
-    monkeypatch.setattr(launch, "check_weights", lambda *a, **k: None)
+    monkeypatch.setattr(run_config, "check_data", lambda *a, **k: None)
+    monkeypatch.setattr(run_config, "check_weights", lambda *a, **k: None)
     commands = [args for args in _readme_commands("raydist.train") if "--resume" not in args and "--config" not in args]
     assert len(commands) >= 8
     for args in commands:
         cfg, explicit, config_files = parse_cli(args)
-        launch.prepare(cfg, explicit, config_files)
+        run_config.prepare(cfg, explicit, config_files)
 
 
 # Flags the README gives to other tools' commands (ray, aws, tensorboard, pip, Horovod's script), each once.

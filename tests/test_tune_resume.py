@@ -257,7 +257,8 @@ def test_a_trial_process_that_died_between_its_checkpoint_and_its_report_resumes
     import dataclasses
 
     from raydist.config.fields import TrainConfig
-    from raydist.launch import fit_in_trial, prepare
+    from raydist.ray_edge.fit import fit_in_trial
+    from raydist.run_config import prepare
 
     trial_path = str(tmp_path / "trial_x")
     cfg = validate(TrainConfig(dataset="digits", model="resnet8", num_workers=1, cpus_per_worker=1, epochs=3,

@@ -52,7 +52,7 @@ def test_each_new_run_gets_a_wandb_id_of_its_own_and_only_its_run_folder_continu
 
     from raydist.errors import ConfigError
     from raydist.cli import parse_cli
-    from raydist.launch import prepare
+    from raydist.run_config import prepare
     from raydist.runs.run_folder import write_config
 
     def start(*args):
