@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from torch import nn
+from raydist.errors import ModelArgError
 
 
 @dataclass(frozen=True)
@@ -85,4 +86,4 @@ def create_model(name: str, *, num_classes: int, **model_args) -> nn.Module:
 
 
 # Importing the modules registers their models.
-from raydist.errors import ModelArgError
+from raydist.models import resnet, small_cnn, wide_resnet  # noqa: E402,F401
