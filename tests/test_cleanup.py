@@ -47,19 +47,20 @@ def test_a_training_run_stopped_mid_epoch_leaves_nothing_on_the_cluster(ray_clus
 
 
 def test_a_study_gives_back_each_ended_trials_requests_at_once_again_later_and_every_trials_at_its_end(monkeypatch):
-    """The study's callback (raydist.tune.train_requests_release) without a cluster: which Train runs it asks
+    """The study's callback (raydist.ray_edge.study.train_requests_release) without a cluster: which Train runs it asks
     raydist.cluster to release, and when. The end-to-end proof is the elastic study test in test_tune.py."""
     import types
 
     from ray import cloudpickle
 
     from raydist import tune
+    from raydist.ray_edge import study
     from raydist.ray_edge import status
 
     asked = []
     monkeypatch.setattr(status, "release_train_requests", lambda names: asked.append(sorted(names)) or [])
     monkeypatch.setattr(tune, "RELEASE_AFTER_S", (0.0, 0.3))
-    callback = tune.train_requests_release("digits_quick")
+    callback = study.train_requests_release("digits_quick")
     trials = [types.SimpleNamespace(trial_id=t) for t in ("a_00000", "a_00001", "a_00002")]
     for trial in trials:
         callback.on_trial_start(iteration=1, trials=trials, trial=trial)

@@ -16,6 +16,8 @@ from conftest import read_csv, start_tune, wait_for_free_cluster
 import yaml
 
 from raydist import tune
+from raydist.ray_edge.study import train_run_name
+from raydist.study.study_file import save_study
 from raydist.study.study_file import load_study
 from raydist.ray_edge.history import ASHAWithHistory, HistoryCallback, rung_records
 from raydist.runs.history import read_history
@@ -207,7 +209,7 @@ searched:
 def saved_experiment(tmp_path):
     (tmp_path / "small.yaml").write_text(SMALL)
     experiment = tmp_path / "runs" / "small-1"
-    tune._save_study(load_study(str(tmp_path / "small.yaml")), str(experiment))
+    save_study(load_study(str(tmp_path / "small.yaml")), str(experiment))
     return experiment
 
 
@@ -241,8 +243,8 @@ def test_resume_applies_concurrency_and_data_location_and_keeps_the_study_name(s
     assert plan.resume and plan.max_concurrent == 3 and plan.study.max_concurrent == 3
     assert plan.study.fixed["data_dir"] == str(tmp_path / "data")
     assert plan.study.name == "small"  # not "study", the saved file's name: trials keep their run names
-    assert tune.train_run_name(plan.study.name, "abc_00001") == "small.abc_00001"
-    tune._save_study(plan.study, str(saved_experiment))  # what run_study does before the restored study runs
+    assert train_run_name(plan.study.name, "abc_00001") == "small.abc_00001"
+    save_study(plan.study, str(saved_experiment))  # what run_study does before the restored study runs
     again = tune.parse_args(["--resume", str(saved_experiment)])
     assert again.max_concurrent == 3 and again.study.fixed["data_dir"] == str(tmp_path / "data")
     assert again.study.name == "small"

@@ -75,6 +75,9 @@ from raydist.config.yaml_files import read_yaml_mapping
 from raydist.errors import ConfigError
 from raydist.preflight import validate
 
+import yaml
+from raydist.storage import filesystem
+
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "qloguniform", "randint", "qrandint", "choice")
 GRID_KINDS = ("randint", "qrandint", "quniform")  # sampled as a choice of their values
 MAX_GRID = 1000  # values an integer range or q-grid may have (each one is a category for HyperOpt)
@@ -601,3 +604,29 @@ def _study_name(path: str, value: Any) -> Optional[str]:
     if value is None:
         return None
     return check_folder_name(value, f"{path}: name")
+
+
+STUDY_FILE = "study.yaml"  # the effective study, saved so --resume needs nothing else
+
+
+def save_study(study: Study, experiment_path: str) -> None:
+
+    fs, root = filesystem(experiment_path)
+    fs.create_dir(root, recursive=True)
+    content = {
+        "name": study.name,  # the saved file is study.yaml: without this, a resumed study is called "study"
+        "description": study.description, "metric": study.metric, "mode": study.mode,
+        "num_samples": study.num_samples, "max_concurrent": study.max_concurrent,
+        "search": {"algorithm": study.search, "initial_points": study.initial_points, "seed": study.seed},
+        "scheduler": {"type": study.scheduler, "grace_period": study.grace_period,
+                      "reduction_factor": study.reduction_factor},
+        "failures": {"worker_restarts": study.worker_restarts, "trial_restarts": study.trial_restarts},
+        "one_worker_trials": study.one_worker_trials,
+        "console": {"verbose": study.verbose if study.saved_verbose is None else study.saved_verbose,
+                    "status_every_s": study.status_every_s},
+        "fixed": study.fixed,
+        "searched": {k: {d.kind: list(d.args)} for k, d in study.searched.items()},
+        "points_to_evaluate": study.points_to_evaluate,
+    }
+    with fs.open_output_stream(f"{root}/{STUDY_FILE}") as out:
+        out.write(yaml.safe_dump(content, sort_keys=False).encode())
