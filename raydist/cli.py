@@ -10,7 +10,7 @@ from typing import Optional
 import yaml
 from raydist.errors import ConfigError
 from raydist.config.fields import GROUPS, TrainConfig, _base_type, _coerce_all, _flag, _is_plain, is_worker_range, merge_config_values, split_worker_range
-from raydist.config.yaml_files import load_yaml
+from raydist.config.fields import load_yaml
 from raydist.config.yaml_files import load_yaml_text
 from raydist.preflight import validate
 

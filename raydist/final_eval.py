@@ -23,17 +23,6 @@ TEST_METRICS_FILE = "test_metrics.json"
 # ---- in one process (the Ray task's body) --------------------------------------------------------------
 
 
-def read_saved(path: str) -> dict:
-    """A model_final.pt / best_model.pt / checkpoint.pt, from a local path or a URI (s3://...)."""
-    import io
-
-    import torch
-
-    fs, inner = filesystem(path)
-    with fs.open_input_stream(inner) as fh:
-        return torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
-
-
 def evaluate_saved(saved: dict, dataset, *, device) -> dict:
     """A saved model's accuracy and loss on `dataset` (a loaded split), in this process."""
     from raydist.data.sizes import classes_predicted
@@ -55,6 +44,7 @@ def evaluate_saved(saved: dict, dataset, *, device) -> dict:
 def measure_files(paths: dict[str, str], *, cpus: float = 1) -> dict[str, dict]:
     """label -> saved model file, each evaluated on its data set's test split (loaded once, with the run's
     classes and channels) on this process's device: the GPU Ray gave it, else the CPU."""
+    from raydist.runs.checkpoints import read_model_file
     from raydist.data.sizes import class_list
     import torch
 
@@ -66,7 +56,7 @@ def measure_files(paths: dict[str, str], *, cpus: float = 1) -> dict[str, dict]:
         torch.set_num_threads(max(1, int(cpus)))
     measured, loaded = {}, {}
     for label, path in paths.items():
-        saved = read_saved(path)
+        saved = read_model_file(path)
         cfg = TrainConfig.from_dict(saved["config"])
         key = (cfg.dataset, cfg.data_dir, cfg.classes, cfg.input_channels())
         if key not in loaded:
@@ -127,13 +117,14 @@ def measure_run(cfg, summary) -> Optional[dict]:
 
 def measure_study(result) -> Optional[dict]:
     """A finished study's exported best model (best_model.pt) on the test split, once; written beside it."""
+    from raydist.runs.checkpoints import read_model_file
     from raydist.config.fields import TrainConfig
     from raydist.data.registry import has_test_split
 
     if not result.best_model or result.interrupted:  # an interrupted study measures when it is finished
         return None
     try:
-        cfg = TrainConfig.from_dict(read_saved(result.best_model)["config"])
+        cfg = TrainConfig.from_dict(read_model_file(result.best_model)["config"])
     except Exception as exc:  # noqa: BLE001 - the study stands; say why there is no test figure
         return {"error": _cause(exc)}
     if not has_test_split(cfg.dataset):

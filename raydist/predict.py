@@ -90,12 +90,12 @@ class Predictor:
         import torch
 
         from raydist.config.fields import TrainConfig
-        from raydist.final_eval import read_saved
+        from raydist.runs.checkpoints import read_model_file
         from raydist.models.transfer import load_trained_model
 
         self.path = model_file(path)
         try:
-            saved = read_saved(self.path)
+            saved = read_model_file(self.path)
             self.cfg = TrainConfig.from_dict(saved["config"])
         except ConfigError:
             raise

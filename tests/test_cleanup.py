@@ -47,7 +47,7 @@ def test_a_training_run_stopped_mid_epoch_leaves_nothing_on_the_cluster(ray_clus
 
 
 def test_a_study_gives_back_each_ended_trials_requests_at_once_again_later_and_every_trials_at_its_end(monkeypatch):
-    """The study's callback (raydist.ray_edge.study.train_requests_release) without a cluster: which Train runs it asks
+    """The study's callback (raydist.ray_edge.trials.train_requests_release) without a cluster: which Train runs it asks
     raydist.cluster to release, and when. The end-to-end proof is the elastic study test in test_tune.py."""
     import types
 

@@ -8,7 +8,7 @@ import pytest
 
 from raydist.errors import ConfigError
 from raydist.config.fields import TrainConfig
-from raydist.config.yaml_files import load_yaml
+from raydist.config.fields import load_yaml
 from raydist.cli import parse_cli
 from raydist.preflight import validate
 

@@ -14,6 +14,7 @@ from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_che
 from raydist.loop.context import local_context
 from raydist.loop.run import run
 from raydist.preflight import validate
+from raydist.runs.checkpoints import read_model_file
 
 TWO_WORKERS = dict(num_workers=2, cpus_per_worker=1.0, batch_size=64, lr=0.8, warmup_epochs=0.5)
 
@@ -119,7 +120,7 @@ def test_a_model_with_its_own_arguments_trains_under_2_worker_ddp_and_is_rebuilt
 
     final = load_checkpoint_file(str(tmp_path / FINAL_MODEL_FILE))
     assert final["model_args"] == {"l1": 64, "l2": 32}
-    net = load_trained_model(str(tmp_path / FINAL_MODEL_FILE))  # no config from outside: the file's own
+    net = load_trained_model(read_model_file(str(tmp_path / FINAL_MODEL_FILE)))  # no config from outside: the file's own
     assert (net.fc1.out_features, net.fc2.out_features) == (64, 32)
     assert digits_val_accuracy(final) == pytest.approx(history[-1]["val_acc"], abs=1e-6)
 

@@ -269,7 +269,7 @@ def test_numbers_are_read_as_yaml_1_2_writes_them_in_every_part_of_a_study(tmp_p
     study = load_study(_write(tmp_path, text))
     assert study.searched["lr"].args == (0.001, 2.0) and study.fixed["momentum"] == 0.9
     assert load_study(_write(tmp_path, text), {"weight_decay": 5e-4}).fixed["weight_decay"] == 0.0005
-    from raydist.config.yaml_files import load_yaml
+    from raydist.config.fields import load_yaml
     from raydist.cli import parse_model_args
     from raydist.tune import _set_value
 
@@ -280,7 +280,7 @@ def test_numbers_are_read_as_yaml_1_2_writes_them_in_every_part_of_a_study(tmp_p
 
 
 def test_a_key_given_twice_in_a_config_file_is_one_line_naming_it(tmp_path):
-    from raydist.config.yaml_files import load_yaml
+    from raydist.config.fields import load_yaml
 
     (tmp_path / "run.yaml").write_text("lr: 0.4\nepochs: 3\nlr: 0.1\n")
     with pytest.raises(ConfigError) as excinfo:
@@ -317,7 +317,7 @@ def test_a_trial_whose_config_the_checks_refuse_is_created_and_fails_alone_in_on
     import ray.tune
 
     from raydist.errors import TrialError
-    from raydist.ray_edge.study import run_trial, trial_resources
+    from raydist.ray_edge.trials import run_trial, trial_resources
 
     study = load_study(_write(tmp_path, VALID))
     bad = {"lr": 0.5, "batch_size": 4096, "epochs": 6, "weight_decay": 0.0005, "num_workers": 2}
@@ -411,7 +411,7 @@ def test_a_study_with_a_worker_range_makes_every_trial_elastic_planned_at_its_ma
 def test_an_elastic_trials_mid_epoch_checkpoints_do_not_reach_tune_and_its_epochs_do():
     """A spot notice's checkpoint is a Train report (Ray Train restarts from it) but not a Tune result:
     ASHA counts results as epochs."""
-    from raydist.ray_edge.study import epochs_to_tune
+    from raydist.ray_edge.trials import epochs_to_tune
 
     import ray.tune.integration.ray_train as ray_train_tune
 

@@ -180,7 +180,7 @@ def test_best_checkpoint_loads_and_reproduces_its_validation_accuracy(study):
     accuracy = digits_val_accuracy(saved)
     assert accuracy == pytest.approx(float(best["best_val_acc"]), abs=1e-6)
     # best_config.yaml retrains the winner with raydist.train
-    from raydist.config.yaml_files import load_yaml
+    from raydist.config.fields import load_yaml
 
     config = load_yaml(str(experiment / "best_config.yaml"))
     assert config["lr"] == pytest.approx(float(best["lr"])) and config["num_workers"] == int(best["num_workers"])
@@ -354,6 +354,6 @@ def test_a_study_searches_a_models_shape_and_exports_the_winner_with_its_argumen
     saved = torch.load(experiment / "best_model.pt", map_location="cpu", weights_only=False)
     assert saved["model_args"] == {"l1": int(best["model_args.l1"]), "l2": 32}  # the fixed l2 kept beside it
     assert digits_val_accuracy(saved) == pytest.approx(float(best["best_val_acc"]), abs=1e-6)
-    from raydist.config.yaml_files import load_yaml
+    from raydist.config.fields import load_yaml
 
     assert load_yaml(str(experiment / "best_config.yaml"))["model_args"] == saved["model_args"]

@@ -16,7 +16,7 @@ from conftest import read_csv, start_tune, wait_for_free_cluster
 import yaml
 
 from raydist import tune
-from raydist.ray_edge.study import train_run_name
+from raydist.ray_edge.trials import train_run_name
 from raydist.study.study_file import save_study
 from raydist.study.study_file import load_study
 from raydist.ray_edge.history import ASHAWithHistory, HistoryCallback, rung_records

@@ -270,10 +270,8 @@ def freeze_norms(units: list[Unit], unfrozen: int) -> None:
 
 
 def load_trained_model(saved) -> nn.Module:
-    """A raydist model_final.pt or best_model.pt (a path, or the file's loaded content) rebuilt as the
-    model that was trained (architecture, class count, grey stem), in eval mode."""
-    if isinstance(saved, str):
-        saved = torch.load(os.path.expanduser(saved), map_location="cpu", weights_only=True)
+    """A raydist model_final.pt or best_model.pt's content (raydist.runs.checkpoints.read_model_file)
+    rebuilt as the model that was trained (architecture, class count, grey stem), in eval mode."""
     config = saved.get("config") or {}
     # Files written before model arguments existed hold none: their models took none.
     model_args = saved.get("model_args", config.get("model_args"))

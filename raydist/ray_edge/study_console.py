@@ -8,7 +8,7 @@ import time
 from typing import Optional
 from raydist.study.study_file import Study
 from raydist.storage import is_uri
-from raydist.ray_edge.study import _error_text, _never_raises, _trial_error, trial_dirname
+from raydist.ray_edge.trials import _error_text, _never_raises, _trial_error, trial_dirname
 
 
 def study_console(study: Study, experiment_path: str, concurrency: int, *, cluster_has_gpus: bool):

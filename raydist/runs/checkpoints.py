@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from typing import Optional
-from raydist.storage import is_uri
+from raydist.storage import read_bytes, is_uri
 
 import io
 import torch
@@ -125,3 +125,14 @@ def checkpoint_dir_name(epoch: int, position: int = 0) -> str:
     one-worker trial's alike; raydist.run_folder finds them by this name). One written inside the next
     epoch, `position` images in (a spot notice's), sorts between that epoch's and the next's."""
     return f"{CHECKPOINT_PREFIX}{epoch:04d}" + (f"_at_{position:07d}" if position else "")
+
+
+def read_model_file(path: str) -> dict:
+    """A model_final.pt, best_model.pt or checkpoint.pt, from a local path or a URI (s3://...);
+    CorruptCheckpoint naming it when it cannot be read."""
+    import io
+
+    data = read_bytes(path)
+    if data is None:
+        raise FileNotFoundError(f"no such file: {path}")
+    return load_checkpoint_file(io.BytesIO(data), name=path)
