@@ -15,6 +15,7 @@ import sys
 from typing import Optional
 
 from raydist import final_eval
+from raydist.ray_edge import measure
 from raydist.output import console
 from raydist.errors import ConfigError
 from raydist.cli import parse_cli
@@ -94,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"raydist.train: every worker's traceback: {log}", file=sys.stderr)
         print(f"raydist.train: training failed: {cause}", file=sys.stderr)
         return 1
-    test_line = final_eval.summary_line(final_eval.measure_run(cfg, summary))  # the test split, once, at the end
+    test_line = final_eval.summary_line(measure.measure_run(cfg, summary))  # the test split, once, at the end
     print_summary(summary)
     if test_line:
         print(test_line, flush=True)

@@ -28,10 +28,12 @@ from typing import Optional
 
 
 from raydist import final_eval
+from raydist.ray_edge import measure
 from raydist.output import report
 from raydist.errors import ConfigError
 from raydist.config.fields import TrainConfig, check_address, check_folder_name, require_package
-from raydist.study.study_file import ONE_WORKER_TRIALS, Study, load_study
+from raydist.study.study import ONE_WORKER_TRIALS, Study
+from raydist.study.study_file import load_study
 from raydist.ray_edge.results import StudyResult
 from raydist.storage import is_uri
 from raydist.preflight import validate
@@ -305,7 +307,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as exc:  # noqa: BLE001 - e.g. a logger that cannot reach its server; trace above
         print(f"raydist.tune: study failed: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         return 1
-    test_line = final_eval.summary_line(final_eval.measure_study(result))  # the best model on the test split, once
+    test_line = final_eval.summary_line(measure.measure_study(result))  # the best model on the test split, once
     print_result(result, plan.study)
     if test_line:
         print(test_line, flush=True)

@@ -20,7 +20,8 @@ from raydist.data.sources import load_split
 from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE
 from raydist.loop.context import local_context
 from raydist.loop.run import run
-from raydist.final_eval import TEST_METRICS_FILE, measure_files, measure_study, summary_line
+from raydist.final_eval import TEST_METRICS_FILE, measure_files, summary_line
+from raydist.ray_edge.measure import measure_study
 from raydist.models.transfer import load_trained_model
 from raydist.data.sizes import classes_predicted
 from raydist.preflight import validate

@@ -15,7 +15,8 @@ import pytest
 from cli import run_main
 
 from raydist.errors import ConfigError
-from raydist.study.study_file import MAX_GRID, load_study
+from raydist.study.distributions import MAX_GRID
+from raydist.study.study_file import load_study
 from raydist.tune import SEARCH_SPACES
 from raydist.ray_edge.study import plan_concurrency
 from raydist.ray_edge.search import tune_space

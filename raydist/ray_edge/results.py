@@ -21,7 +21,7 @@ from typing import Optional
 import yaml
 
 from raydist.output import report
-from raydist.study.study_file import PER_TRIAL_FIELDS, Study
+from raydist.study.study import PER_TRIAL_FIELDS, Study
 from raydist.storage import filesystem, is_uri
 
 LOG_KINDS = ("loguniform", "qloguniform")  # the search_space.DISTRIBUTIONS sampled on a log scale

@@ -34,7 +34,8 @@ import sys
 from typing import Optional
 
 from ray.tune.search import BasicVariantGenerator, Searcher
-from raydist.study.study_file import GRID_KINDS, Distribution, Study
+from raydist.study.distributions import GRID_KINDS, Distribution
+from raydist.study.study import Study
 
 # Set by raydist.tune just before a restored study runs: Tune rebuilds the searcher from its pickled
 # state inside fit(), and this is the one value of the new command line it must take.

@@ -10,7 +10,7 @@ import time
 from typing import Optional
 from raydist.errors import ConfigError
 from raydist.config.fields import TrainConfig
-from raydist.study.study_file import Study
+from raydist.study.study import Study
 from raydist.ray_edge.results import StudyResult, summarize
 from raydist.storage import is_uri
 from raydist.ray_edge.study_console import study_console

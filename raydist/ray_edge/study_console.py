@@ -6,7 +6,7 @@ import math
 import os
 import time
 from typing import Optional
-from raydist.study.study_file import Study
+from raydist.study.study import Study
 from raydist.storage import is_uri
 from raydist.ray_edge.trials import _error_text, _never_raises, _trial_error, trial_dirname
 

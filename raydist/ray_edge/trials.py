@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from raydist.study.study_file import Study
+from raydist.study.study import Study
 
 
 def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
