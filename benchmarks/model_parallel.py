@@ -33,7 +33,7 @@ from bench_env import describe, environment
 def build(model: str, classes: int, *, stages: list[torch.device], micro_batches: int, balance: str,
           sample: torch.Tensor, amp) -> tuple[torch.nn.Module, torch.nn.Module, str]:
     """(the model, what runs it: itself or its Pipeline, the units of each stage: "stem..layer3.0 / ...")."""
-    from raydist.models import create_model
+    from raydist.models.registry import create_model
     from raydist.parallel.pipeline import Pipeline, pipeline_units, unit_costs
 
     torch.manual_seed(0)

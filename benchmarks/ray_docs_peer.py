@@ -43,7 +43,7 @@ def ray_docs_train_func(config: dict) -> None:
     from torchvision import transforms
 
     from raydist.data.sources import load_split
-    from raydist.models import create_model
+    from raydist.models.registry import create_model
 
     torch.set_num_threads(1)
     split = load_split("digits", "train")

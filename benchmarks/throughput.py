@@ -58,7 +58,7 @@ def train_flops_per_image(model_name: str, size: int) -> float:
     """FLOPs of one training step's forward and backward, per image, counted from the layers."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from raydist.models import create_model
+    from raydist.models.registry import create_model
 
     net = create_model(model_name, num_classes=1000 if size == 224 else 10).train()
     x = torch.randn(2, 3, size, size)
@@ -128,7 +128,7 @@ def loop_side(model: str, batch: int, compile_: bool, device: torch.device, step
     from torchvision import transforms
 
     from raydist.loop.recipe import autocast_dtype
-    from raydist.models import create_model
+    from raydist.models.registry import create_model
 
     size = SIZES[model]
     images = steps * batch

@@ -61,7 +61,7 @@ example:
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     from raydist.data.registry import DATASETS
-    from raydist.models import MODELS
+    from raydist.models.registry import MODELS
 
     registry_choices = {"dataset": sorted(DATASETS), "model": sorted(MODELS)}
     parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,

@@ -18,7 +18,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     accepted. Loads the data and model registries (and so torch) only here, not at import."""
     from raydist.data.sizes import class_list
     from raydist.data.registry import DATASETS
-    from raydist.models import MODELS
+    from raydist.models.registry import MODELS
 
     for f in dataclasses.fields(cfg):
         choices = f.metadata["choices"]
@@ -125,7 +125,7 @@ def _check_model_args(cfg: TrainConfig) -> None:
 
     from raydist.data.sizes import input_side
     from raydist.errors import ModelArgError
-    from raydist.models import MODELS, check_model_args
+    from raydist.models.registry import MODELS, check_model_args
 
     try:
         cfg.model_args = check_model_args(cfg.model, cfg.model_args)
@@ -175,7 +175,7 @@ def _check_model_parallel(cfg: TrainConfig) -> None:
                           f"untested); drop --sync-batchnorm, or give --model-parallel 1")
     import torch
 
-    from raydist.models import create_model
+    from raydist.models.registry import create_model
     from raydist.parallel.pipeline import pipeline_units
 
     with torch.device("meta"):  # the model's units, without memory or time

@@ -22,6 +22,8 @@ from raydist.cli import parse_cli
 from raydist.output.run_curves import CURVES_FILE
 from raydist.ray_edge.fit import RunSummary, failure_cause, fit
 from raydist.run_config import prepare
+from raydist.ray_edge.session import disconnect
+from raydist.ray_edge.status import give_back_requests
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -36,29 +38,6 @@ def print_summary(summary: RunSummary) -> None:
     lines += [f"final model:      {summary.final_model}", f"curves:           {summary.run_dir}/{CURVES_FILE}",
               f"run folder:       {summary.run_dir}"]
     print("\n".join(lines), flush=True)
-
-
-def _stop_log_forwarding() -> None:
-    """Ray forwards the workers' output (their tracebacks too) asynchronously; disconnecting first keeps
-    the one line that names the cause the last the user sees. The full tracebacks are above it and in
-    the cluster's logs."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
-
-def _give_back_requests(run_name: str) -> None:
-    """What the interrupted run still asks of Ray's autoscaling coordinator (Ray would keep it for 180 s)."""
-    import ray
-
-    from raydist.ray_edge import status
-
-    if ray.is_initialized():
-        try:
-            status.release_train_requests({run_name})
-        except Exception:  # noqa: BLE001 - Ray drops the request within 180 s anyway
-            pass
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -79,8 +58,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         # through sys.exit (SystemExit); before that, Ctrl+C is Python's KeyboardInterrupt. Disconnecting
         # ends this driver's Ray job; Ray then removes the run's worker group and its placement group
         # (measured in docs/reliability.md). The checkpoints written so far stay.
-        _give_back_requests(cfg.name)
-        _stop_log_forwarding()
+        give_back_requests(cfg.name)
+        disconnect()
         run_dir = f"{cfg.storage_path}/{cfg.name}"
         print(f"raydist.train: interrupted; continue from the latest checkpoint with: python -m raydist.train "
               f"--resume {run_dir}", file=sys.stderr)
@@ -90,7 +69,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         cause = failure_cause(exc)
         log = write_error_log(f"{cfg.storage_path}/{cfg.name}", exc)
-        _stop_log_forwarding()
+        disconnect()
         if log:
             print(f"raydist.train: every worker's traceback: {log}", file=sys.stderr)
         print(f"raydist.train: training failed: {cause}", file=sys.stderr)

@@ -174,7 +174,7 @@ def test_lp_ft_gives_the_probe_and_the_fine_tuning_a_schedule_each(tmp_path):
     backbone multiplier of the head's LR, not late in a schedule that has already decayed."""
     from raydist.data.sources import load_split
     from raydist.loop.state import TrainingState
-    from raydist.models import create_model
+    from raydist.models.registry import create_model
 
     source = tmp_path / "w.pth"
     torch.save(create_model("resnet8", num_classes=10).state_dict(), source)

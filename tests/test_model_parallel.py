@@ -19,7 +19,7 @@ from local_ddp import run_ddp
 from raydist.errors import ConfigError
 from raydist.config.fields import TrainConfig
 from raydist.runs.checkpoints import FINAL_MODEL_FILE, load_checkpoint_file
-from raydist.models import MODELS, create_model
+from raydist.models.registry import MODELS, create_model
 from raydist.parallel.pipeline import (Pipeline, balanced_stage_sizes, measured_seconds, models_with_units, pipeline_units, stage_devices, unit_costs)
 from raydist.preflight import validate
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from raydist.models import MODELS, create_model
+from raydist.models.registry import MODELS, create_model
 from raydist.preflight import validate
 
 

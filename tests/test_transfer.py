@@ -18,7 +18,7 @@ from raydist.config.fields import TrainConfig
 from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, final_model_bytes
 from raydist.loop.context import local_context
 from raydist.loop.run import run
-from raydist.models import MODELS, create_model
+from raydist.models.registry import MODELS, create_model
 from raydist.errors import WeightsError
 from raydist.models.transfer import (backbone_stages, build_model, first_conv, pretrained_source, read_weights_file, transfer_units)
 from raydist.preflight import validate

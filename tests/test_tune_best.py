@@ -13,7 +13,7 @@ from raydist.output import report
 from raydist.ray_edge import results
 from raydist.config.fields import TrainConfig
 from raydist.runs.checkpoints import CHECKPOINT_FILE
-from raydist.models import create_model
+from raydist.models.registry import create_model
 from raydist.study.study_file import load_study
 from raydist.ray_edge.history import HistoryCallback
 

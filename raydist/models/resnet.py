@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from raydist.models import register_model
+from raydist.models.registry import register_model
 
 
 class BasicBlock(nn.Module):

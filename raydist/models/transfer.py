@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from raydist.models import MODELS, create_model
+from raydist.models.registry import MODELS, create_model
 from raydist.errors import WeightsError
 from raydist.storage import filesystem, is_uri
 

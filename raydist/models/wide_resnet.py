@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from raydist.models import register_model
+from raydist.models.registry import register_model
 
 # ---- wrn_dli: the NVIDIA DLI assessment network, as published ----------------------------------
 # A Conv-BN-ReLU stem 3 -> 16, then two residual blocks per stage at 160, 320 and 640 channels with a 2x2

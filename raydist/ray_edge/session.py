@@ -289,3 +289,15 @@ def dashboard_get(url: str, path: str, timeout: float = 10.0):
     request = urllib.request.Request(f"{url.rstrip('/')}{path}", headers=auth_headers())
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
+
+
+def disconnect() -> None:
+    """Ray forwards the workers' output (their tracebacks too) asynchronously; disconnecting first keeps
+    the one line that names the cause the last the user sees. The full tracebacks are above it and in
+    the cluster's logs."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+

@@ -162,3 +162,14 @@ def studies_lines(records: list[dict]) -> list[str]:
         lines.append(f"  (and {len(gone)} whose driver stopped without finishing: "
                      f"{', '.join(sorted(r['name'] for r in gone))}; continue with python -m raydist.tune --resume)")
     return lines
+
+
+def give_back_requests(run_name: str) -> None:
+    """What the interrupted run still asks of Ray's autoscaling coordinator (Ray would keep it for 180 s)."""
+    import ray
+
+    if ray.is_initialized():
+        try:
+            release_train_requests({run_name})
+        except Exception:  # noqa: BLE001 - Ray drops the request within 180 s anyway
+            pass

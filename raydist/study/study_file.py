@@ -157,7 +157,7 @@ def _field_type(path: str, name: str, fixed: dict, searched: dict) -> type:
     """A searched field's type; for `model_args.NAME`, the annotated type of that argument of the study's model."""
     if not is_model_arg_key(name):
         return _base_type(name)[0]
-    from raydist.models import MODELS
+    from raydist.models.registry import MODELS
 
     where = f"{path}: searched.{name}"
     if "model" in searched:
