@@ -128,7 +128,7 @@ def check_folder_fits(cfg: TrainConfig, memory_bytes: Optional[int] = None, clus
     from raydist.data.sources import folder_index
     from raydist.loop.worker_data import folder_copy_bytes, streams_folder
     from raydist.data.sizes import input_side
-    from raydist.ray_edge.stream import DECODE_CPUS
+    from raydist.data.folder import DECODE_CPUS
     from raydist.data.folder import fits_in_memory, host_memory_bytes, stored_size
 
     memory_bytes = host_memory_bytes() if memory_bytes is None else memory_bytes

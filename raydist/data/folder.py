@@ -36,6 +36,7 @@ import numpy as np
 from raydist.errors import FolderError, TooManyBadImages
 from raydist.storage import filesystem
 
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation")}
 # ImageNet's per-channel statistics: what photos look like on average, and what pretrained models expect.
@@ -353,3 +354,6 @@ def bad_image_limit(index: FolderIndex, max_bad_images: Optional[int]) -> int:
 def first_names(names: list[str]) -> str:
     """The first SHOWN_BAD_FILES names for the run log, with "..." when there are more."""
     return ", ".join(names[:SHOWN_BAD_FILES]) + (", ..." if len(names) > SHOWN_BAD_FILES else "")
+
+
+DECODE_CPUS = 0.5  # per map task: the streamed path needs CPUs the workers leave free (checked before Ray)

@@ -39,10 +39,10 @@ from raydist.errors import TooManyBadImages
 from raydist.config.fields import TrainConfig
 from raydist.errors import DataUnavailable
 from raydist.data.sizes import input_side
+from raydist.data.folder import DECODE_CPUS
 
 DECODE_BATCH = 64  # files per Ray Data map call: enough to amortise the call, small enough to spread
 PREFETCH_BATCHES = 4  # training batches decoded ahead of the step
-DECODE_CPUS = 0.5  # per map task: the streamed path needs CPUs the workers leave free (checked before Ray)
 
 
 def quiet_ray_data() -> None:

@@ -45,7 +45,7 @@ def plan_concurrency(study: Study, *, free_cpus: float, free_gpus: float, total_
     # wait; one needs MIN to start.
     fewest_cpus, fewest_gpus = study.per_trial_resources(cluster_has_gpus=total_gpus > 0, fewest=True)
     if streams_a_folder(study):  # Ray Data decodes on CPUs the trials leave free (raydist.folder_stream)
-        from raydist.ray_edge.stream import DECODE_CPUS
+        from raydist.data.folder import DECODE_CPUS
 
         free_cpus, total_cpus = free_cpus - DECODE_CPUS, total_cpus - DECODE_CPUS
     if fewest_cpus > total_cpus or fewest_gpus > total_gpus:
