@@ -1,4 +1,9 @@
-"""TODO docstring: raydist.cli."""
+"""The training flags on the command line, shared by `python -m raydist.train` and `raydist.scaling`:
+a parser generated from TrainConfig's fields (grouped as the dataclass groups them), --config files and
+--preset, layered into one validated config.
+
+    cfg, explicit, config_files = parse_cli(sys.argv[1:])   # ConfigError (exit 2) names a bad value
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring: raydist.errors."""
+"""Every exception raydist raises on purpose, in one place so any layer can raise or catch it: bad user
+input found before a cluster starts (ConfigError: one line, exit code 2), input only a worker can see
+(WorkerInputError and its kinds: the run's cause in one line), data, folder, model-argument and weights
+problems, a failed study trial; and `keep_traceback`, which keeps a worker's traceback on its exception.
+"""
 
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ def test_the_best_epochs_own_checkpoint_when_kept_else_the_nearest_kept_one(tmp_
     study, run = _study(tmp_path), str(tmp_path / "run")
     # checkpoint_every 2: epoch 3, the best, was never saved; 2 and 4 are as near, 4 scores better
     history = _history(run, [0.5, 0.7, 0.9, 0.8], checkpointed={2, 4}, kept={2, 4})
-    best = results.best_checkpoint
+    best = results.checkpoint_of_best_epoch
     assert best(history, history[2], study, str(tmp_path)) == (f"{run}/checkpoint_epoch_0004", 4)
     assert best(history, history[1], study, str(tmp_path)) == (f"{run}/checkpoint_epoch_0002", 2)
     # every epoch saved, but the best one's was deleted (beyond keep_checkpoints): 1 and 3 are as near

@@ -1,4 +1,6 @@
-"""TODO docstring: raydist.config.yaml_files."""
+"""YAML as raydist reads it: duplicate keys refused, 1e-3 read as a float (PyYAML reads it as a string),
+and a file that is not a mapping named in one line (ConfigError).
+"""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
-"""TODO docstring: raydist.loop.context."""
+"""What the loop needs from whoever launched it (WorkerContext: rank, device, reporting with checkpoints,
+the run folder, spot notices, streams), and the contexts of plain processes: a local one for tests and
+benchmarks, and a one-worker trial's that keeps its own run folder as Ray Train does.
+"""
 
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import shutil
 import tempfile
@@ -14,6 +16,7 @@ import torch
 from raydist.config.fields import TrainConfig
 from raydist.runs.checkpoints import CHECKPOINT_FILE, checkpoint_dir_name
 from raydist.storage import filesystem
+from raydist.runs.checkpoints import checkpoints_to_keep
 
 
 
@@ -118,20 +121,11 @@ def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, 
     import posixpath
 
 
-    from raydist.config.fields import metric_mode
     from raydist.storage import write_atomically
 
     checkpoints = list(kept or [])
-    sign = 1 if metric_mode(cfg.keep_by) == "max" else -1
-
-    def merit(metrics: dict) -> float:
-        value = metrics.get(cfg.keep_by)
-        return sign * value if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
-
     def prune() -> None:
-        latest = max(checkpoints, key=lambda c: c[0]["epoch"])
-        best = sorted(checkpoints, key=lambda c: (merit(c[0]), c[0]["epoch"]), reverse=True)[:cfg.keep_checkpoints]
-        keep = {path for _, path in best} | {latest[1]}
+        keep = checkpoints_to_keep(checkpoints, cfg.keep_by, cfg.keep_checkpoints)
         for _, path in checkpoints:
             if path not in keep:
                 fs, inner = filesystem(path)

@@ -1,4 +1,6 @@
-"""TODO docstring: raydist.loop.evaluate."""
+"""Evaluation on a rank's shard, summed exactly over all ranks, and the input pipeline (augmentation,
+channels-last) that training and evaluation share.
+"""
 
 from __future__ import annotations
 

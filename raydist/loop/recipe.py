@@ -1,4 +1,7 @@
-"""TODO docstring: raydist.loop.recipe."""
+"""The training recipe's small parts: the learning-rate schedule (warmup, cosine, step, one-cycle), early
+stopping at a target accuracy, divergence, out-of-memory messages, autocast precision, per-epoch seeds and
+the checkpoint-cost hint.
+"""
 
 from __future__ import annotations
 

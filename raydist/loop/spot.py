@@ -1,4 +1,6 @@
-"""TODO docstring: raydist.loop.spot."""
+"""Spot notices in an elastic run: checked at steps every rank agrees on, a checkpoint inside the epoch when
+a node is reclaimed, and the lines a resize prints.
+"""
 
 from __future__ import annotations
 

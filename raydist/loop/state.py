@@ -1,4 +1,7 @@
-"""TODO docstring: raydist.loop.state."""
+"""One worker's training state: the model (DDP, SyncBatchNorm, model parallelism, compile), optimizer and
+its parameter groups (transfer learning's stages), schedule, mixed precision and the epoch plan; one epoch
+of training, evaluation, and the checkpoint's state dict in and out.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TODO docstring: raydist.loop.worker_data."""
+"""A worker's data and starting weights, loaded once per node: the first rank of each node loads (and
+downloads) first, so a data set missing on a node is one line naming it; an image folder held in memory or
+streamed, one choice for the whole group.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring: raydist.output.run_curves."""
+"""A run folder's curves.png: loss, accuracy and learning rate per epoch, drawn from history.jsonl.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring: raydist.output.scaling_report."""
+"""The scaling study's outputs: the markdown table, results.csv and the plots (images/s and efficiency
+against workers, epochs and seconds to the target accuracy).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring: raydist.ray_edge.cluster_file."""
+"""A Ray cluster file (cluster.yaml) read and checked against Ray's own schema before `ray up` meets it:
+each problem in one line naming the key, what it holds and what is accepted.
+"""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
-"""TODO docstring: raydist.ray_edge.fit."""
+"""Run a prepared config: `fit` on a Ray Train TorchTrainer (N DDP workers on the connected cluster) for
+`python -m raydist.train` and multi-worker trials, `fit_in_trial` for a one-worker Tune trial in the
+trial's own process; each returns a RunSummary. `failure_cause` says a failed run's cause in one line.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from typing import Callable, Optional
@@ -41,7 +43,7 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     from raydist.ray_edge import session
     from raydist.ray_edge import planning
     from raydist.ray_edge.worker import CONSOLE_KEY, train_loop_per_worker
-    from raydist.runs.checkpoints import FINAL_MODEL_FILE
+    from raydist.runs.checkpoints import FINAL_MODEL_FILE, best_checkpoint
 
     t0 = time.perf_counter()
     if cfg.address is None:  # local cluster: check the machine before starting anything
@@ -109,12 +111,13 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     # This run's epochs: the ones reported since it started (a run resumed in place has older ones on record).
     history = [r for r in read_history(run_dir) if r.get("reported_unix", 0) >= started_unix] \
         or result.return_value or ([result.metrics] if result.metrics else [])
-    sign = 1 if metric_mode(cfg.keep_by) == "max" else -1
-    best = max((pair for pair in result.best_checkpoints or [] if not pair[1].get("partial_epoch")),
-               key=lambda pair: sign * pair[1].get(cfg.keep_by, -sign * math.inf), default=None)
+    # Ray's kept checkpoints as (metrics, path); a spot notice's inside an epoch is no epoch's result.
+    kept = [(metrics, checkpoint.path) for checkpoint, metrics in result.best_checkpoints or []
+            if not metrics.get("partial_epoch")]
+    best = best_checkpoint(kept, cfg.keep_by)
     return RunSummary(run_dir=result.path, history=history, final_model=f"{result.path}/{FINAL_MODEL_FILE}",
-                      best_checkpoint=best[0].path if best else None,
-                      best_val_acc=best[1]["val_acc"] if best else None, seconds=time.perf_counter() - t0)
+                      best_checkpoint=best[1] if best else None,
+                      best_val_acc=best[0]["val_acc"] if best else None, seconds=time.perf_counter() - t0)
 
 
 def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict], None],
@@ -133,7 +136,7 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
 
     from raydist.ray_edge.metrics import RunMetrics
 
-    from raydist.runs.checkpoints import FINAL_MODEL_FILE
+    from raydist.runs.checkpoints import FINAL_MODEL_FILE, best_checkpoint
     from raydist.loop.run import run
     from raydist.loop.context import run_folder_context
     from raydist.runs.checkpoints import latest_readable_checkpoint
@@ -174,9 +177,7 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
         raise
     epochs = [r for r in history.records  # this attempt's
               if r.get("reported_unix", 0) >= started and not r.get("recovered")]
-    sign = 1 if metric_mode(cfg.keep_by) == "max" else -1
-    best = max(history.kept_checkpoints(), key=lambda c: sign * c[0].get(cfg.keep_by, -sign * math.inf),
-               default=None)
+    best = best_checkpoint(history.kept_checkpoints(), cfg.keep_by)
     return RunSummary(run_dir=run_dir, history=epochs, final_model=f"{run_dir}/{FINAL_MODEL_FILE}",
                       best_checkpoint=best[1] if best else None, best_val_acc=best[0]["val_acc"] if best else None,
                       seconds=time.perf_counter() - t0)

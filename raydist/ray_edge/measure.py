@@ -1,4 +1,6 @@
-"""TODO docstring: raydist.ray_edge.measure."""
+"""The test split, measured once at the end on the cluster (a Ray task where the data is): a run's final
+model and best checkpoint, a study's best model; written to test_metrics.json beside them.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""TODO docstring: raydist.ray_edge.capacity."""
+"""What a run or study may ask of a cluster: its capacity now and what its autoscaler can grow it to (the
+node types published by `raydist.cluster publish`, else `~/ray_bootstrap_config.yaml`, else what it has),
+the resource checks with their one-line refusals or waiting lines, and whether a local storage path is
+shared by every node.
+"""
 
 from __future__ import annotations
 

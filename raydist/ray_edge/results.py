@@ -23,6 +23,7 @@ import yaml
 from raydist.output import report
 from raydist.study.study import PER_TRIAL_FIELDS, Study
 from raydist.storage import filesystem, is_uri
+from raydist.runs.checkpoints import merit
 
 LOG_KINDS = ("loguniform", "qloguniform")  # the search_space.DISTRIBUTIONS sampled on a log scale
 
@@ -55,7 +56,7 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
         config = result.config or saved.get(trial_id, (None, {}))[1] or {}
         sample = {k: _plain(config.get(k)) for k in study.searched}
         planned = study.planned_config(sample).epochs if sample and all(v is not None for v in sample.values()) else 0
-        checkpoint, weights_epoch = best_checkpoint(history, report.best_record(history, study.metric, study.mode),
+        checkpoint, weights_epoch = checkpoint_of_best_epoch(history, report.best_record(history, study.metric, study.mode),
                                                     study, experiment_path)
         first = history[0] if history else {}
         startup = first.get("time_this_iter_s", math.nan) - first.get("epoch_time_s", math.nan) if first else None
@@ -148,7 +149,7 @@ def _dedupe_epochs(history: list[dict]) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def best_checkpoint(history: list[dict], best: Optional[dict], study: Study,
+def checkpoint_of_best_epoch(history: list[dict], best: Optional[dict], study: Study,
                      experiment_path: str) -> tuple[Optional[str], Optional[int]]:
     """(path, epoch) of the kept checkpoint that stands for the best epoch `best`: one of an epoch that
     scored as well when there is one, else the nearest kept one (the better of two as near). Train keeps
@@ -174,16 +175,13 @@ def best_checkpoint(history: list[dict], best: Optional[dict], study: Study,
         kept.append((h, path))
     if not kept:
         return None, None
-    sign = 1 if study.mode == "max" else -1
-
-    def merit(h: dict) -> float:
-        value = h.get(study.metric)
-        return sign * value if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
+    def score(h: dict) -> float:
+        return merit(h, study.metric, study.mode)
 
     def distance(h: dict) -> int:
-        return 0 if merit(h) == merit(best) else abs(int(h["epoch"]) - int(best["epoch"]))
+        return 0 if score(h) == score(best) else abs(int(h["epoch"]) - int(best["epoch"]))
 
-    h, path = min(kept, key=lambda c: (distance(c[0]), -merit(c[0]), c[0]["epoch"]))
+    h, path = min(kept, key=lambda c: (distance(c[0]), -score(c[0]), c[0]["epoch"]))
     return path, int(h["epoch"])
 
 

@@ -1,4 +1,7 @@
-"""TODO docstring: raydist.ray_edge.connect."""
+"""This driver's session with a cluster: connect to one (or start a local one, its dashboard on a free
+port, token authentication on), forward the workers' output without Ray's noise, find Ray's logs, check
+an address answers before Ray tries it, and disconnect.
+"""
 
 from __future__ import annotations
 

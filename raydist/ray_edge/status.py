@@ -1,4 +1,7 @@
-"""TODO docstring: raydist.ray_edge.status."""
+"""What runs on a cluster: the studies drivers publish (Ray's key-value store), the autoscaler's activity,
+and `raydist.cluster status`'s report; and Ray Train's autoscaling requests given back when a run or study
+is interrupted.
+"""
 
 from __future__ import annotations
 

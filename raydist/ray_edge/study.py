@@ -1,4 +1,7 @@
-"""TODO docstring: raydist.ray_edge.study."""
+"""A study on Ray Tune: `run_study(plan)` builds the Tuner (searcher, scheduler, loggers, trial resources
+and concurrency planned from what the cluster has and can grow to), publishes the study for `raydist.cluster
+status`, runs it and summarises the results.
+"""
 
 from __future__ import annotations
 

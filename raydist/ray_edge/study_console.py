@@ -1,4 +1,7 @@
-"""TODO docstring: raydist.ray_edge.study_console."""
+"""What a study's console says: one line when a trial starts, reports, stops early, finishes or fails, and
+a status line every so often with the best trial so far and an estimate of the time left (Tune's own
+tables only with --verbose).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""TODO docstring: raydist.ray_edge.trials."""
+"""One trial of a study: its function (`run_trial`: the trial's config, one worker in its own process or a
+TorchTrainer), its resources and names, the callback that hands Tune each epoch, its errors in one line,
+and what an interrupted or lost trial gives back to the cluster.
+"""
 
 from __future__ import annotations
 

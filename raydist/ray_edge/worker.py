@@ -1,4 +1,7 @@
-"""TODO docstring: raydist.ray_edge.worker."""
+"""Ray Train's side of a run's worker: `train_loop_per_worker`, which every TorchTrainer worker runs. It
+builds the loop's WorkerContext from Ray Train's context (rank, devices, reports with checkpoints, spot
+notices, the run folder), resumes from Ray's latest checkpoint, and runs raydist.loop.run.run.
+"""
 
 from __future__ import annotations
 

@@ -1,10 +1,15 @@
-"""TODO docstring: raydist.runs.checkpoints."""
+"""THE checkpoint and final-model format, its one owner: write and read checkpoint.pt and model_final.pt
+(best_model.pt), name checkpoint folders (checkpoint_epoch_NNNN, and _at_NNNNNNN inside an epoch, in every
+context), find the latest readable one, and rank kept checkpoints by the run's metric.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Optional
+from raydist.config.fields import metric_mode
 from raydist.storage import read_bytes, is_uri
 
 import io
@@ -136,3 +141,26 @@ def read_model_file(path: str) -> dict:
     if data is None:
         raise FileNotFoundError(f"no such file: {path}")
     return load_checkpoint_file(io.BytesIO(data), name=path)
+
+
+# ---- which checkpoint is best ----------------------------------------------------------------------------
+
+
+def merit(metrics: dict, metric: str, mode: Optional[str] = None) -> float:
+    """An epoch's `metric` scored so that higher is better (val_acc as it is, val_loss negated; `mode`
+    overrides the metric's own direction); -inf when it was not measured or is not finite."""
+    value = metrics.get(metric)
+    sign = 1 if (mode or metric_mode(metric)) == "max" else -1
+    return sign * value if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
+
+
+def best_checkpoint(kept: list[tuple[dict, str]], metric: str) -> Optional[tuple[dict, str]]:
+    """The (metrics, path) of `kept` whose epoch scored best by `metric` (the earliest of equals), or None."""
+    return max(kept, key=lambda c: merit(c[0], metric), default=None)
+
+
+def checkpoints_to_keep(kept: list[tuple[dict, str]], metric: str, best_few: int) -> set[str]:
+    """The paths a run keeps: its `best_few` best by `metric` (the later of equals) and its latest."""
+    latest = max(kept, key=lambda c: c[0]["epoch"])
+    best = sorted(kept, key=lambda c: (merit(c[0], metric), c[0]["epoch"]), reverse=True)[:best_few]
+    return {path for _, path in best} | {latest[1]}

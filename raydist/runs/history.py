@@ -1,4 +1,6 @@
-"""TODO docstring: raydist.runs.history."""
+"""history.jsonl, a run's or trial's record of every reported epoch (one JSON object per line, local or
+URI): read it, write it, and keep it across restarts and resumes.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO docstring: raydist.study.distributions."""
+"""A study file's searched distributions (uniform, loguniform, quniform, qloguniform, randint, qrandint,
+choice): read and checked, with their grids and extremes.
+"""
 
 from __future__ import annotations
 

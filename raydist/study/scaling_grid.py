@@ -1,4 +1,6 @@
-"""TODO docstring: raydist.study.scaling_grid."""
+"""The scaling study's grid: worker counts x batch sizes x LR rules (x repeats), each point a run to a
+target accuracy, and the summary of their measures (median, min and max over repeats; efficiency).
+"""
 
 from __future__ import annotations
 

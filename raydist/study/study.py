@@ -1,4 +1,6 @@
-"""TODO docstring: raydist.study.study."""
+"""A study: the fixed and searched fields, searcher, scheduler, failures and console settings, and how a
+sampled trial becomes a TrainConfig (planned epochs, per-trial resources, corner checks before any trial).
+"""
 
 from __future__ import annotations
 
