@@ -301,7 +301,7 @@ def test_a_checkpoint_copied_into_storage_before_the_report_returns_counts_as_ho
     import time as clock
 
     import raydist.failures
-    from raydist.loop.context import _report_with_checkpoint
+    from raydist.loop.context import report_with_checkpoint
     from raydist.loop.context import run_folder_context
 
     real_write = raydist.storage.write_atomically
@@ -315,7 +315,7 @@ def test_a_checkpoint_copied_into_storage_before_the_report_returns_counts_as_ho
     ctx = run_folder_context(validate(TrainConfig(**FAST)), run_dir=str(tmp_path / "run"),
                              device=torch.device("cpu"), node_id="n",
                              report=lambda metrics, path: (told.append(path), clock.sleep(2.0)))
-    seconds = _report_with_checkpoint(ctx, {"epoch": 1, "val_acc": 0.5}, {"weights": torch.zeros(1000)})
+    seconds = report_with_checkpoint(ctx, {"epoch": 1, "val_acc": 0.5}, {"weights": torch.zeros(1000)})
     assert told == [str(tmp_path / "run" / "checkpoint_epoch_0001")]
     assert (tmp_path / "run" / "checkpoint_epoch_0001" / CHECKPOINT_FILE).is_file()
     # The copy (0.3 s and a small file), not the 2 s the report waited for Tune: a wide gap, so that a

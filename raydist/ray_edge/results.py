@@ -23,7 +23,6 @@ import yaml
 from raydist.output import report
 from raydist.study.study import PER_TRIAL_FIELDS, Study
 from raydist.storage import filesystem, is_uri
-from raydist.runs.checkpoints import merit
 
 LOG_KINDS = ("loguniform", "qloguniform")  # the search_space.DISTRIBUTIONS sampled on a log scale
 
@@ -155,6 +154,7 @@ def checkpoint_of_best_epoch(history: list[dict], best: Optional[dict], study: S
     scored as well when there is one, else the nearest kept one (the better of two as near). Train keeps
     the best few by the study's metric and the latest, so a best epoch has none only when it was not a
     checkpoint epoch (checkpoint_every > 1) or more epochs tied than were kept."""
+    from raydist.runs.checkpoints import merit
     import pyarrow.fs
 
     if best is None:
