@@ -14,13 +14,14 @@ import sys
 from typing import Optional
 import yaml
 from raydist.errors import ConfigError
-from raydist.config.fields import GROUPS, TrainConfig, _base_type, _coerce_all, _flag, _is_plain, is_worker_range, merge_config_values, split_worker_range
+from raydist.config.fields import GROUPS, TrainConfig, base_type, coerce_values
+from raydist.config.values import flag_name, is_plain_value, is_worker_range, merge_config_values, split_worker_range
 from raydist.config.fields import load_yaml
 from raydist.config.yaml_files import load_yaml_text
 from raydist.preflight import validate
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """Every raydist command's parser: one-line errors (exit 2, like ConfigError), and a description kept
     as written (what the command does, then an example), not re-wrapped."""
 
@@ -69,7 +70,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     from raydist.models.registry import MODELS
 
     registry_choices = {"dataset": sorted(DATASETS), "model": sorted(MODELS)}
-    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+    parser = OneLineErrorParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
                      usage="%(prog)s [--config FILE.yaml] [FLAG VALUE ...]   (every flag is below)")
     parser.add_argument("--preset", metavar="NAME",
                         help="start from a workflow's settings (dli, horovod-resnet18, workload, "
@@ -80,7 +81,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                              "override earlier ones)")
     groups = {g: parser.add_argument_group(g) for g in GROUPS}
     for f in dataclasses.fields(TrainConfig):
-        kind, _ = _base_type(f.name)
+        kind, _ = base_type(f.name)
         if kind is dict:  # --model-arg NAME=VALUE, repeatable (parse_cli folds them into model_args)
             groups[f.metadata["group"]].add_argument("--model-arg", dest="model_arg", action="append",
                                                      metavar="NAME=VALUE", help=f.metadata["help"])
@@ -91,10 +92,10 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
             help_text += "; one of: " + ", ".join(choices)
         group = groups[f.metadata["group"]]
         if kind is bool:
-            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+            group.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             # Registry names are checked in validate() so the error lists them in one line.
-            group.add_argument(_flag(f.name), dest=f.name, type=_cli_type(f.name, kind), help=help_text,
+            group.add_argument(flag_name(f.name), dest=f.name, type=_cli_type(f.name, kind), help=help_text,
                                metavar=("N|MIN-MAX" if f.name == "num_workers" else kind.__name__.upper())
                                if not f.metadata["choices"] else None,
                                choices=f.metadata["choices"])
@@ -121,7 +122,7 @@ def resolve(explicit: dict, config_files=None, base: Optional[dict] = None) -> T
     values: dict = {}
     origin: dict = {}  # field -> the file that set it
     if base:
-        values.update(_coerce_all(base, "resumed config"))
+        values.update(coerce_values(base, "resumed config"))
     for path in config_files or []:
         from_file = split_worker_range(load_yaml(path), f"{path}: num_workers")  # a range from a --config file
         if "num_workers" in from_file and "min_workers" not in from_file:
@@ -134,8 +135,8 @@ def resolve(explicit: dict, config_files=None, base: Optional[dict] = None) -> T
     for name in ("wandb_project", "wandb_id"):
         if explicit.get(name) is not None and not (explicit.get("wandb") or values.get("wandb")) \
                 and not explicit.get("resume"):
-            raise ConfigError(f"{_flag(name)} {explicit[name]} without --wandb: nothing would be logged to W&B; add "
-                              f"--wandb, or drop {_flag(name)}")
+            raise ConfigError(f"{flag_name(name)} {explicit[name]} without --wandb: nothing would be logged to W&B; add "
+                              f"--wandb, or drop {flag_name(name)}")
     values = merge_config_values(values, split_worker_range(explicit, "--num-workers"))
     for name in explicit:
         origin.pop(name, None)
@@ -185,7 +186,7 @@ def parse_model_args(items: list[str]) -> dict:
             value = load_yaml_text(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
-        if not _is_plain(value):
+        if not is_plain_value(value):
             value = text  # a list, a date or an empty value: the builder's check names it as typed
         out[key] = value
     return out

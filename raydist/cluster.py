@@ -25,7 +25,7 @@ from typing import Optional
 
 from raydist.errors import ConfigError
 from raydist.ray_edge.planning import BOOTSTRAP_CONFIG, publish_cluster_config
-from raydist.ray_edge.cluster_file import _describe, _schema_error, read_cluster_file, validate_cluster_file
+from raydist.ray_edge.cluster_file import describe_schema_error, schema_error, read_cluster_file, validate_cluster_file
 from raydist.ray_edge.session import START_HEAD, check_reachable
 from raydist.ray_edge.status import status
 
@@ -43,9 +43,9 @@ from raydist.ray_edge.status import status
 
 
 def build_parser():
-    from raydist.cli import _Parser
+    from raydist.cli import OneLineErrorParser
 
-    parser = _Parser(prog="raydist.cluster", description=(
+    parser = OneLineErrorParser(prog="raydist.cluster", description=(
         "Look at a Ray cluster (resources, what it can grow to, nodes starting, raydist jobs, Train runs, the\n"
         "studies running and their best trial so far), check cluster files offline, or tell a cluster what it\n"
         "can grow to.\n\nexample:\n  python -m raydist.cluster status --address auto"))
@@ -72,9 +72,9 @@ def main(argv: Optional[list] = None) -> int:
             config = read_cluster_file(path)
             # Ray's schema, as the autoscaler checks the file (not prepare_config: on the head the file is
             # already prepared, and for some providers it reads files a pip install of Ray lacks)
-            schema_error = _schema_error(config)
-            if schema_error is not None:
-                raise ConfigError(f"{path}: {_describe(schema_error)}")
+            problem = schema_error(config)
+            if problem is not None:
+                raise ConfigError(f"{path}: {describe_schema_error(problem)}")
             if not config.get("available_node_types"):
                 raise ConfigError(f"{path}: available_node_types missing; publish tells the cluster its node types")
             limit = publish_cluster_config(config, check_reachable(args.address, otherwise=START_HEAD))

@@ -70,14 +70,14 @@ def measure_files(paths: dict[str, str], *, cpus: float = 1) -> dict[str, dict]:
 # ---- on the cluster ------------------------------------------------------------------------------------
 
 
-def _uri(path: str, storage_path: str) -> str:
+def storage_uri(path: str, storage_path: str) -> str:
     """Ray hands back paths inside a bucket without their scheme; give it back."""
     if is_uri(storage_path) and not is_uri(path):
         return f"{storage_path.split('://')[0]}://{path}"
     return path
 
 
-def _write_json(path: str, content: dict) -> None:
+def write_json(path: str, content: dict) -> None:
 
     fs, inner = filesystem(path)
     with fs.open_output_stream(inner) as out:

@@ -24,7 +24,7 @@ import sys
 from typing import Optional
 
 from raydist.errors import ConfigError
-from raydist.cli import _Parser
+from raydist.cli import OneLineErrorParser
 
 DESCRIPTION = """Classify image files (or every image in folders) with a trained raydist model: one line per
 image with its top-k classes and probabilities, or a CSV.
@@ -33,8 +33,8 @@ example:
   python -m raydist.predict runs/photos-resnet18 ~/new_photos/ --top-k 3"""
 
 
-def build_parser() -> _Parser:
-    parser = _Parser(prog="raydist.predict", description=DESCRIPTION)
+def build_parser() -> OneLineErrorParser:
+    parser = OneLineErrorParser(prog="raydist.predict", description=DESCRIPTION)
     parser.add_argument("model", metavar="RUN_OR_MODEL_FILE",
                         help="a run folder, a study folder, or a model_final.pt / best_model.pt / checkpoint")
     parser.add_argument("images", metavar="IMAGES", nargs="+", help="image files or folders (searched recursively)")

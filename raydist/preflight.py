@@ -9,7 +9,8 @@ import dataclasses
 import math
 import re
 
-from raydist.config.fields import TrainConfig, _flag, check_address, check_folder_name
+from raydist.config.fields import TrainConfig
+from raydist.config.values import flag_name, check_address, check_folder_name
 from raydist.errors import ConfigError
 
 
@@ -23,7 +24,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for f in dataclasses.fields(cfg):
         choices = f.metadata["choices"]
         if choices and getattr(cfg, f.name) not in choices:
-            raise ConfigError(f"{_flag(f.name)} {getattr(cfg, f.name)!r} is not one of: {', '.join(choices)}")
+            raise ConfigError(f"{flag_name(f.name)} {getattr(cfg, f.name)!r} is not one of: {', '.join(choices)}")
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; known: {', '.join(sorted(DATASETS))}")
     if cfg.model not in MODELS:
@@ -40,12 +41,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if value is None and name in ("train_per_class", "input_size", "backbone_lr_mult", "val_batch_size"):
             continue
         if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
-            raise ConfigError(f"{_flag(name)} must be positive, got {value!r}")
+            raise ConfigError(f"{flag_name(name)} must be positive, got {value!r}")
     for name in ("momentum", "weight_decay", "warmup_epochs", "checkpoint_every", "max_failures",
                  "gpus_per_worker", "lr_step_gamma"):
         value = getattr(cfg, name)
         if not value >= 0 or not math.isfinite(value):
-            raise ConfigError(f"{_flag(name)} must be zero or more, got {value!r}")
+            raise ConfigError(f"{flag_name(name)} must be zero or more, got {value!r}")
     cfg.check_elastic()
     _check_model_parallel(cfg)
     if not 0.0 <= cfg.momentum < 1.0:

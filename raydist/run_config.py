@@ -18,7 +18,8 @@ import time
 from typing import Optional
 
 from raydist.errors import ConfigError
-from raydist.config.fields import TrainConfig, require_package
+from raydist.config.fields import TrainConfig
+from raydist.config.values import require_package
 from raydist.cli import resolve
 from raydist.data.registry import DATASETS
 from raydist.data.sources import check_files

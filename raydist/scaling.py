@@ -39,7 +39,7 @@ import time
 from typing import Optional
 
 from raydist.errors import ConfigError
-from raydist.cli import _Parser, parse_cli
+from raydist.cli import OneLineErrorParser, parse_cli
 from raydist.output.scaling_report import markdown, plot, write_csv
 from raydist.study.scaling_grid import Point, RULES, build_grid, efficiencies
 
@@ -84,7 +84,7 @@ example:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="raydist.scaling", description=DESCRIPTION, add_help=False, allow_abbrev=False,
+    p = OneLineErrorParser(prog="raydist.scaling", description=DESCRIPTION, add_help=False, allow_abbrev=False,
                 epilog="Every other flag is a raydist.train flag and passes through to every run (python -m "
                        "raydist.train --help lists them), except "
                        + ", ".join("--" + k.replace("_", "-") for k in SET_BY_THE_GRID) + ", which the grid sets.")

@@ -31,7 +31,8 @@ from raydist import final_eval
 from raydist.ray_edge import measure
 from raydist.output import report
 from raydist.errors import ConfigError
-from raydist.config.fields import TrainConfig, check_address, check_folder_name, require_package
+from raydist.config.fields import TrainConfig
+from raydist.config.values import check_address, check_folder_name, require_package
 from raydist.study.study import ONE_WORKER_TRIALS, Study
 from raydist.study.study_file import load_study
 from raydist.ray_edge.results import StudyResult
@@ -60,9 +61,9 @@ example:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raydist.cli import _Parser
+    from raydist.cli import OneLineErrorParser
 
-    p = _Parser(prog="raydist.tune", description=DESCRIPTION)
+    p = OneLineErrorParser(prog="raydist.tune", description=DESCRIPTION)
     p.add_argument("--search-space", metavar="FILE.yaml",
                    help=f"study file, or the name of one in {SEARCH_SPACES.name}/ (see --list; default: {DEFAULT_STUDY})")
     p.add_argument("--list", action="store_true", help="list the shipped study files and exit")
@@ -197,12 +198,12 @@ def _check_storage(path: str, flag: str) -> None:
 def _set_value(key: str, text: str):
     """--set KEY=VALUE: YAML for numbers, booleans and lists; a text field keeps the text as typed
     (YAML would make `~` empty and `2024-01-01` a date)."""
-    from raydist.config.fields import _FIELDS, _base_type
+    from raydist.config.fields import FIELDS, base_type
     from raydist.config.yaml_files import load_yaml_text
 
     if not text:
         return None
-    if key in _FIELDS and _base_type(key)[0] is str:
+    if key in FIELDS and base_type(key)[0] is str:
         return text
     return load_yaml_text(text)
 

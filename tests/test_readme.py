@@ -3,13 +3,14 @@
 import dataclasses
 import pathlib
 
-from raydist.config.fields import TrainConfig, _flag
+from raydist.config.fields import TrainConfig
+from raydist.config.values import flag_name
 
 README = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
 
 
 def test_every_flag_is_documented():
-    flags = ["--model-arg" if f.name == "model_args" else _flag(f.name) for f in dataclasses.fields(TrainConfig)]
+    flags = ["--model-arg" if f.name == "model_args" else flag_name(f.name) for f in dataclasses.fields(TrainConfig)]
     missing = [flag for flag in flags if f"`{flag}" not in README]
     assert not missing
 

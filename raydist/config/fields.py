@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
-import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from raydist.errors import ConfigError
 from raydist.config.yaml_files import read_yaml_mapping
+from raydist.config.values import WORKER_RANGE_RULE, is_plain_value, fold_model_args, is_model_arg_key, is_worker_range, split_worker_range
 
 
 MIN_MICRO_BATCH = 2  # images an elastic run feeds a worker at once, at least: BatchNorm needs more than one
@@ -286,17 +286,17 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict, *, source: str = "config") -> "TrainConfig":
         """Build from a mapping (YAML file, checkpoint, Tune sample), checking keys and value types."""
-        return cls(**_coerce_all(values, source))
+        return cls(**coerce_values(values, source))
 
 
 # ------------------------------------------------------------------------------------------------
 # Types and coercion: YAML and Tune hand us ints for floats, strings for numbers, and so on.
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
-def _base_type(name: str) -> tuple[type, bool]:
+def base_type(name: str) -> tuple[type, bool]:
     """(scalar type, optional?) of a config field."""
     hint = _HINTS[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -305,18 +305,18 @@ def _base_type(name: str) -> tuple[type, bool]:
     return hint, False
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
-    kind, optional = _base_type(name)
+def coerce_value(name: str, value: Any, source: str) -> Any:
+    kind, optional = base_type(name)
     if kind is dict:  # model_args: names -> plain values (the model's builder checks them in validate)
         if value is None:
             return {}
         if isinstance(value, dict):  # numpy scalars (a searcher's samples) as Python numbers
-            value = {k: v.item() if hasattr(v, "item") and not _is_plain(v) else v for k, v in value.items()}
-        if not isinstance(value, dict) or not all(isinstance(k, str) and _is_plain(v) for k, v in value.items()):
+            value = {k: v.item() if hasattr(v, "item") and not is_plain_value(v) else v for k, v in value.items()}
+        if not isinstance(value, dict) or not all(isinstance(k, str) and is_plain_value(v) for k, v in value.items()):
             raise ConfigError(f"{source}: {name} = {value!r} must be a mapping of argument names to numbers, "
                               f"booleans or text, e.g. {{l1: 64, l2: 16}}")
         return dict(value)
-    if name == "num_workers" and is_worker_range(value):  # _coerce_all splits a range before it gets here
+    if name == "num_workers" and is_worker_range(value):  # coerce_values splits a range before it gets here
         raise ConfigError(f"{source}: num_workers {value!r}: a worker range (an elastic run) is given once, as "
                           f"--num-workers or a study's fixed num_workers; here give one number")
     if value is None:
@@ -352,99 +352,13 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     raise ConfigError(f"{source}: {name} = {value!r} is not a valid {kind.__name__}")
 
 
-def _coerce_all(values: dict, source: str) -> dict:
+def coerce_values(values: dict, source: str) -> dict:
     """Checked config values; `model_args.NAME` keys (a study's, --model-arg's) folded into model_args."""
-    unknown = sorted(k for k in set(values) - set(_FIELDS) if not is_model_arg_key(k))
+    unknown = sorted(k for k in set(values) - set(FIELDS) if not is_model_arg_key(k))
     if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(_FIELDS)}")
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(FIELDS)}")
     values = fold_model_args(split_worker_range(values, f"{source}: num_workers"))
-    return {k: _coerce(k, v, source) for k, v in values.items()}
-
-
-MODEL_ARG_PREFIX = "model_args."
-
-
-def is_model_arg_key(key: Any) -> bool:
-    """`model_args.l1`: one of the model's arguments, as a study searches or --set fixes it."""
-    return isinstance(key, str) and key.startswith(MODEL_ARG_PREFIX) and len(key) > len(MODEL_ARG_PREFIX)
-
-
-def fold_model_args(values: dict) -> dict:
-    """`model_args.NAME` keys gathered into the model_args mapping, over any that `values` holds."""
-    dotted = {k[len(MODEL_ARG_PREFIX):]: v for k, v in values.items() if is_model_arg_key(k)}
-    plain = {k: v for k, v in values.items() if not is_model_arg_key(k)}
-    return merge_config_values(plain, {"model_args": dotted}) if dotted else plain
-
-
-def merge_config_values(base: dict, top: dict) -> dict:
-    """`top` over `base`, argument by argument for model_args (a flag's l1 keeps a file's l2)."""
-    out = {**base, **top}
-    if "model_args" in base and "model_args" in top:
-        out["model_args"] = {**(base["model_args"] or {}), **(top["model_args"] or {})}
-    return out
-
-
-def _is_plain(value: Any) -> bool:
-    return isinstance(value, (bool, int, float, str))
-
-
-WORKER_RANGE_RULE = "give a number of workers, or a range MIN-MAX of whole numbers with 1 <= MIN <= MAX (e.g. 2-8)"
-
-
-def is_worker_range(value: Any) -> bool:
-    return isinstance(value, str) and "-" in value.strip()[1:]
-
-
-def split_worker_range(values: dict, what: str) -> dict:
-    """`num_workers: "2-8"` -> num_workers 8, min_workers 2 (an elastic run); other values unchanged."""
-    value = values.get("num_workers")
-    if not is_worker_range(value):
-        return values
-    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
-    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
-        raise ConfigError(f"{what} {value!r}: {WORKER_RANGE_RULE}")
-    if values.get("min_workers") is not None:  # given beside the range in the same place: which one counts?
-        other = "--min-workers" if what.startswith("--") else "min_workers"
-        raise ConfigError(f"{what} {value!r} with {other} {values['min_workers']}: the range already sets the "
-                          f"fewest workers ({match.group(1)}); give the range alone")
-    return {**values, "num_workers": int(match.group(2)), "min_workers": int(match.group(1))}
-
-
-def check_folder_name(name: Any, what: str) -> str:
-    """One rule for every name that becomes a folder (a run's, a study's): visible text, no path."""
-    if (not isinstance(name, str) or not name.strip() or name != name.strip() or "/" in name or "\\" in name
-            or name.startswith(".") or not name.isprintable()):
-        raise ConfigError(f"{what} {name!r} must be a plain folder name (visible text without spaces around "
-                          f"it, no '/' or '\\', not starting with '.')")
-    return name
-
-
-def host_port(address: str) -> Optional[tuple[str, int]]:
-    """(host, port) of a 'host:port' cluster address with a port in 1-65535, else None."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return host, int(port)
-
-
-def check_address(address: str, flag: str = "--address") -> str:
-    """'auto' or the head's host:port, for a run or a study. Not Ray Client (ray://): the driver writes
-    the run's config and reads its results where it runs, so it runs on the cluster (ray job submit)."""
-    if "://" in address:
-        raise ConfigError(f"{flag} {address}: Ray Client addresses are not supported; run on the head node "
-                          f"(ray attach, or ray job submit) with {flag} auto, or give the head's host:port")
-    if address != "auto" and host_port(address) is None:
-        raise ConfigError(f"{flag} {address!r} is not a cluster address; expected 'auto' or the head node's "
-                          f"host:port with a port in 1-65535 (e.g. 10.0.0.10:6379)")
-    return address
-
-
-def require_package(module: str, flag: str) -> None:
-    """A flag that needs an optional package: one ConfigError naming how to install it, before any cluster."""
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"{flag} needs the {module} package: pip install {module}")
+    return {k: coerce_value(k, v, source) for k, v in values.items()}
 
 
 def lr_scale(cfg: TrainConfig, global_batch: int) -> float:
@@ -457,20 +371,6 @@ def lr_scale(cfg: TrainConfig, global_batch: int) -> float:
     return global_batch / 256
 
 
-def metric_mode(metric: str) -> str:
-    """Which way a reported metric is better: losses lower ("min"), accuracies higher ("max")."""
-    return "min" if metric.endswith("loss") else "max"
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-
-
-
-
-
 def backbone_lr_mult(cfg: TrainConfig) -> float:
     if cfg.backbone_lr_mult is not None:
         return cfg.backbone_lr_mult
@@ -479,4 +379,4 @@ def backbone_lr_mult(cfg: TrainConfig) -> float:
 
 def load_yaml(path: str) -> dict:
     """Read a YAML mapping of config fields, checked against TrainConfig."""
-    return _coerce_all(read_yaml_mapping(path, "config file", "config keys"), path)
+    return coerce_values(read_yaml_mapping(path, "config file", "config keys"), path)

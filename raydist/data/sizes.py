@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from typing import Optional
 import torch
-from raydist.data.sources import _load_digits, folder_index
+from raydist.data.sources import folder_index, load_digits_split
 from raydist.config.fields import TrainConfig
 from raydist.errors import ConfigError
 from raydist.data.registry import parse_classes, CIFAR10_NAMES, DATASETS, DIGIT_NAMES, FASHION_MNIST_NAMES
-from raydist.data.splits import _held_out_count, _subset_size
+from raydist.data.splits import held_out_count, subset_size
 
-from raydist.config.fields import TrainConfig
 
 
 FILE_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}  # the published training
@@ -28,16 +27,16 @@ def train_size(name: str, *, val_fraction: Optional[float] = None, fake_train_si
     if name == "fake":
         return fake_train_size
     if name == "digits":
-        labels = _load_digits("train", val_fraction=fraction).labels
+        labels = load_digits_split("train", val_fraction=fraction).labels
         per_class = torch.bincount(labels, minlength=10).tolist()
     elif name == "folder":
         per_class = folder_index(data_dir, fraction).counts("train")
     else:
         total = DATASETS[name].num_classes
         published = FILE_TRAIN_SIZES[name] // total
-        per_class = [published - _held_out_count(published, fraction)] * total
+        per_class = [published - held_out_count(published, fraction)] * total
     kept = [per_class[c] for c in (classes if classes else range(len(per_class)))]
-    return sum(_subset_size(n, train_fraction, train_per_class) for n in kept)
+    return sum(subset_size(n, train_fraction, train_per_class) for n in kept)
 
 
 def val_size(name: str, *, val_fraction: Optional[float] = None, fake_val_size: int = 1280,
@@ -48,12 +47,12 @@ def val_size(name: str, *, val_fraction: Optional[float] = None, fake_val_size: 
     if name == "fake":
         return fake_val_size
     if name == "digits":
-        per_class = torch.bincount(_load_digits("val", val_fraction=fraction).labels, minlength=10).tolist()
+        per_class = torch.bincount(load_digits_split("val", val_fraction=fraction).labels, minlength=10).tolist()
     elif name == "folder":
         per_class = folder_index(data_dir, fraction).counts("val")
     else:
         total = DATASETS[name].num_classes
-        per_class = [_held_out_count(FILE_TRAIN_SIZES[name] // total, fraction)] * total
+        per_class = [held_out_count(FILE_TRAIN_SIZES[name] // total, fraction)] * total
     return sum(per_class[c] for c in (classes if classes else range(len(per_class))))
 
 

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from raydist.data.registry import DATASETS, SPLITS, register_dataset
-from raydist.data.splits import DIGITS_SPLIT_SEED, SUBSET_SEED, _subset_size, held_out
+from raydist.data.splits import DIGITS_SPLIT_SEED, SUBSET_SEED, subset_size, held_out
 
 DIGITS_SIZE = 1797  # images in scikit-learn's digits
 
@@ -153,7 +153,7 @@ def _all_digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @register_dataset("digits", 10, (0.305, 0.305, 0.305), (0.324, 0.324, 0.324), 32, title="digits", grey=True)
-def _load_digits(split: str, *, val_fraction: float = 0.2, **_) -> TensorSource:
+def load_digits_split(split: str, *, val_fraction: float = 0.2, **_) -> TensorSource:
     images, labels = _all_digits()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
     n_val = int(round(len(labels) * val_fraction))
@@ -262,7 +262,7 @@ def select(source: TensorSource, *, classes: Optional[list[int]] = None, fractio
     keep, new_labels = [], []
     for new, old in enumerate(wanted):
         members = order[labels[order] == old]  # this class's images in the fixed random order
-        members = members[:_subset_size(len(members), fraction, per_class)]
+        members = members[:subset_size(len(members), fraction, per_class)]
         keep.append(members.sort().values)
         new_labels.append(torch.full((len(members),), new, dtype=torch.long))
     index = torch.cat(keep)

@@ -21,18 +21,18 @@ def held_out(labels: torch.Tensor, fraction: float) -> torch.Tensor:
     mask = torch.zeros(len(labels), dtype=torch.bool)
     for label in labels.unique().tolist():
         members = order[labels[order] == label]  # this class's images in the fixed random order
-        mask[members[:_held_out_count(len(members), fraction)]] = True
+        mask[members[:held_out_count(len(members), fraction)]] = True
     return mask
 
 
-def _held_out_count(n: int, fraction: float) -> int:
+def held_out_count(n: int, fraction: float) -> int:
     return round(n * fraction)
 
 
 SUBSET_SEED = 0  # --train-fraction / --train-per-class pick the same images whatever --seed says
 
 
-def _subset_size(n: int, fraction: float, per_class: Optional[int]) -> int:
+def subset_size(n: int, fraction: float, per_class: Optional[int]) -> int:
     if per_class:
         return min(n, per_class)
     return n if fraction >= 1.0 else max(1, round(n * fraction))

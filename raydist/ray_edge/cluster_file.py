@@ -55,21 +55,21 @@ def check_cluster_config(config: dict, path: str) -> dict:
         prepared = prepare_config(copy.deepcopy(config))
     except Exception as exc:  # noqa: BLE001 - it indexes the raw file and fails on a missing or odd key
         # Ray's schema names the key behind the failure; prepare_config's error alone is "'provider'".
-        schema_error = _schema_error(config)
-        if schema_error is not None:
-            raise ConfigError(f"{path}: {_describe(schema_error)}") from None
+        problem = schema_error(config)
+        if problem is not None:
+            raise ConfigError(f"{path}: {describe_schema_error(problem)}") from None
         problem = f"{exc.args[0]} missing" if isinstance(exc, KeyError) and exc.args else str(exc).splitlines()[0]
         raise ConfigError(f"{path}: {problem}") from None
     try:
         validate_config(prepared)
     except jsonschema.ValidationError as exc:  # named as the file has it where it can (not a key Ray filled in)
-        raise ConfigError(f"{path}: {_describe(_schema_error(config) or exc)}") from None
+        raise ConfigError(f"{path}: {describe_schema_error(schema_error(config) or exc)}") from None
     except Exception as exc:  # noqa: BLE001 - Ray's own checks beyond the schema raise ValueError and others
         raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
     return prepared
 
 
-def _schema_error(config: dict):
+def schema_error(config: dict):
     """The most telling error of Ray's cluster schema for `config` as written, or None."""
     import copy
     import json
@@ -103,7 +103,7 @@ def _yaml_kind(value) -> str:
     return _SCHEMA_KINDS.get(kind, f"a {type(value).__name__}")
 
 
-def _describe(error) -> str:
+def describe_schema_error(error) -> str:
     """One jsonschema error as 'KEY.PATH: problem'."""
     where = _key_path(error.absolute_path)
     if error.validator == "required" and isinstance(error.instance, dict):

@@ -9,7 +9,8 @@ import dataclasses
 import os
 import time
 from typing import Callable, Optional
-from raydist.config.fields import TrainConfig, metric_mode
+from raydist.config.fields import TrainConfig
+from raydist.config.values import metric_mode
 from raydist.runs.run_folder import write_config
 from raydist.run_config import check_sync_batchnorm
 from raydist.output.run_curves import write_run_curves

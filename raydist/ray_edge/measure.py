@@ -5,7 +5,7 @@ model and best checkpoint, a study's best model; written to test_metrics.json be
 from __future__ import annotations
 
 from typing import Optional
-from raydist.final_eval import TEST_METRICS_FILE, _uri, _write_json, measure_files
+from raydist.final_eval import TEST_METRICS_FILE, storage_uri, write_json, measure_files
 
 
 def measure_on_cluster(paths: dict[str, str], *, use_gpu: bool, cpus: float) -> dict[str, dict]:
@@ -41,12 +41,12 @@ def measure_run(cfg, summary) -> Optional[dict]:
 
     if not has_test_split(cfg.dataset):
         return None
-    run_dir = _uri(f"{cfg.storage_path}/{cfg.name}", cfg.storage_path)
+    run_dir = storage_uri(f"{cfg.storage_path}/{cfg.name}", cfg.storage_path)
     paths = {}
     if summary.history and summary.history[-1].get("stop_reason") != DIVERGED:
         paths["final model"] = f"{run_dir}/{FINAL_MODEL_FILE}"
     if summary.best_checkpoint:
-        paths["best checkpoint"] = f"{_uri(summary.best_checkpoint, cfg.storage_path)}/{CHECKPOINT_FILE}"
+        paths["best checkpoint"] = f"{storage_uri(summary.best_checkpoint, cfg.storage_path)}/{CHECKPOINT_FILE}"
     if not paths:
         return None
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else _cluster_has_gpus()
@@ -82,5 +82,5 @@ def _measure_and_write(paths: dict[str, str], cfg, *, use_gpu: bool, cpus: float
     images = next(iter(models.values()))["images"]
     measured = {"dataset": cfg.dataset, "title": DATASETS[cfg.dataset].title, "split": "test", "images": images,
                 "classes": cfg.classes, "models": models}
-    _write_json(f"{folder}/{TEST_METRICS_FILE}", measured)
+    write_json(f"{folder}/{TEST_METRICS_FILE}", measured)
     return measured

@@ -9,7 +9,7 @@ import logging
 import os
 from typing import Optional
 from raydist.errors import ConfigError
-from raydist.config.fields import host_port
+from raydist.config.values import host_port
 
 
 # Set in the driver's environment before Ray starts: a local cluster's processes inherit them, and Ray

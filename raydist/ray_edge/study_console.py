@@ -11,7 +11,7 @@ import time
 from typing import Optional
 from raydist.study.study import Study
 from raydist.storage import is_uri
-from raydist.ray_edge.trials import _error_text, _never_raises, _trial_error, trial_dirname
+from raydist.ray_edge.trials import trial_error_text, never_raises, trial_error, trial_dirname
 
 
 def study_console(study: Study, experiment_path: str, concurrency: int, *, cluster_has_gpus: bool):
@@ -95,10 +95,10 @@ def study_console(study: Study, experiment_path: str, concurrency: int, *, clust
             self.publish(trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            error = _trial_error(trial)
+            error = trial_error(trial)
             if error is not None and is_process_loss(error):
                 return  # TrialLossNotice has said it, with its pid and node
-            reason = _error_text(error)
+            reason = trial_error_text(error)
             log = f"{experiment_path}/{trial_dirname(trial)}/{ERROR_LOG}"
             planned = self.epochs_planned(trial)
             say(console.trial_ended_line(trial.trial_id, status=report.ERROR, epochs_run=self.epochs.get(trial.trial_id, 0),
@@ -109,10 +109,10 @@ def study_console(study: Study, experiment_path: str, concurrency: int, *, clust
             self.publish(trials)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
-            error = _trial_error(trial)
+            error = trial_error(trial)
             if error is not None and is_process_loss(error):
                 return  # TrialLossNotice says it
-            reason = _error_text(error)
+            reason = trial_error_text(error)
             say(f"trial {trial.trial_id} failed: {reason}; running it again from its latest checkpoint "
                 f"(restart {trial.num_failures} of {study.trial_restarts})")
 
@@ -192,5 +192,5 @@ def study_console(study: Study, experiment_path: str, concurrency: int, *, clust
     # A console line that cannot be made must never stop the study (Tune ends an experiment whose callback
     # raised): each hook that fails says so and the study goes on.
     for name in [n for n in vars(StudyConsole) if n.startswith("on_")]:
-        setattr(StudyConsole, name, _never_raises(getattr(StudyConsole, name)))
+        setattr(StudyConsole, name, never_raises(getattr(StudyConsole, name)))
     return StudyConsole()

@@ -118,7 +118,7 @@ def trial_loss_notice(experiment_path: str, restarts: int):
             self._say(trial, again=False)
 
         def _say(self, trial, *, again: bool) -> None:
-            error = _trial_error(trial)
+            error = trial_error(trial)
             if error is None or not is_process_loss(error):
                 return
             node, pid = lost_worker(error)
@@ -209,7 +209,7 @@ def train_requests_release(study_name: str):
     return TrainRequestsRelease()
 
 
-def _never_raises(hook):
+def never_raises(hook):
     import functools
 
     @functools.wraps(hook)
@@ -223,7 +223,7 @@ def _never_raises(hook):
     return guarded
 
 
-def _error_text(error) -> str:
+def trial_error_text(error) -> str:
     """A trial's error in one line: the cause run_trial raised (a TrialError, which Tune may hand back
     wrapped with the trial's traceback), else the root cause of whatever it is."""
     import re
@@ -242,7 +242,7 @@ def _error_text(error) -> str:
     return root_cause(error)
 
 
-def _trial_error(trial):
+def trial_error(trial):
     """The exception a trial just failed with: Tune pickles it into the trial's local folder at once and
     copies it to the experiment's storage later."""
     import cloudpickle

@@ -9,7 +9,7 @@ import math
 import os
 import sys
 from typing import Optional
-from raydist.config.fields import metric_mode
+from raydist.config.values import metric_mode
 from raydist.storage import read_bytes, is_uri
 
 import io
@@ -23,7 +23,7 @@ from raydist.data.sizes import classes_predicted, predicted_class_names
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
 
 
-def _checkpoint_epoch(folder: str) -> int:
+def checkpoint_epoch(folder: str) -> int:
     import io
 
     import torch

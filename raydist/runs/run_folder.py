@@ -19,7 +19,7 @@ import yaml
 
 from raydist.errors import ConfigError
 from raydist.config.fields import TrainConfig
-from raydist.runs.checkpoints import _checkpoint_epoch, epochs_done, latest_checkpoint
+from raydist.runs.checkpoints import checkpoint_epoch, epochs_done, latest_checkpoint
 from raydist.storage import filesystem
 from raydist.data.sizes import predicted_class_names
 
@@ -82,7 +82,7 @@ def check_epochs_left(resume: str, is_run_dir: bool, epochs: int) -> None:
         latest = latest_checkpoint(resume)
         done = epochs_done(os.path.basename(latest)) if latest else 0
     else:
-        done = _checkpoint_epoch(resume)
+        done = checkpoint_epoch(resume)
     if epochs <= done:
         raise ConfigError(f"--resume {resume}: the run has trained {done} epoch(s) and --epochs {epochs} is the "
                           f"total from its start, so nothing is left to do; give --epochs above {done} to train "

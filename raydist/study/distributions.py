@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
-from raydist.config.fields import _coerce, is_model_arg_key
+from raydist.config.fields import coerce_value
+from raydist.config.values import is_model_arg_key
 from raydist.errors import ConfigError
 
 
@@ -95,7 +96,7 @@ def _clean(x: float) -> float:
     return float(f"{x:.12g}")
 
 
-def _distribution(path: str, name: str, spec: Any, field_type: type) -> Distribution:
+def read_distribution(path: str, name: str, spec: Any, field_type: type) -> Distribution:
     where = f"{path}: searched.{name}"
     if not (isinstance(spec, dict) and len(spec) == 1):
         raise ConfigError(f"{where} must be one distribution, e.g. {{loguniform: [0.01, 1.0]}}; "
@@ -109,7 +110,7 @@ def _distribution(path: str, name: str, spec: Any, field_type: type) -> Distribu
         if is_model_arg_key(name):  # the model's builder checks the values (every one, at the corners)
             return Distribution(kind, tuple(float(v) if field_type is float and isinstance(v, int) else v
                                             for v in args))
-        return Distribution(kind, tuple(_coerce(name, v, where) for v in args))
+        return Distribution(kind, tuple(coerce_value(name, v, where) for v in args))
 
     arity = 3 if kind.startswith("q") else 2
     if len(args) != arity:

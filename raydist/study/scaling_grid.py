@@ -12,7 +12,6 @@ from raydist.errors import ConfigError
 from raydist.config.fields import TrainConfig, lr_scale
 from raydist.preflight import validate
 
-from raydist.config.fields import lr_scale
 
 
 RULES = ("linear", "none")

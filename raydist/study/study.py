@@ -9,7 +9,8 @@ import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
-from raydist.config.fields import TrainConfig, _coerce_all, fold_model_args, merge_config_values
+from raydist.config.fields import TrainConfig, coerce_values
+from raydist.config.values import fold_model_args, merge_config_values
 from raydist.preflight import validate
 
 
@@ -148,7 +149,7 @@ class Study:
         or for a check that is not monotone in a range) still gets a trial, which fails in one line (its row:
         error) while the study goes on; trial_config is that check."""
         values = merge_config_values({"max_failures": self.worker_restarts, **self.fixed},
-                                     _coerce_all(self.decode(sample), f"{self.path}: trial"))
+                                     coerce_values(self.decode(sample), f"{self.path}: trial"))
         return TrainConfig(**self._scheduled(values))
 
     def _scheduled(self, values: dict) -> dict:

@@ -67,14 +67,15 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-from raydist.config.fields import (MODEL_ARG_PREFIX, TrainConfig, _base_type, _coerce, check_folder_name, fold_model_args, is_model_arg_key, merge_config_values, metric_mode, split_worker_range)
+from raydist.config.values import (MODEL_ARG_PREFIX, check_folder_name, fold_model_args, is_model_arg_key, merge_config_values, metric_mode, split_worker_range)
+from raydist.config.fields import TrainConfig, base_type, coerce_value
 from raydist.config.yaml_files import read_yaml_mapping
 from raydist.errors import ConfigError
 from raydist.preflight import validate
 
 import yaml
 from raydist.storage import filesystem
-from raydist.study.distributions import _distribution
+from raydist.study.distributions import read_distribution
 from raydist.study.study import CONSOLE_KEYS, FAILURE_KEYS, MAX_SEED, METRICS, ONE_WORKER_TRIALS, PER_TRIAL_FIELDS, SCHEDULERS, SCHEDULER_KEYS, SEARCH_ALGORITHMS, SEARCH_KEYS, Study, TOP_LEVEL_KEYS
 
 
@@ -92,7 +93,7 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
 
     fixed = _config_fields(path, "fixed", raw.get("fixed") or {})
     fixed = split_worker_range(fixed, f"{path}: fixed.num_workers")  # a range: every trial elastic within it
-    fixed = fold_model_args({k: v if is_model_arg_key(k) else _coerce(k, v, f"{path}: fixed.{k}")
+    fixed = fold_model_args({k: v if is_model_arg_key(k) else coerce_value(k, v, f"{path}: fixed.{k}")
                               for k, v in fixed.items()})
     searched_raw = _config_fields(path, "searched", raw["searched"])
     if not searched_raw:
@@ -107,7 +108,7 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
     both = sorted(fixed_keys & set(searched_raw))
     if both:
         raise ConfigError(f"{path}: {both[0]!r} is both fixed and searched; keep it in one section")
-    searched = {name: _distribution(path, name, spec, _field_type(path, name, fixed, searched_raw))
+    searched = {name: read_distribution(path, name, spec, _field_type(path, name, fixed, searched_raw))
                 for name, spec in searched_raw.items()}
     sets = split_worker_range(_config_fields("--set", "", overrides or {}), "--set num_workers")
     for name, value in sets.items():  # fix a value, even a searched one
@@ -115,7 +116,7 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
         if is_model_arg_key(name):
             fixed = merge_config_values(fixed, fold_model_args({name: value}))
         else:
-            fixed[name] = _coerce(name, value, f"--set {name}")
+            fixed[name] = coerce_value(name, value, f"--set {name}")
     if "num_workers" in sets and "min_workers" not in sets:  # a plain number on top of a range: a fixed group
         fixed.pop("min_workers", None)
 
@@ -156,7 +157,7 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
 def _field_type(path: str, name: str, fixed: dict, searched: dict) -> type:
     """A searched field's type; for `model_args.NAME`, the annotated type of that argument of the study's model."""
     if not is_model_arg_key(name):
-        return _base_type(name)[0]
+        return base_type(name)[0]
     from raydist.models.registry import MODELS
 
     where = f"{path}: searched.{name}"
