@@ -17,7 +17,21 @@ from raydist.errors import ConfigError
 def validate(cfg: TrainConfig) -> TrainConfig:
     """`cfg` itself when every value is usable; else ConfigError naming the first bad value and what is
     accepted. Loads the data and model registries (and so torch) only here, not at import."""
-    from raydist.data.sizes import class_list
+    _check_names(cfg)
+    _check_model_args(cfg)
+    _check_numbers(cfg)
+    cfg.check_elastic()
+    _check_model_parallel(cfg)
+    _check_ranges(cfg)
+    _check_data_source(cfg)
+    _check_transfer(cfg)
+    _check_sizes(cfg)
+    _check_devices_and_names(cfg)
+    return cfg
+
+
+def _check_names(cfg: TrainConfig) -> None:
+    """Every choice among its choices, the data set and model among the registered ones, a W&B id."""
     from raydist.data.registry import DATASETS
     from raydist.models.registry import MODELS
 
@@ -31,7 +45,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}")
     if cfg.wandb_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", str(cfg.wandb_id)):
         raise ConfigError(f"--wandb-id {cfg.wandb_id!r}: W&B run ids are 1-64 letters, digits, - and _")
-    _check_model_args(cfg)
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
     for name in ("lr", "batch_size", "epochs", "grad_accum", "num_workers", "cpus_per_worker",
                  "fake_image_size", "fake_num_classes", "fake_train_size", "fake_val_size",
                  "patience", "keep_checkpoints", "lr_step_epochs", "unfreeze_every", "freeze_epochs",
@@ -47,8 +63,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(cfg, name)
         if not value >= 0 or not math.isfinite(value):
             raise ConfigError(f"{flag_name(name)} must be zero or more, got {value!r}")
-    cfg.check_elastic()
-    _check_model_parallel(cfg)
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.momentum < 1.0:
         raise ConfigError(f"--momentum must be in [0, 1) (SGD momentum; AdamW's beta1), got {cfg.momentum!r}")
     if cfg.val_fraction is not None and not 0.0 < cfg.val_fraction < 1.0:
@@ -62,6 +79,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.schedule_epochs is not None and cfg.schedule_epochs < cfg.epochs:
         raise ConfigError(f"--schedule-epochs {cfg.schedule_epochs} is below --epochs {cfg.epochs}: the last "
                           f"epochs would train at LR 0; use at least {cfg.epochs} (or leave it unset)")
+
+
+def _check_data_source(cfg: TrainConfig) -> None:
     if cfg.dataset == "folder":
         _check_folder(cfg)
     elif cfg.max_bad_images is not None:
@@ -69,8 +89,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     elif cfg.data_loader != "auto":
         raise ConfigError(f"--data-loader {cfg.data_loader} applies to --dataset folder only (the other data "
                           f"sets are held in memory)")
-    _check_transfer(cfg)
-    from raydist.data.sizes import train_size
+
+
+def _check_sizes(cfg: TrainConfig) -> None:
+    """A step's images within the training set, and a validation set that is not empty."""
+    from raydist.data.sizes import class_list, train_size, val_size
 
     items = train_size(cfg.dataset, val_fraction=cfg.val_fraction, fake_train_size=cfg.fake_train_size,
                        classes=class_list(cfg), train_fraction=cfg.train_fraction,
@@ -85,12 +108,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"{cfg.num_workers * cfg.batch_size} images per step, but {cfg.dataset} has "
                           f"{items} training images; at most {items // cfg.num_workers} per worker with "
                           f"{cfg.num_workers} workers")
-    from raydist.data.sizes import val_size
-
     if val_size(cfg.dataset, val_fraction=cfg.val_fraction, fake_val_size=cfg.fake_val_size,
                 classes=class_list(cfg), data_dir=cfg.data_dir) == 0:
         raise ConfigError(f"--val-fraction {cfg.val_fraction} leaves no validation image of {cfg.dataset}"
                           f"{' in --classes ' + cfg.classes if cfg.classes else ''}; give a larger share")
+
+
+def _check_devices_and_names(cfg: TrainConfig) -> None:
+    from raydist.models.registry import MODELS
+
     if cfg.use_gpu is not False and not float(cfg.gpus_per_worker).is_integer():
         raise ConfigError(f"--gpus-per-worker {cfg.gpus_per_worker:g}: each DDP rank needs a GPU of its own "
                           f"(NCCL refuses two ranks on one GPU); use a whole number, usually 1")
@@ -116,7 +142,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not 0.0 < cfg.lr_step_gamma <= 1.0:
         raise ConfigError(f"--lr-step-gamma must be in (0, 1] (the LR factor at each step drop), "
                           f"got {cfg.lr_step_gamma!r}")
-    return cfg
 
 
 def _check_model_args(cfg: TrainConfig) -> None:

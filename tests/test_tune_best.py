@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from raydist import tune
-from raydist.ray_edge.study_console import study_console
+from raydist.ray_edge.study_console import StudyConsole
 from raydist.output import report
 from raydist.ray_edge import results
 from raydist.config.fields import TrainConfig
@@ -176,7 +176,7 @@ def test_ties_name_one_best_trial_everywhere_lower_val_loss_then_earlier_epoch_t
     published = {}  # what `raydist.cluster status` reads (the GCS record; no Ray here)
     monkeypatch.setattr("raydist.ray_edge.status.publish_study", lambda name, record: published.update({name: record}))
     study = _study(tmp_path)
-    console = study_console(study, str(tmp_path / "exp"), 1, cluster_has_gpus=False)
+    console = StudyConsole(study, str(tmp_path / "exp"), 1, cluster_has_gpus=False)
     trials = [SimpleNamespace(trial_id=t, config={"lr": 0.1}, status="RUNNING") for t in histories]
     for trial in trials[::-1]:
         for record in histories[trial.trial_id]:
@@ -187,7 +187,7 @@ def test_ties_name_one_best_trial_everywhere_lower_val_loss_then_earlier_epoch_t
     same = [report.trial_row(t, {"lr": 0.1}, records([(0.9, 0.3)]), planned_epochs=1, metric="val_acc", mode="max")
             for t in ("z9", "d4")]
     assert report.best_row(same, "val_acc", "max")["trial_id"] == "d4"
-    console = study_console(study, str(tmp_path / "exp2"), 1, cluster_has_gpus=False)
+    console = StudyConsole(study, str(tmp_path / "exp2"), 1, cluster_has_gpus=False)
     trials = [SimpleNamespace(trial_id=t, config={"lr": 0.1}, status="RUNNING") for t in ("z9", "d4")]
     for trial in trials:
         console.on_trial_result(0, trials, trial, records([(0.9, 0.3)])[0])

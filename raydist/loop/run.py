@@ -1,8 +1,7 @@
-"""The per-worker training loop: one code path for `python -m raydist.train`, every Tune trial and benchmarks.
-
-`train_loop_per_worker(config_dict)` is what Ray Train's TorchTrainer runs on each DDP worker; the
-lines marked `# RAY` are its only contact with Ray. Everything else, `run(cfg, ctx)`, is plain PyTorch
-and also runs in a single process with `LocalContext` (tests, the overhead benchmark's baseline).
+"""The per-worker training loop, plain PyTorch: one code path for `python -m raydist.train`, every Tune
+trial and the benchmarks. `run(cfg, ctx)` runs on each DDP worker of a Ray Train run (through
+raydist.ray_edge.worker), in a one-worker trial's own process, and in plain local processes (tests, the
+overhead benchmark's baseline); `ctx` (raydist.loop.context.WorkerContext) is all it knows of its launcher.
 
 Per epoch: train on this rank's shard, evaluate on its share of the validation set, sum the metrics
 over all ranks, report once (every rank, as Ray requires), checkpoint from rank 0, check early stopping.
@@ -12,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -103,7 +103,7 @@ def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
 def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, writer, wandb_run=None) -> list[dict]:
     """The epochs from `state.epoch` on: train, evaluate, sum the metrics over all ranks, report (every
     rank), checkpoint (rank 0), stop on divergence or at the target accuracy. Returns the reported metrics."""
-    device, rank, world = ctx.device, ctx.rank, ctx.world_size
+    rank = ctx.rank
     history: list[dict] = []
     checkpoint_hinted = False  # the checkpoint-cost hint is said once
     spot = SpotWatch(cfg, ctx, state) if state.elastic else None
@@ -116,66 +116,13 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
             print(change, flush=True)
         seed_epoch(cfg.seed, epoch, rank, state.augment, position=state.position)
         state._place_schedule()  # the same place as after the last epoch, unless a resume moved it
-        try:
-            train = state.train_epoch(progress_every_s=ctx.progress_every_s if rank == 0 else 0.0,
-                                      after_step=spot.after_step if spot else None)
-            if spot:
-                spot.at_epoch_end(train)  # a notice that came late in the epoch: its checkpoint is this epoch's
-            val = state.evaluate()
-            totals = torch.stack([train.loss, train.correct, train.count, val.loss, val.correct, val.count,
-                                  torch.tensor(train.seconds, device=train.loss.device, dtype=torch.float64)]).double()
-            if world > 1:
-                dist.all_reduce(totals)
-        except RuntimeError as exc:
-            if spot and spot.notice and world > 1 and not is_out_of_memory(exc):
-                spot.wait_for_restart(exc)  # the reclaimed node's workers are gone: Ray Train restarts the group
-            raise
-        t_loss, t_correct, t_count, v_loss, v_correct, v_count, time_sum = totals.tolist()
-        images_per_s = t_count / (time_sum / world)  # global images over the mean rank's training time
-        # with the part of this epoch trained before a resize or a reclaim
-        t_loss, t_correct, t_count, lr_sum, updates = state.with_carried(
-            [t_loss, t_correct, t_count, train.lr_sum, train.updates])
-        state.carried = None
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": t_loss / t_count, "train_acc": t_correct / t_count,
-            "val_loss": v_loss / v_count, "val_acc": v_correct / v_count,
-            "lr": lr_sum / max(updates, 1),  # the mean LR of this epoch's updates (the head's)
-            "epoch_time_s": time.perf_counter() - t0,
-            "images_per_s": images_per_s,
-            "first_step_unix": state.first_step_unix or float("nan"),
-            "world_size": world,
-            "global_batch": state.layout.global_batch,
-            "images_seen": state.images_before + round(t_count),  # what this epoch trained, not the set's size
-            "trainable_params": state.trainable_params(),
-            "stop_reason": "",
-            "divergence": "",  # why the run diverged, when it did
-        }
-        state.epoch = epoch + 1
-        state.images_before = metrics["images_seen"]
-        metrics["divergence"] = divergence(metrics, first_train_loss=state.first_train_loss,
-                                           num_classes=classes_predicted(cfg))
-        if state.first_train_loss is None and not metrics["divergence"]:
-            state.first_train_loss = metrics["train_loss"]
-        if metrics["divergence"]:
-            metrics["stop_reason"] = DIVERGED
-        elif state.early_stop.update(metrics["val_acc"]):
-            metrics["stop_reason"] = "target_accuracy"
+        train, totals = _train_and_evaluate(ctx, state, spot)
+        metrics = _epoch_metrics(cfg, state, epoch, train, totals, world=ctx.world_size, t0=t0)
         last = epoch + 1 == cfg.epochs or bool(metrics["stop_reason"])
         save = last or (cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0) or bool(
             spot and spot.notice)  # a node is being reclaimed: this epoch's checkpoint is the one to resume from
-
         if rank == 0:
-            if ctx.epoch_lines:
-                print(_epoch_line(metrics, cfg.epochs), flush=True)
-            if writer:
-                for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "epoch_time_s"):
-                    writer.add_scalar(key, metrics[key], epoch + 1)
-                writer.flush()
-                if wandb_run:
-                    wandb_run.log(metrics)
-                if ctx.publish_logs:
-                    ctx.publish_logs()
+            _log_epoch(cfg, ctx, metrics, writer, wandb_run)
         if save and metrics["stop_reason"] != DIVERGED:  # a diverged model is not worth keeping
             save_s = report_with_checkpoint(ctx, metrics, state.state_dict(metrics) if rank == 0 else None)
             hint = checkpoint_hint(save_s, metrics["epoch_time_s"], cfg.checkpoint_every or 1)
@@ -190,6 +137,79 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
                 print(_stop_message(metrics, cfg), flush=True)
             break
     return history
+
+
+def _train_and_evaluate(ctx: WorkerContext, state: TrainingState, spot: Optional[SpotWatch]):
+    """One epoch's training and evaluation on this rank, summed over all ranks: (the rank's training sums,
+    the group's totals: train loss, correct, count, val loss, correct, count, summed training seconds)."""
+    world = ctx.world_size
+    try:
+        train = state.train_epoch(progress_every_s=ctx.progress_every_s if ctx.rank == 0 else 0.0,
+                                  after_step=spot.after_step if spot else None)
+        if spot:
+            spot.at_epoch_end(train)  # a notice that came late in the epoch: its checkpoint is this epoch's
+        val = state.evaluate()
+        totals = torch.stack([train.loss, train.correct, train.count, val.loss, val.correct, val.count,
+                              torch.tensor(train.seconds, device=train.loss.device, dtype=torch.float64)]).double()
+        if world > 1:
+            dist.all_reduce(totals)
+    except RuntimeError as exc:
+        if spot and spot.notice and world > 1 and not is_out_of_memory(exc):
+            spot.wait_for_restart(exc)  # the reclaimed node's workers are gone: Ray Train restarts the group
+        raise
+    return train, totals
+
+
+def _epoch_metrics(cfg: TrainConfig, state: TrainingState, epoch: int, train, totals: torch.Tensor, *,
+                   world: int, t0: float) -> dict:
+    """The epoch's reported metrics (what history.jsonl, Tune and the console get), its stop reason, and
+    the state moved on to the next epoch."""
+    t_loss, t_correct, t_count, v_loss, v_correct, v_count, time_sum = totals.tolist()
+    images_per_s = t_count / (time_sum / world)  # global images over the mean rank's training time
+    # with the part of this epoch trained before a resize or a reclaim
+    t_loss, t_correct, t_count, lr_sum, updates = state.with_carried(
+        [t_loss, t_correct, t_count, train.lr_sum, train.updates])
+    state.carried = None
+    metrics = {
+        "epoch": epoch + 1,
+        "train_loss": t_loss / t_count, "train_acc": t_correct / t_count,
+        "val_loss": v_loss / v_count, "val_acc": v_correct / v_count,
+        "lr": lr_sum / max(updates, 1),  # the mean LR of this epoch's updates (the head's)
+        "epoch_time_s": time.perf_counter() - t0,
+        "images_per_s": images_per_s,
+        "first_step_unix": state.first_step_unix or float("nan"),
+        "world_size": world,
+        "global_batch": state.layout.global_batch,
+        "images_seen": state.images_before + round(t_count),  # what this epoch trained, not the set's size
+        "trainable_params": state.trainable_params(),
+        "stop_reason": "",
+        "divergence": "",  # why the run diverged, when it did
+    }
+    state.epoch = epoch + 1
+    state.images_before = metrics["images_seen"]
+    metrics["divergence"] = divergence(metrics, first_train_loss=state.first_train_loss,
+                                       num_classes=classes_predicted(cfg))
+    if state.first_train_loss is None and not metrics["divergence"]:
+        state.first_train_loss = metrics["train_loss"]
+    if metrics["divergence"]:
+        metrics["stop_reason"] = DIVERGED
+    elif state.early_stop.update(metrics["val_acc"]):
+        metrics["stop_reason"] = "target_accuracy"
+    return metrics
+
+
+def _log_epoch(cfg: TrainConfig, ctx: WorkerContext, metrics: dict, writer, wandb_run) -> None:
+    """Rank 0's epoch line, TensorBoard scalars and W&B record (copied into remote storage when it is)."""
+    if ctx.epoch_lines:
+        print(_epoch_line(metrics, cfg.epochs), flush=True)
+    if writer:
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "epoch_time_s"):
+            writer.add_scalar(key, metrics[key], metrics["epoch"])
+        writer.flush()
+        if wandb_run:
+            wandb_run.log(metrics)
+        if ctx.publish_logs:
+            ctx.publish_logs()
 
 
 # ---- spot notices and resizes (elastic runs) -----------------------------------------------------------

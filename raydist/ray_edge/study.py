@@ -16,7 +16,6 @@ from raydist.config.fields import TrainConfig
 from raydist.study.study import Study
 from raydist.ray_edge.results import StudyResult, summarize
 from raydist.storage import is_uri
-from raydist.ray_edge.study_console import study_console
 from raydist.study.study_file import save_study
 from raydist.ray_edge.trials import run_trial, train_requests_release, trial_dirname, trial_loss_notice, trial_name, trial_resources
 
@@ -75,6 +74,7 @@ def streams_a_folder(study: Study) -> bool:
 
 
 def run_study(plan: Plan) -> StudyResult:
+    from raydist.ray_edge.study_console import StudyConsole
     from raydist.ray_edge.search import tune_space
     import ray
     import ray.tune
@@ -115,7 +115,7 @@ def run_study(plan: Plan) -> StudyResult:
         print(waiting, flush=True)
 
     # The console's trial lines and status line, and the study's record for `raydist.cluster status`.
-    console = [] if study.verbose else [study_console(study, plan.experiment_path, concurrency,
+    console = [] if study.verbose else [StudyConsole(study, plan.experiment_path, concurrency,
                                                       cluster_has_gpus=cap.max_gpus > 0)]
     release = train_requests_release(study.name)
     trainable = ray.tune.with_resources(
