@@ -38,38 +38,18 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     The run folder gets curves.png from its whole history, however the run ends (unless `draw_curves` is
     False: a study draws its trials together).
     """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from raydist.ray_edge import session
-    from raydist.ray_edge import planning
-    from raydist.ray_edge.worker import CONSOLE_KEY, train_loop_per_worker
+    from raydist.ray_edge.failures import RestartNotice
+    from raydist.ray_edge.history import HistoryCallback
     from raydist.runs.checkpoints import FINAL_MODEL_FILE, best_checkpoint
+    from raydist.runs.history import read_history
 
     t0 = time.perf_counter()
-    if cfg.address is None:  # local cluster: check the machine before starting anything
-        use_gpu = planning.check_resources(cluster_cpus=os.cpu_count() or 1, cluster_gpus=planning.local_gpu_count(),
-                                          use_gpu=cfg.use_gpu, num_workers=cfg.fewest_workers(),
-                                          cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
-                                          where="this machine")
-        check_sync_batchnorm(cfg, use_gpu)  # before a local cluster starts
-    # The console is the run's: its lines without Ray's prefix, unless --verbose asks for Ray's own output.
-    session.connect(cfg.address, quiet=not cfg.verbose, bare_run_lines=True)
-    # Against what the cluster can grow to (an autoscaling one may have no worker node yet); says when the
-    # run waits for new nodes, and refuses a local storage path that not every node sees.
-    # An elastic run needs its minimum to start.
-    use_gpu = planning.plan_run(use_gpu=cfg.use_gpu, num_workers=cfg.fewest_workers(),
-                               cpus_per_worker=cfg.cpus_per_worker,
-                               gpus_per_worker=cfg.gpus_per_worker,
-                               storage_path=None if storage_checked else cfg.storage_path)
-    check_sync_batchnorm(cfg, use_gpu)
+    use_gpu = _connect_and_plan(cfg, storage_checked=storage_checked)
     write_config(cfg)
     # Every epoch of the run, across restarts after a lost worker (Result.return_value holds only the last
     # attempt's), kept in <run>/history.jsonl by the controller; and a line each time a worker is replaced.
-    from raydist.ray_edge.failures import RestartNotice
-    from raydist.ray_edge.history import HistoryCallback
-    from raydist.runs.history import read_history
-
     run_dir = f"{cfg.storage_path}/{cfg.name}"
     checkpointed = [r["epoch"] for r in read_history(run_dir) if r.get("checkpoint_path")]
     started_unix = time.time()
@@ -77,11 +57,61 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
                  RestartNotice(max_failures=cfg.max_failures, start_epoch=max(checkpointed, default=0),
                                elastic=cfg.is_elastic())]
 
+    if console is None:
+        console = {"epoch_lines": True, "progress_every_s": session.progress_every_s(), "labels": {"run": cfg.name}}
+    trainer = _torch_trainer(cfg, use_gpu=use_gpu, callbacks=callbacks, console=console)
+    try:
+        result = trainer.fit()
+    finally:
+        if draw_curves:
+            write_run_curves(run_dir, cfg.name)
+        if session.LIVE_BAR is not None:
+            session.LIVE_BAR.clear()
+    # This run's epochs: the ones reported since it started (a run resumed in place has older ones on record).
+    history = [r for r in read_history(run_dir) if r.get("reported_unix", 0) >= started_unix] \
+        or result.return_value or ([result.metrics] if result.metrics else [])
+    # Ray's kept checkpoints as (metrics, path); a spot notice's inside an epoch is no epoch's result.
+    kept = [(metrics, checkpoint.path) for checkpoint, metrics in result.best_checkpoints or []
+            if not metrics.get("partial_epoch")]
+    best = best_checkpoint(kept, cfg.keep_by)
+    return RunSummary(run_dir=result.path, history=history, final_model=f"{result.path}/{FINAL_MODEL_FILE}",
+                      best_checkpoint=best[1] if best else None,
+                      best_val_acc=best[0]["val_acc"] if best else None, seconds=time.perf_counter() - t0)
+
+
+def _connect_and_plan(cfg: TrainConfig, *, storage_checked: bool) -> bool:
+    """Check this machine (a local cluster), connect, and plan the run against what the cluster can grow to;
+    whether the workers use GPUs."""
+    from raydist.ray_edge import planning, session
+
+    if cfg.address is None:  # local cluster: check the machine before starting anything
+        use_gpu = planning.check_resources(cluster_cpus=os.cpu_count() or 1,
+                                           cluster_gpus=planning.local_gpu_count(), use_gpu=cfg.use_gpu,
+                                           num_workers=cfg.fewest_workers(), cpus_per_worker=cfg.cpus_per_worker,
+                                           gpus_per_worker=cfg.gpus_per_worker, where="this machine")
+        check_sync_batchnorm(cfg, use_gpu)  # before a local cluster starts
+    # The console is the run's: its lines without Ray's prefix, unless --verbose asks for Ray's own output.
+    session.connect(cfg.address, quiet=not cfg.verbose, bare_run_lines=True)
+    # Against what the cluster can grow to (an autoscaling one may have no worker node yet); says when the
+    # run waits for new nodes, and refuses a local storage path that not every node sees.
+    # An elastic run needs its minimum to start.
+    use_gpu = planning.plan_run(use_gpu=cfg.use_gpu, num_workers=cfg.fewest_workers(),
+                                cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
+                                storage_path=None if storage_checked else cfg.storage_path)
+    check_sync_batchnorm(cfg, use_gpu)
+    return use_gpu
+
+
+def _torch_trainer(cfg: TrainConfig, *, use_gpu: bool, callbacks: list, console: dict):
+    """The run's Ray Train TorchTrainer: its workers run raydist.ray_edge.worker.train_loop_per_worker."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raydist.ray_edge.worker import CONSOLE_KEY, train_loop_per_worker
+
     resources = {"CPU": cfg.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
-    if console is None:
-        console = {"epoch_lines": True, "progress_every_s": session.progress_every_s(), "labels": {"run": cfg.name}}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**cfg.to_dict(), CONSOLE_KEY: console},
@@ -102,23 +132,7 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
                                                          checkpoint_score_attribute=cfg.keep_by,
                                                          checkpoint_score_order=metric_mode(cfg.keep_by))),
     )
-    try:
-        result = trainer.fit()
-    finally:
-        if draw_curves:
-            write_run_curves(run_dir, cfg.name)
-        if session.LIVE_BAR is not None:
-            session.LIVE_BAR.clear()
-    # This run's epochs: the ones reported since it started (a run resumed in place has older ones on record).
-    history = [r for r in read_history(run_dir) if r.get("reported_unix", 0) >= started_unix] \
-        or result.return_value or ([result.metrics] if result.metrics else [])
-    # Ray's kept checkpoints as (metrics, path); a spot notice's inside an epoch is no epoch's result.
-    kept = [(metrics, checkpoint.path) for checkpoint, metrics in result.best_checkpoints or []
-            if not metrics.get("partial_epoch")]
-    best = best_checkpoint(kept, cfg.keep_by)
-    return RunSummary(run_dir=result.path, history=history, final_model=f"{result.path}/{FINAL_MODEL_FILE}",
-                      best_checkpoint=best[1] if best else None,
-                      best_val_acc=best[0]["val_acc"] if best else None, seconds=time.perf_counter() - t0)
+    return trainer
 
 
 def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict], None],
