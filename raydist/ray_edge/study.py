@@ -74,87 +74,19 @@ def streams_a_folder(study: Study) -> bool:
 
 
 def run_study(plan: Plan) -> StudyResult:
+    """Run the study `plan` names on the connected (or a new local) cluster and summarise its trials."""
     from raydist.ray_edge.study_console import StudyConsole
-    from raydist.ray_edge.search import tune_space
-    import ray
-    import ray.tune
-
-    from raydist.ray_edge import session
-    from raydist.ray_edge import planning
-    from raydist.ray_edge import search
 
     t0 = time.perf_counter()
     study = plan.study
-    if plan.address is None:  # a local cluster: check this machine before starting it
-        plan_concurrency(study, free_cpus=os.cpu_count() or 1, free_gpus=planning.local_gpu_count(),
-                         total_cpus=os.cpu_count() or 1, total_gpus=planning.local_gpu_count(),
-                         requested=plan.max_concurrent, where="this machine")
-    session.connect(plan.address, quiet=not study.verbose)
-    # An autoscaling cluster is planned at its largest: what is free there is what it can grow to, less
-    # what is busy now (on a fixed cluster: what is free now).
-    cap = planning.capacity()
-    concurrency = plan_concurrency(study, free_cpus=cap.max_cpus - (cap.cpus - cap.free_cpus),
-                                   free_gpus=cap.max_gpus - (cap.gpus - cap.free_gpus), total_cpus=cap.max_cpus,
-                                   total_gpus=cap.max_gpus, requested=plan.max_concurrent, where=cap.where)
-    planning.check_storage(plan.storage_path, cap)  # once for every trial: each trial's folder is inside it
+    cap, concurrency = _connect_and_plan(plan)
     save_study(study, plan.experiment_path)  # on --resume: with the concurrency and data_dir given now
-    print(f"study {study.name}: {study.num_samples} trials of {len(study.searched)} searched field(s) "
-          f"({', '.join(f'{k}~{d.describe()}' for k, d in study.searched.items())}), {study.search} search, "
-          f"{study.scheduler} scheduler, {concurrency} at once; experiment: {plan.experiment_path}", flush=True)
-    startup = max(study.initial_points, len(study.points_to_evaluate))  # as raydist.ray_edge.search.TPEGate counts
-    if study.search == "hyperopt" and concurrency > startup:
-        print(f"TPE: the first {startup} trials are start-up points; later ones wait until {study.initial_points} "
-              f"trials have finished", flush=True)
-    for warning in study.warnings:
-        print(f"warning: {warning}", flush=True)
-    cpus, gpus = study.per_trial_resources(cluster_has_gpus=cap.max_gpus > 0)
-    waiting = planning.waiting_line(cap, who=f"{concurrency} trial{'s' if concurrency > 1 else ''} at once "
-                                            f"need{'' if concurrency > 1 else 's'}",
-                                   cpus=cpus * concurrency, gpus=gpus * concurrency)
-    if waiting:
-        print(waiting, flush=True)
-
+    _say_the_plan(plan, cap, concurrency)
     # The console's trial lines and status line, and the study's record for `raydist.cluster status`.
     console = [] if study.verbose else [StudyConsole(study, plan.experiment_path, concurrency,
                                                       cluster_has_gpus=cap.max_gpus > 0)]
     release = train_requests_release(study.name)
-    trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_trial, study=study, experiment_path=plan.experiment_path),
-        trial_resources(study, cluster_has_gpus=cap.max_gpus > 0))
-    if plan.resume:
-        # Tune rebuilds the searcher and scheduler from what it saved; the searcher takes today's concurrency
-        # and the scheduler its rungs from the trials' histories (raydist.study_history).
-        search.set_resume_concurrency(concurrency)
-        tuner = ray.tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True)
-        # Tune restores the callbacks it saved: the console is today's (a fresh clock, --verbose as given now).
-        run_config = tuner._local_tuner.get_run_config()  # RAY (internal): no public way to change it on restore
-        run_config.callbacks = [c for c in run_config.callbacks or []
-                                if not getattr(c, "raydist_console", False) and not getattr(c, "raydist_release", False)]
-        run_config.callbacks += [*console, release]
-        run_config.verbose = 1 if study.verbose else 0
-    else:
-        tuner = ray.tune.Tuner(
-            trainable,
-            param_space=tune_space(study),
-            tune_config=ray.tune.TuneConfig(metric=study.metric, mode=study.mode, num_samples=study.num_samples,
-                                            search_alg=_searcher(study, concurrency), scheduler=_scheduler(study),
-                                            trial_name_creator=trial_name,  # the searchers cap concurrency
-                                            trial_dirname_creator=trial_dirname,
-                                            # In-process trials: a finished trial's process (torch and
-                                            # the models imported, the raw digits cached) trains the
-                                            # next one; TorchTrainer drivers keep a process each, as
-                                            # Ray Train expects.
-                                            reuse_actors=study.every_trial_in_process()),
-            run_config=ray.tune.RunConfig(name=plan.name, storage_path=plan.storage_path,
-                                          callbacks=[*_logger_callbacks(plan),
-                                                     trial_loss_notice(plan.experiment_path, study.trial_restarts),
-                                                     release, *console],
-                                          # A trial that raised is run again this often; it resumes
-                                          # from its latest checkpoint (its Train run keeps its name).
-                                          failure_config=ray.tune.FailureConfig(max_failures=study.trial_restarts),
-                                          # Ray's own tables and result boxes only when asked for.
-                                          verbose=1 if study.verbose else 0),
-        )
+    tuner = _tuner(plan, concurrency, cluster_has_gpus=cap.max_gpus > 0, console=console, release=release)
     # Tune saves the experiment's state (which trials exist, with which values) at most every 10 s by default:
     # a driver killed sooner after a trial started left that trial out of the saved study, and --resume ran a
     # new trial in its place (seen once in-process trials started in 3 s). Every second costs a small JSON.
@@ -168,6 +100,95 @@ def run_study(plan: Plan) -> StudyResult:
         release.release_all()  # after Ctrl+C too: Tune has stopped every trial by now
         _forget_study(plan.name)
     return summarize(study, grid, plan.experiment_path, seconds=time.perf_counter() - t0)
+
+
+def _connect_and_plan(plan: Plan):
+    """Check this machine (a local cluster), connect, and plan the study's concurrency against what the
+    cluster can grow to; (the cluster's capacity, trials at once)."""
+    from raydist.ray_edge import planning, session
+
+    study = plan.study
+    if plan.address is None:  # a local cluster: check this machine before starting it
+        plan_concurrency(study, free_cpus=os.cpu_count() or 1, free_gpus=planning.local_gpu_count(),
+                         total_cpus=os.cpu_count() or 1, total_gpus=planning.local_gpu_count(),
+                         requested=plan.max_concurrent, where="this machine")
+    session.connect(plan.address, quiet=not study.verbose)
+    # An autoscaling cluster is planned at its largest: what is free there is what it can grow to, less
+    # what is busy now (on a fixed cluster: what is free now).
+    cap = planning.capacity()
+    concurrency = plan_concurrency(study, free_cpus=cap.max_cpus - (cap.cpus - cap.free_cpus),
+                                   free_gpus=cap.max_gpus - (cap.gpus - cap.free_gpus), total_cpus=cap.max_cpus,
+                                   total_gpus=cap.max_gpus, requested=plan.max_concurrent, where=cap.where)
+    planning.check_storage(plan.storage_path, cap)  # once for every trial: each trial's folder is inside it
+    return cap, concurrency
+
+
+def _say_the_plan(plan: Plan, cap, concurrency: int) -> None:
+    """The study's first lines: what it searches, how, how many at once, and what it waits for."""
+    from raydist.ray_edge import planning
+
+    study = plan.study
+    print(f"study {study.name}: {study.num_samples} trials of {len(study.searched)} searched field(s) "
+          f"({', '.join(f'{k}~{d.describe()}' for k, d in study.searched.items())}), {study.search} search, "
+          f"{study.scheduler} scheduler, {concurrency} at once; experiment: {plan.experiment_path}", flush=True)
+    startup = max(study.initial_points, len(study.points_to_evaluate))  # as raydist.ray_edge.search.TPEGate counts
+    if study.search == "hyperopt" and concurrency > startup:
+        print(f"TPE: the first {startup} trials are start-up points; later ones wait until {study.initial_points} "
+              f"trials have finished", flush=True)
+    for warning in study.warnings:
+        print(f"warning: {warning}", flush=True)
+    cpus, gpus = study.per_trial_resources(cluster_has_gpus=cap.max_gpus > 0)
+    waiting = planning.waiting_line(cap, who=f"{concurrency} trial{'s' if concurrency > 1 else ''} at once "
+                                             f"need{'' if concurrency > 1 else 's'}",
+                                    cpus=cpus * concurrency, gpus=gpus * concurrency)
+    if waiting:
+        print(waiting, flush=True)
+
+
+def _tuner(plan: Plan, concurrency: int, *, cluster_has_gpus: bool, console: list, release):
+    """The study's Tuner, new or restored (--resume), its trials run by raydist.ray_edge.trials.run_trial."""
+    import ray.tune
+
+    from raydist.ray_edge import search
+    from raydist.ray_edge.search import tune_space
+
+    study = plan.study
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(run_trial, study=study, experiment_path=plan.experiment_path),
+        trial_resources(study, cluster_has_gpus=cluster_has_gpus))
+    if plan.resume:
+        # Tune rebuilds the searcher and scheduler from what it saved; the searcher takes today's concurrency
+        # and the scheduler its rungs from the trials' histories (raydist.ray_edge.history).
+        search.set_resume_concurrency(concurrency)
+        tuner = ray.tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True)
+        # Tune restores the callbacks it saved: the console is today's (a fresh clock, --verbose as given now).
+        run_config = tuner._local_tuner.get_run_config()  # RAY (internal): no public way to change it on restore
+        run_config.callbacks = [c for c in run_config.callbacks or []
+                                if not getattr(c, "raydist_console", False) and not getattr(c, "raydist_release", False)]
+        run_config.callbacks += [*console, release]
+        run_config.verbose = 1 if study.verbose else 0
+        return tuner
+    return ray.tune.Tuner(
+        trainable,
+        param_space=tune_space(study),
+        tune_config=ray.tune.TuneConfig(metric=study.metric, mode=study.mode, num_samples=study.num_samples,
+                                        search_alg=_searcher(study, concurrency), scheduler=_scheduler(study),
+                                        trial_name_creator=trial_name,  # the searchers cap concurrency
+                                        trial_dirname_creator=trial_dirname,
+                                        # In-process trials: a finished trial's process (torch and the models
+                                        # imported, the raw digits cached) trains the next one; TorchTrainer
+                                        # drivers keep a process each, as Ray Train expects.
+                                        reuse_actors=study.every_trial_in_process()),
+        run_config=ray.tune.RunConfig(name=plan.name, storage_path=plan.storage_path,
+                                      callbacks=[*_logger_callbacks(plan),
+                                                 trial_loss_notice(plan.experiment_path, study.trial_restarts),
+                                                 release, *console],
+                                      # A trial that raised is run again this often; it resumes from its
+                                      # latest checkpoint (its Train run keeps its name).
+                                      failure_config=ray.tune.FailureConfig(max_failures=study.trial_restarts),
+                                      # Ray's own tables and result boxes only when asked for.
+                                      verbose=1 if study.verbose else 0),
+    )
 
 
 def _publish_study(name: str, record: dict) -> None:
