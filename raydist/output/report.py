@@ -256,8 +256,7 @@ def plot_search_values(rows: list[dict], path: str, *, searched: list[str], metr
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator, PercentFormatter
+    from matplotlib.ticker import PercentFormatter
 
     columns, lines = min(3, len(searched)) or 1, math.ceil(len(searched) / 3) or 1
     fig = plt.figure(figsize=(max(8.0, 4.0 * columns), 3.5 * lines + 1.0), dpi=110, layout="constrained")
@@ -283,48 +282,69 @@ def plot_search_values(rows: list[dict], path: str, *, searched: list[str], metr
     best = best_row(rows, metric, mode)
     plotted: dict[str, list[tuple]] = {}
     for ax, field in zip(axes, searched):
-        numeric = all(_number(r.get(field)) or r.get(field) is None for r in rows)
-        if numeric:
-            placed = [(float(r[field]), r) for r in rows if _finite(r.get(field))]
-            if field in log_scale:
-                ax.set_xscale("log")
-            elif placed and all(isinstance(r[field], int) for _, r in placed):
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # batch sizes, epochs: no 12.5
-        else:
-            categories = sorted({str(r.get(field)) for r in rows})
-            position = {c: i for i, c in enumerate(categories)}
-            placed = [(position[str(r.get(field))], r) for r in rows]
-            ax.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 4 else 0)
-            ax.set_xlim(-0.5, len(categories) - 0.5)
-        placed.sort(key=lambda p: (p[0], p[1]["trial_id"]))
-        plotted[field] = [(r["trial_id"], r.get(field),
-                           float(r[key]) if _finite(r.get(key)) else None, r["status"]) for _, r in placed]
-        # One scatter per (status, scored or not): a legend-sized number of artists, whatever the trial count.
-        groups: dict[tuple[str, bool], list[tuple[float, float]]] = {}
-        for x, r in placed:
-            scored = _finite(r.get(key))
-            groups.setdefault((r["status"], scored), []).append((x, r[key] if scored else unscored_y))
-        for (status, scored), points in groups.items():
-            xs, ys = zip(*points)
-            ax.scatter(xs, ys, s=30 if scored else 40, marker="o" if scored else "x", alpha=0.85,
-                       color=STATUS_COLOURS.get(status, "black"), zorder=3)
-        if best is not None and any(r is best for _, r in placed):
-            x = next(x for x, r in placed if r is best)
-            ax.scatter([x], [best[key]], s=200, facecolors="none", edgecolors="black", linewidths=1.5, zorder=4)
-        ax.set_xlabel(f"{field} (log scale)" if numeric and field in log_scale else field)
-        ax.grid(alpha=0.3)
-        if unscored and scores:  # a grey band, so that the strip's height does not read as a score
-            ax.axhspan(unscored_y - margin / 2, unscored_y + margin / 2, color="0.92", zorder=0)
-            ax.text(0.01, unscored_y - margin / 2, "no finite value", transform=ax.get_yaxis_transform(),
-                    ha="left", va="bottom", fontsize=7, color="gray")  # under the x marks, not on them
-        if not placed:
-            _say(ax, "no trial yet")
+        plotted[field] = _search_panel(ax, field, rows, key=key, best=best, log_scale=log_scale, unscored=unscored,
+                                       unscored_y=unscored_y, margin=margin, scored_any=bool(scores))
     for ax in axes[::columns]:
         ax.set_ylabel(f"best {metric}")
     if "acc" in metric:
         axes[0].yaxis.set_major_formatter(PercentFormatter(xmax=1.0))  # shared by every panel
     if not scores:
         axes[0].set_yticks([])  # only the strip of unscored trials: a y scale would mean nothing
+
+    _search_legend(fig, rows, best=best, unscored=unscored, metric=metric, columns=columns)
+    fig.savefig(path)
+    plt.close(fig)
+    return plotted
+
+
+def _search_panel(ax, field: str, rows: list[dict], *, key: str, best: Optional[dict], log_scale,
+                  unscored: bool, unscored_y: float, margin: float, scored_any: bool) -> list[tuple]:
+    """One searched field's panel of plot_search_values; its points left to right."""
+    from matplotlib.ticker import MaxNLocator
+
+    numeric = all(_number(r.get(field)) or r.get(field) is None for r in rows)
+    if numeric:
+        placed = [(float(r[field]), r) for r in rows if _finite(r.get(field))]
+        if field in log_scale:
+            ax.set_xscale("log")
+        elif placed and all(isinstance(r[field], int) for _, r in placed):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # batch sizes, epochs: no 12.5
+    else:
+        categories = sorted({str(r.get(field)) for r in rows})
+        position = {c: i for i, c in enumerate(categories)}
+        placed = [(position[str(r.get(field))], r) for r in rows]
+        ax.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 4 else 0)
+        ax.set_xlim(-0.5, len(categories) - 0.5)
+    placed.sort(key=lambda p: (p[0], p[1]["trial_id"]))
+    panel_points = [(r["trial_id"], r.get(field), float(r[key]) if _finite(r.get(key)) else None, r["status"])
+                    for _, r in placed]
+    # One scatter per (status, scored or not): a legend-sized number of artists, whatever the trial count.
+    groups: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+    for x, r in placed:
+        scored = _finite(r.get(key))
+        groups.setdefault((r["status"], scored), []).append((x, r[key] if scored else unscored_y))
+    for (status, scored), points in groups.items():
+        xs, ys = zip(*points)
+        ax.scatter(xs, ys, s=30 if scored else 40, marker="o" if scored else "x", alpha=0.85,
+                   color=STATUS_COLOURS.get(status, "black"), zorder=3)
+    if best is not None and any(r is best for _, r in placed):
+        x = next(x for x, r in placed if r is best)
+        ax.scatter([x], [best[key]], s=200, facecolors="none", edgecolors="black", linewidths=1.5, zorder=4)
+    ax.set_xlabel(f"{field} (log scale)" if numeric and field in log_scale else field)
+    ax.grid(alpha=0.3)
+    if unscored and scored_any:  # a grey band, so that the strip's height does not read as a score
+        ax.axhspan(unscored_y - margin / 2, unscored_y + margin / 2, color="0.92", zorder=0)
+        ax.text(0.01, unscored_y - margin / 2, "no finite value", transform=ax.get_yaxis_transform(),
+                ha="left", va="bottom", fontsize=7, color="gray")  # under the x marks, not on them
+    if not placed:
+        _say(ax, "no trial yet")
+    return panel_points
+
+
+def _search_legend(fig, rows: list[dict], *, best: Optional[dict], unscored: bool, metric: str,
+                   columns: int) -> None:
+    """plot_search_values' legend: a marker per status, the best trial's ring, the unscored x."""
+    from matplotlib.lines import Line2D
 
     present = {r["status"] for r in rows}
     statuses = [s for s in STATUS_COLOURS if s in present] + sorted(present - set(STATUS_COLOURS))
@@ -338,9 +358,6 @@ def plot_search_values(rows: list[dict], path: str, *, searched: list[str], metr
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4 if columns < 3 else 8),
                    fontsize=8, frameon=False)
-    fig.savefig(path)
-    plt.close(fig)
-    return plotted
 
 
 def _say(ax, text: str) -> None:
