@@ -6,7 +6,7 @@
 
 Everything that can be checked before a cluster starts is checked in `prepare` (bad input is a
 ConfigError: one line, exit 2, nothing written). `fit` checks resources against the cluster (what it can
-grow to), writes the run's config.yaml and runs raydist.engine's worker loop. The command modules
+grow to), writes the run's config.yaml and runs raydist.loop's worker loop. The command modules
 (raydist.train, raydist.tune) parse and print around these.
 """
 

@@ -5,12 +5,12 @@
     python -m raydist.tune --search random --scheduler fifo --num-samples 12
     python -m raydist.tune --resume runs/digits_quick-20261123-101500   # continue an interrupted study
 
-A study file (search_spaces/*.yaml, see raydist.search_space) fixes some TrainConfig fields and searches
+A study file (search_spaces/*.yaml, see raydist.study.study_file) fixes some TrainConfig fields and searches
 others. HyperOpt's TPE proposes trials (behind a concurrency limit), ASHA stops the weak ones at its rungs
 on the per-epoch validation metric. Each trial is a small Tune function that builds and fits its own
 TorchTrainer (Ray 2.60: a trainer cannot be handed to Tuner), with a stable Train run folder inside the
 trial's folder so an interrupted trial resumes from its last checkpoint. Bad input exits 2 before Ray starts.
-raydist.study_search holds TPE's proposals until its start-up trials have results; raydist.study_history
+raydist.ray_edge.search holds TPE's proposals until its start-up trials have results; raydist.ray_edge.history
 keeps every trial's per-epoch history (results.csv, the curves and the best epoch come from it) and rebuilds
 ASHA's rungs from it on --resume, which continues a study exactly as it was saved (only the cluster, the
 concurrency and where the data is may change).

@@ -192,7 +192,7 @@ def test_scaling_grid_keeps_the_smallest_batchs_peak_lr_under_the_none_rule(tmp_
 
 @pytest.mark.parametrize("scaling", ["per_256", "per_worker", "none"])
 def test_the_scaling_grids_peak_lr_is_the_loops_own_under_every_lr_scaling(tmp_path, scaling):
-    """lr_peak is what the loop trains at (cfg.lr x lr_scale at the run's global batch, as raydist.engine
+    """lr_peak is what the loop trains at (cfg.lr x lr_scale at the run's global batch, as raydist.loop
     computes it): the smallest run at raydist.train's own peak for it, `linear` in proportion to the global
     batch from there, `none` at the smallest run's peak. The Horovod preset (per_worker, lr 0.1) was the
     case the table got wrong: `none` 1 x 128 trained at 0.025 while the column said 0.0125."""

@@ -1,5 +1,5 @@
 """Faults injected for real: a worker out of memory, a training worker SIGKILLed mid-epoch, checkpoint and
-weights files cut short; and the pieces that make each one a clear line (raydist.failures).
+weights files cut short; and the pieces that make each one a clear line (raydist.ray_edge.failures).
 
 The Ray tests run on the session cluster (2 CPUs) through the real CLI; the others need no Ray running.
 """

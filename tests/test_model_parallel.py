@@ -1,4 +1,4 @@
-"""Model parallelism (raydist.models.pipeline, --model-parallel K --micro-batches M) on the CPU.
+"""Model parallelism (raydist.parallel.pipeline, --model-parallel K --micro-batches M) on the CPU.
 
 Every model that defines pipeline units (every registered one) is split into K = 2 and 3 stages with M = 1,
 2 and 4 micro-batches, all stages on the CPU: in eval mode the split model gives the unsplit model's logits

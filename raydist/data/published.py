@@ -5,7 +5,7 @@
 torchvision reads the files. raydist looks at them first, so that a missing file, or one that is truncated
 or damaged, is one line naming that file and its split (DatasetNotFound, DataFileCorrupt), and downloads them
 itself, so that a failed download says from where, why, and what to do instead (DownloadFailed). All three
-are OSErrors: the user's side, which raydist.engine reports per node in one line.
+are OSErrors: the user's side, which raydist.loop reports per node in one line.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ once at the end (raydist.final_eval). For the data sets read from files, "val" i
 set is "test" and is never used to choose anything. digits keeps its own fixed split and fake has no test split.
 
 Every data set is brought to 3 channels so every model runs on every data set. Images stay uint8
-until raydist.augment turns a batch into normalized floats on the device, so a whole CIFAR-10 training
+until raydist.data.augment turns a batch into normalized floats on the device, so a whole CIFAR-10 training
 set costs 150 MB of device memory and no loader processes. `fake` is generated per index from a hash,
 lazily and deterministically, and never held in memory as a whole.
 """
@@ -230,7 +230,7 @@ FOLDER_INPUT_SIZE = 224  # an image folder's default --input-size: what ImageNet
 def _load_folder(split: str, *, data_dir: str, val_fraction: float, input_size: Optional[int] = None,
                  max_bad_images: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
                  **_) -> TensorSource:
-    """The user's own images (raydist.image_folder), decoded once per node at the stored size of the
+    """The user's own images (raydist.data.folder), decoded once per node at the stored size of the
     input size (ImageNet's 256 for 224) and cached; ImageNet's statistics normalise them."""
     from raydist.data.folder import bad_image_limit, first_names, load_folder_split, scan_folder, stored_size
 

@@ -79,7 +79,7 @@ class TrainingState:
         self.stage: Optional[int] = None  # backbone units training now; set by enter_epoch
 
         # ---- optimizer and schedule (linear scaling rule: LR given per 256 images)
-        # An elastic run steps through each epoch in global batches (raydist.elastic), from `position`.
+        # An elastic run steps through each epoch in global batches (raydist.parallel.elastic), from `position`.
         self.layout = batch_layout(cfg, world)
         self.elastic = cfg.is_elastic()
         self.position = 0  # images of the current epoch already trained on (a mid-epoch checkpoint's)
@@ -259,7 +259,7 @@ class TrainingState:
     def epoch_plan(self) -> list[Step]:
         """This rank's optimizer steps for the rest of epoch `self.epoch`. A fixed group walks its shard in
         per-worker batches (shard_indices); an elastic one, or any run resumed mid-epoch, walks the epoch's
-        order in global batches from `position` (raydist.elastic)."""
+        order in global batches from `position` (raydist.parallel.elastic)."""
         cfg = self.cfg
         if self.elastic or self.position:
             order = epoch_order(len(self.train_set), seed=cfg.seed, epoch=self.epoch, device=self.device)

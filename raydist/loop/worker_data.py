@@ -94,7 +94,7 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
     failed = sorted({outcome for outcome in outcomes if outcome[1]})
     if failed:
         message = "; ".join(f"on node {node}: {why}" for node, why, _ in failed)
-        # Data missing, damaged or not downloadable on a node (raydist.data_files' errors are OSErrors) is the
+        # Data missing, damaged or not downloadable on a node (raydist.data.published' errors are OSErrors) is the
         # run's one-line cause; anything else (out of memory, a bug) is raised as an error of the program,
         # still named per node, by every rank alike.
         raise (DataUnavailable if all(user for _, _, user in failed) else RuntimeError)(message)
@@ -110,7 +110,7 @@ def folder_copy_bytes(cfg: TrainConfig) -> int:
 
 
 def streams_folder(cfg: TrainConfig, *, workers_here: int, memory_bytes: Optional[int] = None) -> bool:
-    """Whether a machine (of `memory_bytes`, default this one) streams the image folder (raydist.folder_stream)
+    """Whether a machine (of `memory_bytes`, default this one) streams the image folder (raydist.ray_edge.stream)
     rather than hold it decoded: asked for, or auto's choice when the copies of its `workers_here` workers
     would not fit in half its memory. The one rule for the workers, the checks before Ray and a study's plan."""
     if cfg.data_loader != "auto":

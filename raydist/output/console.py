@@ -200,7 +200,7 @@ def report_every(epochs: int, lines_per_trial: int = 20) -> int:
 def trial_ended_line(trial_id: str, *, status: str, epochs_run: int, epochs: int, metric: str,
                      best: Optional[float], best_epoch: Optional[int], seconds: Optional[float],
                      rung: Optional[int] = None, reason: str = "") -> str:
-    """status: raydist.report's words (finished, stopped early, target reached, diverged, error)."""
+    """status: raydist.output.report's words (finished, stopped early, target reached, diverged, error)."""
     best_text = (f"best {metric} {metric_text(metric, best)} at epoch {best_epoch}" if best is not None
                  else f"no finite {metric}")
     took = f", {duration(seconds)}" if seconds is not None else ""

@@ -9,7 +9,7 @@
     plot_run_curves(history, "curves.png")  # one run: loss, accuracy and lr per epoch
     print(format_table(rows, searched=["lr", "batch_size"], metric="val_acc"))
 
-`history` is a trial's per-epoch metrics (the dicts raydist.engine reports), oldest first.
+`history` is a trial's per-epoch metrics (the dicts raydist.loop reports), oldest first.
 """
 
 from __future__ import annotations

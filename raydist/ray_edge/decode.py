@@ -10,7 +10,7 @@ from raydist.data.folder import folder_filesystem, decode_image
 
 
 def decode_files(batch: dict, *, root: str, stored: int) -> dict:
-    """Ray Data map function of the streamed path (raydist.folder_stream): read and decode a batch of files
+    """Ray Data map function of the streamed path (raydist.ray_edge.stream): read and decode a batch of files
     on the node it runs on. Kept in this module, which does not import torch, so that a fresh Ray worker
     process starts it in a fraction of a second."""
     import ray  # RAY: the node that decoded (the run log says where its first epoch was decoded)

@@ -3,7 +3,7 @@
     result = summarize(study, grid, experiment_path, seconds=...)   # grid: Tune's ResultGrid
     result.rows, result.best, result.best_model                     # report.trial_row dicts; best_model.pt
 
-A trial's history is raydist's own record of every epoch it reported (raydist.study_history), which
+A trial's history is raydist's own record of every epoch it reported (raydist.ray_edge.history), which
 survives a resume; Tune's is used only for a trial without one. The best trial is the best row that did
 not diverge or fail (report.best_row); its weights are the kept checkpoint of its best epoch, or of an
 equally good one, else of the nearest kept epoch, and the row says which (`weights_epoch`).

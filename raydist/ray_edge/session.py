@@ -27,7 +27,7 @@ CLUSTER_ENV = {
 
 def connect(address: Optional[str], *, quiet: bool = True, bare_run_lines: bool = False) -> None:
     """Join the cluster at `address`, or start a local one (dashboard on 127.0.0.1) when it is None.
-    `quiet`: keep Ray's known-harmless internal lines off this driver's console (raydist.console);
+    `quiet`: keep Ray's known-harmless internal lines off this driver's console (raydist.output.console);
     `bare_run_lines` (with quiet): print what the training workers print without Ray's prefix."""
     for key, value in CLUSTER_ENV.items():
         os.environ.setdefault(key, value)

@@ -46,7 +46,7 @@ def plan_concurrency(study: Study, *, free_cpus: float, free_gpus: float, total_
     # Elastic trials (num_workers MIN-MAX) are planned at MAX, so that trials shrink when nodes go rather than
     # wait; one needs MIN to start.
     fewest_cpus, fewest_gpus = study.per_trial_resources(cluster_has_gpus=total_gpus > 0, fewest=True)
-    if streams_a_folder(study):  # Ray Data decodes on CPUs the trials leave free (raydist.folder_stream)
+    if streams_a_folder(study):  # Ray Data decodes on CPUs the trials leave free (raydist.ray_edge.stream)
         from raydist.data.folder import DECODE_CPUS
 
         free_cpus, total_cpus = free_cpus - DECODE_CPUS, total_cpus - DECODE_CPUS

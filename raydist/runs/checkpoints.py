@@ -127,7 +127,7 @@ def final_model_bytes(model_state: dict, config: dict, metrics: Optional[dict], 
 
 def checkpoint_dir_name(epoch: int, position: int = 0) -> str:
     """The folder a checkpoint of `epoch` is stored in, inside the run folder (Ray Train's runs and a
-    one-worker trial's alike; raydist.run_folder finds them by this name). One written inside the next
+    one-worker trial's alike; raydist.runs.run_folder finds them by this name). One written inside the next
     epoch, `position` images in (a spot notice's), sorts between that epoch's and the next's."""
     return f"{CHECKPOINT_PREFIX}{epoch:04d}" + (f"_at_{position:07d}" if position else "")
 

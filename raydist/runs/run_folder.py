@@ -5,7 +5,7 @@
     write_config(cfg)                                                   # <storage>/<name>/config.yaml
 
 A run folder (local path or URI: everything goes through pyarrow's filesystems) holds config.yaml, written
-before training starts, and checkpoint_epoch_NNNN/checkpoint.pt folders (raydist.engine writes their
+before training starts, and checkpoint_epoch_NNNN/checkpoint.pt folders (raydist.loop writes their
 content). A checkpoint folder can also be given to --resume on its own: it starts a new run from it.
 """
 
