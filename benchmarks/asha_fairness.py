@@ -40,8 +40,9 @@ GRACE, REDUCTION = 2, 2  # digits_quick's ASHA: rungs at epochs 2, 4, 8
 
 def curve(*, lr: float, epochs: int, schedule_epochs: int) -> list[float]:
     """val_acc after each epoch of one trial, trained in this process."""
-    cfg = validate(TrainConfig(dataset="digits", model="resnet8", num_workers=1, cpus_per_worker=1, batch_size=BATCH,
-                      lr=lr, epochs=epochs, schedule_epochs=schedule_epochs, checkpoint_every=0))
+    cfg = TrainConfig(dataset="digits", model="resnet8", num_workers=1, cpus_per_worker=1, batch_size=BATCH,
+                      lr=lr, epochs=epochs, schedule_epochs=schedule_epochs, checkpoint_every=0)
+    validate(cfg)
     with tempfile.TemporaryDirectory(prefix="asha-fairness-") as folder, contextlib.redirect_stdout(io.StringIO()):
         history = run(cfg, local_context(folder))
     return [m["val_acc"] for m in history]

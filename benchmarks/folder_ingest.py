@@ -145,7 +145,8 @@ def main():
     from raydist.data.augment import Augmenter
     from raydist.ray_edge.stream import StreamSource
     from raydist.data.sources import TensorSource
-    from raydist.data.folder import (IMAGENET_MEAN, IMAGENET_STD, decoded_bytes, load_folder_split, scan_folder, stored_size)
+    from raydist.data.folder import (IMAGENET_MEAN, IMAGENET_STD, decoded_bytes, load_folder_split, scan_folder,
+                                     stored_size)
 
     os.environ.setdefault("RAYDIST_CACHE_DIR", os.path.join(args.folder + "-cache"))
     index = scan_folder(args.folder, val_fraction=0.1)  # the training split is what is read

@@ -85,13 +85,15 @@ def raydist_side(model: str, batch: int, compile_: bool, device: torch.device, s
     images = steps * batch
     memory = {"channels_last": "on" if channels_last else "off"}
     if size == 224:
-        cfg = validate(TrainConfig(dataset="fake", fake_image_size=224, fake_num_classes=1000, fake_train_size=images,
+        cfg = TrainConfig(dataset="fake", fake_image_size=224, fake_num_classes=1000, fake_train_size=images,
                           model=model, batch_size=batch, compile=compile_, precision=precision, num_workers=1,
-                          warmup_epochs=0, cpus_per_worker=float(threads), **memory))
+                          warmup_epochs=0, cpus_per_worker=float(threads), **memory)
+        validate(cfg)
         train = FakeSource(images, 224, 1000, salt=0, device=device)
     else:
-        cfg = validate(TrainConfig(dataset="cifar10", model=model, batch_size=batch, compile=compile_, precision=precision,
-                          num_workers=1, warmup_epochs=0, cpus_per_worker=float(threads), **memory))
+        cfg = TrainConfig(dataset="cifar10", model=model, batch_size=batch, compile=compile_, precision=precision,
+                          num_workers=1, warmup_epochs=0, cpus_per_worker=float(threads), **memory)
+        validate(cfg)
         generator = torch.Generator().manual_seed(0)
         train = TensorSource(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=generator),
                              torch.randint(0, 10, (images,), generator=generator)).to(device)

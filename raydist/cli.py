@@ -12,12 +12,13 @@ import dataclasses
 import re
 import sys
 from typing import Optional
+
 import yaml
-from raydist.errors import ConfigError
-from raydist.config.fields import GROUPS, TrainConfig, base_type, coerce_values
+
+from raydist.config.fields import GROUPS, TrainConfig, base_type, coerce_values, load_yaml
 from raydist.config.values import flag_name, is_plain_value, is_worker_range, merge_config_values, split_worker_range
-from raydist.config.fields import load_yaml
 from raydist.config.yaml_files import load_yaml_text
+from raydist.errors import ConfigError
 from raydist.preflight import validate
 
 
@@ -135,8 +136,8 @@ def resolve(explicit: dict, config_files=None, base: Optional[dict] = None) -> T
     for name in ("wandb_project", "wandb_id"):
         if explicit.get(name) is not None and not (explicit.get("wandb") or values.get("wandb")) \
                 and not explicit.get("resume"):
-            raise ConfigError(f"{flag_name(name)} {explicit[name]} without --wandb: nothing would be logged to W&B; add "
-                              f"--wandb, or drop {flag_name(name)}")
+            raise ConfigError(f"{flag_name(name)} {explicit[name]} without --wandb: nothing would be logged to W&B; "
+                              f"add --wandb, or drop {flag_name(name)}")
     values = merge_config_values(values, split_worker_range(explicit, "--num-workers"))
     for name in explicit:
         origin.pop(name, None)

@@ -24,11 +24,10 @@ import os
 from typing import Optional
 
 from raydist.errors import ConfigError
+from raydist.ray_edge.cluster_file import describe_schema_error, read_cluster_file, schema_error, validate_cluster_file
 from raydist.ray_edge.planning import BOOTSTRAP_CONFIG, publish_cluster_config
-from raydist.ray_edge.cluster_file import describe_schema_error, schema_error, read_cluster_file, validate_cluster_file
 from raydist.ray_edge.session import START_HEAD, check_reachable
 from raydist.ray_edge.status import status
-
 
 # ---- run metrics in the dashboard, and the studies a cluster is running ---------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from typing import Optional
+
 from raydist.storage import filesystem, is_uri
 
 TEST_METRICS_FILE = "test_metrics.json"
@@ -25,10 +26,10 @@ TEST_METRICS_FILE = "test_metrics.json"
 
 def evaluate_saved(saved: dict, dataset, *, device) -> dict:
     """A saved model's accuracy and loss on `dataset` (a loaded split), in this process."""
-    from raydist.data.sizes import classes_predicted
     import torch
 
     from raydist.config.fields import TrainConfig
+    from raydist.data.sizes import classes_predicted
     from raydist.loop.evaluate import evaluate_model, uses_channels_last
     from raydist.models.transfer import load_trained_model
 
@@ -44,12 +45,12 @@ def evaluate_saved(saved: dict, dataset, *, device) -> dict:
 def measure_files(paths: dict[str, str], *, cpus: float = 1) -> dict[str, dict]:
     """label -> saved model file, each evaluated on its data set's test split (loaded once, with the run's
     classes and channels) on this process's device: the GPU Ray gave it, else the CPU."""
-    from raydist.runs.checkpoints import read_model_file
-    from raydist.data.sizes import class_list
     import torch
 
     from raydist.config.fields import TrainConfig
+    from raydist.data.sizes import class_list
     from raydist.data.sources import load_split
+    from raydist.runs.checkpoints import read_model_file
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":

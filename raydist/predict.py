@@ -23,8 +23,8 @@ import os
 import sys
 from typing import Optional
 
-from raydist.errors import ConfigError
 from raydist.cli import OneLineErrorParser
+from raydist.errors import ConfigError
 
 DESCRIPTION = """Classify image files (or every image in folders) with a trained raydist model: one line per
 image with its top-k classes and probabilities, or a CSV.
@@ -86,12 +86,12 @@ class Predictor:
     """A saved raydist model with its validation-time preprocessing and class names."""
 
     def __init__(self, path: str, device=None):
-        from raydist.data.sizes import classes_predicted
         import torch
 
         from raydist.config.fields import TrainConfig
-        from raydist.runs.checkpoints import read_model_file
+        from raydist.data.sizes import classes_predicted
         from raydist.models.transfer import load_trained_model
+        from raydist.runs.checkpoints import read_model_file
 
         self.path = model_file(path)
         try:
@@ -124,9 +124,9 @@ class Predictor:
 
     def stored_side(self) -> int:
         """The side images are decoded to, as the training data's were."""
+        from raydist.data.folder import stored_size
         from raydist.data.registry import DATASETS
         from raydist.data.sizes import input_side
-        from raydist.data.folder import stored_size
 
         if self.cfg.dataset == "folder":
             return stored_size(input_side(self.cfg))

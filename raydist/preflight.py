@@ -10,7 +10,7 @@ import math
 import re
 
 from raydist.config.fields import TrainConfig
-from raydist.config.values import flag_name, check_address, check_folder_name
+from raydist.config.values import check_address, check_folder_name, flag_name
 from raydist.errors import ConfigError
 
 
@@ -231,8 +231,8 @@ def _check_folder(cfg: TrainConfig) -> None:
 
 
 def _check_transfer(cfg: TrainConfig) -> None:
-    from raydist.data.sizes import class_list
     from raydist.data.registry import DATASETS
+    from raydist.data.sizes import class_list
 
     if cfg.pretrained and cfg.weights:
         raise ConfigError(f"--pretrained and --weights {cfg.weights} both name the starting weights; give one")

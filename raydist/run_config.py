@@ -17,19 +17,16 @@ import os
 import time
 from typing import Optional
 
-from raydist.errors import ConfigError
+from raydist.cli import resolve
 from raydist.config.fields import TrainConfig
 from raydist.config.values import require_package
-from raydist.cli import resolve
 from raydist.data.registry import DATASETS
-from raydist.data.sources import check_files
-from raydist.errors import DataFileCorrupt, DatasetNotFound
-from raydist.errors import FolderError
-from raydist.runs.run_folder import check_epochs_left, read_resume_target
-from raydist.runs.checkpoints import latest_checkpoint
-from raydist.storage import is_uri
 from raydist.data.sizes import classes_predicted
-
+from raydist.data.sources import check_files
+from raydist.errors import ConfigError, DataFileCorrupt, DatasetNotFound, FolderError
+from raydist.runs.checkpoints import latest_checkpoint
+from raydist.runs.run_folder import check_epochs_left, read_resume_target
+from raydist.storage import is_uri
 
 # ---- before the cluster: resolve and check everything that can be checked ---------------------------
 
@@ -126,11 +123,10 @@ def check_folder_fits(cfg: TrainConfig, memory_bytes: Optional[int] = None, clus
     """Before Ray starts on this machine: `--data-loader memory` must fit its workers' copies in half of its
     memory, and the streamed path (asked for, or auto's choice) needs CPUs the workers leave free for Ray
     Data's decoding."""
+    from raydist.data.folder import DECODE_CPUS, fits_in_memory, host_memory_bytes, stored_size
+    from raydist.data.sizes import input_side
     from raydist.data.sources import folder_index
     from raydist.loop.worker_data import folder_copy_bytes, streams_folder
-    from raydist.data.sizes import input_side
-    from raydist.data.folder import DECODE_CPUS
-    from raydist.data.folder import fits_in_memory, host_memory_bytes, stored_size
 
     memory_bytes = host_memory_bytes() if memory_bytes is None else memory_bytes
     per_worker = folder_copy_bytes(cfg)

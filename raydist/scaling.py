@@ -38,11 +38,10 @@ import sys
 import time
 from typing import Optional
 
-from raydist.errors import ConfigError
 from raydist.cli import OneLineErrorParser, parse_cli
+from raydist.errors import ConfigError
 from raydist.output.scaling_report import markdown, plot, write_csv
-from raydist.study.scaling_grid import Point, RULES, build_grid, efficiencies
-
+from raydist.study.scaling_grid import RULES, Point, build_grid, efficiencies
 
 # ---- the grid ---------------------------------------------------------------------------------------------
 
@@ -177,8 +176,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from raydist.ray_edge.fit import fit
 
     if points[0].cfg.address is not None:  # a cluster someone else started: as large as it can grow
-        from raydist.ray_edge import session
-        from raydist.ray_edge import planning
+        from raydist.ray_edge import planning, session
 
         try:
             session.connect(points[0].cfg.address, quiet=not points[0].cfg.verbose, bare_run_lines=True)

@@ -15,15 +15,15 @@ import sys
 from typing import Optional
 
 from raydist import final_eval
-from raydist.ray_edge import measure
-from raydist.output import console
-from raydist.errors import ConfigError
 from raydist.cli import parse_cli
+from raydist.errors import ConfigError
+from raydist.output import console
 from raydist.output.run_curves import CURVES_FILE
+from raydist.ray_edge import measure
 from raydist.ray_edge.fit import RunSummary, failure_cause, fit
-from raydist.run_config import prepare
 from raydist.ray_edge.session import disconnect
 from raydist.ray_edge.status import give_back_requests
+from raydist.run_config import prepare
 
 
 def print_summary(summary: RunSummary) -> None:

@@ -26,20 +26,18 @@ import time
 from pathlib import Path
 from typing import Optional
 
-
 from raydist import final_eval
-from raydist.ray_edge import measure
-from raydist.output import report
-from raydist.errors import ConfigError
 from raydist.config.fields import TrainConfig
 from raydist.config.values import check_address, check_folder_name, require_package
-from raydist.study.study import ONE_WORKER_TRIALS, Study
-from raydist.study.study_file import load_study
-from raydist.ray_edge.results import StudyResult
-from raydist.storage import is_uri
+from raydist.errors import ConfigError
+from raydist.output import report
 from raydist.preflight import validate
+from raydist.ray_edge import measure
+from raydist.ray_edge.results import StudyResult
 from raydist.ray_edge.study import Plan, run_study
-from raydist.study.study_file import STUDY_FILE
+from raydist.storage import is_uri
+from raydist.study.study import ONE_WORKER_TRIALS, Study
+from raydist.study.study_file import STUDY_FILE, load_study
 
 # The shipped studies: inside the package in a wheel (pyproject.toml maps search_spaces/ there), at the top
 # of the repository in a checkout or an editable install.

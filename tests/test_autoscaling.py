@@ -265,7 +265,8 @@ def test_storage_verdict():
     path = "/data/runs"
     error, _ = planning.storage_verdict(path, seen={"aa": True, "bb": False}, can_grow=False, assume_shared=True)
     assert error.startswith(f"--storage-path {path} is not shared: node bb cannot see it (1 of 2 node(s) cannot)")
-    assert planning.storage_verdict(path, seen={"aa": True, "bb": True}, can_grow=True, assume_shared=False) == (None, None)
+    verdict = planning.storage_verdict(path, seen={"aa": True, "bb": True}, can_grow=True, assume_shared=False)
+    assert verdict == (None, None)
     error, _ = planning.storage_verdict(path, seen={"aa": True}, can_grow=True, assume_shared=False)
     assert "none is up" in error and f"set {planning.SHARED_STORAGE_ENV}=1" in error and "\n" not in error
     error, warning = planning.storage_verdict(path, seen={"aa": True, "bb": None}, can_grow=True, assume_shared=True)
@@ -274,7 +275,8 @@ def test_storage_verdict():
                                   assume_shared=False)
     assert "node cc did not answer the check that it sees it (in 60 s)" in error
     assert planning.storage_verdict("/x", seen={"aa": True}, can_grow=False, assume_shared=False) == (None, None)
-    assert planning.is_local_path("file:///mnt/x") and planning.is_local_path("./runs") and not planning.is_local_path("s3://b/x")
+    assert planning.is_local_path("file:///mnt/x") and planning.is_local_path("./runs")
+    assert not planning.is_local_path("s3://b/x")
 
 
 def test_grow_to_counts_the_largest_nodes_within_max_workers():

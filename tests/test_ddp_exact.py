@@ -75,7 +75,8 @@ def test_resume_with_a_new_batch_size_lr_and_weight_decay_trains_with_them(tmp_p
     assert resumed[0]["epoch"] == 2
     assert resumed[0]["lr"] == pytest.approx(fresh[1]["lr"], rel=1e-12)
     assert resumed[0]["lr"] > 0.01 * 0.1 * 32 / 256  # not the zeroed LR of the old LambdaLR state
-    groups = load_checkpoint_file(str(tmp_path / "resumed" / "checkpoint_epoch_0002" / CHECKPOINT_FILE))["optimizer"]["param_groups"]
+    resumed_state = load_checkpoint_file(str(tmp_path / "resumed" / "checkpoint_epoch_0002" / CHECKPOINT_FILE))
+    groups = resumed_state["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
     assert [g["momentum"] for g in groups] == [0.8, 0.8]
 
@@ -99,8 +100,9 @@ def test_two_workers_with_compile_and_gradient_accumulation_learn_and_report_the
     """--compile under 2-worker DDP: the model is compiled, then wrapped in DDP (PyTorch's current advice;
     DDP marks its forward active, so Dynamo still splits the graph at DDP's buckets), with no_sync on the
     accumulating steps. It learns, and the accuracy it reports is the saved model's."""
-    cfg = validate(TrainConfig(epochs=4, compile=True, grad_accum=2, augment="crop_flip",
-                      **{**TWO_WORKERS, "batch_size": 32}))
+    cfg = TrainConfig(epochs=4, compile=True, grad_accum=2, augment="crop_flip",
+                      **{**TWO_WORKERS, "batch_size": 32})
+    validate(cfg)
     history = run_ddp(cfg, tmp_path)
     assert history[-1]["val_acc"] > 0.6  # it learned (chance: 0.1)
     final = load_checkpoint_file(str(tmp_path / FINAL_MODEL_FILE))
@@ -111,8 +113,9 @@ def test_two_workers_with_compile_and_gradient_accumulation_learn_and_report_the
 def test_a_model_with_its_own_arguments_trains_under_2_worker_ddp_and_is_rebuilt_from_its_file_alone(tmp_path):
     # Ray Tune's tutorial CNN with a searched shape (fully connected widths 64 and 32, not its 120 and 84) and
     # its LR convention (the optimizer's LR at any batch), augmentation on.
-    cfg = validate(TrainConfig(model="tune_cnn", model_args={"l1": 64, "l2": 32}, augment="crop_flip", lr_scaling="none",
-                      **{**TWO_WORKERS, "batch_size": 32, "lr": 0.05, "epochs": 4}))
+    cfg = TrainConfig(model="tune_cnn", model_args={"l1": 64, "l2": 32}, augment="crop_flip", lr_scaling="none",
+                      **{**TWO_WORKERS, "batch_size": 32, "lr": 0.05, "epochs": 4})
+    validate(cfg)
     history = run_ddp(cfg, tmp_path)
     assert history[-1]["val_acc"] > 0.6  # it learned (chance: 0.1; 0.84 here)
     assert history[0]["lr"] < 0.05 + 1e-9  # the LR as given, not scaled by the global batch of 64
@@ -120,7 +123,8 @@ def test_a_model_with_its_own_arguments_trains_under_2_worker_ddp_and_is_rebuilt
 
     final = load_checkpoint_file(str(tmp_path / FINAL_MODEL_FILE))
     assert final["model_args"] == {"l1": 64, "l2": 32}
-    net = load_trained_model(read_model_file(str(tmp_path / FINAL_MODEL_FILE)))  # no config from outside: the file's own
+    # no config from outside: the file's own
+    net = load_trained_model(read_model_file(str(tmp_path / FINAL_MODEL_FILE)))
     assert (net.fc1.out_features, net.fc2.out_features) == (64, 32)
     assert digits_val_accuracy(final) == pytest.approx(history[-1]["val_acc"], abs=1e-6)
 
@@ -130,9 +134,10 @@ def test_horovods_lr_rule_is_what_a_2_worker_run_trains_with(tmp_path):
     # rising per step from one worker's 0.1 during the first epoch, x 0.1 from epoch 3 (1-based).
     from raydist.loop.recipe import lr_factor
 
-    cfg = validate(TrainConfig(model="resnet8", augment="crop_flip", num_workers=2, cpus_per_worker=1.0, batch_size=64,
+    cfg = TrainConfig(model="resnet8", augment="crop_flip", num_workers=2, cpus_per_worker=1.0, batch_size=64,
                       lr=0.1, lr_scaling="per_worker", warmup_epochs=1, warmup_from="single_worker",
-                      lr_schedule="step", lr_milestones="2", epochs=3, nesterov=False))
+                      lr_schedule="step", lr_milestones="2", epochs=3, nesterov=False)
+    validate(cfg)
     history = run_ddp(cfg, tmp_path)
     updates, peak = 1438 // (64 * 2), 0.1 * 2  # 11 updates an epoch (each rank: 719 images // 64)
     expected = [peak * sum(lr_factor(u, warmup=updates, total=3 * updates, schedule="step", step_every=1,

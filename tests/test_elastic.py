@@ -17,7 +17,8 @@ from raydist.errors import ConfigError
 from raydist.config.fields import TrainConfig
 from raydist.cli import parse_cli
 from raydist.data.sizes import train_size
-from raydist.parallel.elastic import (batch_layout, epoch_order, epoch_steps, min_tail, split_sizes, step_ends, steps_in_epoch, update_at)
+from raydist.parallel.elastic import (batch_layout, epoch_order, epoch_steps, min_tail, split_sizes, step_ends,
+                                      steps_in_epoch, update_at)
 from raydist.runs.checkpoints import CHECKPOINT_FILE, load_checkpoint_file
 from raydist.loop.state import TrainingState
 from raydist.loop.context import local_context
@@ -95,9 +96,10 @@ def test_the_audits_elastic_epoch_with_a_one_image_tail_trains_a_batchnorm_netwo
     """33 fake images in global batches of 16 on 1 worker ended in a 1-image micro-batch, and resnet18's
     BatchNorm raised "Expected more than 1 value per channel when training"; the tail now joins the step
     before it, and every image is trained on."""
-    cfg = validate(TrainConfig(dataset="fake", fake_train_size=33, fake_val_size=8, fake_image_size=32, fake_num_classes=4,
+    cfg = TrainConfig(dataset="fake", fake_train_size=33, fake_val_size=8, fake_image_size=32, fake_num_classes=4,
                       model="resnet18_imagenet", num_workers=2, min_workers=1, batch_size=16, global_batch=16,
-                      epochs=1, warmup_epochs=0, cpus_per_worker=1.0))
+                      epochs=1, warmup_epochs=0, cpus_per_worker=1.0)
+    validate(cfg)
     (metrics,) = run_ddp(cfg, tmp_path, world_size=1)
     assert metrics["images_seen"] == 33 and math.isfinite(metrics["train_loss"])
 
@@ -144,8 +146,9 @@ def test_a_warmup_from_one_workers_lr_is_the_same_on_every_worker_count_of_an_el
     """--warmup-from single_worker started at 1 / the current workers: on a resize inside the warmup the LR
     jumped (epoch 2 of 5: 0.400, 0.283, 0.225 on 1, 2, 4 workers; none at all on 1). It rises from one
     worker's share of the fixed global batch (32 of 128 here)."""
-    cfg = validate(TrainConfig(num_workers=4, min_workers=1, batch_size=32, epochs=10, warmup_epochs=5,
-                      warmup_from="single_worker"))
+    cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=32, epochs=10, warmup_epochs=5,
+                      warmup_from="single_worker")
+    validate(cfg)
     states = [TrainingState(cfg, device=torch.device("cpu"), rank=0, world=w, train_set=range(N), val_set=[])
               for w in (1, 2, 4)]
     per_epoch = states[0].updates_per_epoch
@@ -158,8 +161,9 @@ def test_a_warmup_from_one_workers_lr_is_the_same_on_every_worker_count_of_an_el
         assert state.schedule.lr_at(0) == pytest.approx(peak * (0.25 + 0.75 / warmup))
     # a --global-batch laid out for 4 workers of 64 accumulated twice: one worker's share is still 1/4 (not
     # --batch-size / --global-batch = 1/8, which ignored each worker's accumulation to its share)
-    cfg = validate(TrainConfig(num_workers=4, min_workers=1, batch_size=32, global_batch=256, epochs=10, warmup_epochs=5,
-                      warmup_from="single_worker"))
+    cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=32, global_batch=256, epochs=10, warmup_epochs=5,
+                      warmup_from="single_worker")
+    validate(cfg)
     for world in (1, 2, 4):
         state = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=world, train_set=range(N), val_set=[])
         peak, warmup = cfg.lr * 256 / 256, 5 * state.updates_per_epoch

@@ -65,7 +65,8 @@ def test_early_stopping_stops_at_the_first_epoch_meeting_the_target_for_patience
     assert len(history) == first + 1 < 15
     assert history[-1]["stop_reason"] == "target_accuracy"
     assert all(m["stop_reason"] == "" for m in history[:-1])
-    assert os.path.exists(tmp_path / f"checkpoint_epoch_{first + 1:04d}" / CHECKPOINT_FILE)  # the stopping epoch is saved
+    # the stopping epoch is saved
+    assert os.path.exists(tmp_path / f"checkpoint_epoch_{first + 1:04d}" / CHECKPOINT_FILE)
     final = load_checkpoint_file(str(tmp_path / FINAL_MODEL_FILE))
     assert final["metrics"]["epoch"] == first + 1 and final["config"]["target_accuracy"] == 0.6
 
@@ -83,8 +84,9 @@ def test_resume_continues_at_the_next_epoch_and_reproduces_the_uninterrupted_run
 
 
 def test_non_finite_loss_stops_with_a_clear_reason_and_no_checkpoint(tmp_path, capsys):
-    cfg = validate(TrainConfig(epochs=4, lr=1e9, warmup_epochs=0.0, **{k: v for k, v in FAST.items()
-                                                              if k not in ("lr", "warmup_epochs")}))
+    cfg = TrainConfig(epochs=4, lr=1e9, warmup_epochs=0.0, **{k: v for k, v in FAST.items()
+                                                              if k not in ("lr", "warmup_epochs")})
+    validate(cfg)
     history = run(cfg, local_context(str(tmp_path)))
     assert history[-1]["stop_reason"] == "diverged" and len(history) < 4
     assert not math.isfinite(history[-1]["train_loss"])
@@ -94,8 +96,9 @@ def test_non_finite_loss_stops_with_a_clear_reason_and_no_checkpoint(tmp_path, c
 
 
 def test_grad_accumulation_and_adamw_and_label_smoothing_learn(tmp_path):
-    cfg = validate(TrainConfig(epochs=4, optimizer="adamw", lr=0.02, grad_accum=2, label_smoothing=0.1, batch_size=64,
-                      **{k: v for k, v in FAST.items() if k not in ("lr", "batch_size")}))
+    cfg = TrainConfig(epochs=4, optimizer="adamw", lr=0.02, grad_accum=2, label_smoothing=0.1, batch_size=64,
+                      **{k: v for k, v in FAST.items() if k not in ("lr", "batch_size")})
+    validate(cfg)
     history = run(cfg, local_context(str(tmp_path)))
     assert history[-1]["val_acc"] > 0.6
     # the linear scaling rule's global batch counts accumulated steps: peak = 0.02 x (64 x 2) / 256; each
@@ -178,8 +181,9 @@ def test_lp_ft_gives_the_probe_and_the_fine_tuning_a_schedule_each(tmp_path):
 
     source = tmp_path / "w.pth"
     torch.save(create_model("resnet8", num_classes=10).state_dict(), source)
-    cfg = validate(TrainConfig(weights=str(source), finetune="lp-ft", freeze_epochs=2, epochs=6, warmup_epochs=1,
-                      **{k: v for k, v in FAST.items() if k != "warmup_epochs"}))
+    cfg = TrainConfig(weights=str(source), finetune="lp-ft", freeze_epochs=2, epochs=6, warmup_epochs=1,
+                      **{k: v for k, v in FAST.items() if k != "warmup_epochs"})
+    validate(cfg)
     train, val = load_split("digits", "train"), load_split("digits", "val")
     state = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=1, train_set=train, val_set=val)
     per_epoch = state.updates_per_epoch
@@ -198,8 +202,9 @@ def test_lp_ft_gives_the_probe_and_the_fine_tuning_a_schedule_each(tmp_path):
 def test_a_loss_that_explodes_but_stays_finite_is_divergence_in_the_epoch_it_happens(tmp_path, capsys):
     """LR 300 per 256: the training loss reaches about 1e11 in the first epoch and stays finite for two
     more; it used to be reported as a finished run."""
-    cfg = validate(TrainConfig(epochs=3, lr=300.0, warmup_epochs=0.0, lr_schedule="constant",
-                      **{k: v for k, v in FAST.items() if k not in ("lr", "warmup_epochs")}))
+    cfg = TrainConfig(epochs=3, lr=300.0, warmup_epochs=0.0, lr_schedule="constant",
+                      **{k: v for k, v in FAST.items() if k not in ("lr", "warmup_epochs")})
+    validate(cfg)
     history = run(cfg, local_context(str(tmp_path)))
     assert len(history) == 1 and history[0]["stop_reason"] == "diverged"
     assert math.isfinite(history[0]["train_loss"]) and history[0]["train_loss"] > 1000 * math.log(10)

@@ -66,11 +66,13 @@ def _plain_accuracy(path, data_dir):
 def test_the_final_model_and_a_checkpoint_are_measured_on_the_test_split(tmp_path):
     data_dir = str(tmp_path / "data")
     write_fashion(data_dir)
-    cfg = validate(TrainConfig(dataset="fashion_mnist", data_dir=data_dir, epochs=3, checkpoint_every=1, num_workers=1,
-                      cpus_per_worker=2.0, batch_size=32, lr=0.2, warmup_epochs=0.5))
+    cfg = TrainConfig(dataset="fashion_mnist", data_dir=data_dir, epochs=3, checkpoint_every=1, num_workers=1,
+                      cpus_per_worker=2.0, batch_size=32, lr=0.2, warmup_epochs=0.5)
+    validate(cfg)
     history = run(cfg, local_context(str(tmp_path / "run")))
     assert history[-1]["val_acc"] >= 0.9
-    final, checkpoint = str(tmp_path / "run" / FINAL_MODEL_FILE), str(tmp_path / "run" / "checkpoint_epoch_0002" / CHECKPOINT_FILE)
+    final = str(tmp_path / "run" / FINAL_MODEL_FILE)
+    checkpoint = str(tmp_path / "run" / "checkpoint_epoch_0002" / CHECKPOINT_FILE)
     measured = measure_files({"final model": final, "best checkpoint": checkpoint}, cpus=2)
     assert measured["final model"]["images"] == measured["best checkpoint"]["images"] == N_TEST
     assert measured["best checkpoint"]["epoch"] == 2 and measured["final model"]["epoch"] == 3

@@ -293,8 +293,9 @@ def test_a_folder_too_large_for_the_workers_memory_is_refused_before_ray(split_f
     from raydist.run_config import check_folder_fits
 
     root, _ = split_folder
-    cfg = validate(TrainConfig(dataset="folder", data_dir=str(root), input_size=224, num_workers=2,
-                      data_loader="memory"))
+    cfg = TrainConfig(dataset="folder", data_dir=str(root), input_size=224, num_workers=2,
+                      data_loader="memory")
+    validate(cfg)
     index = scan_folder(str(root), val_fraction=0.1)
     per_worker = sum(len(files) for files in index.splits.values()) * 3 * 256 * 256  # stored at 256 for 224
     check_folder_fits(cfg, memory_bytes=4 * per_worker)  # two workers, half the memory: fits

@@ -20,7 +20,8 @@ from raydist.errors import ConfigError
 from raydist.config.fields import TrainConfig
 from raydist.runs.checkpoints import FINAL_MODEL_FILE, load_checkpoint_file
 from raydist.models.registry import MODELS, create_model
-from raydist.parallel.pipeline import (Pipeline, balanced_stage_sizes, measured_seconds, models_with_units, pipeline_units, stage_devices, unit_costs)
+from raydist.parallel.pipeline import (Pipeline, balanced_stage_sizes, measured_seconds, models_with_units,
+                                       pipeline_units, stage_devices, unit_costs)
 from raydist.preflight import validate
 
 CPU = torch.device("cpu")
@@ -246,9 +247,10 @@ def test_two_workers_train_the_split_model_and_save_the_unsplit_models_weights(t
     micro-batches (all on its CPU), DDP over the split model, augmentation on. The stages are balanced by
     measured time, which differs between the ranks: rank 0's costs are broadcast, so both cut alike (else
     DDP's buckets would not match)."""
-    cfg = validate(TrainConfig(model="resnet8", model_parallel=2, micro_batches=2, pipeline_balance="time", use_gpu=False,
+    cfg = TrainConfig(model="resnet8", model_parallel=2, micro_batches=2, pipeline_balance="time", use_gpu=False,
                       augment="crop_flip", num_workers=2, cpus_per_worker=1.0, batch_size=64, lr=0.8,
-                      warmup_epochs=0.5, epochs=4))
+                      warmup_epochs=0.5, epochs=4)
+    validate(cfg)
     history = run_ddp(cfg, tmp_path)
     assert [m["world_size"] for m in history] == [2] * 4
     assert history[-1]["val_acc"] > 0.6  # it learned (chance: 0.1; 0.80 here, the unsplit model 0.61)

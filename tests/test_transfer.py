@@ -20,7 +20,8 @@ from raydist.loop.context import local_context
 from raydist.loop.run import run
 from raydist.models.registry import MODELS, create_model
 from raydist.errors import WeightsError
-from raydist.models.transfer import (backbone_stages, build_model, first_conv, pretrained_source, read_weights_file, transfer_units)
+from raydist.models.transfer import (backbone_stages, build_model, first_conv, pretrained_source, read_weights_file,
+                                     transfer_units)
 from raydist.preflight import validate
 
 TARGET = dict(dataset="digits", classes="5-9", train_per_class=20, num_workers=2, cpus_per_worker=1.0,
@@ -32,8 +33,9 @@ LEARNED = 0.35  # validation accuracy on digits 5-9 after a few epochs on 100 im
 def source_run(tmp_path_factory):
     """A raydist run on digits 0-4 (the source task): its folder, holding model_final.pt and checkpoints."""
     folder = tmp_path_factory.mktemp("source")
-    cfg = validate(TrainConfig(dataset="digits", classes="0-4", epochs=8, num_workers=1, cpus_per_worker=2.0,
-                      batch_size=32, lr=0.4, warmup_epochs=0.5))
+    cfg = TrainConfig(dataset="digits", classes="0-4", epochs=8, num_workers=1, cpus_per_worker=2.0,
+                      batch_size=32, lr=0.4, warmup_epochs=0.5)
+    validate(cfg)
     history = run(cfg, local_context(str(folder)))
     assert history[-1]["val_acc"] > 0.9  # it learned its 5 classes (chance: 0.2)
     return folder
@@ -259,8 +261,9 @@ def test_linear_probe_changes_the_head_only_and_keeps_no_state_for_frozen_tensor
 
 
 def test_gradual_unfreezes_one_stage_per_epoch_and_a_resume_lands_in_the_right_stage(tmp_path, source_run):
-    cfg = validate(TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), finetune="gradual", unfreeze_every=1,
-                      epochs=4, **TARGET))
+    cfg = TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), finetune="gradual", unfreeze_every=1,
+                      epochs=4, **TARGET)
+    validate(cfg)
     full = run_ddp(cfg, tmp_path / "full")
     net = build_model("resnet8", num_classes=5)
     sizes = {name: sum(p.numel() for m in modules for p in m.parameters()) for name, modules in backbone_stages(net)}
@@ -304,8 +307,9 @@ def test_each_variant_trains_under_2_worker_ddp_and_reports_its_saved_models_acc
 def test_gradual_unfreezing_works_with_torch_compile(tmp_path, source_run):
     """A new trainable set recompiles the model (requires_grad is part of compile's guards); one worker in
     this process, so the compile happens once here rather than in every DDP process."""
-    cfg = validate(TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), finetune="gradual", compile=True, epochs=3,
-                      **{**TARGET, "num_workers": 1, "cpus_per_worker": 2.0, "batch_size": 20}))
+    cfg = TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), finetune="gradual", compile=True, epochs=3,
+                      **{**TARGET, "num_workers": 1, "cpus_per_worker": 2.0, "batch_size": 20})
+    validate(cfg)
     history = run(cfg, local_context(str(tmp_path)))
     assert [m["trainable_params"] for m in history] == sorted({m["trainable_params"] for m in history})
     assert len(history) == 3 and max(m["val_acc"] for m in history) > LEARNED
@@ -317,8 +321,9 @@ def test_a_file_the_driver_could_not_check_that_does_not_fit_is_the_workers_one_
     """On a cluster joined with --address the driver may not see the file: the workers check it."""
     from raydist.errors import WorkerInputError
 
-    cfg = validate(TrainConfig(model="wrn_dli", weights=str(source_run / FINAL_MODEL_FILE), epochs=1,
-                      **{**TARGET, "num_workers": 1}))
+    cfg = TrainConfig(model="wrn_dli", weights=str(source_run / FINAL_MODEL_FILE), epochs=1,
+                      **{**TARGET, "num_workers": 1})
+    validate(cfg)
     with pytest.raises(WorkerInputError, match=r"does not fit --model wrn_dli: .* \(on node local\)$"):
         run(cfg, local_context(str(tmp_path)))
 

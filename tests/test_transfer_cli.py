@@ -21,8 +21,9 @@ from raydist.preflight import validate
 def source_weights(tmp_path_factory):
     """resnet8 trained on digits 0-4 by raydist's loop: the model_final.pt that transfer starts from."""
     folder = tmp_path_factory.mktemp("source")
-    cfg = validate(TrainConfig(dataset="digits", classes="0-4", epochs=8, num_workers=1, cpus_per_worker=2.0,
-                      batch_size=32, lr=0.4, warmup_epochs=0.5))
+    cfg = TrainConfig(dataset="digits", classes="0-4", epochs=8, num_workers=1, cpus_per_worker=2.0,
+                      batch_size=32, lr=0.4, warmup_epochs=0.5)
+    validate(cfg)
     assert run(cfg, local_context(str(folder)))[-1]["val_acc"] > 0.9
     return str(folder / FINAL_MODEL_FILE)
 

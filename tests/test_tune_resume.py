@@ -263,9 +263,10 @@ def test_a_trial_process_that_died_between_its_checkpoint_and_its_report_resumes
     from raydist.run_config import prepare
 
     trial_path = str(tmp_path / "trial_x")
-    cfg = validate(TrainConfig(dataset="digits", model="resnet8", num_workers=1, cpus_per_worker=1, epochs=3,
+    cfg = TrainConfig(dataset="digits", model="resnet8", num_workers=1, cpus_per_worker=1, epochs=3,
                       batch_size=32, lr=0.4, warmup_epochs=0, keep_checkpoints=1, keep_by="val_loss",
-                      storage_path=trial_path, name="run"))
+                      storage_path=trial_path, name="run")
+    validate(cfg)
     cfg = prepare(cfg, explicit={})
     reports = []
     fit_in_trial(cfg, trial_path=trial_path, on_report=reports.append)

@@ -16,10 +16,16 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from raydist.errors import ConfigError
+from raydist.config.values import (
+    WORKER_RANGE_RULE,
+    fold_model_args,
+    is_model_arg_key,
+    is_plain_value,
+    is_worker_range,
+    split_worker_range,
+)
 from raydist.config.yaml_files import read_yaml_mapping
-from raydist.config.values import WORKER_RANGE_RULE, is_plain_value, fold_model_args, is_model_arg_key, is_worker_range, split_worker_range
-
+from raydist.errors import ConfigError
 
 MIN_MICRO_BATCH = 2  # images an elastic run feeds a worker at once, at least: BatchNorm needs more than one
 

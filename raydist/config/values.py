@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 from typing import Any, Optional
-from raydist.errors import ConfigError
 
+from raydist.errors import ConfigError
 
 MODEL_ARG_PREFIX = "model_args."
 

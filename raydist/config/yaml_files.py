@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import re
+
 import yaml
+
 from raydist.errors import ConfigError
 
 

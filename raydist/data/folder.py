@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+
 from raydist.errors import FolderError, TooManyBadImages
 from raydist.storage import filesystem
-
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation")}

@@ -5,14 +5,14 @@ starts, and for the run folder's classes.json)."""
 from __future__ import annotations
 
 from typing import Optional
+
 import torch
-from raydist.data.sources import folder_index, load_digits_split
+
 from raydist.config.fields import TrainConfig
-from raydist.errors import ConfigError
-from raydist.data.registry import parse_classes, CIFAR10_NAMES, DATASETS, DIGIT_NAMES, FASHION_MNIST_NAMES
+from raydist.data.registry import CIFAR10_NAMES, DATASETS, DIGIT_NAMES, FASHION_MNIST_NAMES, parse_classes
+from raydist.data.sources import folder_index, load_digits_split
 from raydist.data.splits import held_out_count, subset_size
-
-
+from raydist.errors import ConfigError
 
 FILE_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}  # the published training
 # sets, each with the same number of images per class

@@ -25,8 +25,9 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
 from raydist.data.registry import DATASETS, SPLITS, register_dataset
-from raydist.data.splits import DIGITS_SPLIT_SEED, SUBSET_SEED, subset_size, held_out
+from raydist.data.splits import DIGITS_SPLIT_SEED, SUBSET_SEED, held_out, subset_size
 
 DIGITS_SIZE = 1797  # images in scikit-learn's digits
 

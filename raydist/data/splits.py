@@ -4,8 +4,8 @@ size subsets, and each rank's shard of an epoch (pure index arithmetic on torch 
 from __future__ import annotations
 
 from typing import Iterator, Optional
-import torch
 
+import torch
 
 DIGITS_SPLIT_SEED = 0  # fixed: the digits validation set is the same whatever --seed says
 

@@ -12,13 +12,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
+
 import torch
+
 from raydist.config.fields import TrainConfig
-from raydist.runs.checkpoints import CHECKPOINT_FILE, checkpoint_dir_name
+from raydist.runs.checkpoints import CHECKPOINT_FILE, checkpoint_dir_name, checkpoints_to_keep
 from raydist.storage import filesystem
-from raydist.runs.checkpoints import checkpoints_to_keep
-
-
 
 # "module:function" (importable on every node): called with every micro-batch a rank trains on, as keyword
 # arguments epoch, end (the step's end position in the epoch), world, rank and indices (the images). For
@@ -119,7 +118,6 @@ def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, 
     checkpoints already in the folder, when a trial resumes there. `epoch_lines`: print a line per epoch
     (a study's driver prints its own lines instead)."""
     import posixpath
-
 
     from raydist.storage import write_atomically
 

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
 import torch
 from torch import nn
-from raydist.data.augment import Augmenter
+
 from raydist.config.fields import TrainConfig
+from raydist.data.augment import Augmenter
 from raydist.data.registry import DATASETS
-from raydist.data.splits import shard_indices
-from raydist.parallel.pipeline import Pipeline
-from raydist.loop.worker_data import data_batches
 from raydist.data.sizes import input_side
+from raydist.data.splits import shard_indices
 from raydist.loop.recipe import autocast_dtype
+from raydist.loop.worker_data import data_batches
+from raydist.parallel.pipeline import Pipeline
 
 
 def input_pipeline(cfg: TrainConfig, device, *, seed: int = 0) -> Augmenter:

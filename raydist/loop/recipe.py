@@ -8,9 +8,11 @@ from __future__ import annotations
 import math
 import os
 from typing import Callable, Optional, Sequence
+
 import torch
-from raydist.data.augment import Augmenter
+
 from raydist.config.fields import TrainConfig
+from raydist.data.augment import Augmenter
 from raydist.data.sizes import input_side
 
 

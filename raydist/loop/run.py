@@ -17,19 +17,23 @@ import torch
 import torch.distributed as dist
 
 from raydist.config.fields import TrainConfig
-from raydist.output.wandb_log import WandbRun
-from raydist.output.wandb_log import run_id as wandb_run_id
-from raydist.errors import WeightsError
-from raydist.errors import DataUnavailable, OutOfMemory, WorkerInputError
-from raydist.runs.checkpoints import FINAL_MODEL_FILE, final_model_bytes
-from raydist.loop.context import WorkerContext
-from raydist.loop.recipe import DIVERGED, checkpoint_hint, divergence, is_out_of_memory, out_of_memory_message, seed_epoch
+from raydist.data.sizes import classes_predicted
+from raydist.errors import DataUnavailable, OutOfMemory, WeightsError, WorkerInputError
+from raydist.loop.context import WorkerContext, report_with_checkpoint
+from raydist.loop.recipe import (
+    DIVERGED,
+    checkpoint_hint,
+    divergence,
+    is_out_of_memory,
+    out_of_memory_message,
+    seed_epoch,
+)
 from raydist.loop.spot import SpotWatch, resize_line
 from raydist.loop.state import TrainingState
 from raydist.loop.worker_data import load_data_once_per_node, load_source
-from raydist.loop.context import report_with_checkpoint
-from raydist.data.sizes import classes_predicted
-
+from raydist.output.wandb_log import WandbRun
+from raydist.output.wandb_log import run_id as wandb_run_id
+from raydist.runs.checkpoints import FINAL_MODEL_FILE, final_model_bytes
 
 # ---- building blocks ------------------------------------------------------------------------------
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import time
 from typing import Optional
+
 import torch
 import torch.distributed as dist
+
 from raydist.config.fields import TrainConfig
-from raydist.parallel.elastic import FIRST_CHECK_AFTER, Step, check_every
-from raydist.loop.context import WorkerContext
-from raydist.loop.context import report_with_checkpoint
+from raydist.loop.context import WorkerContext, report_with_checkpoint
 from raydist.loop.evaluate import EpochSums
+from raydist.parallel.elastic import FIRST_CHECK_AFTER, Step, check_every
 
 
 class SpotWatch:

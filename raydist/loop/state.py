@@ -11,23 +11,31 @@ import inspect
 import math
 import time
 from typing import Callable, Optional, Sequence
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from raydist.config.fields import TrainConfig, lr_scale
-from raydist.parallel.elastic import Step, batch_layout, epoch_order, epoch_steps, min_tail, single_worker_share, steps_in_epoch, update_at
+
+from raydist.config.fields import TrainConfig, backbone_lr_mult, lr_scale
+from raydist.data.sizes import classes_predicted, input_side, predicted_class_names
 from raydist.data.splits import shard_indices, steps_per_epoch
-from raydist.parallel.pipeline import Pipeline, pipeline_units, stage_devices, unit_costs
-from raydist.models.transfer import Unit, build_model, freeze_norms, set_trainable, transfer_units, unfrozen_stages
 from raydist.errors import WorkerInputError
-from raydist.config.fields import backbone_lr_mult
-from raydist.data.sizes import input_side
 from raydist.loop.evaluate import EpochSums, evaluate_model, input_pipeline, uses_channels_last
 from raydist.loop.recipe import EarlyStop, Schedule, autocast_dtype, lr_factor
 from raydist.loop.worker_data import data_batches
-from raydist.data.sizes import classes_predicted, predicted_class_names
-
+from raydist.models.transfer import Unit, build_model, freeze_norms, set_trainable, transfer_units, unfrozen_stages
+from raydist.parallel.elastic import (
+    Step,
+    batch_layout,
+    epoch_order,
+    epoch_steps,
+    min_tail,
+    single_worker_share,
+    steps_in_epoch,
+    update_at,
+)
+from raydist.parallel.pipeline import Pipeline, pipeline_units, stage_devices, unit_costs
 
 # DDP's switch for the per-forward buffer broadcast: `forward_sync_buffers` from torch 2.15 (which deprecates
 # `broadcast_buffers`; both keep the broadcast at wrapping, when every rank's buffers are equal anyway).

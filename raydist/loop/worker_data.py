@@ -8,17 +8,16 @@ from __future__ import annotations
 import contextlib
 import os
 from typing import Callable, Optional
+
 import torch
 import torch.distributed as dist
+
 from raydist.config.fields import TrainConfig
 from raydist.data.registry import DATASETS
+from raydist.data.sizes import class_list, input_side
 from raydist.data.sources import download_lock, load_splits
-from raydist.errors import DatasetNotFound
+from raydist.errors import DatasetNotFound, DataUnavailable, WeightsError, WorkerInputError
 from raydist.models.transfer import pretrained_source, read_weights_file
-from raydist.errors import WeightsError
-from raydist.errors import DataUnavailable, WorkerInputError
-from raydist.data.sizes import input_side
-from raydist.data.sizes import class_list
 
 
 def load_source(cfg: TrainConfig, *, node_id: str):
@@ -103,8 +102,8 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
 
 def folder_copy_bytes(cfg: TrainConfig) -> int:
     """What one worker holds of cfg's image folder decoded, on the memory path."""
-    from raydist.data.sources import folder_index
     from raydist.data.folder import decoded_bytes, stored_size
+    from raydist.data.sources import folder_index
 
     return decoded_bytes(folder_index(cfg.data_dir, cfg.val_fraction), stored_size(input_side(cfg)))
 

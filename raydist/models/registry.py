@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from torch import nn
+
 from raydist.errors import ModelArgError
 
 

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from raydist.models.registry import MODELS, create_model
 from raydist.errors import WeightsError
+from raydist.models.registry import MODELS, create_model
 from raydist.storage import filesystem, is_uri
 
 HEAD = "fc"  # every registered model's classifier

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import os
 from typing import Optional
-from raydist.storage import is_uri
-from raydist.storage import filesystem
 
+from raydist.storage import filesystem, is_uri
 
 CURVES_FILE = "curves.png"
 

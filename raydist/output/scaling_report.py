@@ -7,9 +7,8 @@ from __future__ import annotations
 import csv
 import os
 from typing import Optional
-from raydist.study.scaling_grid import Point, summarize
-from raydist.study.scaling_grid import COLUMNS, row
 
+from raydist.study.scaling_grid import COLUMNS, Point, row, summarize
 
 TABLE_COLUMNS = tuple(c for c in COLUMNS if c != "seed") + ("reached",)
 

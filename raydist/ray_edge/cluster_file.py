@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
-from raydist.errors import ConfigError
 
+from raydist.errors import ConfigError
 
 # What a cluster file needs at least (Ray's schema requires these two; provider needs its type).
 CLUSTER_FILE_NEEDS = "a Ray cluster file is a YAML mapping with at least cluster_name and provider (with its type)"

@@ -6,7 +6,8 @@ in a fraction of a second.
 from __future__ import annotations
 
 import numpy as np
-from raydist.data.folder import folder_filesystem, decode_image
+
+from raydist.data.folder import decode_image, folder_filesystem
 
 
 def decode_files(batch: dict, *, root: str, stored: int) -> dict:

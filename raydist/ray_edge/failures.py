@@ -20,8 +20,9 @@ import traceback
 from typing import Optional
 
 from ray.train import UserCallback  # RAY: the restart notice runs in the Train controller
-from raydist.storage import write_atomically
+
 from raydist.errors import TRACEBACK_ATTRIBUTE
+from raydist.storage import write_atomically
 
 ERROR_LOG = "error.log"  # in the run folder (a study's trial: in the trial folder)
 

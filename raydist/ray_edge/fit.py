@@ -9,11 +9,12 @@ import dataclasses
 import os
 import time
 from typing import Callable, Optional
+
 from raydist.config.fields import TrainConfig
 from raydist.config.values import metric_mode
-from raydist.runs.run_folder import write_config
-from raydist.run_config import check_sync_batchnorm
 from raydist.output.run_curves import write_run_curves
+from raydist.run_config import check_sync_batchnorm
+from raydist.runs.run_folder import write_config
 
 
 @dataclasses.dataclass
@@ -149,12 +150,10 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
     import ray
     import torch
 
-    from raydist.ray_edge.metrics import RunMetrics
-
-    from raydist.runs.checkpoints import FINAL_MODEL_FILE, best_checkpoint
-    from raydist.loop.run import run
     from raydist.loop.context import run_folder_context
-    from raydist.runs.checkpoints import latest_readable_checkpoint
+    from raydist.loop.run import run
+    from raydist.ray_edge.metrics import RunMetrics
+    from raydist.runs.checkpoints import FINAL_MODEL_FILE, best_checkpoint, latest_readable_checkpoint
     from raydist.runs.history import HistoryWriter
 
     t0, started = time.perf_counter(), time.time()

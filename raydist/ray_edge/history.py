@@ -27,8 +27,8 @@ from typing import Optional
 
 from ray.train import UserCallback
 from ray.tune.schedulers import ASHAScheduler
-from raydist.runs.history import HistoryWriter, read_history
 
+from raydist.runs.history import HistoryWriter, read_history
 
 # ---- the history file ----------------------------------------------------------------------------------
 

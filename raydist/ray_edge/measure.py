@@ -5,7 +5,8 @@ model and best checkpoint, a study's best model; written to test_metrics.json be
 from __future__ import annotations
 
 from typing import Optional
-from raydist.final_eval import TEST_METRICS_FILE, storage_uri, write_json, measure_files
+
+from raydist.final_eval import TEST_METRICS_FILE, measure_files, storage_uri, write_json
 
 
 def measure_on_cluster(paths: dict[str, str], *, use_gpu: bool, cpus: float) -> dict[str, dict]:
@@ -36,8 +37,8 @@ def measure_run(cfg, summary) -> Optional[dict]:
     when the data set has no test split or there is nothing saved to measure (a diverged run without a
     checkpoint); {"error": ...} when the measurement failed (the run itself stands)."""
     from raydist.data.registry import has_test_split
-    from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE
     from raydist.loop.recipe import DIVERGED
+    from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE
 
     if not has_test_split(cfg.dataset):
         return None
@@ -55,9 +56,9 @@ def measure_run(cfg, summary) -> Optional[dict]:
 
 def measure_study(result) -> Optional[dict]:
     """A finished study's exported best model (best_model.pt) on the test split, once; written beside it."""
-    from raydist.runs.checkpoints import read_model_file
     from raydist.config.fields import TrainConfig
     from raydist.data.registry import has_test_split
+    from raydist.runs.checkpoints import read_model_file
 
     if not result.best_model or result.interrupted:  # an interrupted study measures when it is finished
         return None

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-
 # What every run exports through Ray's metrics API each epoch: Ray's metrics agent on the node serves them
 # (as ray_raydist_<name>) where Prometheus scrapes, beside Ray's own CPU/GPU/memory metrics, and the
 # dashboard's Metrics view shows them once Grafana and Prometheus are set up as Ray documents.

@@ -6,10 +6,11 @@ shared by every node.
 
 from __future__ import annotations
 
-import os
 import dataclasses
 import math
+import os
 from typing import Optional
+
 from raydist.errors import ConfigError
 from raydist.ray_edge.session import LOCAL_CLUSTER_ENV
 

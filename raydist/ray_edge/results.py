@@ -21,8 +21,8 @@ from typing import Optional
 import yaml
 
 from raydist.output import report
-from raydist.study.study import PER_TRIAL_FIELDS, Study
 from raydist.storage import filesystem, is_uri
+from raydist.study.study import PER_TRIAL_FIELDS, Study
 
 LOG_KINDS = ("loguniform", "qloguniform")  # the search_space.DISTRIBUTIONS sampled on a log scale
 
@@ -55,8 +55,8 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
         config = result.config or saved.get(trial_id, (None, {}))[1] or {}
         sample = {k: _plain(config.get(k)) for k in study.searched}
         planned = study.planned_config(sample).epochs if sample and all(v is not None for v in sample.values()) else 0
-        checkpoint, weights_epoch = checkpoint_of_best_epoch(history, report.best_record(history, study.metric, study.mode),
-                                                    study, experiment_path)
+        best_epoch = report.best_record(history, study.metric, study.mode)
+        checkpoint, weights_epoch = checkpoint_of_best_epoch(history, best_epoch, study, experiment_path)
         first = history[0] if history else {}
         startup = first.get("time_this_iter_s", math.nan) - first.get("epoch_time_s", math.nan) if first else None
         rows.append(report.trial_row(
@@ -154,8 +154,9 @@ def checkpoint_of_best_epoch(history: list[dict], best: Optional[dict], study: S
     scored as well when there is one, else the nearest kept one (the better of two as near). Train keeps
     the best few by the study's metric and the latest, so a best epoch has none only when it was not a
     checkpoint epoch (checkpoint_every > 1) or more epochs tied than were kept."""
-    from raydist.runs.checkpoints import merit
     import pyarrow.fs
+
+    from raydist.runs.checkpoints import merit
 
     if best is None:
         return None, None

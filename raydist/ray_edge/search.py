@@ -34,6 +34,7 @@ import sys
 from typing import Optional
 
 from ray.tune.search import BasicVariantGenerator, Searcher
+
 from raydist.study.distributions import GRID_KINDS, Distribution
 from raydist.study.study import Study
 

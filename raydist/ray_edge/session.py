@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 import os
 from typing import Optional
-from raydist.errors import ConfigError
-from raydist.config.values import host_port
 
+from raydist.config.values import host_port
+from raydist.errors import ConfigError
 
 # Set in the driver's environment before Ray starts: a local cluster's processes inherit them, and Ray
 # Train passes the health-check interval on to its controller and workers.

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 from typing import Optional
+
 from raydist.ray_edge.planning import capacity
 from raydist.ray_edge.session import START_HEAD, auth_headers, check_reachable, dashboard_get, token_path
-
 
 STUDY_NAMESPACE = "raydist_studies"  # Ray's key-value store: one record per study a driver is running
 

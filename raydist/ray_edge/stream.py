@@ -32,14 +32,11 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from raydist.data.folder import SHOWN_BAD_FILES, FolderIndex
-from raydist.ray_edge.decode import decode_files
-from raydist.errors import TooManyBadImages
-
 from raydist.config.fields import TrainConfig
-from raydist.errors import DataUnavailable
+from raydist.data.folder import DECODE_CPUS, SHOWN_BAD_FILES, FolderIndex
 from raydist.data.sizes import input_side
-from raydist.data.folder import DECODE_CPUS
+from raydist.errors import DataUnavailable, TooManyBadImages
+from raydist.ray_edge.decode import decode_files
 
 DECODE_BATCH = 64  # files per Ray Data map call: enough to amortise the call, small enough to spread
 PREFETCH_BATCHES = 4  # training batches decoded ahead of the step
@@ -163,8 +160,8 @@ class StreamSource:
 
 def stream_splits(cfg: TrainConfig, *, device, log=None, rank: int = 0):
     """The image folder's train and val splits as Ray Data streams (raydist.ray_edge.stream.StreamSource)."""
-    from raydist.data.sources import folder_index
     from raydist.data.folder import bad_image_limit, stored_size
+    from raydist.data.sources import folder_index
 
     if cfg.classes or cfg.train_fraction != 1.0 or cfg.train_per_class:
         raise DataUnavailable("--classes, --train-fraction and --train-per-class select images of a folder held in "

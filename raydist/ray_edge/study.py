@@ -11,13 +11,21 @@ import math
 import os
 import time
 from typing import Optional
-from raydist.errors import ConfigError
+
 from raydist.config.fields import TrainConfig
-from raydist.study.study import Study
+from raydist.errors import ConfigError
 from raydist.ray_edge.results import StudyResult, summarize
+from raydist.ray_edge.trials import (
+    run_trial,
+    train_requests_release,
+    trial_dirname,
+    trial_loss_notice,
+    trial_name,
+    trial_resources,
+)
 from raydist.storage import is_uri
+from raydist.study.study import Study
 from raydist.study.study_file import save_study
-from raydist.ray_edge.trials import run_trial, train_requests_release, trial_dirname, trial_loss_notice, trial_name, trial_resources
 
 
 @dataclasses.dataclass

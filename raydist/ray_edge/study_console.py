@@ -175,8 +175,8 @@ class StudyConsole(Callback):
                      if t.status == "RUNNING" and t.trial_id in self.started and t.trial_id not in self.done])
         return console.study_status_line(elapsed_s=now - self.t0, running=running, pending=pending, done=done,
                                          total=self.study.num_samples, best=self.best_so_far(trials),
-                                         metric=self.study.metric, remaining_s=remaining if done < self.study.num_samples
-                                         else None)
+                                         metric=self.study.metric,
+                                         remaining_s=remaining if done < self.study.num_samples else None)
 
     def publish(self, trials) -> None:
         running, _, done = self.counts(trials)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+
 from raydist.study.study import Study
 
 
@@ -16,8 +17,8 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
     started = time.time()  # the trial's start-up (results.csv startup_s) is counted from here
     import ray.tune
 
-    from raydist.ray_edge.history import HistoryCallback
     from raydist.ray_edge.fit import fit, fit_in_trial
+    from raydist.ray_edge.history import HistoryCallback
     from raydist.run_config import prepare
 
     context = ray.tune.get_context()

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 from typing import Optional
+
 from raydist.config.fields import TrainConfig
-from raydist.runs.checkpoints import CHECKPOINT_PREFIX
 from raydist.errors import CorruptCheckpoint, WorkerInputError
-from raydist.runs.checkpoints import CHECKPOINT_FILE, checkpoint_dir_name, load_checkpoint_file
 from raydist.loop.context import WorkerContext, local_tensorboard_for
 from raydist.loop.run import run
 from raydist.ray_edge.stream import stream_splits
+from raydist.runs.checkpoints import CHECKPOINT_FILE, CHECKPOINT_PREFIX, checkpoint_dir_name, load_checkpoint_file
 
 
 def _quiet_ray_train_reports() -> None:

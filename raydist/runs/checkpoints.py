@@ -5,20 +5,19 @@ context), find the latest readable one, and rank kept checkpoints by the run's m
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import sys
 from typing import Optional
-from raydist.config.values import metric_mode
-from raydist.storage import read_bytes, is_uri
 
-import io
 import torch
-from raydist.config.fields import TrainConfig
-from raydist.errors import CorruptCheckpoint
-from raydist.storage import filesystem
-from raydist.data.sizes import classes_predicted, predicted_class_names
 
+from raydist.config.fields import TrainConfig
+from raydist.config.values import metric_mode
+from raydist.data.sizes import classes_predicted, predicted_class_names
+from raydist.errors import CorruptCheckpoint
+from raydist.storage import filesystem, is_uri, read_bytes
 
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
 

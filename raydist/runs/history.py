@@ -8,8 +8,8 @@ import json
 import math
 import time
 from typing import Optional
-from raydist.storage import filesystem, is_uri
 
+from raydist.storage import filesystem, is_uri
 
 HISTORY_FILE = "history.jsonl"
 

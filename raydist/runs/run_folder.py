@@ -17,11 +17,11 @@ from typing import Optional
 
 import yaml
 
-from raydist.errors import ConfigError
 from raydist.config.fields import TrainConfig
+from raydist.data.sizes import predicted_class_names
+from raydist.errors import ConfigError
 from raydist.runs.checkpoints import checkpoint_epoch, epochs_done, latest_checkpoint
 from raydist.storage import filesystem
-from raydist.data.sizes import predicted_class_names
 
 CONFIG_FILE = "config.yaml"
 CLASSES_FILE = "classes.json"  # index -> class name of the run's model
@@ -38,8 +38,8 @@ def read_resume_target(path: str) -> tuple[bool, dict]:
 
     import pyarrow.fs
 
-    from raydist.runs.checkpoints import CHECKPOINT_FILE, load_checkpoint_file
     from raydist.errors import CorruptCheckpoint
+    from raydist.runs.checkpoints import CHECKPOINT_FILE, load_checkpoint_file
 
     fs, root = filesystem(path)  # an absolute local path or a URI
 

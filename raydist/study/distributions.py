@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
 from raydist.config.fields import coerce_value
 from raydist.config.values import is_model_arg_key
 from raydist.errors import ConfigError
-
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "qloguniform", "randint", "qrandint", "choice")
 

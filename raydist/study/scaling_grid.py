@@ -8,11 +8,10 @@ import dataclasses
 import math
 import statistics
 from typing import Optional
-from raydist.errors import ConfigError
+
 from raydist.config.fields import TrainConfig, lr_scale
+from raydist.errors import ConfigError
 from raydist.preflight import validate
-
-
 
 RULES = ("linear", "none")
 

@@ -9,10 +9,10 @@ import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
+
 from raydist.config.fields import TrainConfig, coerce_values
 from raydist.config.values import fold_model_args, merge_config_values
 from raydist.preflight import validate
-
 
 MAX_CORNERS = 4096  # combinations of the searched fields' extremes checked one by one before a study starts
 

@@ -67,16 +67,37 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-from raydist.config.values import (MODEL_ARG_PREFIX, check_folder_name, fold_model_args, is_model_arg_key, merge_config_values, metric_mode, split_worker_range)
+import yaml
+
 from raydist.config.fields import TrainConfig, base_type, coerce_value
+from raydist.config.values import (
+    MODEL_ARG_PREFIX,
+    check_folder_name,
+    fold_model_args,
+    is_model_arg_key,
+    merge_config_values,
+    metric_mode,
+    split_worker_range,
+)
 from raydist.config.yaml_files import read_yaml_mapping
 from raydist.errors import ConfigError
 from raydist.preflight import validate
-
-import yaml
 from raydist.storage import filesystem
 from raydist.study.distributions import read_distribution
-from raydist.study.study import CONSOLE_KEYS, FAILURE_KEYS, MAX_SEED, METRICS, ONE_WORKER_TRIALS, PER_TRIAL_FIELDS, SCHEDULERS, SCHEDULER_KEYS, SEARCH_ALGORITHMS, SEARCH_KEYS, Study, TOP_LEVEL_KEYS
+from raydist.study.study import (
+    CONSOLE_KEYS,
+    FAILURE_KEYS,
+    MAX_SEED,
+    METRICS,
+    ONE_WORKER_TRIALS,
+    PER_TRIAL_FIELDS,
+    SCHEDULER_KEYS,
+    SCHEDULERS,
+    SEARCH_ALGORITHMS,
+    SEARCH_KEYS,
+    TOP_LEVEL_KEYS,
+    Study,
+)
 
 
 def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[dict] = None, *,
