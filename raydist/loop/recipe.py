@@ -147,3 +147,11 @@ def checkpoint_hint(seconds: float, epoch_seconds: float, every: int) -> Optiona
     return (f"note: the checkpoint took {seconds:.2f}s, {seconds / (epoch_seconds * every):.0%} of the training "
             f"time between checkpoints ({epoch_seconds * every:.1f}s); --checkpoint-every {suggested} keeps it "
             f"under {CHECKPOINT_BUDGET:.0%} (a resume then loses up to {suggested} epochs)")
+
+
+def with_fused_flag(optimizer_state: dict, fused: Optional[bool]) -> dict:
+    """A saved optimizer state whose groups say this run's `fused`. PyTorch's load_state_dict places each
+    Adam `step` by the *saved* groups' flag: a checkpoint written on CPUs (not fused) would leave the steps
+    on the CPU for a fused GPU optimizer, whose first update then fails on the device mismatch."""
+    groups = [{**group, "fused": fused} for group in optimizer_state["param_groups"]]
+    return {**optimizer_state, "param_groups": groups}

@@ -22,7 +22,7 @@ from raydist.data.sizes import classes_predicted, input_side, predicted_class_na
 from raydist.data.splits import shard_indices, steps_per_epoch
 from raydist.errors import WorkerInputError
 from raydist.loop.evaluate import EpochSums, evaluate_model, input_pipeline, uses_channels_last
-from raydist.loop.recipe import EarlyStop, Schedule, autocast_dtype, lr_factor
+from raydist.loop.recipe import EarlyStop, Schedule, autocast_dtype, lr_factor, with_fused_flag
 from raydist.loop.worker_data import data_batches
 from raydist.models.transfer import Unit, build_model, freeze_norms, set_trainable, transfer_units, unfrozen_stages
 from raydist.parallel.elastic import (
@@ -396,9 +396,3 @@ class TrainingState:
         self._place_schedule()
 
 
-def with_fused_flag(optimizer_state: dict, fused: Optional[bool]) -> dict:
-    """A saved optimizer state whose groups say this run's `fused`. PyTorch's load_state_dict places each
-    Adam `step` by the *saved* groups' flag: a checkpoint written on CPUs (not fused) would leave the steps
-    on the CPU for a fused GPU optimizer, whose first update then fails on the device mismatch."""
-    groups = [{**group, "fused": fused} for group in optimizer_state["param_groups"]]
-    return {**optimizer_state, "param_groups": groups}
