@@ -53,14 +53,13 @@ def test_a_study_gives_back_each_ended_trials_requests_at_once_again_later_and_e
 
     from ray import cloudpickle
 
-    from raydist import tune
-    from raydist.ray_edge import study
     from raydist.ray_edge import status
+    from raydist.ray_edge import trials as study_trials
 
     asked = []
     monkeypatch.setattr(status, "release_train_requests", lambda names: asked.append(sorted(names)) or [])
-    monkeypatch.setattr(tune, "RELEASE_AFTER_S", (0.0, 0.3))
-    callback = study.train_requests_release("digits_quick")
+    monkeypatch.setattr(study_trials, "RELEASE_AFTER_S", (0.0, 0.3))
+    callback = study_trials.train_requests_release("digits_quick")
     trials = [types.SimpleNamespace(trial_id=t) for t in ("a_00000", "a_00001", "a_00002")]
     for trial in trials:
         callback.on_trial_start(iteration=1, trials=trials, trial=trial)

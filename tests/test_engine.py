@@ -305,9 +305,8 @@ def test_a_checkpoint_copied_into_storage_before_the_report_returns_counts_as_ho
     time the report then waits for Tune does not."""
     import time as clock
 
-    import raydist.ray_edge.failures
-    from raydist.loop.context import report_with_checkpoint
-    from raydist.loop.context import run_folder_context
+    import raydist.storage
+    from raydist.loop.context import report_with_checkpoint, run_folder_context
 
     real_write = raydist.storage.write_atomically
 
@@ -315,7 +314,7 @@ def test_a_checkpoint_copied_into_storage_before_the_report_returns_counts_as_ho
         clock.sleep(0.3)
         real_write(path, data)
 
-    monkeypatch.setattr(raydist.ray_edge.failures, "write_atomically", slow_disk)
+    monkeypatch.setattr(raydist.storage, "write_atomically", slow_disk)
     told = []
     ctx = run_folder_context(validate(TrainConfig(**FAST)), run_dir=str(tmp_path / "run"),
                              device=torch.device("cpu"), node_id="n",
