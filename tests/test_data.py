@@ -204,7 +204,7 @@ def test_fashion_mnist_normalised_inputs_have_mean_0_and_std_1():
     """Images with Fashion-MNIST's statistics (28 x 28: mean 0.2860, std 0.3530), padded to the 32 x 32 the
     model sees, come out of the normalisation with mean 0 and std 1 (the 28 x 28 statistics gave -0.19, 0.94)."""
     from raydist.data.augment import Augmenter
-    from raydist.data.sources import padded_stats
+    from raydist.data.registry import padded_stats
 
     # 57% black pixels, the rest uniform in [85, 255]: mean 0.2860, mean square 0.2064, as Fashion-MNIST's
     rng = np.random.default_rng(0)

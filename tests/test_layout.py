@@ -146,3 +146,12 @@ def test_the_commands_import_without_torch_or_ray_where_they_did():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_ray_datas_decode_function_imports_without_torch():
+    """The streamed folder path's map function starts in fresh Ray worker processes: its module (and the
+    folder and registry modules under it) must not pull torch in."""
+    code = "import sys, raydist.ray_edge.decode; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"

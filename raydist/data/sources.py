@@ -19,14 +19,13 @@ lazily and deterministically, and never held in memory as a whole.
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from raydist.data.registry import DATASETS, SPLITS, register_dataset
+from raydist.data.registry import DATASETS, FOLDER_INPUT_SIZE, SPLITS
 from raydist.data.splits import DIGITS_SPLIT_SEED, SUBSET_SEED, held_out, subset_size
 
 DIGITS_SIZE = 1797  # images in scikit-learn's digits
@@ -153,7 +152,6 @@ def _all_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor(raw_labels)
 
 
-@register_dataset("digits", 10, (0.305, 0.305, 0.305), (0.324, 0.324, 0.324), 32, title="digits", grey=True)
 def load_digits_split(split: str, *, val_fraction: float = 0.2, **_) -> TensorSource:
     images, labels = _all_digits()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
@@ -177,36 +175,18 @@ def _file_split(name: str, split: str, *, data_dir: str, download: bool,
     return images[chosen], labels[chosen]
 
 
-@register_dataset("cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32, title="CIFAR-10",
-                  needs_files=True, has_test=True, val_fraction=0.1)
 def _load_cifar10(split: str, *, data_dir: str, download: bool = False, val_fraction: float, **_) -> TensorSource:
     images, labels = _file_split("cifar10", split, data_dir=data_dir, download=download, val_fraction=val_fraction)
     return TensorSource(images.permute(0, 3, 1, 2).contiguous(), labels)  # stored N x H x W x C
 
 
-@register_dataset("cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32, title="CIFAR-100",
-                  needs_files=True, has_test=True, val_fraction=0.1)
 def _load_cifar100(split: str, *, data_dir: str, download: bool = False, val_fraction: float, **_) -> TensorSource:
     images, labels = _file_split("cifar100", split, data_dir=data_dir, download=download, val_fraction=val_fraction)
     return TensorSource(images.permute(0, 3, 1, 2).contiguous(), labels)
 
 
-def padded_stats(mean: float, std: float, *, inner: int, outer: int) -> tuple[float, float]:
-    """Mean and std of images zero-padded from inner x inner to outer x outer pixels, from the inner images'
-    own. A share a = inner^2 / outer^2 of the pixels is the image and the rest is 0, so the padded mean is
-    a * mean and the padded mean square a * (std^2 + mean^2); the std follows."""
-    share = inner * inner / (outer * outer)
-    padded_mean = share * mean
-    return padded_mean, math.sqrt(share * (std * std + mean * mean) - padded_mean * padded_mean)
 
 
-# Fashion-MNIST's published statistics are those of its 28 x 28 images; the model sees them zero-padded to
-# 32 x 32, whose statistics these are (normalising with the 28 x 28 ones gave inputs of mean -0.19, std 0.94).
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = padded_stats(0.2860, 0.3530, inner=28, outer=32)  # 0.2190, 0.3318
-
-
-@register_dataset("fashion_mnist", 10, (FASHION_MNIST_MEAN,) * 3, (FASHION_MNIST_STD,) * 3, 32,
-                  title="Fashion-MNIST", needs_files=True, grey=True, has_test=True, val_fraction=0.1)
 def _load_fashion_mnist(split: str, *, data_dir: str, download: bool = False, val_fraction: float,
                         **_) -> TensorSource:
     images, labels = _file_split("fashion_mnist", split, data_dir=data_dir, download=download,
@@ -216,18 +196,14 @@ def _load_fashion_mnist(split: str, *, data_dir: str, download: bool = False, va
     return TensorSource(images, labels)
 
 
-@register_dataset("fake", 1000, (0.5, 0.5, 0.5), (0.289, 0.289, 0.289), 224, title="fake data")
 def _load_fake(split: str, *, fake_image_size: int = 224, fake_num_classes: int = 1000,
                fake_train_size: int = 12800, fake_val_size: int = 1280, **_) -> FakeSource:
     size = fake_train_size if split == "train" else fake_val_size
     return FakeSource(size, fake_image_size, fake_num_classes, salt=FAKE_SPLITS.index(split))
 
 
-FOLDER_INPUT_SIZE = 224  # an image folder's default --input-size: what ImageNet models are trained at
 
 
-@register_dataset("folder", 0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), FOLDER_INPUT_SIZE,
-                  title="image folder", needs_files=True, val_fraction=0.1)
 def _load_folder(split: str, *, data_dir: str, val_fraction: float, input_size: Optional[int] = None,
                  max_bad_images: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
                  **_) -> TensorSource:
@@ -288,7 +264,7 @@ def load_split(name: str, split: str, *, device="cpu", classes: Optional[list[in
         raise ValueError(f"{name} is in colour: it has no single grey channel")
     if options.get("val_fraction") is None:
         options["val_fraction"] = spec.val_fraction
-    source = spec.load(split, **options)
+    source = LOADERS[name](split, **options)
     training = split == "train"
     if classes or (training and (train_fraction < 1.0 or train_per_class)):
         source = select(source, classes=classes, fraction=train_fraction if training else 1.0,
@@ -326,5 +302,6 @@ def download_lock(data_dir: str):
     return FileLock(os.path.join(root, ".raydist-download.lock"))
 
 
-
-
+# Each registered data set's loader: split (and options) -> a TensorSource or FakeSource.
+LOADERS = {"digits": load_digits_split, "cifar10": _load_cifar10, "cifar100": _load_cifar100,
+           "fashion_mnist": _load_fashion_mnist, "fake": _load_fake, "folder": _load_folder}
