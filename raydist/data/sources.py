@@ -25,6 +25,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from raydist.data.folder import bad_image_limit, first_names, load_folder_split, scan_folder, stored_size
+from raydist.data.published import read_published, reading_once
 from raydist.data.registry import DATASETS, FOLDER_INPUT_SIZE, SPLITS
 from raydist.data.splits import DIGITS_SPLIT_SEED, SUBSET_SEED, held_out, subset_size
 
@@ -164,7 +166,6 @@ def _file_split(name: str, split: str, *, data_dir: str, download: bool,
                 val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`split` of a data set published as a training and a test set: test is the published test set, val
     the held-out share of the published training set and train the rest of it."""
-    from raydist.data.published import read_published
 
     if split == "test":
         return read_published(name, "test", data_dir, download)
@@ -209,7 +210,6 @@ def _load_folder(split: str, *, data_dir: str, val_fraction: float, input_size: 
                  **_) -> TensorSource:
     """The user's own images (raydist.data.folder), decoded once per node at the stored size of the
     input size (ImageNet's 256 for 224) and cached; ImageNet's statistics normalise them."""
-    from raydist.data.folder import bad_image_limit, first_names, load_folder_split, scan_folder, stored_size
 
     index = scan_folder(data_dir, val_fraction=val_fraction)
     images, labels, report = load_folder_split(index, split, stored=stored_size(input_size or FOLDER_INPUT_SIZE),
@@ -223,8 +223,6 @@ def _load_folder(split: str, *, data_dir: str, val_fraction: float, input_size: 
 
 def folder_index(data_dir: str, val_fraction: Optional[float]):
     """The scanned image folder of --data-dir (raydist.data.folder.FolderIndex)."""
-    from raydist.data.folder import scan_folder
-
     return scan_folder(data_dir, val_fraction=DATASETS["folder"].val_fraction if val_fraction is None
                        else val_fraction)
 
@@ -277,7 +275,6 @@ def load_split(name: str, split: str, *, device="cpu", classes: Optional[list[in
 def load_splits(name: str, splits: tuple[str, ...], **options) -> tuple:
     """Several splits of a data set (as load_split), reading each data file once: train and val both come
     from the published training files."""
-    from raydist.data.published import reading_once
 
     with reading_once():
         return tuple(load_split(name, split, **options) for split in splits)

@@ -17,7 +17,7 @@ import torch
 
 from raydist.config.fields import TrainConfig
 from raydist.runs.checkpoints import CHECKPOINT_FILE, checkpoint_dir_name, checkpoints_to_keep
-from raydist.storage import filesystem
+from raydist.storage import filesystem, write_atomically
 
 # "module:function" (importable on every node): called with every micro-batch a rank trains on, as keyword
 # arguments epoch, end (the step's end position in the epoch), world, rank and indices (the images). For
@@ -83,7 +83,6 @@ def local_context(run_dir: str, device: str = "cpu", resume_state: Optional[dict
             shutil.rmtree(checkpoint_folder, ignore_errors=True)
 
     def write_file(name: str, data: bytes) -> None:
-        from raydist.storage import write_atomically
 
         write_atomically(os.path.join(run_dir, name), data)
 
@@ -119,7 +118,6 @@ def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, 
     (a study's driver prints its own lines instead)."""
     import posixpath
 
-    from raydist.storage import write_atomically
 
     checkpoints = list(kept or [])
     def prune() -> None:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from raydist.config.fields import TrainConfig
 from raydist.data.sizes import classes_predicted
-from raydist.errors import DataUnavailable, OutOfMemory, WeightsError, WorkerInputError
+from raydist.errors import DataUnavailable, OutOfMemory, TooManyBadImages, WeightsError, WorkerInputError
 from raydist.loop.context import WorkerContext, report_with_checkpoint
 from raydist.loop.recipe import (
     DIVERGED,
@@ -44,7 +44,6 @@ from raydist.runs.checkpoints import FINAL_MODEL_FILE, final_model_bytes
 def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     """Train according to `cfg` on this worker; return the metrics reported each epoch. Running out of
     memory is OutOfMemory, one line naming the model, the batch and the device's memory."""
-    from raydist.errors import TooManyBadImages
 
     try:
         return _run(cfg, ctx)

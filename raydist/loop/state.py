@@ -25,6 +25,7 @@ from raydist.loop.evaluate import EpochSums, evaluate_model, input_pipeline, use
 from raydist.loop.recipe import EarlyStop, Schedule, autocast_dtype, lr_factor, with_fused_flag
 from raydist.loop.worker_data import data_batches
 from raydist.models.transfer import Unit, build_model, freeze_norms, set_trainable, transfer_units, unfrozen_stages
+from raydist.output.console import EpochProgress
 from raydist.parallel.elastic import (
     Step,
     batch_layout,
@@ -285,7 +286,6 @@ class TrainingState:
         """The rest of this rank's share of epoch `self.epoch`; a progress line every `progress_every_s`
         seconds once the epoch has run 5 s (0: none). `after_step(step, sums)` runs after every optimizer
         step of an elastic run, with `position` already at the step's end (spot notices, mid-epoch checkpoints)."""
-        from raydist.output.console import EpochProgress
 
         cfg, device, model = self.cfg, self.device, self.model
         t0 = time.perf_counter()

@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 
 from raydist.config.fields import TrainConfig
+from raydist.data.folder import decoded_bytes, fits_in_memory, stored_size
 from raydist.data.registry import DATASETS
 from raydist.data.sizes import class_list, input_side
-from raydist.data.sources import download_lock, load_splits
-from raydist.errors import DatasetNotFound, DataUnavailable, WeightsError, WorkerInputError
+from raydist.data.sources import download_lock, folder_index, load_splits
+from raydist.errors import DatasetNotFound, DataUnavailable, FolderError, WeightsError, WorkerInputError
 from raydist.models.transfer import pretrained_source, read_weights_file
 
 
@@ -80,7 +81,6 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
             splits = load(log=lambda line: print(f"data: {line}", flush=True) if rank == 0 else None)
             print(f"data: {cfg.dataset} ready in {os.path.expanduser(cfg.data_dir)} on node {node_id}", flush=True)
         except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below, whatever failed
-            from raydist.errors import FolderError
 
             # missing, a download that failed, an image folder this node cannot use
             user_side = isinstance(exc, (DatasetNotFound, OSError, FolderError))
@@ -102,9 +102,6 @@ def load_data_once_per_node(cfg: TrainConfig, *, device, rank: int, world: int, 
 
 def folder_copy_bytes(cfg: TrainConfig) -> int:
     """What one worker holds of cfg's image folder decoded, on the memory path."""
-    from raydist.data.folder import decoded_bytes, stored_size
-    from raydist.data.sources import folder_index
-
     return decoded_bytes(folder_index(cfg.data_dir, cfg.val_fraction), stored_size(input_side(cfg)))
 
 
@@ -114,7 +111,6 @@ def streams_folder(cfg: TrainConfig, *, workers_here: int, memory_bytes: Optiona
     would not fit in half its memory. The one rule for the workers, the checks before Ray and a study's plan."""
     if cfg.data_loader != "auto":
         return cfg.data_loader == "stream"
-    from raydist.data.folder import fits_in_memory
 
     return not fits_in_memory(folder_copy_bytes(cfg), workers_here, memory_bytes)
 

@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from raydist.models.registry import MODELS, create_model
+
 Units = list[tuple[str, nn.Module]]
 BALANCES = ("params", "time")
 
@@ -49,8 +51,6 @@ def pipeline_units(net: nn.Module) -> Units:
 
 def models_with_units() -> list[str]:
     """The registered models that can be split (built on the meta device: no memory, no time)."""
-    from raydist.models.registry import MODELS, create_model
-
     with torch.device("meta"):
         return [name for name in sorted(MODELS) if _has_units(create_model(name, num_classes=10))]
 

@@ -21,7 +21,7 @@ from typing import Optional
 
 from ray.train import UserCallback  # RAY: the restart notice runs in the Train controller
 
-from raydist.errors import TRACEBACK_ATTRIBUTE
+from raydist.errors import TRACEBACK_ATTRIBUTE, WorkerInputError
 from raydist.storage import write_atomically
 
 ERROR_LOG = "error.log"  # in the run folder (a study's trial: in the trial folder)
@@ -72,8 +72,6 @@ def _first_line(text: str) -> str:
 
 def describe(rank: Optional[int], error: BaseException) -> str:
     """One line for one worker's failure."""
-    from raydist.errors import WorkerInputError
-
     chain = _chain(error)
     own = next((e for e in chain if isinstance(e, WorkerInputError)), None)
     if own is not None:  # raydist's own sentence, naming the bad input and the fix
@@ -91,7 +89,6 @@ def describe(rank: Optional[int], error: BaseException) -> str:
 def root_cause(exc: BaseException) -> str:
     """The run's cause in one line. A WorkerInputError on any rank is the user's cause; else the first
     rank that raised (the other ranks then fail in their collectives, a consequence); else a lost worker."""
-    from raydist.errors import WorkerInputError
 
     errors = worker_errors(exc)
     for rank, error in errors:

@@ -12,8 +12,22 @@ from typing import Callable, Optional
 
 from raydist.config.fields import TrainConfig
 from raydist.config.values import metric_mode
+from raydist.errors import CorruptCheckpoint, keep_traceback
+from raydist.loop.context import run_folder_context
+from raydist.loop.run import run
 from raydist.output.run_curves import write_run_curves
+from raydist.ray_edge import planning, session
+from raydist.ray_edge.metrics import RunMetrics
+from raydist.ray_edge.worker import CONSOLE_KEY, train_loop_per_worker
 from raydist.run_config import check_sync_batchnorm
+from raydist.runs.checkpoints import (
+    FINAL_MODEL_FILE,
+    best_checkpoint,
+    checkpoint_folders,
+    latest_readable_checkpoint,
+    read_checkpoint,
+)
+from raydist.runs.history import HistoryWriter, read_history
 from raydist.runs.run_folder import write_config
 
 
@@ -40,11 +54,8 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     False: a study draws its trials together).
     """
 
-    from raydist.ray_edge import session
     from raydist.ray_edge.failures import RestartNotice
     from raydist.ray_edge.history import HistoryCallback
-    from raydist.runs.checkpoints import FINAL_MODEL_FILE, best_checkpoint
-    from raydist.runs.history import read_history
 
     t0 = time.perf_counter()
     use_gpu = _connect_and_plan(cfg, storage_checked=storage_checked)
@@ -83,7 +94,6 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
 def _connect_and_plan(cfg: TrainConfig, *, storage_checked: bool) -> bool:
     """Check this machine (a local cluster), connect, and plan the run against what the cluster can grow to;
     whether the workers use GPUs."""
-    from raydist.ray_edge import planning, session
 
     if cfg.address is None:  # local cluster: check the machine before starting anything
         use_gpu = planning.check_resources(cluster_cpus=os.cpu_count() or 1,
@@ -108,7 +118,6 @@ def _torch_trainer(cfg: TrainConfig, *, use_gpu: bool, callbacks: list, console:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raydist.ray_edge.worker import CONSOLE_KEY, train_loop_per_worker
 
     resources = {"CPU": cfg.cpus_per_worker}
     if use_gpu:
@@ -150,11 +159,6 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
     import ray
     import torch
 
-    from raydist.loop.context import run_folder_context
-    from raydist.loop.run import run
-    from raydist.ray_edge.metrics import RunMetrics
-    from raydist.runs.checkpoints import FINAL_MODEL_FILE, best_checkpoint, latest_readable_checkpoint
-    from raydist.runs.history import HistoryWriter
 
     t0, started = time.perf_counter(), time.time()
     write_config(cfg)
@@ -185,7 +189,6 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
     try:
         run(cfg, ctx)
     except BaseException as exc:
-        from raydist.errors import keep_traceback
 
         keep_traceback(exc, where=f"the trial's process on node {ctx.node_id}")
         raise
@@ -205,8 +208,6 @@ def _checkpoints_in_folder(history, run_dir: str,
     without a history record: its metrics come from the checkpoint, and when it is the one the trial
     resumes from, its epoch goes on record (the learning curve has no hole, and the folder is pruned like
     any other)."""
-    from raydist.errors import CorruptCheckpoint
-    from raydist.runs.checkpoints import checkpoint_folders, read_checkpoint
 
     kept, recovered = history.kept_checkpoints(), None
     recorded = {path for _, path in kept}

@@ -33,8 +33,9 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from raydist.config.fields import TrainConfig
-from raydist.data.folder import DECODE_CPUS, SHOWN_BAD_FILES, FolderIndex
+from raydist.data.folder import DECODE_CPUS, SHOWN_BAD_FILES, FolderIndex, bad_image_limit, stored_size
 from raydist.data.sizes import input_side
+from raydist.data.sources import folder_index
 from raydist.errors import DataUnavailable, TooManyBadImages
 from raydist.ray_edge.decode import decode_files
 
@@ -57,7 +58,6 @@ def quiet_ray_data() -> None:
 
 class StreamSource:
     """One split of an image folder, read and decoded by Ray Data as it is iterated (see the module)."""
-
     streamed = True
 
     def __init__(self, index: FolderIndex, split: str, *, stored: int, device="cpu",
@@ -160,9 +160,6 @@ class StreamSource:
 
 def stream_splits(cfg: TrainConfig, *, device, log=None, rank: int = 0):
     """The image folder's train and val splits as Ray Data streams (raydist.ray_edge.stream.StreamSource)."""
-    from raydist.data.folder import bad_image_limit, stored_size
-    from raydist.data.sources import folder_index
-
     if cfg.classes or cfg.train_fraction != 1.0 or cfg.train_per_class:
         raise DataUnavailable("--classes, --train-fraction and --train-per-class select images of a folder held in "
                               "memory; the streamed path reads the whole folder (use --data-loader memory)")

@@ -9,11 +9,13 @@ import os
 from typing import Optional
 
 from raydist.config.fields import TrainConfig
-from raydist.errors import CorruptCheckpoint, WorkerInputError
+from raydist.errors import CorruptCheckpoint, WorkerInputError, keep_traceback
 from raydist.loop.context import WorkerContext, local_tensorboard_for
 from raydist.loop.run import run
+from raydist.ray_edge.metrics import RunMetrics
 from raydist.ray_edge.stream import stream_splits
 from raydist.runs.checkpoints import CHECKPOINT_FILE, CHECKPOINT_PREFIX, checkpoint_dir_name, load_checkpoint_file
+from raydist.storage import write_atomically
 
 
 def _quiet_ray_train_reports() -> None:
@@ -97,7 +99,6 @@ def train_loop_per_worker(config: dict) -> list[dict]:
     train_ctx = ray.train.get_context()  # RAY
     exported = None
     if train_ctx.get_world_rank() == 0:  # RAY
-        from raydist.ray_edge.metrics import RunMetrics
 
         exported = RunMetrics(console.get("labels") or {"run": cfg.name or ""})  # RAY: the dashboard's Metrics view
     node_id = ray.get_runtime_context().get_node_id()  # RAY
@@ -132,7 +133,6 @@ def train_loop_per_worker(config: dict) -> list[dict]:
     def write_file(name: str, data: bytes) -> None:
         import pyarrow.fs
 
-        from raydist.storage import write_atomically
 
         storage = train_ctx.get_storage()  # RAY: the run folder, local or remote (S3, NFS)
         path = f"{storage.experiment_fs_path}/{name}"
@@ -160,7 +160,6 @@ def train_loop_per_worker(config: dict) -> list[dict]:
     except BaseException as exc:
         # Ray hands the driver the exception without its traceback (and cuts the text it shows): keep the
         # whole of it on the exception, for the run's error.log (raydist.ray_edge.failures.error_report).
-        from raydist.errors import keep_traceback
 
         keep_traceback(exc, where=f"rank {ctx.rank} on node {node_id}")
         raise

@@ -45,8 +45,6 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
 def latest_readable_checkpoint(run_dir: str) -> Optional[tuple[str, dict]]:
     """(folder, content) of the run folder's latest readable checkpoint (as latest_checkpoint), or None."""
-    from raydist.errors import CorruptCheckpoint
-
     for folder in reversed(checkpoint_folders(run_dir)):
         try:
             return folder, read_checkpoint(folder)
