@@ -65,13 +65,13 @@ def model_file(path: str) -> str:
 
 def image_files(paths: list[str]) -> list[str]:
     """Files as given, and every image file in the folders given (sorted); ConfigError for a missing path."""
-    from raydist.data.folder import _is_image
+    from raydist.data.folder import is_image_file
 
     found = []
     for path in paths:
         path = os.path.expanduser(path)
         if os.path.isdir(path):
-            inside = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files if _is_image(f))
+            inside = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files if is_image_file(f))
             if not inside:
                 raise ConfigError(f"{path}: holds no image file (.jpg, .jpeg, .png, .webp, .bmp)")
             found += inside

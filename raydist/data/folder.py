@@ -96,7 +96,7 @@ def _list(fs, path: str, root: str):
         raise FolderError(f"--data-dir {root}: cannot list it ({_first_line(exc)})") from None
 
 
-def _is_image(name: str) -> bool:
+def is_image_file(name: str) -> bool:
     base = posixpath.basename(name)
     return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -122,7 +122,7 @@ def _class_folders(fs, root_base: str, folder: str, root: str) -> tuple[list[str
             continue
         rel = posixpath.relpath(e.path, root_base)
         top = posixpath.relpath(e.path, base).split("/", 1)
-        if len(top) == 2 and top[0] in files and _is_image(e.path):
+        if len(top) == 2 and top[0] in files and is_image_file(e.path):
             files[top[0]].append((rel, e.size))
         else:  # not named as an image (.DS_Store, Thumbs.db, notes), or beside the class folders
             ignored.append(rel)

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Callable, Iterable, Optional
 
-from raydist.output.report import ERROR, STOPPED, _finite
+from raydist.output.report import ERROR, STOPPED, is_finite_number
 
 # Lines Ray 2.60 prints on every run that say nothing about the user's run and read like failures. Each
 # entry: a pattern of the line, and whether the indented line after it (a warning's source line) goes too.
@@ -185,9 +185,9 @@ def trial_epoch_line(trial_id: str, result: dict, *, epochs: int, metric: str, b
         text += f" (best {metric_text(metric, best)})"
     if metric != "val_acc" and "val_acc" in result:
         text += f"  val_acc {metric_text('val_acc', result['val_acc'])}"
-    if _finite(result.get("train_loss")):
+    if is_finite_number(result.get("train_loss")):
         text += f"  train_loss {result['train_loss']:.4f}"
-    if _finite(result.get("epoch_time_s")):
+    if is_finite_number(result.get("epoch_time_s")):
         text += f"  {result['epoch_time_s']:.1f}s"
     return text
 
@@ -241,7 +241,7 @@ def remaining_estimate(*, finished_durations: list[float], running: list[tuple[f
 
 
 def metric_text(metric: str, value) -> str:
-    if not _finite(value):
+    if not is_finite_number(value):
         return "-"
     return f"{value:.2%}" if "acc" in metric else f"{value:.4g}"
 

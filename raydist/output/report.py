@@ -74,13 +74,13 @@ def ranking(value: float, *, mode: str, val_loss: Optional[float] = None, epoch:
     best uses (results.csv, best_model.pt, the study's console, `raydist.cluster status`, the plots): the
     metric in the study's mode; on a tie (common on digits' 359 validation images) the lower validation
     loss, then the earlier epoch, then the lower trial id. A sort key: the smallest is the best."""
-    return (-value if mode == "max" else value, val_loss if _finite(val_loss) else math.inf,
+    return (-value if mode == "max" else value, val_loss if is_finite_number(val_loss) else math.inf,
             epoch if epoch is not None else math.inf, trial_id)
 
 
 def best_record(history: list[dict], metric: str, mode: str) -> Optional[dict]:
     """The epoch with the best finite `metric` (ties: `ranking`), or None."""
-    scored = [h for h in history if _finite(h.get(metric))]
+    scored = [h for h in history if is_finite_number(h.get(metric))]
     if not scored:
         return None
     return min(scored, key=lambda h: ranking(h[metric], mode=mode, val_loss=h.get("val_loss"), epoch=h.get("epoch")))
@@ -89,7 +89,7 @@ def best_record(history: list[dict], metric: str, mode: str) -> Optional[dict]:
 def best_row(rows: list[dict], metric: str, mode: str) -> Optional[dict]:
     """The trial with the best metric (ties: `ranking`). A diverged or failed trial is never it: its weights
     are not a model to use, whatever an early epoch scored."""
-    scored = [r for r in rows if _finite(r[f"best_{metric}"]) and r["status"] not in (DIVERGED, ERROR)]
+    scored = [r for r in rows if is_finite_number(r[f"best_{metric}"]) and r["status"] not in (DIVERGED, ERROR)]
     if not scored:
         return None
     return min(scored, key=lambda r: ranking(r[f"best_{metric}"], mode=mode, val_loss=r.get("val_loss_at_best"),
@@ -134,7 +134,7 @@ def plot_learning_curves(histories: dict[str, list[dict]], path: str, *, metric:
     plotted: dict[str, list[tuple[int, float]]] = {}
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for trial_id, history in histories.items():
-        points = [(int(h["epoch"]), float(h[metric])) for h in history if _finite(h.get(metric))]
+        points = [(int(h["epoch"]), float(h[metric])) for h in history if is_finite_number(h.get(metric))]
         if not points:
             continue
         plotted[trial_id] = points
@@ -178,15 +178,15 @@ def plot_run_curves(history: list[dict], path: str, *, title: str = "") -> dict[
 
     by_epoch: dict[int, dict] = {}
     for h in history:  # oldest first, so the last record of an epoch wins
-        if _finite(h.get("epoch")):
+        if is_finite_number(h.get("epoch")):
             by_epoch[int(h["epoch"])] = h
     epochs = sorted(by_epoch)
-    plotted = {key: [(e, float(by_epoch[e][key])) for e in epochs if _finite(by_epoch[e].get(key))]
+    plotted = {key: [(e, float(by_epoch[e][key])) for e in epochs if is_finite_number(by_epoch[e].get(key))]
                for key in RUN_CURVES}
     plotted["world_size"] = []
     size = None
     for e in epochs:
-        if _finite(by_epoch[e].get("world_size")):
+        if is_finite_number(by_epoch[e].get("world_size")):
             if size is not None and by_epoch[e]["world_size"] != size:
                 plotted["world_size"].append((e, int(by_epoch[e]["world_size"])))
             size = by_epoch[e]["world_size"]
@@ -271,7 +271,7 @@ def plot_search_values(rows: list[dict], path: str, *, searched: list[str], metr
         ax.set_visible(False)  # the empty places of the last row
 
     key = f"best_{metric}"
-    scores = [r[key] for r in rows if _finite(r.get(key))]
+    scores = [r[key] for r in rows if is_finite_number(r.get(key))]
     unscored = len(scores) < len(rows)
     if scores:
         low, high = min(scores), max(scores)
@@ -304,7 +304,7 @@ def _search_panel(ax, field: str, rows: list[dict], *, key: str, best: Optional[
 
     numeric = all(_number(r.get(field)) or r.get(field) is None for r in rows)
     if numeric:
-        placed = [(float(r[field]), r) for r in rows if _finite(r.get(field))]
+        placed = [(float(r[field]), r) for r in rows if is_finite_number(r.get(field))]
         if field in log_scale:
             ax.set_xscale("log")
         elif placed and all(isinstance(r[field], int) for _, r in placed):
@@ -316,12 +316,12 @@ def _search_panel(ax, field: str, rows: list[dict], *, key: str, best: Optional[
         ax.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 4 else 0)
         ax.set_xlim(-0.5, len(categories) - 0.5)
     placed.sort(key=lambda p: (p[0], p[1]["trial_id"]))
-    panel_points = [(r["trial_id"], r.get(field), float(r[key]) if _finite(r.get(key)) else None, r["status"])
+    panel_points = [(r["trial_id"], r.get(field), float(r[key]) if is_finite_number(r.get(key)) else None, r["status"])
                     for _, r in placed]
     # One scatter per (status, scored or not): a legend-sized number of artists, whatever the trial count.
     groups: dict[tuple[str, bool], list[tuple[float, float]]] = {}
     for x, r in placed:
-        scored = _finite(r.get(key))
+        scored = is_finite_number(r.get(key))
         groups.setdefault((r["status"], scored), []).append((x, r[key] if scored else unscored_y))
     for (status, scored), points in groups.items():
         xs, ys = zip(*points)
@@ -369,7 +369,7 @@ def format_table(rows: list[dict], *, searched: list[str], metric: str, mode: st
     """A plain-text table, best first."""
     columns = ["trial_id", "status", *searched, "epochs_run", f"best_{metric}", f"final_{metric}", "seconds"]
     sign = -1 if mode == "max" else 1
-    ordered = sorted(rows, key=lambda r: (not _finite(r[f"best_{metric}"]), sign * (r[f"best_{metric}"] or 0)))
+    ordered = sorted(rows, key=lambda r: (not is_finite_number(r[f"best_{metric}"]), sign * (r[f"best_{metric}"] or 0)))
     cells = [[cell(c, r.get(c)) for c in columns] for r in ordered]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
@@ -390,7 +390,7 @@ def cell(column: str, value) -> str:
     return str(value)
 
 
-def _finite(value) -> bool:
+def is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
