@@ -26,9 +26,13 @@ from types import SimpleNamespace
 
 import torch
 
-from raydist.config import TrainConfig
-from raydist.data import load_split, steps_per_epoch
-from raydist.engine import local_context, lr_factor, run
+from raydist.config.fields import TrainConfig
+from raydist.data.sources import load_split
+from raydist.data.splits import steps_per_epoch
+from raydist.loop.context import local_context
+from raydist.loop.recipe import lr_factor
+from raydist.loop.run import run
+from raydist.preflight import validate
 
 BATCH = 64  # images per step (1 worker)
 GRACE, REDUCTION = 2, 2  # digits_quick's ASHA: rungs at epochs 2, 4, 8
@@ -37,7 +41,8 @@ GRACE, REDUCTION = 2, 2  # digits_quick's ASHA: rungs at epochs 2, 4, 8
 def curve(*, lr: float, epochs: int, schedule_epochs: int) -> list[float]:
     """val_acc after each epoch of one trial, trained in this process."""
     cfg = TrainConfig(dataset="digits", model="resnet8", num_workers=1, cpus_per_worker=1, batch_size=BATCH,
-                      lr=lr, epochs=epochs, schedule_epochs=schedule_epochs, checkpoint_every=0).validate()
+                      lr=lr, epochs=epochs, schedule_epochs=schedule_epochs, checkpoint_every=0)
+    validate(cfg)
     with tempfile.TemporaryDirectory(prefix="asha-fairness-") as folder, contextlib.redirect_stdout(io.StringIO()):
         history = run(cfg, local_context(folder))
     return [m["val_acc"] for m in history]

@@ -14,7 +14,7 @@ Pipelines:
 - v2_batch:   torchvision.transforms.v2 on uint8 tensors of 256 images (1 thread). v2 draws ONE set of
               random parameters per call, so every image of a batch gets the same crop, angle, jitter:
               cheaper, but not the same augmentation;
-- raydist:    raydist.augment.Augmenter on uint8 batches of 256 (1 thread), per-image parameters.
+- raydist:    raydist.data.augment.Augmenter on uint8 batches of 256 (1 thread), per-image parameters.
 
 Method: every pipeline is warmed up first; then --rounds rounds, each timing every pipeline once (the order
 rotates from round to round), each timing at least --min-seconds long. Ratios are taken within a round
@@ -36,7 +36,7 @@ from torchvision import transforms
 from torchvision.transforms import v2
 
 from bench_env import describe, environment, load_average, spread, summary
-from raydist.augment import Augmenter
+from raydist.data.augment import Augmenter
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 BATCH = 256  # images per batch for every batched pipeline and the DataLoader

@@ -34,7 +34,7 @@ import time
 
 from bench_env import environment
 
-from raydist.engine import IMAGE_TRACE_ENV, read_image_trace
+import image_trace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
 from clusters import ConsoleLines, shutdown_cluster  # noqa: E402  (the tests' cluster helpers)
@@ -75,13 +75,16 @@ def _one_run(label: str, workers: str, nodes: int, args, folder: str, *, scenari
 
     trace = os.path.join(folder, f"{label}-trace")  # every micro-batch's (epoch, position, world): steps repeated
     if scenario in ("killed", "notice-killed"):
-        os.environ[IMAGE_TRACE_ENV] = trace  # the nodes' raylets, and so the workers, inherit it
+        saved = {key: os.environ.get(key) for key in image_trace.environment(trace)}
+        os.environ.update(image_trace.environment(trace))  # the nodes' raylets, and so the workers, inherit it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     proc, console, events = None, None, []
     try:
         added = [cluster.add_node(num_cpus=2) for _ in range(nodes)]
         cluster.wait_for_nodes()
-        os.environ.pop(IMAGE_TRACE_ENV, None)
+        if scenario in ("killed", "notice-killed"):
+            for key, value in saved.items():
+                os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
         started = time.monotonic()
 
         def event(what: str) -> None:
@@ -138,7 +141,7 @@ def _one_run(label: str, workers: str, nodes: int, args, folder: str, *, scenari
     repeated = None
     if os.path.isdir(trace) and gone:  # steps the 4-worker group trained past the point the 2 resumed from
         resumed = (int(gone.group(1)) - 1, int(gone.group(2)) * args.global_batch)
-        repeated = len({(r["epoch"], r["end"]) for r in read_image_trace(trace)
+        repeated = len({(r["epoch"], r["end"]) for r in image_trace.read(trace)
                         if r["world"] == 4 and (r["epoch"], r["end"]) > resumed})
     cadence = re.search(r"spot notices: checked every (\d+) step\(s\) \(a check takes ([\d.]+) ms, a step "
                         r"([\d.]+) ms\)", text)

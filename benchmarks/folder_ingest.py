@@ -5,9 +5,9 @@ the streamed path's memory for a folder and one 4x larger.
 
 The folder (written once into --folder, default /tmp/raydist-folder-ingest: --images JPEGs of random sizes
 in --sizes, 10 classes, quality 90, smooth random content so that they compress like photos) is read by:
-- stream:     raydist's streamed path (raydist.folder_stream.StreamSource on a local Ray cluster of every
+- stream:     raydist's streamed path (raydist.ray_edge.stream.StreamSource on a local Ray cluster of every
               core: Ray Data tasks read and decode, the worker iterates batches with prefetching);
-- memory:     raydist's in-memory path once its node cache exists (raydist.image_folder.load_folder_split
+- memory:     raydist's in-memory path once its node cache exists (raydist.data.folder.load_folder_split
               from the cache, then batches indexed from the uint8 tensor);
 - dataloader: what users write today: torchvision ImageFolder + DataLoader(num_workers=cores,
               pin_memory on a GPU, persistent workers) + per-image RandomResizedCrop(224), flip, ToTensor,
@@ -90,7 +90,7 @@ class PeakUsed:
 
 
 def epoch_stream(source, augment, device, epoch):
-    from raydist.data import shard_indices
+    from raydist.data.splits import shard_indices
 
     batches = list(shard_indices(len(source), batch_size=BATCH, rank=0, world_size=1, epoch=epoch, seed=0))
     count = 0
@@ -101,7 +101,7 @@ def epoch_stream(source, augment, device, epoch):
 
 
 def epoch_memory(source, augment, device, epoch):
-    from raydist.data import shard_indices
+    from raydist.data.splits import shard_indices
 
     count = 0
     for indices in shard_indices(len(source), batch_size=BATCH, rank=0, world_size=1, epoch=epoch, seed=0,
@@ -142,11 +142,11 @@ def main():
     import ray
     from torchvision import datasets, transforms
 
-    from raydist.augment import Augmenter
-    from raydist.folder_stream import StreamSource
-    from raydist.data import TensorSource
-    from raydist.image_folder import (IMAGENET_MEAN, IMAGENET_STD, decoded_bytes, load_folder_split, scan_folder,
-                                      stored_size)
+    from raydist.data.augment import Augmenter
+    from raydist.ray_edge.stream import StreamSource
+    from raydist.data.sources import TensorSource
+    from raydist.data.folder import (IMAGENET_MEAN, IMAGENET_STD, decoded_bytes, load_folder_split, scan_folder,
+                                     stored_size)
 
     os.environ.setdefault("RAYDIST_CACHE_DIR", os.path.join(args.folder + "-cache"))
     index = scan_folder(args.folder, val_fraction=0.1)  # the training split is what is read

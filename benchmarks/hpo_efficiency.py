@@ -44,7 +44,7 @@ import time
 import yaml
 
 from bench_env import describe, environment, load_average, ray_lock, spread, summary
-from raydist.study_history import read_history
+from raydist.runs.history import read_history
 from raydist.tune import find_study_file
 
 SIDES = {"random+fifo": ["--search", "random", "--scheduler", "fifo"],

@@ -8,7 +8,7 @@ and 8 micro-batches, GPipe), side by side in one run.
 
 Every side trains the same model from the same weights on the same batch (random images resident on the
 first device, labels on the last), SGD with momentum, bf16 autocast on a GPU (fp32 on the CPU), channels_last;
-no data pipeline, so the figures are the model's. The split sides are raydist.models.pipeline.Pipeline, what
+no data pipeline, so the figures are the model's. The split sides are raydist.parallel.pipeline.Pipeline, what
 `--model-parallel K --micro-batches M` trains, with the stage boundaries of each --balance (params: equal
 parameter counts; time: equal forward+backward time per unit, measured first). Each measurement is --steps
 training steps after --warmup steps; --repeats measurements per side, the sides interleaved, median reported,
@@ -33,8 +33,8 @@ from bench_env import describe, environment
 def build(model: str, classes: int, *, stages: list[torch.device], micro_batches: int, balance: str,
           sample: torch.Tensor, amp) -> tuple[torch.nn.Module, torch.nn.Module, str]:
     """(the model, what runs it: itself or its Pipeline, the units of each stage: "stem..layer3.0 / ...")."""
-    from raydist.models import create_model
-    from raydist.models.pipeline import Pipeline, pipeline_units, unit_costs
+    from raydist.models.registry import create_model
+    from raydist.parallel.pipeline import Pipeline, pipeline_units, unit_costs
 
     torch.manual_seed(0)
     net = create_model(model, num_classes=classes).to(stages[0], memory_format=torch.channels_last)

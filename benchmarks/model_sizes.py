@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_env import describe, environment
-from raydist.models import MODELS, create_model
+from raydist.models.registry import MODELS, create_model
 
 IMAGENET_MODELS = ("resnet18_imagenet", "resnet50_imagenet")
 

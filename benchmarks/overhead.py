@@ -25,12 +25,15 @@ import tempfile
 import time
 
 from bench_env import describe, environment, load_average, ray_lock, spread, steady, summary
-from raydist.config import TrainConfig
-from raydist.engine import FINAL_MODEL_FILE, load_checkpoint_file, local_context, run
+from raydist.config.fields import TrainConfig
+from raydist.runs.checkpoints import FINAL_MODEL_FILE, load_checkpoint_file
+from raydist.loop.context import local_context
+from raydist.loop.run import run
+from raydist.preflight import validate
 
 
 def plain_run(epochs: int, cpus: int, folder: str) -> dict:
-    cfg = TrainConfig(epochs=epochs, num_workers=1, cpus_per_worker=float(cpus)).validate()
+    cfg = validate(TrainConfig(epochs=epochs, num_workers=1, cpus_per_worker=float(cpus)))
     start = time.time()
     history = run(cfg, local_context(folder))
     return {"epoch_times": [m["epoch_time_s"] for m in history], "to_first_step_s": None,

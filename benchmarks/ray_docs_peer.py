@@ -5,7 +5,7 @@ side in one run: steady training throughput of each.
 
 Both sides are TorchTrainer runs of --workers CPU workers (1 CPU each, gloo) training resnet8 on digits with
 a per-worker batch of 64, SGD (momentum 0.9, Nesterov, weight decay 5e-4), fp32:
-- raydist: `raydist.launch.fit` (what `python -m raydist.train` runs): uint8 data in memory, crop+flip in
+- raydist: `raydist.ray_edge.fit.fit` (what `python -m raydist.train` runs): uint8 data in memory, crop+flip in
   batches, the epoch's indices drawn once, metrics summed on the device and all-reduced once per epoch;
 - Ray docs: the train function of Ray Train's PyTorch guide: a Dataset of PIL images with per-image
   torchvision transforms (RandomCrop(32, padding 4), RandomHorizontalFlip, ToTensor, Normalize) in a
@@ -27,6 +27,7 @@ import tempfile
 import time
 
 from bench_env import describe, environment, load_average, spread, steady, summary
+from raydist.preflight import validate
 
 BATCH = 64
 MEAN, STD = (0.305,) * 3, (0.324,) * 3  # raydist's digits statistics
@@ -41,8 +42,8 @@ def ray_docs_train_func(config: dict) -> None:
     from PIL import Image
     from torchvision import transforms
 
-    from raydist.data import load_split
-    from raydist.models import create_model
+    from raydist.data.sources import load_split
+    from raydist.models.registry import create_model
 
     torch.set_num_threads(1)
     split = load_split("digits", "train")
@@ -100,11 +101,13 @@ def ray_docs_run(epochs: int, workers: int, loader_workers: int, folder: str) ->
 
 
 def raydist_run(epochs: int, workers: int, folder: str, address) -> list[float]:
-    from raydist.config import TrainConfig
-    from raydist.launch import fit, prepare
+    from raydist.config.fields import TrainConfig
+    from raydist.ray_edge.fit import fit
+    from raydist.run_config import prepare
 
     cfg = TrainConfig(epochs=epochs, num_workers=workers, batch_size=BATCH, cpus_per_worker=1.0, address=address,
-                      storage_path=folder, name="raydist", warmup_epochs=0.0).validate()
+                      storage_path=folder, name="raydist", warmup_epochs=0.0)
+    validate(cfg)
     summary_ = fit(prepare(cfg, explicit={}))
     return [h["images_per_s"] for h in summary_.history]
 
@@ -119,9 +122,9 @@ def main():
     parser.add_argument("--json", default="", help="write the raw results here")
     args = parser.parse_args()
     env = environment(sys.argv)
-    from raydist import cluster
+    from raydist.ray_edge import session
 
-    cluster.connect(args.address)
+    session.connect(args.address)
     pairs = []
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats):

@@ -10,7 +10,7 @@ checkpoint: per model, the checkpoint's size (weights, SGD momentum, scaler) and
   up at an epoch end: serialising it into a local folder (what remains with Ray's asynchronous upload)
   against serialising it and then copying it into the run folder in storage (what a synchronous upload
   adds; here the storage is a local folder, so an upload to S3 adds more). Median of --repeats.
-ddp: steady training images/s of raydist's loop (raydist.engine.run) as 2 gloo DDP processes of 1 thread,
+ddp: steady training images/s of raydist's loop (raydist.loop.run.run) as 2 gloo DDP processes of 1 thread,
   resnet8 on digits, batch 64 per worker, --ddp-epochs epochs (the first left out), with DDP's broadcast of
   rank 0's BatchNorm buffers before every forward (DDP's default, raydist before) and without it (raydist
   now), --ddp-repeats pairs, the order alternating; the ratio is taken within a pair.
@@ -30,6 +30,7 @@ import time
 import torch
 
 from bench_env import describe, environment, steady
+from raydist.preflight import validate
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -43,7 +44,7 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def fake_cost(batch: int, repeats: int, device: torch.device) -> dict:
-    from raydist.data import FAKE_SPLITS, FakeSource, _hash32
+    from raydist.data.sources import FAKE_SPLITS, FakeSource, _hash32
 
     source = FakeSource(100_000, 224, 1000, salt=0, device=device)
     indices = torch.arange(batch, device=device)
@@ -65,12 +66,13 @@ def fake_cost(batch: int, repeats: int, device: torch.device) -> dict:
 
 
 def checkpoint_cost(model: str, repeats: int) -> dict:
-    from raydist.config import TrainConfig
-    from raydist.data import TensorSource
-    from raydist.engine import CHECKPOINT_FILE, TrainingState
+    from raydist.config.fields import TrainConfig
+    from raydist.data.sources import TensorSource
+    from raydist.runs.checkpoints import CHECKPOINT_FILE
+    from raydist.loop.state import TrainingState
 
     size = 224 if model.endswith("_imagenet") else 32
-    cfg = TrainConfig(dataset="cifar10", model=model, num_workers=1, batch_size=2, warmup_epochs=0).validate()
+    cfg = validate(TrainConfig(dataset="cifar10", model=model, num_workers=1, batch_size=2, warmup_epochs=0))
     data = TensorSource(torch.zeros(4, 3, size, size, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
     state = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=1, train_set=data, val_set=data)
     state.enter_epoch(0)
@@ -98,13 +100,13 @@ def checkpoint_cost(model: str, repeats: int) -> dict:
 def _ddp_worker(rank: int, world: int, sync: bool, port: int, epochs: int, out: str) -> None:
     import torch.distributed as dist
 
-    import raydist.engine as engine
-    from raydist.config import TrainConfig
+    import raydist.loop.run as engine
+    from raydist.config.fields import TrainConfig
 
     if sync:  # DDP's default: rank 0's buffers broadcast before every forward
         engine.NO_FORWARD_BUFFER_SYNC = {}
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    cfg = TrainConfig(epochs=epochs, num_workers=world, batch_size=64, cpus_per_worker=1.0, warmup_epochs=0).validate()
+    cfg = validate(TrainConfig(epochs=epochs, num_workers=world, batch_size=64, cpus_per_worker=1.0, warmup_epochs=0))
     ctx = engine.WorkerContext(rank=rank, world_size=world, device=torch.device("cpu"),
                                report=lambda metrics, folder: folder and shutil.rmtree(folder),
                                write_file=lambda name, data: None)

@@ -7,7 +7,7 @@ torchvision DataLoader, per model, batch size and compile, side by side in one r
 
 Both sides train the same model from the same initial weights with SGD (momentum 0.9, Nesterov, weight decay
 5e-4), crop+flip augmentation and the same precision (bf16 autocast on a GPU, fp32 on the CPU; --precision):
-- raydist: raydist.engine.TrainingState.train_epoch, the loop every run and trial uses: data held as uint8 on
+- raydist: raydist.loop.state.TrainingState.train_epoch, the loop every run and trial uses: data held as uint8 on
   the device, augmented there in batches, channels_last (--channels-last), no host sync inside the epoch;
 - loop: the usual alternative, a torchvision-style Dataset of uint8 images turned into PIL images, per-image
   RandomCrop(padding 4) + RandomHorizontalFlip + ToTensor + Normalize, a DataLoader with --loader-workers
@@ -34,6 +34,7 @@ import time
 import torch
 
 from bench_env import describe, environment
+from raydist.preflight import validate
 
 # model -> input side; the 32x32 ones are CIFAR models, resnet50_imagenet the DDP workload test's model
 MODELS = {"resnet18": 32, "wrn16_4": 32, "wrn28_10": 32, "wrn_dli": 32, "resnet50_imagenet": 224}
@@ -57,7 +58,7 @@ def train_flops_per_image(model_name: str, size: int) -> float:
     """FLOPs of one training step's forward and backward, per image, counted from the layers."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from raydist.models import create_model
+    from raydist.models.registry import create_model
 
     net = create_model(model_name, num_classes=1000 if size == 224 else 10).train()
     x = torch.randn(2, 3, size, size)
@@ -76,9 +77,9 @@ def _sync(device: torch.device) -> None:
 
 def raydist_side(model: str, batch: int, compile_: bool, device: torch.device, steps: int, precision: str,
                  threads: int, channels_last: bool = True) -> float:
-    from raydist.config import TrainConfig
-    from raydist.data import FakeSource, TensorSource
-    from raydist.engine import TrainingState
+    from raydist.config.fields import TrainConfig
+    from raydist.data.sources import FakeSource, TensorSource
+    from raydist.loop.state import TrainingState
 
     size = SIZES[model]
     images = steps * batch
@@ -86,11 +87,13 @@ def raydist_side(model: str, batch: int, compile_: bool, device: torch.device, s
     if size == 224:
         cfg = TrainConfig(dataset="fake", fake_image_size=224, fake_num_classes=1000, fake_train_size=images,
                           model=model, batch_size=batch, compile=compile_, precision=precision, num_workers=1,
-                          warmup_epochs=0, cpus_per_worker=float(threads), **memory).validate()
+                          warmup_epochs=0, cpus_per_worker=float(threads), **memory)
+        validate(cfg)
         train = FakeSource(images, 224, 1000, salt=0, device=device)
     else:
         cfg = TrainConfig(dataset="cifar10", model=model, batch_size=batch, compile=compile_, precision=precision,
-                          num_workers=1, warmup_epochs=0, cpus_per_worker=float(threads), **memory).validate()
+                          num_workers=1, warmup_epochs=0, cpus_per_worker=float(threads), **memory)
+        validate(cfg)
         generator = torch.Generator().manual_seed(0)
         train = TensorSource(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=generator),
                              torch.randint(0, 10, (images,), generator=generator)).to(device)
@@ -126,8 +129,8 @@ def loop_side(model: str, batch: int, compile_: bool, device: torch.device, step
     import torchvision
     from torchvision import transforms
 
-    from raydist.engine import autocast_dtype
-    from raydist.models import create_model
+    from raydist.loop.recipe import autocast_dtype
+    from raydist.models.registry import create_model
 
     size = SIZES[model]
     images = steps * batch

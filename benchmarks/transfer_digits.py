@@ -6,7 +6,7 @@ scratch with the same budget; and what --input-size and --grey-input cost in tra
                                          [--source FILE] [--plot docs/transfer_digits.png] [--no-costs]
     python benchmarks/transfer_digits.py --variants lp-ft --reuse docs/transfer_digits.json   # partial rerun
 
-Everything runs in this process with `raydist.engine.run` (no Ray cluster), 1 worker x --threads threads,
+Everything runs in this process with `raydist.loop.run.run` (no Ray cluster), 1 worker x --threads threads,
 on the CPU. Steps:
   source   resnet18_imagenet, --input-size 64, digits classes 0-4 (all 716 training images), batch 64,
            --source-lr, --source-epochs; its validation accuracy (all 0-4 validation images) is printed and
@@ -46,8 +46,11 @@ import statistics
 import tempfile
 import time
 
-from raydist.config import TrainConfig
-from raydist.engine import FINAL_MODEL_FILE, local_context, run
+from raydist.config.fields import TrainConfig
+from raydist.runs.checkpoints import FINAL_MODEL_FILE
+from raydist.loop.context import local_context
+from raydist.loop.run import run
+from raydist.preflight import validate
 
 MODEL = "resnet18_imagenet"
 SOURCE_CLASSES, TARGET_CLASSES = "0-4", "5-9"
@@ -69,7 +72,7 @@ def variants(args) -> dict[str, dict]:
 
 def train(folder: str, **fields) -> tuple[list[dict], float]:
     """(per-epoch metrics, wall seconds) of one run in this process; its folder is removed unless kept."""
-    cfg = TrainConfig(dataset="digits", model=MODEL, num_workers=1, checkpoint_every=0, **fields).validate()
+    cfg = validate(TrainConfig(dataset="digits", model=MODEL, num_workers=1, checkpoint_every=0, **fields))
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         history = run(cfg, local_context(folder))
@@ -95,7 +98,7 @@ def pretrain_source(args, size: int) -> str:
     history, seconds = train(folder, classes=SOURCE_CLASSES, input_size=size, batch_size=64,
                              epochs=args.source_epochs, lr=args.source_lr, seed=0, cpus_per_worker=args.threads)
     for name in os.listdir(folder):  # keep model_final.pt only (the epoch checkpoint holds the optimizer too)
-        if name.startswith("epoch_"):
+        if name.startswith("checkpoint_epoch_"):
             shutil.rmtree(os.path.join(folder, name))
     accs = " ".join(f"{m['val_acc']:.1%}" for m in history)
     print(f"source: {MODEL} on digits {SOURCE_CLASSES}, input {size}, lr {args.source_lr:g}, "

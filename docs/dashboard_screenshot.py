@@ -4,7 +4,7 @@
 
 What it does, and why each step is there:
 
-1. Starts its own local Ray cluster (`ray start --head --block`, free ports from raydist.cluster.free_port,
+1. Starts its own local Ray cluster (`ray start --head --block`, free ports from raydist.ray_edge.session.free_port,
    2 CPUs, dashboard on 127.0.0.1) with RAY_AUTH_MODE=disabled, so headless Chromium needs no token, and
    RAY_TRAIN_ENABLE_STATE_TRACKING=1, which the dashboard's Train state needs.
 2. Starts the default study against it in the background:
@@ -49,7 +49,7 @@ VENV_BIN = Path(sys.executable).parent  # the venv this script runs in: its `ray
 STUDY_NAME = "dashboard-demo"
 
 sys.path.insert(0, str(REPO))  # run as a plain file: make `raydist` importable without installing it
-from raydist.cluster import address_file, free_port  # noqa: E402
+from raydist.ray_edge.session import address_file, free_port  # noqa: E402
 
 # Both the cluster and every driver get these: with auth disabled the dashboard's HTTP API (and so the
 # headless browser) works without a token; state tracking makes Ray Train record its runs in the GCS.
@@ -171,7 +171,7 @@ def start_study(gcs_port: int, storage: str, log_file) -> subprocess.Popen:
 
 
 def epochs_reported(storage: str) -> int:
-    """Lines in all trials' history.jsonl (raydist.study_history): how many epochs trials have reported."""
+    """Lines in all trials' history.jsonl (raydist.ray_edge.history): how many epochs trials have reported."""
     files = glob.glob(os.path.join(storage, STUDY_NAME, "**", "history.jsonl"), recursive=True)
     return sum(len(Path(f).read_text().splitlines()) for f in files)
 

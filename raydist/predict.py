@@ -7,8 +7,8 @@ The model is a run folder (its model_final.pt), a study folder (its best_model.p
 (model_final.pt, best_model.pt, a checkpoint folder or its checkpoint.pt), local or a URI. Class names come
 from the file itself (saved there since raydist learned image folders), else the run folder's classes.json,
 else the label numbers. Every image goes through the evaluation preprocessing of the run's validation:
-decoded as the training folder's images were (raydist.image_folder.decode_image: RGB, shorter side to the
-stored size, centre square), then raydist.engine.input_pipeline without augmentation (centre crop or
+decoded as the training folder's images were (raydist.data.folder.decode_image: RGB, shorter side to the
+stored size, centre square), then raydist.loop.evaluate.input_pipeline without augmentation (centre crop or
 resize, the data set's normalisation, the channels the model reads). Runs on a GPU when there is one.
 
 Output: per image, `path<TAB>name probability%` for the top k (best first). A file that cannot be decoded
@@ -23,7 +23,8 @@ import os
 import sys
 from typing import Optional
 
-from raydist.config import ConfigError, _Parser
+from raydist.cli import OneLineErrorParser
+from raydist.errors import ConfigError
 
 DESCRIPTION = """Classify image files (or every image in folders) with a trained raydist model: one line per
 image with its top-k classes and probabilities, or a CSV.
@@ -32,8 +33,8 @@ example:
   python -m raydist.predict runs/photos-resnet18 ~/new_photos/ --top-k 3"""
 
 
-def build_parser() -> _Parser:
-    parser = _Parser(prog="raydist.predict", description=DESCRIPTION)
+def build_parser() -> OneLineErrorParser:
+    parser = OneLineErrorParser(prog="raydist.predict", description=DESCRIPTION)
     parser.add_argument("model", metavar="RUN_OR_MODEL_FILE",
                         help="a run folder, a study folder, or a model_final.pt / best_model.pt / checkpoint")
     parser.add_argument("images", metavar="IMAGES", nargs="+", help="image files or folders (searched recursively)")
@@ -45,8 +46,8 @@ def build_parser() -> _Parser:
 
 def model_file(path: str) -> str:
     """The model file a run folder, study folder, checkpoint folder or file names; ConfigError if none."""
-    from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE
-    from raydist.run_folder import is_uri
+    from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE
+    from raydist.storage import is_uri
 
     if is_uri(path):
         return path
@@ -64,13 +65,13 @@ def model_file(path: str) -> str:
 
 def image_files(paths: list[str]) -> list[str]:
     """Files as given, and every image file in the folders given (sorted); ConfigError for a missing path."""
-    from raydist.image_folder import _is_image
+    from raydist.data.folder import is_image_file
 
     found = []
     for path in paths:
         path = os.path.expanduser(path)
         if os.path.isdir(path):
-            inside = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files if _is_image(f))
+            inside = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files if is_image_file(f))
             if not inside:
                 raise ConfigError(f"{path}: holds no image file (.jpg, .jpeg, .png, .webp, .bmp)")
             found += inside
@@ -87,13 +88,14 @@ class Predictor:
     def __init__(self, path: str, device=None):
         import torch
 
-        from raydist.config import TrainConfig
-        from raydist.final_eval import read_saved
+        from raydist.config.fields import TrainConfig
+        from raydist.data.sizes import classes_predicted
         from raydist.models.transfer import load_trained_model
+        from raydist.runs.checkpoints import read_model_file
 
         self.path = model_file(path)
         try:
-            saved = read_saved(self.path)
+            saved = read_model_file(self.path)
             self.cfg = TrainConfig.from_dict(saved["config"])
         except ConfigError:
             raise
@@ -103,14 +105,14 @@ class Predictor:
         self.class_names = saved.get("class_names") or self._run_folder_classes()
         count = saved.get("num_classes") or (len(self.class_names) if self.class_names else None)
         if count is None:  # an older checkpoint: its config's data set says
-            count = self.cfg.num_classes()
+            count = classes_predicted(self.cfg)
         if not self.class_names or len(self.class_names) != count:
             self.class_names = [str(i) for i in range(count)]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net = load_trained_model({"model_name": self.cfg.model, "num_classes": count, **saved}).to(self.device)
 
     def _run_folder_classes(self) -> Optional[list[str]]:
-        from raydist.run_folder import CLASSES_FILE
+        from raydist.runs.run_folder import CLASSES_FILE
 
         folder = os.path.dirname(self.path)
         for candidate in (folder, os.path.dirname(folder)):  # a run folder, or a checkpoint folder inside one
@@ -122,9 +124,9 @@ class Predictor:
 
     def stored_side(self) -> int:
         """The side images are decoded to, as the training data's were."""
-        from raydist.data import DATASETS
-        from raydist.engine import input_side
-        from raydist.image_folder import stored_size
+        from raydist.data.folder import stored_size
+        from raydist.data.registry import DATASETS
+        from raydist.data.sizes import input_side
 
         if self.cfg.dataset == "folder":
             return stored_size(input_side(self.cfg))
@@ -134,7 +136,7 @@ class Predictor:
         """uint8 N x 3 x S x S (as decoded) -> N x classes probabilities."""
         import torch
 
-        from raydist.engine import input_pipeline
+        from raydist.loop.evaluate import input_pipeline
 
         pipeline = input_pipeline(self.cfg, self.device)
         if self.cfg.input_channels() == 1:
@@ -159,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import numpy as np
     import torch
 
-    from raydist.image_folder import decode_image
+    from raydist.data.folder import decode_image
 
     k = min(args.top_k, len(predictor.class_names))
     side, rows, failed = predictor.stored_side(), [], 0

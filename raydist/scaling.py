@@ -5,7 +5,7 @@
         --dataset cifar10 --data-dir ~/data --model resnet18 --epochs 30 --use-gpu --address auto
 
 The question of the Horovod batch-size study raydist replaces. For every worker count x per-worker batch
-size of the grid, and for each LR rule, one raydist training run (`raydist.launch.fit`, one after the other
+size of the grid, and for each LR rule, one raydist training run (`raydist.ray_edge.fit.fit`, one after the other
 on one cluster) that stops when validation accuracy reaches --target:
 - rule `linear`: the linear scaling rule with warmup: the grid's smallest run trains at the peak LR
   raydist.train gives it (--lr under --lr-scaling), every other run at that peak times its global batch
@@ -29,10 +29,8 @@ each run's own folder. Bad input exits 2 before any cluster starts.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime
-import math
 import os
 import platform
 import statistics
@@ -40,73 +38,12 @@ import sys
 import time
 from typing import Optional
 
-from raydist.config import ConfigError, TrainConfig, _Parser, lr_scale, parse_cli
-
-RULES = ("linear", "none")
-
-
-@dataclasses.dataclass
-class Point:
-    """One run of the grid and what it measured."""
-    workers: int
-    batch: int  # per worker
-    rule: str
-    cfg: TrainConfig
-    images_per_s: Optional[float] = None
-    epochs_to_target: Optional[int] = None
-    epoch_seconds_to_target: Optional[float] = None  # the epochs' own times up to the target: no start-up
-    best_val_acc: Optional[float] = None
-    epochs_run: int = 0
-    efficiency: Optional[float] = None
-
-    @property
-    def global_batch(self) -> int:
-        return self.workers * self.batch * self.cfg.grad_accum
-
-    @property
-    def key(self) -> tuple:
-        """The grid point a run belongs to (its repeats share it)."""
-        return self.workers, self.batch, self.rule
-
+from raydist.cli import OneLineErrorParser, parse_cli
+from raydist.errors import ConfigError
+from raydist.output.scaling_report import markdown, plot, write_csv
+from raydist.study.scaling_grid import RULES, Point, build_grid, efficiencies
 
 # ---- the grid ---------------------------------------------------------------------------------------------
-
-
-def build_grid(base: TrainConfig, *, workers: list[int], batches: list[int], rules: list[str], target: float,
-               out: str, repeats: int = 1) -> list[Point]:
-    """Every run's validated config. The peak LR of the grid's smallest run is what raydist.train gives
-    that run (--lr under --lr-scaling, the loop's own lr_scale); `linear` grows it in proportion to the
-    global batch from there, `none` keeps it at every batch. Each run's --lr is set so that the loop, with
-    the run's own --lr-scaling, trains at exactly that peak (per_256, per_worker and none alike)."""
-    for name, values in (("--workers", workers), ("--batch-sizes", batches)):
-        bad = [v for v in values if v < 1]
-        if bad:
-            raise ConfigError(f"{name} must be positive integers, got {bad[0]}")
-    if not 0 < target <= 1:
-        raise ConfigError(f"--target must be a validation accuracy in (0, 1], got {target}")
-    if repeats < 1:
-        raise ConfigError(f"--repeats must be a positive integer, got {repeats}")
-    reference = min(workers) * min(batches) * base.grad_accum
-    reference_peak = base.lr * lr_scale(dataclasses.replace(base, batch_size=min(batches)), reference)
-    points = []
-    for rule in dict.fromkeys(rules):  # each once: a repeated rule would name two runs alike
-        for w in sorted(set(workers)):
-            for b in sorted(set(batches)):
-                global_batch = w * b * base.grad_accum
-                peak = reference_peak * global_batch / reference if rule == "linear" else reference_peak
-                lr = peak / lr_scale(dataclasses.replace(base, batch_size=b), global_batch)
-                cfg = dataclasses.replace(base, num_workers=w, batch_size=b, lr=lr,
-                                          warmup_epochs=base.warmup_epochs if rule == "linear" else 0.0,
-                                          target_accuracy=target, patience=1, storage_path=out,
-                                          name=f"w{w}-b{b}-{rule}", resume=None)
-                try:
-                    cfg.validate()
-                except ConfigError as exc:
-                    raise ConfigError(f"{w} worker(s) x batch {b} ({rule}): {exc}") from None
-                for seed in range(base.seed, base.seed + repeats):
-                    name = cfg.name if repeats == 1 else f"{cfg.name}-s{seed}"
-                    points.append(Point(w, b, rule, dataclasses.replace(cfg, seed=seed, name=name)))
-    return points
 
 
 def measure(point: Point, history: list[dict], target: float) -> None:
@@ -122,166 +59,7 @@ def measure(point: Point, history: list[dict], target: float) -> None:
         point.epoch_seconds_to_target = sum(h["epoch_time_s"] for h in history[:reached + 1])
 
 
-def efficiencies(points: list[Point]) -> None:
-    """images/s per worker, relative to the fewest workers' (the median of their repeats) with the same
-    per-worker batch and rule."""
-    for p in points:
-        same = [q for q in points if q.batch == p.batch and q.rule == p.rule and q.images_per_s]
-        fewest = min((q.workers for q in same), default=None)
-        if fewest is not None and p.images_per_s:
-            base = statistics.median(q.images_per_s for q in same if q.workers == fewest)
-            p.efficiency = (p.images_per_s / p.workers) / (base / fewest)
-
-
-def summarize(points: list[Point]) -> list[dict]:
-    """One row per grid point: each measure's median over the point's repeats, with (min, max) beside it.
-    epochs_to_target's median counts a repeat that never reached the target as not reached (so a point
-    reached in fewer than half its repeats is "not reached"); `reached` says in how many it was."""
-    groups: dict[tuple, list[Point]] = {}
-    for p in points:
-        groups.setdefault(p.key, []).append(p)
-    rows = []
-    for runs in groups.values():
-        r = row(runs[0])
-        r["repeats"], r["reached"] = len(runs), sum(q.epochs_to_target is not None for q in runs)
-        for key in ("images_per_s", "efficiency", "best_val_acc", "epochs_run"):
-            values = [getattr(q, key) for q in runs if getattr(q, key) is not None]
-            r[key] = statistics.median(values) if values else None
-            r[f"{key}_range"] = (min(values), max(values)) if len(values) > 1 else None
-        for key in ("epochs_to_target", "epoch_seconds_to_target"):
-            values = sorted((getattr(q, key) for q in runs), key=lambda v: math.inf if v is None else v)
-            middle = values[(len(values) - 1) // 2:len(values) // 2 + 1]  # one or two middle values
-            r[key] = None if None in middle else statistics.mean(middle)
-            reached = [v for v in values if v is not None]
-            r[f"{key}_range"] = (min(reached), max(reached)) if len(runs) > 1 and reached else None
-        rows.append(r)
-    return rows
-
-
 # ---- the outputs ------------------------------------------------------------------------------------------
-
-
-COLUMNS = ("workers", "batch", "global_batch", "rule", "seed", "lr_peak", "warmup_epochs", "images_per_s",
-           "efficiency", "epochs_to_target", "epoch_seconds_to_target", "best_val_acc", "epochs_run")
-TABLE_COLUMNS = tuple(c for c in COLUMNS if c != "seed") + ("reached",)
-
-
-def row(p: Point) -> dict:
-    """One run, as results.csv has it; lr_peak is the loop's own (cfg.lr times lr_scale)."""
-    return {"workers": p.workers, "batch": p.batch, "global_batch": p.global_batch, "rule": p.rule,
-            "seed": p.cfg.seed, "lr_peak": p.cfg.lr * lr_scale(p.cfg, p.global_batch),
-            "warmup_epochs": p.cfg.warmup_epochs, "images_per_s": p.images_per_s, "efficiency": p.efficiency,
-            "epochs_to_target": p.epochs_to_target, "epoch_seconds_to_target": p.epoch_seconds_to_target,
-            "best_val_acc": p.best_val_acc, "epochs_run": p.epochs_run}
-
-
-def _number(key: str, value) -> str:
-    if key in ("efficiency", "best_val_acc"):
-        return f"{value:.1%}" if key == "best_val_acc" else f"{value:.2f}"
-    if key in ("images_per_s", "epoch_seconds_to_target"):
-        return f"{value:,.1f}"
-    if key == "lr_peak":
-        return f"{value:.4g}"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _cell(key: str, r: dict) -> str:
-    value = r.get(key)
-    if key == "reached":
-        return f"{value}/{r['repeats']}"
-    if value is None:
-        return "not reached" if key.endswith("to_target") else "—"
-    text = _number(key, value)
-    spread = r.get(f"{key}_range")
-    return f"{text} ({_number(key, spread[0])}-{_number(key, spread[1])})" if spread else text
-
-
-def markdown(points: list[Point], *, target: float, header: str) -> str:
-    rows = summarize(points)
-    repeats = max(r["repeats"] for r in rows)
-    spread = (f" Each point ran {repeats} times (seeds {points[0].cfg.seed}-{points[0].cfg.seed + repeats - 1}): "
-              f"the median, with the range in brackets; `reached`: in how many runs." if repeats > 1 else "")
-    lines = [header, "", f"Target validation accuracy {target:.1%}. epoch_seconds_to_target: the epochs' own times "
-             f"(training and validation) up to the epoch that reached it, without the run's start-up.{spread}", "",
-             "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join(_cell(k, r) for k in TABLE_COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(points: list[Point], path: str) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        for p in points:
-            writer.writerow(row(p))
-
-
-def plot(points: list[Point], folder: str, *, target: float) -> list[str]:
-    """throughput.png and accuracy.png: each point's median over its repeats, the range as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = summarize(points)
-
-    def bars(line: list[dict], key: str) -> Optional[list]:
-        if not any(r.get(f"{key}_range") for r in line):
-            return None
-        spans = [r.get(f"{key}_range") or (r[key], r[key]) for r in line]
-        return [[r[key] - low for r, (low, _) in zip(line, spans)], [high - r[key] for r, (_, high) in zip(line, spans)]]
-
-    paths = [os.path.join(folder, "throughput.png"), os.path.join(folder, "accuracy.png")]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for rule in sorted({r["rule"] for r in rows}):
-        for batch in sorted({r["batch"] for r in rows}):
-            line = sorted((r for r in rows if r["batch"] == batch and r["rule"] == rule and r["images_per_s"]),
-                          key=lambda r: r["workers"])
-            if not line:
-                continue
-            drawn = ax.errorbar([r["workers"] for r in line], [r["images_per_s"] for r in line],
-                                yerr=bars(line, "images_per_s"), marker="o", capsize=3,
-                                label=f"batch {batch}/worker ({rule})")
-            first = line[0]
-            ax.plot([r["workers"] for r in line], [first["images_per_s"] * r["workers"] / first["workers"] for r in line],
-                    linestyle="--", color=drawn.lines[0].get_color(), alpha=0.5)
-    ax.set_xlabel("workers")
-    workers = sorted({r["workers"] for r in rows})
-    ax.set_xticks(workers, [str(w) for w in workers])
-    ax.set_ylabel("training images/s")
-    ax.set_title("throughput against workers (dashed: linear scaling)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(paths[0])
-    plt.close(fig)
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5), dpi=110)
-    batches = sorted({r["global_batch"] for r in rows})
-    for rule, style in zip(sorted({r["rule"] for r in rows}), ("-", "--")):
-        for workers in sorted({r["workers"] for r in rows}):
-            line = sorted((r for r in rows if r["rule"] == rule and r["workers"] == workers),
-                          key=lambda r: r["global_batch"])
-            xs, label = [r["global_batch"] for r in line], f"{rule}, {workers} worker(s)"
-            reached = [r for r in line if r["epochs_to_target"] is not None]
-            left.errorbar([r["global_batch"] for r in reached], [r["epochs_to_target"] for r in reached],
-                          yerr=bars(reached, "epochs_to_target"), marker="o", linestyle=style, capsize=3, label=label)
-            right.errorbar(xs, [r["best_val_acc"] for r in line], yerr=bars(line, "best_val_acc"), marker="o",
-                           linestyle=style, capsize=3, label=label)
-    left.set(xscale="log", xlabel="global batch", ylabel=f"epochs to {target:.1%}",
-             title="epochs to the target (missing: not reached)")
-    right.set(xscale="log", xlabel="global batch", ylabel="best validation accuracy", title="best validation accuracy")
-    right.axhline(target, color="grey", linestyle=":")
-    for ax in (left, right):
-        ax.set_xticks(batches, [str(b) for b in batches])
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
-        ax.legend(title="LR rule", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(paths[1])
-    plt.close(fig)
-    return paths
 
 
 # ---- command line -----------------------------------------------------------------------------------------
@@ -305,7 +83,7 @@ example:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="raydist.scaling", description=DESCRIPTION, add_help=False, allow_abbrev=False,
+    p = OneLineErrorParser(prog="raydist.scaling", description=DESCRIPTION, add_help=False, allow_abbrev=False,
                 epilog="Every other flag is a raydist.train flag and passes through to every run (python -m "
                        "raydist.train --help lists them), except "
                        + ", ".join("--" + k.replace("_", "-") for k in SET_BY_THE_GRID) + ", which the grid sets.")
@@ -336,7 +114,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[Point]]:
         raise ConfigError(f"--storage-path {explicit['storage_path']} with --out {args.out}: the runs go into "
                           f"--out; give one of them (--storage-path alone puts the study in "
                           f"<storage-path>/scaling-<time>)")
-    from raydist.run_folder import is_uri
+    from raydist.storage import is_uri
 
     out = args.out or os.path.join(base.storage_path, f"scaling-{time.strftime('%Y%m%d-%H%M%S')}")
     if is_uri(out):
@@ -349,7 +127,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[Point]]:
     if taken:  # Ray Train would continue such a run from its checkpoints, and its figures would be the old run's
         raise ConfigError(f"--out {out} holds run folders of an earlier study ({', '.join(taken)}); give a new "
                           f"--out (each study measures fresh runs)")
-    from raydist.launch import check_storage, prepare
+    from raydist.run_config import check_storage, prepare
 
     check_storage(out, "--out")
     points = [dataclasses.replace(p, cfg=prepare(p.cfg, explicit={})) for p in points]
@@ -375,12 +153,12 @@ def check_not_set_by_the_grid(explicit: dict, config_files: list[str]) -> None:
 def check_largest_fits(points: list[Point], *, cpus: float, gpus: Optional[float], where: str) -> None:
     """Every run fits the cluster, checked on the grid's largest before the first run starts (not hours
     later, when its turn comes). `gpus` None: this machine's count."""
-    from raydist import cluster
+    from raydist.ray_edge import planning
 
     largest = max(points, key=lambda p: p.workers)
     cfg = largest.cfg
     try:
-        cluster.check_resources(cluster_cpus=cpus, cluster_gpus=cluster.local_gpu_count() if gpus is None else gpus,
+        planning.check_resources(cluster_cpus=cpus, cluster_gpus=planning.local_gpu_count() if gpus is None else gpus,
                                 use_gpu=cfg.use_gpu, num_workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
                                 gpus_per_worker=cfg.gpus_per_worker, where=where)
     except ConfigError as exc:  # said in this command's flags: the grid sets --num-workers from --workers
@@ -395,14 +173,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:
         print(f"raydist.scaling: error: {exc}", file=sys.stderr)
         return 2
-    from raydist.launch import fit
+    from raydist.ray_edge.fit import fit
 
     if points[0].cfg.address is not None:  # a cluster someone else started: as large as it can grow
-        from raydist import cluster
+        from raydist.ray_edge import planning, session
 
         try:
-            cluster.connect(points[0].cfg.address, quiet=not points[0].cfg.verbose, bare_run_lines=True)
-            cap = cluster.capacity()
+            session.connect(points[0].cfg.address, quiet=not points[0].cfg.verbose, bare_run_lines=True)
+            cap = planning.capacity()
             check_largest_fits(points, cpus=cap.max_cpus, gpus=cap.max_gpus, where=cap.where)
         except ConfigError as exc:
             print(f"raydist.scaling: error: {exc}", file=sys.stderr)

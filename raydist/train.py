@@ -5,7 +5,7 @@
     python -m raydist.train --address auto                    # join a running cluster (`ray start --head`)
     python -m raydist.train --resume runs/digits-resnet8-20261123-101500 --epochs 30
 
-Flags come from raydist.config.TrainConfig (`--help` lists them all). Bad input exits with code 2 before
+Flags come from raydist.config.fields.TrainConfig (`--help` lists them all). Bad input exits with code 2 before
 Ray starts; a failed run exits 1.
 """
 
@@ -14,9 +14,16 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from raydist import console, final_eval
-from raydist.config import ConfigError, parse_cli
-from raydist.launch import CURVES_FILE, RunSummary, failure_cause, fit, prepare
+from raydist import final_eval
+from raydist.cli import parse_cli
+from raydist.errors import ConfigError
+from raydist.output import console
+from raydist.output.run_curves import CURVES_FILE
+from raydist.ray_edge import measure
+from raydist.ray_edge.fit import RunSummary, failure_cause, fit
+from raydist.ray_edge.session import disconnect
+from raydist.ray_edge.status import give_back_requests
+from raydist.run_config import prepare
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -31,29 +38,6 @@ def print_summary(summary: RunSummary) -> None:
     lines += [f"final model:      {summary.final_model}", f"curves:           {summary.run_dir}/{CURVES_FILE}",
               f"run folder:       {summary.run_dir}"]
     print("\n".join(lines), flush=True)
-
-
-def _stop_log_forwarding() -> None:
-    """Ray forwards the workers' output (their tracebacks too) asynchronously; disconnecting first keeps
-    the one line that names the cause the last the user sees. The full tracebacks are above it and in
-    the cluster's logs."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
-
-def _give_back_requests(run_name: str) -> None:
-    """What the interrupted run still asks of Ray's autoscaling coordinator (Ray would keep it for 180 s)."""
-    import ray
-
-    from raydist import cluster
-
-    if ray.is_initialized():
-        try:
-            cluster.release_train_requests({run_name})
-        except Exception:  # noqa: BLE001 - Ray drops the request within 180 s anyway
-            pass
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -74,23 +58,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         # through sys.exit (SystemExit); before that, Ctrl+C is Python's KeyboardInterrupt. Disconnecting
         # ends this driver's Ray job; Ray then removes the run's worker group and its placement group
         # (measured in docs/reliability.md). The checkpoints written so far stay.
-        _give_back_requests(cfg.name)
-        _stop_log_forwarding()
+        give_back_requests(cfg.name)
+        disconnect()
         run_dir = f"{cfg.storage_path}/{cfg.name}"
         print(f"raydist.train: interrupted; continue from the latest checkpoint with: python -m raydist.train "
               f"--resume {run_dir}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a failed run is reported in one line, with Ray's log above it
-        from raydist.failures import write_error_log
+        from raydist.ray_edge.failures import write_error_log
 
         cause = failure_cause(exc)
         log = write_error_log(f"{cfg.storage_path}/{cfg.name}", exc)
-        _stop_log_forwarding()
+        disconnect()
         if log:
             print(f"raydist.train: every worker's traceback: {log}", file=sys.stderr)
         print(f"raydist.train: training failed: {cause}", file=sys.stderr)
         return 1
-    test_line = final_eval.summary_line(final_eval.measure_run(cfg, summary))  # the test split, once, at the end
+    test_line = final_eval.summary_line(measure.measure_run(cfg, summary))  # the test split, once, at the end
     print_summary(summary)
     if test_line:
         print(test_line, flush=True)

@@ -6,7 +6,7 @@ one line and that no cluster started; these tables prove every other row's messa
     code, out, err = run_main("raydist.tune", ["--num-samples", "0"], capsys, monkeypatch)
     assert code == 2 and err == "raydist.tune: error: --num-samples must be a positive integer, got 0\n"
 
-Starting or joining a cluster (raydist.cluster.connect, ray.init) raises ReachedTheCluster here: bad input
+Starting or joining a cluster (raydist.ray_edge.session.connect, ray.init) raises ReachedTheCluster here: bad input
 that got that far is a failure of the test, not a cluster started inside pytest.
 """
 
@@ -22,13 +22,13 @@ class ReachedTheCluster(AssertionError):
 def run_main(module: str, args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
     import ray
 
-    from raydist import cluster
+    from raydist.ray_edge import session
 
     def refuse(*a, **k):
         raise ReachedTheCluster(f"python -m {module} {' '.join(args)} went on to start or join a cluster")
 
     monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.setattr(cluster, "connect", refuse)
+    monkeypatch.setattr(session, "connect", refuse)
     capsys.readouterr()  # what came before is not this command's
     try:
         code = importlib.import_module(module).main(list(args))

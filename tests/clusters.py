@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from raydist.cluster import free_port
+from raydist.ray_edge.session import free_port
 
 HEAD_TYPE = "ray.head.default"  # the fake provider's name for the head node type
 FAKE_BASE = {
@@ -172,7 +172,7 @@ class FakeAutoscalingCluster:
                 break
             self.survivors = {p: _cmdline(p)[:200] for p in targets}
         self.proc.poll()
-        from raydist.cluster import address_file
+        from raydist.ray_edge.session import address_file
 
         try:
             if open(address_file()).read().strip().endswith(f":{self.port}"):
@@ -191,7 +191,7 @@ def shutdown_cluster(cluster) -> None:
     """Stop a ray.cluster_utils.Cluster (its nodes' processes, by the pids it started) and remove this
     machine's latest-cluster record when it names that cluster, so that the next bare ray.init() does not
     try to join a cluster that is gone."""
-    from raydist.cluster import address_file
+    from raydist.ray_edge.session import address_file
 
     cluster.shutdown()
     try:

@@ -12,7 +12,12 @@ import time
 import urllib.request
 
 import pytest
+
+# The benchmarks' helpers that tests use too (image_trace: which images each rank trained on).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks"))
+
 from leftovers import LEDGER, wait_for_free_cluster  # noqa: F401 - tests import the wait from here
+from raydist.data.sizes import class_list, classes_predicted
 
 
 @dataclasses.dataclass
@@ -45,7 +50,7 @@ _TOKEN_DIR = tempfile.mkdtemp(prefix="raydist-test-token-")
 def pytest_configure(config):
     """Token auth for the whole session, set before anything imports Ray (Ray reads the mode at import);
     every subprocess (the CLIs, submitted jobs) inherits it. The token is this session's own."""
-    from raydist.cluster import CLUSTER_ENV
+    from raydist.ray_edge.session import CLUSTER_ENV
 
     token_file = os.path.join(_TOKEN_DIR, "auth_token")
     with open(token_file, "w") as fh:
@@ -80,7 +85,7 @@ def cluster(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ray-head")
     token_file = os.environ["RAY_AUTH_TOKEN_PATH"]
     token = open(token_file).read().strip()
-    from raydist.cluster import free_port
+    from raydist.ray_edge.session import free_port
 
     gcs_port, dashboard_port = free_port(), free_port()
     log = str(folder / "ray-start.log")
@@ -126,7 +131,7 @@ def cluster(tmp_path_factory):
                 pass
         # `ray start` recorded this cluster as the machine's latest; stopped by signals, it leaves that record
         # behind, and the next `ray.init()` (or --address auto) would try to join a dead cluster for minutes.
-        from raydist.cluster import address_file
+        from raydist.ray_edge.session import address_file
 
         try:
             if open(address_file()).read().strip().endswith(f":{gcs_port}"):
@@ -172,18 +177,19 @@ def digits_val_accuracy(saved: dict) -> float:
     saved model (`model_final.pt`, `best_model.pt` or `checkpoint.pt` contents), evaluated in this process."""
     import torch
 
-    from raydist.augment import Augmenter
-    from raydist.config import TrainConfig
-    from raydist.data import DATASETS, load_split
+    from raydist.data.augment import Augmenter
+    from raydist.config.fields import TrainConfig
+    from raydist.data.registry import DATASETS
+    from raydist.data.sources import load_split
     from raydist.models.transfer import load_trained_model
 
     cfg = TrainConfig.from_dict(saved.get("config") or {})
-    model = load_trained_model({"model_name": cfg.model, "num_classes": cfg.num_classes(), **saved})
+    model = load_trained_model({"model_name": cfg.model, "num_classes": classes_predicted(cfg), **saved})
     channels = cfg.input_channels()
-    val = load_split("digits", "val", classes=cfg.class_list(), channels=channels)
+    val = load_split("digits", "val", classes=class_list(cfg), channels=channels)
     spec = DATASETS["digits"]
     augment = Augmenter("none", mean=spec.mean, std=spec.std, channels=channels, size=cfg.input_size)
-    from raydist.engine import uses_channels_last
+    from raydist.loop.evaluate import uses_channels_last
 
     memory_format = torch.channels_last if uses_channels_last(cfg, torch.device("cpu")) else torch.contiguous_format
     model = model.to(memory_format=memory_format)  # evaluated as the run evaluated it
@@ -209,10 +215,10 @@ def pending_train_requests(dashboard_url: str, run_names=None) -> list[str]:
     """The resource requests Ray's AutoscalingCoordinator still holds for Ray Train runs (of `run_names`, or
     of any run), each as `train-<run id> (<run name>)`. A Train run cancels its own when it ends; a run whose
     controller was killed (a trial ASHA stopped, a study or run stopped from outside) leaves it for 180 s
-    unless raydist gives it back (raydist.cluster.release_train_requests)."""
+    unless raydist gives it back (raydist.ray_edge.status.release_train_requests)."""
     import ray
 
-    from raydist.cluster import dashboard_get
+    from raydist.ray_edge.session import dashboard_get
 
     try:
         coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")

@@ -1,9 +1,9 @@
 """Run raydist's real worker loop as N gloo DDP processes on this machine, without Ray.
 
     history = run_ddp(cfg, run_dir, world_size=2)                 # rank 0's per-epoch metrics
-    history = run_ddp(cfg, run_dir, world_size=2, resume_from=run_dir_of_earlier / "epoch_0001")
+    history = run_ddp(cfg, run_dir, world_size=2, resume_from=run_dir_of_earlier / "checkpoint_epoch_0001")
 
-Rank 0 writes what a Ray run writes: `epoch_NNNN/checkpoint.pt` for every checkpoint it reports and
+Rank 0 writes what a Ray run writes: `checkpoint_epoch_NNNN/checkpoint.pt` for every checkpoint it reports and
 `model_final.pt`. The loop, its DDP wrapper and its collectives are exactly those of a Ray Train worker;
 only process start-up differs, which is what makes these tests take seconds instead of a cluster start.
 """
@@ -48,14 +48,16 @@ def _notices(first: int):
 
 def _worker(rank: int, world_size: int, config: dict, run_dir: str, port: int, resume_from,
             notice_at_check=None) -> None:
-    from raydist.config import TrainConfig
-    from raydist.engine import CHECKPOINT_FILE, WorkerContext, checkpoint_dir_name, load_checkpoint_file, run
+    from raydist.config.fields import TrainConfig
+    from raydist.runs.checkpoints import CHECKPOINT_FILE, checkpoint_dir_name, load_checkpoint_file
+    from raydist.loop.context import WorkerContext
+    from raydist.loop.run import run
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         def report(metrics, checkpoint_folder):
             if checkpoint_folder:  # rank 0 only, as with Ray; the report owns the folder
-                name = checkpoint_dir_name(metrics["epoch"], metrics.get("position", 0)).replace("checkpoint_", "")
+                name = checkpoint_dir_name(metrics["epoch"], metrics.get("position", 0))
                 shutil.copytree(checkpoint_folder, os.path.join(run_dir, name))
                 shutil.rmtree(checkpoint_folder)
 

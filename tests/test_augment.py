@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raydist.augment import KINDS, Augmenter, colour_jitter, random_affine_flip, random_crop_flip
+from raydist.data.augment import KINDS, Augmenter, colour_jitter, random_affine_flip, random_crop_flip
 
 
 def _images(n=16, size=32):
@@ -88,7 +88,7 @@ def test_same_seed_same_augmentation():
 def test_colour_jitter_matches_torchvisions_brightness_contrast_and_saturation():
     import torchvision.transforms.functional as TF
 
-    from raydist.augment import uniform
+    from raydist.data.augment import uniform
 
     x = torch.rand(6, 3, 12, 12, generator=torch.Generator().manual_seed(2))
     x[0] = 0.5  # a uniform grey image: saturation must leave it grey (the old code darkened it)

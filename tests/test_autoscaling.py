@@ -20,14 +20,15 @@ import pytest
 import yaml
 from clusters import FakeAutoscalingCluster, wait_for
 
-from raydist import cluster as rc
+from raydist.errors import ConfigError
+from raydist.ray_edge import planning, status
 
 WORKER_TYPES = {
     "cpu2": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 2},
     "gpu1": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
 }
 GROWS_TO = "CPU 6, GPU 2"  # 2 x cpu2 + 2 x gpu1
-NOT_SHARED_OK = {rc.SHARED_STORAGE_ENV: "1"}  # a local folder, declared shared (on one machine it is)
+NOT_SHARED_OK = {planning.SHARED_STORAGE_ENV: "1"}  # a local folder, declared shared (on one machine it is)
 
 SMALL_STUDY = """
 num_samples: 2
@@ -117,7 +118,7 @@ def test_without_published_node_types_the_cluster_is_fixed_and_the_run_refused_i
 
 @pytest.mark.own_cluster
 def test_published_node_types_give_what_the_cluster_can_grow_to(published):
-    cap = rc.capacity()
+    cap = planning.capacity()
     assert (cap.cpus, cap.gpus, cap.nodes) == (0, 0, 1)
     assert (cap.max_cpus, cap.max_gpus, cap.max_nodes) == (6, 2, 5) and cap.autoscaling
     assert cap.where == "the cluster at its largest"
@@ -151,7 +152,7 @@ def test_a_training_run_waits_for_nodes_scales_up_from_zero_finishes_and_the_nod
                 "--name", "scaled", env=NOT_SHARED_OK)
     seen_starting, joined = set(), {}
     while proc.poll() is None:  # what `raydist.cluster status` lists under "nodes starting"
-        seen_starting.update(rc.autoscaler_activity(published.address))
+        seen_starting.update(status.autoscaler_activity(published.address))
         # Read while they are alive: a removed node keeps no resources in ray.nodes(), and the idle ones go 6 s
         # after the run ends, which on a slow machine is before the run's process has exited.
         joined.update((n["NodeID"], n["Resources"].get("CPU")) for n in _workers_alive() if n["NodeID"] not in before)
@@ -207,11 +208,11 @@ def test_the_shared_storage_check_reads_the_marker_on_every_node(published, tmp_
     group = placement_group([{"CPU": 2}])
     try:
         ray.get(group.ready(), timeout=120)
-        cap = rc.capacity()
+        cap = planning.capacity()
         assert cap.nodes == 2
-        seen = rc.probe_shared_path(str(tmp_path / "shared"))
+        seen = planning.probe_shared_path(str(tmp_path / "shared"))
         assert seen == {n["NodeID"]: True for n in ray.nodes() if n["Alive"]}  # head + worker
-        rc.check_storage(str(tmp_path / "shared"), cap)  # no error: seen by two nodes, no override needed
+        planning.check_storage(str(tmp_path / "shared"), cap)  # no error: seen by two nodes, no override needed
         assert not [p for p in (tmp_path / "shared").iterdir()]  # the marker is removed
     finally:
         remove_placement_group(group)
@@ -262,18 +263,20 @@ def test_gpu_use_comes_from_what_the_cluster_can_grow_to_and_a_gpu_node_starts(p
 
 def test_storage_verdict():
     path = "/data/runs"
-    error, _ = rc.storage_verdict(path, seen={"aa": True, "bb": False}, can_grow=False, assume_shared=True)
+    error, _ = planning.storage_verdict(path, seen={"aa": True, "bb": False}, can_grow=False, assume_shared=True)
     assert error.startswith(f"--storage-path {path} is not shared: node bb cannot see it (1 of 2 node(s) cannot)")
-    assert rc.storage_verdict(path, seen={"aa": True, "bb": True}, can_grow=True, assume_shared=False) == (None, None)
-    error, _ = rc.storage_verdict(path, seen={"aa": True}, can_grow=True, assume_shared=False)
-    assert "none is up" in error and f"set {rc.SHARED_STORAGE_ENV}=1" in error and "\n" not in error
-    error, warning = rc.storage_verdict(path, seen={"aa": True, "bb": None}, can_grow=True, assume_shared=True)
+    verdict = planning.storage_verdict(path, seen={"aa": True, "bb": True}, can_grow=True, assume_shared=False)
+    assert verdict == (None, None)
+    error, _ = planning.storage_verdict(path, seen={"aa": True}, can_grow=True, assume_shared=False)
+    assert "none is up" in error and f"set {planning.SHARED_STORAGE_ENV}=1" in error and "\n" not in error
+    error, warning = planning.storage_verdict(path, seen={"aa": True, "bb": None}, can_grow=True, assume_shared=True)
     assert error is None and "seen by 1 node(s) only" in warning
-    error, _ = rc.storage_verdict(path, seen={"aa": True, "bb": True, "cc": None}, can_grow=False,
+    error, _ = planning.storage_verdict(path, seen={"aa": True, "bb": True, "cc": None}, can_grow=False,
                                   assume_shared=False)
     assert "node cc did not answer the check that it sees it (in 60 s)" in error
-    assert rc.storage_verdict("/x", seen={"aa": True}, can_grow=False, assume_shared=False) == (None, None)
-    assert rc.is_local_path("file:///mnt/x") and rc.is_local_path("./runs") and not rc.is_local_path("s3://b/x")
+    assert planning.storage_verdict("/x", seen={"aa": True}, can_grow=False, assume_shared=False) == (None, None)
+    assert planning.is_local_path("file:///mnt/x") and planning.is_local_path("./runs")
+    assert not planning.is_local_path("s3://b/x")
 
 
 def test_grow_to_counts_the_largest_nodes_within_max_workers():
@@ -281,39 +284,39 @@ def test_grow_to_counts_the_largest_nodes_within_max_workers():
         "head": {"resources": {"CPU": 0}},
         "a10g": {"resources": {"CPU": 48, "GPU": 4}, "min_workers": 0, "max_workers": 4},
         "h100": {"resources": {"CPU": 192, "GPU": 8}, "min_workers": 0, "max_workers": 1}}}
-    types = rc.node_types(config)
-    assert rc.grow_to(types, config["max_workers"]) == {"CPU": 336, "GPU": 20}  # 1 x h100 + 3 x a10g
-    assert rc.grow_to(types) == {"CPU": 384, "GPU": 24}
+    types = planning.node_types(config)
+    assert planning.grow_to(types, config["max_workers"]) == {"CPU": 336, "GPU": 20}  # 1 x h100 + 3 x a10g
+    assert planning.grow_to(types) == {"CPU": 384, "GPU": 24}
     # Ray's local provider: one node type for the head and the workers.
-    local = rc.node_types({"head_node_type": "n", "available_node_types": {
+    local = planning.node_types({"head_node_type": "n", "available_node_types": {
         "n": {"resources": {"CPU": 8}, "min_workers": 2, "max_workers": 2}}})
-    assert rc.grow_to(local) == {"CPU": 24} and rc.max_worker_nodes(local) == 2
+    assert planning.grow_to(local) == {"CPU": 24} and planning.max_worker_nodes(local) == 2
 
 
 def test_waiting_line_only_when_the_run_must_wait():
-    cap = rc.Capacity(cpus=4, gpus=0, free_cpus=4, free_gpus=0, nodes=2, max_cpus=100, max_gpus=8, max_nodes=5,
+    cap = planning.Capacity(cpus=4, gpus=0, free_cpus=4, free_gpus=0, nodes=2, max_cpus=100, max_gpus=8, max_nodes=5,
                       source="test")
-    assert rc.waiting_line(cap, who="the run needs", cpus=2, gpus=0, workers=2) is None
-    assert rc.waiting_line(cap, who="the run needs", cpus=2, gpus=2, workers=2) == (
+    assert planning.waiting_line(cap, who="the run needs", cpus=2, gpus=0, workers=2) is None
+    assert planning.waiting_line(cap, who="the run needs", cpus=2, gpus=2, workers=2) == (
         "waiting for the autoscaler: the run needs 2 GPU workers (2 GPUs), the cluster has 0 GPUs free now and "
         "can grow to 8")
-    fixed = rc.Capacity(cpus=4, gpus=0, free_cpus=0, free_gpus=0, nodes=1, max_cpus=4, max_gpus=0, max_nodes=1,
+    fixed = planning.Capacity(cpus=4, gpus=0, free_cpus=0, free_gpus=0, nodes=1, max_cpus=4, max_gpus=0, max_nodes=1,
                         source="test")
-    assert not fixed.autoscaling and rc.waiting_line(fixed, who="x", cpus=4, gpus=0) is None
+    assert not fixed.autoscaling and planning.waiting_line(fixed, who="x", cpus=4, gpus=0) is None
 
 
 def test_a_run_that_must_wait_says_so_and_gives_ray_train_time_for_nodes_to_boot(monkeypatch, capsys):
-    cap = rc.Capacity(cpus=0, gpus=0, free_cpus=0, free_gpus=0, nodes=1, max_cpus=336, max_gpus=20, max_nodes=5,
-                      source="test")
-    monkeypatch.setattr(rc, "capacity", lambda: cap)
+    cap = planning.Capacity(cpus=0, gpus=0, free_cpus=0, free_gpus=0, nodes=1, max_cpus=336, max_gpus=20,
+                            max_nodes=5, source="test")
+    monkeypatch.setattr(planning, "capacity", lambda: cap)
     monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)
     plan = dict(num_workers=8, cpus_per_worker=4, gpus_per_worker=1, storage_path=None)
-    assert rc.plan_run(use_gpu=None, **plan) is True  # GPUs the cluster can grow to
+    assert planning.plan_run(use_gpu=None, **plan) is True  # GPUs the cluster can grow to
     assert os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "900"  # Ray's 60 s: a retry a minute
     assert capsys.readouterr().out == ("waiting for the autoscaler: the run needs 8 GPU workers (8 GPUs), the "
                                        "cluster has 0 GPUs free now and can grow to 20\n")
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
-    rc.plan_run(use_gpu=True, **plan)
+    planning.plan_run(use_gpu=True, **plan)
     assert os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "60"  # the user's own value stands
-    with pytest.raises(rc.ConfigError, match=r"asks for 24 GPUs but the cluster at its largest has 20; "):
-        rc.plan_run(use_gpu=True, **{**plan, "num_workers": 24})
+    with pytest.raises(ConfigError, match=r"asks for 24 GPUs but the cluster at its largest has 20; "):
+        planning.plan_run(use_gpu=True, **{**plan, "num_workers": 24})

@@ -5,7 +5,6 @@ its own (own_cluster)."""
 
 import dataclasses
 import json
-import os
 import re
 import subprocess
 import sys
@@ -178,8 +177,8 @@ def test_scaling_runs_its_grid_and_writes_the_table_the_csv_and_the_plots(ray_cl
 
 
 def test_scaling_grid_keeps_the_smallest_batchs_peak_lr_under_the_none_rule(tmp_path):
-    from raydist.config import TrainConfig
-    from raydist.scaling import build_grid
+    from raydist.config.fields import TrainConfig
+    from raydist.study.scaling_grid import build_grid
 
     points = build_grid(TrainConfig(lr=0.4, warmup_epochs=2), workers=[1, 2], batches=[32, 64], rules=["linear", "none"],
                         target=0.9, out=str(tmp_path))
@@ -193,12 +192,13 @@ def test_scaling_grid_keeps_the_smallest_batchs_peak_lr_under_the_none_rule(tmp_
 
 @pytest.mark.parametrize("scaling", ["per_256", "per_worker", "none"])
 def test_the_scaling_grids_peak_lr_is_the_loops_own_under_every_lr_scaling(tmp_path, scaling):
-    """lr_peak is what the loop trains at (cfg.lr x lr_scale at the run's global batch, as raydist.engine
+    """lr_peak is what the loop trains at (cfg.lr x lr_scale at the run's global batch, as raydist.loop
     computes it): the smallest run at raydist.train's own peak for it, `linear` in proportion to the global
     batch from there, `none` at the smallest run's peak. The Horovod preset (per_worker, lr 0.1) was the
     case the table got wrong: `none` 1 x 128 trained at 0.025 while the column said 0.0125."""
-    from raydist.config import TrainConfig, lr_scale
-    from raydist.scaling import build_grid, row
+    from raydist.config.fields import TrainConfig, lr_scale
+    from raydist.study.scaling_grid import build_grid
+    from raydist.study.scaling_grid import row
 
     base = TrainConfig(lr=0.1, lr_scaling=scaling, warmup_epochs=1)
     points = build_grid(base, workers=[1, 2], batches=[32, 128], rules=["linear", "none"], target=0.9,
@@ -215,8 +215,10 @@ def test_the_scaling_grids_peak_lr_is_the_loops_own_under_every_lr_scaling(tmp_p
 
 
 def test_repeats_run_every_point_with_its_own_seed_and_the_table_shows_the_median_and_the_range(tmp_path):
-    from raydist.config import TrainConfig
-    from raydist.scaling import build_grid, markdown, measure, summarize
+    from raydist.config.fields import TrainConfig
+    from raydist.study.scaling_grid import build_grid, summarize
+    from raydist.output.scaling_report import markdown
+    from raydist.scaling import measure
 
     points = build_grid(TrainConfig(lr=0.4, seed=5), workers=[1], batches=[64], rules=["linear"], target=0.9,
                         out=str(tmp_path), repeats=3)

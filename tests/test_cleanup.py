@@ -40,25 +40,26 @@ def test_a_training_run_stopped_mid_epoch_leaves_nothing_on_the_cluster(ray_clus
     if how == "SIGINT":  # raydist gives its run's autoscaling request back; after SIGKILL only Ray can (180 s)
         assert left == []
     else:  # what Ray does after 180 s, done now so that later tests find the cluster as a new one
-        from raydist.cluster import release_train_requests
+        from raydist.ray_edge.status import release_train_requests
 
         print(f"SIGKILL: requests Ray would keep for up to 180 s: {left}; released: "
               f"{release_train_requests({'stopped'})}")
 
 
 def test_a_study_gives_back_each_ended_trials_requests_at_once_again_later_and_every_trials_at_its_end(monkeypatch):
-    """The study's callback (raydist.tune.train_requests_release) without a cluster: which Train runs it asks
+    """The study's callback (raydist.ray_edge.trials.train_requests_release) without a cluster: which Train runs it asks
     raydist.cluster to release, and when. The end-to-end proof is the elastic study test in test_tune.py."""
     import types
 
     from ray import cloudpickle
 
-    from raydist import cluster, tune
+    from raydist.ray_edge import status
+    from raydist.ray_edge import trials as study_trials
 
     asked = []
-    monkeypatch.setattr(cluster, "release_train_requests", lambda names: asked.append(sorted(names)) or [])
-    monkeypatch.setattr(tune, "RELEASE_AFTER_S", (0.0, 0.3))
-    callback = tune.train_requests_release("digits_quick")
+    monkeypatch.setattr(status, "release_train_requests", lambda names: asked.append(sorted(names)) or [])
+    monkeypatch.setattr(study_trials, "RELEASE_AFTER_S", (0.0, 0.3))
+    callback = study_trials.train_requests_release("digits_quick")
     trials = [types.SimpleNamespace(trial_id=t) for t in ("a_00000", "a_00001", "a_00002")]
     for trial in trials:
         callback.on_trial_start(iteration=1, trials=trials, trial=trial)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raydist.cluster import validate_cluster_file
-from raydist.config import ConfigError
+from raydist.ray_edge.cluster_file import validate_cluster_file
+from raydist.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_FILES = [ROOT / "cluster.yaml", ROOT / "cluster-local.yaml"]
@@ -77,7 +77,7 @@ def test_torch_is_pinned_and_installed_only_when_the_image_lacks_it_and_the_node
 
 
 def test_publish_refuses_node_types_whose_resources_nobody_filled_in():
-    from raydist.cluster import publish_cluster_config
+    from raydist.ray_edge.planning import publish_cluster_config
 
     config = yaml.safe_load((ROOT / "cluster-local.yaml").read_text())  # the local provider fills in nothing
     config["available_node_types"] = {"local.cluster.node": {"resources": {}, "node_config": {}, "min_workers": 2,
@@ -281,11 +281,11 @@ class _AddressCase:
 @pytest.mark.parametrize("kind", ADDRESS_KINDS)
 def test_an_address_nothing_answers_at_is_one_line(tmp_path, monkeypatch, command, kind):
     """Every command x every kind of address, through the check each command runs before ray.init
-    (raydist.cluster.check_reachable; the real processes below prove the exit code). 'foreign': the address
+    (raydist.ray_edge.session.check_reachable; the real processes below prove the exit code). 'foreign': the address
     file names a port that something other than Ray now holds (it accepts and says nothing); ray.init waited
     on it for minutes."""
-    from raydist.cluster import START_HEAD, START_LOCAL, check_reachable
-    from raydist.config import ConfigError
+    from raydist.ray_edge.session import START_HEAD, START_LOCAL, check_reachable
+    from raydist.errors import ConfigError
 
     case = _AddressCase(command, kind)
     try:
@@ -372,17 +372,18 @@ def test_a_bare_run_starts_its_own_cluster_whatever_a_stale_address_file_says(tm
 def test_a_local_cluster_never_grows_whatever_autoscaler_files_the_machine_holds(ray_cluster, tmp_path, monkeypatch):
     """A `ray up` head holds ~/ray_bootstrap_config.yaml; a cluster raydist started there itself is still
     only this machine (its Tune trials inherit the marker through the runtime environment)."""
-    from raydist import cluster
+    from raydist.ray_edge import session
+    from raydist.ray_edge import planning
 
     (tmp_path / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump({
         "head_node_type": "head", "max_workers": 4,
         "available_node_types": {"head": {"resources": {"CPU": 0}, "max_workers": 0},
                                  "gpu": {"resources": {"CPU": 8, "GPU": 4}, "min_workers": 0, "max_workers": 4}}}))
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv(cluster.LOCAL_CLUSTER_ENV, raising=False)
-    assert (cluster.capacity().max_gpus, cluster.capacity().autoscaling) == (16, True)  # the file is read
-    monkeypatch.setenv(cluster.LOCAL_CLUSTER_ENV, "1")
-    cap = cluster.capacity()
+    monkeypatch.delenv(session.LOCAL_CLUSTER_ENV, raising=False)
+    assert (planning.capacity().max_gpus, planning.capacity().autoscaling) == (16, True)  # the file is read
+    monkeypatch.setenv(session.LOCAL_CLUSTER_ENV, "1")
+    cap = planning.capacity()
     assert (cap.max_cpus, cap.max_gpus, cap.autoscaling) == (2, 0, False)
 
 
@@ -390,7 +391,7 @@ def test_a_port_raydist_picks_for_ray_is_never_one_ray_takes_by_default(monkeypa
     """The kernel once handed out 52365, the dashboard agent's default: `ray start` then refused to start."""
     import socket
 
-    from raydist import cluster
+    from raydist.ray_edge import session
 
     offered = iter([52365, 8265, 41234])
 
@@ -408,4 +409,4 @@ def test_a_port_raydist_picks_for_ray_is_never_one_ray_takes_by_default(monkeypa
             return ("127.0.0.1", self.port)
 
     monkeypatch.setattr(socket, "socket", FakeSocket)
-    assert cluster.free_port() == 41234
+    assert session.free_port() == 41234

@@ -6,7 +6,11 @@ import sys
 
 import pytest
 
-from raydist.config import ConfigError, TrainConfig, load_yaml, parse_cli
+from raydist.errors import ConfigError
+from raydist.config.fields import TrainConfig
+from raydist.config.fields import load_yaml
+from raydist.cli import parse_cli
+from raydist.preflight import validate
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -43,11 +47,11 @@ from raydist.config import ConfigError, TrainConfig, load_yaml, parse_cli
 ])
 def test_bad_values_are_rejected_with_the_value_and_what_is_accepted(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        TrainConfig(**overrides).validate()
+        validate(TrainConfig(**overrides))
 
 
 def test_defaults_are_valid_and_train_digits_with_resnet8():
-    cfg = TrainConfig().validate()
+    cfg = validate(TrainConfig())
     assert (cfg.dataset, cfg.model) == ("digits", "resnet8")
 
 
@@ -192,11 +196,11 @@ def _main(*args, capsys):
 def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, message):
     import ray
 
-    from raydist import cluster
+    from raydist.ray_edge import session
 
     connects = []  # this process may already be on the session's cluster: watch for a new start or join
     monkeypatch.setattr(ray, "init", lambda *a, **k: connects.append(("ray.init", a, k)))
-    monkeypatch.setattr(cluster, "connect", lambda *a, **k: connects.append(("connect", a, k)))
+    monkeypatch.setattr(session, "connect", lambda *a, **k: connects.append(("connect", a, k)))
     monkeypatch.chdir(tmp_path)
     code, err = _main(*args, "--storage-path", str(tmp_path / "runs"), capsys=capsys)
     assert code == 2, err
@@ -241,7 +245,7 @@ def test_help_lists_grouped_flags(tmp_path):
 def _fake_run_dir(root, name="old-run", epochs=(1, 2, 3), **saved):
     import yaml
 
-    from raydist.engine import checkpoint_bytes
+    from raydist.runs.checkpoints import checkpoint_bytes
 
     run_dir = root / name
     run_dir.mkdir(parents=True)
@@ -255,7 +259,7 @@ def _fake_run_dir(root, name="old-run", epochs=(1, 2, 3), **saved):
 
 
 def test_resume_a_run_folder_in_place_lets_ray_pick_the_latest_checkpoint(tmp_path):
-    from raydist.launch import prepare
+    from raydist.run_config import prepare
 
     run_dir = _fake_run_dir(tmp_path)
     explicit = {"resume": str(run_dir)}
@@ -266,7 +270,7 @@ def test_resume_a_run_folder_in_place_lets_ray_pick_the_latest_checkpoint(tmp_pa
 def test_wandb_project_on_resume_is_judged_by_the_resumed_runs_own_wandb_setting(tmp_path):
     """--wandb-project without --wandb is refused; on --resume the run's saved `wandb` counts (the check ran
     before the run's config was read and refused a project for a run that logs to W&B)."""
-    from raydist.launch import prepare
+    from raydist.run_config import prepare
 
     logged = _fake_run_dir(tmp_path, name="logged", wandb=True)
     cfg = prepare(*parse_cli(["--resume", str(logged), "--wandb-project", "other", "--epochs", "5"]))
@@ -277,7 +281,7 @@ def test_wandb_project_on_resume_is_judged_by_the_resumed_runs_own_wandb_setting
 
 
 def test_resume_a_run_folder_under_another_name_starts_from_its_latest_checkpoint(tmp_path):
-    from raydist.launch import prepare
+    from raydist.run_config import prepare
 
     run_dir = _fake_run_dir(tmp_path, epochs=(2, 10, 7))
     explicit = {"resume": str(run_dir), "name": "continued", "storage_path": str(tmp_path / "elsewhere")}
@@ -291,13 +295,13 @@ def test_resume_a_run_folder_under_another_name_starts_from_its_latest_checkpoin
 def test_resume_refuses_settings_a_checkpoint_cannot_continue_with(tmp_path, monkeypatch, capsys, flag, value):
     import yaml
 
-    from raydist import cluster
+    from raydist.ray_edge import session
 
     run_dir = tmp_path / "runs" / "old"
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(TrainConfig().to_dict()))
     before = sorted(p.name for p in run_dir.iterdir())
-    monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("a cluster was started"))
+    monkeypatch.setattr(session, "connect", lambda *a, **k: pytest.fail("a cluster was started"))
     code, err = _main("--resume", str(run_dir), flag, value, capsys=capsys)
     assert code == 2
     name = flag[2:].replace("-", "_")
@@ -312,12 +316,12 @@ def test_resume_refuses_settings_a_checkpoint_cannot_continue_with(tmp_path, mon
 def test_resume_refuses_other_model_arguments(tmp_path, monkeypatch, capsys):
     import yaml
 
-    from raydist import cluster
+    from raydist.ray_edge import session
 
     run_dir = tmp_path / "runs" / "old"
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(TrainConfig(model="tune_cnn", model_args={"l1": 32}).to_dict()))
-    monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("a cluster was started"))
+    monkeypatch.setattr(session, "connect", lambda *a, **k: pytest.fail("a cluster was started"))
     code, err = _main("--resume", str(run_dir), "--model", "tune_cnn", "--model-arg", "l1=64", capsys=capsys)
     assert code == 2
     assert err.strip() == (f"raydist.train: error: --resume {run_dir}: --model-arg l1=64 differs from the run's "
@@ -354,12 +358,12 @@ def test_resume_with_no_epochs_left_says_so_instead_of_writing_an_empty_final_mo
 def test_resume_refuses_to_switch_between_scratch_and_pretrained(tmp_path, monkeypatch, capsys):
     import yaml
 
-    from raydist import cluster
+    from raydist.ray_edge import session
 
     run_dir = tmp_path / "runs" / "old"
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(TrainConfig().to_dict()))
-    monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("a cluster was started"))
+    monkeypatch.setattr(session, "connect", lambda *a, **k: pytest.fail("a cluster was started"))
     code, err = _main("--resume", str(run_dir), "--weights", str(tmp_path / "w.pt"), capsys=capsys)
     assert code == 2 and "the run started from scratch; a checkpoint continues as it started" in err
     assert len(err.strip().splitlines()) == 1
@@ -370,8 +374,8 @@ def test_every_commands_help_says_each_default_once():
     words got argparse's as well (41 lines across raydist.tune, raydist.predict and raydist.scaling)."""
     import re
 
-    from raydist import cluster, predict, scaling, tune
-    from raydist.config import TRAIN_DESCRIPTION, build_parser
+    from raydist import predict, scaling, tune, cluster
+    from raydist.cli import TRAIN_DESCRIPTION, build_parser
 
     parsers = {"train": build_parser("raydist.train", TRAIN_DESCRIPTION), "tune": tune.build_parser(),
                "predict": predict.build_parser(), "scaling": scaling.build_parser(), "cluster": cluster.build_parser()}

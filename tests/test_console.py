@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from raydist import console
+from raydist.output import console
 
 # Lines as Ray 2.60 forwarded them from a TorchTrainer run's controller (captured 2026-12-02).
 DEPRECATION = ("/venv/lib/python3.11/site-packages/ray/data/_internal/execution/interfaces/execution_options.py:436: "
@@ -153,7 +153,7 @@ def test_the_status_line_counts_trials_names_the_best_and_estimates_what_is_left
 @pytest.mark.parametrize("command", ["train", "tune", "cluster", "scaling"])
 def test_every_commands_help_starts_with_what_it_does_and_an_example(command):
     if command == "train":
-        from raydist.config import TRAIN_DESCRIPTION, build_parser
+        from raydist.cli import TRAIN_DESCRIPTION, build_parser
 
         text = build_parser("raydist.train", TRAIN_DESCRIPTION).format_help()
     else:
@@ -174,13 +174,13 @@ def test_rays_log_forwarding_in_this_driver_drops_the_noise_and_draws_progress_a
     less Ray's known noise, and on a terminal a progress line is drawn in place, cleared before the next line."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    from raydist import cluster
+    from raydist.ray_edge import session
 
-    cluster.filter_worker_output()
-    cluster.filter_worker_output()  # twice: still one filter
+    session.filter_worker_output()
+    session.filter_worker_output()  # twice: still one filter
     assert [name for name, _ in dispatcher.handlers].count("ray_print_logs") == 1
     bar = io.StringIO()
-    monkeypatch.setattr(cluster, "LIVE_BAR", console.LiveBar(bar))
+    monkeypatch.setattr(session, "LIVE_BAR", console.LiveBar(bar))
 
     def emit(*lines):
         dispatcher.emit({"pid": 4242, "ip": "127.0.0.1", "is_err": False, "job": "", "lines": list(lines),
@@ -194,7 +194,7 @@ def test_rays_log_forwarding_in_this_driver_drops_the_noise_and_draws_progress_a
     assert "exclude_resources" not in out and "PreemptionWatcher" not in out and "progress:" not in out
     assert bar.getvalue() == "\r\x1b[Kepoch 2/15 [##...] 10%  step 40/400\r\x1b[K"  # drawn, then cleared
 
-    monkeypatch.setattr(cluster, "LIVE_BAR", None)  # not a terminal: the progress line is printed as it is
+    monkeypatch.setattr(session, "LIVE_BAR", None)  # not a terminal: the progress line is printed as it is
     emit(progress)
     assert progress in capsys.readouterr().out
     # Ray's prefix (coloured on a terminal) was on every line so far: that is what --verbose keeps
@@ -208,10 +208,10 @@ def test_raydist_train_prints_the_runs_own_lines_without_rays_prefix(ray_cluster
     stderr and every other process's lines keep Ray's prefix, so a warning still says where it came from."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    from raydist import cluster
+    from raydist.ray_edge import session
 
     monkeypatch.setenv("RAY_COLOR_PREFIX", "1")  # colours on, as on a terminal: the run's lines drop them too
-    cluster.filter_worker_output(bare_run_lines=True)
+    session.filter_worker_output(bare_run_lines=True)
     try:
         assert [name for name, _ in dispatcher.handlers].count("ray_print_logs") == 1
 
@@ -245,7 +245,7 @@ def test_raydist_train_prints_the_runs_own_lines_without_rays_prefix(ray_cluster
         held = re.findall(r"\(TrainController pid=(500\d)\)\S* the controllers restart the worker group", out)
         assert held == ["5001", "5002"], out
     finally:
-        cluster.filter_worker_output()  # as the session's other tests expect it: every line as Ray prints it
+        session.filter_worker_output()  # as the session's other tests expect it: every line as Ray prints it
     emit("epoch   2/15  train loss 1.8")
     assert re.search(r"\(RayTrainWorker pid=4242\)\S* epoch   2/15  train loss 1.8", capsys.readouterr().out)
 
@@ -256,7 +256,7 @@ def test_a_run_starts_with_a_few_lines_saying_its_peak_lr_not_a_90_field_config_
     what differs from the defaults; where the whole config is."""
     from cli import run_main
 
-    from raydist.config import parse_cli
+    from raydist.cli import parse_cli
 
     cfg, _, _ = parse_cli(["--preset", "horovod-resnet18", "--num-workers", "4", "--name", "h", "--storage-path",
                            str(tmp_path)])

@@ -15,10 +15,14 @@ import pytest
 import torch
 import torchvision
 
-from raydist.config import ConfigError
-from raydist.data import (DATASETS, FILE_TRAIN_SIZES, DataFileCorrupt, DatasetNotFound, DownloadFailed, load_split,
-                          shard_indices, steps_per_epoch, train_size)
-from raydist.launch import check_data, failure_cause
+from raydist.errors import ConfigError
+from raydist.data.registry import DATASETS
+from raydist.data.sizes import FILE_TRAIN_SIZES, train_size
+from raydist.data.sources import load_split
+from raydist.data.splits import shard_indices, steps_per_epoch
+from raydist.errors import DataFileCorrupt, DatasetNotFound, DownloadFailed
+from raydist.run_config import check_data
+from raydist.ray_edge.fit import failure_cause
 
 
 def test_digits_is_a_fixed_disjoint_split_of_all_1797_images():
@@ -41,13 +45,13 @@ def test_digits_are_scikit_learns_own_read_without_importing_it():
 
     from sklearn.datasets import load_digits
 
-    from raydist.data import digits_arrays
+    from raydist.data.sources import digits_arrays
 
     images, labels = digits_arrays()
     reference = load_digits()
     assert np.array_equal(images, reference.images) and images.dtype == reference.images.dtype
     assert np.array_equal(labels, reference.target)
-    probe = ("import sys; from raydist.data import load_split; load_split('digits', 'train'); "
+    probe = ("import sys; from raydist.data.sources import load_split; load_split('digits', 'train'); "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy', 'pandas')))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
@@ -146,7 +150,7 @@ def test_class_subsets_and_smaller_training_sets_apply_to_the_held_out_split(tmp
 
 
 def test_held_out_share_per_class_matches_the_size_known_before_a_run():
-    from raydist.data import held_out
+    from raydist.data.splits import held_out
 
     labels = torch.arange(50_000) % 10  # CIFAR-10's 5000 images of each class
     mask = held_out(labels, 0.1)
@@ -199,8 +203,8 @@ def test_fashion_mnist_reads_idx_files_and_pads_to_3x32x32(tmp_path):
 def test_fashion_mnist_normalised_inputs_have_mean_0_and_std_1():
     """Images with Fashion-MNIST's statistics (28 x 28: mean 0.2860, std 0.3530), padded to the 32 x 32 the
     model sees, come out of the normalisation with mean 0 and std 1 (the 28 x 28 statistics gave -0.19, 0.94)."""
-    from raydist.augment import Augmenter
-    from raydist.data import padded_stats
+    from raydist.data.augment import Augmenter
+    from raydist.data.registry import padded_stats
 
     # 57% black pixels, the rest uniform in [85, 255]: mean 0.2860, mean square 0.2064, as Fashion-MNIST's
     rng = np.random.default_rng(0)
@@ -276,8 +280,9 @@ def test_an_unreadable_cifar_batch_is_named(tmp_path, monkeypatch):
 
 def test_a_damaged_file_on_a_workers_node_is_the_runs_one_line_cause(tmp_path):
     """What each node's first worker runs: the error is the user's (DataUnavailable), named per node."""
-    from raydist.config import TrainConfig
-    from raydist.engine import DataUnavailable, load_data_once_per_node
+    from raydist.config.fields import TrainConfig
+    from raydist.errors import DataUnavailable
+    from raydist.loop.worker_data import load_data_once_per_node
 
     raw, _, _ = _small_fashion(tmp_path)
     path = raw / "train-labels-idx1-ubyte"
@@ -291,7 +296,7 @@ def test_a_damaged_file_on_a_workers_node_is_the_runs_one_line_cause(tmp_path):
 
 def test_cifar10_download_fetches_and_extracts_the_archive(tmp_path, monkeypatch):
     """--download runs torchvision's real download (URL, md5, extract) against a server on loopback."""
-    from raydist import data_files
+    from raydist.data import published as data_files
 
     cls = torchvision.datasets.CIFAR10
     staging = tmp_path / "staging"
@@ -324,9 +329,10 @@ def _closed_port():
 
 
 def test_a_failed_download_names_the_address_the_reason_and_what_to_do(tmp_path, monkeypatch):
-    from raydist import data_files
-    from raydist.config import TrainConfig
-    from raydist.engine import DataUnavailable, load_data_once_per_node
+    from raydist.data import published as data_files
+    from raydist.config.fields import TrainConfig
+    from raydist.errors import DataUnavailable
+    from raydist.loop.worker_data import load_data_once_per_node
 
     url = f"http://127.0.0.1:{_closed_port()}/"
     monkeypatch.setitem(data_files.DOWNLOAD_MIRRORS, "cifar10", [url])
@@ -351,7 +357,7 @@ def test_a_failed_download_names_the_address_the_reason_and_what_to_do(tmp_path,
 
 
 def test_fashion_mnist_download_tries_every_mirror(tmp_path, monkeypatch):
-    from raydist import data_files
+    from raydist.data import published as data_files
 
     mirrors = [f"http://127.0.0.1:{_closed_port()}/a/", f"http://127.0.0.1:{_closed_port()}/b/"]
     monkeypatch.setitem(data_files.DOWNLOAD_MIRRORS, "fashion_mnist", mirrors)
@@ -426,7 +432,7 @@ def test_batches_are_slices_of_one_copy_on_the_device_and_the_same_as_on_the_cpu
 
 def test_fake_images_are_murmur3_of_each_pixel_bit_for_bit():
     """The int32 pixel hash gives exactly the 32-bit murmur3 finalizer of the int64 reference."""
-    from raydist.data import FAKE_SPLITS, FakeSource, _hash32
+    from raydist.data.sources import FAKE_SPLITS, FakeSource, _hash32
 
     source = FakeSource(1000, 20, 7, salt=1)
     indices = torch.tensor([0, 5, 999])
@@ -454,7 +460,7 @@ def test_a_class_subset_keeps_those_classes_in_both_splits_renumbered_in_the_ord
 
 @pytest.mark.parametrize("options", [dict(train_per_class=20), dict(train_fraction=0.25)])
 def test_a_smaller_training_set_is_stratified_fixed_and_leaves_validation_whole(options):
-    from raydist.data import train_size
+    from raydist.data.sizes import train_size
 
     full = load_split("digits", "train", classes=[5, 6, 7, 8, 9])
     small = load_split("digits", "train", classes=[5, 6, 7, 8, 9], **options)

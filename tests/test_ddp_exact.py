@@ -9,14 +9,18 @@ import torch
 from conftest import digits_val_accuracy
 from local_ddp import run_ddp
 
-from raydist.config import TrainConfig
-from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file, local_context, run
+from raydist.config.fields import TrainConfig
+from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file
+from raydist.loop.context import local_context
+from raydist.loop.run import run
+from raydist.preflight import validate
+from raydist.runs.checkpoints import read_model_file
 
 TWO_WORKERS = dict(num_workers=2, cpus_per_worker=1.0, batch_size=64, lr=0.8, warmup_epochs=0.5)
 
 
 def test_every_epochs_reported_accuracy_is_its_saved_checkpoints_on_the_whole_validation_set(tmp_path):
-    cfg = TrainConfig(epochs=4, checkpoint_every=1, augment="crop_flip", **TWO_WORKERS).validate()
+    cfg = validate(TrainConfig(epochs=4, checkpoint_every=1, augment="crop_flip", **TWO_WORKERS))
     history = run_ddp(cfg, tmp_path)
     assert [m["world_size"] for m in history] == [2] * 4
     assert history[-1]["val_acc"] > 0.6  # it learned (chance: 0.1)
@@ -24,7 +28,7 @@ def test_every_epochs_reported_accuracy_is_its_saved_checkpoints_on_the_whole_va
     # not the 1,438 images of the training set that images_seen used to count per epoch
     assert [m["images_seen"] for m in history] == [1408 * epoch for epoch in (1, 2, 3, 4)]
     for metrics in history:
-        state = load_checkpoint_file(str(tmp_path / f"epoch_{metrics['epoch']:04d}" / CHECKPOINT_FILE))
+        state = load_checkpoint_file(str(tmp_path / f"checkpoint_epoch_{metrics['epoch']:04d}" / CHECKPOINT_FILE))
         saved = {"model": state["model"], "config": state["config"]}
         # to the sample: 359 validation images, so one image is 0.0028
         assert digits_val_accuracy(saved) == pytest.approx(metrics["val_acc"], abs=1e-6), metrics["epoch"]
@@ -45,9 +49,9 @@ def _weights(path):
          fake_image_size=8, fake_num_classes=4, fake_train_size=256, fake_val_size=64, batch_size=32, lr=0.1),
 ], ids=["resnet8-crop_flip", "wrn-dropout-dli"])
 def test_a_run_resumed_from_a_checkpoint_is_bit_identical_to_the_uninterrupted_run(tmp_path, setting):
-    cfg = TrainConfig(**{**TWO_WORKERS, "epochs": 3, "checkpoint_every": 1, **setting}).validate()
+    cfg = validate(TrainConfig(**{**TWO_WORKERS, "epochs": 3, "checkpoint_every": 1, **setting}))
     full = run_ddp(cfg, tmp_path / "full")
-    resumed = run_ddp(cfg, tmp_path / "resumed", resume_from=tmp_path / "full" / "epoch_0001")
+    resumed = run_ddp(cfg, tmp_path / "resumed", resume_from=tmp_path / "full" / "checkpoint_epoch_0001")
     assert [m["epoch"] for m in resumed] == [2, 3]
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_seen"):
         assert [m[key] for m in resumed] == [m[key] for m in full[1:]], key
@@ -61,17 +65,18 @@ ONE_WORKER = dict(num_workers=1, cpus_per_worker=2.0, warmup_epochs=0.5, epochs=
 
 
 def test_resume_with_a_new_batch_size_lr_and_weight_decay_trains_with_them(tmp_path):
-    old = TrainConfig(batch_size=64, lr=0.4, weight_decay=5e-4, **ONE_WORKER).validate()
-    new = TrainConfig(batch_size=32, lr=0.1, weight_decay=0.0, momentum=0.8, **ONE_WORKER).validate()
+    old = validate(TrainConfig(batch_size=64, lr=0.4, weight_decay=5e-4, **ONE_WORKER))
+    new = validate(TrainConfig(batch_size=32, lr=0.1, weight_decay=0.0, momentum=0.8, **ONE_WORKER))
     run(old, local_context(str(tmp_path / "old")))
-    state = load_checkpoint_file(str(tmp_path / "old" / "epoch_0001" / CHECKPOINT_FILE))
+    state = load_checkpoint_file(str(tmp_path / "old" / "checkpoint_epoch_0001" / CHECKPOINT_FILE))
     resumed = run(new, local_context(str(tmp_path / "resumed"), resume_state=state))
     fresh = run(new, local_context(str(tmp_path / "fresh")))
     # epoch 2 runs at exactly the LRs a fresh run with the new settings uses in its epoch 2
     assert resumed[0]["epoch"] == 2
     assert resumed[0]["lr"] == pytest.approx(fresh[1]["lr"], rel=1e-12)
     assert resumed[0]["lr"] > 0.01 * 0.1 * 32 / 256  # not the zeroed LR of the old LambdaLR state
-    groups = load_checkpoint_file(str(tmp_path / "resumed" / "epoch_0002" / CHECKPOINT_FILE))["optimizer"]["param_groups"]
+    resumed_state = load_checkpoint_file(str(tmp_path / "resumed" / "checkpoint_epoch_0002" / CHECKPOINT_FILE))
+    groups = resumed_state["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
     assert [g["momentum"] for g in groups] == [0.8, 0.8]
 
@@ -80,10 +85,10 @@ def test_resume_with_a_new_batch_size_lr_and_weight_decay_trains_with_them(tmp_p
 def test_resume_across_worker_counts_continues_the_schedule_where_it_stood(tmp_path):
     # A 2-worker run's epoch-1 checkpoint continued by 1 worker: the global batch halves, the schedule
     # continues at epoch 1 of 2 counted in the new run's updates, with the new run's peak LR.
-    two = TrainConfig(**{**TWO_WORKERS, "epochs": 2, "checkpoint_every": 1}).validate()
-    one = TrainConfig(**{**TWO_WORKERS, "epochs": 2, "checkpoint_every": 1, "num_workers": 1}).validate()
+    two = validate(TrainConfig(**{**TWO_WORKERS, "epochs": 2, "checkpoint_every": 1}))
+    one = validate(TrainConfig(**{**TWO_WORKERS, "epochs": 2, "checkpoint_every": 1, "num_workers": 1}))
     run_ddp(two, tmp_path / "two")
-    state = load_checkpoint_file(str(tmp_path / "two" / "epoch_0001" / CHECKPOINT_FILE))
+    state = load_checkpoint_file(str(tmp_path / "two" / "checkpoint_epoch_0001" / CHECKPOINT_FILE))
     resumed = run(one, local_context(str(tmp_path / "resumed"), resume_state=state))
     fresh = run(one, local_context(str(tmp_path / "fresh")))
     assert resumed[0]["lr"] == pytest.approx(fresh[1]["lr"], rel=1e-12)
@@ -96,7 +101,8 @@ def test_two_workers_with_compile_and_gradient_accumulation_learn_and_report_the
     DDP marks its forward active, so Dynamo still splits the graph at DDP's buckets), with no_sync on the
     accumulating steps. It learns, and the accuracy it reports is the saved model's."""
     cfg = TrainConfig(epochs=4, compile=True, grad_accum=2, augment="crop_flip",
-                      **{**TWO_WORKERS, "batch_size": 32}).validate()
+                      **{**TWO_WORKERS, "batch_size": 32})
+    validate(cfg)
     history = run_ddp(cfg, tmp_path)
     assert history[-1]["val_acc"] > 0.6  # it learned (chance: 0.1)
     final = load_checkpoint_file(str(tmp_path / FINAL_MODEL_FILE))
@@ -108,7 +114,8 @@ def test_a_model_with_its_own_arguments_trains_under_2_worker_ddp_and_is_rebuilt
     # Ray Tune's tutorial CNN with a searched shape (fully connected widths 64 and 32, not its 120 and 84) and
     # its LR convention (the optimizer's LR at any batch), augmentation on.
     cfg = TrainConfig(model="tune_cnn", model_args={"l1": 64, "l2": 32}, augment="crop_flip", lr_scaling="none",
-                      **{**TWO_WORKERS, "batch_size": 32, "lr": 0.05, "epochs": 4}).validate()
+                      **{**TWO_WORKERS, "batch_size": 32, "lr": 0.05, "epochs": 4})
+    validate(cfg)
     history = run_ddp(cfg, tmp_path)
     assert history[-1]["val_acc"] > 0.6  # it learned (chance: 0.1; 0.84 here)
     assert history[0]["lr"] < 0.05 + 1e-9  # the LR as given, not scaled by the global batch of 64
@@ -116,7 +123,8 @@ def test_a_model_with_its_own_arguments_trains_under_2_worker_ddp_and_is_rebuilt
 
     final = load_checkpoint_file(str(tmp_path / FINAL_MODEL_FILE))
     assert final["model_args"] == {"l1": 64, "l2": 32}
-    net = load_trained_model(str(tmp_path / FINAL_MODEL_FILE))  # no config from outside: the file's own
+    # no config from outside: the file's own
+    net = load_trained_model(read_model_file(str(tmp_path / FINAL_MODEL_FILE)))
     assert (net.fc1.out_features, net.fc2.out_features) == (64, 32)
     assert digits_val_accuracy(final) == pytest.approx(history[-1]["val_acc"], abs=1e-6)
 
@@ -124,11 +132,12 @@ def test_a_model_with_its_own_arguments_trains_under_2_worker_ddp_and_is_rebuilt
 def test_horovods_lr_rule_is_what_a_2_worker_run_trains_with(tmp_path):
     # --lr-scaling per_worker, --warmup-from single_worker, --lr-milestones: LR = 0.1 x 2 workers x adj,
     # rising per step from one worker's 0.1 during the first epoch, x 0.1 from epoch 3 (1-based).
-    from raydist.engine import lr_factor
+    from raydist.loop.recipe import lr_factor
 
     cfg = TrainConfig(model="resnet8", augment="crop_flip", num_workers=2, cpus_per_worker=1.0, batch_size=64,
                       lr=0.1, lr_scaling="per_worker", warmup_epochs=1, warmup_from="single_worker",
-                      lr_schedule="step", lr_milestones="2", epochs=3, nesterov=False).validate()
+                      lr_schedule="step", lr_milestones="2", epochs=3, nesterov=False)
+    validate(cfg)
     history = run_ddp(cfg, tmp_path)
     updates, peak = 1438 // (64 * 2), 0.1 * 2  # 11 updates an epoch (each rank: 719 images // 64)
     expected = [peak * sum(lr_factor(u, warmup=updates, total=3 * updates, schedule="step", step_every=1,

@@ -11,12 +11,19 @@ from collections import Counter
 import pytest
 import torch
 
+import image_trace
 from local_ddp import run_ddp
-from raydist.config import ConfigError, TrainConfig, parse_cli
-from raydist.data import train_size
-from raydist.elastic import (batch_layout, epoch_order, epoch_steps, min_tail, split_sizes, step_ends,
-                             steps_in_epoch, update_at)
-from raydist.engine import CHECKPOINT_FILE, TrainingState, load_checkpoint_file, local_context, read_image_trace, run
+from raydist.errors import ConfigError
+from raydist.config.fields import TrainConfig
+from raydist.cli import parse_cli
+from raydist.data.sizes import train_size
+from raydist.parallel.elastic import (batch_layout, epoch_order, epoch_steps, min_tail, split_sizes, step_ends,
+                                      steps_in_epoch, update_at)
+from raydist.runs.checkpoints import CHECKPOINT_FILE, load_checkpoint_file
+from raydist.loop.state import TrainingState
+from raydist.loop.context import local_context
+from raydist.loop.run import run
+from raydist.preflight import validate
 
 N = train_size("digits", val_fraction=None)
 
@@ -91,7 +98,8 @@ def test_the_audits_elastic_epoch_with_a_one_image_tail_trains_a_batchnorm_netwo
     before it, and every image is trained on."""
     cfg = TrainConfig(dataset="fake", fake_train_size=33, fake_val_size=8, fake_image_size=32, fake_num_classes=4,
                       model="resnet18_imagenet", num_workers=2, min_workers=1, batch_size=16, global_batch=16,
-                      epochs=1, warmup_epochs=0, cpus_per_worker=1.0).validate()
+                      epochs=1, warmup_epochs=0, cpus_per_worker=1.0)
+    validate(cfg)
     (metrics,) = run_ddp(cfg, tmp_path, world_size=1)
     assert metrics["images_seen"] == 33 and math.isfinite(metrics["train_loss"])
 
@@ -119,7 +127,7 @@ def test_the_weighted_split_gives_the_gradient_of_the_whole_steps_mean_loss():
 
 
 def test_the_lr_at_every_update_is_a_function_of_images_seen_whatever_the_worker_count():
-    cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=32, epochs=4, warmup_epochs=1).validate()
+    cfg = validate(TrainConfig(num_workers=4, min_workers=1, batch_size=32, epochs=4, warmup_epochs=1))
     states = {w: TrainingState(cfg, device=torch.device("cpu"), rank=0, world=w, train_set=range(N), val_set=[])
               for w in (1, 2, 4)}
     for position in (0, 128, 384, N - N % 128):
@@ -139,7 +147,8 @@ def test_a_warmup_from_one_workers_lr_is_the_same_on_every_worker_count_of_an_el
     jumped (epoch 2 of 5: 0.400, 0.283, 0.225 on 1, 2, 4 workers; none at all on 1). It rises from one
     worker's share of the fixed global batch (32 of 128 here)."""
     cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=32, epochs=10, warmup_epochs=5,
-                      warmup_from="single_worker").validate()
+                      warmup_from="single_worker")
+    validate(cfg)
     states = [TrainingState(cfg, device=torch.device("cpu"), rank=0, world=w, train_set=range(N), val_set=[])
               for w in (1, 2, 4)]
     per_epoch = states[0].updates_per_epoch
@@ -153,7 +162,8 @@ def test_a_warmup_from_one_workers_lr_is_the_same_on_every_worker_count_of_an_el
     # a --global-batch laid out for 4 workers of 64 accumulated twice: one worker's share is still 1/4 (not
     # --batch-size / --global-batch = 1/8, which ignored each worker's accumulation to its share)
     cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=32, global_batch=256, epochs=10, warmup_epochs=5,
-                      warmup_from="single_worker").validate()
+                      warmup_from="single_worker")
+    validate(cfg)
     for world in (1, 2, 4):
         state = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=world, train_set=range(N), val_set=[])
         peak, warmup = cfg.lr * 256 / 256, 5 * state.updates_per_epoch
@@ -163,9 +173,9 @@ def test_a_warmup_from_one_workers_lr_is_the_same_on_every_worker_count_of_an_el
 def test_the_step_a_run_says_it_is_at_counts_a_folded_tail_in_the_last_step():
     """The resize and spot-notice lines counted steps as position / global batch: after a last step that
     holds the folded tail they said step 3/2 (the review of issue 30)."""
-    from raydist.engine import resize_line
+    from raydist.loop.spot import resize_line
 
-    cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=4, global_batch=16).validate()
+    cfg = validate(TrainConfig(num_workers=4, min_workers=1, batch_size=4, global_batch=16))
     state = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=2, train_set=range(36), val_set=[])
     assert state.updates_per_epoch == 2  # 16 images, then 20: the 4 left over (under 2 x 4) join the last step
     for position, steps in ((0, 0), (16, 1), (36, 2)):
@@ -175,7 +185,7 @@ def test_the_step_a_run_says_it_is_at_counts_a_folded_tail_in_the_last_step():
 
 
 def test_the_per_worker_policy_keeps_the_batch_and_scales_the_lr_with_the_workers():
-    cfg = TrainConfig(num_workers=4, min_workers=1, batch_size=32, elastic_batch="per_worker").validate()
+    cfg = validate(TrainConfig(num_workers=4, min_workers=1, batch_size=32, elastic_batch="per_worker"))
     peak = {w: TrainingState(cfg, device=torch.device("cpu"), rank=0, world=w, train_set=range(N),
                              val_set=[]).schedule.lr_at(10 ** 6 // 2) for w in (2, 4)}
     assert batch_layout(cfg, 2).global_batch == 64 and batch_layout(cfg, 4).global_batch == 128
@@ -233,18 +243,19 @@ def test_a_spot_notice_checkpoints_mid_epoch_and_a_resume_on_more_workers_uses_e
     next check, 2 steps later. The run goes on from the notice's checkpoint on 3 workers: every image of
     epoch 1 is trained on once in all (the 2 repeated steps aside), the global batch is 96 throughout, each
     epoch's LR is that of an uninterrupted 1-worker run at the same images seen, and the model learns."""
-    cfg = TrainConfig(**ELASTIC).validate()
+    cfg = validate(TrainConfig(**ELASTIC))
     traces = tmp_path / "trace"
-    monkeypatch.setenv("RAYDIST_IMAGE_TRACE", str(traces / "first"))
+    for key, value in image_trace.environment(traces / "first").items():
+        monkeypatch.setenv(key, value)
     assert run_ddp(cfg, tmp_path / "first", world_size=2, notice_at_check=4) == "reclaimed"
-    jit = tmp_path / "first" / "epoch_0000_at_0000768"
+    jit = tmp_path / "first" / "checkpoint_epoch_0000_at_0000768"
     state = load_checkpoint_file(str(jit / CHECKPOINT_FILE))
     assert (state["epoch"], state["position"], state["world_size"]) == (0, 768, 2)
     assert state["epoch_sums"][2] == 768  # the epoch's images so far, over both ranks
 
-    monkeypatch.setenv("RAYDIST_IMAGE_TRACE", str(traces / "second"))
+    monkeypatch.setenv(image_trace.TRACE_ENV, str(traces / "second"))
     history = run_ddp(cfg, tmp_path / "second", world_size=3, resume_from=jit)
-    first, second = read_image_trace(traces / "first"), read_image_trace(traces / "second")
+    first, second = image_trace.read(traces / "first"), image_trace.read(traces / "second")
     kept = [r for r in first if r["epoch"] == 0 and r["end"] <= 768]
     repeated = {r["end"] for r in first if r["epoch"] == 0 and r["end"] > 768}
     assert len(repeated) <= 2  # at most K = 2 steps between the notice's checkpoint and the node's loss
@@ -254,6 +265,6 @@ def test_a_spot_notice_checkpoints_mid_epoch_and_a_resume_on_more_workers_uses_e
 
     assert [m["epoch"] for m in history] == [1, 2, 3, 4]
     assert {m["global_batch"] for m in history} == {96} and {m["world_size"] for m in history} == {3}
-    fixed = run(TrainConfig(**{**ELASTIC, "num_workers": 1}).validate(), local_context(str(tmp_path / "fixed")))
+    fixed = run(validate(TrainConfig(**{**ELASTIC, "num_workers": 1})), local_context(str(tmp_path / "fixed")))
     assert [m["lr"] for m in history] == pytest.approx([m["lr"] for m in fixed], rel=1e-9)
     assert history[-1]["val_acc"] >= 0.7, history[-1]  # it learned (chance: 0.1; an uninterrupted run: 0.86)

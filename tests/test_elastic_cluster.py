@@ -13,10 +13,10 @@ import time
 from collections import Counter
 
 import pytest
+import image_trace
 from clusters import ConsoleLines, shutdown_cluster
 
-from raydist.data import train_size
-from raydist.engine import read_image_trace
+from raydist.data.sizes import train_size
 
 
 # Enough epochs that the notice comes while the run trains on a fast machine too: a grow takes 10-70 s
@@ -30,7 +30,8 @@ def test_an_elastic_run_grows_when_a_node_joins_and_survives_a_spot_reclaim(tmp_
     from ray.cluster_utils import Cluster
 
     # Every worker counts the images it trains on (the nodes' raylets, and so their workers, inherit this).
-    monkeypatch.setenv("RAYDIST_IMAGE_TRACE", str(tmp_path / "trace"))
+    for key, value in image_trace.environment(tmp_path / "trace").items():
+        monkeypatch.setenv(key, value)
     # At the notice's deadline Ray Train restarts the group, sized by Ray's AutoscalingCoordinator, whose
     # view of the nodes is refreshed every 20 s and still counts the draining node: it asks for 4 workers
     # again and waits out the worker-group start timeout (60 s by default) before it settles for the 2 that
@@ -85,7 +86,7 @@ def test_an_elastic_run_grows_when_a_node_joins_and_survives_a_spot_reclaim(tmp_
     # 2-worker group resumed from, and the 2-worker group's from there (a few steps repeated in between).
     resumed_epoch, resumed_step = int(gone.group(1)), int(gone.group(2))
     position = resumed_step * 128
-    records = read_image_trace(str(tmp_path / "trace"))
+    records = image_trace.read(tmp_path / "trace")
     epoch_index = resumed_epoch - 1
     before = [r for r in records if r["epoch"] == epoch_index and r["world"] == 4 and r["end"] <= position]
     after = [r for r in records if r["epoch"] == epoch_index and r["world"] == 2 and r["end"] > position]

@@ -7,8 +7,12 @@ import re
 import pytest
 import torch
 
-from raydist.config import TrainConfig
-from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE, EarlyStop, load_checkpoint_file, local_context, lr_factor, run
+from raydist.config.fields import TrainConfig
+from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file
+from raydist.loop.recipe import EarlyStop, lr_factor
+from raydist.loop.context import local_context
+from raydist.loop.run import run
+from raydist.preflight import validate
 
 FAST = dict(num_workers=1, cpus_per_worker=2.0, batch_size=128, lr=0.8, warmup_epochs=0.5)
 
@@ -41,10 +45,10 @@ def test_horovods_lr_rule_warms_up_from_one_workers_lr_and_drops_at_its_mileston
     (dict(lr_milestones="30"), "--lr-milestones 30 applies to --lr-schedule step, not cosine"),
 ])
 def test_bad_milestones_are_one_line(overrides, message):
-    from raydist.config import ConfigError
+    from raydist.errors import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(message)):
-        TrainConfig(epochs=90, **overrides).validate()
+        validate(TrainConfig(epochs=90, **overrides))
 
 
 def test_early_stop_counts_consecutive_epochs():
@@ -54,23 +58,24 @@ def test_early_stop_counts_consecutive_epochs():
 
 
 def test_early_stopping_stops_at_the_first_epoch_meeting_the_target_for_patience_epochs(tmp_path):
-    cfg = TrainConfig(epochs=15, target_accuracy=0.6, patience=2, **FAST).validate()
+    cfg = validate(TrainConfig(epochs=15, target_accuracy=0.6, patience=2, **FAST))
     history = run(cfg, local_context(str(tmp_path)))
     accs = [m["val_acc"] for m in history]
     first = next(i for i in range(1, len(accs)) if accs[i] >= 0.6 and accs[i - 1] >= 0.6)
     assert len(history) == first + 1 < 15
     assert history[-1]["stop_reason"] == "target_accuracy"
     assert all(m["stop_reason"] == "" for m in history[:-1])
-    assert os.path.exists(tmp_path / f"epoch_{first + 1:04d}" / CHECKPOINT_FILE)  # the stopping epoch is saved
+    # the stopping epoch is saved
+    assert os.path.exists(tmp_path / f"checkpoint_epoch_{first + 1:04d}" / CHECKPOINT_FILE)
     final = load_checkpoint_file(str(tmp_path / FINAL_MODEL_FILE))
     assert final["metrics"]["epoch"] == first + 1 and final["config"]["target_accuracy"] == 0.6
 
 
 def test_resume_continues_at_the_next_epoch_and_reproduces_the_uninterrupted_run(tmp_path):
     # No augmentation: the data order depends on (seed, epoch) alone, so a resumed run must repeat epoch 3 exactly.
-    cfg = TrainConfig(epochs=3, augment="none", checkpoint_every=1, **FAST).validate()
+    cfg = validate(TrainConfig(epochs=3, augment="none", checkpoint_every=1, **FAST))
     full = run(cfg, local_context(str(tmp_path / "full")))
-    state = load_checkpoint_file(str(tmp_path / "full" / "epoch_0002" / CHECKPOINT_FILE))
+    state = load_checkpoint_file(str(tmp_path / "full" / "checkpoint_epoch_0002" / CHECKPOINT_FILE))
     assert state["epoch"] == 2 and state["config"] == cfg.to_dict()
     resumed = run(cfg, local_context(str(tmp_path / "resumed"), resume_state=state))
     assert [m["epoch"] for m in resumed] == [3]
@@ -80,18 +85,20 @@ def test_resume_continues_at_the_next_epoch_and_reproduces_the_uninterrupted_run
 
 def test_non_finite_loss_stops_with_a_clear_reason_and_no_checkpoint(tmp_path, capsys):
     cfg = TrainConfig(epochs=4, lr=1e9, warmup_epochs=0.0, **{k: v for k, v in FAST.items()
-                                                              if k not in ("lr", "warmup_epochs")}).validate()
+                                                              if k not in ("lr", "warmup_epochs")})
+    validate(cfg)
     history = run(cfg, local_context(str(tmp_path)))
     assert history[-1]["stop_reason"] == "diverged" and len(history) < 4
     assert not math.isfinite(history[-1]["train_loss"])
     assert "stopped at epoch 1: diverged (the train loss is nan); lower --lr (now 1e+09)" in capsys.readouterr().out
-    assert not any(p.startswith("epoch_") for p in os.listdir(tmp_path))
+    assert not any(p.startswith("checkpoint_epoch_") for p in os.listdir(tmp_path))
     assert not (tmp_path / FINAL_MODEL_FILE).exists()
 
 
 def test_grad_accumulation_and_adamw_and_label_smoothing_learn(tmp_path):
     cfg = TrainConfig(epochs=4, optimizer="adamw", lr=0.02, grad_accum=2, label_smoothing=0.1, batch_size=64,
-                      **{k: v for k, v in FAST.items() if k not in ("lr", "batch_size")}).validate()
+                      **{k: v for k, v in FAST.items() if k not in ("lr", "batch_size")})
+    validate(cfg)
     history = run(cfg, local_context(str(tmp_path)))
     assert history[-1]["val_acc"] > 0.6
     # the linear scaling rule's global batch counts accumulated steps: peak = 0.02 x (64 x 2) / 256; each
@@ -105,7 +112,7 @@ def test_grad_accumulation_and_adamw_and_label_smoothing_learn(tmp_path):
 
 
 def test_tensorboard_events_are_written(tmp_path):
-    cfg = TrainConfig(epochs=1, **FAST).validate()
+    cfg = validate(TrainConfig(epochs=1, **FAST))
     run(cfg, local_context(str(tmp_path), log_dir=str(tmp_path / "tb")))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -115,7 +122,9 @@ def test_tensorboard_events_are_written(tmp_path):
 
 
 def test_resume_reads_its_checkpoint_through_rays_storage_layer_and_never_starts_over_silently(tmp_path):
-    from raydist.engine import WorkerInputError, checkpoint_bytes, read_resume_checkpoint
+    from raydist.errors import WorkerInputError
+    from raydist.runs.checkpoints import checkpoint_bytes
+    from raydist.ray_edge.worker import read_resume_checkpoint
 
     checkpoint = tmp_path / "checkpoint_epoch_0003"
     checkpoint.mkdir()
@@ -132,7 +141,8 @@ def test_resume_reads_its_checkpoint_through_rays_storage_layer_and_never_starts
 
 
 def test_a_corrupt_data_file_is_named_per_node_and_not_taken_for_missing_data(tmp_path):
-    from raydist.engine import DataUnavailable, load_data_once_per_node
+    from raydist.errors import DataUnavailable
+    from raydist.loop.worker_data import load_data_once_per_node
 
     raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
@@ -150,8 +160,8 @@ def test_a_corrupt_data_file_is_named_per_node_and_not_taken_for_missing_data(tm
 
 
 def test_any_seed_gives_every_epoch_and_rank_its_own_stream():
-    from raydist.augment import Augmenter
-    from raydist.engine import seed_epoch
+    from raydist.data.augment import Augmenter
+    from raydist.loop.recipe import seed_epoch
 
     aug = Augmenter("crop_flip", mean=(0.5,) * 3, std=(0.25,) * 3)
     draws = set()
@@ -165,14 +175,15 @@ def test_any_seed_gives_every_epoch_and_rank_its_own_stream():
 def test_lp_ft_gives_the_probe_and_the_fine_tuning_a_schedule_each(tmp_path):
     """The backbone unfreezes at --freeze-epochs into a fresh warmup and decay (fastai's fine_tune), at the
     backbone multiplier of the head's LR, not late in a schedule that has already decayed."""
-    from raydist.data import load_split
-    from raydist.engine import TrainingState
-    from raydist.models import create_model
+    from raydist.data.sources import load_split
+    from raydist.loop.state import TrainingState
+    from raydist.models.registry import create_model
 
     source = tmp_path / "w.pth"
     torch.save(create_model("resnet8", num_classes=10).state_dict(), source)
     cfg = TrainConfig(weights=str(source), finetune="lp-ft", freeze_epochs=2, epochs=6, warmup_epochs=1,
-                      **{k: v for k, v in FAST.items() if k != "warmup_epochs"}).validate()
+                      **{k: v for k, v in FAST.items() if k != "warmup_epochs"})
+    validate(cfg)
     train, val = load_split("digits", "train"), load_split("digits", "val")
     state = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=1, train_set=train, val_set=val)
     per_epoch = state.updates_per_epoch
@@ -192,13 +203,14 @@ def test_a_loss_that_explodes_but_stays_finite_is_divergence_in_the_epoch_it_hap
     """LR 300 per 256: the training loss reaches about 1e11 in the first epoch and stays finite for two
     more; it used to be reported as a finished run."""
     cfg = TrainConfig(epochs=3, lr=300.0, warmup_epochs=0.0, lr_schedule="constant",
-                      **{k: v for k, v in FAST.items() if k not in ("lr", "warmup_epochs")}).validate()
+                      **{k: v for k, v in FAST.items() if k not in ("lr", "warmup_epochs")})
+    validate(cfg)
     history = run(cfg, local_context(str(tmp_path)))
     assert len(history) == 1 and history[0]["stop_reason"] == "diverged"
     assert math.isfinite(history[0]["train_loss"]) and history[0]["train_loss"] > 1000 * math.log(10)
     assert history[0]["divergence"].startswith("the train loss ") and "over 1000x its start" in history[0]["divergence"]
     assert "stopped at epoch 1: diverged (the train loss" in capsys.readouterr().out
-    assert not (tmp_path / FINAL_MODEL_FILE).exists() and not list(tmp_path.glob("epoch_*"))
+    assert not (tmp_path / FINAL_MODEL_FILE).exists() and not list(tmp_path.glob("checkpoint_epoch_*"))
 
 
 @pytest.mark.parametrize("train_loss, val_loss, first, expected", [
@@ -210,7 +222,7 @@ def test_a_loss_that_explodes_but_stays_finite_is_divergence_in_the_epoch_it_hap
     (2.0, 2.5, 0.5, ""),
 ])
 def test_divergence_reasons(train_loss, val_loss, first, expected):
-    from raydist.engine import divergence
+    from raydist.loop.recipe import divergence
 
     assert divergence({"train_loss": train_loss, "val_loss": val_loss}, first_train_loss=first,
                       num_classes=10) == expected
@@ -225,10 +237,10 @@ def test_a_training_epoch_and_an_evaluation_hand_nothing_to_the_host_step_by_ste
     """Every call of a tensor method that makes the host wait for the device (on a GPU), counted over a
     training epoch and an evaluation of the real loop with augmentation on: none, whatever the step count.
     (A GPU adds what the CPU cannot show: torch.cuda.set_sync_debug_mode("error"), in the GPU checks.)"""
-    from raydist.data import load_splits
-    from raydist.engine import TrainingState
+    from raydist.data.sources import load_splits
+    from raydist.loop.state import TrainingState
 
-    cfg = TrainConfig(augment=augment, **{**FAST, "batch_size": 32}).validate()
+    cfg = validate(TrainConfig(augment=augment, **{**FAST, "batch_size": 32}))
     train, val = load_splits("digits", ("train", "val"), device="cpu")
     state = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=1, train_set=train, val_set=val)
     state.enter_epoch(0)
@@ -249,7 +261,7 @@ def test_a_training_epoch_and_an_evaluation_hand_nothing_to_the_host_step_by_ste
 
 
 def test_a_checkpoint_that_holds_training_up_gets_a_hint_with_the_interval_that_fits():
-    from raydist.engine import checkpoint_hint
+    from raydist.loop.recipe import checkpoint_hint
 
     assert checkpoint_hint(0.05, epoch_seconds=1.0, every=1) is None  # 5% of the epoch: fine
     line = checkpoint_hint(0.5, epoch_seconds=1.0, every=1)
@@ -262,10 +274,10 @@ def test_an_unfused_adamw_checkpoint_resumes_into_a_fused_optimizer_with_its_sta
     """A checkpoint written on CPUs (AdamW not fused) continued on a GPU (fused): PyTorch places each
     `step` by the flag in the groups it is given, so those groups must say fused, or the first fused update
     fails on a CPU step. (CPU fused AdamW stands in for the GPU one here; the flag is what differs.)"""
-    from raydist.data import load_split
-    from raydist.engine import TrainingState
+    from raydist.data.sources import load_split
+    from raydist.loop.state import TrainingState
 
-    cfg = TrainConfig(optimizer="adamw", lr=0.01, **{k: v for k, v in FAST.items() if k != "lr"}).validate()
+    cfg = validate(TrainConfig(optimizer="adamw", lr=0.01, **{k: v for k, v in FAST.items() if k != "lr"}))
     train, val = load_split("digits", "train"), load_split("digits", "val")
     unfused = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=1, train_set=train, val_set=val)
     unfused.train_epoch()
@@ -293,21 +305,21 @@ def test_a_checkpoint_copied_into_storage_before_the_report_returns_counts_as_ho
     time the report then waits for Tune does not."""
     import time as clock
 
-    import raydist.failures
-    from raydist.engine import _report_with_checkpoint, run_folder_context
+    import raydist.storage
+    from raydist.loop.context import report_with_checkpoint, run_folder_context
 
-    real_write = raydist.failures.write_atomically
+    real_write = raydist.storage.write_atomically
 
     def slow_disk(path, data):
         clock.sleep(0.3)
         real_write(path, data)
 
-    monkeypatch.setattr(raydist.failures, "write_atomically", slow_disk)
+    monkeypatch.setattr(raydist.storage, "write_atomically", slow_disk)
     told = []
-    ctx = run_folder_context(TrainConfig(**FAST).validate(), run_dir=str(tmp_path / "run"),
+    ctx = run_folder_context(validate(TrainConfig(**FAST)), run_dir=str(tmp_path / "run"),
                              device=torch.device("cpu"), node_id="n",
                              report=lambda metrics, path: (told.append(path), clock.sleep(2.0)))
-    seconds = _report_with_checkpoint(ctx, {"epoch": 1, "val_acc": 0.5}, {"weights": torch.zeros(1000)})
+    seconds = report_with_checkpoint(ctx, {"epoch": 1, "val_acc": 0.5}, {"weights": torch.zeros(1000)})
     assert told == [str(tmp_path / "run" / "checkpoint_epoch_0001")]
     assert (tmp_path / "run" / "checkpoint_epoch_0001" / CHECKPOINT_FILE).is_file()
     # The copy (0.3 s and a small file), not the 2 s the report waited for Tune: a wide gap, so that a
@@ -320,7 +332,7 @@ def test_a_long_epoch_prints_progress_lines_on_rank_0_and_a_short_one_none(tmp_p
     rank 0 prints how far the epoch is; with the real one, a 1-second digits epoch prints nothing."""
     import dataclasses
 
-    from raydist import console
+    from raydist.output import console
 
     cfg = TrainConfig(epochs=1, batch_size=128)
     ctx = dataclasses.replace(local_context(str(tmp_path / "fast")), progress_every_s=30.0)

@@ -1,5 +1,5 @@
 """Faults injected for real: a worker out of memory, a training worker SIGKILLed mid-epoch, checkpoint and
-weights files cut short; and the pieces that make each one a clear line (raydist.failures).
+weights files cut short; and the pieces that make each one a clear line (raydist.ray_edge.failures).
 
 The Ray tests run on the session cluster (2 CPUs) through the real CLI; the others need no Ray running.
 """
@@ -15,10 +15,12 @@ import time
 import pytest
 import torch
 
-from raydist.config import TrainConfig
-from raydist.engine import (CHECKPOINT_FILE, FINAL_MODEL_FILE, CorruptCheckpoint, OutOfMemory, load_checkpoint_file,
-                            local_context, run)
-from raydist.study_history import read_history
+from raydist.config.fields import TrainConfig
+from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file
+from raydist.loop.context import local_context
+from raydist.loop.run import run
+from raydist.errors import CorruptCheckpoint, OutOfMemory
+from raydist.runs.history import read_history
 
 # A head for this many fake classes cannot be allocated (its weights alone are 25 TB): the CPU allocator
 # refuses at once, which is how a real out-of-memory looks on CPU workers, without using any memory.
@@ -142,8 +144,8 @@ def test_a_worker_killed_mid_epoch_restarts_from_the_latest_checkpoint_and_the_r
 
 def _checkpoint(folder, epoch: int, *, truncate: bool = False):
     """A real checkpoint of a resnet8 digits run at `epoch` (cut to half its bytes when `truncate`)."""
-    from raydist.data import load_split
-    from raydist.engine import TrainingState
+    from raydist.data.sources import load_split
+    from raydist.loop.state import TrainingState
 
     cfg = TrainConfig(epochs=epoch + 1)
     train, val = load_split("digits", "train"), load_split("digits", "val")
@@ -161,8 +163,8 @@ def _checkpoint(folder, epoch: int, *, truncate: bool = False):
 def test_a_cut_short_latest_checkpoint_is_skipped_with_a_line_naming_it(tmp_path, capsys):
     from ray.train import Checkpoint
 
-    from raydist.engine import load_latest_good_checkpoint
-    from raydist.run_folder import latest_checkpoint
+    from raydist.ray_edge.worker import load_latest_good_checkpoint
+    from raydist.runs.checkpoints import latest_checkpoint
 
     run_dir = tmp_path / "run"
     _checkpoint(run_dir / "checkpoint_epoch_0002", 2)
@@ -185,10 +187,11 @@ def test_a_cut_short_latest_checkpoint_is_skipped_with_a_line_naming_it(tmp_path
 @pytest.mark.parametrize("what", ["checkpoint", "weights"])
 def test_an_explicit_cut_short_checkpoint_or_weights_file_is_one_line_and_exit_2_before_any_cluster(
         tmp_path, monkeypatch, capsys, what):
-    from raydist import cluster, train
+    from raydist import train
+    from raydist.ray_edge import session
 
     bad = _checkpoint(tmp_path / "checkpoint_epoch_0002", 2, truncate=True)
-    monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("a cluster was started"))
+    monkeypatch.setattr(session, "connect", lambda *a, **k: pytest.fail("a cluster was started"))
     args = ["--resume", str(tmp_path / "checkpoint_epoch_0002")] if what == "checkpoint" else ["--weights", bad]
     code = train.main([*args, "--storage-path", str(tmp_path / "runs")])
     err = capsys.readouterr().err.strip().splitlines()
@@ -199,7 +202,7 @@ def test_an_explicit_cut_short_checkpoint_or_weights_file_is_one_line_and_exit_2
 
 
 def test_a_file_whose_writer_dies_keeps_its_old_content_and_leaves_no_partial_file(tmp_path, monkeypatch):
-    from raydist.failures import write_atomically
+    from raydist.storage import write_atomically
 
     path = tmp_path / "model_final.pt"
     write_atomically(str(path), b"old")
@@ -217,7 +220,7 @@ def test_a_file_whose_writer_dies_keeps_its_old_content_and_leaves_no_partial_fi
 
 
 def test_torchs_out_of_memory_error_names_model_batch_and_memory_and_the_fix(tmp_path, monkeypatch):
-    from raydist.engine import TrainingState
+    from raydist.loop.state import TrainingState
 
     def out_of_memory(self, **_):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -237,7 +240,7 @@ def test_the_root_cause_of_a_worker_group_error_is_the_first_raising_ranks_inner
     from ray.exceptions import ActorDiedError
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from raydist.failures import error_report, root_cause
+    from raydist.ray_edge.failures import error_report, root_cause
 
     def raised(exc, cause=None):
         try:
@@ -259,8 +262,8 @@ def test_the_root_cause_of_a_worker_group_error_is_the_first_raising_ranks_inner
 
 
 def test_a_studys_failure_settings_reach_its_trials_and_bad_ones_are_one_line(tmp_path):
-    from raydist.config import ConfigError
-    from raydist.search_space import load_study
+    from raydist.errors import ConfigError
+    from raydist.study.study_file import load_study
 
     def study(text, **overrides):
         path = tmp_path / "s.yaml"

@@ -13,12 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from raydist.augment import Augmenter
-from raydist.config import TrainConfig
-from raydist.data import DATASETS, load_split
-from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE, local_context, run
-from raydist.final_eval import TEST_METRICS_FILE, measure_files, measure_study, summary_line
+from raydist.data.augment import Augmenter
+from raydist.config.fields import TrainConfig
+from raydist.data.registry import DATASETS
+from raydist.data.sources import load_split
+from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE
+from raydist.loop.context import local_context
+from raydist.loop.run import run
+from raydist.final_eval import TEST_METRICS_FILE, measure_files, summary_line
+from raydist.ray_edge.measure import measure_study
 from raydist.models.transfer import load_trained_model
+from raydist.data.sizes import classes_predicted
+from raydist.preflight import validate
 
 N_TRAIN, N_TEST = 600, 200
 
@@ -49,7 +55,7 @@ def _plain_accuracy(path, data_dir):
     """The accuracy computed the obvious way, all in one batch: normalise, forward, argmax."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     cfg = TrainConfig.from_dict(saved["config"])
-    model = load_trained_model({"model_name": cfg.model, "num_classes": cfg.num_classes(), **saved})
+    model = load_trained_model({"model_name": cfg.model, "num_classes": classes_predicted(cfg), **saved})
     test = load_split("fashion_mnist", "test", data_dir=data_dir)
     spec = DATASETS["fashion_mnist"]
     with torch.no_grad():
@@ -61,10 +67,12 @@ def test_the_final_model_and_a_checkpoint_are_measured_on_the_test_split(tmp_pat
     data_dir = str(tmp_path / "data")
     write_fashion(data_dir)
     cfg = TrainConfig(dataset="fashion_mnist", data_dir=data_dir, epochs=3, checkpoint_every=1, num_workers=1,
-                      cpus_per_worker=2.0, batch_size=32, lr=0.2, warmup_epochs=0.5).validate()
+                      cpus_per_worker=2.0, batch_size=32, lr=0.2, warmup_epochs=0.5)
+    validate(cfg)
     history = run(cfg, local_context(str(tmp_path / "run")))
     assert history[-1]["val_acc"] >= 0.9
-    final, checkpoint = str(tmp_path / "run" / FINAL_MODEL_FILE), str(tmp_path / "run" / "epoch_0002" / CHECKPOINT_FILE)
+    final = str(tmp_path / "run" / FINAL_MODEL_FILE)
+    checkpoint = str(tmp_path / "run" / "checkpoint_epoch_0002" / CHECKPOINT_FILE)
     measured = measure_files({"final model": final, "best checkpoint": checkpoint}, cpus=2)
     assert measured["final model"]["images"] == measured["best checkpoint"]["images"] == N_TEST
     assert measured["best checkpoint"]["epoch"] == 2 and measured["final model"]["epoch"] == 3

@@ -16,7 +16,7 @@ import pytest
 from image_folders import write_digits_folder
 
 from raydist import train as train_cli
-from raydist.image_folder import load_folder_split, scan_folder
+from raydist.data.folder import load_folder_split, scan_folder
 
 
 
@@ -25,7 +25,7 @@ def bucket(tmp_path_factory):
     """(s3:// URI of the folder, the same folder on disk), served by moto_server until the module ends."""
     import boto3
 
-    from raydist.cluster import free_port
+    from raydist.ray_edge.session import free_port
 
     port = free_port()
     server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-p", str(port)],
@@ -73,7 +73,7 @@ def test_a_bucket_folder_lists_and_decodes_as_the_same_folder_on_disk(bucket):
 
 
 def test_an_unreachable_bucket_is_one_line_exit_2(bucket, capsys):
-    from raydist.cluster import free_port
+    from raydist.ray_edge.session import free_port
 
     closed = f"s3://photos/digits?endpoint_override=127.0.0.1:{free_port()}&scheme=http"  # nobody listens
     assert train_cli.main(["--dataset", "folder", "--data-dir", closed]) == 2
@@ -83,9 +83,9 @@ def test_an_unreachable_bucket_is_one_line_exit_2(bucket, capsys):
 
 STREAM_FROM_BUCKET = """
 import json, sys, ray, torch
-from raydist.data import shard_indices
-from raydist.folder_stream import StreamSource
-from raydist.image_folder import scan_folder
+from raydist.data.splits import shard_indices
+from raydist.ray_edge.stream import StreamSource
+from raydist.data.folder import scan_folder
 ray.init(address=sys.argv[1], log_to_driver=False)
 index = scan_folder(sys.argv[2], val_fraction=0.1)
 source = StreamSource(index, "val", stored=32)

@@ -17,10 +17,12 @@ from image_folders import write_awkward_files, write_digits_folder
 from PIL import Image
 
 from raydist import train as train_cli
-from raydist.augment import Augmenter, centre_crop, random_resized_crop_flip
-from raydist.config import TrainConfig
-from raydist.image_folder import (FolderError, TooManyBadImages, decode_image, load_folder_split, scan_folder,
-                                  stored_size)
+from raydist.data.augment import Augmenter, centre_crop, random_resized_crop_flip
+from raydist.config.fields import TrainConfig
+from raydist.errors import FolderError, TooManyBadImages
+from raydist.data.folder import decode_image, load_folder_split, scan_folder, stored_size
+from raydist.data.sizes import classes_predicted, predicted_class_names
+from raydist.preflight import validate
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +59,7 @@ def test_without_split_folders_a_stratified_seeded_share_is_held_out_the_same_ev
         assert n_val == round(0.1 * (n_train + n_val))
     assert not {f.path for f in index.splits["train"]} & {f.path for f in index.splits["val"]}
     # Listed again in another order (a new scan, as on another node), the same files are held out.
-    from raydist.image_folder import _scan
+    from raydist.data.folder import _scan
 
     _scan.cache_clear()
     again = scan_folder(str(tmp_path / "flat"), val_fraction=0.1)
@@ -116,7 +118,7 @@ def test_the_second_load_comes_from_the_cache_and_a_changed_file_decodes_again(t
     victim = tmp_path / "p" / index.splits["val"][0].path
     Image.fromarray(np.full((32, 32), 7, dtype=np.uint8)).save(victim, format="PNG" if victim.suffix == ".png"
                                                                else "JPEG", quality=50)
-    from raydist.image_folder import _scan
+    from raydist.data.folder import _scan
 
     _scan.cache_clear()
     changed = scan_folder(str(tmp_path / "p"), val_fraction=0.1)
@@ -140,10 +142,10 @@ def test_resized_crop_takes_windows_of_the_image_resized_and_mirrors_about_half(
 
 def test_a_folder_evaluates_on_the_centre_crop_and_auto_trains_with_resized_crops(split_folder):
     root, _ = split_folder
-    cfg = TrainConfig(dataset="folder", data_dir=str(root), input_size=32).validate()
+    cfg = validate(TrainConfig(dataset="folder", data_dir=str(root), input_size=32))
     assert cfg.augment_kind() == "resized_crop" and stored_size(32) == 37
-    assert cfg.num_classes() == 10 and cfg.class_names()[:2] == ["digit_0", "digit_1"]
-    from raydist.engine import input_pipeline
+    assert classes_predicted(cfg) == 10 and predicted_class_names(cfg)[:2] == ["digit_0", "digit_1"]
+    from raydist.loop.evaluate import input_pipeline
 
     pipeline = input_pipeline(cfg, "cpu")
     images = torch.randint(0, 256, (4, 3, 37, 37), dtype=torch.uint8)
@@ -246,7 +248,7 @@ def folder_run(ray_cluster, split_folder, tmp_path_factory):
 
 
 def test_a_two_worker_run_on_a_folder_learns_as_digits_does_and_says_what_it_skipped(folder_run):
-    from raydist.engine import FINAL_MODEL_FILE, load_checkpoint_file
+    from raydist.runs.checkpoints import FINAL_MODEL_FILE, load_checkpoint_file
 
     _, run_dir, output = folder_run
     final = load_checkpoint_file(str(run_dir / FINAL_MODEL_FILE))
@@ -260,7 +262,7 @@ def test_a_two_worker_run_on_a_folder_learns_as_digits_does_and_says_what_it_ski
 
 
 def test_predict_classifies_held_out_images_at_the_runs_validation_accuracy(folder_run, tmp_path):
-    from raydist.engine import FINAL_MODEL_FILE, load_checkpoint_file
+    from raydist.runs.checkpoints import FINAL_MODEL_FILE, load_checkpoint_file
 
     root, run_dir, _ = folder_run
     out_csv = tmp_path / "predictions.csv"
@@ -287,12 +289,13 @@ def test_predict_refuses_a_missing_model_or_image_in_one_line(folder_run, tmp_pa
 
 
 def test_a_folder_too_large_for_the_workers_memory_is_refused_before_ray(split_folder):
-    from raydist.config import ConfigError
-    from raydist.launch import check_folder_fits
+    from raydist.errors import ConfigError
+    from raydist.run_config import check_folder_fits
 
     root, _ = split_folder
     cfg = TrainConfig(dataset="folder", data_dir=str(root), input_size=224, num_workers=2,
-                      data_loader="memory").validate()
+                      data_loader="memory")
+    validate(cfg)
     index = scan_folder(str(root), val_fraction=0.1)
     per_worker = sum(len(files) for files in index.splits.values()) * 3 * 256 * 256  # stored at 256 for 224
     check_folder_fits(cfg, memory_bytes=4 * per_worker)  # two workers, half the memory: fits
@@ -301,7 +304,7 @@ def test_a_folder_too_large_for_the_workers_memory_is_refused_before_ray(split_f
                                           r"--data-loader stream \(or auto\)"):
         check_folder_fits(cfg, memory_bytes=4 * per_worker - 1)
     # auto streams what does not fit, given CPUs for Ray Data's decoding beside the workers
-    auto = TrainConfig(dataset="folder", data_dir=str(root), input_size=224, num_workers=2).validate()
+    auto = validate(TrainConfig(dataset="folder", data_dir=str(root), input_size=224, num_workers=2))
     check_folder_fits(auto, memory_bytes=4 * per_worker - 1, cluster_cpus=3)
     with pytest.raises(ConfigError, match=r"--data-loader auto: the streamed path decodes images on CPUs the workers "
                                           r"leave free, but 2 workers x --cpus-per-worker 1 take all 2 CPUs"):
@@ -314,9 +317,9 @@ def test_a_folder_too_large_for_the_workers_memory_is_refused_before_ray(split_f
 
 STREAM_SHARDS = """
 import json, sys, ray, torch
-from raydist.data import shard_indices
-from raydist.folder_stream import StreamSource
-from raydist.image_folder import scan_folder
+from raydist.data.splits import shard_indices
+from raydist.ray_edge.stream import StreamSource
+from raydist.data.folder import scan_folder
 ray.init(address=sys.argv[1], log_to_driver=False)
 out = {}
 for folder in ("clean", "awkward"):
@@ -333,7 +336,7 @@ for folder in ("clean", "awkward"):
                 "labels_match": sorted(torch.cat([l for _, l in got]).tolist()) == wanted,
                 "shape": list(got[0][0].shape), "dtype": str(got[0][0].dtype), "bad": sorted(source.bad),
                 "files": sorted(torch.cat(batches).tolist()), "total": len(source)}
-from raydist.image_folder import TooManyBadImages
+from raydist.errors import TooManyBadImages
 source = StreamSource(index, "train", stored=37, max_bad=0)  # the awkward folder, every file once
 try:
     list(source.batches(list(shard_indices(len(source), batch_size=16, rank=0, world_size=1, shuffle=False,
@@ -393,7 +396,7 @@ def test_a_study_on_a_folder_exports_a_best_model_with_its_class_names_that_pred
                                                                                         tmp_path):
     from conftest import read_csv, start_tune
 
-    from raydist.engine import load_checkpoint_file
+    from raydist.runs.checkpoints import load_checkpoint_file
 
     root, _ = split_folder
     (tmp_path / "folder.yaml").write_text(FOLDER_STUDY)

@@ -1,4 +1,4 @@
-"""Model parallelism (raydist.models.pipeline, --model-parallel K --micro-batches M) on the CPU.
+"""Model parallelism (raydist.parallel.pipeline, --model-parallel K --micro-batches M) on the CPU.
 
 Every model that defines pipeline units (every registered one) is split into K = 2 and 3 stages with M = 1,
 2 and 4 micro-batches, all stages on the CPU: in eval mode the split model gives the unsplit model's logits
@@ -16,11 +16,13 @@ import torch
 from conftest import digits_val_accuracy
 from local_ddp import run_ddp
 
-from raydist.config import ConfigError, TrainConfig
-from raydist.engine import FINAL_MODEL_FILE, load_checkpoint_file
-from raydist.models import MODELS, create_model
-from raydist.models.pipeline import (Pipeline, balanced_stage_sizes, measured_seconds, models_with_units,
-                                     pipeline_units, stage_devices, unit_costs)
+from raydist.errors import ConfigError
+from raydist.config.fields import TrainConfig
+from raydist.runs.checkpoints import FINAL_MODEL_FILE, load_checkpoint_file
+from raydist.models.registry import MODELS, create_model
+from raydist.parallel.pipeline import (Pipeline, balanced_stage_sizes, measured_seconds, models_with_units,
+                                       pipeline_units, stage_devices, unit_costs)
+from raydist.preflight import validate
 
 CPU = torch.device("cpu")
 SPLITS = [(k, m) for k in (2, 3) for m in (1, 2, 4)]  # (stages, micro-batches)
@@ -233,8 +235,8 @@ CPU_SPLIT = dict(model_parallel=2, use_gpu=False)
 ])
 def test_bad_model_parallel_settings_are_one_line_config_errors(settings, message):
     with pytest.raises(ConfigError, match=message):
-        TrainConfig(**settings).validate()
-    TrainConfig(model_parallel=2, micro_batches=4, gpus_per_worker=2).validate()  # on GPUs: K GPUs per worker
+        validate(TrainConfig(**settings))
+    validate(TrainConfig(model_parallel=2, micro_batches=4, gpus_per_worker=2))  # on GPUs: K GPUs per worker
 
 
 # ---- the split model trains under 2-worker DDP ------------------------------------------------------------
@@ -247,7 +249,8 @@ def test_two_workers_train_the_split_model_and_save_the_unsplit_models_weights(t
     DDP's buckets would not match)."""
     cfg = TrainConfig(model="resnet8", model_parallel=2, micro_batches=2, pipeline_balance="time", use_gpu=False,
                       augment="crop_flip", num_workers=2, cpus_per_worker=1.0, batch_size=64, lr=0.8,
-                      warmup_epochs=0.5, epochs=4).validate()
+                      warmup_epochs=0.5, epochs=4)
+    validate(cfg)
     history = run_ddp(cfg, tmp_path)
     assert [m["world_size"] for m in history] == [2] * 4
     assert history[-1]["val_acc"] > 0.6  # it learned (chance: 0.1; 0.80 here, the unsplit model 0.61)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from raydist.models import MODELS, create_model
+from raydist.models.registry import MODELS, create_model
+from raydist.preflight import validate
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -58,7 +59,7 @@ def test_model_args_reshape_the_searchable_models():
 
 
 def test_a_bad_model_argument_is_one_line_naming_what_the_model_takes():
-    from raydist.models import ModelArgError
+    from raydist.errors import ModelArgError
 
     with pytest.raises(ModelArgError, match=r"^--model-arg l3=4: tune_cnn takes l1 \(int, default 120\), "
                                             r"l2 \(int, default 84\)$"):
@@ -134,9 +135,10 @@ def test_wrn_dli_costs_what_the_published_network_costs():
 
 
 def test_fixed_size_models_refuse_another_input_size_before_any_cluster():
-    from raydist.config import ConfigError, TrainConfig
+    from raydist.errors import ConfigError
+    from raydist.config.fields import TrainConfig
 
     with pytest.raises(ConfigError, match=r"--model wrn_dli reads images of 28 to 55 pixels a side, but this run "
                                           r"feeds it 224: give --input-size 32"):
-        TrainConfig(model="wrn_dli", input_size=224).validate()
-    TrainConfig(model="wrn_dli").validate()  # digits, at 32
+        validate(TrainConfig(model="wrn_dli", input_size=224))
+    validate(TrainConfig(model="wrn_dli"))  # digits, at 32

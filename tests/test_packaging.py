@@ -34,7 +34,7 @@ def test_a_built_wheel_holds_every_shipped_study_and_its_install_finds_the_defau
     # checkout's editable install; the study is found by name and loads there.
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("import raydist.tune as t; from raydist.search_space import load_study; "
+    code = ("import raydist.tune as t; from raydist.study.study_file import load_study; "
             "path = t.find_study_file(t.DEFAULT_STUDY); study = load_study(path); "
             "print(t.__file__); print(path); print(study.name, len(study.searched))")
     found = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,

@@ -10,8 +10,10 @@ import torch
 import torchvision
 
 from raydist import presets
-from raydist.config import ConfigError, parse_cli
-from raydist.engine import local_context, run
+from raydist.errors import ConfigError
+from raydist.cli import parse_cli
+from raydist.loop.context import local_context
+from raydist.loop.run import run
 
 # What each preset must hold: the workflow's own values wherever the workflow states one (issues 17 and 30),
 # not raydist's defaults. Every seed trains in fp32.
@@ -63,7 +65,7 @@ def test_cifar100s_lr_drops_at_the_epochs_the_references_multisteplr_does():
     the 60th epoch at the old LR: a drop one epoch late)."""
     import bisect
 
-    from raydist.engine import lr_factor
+    from raydist.loop.recipe import lr_factor
 
     cfg, _, _ = parse_cli(["--preset", "cifar100-resnet50"])
     updates = 10  # per epoch; any number
@@ -79,7 +81,8 @@ def test_cifar100s_lr_drops_at_the_epochs_the_references_multisteplr_does():
 def test_horovods_lr_rule_comes_out_of_the_preset_exactly():
     """LR = 0.1 x workers x batches per allreduce x adj; in the warmup, Horovod's adj at step u (0-based) of
     W is (1 + (u + 1) / W x (workers - 1)) / workers: from one worker's LR up to the scaled one."""
-    from raydist.engine import lr_factor, lr_scale
+    from raydist.config.fields import lr_scale
+    from raydist.loop.recipe import lr_factor
 
     workers, warmup, milestones = 4, 100, [300, 600, 800]
     cfg, _, _ = parse_cli(["--preset", "horovod-resnet18", "--num-workers", str(workers), "--grad-accum", "2"])
@@ -121,7 +124,7 @@ def test_an_unknown_preset_is_one_line_with_exit_2():
 # ---- one tiny step of each preset, on CPU, with its sizes overridden -------------------------------------
 
 # Sizes only (and one worker, in this process): the model, data set, optimizer and schedule stay the preset's. SyncBatchNorm runs on CUDA
-# only, so the workload's is turned off here (its GPU check is raydist.launch.check_sync_batchnorm's).
+# only, so the workload's is turned off here (its GPU check is raydist.run_config.check_sync_batchnorm's).
 TINY = {
     "dli": ["--train-per-class", "1", "--batch-size", "8"],
     "horovod-resnet18": ["--train-per-class", "1", "--batch-size", "8", "--val-batch-size", "16",

@@ -12,8 +12,8 @@ import pytest
 from conftest import digits_val_accuracy
 from wandb_file import read_wandb_history
 
-from raydist.config import TrainConfig
-from raydist.engine import FINAL_MODEL_FILE, load_checkpoint_file
+from raydist.config.fields import TrainConfig
+from raydist.runs.checkpoints import FINAL_MODEL_FILE, load_checkpoint_file
 
 
 def _cli(address, *args):
@@ -97,8 +97,8 @@ def test_the_run_folder_has_curves_png_and_a_resumed_run_continues_it(digits_run
     epochs (module order runs this one first)."""
     run_dir, _ = digits_run
     assert _png_size(run_dir / "curves.png") == (1210, 495)
-    from raydist import report
-    from raydist.study_history import read_history
+    from raydist.output import report
+    from raydist.runs.history import read_history
 
     plotted = report.plot_run_curves(read_history(str(run_dir)), str(tmp_path / "check.png"))
     assert [e for e, _ in plotted["val_acc"]][:TrainConfig().epochs] == list(range(1, TrainConfig().epochs + 1))
@@ -114,8 +114,8 @@ def test_resume_a_run_folder_continues_at_the_next_epoch(digits_run, ray_cluster
     assert done == [epochs + 1, epochs + 2]
     # the same picture, drawn again from the run's whole history: the first run's epochs and these two
     assert (run_dir / "curves.png").stat().st_mtime_ns > drawn_before
-    from raydist import report
-    from raydist.study_history import read_history
+    from raydist.output import report
+    from raydist.runs.history import read_history
 
     plotted = report.plot_run_curves(read_history(str(run_dir)), str(run_dir.parent / "check.png"))
     assert [e for e, _ in plotted["val_acc"]] == list(range(1, epochs + 3))

@@ -3,13 +3,14 @@
 import dataclasses
 import pathlib
 
-from raydist.config import TrainConfig, _flag
+from raydist.config.fields import TrainConfig
+from raydist.config.values import flag_name
 
 README = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
 
 
 def test_every_flag_is_documented():
-    flags = ["--model-arg" if f.name == "model_args" else _flag(f.name) for f in dataclasses.fields(TrainConfig)]
+    flags = ["--model-arg" if f.name == "model_args" else flag_name(f.name) for f in dataclasses.fields(TrainConfig)]
     missing = [flag for flag in flags if f"`{flag}" not in README]
     assert not missing
 
@@ -82,18 +83,18 @@ def test_every_documented_study_command_is_accepted(tmp_path, monkeypatch):
 
 
 def test_every_documented_training_command_is_accepted(tmp_path, monkeypatch):
-    from raydist import launch
-    from raydist.config import parse_cli
+    from raydist import run_config
+    from raydist.cli import parse_cli
 
     _photos_at_home(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(launch, "check_data", lambda *a, **k: None)
-    monkeypatch.setattr(launch, "check_weights", lambda *a, **k: None)
+    monkeypatch.setattr(run_config, "check_data", lambda *a, **k: None)
+    monkeypatch.setattr(run_config, "check_weights", lambda *a, **k: None)
     commands = [args for args in _readme_commands("raydist.train") if "--resume" not in args and "--config" not in args]
     assert len(commands) >= 8
     for args in commands:
         cfg, explicit, config_files = parse_cli(args)
-        launch.prepare(cfg, explicit, config_files)
+        run_config.prepare(cfg, explicit, config_files)
 
 
 # Flags the README gives to other tools' commands (ray, aws, tensorboard, pip, Horovod's script), each once.
@@ -112,8 +113,8 @@ def test_every_commands_flags_are_documented_and_every_flag_the_readme_names_exi
     import argparse
     import re
 
-    from raydist import cluster, predict, scaling, tune
-    from raydist.config import TRAIN_DESCRIPTION, build_parser
+    from raydist import predict, scaling, tune, cluster
+    from raydist.cli import TRAIN_DESCRIPTION, build_parser
 
     def flags(parser) -> set:
         out = set()

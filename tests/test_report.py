@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from raydist import report
+from raydist.output import report
 
 
 def _history(accs, *, stop_reason=""):
@@ -175,7 +175,8 @@ def test_empty_pictures_are_still_valid_pngs(tmp_path):
 
 
 def test_summarize_draws_log_axes_for_the_log_distributions_there_are():
-    from raydist import search_space, study_results
+    from raydist.ray_edge import results
+    from raydist.study.distributions import DISTRIBUTIONS
 
-    assert set(study_results.LOG_KINDS) <= set(search_space.DISTRIBUTIONS)
-    assert {k for k in search_space.DISTRIBUTIONS if "log" in k} == set(study_results.LOG_KINDS)
+    assert set(results.LOG_KINDS) <= set(DISTRIBUTIONS)
+    assert {k for k in DISTRIBUTIONS if "log" in k} == set(results.LOG_KINDS)

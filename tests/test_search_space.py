@@ -14,9 +14,12 @@ import pytest
 
 from cli import run_main
 
-from raydist.config import ConfigError
-from raydist.search_space import MAX_GRID, load_study
-from raydist.tune import SEARCH_SPACES, plan_concurrency
+from raydist.errors import ConfigError
+from raydist.study.distributions import MAX_GRID
+from raydist.study.study_file import load_study
+from raydist.tune import SEARCH_SPACES
+from raydist.ray_edge.study import plan_concurrency
+from raydist.ray_edge.search import tune_space
 
 SHIPPED = sorted(SEARCH_SPACES.glob("*.yaml"))
 
@@ -127,7 +130,7 @@ def test_a_valid_study_converts_to_tune_and_validates_every_trial(tmp_path):
     assert (study.num_samples, study.search, study.initial_points, study.seed) == (6, "hyperopt", 2, 3)
     assert (study.scheduler, study.grace_period, study.reduction_factor) == ("asha", 2, 2.0)
     assert study.max_epochs == 6  # ASHA's max_t: the top of the epochs range (inclusive)
-    space = study.tune_space()
+    space = tune_space(study)
     assert isinstance(space["lr"], tune.search.sample.Float)
     # Integer ranges and q-grids are a choice of their values (uniform under HyperOpt too), both ends included.
     assert space["epochs"].categories == [3, 4, 5, 6]
@@ -267,7 +270,8 @@ def test_numbers_are_read_as_yaml_1_2_writes_them_in_every_part_of_a_study(tmp_p
     study = load_study(_write(tmp_path, text))
     assert study.searched["lr"].args == (0.001, 2.0) and study.fixed["momentum"] == 0.9
     assert load_study(_write(tmp_path, text), {"weight_decay": 5e-4}).fixed["weight_decay"] == 0.0005
-    from raydist.config import load_yaml, parse_model_args
+    from raydist.config.fields import load_yaml
+    from raydist.cli import parse_model_args
     from raydist.tune import _set_value
 
     assert _set_value("lr", "1e-3") == 0.001 and _set_value("epochs", "12") == 12
@@ -277,7 +281,7 @@ def test_numbers_are_read_as_yaml_1_2_writes_them_in_every_part_of_a_study(tmp_p
 
 
 def test_a_key_given_twice_in_a_config_file_is_one_line_naming_it(tmp_path):
-    from raydist.config import load_yaml
+    from raydist.config.fields import load_yaml
 
     (tmp_path / "run.yaml").write_text("lr: 0.4\nepochs: 3\nlr: 0.1\n")
     with pytest.raises(ConfigError) as excinfo:
@@ -285,7 +289,7 @@ def test_a_key_given_twice_in_a_config_file_is_one_line_naming_it(tmp_path):
     assert str(excinfo.value) == f"config file {tmp_path / 'run.yaml'}: key 'lr' is given twice (lines 1 and 3); keep one"
     # YAML's merge key still lets a mapping override what it merges
     (tmp_path / "merge.yaml").write_text("base: &b {lr: 0.4}\nrun: {<<: *b, lr: 0.1}\n")
-    from raydist.config import read_yaml_mapping
+    from raydist.config.yaml_files import read_yaml_mapping
 
     assert read_yaml_mapping(str(tmp_path / "merge.yaml"), "file", "keys")["run"] == {"lr": 0.1}
 
@@ -313,8 +317,8 @@ def test_a_trial_whose_config_the_checks_refuse_is_created_and_fails_alone_in_on
     trial fails with the one-line cause, which becomes its row's error while the study goes on."""
     import ray.tune
 
-    from raydist.failures import TrialError
-    from raydist.tune import run_trial, trial_resources
+    from raydist.errors import TrialError
+    from raydist.ray_edge.trials import run_trial, trial_resources
 
     study = load_study(_write(tmp_path, VALID))
     bad = {"lr": 0.5, "batch_size": 4096, "epochs": 6, "weight_decay": 0.0005, "num_workers": 2}
@@ -408,7 +412,7 @@ def test_a_study_with_a_worker_range_makes_every_trial_elastic_planned_at_its_ma
 def test_an_elastic_trials_mid_epoch_checkpoints_do_not_reach_tune_and_its_epochs_do():
     """A spot notice's checkpoint is a Train report (Ray Train restarts from it) but not a Tune result:
     ASHA counts results as epochs."""
-    from raydist.tune import epochs_to_tune
+    from raydist.ray_edge.trials import epochs_to_tune
 
     import ray.tune.integration.ray_train as ray_train_tune
 
@@ -554,7 +558,7 @@ def _hyperopt_samples(study, n, seed=0):
     from ray.tune.search.hyperopt import HyperOptSearch
 
     searcher = HyperOptSearch(n_initial_points=n + 1, random_state_seed=seed)
-    searcher.set_search_properties("val_acc", "max", study.tune_space())
+    searcher.set_search_properties("val_acc", "max", tune_space(study))
     return [searcher.suggest(f"t{i}") for i in range(n)]
 
 
@@ -563,7 +567,7 @@ def _random_samples(study, n, seed=0):
     from ray.tune.search import BasicVariantGenerator
 
     generator = BasicVariantGenerator(random_state=seed)
-    generator.add_configurations({"study": {"run": lambda config: None, "config": study.tune_space(),
+    generator.add_configurations({"study": {"run": lambda config: None, "config": tune_space(study),
                                             "num_samples": n}})
     configs = []
     while (trial := generator.next_trial()) is not None:
@@ -630,7 +634,7 @@ def test_hyperopt_keeps_to_the_bounds_once_tpe_models_the_results(tmp_path):
 
     study = load_study(_write(tmp_path, SAMPLED))
     searcher = HyperOptSearch(n_initial_points=5, random_state_seed=1)
-    searcher.set_search_properties("val_acc", "max", study.tune_space())
+    searcher.set_search_properties("val_acc", "max", tune_space(study))
     proposals = []
     for i in range(60):
         sample = searcher.suggest(f"t{i}")
@@ -655,10 +659,10 @@ def test_points_to_evaluate_reach_both_searchers_exactly_as_written(tmp_path):
     study = load_study(_write(tmp_path, SAMPLED + f"points_to_evaluate: [{point}]\n".replace("'", "")))
     assert study.points_to_evaluate == [point]
     searcher = HyperOptSearch(points_to_evaluate=study.points_to_evaluate, n_initial_points=2, random_state_seed=0)
-    searcher.set_search_properties("val_acc", "max", study.tune_space())
+    searcher.set_search_properties("val_acc", "max", tune_space(study))
     assert searcher.suggest("t0") == point
     generator = BasicVariantGenerator(points_to_evaluate=study.points_to_evaluate, random_state=0)
-    generator.add_configurations({"study": {"run": lambda config: None, "config": study.tune_space(),
+    generator.add_configurations({"study": {"run": lambda config: None, "config": tune_space(study),
                                             "num_samples": 1}})
     trial = generator.next_trial()
     assert {k: trial.config[k] for k in point} == point

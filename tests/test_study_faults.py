@@ -13,8 +13,8 @@ import yaml
 from conftest import read_csv, start_tune, wait_for_free_cluster
 from test_faults import HUGE_CLASSES, _Lines
 
-from raydist.search_space import load_study
-from raydist.study_history import read_history
+from raydist.study.study_file import load_study
+from raydist.runs.history import read_history
 
 # 8 one-worker trials, 2 at once. The first runs 6 epochs (its worker is killed after epoch 2); the second
 # asks for a head of 10^11 fake classes, too large to allocate (out of memory); the third has LR 300 (diverges in epoch 1, no

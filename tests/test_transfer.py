@@ -13,11 +13,16 @@ import torch
 from conftest import digits_val_accuracy
 from local_ddp import run_ddp
 
-from raydist.config import ConfigError, TrainConfig
-from raydist.engine import CHECKPOINT_FILE, FINAL_MODEL_FILE, final_model_bytes, local_context, run
-from raydist.models import MODELS, create_model
-from raydist.models.transfer import (WeightsError, backbone_stages, build_model, first_conv, pretrained_source,
-                                     read_weights_file, transfer_units)
+from raydist.errors import ConfigError
+from raydist.config.fields import TrainConfig
+from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, final_model_bytes
+from raydist.loop.context import local_context
+from raydist.loop.run import run
+from raydist.models.registry import MODELS, create_model
+from raydist.errors import WeightsError
+from raydist.models.transfer import (backbone_stages, build_model, first_conv, pretrained_source, read_weights_file,
+                                     transfer_units)
+from raydist.preflight import validate
 
 TARGET = dict(dataset="digits", classes="5-9", train_per_class=20, num_workers=2, cpus_per_worker=1.0,
               batch_size=10, lr=1.0, warmup_epochs=0.5, augment="crop_flip", checkpoint_every=1)
@@ -29,7 +34,8 @@ def source_run(tmp_path_factory):
     """A raydist run on digits 0-4 (the source task): its folder, holding model_final.pt and checkpoints."""
     folder = tmp_path_factory.mktemp("source")
     cfg = TrainConfig(dataset="digits", classes="0-4", epochs=8, num_workers=1, cpus_per_worker=2.0,
-                      batch_size=32, lr=0.4, warmup_epochs=0.5).validate()
+                      batch_size=32, lr=0.4, warmup_epochs=0.5)
+    validate(cfg)
     history = run(cfg, local_context(str(folder)))
     assert history[-1]["val_acc"] > 0.9  # it learned its 5 classes (chance: 0.2)
     return folder
@@ -76,7 +82,7 @@ def test_pretrained_comes_through_torchvisions_weights_api_from_its_cache(tmp_pa
 
 def test_weights_files_of_every_accepted_kind_load_bit_for_bit(tmp_path, source_run):
     final = _final(source_run)
-    checkpoint = next(source_run.glob("epoch_*/" + CHECKPOINT_FILE))
+    checkpoint = next(source_run.glob("checkpoint_epoch_*/" + CHECKPOINT_FILE))
     plain = tmp_path / "plain.pth"
     torch.save(final["model"], plain)
     wrapped = tmp_path / "ddp.pth"  # saved from a DDP-wrapped model
@@ -224,7 +230,7 @@ def test_every_model_names_its_stages_and_every_parameter_is_in_exactly_one_unit
 ])
 def test_transfer_and_data_options_are_checked_before_anything_starts(values, message):
     with pytest.raises(ConfigError) as info:
-        TrainConfig(**values).validate()
+        validate(TrainConfig(**values))
     assert message in str(info.value)
 
 
@@ -238,7 +244,7 @@ def _unit_of_each_param(state: dict) -> dict[int, str]:
 
 def test_linear_probe_changes_the_head_only_and_keeps_no_state_for_frozen_tensors(tmp_path, source_run):
     weights = str(source_run / FINAL_MODEL_FILE)
-    cfg = TrainConfig(weights=weights, finetune="linear", epochs=3, **{**TARGET, "lr": 2.0}).validate()
+    cfg = validate(TrainConfig(weights=weights, finetune="linear", epochs=3, **{**TARGET, "lr": 2.0}))
     history = run_ddp(cfg, tmp_path)
     assert history[-1]["val_acc"] > LEARNED
     source = _final(source_run)["model"]
@@ -248,7 +254,7 @@ def test_linear_probe_changes_the_head_only_and_keeps_no_state_for_frozen_tensor
     torch.manual_seed(cfg.seed)  # as the loop does before building the model
     start = build_model("resnet8", num_classes=5, source=read_weights_file(weights))  # the head it started from
     assert not torch.equal(final["fc.weight"], start.fc.weight.detach())
-    state = torch.load(tmp_path / "epoch_0003" / CHECKPOINT_FILE, weights_only=True)
+    state = torch.load(tmp_path / "checkpoint_epoch_0003" / CHECKPOINT_FILE, weights_only=True)
     units = _unit_of_each_param(state)
     assert set(state["optimizer"]["state"]) == {i for i, unit in units.items() if unit == "fc"}
     assert {m["trainable_params"] for m in history} == {64 * 5 + 5}
@@ -256,7 +262,8 @@ def test_linear_probe_changes_the_head_only_and_keeps_no_state_for_frozen_tensor
 
 def test_gradual_unfreezes_one_stage_per_epoch_and_a_resume_lands_in_the_right_stage(tmp_path, source_run):
     cfg = TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), finetune="gradual", unfreeze_every=1,
-                      epochs=4, **TARGET).validate()
+                      epochs=4, **TARGET)
+    validate(cfg)
     full = run_ddp(cfg, tmp_path / "full")
     net = build_model("resnet8", num_classes=5)
     sizes = {name: sum(p.numel() for m in modules for p in m.parameters()) for name, modules in backbone_stages(net)}
@@ -266,7 +273,7 @@ def test_gradual_unfreezes_one_stage_per_epoch_and_a_resume_lands_in_the_right_s
     assert [m["trainable_params"] for m in full] == expected
     assert full[-1]["val_acc"] > LEARNED
     # resumed after epoch 2: epochs 3 and 4 run in stages 2 and 3, exactly as the uninterrupted run did
-    resumed = run_ddp(cfg, tmp_path / "resumed", resume_from=tmp_path / "full" / "epoch_0002")
+    resumed = run_ddp(cfg, tmp_path / "resumed", resume_from=tmp_path / "full" / "checkpoint_epoch_0002")
     assert [m["trainable_params"] for m in resumed] == expected[2:]
     assert [m["val_loss"] for m in resumed] == [m["val_loss"] for m in full[2:]]
     a = torch.load(tmp_path / "full" / FINAL_MODEL_FILE, weights_only=True)["model"]
@@ -283,12 +290,12 @@ def test_gradual_unfreezes_one_stage_per_epoch_and_a_resume_lands_in_the_right_s
 def test_each_variant_trains_under_2_worker_ddp_and_reports_its_saved_models_accuracy(tmp_path, source_run, variant):
     # 6 epochs (30 updates): at 3 the val accuracy of these 100-image runs still swung by 15 points from
     # epoch to epoch (BatchNorm statistics settling), and one CPU's rounding put a variant under the bar.
-    cfg = TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), epochs=6, **{**TARGET, **variant}).validate()
+    cfg = validate(TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), epochs=6, **{**TARGET, **variant}))
     history = run_ddp(cfg, tmp_path)
     assert history[-1]["val_acc"] > LEARNED
     final = torch.load(tmp_path / FINAL_MODEL_FILE, weights_only=True)
     assert digits_val_accuracy(final) == pytest.approx(history[-1]["val_acc"], abs=1e-6)
-    state = torch.load(tmp_path / "epoch_0003" / CHECKPOINT_FILE, weights_only=True)
+    state = torch.load(tmp_path / "checkpoint_epoch_0003" / CHECKPOINT_FILE, weights_only=True)
     lrs = {g["unit"]: g["lr"] for g in state["optimizer"]["param_groups"]}
     mult = cfg.backbone_lr_mult or (0.1 if cfg.finetune == "lp-ft" else 1.0)
     assert lrs["stage1"] == pytest.approx(lrs["fc"] * mult)
@@ -301,7 +308,8 @@ def test_gradual_unfreezing_works_with_torch_compile(tmp_path, source_run):
     """A new trainable set recompiles the model (requires_grad is part of compile's guards); one worker in
     this process, so the compile happens once here rather than in every DDP process."""
     cfg = TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), finetune="gradual", compile=True, epochs=3,
-                      **{**TARGET, "num_workers": 1, "cpus_per_worker": 2.0, "batch_size": 20}).validate()
+                      **{**TARGET, "num_workers": 1, "cpus_per_worker": 2.0, "batch_size": 20})
+    validate(cfg)
     history = run(cfg, local_context(str(tmp_path)))
     assert [m["trainable_params"] for m in history] == sorted({m["trainable_params"] for m in history})
     assert len(history) == 3 and max(m["val_acc"] for m in history) > LEARNED
@@ -311,10 +319,11 @@ def test_gradual_unfreezing_works_with_torch_compile(tmp_path, source_run):
 
 def test_a_file_the_driver_could_not_check_that_does_not_fit_is_the_workers_one_line_cause(tmp_path, source_run):
     """On a cluster joined with --address the driver may not see the file: the workers check it."""
-    from raydist.engine import WorkerInputError
+    from raydist.errors import WorkerInputError
 
     cfg = TrainConfig(model="wrn_dli", weights=str(source_run / FINAL_MODEL_FILE), epochs=1,
-                      **{**TARGET, "num_workers": 1}).validate()
+                      **{**TARGET, "num_workers": 1})
+    validate(cfg)
     with pytest.raises(WorkerInputError, match=r"does not fit --model wrn_dli: .* \(on node local\)$"):
         run(cfg, local_context(str(tmp_path)))
 
@@ -322,14 +331,15 @@ def test_a_file_the_driver_could_not_check_that_does_not_fit_is_the_workers_one_
 def test_a_checkpoint_whose_optimizer_layout_differs_is_refused_in_one_line(tmp_path, source_run):
     """A run from scratch keeps one group pair; a transfer run one per unit: loading one into the other
     (a --pretrained checkpoint saved by an earlier raydist) says so instead of a traceback."""
-    from raydist.engine import WorkerInputError, load_checkpoint_file
+    from raydist.errors import WorkerInputError
+    from raydist.runs.checkpoints import load_checkpoint_file
 
-    scratch = TrainConfig(epochs=1, **{**TARGET, "num_workers": 1}).validate()
+    scratch = validate(TrainConfig(epochs=1, **{**TARGET, "num_workers": 1}))
     run(scratch, local_context(str(tmp_path / "scratch")))
-    state = load_checkpoint_file(str(tmp_path / "scratch" / "epoch_0001" / CHECKPOINT_FILE))
+    state = load_checkpoint_file(str(tmp_path / "scratch" / "checkpoint_epoch_0001" / CHECKPOINT_FILE))
     transfer = TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), epochs=2, **{**TARGET, "num_workers": 1})
     with pytest.raises(WorkerInputError, match="optimizer has 2 parameter groups, this run's 10 .* --weights"):
-        run(transfer.validate(), local_context(str(tmp_path / "resumed"), resume_state=state))
+        run(validate(transfer), local_context(str(tmp_path / "resumed"), resume_state=state))
 
 
 def test_a_study_checks_every_model_and_weights_file_its_trials_can_get(tmp_path, source_run, monkeypatch):

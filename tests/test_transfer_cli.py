@@ -10,8 +10,11 @@ import torch
 from cli import run_main
 from conftest import digits_val_accuracy, read_csv, start_tune, wait_for_free_cluster
 
-from raydist.config import TrainConfig
-from raydist.engine import FINAL_MODEL_FILE, local_context, run
+from raydist.config.fields import TrainConfig
+from raydist.runs.checkpoints import FINAL_MODEL_FILE
+from raydist.loop.context import local_context
+from raydist.loop.run import run
+from raydist.preflight import validate
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +22,8 @@ def source_weights(tmp_path_factory):
     """resnet8 trained on digits 0-4 by raydist's loop: the model_final.pt that transfer starts from."""
     folder = tmp_path_factory.mktemp("source")
     cfg = TrainConfig(dataset="digits", classes="0-4", epochs=8, num_workers=1, cpus_per_worker=2.0,
-                      batch_size=32, lr=0.4, warmup_epochs=0.5).validate()
+                      batch_size=32, lr=0.4, warmup_epochs=0.5)
+    validate(cfg)
     assert run(cfg, local_context(str(folder)))[-1]["val_acc"] > 0.9
     return str(folder / FINAL_MODEL_FILE)
 

@@ -180,7 +180,7 @@ def test_best_checkpoint_loads_and_reproduces_its_validation_accuracy(study):
     accuracy = digits_val_accuracy(saved)
     assert accuracy == pytest.approx(float(best["best_val_acc"]), abs=1e-6)
     # best_config.yaml retrains the winner with raydist.train
-    from raydist.config import load_yaml
+    from raydist.config.fields import load_yaml
 
     config = load_yaml(str(experiment / "best_config.yaml"))
     assert config["lr"] == pytest.approx(float(best["lr"])) and config["num_workers"] == int(best["num_workers"])
@@ -191,7 +191,7 @@ def test_no_placement_group_of_the_study_is_left_holding_resources(study, ray_cl
 
 
 def test_an_interrupted_study_resumes_without_rerunning_finished_trials(ray_cluster, cluster, tmp_path):
-    from raydist.cluster import dashboard_get
+    from raydist.ray_edge.session import dashboard_get
 
     (tmp_path / "small.yaml").write_text(SMALL_STUDY)
     experiment = tmp_path / "runs" / "small"
@@ -264,7 +264,7 @@ def test_every_trial_is_logged_to_mlflow_and_wandb_offline(study, monkeypatch):
 
 def test_two_worker_trials_are_train_runs_in_the_dashboard_and_one_worker_ones_train_in_their_own_process(
         study, cluster):
-    from raydist.cluster import dashboard_get
+    from raydist.ray_edge.session import dashboard_get
 
     experiment, rows, stdout, _ = study
     two = {t for t, row in rows.items() if row["num_workers"] == "2"}
@@ -354,6 +354,6 @@ def test_a_study_searches_a_models_shape_and_exports_the_winner_with_its_argumen
     saved = torch.load(experiment / "best_model.pt", map_location="cpu", weights_only=False)
     assert saved["model_args"] == {"l1": int(best["model_args.l1"]), "l2": 32}  # the fixed l2 kept beside it
     assert digits_val_accuracy(saved) == pytest.approx(float(best["best_val_acc"]), abs=1e-6)
-    from raydist.config import load_yaml
+    from raydist.config.fields import load_yaml
 
     assert load_yaml(str(experiment / "best_config.yaml"))["model_args"] == saved["model_args"]

@@ -7,12 +7,15 @@ from types import SimpleNamespace
 
 import torch
 
-from raydist import report, study_results, tune
-from raydist.config import TrainConfig
-from raydist.engine import CHECKPOINT_FILE
-from raydist.models import create_model
-from raydist.search_space import load_study
-from raydist.study_history import HistoryCallback
+from raydist import tune
+from raydist.ray_edge.study_console import StudyConsole
+from raydist.output import report
+from raydist.ray_edge import results
+from raydist.config.fields import TrainConfig
+from raydist.runs.checkpoints import CHECKPOINT_FILE
+from raydist.models.registry import create_model
+from raydist.study.study_file import load_study
+from raydist.ray_edge.history import HistoryCallback
 
 STUDY = """
 metric: val_acc
@@ -54,7 +57,7 @@ def test_the_best_epochs_own_checkpoint_when_kept_else_the_nearest_kept_one(tmp_
     study, run = _study(tmp_path), str(tmp_path / "run")
     # checkpoint_every 2: epoch 3, the best, was never saved; 2 and 4 are as near, 4 scores better
     history = _history(run, [0.5, 0.7, 0.9, 0.8], checkpointed={2, 4}, kept={2, 4})
-    best = study_results.best_checkpoint
+    best = results.checkpoint_of_best_epoch
     assert best(history, history[2], study, str(tmp_path)) == (f"{run}/checkpoint_epoch_0004", 4)
     assert best(history, history[1], study, str(tmp_path)) == (f"{run}/checkpoint_epoch_0002", 2)
     # every epoch saved, but the best one's was deleted (beyond keep_checkpoints): 1 and 3 are as near
@@ -80,7 +83,7 @@ def test_the_study_exports_the_nearest_kept_weights_and_says_which_epoch_they_ar
         callback.after_report(None, [record], SimpleNamespace(path=path) if path else None)
     grid = [SimpleNamespace(path=str(trial), config={"lr": 0.5}, error=None, metrics_dataframe=None)]
 
-    result = study_results.summarize(study, grid, str(experiment), seconds=1.0)
+    result = results.summarize(study, grid, str(experiment), seconds=1.0)
     best = result.best
     assert (best["trial_id"], best["best_epoch"], best["weights_epoch"]) == ("t1", 3, 4)
     assert best["checkpoint"] == f"{run}/checkpoint_epoch_0004"
@@ -114,7 +117,7 @@ def test_a_trial_still_pending_when_the_study_was_interrupted_keeps_its_values_a
                             metrics={"epoch": 4, "val_acc": 0.8}),
             SimpleNamespace(path=str(experiment / "trial_t2"), config=None, error=None, metrics_dataframe=None,
                             metrics={})]
-    result = study_results.summarize(study, grid, str(experiment), seconds=1.0)
+    result = results.summarize(study, grid, str(experiment), seconds=1.0)
     pending = next(r for r in result.rows if r["trial_id"] == "t2")
     assert pending["lr"] == 0.25 and pending["status"] == report.UNFINISHED and result.interrupted
     assert result.best["trial_id"] == "t1"
@@ -143,7 +146,7 @@ def test_a_trial_the_scheduler_stopped_counts_only_the_epochs_tune_received(tmp_
     state = {"trial_data": [[json.dumps({"trial_id": t, "status": s, "config": {"lr": 0.5}}), "{}"]
                             for t, s in (("stopped", "TERMINATED"), ("running", "RUNNING"))]}
     (experiment / "experiment_state-2026-12-06_11-50-00.json").write_text(json.dumps(state))
-    result = study_results.summarize(study, grid, str(experiment), seconds=1.0)
+    result = results.summarize(study, grid, str(experiment), seconds=1.0)
     rows = {r["trial_id"]: r for r in result.rows}
     assert [h["epoch"] for h in result.histories["stopped"]] == [1, 2, 3, 4]
     assert (rows["stopped"]["epochs_run"], rows["stopped"]["final_val_acc"]) == (4, 0.75)
@@ -171,9 +174,9 @@ def test_ties_name_one_best_trial_everywhere_lower_val_loss_then_earlier_epoch_t
         assert report.best_row(order, "val_acc", "max")["trial_id"] == "c3"  # 0.9, loss 0.30, at epoch 2
 
     published = {}  # what `raydist.cluster status` reads (the GCS record; no Ray here)
-    monkeypatch.setattr("raydist.cluster.publish_study", lambda name, record: published.update({name: record}))
+    monkeypatch.setattr("raydist.ray_edge.status.publish_study", lambda name, record: published.update({name: record}))
     study = _study(tmp_path)
-    console = tune.study_console(study, str(tmp_path / "exp"), 1, cluster_has_gpus=False)
+    console = StudyConsole(study, str(tmp_path / "exp"), 1, cluster_has_gpus=False)
     trials = [SimpleNamespace(trial_id=t, config={"lr": 0.1}, status="RUNNING") for t in histories]
     for trial in trials[::-1]:
         for record in histories[trial.trial_id]:
@@ -184,7 +187,7 @@ def test_ties_name_one_best_trial_everywhere_lower_val_loss_then_earlier_epoch_t
     same = [report.trial_row(t, {"lr": 0.1}, records([(0.9, 0.3)]), planned_epochs=1, metric="val_acc", mode="max")
             for t in ("z9", "d4")]
     assert report.best_row(same, "val_acc", "max")["trial_id"] == "d4"
-    console = tune.study_console(study, str(tmp_path / "exp2"), 1, cluster_has_gpus=False)
+    console = StudyConsole(study, str(tmp_path / "exp2"), 1, cluster_has_gpus=False)
     trials = [SimpleNamespace(trial_id=t, config={"lr": 0.1}, status="RUNNING") for t in ("z9", "d4")]
     for trial in trials:
         console.on_trial_result(0, trials, trial, records([(0.9, 0.3)])[0])

@@ -16,8 +16,12 @@ from conftest import read_csv, start_tune, wait_for_free_cluster
 import yaml
 
 from raydist import tune
-from raydist.search_space import load_study
-from raydist.study_history import ASHAWithHistory, HistoryCallback, read_history, rung_records
+from raydist.ray_edge.trials import train_run_name
+from raydist.study.study_file import save_study
+from raydist.study.study_file import load_study
+from raydist.ray_edge.history import ASHAWithHistory, HistoryCallback, rung_records
+from raydist.runs.history import read_history
+from raydist.preflight import validate
 
 # Three pinned trials, one at a time, 5 epochs each. ASHA (rungs at epochs 1, 2, 4) lets the first, poor
 # trial finish (it is first at every rung; chance level, 8%, throughout) and the good second one go on
@@ -205,7 +209,7 @@ searched:
 def saved_experiment(tmp_path):
     (tmp_path / "small.yaml").write_text(SMALL)
     experiment = tmp_path / "runs" / "small-1"
-    tune._save_study(load_study(str(tmp_path / "small.yaml")), str(experiment))
+    save_study(load_study(str(tmp_path / "small.yaml")), str(experiment))
     return experiment
 
 
@@ -239,8 +243,8 @@ def test_resume_applies_concurrency_and_data_location_and_keeps_the_study_name(s
     assert plan.resume and plan.max_concurrent == 3 and plan.study.max_concurrent == 3
     assert plan.study.fixed["data_dir"] == str(tmp_path / "data")
     assert plan.study.name == "small"  # not "study", the saved file's name: trials keep their run names
-    assert tune.train_run_name(plan.study.name, "abc_00001") == "small.abc_00001"
-    tune._save_study(plan.study, str(saved_experiment))  # what run_study does before the restored study runs
+    assert train_run_name(plan.study.name, "abc_00001") == "small.abc_00001"
+    save_study(plan.study, str(saved_experiment))  # what run_study does before the restored study runs
     again = tune.parse_args(["--resume", str(saved_experiment)])
     assert again.max_concurrent == 3 and again.study.fixed["data_dir"] == str(tmp_path / "data")
     assert again.study.name == "small"
@@ -254,13 +258,15 @@ def test_a_trial_process_that_died_between_its_checkpoint_and_its_report_resumes
     folder keeps `keep_checkpoints` plus the latest, not a forgotten extra one."""
     import dataclasses
 
-    from raydist.config import TrainConfig
-    from raydist.launch import fit_in_trial, prepare
+    from raydist.config.fields import TrainConfig
+    from raydist.ray_edge.fit import fit_in_trial
+    from raydist.run_config import prepare
 
     trial_path = str(tmp_path / "trial_x")
     cfg = TrainConfig(dataset="digits", model="resnet8", num_workers=1, cpus_per_worker=1, epochs=3,
                       batch_size=32, lr=0.4, warmup_epochs=0, keep_checkpoints=1, keep_by="val_loss",
-                      storage_path=trial_path, name="run").validate()
+                      storage_path=trial_path, name="run")
+    validate(cfg)
     cfg = prepare(cfg, explicit={})
     reports = []
     fit_in_trial(cfg, trial_path=trial_path, on_report=reports.append)

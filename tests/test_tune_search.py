@@ -5,8 +5,8 @@ import pytest
 from ray import tune
 from ray.tune.search.hyperopt import HyperOptSearch
 
-from raydist import study_search
-from raydist.study_search import RandomSearch, TPEGate
+from raydist.ray_edge import search
+from raydist.ray_edge.search import RandomSearch, TPEGate
 
 POINTS = [{"x": 0.05}, {"x": 0.5}, {"x": 0.95}]
 
@@ -109,10 +109,10 @@ def test_a_restored_gate_keeps_its_trials_and_takes_the_concurrency_given_to_res
 
     restored = _gate(max_concurrent=1)  # as Tune unpickles it from the experiment, before restoring
     try:
-        study_search.set_resume_concurrency(3)
+        search.set_resume_concurrency(3)
         SearchGenerator(restored).restore_from_dir(str(tmp_path))
     finally:
-        study_search.set_resume_concurrency(None)
+        search.set_resume_concurrency(None)
     assert restored.max_concurrent == 3 and restored.live == {"t0"} and restored.proposed == 1
     # The resumed trial's result reaches HyperOpt, which models the point it proposed before the resume.
     restored.on_trial_complete("t0", {"score": 0.7})
@@ -125,8 +125,8 @@ def test_random_search_takes_the_concurrency_given_to_resume():
     searcher = RandomSearch(max_concurrent=1, random_state=0)
     state = searcher.get_state()
     try:
-        study_search.set_resume_concurrency(4)
+        search.set_resume_concurrency(4)
         searcher.set_state(state)
     finally:
-        study_search.set_resume_concurrency(None)
+        search.set_resume_concurrency(None)
     assert searcher.max_concurrent == 4

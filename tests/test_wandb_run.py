@@ -8,8 +8,8 @@ import pytest
 
 from wandb_file import read_wandb_history
 
-from raydist.engine import checkpoint_bytes
-from raydist.wandb_log import WandbRun, run_id
+from raydist.runs.checkpoints import checkpoint_bytes
+from raydist.output.wandb_log import WandbRun, run_id
 
 
 def test_every_start_of_one_run_continues_its_one_wandb_run_and_another_run_gets_its_own(tmp_path, monkeypatch):
@@ -50,9 +50,10 @@ def test_each_new_run_gets_a_wandb_id_of_its_own_and_only_its_run_folder_continu
     W&B run, and W&B refuses the id of a run deleted there)."""
     import yaml
 
-    from raydist.config import ConfigError, parse_cli
-    from raydist.launch import prepare
-    from raydist.run_folder import write_config
+    from raydist.errors import ConfigError
+    from raydist.cli import parse_cli
+    from raydist.run_config import prepare
+    from raydist.runs.run_folder import write_config
 
     def start(*args):
         return prepare(*parse_cli([*args, "--storage-path", str(tmp_path)]))

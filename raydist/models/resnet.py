@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from raydist.models import register_model
+from raydist.models.registry import register_model
 
 
 class BasicBlock(nn.Module):
@@ -84,7 +84,7 @@ class CifarResNet(nn.Module):
         return units
 
     def pipeline_units(self) -> list[tuple[str, nn.Module]]:
-        """The forward as a chain of units for model parallelism (raydist.models.pipeline): the stem, each
+        """The forward as a chain of units for model parallelism (raydist.parallel.pipeline): the stem, each
         residual block (stageS.B), and the head (pooling and the classifier, which the pool feeds a vector)."""
         units, start = [("stem", self.stem)], 0
         for i, n in enumerate(self.blocks_per_stage):

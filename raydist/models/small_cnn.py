@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from raydist.models import register_model
+from raydist.models.registry import register_model
 
 
 class TuneTutorialCNN(nn.Module):
@@ -33,7 +33,7 @@ class TuneTutorialCNN(nn.Module):
         return [("stem", [self.conv1]), ("conv2", [self.conv2]), ("hidden", [self.fc1, self.fc2])]
 
     def pipeline_units(self) -> list[tuple[str, nn.Module]]:
-        """The forward as a chain of units for model parallelism (raydist.models.pipeline); the one
+        """The forward as a chain of units for model parallelism (raydist.parallel.pipeline); the one
         (stateless) max-pool module serves both conv units, as it does in forward()."""
         return [("conv1", nn.Sequential(self.conv1, nn.ReLU(), self.pool)),
                 ("conv2", nn.Sequential(self.conv2, nn.ReLU(), self.pool, nn.Flatten(1))),

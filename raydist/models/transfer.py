@@ -25,16 +25,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from raydist.models import MODELS, create_model
+from raydist.errors import WeightsError
+from raydist.models.registry import MODELS, create_model
+from raydist.storage import filesystem, is_uri
 
 HEAD = "fc"  # every registered model's classifier
 GREY_INPUTS = ("replicate", "sum", "reinit")
 FINETUNE_MODES = ("full", "linear", "gradual", "lp-ft")
 DOWNLOAD_TIMEOUT_S = 30  # a cluster node without internet fails at once or hangs; never for minutes
-
-
-class WeightsError(ValueError):
-    """Pretrained weights that cannot be had or do not fit: one line saying what and what fixes it."""
 
 
 @dataclass
@@ -84,10 +82,9 @@ def read_weights_file(path: str) -> Source:
     model_final.pt or best_model.pt. A local path or a URI (s3://...). Loaded with weights_only=True: a
     file that would run code when unpickled is refused, not executed."""
     try:
-        if "://" in path:
-            import pyarrow.fs
+        if is_uri(path):
 
-            fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+            fs, inner = filesystem(path)
             with fs.open_input_stream(inner) as fh:
                 data = io.BytesIO(fh.read())
         else:
@@ -273,10 +270,8 @@ def freeze_norms(units: list[Unit], unfrozen: int) -> None:
 
 
 def load_trained_model(saved) -> nn.Module:
-    """A raydist model_final.pt or best_model.pt (a path, or the file's loaded content) rebuilt as the
-    model that was trained (architecture, class count, grey stem), in eval mode."""
-    if isinstance(saved, str):
-        saved = torch.load(os.path.expanduser(saved), map_location="cpu", weights_only=True)
+    """A raydist model_final.pt or best_model.pt's content (raydist.runs.checkpoints.read_model_file)
+    rebuilt as the model that was trained (architecture, class count, grey stem), in eval mode."""
     config = saved.get("config") or {}
     # Files written before model arguments existed hold none: their models took none.
     model_args = saved.get("model_args", config.get("model_args"))

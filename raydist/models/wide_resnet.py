@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from raydist.models import register_model
+from raydist.models.registry import register_model
 
 # ---- wrn_dli: the NVIDIA DLI assessment network, as published ----------------------------------
 # A Conv-BN-ReLU stem 3 -> 16, then two residual blocks per stage at 160, 320 and 640 channels with a 2x2
@@ -54,7 +54,7 @@ class DLIWideResNet(nn.Module):
         return [("stem", [f[0]]), ("stage1", [f[1], f[2]]), ("stage2", [f[4], f[5]]), ("stage3", [f[7], f[8]])]
 
     def pipeline_units(self) -> list[tuple[str, nn.Module]]:
-        """The forward as a chain of units for model parallelism (raydist.models.pipeline). Each max-pool
+        """The forward as a chain of units for model parallelism (raydist.parallel.pipeline). Each max-pool
         rides with the block before it, so a stage boundary there sends the pooled map, a quarter the size."""
         f = self.features
         return [("stem", f[0]), ("stage1.0", f[1]), ("stage1.1", f[2:4]), ("stage2.0", f[4]), ("stage2.1", f[5:7]),
@@ -122,7 +122,7 @@ class WideResNet(nn.Module):
                 ("stage3", list(f[1 + 2 * n:]))]
 
     def pipeline_units(self) -> list[tuple[str, nn.Module]]:
-        """The forward as a chain of units for model parallelism (raydist.models.pipeline): the stem conv,
+        """The forward as a chain of units for model parallelism (raydist.parallel.pipeline): the stem conv,
         each block (stageS.B), and the head (the final BatchNorm-ReLU, pooling and the classifier)."""
         n, f = self.blocks_per_stage, self.features
         blocks = [(f"stage{i // n + 1}.{i % n}", f[1 + i]) for i in range(3 * n)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from raydist.config import ConfigError
+from raydist.errors import ConfigError
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 

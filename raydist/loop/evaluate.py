@@ -1,0 +1,75 @@
+"""Evaluation on a rank's shard, summed exactly over all ranks, and the input pipeline (augmentation,
+channels-last) that training and evaluation share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from raydist.config.fields import TrainConfig
+from raydist.data.augment import Augmenter
+from raydist.data.registry import DATASETS
+from raydist.data.sizes import input_side
+from raydist.data.splits import shard_indices
+from raydist.loop.recipe import autocast_dtype
+from raydist.loop.worker_data import data_batches
+from raydist.parallel.pipeline import Pipeline
+
+
+def input_pipeline(cfg: TrainConfig, device, *, seed: int = 0) -> Augmenter:
+    """What turns a batch of uint8 images into the model's input: augmentation (training only), the data set's
+    normalisation, the channels fed and the --input-size resize."""
+    spec = DATASETS[cfg.dataset]
+    mean, std = (spec.mean, spec.std) if cfg.normalize == "dataset" else ((0.5,) * 3, (0.5,) * 3)
+    if cfg.dataset == "folder":  # stored at 256 for a 224 input: centre crops, or random-resized crops
+        return Augmenter(cfg.augment_kind(), mean=mean, std=std, device=device, seed=seed, crop=input_side(cfg))
+    return Augmenter(cfg.augment_kind(), mean=mean, std=std, device=device, seed=seed,
+                     channels=cfg.input_channels(), size=cfg.input_size)
+
+
+def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    # auto: channels_last on a GPU (tensor cores want NHWC) and on the CPU too, where oneDNN's convolutions
+    # ran the CIFAR models 5-26% faster in it (docs/benchmarks.md, "Memory format on the CPU").
+    return cfg.channels_last in ("on", "auto")
+
+
+@torch.no_grad()
+def evaluate_model(net: nn.Module, dataset, cfg: TrainConfig, *, device: torch.device, rank: int = 0,
+                   world: int = 1, augment: Optional[Augmenter] = None) -> "EpochSums":
+    """Sums of loss, correct and count over this rank's share of `dataset`: the one evaluation path, for the
+    validation split every epoch and for the test split once at the end (raydist.final_eval)."""
+    augment = augment or input_pipeline(cfg, device)
+    channels_last = uses_channels_last(cfg, device)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    net.eval()
+    output_device = net.output_device if isinstance(net, Pipeline) else device  # a split model's last device
+    sums = EpochSums(*(torch.zeros((), device=output_device, dtype=torch.float64) for _ in range(3)))
+    shards = shard_indices(len(dataset), batch_size=cfg.val_batch_size or 2 * cfg.batch_size, rank=rank, world_size=world, shuffle=False,
+                           drop_last=False, pad=False, device=device)
+    for images, labels in data_batches(dataset, list(shards), train=False):
+        x = augment(images, train=False)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = net(x)
+        labels = labels.to(output_device)
+        sums.loss += criterion(logits.float(), labels).double() * len(labels)
+        sums.correct += (logits.argmax(1) == labels).sum()
+        sums.count += len(labels)
+    return sums
+
+
+@dataclass
+class EpochSums:
+    """Per-rank sums, turned into global means by one all-reduce."""
+    loss: torch.Tensor
+    correct: torch.Tensor
+    count: torch.Tensor
+    lr_sum: float = 0.0  # training only: the head's LRs of the epoch's updates (the same on every rank)
+    updates: int = 0
+    seconds: float = 0.0

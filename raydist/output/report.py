@@ -1,0 +1,399 @@
+"""A study's results as a table, `results.csv` and the pictures; no Ray here.
+
+    rows = [trial_row(trial_id, sample, history, planned_epochs=8, metric="val_acc", mode="max")]
+    write_csv(rows, "results.csv", searched=["lr", "batch_size"])
+    write_curves_csv({trial_id: history}, "learning_curves.csv")
+    plot_learning_curves({trial_id: history}, "learning_curves.png", metric="val_acc", best=trial_id)
+    plot_search_values(rows, "search_values.png", searched=["lr", "batch_size"], metric="val_acc", mode="max",
+                       log_scale={"lr"})   # where the good region of the search is
+    plot_run_curves(history, "curves.png")  # one run: loss, accuracy and lr per epoch
+    print(format_table(rows, searched=["lr", "batch_size"], metric="val_acc"))
+
+`history` is a trial's per-epoch metrics (the dicts raydist.loop reports), oldest first.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from typing import Optional
+
+# Why a trial ended, in the words the table and results.csv use.
+FINISHED = "finished"            # ran all its epochs
+TARGET = "target reached"        # early stop at --target-accuracy
+STOPPED = "stopped early"         # the scheduler (ASHA) cut it short
+DIVERGED = "diverged"            # a loss went non-finite or exploded (engine.divergence)
+ERROR = "error"                  # raised (e.g. out of memory); see the error column
+UNFINISHED = "unfinished"        # interrupted; `--resume` continues it
+
+
+def trial_row(trial_id: str, sample: dict, history: list[dict], *, planned_epochs: int, metric: str, mode: str,
+              error: Optional[str] = None, checkpoint: Optional[str] = None, weights_epoch: Optional[int] = None,
+              interrupted: bool = False, seconds: Optional[float] = None, startup_s: Optional[float] = None) -> dict:
+    """One trial's summary: its sampled values, how it ended, its final and best metric.
+
+    `checkpoint` is the kept checkpoint that stands for the best epoch, from epoch `weights_epoch` (the best
+    epoch itself, or an equally good one, when kept; else the nearest kept one).
+    """
+    last = history[-1] if history else {}
+    epochs_run = int(last.get("epoch", 0))
+    best = best_record(history, metric, mode)
+    exported = next((h for h in history if h.get("epoch") == weights_epoch), None)
+    if best and exported and exported[metric] == best[metric]:
+        best = exported  # of equally good epochs, the one whose weights are exported
+    status = ended_status(last, epochs_run, planned_epochs, error=bool(error), interrupted=interrupted)
+    return {
+        "trial_id": trial_id, "status": status, **sample,
+        "epochs_planned": planned_epochs, "epochs_run": epochs_run,
+        f"final_{metric}": last.get(metric), f"best_{metric}": best[metric] if best else None,
+        "best_epoch": best["epoch"] if best else None, "val_loss_at_best": best.get("val_loss") if best else None,
+        "weights_epoch": weights_epoch,
+        "final_val_acc": last.get("val_acc"), "final_val_loss": last.get("val_loss"),
+        "final_train_loss": last.get("train_loss"), "images_per_s": last.get("images_per_s"),
+        "seconds": seconds, "startup_s": startup_s, "checkpoint": checkpoint or "", "error": error or "",
+    }
+
+
+def ended_status(last: dict, epochs_run: int, planned_epochs: int, *, error: bool = False,
+                 interrupted: bool = False) -> str:
+    """How a trial ended, from its last reported metrics: one of the words above."""
+    if error:
+        return ERROR
+    if last.get("stop_reason") in ("diverged", "non_finite_loss"):  # (the latter: histories before 2026-11-25)
+        return DIVERGED
+    if last.get("stop_reason") == "target_accuracy":
+        return TARGET
+    if epochs_run >= planned_epochs:
+        return FINISHED
+    return UNFINISHED if interrupted else STOPPED
+
+
+def ranking(value: float, *, mode: str, val_loss: Optional[float] = None, epoch: Optional[int] = None,
+            trial_id: str = "") -> tuple:
+    """The one order of "better", for a trial's epochs and for a study's trials, that every place naming a
+    best uses (results.csv, best_model.pt, the study's console, `raydist.cluster status`, the plots): the
+    metric in the study's mode; on a tie (common on digits' 359 validation images) the lower validation
+    loss, then the earlier epoch, then the lower trial id. A sort key: the smallest is the best."""
+    return (-value if mode == "max" else value, val_loss if is_finite_number(val_loss) else math.inf,
+            epoch if epoch is not None else math.inf, trial_id)
+
+
+def best_record(history: list[dict], metric: str, mode: str) -> Optional[dict]:
+    """The epoch with the best finite `metric` (ties: `ranking`), or None."""
+    scored = [h for h in history if is_finite_number(h.get(metric))]
+    if not scored:
+        return None
+    return min(scored, key=lambda h: ranking(h[metric], mode=mode, val_loss=h.get("val_loss"), epoch=h.get("epoch")))
+
+
+def best_row(rows: list[dict], metric: str, mode: str) -> Optional[dict]:
+    """The trial with the best metric (ties: `ranking`). A diverged or failed trial is never it: its weights
+    are not a model to use, whatever an early epoch scored."""
+    scored = [r for r in rows if is_finite_number(r[f"best_{metric}"]) and r["status"] not in (DIVERGED, ERROR)]
+    if not scored:
+        return None
+    return min(scored, key=lambda r: ranking(r[f"best_{metric}"], mode=mode, val_loss=r.get("val_loss_at_best"),
+                                             epoch=r.get("best_epoch"), trial_id=r["trial_id"]))
+
+
+def write_csv(rows: list[dict], path: str, *, searched: list[str]) -> None:
+    """One row per trial; columns: id, status, the searched values, then the outcome."""
+    if not rows:
+        columns = ["trial_id", "status", *searched]
+    else:
+        columns = list(rows[0])
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
+CURVE_COLUMNS = ("trial_id", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s",
+                 "images_per_s", "trainable_params")
+
+
+def write_curves_csv(histories: dict[str, list[dict]], path: str) -> None:
+    """Every trial's per-epoch metrics in long form: the data behind learning_curves.png."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CURVE_COLUMNS)
+        for trial_id, history in histories.items():
+            for h in history:
+                writer.writerow([trial_id, *(h.get(c, "") for c in CURVE_COLUMNS[1:])])
+
+
+def plot_learning_curves(histories: dict[str, list[dict]], path: str, *, metric: str,
+                         best: Optional[str] = None, title: str = "") -> dict[str, list[tuple[int, float]]]:
+    """`metric` per epoch for every trial (stopped ones end early, marked x); returns the plotted points."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    plotted: dict[str, list[tuple[int, float]]] = {}
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for trial_id, history in histories.items():
+        points = [(int(h["epoch"]), float(h[metric])) for h in history if is_finite_number(h.get(metric))]
+        if not points:
+            continue
+        plotted[trial_id] = points
+        xs, ys = zip(*points)
+        is_best = trial_id == best
+        line, = ax.plot(xs, ys, marker="o", markersize=3, linewidth=2.5 if is_best else 1.0,
+                        alpha=1.0 if is_best else 0.6, label=f"{trial_id} (best)" if is_best else trial_id,
+                        zorder=3 if is_best else 2)
+        ax.plot(xs[-1:], ys[-1:], marker="x", markersize=8, color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} per epoch, every trial (x: last epoch run)")
+    ax.grid(alpha=0.3)
+    if plotted:
+        ax.legend(fontsize=7, ncol=2 if len(plotted) > 8 else 1, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return plotted
+
+
+RUN_CURVES = ("train_loss", "val_loss", "train_acc", "val_acc", "lr")
+
+
+def plot_run_curves(history: list[dict], path: str, *, title: str = "") -> dict[str, list[tuple[int, float]]]:
+    """One run's `curves.png`, 1210 x 495 pixels: loss per epoch on the left, accuracy per epoch on the right
+    (train and val each), and the learning rate dashed on a second y axis of the right panel only (on both
+    it would add a line to read and nothing to learn). Returns the plotted points per curve:
+    {"train_loss": [(epoch, value), ...], "val_loss", "train_acc", "val_acc", "lr", "world_size"}.
+
+    An epoch recorded twice (a run restarted after a failure reports again the epoch it was in) is drawn
+    once, from its last record; a non-finite value (a diverged epoch) is left out of its curve. Where
+    `world_size` changes (a run that went on with fewer workers), a dotted line marks the first epoch at the
+    new size; "world_size" lists those (epoch, workers).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
+
+    by_epoch: dict[int, dict] = {}
+    for h in history:  # oldest first, so the last record of an epoch wins
+        if is_finite_number(h.get("epoch")):
+            by_epoch[int(h["epoch"])] = h
+    epochs = sorted(by_epoch)
+    plotted = {key: [(e, float(by_epoch[e][key])) for e in epochs if is_finite_number(by_epoch[e].get(key))]
+               for key in RUN_CURVES}
+    plotted["world_size"] = []
+    size = None
+    for e in epochs:
+        if is_finite_number(by_epoch[e].get("world_size")):
+            if size is not None and by_epoch[e]["world_size"] != size:
+                plotted["world_size"].append((e, int(by_epoch[e]["world_size"])))
+            size = by_epoch[e]["world_size"]
+
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
+    panels = ((loss_ax, "loss", ("train_loss", "val_loss")), (acc_ax, "accuracy", ("train_acc", "val_acc")))
+    for ax, name, keys in panels:
+        for key, color in zip(keys, ("tab:blue", "tab:orange")):
+            if plotted[key]:
+                xs, ys = zip(*plotted[key])
+                ax.plot(xs, ys, marker="o", markersize=3, color=color, label=key.split("_")[0])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.set_title(f"{name} per epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        for e, workers in plotted["world_size"]:
+            ax.axvline(e, color="gray", linestyle=":", linewidth=1)
+            ax.annotate(f"{workers} workers", xy=(e, 1), xycoords=("data", "axes fraction"), xytext=(-2, -4),
+                        textcoords="offset points", rotation=90, ha="right", va="top", fontsize=7, color="gray")
+        if not epochs:
+            _say(ax, "no epoch recorded yet")
+        elif not any(plotted[key] for key in keys):
+            _say(ax, f"no finite {name}")
+    acc_ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))  # accuracies are fractions
+    handles = acc_ax.get_legend_handles_labels()[0]
+    if plotted["lr"]:
+        lr_ax = acc_ax.twinx()
+        xs, ys = zip(*plotted["lr"])
+        handles += lr_ax.plot(xs, ys, linestyle="--", linewidth=1, color="tab:gray", label="lr")
+        lr_ax.set_ylabel("lr")
+        lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))  # 0.05, 3e-05: no offset
+    if loss_ax.get_legend_handles_labels()[0]:
+        loss_ax.legend(fontsize=8, loc="best")
+    if handles:
+        acc_ax.legend(handles=handles, fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return plotted
+
+
+# One colour per way a trial ended, the same in every picture.
+STATUS_COLOURS = {FINISHED: "tab:green", TARGET: "tab:blue", STOPPED: "tab:orange", DIVERGED: "tab:purple",
+                  ERROR: "tab:red", UNFINISHED: "tab:gray"}
+
+
+def plot_search_values(rows: list[dict], path: str, *, searched: list[str], metric: str, mode: str,
+                       log_scale: frozenset | set = frozenset(), title: str = "") -> dict[str, list[tuple]]:
+    """Where the good region of a search is: one panel per searched field (3 to a row), x the trial's sampled
+    value, y its `best_{metric}`, coloured by how the trial ended; the best trial (best_row) is ringed.
+
+    A trial with no finite best metric (it failed, or diverged before a finite epoch) is drawn as an x of its
+    status colour in a strip past the worst finite score, at the bottom of the panels when `mode` is "max"
+    and at the top when it is "min", so that it reads as worst either way and every trial is in every panel.
+    Fields in `log_scale` get a log x axis. A field with any non-numeric value (a string, a bool, a model
+    name) is categorical: its values, sorted by str, evenly spaced. In a numeric field a trial with no value
+    (one that never started) cannot be placed and is left out.
+
+    Size: 4 x 3.5 inches a panel, 8 inches wide at least, plus 1 inch for the title and legend, at 110 dpi
+    (3 fields: 1320 x 495 pixels). Returns {field: [(trial_id, x value, y value or None, status), ...]}, the
+    points of each panel left to right; {} (and a picture saying so) when nothing was searched.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
+    columns, lines = min(3, len(searched)) or 1, math.ceil(len(searched) / 3) or 1
+    fig = plt.figure(figsize=(max(8.0, 4.0 * columns), 3.5 * lines + 1.0), dpi=110, layout="constrained")
+    fig.suptitle(title or f"searched values against best {metric}, one point per trial")
+    if not searched:
+        _say(fig.subplots(), "nothing was searched")
+        fig.savefig(path)
+        plt.close(fig)
+        return {}
+    axes = fig.subplots(lines, columns, sharey=True, squeeze=False).flatten()
+    for ax in axes[len(searched):]:
+        ax.set_visible(False)  # the empty places of the last row
+
+    key = f"best_{metric}"
+    scores = [r[key] for r in rows if is_finite_number(r.get(key))]
+    unscored = len(scores) < len(rows)
+    if scores:
+        low, high = min(scores), max(scores)
+        margin = 0.12 * ((high - low) or abs(high) or 1.0)
+        unscored_y = low - margin if mode == "max" else high + margin
+    else:
+        unscored_y, margin = 0.0, 1.0
+    best = best_row(rows, metric, mode)
+    plotted: dict[str, list[tuple]] = {}
+    for ax, field in zip(axes, searched):
+        plotted[field] = _search_panel(ax, field, rows, key=key, best=best, log_scale=log_scale, unscored=unscored,
+                                       unscored_y=unscored_y, margin=margin, scored_any=bool(scores))
+    for ax in axes[::columns]:
+        ax.set_ylabel(f"best {metric}")
+    if "acc" in metric:
+        axes[0].yaxis.set_major_formatter(PercentFormatter(xmax=1.0))  # shared by every panel
+    if not scores:
+        axes[0].set_yticks([])  # only the strip of unscored trials: a y scale would mean nothing
+
+    _search_legend(fig, rows, best=best, unscored=unscored, metric=metric, columns=columns)
+    fig.savefig(path)
+    plt.close(fig)
+    return plotted
+
+
+def _search_panel(ax, field: str, rows: list[dict], *, key: str, best: Optional[dict], log_scale,
+                  unscored: bool, unscored_y: float, margin: float, scored_any: bool) -> list[tuple]:
+    """One searched field's panel of plot_search_values; its points left to right."""
+    from matplotlib.ticker import MaxNLocator
+
+    numeric = all(_number(r.get(field)) or r.get(field) is None for r in rows)
+    if numeric:
+        placed = [(float(r[field]), r) for r in rows if is_finite_number(r.get(field))]
+        if field in log_scale:
+            ax.set_xscale("log")
+        elif placed and all(isinstance(r[field], int) for _, r in placed):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # batch sizes, epochs: no 12.5
+    else:
+        categories = sorted({str(r.get(field)) for r in rows})
+        position = {c: i for i, c in enumerate(categories)}
+        placed = [(position[str(r.get(field))], r) for r in rows]
+        ax.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 4 else 0)
+        ax.set_xlim(-0.5, len(categories) - 0.5)
+    placed.sort(key=lambda p: (p[0], p[1]["trial_id"]))
+    panel_points = [(r["trial_id"], r.get(field), float(r[key]) if is_finite_number(r.get(key)) else None, r["status"])
+                    for _, r in placed]
+    # One scatter per (status, scored or not): a legend-sized number of artists, whatever the trial count.
+    groups: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+    for x, r in placed:
+        scored = is_finite_number(r.get(key))
+        groups.setdefault((r["status"], scored), []).append((x, r[key] if scored else unscored_y))
+    for (status, scored), points in groups.items():
+        xs, ys = zip(*points)
+        ax.scatter(xs, ys, s=30 if scored else 40, marker="o" if scored else "x", alpha=0.85,
+                   color=STATUS_COLOURS.get(status, "black"), zorder=3)
+    if best is not None and any(r is best for _, r in placed):
+        x = next(x for x, r in placed if r is best)
+        ax.scatter([x], [best[key]], s=200, facecolors="none", edgecolors="black", linewidths=1.5, zorder=4)
+    ax.set_xlabel(f"{field} (log scale)" if numeric and field in log_scale else field)
+    ax.grid(alpha=0.3)
+    if unscored and scored_any:  # a grey band, so that the strip's height does not read as a score
+        ax.axhspan(unscored_y - margin / 2, unscored_y + margin / 2, color="0.92", zorder=0)
+        ax.text(0.01, unscored_y - margin / 2, "no finite value", transform=ax.get_yaxis_transform(),
+                ha="left", va="bottom", fontsize=7, color="gray")  # under the x marks, not on them
+    if not placed:
+        _say(ax, "no trial yet")
+    return panel_points
+
+
+def _search_legend(fig, rows: list[dict], *, best: Optional[dict], unscored: bool, metric: str,
+                   columns: int) -> None:
+    """plot_search_values' legend: a marker per status, the best trial's ring, the unscored x."""
+    from matplotlib.lines import Line2D
+
+    present = {r["status"] for r in rows}
+    statuses = [s for s in STATUS_COLOURS if s in present] + sorted(present - set(STATUS_COLOURS))
+    handles = [Line2D([], [], linestyle="", marker="o", color=STATUS_COLOURS.get(s, "black"), label=s)
+               for s in statuses]
+    if best is not None:
+        handles.append(Line2D([], [], linestyle="", marker="o", markersize=11, markerfacecolor="none",
+                              markeredgecolor="black", label=f"best: {best['trial_id']}"))
+    if unscored:
+        handles.append(Line2D([], [], linestyle="", marker="x", color="black", label=f"x: no finite best {metric}"))
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4 if columns < 3 else 8),
+                   fontsize=8, frameon=False)
+
+
+def _say(ax, text: str) -> None:
+    """`text` in the middle of an empty panel, so that an empty picture says why it is empty."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=11, color="gray")
+
+
+def format_table(rows: list[dict], *, searched: list[str], metric: str, mode: str) -> str:
+    """A plain-text table, best first."""
+    columns = ["trial_id", "status", *searched, "epochs_run", f"best_{metric}", f"final_{metric}", "seconds"]
+    sign = -1 if mode == "max" else 1
+    ordered = sorted(rows, key=lambda r: (not is_finite_number(r[f"best_{metric}"]), sign * (r[f"best_{metric}"] or 0)))
+    cells = [[cell(c, r.get(c)) for c in columns] for r in ordered]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def cell(column: str, value) -> str:
+    """A value as the table prints it: accuracies as percentages, seconds whole, other floats to 4 digits."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        if "acc" in column:
+            return f"{value:.2%}"
+        if column == "seconds":
+            return f"{value:.0f}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(value) -> bool:
+    """A number, finite or not (a bool is a category, not a number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,265 @@
+"""The checks before any cluster starts that need the data sets, image folders or models: a TrainConfig
+as the commands build it, checked whole (`validate`), each bad value named in one line (ConfigError, exit
+code 2) with what is accepted. The field-level checks that need nothing but the values are
+TrainConfig's own (raydist.config.fields)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from raydist.config.fields import TrainConfig
+from raydist.config.values import check_address, check_folder_name, flag_name
+from raydist.errors import ConfigError
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` itself when every value is usable; else ConfigError naming the first bad value and what is
+    accepted. Loads the data and model registries (and so torch) only here, not at import."""
+    _check_names(cfg)
+    _check_model_args(cfg)
+    _check_numbers(cfg)
+    cfg.check_elastic()
+    _check_model_parallel(cfg)
+    _check_ranges(cfg)
+    _check_data_source(cfg)
+    _check_transfer(cfg)
+    _check_sizes(cfg)
+    _check_devices_and_names(cfg)
+    return cfg
+
+
+def _check_names(cfg: TrainConfig) -> None:
+    """Every choice among its choices, the data set and model among the registered ones, a W&B id."""
+    from raydist.data.registry import DATASETS
+    from raydist.models.registry import MODELS
+
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata["choices"]
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ConfigError(f"{flag_name(f.name)} {getattr(cfg, f.name)!r} is not one of: {', '.join(choices)}")
+    if cfg.dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}; known: {', '.join(sorted(DATASETS))}")
+    if cfg.model not in MODELS:
+        raise ConfigError(f"unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}")
+    if cfg.wandb_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", str(cfg.wandb_id)):
+        raise ConfigError(f"--wandb-id {cfg.wandb_id!r}: W&B run ids are 1-64 letters, digits, - and _")
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    for name in ("lr", "batch_size", "epochs", "grad_accum", "num_workers", "cpus_per_worker",
+                 "fake_image_size", "fake_num_classes", "fake_train_size", "fake_val_size",
+                 "patience", "keep_checkpoints", "lr_step_epochs", "unfreeze_every", "freeze_epochs",
+                 "train_fraction", "train_per_class", "input_size", "backbone_lr_mult", "val_batch_size",
+                 "model_parallel", "micro_batches"):
+        value = getattr(cfg, name)
+        if value is None and name in ("train_per_class", "input_size", "backbone_lr_mult", "val_batch_size"):
+            continue
+        if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"{flag_name(name)} must be positive, got {value!r}")
+    for name in ("momentum", "weight_decay", "warmup_epochs", "checkpoint_every", "max_failures",
+                 "gpus_per_worker", "lr_step_gamma"):
+        value = getattr(cfg, name)
+        if not value >= 0 or not math.isfinite(value):
+            raise ConfigError(f"{flag_name(name)} must be zero or more, got {value!r}")
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise ConfigError(f"--momentum must be in [0, 1) (SGD momentum; AdamW's beta1), got {cfg.momentum!r}")
+    if cfg.val_fraction is not None and not 0.0 < cfg.val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction!r}")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise ConfigError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing!r}")
+    if cfg.target_accuracy is not None and not 0.0 < cfg.target_accuracy <= 1.0:
+        raise ConfigError(f"--target-accuracy must be in (0, 1], got {cfg.target_accuracy!r}")
+    if cfg.warmup_epochs > cfg.epochs:
+        raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} exceeds --epochs {cfg.epochs}")
+    if cfg.schedule_epochs is not None and cfg.schedule_epochs < cfg.epochs:
+        raise ConfigError(f"--schedule-epochs {cfg.schedule_epochs} is below --epochs {cfg.epochs}: the last "
+                          f"epochs would train at LR 0; use at least {cfg.epochs} (or leave it unset)")
+
+
+def _check_data_source(cfg: TrainConfig) -> None:
+    if cfg.dataset == "folder":
+        _check_folder(cfg)
+    elif cfg.max_bad_images is not None:
+        raise ConfigError(f"--max-bad-images {cfg.max_bad_images} applies to --dataset folder only")
+    elif cfg.data_loader != "auto":
+        raise ConfigError(f"--data-loader {cfg.data_loader} applies to --dataset folder only (the other data "
+                          f"sets are held in memory)")
+
+
+def _check_sizes(cfg: TrainConfig) -> None:
+    """A step's images within the training set, and a validation set that is not empty."""
+    from raydist.data.sizes import class_list, train_size, val_size
+
+    items = train_size(cfg.dataset, val_fraction=cfg.val_fraction, fake_train_size=cfg.fake_train_size,
+                       classes=class_list(cfg), train_fraction=cfg.train_fraction,
+                       train_per_class=cfg.train_per_class, data_dir=cfg.data_dir)
+    if cfg.is_elastic() and cfg.global_batch_at(cfg.num_workers) > items:
+        raise ConfigError(f"a global batch of {cfg.global_batch_at(cfg.num_workers)} images per step is more than "
+                          f"the {items} training images of {cfg.dataset}; give --global-batch {items} or less")
+    if not cfg.is_elastic() and cfg.num_workers * cfg.batch_size > items:
+        # Each rank must hold a full batch: a smaller one would train with a batch (and so an LR scale)
+        # other than the one asked for, and ranks could end up with unequal step counts (DDP hangs).
+        raise ConfigError(f"--batch-size {cfg.batch_size} x --num-workers {cfg.num_workers} = "
+                          f"{cfg.num_workers * cfg.batch_size} images per step, but {cfg.dataset} has "
+                          f"{items} training images; at most {items // cfg.num_workers} per worker with "
+                          f"{cfg.num_workers} workers")
+    if val_size(cfg.dataset, val_fraction=cfg.val_fraction, fake_val_size=cfg.fake_val_size,
+                classes=class_list(cfg), data_dir=cfg.data_dir) == 0:
+        raise ConfigError(f"--val-fraction {cfg.val_fraction} leaves no validation image of {cfg.dataset}"
+                          f"{' in --classes ' + cfg.classes if cfg.classes else ''}; give a larger share")
+
+
+def _check_devices_and_names(cfg: TrainConfig) -> None:
+    from raydist.models.registry import MODELS
+
+    if cfg.use_gpu is not False and not float(cfg.gpus_per_worker).is_integer():
+        raise ConfigError(f"--gpus-per-worker {cfg.gpus_per_worker:g}: each DDP rank needs a GPU of its own "
+                          f"(NCCL refuses two ranks on one GPU); use a whole number, usually 1")
+    if cfg.use_gpu and cfg.gpus_per_worker <= 0:
+        raise ConfigError(f"--gpus-per-worker must be positive with --use-gpu, got {cfg.gpus_per_worker!r}")
+    if cfg.pretrained and not MODELS[cfg.model].pretrained_weights:
+        with_weights = sorted(n for n, m in MODELS.items() if m.pretrained_weights)
+        raise ConfigError(f"--pretrained: model {cfg.model!r} has no published weights; models with them: "
+                          f"{', '.join(with_weights)}")
+    if cfg.name is not None:
+        check_folder_name(cfg.name, "--name")
+    if cfg.address is not None:
+        check_address(cfg.address)
+    if cfg.fake_num_classes < 2:
+        raise ConfigError(f"--fake-num-classes must be at least 2 (a classifier needs 2 classes), "
+                          f"got {cfg.fake_num_classes}")
+    if not 8 <= cfg.fake_image_size <= 1024:
+        raise ConfigError(f"--fake-image-size {cfg.fake_image_size} must be between 8 and 1024 pixels")
+    cfg.milestone_list()  # raises on a bad --lr-milestones
+    if cfg.lr_milestones is not None and cfg.lr_schedule != "step":
+        raise ConfigError(f"--lr-milestones {cfg.lr_milestones} applies to --lr-schedule step, not "
+                          f"{cfg.lr_schedule}")
+    if not 0.0 < cfg.lr_step_gamma <= 1.0:
+        raise ConfigError(f"--lr-step-gamma must be in (0, 1] (the LR factor at each step drop), "
+                          f"got {cfg.lr_step_gamma!r}")
+
+
+def _check_model_args(cfg: TrainConfig) -> None:
+    """--model-arg against the builder's signature (types converted), the builder's own checks run on
+    the meta device (no memory, no time), and the image side a fixed-size network accepts."""
+    import torch
+
+    from raydist.data.sizes import input_side
+    from raydist.errors import ModelArgError
+    from raydist.models.registry import MODELS, check_model_args
+
+    try:
+        cfg.model_args = check_model_args(cfg.model, cfg.model_args)
+    except ModelArgError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.model_args:
+        try:
+            with torch.device("meta"):
+                MODELS[cfg.model].builder(num_classes=2, **cfg.model_args)
+        except ValueError as exc:
+            args = " ".join(f"--model-arg {k}={v}" for k, v in cfg.model_args.items())
+            raise ConfigError(f"{args}: {exc}") from None
+    sides = MODELS[cfg.model].input_sides
+    if sides:
+        side = input_side(cfg)
+        if not sides[0] <= side <= sides[1]:
+            raise ConfigError(f"--model {cfg.model} reads images of {sides[0]} to {sides[1]} pixels a side, but "
+                              f"this run feeds it {side}: give --input-size 32 (or another model)")
+
+
+def _check_model_parallel(cfg: TrainConfig) -> None:
+    """--model-parallel K and --micro-batches M: stages on the worker's K GPUs, its batch in M parts."""
+    if cfg.model_parallel == 1:
+        if cfg.micro_batches != 1 or cfg.pipeline_balance != "params":
+            what = (f"--micro-batches {cfg.micro_batches}" if cfg.micro_batches != 1
+                    else f"--pipeline-balance {cfg.pipeline_balance}")
+            raise ConfigError(f"{what} pipelines a model split over devices; give --model-parallel 2 or more too")
+        return
+    if cfg.use_gpu is not False and cfg.gpus_per_worker != cfg.model_parallel:
+        raise ConfigError(f"--model-parallel {cfg.model_parallel} places a stage on each of a worker's GPUs: "
+                          f"give --gpus-per-worker {cfg.model_parallel} (got {cfg.gpus_per_worker:g}), or "
+                          f"--no-use-gpu to test the split on CPUs")
+    if cfg.micro_batches > cfg.batch_size:
+        raise ConfigError(f"--micro-batches {cfg.micro_batches} is more than the {cfg.batch_size} images of "
+                          f"--batch-size; give at most {cfg.batch_size}")
+    # torch.compile traces one module on one device; the pipeline's clock schedule of stages on several
+    # devices is Python that a graph would have to keep in order (compiling each stage is not built).
+    if cfg.compile:
+        raise ConfigError(f"--compile with --model-parallel {cfg.model_parallel}: not supported (the pipeline "
+                          f"runs its stages on several devices in a Python schedule); drop --compile, or give "
+                          f"--model-parallel 1")
+    # SyncBatchNorm's collectives in every layer of every micro-batch, from the autograd threads of a
+    # worker's K devices at once: never run, so not offered (and on CPUs SyncBatchNorm does not run at all).
+    if cfg.sync_batchnorm:
+        raise ConfigError(f"--sync-batchnorm with --model-parallel {cfg.model_parallel}: not supported (its "
+                          f"collectives in every layer from a worker's {cfg.model_parallel} devices at once are "
+                          f"untested); drop --sync-batchnorm, or give --model-parallel 1")
+    import torch
+
+    from raydist.models.registry import create_model
+    from raydist.parallel.pipeline import pipeline_units
+
+    with torch.device("meta"):  # the model's units, without memory or time
+        units = [name for name, _ in pipeline_units(create_model(cfg.model, num_classes=2, **cfg.model_args))]
+    if cfg.model_parallel > len(units):
+        raise ConfigError(f"--model-parallel {cfg.model_parallel}: --model {cfg.model} has {len(units)} pipeline "
+                          f"units ({units[0]}..{units[-1]}), so at most {len(units)} stages")
+
+
+def _check_folder(cfg: TrainConfig) -> None:
+    """--dataset folder: --data-dir must be a folder of class folders (listed here, before any cluster)."""
+    from raydist.data.sources import folder_index
+    from raydist.errors import FolderError
+
+    if cfg.download:
+        raise ConfigError(f"--download fetches the published data sets; an image folder is read as it is "
+                          f"from --data-dir {cfg.data_dir} (drop --download)")
+    if cfg.data_loader == "stream" and (cfg.classes or cfg.train_fraction != 1.0 or cfg.train_per_class):
+        raise ConfigError("--classes, --train-fraction and --train-per-class select images of a folder held in "
+                          "memory; the streamed path reads the whole folder (use --data-loader memory)")
+    if cfg.max_bad_images is not None and cfg.max_bad_images < 0:
+        raise ConfigError(f"--max-bad-images must be zero or more, got {cfg.max_bad_images}")
+    try:
+        folder_index(cfg.data_dir, cfg.val_fraction)
+    except FolderError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _check_transfer(cfg: TrainConfig) -> None:
+    from raydist.data.registry import DATASETS
+    from raydist.data.sizes import class_list
+
+    if cfg.pretrained and cfg.weights:
+        raise ConfigError(f"--pretrained and --weights {cfg.weights} both name the starting weights; give one")
+    if not cfg.starts_pretrained():
+        if cfg.finetune != "full":
+            raise ConfigError(f"--finetune {cfg.finetune} freezes pretrained layers, but this run starts from "
+                              f"scratch; add --pretrained or --weights FILE (or use --finetune full)")
+        if cfg.backbone_lr_mult is not None:
+            raise ConfigError(f"--backbone-lr-mult {cfg.backbone_lr_mult:g} sets a pretrained backbone's LR, "
+                              f"but this run starts from scratch; add --pretrained or --weights FILE")
+    if cfg.finetune == "gradual" and cfg.unfreeze_every >= cfg.epochs:
+        raise ConfigError(f"--unfreeze-every {cfg.unfreeze_every} with --epochs {cfg.epochs} never unfreezes "
+                          f"a stage (that is --finetune linear); use at most {max(1, cfg.epochs - 1)}")
+    if cfg.finetune == "lp-ft" and cfg.freeze_epochs >= cfg.epochs:
+        raise ConfigError(f"--freeze-epochs {cfg.freeze_epochs} with --epochs {cfg.epochs} leaves no epoch "
+                          f"to fine-tune in (that is --finetune linear); use at most {max(1, cfg.epochs - 1)}")
+    if cfg.grey_input != "replicate" and not DATASETS[cfg.dataset].grey:
+        grey = sorted(n for n, d in DATASETS.items() if d.grey)
+        raise ConfigError(f"--grey-input {cfg.grey_input} feeds grey images as one channel; {cfg.dataset} is "
+                          f"in colour (grey data sets: {', '.join(grey)})")
+    if cfg.input_size is not None and not 8 <= cfg.input_size <= 1024:
+        raise ConfigError(f"--input-size {cfg.input_size} must be between 8 and 1024 pixels")
+    if cfg.dataset == "fake" and (cfg.classes or cfg.train_fraction != 1.0 or cfg.train_per_class):
+        raise ConfigError("--classes, --train-fraction and --train-per-class select real images; fake data "
+                          "has --fake-num-classes and --fake-train-size instead")
+    if cfg.train_fraction > 1.0:
+        raise ConfigError(f"--train-fraction must be in (0, 1], got {cfg.train_fraction!r}")
+    if cfg.train_fraction != 1.0 and cfg.train_per_class:
+        raise ConfigError("--train-fraction and --train-per-class both shrink the training set; give one")
+    class_list(cfg)  # raises on a bad --classes

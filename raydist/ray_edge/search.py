@@ -1,0 +1,156 @@
+"""The study's search algorithms: TPE that waits for results before it models, and random search; both
+with a trial concurrency that a resumed study can change.
+
+    searcher = TPEGate(HyperOptSearch(n_initial_points=3, ...), initial_points=3, max_concurrent=8)
+    searcher = RandomSearch(points_to_evaluate=..., random_state=0, max_concurrent=8)
+    set_resume_concurrency(4)   # before Tuner.restore(...).fit(): the restored searcher runs 4 at once
+
+Why the gate: hyperopt's TPE draws random points until it holds `n_initial_points` trials, and it counts
+trials still running (no result yet) among them. With 8 trials at once and 3 initial points, the first 8
+proposals are all made before any result exists: TPE is random search, and the trials proposed while
+results are pending are modelled with an infinite loss. TPEGate proposes the start-up points (the study's
+`points_to_evaluate` and random ones, `max(initial_points, len(points_to_evaluate))` in all) at once, then
+holds every further proposal (Tune asks again later) until `initial_points` trials have finished with a
+result (HyperOpt is told a trial's result when it finishes, not at its epochs), so TPE's first real
+proposal is modelled on real results. A start-up trial that fails is replaced at once, at the study's
+concurrency: hyperopt leaves failed trials out of its count, so the replacement is another random start-up
+point. The gate never holds when none of its trials is running (an all-errors start would otherwise wait
+forever; TPE then proposes from what it has).
+
+A result whose metric is not finite (a diverged trial's NaN loss) reaches HyperOpt as the worst value there
+is for the study's mode: hyperopt drops non-finite losses, and TPE would go on proposing the region that
+diverged.
+
+Why concurrency lives here and not in Ray's ConcurrencyLimiter: Tune restores a study's searchers from
+the state it saved, the concurrency included, so a concurrency given to `--resume` (or a bigger cluster's)
+would be ignored. TPEGate and RandomSearch take the one set by `set_resume_concurrency` when restored.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from typing import Optional
+
+from ray.tune.search import BasicVariantGenerator, Searcher
+
+from raydist.study.distributions import GRID_KINDS, Distribution
+from raydist.study.study import Study
+
+# Set by raydist.tune just before a restored study runs: Tune rebuilds the searcher from its pickled
+# state inside fit(), and this is the one value of the new command line it must take.
+_resume_concurrency: Optional[int] = None
+
+
+def set_resume_concurrency(max_concurrent: Optional[int]) -> None:
+    global _resume_concurrency
+    _resume_concurrency = max_concurrent
+
+
+class TPEGate(Searcher):
+    """Wraps HyperOptSearch: start-up proposals at once, TPE proposals only once results exist."""
+
+    def __init__(self, searcher: Searcher, *, initial_points: int, points_to_evaluate: int = 0,
+                 max_concurrent: int):
+        self.searcher = searcher
+        self.initial_points = initial_points  # results TPE waits for (hyperopt's n_initial_points)
+        self.startup = max(initial_points, points_to_evaluate)  # proposals that need no result
+        self.max_concurrent = max_concurrent
+        self.live: set[str] = set()
+        self.proposed = 0
+        self.failed = 0  # proposals that ended in an error: hyperopt replaces them with random start-up points
+        self.results = 0  # trials that finished with a result: what TPE models
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+
+    # -- the rule
+    def waiting_for_results(self) -> bool:
+        """True while every start-up point is out and fewer than initial_points trials have finished."""
+        return (self.proposed - self.failed >= self.startup and self.results < self.initial_points
+                and bool(self.live))
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        if len(self.live) >= self.max_concurrent or self.waiting_for_results():
+            return None  # Tune asks again when a trial ends
+        config = self.searcher.suggest(trial_id)
+        if config not in (None, Searcher.FINISHED):
+            self.live.add(trial_id)
+            self.proposed += 1
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if result and self.metric in result and not _finite(result[self.metric]):
+            result = {**result, self.metric: self.worst()}
+        if trial_id in self.live:
+            self.live.discard(trial_id)
+            if not error and result and self.metric in result:
+                self.results += 1
+            elif error:
+                self.failed += 1
+        # Always passed on: HyperOpt ignores trials it did not propose.
+        self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def worst(self) -> float:
+        """The worst finite value of the metric, for the study's mode."""
+        return -sys.float_info.max if self.mode == "max" else sys.float_info.max
+
+    # -- plumbing to the wrapped searcher
+    def set_search_properties(self, metric: Optional[str], mode: Optional[str], config: dict, **spec) -> bool:
+        ok = self.searcher.set_search_properties(metric, mode, config, **spec)
+        self._metric, self._mode = self.searcher.metric, self.searcher.mode
+        return ok
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        self.max_concurrent = max_concurrent
+        return True
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.searcher.on_trial_result(trial_id, result)
+
+    # Tune saves a wrapper (an object with `.searcher`) through get_state/set_state, and the wrapped
+    # HyperOptSearch through its own files.
+    def get_state(self) -> dict:
+        return copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "searcher"})
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update({"failed": 0, **state})  # a study saved before `failed` existed
+        if _resume_concurrency is not None:
+            self.max_concurrent = _resume_concurrency
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True  # not a number: HyperOpt's own error says so
+
+
+class RandomSearch(BasicVariantGenerator):
+    """Tune's random search, whose concurrency a resume can change (it is part of the state Tune restores)."""
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        if _resume_concurrency is not None:
+            self.max_concurrent = _resume_concurrency
+
+
+# ---- the study file's distributions as Tune's ----------------------------------------------------------
+
+
+def tune_domain(dist: Distribution):
+    """One searched dimension as Ray Tune's sampler."""
+    from ray import tune
+
+    a = dist.args
+    if dist.kind == "choice":
+        return tune.choice(list(a))
+    if dist.kind in GRID_KINDS:
+        return tune.choice(dist.grid())  # uniform over every value, both ends, under both searchers
+    if dist.kind == "qloguniform":  # bounds on the grid: both searchers stay in [low, high]
+        return tune.qloguniform(*a)
+    return getattr(tune, dist.kind)(*a)
+
+
+def tune_space(study: Study) -> dict:
+    """The study's searched fields as Tune's param_space: {"lr": tune.loguniform(...), ...}."""
+    return {name: tune_domain(dist) for name, dist in study.searched.items()}

@@ -1,0 +1,3 @@
+"""Studies as files: the study (its settings and searched fields), its distributions, the study file read
+and written in one module (study_file), and the scaling study's grid.
+"""
