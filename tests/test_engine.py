@@ -305,16 +305,16 @@ def test_a_checkpoint_copied_into_storage_before_the_report_returns_counts_as_ho
     time the report then waits for Tune does not."""
     import time as clock
 
-    import raydist.storage
+    import raydist.loop.context
     from raydist.loop.context import report_with_checkpoint, run_folder_context
 
-    real_write = raydist.storage.write_atomically
+    real_write = raydist.loop.context.write_atomically
 
     def slow_disk(path, data):
         clock.sleep(0.3)
         real_write(path, data)
 
-    monkeypatch.setattr(raydist.storage, "write_atomically", slow_disk)
+    monkeypatch.setattr(raydist.loop.context, "write_atomically", slow_disk)  # the copy into storage
     told = []
     ctx = run_folder_context(validate(TrainConfig(**FAST)), run_dir=str(tmp_path / "run"),
                              device=torch.device("cpu"), node_id="n",
@@ -332,6 +332,7 @@ def test_a_long_epoch_prints_progress_lines_on_rank_0_and_a_short_one_none(tmp_p
     rank 0 prints how far the epoch is; with the real one, a 1-second digits epoch prints nothing."""
     import dataclasses
 
+    import raydist.loop.state
     from raydist.output import console
 
     cfg = TrainConfig(epochs=1, batch_size=128)
@@ -342,7 +343,7 @@ def test_a_long_epoch_prints_progress_lines_on_rank_0_and_a_short_one_none(tmp_p
         def __init__(self, **kwargs):
             super().__init__(**{**kwargs, "quiet_s": 0.0, "every_s": 1e-9 if kwargs["every_s"] else 0.0})
 
-    monkeypatch.setattr(console, "EpochProgress", Eager)
+    monkeypatch.setattr(raydist.loop.state, "EpochProgress", Eager)  # where the loop looks it up
     run(cfg, ctx)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(console.PROGRESS_MARK)]
     steps = {int(re.search(r"step \d+/(\d+) ", line).group(1)) for line in lines}
@@ -350,6 +351,6 @@ def test_a_long_epoch_prints_progress_lines_on_rank_0_and_a_short_one_none(tmp_p
     assert [int(re.search(r"step (\d+)/", line).group(1)) for line in lines] == list(range(1, 11))  # not 0, not 11
     assert all("epoch 1/1" in line and "img/s" in line and "ETA" in line for line in lines)
 
-    monkeypatch.setattr(console, "EpochProgress", real)
+    monkeypatch.setattr(raydist.loop.state, "EpochProgress", real)
     run(cfg, dataclasses.replace(local_context(str(tmp_path / "real")), progress_every_s=30.0))
     assert console.PROGRESS_MARK not in capsys.readouterr().out

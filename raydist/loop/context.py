@@ -109,13 +109,15 @@ def local_tensorboard_for(fs, target: str) -> tuple[str, Callable[[], None]]:
 
 def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, node_id: str,
                        report: Callable[[dict, Optional[str]], None], resume_state: Optional[dict] = None,
-                       kept: Optional[list[tuple[dict, str]]] = None, epoch_lines: bool = True) -> WorkerContext:
+                       kept: Optional[list[tuple[dict, str]]] = None, epoch_lines: bool = True,
+                       open_stream: Optional[Callable[..., tuple]] = None) -> WorkerContext:
     """One process that trains alone and keeps its run folder itself, as Ray Train does for a multi-worker
     run (a one-worker Tune trial: no worker group): each checkpoint goes to `run_dir`/checkpoint_epoch_NNNN/
     (a local path or a URI), the best `keep_checkpoints` by `keep_by` and the latest are kept, and
     `report(metrics, checkpoint_path or None)` passes every epoch on. `kept`: the (metrics, path) of the
     checkpoints already in the folder, when a trial resumes there. `epoch_lines`: print a line per epoch
-    (a study's driver prints its own lines instead)."""
+    (a study's driver prints its own lines instead). `open_stream`: the image folder's streams, when this
+    process can reach Ray Data (a Tune trial can: raydist.ray_edge.stream.stream_splits)."""
     import posixpath
 
 
@@ -150,7 +152,7 @@ def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, 
         log_dir, publish_logs = local_tensorboard_for(fs, inner)
     return WorkerContext(rank=0, world_size=1, device=device, report=report_and_keep, write_file=write_file,
                          resume_state=resume_state, log_dir=log_dir, publish_logs=publish_logs, node_id=node_id,
-                         epoch_lines=epoch_lines)
+                         epoch_lines=epoch_lines, open_stream=open_stream)
 
 
 def report_with_checkpoint(ctx: WorkerContext, metrics: dict, state: Optional[dict]) -> float:

@@ -18,6 +18,7 @@ from raydist.loop.run import run
 from raydist.output.run_curves import write_run_curves
 from raydist.ray_edge import planning, session
 from raydist.ray_edge.metrics import RunMetrics
+from raydist.ray_edge.stream import stream_splits
 from raydist.ray_edge.worker import CONSOLE_KEY, train_loop_per_worker
 from raydist.run_config import check_sync_batchnorm
 from raydist.runs.checkpoints import (
@@ -185,7 +186,8 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
             on_report({**recovered, "checkpoint_path": latest[0]})
     ctx = run_folder_context(cfg, run_dir=run_dir, device=device, report=report, resume_state=resume_state,
                              node_id=ray.get_runtime_context().get_node_id(),  # RAY
-                             kept=kept, epoch_lines=console.get("epoch_lines", True))
+                             kept=kept, epoch_lines=console.get("epoch_lines", True),
+                             open_stream=stream_splits)  # a trial streams an image folder as a worker does
     try:
         run(cfg, ctx)
     except BaseException as exc:
