@@ -26,18 +26,13 @@ def filesystem(path: str):
     return pyarrow.fs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
-def is_file(path: str) -> bool:
+def read_bytes(path: str) -> Optional[bytes]:
+    """The whole file at `path` (local or URI), or None when there is no file there."""
     import pyarrow.fs
 
     fs, inner = filesystem(path)
-    return fs.get_file_info(inner).type == pyarrow.fs.FileType.File
-
-
-def read_bytes(path: str) -> Optional[bytes]:
-    """The whole file at `path` (local or URI), or None when there is no file there."""
-    if not is_file(path):
+    if fs.get_file_info(inner).type != pyarrow.fs.FileType.File:
         return None
-    fs, inner = filesystem(path)
     with fs.open_input_stream(inner) as fh:
         return fh.read()
 

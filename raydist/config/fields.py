@@ -205,7 +205,6 @@ class TrainConfig:
 
     # -------------------------------------------------------------------------------------------
 
-
     def check_elastic(self) -> None:
         """--num-workers MIN-MAX and the settings that only an elastic run reads."""
         if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
@@ -257,13 +256,11 @@ class TrainConfig:
             return self.global_batch or self.batch_size * self.grad_accum * self.num_workers
         return self.batch_size * self.grad_accum * world
 
-
     def augment_kind(self) -> str:
         """--augment with auto resolved: ImageNet's random-resized crop for photos, CIFAR's pad-crop otherwise."""
         if self.augment != "auto":
             return self.augment
         return "resized_crop" if self.dataset == "folder" else "crop_flip"
-
 
     def milestone_list(self) -> list[int]:
         """--lr-milestones as increasing epochs ([] when unset)."""

@@ -120,7 +120,6 @@ def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, 
     process can reach Ray Data (a Tune trial can: raydist.ray_edge.stream.stream_splits)."""
     import posixpath
 
-
     checkpoints = list(kept or [])
     def prune() -> None:
         keep = checkpoints_to_keep(checkpoints, cfg.keep_by, cfg.keep_checkpoints)

@@ -119,7 +119,6 @@ def _torch_trainer(cfg: TrainConfig, *, use_gpu: bool, callbacks: list, console:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-
     resources = {"CPU": cfg.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
@@ -159,7 +158,6 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
     a study's console has a line per trial epoch)."""
     import ray
     import torch
-
 
     t0, started = time.perf_counter(), time.time()
     write_config(cfg)

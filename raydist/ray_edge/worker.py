@@ -133,7 +133,6 @@ def train_loop_per_worker(config: dict) -> list[dict]:
     def write_file(name: str, data: bytes) -> None:
         import pyarrow.fs
 
-
         storage = train_ctx.get_storage()  # RAY: the run folder, local or remote (S3, NFS)
         path = f"{storage.experiment_fs_path}/{name}"
         if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):

@@ -23,11 +23,6 @@ CHECKPOINT_PREFIX = "checkpoint_epoch_"
 
 
 def checkpoint_epoch(folder: str) -> int:
-    import io
-
-    import torch
-
-
     if not is_uri(folder):  # mapped, not read: only the small "epoch" entry is touched
         return int(torch.load(f"{folder}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=True, mmap=True)["epoch"])
     fs, root = filesystem(folder)
@@ -63,7 +58,6 @@ def checkpoint_folders(run_dir: str) -> list[str]:
     """The run folder's `checkpoint_epoch_NNNN` folders that hold a checkpoint file, oldest first."""
     import pyarrow.fs
 
-
     fs, root = filesystem(run_dir)  # an absolute local path or a URI
     found = sorted(os.path.basename(info.path)
                    for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
@@ -74,7 +68,7 @@ def checkpoint_folders(run_dir: str) -> list[str]:
 
 def read_checkpoint(folder: str) -> dict:
     """A checkpoint folder's content (local or URI); CorruptCheckpoint when it cannot be read."""
-    import io
+    return read_model_file(f"{folder}/{CHECKPOINT_FILE}")
 
 
 
@@ -132,8 +126,6 @@ def checkpoint_dir_name(epoch: int, position: int = 0) -> str:
 def read_model_file(path: str) -> dict:
     """A model_final.pt, best_model.pt or checkpoint.pt, from a local path or a URI (s3://...);
     CorruptCheckpoint naming it when it cannot be read."""
-    import io
-
     data = read_bytes(path)
     if data is None:
         raise FileNotFoundError(f"no such file: {path}")

@@ -21,7 +21,7 @@ from raydist.config.fields import TrainConfig
 from raydist.data.sizes import predicted_class_names
 from raydist.errors import ConfigError
 from raydist.runs.checkpoints import checkpoint_epoch, epochs_done, latest_checkpoint
-from raydist.storage import filesystem
+from raydist.storage import filesystem, read_bytes
 
 CONFIG_FILE = "config.yaml"
 CLASSES_FILE = "classes.json"  # index -> class name of the run's model
@@ -36,18 +36,11 @@ def read_resume_target(path: str) -> tuple[bool, dict]:
     """
     import io
 
-    import pyarrow.fs
-
     from raydist.errors import CorruptCheckpoint
     from raydist.runs.checkpoints import CHECKPOINT_FILE, load_checkpoint_file
 
-    fs, root = filesystem(path)  # an absolute local path or a URI
-
     def read(name: str) -> Optional[bytes]:
-        if fs.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.File:
-            return None
-        with fs.open_input_stream(f"{root}/{name}") as fh:
-            return fh.read()
+        return read_bytes(f"{path}/{name}")  # an absolute local path or a URI
 
     checkpoint = read(CHECKPOINT_FILE)
     if checkpoint is not None:
