@@ -75,6 +75,37 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: item.get_closest_marker("own_cluster") is None)  # stable: order kept otherwise
 
 
+SESSION_CLUSTER_WORK: list[str] = []  # what the session cluster ran, for the summary at the end
+
+
+def _count_what_ran(cluster) -> None:
+    """The session cluster's Ray Train runs and the actors it started, by class: the cluster tier's cost is
+    mostly Ray Train's start, once per run (docs/testing.md)."""
+    from collections import Counter
+
+    import ray
+
+    from raydist.ray_edge.session import dashboard_get
+
+    if not ray.is_initialized():  # no test joined it
+        return
+    try:
+        runs = dashboard_get(cluster.dashboard_url, "/api/train/v2/runs/v1").get("train_runs", [])
+        from ray.util.state import list_actors
+
+        actors = Counter(a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False))
+    except Exception as error:  # a summary only: never fails the session
+        SESSION_CLUSTER_WORK.append(f"session cluster: not counted ({error})")
+        return
+    names = ", ".join(f"{name} {count}" for name, count in actors.most_common(8))
+    SESSION_CLUSTER_WORK.append(f"session cluster: {len(runs)} Ray Train runs; actors started: {names}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in SESSION_CLUSTER_WORK:
+        terminalreporter.write_line(line)
+
+
 def pytest_unconfigure(config):
     shutil.rmtree(_TOKEN_DIR, ignore_errors=True)
 
@@ -105,6 +136,7 @@ def cluster(tmp_path_factory):
     finally:
         import ray
 
+        _count_what_ran(handle)
         ray.shutdown()
         # `ray start --block` and everything it started share one process group: stop exactly that.
         for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):

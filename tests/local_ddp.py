@@ -6,6 +6,12 @@
 Rank 0 writes what a Ray run writes: `checkpoint_epoch_NNNN/checkpoint.pt` for every checkpoint it reports and
 `model_final.pt`. The loop, its DDP wrapper and its collectives are exactly those of a Ray Train worker;
 only process start-up differs, which is what makes these tests take seconds instead of a cluster start.
+
+The processes are forked from one server process (multiprocessing's forkserver) that imported torch and
+raydist's loop once per test session: a spawned interpreter paid those imports (about 3 s of CPU each, torch's
+first optimizer importing torch._dynamo among them) for every process of every run. The server itself never
+computes, so its children start with no thread pools to inherit; each takes the test's environment and
+working folder as a spawned process did.
 """
 
 import os
@@ -47,7 +53,14 @@ def _notices(first: int):
 
 
 def _worker(rank: int, world_size: int, config: dict, run_dir: str, port: int, resume_from,
-            notice_at_check=None) -> None:
+            notice_at_check=None, environment=None, cwd=None, streams=None) -> None:
+    # A forked worker starts with the server's environment, folder and stdout/stderr (those of the session's
+    # first run): it takes the test's own, as a spawned process inherited them.
+    os.environ.clear()
+    os.environ.update(environment)
+    os.chdir(cwd)
+    for target, inherited in zip((1, 2), streams[rank]):
+        os.dup2(inherited.detach(), target)
     from raydist.config.fields import TrainConfig
     from raydist.runs.checkpoints import CHECKPOINT_FILE, checkpoint_dir_name, load_checkpoint_file
     from raydist.loop.context import WorkerContext
@@ -86,13 +99,37 @@ def _worker(rank: int, world_size: int, config: dict, run_dir: str, port: int, r
     os._exit(0)
 
 
+def _start_method() -> str:
+    """"forkserver", its server preloading what every worker imports, where the platform has it."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    # Read by the server when it starts (the first run of the session); its sys.path is this process's, so
+    # this module and raydist import there as here. torch._dynamo: every optimizer step imports it.
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        ["torch", "torch._dynamo", "torch.distributed", "raydist.loop.run", "local_ddp"])
+    return "forkserver"
+
+
+def _streams(world_size: int) -> list:
+    """This process's stdout and stderr for each worker to take (each handed over once), so that what the
+    workers print reaches the test's capture as a spawned process's output did."""
+    from multiprocessing import reduction
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return [(reduction.DupFd(1), reduction.DupFd(2)) for _ in range(world_size)]
+
+
 def run_ddp(cfg, run_dir, *, world_size: int = 2, resume_from=None, notice_at_check=None) -> list[dict]:
     """Train `cfg` on `world_size` gloo processes; return rank 0's history ("reclaimed" when
     `notice_at_check` N simulated a spot notice at the run's N-th preemption check and the node's loss at
     the next one)."""
     run_dir = str(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    mp.spawn(_worker, args=(world_size, cfg.to_dict(), run_dir, _free_port(),
-                            str(resume_from) if resume_from else None, notice_at_check),
-             nprocs=world_size, join=True)
+    mp.start_processes(_worker, args=(world_size, cfg.to_dict(), run_dir, _free_port(),
+                                      str(resume_from) if resume_from else None, notice_at_check,
+                                      dict(os.environ), os.getcwd(), _streams(world_size)),
+                       nprocs=world_size, join=True, start_method=_start_method())
     return torch.load(os.path.join(run_dir, "history.pt"), weights_only=False)
