@@ -80,7 +80,12 @@ def test_an_elastic_run_grows_when_a_node_joins_and_survives_a_spot_reclaim(tmp_
     assert len(reclaimed.group(1).split(", ")) == 2  # the spot node's two ranks
     epoch, step = int(reclaimed.group(2)), int(reclaimed.group(3))
     assert (int(gone.group(1)), int(gone.group(2))) >= (epoch, step)  # it went on from the notice's checkpoint
-    assert "Traceback" not in text.split("gone: continuing")[-1]
+    # The run's own processes raised nothing after the restart. Ray's cluster-wide Train actors may print
+    # one: on a loaded machine (CI, 2026-12-06) the TrainStateActor and PlacementGroupCleaner timed out
+    # reaching the GCS while the node was killed, and Ray forwarded their tracebacks; the run finished.
+    after = text.split("gone: continuing")[-1].splitlines()
+    ray_internal = ("(TrainStateActor pid=", "(PlacementGroupCleaner pid=")
+    assert not [line for line in after if "Traceback" in line and not any(a in line for a in ray_internal)]
 
     # Every image of the interrupted epoch once: the 4-worker group's steps up to the checkpoint that the
     # 2-worker group resumed from, and the 2-worker group's from there (a few steps repeated in between).
