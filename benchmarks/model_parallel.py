@@ -100,8 +100,10 @@ def main():
         if max(d.index or 0 for d in stages) >= visible:
             sys.exit(f"--stage-devices {' '.join(map(str, stages))}: this machine has {visible} GPU(s); on one GPU "
                      f"pass --stage-devices cuda:0 cuda:0 (the micro-batches' cost), or --smoke on the CPU")
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        from raydist.config.fields import TrainConfig
+        from raydist.loop.recipe import apply_device_settings
+
+        apply_device_settings(TrainConfig(), stages[0])  # the loop's own: cuDNN autotune, TF32
     torch.set_num_threads(args.threads)
     env = environment(sys.argv)
     if stages[0].type == "cuda":

@@ -34,6 +34,7 @@ import time
 import torch
 
 from bench_env import describe, environment
+from raydist.loop.recipe import apply_device_settings
 from raydist.preflight import validate
 
 # model -> input side; the 32x32 ones are CIFAR models, resnet50_imagenet the DDP workload test's model
@@ -98,6 +99,7 @@ def raydist_side(model: str, batch: int, compile_: bool, device: torch.device, s
         train = TensorSource(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=generator),
                              torch.randint(0, 10, (images,), generator=generator)).to(device)
     torch.manual_seed(0)
+    apply_device_settings(cfg, device)  # the loop's own: cuDNN autotune and TF32 on a GPU, the thread pool on a CPU
     state = TrainingState(cfg, device=device, rank=0, world=1, train_set=train, val_set=train)
     state.enter_epoch(0)
     state.train_epoch()  # warm-up (and compile)
@@ -192,7 +194,10 @@ def main():
     args = parser.parse_args()
     env = environment(sys.argv)
     device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
+    from raydist.config.fields import TrainConfig
+
+    # Both sides under the loop's settings, from the first measurement on (they are process-wide).
+    apply_device_settings(TrainConfig(precision=args.precision, cpus_per_worker=float(args.threads)), device)
     peak = peak_flops(device)
     if device.type == "cuda":
         env["device"] = torch.cuda.get_device_name(device)

@@ -76,6 +76,49 @@ def test_torch_is_pinned_and_installed_only_when_the_image_lacks_it_and_the_node
         "&& python -m raydist.cluster publish ~/ray_bootstrap_config.yaml")
 
 
+# What `ray up` fills into `resources: {}` from EC2 for each instance type of cluster.yaml (vCPUs, GPUs).
+EC2 = {"g5.12xlarge": {"CPU": 48, "GPU": 4}, "p5.48xlarge": {"CPU": 192, "GPU": 8}}
+
+
+def test_the_cloud_cluster_can_grow_to_a_32_gpu_run_on_four_h100_nodes():
+    from raydist.ray_edge.planning import check_resources, grow_to, node_types
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    for node_type in raw["available_node_types"].values():
+        node_type["resources"] = node_type["resources"] or EC2[node_type["node_config"]["InstanceType"]]
+    types = node_types(raw)
+    h100 = [t for t in types if t.name == "gpu_h100"]
+    assert (h100[0].max_count, h100[0].resources["GPU"]) == (4, 8)  # 32 H100s
+    most = grow_to(types, raw["max_workers"])
+    assert most["GPU"] == 4 * 8 + 5 * 4  # the H100 nodes and the five A10G nodes at once
+    assert check_resources(cluster_cpus=most["CPU"], cluster_gpus=most["GPU"], use_gpu=None, num_workers=32,
+                           cpus_per_worker=4, gpus_per_worker=1, where="the cluster at its largest")
+    with pytest.raises(ConfigError, match="asks for 53 GPUs but the cluster at its largest has 52"):
+        check_resources(cluster_cpus=most["CPU"], cluster_gpus=most["GPU"], use_gpu=True, num_workers=53,
+                        cpus_per_worker=1, gpus_per_worker=1, where="the cluster at its largest")
+
+
+def test_the_h100_nodes_reach_each_other_over_efa_and_every_gpu_node_checks_its_gpu():
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    h100 = raw["available_node_types"]["gpu_h100"]
+    interfaces = h100["node_config"]["NetworkInterfaces"]
+    assert [i["NetworkCardIndex"] for i in interfaces] == list(range(32))  # every network card of a p5
+    assert {i["InterfaceType"] for i in interfaces} == {"efa", "efa-only"} and interfaces[0]["InterfaceType"] == "efa"
+    assert all(i["SubnetId"] and i["Groups"] for i in interfaces) and h100["node_config"]["Placement"]["GroupName"]
+    options = " ".join(h100["docker"]["worker_run_options"])
+    for needed in ("--device=/dev/infiniband", "memlock=-1:-1", "/opt/amazon", "FI_PROVIDER=efa"):
+        assert needed in options, needed
+    # Ray sizes /dev/shm (and so the object store) to each node's memory unless a size is given.
+    everywhere = raw["docker"]["run_options"] + [o for t in raw["available_node_types"].values()
+                                                 for o in t.get("docker", {}).get("worker_run_options", [])]
+    assert not [o for o in everywhere if "--shm-size" in o]
+    (check,) = raw["worker_setup_commands"]
+    assert "torch.cuda.is_available() or sys.exit(" in check
+    result = subprocess.run([sys.executable, "-c", check.split('"')[1]], capture_output=True, text=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # a node whose GPU torch cannot use
+    assert result.returncode == 1 and result.stderr.startswith("no usable GPU on this node: torch ")
+
+
 def test_publish_refuses_node_types_whose_resources_nobody_filled_in():
     from raydist.ray_edge.planning import publish_cluster_config
 

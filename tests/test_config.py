@@ -177,6 +177,10 @@ def _main(*args, capsys):
      "on CPUs; drop --sync-batchnorm or add --use-gpu"),
     (["--use-gpu", "--gpus-per-worker", "0.5"],
      "--gpus-per-worker 0.5: each DDP rank needs a GPU of its own (NCCL refuses two ranks on one GPU)"),
+    (["--use-gpu", "--gpus-per-worker", "2"],
+     "--gpus-per-worker 2: a worker trains on one GPU unless its model is split over several; give "
+     "--gpus-per-worker 1 (more GPUs: more --num-workers), or --model-parallel 2 to split the model over 2 GPUs"),
+    (["--gpus-per-worker", "4"], "--gpus-per-worker 4: a worker trains on one GPU unless"),  # --use-gpu auto
     (["--config", "nope.yaml"], "cannot read config file nope.yaml"),
     (["--dataset", "cifar10", "--data-dir", "empty"], "not found in"),
     (["--resume", "no-such-run"], "neither a run folder"),

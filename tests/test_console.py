@@ -271,6 +271,7 @@ def test_a_run_starts_with_a_few_lines_saying_its_peak_lr_not_a_90_field_config_
                                               "--storage-path", str(tmp_path)], capsys, monkeypatch)
     assert code == 1  # it went on to start a cluster, which this test does not allow
     assert not [line for line in out.splitlines() if line.startswith("config: ")] and out.splitlines()[:2] == [
-        "run d: digits, resnet8, 2 worker(s) on GPUs if the cluster has them, else CPUs, bf16 on GPU, fp32 on CPU",
+        "run d: digits, resnet8, 2 worker(s) on GPUs if the cluster has them, else CPUs, bf16 (fp16 on GPUs "
+        "before compute capability 8.0) on GPU, fp32 on CPU",
         "  global batch 128 (2 x 64); peak LR 0.1 (--lr 0.2 per 256 images), warmup 1 epoch(s), cosine schedule, "
         "3 epochs"]

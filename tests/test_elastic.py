@@ -268,3 +268,20 @@ def test_a_spot_notice_checkpoints_mid_epoch_and_a_resume_on_more_workers_uses_e
     fixed = run(validate(TrainConfig(**{**ELASTIC, "num_workers": 1})), local_context(str(tmp_path / "fixed")))
     assert [m["lr"] for m in history] == pytest.approx([m["lr"] for m in fixed], rel=1e-9)
     assert history[-1]["val_acc"] >= 0.7, history[-1]  # it learned (chance: 0.1; an uninterrupted run: 0.86)
+
+
+@pytest.mark.parametrize("workers, use_gpu, timeout_s, env", [
+    ("1-4", True, 300, {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}), ("1-4", False, 300, {}), ("4", True, 1800, {})])
+def test_an_elastic_runs_collectives_fail_within_a_reclaim_and_nccl_raises_instead_of_killing_the_rank(
+        workers, use_gpu, timeout_s, env):
+    """With NCCL, Ray sets TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (a failed collective kills the process) and the
+    timeout is torch's 30 minutes: a rank waiting on a reclaimed peer would hang, or die before the restart
+    path (raydist.loop.spot.SpotWatch.wait_for_restart) could hold it. The run's TorchTrainer carries both."""
+    from raydist.cli import parse_cli
+    from raydist.ray_edge.fit import _torch_trainer, collective_settings
+
+    cfg = parse_cli(["--num-workers", workers, "--no-use-gpu" if not use_gpu else "--use-gpu"])[0]
+    assert collective_settings(cfg, use_gpu) == (timeout_s, env)
+    trainer = _torch_trainer(cfg, use_gpu=use_gpu, callbacks=[], console={})
+    assert trainer.train_run_context.backend_config.timeout_s == timeout_s
+    assert (trainer.train_run_context.run_config.worker_runtime_env or {}).get("env_vars", {}) == env

@@ -298,6 +298,50 @@ def test_an_unfused_adamw_checkpoint_resumes_into_a_fused_optimizer_with_its_sta
     assert fused.train_epoch().updates == fused.updates_per_epoch  # and the fused update runs on them
 
 
+@pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((8, 6), torch.bfloat16),
+                                                  ((9, 0), torch.bfloat16)])
+def test_precision_auto_is_bf16_where_the_gpu_computes_it_natively_else_fp16_with_the_scaler(capability, expected):
+    """V100 (7.0) and T4 (7.5) emulate bf16 autocast: fp16 with the grad scaler there; A100 (8.0), A10G (8.6),
+    H100 (9.0) compute bf16 natively. On a CPU: fp32."""
+    from raydist.loop.recipe import auto_precision_dtype, autocast_dtype
+
+    assert auto_precision_dtype(torch.device("cuda", 0), capability) is expected
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16  # asked for: whatever the device
+
+
+@pytest.mark.parametrize("saved_as, resumed_as", [("bf16", "fp16"), ("fp32", "fp16"), ("auto", "fp16"),
+                                                  ("fp16", "fp16"), ("fp16", "bf16")])
+def test_a_checkpoint_resumes_under_another_precision_with_the_grad_scaler_it_needs(saved_as, resumed_as):
+    """A scaler that was off (bf16, fp32, `auto` on a CPU) saves an empty state, which an enabled one refuses
+    to load: an fp16 run resumed from such a checkpoint starts with a fresh scale, one resumed from fp16
+    keeps the scale it reached, and a run without a scaler ignores one. (fp16 convolutions are emulated on
+    a CPU, 50x slower than fp32 here: 32 images of digits, each epoch two steps.)"""
+    from raydist.data.sources import TensorSource, load_split
+    from raydist.loop.state import TrainingState
+
+    train, val = load_split("digits", "train"), load_split("digits", "val")
+    train, val = (TensorSource(split.images[:32], split.labels[:32]) for split in (train, val))
+
+    def state(precision):
+        cfg = validate(TrainConfig(precision=precision, augment="crop_flip", **{**FAST, "batch_size": 16}))
+        return TrainingState(cfg, device=torch.device("cpu"), rank=0, world=1, train_set=train, val_set=val)
+
+    first = state(saved_as)
+    first.train_epoch()
+    saved = first.state_dict()
+    assert bool(saved["scaler"]) == (saved_as == "fp16")
+    resumed = state(resumed_as)
+    resumed.load_state_dict(saved)
+    fresh = torch.amp.GradScaler("cpu").get_scale()
+    if resumed_as == "fp16":
+        assert resumed.scaler.get_scale() == (saved["scaler"]["scale"] if saved_as == "fp16" else fresh)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.net.parameters(), first.net.parameters()))
+    epoch = resumed.train_epoch()  # and the next epoch trains, its updates through the scaler
+    assert epoch.updates == resumed.updates_per_epoch == 2 and math.isfinite(epoch.loss.item())
+
+
 def test_a_checkpoint_copied_into_storage_before_the_report_returns_counts_as_holding_training_up(
         tmp_path, monkeypatch):
     """A one-worker trial copies each checkpoint into its run folder itself (Ray Train would upload it in

@@ -288,6 +288,35 @@ def test_predict_refuses_a_missing_model_or_image_in_one_line(folder_run, tmp_pa
             len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_on_a_gpu_auto_streams_a_folder_whose_copy_would_take_a_quarter_of_it_and_the_oom_line_names_it(
+        split_folder, monkeypatch):
+    """The memory path holds a decoded copy on every GPU: budgeted against the GPU's memory (a quarter of
+    it), not only against the host's, and when the GPU runs out with such a copy on it the one line says so
+    (not "lower the batch size")."""
+    import types
+
+    import torch
+
+    from raydist.loop.recipe import out_of_memory_message
+    from raydist.loop.worker_data import DEVICE_SHARE, folder_copy_bytes, streams_folder
+
+    root, _ = split_folder
+    cfg = validate(TrainConfig(dataset="folder", data_dir=str(root), input_size=32))
+    copy = folder_copy_bytes(cfg)
+    assert not streams_folder(cfg, workers_here=2)  # on this machine's host memory: held in memory
+    assert not streams_folder(cfg, workers_here=2, device_bytes=int(copy / DEVICE_SHARE) + 1)
+    assert streams_folder(cfg, workers_here=2, device_bytes=int(copy / DEVICE_SHARE) - 1)
+    held = validate(TrainConfig(dataset="folder", data_dir=str(root), input_size=32, data_loader="memory"))
+    assert not streams_folder(held, workers_here=2, device_bytes=copy)  # asked for: kept, and then ...
+    gpu = int(copy * 1.5)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=gpu))
+    line = out_of_memory_message(held, torch.device("cuda", 0), 2)
+    assert line.startswith(f"out of memory on cuda training resnet8: the image folder held decoded on the GPU "
+                           f"takes {copy / 2**30:.1f} GiB of its {gpu / 2**30:.1f} GiB; use --data-loader stream")
+    small = out_of_memory_message(held, torch.device("cpu"), 2)  # on a CPU: the host budget's, as before
+    assert "per-worker batch of" in small and "image folder" not in small
+
+
 def test_a_folder_too_large_for_the_workers_memory_is_refused_before_ray(split_folder):
     from raydist.errors import ConfigError
     from raydist.run_config import check_folder_fits

@@ -101,6 +101,7 @@ def test_every_documented_training_command_is_accepted(tmp_path, monkeypatch):
 OTHER_TOOLS_FLAGS = {
     "--head": "ray start", "--port": "ray start", "--dashboard-host": "ray start", "--generate": "ray get-auth-token",
     "--filters": "aws ec2", "--owners": "aws ec2", "--query": "aws ec2", "--output": "aws ec2", "--region": "aws ec2",
+    "--group-name": "aws ec2 create-placement-group", "--strategy": "aws ec2 create-placement-group",
     "--logdir": "tensorboard", "--no-cache-dir": "pip", "--batches-per-allreduce": "Horovod's train.py",
     "--fake-": "raydist.train's --fake-* family, named as a group",
 }

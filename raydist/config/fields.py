@@ -134,7 +134,9 @@ class TrainConfig:
     val_batch_size: Optional[int] = _field("optimization", None, "images per worker per validation step "
                                            "(default: 2 x --batch-size; evaluation keeps no gradients)")
     grad_accum: int = _field("optimization", 1, "steps accumulated per optimizer update; the allreduce runs on the last only")
-    precision: str = _field("optimization", "auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16, fp16",
+    precision: str = _field("optimization", "auto", "auto (bf16 autocast on GPUs that compute it natively, "
+                            "compute capability 8.0+; fp16 with a grad scaler on older ones; fp32 on CPU), "
+                            "fp32, bf16, fp16",
                             ("auto", "fp32", "bf16", "fp16"))
     fp16_allreduce: bool = _field("optimization", False, "compress gradients to 16 bits for the allreduce: fp16 "
                                   "with --precision fp16 (its loss is scaled), else bf16 (fp32's range: unscaled "

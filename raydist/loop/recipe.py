@@ -67,10 +67,32 @@ def seed_epoch(seed: int, epoch: int, rank: int, augment: "Augmenter", position:
     augment.gen.manual_seed(stream)
 
 
+def apply_device_settings(cfg: TrainConfig, device: torch.device) -> None:
+    """The process-wide settings a worker trains under, set by the loop and by every benchmark that times the
+    loop's pieces (so that its figures are the loop's): on a CPU a thread pool sized to the worker's CPUs; on
+    a GPU cuDNN's autotuner (fixed input shapes: it times its kernels once and keeps the best) and TF32
+    matmuls and convolutions where fp32 runs, except when fp32 itself is asked for (--precision fp32)."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision != "fp32"
+
+
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        return auto_precision_dtype(device)
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def auto_precision_dtype(device: torch.device, capability: Optional[tuple] = None) -> Optional[torch.dtype]:
+    """`--precision auto`: bf16 where the GPU computes it natively (compute capability 8.0 and later: A100,
+    A10G, L4, H100), fp16 with the grad scaler before that (T4, V100 emulate bf16 autocast, several times
+    slower), fp32 on the CPU. `capability`: the device's (major, minor), read from it when not given."""
+    if device.type != "cuda":
+        return None
+    major, _ = capability if capability is not None else torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -92,10 +114,29 @@ def out_of_memory_message(cfg: TrainConfig, device: torch.device, world: int) ->
             memory = "unknown"
     size = input_side(cfg)
     half = max(1, cfg.batch_size // 2)
+    held = folder_on_device(cfg, device)
+    if held:  # the decoded folder, not the batch, took the device's memory: say that first
+        return (f"out of memory on {device.type} training {cfg.model}: the image folder held decoded on the GPU "
+                f"takes {held / 2**30:.1f} GiB of its {memory}; use --data-loader stream (images decoded by Ray "
+                f"Data, a batch at a time), or a smaller --input-size")
     return (f"out of memory on {device.type} training {cfg.model} with a per-worker batch of {cfg.batch_size} "
             f"images of {size}x{size} pixels (device memory {memory}, {world} worker(s)); use "
             f"--batch-size {half} --grad-accum {cfg.grad_accum * cfg.batch_size // half} (the same global batch), "
             f"or a smaller batch, --input-size or model")
+
+
+def folder_on_device(cfg: TrainConfig, device: torch.device) -> int:
+    """Bytes of an image folder the memory path holds decoded on this GPU when they are a large share of it
+    (DEVICE_SHARE, which auto's choice keeps to), else 0."""
+    if cfg.dataset != "folder" or cfg.data_loader == "stream" or device.type != "cuda":
+        return 0
+    from raydist.loop.worker_data import DEVICE_SHARE, device_memory_bytes, folder_copy_bytes
+
+    try:
+        held = folder_copy_bytes(cfg)
+    except Exception:  # noqa: BLE001 - only a better message
+        return 0
+    return held if held > DEVICE_SHARE * device_memory_bytes(device) else 0
 
 
 DIVERGED = "diverged"

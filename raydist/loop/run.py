@@ -22,6 +22,7 @@ from raydist.errors import DataUnavailable, OutOfMemory, TooManyBadImages, Weigh
 from raydist.loop.context import WorkerContext, report_with_checkpoint
 from raydist.loop.recipe import (
     DIVERGED,
+    apply_device_settings,
     checkpoint_hint,
     divergence,
     is_out_of_memory,
@@ -60,12 +61,7 @@ def run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
 
 def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # one thread pool per worker, sized to its share
-    else:
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: cuDNN times its kernels once and keeps the best
-        # TF32 matmuls and convolutions where fp32 runs, except when fp32 itself is asked for (--precision fp32).
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision != "fp32"
+    apply_device_settings(cfg, device)
     train_set, val_set = load_data_once_per_node(cfg, device=device, rank=rank, world=world, node_id=ctx.node_id,
                                                  open_stream=ctx.open_stream)
     # A resumed run takes every weight from its checkpoint: the pretrained source is not needed again.

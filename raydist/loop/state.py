@@ -228,17 +228,16 @@ class TrainingState:
         first = self.stage is None
         self.stage = stage
         set_trainable(self.units, stage)
+        if cfg.compile and not first:  # the last stages would pass torch's recompile limit and run uncompiled
+            torch._dynamo.reset()  # the earlier stages' graphs: never run again (requires_grad is in their guards)
         if self.world > 1:
             # DDP registers its allreduce hooks for the parameters that require grad when it wraps the
             # model: a new trainable set needs a new wrapper (the old one's hooks go with it).
             self.model = None
             gc.collect()
-            # broadcast_buffers=False: DDP would otherwise send rank 0's BatchNorm statistics to every rank
-            # before each forward. Rank 0's own statistics come out the same either way (each rank's are
-            # overwritten, then updated from its own batch), and they are what is evaluated and saved
-            # (evaluate() broadcasts them once per epoch), so that traffic buys nothing.
-            # device_ids names the one device of a one-device model; a split model (on several) and a CPU
-            # model take None.
+            # broadcast_buffers=False: DDP would send rank 0's BatchNorm statistics to every rank before each
+            # forward; rank 0's come out the same either way, and they are what is evaluated and saved
+            # (evaluate() broadcasts them once per epoch). device_ids: a one-device model's device only.
             one_gpu = self.device.type == "cuda" and self.pipeline is None
             self.model = DDP(self.compiled, device_ids=[self.device.index] if one_gpu else None,
                              **NO_FORWARD_BUFFER_SYNC)
@@ -382,7 +381,9 @@ class TrainingState:
         # keeps the momentum buffers ...
         self.optimizer.load_state_dict(with_fused_flag(state["optimizer"], self._fused()))
         self._apply_hyperparameters(self.optimizer)  # ... but this run's decay, momentum and LR multipliers
-        self.scaler.load_state_dict(state["scaler"])
+        # A scaler that was off (bf16, fp32, CPU) saved {}, which an enabled one refuses: fp16 then starts afresh.
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.early_stop.hits = state["epoch"], state.get("early_stop_hits", 0)
         self.first_train_loss = state.get("first_train_loss")
         self.position = int(state.get("position") or 0)

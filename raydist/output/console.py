@@ -263,8 +263,9 @@ def run_start_lines(cfg) -> list[str]:
     from raydist.config.fields import TrainConfig, lr_scale
 
     device = {True: "GPU", False: "CPU", None: "GPUs if the cluster has them, else CPUs"}[cfg.use_gpu]
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cfg.use_gpu else
-                                                              "fp32" if cfg.use_gpu is False else "bf16 on GPU, fp32 on CPU")
+    gpu_auto = "bf16 (fp16 on GPUs before compute capability 8.0)"
+    precision = cfg.precision if cfg.precision != "auto" else (gpu_auto if cfg.use_gpu else "fp32"
+                                                              if cfg.use_gpu is False else f"{gpu_auto} on GPU, fp32 on CPU")
     workers = cfg.workers_text()
     global_batch = cfg.global_batch_at(cfg.num_workers)
     peak = cfg.lr * lr_scale(cfg, global_batch)

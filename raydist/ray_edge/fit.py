@@ -114,6 +114,22 @@ def _connect_and_plan(cfg: TrainConfig, *, storage_checked: bool) -> bool:
     return use_gpu
 
 
+# An elastic run's collectives: a peer lost to a reclaim must fail them within minutes, not at torch's 30.
+ELASTIC_COLLECTIVE_TIMEOUT_S = 300
+
+
+def collective_settings(cfg: TrainConfig, use_gpu: bool) -> tuple[int, dict]:
+    """(process-group timeout in seconds, environment of the workers) for a run. Elastic: the timeout fits
+    a reclaim (a collective waiting on a rank whose node went fails after 5 minutes; torch's default is
+    30); on GPUs NCCL's watchdog then aborts the communicator and raises in the waiting ranks
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING=2) rather than killing their process (Ray sets 1), so that the rank
+    waits for Ray Train's restart (raydist.loop.spot) instead of dying as a fault counted against
+    --max-failures. A fixed-size run keeps torch's and Ray's defaults."""
+    if not cfg.is_elastic():
+        return 1800, {}
+    return ELASTIC_COLLECTIVE_TIMEOUT_S, ({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"} if use_gpu else {})
+
+
 def _torch_trainer(cfg: TrainConfig, *, use_gpu: bool, callbacks: list, console: dict):
     """The run's Ray Train TorchTrainer: its workers run raydist.ray_edge.worker.train_loop_per_worker."""
     import ray.train
@@ -122,10 +138,11 @@ def _torch_trainer(cfg: TrainConfig, *, use_gpu: bool, callbacks: list, console:
     resources = {"CPU": cfg.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
+    timeout_s, worker_env = collective_settings(cfg, use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**cfg.to_dict(), CONSOLE_KEY: console},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=timeout_s),
         # An elastic run: Ray Train starts on what fits of the range, asks the autoscaler for the maximum and
         # restarts the group larger (from the latest checkpoint) when room appears, every resize_check_s.
         scaling_config=ray.train.ScalingConfig(
@@ -133,6 +150,7 @@ def _torch_trainer(cfg: TrainConfig, *, use_gpu: bool, callbacks: list, console:
             use_gpu=use_gpu, resources_per_worker=resources, elastic_resize_monitor_interval_s=cfg.resize_check_s),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=cfg.storage_path, callbacks=callbacks,
+            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
             # Ray Train logs every report of every rank at INFO; our rank 0 prints one line per epoch.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             # Nodes reclaimed with notice (spot) draw on their own budget; max_failures stays for real faults.
