@@ -6,7 +6,8 @@ torchvision DataLoader, per model, batch size and compile, side by side in one r
         --json docs/throughput_gpu.json                              # on a GPU machine
 
 Both sides train the same model from the same initial weights with SGD (momentum 0.9, Nesterov, weight decay
-5e-4), crop+flip augmentation and the same precision (bf16 autocast on a GPU, fp32 on the CPU; --precision):
+5e-4), crop+flip augmentation and the same precision (--precision auto: bf16 autocast on GPUs of compute capability
+8.0 and later, fp16 with a grad scaler before, fp32 on the CPU):
 - raydist: raydist.loop.state.TrainingState.train_epoch, the loop every run and trial uses: data held as uint8 on
   the device, augmented there in batches, channels_last (--channels-last), no host sync inside the epoch;
 - loop: the usual alternative, a torchvision-style Dataset of uint8 images turned into PIL images, per-image
@@ -155,6 +156,7 @@ def loop_side(model: str, batch: int, compile_: bool, device: torch.device, step
                                 fused=fused)
     step_model = torch.compile(net) if compile_ else net
     amp = autocast_dtype(precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)  # auto on GPUs before 8.0: fp16
     criterion = torch.nn.CrossEntropyLoss()
     seconds = 0.0
     for epoch in range(2):  # the first warms up (and compiles)
@@ -167,8 +169,9 @@ def loop_side(model: str, batch: int, compile_: bool, device: torch.device, step
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 loss = criterion(step_model(x), y)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
         _sync(device)
         seconds = time.perf_counter() - t0

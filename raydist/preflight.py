@@ -179,8 +179,8 @@ def _check_model_parallel(cfg: TrainConfig) -> None:
             what = (f"--micro-batches {cfg.micro_batches}" if cfg.micro_batches != 1
                     else f"--pipeline-balance {cfg.pipeline_balance}")
             raise ConfigError(f"{what} pipelines a model split over devices; give --model-parallel 2 or more too")
-        whole = float(cfg.gpus_per_worker).is_integer()  # a fraction of a GPU is refused with its own reason
-        if cfg.use_gpu is not False and whole and cfg.gpus_per_worker != 1:
+        whole = float(cfg.gpus_per_worker).is_integer()  # a fraction, 0: refused with their own reasons
+        if cfg.use_gpu is not False and whole and cfg.gpus_per_worker > 1:
             # Each DDP rank trains on one GPU: a second one per worker would be reserved and sit idle.
             k = f"{cfg.gpus_per_worker:g}"
             raise ConfigError(f"--gpus-per-worker {k}: a worker trains on one GPU unless its model is split over "

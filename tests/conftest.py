@@ -136,8 +136,10 @@ def cluster(tmp_path_factory):
     finally:
         import ray
 
-        _count_what_ran(handle)
-        ray.shutdown()
+        try:
+            _count_what_ran(handle)
+        finally:
+            ray.shutdown()
         # `ray start --block` and everything it started share one process group: stop exactly that.
         for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
             try:

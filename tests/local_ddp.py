@@ -10,8 +10,9 @@ only process start-up differs, which is what makes these tests take seconds inst
 The processes are forked from one server process (multiprocessing's forkserver) that imported torch and
 raydist's loop once per test session: a spawned interpreter paid those imports (about 3 s of CPU each, torch's
 first optimizer importing torch._dynamo among them) for every process of every run. The server itself never
-computes, so its children start with no thread pools to inherit; each takes the test's environment and
-working folder as a spawned process did.
+computes, so its children start with no thread pools to inherit. Each worker takes the test's environment,
+working folder and stdout/stderr; what a library read from the environment when it was imported is the
+server's (the environment of the session's first run): no test here sets such a variable.
 """
 
 import os
@@ -105,10 +106,11 @@ def _start_method() -> str:
 
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return "spawn"
-    # Read by the server when it starts (the first run of the session); its sys.path is this process's, so
-    # this module and raydist import there as here. torch._dynamo: every optimizer step imports it.
+    # Read by the server when it starts (the first run of the session). The server imports from its own
+    # path (the installed raydist, PYTHONPATH); each worker then gets this process's sys.path and imports
+    # this module itself. torch._dynamo: every optimizer step imports it.
     multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["torch", "torch._dynamo", "torch.distributed", "raydist.loop.run", "local_ddp"])
+        ["torch", "torch._dynamo", "torch.distributed", "raydist.loop.run"])
     return "forkserver"
 
 

@@ -5,6 +5,7 @@ its own (own_cluster)."""
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -336,3 +337,29 @@ def test_model_parallel_compares_unsplit_split_and_pipelined_sides(tmp_path):
     # ResNet-50 balanced by parameters: the cut after layer4's first block (tests/test_model_parallel.py)
     assert rows[1]["split"] == rows[2]["split"] == "stem..layer4.0 / layer4.1..head"
     assert "| pipelined | 2 | 2 | params | stem..layer4.0 / layer4.1..head |" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_every_section_on_the_cpu_in_its_dry_run(tmp_path):
+    """benchmarks/gpu_check.py, the one command that proves the GPU path when a GPU is lent: its dry run
+    goes through every section's code at tiny sizes (the loop against the plain loop, the workload run
+    with evaluation and checkpoints, fp16 with the scaler, the checkpoint write); on a machine without a
+    GPU the full run refuses in one line."""
+    out = tmp_path / "gpu.json"
+    _bench("gpu_check", "--dry-run", "--json", str(out))
+    result = json.loads(out.read_text())
+    import torch
+
+    assert result["dry_run"] and result["software"]["torch"] == torch.__version__
+    (row,) = result["loop"]
+    assert (row["model"], row["compile"]) == ("resnet8", "off")
+    for side in ("raydist", "plain"):
+        assert row[side]["images_per_s"] > 0 and row[side]["graphs"] == 0  # no compile asked for
+    workload = result["workload"]
+    assert [e["epoch"] for e in workload["epochs"]] == [1, 2] and all(e["images_per_s"] > 0 for e in workload["epochs"])
+    assert result["fp16"]["images_per_s"] > 0 and result["fp16"]["final_scale"] > 0
+    assert result["checkpoint"]["megabytes"] > 0 and result["ray"] is None
+    refused = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--json", str(tmp_path / "x.json")],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert refused.returncode == 2 and refused.stderr.startswith("gpu_check: no GPU visible to torch")
+    assert not (tmp_path / "x.json").exists()

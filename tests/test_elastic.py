@@ -270,18 +270,51 @@ def test_a_spot_notice_checkpoints_mid_epoch_and_a_resume_on_more_workers_uses_e
     assert history[-1]["val_acc"] >= 0.7, history[-1]  # it learned (chance: 0.1; an uninterrupted run: 0.86)
 
 
-@pytest.mark.parametrize("workers, use_gpu, timeout_s, env", [
-    ("1-4", True, 300, {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}), ("1-4", False, 300, {}), ("4", True, 1800, {})])
-def test_an_elastic_runs_collectives_fail_within_a_reclaim_and_nccl_raises_instead_of_killing_the_rank(
-        workers, use_gpu, timeout_s, env):
-    """With NCCL, Ray sets TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (a failed collective kills the process) and the
-    timeout is torch's 30 minutes: a rank waiting on a reclaimed peer would hang, or die before the restart
-    path (raydist.loop.spot.SpotWatch.wait_for_restart) could hold it. The run's TorchTrainer carries both."""
+@pytest.mark.parametrize("workers, use_gpu, env", [
+    ("1-4", True, {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}), ("1-4", False, {}), ("4", True, {})])
+def test_an_elastic_gpu_runs_nccl_raises_in_the_waiting_ranks_instead_of_killing_them(workers, use_gpu, env):
+    """With NCCL, Ray sets TORCH_NCCL_ASYNC_ERROR_HANDLING=1: a failed collective kills the process, before
+    the restart path (raydist.loop.spot.SpotWatch.wait_for_restart) could hold a rank left by a reclaimed
+    peer. An elastic GPU run's TorchTrainer gives its workers 2 (abort the communicator and raise)."""
     from raydist.cli import parse_cli
-    from raydist.ray_edge.fit import _torch_trainer, collective_settings
+    from raydist.ray_edge.fit import _torch_trainer, worker_environment
 
     cfg = parse_cli(["--num-workers", workers, "--no-use-gpu" if not use_gpu else "--use-gpu"])[0]
-    assert collective_settings(cfg, use_gpu) == (timeout_s, env)
+    assert worker_environment(cfg, use_gpu) == env
     trainer = _torch_trainer(cfg, use_gpu=use_gpu, callbacks=[], console={})
-    assert trainer.train_run_context.backend_config.timeout_s == timeout_s
     assert (trainer.train_run_context.run_config.worker_runtime_env or {}).get("env_vars", {}) == env
+    assert trainer.train_run_context.backend_config.timeout_s == 1800  # start-up waits keep torch's default
+
+
+def test_once_its_data_is_loaded_an_elastic_runs_collectives_time_out_within_a_reclaim(tmp_path, monkeypatch):
+    """A collective waiting on a peer a reclaim took fails after ELASTIC_COLLECTIVE_TIMEOUT_S, not torch's
+    30 minutes; set once the data is loaded (while a node's first rank downloads or decodes a data set the
+    others wait in a collective). A fixed-size run keeps the default. The real loop, one gloo process."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    from raydist.cli import parse_cli
+    from raydist.loop import run as loop_run
+    from raydist.loop.context import local_context
+    from raydist.parallel.elastic import ELASTIC_COLLECTIVE_TIMEOUT_S
+
+    def timeout():
+        return distributed_c10d._get_default_group()._get_backend(torch.device("cpu")).options._timeout
+
+    while_loading = []
+    load = loop_run.load_data_once_per_node
+    monkeypatch.setattr(loop_run, "load_data_once_per_node",
+                        lambda *args, **kwargs: (while_loading.append(timeout()), load(*args, **kwargs))[1])
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        default = timeout()
+        for workers, after in (("1", default), ("1-2", datetime.timedelta(seconds=ELASTIC_COLLECTIVE_TIMEOUT_S))):
+            cfg = parse_cli(["--num-workers", workers, "--epochs", "1", "--batch-size", "16", "--train-per-class",
+                             "10", "--no-use-gpu"])[0]
+            loop_run.run(cfg, local_context(str(tmp_path / workers)))
+            assert (while_loading[-1], timeout()) == (default, after), workers
+        assert default == datetime.timedelta(minutes=30)
+    finally:
+        dist.destroy_process_group()

@@ -311,6 +311,20 @@ def test_precision_auto_is_bf16_where_the_gpu_computes_it_natively_else_fp16_wit
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16  # asked for: whatever the device
 
 
+def test_precision_auto_is_resolved_once_for_the_run_and_saved_as_what_it_trained_with(monkeypatch):
+    """The loop resolves auto before it builds the training state (every rank alike: the group's smallest
+    compute capability decides, an all-reduce on GPUs), so the scaler, the fp16 allreduce hook and the saved
+    config all say the precision that ran."""
+    from raydist.loop.recipe import group_precision
+
+    cfg = validate(TrainConfig(**FAST))
+    assert group_precision(cfg, torch.device("cpu"), 1) is cfg  # fp32 on the CPU, as auto says
+    for capability, precision in (((7, 5), "fp16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert group_precision(cfg, torch.device("cuda", 0), 1).precision == precision
+    assert group_precision(validate(TrainConfig(precision="fp32", **FAST)), torch.device("cuda", 0), 1).precision == "fp32"
+
+
 @pytest.mark.parametrize("saved_as, resumed_as", [("bf16", "fp16"), ("fp32", "fp16"), ("auto", "fp16"),
                                                   ("fp16", "fp16"), ("fp16", "bf16")])
 def test_a_checkpoint_resumes_under_another_precision_with_the_grad_scaler_it_needs(saved_as, resumed_as):
@@ -330,16 +344,47 @@ def test_a_checkpoint_resumes_under_another_precision_with_the_grad_scaler_it_ne
 
     first = state(saved_as)
     first.train_epoch()
+    if saved_as == "fp16":
+        first.scaler.update(new_scale=1024.0)  # a scale a fresh scaler never has (it starts at 2**16)
     saved = first.state_dict()
     assert bool(saved["scaler"]) == (saved_as == "fp16")
     resumed = state(resumed_as)
     resumed.load_state_dict(saved)
     fresh = torch.amp.GradScaler("cpu").get_scale()
     if resumed_as == "fp16":
-        assert resumed.scaler.get_scale() == (saved["scaler"]["scale"] if saved_as == "fp16" else fresh)
+        assert resumed.scaler.get_scale() == (1024.0 if saved_as == "fp16" else fresh) and fresh == 2.0**16
     assert all(torch.equal(a, b) for a, b in zip(resumed.net.parameters(), first.net.parameters()))
     epoch = resumed.train_epoch()  # and the next epoch trains, its updates through the scaler
     assert epoch.updates == resumed.updates_per_epoch == 2 and math.isfinite(epoch.loss.item())
+
+
+def test_a_deferred_checkpoint_holds_training_up_for_a_copy_and_writes_the_state_as_it_was(tmp_path):
+    """Where the context writes in the background (Ray Train's upload thread), rank 0 copies the state to host
+    memory and goes on: the file written later holds the state at the report, not what training changed
+    since, and the seconds returned (the checkpoint-cost hint's) are the copy's."""
+    from raydist.data.sources import load_split
+    from raydist.loop.context import WorkerContext, report_with_checkpoint
+    from raydist.loop.state import TrainingState
+
+    cfg = validate(TrainConfig(augment="crop_flip", **FAST))
+    train, val = load_split("digits", "train"), load_split("digits", "val")
+    state = TrainingState(cfg, device=torch.device("cpu"), rank=0, world=1, train_set=train, val_set=val)
+    state.train_epoch()
+    deferred = []
+    ctx = WorkerContext(rank=0, world_size=1, device=torch.device("cpu"), report=None, write_file=None,
+                        report_deferred=lambda metrics, write: deferred.append((metrics, write)))
+    saved = state.state_dict({"epoch": 1})
+    expected = {name: tensor.clone() for name, tensor in saved["model"].items()}
+    momentum = [s["momentum_buffer"].clone() for s in saved["optimizer"]["state"].values()]
+    seconds = report_with_checkpoint(ctx, {"epoch": 1}, saved)
+    assert len(deferred) == 1 and deferred[0][0] == {"epoch": 1} and 0 <= seconds < 5
+    state.train_epoch()  # training goes on and changes the weights and the momentum in place
+    assert any(not torch.equal(expected[n], t) for n, t in state.net.state_dict().items())
+    deferred[0][1](str(tmp_path))  # the upload thread writes it now
+    written = load_checkpoint_file(str(tmp_path / CHECKPOINT_FILE))
+    assert all(torch.equal(written["model"][name], tensor) for name, tensor in expected.items())
+    assert all(torch.equal(a["momentum_buffer"], b) for a, b in zip(written["optimizer"]["state"].values(), momentum))
+    assert written["epoch"] == saved["epoch"] and written["config"] == saved["config"]
 
 
 def test_a_checkpoint_copied_into_storage_before_the_report_returns_counts_as_holding_training_up(

@@ -306,10 +306,12 @@ def test_on_a_gpu_auto_streams_a_folder_whose_copy_would_take_a_quarter_of_it_an
     assert not streams_folder(cfg, workers_here=2)  # on this machine's host memory: held in memory
     assert not streams_folder(cfg, workers_here=2, device_bytes=int(copy / DEVICE_SHARE) + 1)
     assert streams_folder(cfg, workers_here=2, device_bytes=int(copy / DEVICE_SHARE) - 1)
-    held = validate(TrainConfig(dataset="folder", data_dir=str(root), input_size=32, data_loader="memory"))
-    assert not streams_folder(held, workers_here=2, device_bytes=copy)  # asked for: kept, and then ...
     gpu = int(copy * 1.5)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=gpu))
+    auto = out_of_memory_message(cfg, torch.device("cuda", 0), 2)  # auto streamed that folder: the batch's cause
+    assert "per-worker batch of" in auto and "image folder" not in auto
+    held = validate(TrainConfig(dataset="folder", data_dir=str(root), input_size=32, data_loader="memory"))
+    assert not streams_folder(held, workers_here=2, device_bytes=copy)  # asked for: kept, and then ...
     line = out_of_memory_message(held, torch.device("cuda", 0), 2)
     assert line.startswith(f"out of memory on cuda training resnet8: the image folder held decoded on the GPU "
                            f"takes {copy / 2**30:.1f} GiB of its {gpu / 2**30:.1f} GiB; use --data-loader stream")

@@ -103,6 +103,7 @@ OTHER_TOOLS_FLAGS = {
     "--filters": "aws ec2", "--owners": "aws ec2", "--query": "aws ec2", "--output": "aws ec2", "--region": "aws ec2",
     "--group-name": "aws ec2 create-placement-group", "--strategy": "aws ec2 create-placement-group",
     "--logdir": "tensorboard", "--no-cache-dir": "pip", "--batches-per-allreduce": "Horovod's train.py",
+    "--dry-run": "benchmarks/gpu_check.py", "--json": "benchmarks/gpu_check.py",
     "--fake-": "raydist.train's --fake-* family, named as a group",
 }
 

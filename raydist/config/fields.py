@@ -139,8 +139,9 @@ class TrainConfig:
                             "fp32, bf16, fp16",
                             ("auto", "fp32", "bf16", "fp16"))
     fp16_allreduce: bool = _field("optimization", False, "compress gradients to 16 bits for the allreduce: fp16 "
-                                  "with --precision fp16 (its loss is scaled), else bf16 (fp32's range: unscaled "
-                                  "small gradients would underflow in fp16)")
+                                  "when the loss is scaled (--precision fp16, or auto on GPUs before compute "
+                                  "capability 8.0), else bf16 (fp32's range: unscaled small gradients would "
+                                  "underflow in fp16)")
 
     # ---- schedule ---------------------------------------------------------------------------
     epochs: int = _field("schedule", 15, "training epochs (passes over the training set)")

@@ -5,6 +5,7 @@ the checkpoint-cost hint.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Callable, Optional, Sequence
@@ -85,6 +86,23 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def group_precision(cfg: TrainConfig, device: torch.device, world: int) -> TrainConfig:
+    """cfg with `--precision auto` resolved once for the whole group on GPUs: bf16 only when every rank's
+    GPU computes it natively (the smallest compute capability decides), else fp16 with the grad scaler. Each
+    rank deciding alone would mix scaled and unscaled gradients in one allreduce on a mixed cluster."""
+    if cfg.precision != "auto" or device.type != "cuda":
+        return cfg
+    major = torch.cuda.get_device_capability(device)[0]
+    if world > 1:
+        import torch.distributed as dist
+
+        smallest = torch.tensor([major], device=device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        major = int(smallest.item())
+    chosen = auto_precision_dtype(device, (major, 0))
+    return dataclasses.replace(cfg, precision="bf16" if chosen is torch.bfloat16 else "fp16")
+
+
 def auto_precision_dtype(device: torch.device, capability: Optional[tuple] = None) -> Optional[torch.dtype]:
     """`--precision auto`: bf16 where the GPU computes it natively (compute capability 8.0 and later: A100,
     A10G, L4, H100), fp16 with the grad scaler before that (T4, V100 emulate bf16 autocast, several times
@@ -126,9 +144,9 @@ def out_of_memory_message(cfg: TrainConfig, device: torch.device, world: int) ->
 
 
 def folder_on_device(cfg: TrainConfig, device: torch.device) -> int:
-    """Bytes of an image folder the memory path holds decoded on this GPU when they are a large share of it
-    (DEVICE_SHARE, which auto's choice keeps to), else 0."""
-    if cfg.dataset != "folder" or cfg.data_loader == "stream" or device.type != "cuda":
+    """Bytes of an image folder held decoded on this GPU when they are more than DEVICE_SHARE of it, else 0.
+    Only `--data-loader memory` holds such a folder: `auto` streams it."""
+    if cfg.dataset != "folder" or cfg.data_loader != "memory" or device.type != "cuda":
         return 0
     from raydist.loop.worker_data import DEVICE_SHARE, device_memory_bytes, folder_copy_bytes
 

@@ -23,6 +23,7 @@ from raydist.loop.context import WorkerContext, report_with_checkpoint
 from raydist.loop.recipe import (
     DIVERGED,
     apply_device_settings,
+    group_precision,
     checkpoint_hint,
     divergence,
     is_out_of_memory,
@@ -32,6 +33,7 @@ from raydist.loop.recipe import (
 from raydist.loop.spot import SpotWatch, resize_line
 from raydist.loop.state import TrainingState
 from raydist.loop.worker_data import load_data_once_per_node, load_source
+from raydist.parallel.elastic import shorten_collective_timeout
 from raydist.output.wandb_log import WandbRun
 from raydist.output.wandb_log import run_id as wandb_run_id
 from raydist.runs.checkpoints import FINAL_MODEL_FILE, final_model_bytes
@@ -64,6 +66,9 @@ def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     apply_device_settings(cfg, device)
     train_set, val_set = load_data_once_per_node(cfg, device=device, rank=rank, world=world, node_id=ctx.node_id,
                                                  open_stream=ctx.open_stream)
+    if cfg.is_elastic():
+        shorten_collective_timeout()  # a rank whose peer a reclaim took stops waiting within minutes
+    cfg = group_precision(cfg, device, world)  # --precision auto: one choice for every rank
     # A resumed run takes every weight from its checkpoint: the pretrained source is not needed again.
     source = load_source(cfg, node_id=ctx.node_id) if ctx.resume_state is None else None
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank

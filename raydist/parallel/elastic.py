@@ -155,6 +155,24 @@ def epoch_steps(order: torch.Tensor, *, start: int, layout: BatchLayout, rank: i
 
 # ---- spot notices: when to ask --------------------------------------------------------------------------
 
+# An elastic run's collectives once its data is loaded: one waiting on a peer a reclaim took fails within
+# minutes, not at torch's default of 30 (start-up keeps that default: a node's first rank may download or
+# decode a whole data set while the others wait in a collective).
+ELASTIC_COLLECTIVE_TIMEOUT_S = 300
+
+
+def shorten_collective_timeout(seconds: float = ELASTIC_COLLECTIVE_TIMEOUT_S) -> None:
+    """The default process group's timeout for every later collective (torch.distributed's set_timeout)."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    set_timeout = getattr(distributed_c10d, "set_timeout", None) or distributed_c10d._set_pg_timeout
+    if dist.is_initialized():
+        set_timeout(datetime.timedelta(seconds=seconds))
+
+
 CHECK_BUDGET = 0.01  # preemption checks may cost this share of the training time
 FIRST_CHECK_AFTER = 10  # steps timed before the first check, when the cadence is chosen automatically
 MAX_CHECK_EVERY = 1000

@@ -114,20 +114,14 @@ def _connect_and_plan(cfg: TrainConfig, *, storage_checked: bool) -> bool:
     return use_gpu
 
 
-# An elastic run's collectives: a peer lost to a reclaim must fail them within minutes, not at torch's 30.
-ELASTIC_COLLECTIVE_TIMEOUT_S = 300
-
-
-def collective_settings(cfg: TrainConfig, use_gpu: bool) -> tuple[int, dict]:
-    """(process-group timeout in seconds, environment of the workers) for a run. Elastic: the timeout fits
-    a reclaim (a collective waiting on a rank whose node went fails after 5 minutes; torch's default is
-    30); on GPUs NCCL's watchdog then aborts the communicator and raises in the waiting ranks
-    (TORCH_NCCL_ASYNC_ERROR_HANDLING=2) rather than killing their process (Ray sets 1), so that the rank
-    waits for Ray Train's restart (raydist.loop.spot) instead of dying as a fault counted against
-    --max-failures. A fixed-size run keeps torch's and Ray's defaults."""
-    if not cfg.is_elastic():
-        return 1800, {}
-    return ELASTIC_COLLECTIVE_TIMEOUT_S, ({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"} if use_gpu else {})
+def worker_environment(cfg: TrainConfig, use_gpu: bool) -> dict:
+    """What a run's workers need in their environment before Ray Train creates their process group. An
+    elastic GPU run: NCCL's watchdog aborts the communicator of a collective that fails or times out and
+    raises in the waiting ranks (TORCH_NCCL_ASYNC_ERROR_HANDLING=2) rather than killing their process (Ray
+    sets 1), so that a rank left by a reclaimed peer waits for Ray Train's restart (raydist.loop.spot)
+    instead of dying as a fault counted against --max-failures. The timeout that bounds the wait is set
+    once the data is loaded (raydist.parallel.elastic.ELASTIC_COLLECTIVE_TIMEOUT_S)."""
+    return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"} if use_gpu and cfg.is_elastic() else {}
 
 
 def _torch_trainer(cfg: TrainConfig, *, use_gpu: bool, callbacks: list, console: dict):
@@ -138,11 +132,11 @@ def _torch_trainer(cfg: TrainConfig, *, use_gpu: bool, callbacks: list, console:
     resources = {"CPU": cfg.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
-    timeout_s, worker_env = collective_settings(cfg, use_gpu)
+    worker_env = worker_environment(cfg, use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**cfg.to_dict(), CONSOLE_KEY: console},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=timeout_s),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         # An elastic run: Ray Train starts on what fits of the range, asks the autoscaler for the maximum and
         # restarts the group larger (from the latest checkpoint) when room appears, every resize_check_s.
         scaling_config=ray.train.ScalingConfig(

@@ -6,7 +6,8 @@ notices, the run folder), resumes from Ray's latest checkpoint, and runs raydist
 from __future__ import annotations
 
 import os
-from typing import Optional
+import tempfile
+from typing import Callable, Optional
 
 from raydist.config.fields import TrainConfig
 from raydist.errors import CorruptCheckpoint, WorkerInputError, keep_traceback
@@ -88,6 +89,43 @@ def load_latest_good_checkpoint(checkpoint, *, announce: bool) -> dict:
 CONSOLE_KEY = "_console"
 
 
+def _reporters(train_ctx, exported):
+    """The loop's two ways to report to Ray Train: report(metrics, written folder or None), and
+    report_deferred(metrics, write) for a checkpoint serialised in Ray's upload thread."""
+    import ray.train  # RAY
+
+    def report(metrics: dict, checkpoint_folder: Optional[str]) -> None:
+        if exported and not metrics.get("partial_epoch"):
+            exported.record(metrics)
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None  # RAY
+        # ASYNC: the upload (to S3 it can take longer than an epoch) runs in Ray's background thread while
+        # training goes on, and Ray deletes the local folder once it is stored; the report reaches the
+        # controller (and Tune) when its checkpoint is safe, in order.
+        name = checkpoint_dir_name(metrics["epoch"], metrics.get("position", 0)) if ckpt else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name,  # RAY
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)  # RAY
+
+    def report_deferred(metrics: dict, write: Callable[[str], None]) -> None:
+        """A checkpoint written in Ray's upload thread: `write(folder)` serialises rank 0's host copy of the
+        state there, then Ray's own copy into storage; the report reaches the controller once both are done,
+        in order (ASYNC)."""
+        if exported and not metrics.get("partial_epoch"):
+            exported.record(metrics)
+        folder = tempfile.mkdtemp(prefix="raydist-ckpt-")
+        storage = train_ctx.get_storage()  # RAY
+
+        def write_then_upload(checkpoint, name):
+            write(folder)
+            return storage.persist_current_checkpoint(checkpoint, name)  # RAY (internal): Ray's default upload
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),  # RAY
+                         checkpoint_dir_name=checkpoint_dir_name(metrics["epoch"], metrics.get("position", 0)),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,  # RAY
+                         checkpoint_upload_fn=write_then_upload)  # RAY
+
+    return report, report_deferred
+
+
 def train_loop_per_worker(config: dict) -> list[dict]:
     """Entry point of every Ray Train worker (TorchTrainer has already set up the process group)."""
     import ray.train  # RAY
@@ -109,16 +147,7 @@ def train_loop_per_worker(config: dict) -> list[dict]:
     elif cfg.resume:  # --resume CHECKPOINT_DIR, or a run folder with no checkpoint yet
         resume_state = read_resume_checkpoint(cfg.resume, node_id=node_id)
 
-    def report(metrics: dict, checkpoint_folder: Optional[str]) -> None:
-        if exported and not metrics.get("partial_epoch"):
-            exported.record(metrics)
-        ckpt = ray.train.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None  # RAY
-        # ASYNC: the upload (to S3 it can take longer than an epoch) runs in Ray's background thread while
-        # training goes on, and Ray deletes the local folder once it is stored; the report reaches the
-        # controller (and Tune) when its checkpoint is safe, in order.
-        name = checkpoint_dir_name(metrics["epoch"], metrics.get("position", 0)) if ckpt else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name,  # RAY
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)  # RAY
+    report, report_deferred = _reporters(train_ctx, exported)
 
     def preemption_info() -> Optional[dict]:
         info = ray.train.get_preemption_info()  # RAY (alpha): a barrier; SpotWatch is its only caller
@@ -153,7 +182,8 @@ def train_loop_per_worker(config: dict) -> list[dict]:
                         progress_every_s=console.get("progress_every_s", 0.0),
                         preemption_info=preemption_info if cfg.is_elastic() else None,
                         devices=ray.train.torch.get_devices(),  # RAY: the worker's GPUs (ids need not be adjacent)
-                        open_stream=stream_splits)  # an image folder streamed through Ray Data
+                        open_stream=stream_splits,  # an image folder streamed through Ray Data
+                        report_deferred=report_deferred)  # rank 0's checkpoints written in Ray's upload thread
     try:
         return run(cfg, ctx)  # rank 0's history becomes Result.return_value
     except BaseException as exc:
