@@ -316,7 +316,13 @@ def test_gradual_unfreezing_with_torch_compile_compiles_every_stage_and_never_fa
 
     import torch._dynamo
 
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    graphs = []
+
+    def counting_eager(graph_module, example_inputs):  # what the eager backend does, each graph counted
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_eager))
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     torch._dynamo.reset()
     cfg = TrainConfig(weights=str(source_run / FINAL_MODEL_FILE), finetune="gradual", compile=True, epochs=6,
@@ -326,6 +332,9 @@ def test_gradual_unfreezing_with_torch_compile_compiles_every_stage_and_never_fa
     trainable = [m["trainable_params"] for m in history]
     assert trainable == sorted(trainable) and len(set(trainable)) == 5  # the head, then one stage more a epoch
     assert len(history) == 6 and max(m["val_acc"] for m in history) > LEARNED
+    # Each of the 5 stages compiled its own training and evaluation graphs (a stage that fell back to eager
+    # compiles none): more than the 8 one function may have without the per-stage reset.
+    assert len(graphs) >= 2 * 5, len(graphs)
     final = torch.load(tmp_path / FINAL_MODEL_FILE, weights_only=True)
     assert digits_val_accuracy(final) == pytest.approx(history[-1]["val_acc"], abs=1e-6)
     torch._dynamo.reset()

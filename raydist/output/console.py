@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import threading
 import time
 from typing import Callable, Iterable, Optional
 
@@ -37,6 +38,10 @@ RAY_NOISE = (
 RAY_DRIVER_NOISE = re.compile(r"^Token authentication is enabled for this Ray cluster\.")
 
 PROGRESS_MARK = "progress:"  # how the driver tells a progress line from any other worker line
+# Held while the driver prints a line of its own and while Ray's forwarding thread prints a batch of the
+# workers' lines: print() writes a line and its newline separately, so without it a study's event line
+# could start after a forwarded line's text, on the same line (seen once in CI, 2026-12-07).
+PRINT_LOCK = threading.RLock()
 
 
 # A process Ray stops (a finished trial's actor, a worker group's at teardown) gets SIGTERM, and Ray's handler

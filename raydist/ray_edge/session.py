@@ -105,7 +105,7 @@ def filter_worker_output(*, bare_run_lines: bool = False) -> None:
 
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher  # RAY (internal)
 
-    from raydist.output.console import PROGRESS_MARK, LiveBar, without_ray_noise
+    from raydist.output.console import PRINT_LOCK, PROGRESS_MARK, LiveBar, without_ray_noise
 
     global LIVE_BAR
     LIVE_BAR = LiveBar(sys.stdout) if sys.stdout.isatty() else None
@@ -124,13 +124,15 @@ def filter_worker_output(*, bare_run_lines: bool = False) -> None:
                         progress = [line for line in lines if PROGRESS_MARK in line]
                         lines = [line for line in lines if PROGRESS_MARK not in line]
                     if lines:
-                        if LIVE_BAR is not None:
-                            LIVE_BAR.clear()
-                        (_bare or _print)({**data, "lines": lines})
+                        with PRINT_LOCK:  # whole lines: never inside one the driver is printing
+                            if LIVE_BAR is not None:
+                                LIVE_BAR.clear()
+                            (_bare or _print)({**data, "lines": lines})
                     if bar is not None and progress:
                         bar.show(progress[-1])
                 except Exception:  # noqa: BLE001 - Ray's forwarding thread must never die here: print as Ray would
-                    _print(data)
+                    with PRINT_LOCK:
+                        _print(data)
 
             filtered.raydist_original = handler
             dispatcher.handlers[i] = (name, filtered)

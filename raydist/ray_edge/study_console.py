@@ -21,7 +21,8 @@ from raydist.study.study import Study
 
 
 def say(line: str) -> None:
-    print(line, flush=True)
+    with console.PRINT_LOCK:  # Ray's forwarding thread prints its lines in pieces: ours starts a line of its own
+        print(line, flush=True)
 
 
 class StudyConsole(Callback):
