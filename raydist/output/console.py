@@ -40,7 +40,7 @@ RAY_DRIVER_NOISE = re.compile(r"^Token authentication is enabled for this Ray cl
 PROGRESS_MARK = "progress:"  # how the driver tells a progress line from any other worker line
 # Held while the driver prints a line of its own and while Ray's forwarding thread prints a batch of the
 # workers' lines: print() writes a line and its newline separately, so without it a study's event line
-# could start after a forwarded line's text, on the same line (seen once in CI, 2026-12-07).
+# could start after a forwarded line's text, on the same line (the likely cause of a CI failure, 2026-12-07).
 PRINT_LOCK = threading.RLock()
 
 
