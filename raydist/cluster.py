@@ -15,7 +15,9 @@ What an autoscaling cluster can grow to: Ray 2.60's autoscalers keep their node 
 GCS has a slot for them, `ClusterConfig`, that nothing in Ray fills), so a cluster that starts from zero
 worker nodes looks like a CPU-less head. `publish` puts the node types into that slot, where Ray Train's
 own pre-flight check reads them too; without it raydist falls back to ~/ray_bootstrap_config.yaml on the
-driver's node (what `ray up` leaves on the head), else treats the cluster as fixed (what it has now).
+driver's node (what `ray up` leaves on the head), then to a KubeRay pod's RayCluster, then, where an
+autoscaler reports to the cluster, to an unknown limit (raydist.ray_edge.planning.capacity), and treats a
+cluster without an autoscaler as fixed (what it has now).
 """
 
 from __future__ import annotations

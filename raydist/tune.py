@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a config field for every trial (repeatable); a searched field becomes fixed")
     p.add_argument("--address", help="Ray cluster to join ('auto' or host:port); default: start a local one")
+    p.add_argument("--wait-for-workers-s", type=_seconds, metavar="S", default=TrainConfig.wait_for_workers_s,
+                   help="on an autoscaling cluster, the most seconds to wait for the nodes the first trial needs "
+                        f"before giving up in one line naming what never came (default: "
+                        f"{TrainConfig.wait_for_workers_s:g}; 0: give up at once)")
     p.add_argument("--storage-path", help="where the experiment folder goes, a local path or URI (default: ./runs)")
     p.add_argument("--name", help="experiment folder name (default: <study>-<timestamp>)")
     p.add_argument("--resume", metavar="EXPERIMENT_DIR",
@@ -89,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray's own full output (its status tables and result boxes) and every trial's epoch lines, "
                         "instead of one line per trial event and a status line every 30 s (study key: console)")
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be zero or more seconds, got {text!r}")
+    return value
 
 
 def find_study_file(name: str) -> str:
@@ -178,7 +193,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Plan:
         require_package("mlflow", "--mlflow-uri")
     return Plan(study=study, experiment_path=f"{storage_path}/{name}", storage_path=storage_path, name=name,
                 address=args.address, resume=bool(args.resume),
-                max_concurrent=study.max_concurrent,
+                max_concurrent=study.max_concurrent, wait_for_workers_s=args.wait_for_workers_s,
                 wandb=args.wandb, wandb_project=args.wandb_project, mlflow_uri=args.mlflow_uri)
 
 

@@ -2,14 +2,19 @@
 with no CPUs, a 2-CPU node type and a node type with (logical) GPUs, both at min_workers 0, started and
 stopped by the autoscaler as the work asks, idle nodes removed after 6 s.
 
-What the cluster can grow to comes from the node types `python -m raydist.cluster publish` puts into the
-cluster; without them the cluster is fixed and today's one-line refusal stands. A training run and a
-study are accepted while the cluster has no worker node, say that they wait, start nodes, finish, and the
-nodes go away again; on the GPU node type the planning is checked up to the GPU node starting (no CUDA
-here to train on it). A local --storage-path that not every node is known to see is refused.
+First as KubeRay-like platforms start theirs: nothing published, no bootstrap file; the autoscaler is found
+from its own report, its limit is unknown, and a run and a study wait for their nodes, get them and finish;
+a wait for nodes that never come ends in one line. Then with the node types that `python -m raydist.cluster
+publish` puts into the cluster: what it can grow to is known, a worker no node type holds is refused at
+once, and a training run and a study are accepted while the cluster has no worker node, say that they
+wait, start nodes, finish, and the nodes go away again; on the GPU node type the planning is checked up to
+the GPU node starting (no CUDA here to train on it). A local --storage-path that not every node is known to
+see is refused.
 """
 
+import csv
 import json
+import math
 import os
 import re
 import subprocess
@@ -21,7 +26,7 @@ import yaml
 from clusters import FakeAutoscalingCluster, wait_for
 
 from raydist.errors import ConfigError
-from raydist.ray_edge import planning, status
+from raydist.ray_edge import autoscaler, planning
 
 WORKER_TYPES = {
     "cpu2": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 2},
@@ -104,16 +109,140 @@ def _cli(module, fake, *args, env=None, **kwargs):
 # ---- tests on that cluster --------------------------------------------------------------------------------
 
 
-@pytest.mark.own_cluster
-def test_without_published_node_types_the_cluster_is_fixed_and_the_run_refused_in_one_line(fake, tmp_path):
+@pytest.fixture
+def kuberay_like(fake, tmp_path):
+    """The cluster as KubeRay-like platforms start theirs: an autoscaler runs, nothing published its node
+    types, and the driver's node has no ~/ray_bootstrap_config.yaml (HOME below is an empty folder)."""
     _unpublish()
-    # HOME: no ~/ray_bootstrap_config.yaml (what `ray up` leaves on a head node) to fall back on either.
-    proc = _cli("raydist.train", fake, "--num-workers", "2", "--no-use-gpu", "--storage-path", str(tmp_path),
-                env={"HOME": str(tmp_path)})
+    assert not os.path.exists(os.path.expanduser(planning.BOOTSTRAP_CONFIG))
+    # The monitor's first report comes once the raylets have sent it their load (seconds after the start).
+    wait_for(lambda: autoscaler.read_state(fake.address).kind == "v1", 60, "the autoscaler's first report")
+    return fake
+
+
+def _joined_during(proc, fake) -> tuple[set, dict]:
+    """Poll while `proc` runs: the autoscaler's activity lines seen, and the worker nodes that joined
+    ({node id: CPUs}), read while they are alive (an idle node goes 6 s after the work ends)."""
+    before = {n["NodeID"] for n in _workers_ever()}
+    seen, joined = set(), {}
+    while proc.poll() is None:
+        seen.update(autoscaler.read_state(fake.address).activity)
+        joined.update((n["NodeID"], n["Resources"].get("CPU")) for n in _workers_alive() if n["NodeID"] not in before)
+        time.sleep(0.3)
+    return seen, joined
+
+
+@pytest.mark.own_cluster
+def test_with_nothing_published_the_autoscaler_is_found_and_its_limit_is_unknown(kuberay_like, tmp_path,
+                                                                                  monkeypatch):
+    _no_worker_nodes()
+    cap = planning.capacity()
+    assert (cap.autoscaler, cap.cpus, cap.nodes, cap.limit_known, cap.autoscaling) == ("v1", 0, 1, False, True)
+    assert cap.node_shapes == ()  # nothing known: no worker is certain not to fit
+    monkeypatch.setenv(planning.FIXED_CLUSTER_ENV, "1")  # the user's word that it is fixed
+    fixed = planning.capacity()
+    assert (fixed.autoscaling, fixed.max_cpus, fixed.source) == (False, 0, "current resources (RAYDIST_FIXED_CLUSTER=1)")
+    monkeypatch.delenv(planning.FIXED_CLUSTER_ENV)
+    result = subprocess.run([sys.executable, "-m", "raydist.cluster", "status", "--address", kuberay_like.address],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("can grow to: unknown  (from an autoscaler (v1) that publishes no node types: limit unknown)"
+            in result.stdout), result.stdout
+
+
+@pytest.mark.own_cluster
+def test_with_nothing_published_a_training_run_waits_for_the_autoscaler_and_finishes(kuberay_like, tmp_path):
+    _no_worker_nodes()
+    proc = _cli("raydist.train", kuberay_like, "--num-workers", "2", "--no-use-gpu", "--batch-size", "32",
+                "--lr", "3.0", "--epochs", "6", "--warmup-epochs", "0.5", "--storage-path", str(tmp_path / "runs"),
+                "--name", "unknown", env={**NOT_SHARED_OK, "HOME": str(tmp_path)})
+    _, joined = _joined_during(proc, kuberay_like)
+    out = proc.stdout.read()
+    assert proc.returncode == 0, out[-5000:]
+    assert ("waiting for the autoscaler: the run needs 2 workers (2 CPUs), the cluster has 0 CPUs free now and its "
+            "autoscaler's limit is unknown\n") in out
+    assert re.search(r"^the autoscaler added what the run needs in \d+ s$", out, re.M), out[-3000:]
+    accuracy = float(re.search(r"finished 6 epoch\(s\) in [\d.]+s: val acc ([\d.]+)%", out).group(1))
+    assert accuracy >= 85.0
+    assert set(joined.values()) == {2.0}, joined  # the CPU node type, not the GPU one
+    _no_worker_nodes()
+
+
+@pytest.mark.own_cluster
+def test_with_nothing_published_a_study_waits_for_its_first_trial_and_grows(kuberay_like, tmp_path):
+    _no_worker_nodes()
+    (tmp_path / "small.yaml").write_text(SMALL_STUDY)
+    proc = _cli("raydist.tune", kuberay_like, "--search-space", str(tmp_path / "small.yaml"), "--storage-path",
+                str(tmp_path / "runs"), "--name", "grow", env={**NOT_SHARED_OK, "HOME": str(tmp_path)})
+    _, joined = _joined_during(proc, kuberay_like)
+    out = proc.stdout.read()
+    assert proc.returncode == 0, out[-5000:]
+    assert "up to 2 at once as the autoscaler adds nodes" in out
+    assert ("waiting for the autoscaler: the study's first trial needs 1 CPU, the cluster has 0 CPUs free now and "
+            "its autoscaler's limit is unknown\n") in out
+    with open(tmp_path / "runs" / "grow" / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["status"] for r in rows] == ["finished", "finished"], rows
+    assert max(float(r["best_val_acc"]) for r in rows) >= 0.5  # 2 epochs of resnet8 on digits
+    assert set(joined.values()) == {2.0}, joined
+    _no_worker_nodes()
+
+
+@pytest.mark.own_cluster
+def test_the_wait_for_nodes_that_never_come_ends_in_one_line_and_writes_nothing(kuberay_like, tmp_path):
+    _no_worker_nodes()
+    # 3 CPUs per worker: no node type holds one, which the autoscaler does not publish; the wait is the bound.
+    proc = _cli("raydist.train", kuberay_like, "--num-workers", "1", "--no-use-gpu", "--cpus-per-worker", "3",
+                "--wait-for-workers-s", "15", "--storage-path", str(tmp_path / "runs"),
+                env={**NOT_SHARED_OK, "HOME": str(tmp_path)})
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 2, out[-3000:]
+    assert out.strip().splitlines()[-1] == (
+        "raydist.train: error: waited 15 s (--wait-for-workers-s) and the autoscaler did not add what the run needs "
+        "(1 x {CPU: 3}): the cluster has 0 CPUs and 0 GPUs free; the autoscaler: it started no node for it")
+    assert not list((tmp_path / "runs").iterdir())  # no run folder: refused before Ray Train started (the shared
+    # storage check made the folder itself)
+
+
+@pytest.mark.own_cluster
+def test_a_studys_wait_for_nodes_that_never_come_ends_in_one_line_and_leaves_no_experiment(kuberay_like, tmp_path):
+    _no_worker_nodes()
+    (tmp_path / "small.yaml").write_text(SMALL_STUDY)
+    proc = _cli("raydist.tune", kuberay_like, "--search-space", str(tmp_path / "small.yaml"), "--set",
+                "cpus_per_worker=3", "--wait-for-workers-s", "5", "--storage-path", str(tmp_path / "runs"),
+                "--name", "never", env={**NOT_SHARED_OK, "HOME": str(tmp_path)})
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 2, out[-3000:]
+    assert out.strip().splitlines()[-1] == (
+        "raydist.tune: error: waited 5 s (--wait-for-workers-s) and the autoscaler did not add what the study's "
+        "first trial needs (1 x {CPU: 3}): the cluster has 0 CPUs and 0 GPUs free; the autoscaler: it started no "
+        "node for it")
+    assert not (tmp_path / "runs" / "never").exists()
+
+
+@pytest.mark.own_cluster
+def test_the_wait_removes_its_placement_group_whatever_happens(kuberay_like):
+    import ray
+
+    before = set(ray.util.placement_group_table())  # the groups of earlier tests' jobs, removed with them
+    with pytest.raises(ConfigError, match=r"^waited 2 s \(--wait-for-workers-s\) and the autoscaler did not add "
+                                          r"what the test needs \(2 x \{CPU: 3\}\)"):
+        autoscaler.wait_for_bundles([{"CPU": 3, "GPU": 0}] * 2, timeout_s=2, who="the test needs",
+                                    gcs_address=kuberay_like.address)
+    # This process's job lives on (a driver's groups go with its job): the wait itself removed the group.
+    assert [g["state"] for key, g in ray.util.placement_group_table().items() if key not in before] == ["REMOVED"]
+
+
+@pytest.mark.own_cluster
+def test_published_node_types_refuse_a_worker_no_node_type_holds_at_once(published, tmp_path):
+    proc = _cli("raydist.train", published, "--num-workers", "1", "--no-use-gpu", "--cpus-per-worker", "3",
+                "--storage-path", str(tmp_path / "runs"), env=NOT_SHARED_OK)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2, out[-3000:]
-    assert out.strip().splitlines()[-1] == ("raydist.train: error: --num-workers 2 x --cpus-per-worker 1 asks for "
-                                            "2 CPUs but the cluster has 0; lower either")
+    assert out.strip().splitlines()[-1] == (
+        "raydist.train: error: one worker asks for 3 CPUs and 0 GPUs (--cpus-per-worker, --gpus-per-worker), more "
+        "than any node the cluster has or its autoscaler can add holds (nodes: 2 CPUs, 0 GPUs; 1 CPU, 1 GPU; "
+        "0 CPUs, 0 GPUs); lower them")
 
 
 @pytest.mark.own_cluster
@@ -146,17 +275,10 @@ def test_a_local_storage_path_no_worker_node_can_check_yet_is_refused_in_one_lin
 @pytest.mark.own_cluster
 def test_a_training_run_waits_for_nodes_scales_up_from_zero_finishes_and_the_nodes_go(published, tmp_path):
     _no_worker_nodes()
-    before = {n["NodeID"] for n in _workers_ever()}
     proc = _cli("raydist.train", published, "--num-workers", "2", "--no-use-gpu", "--batch-size", "32",
                 "--lr", "3.0", "--epochs", "6", "--warmup-epochs", "0.5", "--storage-path", str(tmp_path / "runs"),
                 "--name", "scaled", env=NOT_SHARED_OK)
-    seen_starting, joined = set(), {}
-    while proc.poll() is None:  # what `raydist.cluster status` lists under "nodes starting"
-        seen_starting.update(status.autoscaler_activity(published.address))
-        # Read while they are alive: a removed node keeps no resources in ray.nodes(), and the idle ones go 6 s
-        # after the run ends, which on a slow machine is before the run's process has exited.
-        joined.update((n["NodeID"], n["Resources"].get("CPU")) for n in _workers_alive() if n["NodeID"] not in before)
-        time.sleep(0.3)
+    seen_starting, joined = _joined_during(proc, published)  # what `raydist.cluster status` lists as starting
     out = proc.stdout.read()
     assert proc.returncode == 0, out[-5000:]
     assert ("waiting for the autoscaler: the run needs 2 workers (2 CPUs), the cluster has 0 CPUs free now and "
@@ -228,8 +350,9 @@ def test_a_study_is_planned_at_the_clusters_largest_and_finishes(published, tmp_
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-5000:]
     assert "2 at once" in out  # from what it can grow to (6 CPUs), not the 0 free at its start
-    assert ("waiting for the autoscaler: 2 trials at once need 2 CPUs, the cluster has 0 CPUs free now and can "
-            "grow to 6") in out
+    assert ("waiting for the autoscaler: the study's first trial needs 1 CPU, the cluster has 0 CPUs free now "
+            "and can grow to 6\n") in out
+    assert re.search(r"^the autoscaler added what the study's first trial needs in \d+ s$", out, re.M), out[-3000:]
     with open(tmp_path / "runs" / "grow" / "results.csv") as fh:
         rows = fh.read().splitlines()[1:]
     assert len(rows) == 2
@@ -320,3 +443,78 @@ def test_a_run_that_must_wait_says_so_and_gives_ray_train_time_for_nodes_to_boot
     assert os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "60"  # the user's own value stands
     with pytest.raises(ConfigError, match=r"asks for 24 GPUs but the cluster at its largest has 20; "):
         planning.plan_run(use_gpu=True, **{**plan, "num_workers": 24})
+
+
+UNKNOWN = planning.Capacity(cpus=0, gpus=0, free_cpus=0, free_gpus=0, nodes=1, max_cpus=math.inf, max_gpus=math.inf,
+                            max_nodes=math.inf, source="test", autoscaler="v1")
+
+
+def test_an_unknown_limit_refuses_nothing_it_cannot_know_and_asks_whether_to_use_gpus(monkeypatch, capsys):
+    monkeypatch.setattr(planning, "capacity", lambda: UNKNOWN)
+    plan = dict(num_workers=64, cpus_per_worker=8, gpus_per_worker=1, storage_path=None)
+    with pytest.raises(ConfigError, match=r"^the cluster's autoscaler \(v1\) does not say whether it can add GPU "
+                                          r"nodes: pass --use-gpu or --no-use-gpu$"):
+        planning.plan_run(use_gpu=None, **plan)
+    assert planning.plan_run(use_gpu=True, **plan) is True  # 64 GPUs: nothing says the cluster cannot grow to them
+    assert capsys.readouterr().out == ("waiting for the autoscaler: the run needs 64 GPU workers (64 GPUs), the "
+                                       "cluster has 0 GPUs free now and its autoscaler's limit is unknown\n")
+    assert UNKNOWN.autoscaling and not UNKNOWN.limit_known
+
+
+def test_a_worker_larger_than_every_node_is_refused_where_the_nodes_are_known():
+    fixed = planning.Capacity(cpus=4, gpus=0, free_cpus=4, free_gpus=0, nodes=2, max_cpus=4, max_gpus=0, max_nodes=2,
+                              source="test", node_shapes=({"CPU": 2.0, "GPU": 0.0}, {"CPU": 2.0, "GPU": 0.0}))
+    planning.check_worker_fits_a_node(fixed, cpus_per_worker=2, gpus_per_worker=0)
+    # 4 CPUs in all, but no node holds a 3-CPU worker: Ray Train would wait for it forever.
+    with pytest.raises(ConfigError, match=r"^one worker asks for 3 CPUs and 0 GPUs \(--cpus-per-worker, "
+                                          r"--gpus-per-worker\), more than any node of the cluster holds "
+                                          r"\(nodes: 2 CPUs, 0 GPUs\); lower them$"):
+        planning.check_worker_fits_a_node(fixed, cpus_per_worker=3, gpus_per_worker=0)
+    planning.check_worker_fits_a_node(UNKNOWN, cpus_per_worker=300, gpus_per_worker=8)  # unknown: not refused
+
+
+def test_a_growing_cluster_raises_the_searchers_concurrency(monkeypatch, tmp_path):
+    import ray
+    from ray.tune.search import Searcher
+
+    from raydist.ray_edge import search
+    from raydist.ray_edge.study import trials_that_fit_now
+    from raydist.study.study_file import load_study
+
+    (tmp_path / "small.yaml").write_text(SMALL_STUDY.replace("num_samples: 2", "num_samples: 8"))
+    study = load_study(str(tmp_path / "small.yaml"))
+    cluster = {"CPU": 0.0}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(cluster))
+    now = trials_that_fit_now(study, cluster_has_gpus=False, every_s=0)
+    assert now() == 1  # no node: one trial, whose request makes the autoscaler add one
+    cluster["CPU"] = 2.0
+    assert now() == 3  # a 2-CPU node: two 1-CPU trials run there, one more waits for the next node
+
+    class Proposer(Searcher):
+        def suggest(self, trial_id):
+            return {"lr": 1.0}
+
+    random = search.RandomSearch(max_concurrent=4)
+    gate = search.TPEGate(Proposer(metric="val_acc", mode="max"), initial_points=0, max_concurrent=4)
+    try:
+        search.set_concurrency_now(lambda: 2)
+        assert random.max_concurrent == 2
+        assert gate.suggest("a") and gate.suggest("b") and gate.suggest("c") is None  # 2 live: the limit
+        search.set_concurrency_now(lambda: 9)
+        assert random.max_concurrent == 4 and gate.suggest("c")  # never above the study's own
+    finally:
+        search.set_concurrency_now(None)
+    restored = search.RandomSearch(max_concurrent=1)
+    saved = {k: v for k, v in restored.get_state().items() if k != "_max_concurrent"}
+    restored.set_state({**saved, "max_concurrent": 3})  # the state of a study saved before the property
+    assert restored.max_concurrent == 3 and "max_concurrent" not in restored.__dict__
+    old = search.RandomSearch.__new__(search.RandomSearch)  # unpickled from before: no _max_concurrent of its own
+    old.__dict__.update(saved)
+    assert old.max_concurrent == 0  # Tune's "no limit", as the old instance had it
+
+def test_rays_read_only_stand_in_for_an_autoscaler_is_not_taken_for_one():
+    node = "ab" * 28  # a node id: 28 bytes
+    assert autoscaler._read_only({f"node_{node}": 1})  # v1's summary of a cluster started without a config
+    assert autoscaler._read_only(["", ""])  # v2's: nodes without a type name
+    assert not autoscaler._read_only({"ray.head.default": 1, f"node_{node}": 1})  # a real config's type names
+    assert not autoscaler._read_only(["headgroup"])

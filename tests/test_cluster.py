@@ -262,7 +262,7 @@ def test_status_command_shows_resources_jobs_train_runs_and_the_dashboard(cluste
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "1 node(s), CPU 2 free of 2, GPU 0 free of 0" in out
-    assert "can grow to: no more (from current resources (no autoscaler config published))" in out
+    assert "can grow to: no more (from current resources (no autoscaler reports to the cluster))" in out
     assert "nodes starting: none" in out
     assert f"dashboard: {cluster.dashboard_url}" in out and f"(token: {cluster.token_file})" in out
     assert f"{job_id}  SUCCEEDED  {entrypoint}" in out

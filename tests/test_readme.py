@@ -105,6 +105,8 @@ OTHER_TOOLS_FLAGS = {
     "--logdir": "tensorboard", "--no-cache-dir": "pip", "--batches-per-allreduce": "Horovod's train.py",
     "--dry-run": "benchmarks/gpu_check.py", "--json": "benchmarks/gpu_check.py",
     "--fake-": "raydist.train's --fake-* family, named as a group",
+    "--version": "helm install", "--from-file": "kubectl create secret", "--working-dir": "ray job submit",
+    "--runtime-env-json": "ray job submit",
 }
 
 

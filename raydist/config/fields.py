@@ -186,6 +186,9 @@ class TrainConfig:
     gpus_per_worker: float = _field("scaling", 1.0, "GPUs per worker when --use-gpu")
     address: Optional[str] = _field("scaling", None, "Ray cluster to join ('auto' or host:port); default: start one")
     max_failures: int = _field("scaling", 0, "worker-group restarts after a failure; each resumes from the last checkpoint")
+    wait_for_workers_s: float = _field("scaling", 900.0, "on an autoscaling cluster, the most seconds to wait for "
+                                       "the nodes the workers need (an elastic run: its minimum) before giving up "
+                                       "in one line naming what never came; 0: give up at once")
 
     # ---- output -----------------------------------------------------------------------------
     storage_path: str = _field("output", "./runs", "where runs, checkpoints, logs and results go (local path or URI)")

@@ -109,7 +109,9 @@ def _connect_and_plan(cfg: TrainConfig, *, storage_checked: bool) -> bool:
     # An elastic run needs its minimum to start.
     use_gpu = planning.plan_run(use_gpu=cfg.use_gpu, num_workers=cfg.fewest_workers(),
                                 cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=cfg.gpus_per_worker,
-                                storage_path=None if storage_checked else cfg.storage_path)
+                                storage_path=None if storage_checked else cfg.storage_path,
+                                # A study's trial waits as Tune placed it; the study bounds its own wait.
+                                wait_for_workers_s=None if storage_checked else cfg.wait_for_workers_s)
     check_sync_batchnorm(cfg, use_gpu)
     return use_gpu
 

@@ -1,6 +1,7 @@
 """What a run or study may ask of a cluster: its capacity now and what its autoscaler can grow it to (the
-node types published by `raydist.cluster publish`, else `~/ray_bootstrap_config.yaml`, else what it has),
-the resource checks with their one-line refusals or waiting lines, and whether a local storage path is
+node types published by `raydist.cluster publish`, else `~/ray_bootstrap_config.yaml`, else a KubeRay
+pod's RayCluster, else an unknown limit where an autoscaler reports, else what it has), the resource checks
+with their one-line refusals, the waiting lines and the bounded wait, and whether a local storage path is
 shared by every node.
 """
 
@@ -122,56 +123,119 @@ class Capacity:
     free_cpus: float
     free_gpus: float
     nodes: int  # alive now, head included
-    max_cpus: float  # at its largest (= cpus on a fixed cluster)
+    max_cpus: float  # at its largest (= cpus on a fixed cluster); math.inf: an autoscaler whose limit is unknown
     max_gpus: float
-    max_nodes: float  # head included; math.inf: no limit
+    max_nodes: float  # head included; math.inf: no limit, or unknown
     source: str  # where max_* come from
+    node_shapes: tuple = ()  # {resource: amount} of each node it has or can add; () when unknown
+    autoscaler: str = ""  # with an unknown limit, the autoscaler that reports to the cluster: "v2" or "v1"
 
     @property
     def autoscaling(self) -> bool:
         return self.max_nodes > self.nodes or self.max_cpus > self.cpus or self.max_gpus > self.gpus
 
     @property
+    def limit_known(self) -> bool:
+        return math.isfinite(self.max_cpus)
+
+    @property
     def where(self) -> str:
         """How error messages name it: 'the cluster has 8' / 'the cluster at its largest has 8'."""
         return "the cluster at its largest" if self.autoscaling else "the cluster"
 
+    def grows_to(self, amount: float) -> str:
+        return f"can grow to {amount:g}" if self.limit_known else "its autoscaler's limit is unknown"
+
+
+FIXED_CLUSTER_ENV = "RAYDIST_FIXED_CLUSTER"  # "1": plan against what the cluster has now, whatever reports
+
 
 def capacity() -> Capacity:
-    """What the connected cluster has and what it can grow to: the node types published in its GCS (see
-    `publish`), else ~/ray_bootstrap_config.yaml on this node, else what it has now (a fixed cluster)."""
+    """What the connected cluster has and what it can grow to, from the first of: the node types
+    published in its GCS (see `publish`), ~/ray_bootstrap_config.yaml on this node, the RayCluster of a
+    KubeRay pod; else, with an autoscaler reporting to the cluster, an unknown limit (math.inf); else what
+    it has now (a fixed cluster). docs/reliability.md, "Any autoscaling cluster"."""
     import ray
     import ray._private.state  # RAY (internal): the reader Ray Train's own pre-flight check uses
 
     total, free = ray.cluster_resources(), ray.available_resources()
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    alive = [n for n in ray.nodes() if n.get("Alive")]
     now = dict(cpus=total.get("CPU", 0.0), gpus=total.get("GPU", 0.0), free_cpus=free.get("CPU", 0.0),
-               free_gpus=free.get("GPU", 0.0), nodes=nodes)
-    bootstrap = os.path.expanduser(BOOTSTRAP_CONFIG)
-    local = os.environ.get(LOCAL_CLUSTER_ENV) == "1"  # a cluster raydist started on this machine is fixed
-    config = None if local else ray._private.state.state.get_cluster_config()
-    if local:
-        limit, max_nodes, source = {}, nodes, "current resources (a local cluster)"
-    elif config is not None and config.node_group_configs:
+               free_gpus=free.get("GPU", 0.0), nodes=len(alive))
+    shapes_now = [_cpu_gpu(n.get("Resources", {})) for n in alive]
+
+    def fixed(source: str) -> Capacity:
+        return Capacity(**now, max_cpus=now["cpus"], max_gpus=now["gpus"], max_nodes=len(alive), source=source,
+                        node_shapes=tuple(shapes_now))
+
+    if os.environ.get(LOCAL_CLUSTER_ENV) == "1":  # a cluster raydist started on this machine is fixed
+        return fixed("current resources (a local cluster)")
+    if os.environ.get(FIXED_CLUSTER_ENV) == "1":
+        return fixed(f"current resources ({FIXED_CLUSTER_ENV}=1)")
+    config = ray._private.state.state.get_cluster_config()
+    if config is not None and config.node_group_configs:
         limit = ray._private.state.state.get_max_resources_from_cluster_config() or {}
         counts = [g.max_count for g in config.node_group_configs]
-        max_nodes = math.inf if -1 in counts else sum(counts)
-        source = "the autoscaler's node types (published)"
-    elif os.path.isfile(bootstrap):
+        return _grown(now, shapes_now, limit, max_nodes=math.inf if -1 in counts else sum(counts),
+                      shapes=[_cpu_gpu(dict(g.resources)) for g in config.node_group_configs if g.max_count != 0],
+                      source="the autoscaler's node types (published)")
+    bootstrap = os.path.expanduser(BOOTSTRAP_CONFIG)
+    if os.path.isfile(bootstrap):
         import yaml
 
         with open(bootstrap) as fh:
-            raw = yaml.safe_load(fh) or {}
-        types = node_types(raw)
-        limit = grow_to(types, raw.get("max_workers"))
-        max_nodes = 1 + max_worker_nodes(types, raw.get("max_workers"))
-        source = f"the autoscaler's node types in {BOOTSTRAP_CONFIG}"
-    else:
-        limit, max_nodes, source = {}, nodes, "current resources (no autoscaler config published)"
+            return _from_node_types(now, shapes_now, yaml.safe_load(fh) or {},
+                                    f"the autoscaler's node types in {BOOTSTRAP_CONFIG}")
+    from raydist.ray_edge import autoscaler
+
+    kuberay = autoscaler.kuberay_autoscaling_config()
+    if kuberay.config:
+        return _from_node_types(now, shapes_now, kuberay.config, "the node types of this pod's RayCluster (KubeRay)")
+    if kuberay.autoscales is False:
+        return fixed(f"current resources ({kuberay.why})")
+    state = autoscaler.read_state(ray.get_runtime_context().gcs_address)
+    if state:  # an autoscaler that publishes none of its node types: what it can add is unknown, not none
+        why = "" if kuberay.why == "not in a KubeRay pod" else f"; {kuberay.why}"
+        return Capacity(**now, max_cpus=math.inf, max_gpus=math.inf, max_nodes=math.inf,
+                        source=f"an autoscaler ({state.kind}) that publishes no node types: limit unknown{why}",
+                        autoscaler=state.kind)
+    return fixed("current resources (no autoscaler reports to the cluster)")
+
+
+def _from_node_types(now: dict, shapes_now: list, config: dict, source: str) -> Capacity:
+    types, most = node_types(config), config.get("max_workers")
+    workers = [t for t in types if t.max_count > t.head]
+    # A type whose resources the file leaves to the provider: its nodes' size is not known here.
+    shapes = None if any(not t.resources for t in workers) else [_cpu_gpu(t.resources) for t in workers]
+    return _grown(now, shapes_now, grow_to(types, most), max_nodes=1 + max_worker_nodes(types, most), shapes=shapes,
+                  source=source)
+
+
+def _grown(now: dict, shapes_now: list, limit: dict, *, max_nodes: float, shapes: Optional[list],
+           source: str) -> Capacity:
     # Node types whose resources nobody listed add nothing known: never report less than there is now.
     return Capacity(**now, max_cpus=max(now["cpus"], float(limit.get("CPU", 0))),
-                    max_gpus=max(now["gpus"], float(limit.get("GPU", 0))), max_nodes=max(nodes, max_nodes),
-                    source=source)
+                    max_gpus=max(now["gpus"], float(limit.get("GPU", 0))), max_nodes=max(now["nodes"], max_nodes),
+                    source=source, node_shapes=() if shapes is None else tuple(shapes_now + shapes))
+
+
+def _cpu_gpu(resources: dict) -> dict:
+    return {"CPU": float(resources.get("CPU", 0)), "GPU": float(resources.get("GPU", 0))}
+
+
+def check_worker_fits_a_node(cap: Capacity, *, cpus_per_worker: float, gpus_per_worker: float,
+                             names: str = "--cpus-per-worker, --gpus-per-worker") -> None:
+    """One worker must fit one node: a worker larger than every node the cluster has or can add would wait
+    forever for a placement that cannot happen (the totals may still be large enough)."""
+    if not cap.node_shapes:  # an autoscaler whose node types are unknown: nothing is certain
+        return
+    if any(s["CPU"] + 1e-9 >= cpus_per_worker and s["GPU"] + 1e-9 >= gpus_per_worker for s in cap.node_shapes):
+        return
+    shapes = sorted({(s["CPU"], s["GPU"]) for s in cap.node_shapes}, reverse=True)
+    kind = "any node the cluster has or its autoscaler can add" if cap.autoscaling else "any node of the cluster"
+    nodes = "; ".join(f"{_count(c, 'CPU')}, {_count(g, 'GPU')}" for c, g in shapes)
+    raise ConfigError(f"one worker asks for {_count(cpus_per_worker, 'CPU')} and {_count(gpus_per_worker, 'GPU')} "
+                      f"({names}), more than {kind} holds (nodes: {nodes}); lower them")
 
 
 def _count(n: float, noun: str) -> str:
@@ -191,27 +255,43 @@ def waiting_line(cap: Capacity, *, who: str, cpus: float, gpus: float, workers: 
             if workers:
                 wanted = f"{_count(workers, 'GPU worker' if noun == 'GPU' else 'worker')} ({wanted})"
             return (f"waiting for the autoscaler: {who} {wanted}, the cluster has {_count(free, noun)} free now "
-                    f"and can grow to {most:g}")
+                    f"and {cap.grows_to(most)}")
     return None
 
 
 def plan_run(*, use_gpu: Optional[bool], num_workers: int, cpus_per_worker: float, gpus_per_worker: float,
-             storage_path: Optional[str]) -> bool:
+             storage_path: Optional[str], wait_for_workers_s: Optional[float] = None) -> bool:
     """Checks on the connected cluster before a run starts; returns use_gpu. ConfigError if the run cannot
     fit the cluster at its largest, or its storage is a local path not every node can see (storage_path
-    None: checked already, e.g. by the study a trial belongs to). Says when it must wait for new nodes."""
+    None: checked already, e.g. by the study a trial belongs to). Says when it must wait for new nodes and,
+    given `wait_for_workers_s`, waits for them that long at most (ConfigError naming what never came)."""
     cap = capacity()
+    if use_gpu is None and not cap.limit_known:
+        raise ConfigError(f"the cluster's autoscaler ({cap.autoscaler}) does not say whether it can add GPU nodes: "
+                          f"pass --use-gpu or --no-use-gpu")
     use_gpu = check_resources(cluster_cpus=cap.max_cpus, cluster_gpus=cap.max_gpus, use_gpu=use_gpu,
                               num_workers=num_workers, cpus_per_worker=cpus_per_worker,
                               gpus_per_worker=gpus_per_worker, where=cap.where)
+    gpus = gpus_per_worker if use_gpu else 0.0
+    check_worker_fits_a_node(cap, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus)
     if storage_path is not None:
         check_storage(storage_path, cap)
     if cap.autoscaling:
+        # Ray Train's own wait for its workers' placement: past our wait, the nodes are up (or the run ended).
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", AUTOSCALING_START_TIMEOUT_S)
-    line = waiting_line(cap, who="the run needs", cpus=num_workers * cpus_per_worker,
-                        gpus=num_workers * gpus_per_worker if use_gpu else 0.0, workers=num_workers)
+    line = waiting_line(cap, who="the run needs", cpus=num_workers * cpus_per_worker, gpus=num_workers * gpus,
+                        workers=num_workers)
     if line:
         print(line, flush=True)
+        if wait_for_workers_s is not None:
+            import ray
+
+            from raydist.ray_edge.autoscaler import wait_for_bundles
+
+            bundle = {"CPU": cpus_per_worker, "GPU": gpus}
+            waited = wait_for_bundles([bundle] * num_workers, timeout_s=wait_for_workers_s,
+                                      who="the run needs", gcs_address=ray.get_runtime_context().gcs_address)
+            print(f"the autoscaler added what the run needs in {waited:.0f} s", flush=True)
     return use_gpu
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 from ray.tune.search import BasicVariantGenerator, Searcher
 
@@ -46,6 +46,20 @@ _resume_concurrency: Optional[int] = None
 def set_resume_concurrency(max_concurrent: Optional[int]) -> None:
     global _resume_concurrency
     _resume_concurrency = max_concurrent
+
+
+# Set by a study on a cluster whose autoscaler's limit is unknown (raydist.ray_edge.study.trials_that_fit_now):
+# the trials to run at once now, which grows as nodes arrive; the searchers never exceed it.
+_concurrency_now: Optional[Callable[[], int]] = None
+
+
+def set_concurrency_now(trials_now: Optional[Callable[[], int]]) -> None:
+    global _concurrency_now
+    _concurrency_now = trials_now
+
+
+def _limit(max_concurrent: int) -> int:
+    return max_concurrent if _concurrency_now is None else min(max_concurrent, _concurrency_now())
 
 
 class TPEGate(Searcher):
@@ -70,7 +84,7 @@ class TPEGate(Searcher):
                 and bool(self.live))
 
     def suggest(self, trial_id: str) -> Optional[dict]:
-        if len(self.live) >= self.max_concurrent or self.waiting_for_results():
+        if len(self.live) >= _limit(self.max_concurrent) or self.waiting_for_results():
             return None  # Tune asks again when a trial ends
         config = self.searcher.suggest(trial_id)
         if config not in (None, Searcher.FINISHED):
@@ -126,9 +140,23 @@ def _finite(value) -> bool:
 
 
 class RandomSearch(BasicVariantGenerator):
-    """Tune's random search, whose concurrency a resume can change (it is part of the state Tune restores)."""
+    """Tune's random search, whose concurrency a resume can change (it is part of the state Tune restores)
+    and a growing cluster can raise (`_limit`): Tune's generator reads `max_concurrent` for each trial."""
+
+    _max_concurrent = 0  # what an instance sets; here for one unpickled from before the property (Tune's 0: none)
+
+    @property
+    def max_concurrent(self) -> int:
+        return _limit(self._max_concurrent) if self._max_concurrent > 0 else self._max_concurrent
+
+    @max_concurrent.setter
+    def max_concurrent(self, value: int) -> None:
+        self._max_concurrent = value
 
     def set_state(self, state: dict) -> None:
+        if "max_concurrent" in state:  # saved before the property: the value is the instance's own
+            state = {**state, "_max_concurrent": state["max_concurrent"]}
+            del state["max_concurrent"]
         super().set_state(state)
         if _resume_concurrency is not None:
             self.max_concurrent = _resume_concurrency

@@ -1,6 +1,6 @@
-"""What runs on a cluster: the studies drivers publish (Ray's key-value store), the autoscaler's activity,
-and `raydist.cluster status`'s report; and Ray Train's autoscaling requests given back when a run or study
-is interrupted.
+"""What runs on a cluster: the studies drivers publish (Ray's key-value store) and `raydist.cluster
+status`'s report (with the autoscaler's activity, from raydist.ray_edge.autoscaler); and Ray Train's
+autoscaling requests given back when a run or study is interrupted.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from raydist.ray_edge import autoscaler
 from raydist.ray_edge.planning import capacity
 from raydist.ray_edge.session import START_HEAD, auth_headers, check_reachable, dashboard_get, token_path
 
@@ -80,36 +81,6 @@ def release_train_requests(run_names: set[str]) -> list[str]:
     return requests
 
 
-def autoscaler_activity(gcs_address: str) -> list[str]:
-    """Nodes the autoscaler is launching or booting, and launches that failed, one line each: from the v2
-    autoscaler's status (the default under `ray up`), else the v1 autoscaler's report in the GCS."""
-    import json
-
-    from ray.autoscaler.v2.utils import is_autoscaler_v2
-
-    lines = []
-    if is_autoscaler_v2(fetch_from_server=True):
-        from ray.autoscaler.v2.sdk import get_cluster_status
-
-        state = get_cluster_status(gcs_address)
-        lines += [f"launching {r.count} x {r.ray_node_type_name} ({r.instance_type_name}, {r.state})"
-                  for r in state.pending_launches]
-        lines += [f"starting {n.ray_node_type_name} {n.instance_id} ({n.node_status}"
-                  f"{': ' + n.details if n.details else ''})" for n in state.pending_nodes]
-        lines += [f"failed to launch {r.count} x {r.ray_node_type_name}: {r.details}" for r in state.failed_launches]
-        return lines
-    from ray.experimental.internal_kv import _internal_kv_get  # RAY (internal): the v1 monitor's report
-
-    raw = _internal_kv_get("__autoscaling_status")
-    if not raw:
-        return []
-    report = json.loads(raw).get("autoscaler_report", {})
-    lines += [f"launching {count} x {node_type}" for node_type, count in (report.get("pending_launches") or {}).items()]
-    lines += [f"starting {node_type} {ip} ({state})" for ip, node_type, state in report.get("pending_nodes") or []]
-    lines += [f"failed {node_type} {ip}" for ip, node_type in report.get("failed_nodes") or []]
-    return lines
-
-
 def status(address: Optional[str]) -> str:
     """The connected cluster in a few lines: resources, what it can grow to and the nodes starting, raydist
     jobs, Train runs (each trial is one)."""
@@ -124,11 +95,13 @@ def status(address: Optional[str]) -> str:
     cap = capacity()
     lines = [f"cluster {gcs}: {cap.nodes} node(s), CPU {cap.free_cpus:g} free of {cap.cpus:g}, "
              f"GPU {cap.free_gpus:g} free of {cap.gpus:g}"]
-    if cap.autoscaling:
+    if not cap.limit_known:
+        lines.append(f"can grow to: unknown  (from {cap.source})")
+    elif cap.autoscaling:
         lines.append(f"can grow to: CPU {cap.max_cpus:g}, GPU {cap.max_gpus:g}  (from {cap.source})")
     else:
         lines.append(f"can grow to: no more (from {cap.source})")
-    activity = autoscaler_activity(gcs)
+    activity = autoscaler.read_state(gcs).activity
     lines.append("nodes starting:" + ("" if activity else " none"))  # launching, booting, failed to launch
     lines += [f"  {a}" for a in activity]
     lines.append(f"dashboard: {url or 'not running'}  (token: {token_path()})")

@@ -38,6 +38,7 @@ class Plan:
     address: Optional[str]
     resume: bool
     max_concurrent: Optional[int]
+    wait_for_workers_s: float = TrainConfig.wait_for_workers_s  # on an autoscaling cluster, for the first trial
     wandb: bool = False
     wandb_project: Optional[str] = None
     mlflow_uri: Optional[str] = None
@@ -62,10 +63,41 @@ def plan_concurrency(study: Study, *, free_cpus: float, free_gpus: float, total_
         raise ConfigError(f"one trial needs {fewest_cpus:g} CPUs and {fewest_gpus:g} GPUs (num_workers x "
                           f"cpus/gpus_per_worker) but {where} has {total_cpus:g} CPUs and {total_gpus:g} GPUs; "
                           f"lower fixed num_workers")
-    fits = math.floor(free_cpus / cpus + 1e-9) if cpus else study.num_samples
-    if gpus:
+    return max(1, min(_fits(free_cpus, cpus, free_gpus, gpus, study.num_samples), requested or study.num_samples,
+                      study.num_samples))
+
+
+def _fits(free_cpus: float, cpus: float, free_gpus: float, gpus: float, otherwise: int) -> int:
+    """Trials of (cpus, gpus) that fit (free_cpus, free_gpus); `otherwise` where nothing bounds them (an
+    unknown limit is math.inf)."""
+    fits = math.floor(free_cpus / cpus + 1e-9) if cpus and math.isfinite(free_cpus) else otherwise
+    if gpus and math.isfinite(free_gpus):
         fits = min(fits, math.floor(free_gpus / gpus + 1e-9))
-    return max(1, min(fits, requested or study.num_samples, study.num_samples))
+    return fits
+
+
+def trials_that_fit_now(study: Study, *, cluster_has_gpus: bool, every_s: float = 2.0):
+    """For a cluster whose autoscaler's limit is unknown: a function giving the trials to run at once now,
+    those the cluster's nodes hold plus one that waits (the demand that makes the autoscaler add the next
+    node), read from the cluster at most every `every_s`. The study's concurrency grows as nodes arrive."""
+    import ray
+
+    cpus, gpus = study.per_trial_resources(cluster_has_gpus=cluster_has_gpus)
+    decode = 0.0
+    if streams_a_folder(study):
+        from raydist.data.folder import DECODE_CPUS
+
+        decode = DECODE_CPUS
+    last = {"at": -math.inf, "value": 1}
+
+    def now() -> int:
+        if time.monotonic() - last["at"] >= every_s:
+            total = ray.cluster_resources()
+            held = _fits(total.get("CPU", 0.0) - decode, cpus, total.get("GPU", 0.0), gpus, study.num_samples)
+            last.update(at=time.monotonic(), value=max(0, held) + 1)
+        return last["value"]
+
+    return now
 
 
 def streams_a_folder(study: Study) -> bool:
@@ -83,13 +115,17 @@ def streams_a_folder(study: Study) -> bool:
 
 def run_study(plan: Plan) -> StudyResult:
     """Run the study `plan` names on the connected (or a new local) cluster and summarise its trials."""
+    from raydist.ray_edge import search
     from raydist.ray_edge.study_console import StudyConsole
 
     t0 = time.perf_counter()
     study = plan.study
     cap, concurrency = _connect_and_plan(plan)
+    if _say_the_plan(plan, cap, concurrency):
+        _wait_for_first_trial(plan, cap)  # a wait that ends unanswered leaves no experiment folder behind
     save_study(study, plan.experiment_path)  # on --resume: with the concurrency and data_dir given now
-    _say_the_plan(plan, cap, concurrency)
+    if not cap.limit_known:
+        search.set_concurrency_now(trials_that_fit_now(study, cluster_has_gpus=cap.max_gpus > 0))
     # The console's trial lines and status line, and the study's record for `raydist.cluster status`.
     console = [] if study.verbose else [StudyConsole(study, plan.experiment_path, concurrency,
                                                       cluster_has_gpus=cap.max_gpus > 0)]
@@ -105,6 +141,7 @@ def run_study(plan: Plan) -> StudyResult:
         with contextlib.nullcontext() if study.verbose else _quiet_tune_output():
             grid = tuner.fit()
     finally:
+        search.set_concurrency_now(None)
         release.release_all()  # after Ctrl+C too: Tune has stopped every trial by now
         _forget_study(plan.name)
     return summarize(study, grid, plan.experiment_path, seconds=time.perf_counter() - t0)
@@ -124,33 +161,67 @@ def _connect_and_plan(plan: Plan):
     # An autoscaling cluster is planned at its largest: what is free there is what it can grow to, less
     # what is busy now (on a fixed cluster: what is free now).
     cap = planning.capacity()
+    if not cap.limit_known and "use_gpu" not in study.searched and study.fixed.get("use_gpu") is None:
+        raise ConfigError(f"the cluster's autoscaler ({cap.autoscaler}) does not say whether it can add GPU nodes: "
+                          f"set use_gpu in the study's fixed fields, or --set use_gpu=true (or false)")
     concurrency = plan_concurrency(study, free_cpus=cap.max_cpus - (cap.cpus - cap.free_cpus),
                                    free_gpus=cap.max_gpus - (cap.gpus - cap.free_gpus), total_cpus=cap.max_cpus,
                                    total_gpus=cap.max_gpus, requested=plan.max_concurrent, where=cap.where)
+    worker = study.smallest_worker(cluster_has_gpus=cap.max_gpus > 0)  # no trial can start if it fits no node
+    planning.check_worker_fits_a_node(cap, cpus_per_worker=worker["CPU"], gpus_per_worker=worker["GPU"],
+                                      names="fixed or searched cpus_per_worker, gpus_per_worker")
     planning.check_storage(plan.storage_path, cap)  # once for every trial: each trial's folder is inside it
     return cap, concurrency
 
 
-def _say_the_plan(plan: Plan, cap, concurrency: int) -> None:
-    """The study's first lines: what it searches, how, how many at once, and what it waits for."""
+def _say_the_plan(plan: Plan, cap, concurrency: int) -> bool:
+    """The study's first lines: what it searches, how, how many at once, and what it waits for (True:
+    it waits for the autoscaler)."""
     from raydist.ray_edge import planning
 
     study = plan.study
     print(f"study {study.name}: {study.num_samples} trials of {len(study.searched)} searched field(s) "
           f"({', '.join(f'{k}~{d.describe()}' for k, d in study.searched.items())}), {study.search} search, "
-          f"{study.scheduler} scheduler, {concurrency} at once; experiment: {plan.experiment_path}", flush=True)
+          f"{study.scheduler} scheduler, {_at_once(cap, concurrency)}; experiment: {plan.experiment_path}", flush=True)
     startup = max(study.initial_points, len(study.points_to_evaluate))  # as raydist.ray_edge.search.TPEGate counts
     if study.search == "hyperopt" and concurrency > startup:
         print(f"TPE: the first {startup} trials are start-up points; later ones wait until {study.initial_points} "
               f"trials have finished", flush=True)
     for warning in study.warnings:
         print(f"warning: {warning}", flush=True)
-    cpus, gpus = study.per_trial_resources(cluster_has_gpus=cap.max_gpus > 0)
-    waiting = planning.waiting_line(cap, who=f"{concurrency} trial{'s' if concurrency > 1 else ''} at once "
-                                             f"need{'' if concurrency > 1 else 's'}",
-                                    cpus=cpus * concurrency, gpus=gpus * concurrency)
+    first = _first_trial(plan, cap)
+    waiting = planning.waiting_line(cap, who=FIRST_TRIAL, cpus=sum(b["CPU"] for b in first),
+                                    gpus=sum(b["GPU"] for b in first))
     if waiting:
         print(waiting, flush=True)
+    return waiting is not None
+
+
+def _at_once(cap, concurrency: int) -> str:
+    if cap.limit_known:
+        return f"{concurrency} at once"
+    return f"up to {concurrency} at once as the autoscaler adds nodes"
+
+
+def _first_trial(plan: Plan, cap) -> list[dict]:
+    """The worker bundles the study's start waits for: its smallest trial's (the others follow as nodes
+    come; a known limit is an upper bound the cloud may not reach)."""
+    return plan.study.smallest_trial_bundles(cluster_has_gpus=cap.max_gpus > 0)
+
+
+FIRST_TRIAL = "the study's first trial needs"
+
+
+def _wait_for_first_trial(plan: Plan, cap) -> None:
+    """Hold the study's start until the autoscaler has added what its first trial needs, at most
+    --wait-for-workers-s (ConfigError naming what never came; Tune would wait for them forever)."""
+    import ray
+
+    from raydist.ray_edge.autoscaler import wait_for_bundles
+
+    waited = wait_for_bundles(_first_trial(plan, cap), timeout_s=plan.wait_for_workers_s, who=FIRST_TRIAL,
+                              gcs_address=ray.get_runtime_context().gcs_address)
+    print(f"the autoscaler added what {FIRST_TRIAL} in {waited:.0f} s", flush=True)
 
 
 def _tuner(plan: Plan, concurrency: int, *, cluster_has_gpus: bool, console: list, release):

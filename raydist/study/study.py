@@ -167,6 +167,22 @@ class Study:
             worst = (max(worst[0], workers * cfg.cpus_per_worker), max(worst[1], gpus))
         return worst
 
+    def smallest_trial_bundles(self, cluster_has_gpus: bool) -> list[dict]:
+        """The smallest trial's resources as one {CPU, GPU} bundle per worker (an elastic trial at its
+        minimum): what a study's start waits for on an autoscaling cluster."""
+        return min((self._bundles(cfg, cluster_has_gpus) for cfg in self._corner_configs()),
+                   key=lambda b: (sum(x["GPU"] for x in b), sum(x["CPU"] for x in b)))
+
+    @staticmethod
+    def _bundles(cfg: TrainConfig, cluster_has_gpus: bool) -> list[dict]:
+        use_gpu = cluster_has_gpus if cfg.use_gpu is None else cfg.use_gpu
+        return [{"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker if use_gpu else 0.0}] * cfg.fewest_workers()
+
+    def smallest_worker(self, cluster_has_gpus: bool) -> dict:
+        """{CPU, GPU} of the smallest worker any trial can have (each at its smallest over the space)."""
+        shapes = [b[0] for b in (self._bundles(cfg, cluster_has_gpus) for cfg in self._corner_configs())]
+        return {"CPU": min(b["CPU"] for b in shapes), "GPU": min(b["GPU"] for b in shapes)}
+
     def _corner_configs(self):
         return (cfg for _, cfg in self._corners())
 
