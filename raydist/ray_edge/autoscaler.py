@@ -43,15 +43,19 @@ def read_state(gcs_address: str) -> AutoscalerState:
     from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
 
     if is_autoscaler_v2(fetch_from_server=True):
-        reply = GetClusterStatusReply()
-        reply.ParseFromString(GcsClient(address=gcs_address).get_cluster_status())
+        try:
+            reply = GetClusterStatusReply()
+            reply.ParseFromString(GcsClient(address=gcs_address).get_cluster_status())
+            activity = _v2_activity(gcs_address)
+        except Exception:  # noqa: BLE001 - a GCS that does not answer it: no autoscaler known (a fixed cluster)
+            return AutoscalerState("")
         state = reply.autoscaling_state
         types = [n.ray_node_type_name for n in reply.cluster_resource_state.node_states]
         if state.autoscaler_state_version > 0 and not _read_only(types):
             # A placement group's bundles are a gang request; single tasks and actors are plain requests.
             requests = [*state.infeasible_resource_requests,
                         *(r for gang in state.infeasible_gang_resource_requests for r in gang.requests)]
-            return AutoscalerState("v2", tuple(_v2_activity(gcs_address)), tuple(
+            return AutoscalerState("v2", tuple(activity), tuple(
                 {k: float(v) for k, v in r.resources_bundle.items()} for r in requests))
     report = _v1_report()
     summary = (report or {}).get("autoscaler_report") or {}
