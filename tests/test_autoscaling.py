@@ -106,6 +106,14 @@ def _cli(module, fake, *args, env=None, **kwargs):
                             env={**os.environ, **(env or {})}, **kwargs)
 
 
+def _small_study(fake, tmp_path, env):
+    """SMALL_STUDY started from zero worker nodes, into tmp_path/runs/grow."""
+    _no_worker_nodes()
+    (tmp_path / "small.yaml").write_text(SMALL_STUDY)
+    return _cli("raydist.tune", fake, "--search-space", str(tmp_path / "small.yaml"), "--storage-path",
+                str(tmp_path / "runs"), "--name", "grow", env=env)
+
+
 # ---- tests on that cluster --------------------------------------------------------------------------------
 
 
@@ -170,10 +178,7 @@ def test_with_nothing_published_a_training_run_waits_for_the_autoscaler_and_fini
 
 @pytest.mark.own_cluster
 def test_with_nothing_published_a_study_waits_for_its_first_trial_and_grows(kuberay_like, tmp_path):
-    _no_worker_nodes()
-    (tmp_path / "small.yaml").write_text(SMALL_STUDY)
-    proc = _cli("raydist.tune", kuberay_like, "--search-space", str(tmp_path / "small.yaml"), "--storage-path",
-                str(tmp_path / "runs"), "--name", "grow", env={**NOT_SHARED_OK, "HOME": str(tmp_path)})
+    proc = _small_study(kuberay_like, tmp_path, env={**NOT_SHARED_OK, "HOME": str(tmp_path)})
     _, joined = _joined_during(proc, kuberay_like)
     out = proc.stdout.read()
     assert proc.returncode == 0, out[-5000:]
@@ -227,8 +232,7 @@ def test_the_wait_removes_its_placement_group_whatever_happens(kuberay_like):
     before = set(ray.util.placement_group_table())  # the groups of earlier tests' jobs, removed with them
     with pytest.raises(ConfigError, match=r"^waited 2 s \(--wait-for-workers-s\) and the autoscaler did not add "
                                           r"what the test needs \(2 x \{CPU: 3\}\)"):
-        autoscaler.wait_for_bundles([{"CPU": 3, "GPU": 0}] * 2, timeout_s=2, who="the test needs",
-                                    gcs_address=kuberay_like.address)
+        autoscaler.wait_for_bundles([{"CPU": 3, "GPU": 0}] * 2, timeout_s=2, who="the test needs")
     # This process's job lives on (a driver's groups go with its job): the wait itself removed the group.
     assert [g["state"] for key, g in ray.util.placement_group_table().items() if key not in before] == ["REMOVED"]
 
@@ -343,10 +347,7 @@ def test_the_shared_storage_check_reads_the_marker_on_every_node(published, tmp_
 
 @pytest.mark.own_cluster
 def test_a_study_is_planned_at_the_clusters_largest_and_finishes(published, tmp_path):
-    _no_worker_nodes()
-    (tmp_path / "small.yaml").write_text(SMALL_STUDY)
-    proc = _cli("raydist.tune", published, "--search-space", str(tmp_path / "small.yaml"), "--storage-path",
-                str(tmp_path / "runs"), "--name", "grow", env=NOT_SHARED_OK)
+    proc = _small_study(published, tmp_path, env=NOT_SHARED_OK)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-5000:]
     assert "2 at once" in out  # from what it can grow to (6 CPUs), not the 0 free at its start

@@ -5,7 +5,7 @@ RayCluster (read from Kubernetes as KubeRay's autoscaler reads them), and a boun
 a run needs.
 
     state = read_state(gcs_address)         # state.kind: "v2", "v1" or "" (no autoscaler reports)
-    wait_for_bundles([{"CPU": 1}] * 2, timeout_s=900, who="the run needs 2 workers", gcs_address=...)
+    wait_for_bundles([{"CPU": 1}] * 2, timeout_s=900, who="the run needs")   # on the connected cluster
 """
 
 from __future__ import annotations
@@ -164,15 +164,16 @@ def raycluster_autoscaling_config(resource: dict) -> dict:
 POLL_S = 1.0
 
 
-def wait_for_bundles(bundles: list[dict], *, timeout_s: float, who: str, gcs_address: str) -> float:
+def wait_for_bundles(bundles: list[dict], *, timeout_s: float, who: str) -> float:
     """Ask the autoscaler for `bundles` (a placement group shaped as the run's workers, packed as Ray
     Train packs them) and wait until the cluster holds them, at most `timeout_s`. The group is removed
     before returning, whatever happens: the run's own group takes its place (nodes stay up for the
-    autoscaler's idle timeout). Returns the seconds waited. ConfigError, one line, when the wait ends
+    autoscaler's idle timeout). On the connected cluster; returns the seconds waited. ConfigError, one line, when the wait ends
     without them or the autoscaler says no node type can hold one (`who`: 'the run needs 2 workers')."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
+    gcs_address = ray.get_runtime_context().gcs_address
     wanted = [{k: float(v) for k, v in b.items() if v} for b in bundles]
     group = placement_group(wanted, strategy="PACK")
     start, placed = time.monotonic(), group.ready()

@@ -284,13 +284,10 @@ def plan_run(*, use_gpu: Optional[bool], num_workers: int, cpus_per_worker: floa
     if line:
         print(line, flush=True)
         if wait_for_workers_s is not None:
-            import ray
-
             from raydist.ray_edge.autoscaler import wait_for_bundles
 
-            bundle = {"CPU": cpus_per_worker, "GPU": gpus}
-            waited = wait_for_bundles([bundle] * num_workers, timeout_s=wait_for_workers_s,
-                                      who="the run needs", gcs_address=ray.get_runtime_context().gcs_address)
+            waited = wait_for_bundles([{"CPU": cpus_per_worker, "GPU": gpus}] * num_workers,
+                                      timeout_s=wait_for_workers_s, who="the run needs")
             print(f"the autoscaler added what the run needs in {waited:.0f} s", flush=True)
     return use_gpu
 

@@ -55,10 +55,8 @@ def plan_concurrency(study: Study, *, free_cpus: float, free_gpus: float, total_
     # Elastic trials (num_workers MIN-MAX) are planned at MAX, so that trials shrink when nodes go rather than
     # wait; one needs MIN to start.
     fewest_cpus, fewest_gpus = study.per_trial_resources(cluster_has_gpus=total_gpus > 0, fewest=True)
-    if streams_a_folder(study):  # Ray Data decodes on CPUs the trials leave free (raydist.ray_edge.stream)
-        from raydist.data.folder import DECODE_CPUS
-
-        free_cpus, total_cpus = free_cpus - DECODE_CPUS, total_cpus - DECODE_CPUS
+    decode = _decode_cpus(study)
+    free_cpus, total_cpus = free_cpus - decode, total_cpus - decode
     if fewest_cpus > total_cpus or fewest_gpus > total_gpus:
         raise ConfigError(f"one trial needs {fewest_cpus:g} CPUs and {fewest_gpus:g} GPUs (num_workers x "
                           f"cpus/gpus_per_worker) but {where} has {total_cpus:g} CPUs and {total_gpus:g} GPUs; "
@@ -76,6 +74,15 @@ def _fits(free_cpus: float, cpus: float, free_gpus: float, gpus: float, otherwis
     return fits
 
 
+def _decode_cpus(study: Study) -> float:
+    """CPUs a study leaves to Ray Data's decoding when it streams an image folder (raydist.ray_edge.stream)."""
+    if not streams_a_folder(study):
+        return 0.0
+    from raydist.data.folder import DECODE_CPUS
+
+    return DECODE_CPUS
+
+
 def trials_that_fit_now(study: Study, *, cluster_has_gpus: bool, every_s: float = 2.0):
     """For a cluster whose autoscaler's limit is unknown: a function giving the trials to run at once now,
     those the cluster's nodes hold plus one that waits (the demand that makes the autoscaler add the next
@@ -83,11 +90,7 @@ def trials_that_fit_now(study: Study, *, cluster_has_gpus: bool, every_s: float 
     import ray
 
     cpus, gpus = study.per_trial_resources(cluster_has_gpus=cluster_has_gpus)
-    decode = 0.0
-    if streams_a_folder(study):
-        from raydist.data.folder import DECODE_CPUS
-
-        decode = DECODE_CPUS
+    decode = _decode_cpus(study)
     last = {"at": -math.inf, "value": 1}
 
     def now() -> int:
@@ -215,12 +218,9 @@ FIRST_TRIAL = "the study's first trial needs"
 def _wait_for_first_trial(plan: Plan, cap) -> None:
     """Hold the study's start until the autoscaler has added what its first trial needs, at most
     --wait-for-workers-s (ConfigError naming what never came; Tune would wait for them forever)."""
-    import ray
-
     from raydist.ray_edge.autoscaler import wait_for_bundles
 
-    waited = wait_for_bundles(_first_trial(plan, cap), timeout_s=plan.wait_for_workers_s, who=FIRST_TRIAL,
-                              gcs_address=ray.get_runtime_context().gcs_address)
+    waited = wait_for_bundles(_first_trial(plan, cap), timeout_s=plan.wait_for_workers_s, who=FIRST_TRIAL)
     print(f"the autoscaler added what {FIRST_TRIAL} in {waited:.0f} s", flush=True)
 
 
