@@ -18,6 +18,7 @@ import yaml
 from raydist.config.fields import GROUPS, TrainConfig, base_type, coerce_values, load_yaml
 from raydist.config.values import flag_name, is_plain_value, is_worker_range, merge_config_values, split_worker_range
 from raydist.config.yaml_files import load_yaml_text
+from raydist.data.registry import DATASETS
 from raydist.errors import ConfigError
 from raydist.preflight import validate
 
@@ -116,8 +117,8 @@ def _cli_type(name: str, kind: type):
 
 
 def resolve(explicit: dict, config_files=None, base: Optional[dict] = None) -> TrainConfig:
-    """Layer the sources: dataclass defaults < base (a resumed run's config) < YAML files, in order <
-    explicit flags. A bad value from a file is named by its file and key, not by a flag never typed."""
+    """Layer the sources: dataclass defaults < the data set's recipe (raydist.data.registry) < base (a
+    resumed run's config) < YAML files, in order < explicit flags. A bad value from a file is named by its file and key, not by a flag never typed."""
     if isinstance(config_files, str):
         config_files = [config_files]
     values: dict = {}
@@ -139,6 +140,9 @@ def resolve(explicit: dict, config_files=None, base: Optional[dict] = None) -> T
             raise ConfigError(f"{flag_name(name)} {explicit[name]} without --wandb: nothing would be logged to W&B; "
                               f"add --wandb, or drop {flag_name(name)}")
     values = merge_config_values(values, split_worker_range(explicit, "--num-workers"))
+    spec = DATASETS.get(values.get("dataset", TrainConfig.dataset))
+    for name, value in spec.recipe if spec else ():  # the data set's defaults, under everything given
+        values.setdefault(name, value)
     for name in explicit:
         origin.pop(name, None)
     try:

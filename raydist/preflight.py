@@ -72,6 +72,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
         raise ConfigError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction!r}")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise ConfigError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing!r}")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise ConfigError(f"--ema must be a decay in [0, 1) (0: no average), got {cfg.ema!r}")
     if cfg.target_accuracy is not None and not 0.0 < cfg.target_accuracy <= 1.0:
         raise ConfigError(f"--target-accuracy must be in (0, 1], got {cfg.target_accuracy!r}")
     if cfg.warmup_epochs > cfg.epochs:

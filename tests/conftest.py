@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks"))
 
 from leftovers import LEDGER, wait_for_free_cluster  # noqa: F401 - tests import the wait from here
-from raydist.data.sizes import class_list, classes_predicted
+from raydist.data.sizes import class_list, classes_predicted, input_side
 
 
 @dataclasses.dataclass
@@ -222,7 +222,7 @@ def digits_val_accuracy(saved: dict) -> float:
     channels = cfg.input_channels()
     val = load_split("digits", "val", classes=class_list(cfg), channels=channels)
     spec = DATASETS["digits"]
-    augment = Augmenter("none", mean=spec.mean, std=spec.std, channels=channels, size=cfg.input_size)
+    augment = Augmenter("none", mean=spec.mean, std=spec.std, channels=channels, size=input_side(cfg))
     from raydist.loop.evaluate import uses_channels_last
 
     memory_format = torch.channels_last if uses_channels_last(cfg, torch.device("cpu")) else torch.contiguous_format

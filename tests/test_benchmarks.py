@@ -154,6 +154,19 @@ def test_transfer_digits_runs_a_tiny_experiment(tmp_path):
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_time_to_accuracy_runs_the_train_command_per_variant_and_seed_beside_the_svc_floor(ray_cluster, tmp_path):
+    out = tmp_path / "t.json"
+    result = _bench("time_to_accuracy", "--seeds", "0", "--variants", "default", "ema", "--target", "0.5",
+                    "--json", str(out), "--", "--address", ray_cluster, "--epochs", "4", "--num-workers", "1")
+    figures = json.loads(out.read_text())
+    assert figures["svc"]["accuracy"] > 0.97 and figures["svc"]["val"] == 359  # the floor, on raydist's split
+    for name in ("default", "ema"):
+        (run,) = figures["runs"][name]
+        assert len(run["curve"]) == 4 and run["final"] > 0.5  # it learned (chance: 0.1)
+        assert run["reached_s"] is not None and run["reached_s"] < run["wall_s"] and 0 < run["epoch_s"] < run["wall_s"]
+    assert "| ema |" in result.stdout and "SVC" in result.stdout
+
+
 # ---- python -m raydist.scaling ---------------------------------------------------------------------------
 
 

@@ -26,6 +26,8 @@ from raydist.preflight import validate
     ({"target_accuracy": 0.0}, r"--target-accuracy must be in \(0, 1\], got 0.0"),
     ({"target_accuracy": 1.5}, r"--target-accuracy must be in \(0, 1\], got 1.5"),
     ({"label_smoothing": 1.0}, r"--label-smoothing must be in \[0, 1\)"),
+    ({"ema": 1.0}, r"--ema must be a decay in \[0, 1\) \(0: no average\), got 1.0"),
+    ({"ema": -0.5}, r"--ema must be a decay in \[0, 1\)"),
     ({"val_fraction": 1.0}, r"--val-fraction must be in \(0, 1\)"),
     ({"optimizer": "lamb"}, r"--optimizer 'lamb' is not one of: sgd, adamw"),
     ({"warmup_epochs": 20.0, "epochs": 5}, r"--warmup-epochs 20.0 exceeds --epochs 5"),

@@ -231,7 +231,7 @@ def test_torchs_out_of_memory_error_names_model_batch_and_memory_and_the_fix(tmp
         run(cfg, local_context(str(tmp_path)))
     assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)  # the original stays in the traceback
     message = str(caught.value)
-    assert re.fullmatch(r"out of memory on cpu training resnet8 with a per-worker batch of 48 images of 32x32 pixels "
+    assert re.fullmatch(r"out of memory on cpu training resnet8 with a per-worker batch of 48 images of 16x16 pixels "
                         r"\(device memory [\d.]+ GiB \(host\), 1 worker\(s\)\); use --batch-size 24 --grad-accum 4 "
                         r"\(the same global batch\), or a smaller batch, --input-size or model", message), message
 

@@ -17,7 +17,7 @@ from image_folders import write_awkward_files, write_digits_folder
 from PIL import Image
 
 from raydist import train as train_cli
-from raydist.data.augment import Augmenter, centre_crop, random_resized_crop_flip
+from raydist.data.augment import Augmenter, augment_kind, centre_crop, random_resized_crop_flip
 from raydist.config.fields import TrainConfig
 from raydist.errors import FolderError, TooManyBadImages
 from raydist.data.folder import decode_image, load_folder_split, scan_folder, stored_size
@@ -143,7 +143,7 @@ def test_resized_crop_takes_windows_of_the_image_resized_and_mirrors_about_half(
 def test_a_folder_evaluates_on_the_centre_crop_and_auto_trains_with_resized_crops(split_folder):
     root, _ = split_folder
     cfg = validate(TrainConfig(dataset="folder", data_dir=str(root), input_size=32))
-    assert cfg.augment_kind() == "resized_crop" and stored_size(32) == 37
+    assert augment_kind(cfg.augment, cfg.dataset) == "resized_crop" and stored_size(32) == 37
     assert classes_predicted(cfg) == 10 and predicted_class_names(cfg)[:2] == ["digit_0", "digit_1"]
     from raydist.loop.evaluate import input_pipeline
 

@@ -48,9 +48,10 @@ class TrainConfig:
                                            "(a fixed, seeded split; per class for CIFAR and Fashion-MNIST); default: "
                                            "the data set's (digits 0.2, CIFAR-10/100 and Fashion-MNIST 0.1)")
     augment: str = _field("data", "auto", "batched on-device augmentation: auto (resized_crop for an image "
-                          "folder, else crop_flip), none, crop_flip (pad-4 crop + flip), resized_crop (ImageNet's "
+                          "folder, crop for digits, which a mirror changes, else crop_flip), none, crop (pad-4 "
+                          "crop), crop_flip (pad-4 crop + flip), resized_crop (ImageNet's "
                           "random-resized crop, 8-100%% of the area, + flip) or dli (flip, rotation 10 deg, shear "
-                          "10 deg, scale 0.8-1.2, colour jitter 0.2)", ("auto", "none", "crop_flip", "resized_crop", "dli"))
+                          "10 deg, scale 0.8-1.2, colour jitter 0.2)", ("auto", "none", "crop", "crop_flip", "resized_crop", "dli"))
     fake_image_size: int = _field("data", 224, "fake data: image side in pixels (images are 3 x N x N)")
     fake_num_classes: int = _field("data", 1000, "fake data: number of classes")
     fake_train_size: int = _field("data", 12800, "fake data: training images per epoch (generated lazily)")
@@ -71,7 +72,9 @@ class TrainConfig:
                                            "this cannot be decoded (they are skipped and named in the log); "
                                            "default: 0.1%% of the folder's images")
     input_size: Optional[int] = _field("data", None, "resize every batch on the device to N x N pixels (e.g. 64, "
-                                       "128, 224 for ImageNet models on 32x32 data); default: the data's own size")
+                                       "128, 224 for ImageNet models on 32x32 data); default: the data's own size "
+                                       "(digits: 16, twice its 8x8 scans, except with --pretrained and for models "
+                                       "that read 32)")
     normalize: str = _field("data", "dataset", "per-channel normalisation of the model's input: dataset (the data "
                             "set's own mean and std) or 0.5 (mean 0.5, std 0.5: pixels to [-1, 1], as the DLI "
                             "notebook's Normalize((0.5,)*3, (0.5,)*3))", ("dataset", "0.5"))
@@ -130,6 +133,9 @@ class TrainConfig:
     weight_decay: float = _field("optimization", 5e-4, "L2 weight decay on convolution and linear weights; "
                                  "BatchNorm and bias parameters get none (AdamW: decoupled)")
     label_smoothing: float = _field("optimization", 0.0, "label smoothing in [0, 1)")
+    ema: float = _field("optimization", 0.0, "keep an exponential moving average of the weights with this decay "
+                        "per update, in [0, 1) (e.g. 0.99; 0: none); the average is what is evaluated, kept and "
+                        "saved as the model, the live weights train on")
     batch_size: int = _field("optimization", 64, "images per worker per step (global batch = this x workers x grad-accum)")
     val_batch_size: Optional[int] = _field("optimization", None, "images per worker per validation step "
                                            "(default: 2 x --batch-size; evaluation keeps no gradients)")
@@ -144,7 +150,8 @@ class TrainConfig:
                                   "underflow in fp16)")
 
     # ---- schedule ---------------------------------------------------------------------------
-    epochs: int = _field("schedule", 15, "training epochs (passes over the training set)")
+    epochs: int = _field("schedule", 15, "training epochs (passes over the training set); on the command line "
+                         "digits defaults to 30")
     schedule_epochs: Optional[int] = _field("schedule", None, "epochs the LR schedule spans (default: --epochs); "
                                             "a study under ASHA sets it to the scheduler's budget so trials at a "
                                             "rung sit at the same point of their schedules")
@@ -261,12 +268,6 @@ class TrainConfig:
         if self.is_elastic() and self.elastic_batch == "global":
             return self.global_batch or self.batch_size * self.grad_accum * self.num_workers
         return self.batch_size * self.grad_accum * world
-
-    def augment_kind(self) -> str:
-        """--augment with auto resolved: ImageNet's random-resized crop for photos, CIFAR's pad-crop otherwise."""
-        if self.augment != "auto":
-            return self.augment
-        return "resized_crop" if self.dataset == "folder" else "crop_flip"
 
     def milestone_list(self) -> list[int]:
         """--lr-milestones as increasing epochs ([] when unset)."""

@@ -5,6 +5,8 @@
 
 Kinds:
 - none:      normalize only;
+- crop:      pad-4 random crop (a shift of up to 4 pixels each way), done on uint8 by indexing; for data
+             a mirror changes (digits: a mirrored 2 is no digit);
 - crop_flip: pad-4 random crop and horizontal flip (the CIFAR standard), done on uint8 by indexing;
 - resized_crop: ImageNet's training crop: a random window of 8-100% of the area with an aspect ratio in
              3/4-4/3, resized to the output side (bilinear) and mirrored for a random half;
@@ -28,8 +30,20 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-KINDS = ("none", "crop_flip", "resized_crop", "dli")
+from raydist.data.registry import DATASETS
+
+KINDS = ("none", "crop", "crop_flip", "resized_crop", "dli")
 GREY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, exactly as torchvision's rgb_to_grayscale
+
+
+def augment_kind(augment: str, dataset: str) -> str:
+    """--augment with auto resolved: ImageNet's random-resized crop for photos, CIFAR's pad-crop otherwise,
+    mirrored only where a mirror keeps the class (the registry's `flips`)."""
+    if augment != "auto":
+        return augment
+    if dataset == "folder":
+        return "resized_crop"
+    return "crop_flip" if DATASETS[dataset].flips else "crop"
 
 
 class Augmenter:
@@ -52,8 +66,8 @@ class Augmenter:
             return self._resize(torch.addcmul(self.shift, x, self.scale_u8))
         if self.crop is not None:
             images = centre_crop(images, self.crop)
-        if train and self.kind == "crop_flip":
-            images = random_crop_flip(images, self.pad, self.gen)
+        if train and self.kind in ("crop", "crop_flip"):
+            images = random_crop_flip(images, self.pad, self.gen, flip=self.kind == "crop_flip")
         if train and self.kind == "dli":
             images = random_affine_flip(images, self.rotation, self.shear, self.scale, self.gen)
             x = colour_jitter(images.float().div_(255), self.jitter, self.gen)
@@ -123,15 +137,17 @@ def gather_pixels(images: torch.Tensor, src_y: torch.Tensor, src_x: torch.Tensor
     return with_zero.gather(2, flat.reshape(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
 
 
-def random_crop_flip(images: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """A random H x W window of the image zero-padded by `pad`, mirrored left-right for a random half."""
+def random_crop_flip(images: torch.Tensor, pad: int, gen: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """A random H x W window of the image zero-padded by `pad`, mirrored left-right for a random half
+    (`flip`)."""
     n, _, h, w = images.shape
     device = images.device
     dy = torch.randint(-pad, pad + 1, (n, 1, 1), generator=gen, device=gen.device).to(device, torch.float32)
     dx = torch.randint(-pad, pad + 1, (n, 1, 1), generator=gen, device=gen.device).to(device, torch.float32)
-    mirror = (torch.rand(n, 1, 1, generator=gen, device=gen.device) < 0.5).to(device)
     cols = torch.arange(w, device=device, dtype=torch.float32).view(1, 1, w)
-    cols = torch.where(mirror, w - 1 - cols, cols)
+    if flip:
+        mirror = (torch.rand(n, 1, 1, generator=gen, device=gen.device) < 0.5).to(device)
+        cols = torch.where(mirror, w - 1 - cols, cols)
     rows = torch.arange(h, device=device, dtype=torch.float32).view(1, h, 1)
     return gather_pixels(images, rows + dy, cols + dx)
 

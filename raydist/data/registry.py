@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 SPLITS = ("train", "val", "test")
 
@@ -22,6 +23,14 @@ class DatasetSpec:
     grey: bool = False  # one grey level replicated to 3 channels (can be fed as 1: --grey-input)
     has_test: bool = False  # a published test split, measured once at the end (raydist.final_eval)
     val_fraction: float = 0.2  # share held out for validation when --val-fraction is not given
+    # The side a model is fed when --input-size is not given (None: image_size). digits: its 8 x 8 scans at
+    # 16 px train faster and better than at 32 (docs/benchmarks.md, "Time to accuracy"); models starting
+    # from ImageNet weights (--pretrained) and models that read fixed sides keep image_size.
+    model_side: Optional[int] = None
+    flips: bool = True  # a left-right mirror keeps the class (not for digits: a mirrored 2 is no digit)
+    # Config defaults of its own, under every preset, --config file and flag (the command line's only; a
+    # TrainConfig built in Python keeps the dataclass's). digits: 30 epochs, as fast at 16 px as 15 were at 32.
+    recipe: tuple[tuple[str, object], ...] = ()
 
 
 def padded_stats(mean: float, std: float, *, inner: int, outer: int) -> tuple[float, float]:
@@ -39,7 +48,8 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = padded_stats(0.2860, 0.3530, inner=28, o
 FOLDER_INPUT_SIZE = 224  # an image folder's default --input-size: what ImageNet models are trained at
 
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
-    DatasetSpec("digits", 10, (0.305, 0.305, 0.305), (0.324, 0.324, 0.324), 32, title="digits", grey=True),
+    DatasetSpec("digits", 10, (0.305, 0.305, 0.305), (0.324, 0.324, 0.324), 32, title="digits", grey=True,
+                flips=False, model_side=16, recipe=(("epochs", 30),)),
     DatasetSpec("cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32, title="CIFAR-10",
                 needs_files=True, has_test=True, val_fraction=0.1),
     DatasetSpec("cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32, title="CIFAR-100",

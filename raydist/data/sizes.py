@@ -13,6 +13,7 @@ from raydist.data.registry import CIFAR10_NAMES, DATASETS, DIGIT_NAMES, FASHION_
 from raydist.data.sources import folder_index, load_digits_split
 from raydist.data.splits import held_out_count, subset_size
 from raydist.errors import ConfigError
+from raydist.models.registry import MODELS
 
 FILE_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}  # the published training
 # sets, each with the same number of images per class
@@ -80,9 +81,22 @@ def class_names(name: str, *, data_dir: str = "", val_fraction: Optional[float] 
 
 
 def input_side(cfg: TrainConfig) -> int:
-    """The side in pixels of the images the model reads."""
+    """The side in pixels of the images the model reads: --input-size, else the data set's side for models
+    not starting from ImageNet weights (digits: 16) where the model reads it, else the images' own."""
     if cfg.input_size:
         return cfg.input_size
+    stored = stored_side(cfg)
+    preferred = DATASETS[cfg.dataset].model_side
+    sides = MODELS[cfg.model].input_sides if cfg.model in MODELS else None
+    # ImageNet weights (--pretrained) read images near their own size; a saved model (--weights) was most
+    # likely trained here at this same side
+    if preferred and not cfg.pretrained and not (sides and not sides[0] <= preferred <= sides[1]):
+        return preferred
+    return stored
+
+
+def stored_side(cfg: TrainConfig) -> int:
+    """The side in pixels of the images as loaded (before any --input-size resize)."""
     return cfg.fake_image_size if cfg.dataset == "fake" else DATASETS[cfg.dataset].image_size
 
 

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from raydist.config.fields import TrainConfig
-from raydist.data.augment import Augmenter
+from raydist.data.augment import Augmenter, augment_kind
 from raydist.data.registry import DATASETS
-from raydist.data.sizes import input_side
+from raydist.data.sizes import input_side, stored_side
 from raydist.data.splits import shard_indices
 from raydist.loop.recipe import autocast_dtype
 from raydist.loop.worker_data import data_batches
@@ -26,9 +26,10 @@ def input_pipeline(cfg: TrainConfig, device, *, seed: int = 0) -> Augmenter:
     spec = DATASETS[cfg.dataset]
     mean, std = (spec.mean, spec.std) if cfg.normalize == "dataset" else ((0.5,) * 3, (0.5,) * 3)
     if cfg.dataset == "folder":  # stored at 256 for a 224 input: centre crops, or random-resized crops
-        return Augmenter(cfg.augment_kind(), mean=mean, std=std, device=device, seed=seed, crop=input_side(cfg))
-    return Augmenter(cfg.augment_kind(), mean=mean, std=std, device=device, seed=seed,
-                     channels=cfg.input_channels(), size=cfg.input_size)
+        return Augmenter(augment_kind(cfg.augment, cfg.dataset), mean=mean, std=std, device=device, seed=seed, crop=input_side(cfg))
+    side = input_side(cfg)  # --input-size, or a data set's side for models trained from scratch (digits: 16)
+    return Augmenter(augment_kind(cfg.augment, cfg.dataset), mean=mean, std=std, device=device, seed=seed,
+                     channels=cfg.input_channels(), size=side if side != stored_side(cfg) else None)
 
 
 def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:

@@ -99,7 +99,7 @@ def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
         if wandb_run:
             wandb_run.finish()
     if rank == 0 and not (history and history[-1]["stop_reason"] == DIVERGED):
-        ctx.write_file(FINAL_MODEL_FILE, final_model_bytes(state.net.state_dict(), cfg.to_dict(),
+        ctx.write_file(FINAL_MODEL_FILE, final_model_bytes(state.saved_weights(), cfg.to_dict(),
                                                            history[-1] if history else None))
     return history
 

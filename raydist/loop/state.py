@@ -18,10 +18,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raydist.config.fields import TrainConfig, backbone_lr_mult, lr_scale
-from raydist.data.sizes import classes_predicted, input_side, predicted_class_names
+from raydist.data.sizes import classes_predicted, predicted_class_names
 from raydist.data.splits import shard_indices, steps_per_epoch
 from raydist.errors import WorkerInputError
+from raydist.loop.ema import WeightAverage
 from raydist.loop.evaluate import EpochSums, evaluate_model, input_pipeline, uses_channels_last
+from raydist.loop.model_split import split_model
 from raydist.loop.recipe import EarlyStop, Schedule, autocast_dtype, lr_factor, with_fused_flag
 from raydist.loop.worker_data import data_batches
 from raydist.models.transfer import Unit, build_model, freeze_norms, set_trainable, transfer_units, unfrozen_stages
@@ -36,7 +38,7 @@ from raydist.parallel.elastic import (
     steps_in_epoch,
     update_at,
 )
-from raydist.parallel.pipeline import Pipeline, pipeline_units, stage_devices, unit_costs
+from raydist.parallel.pipeline import Pipeline
 
 # DDP's switch for the per-forward buffer broadcast: `forward_sync_buffers` from torch 2.15 (which deprecates
 # `broadcast_buffers`; both keep the broadcast at wrapping, when every rank's buffers are equal anyway).
@@ -75,7 +77,9 @@ class TrainingState:
         self.net = net.to(device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         # --model-parallel K: the model's own modules in K stages on this worker's K devices; self.net stays
         # the whole model (its state dict, checkpoints and optimizer are the unsplit model's).
-        self.pipeline: Optional[Pipeline] = self._split_model() if cfg.model_parallel > 1 else None
+        self.pipeline: Optional[Pipeline] = (split_model(self.net, cfg, device=device, world=world, held=self.devices,
+                                                          channels_last=self.channels_last)
+                                              if cfg.model_parallel > 1 else None)
         self.output_device = self.pipeline.output_device if self.pipeline else device  # where the logits are
         self.compiled: nn.Module = torch.compile(self.net) if cfg.compile else (self.pipeline or self.net)
         self.transfer = cfg.starts_pretrained()
@@ -124,33 +128,11 @@ class TrainingState:
         self.images_before = 0  # training images the finished epochs trained on (all ranks, as trained)
         self.first_train_loss: Optional[float] = None  # what divergence is measured against
         self.first_step_unix: Optional[float] = None
+        # --ema: evaluated, kept by the checkpoint policy and saved as the model; the live weights train on
+        self.average = WeightAverage(self.net, cfg.ema) if cfg.ema else None
         self._place_schedule()
 
     # ---- building blocks
-
-    def _split_model(self) -> Pipeline:
-        """The model in cfg.model_parallel stages balanced by parameter count or by the forward+backward time
-        of each unit, measured here on a micro-batch of this run's input shape."""
-        cfg, device = self.cfg, self.device
-        units = pipeline_units(self.net)
-        sample = None
-        if cfg.pipeline_balance == "time":
-            side = input_side(cfg)
-            generator = torch.Generator(device=device).manual_seed(0)
-            sample = torch.randn(math.ceil(cfg.batch_size / cfg.micro_batches), cfg.input_channels(), side, side,
-                                 device=device, generator=generator)
-            if self.channels_last:
-                sample = sample.contiguous(memory_format=torch.channels_last)
-        costs = torch.tensor(unit_costs(units, balance=cfg.pipeline_balance, sample=sample,
-                                        autocast_dtype=autocast_dtype(cfg.precision, device)),
-                             dtype=torch.float64, device=device)
-        if self.world > 1:  # measured times differ from rank to rank; DDP needs every rank to cut the model alike
-            dist.broadcast(costs, src=0)
-        try:
-            devices = stage_devices(device, cfg.model_parallel, held=self.devices)
-        except ValueError as exc:  # fewer GPUs visible than stages: the user's setting, said in one line
-            raise WorkerInputError(str(exc)) from None
-        return Pipeline(units, costs=costs.tolist(), devices=devices, micro_batches=cfg.micro_batches)
 
     def _build_optimizer(self, peak_lr: float) -> torch.optim.Optimizer:
         # No weight decay on BatchNorm and bias parameters: decaying them only hurts (Goyal et al. 2017).
@@ -328,6 +310,8 @@ class TrainingState:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.average is not None:
+                    self.average.update()
                 sums.lr_sum += self.optimizer.param_groups[0]["lr"]
                 sums.updates += 1
                 self.schedule.step(self.optimizer)
@@ -345,21 +329,32 @@ class TrainingState:
 
     @torch.no_grad()
     def evaluate(self) -> EpochSums:
-        """This rank's share of the validation set, evaluated with the weights and statistics that are saved."""
+        """This rank's share of the validation set, evaluated with the weights and statistics that are saved
+        (the average's under --ema)."""
         if self.world > 1:
             # Each rank's last training forward updated its own BatchNorm statistics; evaluate every shard
             # with rank 0's, which are the ones saved, so the reported metric is the saved model's.
             for buffer in self.net.buffers():
                 dist.broadcast(buffer, src=0)
-        return evaluate_model(self.compiled, self.val_set, self.cfg, device=self.device, rank=self.rank,
-                              world=self.world, augment=self.augment)
+            if self.average is not None:
+                self.average.broadcast_statistics()
+        with self.average.swapped_in() if self.average is not None else contextlib.nullcontext():
+            return evaluate_model(self.compiled, self.val_set, self.cfg, device=self.device, rank=self.rank,
+                                  world=self.world, augment=self.augment)
+
+    def saved_weights(self) -> dict:
+        """The model's weights as saved and evaluated: the average's under --ema, else the live ones."""
+        return self.average.weights() if self.average is not None else self.net.state_dict()
 
     # ---- saving and resuming
 
     def state_dict(self, metrics: Optional[dict] = None, epoch_sums: Optional[list] = None) -> dict:
         """Everything a resumed run needs (the checkpoint file's content). `epoch_sums`: inside an epoch, its
         train sums so far over all ranks (loss, correct, count, LR sum, updates)."""
-        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+        # "model" is always the weights the metrics describe (what predict, --weights and a study's best
+        # trial read); under --ema the live weights a resumed run trains on are "live_model".
+        average = {"live_model": self.net.state_dict(), "ema": self.average.state_dict()} if self.average else {}
+        return {"model": self.saved_weights(), **average, "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "early_stop_hits": self.early_stop.hits,
                 "stage": self.stage, "first_train_loss": self.first_train_loss, "config": self.cfg.to_dict(),
                 "class_names": predicted_class_names(self.cfg), "world_size": self.world,
@@ -377,7 +372,9 @@ class TrainingState:
                 f"the checkpoint's optimizer has {saved_groups} parameter groups, this run's "
                 f"{len(self.optimizer.param_groups)} (units: {', '.join(u.name for u in self.units)}); it was saved "
                 f"by an earlier raydist: start a new run from its weights with --weights <its checkpoint.pt>")
-        self.net.load_state_dict(state["model"])
+        self.net.load_state_dict(state.get("live_model", state["model"]))
+        if self.average is not None:  # from a run without --ema, the average starts at its weights
+            self.average.load(state["model"], state.get("ema") or {"updates": 0})
         # keeps the momentum buffers ...
         self.optimizer.load_state_dict(with_fused_flag(state["optimizer"], self._fused()))
         self._apply_hyperparameters(self.optimizer)  # ... but this run's decay, momentum and LR multipliers

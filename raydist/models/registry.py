@@ -4,7 +4,7 @@ model module, which registers its models here with @register_model).
     net = create_model("resnet8", num_classes=10)
     net = create_model("tune_cnn", num_classes=10, l1=64, l2=16)   # a model's own arguments (--model-arg)
 
-Models take 3-channel images (digits and Fashion-MNIST are brought to 3 x 32 x 32 by raydist.data;
+Models take 3-channel images (digits and Fashion-MNIST are stored at 3 x 32 x 32 by raydist.data;
 raydist.models.transfer adapts the first conv for 1-channel input) and know nothing about DDP or Ray.
 Every model's head is `fc`, and each names its backbone's stages (`transfer_stages`) for fine-tuning.
 """

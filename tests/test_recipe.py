@@ -1,0 +1,121 @@
+"""The recipe pieces of issue 33, each under 2-worker DDP with augmentation on, and resumed exactly.
+
+--ema: the average is what is evaluated, reported, kept and saved; the live weights train on and are in the
+checkpoint for a resumed run, which reproduces the uninterrupted one bit for bit on the CPU.
+"""
+
+import pytest
+import torch
+from conftest import digits_val_accuracy
+from local_ddp import run_ddp
+from torch import nn
+
+from raydist.config.fields import TrainConfig
+from raydist.loop.ema import WeightAverage
+from raydist.preflight import validate
+from raydist.runs.checkpoints import CHECKPOINT_FILE, FINAL_MODEL_FILE, load_checkpoint_file
+
+TWO_WORKERS = dict(num_workers=2, cpus_per_worker=1.0, batch_size=64, lr=0.8, warmup_epochs=0.5)
+
+
+def test_the_average_follows_the_ramped_decay_and_copies_integer_buffers():
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    average = WeightAverage(net, decay=0.9)
+    start = net[0].weight.detach().clone()
+    expected = start.clone()
+    with torch.no_grad():
+        for n in range(1, 40):
+            net[0].weight.add_(1.0)
+            net[1].num_batches_tracked += 1
+            decay = min(0.9, (1 + n) / (10 + n))  # 2/11 at the first update: the start fades fast
+            expected = decay * expected + (1 - decay) * net[0].weight
+            average.update()
+    weights = average.weights()
+    assert torch.allclose(weights["0.weight"], expected, atol=1e-5)
+    assert not torch.allclose(weights["0.weight"], net[0].weight)  # an average, not a copy
+    assert weights["1.num_batches_tracked"].item() == 39
+
+
+def test_the_swapped_in_average_is_evaluated_and_the_live_weights_come_back():
+    net = nn.Linear(2, 1, bias=False)
+    average = WeightAverage(net, decay=0.5)
+    with torch.no_grad():
+        net.weight.fill_(4.0)
+    live = net.weight.detach().clone()
+    with average.swapped_in():
+        assert torch.equal(net.weight, average.weights()["weight"])
+    assert torch.equal(net.weight, live)
+
+
+def test_under_two_worker_ddp_the_reported_accuracy_is_the_saved_averages(tmp_path):
+    cfg = validate(TrainConfig(epochs=4, checkpoint_every=2, ema=0.9, **TWO_WORKERS))
+    history = run_ddp(cfg, tmp_path)
+    assert history[-1]["val_acc"] > 0.8  # it learned (chance: 0.1)
+    state = load_checkpoint_file(str(tmp_path / "checkpoint_epoch_0002" / CHECKPOINT_FILE))
+    assert state["ema"]["updates"] == 2 * 11  # 2 epochs of 11 updates (2 ranks x 11 batches of 64)
+    assert any(not torch.equal(state["model"][k], state["live_model"][k]) for k in state["model"])
+    # what every reader of "model" gets (predict, --weights, a study's best trial) is what was reported
+    assert digits_val_accuracy(state) == pytest.approx(history[1]["val_acc"], abs=1e-6)
+    live = {**state, "model": state["live_model"]}
+    assert digits_val_accuracy(live) != pytest.approx(history[1]["val_acc"], abs=1e-6)
+    final = load_checkpoint_file(str(tmp_path / FINAL_MODEL_FILE))
+    assert digits_val_accuracy(final) == pytest.approx(history[-1]["val_acc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_with_an_average_resumes_bit_identical_to_the_uninterrupted_run(tmp_path):
+    cfg = validate(TrainConfig(epochs=3, checkpoint_every=1, ema=0.9, **TWO_WORKERS))
+    full = run_ddp(cfg, tmp_path / "full")
+    resumed = run_ddp(cfg, tmp_path / "resumed", resume_from=tmp_path / "full" / "checkpoint_epoch_0001")
+    assert [m["epoch"] for m in resumed] == [2, 3]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+        assert [m[key] for m in resumed] == [m[key] for m in full[1:]], key
+    a = load_checkpoint_file(str(tmp_path / "full" / FINAL_MODEL_FILE))["model"]
+    b = load_checkpoint_file(str(tmp_path / "resumed" / FINAL_MODEL_FILE))["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- per-data-set defaults that fit the data ----------------------------------------------------------------
+
+
+def test_auto_augmentation_never_mirrors_digits_and_crop_shifts_without_mirroring():
+    from raydist.data.augment import Augmenter, augment_kind
+
+    assert augment_kind("auto", "digits") == "crop"  # a mirrored 2 is no digit
+    assert augment_kind("auto", "cifar10") == "crop_flip" and augment_kind("auto", "folder") == "resized_crop"
+    images = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
+    images[..., :16] = 255  # bright left half
+    for kind, mirrored in (("crop", 0), ("crop_flip", None)):
+        x = Augmenter(kind, mean=(0.5,) * 3, std=(0.25,) * 3, seed=0)(images, train=True)
+        flipped = int((x[..., :12].mean((1, 2, 3)) < x[..., -12:].mean((1, 2, 3))).sum())
+        if mirrored is None:
+            assert 16 < flipped < 48  # about half (the check can fail)
+        else:
+            assert flipped == mirrored
+        assert not torch.equal(x[0], x[1]) or not torch.equal(x[1], x[2])  # shifted per image
+
+
+@pytest.mark.parametrize("setting, side", [
+    (dict(), 16),  # resnet8 from scratch: the 8x8 scans at 16 px
+    (dict(weights="model_final.pt"), 16),  # a saved model, trained here at 16
+    (dict(model="resnet18", pretrained=True), 32),  # ImageNet weights keep the stored side
+    (dict(model="tune_cnn"), 32),  # reads 32-35 px only
+    (dict(input_size=24), 24),
+    (dict(dataset="cifar10"), 32),
+])
+def test_the_side_a_model_reads_is_the_data_sets_own_choice_unless_the_model_or_the_user_says(setting, side):
+    from raydist.data.sizes import input_side
+
+    assert input_side(TrainConfig(**setting)) == side
+
+
+def test_digits_trains_30_epochs_from_the_command_line_unless_a_preset_file_or_flag_says(tmp_path):
+    from raydist.cli import parse_cli
+
+    assert TrainConfig().epochs == 15  # a config built in Python keeps the dataclass's default
+    assert parse_cli([])[0].epochs == 30
+    assert parse_cli(["--dataset", "cifar10"])[0].epochs == 15
+    assert parse_cli(["--epochs", "7"])[0].epochs == 7
+    (tmp_path / "c.yaml").write_text("epochs: 12\n")
+    assert parse_cli(["--config", str(tmp_path / "c.yaml")])[0].epochs == 12
+    assert parse_cli(["--preset", "dli"])[0].epochs == 40
