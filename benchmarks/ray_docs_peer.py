@@ -105,8 +105,9 @@ def raydist_run(epochs: int, workers: int, folder: str, address) -> list[float]:
     from raydist.ray_edge.fit import fit
     from raydist.run_config import prepare
 
+    # 32 px with crop + flip: the Ray-docs side's RandomCrop(32) and RandomHorizontalFlip, not digits' own 16 px
     cfg = TrainConfig(epochs=epochs, num_workers=workers, batch_size=BATCH, cpus_per_worker=1.0, address=address,
-                      storage_path=folder, name="raydist", warmup_epochs=0.0)
+                      storage_path=folder, name="raydist", warmup_epochs=0.0, input_size=32, augment="crop_flip")
     validate(cfg)
     summary_ = fit(prepare(cfg, explicit={}))
     return [h["images_per_s"] for h in summary_.history]

@@ -33,7 +33,7 @@ def evaluate_saved(saved: dict, dataset, *, device) -> dict:
     from raydist.loop.evaluate import evaluate_model, uses_channels_last
     from raydist.models.transfer import load_trained_model
 
-    cfg = TrainConfig.from_dict(saved["config"])
+    cfg = TrainConfig.from_saved(saved["config"])
     # A checkpoint carries its config but not the two fields load_trained_model reads from a final model.
     net = load_trained_model({"model_name": cfg.model, "num_classes": classes_predicted(cfg), **saved})
     memory_format = torch.channels_last if uses_channels_last(cfg, device) else torch.contiguous_format
@@ -58,7 +58,7 @@ def measure_files(paths: dict[str, str], *, cpus: float = 1) -> dict[str, dict]:
     measured, loaded = {}, {}
     for label, path in paths.items():
         saved = read_model_file(path)
-        cfg = TrainConfig.from_dict(saved["config"])
+        cfg = TrainConfig.from_saved(saved["config"])
         key = (cfg.dataset, cfg.data_dir, cfg.classes, cfg.input_channels())
         if key not in loaded:
             loaded[key] = load_split(cfg.dataset, "test", device=device, data_dir=cfg.data_dir,

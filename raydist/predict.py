@@ -96,7 +96,7 @@ class Predictor:
         self.path = model_file(path)
         try:
             saved = read_model_file(self.path)
-            self.cfg = TrainConfig.from_dict(saved["config"])
+            self.cfg = TrainConfig.from_saved(saved["config"])
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - not a raydist model file, or cut short

@@ -19,6 +19,7 @@ from typing import Optional
 
 from raydist.cli import resolve
 from raydist.config.fields import TrainConfig
+from raydist.config.values import saved_config_values
 from raydist.config.values import require_package
 from raydist.data.registry import DATASETS
 from raydist.data.sizes import classes_predicted
@@ -56,7 +57,7 @@ def prepare(cfg: TrainConfig, explicit: dict, config_files: Optional[list[str]] 
         resume = _local_abspath(cfg.resume).rstrip("/")  # s3://.../run/ names the run "run", not ""
         is_run_dir, saved = read_resume_target(resume)
         # The saved run's settings are the defaults now; --config and flags still override them.
-        saved = {k: v for k, v in saved.items() if k not in ("address", "log_dir", "verbose")}
+        saved = {k: v for k, v in saved_config_values(saved).items() if k not in ("address", "log_dir", "verbose")}
         if not is_run_dir:  # a checkpoint folder starts a new run: a W&B run of its own
             saved.pop("wandb_id", None)
         saved.update(resume=resume, name=os.path.basename(resume) if is_run_dir else None)

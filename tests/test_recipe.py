@@ -97,8 +97,10 @@ def test_auto_augmentation_never_mirrors_digits_and_crop_shifts_without_mirrorin
 
 @pytest.mark.parametrize("setting, side", [
     (dict(), 16),  # resnet8 from scratch: the 8x8 scans at 16 px
-    (dict(weights="model_final.pt"), 16),  # a saved model, trained here at 16
-    (dict(model="resnet18", pretrained=True), 32),  # ImageNet weights keep the stored side
+    (dict(weights="model_final.pt"), 16),  # a saved resnet8, trained here at 16
+    (dict(model="resnet18"), 16),  # the CIFAR ResNet-18
+    (dict(model="resnet18_imagenet", pretrained=True), 32),  # ImageNet architectures keep the stored side,
+    (dict(model="resnet18_imagenet", weights="resnet18-f37072fd.pth"), 32),  # their weights from a file too
     (dict(model="tune_cnn"), 32),  # reads 32-35 px only
     (dict(input_size=24), 24),
     (dict(dataset="cifar10"), 32),
@@ -119,3 +121,19 @@ def test_digits_trains_30_epochs_from_the_command_line_unless_a_preset_file_or_f
     (tmp_path / "c.yaml").write_text("epochs: 12\n")
     assert parse_cli(["--config", str(tmp_path / "c.yaml")])[0].epochs == 12
     assert parse_cli(["--preset", "dli"])[0].epochs == 40
+
+
+@pytest.mark.parametrize("saved, pinned", [
+    ({"dataset": "digits", "augment": "auto"}, {"input_size": 32, "augment": "crop_flip"}),  # before issue 33
+    ({"dataset": "digits", "augment": "none", "input_size": 24}, {"input_size": 24, "augment": "none"}),
+    ({"dataset": "digits", "augment": "auto", "ema": 0.0}, {"input_size": None, "augment": "auto"}),  # today's
+    ({"dataset": "cifar10", "augment": "auto"}, {"input_size": None, "augment": "auto"}),
+])
+def test_a_config_saved_before_digits_had_its_own_side_is_read_as_that_run_trained(saved, pinned):
+    from raydist.data.augment import augment_kind
+    from raydist.data.sizes import input_side
+
+    cfg = TrainConfig.from_saved(saved)
+    assert (cfg.input_size, cfg.augment) == (pinned["input_size"], pinned["augment"])
+    if "ema" not in saved and saved["dataset"] == "digits" and saved["augment"] == "auto":
+        assert input_side(cfg) == 32 and augment_kind(cfg.augment, cfg.dataset) == "crop_flip"

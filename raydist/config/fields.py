@@ -22,6 +22,7 @@ from raydist.config.values import (
     is_model_arg_key,
     is_plain_value,
     is_worker_range,
+    saved_config_values,
     split_worker_range,
 )
 from raydist.config.yaml_files import read_yaml_mapping
@@ -51,7 +52,8 @@ class TrainConfig:
                           "folder, crop for digits, which a mirror changes, else crop_flip), none, crop (pad-4 "
                           "crop), crop_flip (pad-4 crop + flip), resized_crop (ImageNet's "
                           "random-resized crop, 8-100%% of the area, + flip) or dli (flip, rotation 10 deg, shear "
-                          "10 deg, scale 0.8-1.2, colour jitter 0.2)", ("auto", "none", "crop", "crop_flip", "resized_crop", "dli"))
+                          "10 deg, scale 0.8-1.2, colour jitter 0.2)",
+                          ("auto", "none", "crop", "crop_flip", "resized_crop", "dli"))
     fake_image_size: int = _field("data", 224, "fake data: image side in pixels (images are 3 x N x N)")
     fake_num_classes: int = _field("data", 1000, "fake data: number of classes")
     fake_train_size: int = _field("data", 12800, "fake data: training images per epoch (generated lazily)")
@@ -73,8 +75,8 @@ class TrainConfig:
                                            "default: 0.1%% of the folder's images")
     input_size: Optional[int] = _field("data", None, "resize every batch on the device to N x N pixels (e.g. 64, "
                                        "128, 224 for ImageNet models on 32x32 data); default: the data's own size "
-                                       "(digits: 16, twice its 8x8 scans, except with --pretrained and for models "
-                                       "that read 32)")
+                                       "(digits: 16, twice its 8x8 scans, except for the _imagenet models and "
+                                       "models that read 32)")
     normalize: str = _field("data", "dataset", "per-channel normalisation of the model's input: dataset (the data "
                             "set's own mean and std) or 0.5 (mean 0.5, std 0.5: pixels to [-1, 1], as the DLI "
                             "notebook's Normalize((0.5,)*3, (0.5,)*3))", ("dataset", "0.5"))
@@ -297,6 +299,12 @@ class TrainConfig:
     def from_dict(cls, values: dict, *, source: str = "config") -> "TrainConfig":
         """Build from a mapping (YAML file, checkpoint, Tune sample), checking keys and value types."""
         return cls(**coerce_values(values, source))
+
+    @classmethod
+    def from_saved(cls, values: dict, *, source: str = "saved config") -> "TrainConfig":
+        """A config saved with a run (config.yaml, a checkpoint, a model file), as it trained (saved_config_values)."""
+        return cls.from_dict(saved_config_values(values), source=source)
+
 
 
 # ------------------------------------------------------------------------------------------------

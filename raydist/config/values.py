@@ -100,3 +100,14 @@ def metric_mode(metric: str) -> str:
 
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def saved_config_values(values: dict) -> dict:
+    """A run's saved config, pinned to what it meant when it was saved. Before issue 33 (configs without
+    the `ema` key), digits was fed at its stored 32 px and `--augment auto` mirrored it: a model from then is
+    fed 32 px (and a resumed run goes on as it started), not today's 16 px without mirroring."""
+    if "ema" in values or values.get("dataset", "digits") != "digits":
+        return values
+    augment = values.get("augment", "auto")
+    return {**values, "input_size": values.get("input_size") or 32,
+            "augment": "crop_flip" if augment == "auto" else augment}

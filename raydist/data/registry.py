@@ -24,8 +24,8 @@ class DatasetSpec:
     has_test: bool = False  # a published test split, measured once at the end (raydist.final_eval)
     val_fraction: float = 0.2  # share held out for validation when --val-fraction is not given
     # The side a model is fed when --input-size is not given (None: image_size). digits: its 8 x 8 scans at
-    # 16 px train faster and better than at 32 (docs/benchmarks.md, "Time to accuracy"); models starting
-    # from ImageNet weights (--pretrained) and models that read fixed sides keep image_size.
+    # 16 px train faster and better than at 32 (docs/benchmarks.md, "Time to accuracy"); ImageNet
+    # architectures (the _imagenet models) and models that read fixed sides keep image_size.
     model_side: Optional[int] = None
     flips: bool = True  # a left-right mirror keeps the class (not for digits: a mirrored 2 is no digit)
     # Config defaults of its own, under every preset, --config file and flag (the command line's only; a

@@ -81,18 +81,18 @@ def class_names(name: str, *, data_dir: str = "", val_fraction: Optional[float] 
 
 
 def input_side(cfg: TrainConfig) -> int:
-    """The side in pixels of the images the model reads: --input-size, else the data set's side for models
-    not starting from ImageNet weights (digits: 16) where the model reads it, else the images' own."""
+    """The side in pixels of the images the model reads: --input-size, else the data set's own side for
+    models (digits: 16) where the model reads it, else the images' stored side."""
     if cfg.input_size:
         return cfg.input_size
-    stored = stored_side(cfg)
     preferred = DATASETS[cfg.dataset].model_side
-    sides = MODELS[cfg.model].input_sides if cfg.model in MODELS else None
-    # ImageNet weights (--pretrained) read images near their own size; a saved model (--weights) was most
-    # likely trained here at this same side
-    if preferred and not cfg.pretrained and not (sides and not sides[0] <= preferred <= sides[1]):
+    spec = MODELS.get(cfg.model)
+    # ImageNet architectures (those with published ImageNet weights, given by --pretrained or a --weights file)
+    # read images near their own size; a model that reads fixed sides reads those.
+    if preferred and spec and not spec.pretrained_weights and not (
+            spec.input_sides and not spec.input_sides[0] <= preferred <= spec.input_sides[1]):
         return preferred
-    return stored
+    return stored_side(cfg)
 
 
 def stored_side(cfg: TrainConfig) -> int:

@@ -25,11 +25,12 @@ def input_pipeline(cfg: TrainConfig, device, *, seed: int = 0) -> Augmenter:
     normalisation, the channels fed and the --input-size resize."""
     spec = DATASETS[cfg.dataset]
     mean, std = (spec.mean, spec.std) if cfg.normalize == "dataset" else ((0.5,) * 3, (0.5,) * 3)
+    kind, side = augment_kind(cfg.augment, cfg.dataset), input_side(cfg)
     if cfg.dataset == "folder":  # stored at 256 for a 224 input: centre crops, or random-resized crops
-        return Augmenter(augment_kind(cfg.augment, cfg.dataset), mean=mean, std=std, device=device, seed=seed, crop=input_side(cfg))
-    side = input_side(cfg)  # --input-size, or a data set's side for models trained from scratch (digits: 16)
-    return Augmenter(augment_kind(cfg.augment, cfg.dataset), mean=mean, std=std, device=device, seed=seed,
-                     channels=cfg.input_channels(), size=side if side != stored_side(cfg) else None)
+        return Augmenter(kind, mean=mean, std=std, device=device, seed=seed, crop=side)
+    # side: --input-size, or the data set's own side for the model (digits: 16)
+    return Augmenter(kind, mean=mean, std=std, device=device, seed=seed, channels=cfg.input_channels(),
+                     size=side if side != stored_side(cfg) else None)
 
 
 def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:

@@ -63,7 +63,7 @@ def measure_study(result) -> Optional[dict]:
     if not result.best_model or result.interrupted:  # an interrupted study measures when it is finished
         return None
     try:
-        cfg = TrainConfig.from_dict(read_model_file(result.best_model)["config"])
+        cfg = TrainConfig.from_saved(read_model_file(result.best_model)["config"])
     except Exception as exc:  # noqa: BLE001 - the study stands; say why there is no test figure
         return {"error": _cause(exc)}
     if not has_test_split(cfg.dataset):
