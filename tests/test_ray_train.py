@@ -12,13 +12,17 @@ import pytest
 from conftest import digits_val_accuracy
 from wandb_file import read_wandb_history
 
-from raydist.config.fields import TrainConfig
+from raydist.cli import parse_cli
 from raydist.runs.checkpoints import FINAL_MODEL_FILE, load_checkpoint_file
 
 
 def _cli(address, *args):
     return subprocess.run([sys.executable, "-m", "raydist.train", "--address", address, *args],
                           capture_output=True, text=True, timeout=600)
+
+
+# what `python -m raydist.train` gives digits (its data set's recipe: 30), not the dataclass's 15
+CLI_EPOCHS = parse_cli([])[0].epochs
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,7 @@ def digits_run(ray_cluster, tmp_path_factory):
 
 def test_two_worker_ddp_learns_digits(digits_run):
     run_dir, stdout = digits_run
-    epochs = TrainConfig().epochs
+    epochs = CLI_EPOCHS
     # one line per epoch, rank 0 only, each as a script prints it: no "(RayTrainWorker pid=...)" before it
     lines = re.findall(r"^epoch +(\d+)/(\d+) .*val loss [\d.]+ acc +([\d.]+)%", stdout, re.MULTILINE)
     assert [int(e) for e, _, _ in lines] == list(range(1, epochs + 1)), stdout[-3000:]
@@ -53,7 +57,7 @@ def test_wandb_logs_every_epoch_of_the_run_offline_without_a_key(digits_run):
     (run_file,) = glob.glob(str(run_dir / "tensorboard" / "wandb" / "offline-run-*" / "run-*.wandb"))
     logged = read_wandb_history(run_file)
     history = [json.loads(line) for line in open(run_dir / "history.jsonl")]
-    epochs = TrainConfig().epochs
+    epochs = CLI_EPOCHS
     assert [row["_step"] for row in logged] == list(range(1, epochs + 1))  # one W&B step per epoch, rank 0 only
     for row, epoch in zip(logged, history, strict=True):
         assert row["val_acc"] == pytest.approx(epoch["val_acc"]) and row["world_size"] == 2
@@ -73,7 +77,7 @@ def test_run_folder_holds_config_checkpoints_and_tensorboard(digits_run):
     assert (run_dir / "config.yaml").exists()
     checkpoints = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint_epoch_"))
     assert 1 <= len(checkpoints) <= 3  # best 2 by val_acc, plus the latest which Ray always keeps
-    assert f"checkpoint_epoch_{TrainConfig().epochs:04d}" in checkpoints
+    assert f"checkpoint_epoch_{CLI_EPOCHS:04d}" in checkpoints
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir / "tensorboard"))
 
 
@@ -101,12 +105,12 @@ def test_the_run_folder_has_curves_png_and_a_resumed_run_continues_it(digits_run
     from raydist.runs.history import read_history
 
     plotted = report.plot_run_curves(read_history(str(run_dir)), str(tmp_path / "check.png"))
-    assert [e for e, _ in plotted["val_acc"]][:TrainConfig().epochs] == list(range(1, TrainConfig().epochs + 1))
+    assert [e for e, _ in plotted["val_acc"]][:CLI_EPOCHS] == list(range(1, CLI_EPOCHS + 1))
 
 
 def test_resume_a_run_folder_continues_at_the_next_epoch(digits_run, ray_cluster):
     run_dir, _ = digits_run
-    epochs = TrainConfig().epochs
+    epochs = CLI_EPOCHS
     drawn_before = (run_dir / "curves.png").stat().st_mtime_ns
     result = _cli(ray_cluster, "--resume", str(run_dir), "--epochs", str(epochs + 2))
     assert result.returncode == 0, result.stderr[-3000:]
