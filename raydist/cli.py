@@ -118,7 +118,8 @@ def _cli_type(name: str, kind: type):
 
 def resolve(explicit: dict, config_files=None, base: Optional[dict] = None) -> TrainConfig:
     """Layer the sources: dataclass defaults < the data set's recipe (raydist.data.registry) < base (a
-    resumed run's config) < YAML files, in order < explicit flags. A bad value from a file is named by its file and key, not by a flag never typed."""
+    resumed run's config) < YAML files, in order < explicit flags. A bad value from a file is named by its
+    file and key, not by a flag never typed."""
     if isinstance(config_files, str):
         config_files = [config_files]
     values: dict = {}

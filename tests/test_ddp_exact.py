@@ -47,7 +47,9 @@ def _weights(path):
     # colour jitter), on small fake images (wrn_dli itself takes 28-55 px only, 4.8 GFLOP an image at 32)
     dict(model="wrn", model_args={"depth": 10, "widen": 2, "dropout": 0.3}, augment="dli", dataset="fake",
          fake_image_size=8, fake_num_classes=4, fake_train_size=256, fake_val_size=64, batch_size=32, lr=0.1),
-], ids=["resnet8-crop_flip", "wrn-dropout-dli"])
+    # --ema: the average is in the checkpoint and goes on as the uninterrupted run's (digits' own crop)
+    dict(model="resnet8", augment="auto", ema=0.9),
+], ids=["resnet8-crop_flip", "wrn-dropout-dli", "resnet8-ema"])
 def test_a_run_resumed_from_a_checkpoint_is_bit_identical_to_the_uninterrupted_run(tmp_path, setting):
     cfg = validate(TrainConfig(**{**TWO_WORKERS, "epochs": 3, "checkpoint_every": 1, **setting}))
     full = run_ddp(cfg, tmp_path / "full")

@@ -1,7 +1,8 @@
 """The recipe pieces of issue 33, each under 2-worker DDP with augmentation on, and resumed exactly.
 
 --ema: the average is what is evaluated, reported, kept and saved; the live weights train on and are in the
-checkpoint for a resumed run, which reproduces the uninterrupted one bit for bit on the CPU.
+checkpoint for a resumed run, which reproduces the uninterrupted one bit for bit on the CPU
+(tests/test_ddp_exact.py's resume test, its resnet8-ema case).
 """
 
 import pytest
@@ -60,19 +61,6 @@ def test_under_two_worker_ddp_the_reported_accuracy_is_the_saved_averages(tmp_pa
     assert digits_val_accuracy(live) != pytest.approx(history[1]["val_acc"], abs=1e-6)
     final = load_checkpoint_file(str(tmp_path / FINAL_MODEL_FILE))
     assert digits_val_accuracy(final) == pytest.approx(history[-1]["val_acc"], abs=1e-6)
-
-
-@pytest.mark.slow
-def test_a_run_with_an_average_resumes_bit_identical_to_the_uninterrupted_run(tmp_path):
-    cfg = validate(TrainConfig(epochs=3, checkpoint_every=1, ema=0.9, **TWO_WORKERS))
-    full = run_ddp(cfg, tmp_path / "full")
-    resumed = run_ddp(cfg, tmp_path / "resumed", resume_from=tmp_path / "full" / "checkpoint_epoch_0001")
-    assert [m["epoch"] for m in resumed] == [2, 3]
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
-        assert [m[key] for m in resumed] == [m[key] for m in full[1:]], key
-    a = load_checkpoint_file(str(tmp_path / "full" / FINAL_MODEL_FILE))["model"]
-    b = load_checkpoint_file(str(tmp_path / "resumed" / FINAL_MODEL_FILE))["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---- per-data-set defaults that fit the data ----------------------------------------------------------------

@@ -306,7 +306,6 @@ class TrainConfig:
         return cls.from_dict(saved_config_values(values), source=source)
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Types and coercion: YAML and Tune hand us ints for floats, strings for numbers, and so on.
 
