@@ -299,8 +299,10 @@ def test_a_training_run_waits_for_nodes_scales_up_from_zero_finishes_and_the_nod
 @pytest.mark.own_cluster
 def test_an_elastic_run_starts_when_the_first_node_is_up_and_grows_as_the_autoscaler_adds_nodes(published, tmp_path):
     _no_worker_nodes()
+    # --input-size 32: digits' 16 px default trains an epoch in a second here, which can end the run before
+    # the autoscaler's later nodes join (CI, 2026-12-07: finished on 2); at 32 px the 10 epochs outlast them.
     proc = _cli("raydist.train", published, "--num-workers", "1-4", "--no-use-gpu", "--batch-size", "32",
-                "--global-batch", "128", "--lr", "0.4", "--epochs", "10", "--resize-check-s", "2",
+                "--global-batch", "128", "--lr", "0.4", "--epochs", "10", "--resize-check-s", "2", "--input-size", "32",
                 "--storage-path", str(tmp_path / "runs"), "--name", "elastic", env=NOT_SHARED_OK)
     out, _ = proc.communicate(timeout=800)
     assert proc.returncode == 0, out[-5000:]

@@ -210,7 +210,8 @@ def test_the_scaling_grids_peak_lr_is_the_loops_own_under_every_lr_scaling(tmp_p
     computes it): the smallest run at raydist.train's own peak for it, `linear` in proportion to the global
     batch from there, `none` at the smallest run's peak. The Horovod preset (per_worker, lr 0.1) was the
     case the table got wrong: `none` 1 x 128 trained at 0.025 while the column said 0.0125."""
-    from raydist.config.fields import TrainConfig, lr_scale
+    from raydist.config.fields import TrainConfig
+    from raydist.config.rates import lr_scale
     from raydist.study.scaling_grid import build_grid
     from raydist.study.scaling_grid import row
 

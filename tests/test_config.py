@@ -34,6 +34,7 @@ from raydist.preflight import validate
     ({"pretrained": True, "model": "resnet8"}, r"model 'resnet8' has no published weights; models with them: resnet18_imagenet, resnet50_imagenet"),
     ({"name": "a/b"}, r"--name 'a/b' must be a plain folder name"),
     ({"weight_decay": -0.1}, r"--weight-decay must be zero or more"),
+    ({"precise_bn": -1}, r"--precise-bn must be zero or more, got -1"),
     ({"name": " "}, r"--name ' ' must be a plain folder name"),
     ({"name": "run "}, r"--name 'run ' must be a plain folder name"),
     ({"name": ""}, r"--name '' must be a plain folder name"),

@@ -81,7 +81,7 @@ def test_cifar100s_lr_drops_at_the_epochs_the_references_multisteplr_does():
 def test_horovods_lr_rule_comes_out_of_the_preset_exactly():
     """LR = 0.1 x workers x batches per allreduce x adj; in the warmup, Horovod's adj at step u (0-based) of
     W is (1 + (u + 1) / W x (workers - 1)) / workers: from one worker's LR up to the scaled one."""
-    from raydist.config.fields import lr_scale
+    from raydist.config.rates import lr_scale
     from raydist.loop.recipe import lr_factor
 
     workers, warmup, milestones = 4, 100, [300, 600, 800]

@@ -107,6 +107,9 @@ class TrainConfig:
                              "that conv at a third of its cost) or reinit (1 channel; a new first conv)",
                              ("replicate", "sum", "reinit"))
     sync_batchnorm: bool = _field("model", False, "convert BatchNorm to SyncBatchNorm (statistics over all workers; GPU workers only)")
+    precise_bn: int = _field("model", 4, "before each evaluation, re-estimate BatchNorm's running statistics for "
+                             "the current weights from this many training batches per worker (0: keep the running "
+                             "averages, which lag behind the weights at a high LR)")
     compile: bool = _field("model", False, "torch.compile the model (slower start, faster steps on GPU)")
     model_parallel: int = _field("model", 1, "split the model into K stages on the K GPUs a worker holds (give "
                                  "--gpus-per-worker K); DDP runs across workers over the split model. On CPU the "
@@ -376,22 +379,6 @@ def coerce_values(values: dict, source: str) -> dict:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(FIELDS)}")
     values = fold_model_args(split_worker_range(values, f"{source}: num_workers"))
     return {k: coerce_value(k, v, source) for k, v in values.items()}
-
-
-def lr_scale(cfg: TrainConfig, global_batch: int) -> float:
-    """The factor --lr is multiplied by at this global batch (--lr-scaling): the training loop's peak LR is
-    cfg.lr * lr_scale(cfg, global batch), and every figure that states a peak LR computes it here."""
-    if cfg.lr_scaling == "none":
-        return 1.0
-    if cfg.lr_scaling == "per_worker":  # one worker's batch (with its accumulation) gets --lr as it is
-        return global_batch / cfg.batch_size
-    return global_batch / 256
-
-
-def backbone_lr_mult(cfg: TrainConfig) -> float:
-    if cfg.backbone_lr_mult is not None:
-        return cfg.backbone_lr_mult
-    return 0.1 if cfg.finetune == "lp-ft" else 1.0
 
 
 def load_yaml(path: str) -> dict:

@@ -58,8 +58,10 @@ class WeightAverage:
 
     @contextlib.contextmanager
     @torch.no_grad()
-    def swapped_in(self) -> Iterator[None]:
-        """The averaged values in the model's own tensors for the block; the live ones back after it."""
+    def swapped_in(self, keep_statistics: bool = False) -> Iterator[None]:
+        """The averaged values in the model's own tensors for the block; the live ones back after it. With
+        `keep_statistics`, the buffers as the block left them become the average's (--precise-bn's
+        statistics, re-estimated for the averaged weights)."""
         live = self._live
         kept = [t.clone() for t in live]
         for tensor, average in zip(live, self._average):
@@ -67,6 +69,10 @@ class WeightAverage:
         try:
             yield
         finally:
+            if keep_statistics:
+                for name, tensor, average in zip(self._names, live, self._average):
+                    if name in self._buffer_names:
+                        average.copy_(tensor)
             for tensor, saved in zip(live, kept):
                 tensor.copy_(saved)
 

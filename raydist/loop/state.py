@@ -17,10 +17,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from raydist.config.fields import TrainConfig, backbone_lr_mult, lr_scale
+from raydist.config.fields import TrainConfig
+from raydist.config.rates import backbone_lr_mult, lr_scale
 from raydist.data.sizes import classes_predicted, predicted_class_names
 from raydist.data.splits import shard_indices, steps_per_epoch
 from raydist.errors import WorkerInputError
+from raydist.loop.batchnorm import precise_statistics
 from raydist.loop.ema import WeightAverage
 from raydist.loop.evaluate import EpochSums, evaluate_model, input_pipeline, uses_channels_last
 from raydist.loop.model_split import split_model
@@ -330,7 +332,7 @@ class TrainingState:
     @torch.no_grad()
     def evaluate(self) -> EpochSums:
         """This rank's share of the validation set, evaluated with the weights and statistics that are saved
-        (the average's under --ema)."""
+        (the average's under --ema; --precise-bn re-estimates the statistics of those weights and keeps them)."""
         if self.world > 1:
             # Each rank's last training forward updated its own BatchNorm statistics; evaluate every shard
             # with rank 0's, which are the ones saved, so the reported metric is the saved model's.
@@ -338,7 +340,9 @@ class TrainingState:
                 dist.broadcast(buffer, src=0)
             if self.average is not None:
                 self.average.broadcast_statistics()
-        with self.average.swapped_in() if self.average is not None else contextlib.nullcontext():
+        with self.average.swapped_in(keep_statistics=True) if self.average is not None else contextlib.nullcontext():
+            if self.cfg.precise_bn:
+                precise_statistics(self)
             return evaluate_model(self.compiled, self.val_set, self.cfg, device=self.device, rank=self.rank,
                                   world=self.world, augment=self.augment)
 

@@ -265,7 +265,8 @@ def run_start_lines(cfg) -> list[str]:
     """What a run is about to do, in a few lines: the data, model, workers and device; the global batch and
     the peak LR the loop reaches (not --lr's own value, which is per 256 images by default); the settings
     that differ from the defaults; where the whole config is (config.yaml in the run folder)."""
-    from raydist.config.fields import TrainConfig, lr_scale
+    from raydist.config.fields import TrainConfig
+    from raydist.config.rates import lr_scale
 
     device = {True: "GPU", False: "CPU", None: "GPUs if the cluster has them, else CPUs"}[cfg.use_gpu]
     gpu_auto = "bf16 (fp16 on GPUs before compute capability 8.0)"

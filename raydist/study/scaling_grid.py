@@ -9,7 +9,8 @@ import math
 import statistics
 from typing import Optional
 
-from raydist.config.fields import TrainConfig, lr_scale
+from raydist.config.fields import TrainConfig
+from raydist.config.rates import lr_scale
 from raydist.errors import ConfigError
 from raydist.preflight import validate
 
