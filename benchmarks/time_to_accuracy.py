@@ -19,8 +19,8 @@ Variants (--variants; flags added to the default command):
   before           --augment crop_flip --input-size 32 --epochs 15 --precise-bn 0: the default before issue
                    33 (mirrored digits at 32 px, 15 epochs, BatchNorm's lagging running averages evaluated)
   no_precise_bn    --precise-bn 0: the default with BatchNorm's running averages evaluated as they are
-  precise_bn_16    --precise-bn 16: statistics re-estimated from every training image (a worker's share of
-                   digits is 12 batches of 64) instead of the default's 4 batches per worker
+  precise_bn_16    --precise-bn 16: statistics re-estimated from every full batch of a worker's share (11 of
+                   64: 704 of its 719 images) instead of the default's 4 batches per worker
   ema              --ema 0.9
   label_smoothing  --label-smoothing 0.1
   epochs_30        --epochs 30

@@ -102,6 +102,18 @@ def test_precise_bn_averages_the_batches_statistics_keeps_frozen_norms_and_resto
     assert net[1].momentum == 0.1 and net[4].momentum == 0.1
     assert torch.equal(net[4].running_mean, frozen[0]) and torch.equal(net[4].running_var, frozen[1])
 
+    class Halves(nn.Module):  # a model split into 2 micro-batches (--micro-batches): each norm runs twice a batch
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return torch.cat([self.inner(x[:20]), self.inner(x[20:])])
+
+    reestimate_statistics(Halves(net), source, batches=1, batch_size=40, augment=_scaled, epoch=3, seed=1,
+                          rank=0, world=1, device=torch.device("cpu"), channels_last=False)
+    assert torch.allclose(net[1].running_mean, features.mean((0, 2, 3)), atol=1e-6)  # both halves, averaged
+
 
 def test_under_two_worker_ddp_precise_bn_ends_the_lag_of_the_default_runs_first_epochs(tmp_path):
     # The first 3 of the 30 epochs of `python -m raydist.train` (resnet8 on digits, 2 workers x 64, LR 0.4
