@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import digits_val_accuracy
+from conftest import digits_val_accuracy, read_csv
 from wandb_file import read_wandb_history
 
 from raydist.cli import parse_cli
@@ -70,6 +70,21 @@ def test_final_model_reproduces_the_reported_validation_accuracy(digits_run):
     accuracy = digits_val_accuracy(final)
     # The workers' all-reduced accuracy over their shards equals the accuracy over the whole split.
     assert accuracy == pytest.approx(final["metrics"]["val_acc"], abs=1e-6)
+
+
+def test_the_run_folder_says_what_the_saved_model_gets_wrong_per_class_and_as_a_confusion_picture(digits_run):
+    run_dir, _ = digits_run
+    final = load_checkpoint_file(str(run_dir / FINAL_MODEL_FILE))
+    rows = read_csv(run_dir / "per_class.csv")
+    assert [r["name"] for r in rows] == [str(d) for d in range(10)]
+    # every validation image once, over both workers' shards: the diagonal is the reported accuracy
+    assert sum(int(r["images"]) for r in rows) == 359
+    assert sum(int(r["correct"]) for r in rows) == round(final["metrics"]["val_acc"] * 359)
+    assert all(int(r["images"]) == sum(int(r[f"predicted_{k}"]) for k in range(10)) for r in rows)
+    history = [json.loads(line) for line in open(run_dir / "history.jsonl")]
+    assert all(h["val_acc"] <= h["val_top5"] <= 1.0 for h in history) and history[-1]["val_top5"] > 0.99
+    png = (run_dir / "confusion.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_run_folder_holds_config_checkpoints_and_tensorboard(digits_run):
@@ -154,5 +169,8 @@ def test_a_run_in_uri_storage_has_its_tensorboard_curves_in_the_run_folder(ray_c
     events = EventAccumulator(str(tmp_path / "uri-run" / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("val_acc")] == [1, 2]
+    assert [e.step for e in events.Scalars("val_top5")] == [1, 2]
     assert (tmp_path / "uri-run" / FINAL_MODEL_FILE).is_file()
+    # per_class.csv written through the storage layer, confusion.png drawn locally and copied in
+    assert (tmp_path / "uri-run" / "per_class.csv").is_file() and (tmp_path / "uri-run" / "confusion.png").is_file()
     assert {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("raydist-tensorboard-")} <= before

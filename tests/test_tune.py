@@ -184,6 +184,11 @@ def test_best_checkpoint_loads_and_reproduces_its_validation_accuracy(study):
 
     config = load_yaml(str(experiment / "best_config.yaml"))
     assert config["lr"] == pytest.approx(float(best["lr"])) and config["num_workers"] == int(best["num_workers"])
+    # what the best epoch got wrong, beside its weights: every validation image once, its accuracy on the diagonal
+    per_class = read_csv(experiment / "per_class.csv")
+    assert sum(int(r["images"]) for r in per_class) == 359
+    assert sum(int(r["correct"]) for r in per_class) == round(accuracy * 359)
+    assert (experiment / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_no_placement_group_of_the_study_is_left_holding_resources(study, ray_cluster):

@@ -13,7 +13,7 @@ from torch import nn
 from raydist.config.fields import TrainConfig
 from raydist.data.augment import Augmenter, augment_kind
 from raydist.data.registry import DATASETS
-from raydist.data.sizes import input_side, stored_side
+from raydist.data.sizes import classes_predicted, input_side, stored_side
 from raydist.data.splits import shard_indices
 from raydist.loop.recipe import autocast_dtype
 from raydist.loop.worker_data import data_batches
@@ -51,6 +51,11 @@ def evaluate_model(net: nn.Module, dataset, cfg: TrainConfig, *, device: torch.d
     net.eval()
     output_device = net.output_device if isinstance(net, Pipeline) else device  # a split model's last device
     sums = EpochSums(*(torch.zeros((), device=output_device, dtype=torch.float64) for _ in range(3)))
+    sums.top5 = torch.zeros((), device=output_device, dtype=torch.float64)
+    classes = classes_predicted(cfg)
+    # counts as float64 (exact to 2**53), added with index_add_: bincount on a GPU reads its input's
+    # largest value to the host
+    sums.confusion = torch.zeros(classes * classes, device=output_device, dtype=torch.float64)
     shards = shard_indices(len(dataset), batch_size=cfg.val_batch_size or 2 * cfg.batch_size, rank=rank, world_size=world, shuffle=False,
                            drop_last=False, pad=False, device=device)
     for images, labels in data_batches(dataset, list(shards), train=False):
@@ -61,8 +66,13 @@ def evaluate_model(net: nn.Module, dataset, cfg: TrainConfig, *, device: torch.d
             logits = net(x)
         labels = labels.to(output_device)
         sums.loss += criterion(logits.float(), labels).double() * len(labels)
-        sums.correct += (logits.argmax(1) == labels).sum()
+        predicted = logits.argmax(1)
+        sums.correct += (predicted == labels).sum()
         sums.count += len(labels)
+        top = logits.topk(min(5, classes), dim=1).indices
+        sums.top5 += (top == labels[:, None]).any(1).sum()
+        sums.confusion.index_add_(0, labels * classes + predicted, torch.ones_like(labels, dtype=torch.float64))
+    sums.confusion = sums.confusion.view(classes, classes)
     return sums
 
 
@@ -75,3 +85,5 @@ class EpochSums:
     lr_sum: float = 0.0  # training only: the head's LRs of the epoch's updates (the same on every rank)
     updates: int = 0
     seconds: float = 0.0
+    top5: Optional[torch.Tensor] = None  # evaluation only: images whose class is among the 5 highest logits
+    confusion: Optional[torch.Tensor] = None  # evaluation only: [true class, predicted class] counts

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from raydist.config.fields import TrainConfig
-from raydist.data.sizes import classes_predicted
+from raydist.data.sizes import classes_predicted, predicted_class_names
 from raydist.errors import DataUnavailable, OutOfMemory, TooManyBadImages, WeightsError, WorkerInputError
 from raydist.loop.context import WorkerContext, report_with_checkpoint
 from raydist.loop.recipe import (
@@ -34,12 +34,12 @@ from raydist.loop.spot import SpotWatch, resize_line
 from raydist.loop.state import TrainingState
 from raydist.loop.worker_data import load_data_once_per_node, load_source
 from raydist.parallel.elastic import shorten_collective_timeout
+from raydist.output.mistakes import PER_CLASS_FILE, per_class_csv
 from raydist.output.wandb_log import WandbRun
 from raydist.output.wandb_log import run_id as wandb_run_id
 from raydist.runs.checkpoints import FINAL_MODEL_FILE, final_model_bytes
 
-# ---- building blocks ------------------------------------------------------------------------------
-
+SUMS = 8  # the epoch's summed figures ahead of the confusion matrix in the all-reduced totals
 
 # ---- the loop -------------------------------------------------------------------------------------
 
@@ -122,13 +122,17 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
         state._place_schedule()  # the same place as after the last epoch, unless a resume moved it
         train, totals = _train_and_evaluate(ctx, state, spot)
         metrics = _epoch_metrics(cfg, state, epoch, train, totals, world=ctx.world_size, t0=t0)
+        classes = classes_predicted(cfg)
+        confusion = totals[SUMS:].view(classes, classes).round().long().cpu()  # [true, predicted], every rank's
         last = epoch + 1 == cfg.epochs or bool(metrics["stop_reason"])
         save = last or (cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0) or bool(
             spot and spot.notice)  # a node is being reclaimed: this epoch's checkpoint is the one to resume from
         if rank == 0:
             _log_epoch(cfg, ctx, metrics, writer, wandb_run)
         if save and metrics["stop_reason"] != DIVERGED:  # a diverged model is not worth keeping
-            save_s = report_with_checkpoint(ctx, metrics, state.state_dict(metrics) if rank == 0 else None)
+            # the checkpoint keeps its epoch's confusion matrix: a study's best trial has what its best epoch got wrong
+            save_s = report_with_checkpoint(ctx, metrics, {**state.state_dict(metrics), "confusion": confusion}
+                                            if rank == 0 else None)
             hint = checkpoint_hint(save_s, metrics["epoch_time_s"], cfg.checkpoint_every or 1)
             if rank == 0 and hint and not checkpoint_hinted:
                 print(hint, flush=True)
@@ -136,6 +140,8 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
         else:
             ctx.report(metrics, None)
         history.append(metrics)
+        if last and rank == 0 and metrics["stop_reason"] != DIVERGED:  # what the saved model gets wrong
+            ctx.write_file(PER_CLASS_FILE, per_class_csv(confusion.tolist(), predicted_class_names(cfg)).encode())
         if metrics["stop_reason"]:
             if rank == 0 and ctx.epoch_lines:
                 print(_stop_message(metrics, cfg), flush=True)
@@ -154,7 +160,10 @@ def _train_and_evaluate(ctx: WorkerContext, state: TrainingState, spot: Optional
             spot.at_epoch_end(train)  # a notice that came late in the epoch: its checkpoint is this epoch's
         val = state.evaluate()
         totals = torch.stack([train.loss, train.correct, train.count, val.loss, val.correct, val.count,
-                              torch.tensor(train.seconds, device=train.loss.device, dtype=torch.float64)]).double()
+                              torch.tensor(train.seconds, device=train.loss.device, dtype=torch.float64),
+                              val.top5.to(train.loss.device)]).double()
+        # one all-reduce for the sums and the confusion matrix (float64 counts: exact to 2**53)
+        totals = torch.cat([totals, val.confusion.flatten().to(totals.device)])
         if world > 1:
             dist.all_reduce(totals)
     except RuntimeError as exc:
@@ -168,7 +177,7 @@ def _epoch_metrics(cfg: TrainConfig, state: TrainingState, epoch: int, train, to
                    world: int, t0: float) -> dict:
     """The epoch's reported metrics (what history.jsonl, Tune and the console get), its stop reason, and
     the state moved on to the next epoch."""
-    t_loss, t_correct, t_count, v_loss, v_correct, v_count, time_sum = totals.tolist()
+    t_loss, t_correct, t_count, v_loss, v_correct, v_count, time_sum, v_top5 = totals[:SUMS].tolist()
     images_per_s = t_count / (time_sum / world)  # global images over the mean rank's training time
     # with the part of this epoch trained before a resize or a reclaim
     t_loss, t_correct, t_count, lr_sum, updates = state.with_carried(
@@ -178,6 +187,7 @@ def _epoch_metrics(cfg: TrainConfig, state: TrainingState, epoch: int, train, to
         "epoch": epoch + 1,
         "train_loss": t_loss / t_count, "train_acc": t_correct / t_count,
         "val_loss": v_loss / v_count, "val_acc": v_correct / v_count,
+        **({"val_top5": v_top5 / v_count} if classes_predicted(cfg) >= 10 else {}),  # top-5 says little below 10
         "lr": lr_sum / max(updates, 1),  # the mean LR of this epoch's updates (the head's)
         "epoch_time_s": time.perf_counter() - t0,
         "images_per_s": images_per_s,
@@ -207,8 +217,9 @@ def _log_epoch(cfg: TrainConfig, ctx: WorkerContext, metrics: dict, writer, wand
     if ctx.epoch_lines:
         print(_epoch_line(metrics, cfg.epochs), flush=True)
     if writer:
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "epoch_time_s"):
-            writer.add_scalar(key, metrics[key], metrics["epoch"])
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "images_per_s", "epoch_time_s"):
+            if key in metrics:  # val_top5: 10 classes or more
+                writer.add_scalar(key, metrics[key], metrics["epoch"])
         writer.flush()
         if wandb_run:
             wandb_run.log(metrics)

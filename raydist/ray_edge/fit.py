@@ -15,7 +15,7 @@ from raydist.config.values import metric_mode
 from raydist.errors import CorruptCheckpoint, keep_traceback
 from raydist.loop.context import run_folder_context
 from raydist.loop.run import run
-from raydist.output.run_curves import write_run_curves
+from raydist.output.run_curves import write_confusion_picture, write_run_curves
 from raydist.ray_edge import planning, session
 from raydist.ray_edge.metrics import RunMetrics
 from raydist.ray_edge.stream import stream_splits
@@ -51,8 +51,8 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     latest checkpoint Ray Train hands to the workers itself). `storage_checked`: the caller (a study) has
     checked already that every node sees `cfg.storage_path`. `console`: what rank 0 prints and the labels
     of its exported metrics (raydist.ray_edge.worker.CONSOLE_KEY; default: a single run's epoch lines and progress).
-    The run folder gets curves.png from its whole history, however the run ends (unless `draw_curves` is
-    False: a study draws its trials together).
+    The run folder gets curves.png from its whole history, however the run ends, and confusion.png from the
+    per_class.csv of its last epoch (unless `draw_curves` is False: a study draws its trials together).
     """
 
     from raydist.ray_edge.failures import RestartNotice
@@ -78,6 +78,7 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     finally:
         if draw_curves:
             write_run_curves(run_dir, cfg.name)
+            write_confusion_picture(run_dir, f"{cfg.name}: the saved model on the validation images")
         if session.LIVE_BAR is not None:
             session.LIVE_BAR.clear()
     # This run's epochs: the ones reported since it started (a run resumed in place has older ones on record).
