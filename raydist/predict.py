@@ -2,6 +2,7 @@
 
     python -m raydist.predict runs/photos-resnet18 ~/new_photos/            # one line per image
     python -m raydist.predict runs/photos-resnet18/model_final.pt a.jpg b.png --top-k 3 --csv preds.csv
+    python -m raydist.predict runs/photos-resnet18 ~/labelled/ --per-class report/    # + accuracy per class
 
 The model is a run folder (its model_final.pt), a study folder (its best_model.pt), or a model file
 (model_final.pt, best_model.pt, a checkpoint folder or its checkpoint.pt), local or a URI. Class names come
@@ -13,6 +14,9 @@ resize, the data set's normalisation, the channels the model reads). Runs on a G
 
 Output: per image, `path<TAB>name probability%` for the top k (best first). A file that cannot be decoded
 gets a line saying so on stderr and the exit code 1; a missing path or model exits 2 before anything runs.
+With --per-class DIR the folders given are labelled (one subfolder per class, named as the model's classes,
+as an image folder data set is): the last line gives the accuracy (and top-5 for 10 classes or more), and DIR
+gets per_class.csv and confusion.png, as a run folder has them (raydist.output.mistakes).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ def build_parser() -> OneLineErrorParser:
     parser.add_argument("--top-k", type=int, default=1, help="classes shown per image, best first (default 1)")
     parser.add_argument("--csv", metavar="FILE", help="also write the predictions to this CSV file")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--per-class", metavar="DIR", help="the folders are labelled (a subfolder per class, named "
+                        "as the model's classes): say the accuracy, and write per_class.csv and confusion.png here")
     return parser
 
 
@@ -80,6 +86,25 @@ def image_files(paths: list[str]) -> list[str]:
         else:
             raise ConfigError(f"{path}: no such image file or folder")
     return found
+
+
+def image_labels(paths: list[str], files: list[str], class_names: list[str]) -> list[int]:
+    """Each file's class: the subfolder of a given folder it lies in, which must name one of the model's
+    classes; ConfigError naming the first path that does not."""
+    known = {name: i for i, name in enumerate(class_names)}
+    folders = [os.path.expanduser(p) for p in paths]
+    labels = []
+    for path in files:
+        folder = next((f for f in folders if os.path.isdir(f) and path.startswith(os.path.join(f, ""))), None)
+        if folder is None:
+            raise ConfigError(f"--per-class: {path} is a file, not a folder of class subfolders")
+        parts = os.path.relpath(path, folder).split(os.sep)
+        if len(parts) < 2 or parts[0] not in known:
+            shown = ", ".join(class_names[:10]) + (", ..." if len(class_names) > 10 else "")
+            raise ConfigError(f"--per-class: {os.path.join(folder, parts[0]) if len(parts) > 1 else path} is not "
+                              f"a subfolder named for one of the model's classes ({shown})")
+        labels.append(known[parts[0]])
+    return labels
 
 
 class Predictor:
@@ -155,6 +180,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
         predictor = Predictor(args.model)
         files = image_files(args.images)
+        labels = image_labels(args.images, files, predictor.class_names) if args.per_class else None
+        if args.per_class and os.path.exists(args.per_class) and not os.path.isdir(args.per_class):
+            raise ConfigError(f"--per-class {args.per_class}: is a file; give a folder for per_class.csv and "
+                              f"confusion.png")
     except ConfigError as exc:
         print(f"raydist.predict: error: {exc}", file=sys.stderr)
         return 2
@@ -165,13 +194,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     k = min(args.top_k, len(predictor.class_names))
     side, rows, failed = predictor.stored_side(), [], 0
+    tally = LabelledTally(len(predictor.class_names)) if labels is not None else None
     for start in range(0, len(files), args.batch_size):
-        batch, names = [], []
-        for path in files[start:start + args.batch_size]:
+        batch, names, truth = [], [], []
+        for n, path in enumerate(files[start:start + args.batch_size], start=start):
             try:
                 with open(path, "rb") as fh:
                     batch.append(decode_image(fh.read(), side))
                 names.append(path)
+                truth.append(labels[n] if labels is not None else None)
             except Exception as exc:  # noqa: BLE001 - one bad file does not stop the others
                 failed += 1
                 print(f"raydist.predict: {path}: cannot be decoded as an image ({type(exc).__name__})",
@@ -179,6 +210,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not batch:
             continue
         probs = predictor.probabilities(torch.from_numpy(np.stack(batch)))
+        if tally is not None:
+            tally.add(probs, truth)
         top_p, top_i = probs.topk(k, dim=1)
         for path, ps, idx in zip(names, top_p.tolist(), top_i.tolist()):
             ranked = [(predictor.class_names[i], p) for i, p in zip(idx, ps)]
@@ -190,7 +223,37 @@ def main(argv: Optional[list[str]] = None) -> int:
             writer.writerow(["path"] + [f"{field}_{r}" for r in range(1, k + 1) for field in ("class", "prob")])
             for path, ranked in rows:
                 writer.writerow([path] + [value for name, p in ranked for value in (name, f"{p:.6f}")])
+    if tally is not None and tally.count:
+        print(tally.write(args.per_class, predictor.class_names, title=f"{predictor.path} on {', '.join(args.images)}"))
     return 1 if failed else 0
+
+
+class LabelledTally:
+    """--per-class: the confusion matrix and top-5 count of the labelled images predicted so far."""
+
+    def __init__(self, classes: int):
+        self.confusion = [[0] * classes for _ in range(classes)]
+        self.top5 = self.count = 0
+
+    def add(self, probs, truth: list[int]) -> None:
+        top = probs.topk(min(5, probs.shape[1]), dim=1).indices.tolist()
+        for label, ranked in zip(truth, top):
+            self.confusion[label][ranked[0]] += 1
+            self.top5 += label in ranked
+            self.count += 1
+
+    def write(self, folder: str, names: list[str], *, title: str) -> str:
+        """per_class.csv and confusion.png into `folder`; the line that says the accuracy."""
+        from raydist.output.mistakes import CONFUSION_FILE, PER_CLASS_FILE, draw_confusion, per_class_csv
+
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, PER_CLASS_FILE), "w") as fh:
+            fh.write(per_class_csv(self.confusion, names))
+        draw_confusion(self.confusion, names, os.path.join(folder, CONFUSION_FILE), title=title)
+        correct = sum(self.confusion[i][i] for i in range(len(names)))
+        top5 = f", top-5 {self.top5 / self.count:.2%}" if len(names) >= 10 else ""
+        return (f"accuracy {correct / self.count:.2%} on {self.count} labelled images{top5}; per class: "
+                f"{os.path.join(folder, PER_CLASS_FILE)}, {os.path.join(folder, CONFUSION_FILE)}")
 
 
 if __name__ == "__main__":

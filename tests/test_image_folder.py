@@ -265,17 +265,42 @@ def test_predict_classifies_held_out_images_at_the_runs_validation_accuracy(fold
     from raydist.runs.checkpoints import FINAL_MODEL_FILE, load_checkpoint_file
 
     root, run_dir, _ = folder_run
-    out_csv = tmp_path / "predictions.csv"
+    out_csv, report = tmp_path / "predictions.csv", tmp_path / "report"
     result = subprocess.run([sys.executable, "-m", "raydist.predict", str(run_dir), str(root / "val"), "--top-k", "2",
-                             "--csv", str(out_csv)], capture_output=True, text=True, timeout=300)
+                             "--csv", str(out_csv), "--per-class", str(report)], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(out_csv.open()))
-    lines = result.stdout.strip().splitlines()
+    *lines, summary = result.stdout.strip().splitlines()
     assert len(rows) == len(lines) == sum(1 for _ in (root / "val").rglob("*.*"))
     assert re.fullmatch(r"\S+\tdigit_\d [\d.]+%, digit_\d [\d.]+%", lines[0])
     correct = sum(r["class_1"] == os.path.basename(os.path.dirname(r["path"])) for r in rows)
     reported = load_checkpoint_file(str(run_dir / FINAL_MODEL_FILE))["metrics"]["val_acc"]
     assert abs(correct / len(rows) - reported) <= 0.01
+    # --per-class: the subfolders are the labels; the same counts as the per-image lines, per class
+    assert summary.startswith(f"accuracy {correct / len(rows):.2%} on {len(rows)} labelled images, top-5 ")
+    per_class = list(csv.DictReader((report / "per_class.csv").open()))
+    assert [r["name"] for r in per_class] == [f"digit_{d}" for d in range(10)]
+    assert sum(int(r["correct"]) for r in per_class) == correct
+    assert all(int(r["images"]) == len(list((root / "val" / r["name"]).iterdir())) for r in per_class)
+    assert (report / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_predict_per_class_refuses_a_subfolder_that_names_no_class_in_one_line_and_writes_nothing(folder_run,
+                                                                                                   tmp_path):
+    _, run_dir, _ = folder_run
+    labelled = tmp_path / "labelled"
+    (labelled / "digit_3").mkdir(parents=True)
+    (labelled / "giraffe").mkdir()
+    for folder in ("digit_3", "giraffe"):
+        Image.new("RGB", (8, 8)).save(labelled / folder / "a.png")
+    result = subprocess.run([sys.executable, "-m", "raydist.predict", str(run_dir), str(labelled), "--per-class",
+                             str(tmp_path / "report")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr.strip() == (f"raydist.predict: error: --per-class: {labelled / 'giraffe'} is not a "
+                                     f"subfolder named for one of the model's classes (digit_0, digit_1, digit_2, "
+                                     f"digit_3, digit_4, digit_5, digit_6, digit_7, digit_8, digit_9)")
+    assert not (tmp_path / "report").exists()
 
 
 def test_predict_refuses_a_missing_model_or_image_in_one_line(folder_run, tmp_path):
