@@ -22,6 +22,7 @@ Variants (--variants; flags added to the default command):
   precise_bn_16    --precise-bn 16: statistics re-estimated from every full batch of a worker's share (11 of
                    64: 704 of its 719 images) instead of the default's 4 batches per worker
   ema              --ema 0.9
+  clip_grad_norm   --clip-grad-norm 1.0 (the gradients' global norm clipped to 1 before each update)
   label_smoothing  --label-smoothing 0.1
   epochs_30        --epochs 30
 """
@@ -43,6 +44,7 @@ VARIANTS = {
     "before": ["--augment", "crop_flip", "--input-size", "32", "--epochs", "15", "--precise-bn", "0"],
     "no_precise_bn": ["--precise-bn", "0"],
     "precise_bn_16": ["--precise-bn", "16"],
+    "clip_grad_norm": ["--clip-grad-norm", "1.0"],
     "ema": ["--ema", "0.9"],
     "label_smoothing": ["--label-smoothing", "0.1"],
     "epochs_30": ["--epochs", "30"],

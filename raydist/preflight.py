@@ -59,7 +59,8 @@ def _check_numbers(cfg: TrainConfig) -> None:
         if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
             raise ConfigError(f"{flag_name(name)} must be positive, got {value!r}")
     for name in ("momentum", "weight_decay", "warmup_epochs", "checkpoint_every", "max_failures",
-                 "gpus_per_worker", "lr_step_gamma", "wait_for_workers_s", "precise_bn"):
+                 "gpus_per_worker", "lr_step_gamma", "wait_for_workers_s", "precise_bn",
+                 "clip_grad_norm"):
         value = getattr(cfg, name)
         if not value >= 0 or not math.isfinite(value):
             raise ConfigError(f"{flag_name(name)} must be zero or more, got {value!r}")

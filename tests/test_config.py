@@ -35,6 +35,7 @@ from raydist.preflight import validate
     ({"name": "a/b"}, r"--name 'a/b' must be a plain folder name"),
     ({"weight_decay": -0.1}, r"--weight-decay must be zero or more"),
     ({"precise_bn": -1}, r"--precise-bn must be zero or more, got -1"),
+    ({"clip_grad_norm": -1.0}, r"--clip-grad-norm must be zero or more, got -1.0"),
     ({"name": " "}, r"--name ' ' must be a plain folder name"),
     ({"name": "run "}, r"--name 'run ' must be a plain folder name"),
     ({"name": ""}, r"--name '' must be a plain folder name"),

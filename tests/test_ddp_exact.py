@@ -49,13 +49,15 @@ def _weights(path):
          fake_image_size=8, fake_num_classes=4, fake_train_size=256, fake_val_size=64, batch_size=32, lr=0.1),
     # --ema: the average is in the checkpoint and goes on as the uninterrupted run's (digits' own crop)
     dict(model="resnet8", augment="auto", ema=0.9),
-], ids=["resnet8-crop_flip", "wrn-dropout-dli", "resnet8-ema"])
+    # --clip-grad-norm below the gradients' norm: every update clipped, grad_norm in the history
+    dict(model="resnet8", augment="auto", clip_grad_norm=0.3),
+], ids=["resnet8-crop_flip", "wrn-dropout-dli", "resnet8-ema", "resnet8-clip"])
 def test_a_run_resumed_from_a_checkpoint_is_bit_identical_to_the_uninterrupted_run(tmp_path, setting):
     cfg = validate(TrainConfig(**{**TWO_WORKERS, "epochs": 3, "checkpoint_every": 1, **setting}))
     full = run_ddp(cfg, tmp_path / "full")
     resumed = run_ddp(cfg, tmp_path / "resumed", resume_from=tmp_path / "full" / "checkpoint_epoch_0001")
     assert [m["epoch"] for m in resumed] == [2, 3]
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "images_seen"):
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "grad_norm", "images_seen"):
         assert [m.get(key) for m in resumed] == [m.get(key) for m in full[1:]], key  # val_top5: 10+ classes
     assert (tmp_path / "resumed" / "per_class.csv").read_text() == (tmp_path / "full" / "per_class.csv").read_text()
     a, b = _weights(tmp_path / "full" / FINAL_MODEL_FILE), _weights(tmp_path / "resumed" / FINAL_MODEL_FILE)

@@ -191,3 +191,53 @@ def test_a_config_saved_before_digits_had_its_own_side_is_read_as_that_run_train
     assert (cfg.input_size, cfg.augment) == (pinned["input_size"], pinned["augment"])
     if "ema" not in saved and saved["dataset"] == "digits" and saved["augment"] == "auto":
         assert input_side(cfg) == 32 and augment_kind(cfg.augment, cfg.dataset) == "crop_flip"
+
+
+# ---- --clip-grad-norm ---------------------------------------------------------------------------------------
+
+
+def test_clipping_takes_the_fp16_scale_off_first_clips_the_global_norm_and_skips_an_overflowed_step():
+    from raydist.loop.recipe import clip_gradients
+
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # fp16's loss scale, on the CPU
+    scaler.scale((net(torch.randn(8, 4)) ** 2).sum()).backward()
+    true_norm = torch.cat([p.grad.flatten() for p in net.parameters()]).norm() / 1024
+    assert true_norm > 0.5
+    before = [p.detach().clone() for p in net.parameters()]
+    norm = clip_gradients(scaler, optimizer, max_norm=0.5)
+    assert norm.item() == pytest.approx(true_norm.item(), rel=1e-5)  # the norm before clipping, unscaled
+    clipped = [p.grad.clone() for p in net.parameters()]
+    assert torch.cat([g.flatten() for g in clipped]).norm().item() == pytest.approx(0.5, rel=1e-4)
+    scaler.step(optimizer)  # not unscaled a second time: the step is the clipped gradient
+    assert all(torch.allclose(p, b - g) for p, b, g in zip(net.parameters(), before, clipped))
+    scaler.update()
+
+    optimizer.zero_grad()
+    scaler.scale(net(torch.randn(8, 4)).sum()).backward()
+    net.weight.grad[0, 0] = float("inf")  # an overflowed fp16 step
+    after_first = [p.detach().clone() for p in net.parameters()]
+    assert clip_gradients(scaler, optimizer, max_norm=0.5).item() == 0.0  # counted as 0, not inf
+    scaler.step(optimizer)
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), after_first))  # skipped, as without clipping
+
+
+def test_under_two_worker_ddp_no_update_moves_the_weights_further_than_the_lr_times_the_clip(tmp_path):
+    # plain SGD (no momentum, no weight decay): an update moves the weights by LR x the clipped gradient, so
+    # an epoch moves them by at most its LRs' sum x the clip, whatever the unclipped gradients were
+    clip = 0.05
+    cfg = validate(TrainConfig(epochs=2, checkpoint_every=1, clip_grad_norm=clip, momentum=0.0, weight_decay=0.0,
+                               **TWO_WORKERS))
+    history = run_ddp(cfg, tmp_path)
+    assert all(m["grad_norm"] > clip for m in history)  # every epoch's updates were clipped on average
+    first, second = (load_checkpoint_file(str(tmp_path / f"checkpoint_epoch_{e:04d}" / CHECKPOINT_FILE))["model"]
+                     for e in (1, 2))
+    names = [n for n, p in first.items() if p.is_floating_point() and "running" not in n]  # the parameters
+    moved = torch.cat([(second[n] - first[n]).flatten() for n in names]).norm().item()
+    updates = 11  # 2 ranks x 11 batches of 64
+    assert 0 < moved <= history[1]["lr"] * updates * clip * 1.001
+
+    learned = run_ddp(validate(TrainConfig(epochs=4, clip_grad_norm=1.0, **TWO_WORKERS)), tmp_path / "learned")
+    assert learned[-1]["val_acc"] > 0.9  # a clip near the gradients' own norm still trains (chance: 0.1)

@@ -138,6 +138,9 @@ class TrainConfig:
     weight_decay: float = _field("optimization", 5e-4, "L2 weight decay on convolution and linear weights; "
                                  "BatchNorm and bias parameters get none (AdamW: decoupled)")
     label_smoothing: float = _field("optimization", 0.0, "label smoothing in [0, 1)")
+    clip_grad_norm: float = _field("optimization", 0.0, "clip the gradients' global L2 norm to this before each "
+                                   "update (0: no clipping; fp16's loss scale is taken off first); history.jsonl "
+                                   "then has grad_norm, the mean norm before clipping")
     ema: float = _field("optimization", 0.0, "keep an exponential moving average of the weights with this decay "
                         "per update, in [0, 1) (e.g. 0.99; 0: none); the average is what is evaluated, kept and "
                         "saved as the model, the live weights train on")

@@ -97,6 +97,17 @@ def precise_statistics(state) -> int:
     cfg = state.cfg
     # the batch a worker trains on: --batch-size, or an elastic run's share of its global batch
     return reestimate_statistics(state.pipeline or state.net, state.train_set, batches=cfg.precise_bn,
-                                 batch_size=state.layout.micro_batch, augment=state.augment, epoch=state.epoch, seed=cfg.seed,
-                                 rank=state.rank, world=state.world, device=state.device,
+                                 batch_size=state.layout.micro_batch, augment=state.augment, epoch=state.epoch,
+                                 seed=cfg.seed, rank=state.rank, world=state.world, device=state.device,
                                  channels_last=state.channels_last, amp_dtype=state.amp_dtype)
+
+
+def rank0_statistics(net: nn.Module, average=None) -> None:
+    """Rank 0's buffers (BatchNorm's statistics) on every rank, and its averaged ones under --ema: each rank's
+    last training forward updated its own, and rank 0's are the ones saved, so every shard is evaluated
+    with them and the reported metric is the saved model's (--precise-bn then replaces the training norms'
+    with the mean over the ranks)."""
+    for buffer in net.buffers():
+        dist.broadcast(buffer, src=0)
+    if average is not None:
+        average.broadcast_statistics()

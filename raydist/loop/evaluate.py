@@ -17,6 +17,7 @@ from raydist.data.sizes import classes_predicted, input_side, stored_side
 from raydist.data.splits import shard_indices
 from raydist.loop.recipe import autocast_dtype
 from raydist.loop.worker_data import data_batches
+from raydist.output.mistakes import MATRIX_CLASSES
 from raydist.parallel.pipeline import Pipeline
 
 
@@ -42,8 +43,9 @@ def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
 @torch.no_grad()
 def evaluate_model(net: nn.Module, dataset, cfg: TrainConfig, *, device: torch.device, rank: int = 0,
                    world: int = 1, augment: Optional[Augmenter] = None) -> "EpochSums":
-    """Sums of loss, correct and count over this rank's share of `dataset`: the one evaluation path, for the
-    validation split every epoch and for the test split once at the end (raydist.final_eval)."""
+    """Sums of loss, correct, count and top-5 correct, and the confusion matrix (up to MATRIX_CLASSES
+    classes), over this rank's share of `dataset`: the one evaluation path, for the validation split every
+    epoch and for the test split once at the end (raydist.final_eval)."""
     augment = augment or input_pipeline(cfg, device)
     channels_last = uses_channels_last(cfg, device)
     amp_dtype = autocast_dtype(cfg.precision, device)
@@ -53,9 +55,10 @@ def evaluate_model(net: nn.Module, dataset, cfg: TrainConfig, *, device: torch.d
     sums = EpochSums(*(torch.zeros((), device=output_device, dtype=torch.float64) for _ in range(3)))
     sums.top5 = torch.zeros((), device=output_device, dtype=torch.float64)
     classes = classes_predicted(cfg)
+    matrix = classes <= MATRIX_CLASSES
     # counts as float64 (exact to 2**53), added with index_add_: bincount on a GPU reads its input's
     # largest value to the host
-    sums.confusion = torch.zeros(classes * classes, device=output_device, dtype=torch.float64)
+    sums.confusion = torch.zeros(classes * classes if matrix else 0, device=output_device, dtype=torch.float64)
     shards = shard_indices(len(dataset), batch_size=cfg.val_batch_size or 2 * cfg.batch_size, rank=rank, world_size=world, shuffle=False,
                            drop_last=False, pad=False, device=device)
     for images, labels in data_batches(dataset, list(shards), train=False):
@@ -71,8 +74,9 @@ def evaluate_model(net: nn.Module, dataset, cfg: TrainConfig, *, device: torch.d
         sums.count += len(labels)
         top = logits.topk(min(5, classes), dim=1).indices
         sums.top5 += (top == labels[:, None]).any(1).sum()
-        sums.confusion.index_add_(0, labels * classes + predicted, torch.ones_like(labels, dtype=torch.float64))
-    sums.confusion = sums.confusion.view(classes, classes)
+        if matrix:
+            sums.confusion.index_add_(0, labels * classes + predicted, torch.ones_like(labels, dtype=torch.float64))
+    sums.confusion = sums.confusion.view(classes, classes) if matrix else None
     return sums
 
 
@@ -85,5 +89,6 @@ class EpochSums:
     lr_sum: float = 0.0  # training only: the head's LRs of the epoch's updates (the same on every rank)
     updates: int = 0
     seconds: float = 0.0
+    grad_norm: object = 0.0  # training under --clip-grad-norm: the sum of the updates' norms before clipping
     top5: Optional[torch.Tensor] = None  # evaluation only: images whose class is among the 5 highest logits
     confusion: Optional[torch.Tensor] = None  # evaluation only: [true class, predicted class] counts

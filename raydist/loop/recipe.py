@@ -214,3 +214,14 @@ def with_fused_flag(optimizer_state: dict, fused: Optional[bool]) -> dict:
     on the CPU for a fused GPU optimizer, whose first update then fails on the device mismatch."""
     groups = [{**group, "fused": fused} for group in optimizer_state["param_groups"]]
     return {**optimizer_state, "param_groups": groups}
+
+
+def clip_gradients(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """--clip-grad-norm: the gradients' global L2 norm clipped to `max_norm`, after the fp16 loss scale is taken
+    off (unscale_ here; the scaler's step then does not unscale again, and still skips a step whose gradients
+    overflowed). Every rank holds the same all-reduced gradients, so every rank clips alike. Returns the norm
+    before clipping, on the device (0 for an overflowed step), with no host sync."""
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))

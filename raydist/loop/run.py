@@ -101,6 +101,10 @@ def _run(cfg: TrainConfig, ctx: WorkerContext) -> list[dict]:
     if rank == 0 and not (history and history[-1]["stop_reason"] == DIVERGED):
         ctx.write_file(FINAL_MODEL_FILE, final_model_bytes(state.saved_weights(), cfg.to_dict(),
                                                            history[-1] if history else None))
+        # what it gets wrong: the last epoch's matrix, or (no epoch left to run) its checkpoint's
+        confusion = state.confusion if history else (ctx.resume_state or {}).get("confusion")
+        if confusion is not None:
+            ctx.write_file(PER_CLASS_FILE, per_class_csv(confusion.tolist(), predicted_class_names(cfg)).encode())
     return history
 
 
@@ -123,7 +127,8 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
         train, totals = _train_and_evaluate(ctx, state, spot)
         metrics = _epoch_metrics(cfg, state, epoch, train, totals, world=ctx.world_size, t0=t0)
         classes = classes_predicted(cfg)
-        confusion = totals[SUMS:].view(classes, classes).round().long().cpu()  # [true, predicted], every rank's
+        # [true, predicted], every rank's images (none above MATRIX_CLASSES classes)
+        confusion = totals[SUMS:].view(classes, classes).round().long().cpu() if len(totals) > SUMS else None
         last = epoch + 1 == cfg.epochs or bool(metrics["stop_reason"])
         save = last or (cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0) or bool(
             spot and spot.notice)  # a node is being reclaimed: this epoch's checkpoint is the one to resume from
@@ -140,8 +145,7 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
         else:
             ctx.report(metrics, None)
         history.append(metrics)
-        if last and rank == 0 and metrics["stop_reason"] != DIVERGED:  # what the saved model gets wrong
-            ctx.write_file(PER_CLASS_FILE, per_class_csv(confusion.tolist(), predicted_class_names(cfg)).encode())
+        state.confusion = confusion  # the last evaluation's: what model_final.pt gets wrong
         if metrics["stop_reason"]:
             if rank == 0 and ctx.epoch_lines:
                 print(_stop_message(metrics, cfg), flush=True)
@@ -151,7 +155,8 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
 
 def _train_and_evaluate(ctx: WorkerContext, state: TrainingState, spot: Optional[SpotWatch]):
     """One epoch's training and evaluation on this rank, summed over all ranks: (the rank's training sums,
-    the group's totals: train loss, correct, count, val loss, correct, count, summed training seconds)."""
+    the group's totals: train loss, correct, count, val loss, correct, count, summed training seconds, val
+    top-5 correct, then the validation confusion matrix's C x C counts when it is kept)."""
     world = ctx.world_size
     try:
         train = state.train_epoch(progress_every_s=ctx.progress_every_s if ctx.rank == 0 else 0.0,
@@ -162,8 +167,8 @@ def _train_and_evaluate(ctx: WorkerContext, state: TrainingState, spot: Optional
         totals = torch.stack([train.loss, train.correct, train.count, val.loss, val.correct, val.count,
                               torch.tensor(train.seconds, device=train.loss.device, dtype=torch.float64),
                               val.top5.to(train.loss.device)]).double()
-        # one all-reduce for the sums and the confusion matrix (float64 counts: exact to 2**53)
-        totals = torch.cat([totals, val.confusion.flatten().to(totals.device)])
+        if val.confusion is not None:  # one all-reduce for the sums and the matrix (float64: exact to 2**53)
+            totals = torch.cat([totals, val.confusion.flatten().to(totals.device)])
         if world > 1:
             dist.all_reduce(totals)
     except RuntimeError as exc:
@@ -180,8 +185,8 @@ def _epoch_metrics(cfg: TrainConfig, state: TrainingState, epoch: int, train, to
     t_loss, t_correct, t_count, v_loss, v_correct, v_count, time_sum, v_top5 = totals[:SUMS].tolist()
     images_per_s = t_count / (time_sum / world)  # global images over the mean rank's training time
     # with the part of this epoch trained before a resize or a reclaim
-    t_loss, t_correct, t_count, lr_sum, updates = state.with_carried(
-        [t_loss, t_correct, t_count, train.lr_sum, train.updates])
+    t_loss, t_correct, t_count, lr_sum, updates, norm_sum = state.with_carried(
+        [t_loss, t_correct, t_count, train.lr_sum, train.updates, float(train.grad_norm)])
     state.carried = None
     metrics = {
         "epoch": epoch + 1,
@@ -189,6 +194,7 @@ def _epoch_metrics(cfg: TrainConfig, state: TrainingState, epoch: int, train, to
         "val_loss": v_loss / v_count, "val_acc": v_correct / v_count,
         **({"val_top5": v_top5 / v_count} if classes_predicted(cfg) >= 10 else {}),  # top-5 says little below 10
         "lr": lr_sum / max(updates, 1),  # the mean LR of this epoch's updates (the head's)
+        **({"grad_norm": norm_sum / max(updates, 1)} if cfg.clip_grad_norm else {}),  # before clipping
         "epoch_time_s": time.perf_counter() - t0,
         "images_per_s": images_per_s,
         "first_step_unix": state.first_step_unix or float("nan"),

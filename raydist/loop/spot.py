@@ -93,14 +93,15 @@ class SpotWatch:
         totals = torch.stack([sums.loss, sums.correct, sums.count]).double()
         if state.world > 1:
             dist.all_reduce(totals)
-        loss, correct, count, lr_sum, updates = state.with_carried([*totals.tolist(), sums.lr_sum, sums.updates])
+        loss, correct, count, lr_sum, updates, norm_sum = state.with_carried(
+            [*totals.tolist(), sums.lr_sum, sums.updates, float(sums.grad_norm)])
         nan = float("nan")
         metrics = {"epoch": state.epoch, "position": state.position, "images_seen": state.images_seen(),
                    "partial_epoch": True, "world_size": state.world, "global_batch": state.layout.global_batch,
                    "train_loss": loss / max(count, 1), "train_acc": correct / max(count, 1),
                    "val_loss": nan, "val_acc": nan, "lr": lr_sum / max(updates, 1), "stop_reason": "",
                    self.cfg.keep_by: nan}  # never ranked above an epoch's checkpoint; kept while the latest
-        checkpoint = state.state_dict(metrics, epoch_sums=[loss, correct, count, lr_sum, updates]) \
+        checkpoint = state.state_dict(metrics, epoch_sums=[loss, correct, count, lr_sum, updates, norm_sum]) \
             if state.rank == 0 else None
         report_with_checkpoint(ctx, metrics, checkpoint)
         self.checkpoints += 1

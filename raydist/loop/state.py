@@ -13,7 +13,6 @@ import time
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -22,11 +21,11 @@ from raydist.config.rates import backbone_lr_mult, lr_scale
 from raydist.data.sizes import classes_predicted, predicted_class_names
 from raydist.data.splits import shard_indices, steps_per_epoch
 from raydist.errors import WorkerInputError
-from raydist.loop.batchnorm import precise_statistics
+from raydist.loop.batchnorm import precise_statistics, rank0_statistics
 from raydist.loop.ema import WeightAverage
 from raydist.loop.evaluate import EpochSums, evaluate_model, input_pipeline, uses_channels_last
 from raydist.loop.model_split import split_model
-from raydist.loop.recipe import EarlyStop, Schedule, autocast_dtype, lr_factor, with_fused_flag
+from raydist.loop.recipe import EarlyStop, Schedule, autocast_dtype, clip_gradients, lr_factor, with_fused_flag
 from raydist.loop.worker_data import data_batches
 from raydist.models.transfer import Unit, build_model, freeze_norms, set_trainable, transfer_units, unfrozen_stages
 from raydist.output.console import EpochProgress
@@ -132,6 +131,7 @@ class TrainingState:
         self.first_step_unix: Optional[float] = None
         # --ema: evaluated, kept by the checkpoint policy and saved as the model; the live weights train on
         self.average = WeightAverage(self.net, cfg.ema) if cfg.ema else None
+        self.confusion: Optional[torch.Tensor] = None  # the last evaluation's matrix, set by raydist.loop.run
         self._place_schedule()
 
     # ---- building blocks
@@ -193,7 +193,8 @@ class TrainingState:
     def with_carried(self, sums: list) -> list:
         """This attempt's epoch sums (loss, correct, count over all ranks; LR sum, updates) plus the part of
         the epoch a mid-epoch checkpoint carried in."""
-        return [a + b for a, b in zip(sums, self.carried)] if self.carried else sums
+        carried = [*self.carried, *[0.0] * (len(sums) - len(self.carried))] if self.carried else None  # older: 5
+        return [a + b for a, b in zip(sums, carried)] if carried else sums
 
     def images_seen(self) -> int:
         """Training images trained on so far, all ranks: what the finished epochs trained (a fixed group
@@ -309,6 +310,8 @@ class TrainingState:
                     self.on_micro_batch(epoch=self.epoch, end=step.end, world=self.world, rank=self.rank,
                                         indices=step.micro_batches[j].tolist())
             if update_now:
+                if cfg.clip_grad_norm:  # on the device: a tensor sum, read once at the epoch's end
+                    sums.grad_norm = sums.grad_norm + clip_gradients(self.scaler, self.optimizer, cfg.clip_grad_norm)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -334,12 +337,7 @@ class TrainingState:
         """This rank's share of the validation set, evaluated with the weights and statistics that are saved
         (the average's under --ema; --precise-bn re-estimates the statistics of those weights and keeps them)."""
         if self.world > 1:
-            # Each rank's last training forward updated its own BatchNorm statistics; evaluate every shard
-            # with rank 0's, which are the ones saved, so the reported metric is the saved model's.
-            for buffer in self.net.buffers():
-                dist.broadcast(buffer, src=0)
-            if self.average is not None:
-                self.average.broadcast_statistics()
+            rank0_statistics(self.net, self.average)
         with self.average.swapped_in(keep_statistics=True) if self.average is not None else contextlib.nullcontext():
             if self.cfg.precise_bn:
                 precise_statistics(self)

@@ -34,8 +34,12 @@ def write_confusion_picture(run_dir: str, title: str) -> Optional[str]:
         data = None
     if data is None:
         return None
-    confusion, names = read_per_class_csv(data.decode())
-    return _draw(run_dir, CONFUSION_FILE, lambda path: draw_confusion(confusion, names, path, title=title))
+
+    def draw(path: str) -> None:  # inside _draw's guard: a file that cannot be read is a warning too
+        confusion, names = read_per_class_csv(data.decode())
+        draw_confusion(confusion, names, path, title=title)
+
+    return _draw(run_dir, CONFUSION_FILE, draw)
 
 
 def _draw(run_dir: str, name: str, draw: Callable[[str], object]) -> Optional[str]:

@@ -201,6 +201,9 @@ def export_best(best: dict, out_dir: str) -> str:
                                    best_epoch=best["best_epoch"]))
     with open(os.path.join(out_dir, "best_config.yaml"), "w") as fh:
         yaml.safe_dump({k: v for k, v in state["config"].items() if k not in PER_TRIAL_FIELDS}, fh, sort_keys=False)
+    for name in ("per_class.csv", "confusion.png"):  # an earlier summary's, of another best trial
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
     if state.get("confusion") is not None:  # what the best epoch got wrong (checkpoints since issue 33 keep it)
         try:
             _write_mistakes(state, out_dir, title=f"best trial {best['trial_id']}, epoch {state['epoch']}: "
@@ -218,7 +221,7 @@ def _write_mistakes(state: dict, out_dir: str, *, title: str) -> None:
     from raydist.output.mistakes import CONFUSION_FILE, PER_CLASS_FILE, draw_confusion, per_class_csv
 
     confusion = state["confusion"].tolist()
-    names = predicted_class_names(TrainConfig.from_saved(state["config"]))
+    names = state.get("class_names") or predicted_class_names(TrainConfig.from_saved(state["config"]))
     with open(os.path.join(out_dir, PER_CLASS_FILE), "w") as fh:
         fh.write(per_class_csv(confusion, names))
     draw_confusion(confusion, names, os.path.join(out_dir, CONFUSION_FILE), title=title)
