@@ -74,3 +74,16 @@ def test_under_two_worker_ddp_each_checkpoint_keeps_its_epochs_confusion_summed_
         assert metrics["val_acc"] <= metrics["val_top5"] <= 1.0
     rows = read_per_class_csv((tmp_path / "per_class.csv").read_text())[0]
     assert torch.equal(torch.tensor(rows), state["confusion"])  # the run's file: its last epoch's matrix
+    # resumed from its last checkpoint with no epoch left: model_final.pt and per_class.csv from the checkpoint
+    again = tmp_path / "again"
+    run_ddp(cfg, again, resume_from=tmp_path / "checkpoint_epoch_0002")
+    assert (again / "per_class.csv").read_text() == (tmp_path / "per_class.csv").read_text()
+
+
+def test_above_the_matrix_limit_top_five_is_counted_and_no_matrix_kept(monkeypatch):
+    import raydist.loop.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "MATRIX_CLASSES", 9)  # digits' 10 classes stand for 20,000
+    (val,) = load_splits("digits", ("val",), device="cpu")
+    sums = evaluate.evaluate_model(FixedRanking(), val, TrainConfig(), device=torch.device("cpu"))
+    assert sums.confusion is None and sums.top5.item() == sum(int((val.labels == c).sum()) for c in RANKING[:5])
