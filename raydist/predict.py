@@ -85,25 +85,33 @@ def image_files(paths: list[str]) -> list[str]:
             found.append(path)
         else:
             raise ConfigError(f"{path}: no such image file or folder")
-    return found
+    seen: set = set()  # a folder given twice (or inside another given one) is predicted once
+    return [f for f in found if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
 
 
-def image_labels(paths: list[str], files: list[str], class_names: list[str]) -> list[int]:
+def image_labels(paths: list[str], files: list[str], class_names: list[str]) -> list[Optional[int]]:
     """Each file's class: the subfolder of a given folder it lies in, which must name one of the model's
-    classes; ConfigError naming the first path that does not."""
+    classes (ConfigError naming the first that does not). As training reads an image folder, images beside
+    the class subfolders and hidden subfolders are not labelled (None): predicted, not counted."""
     known = {name: i for i, name in enumerate(class_names)}
+    shown = ", ".join(class_names[:10]) + (", ..." if len(class_names) > 10 else "")
     folders = [os.path.expanduser(p) for p in paths]
-    labels = []
+    labels: list[Optional[int]] = []
     for path in files:
         folder = next((f for f in folders if os.path.isdir(f) and path.startswith(os.path.join(f, ""))), None)
         if folder is None:
             raise ConfigError(f"--per-class: {path} is a file, not a folder of class subfolders")
         parts = os.path.relpath(path, folder).split(os.sep)
-        if len(parts) < 2 or parts[0] not in known:
-            shown = ", ".join(class_names[:10]) + (", ..." if len(class_names) > 10 else "")
-            raise ConfigError(f"--per-class: {os.path.join(folder, parts[0]) if len(parts) > 1 else path} is not "
-                              f"a subfolder named for one of the model's classes ({shown})")
-        labels.append(known[parts[0]])
+        if len(parts) < 2 or parts[0].startswith("."):
+            labels.append(None)
+        elif parts[0] in known:
+            labels.append(known[parts[0]])
+        else:
+            raise ConfigError(f"--per-class: {os.path.join(folder, parts[0])} is not a subfolder named for one of "
+                              f"the model's classes ({shown})")
+    if all(label is None for label in labels):
+        raise ConfigError(f"--per-class: {', '.join(paths)} holds its images directly, not in subfolders named "
+                          f"for the model's classes ({shown}); give the folder above the class folders")
     return labels
 
 
@@ -181,9 +189,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         predictor = Predictor(args.model)
         files = image_files(args.images)
         labels = image_labels(args.images, files, predictor.class_names) if args.per_class else None
-        if args.per_class and os.path.exists(args.per_class) and not os.path.isdir(args.per_class):
-            raise ConfigError(f"--per-class {args.per_class}: is a file; give a folder for per_class.csv and "
-                              f"confusion.png")
+        if args.per_class:
+            try:  # made now: a folder that cannot be is one line before any image is read
+                os.makedirs(args.per_class, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"--per-class {args.per_class}: cannot be made a folder ({exc.strerror or exc}); "
+                                  f"give a folder for per_class.csv and confusion.png") from None
     except ConfigError as exc:
         print(f"raydist.predict: error: {exc}", file=sys.stderr)
         return 2
@@ -223,7 +234,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             writer.writerow(["path"] + [f"{field}_{r}" for r in range(1, k + 1) for field in ("class", "prob")])
             for path, ranked in rows:
                 writer.writerow([path] + [value for name, p in ranked for value in (name, f"{p:.6f}")])
-    if tally is not None and tally.count:
+    if tally is not None:
         print(tally.write(args.per_class, predictor.class_names, title=f"{predictor.path} on {', '.join(args.images)}"))
     return 1 if failed else 0
 
@@ -232,28 +243,43 @@ class LabelledTally:
     """--per-class: the confusion matrix and top-5 count of the labelled images predicted so far."""
 
     def __init__(self, classes: int):
-        self.confusion = [[0] * classes for _ in range(classes)]
-        self.top5 = self.count = 0
+        from raydist.output.mistakes import MATRIX_CLASSES
 
-    def add(self, probs, truth: list[int]) -> None:
+        # as a run keeps it: no matrix above MATRIX_CLASSES classes (it grows with their square)
+        self.confusion = [[0] * classes for _ in range(classes)] if classes <= MATRIX_CLASSES else None
+        self.correct = self.top5 = self.count = 0
+
+    def add(self, probs, truth: list[Optional[int]]) -> None:
         top = probs.topk(min(5, probs.shape[1]), dim=1).indices.tolist()
         for label, ranked in zip(truth, top):
-            self.confusion[label][ranked[0]] += 1
+            if label is None:  # beside the class folders: predicted, not counted
+                continue
+            if self.confusion is not None:
+                self.confusion[label][ranked[0]] += 1
+            self.correct += label == ranked[0]
             self.top5 += label in ranked
             self.count += 1
 
     def write(self, folder: str, names: list[str], *, title: str) -> str:
-        """per_class.csv and confusion.png into `folder`; the line that says the accuracy."""
-        from raydist.output.mistakes import CONFUSION_FILE, PER_CLASS_FILE, draw_confusion, per_class_csv
+        """per_class.csv and confusion.png into `folder` (an earlier call's removed first); the line that
+        says the accuracy, or that nothing was counted."""
+        from raydist.output.mistakes import (CONFUSION_FILE, MATRIX_CLASSES, PER_CLASS_FILE, draw_confusion,
+                                             per_class_csv)
 
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, PER_CLASS_FILE), "w") as fh:
-            fh.write(per_class_csv(self.confusion, names))
-        draw_confusion(self.confusion, names, os.path.join(folder, CONFUSION_FILE), title=title)
-        correct = sum(self.confusion[i][i] for i in range(len(names)))
+        files = [os.path.join(folder, PER_CLASS_FILE), os.path.join(folder, CONFUSION_FILE)]
+        for path in files:
+            if os.path.exists(path):
+                os.remove(path)
+        if not self.count:
+            return f"no labelled image could be decoded: nothing written to {folder}"
+        if self.confusion is not None:
+            with open(files[0], "w") as fh:
+                fh.write(per_class_csv(self.confusion, names))
+            draw_confusion(self.confusion, names, files[1], title=title)
         top5 = f", top-5 {self.top5 / self.count:.2%}" if len(names) >= 10 else ""
-        return (f"accuracy {correct / self.count:.2%} on {self.count} labelled images{top5}; per class: "
-                f"{os.path.join(folder, PER_CLASS_FILE)}, {os.path.join(folder, CONFUSION_FILE)}")
+        written = f"per class: {files[0]}, {files[1]}" if self.confusion is not None else \
+            f"no per-class files above {MATRIX_CLASSES:,} classes"
+        return f"accuracy {self.correct / self.count:.2%} on {self.count} labelled images{top5}; {written}"
 
 
 if __name__ == "__main__":

@@ -301,6 +301,15 @@ def test_predict_per_class_refuses_a_subfolder_that_names_no_class_in_one_line_a
                                      f"subfolder named for one of the model's classes (digit_0, digit_1, digit_2, "
                                      f"digit_3, digit_4, digit_5, digit_6, digit_7, digit_8, digit_9)")
     assert not (tmp_path / "report").exists()
+    (tmp_path / "a_file").write_text("")
+    (labelled / "giraffe" / "a.png").rename(labelled / "digit_3" / "b.png")
+    (labelled / "giraffe").rmdir()
+    result = subprocess.run([sys.executable, "-m", "raydist.predict", str(run_dir), str(labelled), "--per-class",
+                             str(tmp_path / "a_file" / "report")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and not result.stdout  # the folder is made before any image is read
+    assert result.stderr.strip().startswith(f"raydist.predict: error: --per-class {tmp_path / 'a_file' / 'report'}: "
+                                            f"cannot be made a folder (")
 
 
 def test_predict_refuses_a_missing_model_or_image_in_one_line(folder_run, tmp_path):

@@ -4,6 +4,8 @@ confusion.png. The 2-worker sums, a run folder's files and a study's best trial'
 run: tests/test_ray_train.py, tests/test_tune.py, tests/test_ddp_exact.py (bit-identical after a resume).
 """
 
+import os
+
 import pytest
 import torch
 from local_ddp import run_ddp
@@ -87,3 +89,53 @@ def test_above_the_matrix_limit_top_five_is_counted_and_no_matrix_kept(monkeypat
     (val,) = load_splits("digits", ("val",), device="cpu")
     sums = evaluate.evaluate_model(FixedRanking(), val, TrainConfig(), device=torch.device("cpu"))
     assert sums.confusion is None and sums.top5.item() == sum(int((val.labels == c).sum()) for c in RANKING[:5])
+
+
+# ---- raydist.predict --per-class: a labelled folder -------------------------------------------------------------
+
+
+def _labelled_folder(root):
+    from PIL import Image
+
+    for folder in ("cat", "dog", ".thumbnails", ""):  # two classes, a hidden folder, an image beside them
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(root / folder / f"{folder.strip('.') or 'loose'}.png")
+    return root
+
+
+def test_per_class_labels_are_the_class_subfolders_as_training_reads_a_folder(tmp_path):
+    from raydist.errors import ConfigError
+    from raydist.predict import image_files, image_labels
+
+    root = _labelled_folder(tmp_path / "labelled")
+    files = image_files([str(root), str(root / "cat")])  # the cat folder twice: its image once
+    assert [os.path.relpath(f, root) for f in files] == [".thumbnails/thumbnails.png", "cat/cat.png",
+                                                          "dog/dog.png", "loose.png"]
+    assert image_labels([str(root)], files, ["dog", "cat"]) == [None, 1, 0, None]  # hidden, loose: not counted
+    with pytest.raises(ConfigError, match=r"--per-class: .*labelled/dog is not a subfolder named for one of the "
+                                          r"model's classes \(cat, fox\)"):
+        image_labels([str(root)], files, ["cat", "fox"])
+    cat = str(root / "cat")
+    with pytest.raises(ConfigError, match="holds its images directly, not in subfolders named for the model's"):
+        image_labels([cat], image_files([cat]), ["dog", "cat"])
+
+
+def test_the_tally_writes_nothing_stale_and_no_matrix_above_the_limit(tmp_path, monkeypatch):
+    import raydist.output.mistakes as mistakes
+    from raydist.predict import LabelledTally
+
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    tally = LabelledTally(2)
+    tally.add(probs, [0, 1, None])
+    assert tally.write(str(tmp_path), ["a", "b"], title="t").startswith("accuracy 100.00% on 2 labelled images;")
+    assert read_per_class_csv((tmp_path / "per_class.csv").read_text()) == ([[1, 0], [0, 1]], ["a", "b"])
+    assert LabelledTally(2).write(str(tmp_path), ["a", "b"], title="t") == \
+        f"no labelled image could be decoded: nothing written to {tmp_path}"
+    assert not (tmp_path / "per_class.csv").exists() and not (tmp_path / "confusion.png").exists()  # not stale
+    monkeypatch.setattr(mistakes, "MATRIX_CLASSES", 1)
+    big = LabelledTally(2)
+    big.add(probs, [0, 0, 1])
+    assert big.confusion is None
+    assert big.write(str(tmp_path), ["a", "b"], title="t") == \
+        "accuracy 33.33% on 3 labelled images; no per-class files above 1 classes"
+    assert not (tmp_path / "per_class.csv").exists()

@@ -223,8 +223,9 @@ def _log_epoch(cfg: TrainConfig, ctx: WorkerContext, metrics: dict, writer, wand
     if ctx.epoch_lines:
         print(_epoch_line(metrics, cfg.epochs), flush=True)
     if writer:
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "images_per_s", "epoch_time_s"):
-            if key in metrics:  # val_top5: 10 classes or more
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "grad_norm", "images_per_s",
+                    "epoch_time_s"):
+            if key in metrics:  # val_top5: 10 classes or more; grad_norm: under --clip-grad-norm
                 writer.add_scalar(key, metrics[key], metrics["epoch"])
         writer.flush()
         if wandb_run:
