@@ -263,22 +263,15 @@ class LabelledTally:
     def write(self, folder: str, names: list[str], *, title: str) -> str:
         """per_class.csv and confusion.png into `folder` (an earlier call's removed first); the line that
         says the accuracy, or that nothing was counted."""
-        from raydist.output.mistakes import (CONFUSION_FILE, MATRIX_CLASSES, PER_CLASS_FILE, draw_confusion,
-                                             per_class_csv)
+        from raydist.output.mistakes import MATRIX_CLASSES, write_mistake_files
 
-        files = [os.path.join(folder, PER_CLASS_FILE), os.path.join(folder, CONFUSION_FILE)]
-        for path in files:
-            if os.path.exists(path):
-                os.remove(path)
+        # an earlier call's files go first, also when nothing is counted now
+        paths = write_mistake_files(folder, self.confusion if self.count else None, names, title=title)
         if not self.count:
             return f"no labelled image could be decoded: nothing written to {folder}"
-        if self.confusion is not None:
-            with open(files[0], "w") as fh:
-                fh.write(per_class_csv(self.confusion, names))
-            draw_confusion(self.confusion, names, files[1], title=title)
         top5 = f", top-5 {self.top5 / self.count:.2%}" if len(names) >= 10 else ""
-        written = f"per class: {files[0]}, {files[1]}" if self.confusion is not None else \
-            f"no per-class files above {MATRIX_CLASSES:,} classes"
+        written = (f"per class: {paths[0]}, {paths[1]}" if paths
+                   else f"no per-class files above {MATRIX_CLASSES:,} classes")
         return f"accuracy {self.correct / self.count:.2%} on {self.count} labelled images{top5}; {written}"
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Sequence
+import os
+from typing import Optional, Sequence
 
 # Above this many classes no matrix is kept (it grows with the square: 8 MB a copy at 1000 classes, 3.2 GB at
 # 20,000, in the all-reduce and every checkpoint); such runs keep top-5 and no per-class files.
@@ -25,9 +26,13 @@ NUMBERS_UP_TO = 20  # classes whose counts are written in their cells
 NAMES_UP_TO = 60  # classes whose names label the axes
 
 
+def _label_names(names: Sequence[str], classes: int) -> list[str]:
+    """The names, or the label numbers where there are none for every class (fake data has none)."""
+    return [str(n) for n in names] if len(names) == classes else [str(i) for i in range(classes)]
+
+
 def per_class_rows(confusion: Sequence[Sequence[int]], names: Sequence[str]) -> list[dict]:
-    if len(names) != len(confusion):  # fake data has no names: the label numbers
-        names = [str(i) for i in range(len(confusion))]
+    names = _label_names(names, len(confusion))
     rows = []
     for i, counts in enumerate(confusion):
         counts = [int(c) for c in counts]
@@ -68,15 +73,15 @@ def draw_confusion(confusion: Sequence[Sequence[int]], names: Sequence[str], pat
 
     counts = np.asarray(confusion, dtype=np.int64)
     n = len(counts)
-    names = names if len(names) == n else [str(i) for i in range(n)]
+    names = _label_names(names, n)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     side = min(4 + 0.45 * n, 24)
     fig, ax = plt.subplots(figsize=(side + 1.5, side), dpi=100)
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class's images")
     if n <= NAMES_UP_TO:
-        ax.set_xticks(range(n), [str(s) for s in names], rotation=90 if n > 10 else 0, fontsize=8)
-        ax.set_yticks(range(n), [str(s) for s in names], fontsize=8)
+        ax.set_xticks(range(n), names, rotation=90 if n > 10 else 0, fontsize=8)
+        ax.set_yticks(range(n), names, fontsize=8)
     if n <= NUMBERS_UP_TO:
         for i in range(n):
             for j in range(n):
@@ -89,3 +94,19 @@ def draw_confusion(confusion: Sequence[Sequence[int]], names: Sequence[str], pat
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def write_mistake_files(folder: str, confusion: Optional[Sequence[Sequence[int]]], names: Sequence[str], *,
+                        title: str) -> Optional[list[str]]:
+    """per_class.csv and confusion.png into a local `folder` (a study's, raydist.predict's), an earlier
+    call's removed first so none is left beside another model; none with no matrix. Returns their paths."""
+    paths = [os.path.join(folder, PER_CLASS_FILE), os.path.join(folder, CONFUSION_FILE)]
+    for path in paths:
+        if os.path.exists(path):
+            os.remove(path)
+    if confusion is None:
+        return None
+    with open(paths[0], "w") as fh:
+        fh.write(per_class_csv(confusion, names))
+    draw_confusion(confusion, names, paths[1], title=title)
+    return paths

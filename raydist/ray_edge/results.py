@@ -201,30 +201,26 @@ def export_best(best: dict, out_dir: str) -> str:
                                    best_epoch=best["best_epoch"]))
     with open(os.path.join(out_dir, "best_config.yaml"), "w") as fh:
         yaml.safe_dump({k: v for k, v in state["config"].items() if k not in PER_TRIAL_FIELDS}, fh, sort_keys=False)
-    for name in ("per_class.csv", "confusion.png"):  # an earlier summary's, of another best trial
-        if os.path.exists(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
-    if state.get("confusion") is not None:  # what the best epoch got wrong (checkpoints since issue 33 keep it)
-        try:
-            _write_mistakes(state, out_dir, title=f"best trial {best['trial_id']}, epoch {state['epoch']}: "
-                                                  f"the validation images")
-        except Exception as exc:  # noqa: BLE001 - the study's outcome matters more than its picture
-            print(f"warning: could not write {out_dir}/per_class.csv and confusion.png: {type(exc).__name__}: "
-                  f"{exc}", flush=True)
+    try:  # what the best epoch got wrong (checkpoints since issue 33 keep it); an earlier summary's files go
+        _write_mistakes(state, out_dir, title=f"best trial {best['trial_id']}, epoch {state['epoch']}: "
+                                              f"the validation images")
+    except Exception as exc:  # noqa: BLE001 - the study's outcome matters more than its picture
+        print(f"warning: could not write {out_dir}/per_class.csv and confusion.png: {type(exc).__name__}: "
+              f"{exc}", flush=True)
     return path
 
 
 def _write_mistakes(state: dict, out_dir: str, *, title: str) -> None:
-    """per_class.csv and confusion.png beside best_model.pt, from the checkpoint's confusion matrix."""
+    """per_class.csv and confusion.png beside best_model.pt, from the checkpoint's confusion matrix (none
+    for a checkpoint without one)."""
     from raydist.config.fields import TrainConfig
     from raydist.data.sizes import predicted_class_names
-    from raydist.output.mistakes import CONFUSION_FILE, PER_CLASS_FILE, draw_confusion, per_class_csv
+    from raydist.output.mistakes import write_mistake_files
 
-    confusion = state["confusion"].tolist()
-    names = state.get("class_names") or predicted_class_names(TrainConfig.from_saved(state["config"]))
-    with open(os.path.join(out_dir, PER_CLASS_FILE), "w") as fh:
-        fh.write(per_class_csv(confusion, names))
-    draw_confusion(confusion, names, os.path.join(out_dir, CONFUSION_FILE), title=title)
+    confusion = state.get("confusion")
+    names = state.get("class_names") or (predicted_class_names(TrainConfig.from_saved(state["config"]))
+                                         if confusion is not None else [])
+    write_mistake_files(out_dir, confusion.tolist() if confusion is not None else None, names, title=title)
 
 
 def _plain(value):
