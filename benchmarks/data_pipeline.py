@@ -1,20 +1,25 @@
 """Images per second: raydist's batched augmentation against torchvision's per-image pipeline, a DataLoader
 with workers and torchvision v2 on whole uint8 batches, for the same operations, side by side.
 
-    python benchmarks/data_pipeline.py [--images 4096] [--rounds 7] [--json docs/data_pipeline.json]
+    python benchmarks/data_pipeline.py [--images 4096] [--rounds 7] [--ops dli crop_flip randaugment]
+                                       [--json docs/data_pipeline.json]
 
-Two sets of operations, each run by every pipeline:
+Three sets of operations (--ops picks; default all), each run by every pipeline:
 - dli:       the DLI assessment's training transform: flip, rotation 10 deg, shear 10 deg, scale 0.8-1.2,
              colour jitter 0.2 (brightness, contrast, saturation), to float, normalize;
-- crop_flip: pad-4 random 32x32 crop, horizontal flip, to float, normalize (raydist's default).
+- crop_flip: pad-4 random 32x32 crop, horizontal flip, to float, normalize (raydist's default);
+- randaugment: RandAugment alone (2 ops at magnitude 9 of 31, nearest, fill 0), uint8 in and out: torchvision's
+             v2.RandAugment against raydist.data.policies.rand_augment.
 Pipelines:
 - per_image:  torchvision transforms on PIL images one at a time, as a DataLoader worker runs them (1 thread);
+              for randaugment v2.RandAugment on uint8 tensor images one at a time (its per-image draws);
 - dataloader: the same per-image transforms in a torch DataLoader with one worker per core (persistent
               workers, batches of 256: what a training script would use on this machine);
 - v2_batch:   torchvision.transforms.v2 on uint8 tensors of 256 images (1 thread). v2 draws ONE set of
               random parameters per call, so every image of a batch gets the same crop, angle, jitter:
               cheaper, but not the same augmentation;
-- raydist:    raydist.data.augment.Augmenter on uint8 batches of 256 (1 thread), per-image parameters.
+- raydist:    raydist.data.augment.Augmenter on uint8 batches of 256 (1 thread), per-image parameters; for
+              randaugment raydist.data.policies.rand_augment (per-image ops and signs).
 
 Method: every pipeline is warmed up first; then --rounds rounds, each timing every pipeline once (the order
 rotates from round to round), each timing at least --min-seconds long. Ratios are taken within a round
@@ -37,14 +42,18 @@ from torchvision.transforms import v2
 
 from bench_env import describe, environment, load_average, spread, summary
 from raydist.data.augment import Augmenter
+from raydist.data.policies import rand_augment
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 BATCH = 256  # images per batch for every batched pipeline and the DataLoader
-OPS = ("dli", "crop_flip")
+OPS = ("dli", "crop_flip", "randaugment")
+TENSOR_OPS = ("randaugment",)  # run on uint8 tensor images (no PIL) and left uint8: the policy alone
 
 
 def per_image_transform(ops: str):
-    """torchvision's classic transforms on one PIL image."""
+    """torchvision's classic transforms on one PIL image; v2's RandAugment on one uint8 tensor image."""
+    if ops == "randaugment":
+        return v2.RandAugment()  # the defaults: 2 ops, magnitude 9 of 31, nearest, fill 0
     if ops == "dli":
         head = [transforms.RandomHorizontalFlip(), transforms.RandomRotation(10),
                 transforms.RandomAffine(0, shear=10, scale=(0.8, 1.2)),
@@ -56,6 +65,8 @@ def per_image_transform(ops: str):
 
 def v2_batch_transform(ops: str):
     """torchvision.transforms.v2 on a uint8 N x 3 x H x W tensor: one parameter draw for the whole batch."""
+    if ops == "randaugment":
+        return v2.RandAugment()  # on a batch: the same 2 ops and signs for all 256 images
     if ops == "dli":
         head = [v2.RandomHorizontalFlip(), v2.RandomRotation(10), v2.RandomAffine(0, shear=10, scale=(0.8, 1.2)),
                 v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)]
@@ -76,37 +87,43 @@ class PILImages(torch.utils.data.Dataset):
 
 
 # -- one pass over the images per pipeline; each returns the number of images it produced
-def make_pipelines(images: np.ndarray, workers: int) -> dict:
+def make_pipelines(images: np.ndarray, workers: int, selected=OPS) -> dict:
     pils = [Image.fromarray(img) for img in images]  # the data set's PIL images, as torchvision's CIFAR10 gives them
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    singles = list(tensor)  # uint8 3 x 32 x 32 images, for the policy that works on tensors
     pipelines = {}
-    for ops in OPS:
-        def per_image(t=per_image_transform(ops)):
-            out = torch.stack([t(img) for img in pils])
-            assert out.shape == (len(pils), 3, 32, 32)
+    for ops in selected:
+        inputs, dtype = (singles, torch.uint8) if ops in TENSOR_OPS else (pils, torch.float32)
+
+        def per_image(t=per_image_transform(ops), inputs=inputs):
+            out = torch.stack([t(img) for img in inputs])
+            assert out.shape == (len(inputs), 3, 32, 32)
             return len(out)
 
-        loader = torch.utils.data.DataLoader(PILImages(pils, per_image_transform(ops)), batch_size=BATCH,
+        loader = torch.utils.data.DataLoader(PILImages(inputs, per_image_transform(ops)), batch_size=BATCH,
                                              num_workers=workers, persistent_workers=True)
 
         def dataloader(loader=loader):
             return sum(len(batch) for batch in loader)
 
-        def batched(augment):
+        def batched(augment, dtype=dtype):
             def run():
                 n = 0
                 for i in range(0, len(tensor), BATCH):
                     out = augment(tensor[i:i + BATCH])
                     n += len(out)
-                assert out.shape[1:] == (3, 32, 32) and out.dtype == torch.float32
+                assert out.shape[1:] == (3, 32, 32) and out.dtype == dtype
                 return n
             return run
 
-        raydist_aug = Augmenter(ops, mean=MEAN, std=STD, seed=0)
+        if ops == "randaugment":
+            raydist_run = batched(lambda x, g=torch.Generator().manual_seed(0): rand_augment(x, g))
+        else:
+            raydist_run = batched(lambda x, a=Augmenter(ops, mean=MEAN, std=STD, seed=0): a(x, train=True))
         pipelines[(ops, "per_image")] = per_image
         pipelines[(ops, "dataloader")] = dataloader
         pipelines[(ops, "v2_batch")] = batched(v2_batch_transform(ops))
-        pipelines[(ops, "raydist")] = batched(lambda x, a=raydist_aug: a(x, train=True))
+        pipelines[(ops, "raydist")] = raydist_run
     return pipelines
 
 
@@ -126,13 +143,14 @@ def main():
     parser.add_argument("--rounds", type=int, default=7, help="timings of every pipeline, interleaved")
     parser.add_argument("--min-seconds", type=float, default=0.5, help="shortest timing (whole passes)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers (default: cores)")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="sets of operations (default: all)")
     parser.add_argument("--json", default="", help="write the raw timings here (e.g. docs/data_pipeline.json)")
     args = parser.parse_args()
     env = environment(sys.argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
-    pipelines = make_pipelines(images, args.workers)
+    pipelines = make_pipelines(images, args.workers, args.ops)
     for run in pipelines.values():  # warm-up: first calls, allocator, DataLoader workers started
         run()
     names = list(pipelines)

@@ -16,6 +16,9 @@ Sections of the JSON:
 - workload: `resnet50_imagenet` on fake 224-px data through raydist's real loop (raydist.loop.run.run), one
   GPU, two epochs, evaluation and a checkpoint each epoch: the epochs' seconds and images/s.
 - fp16: the CIFAR ResNet-18 in raydist's loop under --precision fp16: images/s and the scale it ends at.
+- recipe: issue 33's training pieces in raydist's loop (the first loop model, compile off): --mixup/--cutmix,
+  --augment randaugment and trivialaugment with --random-erase, --ema, --clip-grad-norm: images/s against the
+  same loop without them, and the host syncs of a measured epoch (0 expected: every piece stays on the GPU).
 - checkpoint: the CIFAR ResNet-50's checkpoint (weights, momentum): megabytes and the seconds to write it.
 - ray: with Ray installed, `python -m raydist.train` on one GPU (and on two when the machine has them).
 Every figure comes from the code users run; nothing is tuned for it. Needs no data set and no download.
@@ -126,14 +129,16 @@ def _epochs(train_one_epoch, device: torch.device, images: int) -> dict:
             "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)}
 
 
-def raydist_loop(model: str, batch: int, steps: int, compiled: bool, precision: str, device: torch.device) -> dict:
+def raydist_loop(model: str, batch: int, steps: int, compiled: bool, precision: str, device: torch.device,
+                 **recipe) -> dict:
+    """raydist's training loop on GPU-resident CIFAR-shaped data; `recipe`: more TrainConfig fields."""
     from raydist.config.fields import TrainConfig
     from raydist.loop.state import TrainingState
     from raydist.preflight import validate
 
     cfg = validate(TrainConfig(dataset="cifar10", model=model, batch_size=batch, compile=compiled,
                                precision=precision, num_workers=1, warmup_epochs=0, channels_last="on",
-                               cpus_per_worker=float(torch.get_num_threads())))
+                               cpus_per_worker=float(torch.get_num_threads()), **recipe))
     data = _cifar_data(batch * steps, device)
     apply_device_settings(cfg, device)
     torch.manual_seed(0)
@@ -191,6 +196,30 @@ def loop_table(plan: dict, device: torch.device) -> list[dict]:
                   f"{row['plain']['images_per_s']:,.0f} img/s (x{row['raydist_over_plain']:.2f}), host syncs "
                   f"{row['raydist']['host_syncs']}", flush=True)
             rows.append(row)
+    return rows
+
+
+RECIPE_PIECES = {
+    "mixup_cutmix": dict(mixup=0.2, cutmix=1.0, label_smoothing=0.1),
+    "randaugment_erase": dict(augment="randaugment", random_erase=0.25),
+    "trivialaugment_erase": dict(augment="trivialaugment", random_erase=0.25),
+    "ema": dict(ema=0.999),
+    "clip_grad_norm": dict(clip_grad_norm=1.0),
+}
+
+
+def recipe_table(plan: dict, device: torch.device) -> list[dict]:
+    """Each training piece of issue 33 in raydist's loop against the same loop without it, side by side."""
+    model = plan["models"][0]
+    base = raydist_loop(model, plan["batch"], plan["steps"], False, plan["precision"], device)
+    rows = []
+    for piece, fields in RECIPE_PIECES.items():
+        figures = raydist_loop(model, plan["batch"], plan["steps"], False, plan["precision"], device, **fields)
+        rows.append({"piece": piece, "fields": fields, "model": model, "images_per_s": figures["images_per_s"],
+                     "over_plain_recipe": figures["images_per_s"] / base["images_per_s"],
+                     "host_syncs": figures["host_syncs"], "plain_recipe_images_per_s": base["images_per_s"]})
+        print(f"recipe {piece}: {figures['images_per_s']:,.0f} img/s (x{rows[-1]['over_plain_recipe']:.2f} of "
+              f"{base['images_per_s']:,.0f}), host syncs {figures['host_syncs']}", flush=True)
     return rows
 
 
@@ -271,6 +300,7 @@ def main(argv=None) -> int:
     result = {"environment": environment(sys.argv), "software": software(device), "dry_run": args.dry_run}
     with tempfile.TemporaryDirectory() as folder:
         result["loop"] = loop_table(plan, device)
+        result["recipe"] = recipe_table(plan, device)
         result["workload"] = workload(plan, device, os.path.join(folder, "workload"))
         fp16 = raydist_loop(plan["models"][0], plan["batch"], plan["steps"], False, "fp16", device)
         result["fp16"] = {"model": plan["models"][0], **fp16}

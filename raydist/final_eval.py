@@ -39,7 +39,8 @@ def evaluate_saved(saved: dict, dataset, *, device) -> dict:
     memory_format = torch.channels_last if uses_channels_last(cfg, device) else torch.contiguous_format
     sums = evaluate_model(net.to(device, memory_format=memory_format), dataset, cfg, device=device)
     count = int(sums.count.item())
-    return {"acc": sums.correct.item() / count, "loss": sums.loss.item() / count, "images": count}
+    mirrored = {"acc_tta": sums.tta_correct.item() / count} if cfg.tta else {}  # apart from the plain figure
+    return {"acc": sums.correct.item() / count, "loss": sums.loss.item() / count, "images": count, **mirrored}
 
 
 def measure_files(paths: dict[str, str], *, cpus: float = 1) -> dict[str, dict]:
@@ -97,6 +98,7 @@ def summary_line(measured: Optional[dict]) -> Optional[str]:
     parts = []
     for label, m in measured["models"].items():
         epoch = f" (epoch {m['epoch']})" if label != "final model" and m.get("epoch") else ""
-        parts.append(f"{label}{epoch} {m['acc']:.1%}")
+        mirrored = f" ({m['acc_tta']:.1%} mirror-averaged)" if "acc_tta" in m else ""
+        parts.append(f"{label}{epoch} {m['acc']:.1%}{mirrored}")
     of_classes = f" of classes {measured['classes']}" if measured.get("classes") else ""
     return f"test acc: {', '.join(parts)} on the {measured['images']} {measured['title']} test images{of_classes}"

@@ -9,8 +9,8 @@ import dataclasses
 import math
 import re
 
-from raydist.config.fields import TrainConfig
-from raydist.config.values import check_address, check_folder_name, flag_name
+from raydist.config.fields import MIN_MICRO_BATCH, TrainConfig
+from raydist.config.values import WORKER_RANGE_RULE, check_address, check_folder_name, flag_name
 from raydist.errors import ConfigError
 
 
@@ -20,7 +20,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_names(cfg)
     _check_model_args(cfg)
     _check_numbers(cfg)
-    cfg.check_elastic()
+    _check_elastic(cfg)
     _check_model_parallel(cfg)
     _check_ranges(cfg)
     _check_data_source(cfg)
@@ -60,7 +60,7 @@ def _check_numbers(cfg: TrainConfig) -> None:
             raise ConfigError(f"{flag_name(name)} must be positive, got {value!r}")
     for name in ("momentum", "weight_decay", "warmup_epochs", "checkpoint_every", "max_failures",
                  "gpus_per_worker", "lr_step_gamma", "wait_for_workers_s", "precise_bn",
-                 "clip_grad_norm"):
+                 "clip_grad_norm", "mixup", "cutmix"):
         value = getattr(cfg, name)
         if not value >= 0 or not math.isfinite(value):
             raise ConfigError(f"{flag_name(name)} must be zero or more, got {value!r}")
@@ -73,6 +73,10 @@ def _check_ranges(cfg: TrainConfig) -> None:
         raise ConfigError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction!r}")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise ConfigError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing!r}")
+    if not 0.0 < cfg.mix_prob <= 1.0:
+        raise ConfigError(f"--mix-prob must be a share of the training images in (0, 1], got {cfg.mix_prob!r}")
+    if not 0.0 <= cfg.random_erase <= 1.0:
+        raise ConfigError(f"--random-erase must be a share of the training images in [0, 1], got {cfg.random_erase!r}")
     if not 0.0 <= cfg.ema < 1.0:
         raise ConfigError(f"--ema must be a decay in [0, 1) (0: no average), got {cfg.ema!r}")
     if cfg.target_accuracy is not None and not 0.0 < cfg.target_accuracy <= 1.0:
@@ -85,6 +89,12 @@ def _check_ranges(cfg: TrainConfig) -> None:
 
 
 def _check_data_source(cfg: TrainConfig) -> None:
+    from raydist.data.augment import augment_kind, mirrors
+
+    if cfg.tta and not mirrors(cfg.augment, cfg.dataset):
+        raise ConfigError(f"--tta averages each image with its mirror, which a model trained under --augment "
+                          f"{cfg.augment} ({augment_kind(cfg.augment, cfg.dataset)} on {cfg.dataset}) never sees; "
+                          f"train with an augmentation that mirrors (crop_flip, resized_crop, dli) or drop --tta")
     if cfg.dataset == "folder":
         _check_folder(cfg)
     elif cfg.max_bad_images is not None:
@@ -173,6 +183,41 @@ def _check_model_args(cfg: TrainConfig) -> None:
         if not sides[0] <= side <= sides[1]:
             raise ConfigError(f"--model {cfg.model} reads images of {sides[0]} to {sides[1]} pixels a side, but "
                               f"this run feeds it {side}: give --input-size 32 (or another model)")
+
+
+def _check_elastic(cfg: TrainConfig) -> None:
+    """--num-workers MIN-MAX and the settings that only an elastic run reads."""
+    if cfg.min_workers is not None and not 1 <= cfg.min_workers <= cfg.num_workers:
+        raise ConfigError(f"--num-workers {cfg.min_workers}-{cfg.num_workers}: {WORKER_RANGE_RULE}")
+    if not cfg.is_elastic():
+        if cfg.global_batch is not None or cfg.elastic_batch != "global":
+            what = "--global-batch" if cfg.global_batch is not None else f"--elastic-batch {cfg.elastic_batch}"
+            raise ConfigError(f"{what} applies to an elastic run only (--num-workers MIN-MAX, e.g. 2-8); this "
+                              f"one has a fixed {cfg.num_workers} worker(s)")
+        return
+    if cfg.global_batch is not None:
+        if cfg.elastic_batch == "per_worker":
+            raise ConfigError(f"--global-batch {cfg.global_batch} fixes the global batch, which --elastic-batch "
+                              f"per_worker lets grow and shrink with the workers; give one of the two")
+        if cfg.global_batch < MIN_MICRO_BATCH * cfg.num_workers:
+            raise ConfigError(f"--global-batch {cfg.global_batch} gives some of the {cfg.num_workers} workers "
+                              f"fewer than {MIN_MICRO_BATCH} images a step (BatchNorm needs more than one); give "
+                              f"at least {MIN_MICRO_BATCH * cfg.num_workers}")
+    if cfg.batch_size < MIN_MICRO_BATCH:
+        raise ConfigError(f"--batch-size {cfg.batch_size}: an elastic run feeds each worker at least "
+                          f"{MIN_MICRO_BATCH} images at a time (BatchNorm needs more than one); give "
+                          f"{MIN_MICRO_BATCH} or more")
+    if not cfg.resize_check_s > 0 or not math.isfinite(cfg.resize_check_s):
+        raise ConfigError(f"--resize-check-s must be positive, got {cfg.resize_check_s!r}")
+    if cfg.preemption_check_every < 0:
+        raise ConfigError(f"--preemption-check-every must be 0 (automatic) or more steps, got "
+                          f"{cfg.preemption_check_every}")
+    if cfg.max_preemptions < -1:
+        raise ConfigError(f"--max-preemptions must be -1 (unlimited) or zero or more, got {cfg.max_preemptions}")
+    if cfg.dataset == "folder" and cfg.data_loader == "stream":
+        raise ConfigError(f"--num-workers {cfg.workers_text()}: an elastic run holds its image folder in memory; "
+                          f"--data-loader stream is for fixed worker counts (give one number, or "
+                          f"--data-loader memory)")
 
 
 def _check_model_parallel(cfg: TrainConfig) -> None:

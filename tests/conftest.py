@@ -206,9 +206,10 @@ def ray_cluster(cluster):
     return cluster.address
 
 
-def digits_val_accuracy(saved: dict) -> float:
+def digits_val_accuracy(saved: dict, mirror_averaged: bool = False) -> float:
     """Accuracy over the whole digits validation split (of the run's classes, fed as the run fed them) of a
-    saved model (`model_final.pt`, `best_model.pt` or `checkpoint.pt` contents), evaluated in this process."""
+    saved model (`model_final.pt`, `best_model.pt` or `checkpoint.pt` contents), evaluated in this process;
+    `mirror_averaged`: of each image's logits averaged with its mirror's (--tta)."""
     import torch
 
     from raydist.data.augment import Augmenter
@@ -228,7 +229,10 @@ def digits_val_accuracy(saved: dict) -> float:
     memory_format = torch.channels_last if uses_channels_last(cfg, torch.device("cpu")) else torch.contiguous_format
     model = model.to(memory_format=memory_format)  # evaluated as the run evaluated it
     with torch.no_grad():
-        logits = model(augment(val.images, train=False).contiguous(memory_format=memory_format))
+        x = augment(val.images, train=False)
+        logits = model(x.contiguous(memory_format=memory_format))
+        if mirror_averaged:
+            logits = (logits + model(x.flip(3).contiguous(memory_format=memory_format))) / 2
     return (logits.argmax(1) == val.labels).float().mean().item()
 
 

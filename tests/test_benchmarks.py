@@ -156,15 +156,20 @@ def test_transfer_digits_runs_a_tiny_experiment(tmp_path):
 
 def test_time_to_accuracy_runs_the_train_command_per_variant_and_seed_beside_the_svc_floor(ray_cluster, tmp_path):
     out = tmp_path / "t.json"
-    result = _bench("time_to_accuracy", "--seeds", "0", "--variants", "default", "ema", "--target", "0.5",
-                    "--json", str(out), "--", "--address", ray_cluster, "--epochs", "4", "--num-workers", "1")
+    (tmp_path / "data").mkdir()  # no CIFAR-10 in it: the GPU variant is left out in one line
+    result = _bench("time_to_accuracy", "--seeds", "0", "--variants", "default", "tta", "cifar10_gpu", "--target",
+                    "0.5", "--json", str(out), "--", "--address", ray_cluster, "--epochs", "4", "--num-workers", "1",
+                    "--data-dir", str(tmp_path / "data"))
     figures = json.loads(out.read_text())
     assert figures["svc"]["accuracy"] > 0.97 and figures["svc"]["val"] == 359  # the floor, on raydist's split
-    for name in ("default", "ema"):
+    for name in ("default", "tta"):
         (run,) = figures["runs"][name]
         assert len(run["curve"]) == 4 and run["final"] > 0.5  # it learned (chance: 0.1)
         assert run["reached_s"] is not None and run["reached_s"] < run["wall_s"] and 0 < run["epoch_s"] < run["wall_s"]
-    assert "| ema |" in result.stdout and "SVC" in result.stdout
+    assert figures["runs"]["default"][0]["final_tta"] is None and figures["runs"]["tta"][0]["final_tta"] > 0.5
+    assert "| tta |" in result.stdout and "SVC" in result.stdout
+    assert "cifar10_gpu: left out: " in result.stdout and "not found in" in result.stdout
+    assert set(figures["runs"]) == {"default", "tta"}
 
 
 # ---- python -m raydist.scaling ---------------------------------------------------------------------------
@@ -357,8 +362,8 @@ def test_model_parallel_compares_unsplit_split_and_pipelined_sides(tmp_path):
 def test_the_gpu_check_runs_every_section_on_the_cpu_in_its_dry_run(tmp_path):
     """benchmarks/gpu_check.py, the one command that proves the GPU path when a GPU is lent: its dry run
     goes through every section's code at tiny sizes (the loop against the plain loop, the workload run
-    with evaluation and checkpoints, fp16 with the scaler, the checkpoint write); on a machine without a
-    GPU the full run refuses in one line."""
+    with evaluation and checkpoints, fp16 with the scaler, the recipe pieces, the checkpoint write); on a
+    machine without a GPU the full run refuses in one line."""
     out = tmp_path / "gpu.json"
     _bench("gpu_check", "--dry-run", "--json", str(out))
     result = json.loads(out.read_text())
@@ -372,6 +377,9 @@ def test_the_gpu_check_runs_every_section_on_the_cpu_in_its_dry_run(tmp_path):
     workload = result["workload"]
     assert [e["epoch"] for e in workload["epochs"]] == [1, 2] and all(e["images_per_s"] > 0 for e in workload["epochs"])
     assert result["fp16"]["images_per_s"] > 0 and result["fp16"]["final_scale"] > 0
+    pieces = {row["piece"]: row for row in result["recipe"]}  # issue 33's training pieces in the same loop
+    assert set(pieces) == {"mixup_cutmix", "randaugment_erase", "trivialaugment_erase", "ema", "clip_grad_norm"}
+    assert all(row["images_per_s"] > 0 and row["over_plain_recipe"] > 0 for row in pieces.values())
     assert result["checkpoint"]["megabytes"] > 0 and result["ray"] is None
     refused = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--json", str(tmp_path / "x.json")],
                              capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})

@@ -36,6 +36,12 @@ from raydist.preflight import validate
     ({"weight_decay": -0.1}, r"--weight-decay must be zero or more"),
     ({"precise_bn": -1}, r"--precise-bn must be zero or more, got -1"),
     ({"clip_grad_norm": -1.0}, r"--clip-grad-norm must be zero or more, got -1.0"),
+    ({"mixup": -0.2}, r"--mixup must be zero or more, got -0.2"),
+    ({"cutmix": float("nan")}, r"--cutmix must be zero or more, got nan"),
+    ({"mixup": 0.2, "mix_prob": 0.0}, r"--mix-prob must be a share of the training images in \(0, 1\], got 0.0"),
+    ({"random_erase": 1.5}, r"--random-erase must be a share of the training images in \[0, 1\], got 1.5"),
+    ({"augment": "randaugment", "tta": True}, r"--tta averages each image with its mirror, which a model trained "
+     r"under --augment randaugment \(crop on digits\) never sees; train with an augmentation that mirrors"),
     ({"name": " "}, r"--name ' ' must be a plain folder name"),
     ({"name": "run "}, r"--name 'run ' must be a plain folder name"),
     ({"name": ""}, r"--name '' must be a plain folder name"),
@@ -198,6 +204,8 @@ def _main(*args, capsys):
                                                     "run feeds it 64"),
     (["--num-workers", "2-8", "--min-workers", "3"], "--num-workers '2-8' with --min-workers 3: the range already "
                                                      "sets the fewest workers (2); give the range alone"),
+    (["--tta"], "--tta averages each image with its mirror, which a model trained under --augment auto (crop on "
+                "digits) never sees"),
     (["--wandb-project", "foo"], "--wandb-project foo without --wandb: nothing would be logged to W&B; add --wandb, "
                                  "or drop --wandb-project"),
 ])

@@ -20,7 +20,8 @@ TWO_WORKERS = dict(num_workers=2, cpus_per_worker=1.0, batch_size=64, lr=0.8, wa
 
 
 def test_every_epochs_reported_accuracy_is_its_saved_checkpoints_on_the_whole_validation_set(tmp_path):
-    cfg = validate(TrainConfig(epochs=4, checkpoint_every=1, augment="crop_flip", **TWO_WORKERS))
+    # --tta: the mirror-averaged accuracy is reported beside the plain one, and is the saved model's too
+    cfg = validate(TrainConfig(epochs=4, checkpoint_every=1, augment="crop_flip", tta=True, **TWO_WORKERS))
     history = run_ddp(cfg, tmp_path)
     assert [m["world_size"] for m in history] == [2] * 4
     assert history[-1]["val_acc"] > 0.6  # it learned (chance: 0.1)
@@ -32,6 +33,8 @@ def test_every_epochs_reported_accuracy_is_its_saved_checkpoints_on_the_whole_va
         saved = {"model": state["model"], "config": state["config"]}
         # to the sample: 359 validation images, so one image is 0.0028
         assert digits_val_accuracy(saved) == pytest.approx(metrics["val_acc"], abs=1e-6), metrics["epoch"]
+        assert digits_val_accuracy(saved, mirror_averaged=True) == pytest.approx(metrics["val_acc_tta"], abs=1e-6)
+    assert history[-1]["val_loss_tta"] != history[-1]["val_loss"]  # a figure of its own, not the plain one
     final = load_checkpoint_file(str(tmp_path / FINAL_MODEL_FILE))
     assert digits_val_accuracy(final) == pytest.approx(history[-1]["val_acc"], abs=1e-6)
 
@@ -42,7 +45,7 @@ def _weights(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", [
-    dict(model="resnet8", augment="crop_flip"),  # the default augmentation
+    dict(model="resnet8", augment="crop_flip", tta=True),  # CIFAR's augmentation, with the mirror-averaged metric
     # a Wide ResNet with dropout (its shape and dropout from model_args) and the DLI augmentation (affine +
     # colour jitter), on small fake images (wrn_dli itself takes 28-55 px only, 4.8 GFLOP an image at 32)
     dict(model="wrn", model_args={"depth": 10, "widen": 2, "dropout": 0.3}, augment="dli", dataset="fake",
@@ -51,13 +54,18 @@ def _weights(path):
     dict(model="resnet8", augment="auto", ema=0.9),
     # --clip-grad-norm below the gradients' norm: every update clipped, grad_norm in the history
     dict(model="resnet8", augment="auto", clip_grad_norm=0.3),
-], ids=["resnet8-crop_flip", "wrn-dropout-dli", "resnet8-ema", "resnet8-clip"])
+    # mixup and cutmix on each image at even odds, with label smoothing, 80% of the images mixed
+    dict(model="resnet8", augment="auto", mixup=0.4, cutmix=1.0, mix_prob=0.8, label_smoothing=0.1),
+    # the photo policy and random erasing (on digits' own crop)
+    dict(model="resnet8", augment="trivialaugment", random_erase=0.25),
+], ids=["resnet8-crop_flip-tta", "wrn-dropout-dli", "resnet8-ema", "resnet8-clip", "resnet8-mix", "resnet8-policy"])
 def test_a_run_resumed_from_a_checkpoint_is_bit_identical_to_the_uninterrupted_run(tmp_path, setting):
     cfg = validate(TrainConfig(**{**TWO_WORKERS, "epochs": 3, "checkpoint_every": 1, **setting}))
     full = run_ddp(cfg, tmp_path / "full")
     resumed = run_ddp(cfg, tmp_path / "resumed", resume_from=tmp_path / "full" / "checkpoint_epoch_0001")
     assert [m["epoch"] for m in resumed] == [2, 3]
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "grad_norm", "images_seen"):
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "val_acc_tta", "val_loss_tta", "lr",
+                "grad_norm", "images_seen"):
         assert [m.get(key) for m in resumed] == [m.get(key) for m in full[1:]], key  # val_top5: 10+ classes
     assert (tmp_path / "resumed" / "per_class.csv").read_text() == (tmp_path / "full" / "per_class.csv").read_text()
     a, b = _weights(tmp_path / "full" / FINAL_MODEL_FILE), _weights(tmp_path / "resumed" / FINAL_MODEL_FILE)

@@ -6,6 +6,10 @@ checkpoint for a resumed run, which reproduces the uninterrupted one bit for bit
 
 --precise-bn (on by default, so every resume case there re-estimates too): the statistics evaluated and saved
 are those of the weights evaluated, measured again from a few training batches; training is untouched.
+
+--mixup/--cutmix, --augment randaugment/trivialaugment and --random-erase: each piece's own behaviour is
+tested in tests/test_mixing.py and tests/test_policies.py; here they train under 2-worker DDP, and
+tests/test_ddp_exact.py resumes them bit for bit (its resnet8-mix and resnet8-policy cases).
 """
 
 import pytest
@@ -241,3 +245,21 @@ def test_under_two_worker_ddp_no_update_moves_the_weights_further_than_the_lr_ti
 
     learned = run_ddp(validate(TrainConfig(epochs=4, clip_grad_norm=1.0, **TWO_WORKERS)), tmp_path / "learned")
     assert learned[-1]["val_acc"] > 0.9  # a clip near the gradients' own norm still trains (chance: 0.1)
+
+
+# ---- mixing and the photo policies under 2-worker DDP -----------------------------------------------------
+
+
+def test_under_two_worker_ddp_mixing_and_the_photo_policies_train_on_harder_inputs_and_still_learn(tmp_path):
+    settings = dict(num_workers=2, cpus_per_worker=1.0, epochs=6, label_smoothing=0.1)
+    plain = run_ddp(validate(TrainConfig(**settings)), tmp_path / "plain")
+    mixed = run_ddp(validate(TrainConfig(mixup=0.2, cutmix=1.0, **settings)), tmp_path / "mixed")
+    policy = run_ddp(validate(TrainConfig(augment="randaugment", random_erase=0.25, **settings)), tmp_path / "policy")
+    assert plain[-1]["train_acc"] > 0.95
+    # they learn (chance: 0.1; 97% mixed, 92-95% under RandAugment and erasing here, 99% plain) ...
+    assert mixed[-1]["val_acc"] > 0.9 and policy[-1]["val_acc"] > 0.85
+    # ... from training inputs that are harder to fit than the plain run's: the mixed run's accuracy is the
+    # credit against its mixed targets (at most max(lam, 1 - lam) for a mixed image; 71% here), the policy's
+    # images are rotated, sheared, solarized, erased (82% here)
+    assert mixed[-1]["train_acc"] < plain[-1]["train_acc"] - 0.05 and mixed[-1]["train_loss"] > plain[-1]["train_loss"]
+    assert policy[-1]["train_acc"] < plain[-1]["train_acc"] - 0.05

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from raydist.config.values import (
-    WORKER_RANGE_RULE,
     fold_model_args,
     is_model_arg_key,
     is_plain_value,
@@ -52,8 +50,13 @@ class TrainConfig:
                           "folder, crop for digits, which a mirror changes, else crop_flip), none, crop (pad-4 "
                           "crop), crop_flip (pad-4 crop + flip), resized_crop (ImageNet's "
                           "random-resized crop, 8-100%% of the area, + flip) or dli (flip, rotation 10 deg, shear "
-                          "10 deg, scale 0.8-1.2, colour jitter 0.2)",
-                          ("auto", "none", "crop", "crop_flip", "resized_crop", "dli"))
+                          "10 deg, scale 0.8-1.2, colour jitter 0.2); randaugment (2 ops at magnitude bin 9 of 31) or "
+                          "trivialaugment (1 op at a random bin) per image, after auto's crop",
+                          ("auto", "none", "crop", "crop_flip", "resized_crop", "dli", "randaugment", "trivialaugment"))
+    random_erase: float = _field("data", 0.0, "share of training images, in [0, 1], that get one random "
+                                 "rectangle (2-33%% of the area) replaced by noise (0: none)")
+    tta: bool = _field("data", False, "also evaluate each validation image averaged with its mirror (runs whose "
+                       "training augmentation mirrors): val_acc_tta and val_loss_tta beside the plain metrics")
     fake_image_size: int = _field("data", 224, "fake data: image side in pixels (images are 3 x N x N)")
     fake_num_classes: int = _field("data", 1000, "fake data: number of classes")
     fake_train_size: int = _field("data", 12800, "fake data: training images per epoch (generated lazily)")
@@ -138,6 +141,13 @@ class TrainConfig:
     weight_decay: float = _field("optimization", 5e-4, "L2 weight decay on convolution and linear weights; "
                                  "BatchNorm and bias parameters get none (AdamW: decoupled)")
     label_smoothing: float = _field("optimization", 0.0, "label smoothing in [0, 1)")
+    mixup: float = _field("optimization", 0.0, "mixup: blend each training image with another of its batch by a "
+                          "share drawn from Beta(A, A), the loss against both labels by the same shares (0: off)")
+    cutmix: float = _field("optimization", 0.0, "cutmix: paste a rectangle of another image of the batch, of a "
+                           "share of the area drawn from Beta(A, A) (0: off; with --mixup, each mixed image one of "
+                           "the two at even odds)")
+    mix_prob: float = _field("optimization", 1.0, "with --mixup/--cutmix: the share of training images mixed, in "
+                             "(0, 1] (no effect without them: a study may search it beside a mixup range from 0)")
     clip_grad_norm: float = _field("optimization", 0.0, "clip the gradients' global L2 norm to this before each "
                                    "update (0: no clipping; fp16's loss scale is taken off first); history.jsonl "
                                    "then has grad_norm, the mean norm before clipping")
@@ -225,40 +235,6 @@ class TrainConfig:
                            "(RayTrainWorker pid=...) prefix, and Ray's internal lines (Ray's logs keep them anyway)")
 
     # -------------------------------------------------------------------------------------------
-
-    def check_elastic(self) -> None:
-        """--num-workers MIN-MAX and the settings that only an elastic run reads."""
-        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
-            raise ConfigError(f"--num-workers {self.min_workers}-{self.num_workers}: {WORKER_RANGE_RULE}")
-        if not self.is_elastic():
-            if self.global_batch is not None or self.elastic_batch != "global":
-                what = "--global-batch" if self.global_batch is not None else f"--elastic-batch {self.elastic_batch}"
-                raise ConfigError(f"{what} applies to an elastic run only (--num-workers MIN-MAX, e.g. 2-8); this "
-                                  f"one has a fixed {self.num_workers} worker(s)")
-            return
-        if self.global_batch is not None:
-            if self.elastic_batch == "per_worker":
-                raise ConfigError(f"--global-batch {self.global_batch} fixes the global batch, which --elastic-batch "
-                                  f"per_worker lets grow and shrink with the workers; give one of the two")
-            if self.global_batch < MIN_MICRO_BATCH * self.num_workers:
-                raise ConfigError(f"--global-batch {self.global_batch} gives some of the {self.num_workers} workers "
-                                  f"fewer than {MIN_MICRO_BATCH} images a step (BatchNorm needs more than one); give "
-                                  f"at least {MIN_MICRO_BATCH * self.num_workers}")
-        if self.batch_size < MIN_MICRO_BATCH:
-            raise ConfigError(f"--batch-size {self.batch_size}: an elastic run feeds each worker at least "
-                              f"{MIN_MICRO_BATCH} images at a time (BatchNorm needs more than one); give "
-                              f"{MIN_MICRO_BATCH} or more")
-        if not self.resize_check_s > 0 or not math.isfinite(self.resize_check_s):
-            raise ConfigError(f"--resize-check-s must be positive, got {self.resize_check_s!r}")
-        if self.preemption_check_every < 0:
-            raise ConfigError(f"--preemption-check-every must be 0 (automatic) or more steps, got "
-                              f"{self.preemption_check_every}")
-        if self.max_preemptions < -1:
-            raise ConfigError(f"--max-preemptions must be -1 (unlimited) or zero or more, got {self.max_preemptions}")
-        if self.dataset == "folder" and self.data_loader == "stream":
-            raise ConfigError(f"--num-workers {self.workers_text()}: an elastic run holds its image folder in memory; "
-                              f"--data-loader stream is for fixed worker counts (give one number, or "
-                              f"--data-loader memory)")
 
     def is_elastic(self) -> bool:
         """Trains on between min_workers and num_workers workers, resizing as nodes come and go."""

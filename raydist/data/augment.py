@@ -13,6 +13,11 @@ Kinds:
 - dli:       the DLI assessment's set: flip, rotation +-10 deg, shear +-10 deg, scale 0.8-1.2
              (one affine grid_sample for all three), colour jitter 0.2 (brightness, contrast, saturation).
 
+Policies (`policy=`), on top of a kind's crop and mirror, per image on the uint8 batch
+(raydist.data.policies): randaugment (2 ops at magnitude bin 9 of 31, torchvision's RandAugment) and
+trivialaugment (1 op at a random magnitude, TrivialAugmentWide). `erase=P`: random erasing, one rectangle of
+noise in a share P of the training images, on the normalized batch.
+
 `crop=N` is for images stored larger than the model's input (an image folder stores a 224 input at 256):
 evaluation takes their centre N x N (ImageNet's resize-256 / crop-224), as does training for every kind
 but resized_crop, whose window is drawn from the whole stored image and resized to N x N.
@@ -30,29 +35,47 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from raydist.data.policies import gather_with_border, rand_augment, random_erase, trivial_augment
 from raydist.data.registry import DATASETS
 
 KINDS = ("none", "crop", "crop_flip", "resized_crop", "dli")
+POLICIES = {"randaugment": rand_augment, "trivialaugment": trivial_augment}
+MIRRORING = ("crop_flip", "resized_crop", "dli")  # the kinds that mirror a random half of the images
 GREY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, exactly as torchvision's rgb_to_grayscale
 
 
 def augment_kind(augment: str, dataset: str) -> str:
     """--augment with auto resolved: ImageNet's random-resized crop for photos, CIFAR's pad-crop otherwise,
-    mirrored only where a mirror keeps the class (the registry's `flips`)."""
-    if augment != "auto":
+    mirrored only where a mirror keeps the class (the registry's `flips`). A policy (randaugment,
+    trivialaugment) runs after auto's kind."""
+    if augment not in ("auto", *POLICIES):
         return augment
     if dataset == "folder":
         return "resized_crop"
     return "crop_flip" if DATASETS[dataset].flips else "crop"
 
 
+def augment_policy(augment: str) -> Optional[str]:
+    """The policy --augment names (randaugment, trivialaugment), or None."""
+    return augment if augment in POLICIES else None
+
+
+def mirrors(augment: str, dataset: str) -> bool:
+    """Whether training under --augment mirrors images: what --tta's mirrored view needs the model to know."""
+    return augment_kind(augment, dataset) in MIRRORING
+
+
 class Augmenter:
     def __init__(self, kind: str, *, mean, std, device="cpu", seed: int = 0, crop_padding: int = 4,
                  max_rotation_deg: float = 10.0, max_shear_deg: float = 10.0, scale=(0.8, 1.2), jitter: float = 0.2,
-                 channels: int = 3, size: Optional[int] = None, crop: Optional[int] = None):
+                 channels: int = 3, size: Optional[int] = None, crop: Optional[int] = None,
+                 policy: Optional[str] = None, erase: float = 0.0):
         if kind not in KINDS:
             raise ValueError(f"unknown augmentation {kind!r}; known: {', '.join(KINDS)}")
+        if policy is not None and policy not in POLICIES:
+            raise ValueError(f"unknown augmentation policy {policy!r}; known: {', '.join(POLICIES)}")
         self.kind, self.pad, self.size, self.crop = kind, crop_padding, size, crop
+        self.policy, self.erase = policy, erase
         self.rotation, self.shear, self.scale, self.jitter = max_rotation_deg, max_shear_deg, scale, jitter
         self.device = torch.device(device)
         mean = torch.tensor(mean[:channels], device=self.device).view(1, channels, 1, 1)
@@ -61,19 +84,29 @@ class Augmenter:
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
 
     def __call__(self, images: torch.Tensor, *, train: bool) -> torch.Tensor:
+        x = self._resize(self._normalized(images, train))
+        if train and self.erase:
+            x = random_erase(x, self.gen, self.erase)
+        return x
+
+    def _normalized(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         if train and self.kind == "resized_crop":
             x = random_resized_crop_flip(images, self.crop, self.gen)  # float, still 0-255
-            return self._resize(torch.addcmul(self.shift, x, self.scale_u8))
-        if self.crop is not None:
+            if self.policy is None:
+                return torch.addcmul(self.shift, x, self.scale_u8)
+            images = x.round_().to(torch.uint8)  # the policies' ops are uint8's, as torchvision's
+        if self.crop is not None and not (train and self.kind == "resized_crop"):
             images = centre_crop(images, self.crop)
         if train and self.kind in ("crop", "crop_flip"):
             images = random_crop_flip(images, self.pad, self.gen, flip=self.kind == "crop_flip")
+        if train and self.policy is not None:
+            images = POLICIES[self.policy](images, self.gen)
         if train and self.kind == "dli":
             images = random_affine_flip(images, self.rotation, self.shear, self.scale, self.gen)
             x = colour_jitter(images.float().div_(255), self.jitter, self.gen)
-            return self._resize(torch.addcmul(self.shift, x, self.scale_01))
+            return torch.addcmul(self.shift, x, self.scale_01)
         # (x / 255 - mean) / std as one multiply-add
-        return self._resize(torch.addcmul(self.shift, images.float(), self.scale_u8))
+        return torch.addcmul(self.shift, images.float(), self.scale_u8)
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         if self.size is None or x.shape[-2:] == (self.size, self.size):
@@ -126,15 +159,11 @@ def gather_pixels(images: torch.Tensor, src_y: torch.Tensor, src_x: torch.Tensor
     """out[n, :, i, j] = images[n, :, src_y[n, i, j], src_x[n, i, j]], zero where the source is outside.
 
     Every geometric transform here (crop, flip, rotation, shear, zoom) is nearest-neighbour, so each is one
-    gather on uint8. Coordinates are whole numbers held as float32 (cheaper than int64 on CPU); sources
-    outside the image read an extra zero pixel appended to each image, so no clamp or mask pass is needed.
-    """
-    n, c, h, w = images.shape
+    gather on uint8. Coordinates are whole numbers held as float32 (cheaper than int64 on CPU); a source
+    outside the image is clamped to the zero border the policies' gather reads."""
+    h, w = images.shape[-2:]
     src_y, src_x = torch.broadcast_tensors(src_y, src_x)
-    inside = (src_y >= 0) & (src_y <= h - 1) & (src_x >= 0) & (src_x <= w - 1)
-    flat = torch.where(inside, src_y * w + src_x, float(h * w)).long()
-    with_zero = F.pad(images.reshape(n, c, h * w), (0, 1))
-    return with_zero.gather(2, flat.reshape(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
+    return gather_with_border(images, src_y.clamp(-1, h), src_x.clamp(-1, w))
 
 
 def random_crop_flip(images: torch.Tensor, pad: int, gen: torch.Generator, flip: bool = True) -> torch.Tensor:

@@ -6,8 +6,9 @@ faster than the average follows, and the model is evaluated with statistics of w
 digits' default run, validation accuracy sat at 9-26% for three epochs while training accuracy reached 85%
 (docs/benchmarks.md, "BatchNorm statistics"). "Precise BN" (Wu & Johnson, "Rethinking 'Batch' in
 BatchNorm", 2021; fvcore's PreciseBN) measures them again before evaluating: a few training batches, with
-training augmentation and without gradients, through the model in training mode with a cumulative average,
-then the mean over the ranks. A few batches suffice: on digits 2 per worker gave what the
+training augmentation (the policies and random erasing included; not --mixup/--cutmix, which belong to the
+loss: the statistics are for the unmixed images evaluation sees) and without gradients, through the model
+in training mode with a cumulative average, then the mean over the ranks. A few batches suffice: on digits 2 per worker gave what the
 whole training set gave.
 
 The batches are drawn from a permutation of their own (seeded by the run's seed and the epoch), so the

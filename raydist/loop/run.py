@@ -39,7 +39,7 @@ from raydist.output.wandb_log import WandbRun
 from raydist.output.wandb_log import run_id as wandb_run_id
 from raydist.runs.checkpoints import FINAL_MODEL_FILE, final_model_bytes
 
-SUMS = 8  # the epoch's summed figures ahead of the confusion matrix in the all-reduced totals
+SUMS = 10  # the epoch's summed figures ahead of the confusion matrix in the all-reduced totals
 
 # ---- the loop -------------------------------------------------------------------------------------
 
@@ -156,7 +156,8 @@ def _train_epochs(cfg: TrainConfig, ctx: WorkerContext, state: TrainingState, wr
 def _train_and_evaluate(ctx: WorkerContext, state: TrainingState, spot: Optional[SpotWatch]):
     """One epoch's training and evaluation on this rank, summed over all ranks: (the rank's training sums,
     the group's totals: train loss, correct, count, val loss, correct, count, summed training seconds, val
-    top-5 correct, then the validation confusion matrix's C x C counts when it is kept)."""
+    top-5 correct, --tta's val loss and correct (0 without), then the validation confusion matrix's C x C
+    counts when it is kept)."""
     world = ctx.world_size
     try:
         train = state.train_epoch(progress_every_s=ctx.progress_every_s if ctx.rank == 0 else 0.0,
@@ -166,7 +167,8 @@ def _train_and_evaluate(ctx: WorkerContext, state: TrainingState, spot: Optional
         val = state.evaluate()
         totals = torch.stack([train.loss, train.correct, train.count, val.loss, val.correct, val.count,
                               torch.tensor(train.seconds, device=train.loss.device, dtype=torch.float64),
-                              val.top5.to(train.loss.device)]).double()
+                              val.top5.to(train.loss.device), val.tta_loss.to(train.loss.device),
+                              val.tta_correct.to(train.loss.device)]).double()
         if val.confusion is not None:  # one all-reduce for the sums and the matrix (float64: exact to 2**53)
             totals = torch.cat([totals, val.confusion.flatten().to(totals.device)])
         if world > 1:
@@ -182,7 +184,8 @@ def _epoch_metrics(cfg: TrainConfig, state: TrainingState, epoch: int, train, to
                    world: int, t0: float) -> dict:
     """The epoch's reported metrics (what history.jsonl, Tune and the console get), its stop reason, and
     the state moved on to the next epoch."""
-    t_loss, t_correct, t_count, v_loss, v_correct, v_count, time_sum, v_top5 = totals[:SUMS].tolist()
+    t_loss, t_correct, t_count, v_loss, v_correct, v_count, time_sum, v_top5, tta_loss, tta_correct = \
+        totals[:SUMS].tolist()
     images_per_s = t_count / (time_sum / world)  # global images over the mean rank's training time
     # with the part of this epoch trained before a resize or a reclaim
     t_loss, t_correct, t_count, lr_sum, updates, norm_sum = state.with_carried(
@@ -193,6 +196,7 @@ def _epoch_metrics(cfg: TrainConfig, state: TrainingState, epoch: int, train, to
         "train_loss": t_loss / t_count, "train_acc": t_correct / t_count,
         "val_loss": v_loss / v_count, "val_acc": v_correct / v_count,
         **({"val_top5": v_top5 / v_count} if classes_predicted(cfg) >= 10 else {}),  # top-5 says little below 10
+        **({"val_loss_tta": tta_loss / v_count, "val_acc_tta": tta_correct / v_count} if cfg.tta else {}),
         "lr": lr_sum / max(updates, 1),  # the mean LR of this epoch's updates (the head's)
         **({"grad_norm": norm_sum / max(updates, 1)} if cfg.clip_grad_norm else {}),  # before clipping
         "epoch_time_s": time.perf_counter() - t0,
@@ -223,9 +227,9 @@ def _log_epoch(cfg: TrainConfig, ctx: WorkerContext, metrics: dict, writer, wand
     if ctx.epoch_lines:
         print(_epoch_line(metrics, cfg.epochs), flush=True)
     if writer:
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "grad_norm", "images_per_s",
-                    "epoch_time_s"):
-            if key in metrics:  # val_top5: 10 classes or more; grad_norm: under --clip-grad-norm
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "val_loss_tta", "val_acc_tta", "lr",
+                    "grad_norm", "images_per_s", "epoch_time_s"):
+            if key in metrics:  # val_top5: 10 classes or more; grad_norm: under --clip-grad-norm; *_tta: --tta
                 writer.add_scalar(key, metrics[key], metrics["epoch"])
         writer.flush()
         if wandb_run:
@@ -246,7 +250,8 @@ def _tensorboard(log_dir: str):
 def _epoch_line(m: dict, epochs: int) -> str:
     return (f"epoch {m['epoch']:>3}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:6.2%}  "
             f"val loss {m['val_loss']:.4f} acc {m['val_acc']:6.2%}  lr {m['lr']:.4g}  "
-            f"{m['epoch_time_s']:.1f}s  {m['images_per_s']:,.0f} img/s")
+            f"{m['epoch_time_s']:.1f}s  {m['images_per_s']:,.0f} img/s"
+            + (f"  mirror-averaged val acc {m['val_acc_tta']:6.2%}" if "val_acc_tta" in m else ""))
 
 
 def _stop_message(m: dict, cfg: TrainConfig) -> str:

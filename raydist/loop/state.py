@@ -24,7 +24,9 @@ from raydist.errors import WorkerInputError
 from raydist.loop.batchnorm import precise_statistics, rank0_statistics
 from raydist.loop.ema import WeightAverage
 from raydist.loop.evaluate import EpochSums, evaluate_model, input_pipeline, uses_channels_last
+from raydist.loop.mixing import BatchMixer
 from raydist.loop.model_split import split_model
+from raydist.loop.optimizer import apply_hyperparameters, build_optimizer
 from raydist.loop.recipe import EarlyStop, Schedule, autocast_dtype, clip_gradients, lr_factor, with_fused_flag
 from raydist.loop.worker_data import data_batches
 from raydist.models.transfer import Unit, build_model, freeze_norms, set_trainable, transfer_units, unfrozen_stages
@@ -104,7 +106,7 @@ class TrainingState:
             steps = steps_per_epoch(len(train_set), batch_size=cfg.batch_size, world_size=world)
             self.updates_per_epoch = math.ceil(steps / cfg.grad_accum)
         peak_lr = cfg.lr * lr_scale(cfg, self.layout.global_batch)
-        self.optimizer = self._build_optimizer(peak_lr)
+        self.optimizer, self._group_mults = build_optimizer(cfg, self.units, peak_lr, self._fused())
         warmup = round(cfg.warmup_epochs * self.updates_per_epoch)
         total = (cfg.schedule_epochs or cfg.epochs) * self.updates_per_epoch  # a study under ASHA spans its budget
         step_every = cfg.lr_step_epochs * self.updates_per_epoch
@@ -124,6 +126,7 @@ class TrainingState:
         self.amp_dtype = autocast_dtype(cfg.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.mixer = BatchMixer.from_config(cfg, self.augment.gen)  # --mixup/--cutmix: the epoch-seeded generator
         self.early_stop = EarlyStop(cfg.target_accuracy, cfg.patience)
         self.epoch = 0  # epochs done
         self.images_before = 0  # training images the finished epochs trained on (all ranks, as trained)
@@ -136,46 +139,9 @@ class TrainingState:
 
     # ---- building blocks
 
-    def _build_optimizer(self, peak_lr: float) -> torch.optim.Optimizer:
-        # No weight decay on BatchNorm and bias parameters: decaying them only hurts (Goyal et al. 2017).
-        # Two groups per unit; a unit's LR multiplier is 1 for the new head, backbone_lr_mult for the rest.
-        groups = []
-        for unit in self.units:
-            for decay in (True, False):
-                params = [p for p in unit.params if (p.ndim > 1) == decay]
-                if params:
-                    groups.append({"params": params, "unit": unit.name, "decay": decay})
-        self._group_mults = [1.0 if self._unit(g["unit"]).new else backbone_lr_mult(self.cfg) for g in groups]
-        cfg = self.cfg
-        fused = self._fused()
-        if cfg.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(cfg.momentum, 0.999), fused=fused)
-        else:
-            optimizer = torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum,
-                                        nesterov=cfg.nesterov and cfg.momentum > 0, fused=fused)
-        self._apply_hyperparameters(optimizer)
-        return optimizer
-
     def _fused(self) -> Optional[bool]:
         # On a GPU the fused kernels update every parameter in a few launches instead of several per tensor.
         return True if self.device.type == "cuda" else None
-
-    def _unit(self, name: str) -> Unit:
-        return next(u for u in self.units if u.name == name)
-
-    def _apply_hyperparameters(self, optimizer: torch.optim.Optimizer) -> None:
-        """This run's weight decay, momentum and LR multipliers in every group (groups loaded from a
-        checkpoint carry the old run's; the LR itself is set by the Schedule)."""
-        cfg = self.cfg
-        fused = self._fused()  # a checkpoint saved on another device says otherwise
-        for group, mult in zip(optimizer.param_groups, self._group_mults):
-            group["lr_mult"] = mult
-            group["fused"] = fused
-            group["weight_decay"] = cfg.weight_decay if group["params"][0].ndim > 1 else 0.0
-            if cfg.optimizer == "adamw":
-                group["betas"] = (cfg.momentum, group["betas"][1])
-            else:
-                group["momentum"], group["nesterov"] = cfg.momentum, cfg.nesterov and cfg.momentum > 0
 
     def _place_schedule(self) -> None:
         # The point of training reached is `epoch` epochs plus `position` images of the next: the schedule
@@ -289,22 +255,15 @@ class TrainingState:
             progress.step(k)  # a clock read; nothing on the device
             i, j = micro[k]
             step = plan[i]
-            x = self.augment(images, train=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             update_now = j + 1 == len(step.micro_batches)
             # Accumulating steps skip DDP's allreduce (Horovod's batches-per-allreduce).
             no_sync = model.no_sync() if (isinstance(model, DDP) and not update_now) else contextlib.nullcontext()
             with no_sync:
-                with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    logits = model(x)
-                    labels = labels.to(self.output_device)  # a split model's logits are on its last device
-                    loss = self.criterion(logits, labels)
-                self.scaler.scale(loss * step.weights[j]).backward()
+                loss, correct = self._forward_backward(images, labels, step.weights[j])
             if step.weights[j]:  # a weight-0 image (a rank with none in a short last step) is not counted
                 # Accumulate on the device: no host sync per step.
-                sums.loss += loss.detach().double() * len(labels)
-                sums.correct += (logits.detach().argmax(1) == labels).sum()
+                sums.loss += loss.double() * len(labels)
+                sums.correct += correct
                 sums.count += len(labels)
                 if self.on_micro_batch is not None:  # reads the indices: a host sync, only when asked for
                     self.on_micro_batch(epoch=self.epoch, end=step.end, world=self.world, rank=self.rank,
@@ -331,6 +290,25 @@ class TrainingState:
             torch.cuda.synchronize(device)
         sums.seconds = time.perf_counter() - t0
         return sums
+
+    def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, weight: float):
+        """One micro-batch: augment (and mix, under --mixup/--cutmix), forward, backward of the loss times its
+        `weight` in the step. Returns the loss and the correct predictions (the credit against mixed targets,
+        raydist.loop.mixing), both detached on the device."""
+        x = self.augment(images, train=True)
+        mixed = None
+        if self.mixer is not None:
+            x, mixed = self.mixer(x, labels.to(x.device))
+            mixed = mixed.to(self.output_device)
+        labels = labels.to(self.output_device)  # a split model's logits are on its last device
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.model(x)
+            loss = mixed.loss(logits, self.cfg.label_smoothing) if mixed else self.criterion(logits, labels)
+        self.scaler.scale(loss * weight).backward()
+        logits = logits.detach()
+        return loss.detach(), mixed.correct(logits) if mixed else (logits.argmax(1) == labels).sum()
 
     @torch.no_grad()
     def evaluate(self) -> EpochSums:
@@ -379,7 +357,8 @@ class TrainingState:
             self.average.load(state["model"], state.get("ema") or {"updates": 0})
         # keeps the momentum buffers ...
         self.optimizer.load_state_dict(with_fused_flag(state["optimizer"], self._fused()))
-        self._apply_hyperparameters(self.optimizer)  # ... but this run's decay, momentum and LR multipliers
+        # ... but this run's decay, momentum and LR multipliers
+        apply_hyperparameters(self.cfg, self.optimizer, self._group_mults, self._fused())
         # A scaler that was off (bf16, fp32, CPU) saved {}, which an enabled one refuses: fp16 then starts afresh.
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

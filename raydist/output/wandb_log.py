@@ -20,8 +20,8 @@ import os
 from typing import Optional
 
 # What an epoch's metrics send: the curves; the rest (paths, reasons, clocks) stays in history.jsonl.
-LOGGED = ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "grad_norm", "images_per_s",
-          "epoch_time_s", "world_size", "global_batch")
+LOGGED = ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "val_loss_tta", "val_acc_tta", "lr",
+          "grad_norm", "images_per_s", "epoch_time_s", "world_size", "global_batch")
 
 
 def key_present() -> bool:
