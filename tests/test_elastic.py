@@ -92,13 +92,16 @@ def test_no_micro_batch_has_one_image_and_every_rank_runs_as_many_forwards_on_an
 
 
 @pytest.mark.slow
-def test_the_audits_elastic_epoch_with_a_one_image_tail_trains_a_batchnorm_network(tmp_path):
+@pytest.mark.parametrize("recipe", [{}, dict(mixup=0.2, cutmix=1.0, augment="randaugment", random_erase=0.25)],
+                         ids=["plain", "mixed-randaugment-erased"])
+def test_the_audits_elastic_epoch_with_a_one_image_tail_trains_a_batchnorm_network(tmp_path, recipe):
     """33 fake images in global batches of 16 on 1 worker ended in a 1-image micro-batch, and resnet18's
     BatchNorm raised "Expected more than 1 value per channel when training"; the tail now joins the step
-    before it, and every image is trained on."""
+    before it, and every image is trained on. Issue 33's batch pieces take the elastic run's uneven
+    micro-batches too (a 17-image one: an odd batch's middle image is its own mixing partner)."""
     cfg = TrainConfig(dataset="fake", fake_train_size=33, fake_val_size=8, fake_image_size=32, fake_num_classes=4,
                       model="resnet18_imagenet", num_workers=2, min_workers=1, batch_size=16, global_batch=16,
-                      epochs=1, warmup_epochs=0, cpus_per_worker=1.0)
+                      epochs=1, warmup_epochs=0, cpus_per_worker=1.0, **recipe)
     validate(cfg)
     (metrics,) = run_ddp(cfg, tmp_path, world_size=1)
     assert metrics["images_seen"] == 33 and math.isfinite(metrics["train_loss"])
