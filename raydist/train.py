@@ -18,6 +18,7 @@ from raydist import final_eval
 from raydist.cli import parse_cli
 from raydist.errors import ConfigError
 from raydist.output import console
+from raydist.output.mistakes import PER_CLASS_FILE
 from raydist.output.run_curves import CURVES_FILE
 from raydist.ray_edge import measure
 from raydist.ray_edge.fit import RunSummary, failure_cause, fit
@@ -35,8 +36,10 @@ def print_summary(summary: RunSummary) -> None:
             lines[0] += f" (stopped early: {last['stop_reason']}{': ' + last['divergence'] if last.get('divergence') else ''})"
     if summary.best_val_acc is not None:
         lines.append(f"best checkpoint:  {summary.best_checkpoint}  (val acc {summary.best_val_acc:.2%})")
-    lines += [f"final model:      {summary.final_model}", f"curves:           {summary.run_dir}/{CURVES_FILE}",
-              f"run folder:       {summary.run_dir}"]
+    lines += [f"final model:      {summary.final_model}", f"curves:           {summary.run_dir}/{CURVES_FILE}"]
+    if summary.confusion_picture:  # per_class.csv is what it was drawn from
+        lines.append(f"mistakes:         {summary.run_dir}/{PER_CLASS_FILE} and {summary.confusion_picture}")
+    lines.append(f"run folder:       {summary.run_dir}")
     print("\n".join(lines), flush=True)
 
 

@@ -139,3 +139,16 @@ def test_the_tally_writes_nothing_stale_and_no_matrix_above_the_limit(tmp_path, 
     assert big.write(str(tmp_path), ["a", "b"], title="t") == \
         "accuracy 33.33% on 3 labelled images; no per-class files above 1 classes"
     assert not (tmp_path / "per_class.csv").exists()
+
+
+def test_the_train_commands_closing_summary_names_the_mistake_files_when_the_run_wrote_them(capsys):
+    from raydist.ray_edge.fit import RunSummary
+    from raydist.train import print_summary
+
+    history = [{"epoch": 3, "val_acc": 0.99, "val_loss": 0.05, "stop_reason": ""}]
+    wrote = RunSummary(run_dir="runs/r", history=history, final_model="runs/r/model_final.pt",
+                       best_checkpoint=None, best_val_acc=None, seconds=1.0, confusion_picture="runs/r/confusion.png")
+    print_summary(wrote)
+    assert "mistakes:         runs/r/per_class.csv and runs/r/confusion.png" in capsys.readouterr().out.splitlines()
+    print_summary(RunSummary(**{**wrote.__dict__, "confusion_picture": None}))  # diverged: none written
+    assert "mistakes:" not in capsys.readouterr().out

@@ -40,6 +40,7 @@ class RunSummary:
     best_checkpoint: Optional[str]
     best_val_acc: Optional[float]
     seconds: float
+    confusion_picture: Optional[str] = None  # confusion.png beside per_class.csv, when the run wrote them
 
 
 def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: bool = False,
@@ -73,12 +74,13 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     if console is None:
         console = {"epoch_lines": True, "progress_every_s": session.progress_every_s(), "labels": {"run": cfg.name}}
     trainer = _torch_trainer(cfg, use_gpu=use_gpu, callbacks=callbacks, console=console)
+    picture = None
     try:
         result = trainer.fit()
     finally:
         if draw_curves:
             write_run_curves(run_dir, cfg.name)
-            write_confusion_picture(run_dir, f"{cfg.name}: the saved model on the validation images")
+            picture = write_confusion_picture(run_dir, f"{cfg.name}: the saved model on the validation images")
         if session.LIVE_BAR is not None:
             session.LIVE_BAR.clear()
     # This run's epochs: the ones reported since it started (a run resumed in place has older ones on record).
@@ -90,7 +92,8 @@ def fit(cfg: TrainConfig, *, callbacks: Optional[list] = None, storage_checked: 
     best = best_checkpoint(kept, cfg.keep_by)
     return RunSummary(run_dir=result.path, history=history, final_model=f"{result.path}/{FINAL_MODEL_FILE}",
                       best_checkpoint=best[1] if best else None,
-                      best_val_acc=best[0]["val_acc"] if best else None, seconds=time.perf_counter() - t0)
+                      best_val_acc=best[0]["val_acc"] if best else None, seconds=time.perf_counter() - t0,
+                      confusion_picture=picture)
 
 
 def _connect_and_plan(cfg: TrainConfig, *, storage_checked: bool) -> bool:
