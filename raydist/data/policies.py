@@ -19,7 +19,8 @@ What matches torchvision (transforms.v2, uint8 tensors; the tests compare op by 
   floored grey of Color and Contrast, Sharpness's 3x3 [[1,1,1],[1,5,1],[1,1,1]]/13 with border pixels
   kept, Solarize's threshold as 255 x v2's fraction (v1's table, linspace(255, 0), puts three of
   TrivialAugment's 31 thresholds a hair lower: 119, 102 and 51 themselves are inverted there, not in v2),
-  PIL's Equalize lookup table as torchvision computes it. Colour ops are bit-exact. So are the geometric
+  PIL's Equalize lookup table as torchvision computes it. Colour ops are bit-exact on this build (the tests
+  allow the blends 1 of 255 where another CPU build's fused multiply-add might round otherwise). So are the geometric
   ops, whose float32 sampling coordinates follow torchvision's step by step, but for a rare row: sin, cos
   and tan here (torch, float64) may differ from Python's math in the last bit, and where that moves a
   float32 matrix entry across a rounding midpoint, pixels on an x.5 boundary read their neighbour.
@@ -278,8 +279,9 @@ def _equalize(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     offset = torch.arange(0, k * c * 256, 256, device=x.device, dtype=torch.int32).view(k * c, 1)
     index = (x.reshape(k * c, h * w).int() + offset).view(-1)
     # index_add_, not bincount: on a GPU bincount reads its input's largest value to the host
-    hist = torch.zeros(k * c * 256, device=x.device, dtype=torch.int64)
-    hist = hist.index_add_(0, index, torch.ones_like(index, dtype=torch.int64)).view(k * c, 256)
+    # (int32 counts: a pixel count fits, and the ones cost half the memory traffic of int64's at 224 px)
+    hist = torch.zeros(k * c * 256, device=x.device, dtype=torch.int32)
+    hist = hist.index_add_(0, index, torch.ones_like(index)).view(k * c, 256).long()
     cum = hist.cumsum(1)
     # the "max" is the channel's highest value present: the first bin where the cumulative count peaks
     top = hist.gather(1, cum.argmax(1, keepdim=True))

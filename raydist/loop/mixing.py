@@ -3,7 +3,7 @@
     mixer = BatchMixer(gen, mixup=0.2, cutmix=1.0, prob=1.0)   # gen: the augmenter's generator
     x, mixed = mixer(x, labels)            # x: the augmented, normalized batch
     loss = mixed.loss(logits, label_smoothing=0.1)
-    correct = mixed.correct(logits)        # a float: the credit of the batch's predictions
+    correct = mixed.correct(logits)        # a 0-dim tensor: the credit of the batch's predictions
 
 Each image of a micro-batch is mixed (with probability `prob`) with its partner, the image at the mirrored
 position of the batch (x.flip(0): the batch is shuffled every epoch, so partners change), by its own share
@@ -22,8 +22,9 @@ as before; a mixed one of two different labels can count at most max(lam, 1 - la
 train_acc stays well below an unmixed run's.
 
 The draws come from the augmenter's generator (`gen`, on the batch's device), after the batch's augmentation
-drew from it: raydist.loop.recipe.seed_epoch seeds it from (seed, epoch, rank), so a resumed run mixes
-exactly as the uninterrupted one did, and the mixing draws are not the augmentation's numbers again (a
+drew from it: raydist.loop.recipe.seed_epoch seeds it from (seed, epoch, rank), so a run resumed at an
+epoch's end mixes exactly as the uninterrupted one did (one resumed inside an epoch draws a stream of its
+own for the rest of it, as the augmentation does), and the mixing draws are not the augmentation's numbers again (a
 second generator seeded alike would repeat them). No host sync: Beta comes from torch's Dirichlet sampler,
 which takes a generator and, unlike torch.distributions, checks nothing on the host.
 """

@@ -53,6 +53,9 @@ class Schedule:
         self.apply(optimizer)
 
 
+_DROPOUT_STREAM = 0x9E3779B97F4A7C15  # 2**64 / the golden ratio: torch's generator a long way from the augmenter's
+
+
 def seed_epoch(seed: int, epoch: int, rank: int, augment: "Augmenter", position: int = 0) -> None:
     """Seed every random stream of this rank (augmentation, dropout, CPU and CUDA) from (seed, epoch, rank).
 
@@ -64,7 +67,9 @@ def seed_epoch(seed: int, epoch: int, rank: int, augment: "Augmenter", position:
     stream = ((seed * 1_000_003 + epoch) * 1_009 + rank) % 2**63  # torch takes a 64-bit seed
     if position:
         stream = (stream * 1_000_033 + position) % 2**63
-    torch.manual_seed(stream)  # also seeds every CUDA device
+    # Two seeds, not one: generators of the same kind seeded alike draw the same numbers, and dropout's masks
+    # (torch's generator) would repeat the augmentation's and the mixer's draws (the augmenter's).
+    torch.manual_seed((stream + _DROPOUT_STREAM) % 2**63)  # also seeds every CUDA device
     augment.gen.manual_seed(stream)
 
 
