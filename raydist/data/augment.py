@@ -35,13 +35,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from raydist.data.policies import gather_with_border, rand_augment, random_erase, trivial_augment
+from raydist.data.policies import gather_with_border, grey, rand_augment, random_erase, trivial_augment
 from raydist.data.registry import DATASETS
 
 KINDS = ("none", "crop", "crop_flip", "resized_crop", "dli")
 POLICIES = {"randaugment": rand_augment, "trivialaugment": trivial_augment}
 MIRRORING = ("crop_flip", "resized_crop", "dli")  # the kinds that mirror a random half of the images
-GREY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, exactly as torchvision's rgb_to_grayscale
 
 
 def augment_kind(augment: str, dataset: str) -> str:
@@ -211,14 +210,7 @@ def colour_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> tor
     brightness, contrast, saturation = uniform(3 * n, 1 - strength, 1 + strength, gen).to(x.device).view(3, n, 1, 1, 1)
     x.mul_(brightness).clamp_(0, 1)
     # contrast blends with the image's mean grey level, saturation with each pixel's grey level
-    mean_grey = _grey(x.mean((2, 3), keepdim=True))
+    mean_grey = grey(x.mean((2, 3), keepdim=True))
     x.mul_(contrast).add_(mean_grey * (1 - contrast)).clamp_(0, 1)
-    grey = _grey(x)  # taken before the multiply below changes x in place
-    return x.mul_(saturation).add_(grey.mul_(1 - saturation)).clamp_(0, 1)
-
-
-def _grey(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[1] == 1:  # already grey (a copy: callers modify it in place)
-        return x.clone()
-    r, g, b = x.unbind(1)
-    return (r * GREY[0]).add_(g, alpha=GREY[1]).add_(b, alpha=GREY[2]).unsqueeze(1)
+    level = grey(x)  # taken before the multiply below changes x in place
+    return x.mul_(saturation).add_(level.mul_(1 - saturation)).clamp_(0, 1)

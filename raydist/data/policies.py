@@ -217,18 +217,23 @@ def _blend(x: torch.Tensor, other: torch.Tensor, m: torch.Tensor) -> torch.Tenso
     return out.addcmul_(other, (1 - f).float()).clamp_(0, 255).to(torch.uint8)
 
 
-def _floored_grey(x: torch.Tensor) -> torch.Tensor:
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """Each pixel's grey level, N x 1 x H x W float, with the luma weights of torchvision's rgb_to_grayscale;
+    a grey image's own channel, copied (callers change it in place). raydist.data.augment's colour jitter
+    uses it too."""
+    if x.shape[1] == 1:
+        return x.clone() if x.is_floating_point() else x.float()
     r, g, b = x.unbind(1)
-    return r.mul(GREY[0]).add_(g, alpha=GREY[1]).add_(b, alpha=GREY[2]).floor_().unsqueeze(1)
+    return r.mul(GREY[0]).add_(g, alpha=GREY[1]).add_(b, alpha=GREY[2]).unsqueeze(1)
 
 
 def _color(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return x if x.shape[1] == 1 else _blend(x, _floored_grey(x), m)
+    return x if x.shape[1] == 1 else _blend(x, grey(x).floor_(), m)  # torchvision's grey, floored
 
 
 def _contrast(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    grey = x.float() if x.shape[1] == 1 else _floored_grey(x)
-    return _blend(x, grey.mean((1, 2, 3), keepdim=True), m)
+    level = grey(x).floor_()  # a whole number already for a grey image
+    return _blend(x, level.mean((1, 2, 3), keepdim=True), m)
 
 
 def _sharpness(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
