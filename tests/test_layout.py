@@ -22,7 +22,8 @@ LAYERS = [
     ("the loop", ["raydist.loop"]),
     ("a run's preparation and final evaluation", ["raydist.run_config", "raydist.cli", "raydist.final_eval"]),
     ("the Ray edge", ["raydist.ray_edge"]),
-    ("the commands", ["raydist.train", "raydist.tune", "raydist.scaling", "raydist.predict", "raydist.cluster"]),
+    ("the commands", ["raydist.train", "raydist.tune", "raydist.scaling", "raydist.predict", "raydist.cluster",
+                      "raydist.export"]),
 ]
 EDGE = "raydist.ray_edge"
 MAX_LINES = 400
@@ -139,9 +140,9 @@ def test_every_module_and_function_reads_in_one_sitting(module):
 
 
 def test_the_commands_import_without_torch_or_ray_where_they_did():
-    """`import raydist.tune` (and cluster, scaling, predict) loads neither torch nor Ray: their --help and
+    """`import raydist.tune` (and cluster, scaling, predict, export) loads neither torch nor Ray: their --help and
     every bad-input error come before either loads."""
-    code = ("import sys, raydist.tune, raydist.cluster, raydist.scaling, raydist.predict; "
+    code = ("import sys, raydist.tune, raydist.cluster, raydist.scaling, raydist.predict, raydist.export; "
             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

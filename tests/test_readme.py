@@ -117,7 +117,7 @@ def test_every_commands_flags_are_documented_and_every_flag_the_readme_names_exi
     import argparse
     import re
 
-    from raydist import predict, scaling, tune, cluster
+    from raydist import cluster, export, predict, scaling, tune
     from raydist.cli import TRAIN_DESCRIPTION, build_parser
 
     def flags(parser) -> set:
@@ -130,7 +130,8 @@ def test_every_commands_flags_are_documented_and_every_flag_the_readme_names_exi
         return out
 
     commands = {"train": build_parser("raydist.train", TRAIN_DESCRIPTION), "tune": tune.build_parser(),
-                "predict": predict.build_parser(), "scaling": scaling.build_parser(), "cluster": cluster.build_parser()}
+                "predict": predict.build_parser(), "scaling": scaling.build_parser(), "cluster": cluster.build_parser(),
+                "export": export.build_parser()}
     every = set()
     for name, parser in commands.items():
         own = flags(parser)
