@@ -43,7 +43,8 @@ def _served(prep: dict, images: torch.Tensor) -> np.ndarray:
 def test_an_exported_model_served_from_its_files_alone_classifies_as_raydist_does(trained, tmp_path, fmt, capsys,
                                                                                   monkeypatch):
     out = tmp_path / "served"
-    code, said, err = run_main("raydist.export", [str(trained), "--format", fmt, "--out", str(out)], capsys, monkeypatch)
+    code, said, err = run_main("raydist.export", [str(trained), "--format", fmt, "--out", str(out)], capsys,
+                               monkeypatch)
     assert code == 0, err
     assert "same top class on 100.0%" in said
     assert sorted(p.name for p in out.iterdir()) == sorted([export.FORMATS[fmt], "classes.json", "preprocessing.json"])
