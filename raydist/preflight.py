@@ -33,7 +33,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 def _check_names(cfg: TrainConfig) -> None:
     """Every choice among its choices, the data set and model among the registered ones, a W&B id."""
     from raydist.data.registry import DATASETS
-    from raydist.models.registry import MODELS
+    from raydist.models.registry import model_spec
 
     for f in dataclasses.fields(cfg):
         choices = f.metadata["choices"]
@@ -41,8 +41,10 @@ def _check_names(cfg: TrainConfig) -> None:
             raise ConfigError(f"{flag_name(f.name)} {getattr(cfg, f.name)!r} is not one of: {', '.join(choices)}")
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; known: {', '.join(sorted(DATASETS))}")
-    if cfg.model not in MODELS:
-        raise ConfigError(f"unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}")
+    try:
+        model_spec(cfg.model)
+    except ValueError as exc:  # an unknown name, or timm:NAME without timm
+        raise ConfigError(str(exc)) from None
     if cfg.wandb_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", str(cfg.wandb_id)):
         raise ConfigError(f"--wandb-id {cfg.wandb_id!r}: W&B run ids are 1-64 letters, digits, - and _")
 
@@ -128,17 +130,17 @@ def _check_sizes(cfg: TrainConfig) -> None:
 
 
 def _check_devices_and_names(cfg: TrainConfig) -> None:
-    from raydist.models.registry import MODELS
+    from raydist.models.registry import MODELS, model_spec
 
     if cfg.use_gpu is not False and not float(cfg.gpus_per_worker).is_integer():
         raise ConfigError(f"--gpus-per-worker {cfg.gpus_per_worker:g}: each DDP rank needs a GPU of its own "
                           f"(NCCL refuses two ranks on one GPU); use a whole number, usually 1")
     if cfg.use_gpu and cfg.gpus_per_worker <= 0:
         raise ConfigError(f"--gpus-per-worker must be positive with --use-gpu, got {cfg.gpus_per_worker!r}")
-    if cfg.pretrained and not MODELS[cfg.model].pretrained_weights:
+    if cfg.pretrained and not model_spec(cfg.model).pretrained_weights:
         with_weights = sorted(n for n, m in MODELS.items() if m.pretrained_weights)
         raise ConfigError(f"--pretrained: model {cfg.model!r} has no published weights; models with them: "
-                          f"{', '.join(with_weights)}")
+                          f"{', '.join(with_weights)} and the timm models timm.list_models(pretrained=True) names")
     if cfg.name is not None:
         check_folder_name(cfg.name, "--name")
     if cfg.address is not None:
@@ -164,25 +166,57 @@ def _check_model_args(cfg: TrainConfig) -> None:
 
     from raydist.data.sizes import input_side
     from raydist.errors import ModelArgError
-    from raydist.models.registry import MODELS, check_model_args
+    from raydist.models.registry import check_model_args, model_spec
+    from raydist.models.timm_models import is_timm
 
     try:
         cfg.model_args = check_model_args(cfg.model, cfg.model_args)
     except ModelArgError as exc:
         raise ConfigError(str(exc)) from None
-    if cfg.model_args:
+    if is_timm(cfg.model):
+        _check_timm_model(cfg, input_side(cfg))
+    elif cfg.model_args:
         try:
             with torch.device("meta"):
-                MODELS[cfg.model].builder(num_classes=2, **cfg.model_args)
+                model_spec(cfg.model).builder(num_classes=2, **cfg.model_args)
         except ValueError as exc:
             args = " ".join(f"--model-arg {k}={v}" for k, v in cfg.model_args.items())
             raise ConfigError(f"{args}: {exc}") from None
-    sides = MODELS[cfg.model].input_sides
+    sides = model_spec(cfg.model).input_sides
     if sides:
         side = input_side(cfg)
         if not sides[0] <= side <= sides[1]:
             raise ConfigError(f"--model {cfg.model} reads images of {sides[0]} to {sides[1]} pixels a side, but "
                               f"this run feeds it {side}: give --input-size 32 (or another model)")
+
+
+def _check_timm_model(cfg: TrainConfig, side: int) -> None:
+    """A timm model is built and fed one image of the run's side on the meta device (no memory, no time):
+    an argument the architecture does not take, or a side it cannot read (a ViT's fixed position table),
+    is one line here instead of a traceback on every worker."""
+    import torch
+
+    from raydist.models.registry import model_spec
+
+    named = " ".join([f"--model {cfg.model}"] + [f"--model-arg {k}={v}" for k, v in cfg.model_args.items()])
+    try:
+        with torch.device("meta"):
+            net = model_spec(cfg.model).builder(num_classes=2, **cfg.model_args)
+    except Exception as exc:  # noqa: BLE001 - timm raises TypeError, ValueError, AssertionError alike
+        raise ConfigError(f"{named}: timm cannot build it ({_first_line(exc)})") from None
+    try:
+        with torch.device("meta"), torch.no_grad():
+            net.eval()(torch.empty(1, 3, side, side))
+    except NotImplementedError:  # an operation without a meta kernel: the workers will tell
+        return
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"--model {cfg.model} cannot read images of {side} pixels a side ({_first_line(exc)}); "
+                          f"give --input-size with a side it reads, or --model-arg img_size={side} for an "
+                          f"architecture that takes it") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
 
 
 def _check_elastic(cfg: TrainConfig) -> None:

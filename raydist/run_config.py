@@ -73,7 +73,7 @@ def prepare(cfg: TrainConfig, explicit: dict, config_files: Optional[list[str]] 
             cfg = dataclasses.replace(cfg, resume=latest_checkpoint(resume) or resume)
             if "wandb_id" not in explicit:  # a new run folder, a new W&B run
                 cfg = dataclasses.replace(cfg, wandb_id=None)
-    name = cfg.name or f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = cfg.name or f"{cfg.dataset}-{cfg.model.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     if cfg.wandb and cfg.wandb_id is None:
         # One raydist run is one W&B run: a new id, kept in config.yaml for its restarts and --resume (an id
         # made from the run folder's path would continue an old W&B run when a deleted run's name is reused).

@@ -171,6 +171,7 @@ def _main(*args, capsys):
     (["--epochs", "0"], "--epochs must be positive, got 0"),
     (["--batch-size", "ten"], "argument --batch-size: 'ten' is not a valid int"),
     (["--model", "vgg"], "unknown model 'vgg'; known:"),
+    (["--model", "timm:resnt18"], "unknown timm model 'resnt18' (--model timm:resnt18); close: timm:resnet18"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'; known:"),
     (["--target-accuracy", "95"], "--target-accuracy must be in (0, 1], got 95.0"),
     (["--use-gpu", "--num-workers", "2"], "asks for 2 GPUs but this machine has 0"),

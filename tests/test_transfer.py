@@ -266,7 +266,7 @@ def test_gradual_unfreezes_one_stage_per_epoch_and_a_resume_lands_in_the_right_s
     validate(cfg)
     full = run_ddp(cfg, tmp_path / "full")
     net = build_model("resnet8", num_classes=5)
-    sizes = {name: sum(p.numel() for m in modules for p in m.parameters()) for name, modules in backbone_stages(net)}
+    sizes = {name: sum(p.numel() for p in params) for name, params, _ in backbone_stages(net)}
     head = 64 * 5 + 5
     expected = [head, head + sizes["stage3"], head + sizes["stage3"] + sizes["stage2"],
                 head + sizes["stage3"] + sizes["stage2"] + sizes["stage1"]]

@@ -85,18 +85,20 @@ class TrainConfig:
                             "notebook's Normalize((0.5,)*3, (0.5,)*3))", ("dataset", "0.5"))
 
     # ---- model ------------------------------------------------------------------------------
-    model: str = _field("model", "resnet8", "model name (see --model choices)")
+    model: str = _field("model", "resnet8", "a built-in model (one of the names below), or timm:NAME for any "
+                        "timm architecture (pip install \"raydist[timm]\"; drop_rate, drop_path_rate, img_size as "
+                        "--model-arg)")
     model_args: dict = field(default_factory=dict, metadata={
         "group": "model", "choices": None,
         "help": "the model's own arguments, e.g. --model-arg l1=64 --model-arg l2=16 for tune_cnn, depth=28 widen=10 "
                 "for wrn (repeatable; YAML: model_args: {l1: 64}; a study searches model_args.l1); checked against "
                 "the model's builder, saved with its weights"})
     pretrained: bool = _field("model", False, "start from published ImageNet weights (resnet18_imagenet, "
-                              "resnet50_imagenet; "
-                              "torchvision's cache under $TORCH_HOME, downloaded once if missing)")
+                              "resnet50_imagenet: torchvision's cache under $TORCH_HOME; timm:NAME: timm's Hugging "
+                              "Face cache under $HF_HOME; downloaded once if missing)")
     weights: Optional[str] = _field("model", None, "start from the weights in this file: a state dict, a "
-                                    "torchvision weights file, or a raydist checkpoint.pt / model_final.pt / "
-                                    "best_model.pt (local path or URI); the head is new")
+                                    "torchvision weights file, a .safetensors file, or a raydist checkpoint.pt / "
+                                    "model_final.pt / best_model.pt (local path or URI); the head is new")
     finetune: str = _field("model", "full", "with --pretrained/--weights: full (every layer trains), linear "
                            "(frozen backbone, only the head trains), gradual (one more stage unfrozen every "
                            "--unfreeze-every epochs, from the top), lp-ft (linear probe for --freeze-epochs, "

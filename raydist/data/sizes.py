@@ -13,7 +13,7 @@ from raydist.data.registry import CIFAR10_NAMES, DATASETS, DIGIT_NAMES, FASHION_
 from raydist.data.sources import folder_index, load_digits_split
 from raydist.data.splits import held_out_count, subset_size
 from raydist.errors import ConfigError
-from raydist.models.registry import MODELS
+from raydist.models.registry import model_spec
 
 FILE_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}  # the published training
 # sets, each with the same number of images per class
@@ -86,7 +86,10 @@ def input_side(cfg: TrainConfig) -> int:
     if cfg.input_size:
         return cfg.input_size
     preferred = DATASETS[cfg.dataset].model_side
-    spec = MODELS.get(cfg.model)
+    try:
+        spec = model_spec(cfg.model)
+    except ValueError:  # checked elsewhere
+        spec = None
     # ImageNet architectures (those with published ImageNet weights, given by --pretrained or a --weights file)
     # read images near their own size; a model that reads fixed sides reads those.
     if preferred and spec and not spec.pretrained_weights and not (

@@ -7,6 +7,7 @@ model module, which registers its models here with @register_model).
 Models take 3-channel images (digits and Fashion-MNIST are stored at 3 x 32 x 32 by raydist.data;
 raydist.models.transfer adapts the first conv for 1-channel input) and know nothing about DDP or Ray.
 Every model's head is `fc`, and each names its backbone's stages (`transfer_stages`) for fine-tuning.
+`timm:NAME` names any timm architecture (raydist.models.timm_models): `model_spec` finds both kinds.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from raydist.errors import ModelArgError
+from raydist.models.timm_models import is_timm, timm_builder
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,22 @@ def register_model(name: str, description: str, pretrained_weights: Optional[str
     return wrap
 
 
+def model_spec(name: str) -> ModelSpec:
+    """A built-in model's spec, or a timm architecture's (`timm:NAME`); ValueError in one line naming the
+    unknown model and what is known."""
+    if is_timm(name):
+        build, published = timm_builder(name)
+        return ModelSpec(name, build, f"timm's {build.__name__}", pretrained_weights=name if published else None)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}, or timm:NAME for any timm "
+                         f"model")
+    return MODELS[name]
+
+
 def check_model_args(name: str, args: Optional[dict]) -> dict[str, Any]:
     """`args` checked against the builder's signature and converted to its annotated types (an int for a
     float argument becomes a float); raises ModelArgError naming the bad argument and what is accepted."""
-    spec = MODELS[name]
+    spec = model_spec(name)
     known = spec.arguments()
     out = {}
     for key, value in (args or {}).items():
@@ -82,6 +96,4 @@ def check_model_args(name: str, args: Optional[dict]) -> dict[str, Any]:
 def create_model(name: str, *, num_classes: int, **model_args) -> nn.Module:
     """A freshly initialised model; raydist.models.transfer starts one from pretrained weights. `model_args`
     are the builder's own arguments (a run's --model-arg, saved in its checkpoints and final model)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-    return MODELS[name].builder(num_classes=num_classes, **check_model_args(name, model_args))
+    return model_spec(name).builder(num_classes=num_classes, **check_model_args(name, model_args))

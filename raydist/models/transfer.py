@@ -1,7 +1,7 @@
 """Transfer learning: start a model from pretrained weights, fit it to a new data set, freeze and unfreeze it.
 
     source = pretrained_source("resnet18_imagenet")            # torchvision's weights API ($TORCH_HOME cache)
-    source = read_weights_file("runs/a/model_final.pt")        # or a file (state dict, torchvision, raydist)
+    source = read_weights_file("runs/a/model_final.pt")        # or a file (state dict, safetensors, raydist)
     net = build_model("resnet18_imagenet", num_classes=5, grey_input="sum", source=source)
     units = transfer_units(net, new_stem=False)                # [head, layer4, layer3, layer2, layer1, stem]
     set_trainable(units, unfrozen=1)                           # head and layer4 train, the rest is frozen
@@ -27,9 +27,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from raydist.errors import WeightsError
 from raydist.models.registry import MODELS, create_model
+from raydist.models.timm_models import head_names as timm_heads
+from raydist.models.timm_models import hub_cache_dir, is_timm, is_timm_net, published_state, timm_stages
 from raydist.storage import filesystem, is_uri
 
-HEAD = "fc"  # every registered model's classifier
+HEAD = "fc"  # every built-in model's classifier; a timm model's is the one its config names
 GREY_INPUTS = ("replicate", "sum", "reinit")
 FINETUNE_MODES = ("full", "linear", "gradual", "lp-ft")
 DOWNLOAD_TIMEOUT_S = 30  # a cluster node without internet fails at once or hangs; never for minutes
@@ -46,6 +48,13 @@ class Source:
 # ---- where the weights come from ------------------------------------------------------------------------
 
 
+def head_names(net: nn.Module) -> list[str]:
+    """The classifier module(s): `fc` for the built-in models, the one(s) its config names for a timm model."""
+    if is_timm_net(net):
+        return timm_heads(net)
+    return [HEAD]
+
+
 def _weights_enum(model: str):
     import torchvision
 
@@ -53,24 +62,31 @@ def _weights_enum(model: str):
 
 
 def pretrained_cache_file(model: str) -> str:
-    """Where torchvision's weights API keeps (and looks for) the model's published weights."""
+    """Where torchvision's weights API (timm: the Hugging Face cache) keeps and looks for the model's
+    published weights; "" when there is no such place."""
+    if is_timm(model):
+        return hub_cache_dir(model) or ""
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(_weights_enum(model).url))
 
 
 def pretrained_source(model: str, *, where: str = "") -> Source:
     """The model's published weights through torchvision's weights API: from the cache under $TORCH_HOME,
     downloaded into it once if missing. `where` ("on node ...") goes into the error message."""
-    weights, cached = _weights_enum(model), pretrained_cache_file(model)
+    cached = pretrained_cache_file(model)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+        if is_timm(model):
+            state = published_state(model)  # timm's own loader: the cache, else the Hugging Face hub
+        else:
+            state = _weights_enum(model).get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - no network, a proxy, a corrupt file: all end in the same advice
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise WeightsError(
             f"--pretrained: {model}'s weights are not in the cache{where} ({cached}) and could not be "
             f"downloaded ({type(exc).__name__}: {reason}); download them once on a machine with internet and "
-            f"copy them to that folder (or set TORCH_HOME), or pass --weights FILE on storage every node reads"
+            f"copy them to that folder (or set {'HF_HOME' if is_timm(model) else 'TORCH_HOME'}), or pass "
+            f"--weights FILE on storage every node reads"
         ) from None
     finally:
         socket.setdefaulttimeout(previous)
@@ -80,16 +96,24 @@ def pretrained_source(model: str, *, where: str = "") -> Source:
 def read_weights_file(path: str) -> Source:
     """Tensors from a file: a plain state dict, a torchvision weights file, or a raydist checkpoint.pt,
     model_final.pt or best_model.pt. A local path or a URI (s3://...). Loaded with weights_only=True: a
-    file that would run code when unpickled is refused, not executed."""
+    file that would run code when unpickled is refused, not executed. A .safetensors file (the Hugging Face
+    hub's format, timm's published weights) is read as one."""
     try:
         if is_uri(path):
-
             fs, inner = filesystem(path)
             with fs.open_input_stream(inner) as fh:
                 data = io.BytesIO(fh.read())
         else:
             data = os.path.expanduser(path)
-        loaded = torch.load(data, map_location="cpu", weights_only=True)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            if not isinstance(data, io.BytesIO):
+                with open(data, "rb") as fh:
+                    data = io.BytesIO(fh.read())
+            loaded = load_safetensors(data.getvalue())
+        else:
+            loaded = torch.load(data, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"--weights {path}: no such file") from None
     except IsADirectoryError:
@@ -129,8 +153,9 @@ def build_model(name: str, *, num_classes: int, grey_input: str = "replicate",
     `model_args`: the builder's own arguments (--model-arg)."""
     net = create_model(name, num_classes=num_classes, **(model_args or {}))
     stem_name, stem = first_conv(net)
+    heads = head_names(net)
     if source is not None:
-        state = {k: v for k, v in source.state.items() if not _is_head(k)}
+        state = {k: v for k, v in source.state.items() if not _is_head(k, heads)}
         src_stem = state.get(f"{stem_name}.weight")
         if src_stem is not None and src_stem.ndim == 4 and src_stem.shape[1] == 1 and stem.in_channels == 3:
             # The source was itself trained on grey images fed as one channel.
@@ -140,7 +165,8 @@ def build_model(name: str, *, num_classes: int, grey_input: str = "replicate",
                 _replace_stem(net, in_channels=1)
         check_fits(net, state, source, name)
         net.load_state_dict(state, strict=False)  # check_fits has proven it strict but for the head
-        init_head(getattr(net, HEAD))
+        for head in heads:
+            init_head(net.get_submodule(head))
     stem_name, stem = first_conv(net)
     if grey_input == "sum" and stem.in_channels == 3:
         summed = _replace_stem(net, in_channels=1)
@@ -153,7 +179,7 @@ def build_model(name: str, *, num_classes: int, grey_input: str = "replicate",
 
 def check_fits(net: nn.Module, state: dict[str, torch.Tensor], source: Source, model: str) -> None:
     """Every backbone tensor of the model must be in the source with its shape, and nothing else may be."""
-    expected = {k: v.shape for k, v in net.state_dict().items() if not _is_head(k)}
+    expected = {k: v.shape for k, v in net.state_dict().items() if not _is_head(k, head_names(net))}
     # BatchNorm's step counter is absent from many published files (older torchvision ones among them);
     # PyTorch fills it in itself, and nothing is computed from it unless momentum is None.
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
@@ -174,13 +200,15 @@ def check_fits(net: nn.Module, state: dict[str, torch.Tensor], source: Source, m
     raise WeightsError(f"{source.origin} does not fit --model {model}: {'; '.join(problems)}{hint}")
 
 
-def _is_head(key: str) -> bool:
-    return key.startswith(HEAD + ".")
+def _is_head(key: str, heads: list[str]) -> bool:
+    return any(key.startswith(head + ".") for head in heads)
 
 
-def init_head(head: nn.Linear) -> None:
+def init_head(head: nn.Module) -> None:
     """As the Ray Tune transfer-learning notebook does: Xavier-uniform weights, bias U(-1/sqrt(n), 1/sqrt(n))
-    for n inputs."""
+    for n inputs. A head that is not one linear layer (a timm model's conv or identity head) keeps timm's."""
+    if not isinstance(head, nn.Linear) or head.bias is None:
+        return
     nn.init.xavier_uniform_(head.weight)
     bound = 1 / math.sqrt(head.in_features)
     nn.init.uniform_(head.bias, -bound, bound)
@@ -203,13 +231,19 @@ def _replace_stem(net: nn.Module, *, in_channels: int) -> nn.Conv2d:
 # ---- freezing and unfreezing ----------------------------------------------------------------------------
 
 
-def backbone_stages(net: nn.Module) -> list[tuple[str, list[nn.Module]]]:
-    """The backbone's units from input to output: the stem, then each stage."""
+def backbone_stages(net: nn.Module) -> list[tuple[str, list[nn.Parameter], list[nn.Module]]]:
+    """The backbone's units from input to output, each (name, parameters, BatchNorm layers): the stem, then
+    each stage (a timm model's: timm's own coarse grouping)."""
     import torchvision
 
+    if is_timm_net(net):
+        return timm_stages(net, heads=head_names(net))
     if isinstance(net, torchvision.models.ResNet):
-        return [("stem", [net.conv1, net.bn1])] + [(f"layer{i}", [getattr(net, f"layer{i}")]) for i in range(1, 5)]
-    return net.transfer_stages()
+        stages = [("stem", [net.conv1, net.bn1])] + [(f"layer{i}", [getattr(net, f"layer{i}")]) for i in range(1, 5)]
+    else:
+        stages = net.transfer_stages()
+    return [(name, [p for m in modules for p in m.parameters()],
+             [n for m in modules for n in m.modules() if isinstance(n, _BatchNorm)]) for name, modules in stages]
 
 
 @dataclass
@@ -227,14 +261,17 @@ def transfer_units(net: nn.Module, *, new_stem: bool) -> list[Unit]:
     stages = backbone_stages(net)
     claimed: set[int] = set()
 
-    def unit(name: str, modules: list[nn.Module], new: bool = False) -> Unit:
-        params = [p for m in modules for p in m.parameters() if id(p) not in claimed]
+    def unit(name: str, params: list[nn.Parameter], norms: list[nn.Module], new: bool = False) -> Unit:
+        params = [p for p in params if id(p) not in claimed]
         claimed.update(id(p) for p in params)
-        return Unit(name, params, [n for m in modules for n in m.modules() if isinstance(n, _BatchNorm)], new)
+        return Unit(name, params, norms, new)
 
-    new_modules = [getattr(net, HEAD)] + (stages[0][1] if new_stem else [])
-    units = [unit(HEAD + ("+stem" if new_stem else ""), new_modules, new=True)]
-    units += [unit(name, modules) for name, modules in reversed(stages[1:] if new_stem else stages)]
+    heads = head_names(net)
+    head_params = [p for h in heads for p in net.get_submodule(h).parameters()]
+    _, stem_params, stem_norms = stages[0]
+    units = [unit("+".join(heads) + ("+stem" if new_stem else ""), head_params + (stem_params if new_stem else []),
+                  stem_norms if new_stem else [], new=True)]
+    units += [unit(*stage) for stage in reversed(stages[1:] if new_stem else stages)]
     loose = [name for name, p in net.named_parameters() if id(p) not in claimed]
     if loose:  # a model whose transfer_stages() misses layers: they would train (or freeze) by accident
         raise ValueError(f"{type(net).__name__}.transfer_stages() leaves out {', '.join(loose[:3])}")

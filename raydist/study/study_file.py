@@ -179,17 +179,18 @@ def _field_type(path: str, name: str, fixed: dict, searched: dict) -> type:
     """A searched field's type; for `model_args.NAME`, the annotated type of that argument of the study's model."""
     if not is_model_arg_key(name):
         return base_type(name)[0]
-    from raydist.models.registry import MODELS
+    from raydist.models.registry import model_spec
 
     where = f"{path}: searched.{name}"
     if "model" in searched:
         raise ConfigError(f"{where}: a model argument is searched for one model; fix the model (fixed.model) or "
                           f"search the model's arguments in a study of their own")
     model = fixed.get("model", TrainConfig.model)
-    spec = MODELS.get(model)
     arg = name[len(MODEL_ARG_PREFIX):]
-    if spec is None:
-        raise ConfigError(f"{path}: unknown model {model!r}; known: {', '.join(sorted(MODELS))}")
+    try:
+        spec = model_spec(model)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if arg not in spec.arguments():
         raise ConfigError(f"{where}: {spec.arguments_text()}")
     return spec.argument_type(arg)
