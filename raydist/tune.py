@@ -37,7 +37,7 @@ from raydist.ray_edge import measure
 from raydist.ray_edge.results import StudyResult
 from raydist.ray_edge.study import Plan, run_study
 from raydist.storage import is_uri
-from raydist.study.study import ONE_WORKER_TRIALS, Study
+from raydist.study.study import ONE_WORKER_TRIALS, SEARCH_ALGORITHMS, Study
 from raydist.study.study_file import STUDY_FILE, load_study
 
 # The shipped studies: inside the package in a wheel (pyproject.toml maps search_spaces/ there), at the top
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-space", metavar="FILE.yaml",
                    help=f"study file, or the name of one in {SEARCH_SPACES.name}/ (see --list; default: {DEFAULT_STUDY})")
     p.add_argument("--list", action="store_true", help="list the shipped study files and exit")
-    p.add_argument("--search", choices=("hyperopt", "random"), help="search algorithm (default: the study's)")
+    p.add_argument("--search", choices=SEARCH_ALGORITHMS, help="search algorithm: HyperOpt's TPE, Optuna's TPE "
+                   "(multivariate) or random (default: the study's)")
     p.add_argument("--scheduler", choices=("asha", "fifo"), help="trial scheduler (default: the study's)")
     p.add_argument("--num-samples", type=int, metavar="N", help="number of trials (default: the study's)")
     p.add_argument("--one-worker-trials", choices=ONE_WORKER_TRIALS,

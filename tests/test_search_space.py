@@ -197,7 +197,7 @@ def test_set_fixes_a_searched_field_and_coerces_it(tmp_path):
     (("{choice: [32, 64]}", "{choice: [32, 1024]}"), "searched batch_size 1024 with num_workers 2: --batch-size 1024 x "
                                                      "--num-workers 2"),
     (("type: asha", "type: pbt"), "scheduler.type 'pbt' is not one of: asha, fifo"),
-    (("algorithm: hyperopt", "algorithm: optuna"), "search.algorithm 'optuna' is not one of: hyperopt, random"),
+    (("algorithm: hyperopt", "algorithm: nevergrad"), "search.algorithm 'nevergrad' is not one of: hyperopt, optuna, random"),
     (("seed: 3}", "seed: 3, budget: 2}"), "unknown key search.budget; known: algorithm"),
     (("num_samples: 6", "num_samples: 0"), "num_samples must be a positive integer, got 0"),
     (("num_samples: 6", "num_samples: 6\nmetric: accuracy"), "metric 'accuracy' is not one of: val_acc"),
@@ -248,6 +248,15 @@ def test_bad_study_is_one_line_naming_the_file_and_key(tmp_path, edit, message):
         load_study(path)
     text = str(excinfo.value)
     assert "\n" not in text and message in text and path in text, text
+
+
+def test_an_optuna_study_without_optuna_installed_says_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed: find_spec finds nothing
+    path = _write(tmp_path, VALID.replace("algorithm: hyperopt", "algorithm: optuna", 1))
+    with pytest.raises(ConfigError, match=r"search.algorithm optuna needs the optuna package: pip install optuna$"):
+        load_study(path)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -362,3 +362,45 @@ def test_a_study_searches_a_models_shape_and_exports_the_winner_with_its_argumen
     from raydist.config.fields import load_yaml
 
     assert load_yaml(str(experiment / "best_config.yaml"))["model_args"] == saved["model_args"]
+
+
+# Optuna's TPE on digits: 2 start-up trials (one pinned at a good point), then 2 TPE proposals modelled on
+# their results; every kind of searched field a study file writes (a log-scale grid, a uniform grid, a choice).
+OPTUNA_STUDY = """
+num_samples: 4
+max_concurrent: 2
+search: {algorithm: optuna, initial_points: 2, seed: 3}
+scheduler: {type: asha, grace_period: 2, reduction_factor: 2}
+fixed: {dataset: digits, model: resnet8, num_workers: 1, epochs: 4, warmup_epochs: 0.5}
+searched:
+  lr: {loguniform: [0.05, 2.0]}
+  weight_decay: {qloguniform: [0.00005, 0.005, 0.00005]}
+  label_smoothing: {quniform: [0.0, 0.2, 0.05]}
+  batch_size: {choice: [32, 64]}
+points_to_evaluate:
+  - {lr: 0.4, weight_decay: 0.0005, label_smoothing: 0.1, batch_size: 32}
+"""
+
+
+def test_an_optuna_study_on_digits_samples_the_study_files_space_and_finds_a_model_that_learned(ray_cluster, tmp_path):
+    from raydist.study.study_file import load_study
+
+    path = tmp_path / "optuna.yaml"
+    path.write_text(OPTUNA_STUDY)
+    proc = start_tune(ray_cluster, "--search-space", str(path), "--storage-path", str(tmp_path / "runs"),
+                      "--name", "opt")
+    stdout, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stdout[-5000:]
+    assert "optuna search" in stdout
+    rows = read_csv(tmp_path / "runs" / "opt" / "results.csv")
+    assert len(rows) == 4 and {r["status"] for r in rows} <= {"finished", "stopped early"}
+    searched = load_study(str(path)).searched
+    for row in rows:  # every value exactly as the file's distribution samples it (on its grid, of its type)
+        for name, dist in searched.items():
+            value = type(dist.args[0])(float(row[name])) if dist.kind != "choice" else int(row[name])
+            assert dist.snap(value) == pytest.approx(value, rel=1e-9), (name, row[name])
+    assert any(r["lr"] == "0.4" and r["batch_size"] == "32" for r in rows)  # the pinned point ran
+    best = max(rows, key=lambda r: float(r["best_val_acc"]))
+    assert float(best["best_val_acc"]) > 0.9
+    saved = torch.load(tmp_path / "runs" / "opt" / "best_model.pt", map_location="cpu", weights_only=False)
+    assert digits_val_accuracy(saved) == pytest.approx(float(best["best_val_acc"]), abs=1e-6)

@@ -1,7 +1,8 @@
-"""The study's search algorithms: TPE that waits for results before it models, and random search; both
-with a trial concurrency that a resumed study can change.
+"""The study's search algorithms: TPE (HyperOpt's or Optuna's) that waits for results before it models, and
+random search; all with a trial concurrency that a resumed study can change.
 
     searcher = TPEGate(HyperOptSearch(n_initial_points=3, ...), initial_points=3, max_concurrent=8)
+    searcher = TPEGate(optuna_searcher(study), initial_points=3, max_concurrent=8)   # Optuna's TPE
     searcher = RandomSearch(points_to_evaluate=..., random_state=0, max_concurrent=8)
     set_resume_concurrency(4)   # before Tuner.restore(...).fit(): the restored searcher runs 4 at once
 
@@ -19,7 +20,12 @@ forever; TPE then proposes from what it has).
 
 A result whose metric is not finite (a diverged trial's NaN loss) reaches HyperOpt as the worst value there
 is for the study's mode: hyperopt drops non-finite losses, and TPE would go on proposing the region that
-diverged.
+diverged. (Optuna would mark such a trial failed and forget it the same way.)
+
+Optuna's TPE is multivariate (it models the searched fields jointly, not one by one) and a constant liar
+(a trial still running counts as the worst result so far, so concurrent proposals spread out instead of
+piling onto the same point); it runs behind the same gate, with the study's seed, points_to_evaluate
+(enqueued first), resume (Tune saves the Optuna study with the experiment) and non-finite rule.
 
 Why concurrency lives here and not in Ray's ConcurrencyLimiter: Tune restores a study's searchers from
 the state it saved, the concurrency included, so a concurrency given to `--resume` (or a bigger cluster's)
@@ -180,5 +186,53 @@ def tune_domain(dist: Distribution):
 
 
 def tune_space(study: Study) -> dict:
-    """The study's searched fields as Tune's param_space: {"lr": tune.loguniform(...), ...}."""
+    """The study's searched fields as Tune's param_space: {"lr": tune.loguniform(...), ...}; empty for Optuna,
+    which holds the space itself (OptunaSpace)."""
+    if study.search == "optuna":
+        return {}
     return {name: tune_domain(dist) for name, dist in study.searched.items()}
+
+
+class OptunaSpace:
+    """The study's searched fields asked of an Optuna trial, define-by-run: each field as Optuna's own
+    distribution (integers stay integers, steps stay steps), so its TPE models the space as written.
+    Optuna has no log-scale grid: a qloguniform field is asked on the log scale and snapped to the grid (as
+    HyperOpt's qloguniform does), the snapped value being the trial's. A class, not a closure: Tune pickles
+    the searcher, this included, with the experiment."""
+
+    def __init__(self, searched: dict[str, Distribution]):
+        self.searched = dict(searched)
+
+    def __call__(self, trial) -> dict:
+        values = {}
+        for name, dist in self.searched.items():
+            a = dist.args
+            if dist.kind == "choice":
+                values[name] = trial.suggest_categorical(name, list(a))
+            elif dist.kind in ("randint", "qrandint"):
+                values[name] = trial.suggest_int(name, a[0], a[1], step=a[2] if len(a) == 3 else 1)
+            elif dist.kind == "quniform":  # the bounds are multiples of q (checked when read): Optuna's grid
+                values[name] = dist.snap(trial.suggest_float(name, a[0], a[1], step=a[2]))
+            elif dist.kind == "qloguniform":
+                x = trial.suggest_float(name, a[0], a[1], log=True)
+                values[name] = dist.snap(min(max(round(x / a[2]) * a[2], a[0]), a[1]))
+            else:
+                values[name] = trial.suggest_float(name, a[0], a[1], log=dist.kind == "loguniform")
+        return values
+
+
+def optuna_searcher(study: Study):
+    """Ray Tune's OptunaSearch over the study's space with Optuna's TPE: multivariate, a constant liar,
+    `initial_points` random start-up trials, the study's seed."""
+    import warnings
+
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial otherwise; raydist's console says it
+    with warnings.catch_warnings():  # multivariate and constant_liar are "experimental" since Optuna 2.x
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(n_startup_trials=study.initial_points, seed=study.seed,
+                                             multivariate=True, constant_liar=True)
+    return OptunaSearch(space=OptunaSpace(study.searched), metric=study.metric, mode=study.mode,
+                        points_to_evaluate=study.points_to_evaluate or None, sampler=sampler)

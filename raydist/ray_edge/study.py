@@ -187,7 +187,7 @@ def _say_the_plan(plan: Plan, cap, concurrency: int) -> bool:
           f"({', '.join(f'{k}~{d.describe()}' for k, d in study.searched.items())}), {study.search} search, "
           f"{study.scheduler} scheduler, {_at_once(cap, concurrency)}; experiment: {plan.experiment_path}", flush=True)
     startup = max(study.initial_points, len(study.points_to_evaluate))  # as raydist.ray_edge.search.TPEGate counts
-    if study.search == "hyperopt" and concurrency > startup:
+    if study.search in ("hyperopt", "optuna") and concurrency > startup:
         print(f"TPE: the first {startup} trials are start-up points; later ones wait until {study.initial_points} "
               f"trials have finished", flush=True)
     for warning in study.warnings:
@@ -292,8 +292,11 @@ def _forget_study(name: str) -> None:
 def _searcher(study: Study, concurrency: int):
     from ray.tune.search.hyperopt import HyperOptSearch
 
-    from raydist.ray_edge.search import RandomSearch, TPEGate
+    from raydist.ray_edge.search import RandomSearch, TPEGate, optuna_searcher
 
+    if study.search == "optuna":
+        return TPEGate(optuna_searcher(study), initial_points=study.initial_points,
+                       points_to_evaluate=len(study.points_to_evaluate), max_concurrent=concurrency)
     if study.search == "hyperopt":
         return TPEGate(HyperOptSearch(points_to_evaluate=study.points_to_evaluate or None,
                                       n_initial_points=study.initial_points, random_state_seed=study.seed),

@@ -23,7 +23,7 @@ MAX_SEED = 2**32 - 1  # the searchers' seeds go to numpy's RandomState, which ta
 METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
 
 
-SEARCH_ALGORITHMS = ("hyperopt", "random")
+SEARCH_ALGORITHMS = ("hyperopt", "optuna", "random")
 
 
 SCHEDULERS = ("asha", "fifo")
@@ -107,7 +107,7 @@ class Study:
                        f"stretches every trial's LR schedule over the budget ({budget} epochs) to keep them at the "
                        f"same point of it, and a trial with fewer epochs ends before its LR has decayed; fix epochs "
                        f"at the budget (fixed: {{epochs: {budget}}}) and let ASHA decide how long each trial runs")
-        if self.search == "hyperopt" and self.initial_points >= self.num_samples:
+        if self.search in ("hyperopt", "optuna") and self.initial_points >= self.num_samples:
             out.append(f"{self.name}: search.initial_points {self.initial_points} >= num_samples "
                        f"{self.num_samples}: every trial is a random start-up point and TPE never models a "
                        f"result (a random search); give more trials or fewer initial_points")

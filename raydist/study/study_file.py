@@ -12,7 +12,7 @@ A study file (every key but `searched` is optional):
     mode: max                     # follows the metric (max for accuracies, min for losses); the other is refused
     num_samples: 8                # trials
     max_concurrent: null          # trials at once (default: as many as the cluster's free resources fit)
-    search:    {algorithm: hyperopt, initial_points: 3, seed: 0}    # or algorithm: random
+    search:    {algorithm: hyperopt, initial_points: 3, seed: 0}    # or algorithm: optuna | random
     scheduler: {type: asha, grace_period: 2, reduction_factor: 3}   # or type: fifo
     failures:  {worker_restarts: 0, trial_restarts: 1}   # see below
     one_worker_trials: in_process # or trainer: see below
@@ -56,7 +56,7 @@ study that also searches `epochs` gets a warning (see `Study.warnings`).
 Every combination of the searched fields' extremes (both ends of a range, every choice) is checked as a
 trial config before Ray starts (`Study._corners`), so no trial the search can give fails Tune's trial
 creation. Numbers are read as YAML 1.2 writes them (`1e-3` is a number), and a key given twice in one mapping
-is refused (YAML would keep the last one silently). `initial_points >= num_samples` under hyperopt (a random
+is refused (YAML would keep the last one silently). `initial_points >= num_samples` under TPE (a random
 search) and more `points_to_evaluate` than `num_samples` (the rest never run) are accepted with a warning.
 Any problem is one ConfigError naming the file and the key.
 """
@@ -77,6 +77,7 @@ from raydist.config.values import (
     is_model_arg_key,
     merge_config_values,
     metric_mode,
+    require_package,
     split_worker_range,
 )
 from raydist.config.yaml_files import read_yaml_mapping
@@ -153,6 +154,8 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
             setattr(study, key, value)
     if not searched:
         raise ConfigError(f"{path}: --set fixed every searched field; nothing is left to search")
+    if study.search == "optuna":
+        require_package("optuna", f"{path}: search.algorithm optuna")
     for key in ("wandb", "wandb_project", "wandb_id"):
         if key in fixed or key in searched:
             raise ConfigError(f"{path}: {key} is a single run's setting; a study logs each trial to W&B with "
