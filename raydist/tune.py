@@ -290,6 +290,8 @@ def print_result(result: StudyResult, study: Study) -> None:
             print(f"  retrain it:   python -m raydist.train --config {where}/best_config.yaml")
     else:
         print("\nno trial reported a result")
+    if result.importance:
+        print(result.importance.line())
     for row in result.rows:  # each failed trial's cause in one line, and where its tracebacks are
         if row["status"] == report.ERROR:
             log = f"{where}/trial_{row['trial_id']}/error.log"  # raydist.ray_edge.failures.ERROR_LOG

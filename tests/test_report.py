@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from raydist.output import report
+from raydist.output import report, search_plot
 
 
 def _history(accs, *, stop_reason=""):
@@ -138,7 +138,7 @@ def test_search_values_one_point_per_trial_in_every_panel(tmp_path):
     rows = _search_rows()
     assert [r["status"] for r in rows] == [report.FINISHED, report.FINISHED, report.STOPPED, report.STOPPED,
                                            report.ERROR]
-    plotted = report.plot_search_values(rows, str(tmp_path / "search_values.png"),
+    plotted = search_plot.plot_search_values(rows, str(tmp_path / "search_values.png"),
                                         searched=["lr", "finetune", "batch_size"], metric="val_acc", mode="max",
                                         log_scale={"lr"}, title="study")
     assert _png_size(tmp_path / "search_values.png") == (1320, 495)  # 3 panels of 4 x 3.5 in, + 1 in, 110 dpi
@@ -155,7 +155,7 @@ def test_search_values_one_point_per_trial_in_every_panel(tmp_path):
 
 def test_search_values_wrap_to_three_panels_a_row(tmp_path):
     rows = [{**r, "pretrained": i % 2 == 0} for i, r in enumerate(_search_rows())]
-    plotted = report.plot_search_values(rows, str(tmp_path / "search_values.png"),
+    plotted = search_plot.plot_search_values(rows, str(tmp_path / "search_values.png"),
                                         searched=["lr", "finetune", "batch_size", "pretrained"], metric="val_acc",
                                         mode="max")
     assert _png_size(tmp_path / "search_values.png") == (1320, 880)  # 2 rows of panels
@@ -166,10 +166,10 @@ def test_empty_pictures_are_still_valid_pngs(tmp_path):
     plotted = report.plot_run_curves([], str(tmp_path / "curves.png"))
     assert _png_size(tmp_path / "curves.png") == (1210, 495)
     assert all(points == [] for points in plotted.values())
-    assert report.plot_search_values(_search_rows(), str(tmp_path / "nothing.png"), searched=[], metric="val_acc",
+    assert search_plot.plot_search_values(_search_rows(), str(tmp_path / "nothing.png"), searched=[], metric="val_acc",
                                      mode="max") == {}
     assert _png_size(tmp_path / "nothing.png") == (880, 495)  # one panel: 8 in wide at least, 3.5 + 1 in high
-    no_trials = report.plot_search_values([], str(tmp_path / "no_trials.png"), searched=["lr"], metric="val_acc",
+    no_trials = search_plot.plot_search_values([], str(tmp_path / "no_trials.png"), searched=["lr"], metric="val_acc",
                                           mode="max", log_scale={"lr"})
     assert no_trials == {"lr": []} and _png_size(tmp_path / "no_trials.png") == (880, 495)
 

@@ -392,6 +392,8 @@ def test_an_optuna_study_on_digits_samples_the_study_files_space_and_finds_a_mod
     stdout, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, stdout[-5000:]
     assert "optuna search" in stdout
+    assert re.search(r"what mattered \(fANOVA over 4 scored trials\): (lr|weight_decay|label_smoothing|batch_size) "
+                     r"\d+%, ", stdout)
     rows = read_csv(tmp_path / "runs" / "opt" / "results.csv")
     assert len(rows) == 4 and {r["status"] for r in rows} <= {"finished", "stopped early"}
     searched = load_study(str(path)).searched

@@ -20,8 +20,9 @@ from typing import Optional
 
 import yaml
 
-from raydist.output import report
+from raydist.output import report, search_plot
 from raydist.storage import filesystem, is_uri
+from raydist.study.importance import Importance, field_importance
 from raydist.study.study import PER_TRIAL_FIELDS, Study
 
 LOG_KINDS = ("loguniform", "qloguniform")  # the search_space.DISTRIBUTIONS sampled on a log scale
@@ -37,6 +38,7 @@ class StudyResult:
     best_model: Optional[str]  # <experiment>/best_model.pt
     interrupted: bool
     seconds: float
+    importance: Optional[Importance] = None  # what mattered: each searched field's share (None: too few trials)
 
 
 def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> StudyResult:
@@ -76,12 +78,14 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
                                 metric=study.metric, best=best["trial_id"] if best else None,
                                 title=f"{study.name}: {study.metric} per epoch (x: last epoch run)")
     best_model = export_best(best, out_dir) if best and best["checkpoint"] else None
+    importance = _importance(rows, study)
     try:  # a picture that cannot be drawn must not cost the study its results
         # Log x axes for the fields sampled on a log scale, where their good region would otherwise be squashed.
-        report.plot_search_values(rows, os.path.join(out_dir, "search_values.png"), searched=list(study.searched),
+        search_plot.plot_search_values(rows, os.path.join(out_dir, "search_values.png"), searched=list(study.searched),
                                   metric=study.metric, mode=study.mode,
                                   log_scale={k for k, d in study.searched.items() if d.kind in LOG_KINDS},
-                                  title=f"{study.name}: searched values against best {study.metric}")
+                                  title=f"{study.name}: searched values against best {study.metric}",
+                                  importance=importance.shares if importance else None)
     except Exception as exc:  # noqa: BLE001
         print(f"warning: could not draw search_values.png: {type(exc).__name__}: {exc}", flush=True)
     if remote:
@@ -92,7 +96,16 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
         best_model = f"{experiment_path}/{os.path.basename(best_model)}" if best_model else None
     return StudyResult(experiment_path=experiment_path, rows=rows, histories=histories, best=best,
                        best_checkpoint=best["checkpoint"] if best else None, best_model=best_model,
-                       interrupted=interrupted, seconds=seconds)
+                       interrupted=interrupted, seconds=seconds, importance=importance)
+
+
+def _importance(rows: list[dict], study: Study) -> Optional[Importance]:
+    """field_importance, which must not cost the study its results either."""
+    try:
+        return field_importance(rows, study)
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: could not compute what mattered: {type(exc).__name__}: {exc}", flush=True)
+        return None
 
 
 def _saved_trials(experiment_path: str) -> dict[str, tuple[str, dict]]:
