@@ -741,3 +741,74 @@ def test_both_searchers_sample_a_models_arguments(tmp_path, searcher):
     assert {s["model_args.widen"] for s in samples} == {1, 2, 3, 4}
     cfg = study.trial_config(samples[0])
     assert cfg.model_args == {"depth": samples[0]["model_args.depth"], "widen": samples[0]["model_args.widen"]}
+
+
+# ---- conditional fields (when) ---------------------------------------------------------------------------
+
+CONDITIONAL = """
+search: {algorithm: optuna, initial_points: 2, seed: 0}
+fixed: {dataset: digits, model: resnet8, epochs: 4, use_gpu: false}
+searched:
+  micro_batches: {choice: [2, 4], when: {model_parallel: 2}}
+  model_parallel: {choice: [1, 2]}
+  lr: {loguniform: [0.01, 1.0]}
+"""
+
+
+def test_a_conditional_field_applies_only_under_its_choice_and_its_corners_are_checked_there(tmp_path):
+    # micro_batches > 1 is refused with model_parallel 1: searched without `when`, the corners would refuse
+    # the study; with it, only the combinations that can happen are checked.
+    with pytest.raises(ConfigError, match=r"--micro-batches 2 .*model-parallel"):
+        load_study(_write(tmp_path, CONDITIONAL.replace(", when: {model_parallel: 2}", ""), "flat.yaml"))
+    study = load_study(_write(tmp_path, CONDITIONAL))
+    assert list(study.searched) == ["model_parallel", "micro_batches", "lr"]  # the condition first
+    assert study.searched["micro_batches"].describe() == "choice(2, 4) when model_parallel in 2"
+    assert study.applying({"model_parallel": 1, "micro_batches": 4, "lr": 0.1}) == {"model_parallel": 1, "lr": 0.1}
+    assert study.trial_config({"model_parallel": 1, "micro_batches": 4, "lr": 0.1}).micro_batches == 1
+    assert study.trial_config({"model_parallel": 2, "micro_batches": 4, "lr": 0.1}).micro_batches == 4
+    corners = [cfg for _, cfg in study._corners()]
+    assert {(c.model_parallel, c.micro_batches) for c in corners} == {(1, 1), (2, 2), (2, 4)}
+
+
+def test_a_condition_on_a_field_fixed_by_set_is_decided_before_the_study(tmp_path):
+    path = _write(tmp_path, CONDITIONAL)
+    assert "micro_batches" not in load_study(path, overrides={"model_parallel": 1}).searched
+    kept = load_study(path, overrides={"model_parallel": 2}).searched["micro_batches"]
+    assert kept.when == () and kept.args == (2, 4)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("when: {model_parallel: 2}", "when: {model_paralel: 2}"), "searched.micro_batches.when.model_paralel: "
+                                                                "model_paralel is not a config field"),
+    (("when: {model_parallel: 2}", "when: {lr: 0.1}"), "searched.micro_batches.when.lr: a condition names a "
+                                                       "searched choice, and lr is searched as loguniform"),
+    (("when: {model_parallel: 2}", "when: {model_parallel: 3}"), "searched.micro_batches.when.model_parallel: 3 is "
+                                                                 "not one of model_parallel's choices (1, 2)"),
+    (("when: {model_parallel: 2}", "when: {micro_batches: 2}"), "a field cannot depend on itself"),
+    (("when: {model_parallel: 2}", "when: {model_parallel: []}"), "lists no value"),
+    (("when: {model_parallel: 2}", "when: model_parallel"), "when must name one searched choice and its values"),
+    (("model_parallel: {choice: [1, 2]}", "model_parallel: {choice: [1, 2], when: {micro_batches: 2}}"),
+     "searched micro_batches, model_parallel depend on each other in a circle"),
+    (("algorithm: optuna", "algorithm: hyperopt"), "searched.micro_batches has a condition (when), which "
+                                                   "search.algorithm optuna samples only where it applies"),
+])
+def test_a_bad_condition_is_one_line_naming_the_file_and_the_field(tmp_path, edit, message):
+    old, new = edit
+    assert old in CONDITIONAL
+    path = _write(tmp_path, CONDITIONAL.replace(old, new, 1))
+    with pytest.raises(ConfigError) as caught:
+        load_study(path)
+    assert "\n" not in str(caught.value) and message in str(caught.value) and path in str(caught.value)
+
+
+def test_points_to_evaluate_set_exactly_the_fields_that_apply_to_them(tmp_path):
+    good = CONDITIONAL + ("points_to_evaluate:\n  - {model_parallel: 1, lr: 0.1}\n"
+                          "  - {model_parallel: 2, micro_batches: 4, lr: 0.1}\n")
+    assert load_study(_write(tmp_path, good)).points_to_evaluate[1] == {"model_parallel": 2, "micro_batches": 4,
+                                                                          "lr": 0.1}
+    for point, missing in (("{model_parallel: 1, micro_batches: 2, lr: 0.1}", "model_parallel, lr"),
+                           ("{model_parallel: 2, lr: 0.1}", "model_parallel, micro_batches, lr")):
+        path = _write(tmp_path, CONDITIONAL + f"points_to_evaluate:\n  - {point}\n", "bad.yaml")
+        with pytest.raises(ConfigError, match=rf"points_to_evaluate\[0\] must set exactly the searched fields that "
+                                              rf"apply to it: {missing}$"):
+            load_study(path)

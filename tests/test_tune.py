@@ -364,8 +364,8 @@ def test_a_study_searches_a_models_shape_and_exports_the_winner_with_its_argumen
     assert load_yaml(str(experiment / "best_config.yaml"))["model_args"] == saved["model_args"]
 
 
-# Optuna's TPE on digits: 2 start-up trials (one pinned at a good point), then 2 TPE proposals modelled on
-# their results; every kind of searched field a study file writes (a log-scale grid, a uniform grid, a choice).
+# Optuna's TPE on digits: 2 pinned start-up trials, then 2 TPE proposals modelled on their results; every kind
+# of searched field a study file writes (a log-scale grid, a uniform grid, a choice, a conditional field).
 OPTUNA_STUDY = """
 num_samples: 4
 max_concurrent: 2
@@ -377,8 +377,11 @@ searched:
   weight_decay: {qloguniform: [0.00005, 0.005, 0.00005]}
   label_smoothing: {quniform: [0.0, 0.2, 0.05]}
   batch_size: {choice: [32, 64]}
+  lr_schedule: {choice: [cosine, step]}
+  lr_step_epochs: {randint: [1, 3], when: {lr_schedule: step}}
 points_to_evaluate:
-  - {lr: 0.4, weight_decay: 0.0005, label_smoothing: 0.1, batch_size: 32}
+  - {lr: 0.4, weight_decay: 0.0005, label_smoothing: 0.1, batch_size: 32, lr_schedule: cosine}
+  - {lr: 0.3, weight_decay: 0.0001, label_smoothing: 0.05, batch_size: 64, lr_schedule: step, lr_step_epochs: 2}
 """
 
 
@@ -392,16 +395,23 @@ def test_an_optuna_study_on_digits_samples_the_study_files_space_and_finds_a_mod
     stdout, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, stdout[-5000:]
     assert "optuna search" in stdout
-    assert re.search(r"what mattered \(fANOVA over 4 scored trials\): (lr|weight_decay|label_smoothing|batch_size) "
-                     r"\d+%, ", stdout)
+    assert re.search(r"what mattered \(fANOVA over 4 scored trials\): (lr|weight_decay|label_smoothing|batch_size|"
+                     r"lr_schedule) \d+%, ", stdout) and "lr_step_epochs" not in stdout.split("what mattered")[1]
     rows = read_csv(tmp_path / "runs" / "opt" / "results.csv")
     assert len(rows) == 4 and {r["status"] for r in rows} <= {"finished", "stopped early"}
     searched = load_study(str(path)).searched
     for row in rows:  # every value exactly as the file's distribution samples it (on its grid, of its type)
+        assert (row["lr_step_epochs"] == "") == (row["lr_schedule"] == "cosine")  # only where it applies
         for name, dist in searched.items():
-            value = type(dist.args[0])(float(row[name])) if dist.kind != "choice" else int(row[name])
+            if row[name] == "":
+                continue
+            if dist.kind == "choice":
+                assert row[name] in [str(v) for v in dist.args], (name, row[name])
+                continue
+            value = type(dist.args[0])(float(row[name]))
             assert dist.snap(value) == pytest.approx(value, rel=1e-9), (name, row[name])
-    assert any(r["lr"] == "0.4" and r["batch_size"] == "32" for r in rows)  # the pinned point ran
+    assert any(r["lr"] == "0.4" and r["lr_schedule"] == "cosine" for r in rows)  # the pinned points ran
+    assert any(r["lr"] == "0.3" and r["lr_step_epochs"] == "2" for r in rows)
     best = max(rows, key=lambda r: float(r["best_val_acc"]))
     assert float(best["best_val_acc"]) > 0.9
     saved = torch.load(tmp_path / "runs" / "opt" / "best_model.pt", map_location="cpu", weights_only=False)

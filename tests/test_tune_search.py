@@ -230,3 +230,16 @@ def test_a_restored_optuna_gate_keeps_the_optuna_study_and_takes_the_concurrency
     restored.on_trial_complete("t1", {"val_acc": 0.6})  # the resumed trial's result reaches the same study
     done = [(t.params["lr"], t.value) for t in restored.searcher._ot_study.trials if t.value is not None]
     assert done == [(first["lr"], 0.3), (second["lr"], 0.6)]
+
+
+def test_optuna_asks_a_conditional_field_only_in_the_trials_it_applies_to():
+    searched = {"model_parallel": Distribution("choice", (1, 2)),
+                "micro_batches": Distribution("choice", (2, 4), when=("model_parallel", (2,))),
+                "lr": Distribution("loguniform", (0.01, 1.0))}
+    gate = _optuna_gate(_optuna_study(searched, initial_points=30), max_concurrent=30)
+    configs = list(_propose(gate, [f"t{i}" for i in range(30)]).values())
+    assert {c["model_parallel"] for c in configs} == {1, 2}
+    for config in configs:
+        assert ("micro_batches" in config) == (config["model_parallel"] == 2), config
+    trials = gate.searcher._ot_study.trials  # Optuna's own record: the field is a parameter only where asked
+    assert all(("micro_batches" in t.params) == (t.params["model_parallel"] == 2) for t in trials)

@@ -55,8 +55,10 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
         # A trial that has reported nothing yet (pending when the study was interrupted) has no config in
         # Tune's result: it is in the saved experiment state.
         config = result.config or saved.get(trial_id, (None, {}))[1] or {}
-        sample = {k: _plain(config.get(k)) for k in study.searched}
-        planned = study.planned_config(sample).epochs if sample and all(v is not None for v in sample.values()) else 0
+        # The fields that applied to the trial; a conditional one is blank where its condition failed.
+        applied = study.applying({k: _plain(config.get(k)) for k in study.searched})
+        sample = {k: applied.get(k) for k in study.searched}
+        planned = study.planned_config(applied).epochs if applied else 0
         best_epoch = report.best_record(history, study.metric, study.mode)
         checkpoint, weights_epoch = checkpoint_of_best_epoch(history, best_epoch, study, experiment_path)
         first = history[0] if history else {}

@@ -195,7 +195,8 @@ def tune_space(study: Study) -> dict:
 
 class OptunaSpace:
     """The study's searched fields asked of an Optuna trial, define-by-run: each field as Optuna's own
-    distribution (integers stay integers, steps stay steps), so its TPE models the space as written.
+    distribution (integers stay integers, steps stay steps), so its TPE models the space as written, and a
+    conditional field (`when`) asked only in the trials it applies to.
     Optuna has no log-scale grid: a qloguniform field is asked on the log scale and snapped to the grid (as
     HyperOpt's qloguniform does), the snapped value being the trial's. A class, not a closure: Tune pickles
     the searcher, this included, with the experiment."""
@@ -205,8 +206,10 @@ class OptunaSpace:
 
     def __call__(self, trial) -> dict:
         values = {}
-        for name, dist in self.searched.items():
+        for name, dist in self.searched.items():  # a field's condition comes before it (study_file orders them)
             a = dist.args
+            if not dist.applies(values):
+                continue  # asked only in the trials it applies to: Optuna models it there alone
             if dist.kind == "choice":
                 values[name] = trial.suggest_categorical(name, list(a))
             elif dist.kind in ("randint", "qrandint"):

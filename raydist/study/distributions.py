@@ -1,5 +1,9 @@
 """A study file's searched distributions (uniform, loguniform, quniform, qloguniform, randint, qrandint,
-choice): read and checked, with their grids and extremes.
+choice): read and checked, with their grids and extremes, and the condition under which a field applies:
+
+    backbone_lr_mult: {loguniform: [0.01, 1.0], when: {finetune: [full, lp-ft]}}
+
+(raydist.study.study_file checks that the condition names a searched choice and values it can take.)
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ class Distribution:
     """One searched dimension: `kind` is one of DISTRIBUTIONS; `args` are already coerced to the field's type."""
     kind: str
     args: tuple
+    when: tuple = ()  # (field, (values...)): sampled only in trials where that searched choice took one of them
+
+    def applies(self, values: dict) -> bool:
+        """Does this field apply to a trial with these (applying) values?"""
+        if not self.when:
+            return True
+        parent, allowed = self.when
+        return parent in values and any(_same(values[parent], v) for v in allowed)
 
     def grid(self) -> list:
         """Every value of a randint / qrandint / quniform, low to high."""
@@ -42,7 +54,10 @@ class Distribution:
         return list(self.args) if self.kind == "choice" else [self.args[0], self.args[1]]
 
     def describe(self) -> str:
-        return f"{self.kind}({', '.join(map(str, self.args))})"
+        text = f"{self.kind}({', '.join(map(str, self.args))})"
+        if self.when:
+            text += f" when {self.when[0]} in {'/'.join(map(str, self.when[1]))}"
+        return text
 
     def accepts(self) -> str:
         """What a value of this dimension can be, in words."""
@@ -98,6 +113,10 @@ def _clean(x: float) -> float:
 
 def read_distribution(path: str, name: str, spec: Any, field_type: type) -> Distribution:
     where = f"{path}: searched.{name}"
+    if isinstance(spec, dict) and "when" in spec:
+        condition = _read_condition(where, spec["when"])
+        dist = read_distribution(path, name, {k: v for k, v in spec.items() if k != "when"}, field_type)
+        return Distribution(dist.kind, dist.args, condition)
     if not (isinstance(spec, dict) and len(spec) == 1):
         raise ConfigError(f"{where} must be one distribution, e.g. {{loguniform: [0.01, 1.0]}}; "
                           f"known: {', '.join(DISTRIBUTIONS)}")
@@ -146,6 +165,19 @@ def read_distribution(path: str, name: str, spec: Any, field_type: type) -> Dist
         raise ConfigError(f"{where}: {kind} {args!r} has more than {MAX_GRID} values; use a coarser step "
                           f"(qrandint / quniform) or a continuous distribution")
     return dist
+
+
+def _read_condition(where: str, when: Any) -> tuple:
+    """`when: {field: value}` or `{field: [values...]}`: one field (a searched choice, checked with the whole
+    study) and the values under which this one applies."""
+    if not (isinstance(when, dict) and len(when) == 1):
+        raise ConfigError(f"{where}.when must name one searched choice and its values, e.g. "
+                          f"when: {{finetune: [full, lp-ft]}}; got {when!r}")
+    (parent, values), = when.items()
+    values = tuple(values) if isinstance(values, list) else (values,)
+    if not values:
+        raise ConfigError(f"{where}.when.{parent} lists no value; give the values under which the field applies")
+    return (str(parent), values)
 
 
 def _number(x: float):

@@ -35,19 +35,21 @@ class Importance:
 
 def field_importance(rows: list[dict], study: Study) -> Optional[Importance]:
     """The searched fields' importance for `best_{metric}`; None when Optuna is missing, fewer than
-    MIN_TRIALS trials scored, or one field alone was searched (its share would be 100% by definition)."""
+    MIN_TRIALS trials scored, or one field alone was searched (its share would be 100% by definition).
+    Conditional fields (`when`) are left out: fANOVA needs a field's value in every trial."""
     try:
         import optuna
     except ImportError:
         return None
-    if len(study.searched) < 2:
+    fields = {name: dist for name, dist in study.searched.items() if not dist.when}
+    if len(fields) < 2:
         return None
     key = f"best_{study.metric}"
-    scored = [r for r in rows if _finite(r.get(key)) and all(r.get(n) is not None for n in study.searched)]
+    scored = [r for r in rows if _finite(r.get(key)) and all(r.get(n) is not None for n in fields)]
     if len(scored) < MIN_TRIALS or len({r[key] for r in scored}) < 2:
         return None
-    distributions = {name: optuna_distribution(dist) for name, dist in study.searched.items()}
-    trials = [optuna.trial.create_trial(params={n: _param(study.searched[n], r[n]) for n in study.searched},
+    distributions = {name: optuna_distribution(dist) for name, dist in fields.items()}
+    trials = [optuna.trial.create_trial(params={n: _param(fields[n], r[n]) for n in fields},
                                         distributions=distributions, value=float(r[key])) for r in scored]
     record = optuna.create_study(direction="maximize" if study.mode == "max" else "minimize")
     record.add_trials(trials)

@@ -126,10 +126,22 @@ class Study:
         """The fixed values with `values` (searched ones, `model_args.NAME` among them) on top."""
         return self._scheduled(merge_config_values(self.fixed, fold_model_args(values)))
 
+    def applying(self, values: dict) -> dict:
+        """The values with every searched field that does not apply to this trial left out (its `when`
+        fails, or its value is missing); values of other keys are kept as given. Parents come first in
+        `searched` (study_file orders them), so a chain of conditions is decided in one pass."""
+        out = {k: v for k, v in values.items() if k not in self.searched}
+        for name, dist in self.searched.items():
+            if values.get(name) is not None and dist.applies(out):
+                out[name] = values[name]
+        return out
+
     def decode(self, sample: dict) -> dict:
-        """A Tune sample as config values: the sample itself, with qloguniform's float noise removed
-        (HyperOpt and Tune round to q in floating point: 3 x 0.1 comes back as 0.30000000000000004)."""
-        out = dict(sample)
+        """A Tune sample as config values: the fields that apply to the trial (a conditional field drawn by a
+        searcher that draws every field is dropped where its condition fails), with qloguniform's float
+        noise removed (HyperOpt and Tune round to q in floating point: 3 x 0.1 comes back as
+        0.30000000000000004)."""
+        out = self.applying(sample)
         for name, dist in self.searched.items():
             if dist.kind == "qloguniform" and name in out:
                 try:
@@ -204,8 +216,8 @@ class Study:
                     picks += [tuple(base[:j] + [i] + base[j + 1:]) for i in range(len(values))]
             picks = list(dict.fromkeys(picks))
         for pick in picks:
-            values = {name: ends[j][i] for j, (name, i) in enumerate(zip(names, pick))}
-            moved = [(name, ends[j][i]) for j, (name, i) in enumerate(zip(names, pick)) if i > 0]
+            values = self.applying({name: ends[j][i] for j, (name, i) in enumerate(zip(names, pick))})
+            moved = [(name, ends[j][i]) for j, (name, i) in enumerate(zip(names, pick)) if i > 0 and name in values]
             if not moved:
                 words = ""
             elif len(moved) == 1:

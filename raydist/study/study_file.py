@@ -152,8 +152,16 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
     for key, value in (settings or {}).items():
         if value is not None:
             setattr(study, key, value)
+    searched = study.searched = _conditions(path, searched, fixed)
     if not searched:
         raise ConfigError(f"{path}: --set fixed every searched field; nothing is left to search")
+    conditional = [name for name, dist in searched.items() if dist.when]
+    if conditional and study.search == "hyperopt":
+        # Ray's HyperOpt bridge samples a flat space: every field in every trial, which TPE would then model
+        # as if the fields that did not apply had acted.
+        raise ConfigError(f"{path}: searched.{conditional[0]} has a condition (when), which search.algorithm "
+                          f"optuna samples only where it applies and random search leaves out where it does "
+                          f"not; HyperOpt cannot: use algorithm optuna (or random)")
     if study.search == "optuna":
         require_package("optuna", f"{path}: search.algorithm optuna")
     for key in ("wandb", "wandb_project", "wandb_id"):
@@ -197,6 +205,49 @@ def _field_type(path: str, name: str, fixed: dict, searched: dict) -> type:
     if arg not in spec.arguments():
         raise ConfigError(f"{where}: {spec.arguments_text()}")
     return spec.argument_type(arg)
+
+
+def _conditions(path: str, searched: dict, fixed: dict) -> dict:
+    """Each `when` checked (it names a searched choice, by values that choice can take; no circle) and the
+    fields ordered so that a field comes after the one it depends on. A condition on a field that is not
+    searched (fixed by --set) is decided now: the field is searched in every trial, or in none."""
+    for name, dist in list(searched.items()):
+        if not dist.when:
+            continue
+        parent, allowed = dist.when
+        where = f"{path}: searched.{name}.when.{parent}"
+        if parent == name:
+            raise ConfigError(f"{where}: a field cannot depend on itself")
+        if parent not in searched:
+            if parent not in {f.name for f in dataclasses.fields(TrainConfig)}:
+                raise ConfigError(f"{where}: {parent} is not a config field")
+            value = fixed.get(parent, getattr(TrainConfig, parent, None))
+            if any(value == coerce_value(parent, v, where) for v in allowed):
+                searched[name] = dataclasses.replace(dist, when=())
+            else:
+                del searched[name]
+            continue
+        choices = searched[parent]
+        if choices.kind != "choice":
+            raise ConfigError(f"{where}: a condition names a searched choice, and {parent} is searched as "
+                              f"{choices.kind}")
+        for value in allowed:
+            try:
+                choices.snap(coerce_value(parent, value, where))
+            except (ValueError, ConfigError):
+                raise ConfigError(f"{where}: {value!r} is not one of {parent}'s choices "
+                                  f"({', '.join(map(str, choices.args))})") from None
+        searched[name] = dataclasses.replace(dist, when=(parent, tuple(choices.snap(coerce_value(parent, v, where))
+                                                                     for v in allowed)))
+    ordered: dict = {}  # the file's order, but for a field moved to just after the one it depends on
+    while len(ordered) < len(searched):
+        ready = next((n for n, d in searched.items() if n not in ordered and (not d.when or d.when[0] in ordered)),
+                     None)
+        if ready is None:
+            stuck = [n for n in searched if n not in ordered]
+            raise ConfigError(f"{path}: searched {', '.join(stuck)} depend on each other in a circle (when)")
+        ordered[ready] = searched[ready]
+    return ordered
 
 
 def _config_fields(path: str, section: str, values: Any) -> dict:
@@ -308,10 +359,16 @@ def _point(path: str, index: int, point: Any, study: Study) -> dict:
     """A point checked against each distribution (a value it could sample, written exactly as Tune's
     choice holds it, which HyperOpt requires) and then as a whole trial config."""
     where = f"{path}: points_to_evaluate[{index}]"
-    if not isinstance(point, dict) or set(point) != set(study.searched):
+    if not isinstance(point, dict) or not set(point) <= set(study.searched):
         raise ConfigError(f"{where} must set exactly the searched fields: {', '.join(study.searched)}")
+    applying = set(study.applying({k: point.get(k, _UNSET) for k in study.searched}))
+    if set(point) != applying:
+        raise ConfigError(f"{where} must set exactly the searched fields that apply to it: "
+                          f"{', '.join(n for n in study.searched if n in applying)}")
     values = {}
     for key, dist in study.searched.items():
+        if key not in point:
+            continue
         try:
             values[key] = dist.snap(point[key])
         except ValueError:
@@ -322,6 +379,9 @@ def _point(path: str, index: int, point: Any, study: Study) -> dict:
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return values
+
+
+_UNSET = object()  # a conditional field a point leaves out; applying() counts the ones its conditions need
 
 
 def _study_name(path: str, value: Any) -> Optional[str]:
