@@ -30,6 +30,7 @@ exit 2, and leaves no half-written file.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -38,13 +39,14 @@ from typing import Optional
 
 from raydist.cli import OneLineErrorParser
 from raydist.errors import ConfigError
+from raydist.storage import is_uri
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "pt2": "model.pt2"}
 CLASSES_FILE, PREPROCESSING_FILE = "classes.json", "preprocessing.json"
 TOLERANCE = 1e-3  # the largest logit difference accepted, relative to the largest logit's magnitude
 
-DESCRIPTION = """Export a trained raydist model to ONNX or TorchScript, with its class names and input
-preprocessing beside it, checked against raydist's own outputs on real validation images.
+DESCRIPTION = """Export a trained raydist model to ONNX, TorchScript or torch.export's .pt2, with its class names
+and input preprocessing beside it, checked against raydist's own outputs on real validation images.
 
 example:
   python -m raydist.export runs/digits-resnet8-20261207 --format onnx"""
@@ -76,7 +78,9 @@ def preprocessing(cfg) -> dict:
     return {
         "input": {"dtype": "float32", "layout": "NCHW", "channels": channels, "side": side},
         "stored_side": stored,  # images decoded to this square (a folder's: shorter side, then the centre)
-        "to_input": ("centre crop" if cfg.dataset == "folder" else "bilinear resize") if stored != side else "none",
+        # torch.nn.functional.interpolate(mode="bilinear", align_corners=False, antialias=side < stored)
+        "to_input": ("centre crop" if cfg.dataset == "folder" else
+                     "bilinear resize (align_corners false, antialiased when shrinking)") if stored != side else "none",
         "mean": list(mean[:channels]), "std": list(std[:channels]),  # of x / 255, per channel
         "output": "logits (softmax for probabilities)",
     }
@@ -127,10 +131,13 @@ def exported_logits(path: str, fmt: str, x):
 
 
 def validation_images(cfg, count: int):
-    """Up to `count` of the run's validation images (uint8, as stored), or a ConfigError saying why not."""
+    """Up to `count` of the run's validation images (uint8, as stored), or a ConfigError saying why not. An
+    image folder's are `count` files picked across its classes and decoded alone (not its whole split)."""
     from raydist.data.sizes import class_list
     from raydist.data.sources import load_split
 
+    if cfg.dataset == "folder":
+        return _folder_images(cfg, count)
     try:
         val = load_split(cfg.dataset, "val", data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
                          classes=class_list(cfg), channels=cfg.input_channels(), input_size=cfg.input_size,
@@ -139,6 +146,30 @@ def validation_images(cfg, count: int):
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{cfg.dataset}'s validation images cannot be read here ({exc})") from None
     return val.images[:count]
+
+
+def _folder_images(cfg, count: int):
+    """`count` validation files of an image folder, taken from each class in turn, decoded as the run's
+    evaluation decoded them."""
+    import dataclasses
+
+    from raydist.data.folder import load_folder_split, stored_size
+    from raydist.data.sizes import input_side
+    from raydist.data.sources import folder_index
+
+    try:
+        index = folder_index(cfg.data_dir, cfg.val_fraction)
+        by_class: dict[int, list] = {}
+        for f in index.splits["val"]:
+            by_class.setdefault(f.label, []).append(f)
+        picked, queues = [], [list(files) for files in by_class.values()]
+        while len(picked) < count and any(queues):
+            picked += [q.pop(0) for q in queues if q][:count - len(picked)]
+        subset = dataclasses.replace(index, splits={"val": picked})
+        images, _, _ = load_folder_split(subset, "val", stored=stored_size(input_side(cfg)), use_cache=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"the folder's validation images cannot be read here ({exc})") from None
+    return images
 
 
 def check(predictor, path: str, fmt: str, images) -> dict:
@@ -163,7 +194,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.check_images < 0:
             raise ConfigError(f"--check-images must be 0 or more, got {args.check_images}")
+        if args.out and is_uri(args.out):
+            raise ConfigError(f"--out {args.out}: raydist.export writes a local folder; copy it from there")
         predictor = Predictor(args.model, device="cpu")
+        if not args.out and is_uri(predictor.path):
+            raise ConfigError(f"{args.model} is in remote storage: give --out DIR, a local folder to write into")
         out = args.out or os.path.join(os.path.dirname(predictor.path), "export")
         written = _write(predictor, args.format, out)
     except ConfigError as exc:
@@ -173,11 +208,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.check_images:
         return 0
     try:
+        if args.format == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+            raise ConfigError('onnxruntime is not installed (pip install onnxruntime, or the "raydist[export]" '
+                              'extra)')
         images = validation_images(predictor.cfg, args.check_images)
     except ConfigError as exc:
         print(f"not checked: {exc}")
         return 0
-    result = check(predictor, written["model"], args.format, images)
+    try:
+        result = check(predictor, written["model"], args.format, images)
+    except Exception as exc:  # noqa: BLE001 - a runtime that refuses the file: the check failed, say why
+        print(f"check failed: the {args.format} runtime could not run {written['model']} ({_first_line(exc)})")
+        return 1
     _record(written["preprocessing"], result)
     agrees = result["max_abs_diff"] <= TOLERANCE * result["logit_scale"]
     print(f"checked on {result['images']} validation images: largest logit difference "
@@ -191,6 +233,7 @@ def _write(predictor, fmt: str, out: str) -> dict:
     renamed): an export that fails leaves none of them behind. ConfigError for a model that cannot export."""
     import torch
 
+    made = not os.path.isdir(out)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
@@ -200,13 +243,16 @@ def _write(predictor, fmt: str, out: str) -> dict:
     example = torch.zeros(2, channels, side, side)
     paths = {"model": os.path.join(out, FORMATS[fmt]), "classes": os.path.join(out, CLASSES_FILE),
              "preprocessing": os.path.join(out, PREPROCESSING_FILE)}
-    partial = {key: f"{path}.partial" for key, path in paths.items()}
+    # model.partial.onnx: the temporary name keeps the extension (torch.export warns about a .pt2 without it)
+    partial = {key: "{0}.partial{1}".format(*os.path.splitext(path)) for key, path in paths.items()}
     try:
         export_model(predictor.net.cpu().eval(), fmt, example, partial["model"])
     except Exception as exc:  # noqa: BLE001 - the exporter's many ways to refuse a model, in one line
         _remove(partial.values())
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{predictor.cfg.model} cannot be exported to {fmt}: {first}") from None
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(out)  # the folder this export made, empty again
+        raise ConfigError(f"{predictor.cfg.model} cannot be exported to {fmt}: {_first_line(exc)}") from None
     for key, content in (("classes", predictor.class_names), ("preprocessing", prep)):
         with open(partial[key], "w") as fh:
             json.dump(content, fh, indent=1)
@@ -222,6 +268,10 @@ def _record(path: str, result: dict) -> None:
     with open(f"{path}.partial", "w") as fh:
         json.dump(prep, fh, indent=1)
     os.replace(f"{path}.partial", path)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _remove(paths) -> None:

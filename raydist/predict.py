@@ -142,7 +142,11 @@ class Predictor:
         if not self.class_names or len(self.class_names) != count:
             self.class_names = [str(i) for i in range(count)]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.net = load_trained_model({"model_name": self.cfg.model, "num_classes": count, **saved}).to(self.device)
+        try:
+            net = load_trained_model({"model_name": self.cfg.model, "num_classes": count, **saved})
+        except ValueError as exc:  # a timm model on a machine without timm, a model this raydist lacks
+            raise ConfigError(f"{self.path}: {exc}") from None
+        self.net = net.to(self.device)
 
     def _run_folder_classes(self) -> Optional[list[str]]:
         from raydist.runs.run_folder import CLASSES_FILE

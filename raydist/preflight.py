@@ -204,6 +204,14 @@ def _check_timm_model(cfg: TrainConfig, side: int) -> None:
             net = model_spec(cfg.model).builder(num_classes=2, **cfg.model_args)
     except Exception as exc:  # noqa: BLE001 - timm raises TypeError, ValueError, AssertionError alike
         raise ConfigError(f"{named}: timm cannot build it ({_first_line(exc)})") from None
+    from raydist.models.timm_models import head_names
+
+    if not head_names(net):
+        raise ConfigError(f"--model {cfg.model} has no classifier head (a feature encoder): pick a classifier "
+                          f"architecture")
+    if cfg.grey_input != "replicate" and not any(isinstance(m, torch.nn.Conv2d) for m in net.modules()):
+        raise ConfigError(f"--grey-input {cfg.grey_input}: --model {cfg.model} has no convolution that reads the "
+                          f"image to adapt; use --grey-input replicate")
     try:
         with torch.device("meta"), torch.no_grad():
             net.eval()(torch.empty(1, 3, side, side))
@@ -291,8 +299,12 @@ def _check_model_parallel(cfg: TrainConfig) -> None:
     import torch
 
     from raydist.models.registry import create_model
-    from raydist.parallel.pipeline import pipeline_units
+    from raydist.models.timm_models import is_timm
+    from raydist.parallel.pipeline import models_with_units, pipeline_units
 
+    if is_timm(cfg.model):
+        raise ConfigError(f"--model-parallel {cfg.model_parallel}: raydist splits only its own models into "
+                          f"pipeline stages ({', '.join(models_with_units())}), not --model {cfg.model}")
     with torch.device("meta"):  # the model's units, without memory or time
         units = [name for name, _ in pipeline_units(create_model(cfg.model, num_classes=2, **cfg.model_args))]
     if cfg.model_parallel > len(units):

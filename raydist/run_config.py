@@ -159,7 +159,8 @@ def check_weights(cfg: TrainConfig, *, on_this_machine: bool = True) -> None:
         elif cfg.pretrained:
             if not on_this_machine and not os.path.exists(pretrained_cache_file(cfg.model)):
                 return
-            source = pretrained_source(cfg.model)  # downloads into this machine's cache once, if it can
+            # downloads into this machine's cache once, if it can
+            source = pretrained_source(cfg.model, model_args=cfg.model_args)
         else:
             return
         build_model(cfg.model, num_classes=classes_predicted(cfg), grey_input=cfg.grey_input, source=source,

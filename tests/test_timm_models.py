@@ -152,6 +152,13 @@ def test_pretrained_comes_through_timms_own_loader_from_the_hugging_face_cache(t
     (dict(model="timm:test_vit", input_size=40),
      r"^--model timm:test_vit cannot read images of 40 pixels a side \(.*divisible by patch size.*\); give "
      r"--input-size"),
+    (dict(model="timm:resnet18.nosuchtag"),
+     r"^timm has no weights tagged 'nosuchtag' for resnet18 \(--model timm:resnet18.nosuchtag\); its tags: resnet18\."),
+    (dict(model="timm:test_resnet", model_parallel=2, use_gpu=False),
+     r"^--model-parallel 2: raydist splits only its own models into pipeline stages \(resnet18, .*\), not --model "
+     r"timm:test_resnet$"),
+    (dict(model="timm:naflexvit_base_patch16_parfac_gap", grey_input="sum"),
+     r"^--grey-input sum: --model timm:naflexvit_base_patch16_parfac_gap has no convolution that reads the image"),
 ])
 def test_a_timm_model_that_does_not_fit_is_one_line_before_anything_starts(values, message):
     with pytest.raises(ConfigError, match=message) as caught:
@@ -168,3 +175,74 @@ def test_without_timm_installed_a_timm_model_says_how_to_install_it(monkeypatch)
             validate(TrainConfig(**{**DIGITS, "model": "timm:test_resnet"}))
     finally:
         timm_builder.cache_clear()
+
+
+# ---- timm's own layers kept whole ------------------------------------------------------------------------
+
+
+def test_sync_batchnorm_keeps_timms_fused_norm_and_activation():
+    from raydist.models.registry import sync_batchnorm
+
+    torch.manual_seed(0)
+    net = build_model("timm:test_efficientnet", num_classes=5).eval()
+    x = torch.rand(4, 3, 32, 32)
+    expected = net(x)
+    synced = sync_batchnorm(net).eval()  # eval: the running statistics, no collective needed
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    assert torch.allclose(synced(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["test_efficientnet", "test_nfnet"])
+def test_a_grey_stem_keeps_the_stems_own_conv_class(arch):
+    torch.manual_seed(0)
+    rgb = build_model(f"timm:{arch}", num_classes=5).eval()
+    torch.manual_seed(0)
+    grey = build_model(f"timm:{arch}", num_classes=5, grey_input="sum").eval()
+    from raydist.models.transfer import first_conv
+
+    (_, before), (_, after) = first_conv(rgb), first_conv(grey)
+    assert type(after) is type(before) and after.in_channels == 1 and after.weight.shape[1] == 1
+    x = torch.rand(2, 1, 32, 32)
+    gap = (grey(x) - rgb(x.repeat(1, 3, 1, 1))).abs().max().item()
+    if arch == "test_efficientnet":  # a plain conv: summed filters on one channel are the same function
+        assert gap < 1e-5
+    else:  # nfnet's ScaledStdConv2d standardises the summed filter: close, not equal, and scaled for 1 input
+        assert gap < 0.1 and after.scale == pytest.approx(before.scale * 3 ** 0.5)
+
+
+def test_a_distilled_models_two_heads_and_a_model_without_timms_grouping_get_units_of_their_own():
+    with torch.device("meta"):  # structure only: no memory, no time
+        deit = build_model("timm:deit_tiny_distilled_patch16_224", num_classes=5, model_args={"img_size": 32})
+        pit = build_model("timm:pit_ti_224", num_classes=5)
+    deit_units = transfer_units(deit, new_stem=False)
+    assert deit_units[0].name == "head+head_dist" and len(deit_units[0].params) == 4
+    assert [u.name for u in transfer_units(pit, new_stem=False)] == ["head", "backbone", "stem"]
+
+
+def test_a_vit_source_at_another_image_size_has_its_position_table_resampled(tmp_path):
+    source = build_model("timm:test_vit", num_classes=10)  # the architecture's own size (160 px)
+    path = tmp_path / "vit.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    net = build_model("timm:test_vit", num_classes=5, source=read_weights_file(str(path)),
+                      model_args={"img_size": 32})
+    assert net.pos_embed.shape[1] < source.pos_embed.shape[1]
+    assert torch.equal(net.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_a_timm_run_exports_and_serves_as_raydist_does_and_without_timm_is_one_line(source_weights, tmp_path, capsys,
+                                                                                     monkeypatch):
+    from cli import run_main
+
+    run = source_weights[0].parent / "run"
+    code, said, _ = run_main("raydist.export", [str(run), "--format", "onnx", "--out", str(tmp_path)], capsys,
+                             monkeypatch)
+    assert code == 0 and "same top class on 100.0%" in said.splitlines()[-1], said
+    monkeypatch.setitem(sys.modules, "timm", None)
+    timm_builder.cache_clear()
+    try:
+        code, _, err = run_main("raydist.predict", [str(run), str(tmp_path / "classes.json")], capsys, monkeypatch)
+    finally:
+        timm_builder.cache_clear()
+    assert code == 2 and err.strip().endswith('--model timm:test_resnet needs timm, which is not installed: pip '
+                                              'install "raydist[timm]"'), err

@@ -29,6 +29,7 @@ from raydist.loop.model_split import split_model
 from raydist.loop.optimizer import apply_hyperparameters, build_optimizer
 from raydist.loop.recipe import EarlyStop, Schedule, autocast_dtype, clip_gradients, lr_factor, with_fused_flag
 from raydist.loop.worker_data import data_batches
+from raydist.models.registry import sync_batchnorm
 from raydist.models.transfer import Unit, build_model, freeze_norms, set_trainable, transfer_units, unfrozen_stages
 from raydist.output.console import EpochProgress
 from raydist.parallel.elastic import (
@@ -75,7 +76,7 @@ class TrainingState:
         net = build_model(cfg.model, num_classes=classes_predicted(cfg), grey_input=cfg.grey_input, source=source,
                           model_args=cfg.model_args)
         if cfg.sync_batchnorm and world > 1:
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            net = sync_batchnorm(net)
         self.channels_last = uses_channels_last(cfg, device)
         self.net = net.to(device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         # --model-parallel K: the model's own modules in K stages on this worker's K devices; self.net stays

@@ -34,7 +34,7 @@ def load_source(cfg: TrainConfig, *, node_id: str):
         except OSError:  # a read-only cache: nothing will be downloaded into it anyway
             lock = contextlib.nullcontext()
         with lock:
-            return pretrained_source(cfg.model, where=f" of node {node_id}")
+            return pretrained_source(cfg.model, where=f" of node {node_id}", model_args=cfg.model_args)
     except WeightsError as exc:
         raise WorkerInputError(f"{exc} (on node {node_id})" if cfg.weights else str(exc)) from None
 

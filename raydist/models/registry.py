@@ -93,6 +93,19 @@ def check_model_args(name: str, args: Optional[dict]) -> dict[str, Any]:
     return out
 
 
+def sync_batchnorm(net: nn.Module) -> nn.Module:
+    """Every BatchNorm layer as a SyncBatchNorm (statistics over every rank's batch). A timm model's through
+    timm's own converter: torch's turns timm's BatchNormAct2d (a norm with its activation inside) into a
+    plain SyncBatchNorm that never calls the activation."""
+    from raydist.models.timm_models import is_timm_net
+
+    if is_timm_net(net):
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(net)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+
+
 def create_model(name: str, *, num_classes: int, **model_args) -> nn.Module:
     """A freshly initialised model; raydist.models.transfer starts one from pretrained weights. `model_args`
     are the builder's own arguments (a run's --model-arg, saved in its checkpoints and final model)."""

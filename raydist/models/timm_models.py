@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import sys
 from typing import Callable, Optional
 
 from torch import nn
@@ -47,6 +48,10 @@ def timm_builder(name: str) -> tuple[Callable[..., nn.Module], bool]:
     publishes weights for it; ValueError (one line: the unknown name and the closest known ones) when timm
     has no such architecture."""
     timm, arch = _timm(name), name[len(PREFIX):]
+    base, _, tag = arch.partition(".")
+    if tag and timm.is_model(base) and arch not in timm.list_pretrained(arch):
+        tags = ", ".join(timm.list_pretrained(f"{base}.*")[:6]) or "none"
+        raise ValueError(f"timm has no weights tagged {tag!r} for {base} (--model {name}); its tags: {tags}")
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=4, cutoff=0.6)
         hint = f"; close: {', '.join(PREFIX + c for c in close)}" if close else ""
@@ -67,9 +72,19 @@ def timm_builder(name: str) -> tuple[Callable[..., nn.Module], bool]:
 
 
 def head_names(net: nn.Module) -> list[str]:
-    """The classifier module(s) its pretrained config names (a distilled model has two)."""
-    classifier = net.pretrained_cfg.get("classifier") or "fc"
-    return [classifier] if isinstance(classifier, str) else list(classifier)
+    """The classifier module(s) its pretrained config names (a distilled model has two); [] for a model
+    without one (a feature encoder: raydist.preflight refuses it)."""
+    classifier = net.pretrained_cfg.get("classifier")
+    names = [classifier] if isinstance(classifier, str) else list(classifier or [])
+    return [n for n in names if _has_module(net, n)]
+
+
+def _has_module(net: nn.Module, name: str) -> bool:
+    try:
+        net.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def timm_stages(net: nn.Module, *, heads: list[str]) -> list[tuple[str, list[nn.Parameter], list[nn.Module]]]:
@@ -80,18 +95,34 @@ def timm_stages(net: nn.Module, *, heads: list[str]) -> list[tuple[str, list[nn.
 
     params = dict(net.named_parameters())
     in_head = {n for n in params if any(n.startswith(h + ".") for h in heads)}
+    norm_of = {f"{name}.weight": m for name, m in net.named_modules() if isinstance(m, _BatchNorm)}
     try:
         groups = group_parameters(net, net.group_matcher(coarse=True))
-    except (AttributeError, NotImplementedError):
-        groups = {0: list(params)}
-    norm_of = {f"{name}.weight": m for name, m in net.named_modules() if isinstance(m, _BatchNorm)}
-    stages = []
+    except (AttributeError, NotImplementedError):  # no grouping: the stem (if a conv makes one) and the rest
+        stem, rest = _stem_and_backbone(net, [n for n in params if n not in in_head])
+        return [(label, [params[n] for n in names], [norm_of[n] for n in names if n in norm_of])
+                for label, names in (("stem", stem), ("backbone", rest)) if names]
+    stages, seen = [], {}
     for gid in sorted(groups):
         names = [n for n in groups[gid] if n not in in_head]
         if names:
-            stages.append((_stage_name(names, first=not stages), [params[n] for n in names],
-                           [norm_of[n] for n in names if n in norm_of]))
+            label = _stage_name(names, first=not stages)
+            seen[label] = seen.get(label, 0) + 1
+            if seen[label] > 1:  # densenet's transitions all live in `features`: features, features#2, ...
+                label = f"{label}#{seen[label]}"
+            stages.append((label, [params[n] for n in names], [norm_of[n] for n in names if n in norm_of]))
     return stages
+
+
+def _stem_and_backbone(net: nn.Module, names: list[str]) -> tuple[list[str], list[str]]:
+    """For a model without timm's grouping (PiT, PoolFormer): the parameters of the module holding the first
+    conv (the stem; none without a conv), and the rest."""
+    conv = next((name for name, m in net.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        return [], names
+    holder = conv.rpartition(".")[0] or conv  # patch_embed.proj -> patch_embed; a top-level conv: itself
+    stem = [n for n in names if n.startswith(holder + ".")]
+    return stem, [n for n in names if n not in stem]
 
 
 def _stage_name(names: list[str], *, first: bool) -> str:
@@ -128,15 +159,30 @@ def hub_cache_dir(name: str) -> Optional[str]:
     return os.path.join(HF_HUB_CACHE, "models--" + hub_id.replace("/", "--"))
 
 
-def published_state(name: str) -> dict:
-    """The architecture's published weights through timm's own loader (Hugging Face cache first); raises
-    what timm raises when they are neither cached nor downloadable."""
+def fit_positions(net: nn.Module, state: dict) -> dict:
+    """A timm model's source tensors as its own loader fits them to the model: a ViT trained at another image
+    size gets its position table resampled (the architecture's checkpoint_filter_fn, which timm applies to
+    every published file). Only when a tensor's shape differs; any other model's state as it is."""
+    if not is_timm_net(net):
+        return state
+    own = net.state_dict()
+    if all(k not in own or own[k].shape == v.shape for k, v in state.items()):
+        return state
+    adapt = getattr(sys.modules.get(type(net).__module__), "checkpoint_filter_fn", None)
+    return adapt(state, net) if adapt else state
+
+
+def published_state(name: str, model_args: Optional[dict] = None) -> dict:
+    """The architecture's published weights through timm's own loader (Hugging Face cache first), at the
+    run's img_size (timm resamples a ViT's position table); raises what timm raises when they are neither
+    cached nor downloadable."""
     import logging
 
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # its per-file retries would print before raydist's one-line reason
     try:
-        return _timm(name).create_model(name[len(PREFIX):], pretrained=True).state_dict()
+        size = {"img_size": model_args["img_size"]} if (model_args or {}).get("img_size") else {}
+        return _timm(name).create_model(name[len(PREFIX):], pretrained=True, **size).state_dict()
     finally:
         hub_log.setLevel(level)

@@ -14,6 +14,7 @@ every worker.
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import os
@@ -28,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from raydist.errors import WeightsError
 from raydist.models.registry import MODELS, create_model
 from raydist.models.timm_models import head_names as timm_heads
-from raydist.models.timm_models import hub_cache_dir, is_timm, is_timm_net, published_state, timm_stages
+from raydist.models.timm_models import fit_positions, hub_cache_dir, is_timm, is_timm_net, published_state, timm_stages
 from raydist.storage import filesystem, is_uri
 
 HEAD = "fc"  # every built-in model's classifier; a timm model's is the one its config names
@@ -69,7 +70,7 @@ def pretrained_cache_file(model: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(_weights_enum(model).url))
 
 
-def pretrained_source(model: str, *, where: str = "") -> Source:
+def pretrained_source(model: str, *, where: str = "", model_args: Optional[dict] = None) -> Source:
     """The model's published weights through torchvision's weights API: from the cache under $TORCH_HOME,
     downloaded into it once if missing. `where` ("on node ...") goes into the error message."""
     cached = pretrained_cache_file(model)
@@ -77,7 +78,7 @@ def pretrained_source(model: str, *, where: str = "") -> Source:
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         if is_timm(model):
-            state = published_state(model)  # timm's own loader: the cache, else the Hugging Face hub
+            state = published_state(model, model_args)  # timm's own loader: the cache, else the hub
         else:
             state = _weights_enum(model).get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - no network, a proxy, a corrupt file: all end in the same advice
@@ -106,7 +107,11 @@ def read_weights_file(path: str) -> Source:
         else:
             data = os.path.expanduser(path)
         if path.endswith(".safetensors"):
-            from safetensors.torch import load as load_safetensors
+            try:
+                from safetensors.torch import load as load_safetensors
+            except ImportError:
+                raise WeightsError(f"--weights {path}: reading .safetensors needs the safetensors package (pip "
+                                   f"install safetensors; timm brings it)") from None
 
             if not isinstance(data, io.BytesIO):
                 with open(data, "rb") as fh:
@@ -156,18 +161,22 @@ def build_model(name: str, *, num_classes: int, grey_input: str = "replicate",
     heads = head_names(net)
     if source is not None:
         state = {k: v for k, v in source.state.items() if not _is_head(k, heads)}
-        src_stem = state.get(f"{stem_name}.weight")
+        src_stem = state.get(f"{stem_name}.weight") if stem is not None else None
         if src_stem is not None and src_stem.ndim == 4 and src_stem.shape[1] == 1 and stem.in_channels == 3:
             # The source was itself trained on grey images fed as one channel.
             if grey_input == "replicate":  # a third of the filter on each identical channel: the same output
                 state[f"{stem_name}.weight"] = src_stem.repeat(1, 3, 1, 1) / 3
             else:
                 _replace_stem(net, in_channels=1)
+        state = fit_positions(net, state)  # a ViT source at another image size: its position table resampled
         check_fits(net, state, source, name)
         net.load_state_dict(state, strict=False)  # check_fits has proven it strict but for the head
         for head in heads:
             init_head(net.get_submodule(head))
     stem_name, stem = first_conv(net)
+    if grey_input != "replicate" and stem is None:
+        raise WeightsError(f"--grey-input {grey_input}: --model {name} has no convolution that reads the image; "
+                           f"use --grey-input replicate")
     if grey_input == "sum" and stem.in_channels == 3:
         summed = _replace_stem(net, in_channels=1)
         with torch.no_grad():
@@ -195,8 +204,9 @@ def check_fits(net: nn.Module, state: dict[str, torch.Tensor], source: Source, m
         problems.append(f"{len(missing)} tensor(s) missing, first {', '.join(missing[:3])}")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected, first {', '.join(unexpected[:3])}")
+    known = source.model_name in MODELS or is_timm(source.model_name)
     hint = (f"; the file holds a {source.model_name}: use --model {source.model_name}"
-            if source.model_name in MODELS and source.model_name != model else "")
+            if known and source.model_name != model else "")
     raise WeightsError(f"{source.origin} does not fit --model {model}: {'; '.join(problems)}{hint}")
 
 
@@ -214,15 +224,23 @@ def init_head(head: nn.Module) -> None:
     nn.init.uniform_(head.bias, -bound, bound)
 
 
-def first_conv(net: nn.Module) -> tuple[str, nn.Conv2d]:
-    """The stem's (first) convolution, by name: the layer that reads the image's channels."""
-    return next((name, m) for name, m in net.named_modules() if isinstance(m, nn.Conv2d))
+def first_conv(net: nn.Module) -> tuple[str, Optional[nn.Conv2d]]:
+    """The stem's (first) convolution, by name: the layer that reads the image's channels; ("", None) for a
+    model without one (some timm ViTs embed patches with a linear layer)."""
+    return next(((name, m) for name, m in net.named_modules() if isinstance(m, nn.Conv2d)), ("", None))
 
 
 def _replace_stem(net: nn.Module, *, in_channels: int) -> nn.Conv2d:
+    """The first conv, reading `in_channels` channels, freshly initialised. A copy of the old one, not a
+    plain nn.Conv2d: timm's stems are subclasses (StdConv2d standardises its weights, Conv2dSame pads as
+    TensorFlow does) whose forward must stay theirs."""
     name, old = first_conv(net)
-    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
-                    old.groups, bias=old.bias is not None, padding_mode=old.padding_mode)
+    new = copy.deepcopy(old)
+    new.in_channels = in_channels
+    new.weight = nn.Parameter(old.weight.new_empty(old.out_channels, in_channels, *old.kernel_size))
+    new.reset_parameters()
+    if isinstance(getattr(old, "scale", None), float):  # timm's ScaledStdConv2d: gamma / sqrt(fan-in), fixed at init
+        new.scale = old.scale * math.sqrt(old.in_channels / in_channels)
     parent_name, _, attr = name.rpartition(".")
     setattr(net.get_submodule(parent_name) if parent_name else net, attr, new)
     return new
