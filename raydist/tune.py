@@ -37,6 +37,7 @@ from raydist.ray_edge import measure
 from raydist.ray_edge.results import StudyResult
 from raydist.ray_edge.study import Plan, run_study
 from raydist.storage import is_uri
+from raydist.study.pareto import column
 from raydist.study.study import ONE_WORKER_TRIALS, SEARCH_ALGORITHMS, Study
 from raydist.study.study_file import STUDY_FILE, load_study
 
@@ -277,7 +278,8 @@ def _check_data(study: Study) -> None:
 
 
 def print_result(result: StudyResult, study: Study) -> None:
-    print(report.format_table(result.rows, searched=list(study.searched), metric=study.metric, mode=study.mode))
+    print(report.format_table(result.rows, searched=list(study.searched), metric=study.metric, mode=study.mode,
+                              others=tuple(m for m, _ in study.objectives)))
     where = result.experiment_path
     if result.best:
         b = result.best
@@ -290,6 +292,8 @@ def print_result(result: StudyResult, study: Study) -> None:
             print(f"  retrain it:   python -m raydist.train --config {where}/best_config.yaml")
     else:
         print("\nno trial reported a result")
+    if study.objectives:
+        print(_front_line(result.rows, study, f"{where}/pareto.png"))
     if result.importance:
         print(result.importance.line())
     for row in result.rows:  # each failed trial's cause in one line, and where its tracebacks are
@@ -301,6 +305,17 @@ def print_result(result: StudyResult, study: Study) -> None:
           f"{where}/search_values.png  TensorBoard: tensorboard --logdir {where}  ({result.seconds:.0f}s)")
     if result.interrupted:
         print(f"interrupted; continue with: python -m raydist.tune --resume {where}")
+
+
+def _front_line(rows: list[dict], study: Study, picture: str) -> str:
+    """The Pareto front of a multi-objective study, its trials best metric first."""
+    objectives = study.all_objectives()
+    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r[f"best_{study.metric}"],
+                   reverse=study.mode == "max")
+    said = ", ".join(f"{m} {'up' if d == 'max' else 'down'}" for m, d in objectives)
+    columns = [column(m, study.metric) for m, _ in objectives]
+    trials = "; ".join(f"{r['trial_id']} " + " ".join(report.cell(c, r.get(c)) for c in columns) for r in front)
+    return f"Pareto front ({said}): {len(front)} of {len(rows)} trials{': ' + trials if trials else ''} ({picture})"
 
 
 def _weights_note(row: dict) -> str:

@@ -58,3 +58,15 @@ def test_unscored_trials_are_left_out_and_too_few_say_nothing():
 def test_without_optuna_a_study_has_no_importance_and_no_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
     assert field_importance(_rows(10, lambda v: v["lr"]), _study()) is None
+
+
+def test_grid_values_with_tunes_rounding_noise_and_conditional_fields_are_read_as_the_study_samples_them():
+    searched = {"lr": Distribution("qloguniform", (0.1, 0.7, 0.1)),
+                "batch_size": Distribution("choice", (32, 64)),
+                "momentum": Distribution("uniform", (0.8, 0.95), when=("batch_size", (32,)))}
+    rows = [{"trial_id": f"t{i}", "lr": lr, "batch_size": b, "momentum": 0.9 if b == 32 else None,
+             "best_val_acc": 0.5 + lr / 2}
+            for i, (lr, b) in enumerate([(0.7000000000000001, 32), (0.1, 64), (0.30000000000000004, 32),
+                                         (0.5, 64), (0.2, 32)])]
+    found = field_importance(rows, _study(searched))
+    assert set(found.shares) == {"lr", "batch_size"} and found.shares["lr"] > 0.5

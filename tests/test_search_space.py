@@ -812,3 +812,28 @@ def test_points_to_evaluate_set_exactly_the_fields_that_apply_to_them(tmp_path):
         with pytest.raises(ConfigError, match=rf"points_to_evaluate\[0\] must set exactly the searched fields that "
                                               rf"apply to it: {missing}$"):
             load_study(path)
+
+
+def test_a_choice_of_null_is_a_value_not_a_missing_field(tmp_path):
+    text = ("search: {algorithm: random}\nfixed: {dataset: digits, epochs: 3}\nsearched:\n"
+            "  target_accuracy: {choice: [null, 0.9]}\n  lr: {loguniform: [0.01, 1.0]}\n"
+            "points_to_evaluate: [{target_accuracy: null, lr: 0.1}]\n")
+    study = load_study(_write(tmp_path, text))
+    assert study.points_to_evaluate == [{"target_accuracy": None, "lr": 0.1}]
+    assert study.applying({"target_accuracy": None, "lr": 0.1}) == {"target_accuracy": None, "lr": 0.1}
+
+
+def test_a_chain_whose_first_condition_never_holds_leaves_both_out_whatever_the_files_order(tmp_path):
+    chained = CONDITIONAL.replace("model_parallel: {choice: [1, 2]}",
+                                 "model_parallel: {choice: [1, 2], when: {optimizer: [adamw]}}")  # sgd: the default
+    study = load_study(_write(tmp_path, chained))
+    assert list(study.searched) == ["lr"]
+
+
+def test_a_model_argument_cannot_be_a_condition(tmp_path):
+    text = ("search: {algorithm: optuna}\nfixed: {dataset: digits, model: tune_cnn, epochs: 3}\nsearched:\n"
+            "  model_args.l1: {choice: [32, 64]}\n  model_args.l2: {choice: [8, 16], when: {model_args.l1: [64]}}\n")
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=r"searched.model_args.l2.when.model_args.l1: a condition names a searched "
+                                          r"choice of the config, not a model argument$"):
+        load_study(path)

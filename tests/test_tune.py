@@ -416,3 +416,46 @@ def test_an_optuna_study_on_digits_samples_the_study_files_space_and_finds_a_mod
     assert float(best["best_val_acc"]) > 0.9
     saved = torch.load(tmp_path / "runs" / "opt" / "best_model.pt", map_location="cpu", weights_only=False)
     assert digits_val_accuracy(saved) == pytest.approx(float(best["best_val_acc"]), abs=1e-6)
+
+
+# Accuracy against size: tune_cnn's first layer 8 or 64 units wide, 4 trials run to their end (FIFO).
+MULTI_OBJECTIVE_STUDY = """
+metric: [val_acc, trainable_params]
+num_samples: 4
+max_concurrent: 2
+search: {algorithm: optuna, initial_points: 2, seed: 0}
+scheduler: {type: fifo}
+fixed: {dataset: digits, model: tune_cnn, num_workers: 1, epochs: 3, batch_size: 32, lr_scaling: none,
+        warmup_epochs: 0.5, model_args: {l2: 32}}
+searched:
+  lr: {loguniform: [0.02, 0.1]}
+  model_args.l1: {choice: [8, 64]}
+points_to_evaluate:
+  - {lr: 0.05, model_args.l1: 8}
+  - {lr: 0.05, model_args.l1: 64}
+"""
+
+
+def test_a_multi_objective_study_reports_the_pareto_front_of_accuracy_and_size(ray_cluster, tmp_path):
+    from raydist.study.pareto import pareto_front
+
+    path = tmp_path / "multi.yaml"
+    path.write_text(MULTI_OBJECTIVE_STUDY)
+    proc = start_tune(ray_cluster, "--search-space", str(path), "--storage-path", str(tmp_path / "runs"),
+                      "--name", "multi")
+    stdout, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stdout[-5000:]
+    experiment = tmp_path / "runs" / "multi"
+    rows = read_csv(experiment / "results.csv")
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"finished"}
+    sizes = {r["model_args.l1"]: int(r["trainable_params"]) for r in rows}
+    assert sizes["8"] < sizes["64"]  # the width searched is the size reported
+    scored = [{"trial_id": r["trial_id"], "best_val_acc": float(r["best_val_acc"]),
+               "trainable_params": int(r["trainable_params"])} for r in rows]
+    front = pareto_front(scored, [("val_acc", "max"), ("trainable_params", "min")])
+    assert {r["trial_id"] for r in rows if r["pareto"] == "True"} == front
+    assert any(r["pareto"] == "True" and r["model_args.l1"] == "8" for r in rows)  # the smallest is on it
+    assert max(float(r["best_val_acc"]) for r in rows) > 0.6  # they learned (chance: 0.1)
+    line = next(x for x in stdout.splitlines() if x.startswith("Pareto front"))
+    assert line.startswith(f"Pareto front (val_acc up, trainable_params down): {len(front)} of 4 trials: ")
+    assert all(t in line for t in front) and (experiment / "pareto.png").stat().st_size > 10_000

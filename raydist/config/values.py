@@ -94,8 +94,11 @@ def require_package(module: str, flag: str) -> None:
 
 
 def metric_mode(metric: str) -> str:
-    """Which way a reported metric is better: losses lower ("min"), accuracies higher ("max")."""
-    return "min" if metric.endswith("loss") else "max"
+    """Which way a reported metric is better: losses, seconds and parameter counts lower ("min"), accuracies
+    and throughput higher ("max")."""
+    if metric.endswith("per_s"):
+        return "max"
+    return "min" if metric.endswith(("loss", "_s", "params")) else "max"
 
 
 def flag_name(name: str) -> str:

@@ -240,9 +240,11 @@ def say(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=11, color="gray")
 
 
-def format_table(rows: list[dict], *, searched: list[str], metric: str, mode: str) -> str:
-    """A plain-text table, best first."""
-    columns = ["trial_id", "status", *searched, "epochs_run", f"best_{metric}", f"final_{metric}", "seconds"]
+def format_table(rows: list[dict], *, searched: list[str], metric: str, mode: str, others: tuple = ()) -> str:
+    """A plain-text table, best first; `others`: a multi-objective study's other objectives, whose values and
+    the Pareto mark (`pareto`) follow the metric's."""
+    front = [*others, "pareto"] if others else []
+    columns = ["trial_id", "status", *searched, "epochs_run", f"best_{metric}", f"final_{metric}", *front, "seconds"]
     sign = -1 if mode == "max" else 1
     ordered = sorted(rows, key=lambda r: (not is_finite_number(r[f"best_{metric}"]), sign * (r[f"best_{metric}"] or 0)))
     cells = [[cell(c, r.get(c)) for c in columns] for r in ordered]
@@ -254,6 +256,8 @@ def format_table(rows: list[dict], *, searched: list[str], metric: str, mode: st
 
 def cell(column: str, value) -> str:
     """A value as the table prints it: accuracies as percentages, seconds whole, other floats to 4 digits."""
+    if isinstance(value, bool):
+        return "*" if column == "pareto" and value else "" if column == "pareto" else str(value)
     if value is None or value == "":
         return "-"
     if isinstance(value, float):

@@ -20,9 +20,10 @@ from typing import Optional
 
 import yaml
 
-from raydist.output import report, search_plot
+from raydist.output import pareto_plot, report, search_plot
 from raydist.storage import filesystem, is_uri
 from raydist.study.importance import Importance, field_importance
+from raydist.study.pareto import objective_values, pareto_front
 from raydist.study.study import PER_TRIAL_FIELDS, Study
 
 LOG_KINDS = ("loguniform", "qloguniform")  # the search_space.DISTRIBUTIONS sampled on a log scale
@@ -56,7 +57,7 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
         # Tune's result: it is in the saved experiment state.
         config = result.config or saved.get(trial_id, (None, {}))[1] or {}
         # The fields that applied to the trial; a conditional one is blank where its condition failed.
-        applied = study.applying({k: _plain(config.get(k)) for k in study.searched})
+        applied = study.applying({k: _plain(config[k]) for k in study.searched if k in config})
         sample = {k: applied.get(k) for k in study.searched}
         planned = study.planned_config(applied).epochs if applied else 0
         best_epoch = report.best_record(history, study.metric, study.mode)
@@ -68,8 +69,14 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
             error=_one_line(result.error) if result.error else None, checkpoint=checkpoint,
             weights_epoch=weights_epoch, interrupted=trial_id in unfinished,
             seconds=history[-1].get("time_total_s") if history else None, startup_s=startup))
+        if study.objectives:  # a multi-objective study: each trial's value of the other objectives
+            rows[-1].update(objective_values(history, best_epoch, [m for m, _ in study.objectives]))
         histories[trial_id] = history
     rows.sort(key=lambda r: r["trial_id"])
+    if study.objectives:
+        front = pareto_front(rows, study.all_objectives())
+        for row in rows:
+            row["pareto"] = row["trial_id"] in front
     best = report.best_row(rows, study.metric, study.mode)
     # Written locally, then copied when the experiment lives in remote storage (S3, GCS).
     remote = is_uri(experiment_path)
@@ -81,6 +88,9 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
                                 title=f"{study.name}: {study.metric} per epoch (x: last epoch run)")
     best_model = export_best(best, out_dir) if best and best["checkpoint"] else None
     importance = _importance(rows, study)
+    if study.objectives:
+        _draw(lambda: pareto_plot.plot_pareto(rows, os.path.join(out_dir, PARETO_PICTURE), study.all_objectives(),
+                                              title=f"{study.name}: the trials on every objective"), PARETO_PICTURE)
     try:  # a picture that cannot be drawn must not cost the study its results
         # Log x axes for the fields sampled on a log scale, where their good region would otherwise be squashed.
         search_plot.plot_search_values(rows, os.path.join(out_dir, "search_values.png"), searched=list(study.searched),
@@ -99,6 +109,17 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
     return StudyResult(experiment_path=experiment_path, rows=rows, histories=histories, best=best,
                        best_checkpoint=best["checkpoint"] if best else None, best_model=best_model,
                        interrupted=interrupted, seconds=seconds, importance=importance)
+
+
+PARETO_PICTURE = "pareto.png"
+
+
+def _draw(draw, name: str) -> None:
+    """A picture that cannot be drawn must not cost the study its results."""
+    try:
+        draw()
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: could not draw {name}: {type(exc).__name__}: {exc}", flush=True)
 
 
 def _importance(rows: list[dict], study: Study) -> Optional[Importance]:

@@ -99,20 +99,30 @@ class TPEGate(Searcher):
         return config
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
-        if result and self.metric in result and not _finite(result[self.metric]):
-            result = {**result, self.metric: self.worst()}
+        objectives = self.objectives()
+        if result:
+            result = {**result, **{m: self.worst(mode) for m, mode in objectives
+                                   if m in result and not _finite(result[m])}}
         if trial_id in self.live:
             self.live.discard(trial_id)
-            if not error and result and self.metric in result:
+            if not error and result and all(m in result for m, _ in objectives):
                 self.results += 1
             elif error:
                 self.failed += 1
-        # Always passed on: HyperOpt ignores trials it did not propose.
-        self.searcher.on_trial_complete(trial_id, result=result, error=error)
+        # Passed on for every trial HyperOpt proposed (it ignores others); Optuna's bridge raises for a trial it
+        # did not propose (RAY internal: OptunaSearch._ot_trials), so it is told of its own only.
+        if trial_id in getattr(self.searcher, "_ot_trials", {trial_id: None}):
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
-    def worst(self) -> float:
-        """The worst finite value of the metric, for the study's mode."""
-        return -sys.float_info.max if self.mode == "max" else sys.float_info.max
+    def objectives(self) -> list[tuple[str, str]]:
+        """[(metric, mode)]: one pair, or a multi-objective study's several (Optuna takes lists)."""
+        if isinstance(self.metric, list):
+            return list(zip(self.metric, self.mode))
+        return [(self.metric, self.mode)]
+
+    def worst(self, mode: Optional[str] = None) -> float:
+        """The worst finite value of a metric, for its mode (default: the study's)."""
+        return -sys.float_info.max if (mode or self.mode) == "max" else sys.float_info.max
 
     # -- plumbing to the wrapped searcher
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], config: dict, **spec) -> bool:
@@ -125,7 +135,8 @@ class TPEGate(Searcher):
         return True
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self.searcher.on_trial_result(trial_id, result)
+        if trial_id in getattr(self.searcher, "_ot_trials", {trial_id: None}):  # as in on_trial_complete
+            self.searcher.on_trial_result(trial_id, result)
 
     # Tune saves a wrapper (an object with `.searcher`) through get_state/set_state, and the wrapped
     # HyperOptSearch through its own files.
@@ -235,7 +246,12 @@ def optuna_searcher(study: Study):
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial otherwise; raydist's console says it
     with warnings.catch_warnings():  # multivariate and constant_liar are "experimental" since Optuna 2.x
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # group: the fields of a conditional space modelled jointly within each group of trials that share
+        # them (without it, a field that is sometimes absent falls back to being drawn on its own)
         sampler = optuna.samplers.TPESampler(n_startup_trials=study.initial_points, seed=study.seed,
-                                             multivariate=True, constant_liar=True)
-    return OptunaSearch(space=OptunaSpace(study.searched), metric=study.metric, mode=study.mode,
+                                             multivariate=True, group=True, constant_liar=True)
+    objectives = study.all_objectives()
+    metric, mode = (([m for m, _ in objectives], [d for _, d in objectives]) if len(objectives) > 1
+                    else (study.metric, study.mode))  # several: Optuna's multi-objective TPE
+    return OptunaSearch(space=OptunaSpace(study.searched), metric=metric, mode=mode,
                         points_to_evaluate=study.points_to_evaluate or None, sampler=sampler)

@@ -48,7 +48,7 @@ class StudyConsole(Callback):
         self.planned: dict[str, int] = {}  # trial id -> the epochs it is planned for
 
     def values(self, trial) -> dict:
-        return self.study.applying({k: trial.config.get(k) for k in self.study.searched})
+        return self.study.applying({k: trial.config[k] for k in self.study.searched if k in trial.config})
 
     def epochs_planned(self, trial) -> int:
         if trial.trial_id not in self.planned:

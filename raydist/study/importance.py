@@ -7,7 +7,7 @@ as Optuna computes it (`optuna.importance.FanovaImportanceEvaluator`).
 
 Every scored trial counts, the ones ASHA stopped early with the best value they reached (their fields are
 part of why they were stopped). With few trials the shares are rough: the line says how many trials they
-come from. Optuna is the [optuna] extra; without it there is no importance (None, and the summary says why).
+come from. Optuna is the [optuna] extra; without it there is no importance (None: the summary has no line).
 No Ray here: it reads results.csv's rows.
 """
 
@@ -45,16 +45,21 @@ def field_importance(rows: list[dict], study: Study) -> Optional[Importance]:
     if len(fields) < 2:
         return None
     key = f"best_{study.metric}"
-    scored = [r for r in rows if _finite(r.get(key)) and all(r.get(n) is not None for n in fields)]
+    scored = [r for r in rows if _finite(r.get(key)) and all(n in r for n in fields)]
     if len(scored) < MIN_TRIALS or len({r[key] for r in scored}) < 2:
         return None
     distributions = {name: optuna_distribution(dist) for name, dist in fields.items()}
     trials = [optuna.trial.create_trial(params={n: _param(fields[n], r[n]) for n in fields},
                                         distributions=distributions, value=float(r[key])) for r in scored]
-    record = optuna.create_study(direction="maximize" if study.mode == "max" else "minimize")
-    record.add_trials(trials)
-    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=study.seed)
-    shares = optuna.importance.get_param_importances(record, evaluator=evaluator, normalize=True)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory" is not the user's news
+    try:
+        record = optuna.create_study(direction="maximize" if study.mode == "max" else "minimize")
+        record.add_trials(trials)
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=study.seed)
+        shares = optuna.importance.get_param_importances(record, evaluator=evaluator, normalize=True)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     return Importance({name: float(share) for name, share in shares.items()}, len(scored))
 
 
@@ -74,7 +79,12 @@ def optuna_distribution(dist: Distribution):
 
 
 def _param(dist: Distribution, value):
-    return dist.snap(value) if dist.kind == "choice" else value
+    """The value as the distribution samples it: a choice's own object, a grid value without the float noise
+    Tune's rounding leaves (0.7000000000000001 for 0.7), which Optuna would find outside the range."""
+    try:
+        return dist.snap(value)
+    except ValueError:
+        return value
 
 
 def _finite(value) -> bool:

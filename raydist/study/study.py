@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from raydist.config.fields import TrainConfig, coerce_values
-from raydist.config.values import fold_model_args, merge_config_values
+from raydist.config.values import fold_model_args, merge_config_values, require_package
+from raydist.errors import ConfigError
 from raydist.preflight import validate
 
 MAX_CORNERS = 4096  # combinations of the searched fields' extremes checked one by one before a study starts
@@ -21,6 +22,10 @@ MAX_SEED = 2**32 - 1  # the searchers' seeds go to numpy's RandomState, which ta
 
 
 METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
+
+
+# What a multi-objective study may weigh against its metric (each trial's value: raydist.study.pareto).
+OBJECTIVES = ("epoch_time_s", "images_per_s", "trainable_params")
 
 
 SEARCH_ALGORITHMS = ("hyperopt", "optuna", "random")
@@ -69,6 +74,7 @@ class Study:
     grace_period: int = 1
     reduction_factor: float = 3.0
     points_to_evaluate: list = field(default_factory=list)
+    objectives: tuple = ()  # a multi-objective study's other (metric, mode) pairs, after metric and mode
     given_name: Optional[str] = None  # the file's `name` key
     worker_restarts: int = 0  # a trial's worker group restarted from its checkpoint (Train's max_failures)
     trial_restarts: int = 1  # a failed trial run again from its checkpoint (Tune's max_failures)
@@ -76,6 +82,30 @@ class Study:
     verbose: bool = False  # the console: Ray's own full output and every trial's epoch lines (raydist.tune)
     saved_verbose: Optional[bool] = None  # on --resume, the study file's own `verbose` (--verbose is for now)
     status_every_s: float = 30.0  # the console: a status line this often (0: never)
+
+    def check_search(self) -> None:
+        """The search algorithm and scheduler against what the study asks of them (several objectives,
+        conditional fields)."""
+        if self.search == "optuna":
+            require_package("optuna", f"{self.path}: search.algorithm optuna")
+        if self.objectives and self.search == "hyperopt":
+            raise ConfigError(f"{self.path}: metric lists {len(self.objectives) + 1} objectives, which "
+                              f"search.algorithm optuna models together (and random search samples blind); "
+                              f"HyperOpt's TPE optimises one: use algorithm optuna (or random)")
+        if self.objectives and self.scheduler == "asha":
+            raise ConfigError(f"{self.path}: metric lists {len(self.objectives) + 1} objectives, but ASHA stops "
+                              f"trials by one metric; give scheduler: {{type: fifo}} (every trial runs to its end)")
+        conditional = [name for name, dist in self.searched.items() if dist.when]
+        if conditional and self.search == "hyperopt":
+            # Ray's HyperOpt bridge samples a flat space: every field in every trial, which TPE would then model
+            # as if the fields that did not apply had acted.
+            raise ConfigError(f"{self.path}: searched.{conditional[0]} has a condition (when), which "
+                              f"search.algorithm optuna samples only where it applies and random search leaves out "
+                              f"where it does not; HyperOpt cannot: use algorithm optuna (or random)")
+
+    def all_objectives(self) -> list[tuple[str, str]]:
+        """[(metric, mode), then the other objectives]: one pair for a study of one metric."""
+        return [(self.metric, self.mode), *self.objectives]
 
     def in_process(self, cfg: TrainConfig) -> bool:
         """Does this trial train in its own process (no Ray Train worker group)?"""
@@ -128,11 +158,12 @@ class Study:
 
     def applying(self, values: dict) -> dict:
         """The values with every searched field that does not apply to this trial left out (its `when`
-        fails, or its value is missing); values of other keys are kept as given. Parents come first in
-        `searched` (study_file orders them), so a chain of conditions is decided in one pass."""
+        fails, or it is not among the values: a choice of null is a value); values of other keys are kept as
+        given. Parents come first in `searched` (study_file orders them), so a chain of conditions is decided
+        in one pass."""
         out = {k: v for k, v in values.items() if k not in self.searched}
         for name, dist in self.searched.items():
-            if values.get(name) is not None and dist.applies(out):
+            if name in values and dist.applies(out):
                 out[name] = values[name]
         return out
 

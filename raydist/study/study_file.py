@@ -8,7 +8,7 @@ A study file (every key but `searched` is optional):
 
     name: digits_quick            # the study's name (default: the file name without .yaml)
     description: a line shown in --help listings and results
-    metric: val_acc               # val_acc | val_loss | train_acc | train_loss
+    metric: val_acc               # val_acc | val_loss | train_acc | train_loss; a list for several objectives
     mode: max                     # follows the metric (max for accuracies, min for losses); the other is refused
     num_samples: 8                # trials
     max_concurrent: null          # trials at once (default: as many as the cluster's free resources fit)
@@ -77,7 +77,6 @@ from raydist.config.values import (
     is_model_arg_key,
     merge_config_values,
     metric_mode,
-    require_package,
     split_worker_range,
 )
 from raydist.config.yaml_files import read_yaml_mapping
@@ -91,6 +90,7 @@ from raydist.study.study import (
     FAILURE_KEYS,
     MAX_SEED,
     METRICS,
+    OBJECTIVES,
     ONE_WORKER_TRIALS,
     PER_TRIAL_FIELDS,
     SCHEDULER_KEYS,
@@ -156,15 +156,7 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
     searched = study.searched = check_conditions(path, searched, fixed)
     if not searched:
         raise ConfigError(f"{path}: --set fixed every searched field; nothing is left to search")
-    conditional = [name for name, dist in searched.items() if dist.when]
-    if conditional and study.search == "hyperopt":
-        # Ray's HyperOpt bridge samples a flat space: every field in every trial, which TPE would then model
-        # as if the fields that did not apply had acted.
-        raise ConfigError(f"{path}: searched.{conditional[0]} has a condition (when), which search.algorithm "
-                          f"optuna samples only where it applies and random search leaves out where it does "
-                          f"not; HyperOpt cannot: use algorithm optuna (or random)")
-    if study.search == "optuna":
-        require_package("optuna", f"{path}: search.algorithm optuna")
+    study.check_search()
     for key in ("wandb", "wandb_project", "wandb_id"):
         if key in fixed or key in searched:
             raise ConfigError(f"{path}: {key} is a single run's setting; a study logs each trial to W&B with "
@@ -227,16 +219,28 @@ def _config_fields(path: str, section: str, values: Any) -> dict:
 
 def _read_settings(study: Study, raw: dict) -> None:
     path = study.path
-    study.metric = raw.get("metric", study.metric)
-    if study.metric not in METRICS:
-        raise ConfigError(f"{path}: metric {study.metric!r} is not one of: {', '.join(METRICS)}")
-    study.mode = raw.get("mode", metric_mode(study.metric))
-    if study.mode not in ("max", "min"):
-        raise ConfigError(f"{path}: mode {study.mode!r} is not one of: max, min")
-    if study.mode != metric_mode(study.metric):  # the opposite order would keep and export the worst epochs
-        better = "higher" if metric_mode(study.metric) == "max" else "lower"
-        raise ConfigError(f"{path}: mode {study.mode} contradicts metric {study.metric} ({better} is better); give "
-                          f"mode: {metric_mode(study.metric)}, or leave mode out (it follows the metric)")
+    metrics = raw.get("metric", study.metric)
+    metrics = list(metrics) if isinstance(metrics, list) else [metrics]
+    modes = raw.get("mode", [metric_mode(str(m)) for m in metrics])
+    modes = list(modes) if isinstance(modes, list) else [modes]
+    if not metrics or str(metrics[0]) not in METRICS:
+        raise ConfigError(f"{path}: metric {metrics[0] if metrics else metrics!r} is not one of: {', '.join(METRICS)}"
+                          f"{' (the first of a list)' if len(metrics) > 1 else ''}")
+    if len(modes) != len(metrics):
+        raise ConfigError(f"{path}: mode gives {len(modes)} direction(s) for {len(metrics)} metric(s); give one per "
+                          f"metric, or leave mode out (each follows its metric)")
+    for i, (metric, mode) in enumerate(zip(metrics, modes)):
+        if i and (metric not in METRICS + OBJECTIVES or metric in metrics[:i]):
+            raise ConfigError(f"{path}: metric[{i}] {metric!r} is not one of: "
+                              f"{', '.join(m for m in METRICS + OBJECTIVES if m not in metrics[:i])}")
+        if mode not in ("max", "min"):
+            raise ConfigError(f"{path}: mode {mode!r} is not one of: max, min")
+        if mode != metric_mode(metric):  # the opposite order would keep and export the worst epochs
+            better = "higher" if metric_mode(metric) == "max" else "lower"
+            raise ConfigError(f"{path}: mode {mode} contradicts metric {metric} ({better} is better); give "
+                              f"mode: {metric_mode(metric)}, or leave mode out (it follows the metric)")
+    study.metric, study.mode = metrics[0], modes[0]
+    study.objectives = tuple(zip(metrics[1:], modes[1:]))
     study.num_samples = _positive_int(path, "num_samples", raw.get("num_samples", study.num_samples))
     if raw.get("max_concurrent") is not None:
         study.max_concurrent = _positive_int(path, "max_concurrent", raw["max_concurrent"])
@@ -358,7 +362,9 @@ def save_study(study: Study, experiment_path: str) -> None:
     fs.create_dir(root, recursive=True)
     content = {
         "name": study.name,  # the saved file is study.yaml: without this, a resumed study is called "study"
-        "description": study.description, "metric": study.metric, "mode": study.mode,
+        "description": study.description,
+        **({"metric": [m for m, _ in study.all_objectives()], "mode": [d for _, d in study.all_objectives()]}
+           if study.objectives else {"metric": study.metric, "mode": study.mode}),
         "num_samples": study.num_samples, "max_concurrent": study.max_concurrent,
         "search": {"algorithm": study.search, "initial_points": study.initial_points, "seed": study.seed},
         "scheduler": {"type": study.scheduler, "grace_period": study.grace_period,
@@ -368,7 +374,8 @@ def save_study(study: Study, experiment_path: str) -> None:
         "console": {"verbose": study.verbose if study.saved_verbose is None else study.saved_verbose,
                     "status_every_s": study.status_every_s},
         "fixed": study.fixed,
-        "searched": {k: {d.kind: list(d.args)} for k, d in study.searched.items()},
+        "searched": {k: {d.kind: list(d.args), **({"when": {d.when[0]: list(d.when[1])}} if d.when else {})}
+                     for k, d in study.searched.items()},
         "points_to_evaluate": study.points_to_evaluate,
     }
     with fs.open_output_stream(f"{root}/{STUDY_FILE}") as out:
