@@ -1,4 +1,4 @@
-"""Search efficiency: random search and TPE (HyperOpt), each with FIFO and with ASHA, over several seeds:
+"""Search efficiency: random search and TPE (HyperOpt's, Optuna's), each with FIFO and with ASHA, over seeds:
 the compute (trial-epochs) and wall time each spends before a trial reaches an accuracy every run reaches.
 
     python benchmarks/hpo_efficiency.py [--search-space digits_quick] [--seeds 0 1 2] [--lock FILE]
@@ -6,8 +6,8 @@ the compute (trial-epochs) and wall time each spends before a trial reaches an a
     python benchmarks/hpo_efficiency.py --seeds 3 4 --merge docs/hpo_efficiency.json --json docs/hpo_efficiency.json
 
 Every run is one `python -m raydist.tune` on the study file with its own seed: the study's `search.seed`
-and every trial's training seed (`--set seed=S`) are both S. The four sides (searcher x scheduler) change one
-thing at a time: random+fifo, random+asha, hyperopt+fifo, hyperopt+asha. Within a seed the sides run one
+and every trial's training seed (`--set seed=S`) are both S. The sides (searcher x scheduler) change one
+thing at a time: random+fifo, random+asha, hyperopt+fifo, hyperopt+asha, optuna+fifo, optuna+asha. Within a seed the sides run one
 after the other, the order rotating with the seed; each run starts its own local cluster (start no other
 Ray instance meanwhile; --lock FILE holds an flock on FILE for each run, not for the whole campaign).
 
@@ -50,7 +50,9 @@ from raydist.tune import find_study_file
 SIDES = {"random+fifo": ["--search", "random", "--scheduler", "fifo"],
          "random+asha": ["--search", "random", "--scheduler", "asha"],
          "hyperopt+fifo": ["--search", "hyperopt", "--scheduler", "fifo"],
-         "hyperopt+asha": ["--search", "hyperopt", "--scheduler", "asha"]}
+         "hyperopt+asha": ["--search", "hyperopt", "--scheduler", "asha"],
+         "optuna+fifo": ["--search", "optuna", "--scheduler", "fifo"],
+         "optuna+asha": ["--search", "optuna", "--scheduler", "asha"]}
 BASELINE = "random+fifo"
 
 
@@ -125,7 +127,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds to run (none, with --merge: analyse only)")
     parser.add_argument("--num-samples", type=int, help="trials per run (default: the study's)")
     parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES),
-                        help=f"searcher+scheduler sides to run (default: all four; {BASELINE}, the baseline of "
+                        help=f"searcher+scheduler sides to run (default: all six; {BASELINE}, the baseline of "
                              f"every ratio, always runs)")
     parser.add_argument("--bars", type=float, nargs="*", default=[0.95], help="fixed val_acc bars besides the common one")
     parser.add_argument("--lock", metavar="FILE", help="flock FILE for each run")

@@ -388,16 +388,12 @@ points_to_evaluate:
 def test_an_optuna_study_on_digits_samples_the_study_files_space_and_finds_a_model_that_learned(ray_cluster, tmp_path):
     from raydist.study.study_file import load_study
 
-    path = tmp_path / "optuna.yaml"
-    path.write_text(OPTUNA_STUDY)
-    proc = start_tune(ray_cluster, "--search-space", str(path), "--storage-path", str(tmp_path / "runs"),
-                      "--name", "opt")
-    stdout, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, stdout[-5000:]
+    stdout, experiment = _run_study(ray_cluster, tmp_path, OPTUNA_STUDY, "opt")
+    path = tmp_path / "opt.yaml"
     assert "optuna search" in stdout
     assert re.search(r"what mattered \(fANOVA over 4 scored trials\): (lr|weight_decay|label_smoothing|batch_size|"
                      r"lr_schedule) \d+%, ", stdout) and "lr_step_epochs" not in stdout.split("what mattered")[1]
-    rows = read_csv(tmp_path / "runs" / "opt" / "results.csv")
+    rows = read_csv(experiment / "results.csv")
     assert len(rows) == 4 and {r["status"] for r in rows} <= {"finished", "stopped early"}
     searched = load_study(str(path)).searched
     for row in rows:  # every value exactly as the file's distribution samples it (on its grid, of its type)
@@ -414,7 +410,7 @@ def test_an_optuna_study_on_digits_samples_the_study_files_space_and_finds_a_mod
     assert any(r["lr"] == "0.3" and r["lr_step_epochs"] == "2" for r in rows)
     best = max(rows, key=lambda r: float(r["best_val_acc"]))
     assert float(best["best_val_acc"]) > 0.9
-    saved = torch.load(tmp_path / "runs" / "opt" / "best_model.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(experiment / "best_model.pt", map_location="cpu", weights_only=False)
     assert digits_val_accuracy(saved) == pytest.approx(float(best["best_val_acc"]), abs=1e-6)
 
 
@@ -439,13 +435,7 @@ points_to_evaluate:
 def test_a_multi_objective_study_reports_the_pareto_front_of_accuracy_and_size(ray_cluster, tmp_path):
     from raydist.study.pareto import pareto_front
 
-    path = tmp_path / "multi.yaml"
-    path.write_text(MULTI_OBJECTIVE_STUDY)
-    proc = start_tune(ray_cluster, "--search-space", str(path), "--storage-path", str(tmp_path / "runs"),
-                      "--name", "multi")
-    stdout, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, stdout[-5000:]
-    experiment = tmp_path / "runs" / "multi"
+    stdout, experiment = _run_study(ray_cluster, tmp_path, MULTI_OBJECTIVE_STUDY, "multi")
     rows = read_csv(experiment / "results.csv")
     assert len(rows) == 4 and {r["status"] for r in rows} == {"finished"}
     sizes = {r["model_args.l1"]: int(r["trainable_params"]) for r in rows}
@@ -459,3 +449,15 @@ def test_a_multi_objective_study_reports_the_pareto_front_of_accuracy_and_size(r
     line = next(x for x in stdout.splitlines() if x.startswith("Pareto front"))
     assert line.startswith(f"Pareto front (val_acc up, trainable_params down): {len(front)} of 4 trials: ")
     assert all(t in line for t in front) and (experiment / "pareto.png").stat().st_size > 10_000
+
+
+def _run_study(ray_cluster, tmp_path, text: str, name: str):
+    """`python -m raydist.tune` on a study file of `text` (tmp_path/NAME.yaml) that must finish: its stdout and
+    its experiment folder (tmp_path/runs/NAME)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    proc = start_tune(ray_cluster, "--search-space", str(path), "--storage-path", str(tmp_path / "runs"),
+                      "--name", name)
+    stdout, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stdout[-5000:]
+    return stdout, tmp_path / "runs" / name
