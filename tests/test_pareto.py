@@ -1,6 +1,8 @@
 """Multi-objective studies: each trial's value of every objective, the Pareto front, the study file's
 `metric: [...]`, Optuna's multi-objective TPE behind the gate, and the picture."""
 
+import warnings
+
 import pytest
 
 from raydist.errors import ConfigError
@@ -25,6 +27,9 @@ def test_the_front_is_every_trial_no_other_beats_everywhere():
             _row("g", 0.98, 900, 2.0)]   # a's twin: neither dominates the other
     assert pareto_front(rows, OBJECTIVES) == {"a", "d", "e", "g"}
     assert pareto_front(rows, OBJECTIVES[:2]) == {"a", "b", "d", "g"}
+    # A diverged or failed trial's weights are not a model to use: off the front, and it pushes none off.
+    failed = [{**_row("x", 0.99, 50, 0.1), "status": "error"}, {**_row("y", 0.99, 60, 0.2), "status": "diverged"}]
+    assert pareto_front(rows + failed, OBJECTIVES) == {"a", "d", "e", "g"}
 
 
 def test_a_trials_time_is_its_median_epoch_and_its_size_that_of_its_best_epoch():
@@ -108,4 +113,25 @@ def test_optunas_multi_objective_tpe_is_told_every_objective_and_a_non_finite_on
     record = gate.searcher._ot_study
     assert len(record.directions) == 2 and gate.results == 2
     assert [t.values for t in record.trials] == [[0.9, 1000], [0.8, gate.worst("min")]]
-    assert gate.suggest("c") is not None  # TPE proposes from the two results
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the stand-in must not overflow Optuna's reference point
+        assert gate.suggest("c") is not None  # TPE proposes from the two results
+
+
+def test_optuna_is_told_each_trials_objectives_as_results_csv_holds_them_not_its_last_epochs():
+    from test_tune_search import _optuna_gate, _optuna_study
+
+    from raydist.study.distributions import Distribution
+
+    study = _optuna_study({"lr": Distribution("uniform", (0.0, 1.0))}, initial_points=1)
+    study.objectives = (("epoch_time_s", "min"), ("trainable_params", "min"))
+    gate = _optuna_gate(study)
+    gate.suggest("a")
+    epochs = [{"epoch": 1, "val_acc": 0.90, "epoch_time_s": 9.0, "trainable_params": 10},  # start-up epoch
+              {"epoch": 2, "val_acc": 0.95, "epoch_time_s": 1.0, "trainable_params": 20},  # the best
+              {"epoch": 3, "val_acc": 0.80, "epoch_time_s": 1.4, "trainable_params": 30}]
+    for result in epochs:
+        gate.on_trial_result("a", result)
+    gate.on_trial_complete("a", epochs[-1])  # what Tune hands over: the last result
+    assert gate.searcher._ot_study.trials[0].values == [0.95, 1.4, 20]  # best, median epoch time, best's size
+    assert gate.epochs == {}

@@ -42,6 +42,7 @@ from typing import Callable, Optional
 from ray.tune.search import BasicVariantGenerator, Searcher
 
 from raydist.study.distributions import GRID_KINDS, Distribution
+from raydist.study.pareto import objective_values
 from raydist.study.study import Study
 
 # Set by raydist.tune just before a restored study runs: Tune rebuilds the searcher from its pickled
@@ -81,6 +82,7 @@ class TPEGate(Searcher):
         self.proposed = 0
         self.failed = 0  # proposals that ended in an error: hyperopt replaces them with random start-up points
         self.results = 0  # trials that finished with a result: what TPE models
+        self.epochs: dict[str, list[dict]] = {}  # a multi-objective study's live trials: their objectives per epoch
         super().__init__(metric=searcher.metric, mode=searcher.mode)
 
     # -- the rule
@@ -100,6 +102,10 @@ class TPEGate(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         objectives = self.objectives()
+        epochs = self.epochs.pop(trial_id, None)
+        if result and len(objectives) > 1 and epochs:
+            # Told what results.csv and the Pareto front hold (raydist.study.pareto), not the last epoch's.
+            result = {**result, **_trial_objectives(epochs, objectives)}
         if result:
             result = {**result, **{m: self.worst(mode) for m, mode in objectives
                                    if m in result and not _finite(result[m])}}
@@ -121,8 +127,10 @@ class TPEGate(Searcher):
         return [(self.metric, self.mode)]
 
     def worst(self, mode: Optional[str] = None) -> float:
-        """The worst finite value of a metric, for its mode (default: the study's)."""
-        return -sys.float_info.max if (mode or self.mode) == "max" else sys.float_info.max
+        """The worst finite value of a metric, for its mode (default: the study's). Several objectives: a
+        bounded one, as Optuna's multi-objective TPE scales its hypervolume reference point by 1.1."""
+        worst = MULTI_OBJECTIVE_WORST if isinstance(self.metric, list) else sys.float_info.max
+        return -worst if (mode or self.mode) == "max" else worst
 
     # -- plumbing to the wrapped searcher
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], config: dict, **spec) -> bool:
@@ -135,6 +143,8 @@ class TPEGate(Searcher):
         return True
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, list) and "epoch" in result:
+            self.epochs.setdefault(trial_id, []).append({k: result.get(k) for k in (*self.metric, "epoch")})
         if trial_id in getattr(self.searcher, "_ot_trials", {trial_id: None}):  # as in on_trial_complete
             self.searcher.on_trial_result(trial_id, result)
 
@@ -144,9 +154,24 @@ class TPEGate(Searcher):
         return copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "searcher"})
 
     def set_state(self, state: dict) -> None:
-        self.__dict__.update({"failed": 0, **state})  # a study saved before `failed` existed
+        self.__dict__.update({"failed": 0, "epochs": {}, **state})  # a study saved before these existed
         if _resume_concurrency is not None:
             self.max_concurrent = _resume_concurrency
+
+
+MULTI_OBJECTIVE_WORST = 1e30  # sys.float_info.max x 1.1 overflows to inf in Optuna's reference point
+
+
+def _trial_objectives(epochs: list[dict], objectives: list[tuple[str, str]]) -> dict:
+    """A trial's value of each objective from its epochs, as results.csv holds it: the best of the first
+    metric, then raydist.study.pareto's rule for the others (at that best epoch, or the median)."""
+    (metric, mode), others = objectives[0], objectives[1:]
+    scored = [e for e in epochs if _finite(e.get(metric))]
+    if not scored:
+        return {}
+    best = (max if mode == "max" else min)(scored, key=lambda e: e[metric])
+    values = objective_values(epochs, best, [m for m, _ in others])
+    return {metric: best[metric], **{m: v for m, v in values.items() if v is not None}}
 
 
 def _finite(value) -> bool:

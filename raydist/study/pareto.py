@@ -16,6 +16,7 @@ import statistics
 from typing import Optional
 
 MEDIAN_OVER_EPOCHS = ("epoch_time_s", "images_per_s")
+NOT_A_MODEL = ("diverged", "error")  # raydist.output.report's DIVERGED and ERROR (that layer is above this one)
 
 
 def objective_values(history: list[dict], best: Optional[dict], metrics: list[str]) -> dict[str, Optional[float]]:
@@ -38,10 +39,13 @@ def column(metric: str, primary: str) -> str:
 
 def pareto_front(rows: list[dict], objectives: list[tuple[str, str]]) -> set[str]:
     """The trial ids on the front, among the rows with a finite value of every objective (the first objective's
-    column is `best_{metric}`)."""
+    column is `best_{metric}`); a diverged or failed trial is never on it (its weights are not a model to
+    use, as raydist.output.report.best_row says)."""
     primary = objectives[0][0]
     points = {}
     for row in rows:
+        if row.get("status") in NOT_A_MODEL:
+            continue
         values = [row.get(column(m, primary)) for m, _ in objectives]
         if all(_finite(v) for v in values):
             points[row["trial_id"]] = [v if mode == "max" else -v for v, (_, mode) in zip(values, objectives)]

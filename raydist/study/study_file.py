@@ -230,7 +230,9 @@ def _read_settings(study: Study, raw: dict) -> None:
         raise ConfigError(f"{path}: mode gives {len(modes)} direction(s) for {len(metrics)} metric(s); give one per "
                           f"metric, or leave mode out (each follows its metric)")
     for i, (metric, mode) in enumerate(zip(metrics, modes)):
-        if i and (metric not in METRICS + OBJECTIVES or metric in metrics[:i]):
+        if i and metric in metrics[:i]:
+            raise ConfigError(f"{path}: metric[{i}] {metric!r} is listed twice")
+        if i and metric not in METRICS + OBJECTIVES:
             raise ConfigError(f"{path}: metric[{i}] {metric!r} is not one of: "
                               f"{', '.join(m for m in METRICS + OBJECTIVES if m not in metrics[:i])}")
         if mode not in ("max", "min"):
