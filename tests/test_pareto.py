@@ -87,7 +87,7 @@ def test_a_study_file_lists_its_objectives_and_a_saved_study_reads_back_the_same
     (("metric: [val_acc, trainable_params]", "metric: [val_acc, trainable_params]\nmode: max"),
      "mode gives 1 direction(s) for 2 metric(s)"),
     (("algorithm: optuna", "algorithm: hyperopt"), "metric lists 2 objectives, which search.algorithm optuna models"),
-    (("type: fifo", "type: asha"), "ASHA stops trials by one metric; give scheduler: {type: fifo}"),
+    (("type: fifo", "type: asha"), "ASHA stops trials by one metric; give scheduler: {type: fifo} or --scheduler fifo"),
 ])
 def test_a_bad_multi_objective_study_is_one_line(tmp_path, edit, message):
     old, new = edit

@@ -95,7 +95,8 @@ class Study:
                               f"line)")
         if self.objectives and self.scheduler == "asha":
             raise ConfigError(f"{self.path}: metric lists {len(self.objectives) + 1} objectives, but ASHA stops "
-                              f"trials by one metric; give scheduler: {{type: fifo}} or --scheduler fifo (every trial runs to its end)")
+                              f"trials by one metric; give scheduler: {{type: fifo}} or --scheduler fifo (every trial "
+                              f"runs to its end)")
         conditional = [name for name, dist in self.searched.items() if dist.when]
         if conditional and self.search == "hyperopt":
             # Ray's HyperOpt bridge samples a flat space: every field in every trial, which TPE would then model
