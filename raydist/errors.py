@@ -73,3 +73,10 @@ def keep_traceback(exc: BaseException, *, where: str) -> None:
         setattr(exc, TRACEBACK_ATTRIBUTE, f"({where})\n" + "".join(traceback.format_exception(exc)))
     except AttributeError:  # an exception type that takes no attributes: Ray's truncated text stays
         pass
+
+
+def first_line(exc: BaseException, limit: int = 0) -> str:
+    """An exception's first non-empty line (its type's name when it says nothing), cut to `limit` characters
+    when given: the cause a one-line error quotes."""
+    line = next((part.strip() for part in str(exc).splitlines() if part.strip()), type(exc).__name__)
+    return line[:limit] if limit else line

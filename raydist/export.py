@@ -38,7 +38,7 @@ import warnings
 from typing import Optional
 
 from raydist.cli import OneLineErrorParser
-from raydist.errors import ConfigError
+from raydist.errors import ConfigError, first_line
 from raydist.storage import is_uri
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "pt2": "model.pt2"}
@@ -218,7 +218,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         result = check(predictor, written["model"], args.format, images)
     except Exception as exc:  # noqa: BLE001 - a runtime that refuses the file: the check failed, say why
-        print(f"check failed: the {args.format} runtime could not run {written['model']} ({_first_line(exc)})")
+        print(f"check failed: the {args.format} runtime could not run {written['model']} ({first_line(exc, 300)})")
         return 1
     _record(written["preprocessing"], result)
     agrees = result["max_abs_diff"] <= TOLERANCE * result["logit_scale"]
@@ -252,7 +252,7 @@ def _write(predictor, fmt: str, out: str) -> dict:
         if made:
             with contextlib.suppress(OSError):
                 os.rmdir(out)  # the folder this export made, empty again
-        raise ConfigError(f"{predictor.cfg.model} cannot be exported to {fmt}: {_first_line(exc)}") from None
+        raise ConfigError(f"{predictor.cfg.model} cannot be exported to {fmt}: {first_line(exc, 300)}") from None
     for key, content in (("classes", predictor.class_names), ("preprocessing", prep)):
         with open(partial[key], "w") as fh:
             json.dump(content, fh, indent=1)
@@ -268,10 +268,6 @@ def _record(path: str, result: dict) -> None:
     with open(f"{path}.partial", "w") as fh:
         json.dump(prep, fh, indent=1)
     os.replace(f"{path}.partial", path)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _remove(paths) -> None:

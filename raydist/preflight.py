@@ -11,7 +11,7 @@ import re
 
 from raydist.config.fields import MIN_MICRO_BATCH, TrainConfig
 from raydist.config.values import WORKER_RANGE_RULE, check_address, check_folder_name, flag_name
-from raydist.errors import ConfigError
+from raydist.errors import ConfigError, first_line
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -203,7 +203,7 @@ def _check_timm_model(cfg: TrainConfig, side: int) -> None:
         with torch.device("meta"):
             net = model_spec(cfg.model).builder(num_classes=2, **cfg.model_args)
     except Exception as exc:  # noqa: BLE001 - timm raises TypeError, ValueError, AssertionError alike
-        raise ConfigError(f"{named}: timm cannot build it ({_first_line(exc)})") from None
+        raise ConfigError(f"{named}: timm cannot build it ({first_line(exc, 200)})") from None
     from raydist.models.timm_models import head_names
 
     if not head_names(net):
@@ -218,13 +218,9 @@ def _check_timm_model(cfg: TrainConfig, side: int) -> None:
     except NotImplementedError:  # an operation without a meta kernel: the workers will tell
         return
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"--model {cfg.model} cannot read images of {side} pixels a side ({_first_line(exc)}); "
+        raise ConfigError(f"--model {cfg.model} cannot read images of {side} pixels a side ({first_line(exc, 200)}); "
                           f"give --input-size with a side it reads, or --model-arg img_size={side} for an "
                           f"architecture that takes it") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
 
 
 def _check_elastic(cfg: TrainConfig) -> None:

@@ -34,7 +34,7 @@ from typing import Optional
 
 import numpy as np
 
-from raydist.errors import FolderError, TooManyBadImages
+from raydist.errors import FolderError, TooManyBadImages, first_line
 from raydist.storage import filesystem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -79,11 +79,7 @@ def folder_filesystem(root: str):
     try:
         return filesystem(root)
     except Exception as exc:  # noqa: BLE001 - unknown scheme, bad bucket name, no credentials
-        raise FolderError(f"--data-dir {root}: cannot open it ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise FolderError(f"--data-dir {root}: cannot open it ({first_line(exc)})") from None
 
 
 def _list(fs, path: str, root: str):
@@ -93,7 +89,7 @@ def _list(fs, path: str, root: str):
     try:
         return fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
     except Exception as exc:  # noqa: BLE001 - permissions, an unreachable bucket, missing credentials
-        raise FolderError(f"--data-dir {root}: cannot list it ({_first_line(exc)})") from None
+        raise FolderError(f"--data-dir {root}: cannot list it ({first_line(exc)})") from None
 
 
 def is_image_file(name: str) -> bool:
@@ -146,7 +142,7 @@ def _scan(root: str, val_fraction: float) -> FolderIndex:
     try:
         info = fs.get_file_info(base)
     except Exception as exc:  # noqa: BLE001
-        raise FolderError(f"--data-dir {root}: cannot read it ({_first_line(exc)})") from None
+        raise FolderError(f"--data-dir {root}: cannot read it ({first_line(exc)})") from None
     if info.type == pyarrow.fs.FileType.NotFound:
         raise FolderError(f"--data-dir {root}: no such folder; give the folder that holds one subfolder per class")
     if info.type == pyarrow.fs.FileType.File:
