@@ -52,7 +52,10 @@ SIDES = {"random+fifo": ["--search", "random", "--scheduler", "fifo"],
          "hyperopt+fifo": ["--search", "hyperopt", "--scheduler", "fifo"],
          "hyperopt+asha": ["--search", "hyperopt", "--scheduler", "asha"],
          "optuna+fifo": ["--search", "optuna", "--scheduler", "fifo"],
-         "optuna+asha": ["--search", "optuna", "--scheduler", "asha"]}
+         "optuna+asha": ["--search", "optuna", "--scheduler", "asha"],
+         # Population-based training against FIFO on the same first population (the same seeded random draw):
+         # a paired comparison (--search-space digits_pbt --sides random+fifo random+pbt).
+         "random+pbt": ["--search", "random", "--scheduler", "pbt"]}
 BASELINE = "random+fifo"
 
 
@@ -126,7 +129,7 @@ def main():
     parser.add_argument("--search-space", default="digits_quick")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds to run (none, with --merge: analyse only)")
     parser.add_argument("--num-samples", type=int, help="trials per run (default: the study's)")
-    parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES),
+    parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=[s for s in SIDES if s != "random+pbt"],
                         help=f"searcher+scheduler sides to run (default: all six; {BASELINE}, the baseline of "
                              f"every ratio, always runs)")
     parser.add_argument("--bars", type=float, nargs="*", default=[0.95], help="fixed val_acc bars besides the common one")

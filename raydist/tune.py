@@ -38,7 +38,7 @@ from raydist.ray_edge.results import StudyResult
 from raydist.ray_edge.study import Plan, run_study
 from raydist.storage import is_uri
 from raydist.study.pareto import column
-from raydist.study.study import ONE_WORKER_TRIALS, SEARCH_ALGORITHMS, Study
+from raydist.study.study import ONE_WORKER_TRIALS, SCHEDULERS, SEARCH_ALGORITHMS, Study
 from raydist.study.study_file import STUDY_FILE, load_study
 
 # The shipped studies: inside the package in a wheel (pyproject.toml maps search_spaces/ there), at the top
@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the shipped study files and exit")
     p.add_argument("--search", choices=SEARCH_ALGORITHMS, help="search algorithm: HyperOpt's TPE, Optuna's TPE "
                    "(multivariate) or random (default: the study's)")
-    p.add_argument("--scheduler", choices=("asha", "fifo"), help="trial scheduler (default: the study's)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="trial scheduler: ASHA (stops the weak early), FIFO (every "
+                   "trial to its end), PBT or PB2 (population-based training; default: the study's)")
     p.add_argument("--num-samples", type=int, metavar="N", help="number of trials (default: the study's)")
     p.add_argument("--one-worker-trials", choices=ONE_WORKER_TRIALS,
                    help="how a one-worker trial trains: in_process (in the trial's own process: seconds less "
@@ -287,9 +288,12 @@ def print_result(result: StudyResult, study: Study) -> None:
         print(f"\nbest trial {b['trial_id']}: {study.metric} {report.cell(study.metric, b[f'best_{study.metric}'])} "
               f"at epoch {b['best_epoch']}{_weights_note(b)} ({values})")
         print(f"  checkpoint:   {result.best_checkpoint}")
+        if study.population:  # its values changed mid-run: best_config.yaml holds its last ones
+            print(f"  trained by:   {b['lineage']} ({b['exploits']} exploit(s) in this trial)")
         if result.best_model:
             print(f"  best weights: {result.best_model}")
-            print(f"  retrain it:   python -m raydist.train --config {where}/best_config.yaml")
+            if not study.population:
+                print(f"  retrain it:   python -m raydist.train --config {where}/best_config.yaml")
     else:
         print("\nno trial reported a result")
     if study.objectives:

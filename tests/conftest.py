@@ -242,6 +242,17 @@ def start_tune(address: str, *args, **popen_kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen_kwargs)
 
 
+def run_study_file(address: str, tmp_path, text: str, name: str):
+    """`python -m raydist.tune` on a study file of `text` (tmp_path/NAME.yaml) that must finish: its stdout and
+    its experiment folder (tmp_path/runs/NAME)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    proc = start_tune(address, "--search-space", str(path), "--storage-path", str(tmp_path / "runs"), "--name", name)
+    stdout, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stdout[-5000:]
+    return stdout, tmp_path / "runs" / name
+
+
 def read_csv(path) -> list[dict]:
     import csv
 

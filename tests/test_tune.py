@@ -16,8 +16,8 @@ import time
 
 import pytest
 import torch
-from conftest import (MetricsWatcher, digits_val_accuracy, pending_train_requests, read_csv, start_tune,
-                      wait_for_free_cluster)
+from conftest import (MetricsWatcher, digits_val_accuracy, pending_train_requests, read_csv, run_study_file,
+                      start_tune, wait_for_free_cluster)
 
 # Trials run one at a time (the 2-worker ones need both CPUs). The first two are pinned so the checks
 # cannot depend on luck: a known-good 2-worker setting (about 93% in 7 epochs here) and a learning rate
@@ -388,7 +388,7 @@ points_to_evaluate:
 def test_an_optuna_study_on_digits_samples_the_study_files_space_and_finds_a_model_that_learned(ray_cluster, tmp_path):
     from raydist.study.study_file import load_study
 
-    stdout, experiment = _run_study(ray_cluster, tmp_path, OPTUNA_STUDY, "opt")
+    stdout, experiment = run_study_file(ray_cluster, tmp_path, OPTUNA_STUDY, "opt")
     path = tmp_path / "opt.yaml"
     assert "optuna search" in stdout
     assert re.search(r"what mattered \(fANOVA over 4 scored trials\): (lr|weight_decay|label_smoothing|batch_size|"
@@ -435,7 +435,7 @@ points_to_evaluate:
 def test_a_multi_objective_study_reports_the_pareto_front_of_accuracy_and_size(ray_cluster, tmp_path):
     from raydist.study.pareto import pareto_front
 
-    stdout, experiment = _run_study(ray_cluster, tmp_path, MULTI_OBJECTIVE_STUDY, "multi")
+    stdout, experiment = run_study_file(ray_cluster, tmp_path, MULTI_OBJECTIVE_STUDY, "multi")
     rows = read_csv(experiment / "results.csv")
     assert len(rows) == 4 and {r["status"] for r in rows} == {"finished"}
     sizes = {r["model_args.l1"]: int(r["trainable_params"]) for r in rows}
@@ -449,15 +449,3 @@ def test_a_multi_objective_study_reports_the_pareto_front_of_accuracy_and_size(r
     line = next(x for x in stdout.splitlines() if x.startswith("Pareto front"))
     assert line.startswith(f"Pareto front (val_acc up, trainable_params down): {len(front)} of 4 trials: ")
     assert all(t in line for t in front) and (experiment / "pareto.png").stat().st_size > 10_000
-
-
-def _run_study(ray_cluster, tmp_path, text: str, name: str):
-    """`python -m raydist.tune` on a study file of `text` (tmp_path/NAME.yaml) that must finish: its stdout and
-    its experiment folder (tmp_path/runs/NAME)."""
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(text)
-    proc = start_tune(ray_cluster, "--search-space", str(path), "--storage-path", str(tmp_path / "runs"),
-                      "--name", name)
-    stdout, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, stdout[-5000:]
-    return stdout, tmp_path / "runs" / name

@@ -113,19 +113,20 @@ def local_tensorboard_for(fs, target: str) -> tuple[str, Callable[[], None]]:
 def run_folder_context(cfg: TrainConfig, *, run_dir: str, device: torch.device, node_id: str,
                        report: Callable[[dict, Optional[str]], None], resume_state: Optional[dict] = None,
                        kept: Optional[list[tuple[dict, str]]] = None, epoch_lines: bool = True,
-                       open_stream: Optional[Callable[..., tuple]] = None) -> WorkerContext:
+                       open_stream: Optional[Callable[..., tuple]] = None, pin_every: int = 0) -> WorkerContext:
     """One process that trains alone and keeps its run folder itself, as Ray Train does for a multi-worker
     run (a one-worker Tune trial: no worker group): each checkpoint goes to `run_dir`/checkpoint_epoch_NNNN/
     (a local path or a URI), the best `keep_checkpoints` by `keep_by` and the latest are kept, and
     `report(metrics, checkpoint_path or None)` passes every epoch on. `kept`: the (metrics, path) of the
     checkpoints already in the folder, when a trial resumes there. `epoch_lines`: print a line per epoch
     (a study's driver prints its own lines instead). `open_stream`: the image folder's streams, when this
-    process can reach Ray Data (a Tune trial can: raydist.ray_edge.stream.stream_splits)."""
+    process can reach Ray Data (a Tune trial can: raydist.ray_edge.stream.stream_splits). `pin_every`: the
+    checkpoints of the last two epochs that are multiples of it are kept too (PBT's offers)."""
     import posixpath
 
     checkpoints = list(kept or [])
     def prune() -> None:
-        keep = checkpoints_to_keep(checkpoints, cfg.keep_by, cfg.keep_checkpoints)
+        keep = checkpoints_to_keep(checkpoints, cfg.keep_by, cfg.keep_checkpoints, pin_every=pin_every)
         for _, path in checkpoints:
             if path not in keep:
                 fs, inner = filesystem(path)

@@ -164,7 +164,8 @@ def _torch_trainer(cfg: TrainConfig, *, use_gpu: bool, callbacks: list, console:
 
 
 def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict], None],
-                 started_unix: Optional[float] = None, console: Optional[dict] = None) -> RunSummary:
+                 started_unix: Optional[float] = None, console: Optional[dict] = None,
+                 pin_every: int = 0, history_extra: Optional[dict] = None) -> RunSummary:
     """A one-worker Tune trial, trained in the trial's own process: no Train controller, worker group or
     process group to start, which is most of a small trial's start-up. The run folder is kept as a
     TorchTrainer run keeps it (config.yaml, checkpoint_epoch_NNNN/ ranked by keep_by, model_final.pt,
@@ -173,7 +174,9 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
     `on_report(metrics)` hands each epoch to Tune (ray.tune.report, in raydist.tune). The trial's resources
     are the worker's: on a GPU trial Ray has made its one GPU the process's cuda:0. `started_unix`: when the
     trial started, for the history's timings (default: now). `console`: as for `fit` (its progress aside:
-    a study's console has a line per trial epoch)."""
+    a study's console has a line per trial epoch). `pin_every`: keep the checkpoints of the last two epochs
+    that are multiples of it whatever their metric (a PBT trial's offers, raydist.ray_edge.population).
+    `history_extra`: added to each epoch's history record (a PBT trial's values, which change mid-run)."""
     import ray
     import torch
 
@@ -183,14 +186,15 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
     history = HistoryWriter(trial_path, started_unix)
     latest = latest_readable_checkpoint(run_dir)  # skips, with a line, a latest one cut short by a crash
     resume_state = latest[1] if latest else None
-    if latest:
+    console = console or {}
+    if latest and console.get("epoch_lines", True):  # a study's driver says when a trial starts again
         print(f"resuming from {latest[0]}", flush=True)
 
-    console = console or {}
     exported = RunMetrics(console.get("labels") or {"run": cfg.name})  # the dashboard's Metrics view
 
     def report(metrics: dict, checkpoint_path: Optional[str]) -> None:
-        history.add(metrics, checkpoint_path)  # on record first, whatever Tune then decides
+        # on record first, whatever Tune then decides
+        history.add({**metrics, **(history_extra or {})}, checkpoint_path)
         exported.record(metrics)
         on_report({**metrics, "checkpoint_path": checkpoint_path})
 
@@ -202,7 +206,7 @@ def fit_in_trial(cfg: TrainConfig, *, trial_path: str, on_report: Callable[[dict
             on_report({**recovered, "checkpoint_path": latest[0]})
     ctx = run_folder_context(cfg, run_dir=run_dir, device=device, report=report, resume_state=resume_state,
                              node_id=ray.get_runtime_context().get_node_id(),  # RAY
-                             kept=kept, epoch_lines=console.get("epoch_lines", True),
+                             kept=kept, epoch_lines=console.get("epoch_lines", True), pin_every=pin_every,
                              open_stream=stream_splits)  # a trial streams an image folder as a worker does
     try:
         run(cfg, ctx)

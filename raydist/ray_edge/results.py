@@ -21,6 +21,7 @@ from typing import Optional
 import yaml
 
 from raydist.output import pareto_plot, report, search_plot
+from raydist.runs.lineage import lineage, lineage_line
 from raydist.storage import filesystem, is_uri
 from raydist.study.importance import Importance, field_importance
 from raydist.study.pareto import objective_values, pareto_front
@@ -71,6 +72,9 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
             seconds=history[-1].get("time_total_s") if history else None, startup_s=startup))
         if study.objectives:  # a multi-objective study: each trial's value of the other objectives
             rows[-1].update(objective_values(history, best_epoch, [m for m, _ in study.objectives]))
+        if study.population:  # PBT: how often the trial took another's weights, and where its last ones came from
+            rows[-1]["exploits"] = sum(1 for h in history if h.get("exploited"))
+            rows[-1]["lineage"] = lineage_line(lineage(history, trial_id, upto=rows[-1]["best_epoch"]))
         histories[trial_id] = history
     rows.sort(key=lambda r: r["trial_id"])
     if study.objectives:
@@ -87,7 +91,8 @@ def summarize(study: Study, grid, experiment_path: str, *, seconds: float) -> St
                                 metric=study.metric, best=best["trial_id"] if best else None,
                                 title=f"{study.name}: {study.metric} per epoch (x: last epoch run)")
     best_model = export_best(best, out_dir) if best and best["checkpoint"] else None
-    importance = _importance(rows, study)
+    # Under PBT a row's values are the trial's last ones, not what trained it: no importance to read off them.
+    importance = None if study.population else _importance(rows, study)
     if study.objectives:
         _draw(lambda: pareto_plot.plot_pareto(rows, os.path.join(out_dir, PARETO_PICTURE), study.all_objectives(),
                                               title=f"{study.name}: the trials on every objective"), PARETO_PICTURE)

@@ -190,6 +190,12 @@ def _say_the_plan(plan: Plan, cap, concurrency: int) -> bool:
     if study.search in ("hyperopt", "optuna") and concurrency > startup:
         print(f"TPE: the first {startup} trials are start-up points; later ones wait until {study.initial_points} "
               f"trials have finished", flush=True)
+    if study.population:
+        from raydist.study.population import perturbed_fields
+
+        print(f"{study.scheduler.upper()}: every {study.perturbation_interval} epochs the bottom "
+              f"{study.quantile_fraction:.0%} of the trials take the weights of the top {study.quantile_fraction:.0%} "
+              f"and perturb {', '.join(perturbed_fields(study.searched))}", flush=True)
     for warning in study.warnings:
         print(f"warning: {warning}", flush=True)
     first = _first_trial(plan, cap)
@@ -302,6 +308,14 @@ def _searcher(study: Study, concurrency: int):
                                       n_initial_points=study.initial_points, random_state_seed=study.seed),
                        initial_points=study.initial_points, points_to_evaluate=len(study.points_to_evaluate),
                        max_concurrent=concurrency)
+    if study.population:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # PBT's population is every trial at once: Tune starts what fits and PBT shares the slots out at each
+        # perturbation (a trial not yet created could never give or take weights), so no limit that a
+        # growing cluster raises (RandomSearch's) applies.
+        return BasicVariantGenerator(points_to_evaluate=study.points_to_evaluate or None, random_state=study.seed,
+                                     max_concurrent=study.num_samples)
     return RandomSearch(points_to_evaluate=study.points_to_evaluate or None, random_state=study.seed,
                         max_concurrent=concurrency)
 
@@ -311,6 +325,10 @@ def _scheduler(study: Study):
 
     from raydist.ray_edge.history import ASHAWithHistory
 
+    if study.population:
+        from raydist.ray_edge.population import population_scheduler
+
+        return population_scheduler(study)
     if study.scheduler == "asha":
         # stop_last_trials=False: a trial that reaches its own last epoch finishes normally.
         return ASHAWithHistory(time_attr="epoch", max_t=study.max_epochs, grace_period=study.grace_period,

@@ -56,6 +56,9 @@ class StudyConsole(Callback):
         return self.planned[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        if self.study.population and trial.trial_id in self.seen:  # PBT shares the slots out at each perturbation
+            self.started[trial.trial_id] = time.monotonic()
+            return
         cfg = self.study.planned_config(self.values(trial))
         gpu = cfg.use_gpu if cfg.use_gpu is not None else self.cluster_has_gpus
         per = f"{cfg.cpus_per_worker:g} CPU" + (f" + {cfg.gpus_per_worker:g} GPU" if gpu else "")

@@ -6,10 +6,16 @@ and what an interrupted or lost trial gives back to the cluster.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 
 from raydist.study.study import Study
+
+# A trial's process logs each Tune checkpoint it reports and restores from (a PBT trial's offers) at INFO,
+# a line per perturbation per trial; the study's console says what matters of them.
+for _logger in ("ray.train._internal.storage", "ray.tune.trainable.trainable"):  # RAY: their module loggers
+    logging.getLogger(_logger).setLevel(logging.WARNING)
 
 
 def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
@@ -40,7 +46,17 @@ def run_trial(sample: dict, study: Study, experiment_path: str) -> None:
                                   name=run_name, storage_path=trial_path)
         cfg = prepare(cfg, explicit={})
         if study.in_process(cfg):  # one worker: the loop runs here, on the resources Tune gave this trial
-            fit_in_trial(cfg, trial_path=trial_path, on_report=ray.tune.report, started_unix=started, console=console)
+            on_report, pin_every, extra = ray.tune.report, 0, None
+            if study.population:  # PBT: maybe another trial's weights first; offers at each perturbation
+                from raydist.ray_edge.population import offering_report, take_offer
+
+                values = {k: v for k, v in study.decode(sample).items() if k in study.searched}
+                take_offer(study, trial_id=context.get_trial_id(), trial_path=trial_path,
+                           run_dir=f"{trial_path}/{run_name}", values=values, started_unix=started)
+                on_report = offering_report(study, context.get_trial_id(), values)
+                pin_every, extra = study.perturbation_interval, {"values": values}
+            fit_in_trial(cfg, trial_path=trial_path, on_report=on_report, started_unix=started, console=console,
+                         pin_every=pin_every, history_extra=extra)
         else:
             # No curves.png per trial: the study draws every trial in learning_curves.png, and a trial's thread
             # is no place for matplotlib once Tune stops it (it ends the thread with an exception, mid-draw).

@@ -148,8 +148,10 @@ def best_checkpoint(kept: list[tuple[dict, str]], metric: str) -> Optional[tuple
     return max(kept, key=lambda c: merit(c[0], metric), default=None)
 
 
-def checkpoints_to_keep(kept: list[tuple[dict, str]], metric: str, best_few: int) -> set[str]:
-    """The paths a run keeps: its `best_few` best by `metric` (the later of equals) and its latest."""
+def checkpoints_to_keep(kept: list[tuple[dict, str]], metric: str, best_few: int, *, pin_every: int = 0) -> set[str]:
+    """The paths a run keeps: its `best_few` best by `metric` (the later of equals) and its latest; with
+    `pin_every`, also the latest two at epochs that are multiples of it (a PBT trial's offers)."""
     latest = max(kept, key=lambda c: c[0]["epoch"])
     best = sorted(kept, key=lambda c: (merit(c[0], metric), c[0]["epoch"]), reverse=True)[:best_few]
-    return {path for _, path in best} | {latest[1]}
+    pinned = sorted((c for c in kept if pin_every and c[0]["epoch"] % pin_every == 0), key=lambda c: c[0]["epoch"])[-2:]
+    return {path for _, path in best + pinned} | {latest[1]}

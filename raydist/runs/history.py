@@ -89,6 +89,18 @@ class HistoryWriter:
         self.records = [r for r in self.records if r.get("epoch", math.inf) < record["epoch"]] + [record]
         _write_history(self.trial_path, self.records)
 
+    def exploited(self, metrics: dict, checkpoint_path: str, source: dict) -> dict:
+        """Put on record that the trial took another's weights (raydist.runs.lineage): `metrics` are that
+        trial's at the epoch it trained them to, which this record stands for; the time spent so far is
+        the trial's own (none passes in the exchange). Returns the record."""
+        now = time.time()
+        record = dict(metrics)
+        record.update(checkpoint_path=checkpoint_path, reported_unix=now, time_this_iter_s=0.0,
+                      time_total_s=self.spent_before, exploited=source)
+        self.records = [r for r in self.records if r.get("epoch", math.inf) < record["epoch"]] + [record]
+        _write_history(self.trial_path, self.records)
+        return record
+
     def kept_checkpoints(self) -> list[tuple[dict, str]]:
         """(record, path) of each recorded checkpoint still in storage: what a resumed trial keeps ranking."""
         import pyarrow.fs

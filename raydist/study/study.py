@@ -14,6 +14,7 @@ from raydist.config.fields import TrainConfig, coerce_values
 from raydist.config.values import fold_model_args, merge_config_values, require_package
 from raydist.errors import ConfigError
 from raydist.preflight import validate
+from raydist.study.population import POPULATION_KEYS, POPULATION_SCHEDULERS, check_population
 
 MAX_CORNERS = 4096  # combinations of the searched fields' extremes checked one by one before a study starts
 
@@ -31,7 +32,7 @@ OBJECTIVES = ("epoch_time_s", "images_per_s", "trainable_params")
 SEARCH_ALGORITHMS = ("hyperopt", "optuna", "random")
 
 
-SCHEDULERS = ("asha", "fifo")
+SCHEDULERS = ("asha", "fifo", "pbt", "pb2")  # pbt/pb2: population-based training (raydist.study.population)
 
 
 # Set per trial by raydist.tune, so a study may not set them.
@@ -48,7 +49,7 @@ ONE_WORKER_TRIALS = ("in_process", "trainer")  # how a one-worker trial trains: 
 SEARCH_KEYS = ("algorithm", "initial_points", "seed")
 
 
-SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor")
+SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor", *POPULATION_KEYS)
 
 
 FAILURE_KEYS = ("worker_restarts", "trial_restarts")
@@ -73,6 +74,10 @@ class Study:
     scheduler: str = "asha"
     grace_period: int = 1
     reduction_factor: float = 3.0
+    perturbation_interval: int = 2  # pbt/pb2: epochs between perturbations (raydist.study.population)
+    quantile_fraction: float = 0.25
+    resample_probability: float = 0.25
+    synch: bool = False  # pbt/pb2: every trial waits for the others at each perturbation
     points_to_evaluate: list = field(default_factory=list)
     objectives: tuple = ()  # a multi-objective study's other (metric, mode) pairs, after metric and mode
     given_name: Optional[str] = None  # the file's `name` key
@@ -88,6 +93,8 @@ class Study:
         conditional fields)."""
         if self.search == "optuna":
             require_package("optuna", f"{self.path}: search.algorithm optuna")
+        if self.population:
+            check_population(self)
         if self.objectives and self.search == "hyperopt":
             raise ConfigError(f"{self.path}: metric lists {len(self.objectives) + 1} objectives, which "
                               f"search.algorithm optuna models together (and random search samples blind); "
@@ -104,6 +111,11 @@ class Study:
             raise ConfigError(f"{self.path}: searched.{conditional[0]} has a condition (when), which "
                               f"search.algorithm optuna samples only where it applies and random search leaves out "
                               f"where it does not; HyperOpt cannot: use algorithm optuna (or random)")
+
+    @property
+    def population(self) -> bool:
+        """Population-based training (pbt, pb2): trials take each other's weights mid-run."""
+        return self.scheduler in POPULATION_SCHEDULERS
 
     def all_objectives(self) -> list[tuple[str, str]]:
         """[(metric, mode), then the other objectives]: one pair for a study of one metric."""

@@ -13,7 +13,7 @@ A study file (every key but `searched` is optional):
     num_samples: 8                # trials
     max_concurrent: null          # trials at once (default: as many as the cluster's free resources fit)
     search:    {algorithm: hyperopt, initial_points: 3, seed: 0}    # or algorithm: optuna | random
-    scheduler: {type: asha, grace_period: 2, reduction_factor: 3}   # or type: fifo
+    scheduler: {type: asha, grace_period: 2, reduction_factor: 3}   # or type: fifo, pbt, pb2 (study.population)
     failures:  {worker_restarts: 0, trial_restarts: 1}   # see below
     one_worker_trials: in_process # or trainer: see below
     console:   {verbose: false, status_every_s: 30}   # verbose: Ray's own full output, every epoch line
@@ -85,6 +85,7 @@ from raydist.preflight import validate
 from raydist.storage import filesystem
 from raydist.study.conditions import check_conditions
 from raydist.study.distributions import read_distribution
+from raydist.study.population import read_population_settings, scheduler_section, search_given
 from raydist.study.study import (
     CONSOLE_KEYS,
     FAILURE_KEYS,
@@ -153,6 +154,8 @@ def load_study(path: str, overrides: Optional[dict] = None, settings: Optional[d
     for key, value in (settings or {}).items():
         if value is not None:
             setattr(study, key, value)
+    if study.population and not search_given(raw, settings):
+        study.search = "random"  # PBT's first population is drawn at random (raydist.study.population)
     searched = study.searched = check_conditions(path, searched, fixed)
     if not searched:
         raise ConfigError(f"{path}: --set fixed every searched field; nothing is left to search")
@@ -265,6 +268,7 @@ def _read_settings(study: Study, raw: dict) -> None:
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 < factor < math.inf:
         raise ConfigError(f"{path}: scheduler.reduction_factor must be a finite number above 1, got {factor!r}")
     study.reduction_factor = float(factor)
+    read_population_settings(study, scheduler)
 
     failures = _section(path, "failures", raw.get("failures"), FAILURE_KEYS)
     if "worker_restarts" in failures and "max_failures" in study.fixed:
@@ -369,8 +373,7 @@ def save_study(study: Study, experiment_path: str) -> None:
            if study.objectives else {"metric": study.metric, "mode": study.mode}),
         "num_samples": study.num_samples, "max_concurrent": study.max_concurrent,
         "search": {"algorithm": study.search, "initial_points": study.initial_points, "seed": study.seed},
-        "scheduler": {"type": study.scheduler, "grace_period": study.grace_period,
-                      "reduction_factor": study.reduction_factor},
+        "scheduler": scheduler_section(study),
         "failures": {"worker_restarts": study.worker_restarts, "trial_restarts": study.trial_restarts},
         "one_worker_trials": study.one_worker_trials,
         "console": {"verbose": study.verbose if study.saved_verbose is None else study.saved_verbose,
