@@ -101,6 +101,17 @@ def test_concurrency_limit_holds_and_frees_with_completions():
     assert gate.suggest("c") is not None
 
 
+def _restore_with_concurrency(searcher, folder, concurrency: int) -> None:
+    """Restore `searcher` from what Tune saved in `folder`, as a --resume given `concurrency` does."""
+    from ray.tune.search import SearchGenerator
+
+    try:
+        search.set_resume_concurrency(concurrency)
+        SearchGenerator(searcher).restore_from_dir(str(folder))
+    finally:
+        search.set_resume_concurrency(None)
+
+
 def test_a_restored_gate_keeps_its_trials_and_takes_the_concurrency_given_to_resume(tmp_path):
     from ray.tune.search import SearchGenerator
 
@@ -109,11 +120,7 @@ def test_a_restored_gate_keeps_its_trials_and_takes_the_concurrency_given_to_res
     SearchGenerator(gate).save_to_dir(str(tmp_path), session_str="s")  # what Tune saves with the experiment
 
     restored = _gate(max_concurrent=1)  # as Tune unpickles it from the experiment, before restoring
-    try:
-        search.set_resume_concurrency(3)
-        SearchGenerator(restored).restore_from_dir(str(tmp_path))
-    finally:
-        search.set_resume_concurrency(None)
+    _restore_with_concurrency(restored, tmp_path, 3)
     assert restored.max_concurrent == 3 and restored.live == {"t0"} and restored.proposed == 1
     # The resumed trial's result reaches HyperOpt, which models the point it proposed before the resume.
     restored.on_trial_complete("t0", {"score": 0.7})
@@ -221,11 +228,7 @@ def test_a_restored_optuna_gate_keeps_the_optuna_study_and_takes_the_concurrency
     SearchGenerator(gate).save_to_dir(str(tmp_path), session_str="s")
 
     restored = _optuna_gate(study, max_concurrent=1)
-    try:
-        search.set_resume_concurrency(3)
-        SearchGenerator(restored).restore_from_dir(str(tmp_path))
-    finally:
-        search.set_resume_concurrency(None)
+    _restore_with_concurrency(restored, tmp_path, 3)
     assert restored.max_concurrent == 3 and restored.live == {"t1"} and restored.results == 1
     restored.on_trial_complete("t1", {"val_acc": 0.6})  # the resumed trial's result reaches the same study
     done = [(t.params["lr"], t.value) for t in restored.searcher._ot_study.trials if t.value is not None]

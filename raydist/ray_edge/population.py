@@ -23,7 +23,7 @@ from ray.tune.schedulers import PopulationBasedTraining  # RAY
 from ray.tune.schedulers.pb2 import PB2  # RAY
 
 from raydist.output.report import cell
-from raydist.runs.lineage import Donor, DonorGone, adopt, already_adopted
+from raydist.runs.lineage import Donor, DonorGone, adopt, already_adopted, short_value
 from raydist.study.distributions import GRID_KINDS
 from raydist.study.population import PERTURBATION_FACTORS, nearest, perturbation_epochs, perturbed_fields
 from raydist.study.study import Study
@@ -86,7 +86,7 @@ class _Lineage:
         own, donor = self._trial_state[trial], self._trial_state[trial_to_clone]
         before = dict(trial_to_clone.config)
         super()._exploit(tune_controller, trial, trial_to_clone)
-        changes = ", ".join(f"{k} {_short(before.get(k))} -> {_short(v)}" for k, v in trial.config.items()
+        changes = ", ".join(f"{k} {short_value(before.get(k))} -> {short_value(v)}" for k, v in trial.config.items()
                             if k in self._hyperparam_mutations)
         at = (donor.last_result or {}).get("epoch")
         print(f"trial {trial.trial_id} ({self._metric} {cell(self._metric, self._metric_op * own.last_score)}) "
@@ -100,10 +100,6 @@ class PBTWithLineage(_Lineage, PopulationBasedTraining):
 
 class PB2WithLineage(_Lineage, PB2):
     pass
-
-
-def _short(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else f"{value}"
 
 
 def offering_report(study: Study, trial_id: str, values: dict) -> Callable[[dict], None]:

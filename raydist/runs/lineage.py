@@ -110,7 +110,12 @@ def lineage_line(segments: list[dict]) -> str:
     """A lineage in one line: `epochs 1-4 trial a (lr 0.31), 5-8 trial b (lr 0.37)`."""
     def part(s):
         first, last = s["epochs"]
-        values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in s["values"].items())
-        return f"{first}-{last} trial {s['trial']}" + (f" ({values})" if values else "") if first != last else \
-            f"{first} trial {s['trial']}" + (f" ({values})" if values else "")
+        values = ", ".join(f"{k} {short_value(v)}" for k, v in s["values"].items())
+        epochs = f"{first}-{last}" if first != last else f"{first}"
+        return f"{epochs} trial {s['trial']}" + (f" ({values})" if values else "")
     return "epochs " + ", ".join(part(s) for s in segments) if segments else ""
+
+
+def short_value(value) -> str:
+    """A searched value as the console writes it: a float to 4 significant digits, anything else as is."""
+    return f"{value:.4g}" if isinstance(value, float) else f"{value}"
