@@ -202,10 +202,7 @@ def ray_cluster(cluster):
     import ray
 
     if not ray.is_initialized():
-        # log_to_driver=False: no run's workers print to this process (every command under test runs as its own
-        # driver), and the raylet's own warnings (a CI disk over 95% full, every 10 s) would otherwise land in
-        # whatever a later in-process test captures as a command's one-line error.
-        ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+        ray.init(address=cluster.address, logging_level="WARNING")
     return cluster.address
 
 
