@@ -36,14 +36,17 @@ def run_main(module: str, args: list[str], capsys, monkeypatch) -> tuple[int, st
     except SystemExit as exc:  # argparse's own exits (usage errors, --help)
         code = exc.code
     captured = capsys.readouterr()
-    return code, captured.out, without_raylet_lines(captured.err)
+    return code, without_ray_lines(captured.out), without_ray_lines(captured.err)
 
 
-def without_raylet_lines(err: str) -> str:
-    """A command's stderr less what the raylet of the session cluster sent this process meanwhile: once the
-    test process has joined that cluster, Ray forwards the raylet's own warnings to it (a disk over 95% full
-    says so every 10 s), and they would land in whatever in-process command's error a test reads."""
-    return "".join(line for line in err.splitlines(keepends=True) if not RAYLET_LINE.match(line))
+def without_ray_lines(text: str) -> str:
+    """A command's output less what the session cluster's own processes sent this process meanwhile: once the
+    test process has joined that cluster, Ray forwards the raylet's and the GCS's stderr and the autoscaler's
+    events to it (a disk over 95% full says so every 10 s), and they would land in whatever in-process
+    command's output a test reads."""
+    return "".join(line for line in text.splitlines(keepends=True) if not RAY_PROCESS_LINE.match(line))
 
 
-RAYLET_LINE = re.compile(r"^(\x1b\[\d+m)?\(raylet(, ip=[\d.]+)?\)")
+# Ray's prefix for them (ray/_private/worker.py, print_logs): "(raylet)", "(raylet, ip=...)" from another node,
+# "(pid=gcs_server)", "(autoscaler +1m2s)"; coloured on a terminal.
+RAY_PROCESS_LINE = re.compile(r"^(\x1b\[\d+m)?\((raylet|pid=gcs_server|autoscaler \+)[^)]*\)")

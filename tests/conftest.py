@@ -253,6 +253,16 @@ def run_study_file(address: str, tmp_path, text: str, name: str):
     return stdout, tmp_path / "runs" / name
 
 
+def best_trial_of(rows) -> dict:
+    """The row results.csv should call the best, by the order docs and report.ranking state: the highest
+    best_val_acc among trials that neither diverged nor failed; on a tie (common on 359 validation images, and
+    certain under PBT, where an exploit copies a donor's epoch and its metrics) the lower val_loss_at_best,
+    then the earlier best_epoch, then the lower trial id."""
+    usable = [r for r in rows if r["status"] not in ("diverged", "error") and r["best_val_acc"] not in ("", None)]
+    return min(usable, key=lambda r: (-float(r["best_val_acc"]), float(r["val_loss_at_best"] or "inf"),
+                                      int(r["best_epoch"]), r["trial_id"]))
+
+
 def read_csv(path) -> list[dict]:
     import csv
 

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from cli import without_raylet_lines
+from cli import without_ray_lines
 import yaml
 
 from raydist.ray_edge.cluster_file import validate_cluster_file
@@ -375,7 +375,7 @@ def test_status_refuses_an_address_that_is_not_one_in_one_line(capsys, address):
     from raydist.cluster import main
 
     assert main(["status", "--address", address]) == 2
-    assert without_raylet_lines(capsys.readouterr().err) == (
+    assert without_ray_lines(capsys.readouterr().err) == (
         f"raydist.cluster: error: --address {address}: {address!r} is not a cluster address; expected 'auto', the "
         f"head node's host:port (e.g. 10.0.0.10:6379) or ray://host:port\n")
 
@@ -386,7 +386,7 @@ def test_status_without_any_cluster_on_the_machine_says_how_to_start_one(tmp_pat
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no ray/ray_current_cluster under it
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["status"]) == 2
-    assert without_raylet_lines(capsys.readouterr().err) == (
+    assert without_ray_lines(capsys.readouterr().err) == (
         f"raydist.cluster: error: --address auto: no Ray cluster was started on this machine (no "
         f"{tmp_path}/ray/ray_current_cluster); give the head node's host:port, or start one with `ray start --head`\n")
 
@@ -403,7 +403,8 @@ def test_publish_refuses_a_file_without_node_types_before_it_connects(tmp_path, 
 
     (tmp_path / "bootstrap.yaml").write_text(text)
     assert main(["publish", str(tmp_path / "bootstrap.yaml"), "--address", "127.0.0.1:1"]) == 2  # nothing there
-    assert without_raylet_lines(capsys.readouterr().err) == f"raydist.cluster: error: {tmp_path / 'bootstrap.yaml'}: {message}\n"
+    err = without_ray_lines(capsys.readouterr().err)
+    assert err == f"raydist.cluster: error: {tmp_path / 'bootstrap.yaml'}: {message}\n"
 
 
 @pytest.mark.own_cluster  # a local cluster, started by raydist.train itself

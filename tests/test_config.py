@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from cli import without_raylet_lines
+from cli import without_ray_lines
 
 from raydist.errors import ConfigError
 from raydist.config.fields import TrainConfig
@@ -164,7 +164,7 @@ def _main(*args, capsys):
         code = main(list(args))
     except SystemExit as exc:  # argparse errors
         code = exc.code
-    return code, without_raylet_lines(capsys.readouterr().err)
+    return code, without_ray_lines(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from cli import without_raylet_lines
+from cli import without_ray_lines
 import torch
 
 from raydist.config.fields import TrainConfig
@@ -173,12 +173,12 @@ def test_a_cut_short_latest_checkpoint_is_skipped_with_a_line_naming_it(tmp_path
     bad = _checkpoint(run_dir / "checkpoint_epoch_0004", 4, truncate=True)
     # The driver (a run folder continued under another name) ...
     assert latest_checkpoint(str(run_dir)) == f"{run_dir}/checkpoint_epoch_0003"
-    (line,) = without_raylet_lines(capsys.readouterr().err).strip().splitlines()
+    (line,) = without_ray_lines(capsys.readouterr().err).strip().splitlines()
     assert line.startswith(f"warning: checkpoint {bad} is unreadable (truncated or corrupt") and "skipping it" in line
     # ... and the workers (Ray hands them the latest checkpoint it recorded, in place or after a restart).
     state = load_latest_good_checkpoint(Checkpoint(str(run_dir / "checkpoint_epoch_0004")), announce=True)
     assert state["epoch"] == 3
-    (line,) = capsys.readouterr().out.strip().splitlines()
+    (line,) = without_ray_lines(capsys.readouterr().out).strip().splitlines()
     assert line.startswith(f"warning: checkpoint {bad} is unreadable") and \
         line.endswith(f"resuming from {run_dir}/checkpoint_epoch_0003 instead")
     with pytest.raises(CorruptCheckpoint, match=f"checkpoint {bad} is unreadable"):
@@ -195,7 +195,7 @@ def test_an_explicit_cut_short_checkpoint_or_weights_file_is_one_line_and_exit_2
     monkeypatch.setattr(session, "connect", lambda *a, **k: pytest.fail("a cluster was started"))
     args = ["--resume", str(tmp_path / "checkpoint_epoch_0002")] if what == "checkpoint" else ["--weights", bad]
     code = train.main([*args, "--storage-path", str(tmp_path / "runs")])
-    err = without_raylet_lines(capsys.readouterr().err).strip().splitlines()
+    err = without_ray_lines(capsys.readouterr().err).strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("raydist.train: error: ") and bad in err[0]
     assert "unreadable" in err[0] or "not a readable PyTorch weights file" in err[0]

@@ -13,7 +13,7 @@ import time
 import urllib.request
 
 import pytest
-from cli import without_raylet_lines
+from cli import without_ray_lines
 from image_folders import write_digits_folder
 
 from raydist import train as train_cli
@@ -78,7 +78,7 @@ def test_an_unreachable_bucket_is_one_line_exit_2(bucket, capsys):
 
     closed = f"s3://photos/digits?endpoint_override=127.0.0.1:{free_port()}&scheme=http"  # nobody listens
     assert train_cli.main(["--dataset", "folder", "--data-dir", closed]) == 2
-    err = without_raylet_lines(capsys.readouterr().err).strip()
+    err = without_ray_lines(capsys.readouterr().err).strip()
     assert err.startswith(f"raydist.train: error: --data-dir {closed}: cannot ") and "\n" not in err, err
 
 

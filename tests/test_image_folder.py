@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from cli import without_raylet_lines
+from cli import without_ray_lines
 import torch
 from image_folders import write_awkward_files, write_digits_folder
 from PIL import Image
@@ -200,7 +200,7 @@ def _bad_folder(tmp_path, kind):
 def test_a_folder_that_cannot_be_a_data_set_is_one_line_exit_2(tmp_path, capsys, kind, message):
     root = _bad_folder(tmp_path, kind)
     code = train_cli.main(["--dataset", "folder", "--data-dir", str(root), "--storage-path", str(tmp_path / "runs")])
-    err = without_raylet_lines(capsys.readouterr().err).strip()
+    err = without_ray_lines(capsys.readouterr().err).strip()
     assert code == 2 and "\n" not in err, err
     assert err.startswith(f"raydist.train: error: --data-dir {root}: ") and message in err, err
     assert not (tmp_path / "runs").exists()  # nothing written
@@ -209,15 +209,15 @@ def test_a_folder_that_cannot_be_a_data_set_is_one_line_exit_2(tmp_path, capsys,
 def test_download_and_max_bad_images_are_checked_for_folders(split_folder, capsys, tmp_path):
     root, _ = split_folder
     assert train_cli.main(["--dataset", "folder", "--data-dir", str(root), "--download"]) == 2
-    assert "an image folder is read as it is" in without_raylet_lines(capsys.readouterr().err)
+    assert "an image folder is read as it is" in without_ray_lines(capsys.readouterr().err)
     assert train_cli.main(["--max-bad-images", "3"]) == 2
-    assert "--max-bad-images 3 applies to --dataset folder only" in without_raylet_lines(capsys.readouterr().err)
+    assert "--max-bad-images 3 applies to --dataset folder only" in without_ray_lines(capsys.readouterr().err)
     assert train_cli.main(["--data-loader", "stream"]) == 2
-    assert "--data-loader stream applies to --dataset folder only" in without_raylet_lines(capsys.readouterr().err)
+    assert "--data-loader stream applies to --dataset folder only" in without_ray_lines(capsys.readouterr().err)
     cores = os.cpu_count() or 1  # a worker of 1 CPU per core leaves none to Ray Data's decoding
     assert train_cli.main(["--dataset", "folder", "--data-dir", str(root), "--data-loader", "stream", "--batch-size",
                            "8", "--num-workers", str(cores), "--storage-path", str(tmp_path / "runs")]) == 2
-    err = without_raylet_lines(capsys.readouterr().err).strip()
+    err = without_ray_lines(capsys.readouterr().err).strip()
     assert err == (f"raydist.train: error: --data-loader stream: the streamed path decodes images on CPUs the workers "
                    f"leave free, but {cores} workers x --cpus-per-worker 1 take all {cores} CPUs of this machine; use "
                    f"a smaller --cpus-per-worker or fewer workers"), err

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pyarrow.fs
 import pytest
-from cli import without_raylet_lines
+from cli import without_ray_lines
 from conftest import read_csv, start_tune, wait_for_free_cluster
 import yaml
 
@@ -233,7 +233,7 @@ def test_resume_refuses_what_it_cannot_apply_in_one_line(saved_experiment, flags
     before = _snapshot(saved_experiment)
     monkeypatch.setattr(tune, "run_study", lambda plan: pytest.fail("Ray must not start"))
     assert tune.main(["--resume", str(saved_experiment), *flags]) == 2
-    err = without_raylet_lines(capsys.readouterr().err)
+    err = without_ray_lines(capsys.readouterr().err)
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert _snapshot(saved_experiment) == before  # nothing written
 
