@@ -74,8 +74,7 @@ class HistoryWriter:
         record.update(checkpoint_path=checkpoint_path, reported_unix=now, time_this_iter_s=now - self.last,
                       time_total_s=self.spent_before + now - self.started)
         self.last = now
-        self.records = [r for r in self.records if r.get("epoch", math.inf) < record["epoch"]] + [record]
-        _write_history(self.trial_path, self.records)
+        self._put(record)
 
     def recover(self, metrics: dict, checkpoint_path: str) -> None:
         """Put on record an epoch whose checkpoint was written but whose report was not (the process died
@@ -86,8 +85,7 @@ class HistoryWriter:
         self.spent_before += seconds
         record.update(checkpoint_path=checkpoint_path, reported_unix=time.time(), time_this_iter_s=seconds,
                       time_total_s=self.spent_before, recovered=True)
-        self.records = [r for r in self.records if r.get("epoch", math.inf) < record["epoch"]] + [record]
-        _write_history(self.trial_path, self.records)
+        self._put(record)
 
     def exploited(self, metrics: dict, checkpoint_path: str, source: dict) -> dict:
         """Put on record that the trial took another's weights (raydist.runs.lineage): `metrics` are that
@@ -97,9 +95,13 @@ class HistoryWriter:
         record = dict(metrics)
         record.update(checkpoint_path=checkpoint_path, reported_unix=now, time_this_iter_s=0.0,
                       time_total_s=self.spent_before, exploited=source)
+        self._put(record)
+        return record
+
+    def _put(self, record: dict) -> None:
+        """`record` on file as its epoch's, in place of that epoch and any later one (a lineage continues from it)."""
         self.records = [r for r in self.records if r.get("epoch", math.inf) < record["epoch"]] + [record]
         _write_history(self.trial_path, self.records)
-        return record
 
     def kept_checkpoints(self) -> list[tuple[dict, str]]:
         """(record, path) of each recorded checkpoint still in storage: what a resumed trial keeps ranking."""
